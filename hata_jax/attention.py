@@ -1,0 +1,162 @@
+"""Decode attention (one query token per sequence) over all or over selected cached tokens."""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from hata_jax import checks, dispatch
+
+
+def _check_qkv(q, k, v) -> int:
+    """q: [B, Hq, D], k, v: [B, Hkv, S, D]; returns the group size."""
+    checks.check_rank(q, 3, "q", "[batch, q_heads, head_dim]")
+    checks.check_rank(k, 4, "k", "[batch, kv_heads, seq, head_dim]")
+    checks.check_floating(q, "q")
+    checks.check_floating(k, "k")
+    checks.check_floating(v, "v")
+    if tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    checks.check_dim(q, 0, k.shape[0], "q", "batch size")
+    checks.check_dim(q, 2, k.shape[3], "q", "head_dim")
+    return checks.group_size(q.shape[1], k.shape[1], "q heads vs k heads")
+
+
+def _scale(scale, head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+
+
+def masked_attention(q, k_rows, v_rows, mask, scale: float):
+    """Softmax attention of each group's query heads over given rows, in float32.
+
+    q: [B, Hq, D]; k_rows, v_rows: [B, Hkv, N, D]; mask: bool broadcastable to [B, Hkv, 1, N].
+    Returns (out float32[B, Hq, D], lse float32[B, Hq]); a head with no unmasked row gets
+    out = 0 and lse = -inf.
+    """
+    b, hq, d = q.shape
+    hkv = k_rows.shape[1]
+    qg = q.reshape(b, hkv, hq // hkv, d).astype(jnp.float32)
+    logits = jnp.einsum(
+        "bhgd,bhnd->bhgn", qg, k_rows.astype(jnp.float32), precision=lax.Precision.HIGHEST
+    ) * scale
+    logits = jnp.where(mask, logits, -jnp.inf)
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.exp(logits - m)
+    denom = jnp.sum(p, axis=-1)
+    out = jnp.einsum("bhgn,bhnd->bhgd", p, v_rows.astype(jnp.float32), precision=lax.Precision.HIGHEST)
+    out = out / jnp.where(denom > 0, denom, 1.0)[..., None]
+    lse = jnp.where(denom > 0, m[..., 0] + jnp.log(denom), -jnp.inf)
+    return out.reshape(b, hq, d), lse.reshape(b, hq)
+
+
+def _finish(out, lse, dtype, return_lse: bool):
+    out = out.astype(dtype)
+    return (out, lse) if return_lse else out
+
+
+def sparse_decode_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    idx: jax.Array,
+    count: jax.Array,
+    *,
+    scale: float | None = None,
+    return_lse: bool = False,
+    impl: str = "auto",
+):
+    """Attention of each query head over the cached rows its KV head selected.
+
+    Args:
+      q: float[B, Hq, D]; k, v: float[B, Hkv, S, D] (head-major cache).
+      idx: int32[B, Hkv, K]: slots `< count` hold positions in [0, S); the rest are ignored.
+      count: int32[B, Hkv] valid slots per row.
+      scale: logit scale, default `1 / sqrt(D)`.
+      return_lse: also return the log-sum-exp of the scaled logits, float32[B, Hq].
+
+    Returns:
+      out [B, Hq, D] in q's dtype (softmax in float32), and lse if asked. A row with
+      count 0 gives out = 0, lse = -inf.
+    """
+    _check_qkv(q, k, v)
+    checks.check_rank(idx, 3, "idx", "[batch, kv_heads, budget]")
+    checks.check_dtype(idx, [jnp.int32], "idx")
+    if tuple(idx.shape[:2]) != tuple(k.shape[:2]):
+        raise ValueError(f"idx must have shape [batch, kv_heads, budget] = {tuple(k.shape[:2])} + [budget], got {tuple(idx.shape)}")
+    if tuple(jnp.shape(count)) != tuple(k.shape[:2]):
+        raise ValueError(f"count must have shape {tuple(k.shape[:2])}, got {tuple(jnp.shape(count))}")
+    scale = _scale(scale, q.shape[-1])
+    path = dispatch.resolve("sparse_decode_attention", impl)
+    if path.pallas:
+        from pallas_kernels import flash_decode
+
+        return flash_decode.sparse_decode_attention(
+            q, k, v, idx, count.astype(jnp.int32), scale=scale, return_lse=return_lse, interpret=path.interpret
+        )
+    safe = jnp.clip(idx, 0, k.shape[2] - 1)[..., None]
+    k_rows = jnp.take_along_axis(k, safe, axis=2)
+    v_rows = jnp.take_along_axis(v, safe, axis=2)
+    mask = (jnp.arange(idx.shape[2])[None, None, :] < count[..., None])[:, :, None, :]
+    out, lse = masked_attention(q, k_rows, v_rows, mask, scale)
+    return _finish(out, lse, q.dtype, return_lse)
+
+
+def dense_decode_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    lengths: jax.Array,
+    *,
+    scale: float | None = None,
+    return_lse: bool = False,
+    impl: str = "auto",
+):
+    """Attention of each query head over the first `lengths[b]` cached rows of its KV head.
+
+    Args:
+      q: float[B, Hq, D]; k, v: float[B, Hkv, S, D]; lengths: int[B] in [0, S].
+
+    Returns:
+      out [B, Hq, D] in q's dtype (softmax in float32), and lse float32[B, Hq] if asked.
+    """
+    _check_qkv(q, k, v)
+    checks.check_lengths(lengths, k.shape[0], k.shape[2])
+    scale = _scale(scale, q.shape[-1])
+    path = dispatch.resolve("dense_decode_attention", impl)
+    if path.pallas:
+        from pallas_kernels import flash_decode
+
+        return flash_decode.dense_decode_attention(
+            q, k, v, lengths.astype(jnp.int32), scale=scale, return_lse=return_lse, interpret=path.interpret
+        )
+    mask = (jnp.arange(k.shape[2])[None, :] < lengths[:, None])[:, None, None, :]
+    out, lse = masked_attention(q, k, v, mask, scale)
+    return _finish(out, lse, q.dtype, return_lse)
+
+
+def combine(outs: jax.Array, lses: jax.Array, axis: int = 0):
+    """Merge partial attention results by log-sum-exp.
+
+    Args:
+      outs: float[..., P, ..., D]: P partial outputs along `axis`, each normalised over its part.
+      lses: float[..., P, ...]: their log-sum-exps (-inf for an empty part), `outs` without D.
+      axis: the axis of the parts (in `lses`; the same axis in `outs`).
+
+    Returns:
+      (out float32, lse float32): the attention over the union of the parts.
+    """
+    if jnp.ndim(outs) != jnp.ndim(lses) + 1 or jnp.shape(outs)[:-1] != jnp.shape(lses):
+        raise ValueError(f"outs must be lses' shape plus a head_dim axis, got {jnp.shape(outs)} and {jnp.shape(lses)}")
+    axis = axis % jnp.ndim(lses)
+    lses = lses.astype(jnp.float32)
+    m = jnp.max(lses, axis=axis, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    wts = jnp.exp(lses - m)
+    total = jnp.sum(wts, axis=axis)
+    out = jnp.sum(outs.astype(jnp.float32) * wts[..., None], axis=axis)
+    out = out / jnp.where(total > 0, total, 1.0)[..., None]
+    lse = jnp.where(total > 0, jnp.squeeze(m, axis) + jnp.log(total), -jnp.inf)
+    return out, lse

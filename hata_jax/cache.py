@@ -1,0 +1,161 @@
+"""The per-layer KV cache with hash codes and key norms, as a pytree."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hata_jax import checks
+from hata_jax.config import check_rbit
+from hata_jax.hashing import _check_projection, encode, key_norms
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["k", "v", "codes", "norms", "lengths", "overflow"],
+    meta_fields=[],
+)
+@dataclasses.dataclass(frozen=True)
+class HataCache:
+    """One attention layer's decode cache (head-major), updated functionally.
+
+    Attributes:
+      k, v: [B, Hkv, S_max, D] post-RoPE keys and values.
+      codes: uint32[B, Hkv, S_max, rbit // 32] key hash codes.
+      norms: float32[B, Hkv, S_max] key norms.
+      lengths: int32[B] valid tokens per sequence.
+      overflow: bool[B], sticky: set when a write would have gone past `S_max`.
+
+    Capacity overflow: writing past `S_max` never wraps around or overwrites a token. With
+    concrete lengths (outside `jit`) it raises a ValueError at once. Inside `jit` the write is
+    dropped, `lengths` stays at `S_max` and `overflow[b]` is set; :func:`hata_decode_attention`
+    then returns NaN for that sequence, and :meth:`raise_if_overflowed` (call it on the host,
+    e.g. once per generation step or at the end) raises naming the sequences.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    codes: jax.Array
+    norms: jax.Array
+    lengths: jax.Array
+    overflow: jax.Array
+
+    @classmethod
+    def init(cls, batch: int, kv_heads: int, capacity: int, head_dim: int, *, rbit: int = 128,
+             dtype=jnp.bfloat16) -> "HataCache":
+        """An empty cache of `capacity` tokens per sequence."""
+        for name, value in (("batch", batch), ("kv_heads", kv_heads), ("capacity", capacity), ("head_dim", head_dim)):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"HataCache.init: {name} must be a positive int, got {value!r}")
+        check_rbit(rbit)
+        kv = jnp.zeros((batch, kv_heads, capacity, head_dim), dtype)
+        return cls(
+            k=kv,
+            v=kv,
+            codes=jnp.zeros((batch, kv_heads, capacity, rbit // 32), jnp.uint32),
+            norms=jnp.zeros((batch, kv_heads, capacity), jnp.float32),
+            lengths=jnp.zeros((batch,), jnp.int32),
+            overflow=jnp.zeros((batch,), bool),
+        )
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def kv_heads(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def rbit(self) -> int:
+        return 32 * self.codes.shape[3]
+
+    def _check_tokens(self, k, v, w, layout: str, token_axes: int) -> None:
+        shape = (self.batch, self.kv_heads) + (None,) * token_axes + (self.head_dim,)
+        for name, x in (("k", k), ("v", v)):
+            checks.check_rank(x, len(shape), name, layout)
+            checks.check_floating(x, name)
+            if any(e is not None and e != g for e, g in zip(shape, x.shape)):
+                raise ValueError(f"{name} must have shape {layout} with B={self.batch}, Hkv={self.kv_heads}, "
+                                 f"D={self.head_dim}, got {tuple(x.shape)}")
+        kv_heads, _, rbit = _check_projection(w, self.head_dim)
+        if kv_heads != self.kv_heads or rbit != self.rbit:
+            raise ValueError(f"w must have shape [{self.kv_heads}, {self.head_dim}, {self.rbit}] to match the cache, got {tuple(w.shape)}")
+
+    def prefill(self, k: jax.Array, v: jax.Array, w: jax.Array, lengths: jax.Array, *,
+                impl: str = "auto") -> "HataCache":
+        """Write a prompt's keys and values at positions [0, T) and set `lengths`.
+
+        Args:
+          k, v: [B, Hkv, T, D] post-RoPE keys and values, T <= capacity (padded rows past a
+            sequence's length are stored but never attended).
+          w: float[Hkv, D, rbit] the layer's projection.
+          lengths: int[B] prompt lengths, each <= T.
+        """
+        self._check_tokens(k, v, w, "[batch, kv_heads, tokens, head_dim]", 1)
+        t = k.shape[2]
+        if t > self.capacity:
+            raise ValueError(f"prefill: the prompt has {t} tokens but the cache capacity is {self.capacity}")
+        checks.check_lengths(lengths, self.batch, t, "lengths (prefill)")
+        lengths = lengths.astype(jnp.int32)
+        codes = encode(k, w, head_axis=1, impl=impl)
+        put = functools.partial(jax.lax.dynamic_update_slice_in_dim, start_index=0, axis=2)
+        return HataCache(
+            k=put(self.k, k.astype(self.k.dtype)),
+            v=put(self.v, v.astype(self.v.dtype)),
+            codes=put(self.codes, codes),
+            norms=put(self.norms, key_norms(k)),
+            lengths=jnp.minimum(lengths, t),
+            overflow=lengths > t,
+        )
+
+    def append(self, k_new: jax.Array, v_new: jax.Array, w: jax.Array, *, impl: str = "auto") -> "HataCache":
+        """Write one new token per sequence at position `lengths[b]` and advance `lengths`.
+
+        Args:
+          k_new, v_new: [B, Hkv, D] post-RoPE key and value of the new token.
+          w: float[Hkv, D, rbit] the layer's projection.
+        """
+        self._check_tokens(k_new, v_new, w, "[batch, kv_heads, head_dim]", 0)
+        return self.append_encoded(k_new, v_new, encode(k_new, w, head_axis=1, impl=impl), key_norms(k_new))
+
+    def append_encoded(self, k_new, v_new, k_codes, k_norms) -> "HataCache":
+        """:meth:`append` with the new key's codes `uint32[B, Hkv, W]` and norms `float32[B, Hkv]` given."""
+        if checks.is_concrete(self.lengths):
+            full = np.asarray(self.lengths) >= self.capacity
+            if full.any():
+                raise ValueError(f"cache overflow: sequences {np.flatnonzero(full).tolist()} already hold "
+                                 f"capacity={self.capacity} tokens")
+        rows = jnp.arange(self.batch)
+        pos = self.lengths  # == capacity for a full sequence: an out-of-bounds write, dropped
+        full = self.lengths >= self.capacity
+
+        def put(buf, val):
+            return buf.at[rows, :, pos].set(val.astype(buf.dtype), mode="drop")
+
+        return HataCache(
+            k=put(self.k, k_new),
+            v=put(self.v, v_new),
+            codes=put(self.codes, k_codes),
+            norms=put(self.norms, k_norms),
+            lengths=jnp.where(full, self.lengths, self.lengths + 1),
+            overflow=self.overflow | full,
+        )
+
+    def raise_if_overflowed(self) -> None:
+        """Host-side check: raise if any sequence ever overflowed (reads `overflow` from the device)."""
+        flags = np.asarray(self.overflow)
+        if flags.any():
+            raise ValueError(f"cache overflow: sequences {np.flatnonzero(flags).tolist()} went past "
+                             f"capacity={self.capacity}; their outputs since then are NaN")

@@ -1,0 +1,58 @@
+"""HATA's static settings."""
+from __future__ import annotations
+
+import dataclasses
+
+SCORES = ("key_norm", "hamming")
+
+
+@dataclasses.dataclass(frozen=True)
+class HataConfig:
+    """Static settings of HATA decode attention (hashable, so usable as a jit static arg).
+
+    Attributes:
+      rbit: hash bits per code, a multiple of 32 (codes are `rbit // 32` uint32 words).
+      budget: tokens selected per (sequence, KV head) at each decode step.
+      sink: first positions always selected (count against `budget`).
+      recent: last positions always selected (count against `budget`).
+      dense_layers: the first `dense_layers` layers decode with dense attention.
+      score: `"key_norm"`, HATA's `||k|| * sum_i (1 - 2 hamming_i / rbit)`, or `"hamming"`,
+        the summed Hamming distance (smaller is better).
+    """
+
+    rbit: int = 128
+    budget: int = 2048
+    sink: int = 0
+    recent: int = 0
+    dense_layers: int = 2
+    score: str = "key_norm"
+
+    def __post_init__(self):
+        for name in ("rbit", "budget", "sink", "recent", "dense_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"HataConfig.{name} must be an int, got {value!r}")
+        check_rbit(self.rbit, "HataConfig.rbit")
+        if self.budget <= 0:
+            raise ValueError(f"HataConfig.budget must be > 0, got {self.budget}")
+        if self.sink < 0 or self.recent < 0:
+            raise ValueError(
+                f"HataConfig.sink and .recent must be >= 0, got sink={self.sink}, recent={self.recent}"
+            )
+        if self.sink + self.recent > self.budget:
+            raise ValueError(
+                f"HataConfig.sink + recent ({self.sink} + {self.recent}) must not exceed budget ({self.budget})"
+            )
+        if self.dense_layers < 0:
+            raise ValueError(f"HataConfig.dense_layers must be >= 0, got {self.dense_layers}")
+        check_score(self.score, "HataConfig.score")
+
+
+def check_rbit(rbit: int, name: str = "rbit") -> None:
+    if rbit <= 0 or rbit % 32:
+        raise ValueError(f"{name} must be a positive multiple of 32, got {rbit}")
+
+
+def check_score(score: str, name: str = "score") -> None:
+    if score not in SCORES:
+        raise ValueError(f"{name} must be one of {SCORES}, got {score!r}")

@@ -1,0 +1,60 @@
+"""One attention layer's whole HATA decode step."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from hata_jax import checks
+from hata_jax.attention import sparse_decode_attention
+from hata_jax.cache import HataCache
+from hata_jax.config import HataConfig
+from hata_jax.hashing import encode_step
+from hata_jax.selection import check_selection_args, hamming_topk
+
+
+def hata_decode_attention(
+    q: jax.Array,
+    k_new: jax.Array,
+    v_new: jax.Array,
+    cache: HataCache,
+    w: jax.Array,
+    config: HataConfig,
+    *,
+    scale: float | None = None,
+    impl: str = "auto",
+):
+    """Append the new token, hash, score, select `config.budget` tokens and attend.
+
+    Args:
+      q: float[B, Hq, D] post-RoPE queries of the step.
+      k_new, v_new: float[B, Hkv, D] the step's post-RoPE key and value.
+      cache: the layer's :class:`HataCache` (donate it to the jitted step).
+      w: float[Hkv, D, rbit] the layer's projection (rbit must match `config.rbit` and the cache).
+      config: static :class:`HataConfig`.
+      scale: logit scale, default `1 / sqrt(D)`.
+      impl: "auto", "pallas" or "reference" for every op of the step.
+
+    Returns:
+      (out [B, Hq, D] in q's dtype, updated cache). When `lengths[b] <= config.budget` after the
+      append, every cached token is selected and the output equals dense attention. A sequence
+      whose cache overflowed gets NaN (see :class:`HataCache`).
+    """
+    if not isinstance(config, HataConfig):
+        raise ValueError(f"config must be a HataConfig, got {type(config).__name__}")
+    checks.check_rank(q, 3, "q", "[batch, q_heads, head_dim]")
+    checks.check_dim(q, 0, cache.batch, "q", "batch size")
+    if w.ndim == 3 and w.shape[2] != config.rbit:
+        raise ValueError(f"w has rbit {w.shape[2]} (shape {tuple(w.shape)}) but config.rbit is {config.rbit}")
+    if cache.rbit != config.rbit:
+        raise ValueError(f"the cache holds {cache.rbit}-bit codes but config.rbit is {config.rbit}")
+    check_selection_args(config.budget, cache.capacity, config.sink, config.recent)
+    cache._check_tokens(k_new, v_new, w, "[batch, kv_heads, head_dim]", 0)
+    q_codes, k_codes, k_norms = encode_step(q, k_new, w, impl=impl)
+    cache = cache.append_encoded(k_new, v_new, k_codes, k_norms)
+    idx, count = hamming_topk(
+        q_codes, cache.codes, cache.norms, cache.lengths, budget=config.budget,
+        score=config.score, sink=config.sink, recent=config.recent, impl=impl,
+    )
+    out = sparse_decode_attention(q, cache.k, cache.v, idx, count, scale=scale, impl=impl)
+    out = jnp.where(cache.overflow[:, None, None], jnp.nan, out).astype(q.dtype)
+    return out, cache

@@ -1,0 +1,106 @@
+"""Top-`budget` token selection per (sequence, KV head) into a fixed-size index buffer."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from hata_jax import checks, dispatch
+from hata_jax.config import check_score
+from hata_jax.scoring import _scores_reference, check_code_inputs
+
+UNUSED = -1  # index-buffer marker of a slot that holds no token (slots >= count)
+
+
+def check_selection_args(budget: int, capacity: int, sink: int, recent: int) -> None:
+    if not isinstance(budget, int) or budget <= 0:
+        raise ValueError(f"budget must be a positive int, got {budget!r}")
+    if budget > capacity:
+        raise ValueError(f"budget ({budget}) must not exceed the cache capacity ({capacity})")
+    if sink < 0 or recent < 0 or sink + recent > budget:
+        raise ValueError(f"sink ({sink}) and recent ({recent}) must be >= 0 and sum to at most budget ({budget})")
+
+
+def _select_reference(scores, budget: int, lengths, sink: int, recent: int):
+    b, hkv, s = scores.shape
+    pos = jnp.arange(s)[None, None, :]
+    length = lengths[:, None, None].astype(jnp.int32)
+    valid = pos < length
+    forced = valid & ((pos < sink) | (pos >= length - recent))
+    big = jnp.finfo(jnp.float32).max
+    finite = jnp.nan_to_num(scores.astype(jnp.float32), nan=-big, posinf=big, neginf=-big)
+    key = jnp.where(forced, jnp.inf, jnp.where(valid, finite, -jnp.inf))
+    _, idx = lax.top_k(key, budget)
+    count = jnp.broadcast_to(jnp.minimum(lengths.astype(jnp.int32), budget)[:, None], (b, hkv))
+    idx = jnp.where(jnp.arange(budget)[None, None, :] < count[..., None], idx, UNUSED)
+    return idx.astype(jnp.int32), count
+
+
+def select_topk(
+    scores: jax.Array,
+    budget: int,
+    lengths: jax.Array,
+    *,
+    sink: int = 0,
+    recent: int = 0,
+    impl: str = "auto",
+):
+    """The `budget` best valid positions of each row.
+
+    Args:
+      scores: float[B, Hkv, S] (higher is better).
+      budget: static int, 0 < budget <= S.
+      lengths: int[B]; positions `>= lengths[b]` are never selected.
+      sink, recent: the first `sink` and last `recent` valid positions are always selected;
+        they count against `budget`.
+
+    Returns:
+      idx: int32[B, Hkv, budget]: the first `count` slots hold distinct selected positions in no
+        particular order; the rest hold `UNUSED` (-1).
+      count: int32[B, Hkv] = min(lengths[b], budget): when `lengths[b] <= budget` every valid
+        position is selected.
+    """
+    checks.check_rank(scores, 3, "scores", "[batch, kv_heads, seq]")
+    checks.check_floating(scores, "scores")
+    b, _, s = scores.shape
+    check_selection_args(budget, s, sink, recent)
+    checks.check_lengths(lengths, b, s)
+    path = dispatch.resolve("select_topk", impl)
+    if path.pallas:
+        from pallas_kernels import hamming_topk
+
+        return hamming_topk.select_topk(
+            scores.astype(jnp.float32), budget, lengths, sink=sink, recent=recent, interpret=path.interpret
+        )
+    return _select_reference(scores, budget, lengths, sink, recent)
+
+
+def hamming_topk(
+    q_codes: jax.Array,
+    k_codes: jax.Array,
+    k_norms: jax.Array,
+    lengths: jax.Array,
+    *,
+    budget: int,
+    score: str = "key_norm",
+    sink: int = 0,
+    recent: int = 0,
+    impl: str = "auto",
+):
+    """`select_topk(hamming_scores(...))` in one call; the Pallas path fuses the two.
+
+    Shapes as in :func:`hata_jax.hamming_scores` and :func:`select_topk`; returns (idx, count).
+    """
+    check_score(score)
+    check_code_inputs(q_codes, k_codes, k_norms, lengths)
+    check_selection_args(budget, k_codes.shape[2], sink, recent)
+    path = dispatch.resolve("hamming_topk", impl)
+    if path.pallas:
+        from pallas_kernels import hamming_topk as kernel
+
+        return kernel.hamming_topk(
+            q_codes, k_codes, k_norms, lengths, budget=budget, score=score,
+            sink=sink, recent=recent, interpret=path.interpret,
+        )
+    scores = _scores_reference(q_codes, k_codes, k_norms, lengths, score)
+    return _select_reference(scores, budget, lengths, sink, recent)

@@ -1,0 +1,89 @@
+"""The one place that knows which Pallas backend we target and how to talk to it.
+
+Every kernel in this package runs on the Pallas **Triton** backend. Since jax 0.9, a
+`pallas_call` without Triton compiler params is lowered with Mosaic GPU, which lacks the
+popcount, argmax and row gathers these kernels need, so every call goes through
+:func:`triton_call`, which always passes `pltriton.CompilerParams`.
+
+Version notes (checked on jax 0.10.2 on the CPU and 0.11.2 on the H100):
+- `lax.population_count` lowers in interpret mode but not in a Triton kernel on the GPU
+  ("failed to legalize operation 'math.ctpop'"): use :func:`popcount32`.
+- Interpret mode accepts primitives the GPU compiler rejects (sort, top_k, popcount): the
+  tests also cross-lower every kernel for CUDA with :func:`lower_for_cuda`.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+
+def on_gpu() -> bool:
+    """True when the default JAX backend is a CUDA/ROCm GPU."""
+    return jax.default_backend() == "gpu"
+
+
+def triton_call(
+    kernel: Callable[..., None],
+    *,
+    out_shape: Any,
+    grid: tuple[int, ...],
+    in_specs: Any,
+    out_specs: Any,
+    num_warps: int,
+    num_stages: int,
+    interpret: bool,
+    name: str,
+    scratch_shapes: Any = (),
+) -> Callable[..., Any]:
+    """`pl.pallas_call` pinned to the Triton backend (see the module docstring)."""
+    return pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        scratch_shapes=scratch_shapes,
+        interpret=interpret,
+        name=name,
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+    )
+
+
+def _popcount32_swar(x: jax.Array) -> jax.Array:
+    """Population count of uint32 lanes with shifts, masks and one multiply (exact)."""
+    x = x - ((x >> 1) & jnp.uint32(0x55555555))
+    x = (x & jnp.uint32(0x33333333)) + ((x >> 2) & jnp.uint32(0x33333333))
+    x = (x + (x >> 4)) & jnp.uint32(0x0F0F0F0F)
+    return (x * jnp.uint32(0x01010101)) >> 24
+
+
+def _popcount32_ptx(x: jax.Array) -> jax.Array:
+    """Population count with the PTX `popc.b32` instruction (one instruction per lane)."""
+    [out] = pltriton.elementwise_inline_asm(
+        "popc.b32 $0, $1;",
+        args=[x],
+        constraints="=r,r",
+        pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.uint32)],
+    )
+    return out
+
+
+def popcount32(x: jax.Array, *, interpret: bool) -> jax.Array:
+    """Population count of uint32 lanes inside a kernel: PTX `popc` on the GPU, SWAR when interpreted."""
+    return _popcount32_swar(x) if interpret else _popcount32_ptx(x)
+
+
+def lower_for_cuda(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> str:
+    """Lower `fn(*args, **kwargs)` for CUDA on any machine; returns the StableHLO text.
+
+    Pallas Triton kernels are lowered to Triton IR inside this call, so an op the Triton
+    lowering does not support fails here even on a CPU-only machine.
+    """
+    traced = jax.jit(functools.partial(fn, **kwargs)).trace(*args)
+    return traced.lower(lowering_platforms=("cuda",)).as_text()

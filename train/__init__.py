@@ -1,0 +1,1 @@
+"""Training of the hash projections (see the training issue)."""
