@@ -1,0 +1,236 @@
+"""Run every Pallas kernel on this machine against its pure-JAX reference; fail loudly.
+
+Fresh random inputs for every case (never zeros); device memory is poisoned before each
+kernel call (see `bench.timing.poison_device_memory`) so unwritten outputs show up; every
+output element is compared. Exit status 1 on any mismatch.
+
+    python -m bench.check_kernels [--out results.json] [--small]
+
+`--small` shrinks the shapes so the script also runs on a CPU (kernels interpreted).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import hata_jax as hj
+from bench.timing import environment, poison_device_memory, write_json
+
+
+def _rng_arrays(seed: int):
+    rng = np.random.default_rng(seed)
+
+    def normal(shape, dtype):
+        return jnp.asarray(rng.standard_normal(shape), dtype)
+
+    return rng, normal
+
+
+def _rel_err(out, ref) -> float:
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    if not np.isfinite(out).all():
+        return float("inf")
+    return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def selection_problems(scores, lengths, idx, count, budget: int, sink: int, recent: int) -> list[str]:
+    """What is wrong with (idx, count) as a top-`budget` selection of `scores` (empty list: nothing)."""
+    scores, lengths = np.asarray(scores, np.float64), np.asarray(lengths)
+    idx, count = np.asarray(idx), np.asarray(count)
+    big = np.finfo(np.float32).max
+    problems = []
+    for b in range(scores.shape[0]):
+        n = int(lengths[b])
+        for h in range(scores.shape[1]):
+            c = int(count[b, h])
+            where = f"row (b={b}, h={h}), length {n}"
+            if c != min(n, budget):
+                problems.append(f"{where}: count {c}, expected {min(n, budget)}")
+                continue
+            chosen, rest = idx[b, h, :c], idx[b, h, c:]
+            if (rest != -1).any():
+                problems.append(f"{where}: slots past count are not -1: {rest[rest != -1][:5]}")
+            if len(set(chosen.tolist())) != c or ((chosen < 0) | (chosen >= n)).any():
+                problems.append(f"{where}: selected positions not distinct and in [0, {n}): {np.sort(chosen)[:8]}")
+                continue
+            forced = set(range(min(sink, n))) | set(range(max(n - recent, 0), n))
+            if not forced <= set(chosen.tolist()):
+                problems.append(f"{where}: forced positions missing: {sorted(forced - set(chosen.tolist()))[:8]}")
+            row = np.nan_to_num(scores[b, h, :n], nan=-big, posinf=big, neginf=-big)
+            mask = np.zeros(n, bool)
+            mask[chosen] = True
+            free = mask.copy()
+            free[list(forced)] = False
+            if free.any() and (~mask).any() and row[free].min() < row[~mask].max():
+                problems.append(f"{where}: a selected score {row[free].min()} < an unselected {row[~mask].max()}")
+    return problems
+
+
+def _case(results: list, name: str, fn) -> None:
+    try:
+        detail = fn()
+        ok = not detail.get("problems")
+    except Exception as err:  # a kernel that fails to compile or run is a failed check
+        detail = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(limit=6)}
+        ok = False
+    results.append({"case": name, "ok": ok, **detail})
+    print(f"[{'PASS' if ok else 'FAIL'}] {name} {({k: v for k, v in detail.items() if k != 'traceback'})}", flush=True)
+
+
+def check_encode(seed, b, hkv, g, s, d, rbit, dtype):
+    _, normal = _rng_arrays(seed)
+    w = normal((hkv, d, rbit), jnp.float32)
+    k = normal((b, hkv, s, d), dtype)
+    q = normal((b, hkv * g, d), dtype)
+    k_new = normal((b, hkv, d), dtype)
+    poison_device_memory()
+    codes = hj.encode(k, w, head_axis=1, impl="pallas")
+    poison_device_memory()
+    q_codes, kn_codes, kn_norms = hj.encode_step(q, k_new, w, impl="pallas")
+    problems = []
+    for name, x, axis, got in (("k", k, 1, codes), ("q", q, 1, q_codes), ("k_new", k_new, 1, kn_codes)):
+        ref = hj.encode(x, w, head_axis=axis, impl="reference")
+        # Bits whose projection is within rounding of zero may differ: compare the rest.
+        xm = jnp.moveaxis(x, axis, -2).astype(jnp.float32)
+        heads = xm.shape[-2]
+        proj = jnp.einsum("...hgd,hdr->...hgr", xm.reshape(*xm.shape[:-2], hkv, heads // hkv, d), w,
+                          precision=jax.lax.Precision.HIGHEST).reshape(*xm.shape[:-2], heads, rbit)
+        proj = jnp.moveaxis(proj, -2, axis)
+        sure = np.abs(np.asarray(proj)) > 1e-3 * float(jnp.std(proj))
+        diff = np.asarray(hj.unpack_bits(got) != hj.unpack_bits(ref)) & sure
+        if diff.any():
+            problems.append(f"{name}: {int(diff.sum())} of {diff.size} bits differ")
+    norm_err = _rel_err(kn_norms, hj.key_norms(k_new))
+    if norm_err > 1e-6:
+        problems.append(f"k_new norms rel err {norm_err:.2e}")
+    return {"problems": problems, "norm_rel_err": norm_err}
+
+
+def check_scores_and_topk(seed, b, hkv, g, s, rbit, budget, sink, recent, score):
+    rng, normal = _rng_arrays(seed)
+    words = rbit // 32
+    q_codes = jnp.asarray(rng.integers(0, 2**32, (b, hkv * g, words), dtype=np.uint64).astype(np.uint32))
+    k_codes = jnp.asarray(rng.integers(0, 2**32, (b, hkv, s, words), dtype=np.uint64).astype(np.uint32))
+    norms = jnp.abs(normal((b, hkv, s), jnp.float32)) + 0.1
+    lengths = jnp.asarray(rng.integers(1, s + 1, b).astype(np.int32)).at[0].set(s)
+    ref_scores = hj.hamming_scores(q_codes, k_codes, norms, lengths, score=score, impl="reference")
+    poison_device_memory()
+    scores = hj.hamming_scores(q_codes, k_codes, norms, lengths, score=score, impl="pallas")
+    problems = []
+    mismatch = ~np.asarray((scores == ref_scores) | (jnp.isinf(scores) & jnp.isinf(ref_scores)))
+    if mismatch.any():
+        problems.append(f"scores: {int(mismatch.sum())} of {mismatch.size} differ from the reference")
+    poison_device_memory()
+    idx, count = hj.hamming_topk(q_codes, k_codes, norms, lengths, budget=budget, score=score,
+                                 sink=sink, recent=recent, impl="pallas")
+    problems += [f"hamming_topk: {p}" for p in selection_problems(ref_scores, lengths, idx, count, budget, sink, recent)[:5]]
+    poison_device_memory()
+    idx, count = hj.select_topk(ref_scores, budget, lengths, sink=sink, recent=recent, impl="pallas")
+    problems += [f"select_topk: {p}" for p in selection_problems(ref_scores, lengths, idx, count, budget, sink, recent)[:5]]
+    return {"problems": problems}
+
+
+def check_select_adversarial(seed, rows, s, budget):
+    rng, _ = _rng_arrays(seed)
+    lengths = jnp.full((rows,), s, jnp.int32)
+    problems = []
+    for kind, scores in (
+        ("ties", rng.integers(0, 5, (rows, 1, s)).astype(np.float32)),
+        ("all equal", np.full((rows, 1, s), 0.25, np.float32)),
+        ("outliers", np.where(rng.random((rows, 1, s)) < 1e-3, 1e30, rng.standard_normal((rows, 1, s))).astype(np.float32)),
+        ("negative", -np.abs(rng.standard_normal((rows, 1, s))).astype(np.float32)),
+    ):
+        poison_device_memory()
+        idx, count = hj.select_topk(jnp.asarray(scores), budget, lengths, impl="pallas")
+        problems += [f"{kind}: {p}" for p in selection_problems(scores, lengths, idx, count, budget, 0, 0)[:3]]
+    return {"problems": problems}
+
+
+def check_attention(seed, b, hkv, g, s, d, budget, dtype):
+    rng, normal = _rng_arrays(seed)
+    q = normal((b, hkv * g, d), dtype)
+    k = normal((b, hkv, s, d), dtype)
+    v = normal((b, hkv, s, d), dtype)
+    lengths = jnp.asarray(rng.integers(1, s + 1, b).astype(np.int32)).at[0].set(s)
+    count = jnp.minimum(lengths, budget)[:, None] * jnp.ones((1, hkv), jnp.int32)
+    idx = np.full((b, hkv, budget), -1, np.int32)
+    for bb in range(b):
+        for h in range(hkv):
+            c = int(count[bb, h])
+            idx[bb, h, :c] = rng.choice(int(lengths[bb]), c, replace=False)
+    idx = jnp.asarray(idx)
+    tol = 1e-4 if dtype == jnp.float32 else 2e-2
+    problems, errs = [], {}
+    for name, run in (
+        ("dense", lambda impl: hj.dense_decode_attention(q, k, v, lengths, return_lse=True, impl=impl)),
+        ("sparse", lambda impl: hj.sparse_decode_attention(q, k, v, idx, count, return_lse=True, impl=impl)),
+    ):
+        ref_out, ref_lse = run("reference")
+        poison_device_memory()
+        out, lse = run("pallas")
+        errs[name] = (_rel_err(out, ref_out), _rel_err(lse, ref_lse))
+        if max(errs[name]) > tol:
+            problems.append(f"{name}: rel err out {errs[name][0]:.2e}, lse {errs[name][1]:.2e} > {tol}")
+    return {"problems": problems, "rel_err": errs}
+
+
+def check_decode_step(seed, b, hkv, g, s, d, budget, dtype):
+    rng, normal = _rng_arrays(seed)
+    w = normal((hkv, d, 128), jnp.float32)
+    cfg = hj.HataConfig(rbit=128, budget=budget)
+    t = s - 8
+    lengths = jnp.asarray(rng.integers(budget // 2, t + 1, b).astype(np.int32)).at[0].set(t)
+    cache = hj.HataCache.init(b, hkv, s, d, rbit=128, dtype=dtype).prefill(
+        normal((b, hkv, t, d), dtype), normal((b, hkv, t, d), dtype), w, lengths, impl="reference")
+    q, k_new, v_new = normal((b, hkv * g, d), dtype), normal((b, hkv, d), dtype), normal((b, hkv, d), dtype)
+    ref, _ = hj.hata_decode_attention(q, k_new, v_new, cache, w, cfg, impl="reference")
+    poison_device_memory()
+    out, new_cache = hj.hata_decode_attention(q, k_new, v_new, cache, w, cfg, impl="pallas")
+    err = _rel_err(out, ref)
+    problems = [] if err < 3e-2 else [f"hata step rel err {err:.2e}"]
+    if not np.array_equal(np.asarray(new_cache.lengths), np.asarray(lengths) + 1):
+        problems.append("cache lengths not advanced")
+    return {"problems": problems, "rel_err": err}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--small", action="store_true", help="small shapes (for a CPU run)")
+    args = parser.parse_args(argv)
+    n = 1 if args.small else 64  # scale of sequence lengths
+    results: list = []
+    bf16, f16, f32 = jnp.bfloat16, jnp.float16, jnp.float32
+    for i, (b, hkv, g, s, d, rbit, dt) in enumerate([(1, 8, 4, 37 * n, 128, 128, bf16), (2, 3, 3, 29 * n, 64, 96, f32),
+                                                      (3, 2, 8, 11 * n, 128, 256, f16), (2, 4, 1, 5 * n, 64, 32, bf16)]):
+        _case(results, f"encode b={b} hkv={hkv} g={g} s={s} d={d} rbit={rbit} {jnp.dtype(dt).name}",
+              lambda: check_encode(i, b, hkv, g, s, d, rbit, dt))
+    for i, (b, hkv, g, s, rbit, budget, sink, recent, score) in enumerate([
+            (1, 8, 4, 2048 * n, 128, 32 * n, 0, 0, "key_norm"), (3, 2, 3, 1000 * n + 7, 96, 100, 4, 16, "key_norm"),
+            (2, 4, 8, 300 * n + 1, 256, 64, 0, 8, "hamming"), (2, 2, 1, 4096 * n, 32, 8192 if not args.small else 512, 0, 0, "key_norm")]):
+        _case(results, f"scores+topk b={b} hkv={hkv} g={g} s={s} rbit={rbit} budget={budget} sink={sink} recent={recent} {score}",
+              lambda: check_scores_and_topk(100 + i, b, hkv, g, s, rbit, budget, sink, recent, score))
+    _case(results, f"select adversarial rows=8 s={2048 * n} budget={32 * n}", lambda: check_select_adversarial(7, 8, 2048 * n, 32 * n))
+    for i, (b, hkv, g, s, d, budget, dt) in enumerate([(1, 8, 4, 512 * n, 128, 32 * n, bf16), (3, 2, 3, 100 * n + 3, 64, 100, f32),
+                                                        (2, 4, 8, 64 * n, 128, 64, f16), (2, 2, 1, 50 * n, 64, 48, bf16)]):
+        _case(results, f"attention b={b} hkv={hkv} g={g} s={s} d={d} budget={budget} {jnp.dtype(dt).name}",
+              lambda: check_attention(200 + i, b, hkv, g, s, d, budget, dt))
+    _case(results, "hata_decode_attention b=2 hkv=8 g=4 s=4096 d=128 budget=256 bf16" if not args.small else "hata step small",
+          lambda: check_decode_step(300, 2, 8 if not args.small else 2, 4, 4096 if not args.small else 300, 128,
+                                    256 if not args.small else 64, bf16))
+    failed = [r["case"] for r in results if not r["ok"]]
+    print(f"\n{len(results) - len(failed)} passed, {len(failed)} failed")
+    if args.out:
+        write_json(args.out, {"environment": environment(), "results": results})
+    if failed:
+        print("FAILED:\n  " + "\n  ".join(failed), file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

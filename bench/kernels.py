@@ -1,0 +1,213 @@
+"""Check and time every kernel against its baselines in one run; write JSON.
+
+    python -m bench.kernels --out $OUT/kernels.json [--small] [--skip-check]
+
+Shapes (unless --small): Llama-3.1-8B attention, 32 query heads, 8 KV heads, D=128, bf16,
+rbit 128, budget 2048. Every timing is a median (see bench.timing) taken in this process next to
+its baseline; byte floors use the copy bandwidth measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import hata_jax as hj
+from bench import check_kernels
+from bench.timing import copy_bandwidth_gbps, environment, median_us, write_json
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    q_heads: int = 32
+    kv_heads: int = 8
+    head_dim: int = 128
+    rbit: int = 128
+    budget: int = 2048
+    dtype: str = "bfloat16"
+    long: int = 131072
+    contexts: tuple = (32768, 131072)
+    batches: tuple = (1, 8)
+
+
+SMALL = Shapes(q_heads=8, kv_heads=2, head_dim=64, budget=64, long=2048, contexts=(1024, 2048), batches=(1, 2))
+
+
+def _random_codes(key, shape):
+    return jax.random.bits(key, shape, jnp.uint32)
+
+
+class Bench:
+    def __init__(self, shapes: Shapes, bandwidth_gbps: float, small: bool):
+        self.s, self.bw, self.small = shapes, bandwidth_gbps, small
+        self.rows: list[dict] = []
+        self.key = jax.random.PRNGKey(1234)
+
+    def _next(self):
+        self.key, sub = jax.random.split(self.key)
+        return sub
+
+    def normal(self, shape, dtype=None):
+        return jax.random.normal(self._next(), shape, jnp.dtype(dtype or self.s.dtype))
+
+    def record(self, group: str, name: str, shape: dict, timing: dict, nbytes: float | None = None, **extra):
+        row = {"group": group, "name": name, **shape, **timing, **extra}
+        if nbytes:
+            row["bytes"] = nbytes
+            row["floor_us"] = nbytes / (self.bw * 1e3)
+            row["gbps"] = nbytes / (timing["median_us"] * 1e3)
+            row["of_floor"] = timing["median_us"] / row["floor_us"]
+        self.rows.append(row)
+        print(f"  {group:<10} {name:<28} {str(shape):<60} {timing['median_us']:>10.1f} us"
+              + (f"   {row['gbps']:>7.0f} GB/s ({row['of_floor']:.2f}x floor)" if nbytes else ""), flush=True)
+        return timing["median_us"]
+
+    def n_sets(self, bytes_per_set: float) -> int:
+        """Enough distinct argument sets that their large arrays overflow the 50 MB L2, at most 16."""
+        return int(np.clip(np.ceil(200e6 / max(bytes_per_set, 1)), 2, 16))
+
+    def selection(self):
+        s = self.s
+        rows, n = s.kv_heads, s.long
+        shape = {"rows": rows, "seq": n, "k": s.budget}
+        sets = [(jax.random.normal(self._next(), (1, rows, n), jnp.float32),) for _ in range(self.n_sets(rows * n * 4))]
+        lengths = jnp.array([n], jnp.int32)
+        t_topk = self.record("select", "lax.top_k", shape, median_us(lambda x: jax.lax.top_k(x, s.budget), sets))
+        t_ours = self.record("select", "pallas select_topk", shape,
+                             median_us(lambda x: hj.select_topk(x, s.budget, lengths, impl="pallas"), sets))
+        self.rows[-1]["speedup_vs_top_k"] = t_topk / t_ours
+
+    def scoring(self):
+        s = self.s
+        g, words, n = s.q_heads // s.kv_heads, s.rbit // 32, s.long
+        shape = {"batch": 1, "kv_heads": s.kv_heads, "group": g, "seq": n, "rbit": s.rbit}
+        code_bytes = s.kv_heads * n * (4 * words + 4)
+        sets = [(_random_codes(self._next(), (1, s.q_heads, words)), _random_codes(self._next(), (1, s.kv_heads, n, words)),
+                 jnp.abs(jax.random.normal(self._next(), (1, s.kv_heads, n), jnp.float32)), jnp.array([n], jnp.int32))
+                for _ in range(self.n_sets(code_bytes))]
+        self.record("score", "xla reference scores", shape,
+                    median_us(lambda *a: hj.hamming_scores(*a, impl="reference"), sets), code_bytes)
+        self.record("score", "pallas hamming_scores", shape,
+                    median_us(lambda *a: hj.hamming_scores(*a, impl="pallas"), sets), code_bytes,
+                    note="bytes = codes + norms read (the 4 B/token score write not counted)")
+        self.record("score+select", "xla scores + lax.top_k", {**shape, "k": s.budget},
+                    median_us(lambda *a: hj.hamming_topk(*a, budget=s.budget, impl="reference"), sets), code_bytes)
+        self.record("score+select", "pallas hamming_topk", {**shape, "k": s.budget},
+                    median_us(lambda *a: hj.hamming_topk(*a, budget=s.budget, impl="pallas"), sets), code_bytes)
+
+    def _cache(self, b, n):
+        k, v = self.normal((b, self.s.kv_heads, n, self.s.head_dim)), self.normal((b, self.s.kv_heads, n, self.s.head_dim))
+        return k, v
+
+    def attention(self):
+        s = self.s
+        g = s.q_heads // s.kv_heads
+        item = jnp.dtype(s.dtype).itemsize
+        self.best_dense = {}
+        for n in s.contexts:
+            for b in s.batches:
+                shape = {"batch": b, "seq": n, "q_heads": s.q_heads, "kv_heads": s.kv_heads, "head_dim": s.head_dim}
+                k, v = self._cache(b, n)
+                lengths = jnp.full((b,), n, jnp.int32)
+                kv_bytes = 2 * b * s.kv_heads * n * s.head_dim * item
+                qs = [self.normal((b, s.q_heads, s.head_dim)) for _ in range(4)]
+                sets = [(q, k, v, lengths) for q in qs]
+                times = {
+                    "pallas": self.record("dense", "pallas dense_decode", shape,
+                                          median_us(lambda q, k, v, l: hj.dense_decode_attention(q, k, v, l, impl="pallas"), sets), kv_bytes),
+                    "xla": self.record("dense", "xla reference", shape,
+                                       median_us(lambda q, k, v, l: hj.dense_decode_attention(q, k, v, l, impl="reference"), sets), kv_bytes),
+                }
+                if jax.default_backend() == "gpu":
+                    kt, vt = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # cuDNN wants [B, S, H, D]
+                    cudnn_sets = [(q[:, None], kt, vt, lengths) for q in qs]
+                    try:
+                        times["cudnn"] = self.record("dense", "cudnn dot_product_attention", shape, median_us(
+                            lambda q, k, v, l: jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=l, implementation="cudnn"),
+                            cudnn_sets), kv_bytes)
+                    except Exception as err:  # record why the baseline is missing, keep going
+                        self.rows.append({"group": "dense", "name": "cudnn dot_product_attention", **shape, "error": str(err)[:500]})
+                        print(f"  cudnn failed: {str(err)[:200]}")
+                    del kt, vt
+                best = min(times, key=times.get)
+                self.best_dense[(b, n)] = (best, times[best])
+                self.rows[-1].setdefault("best_dense", best)
+                self.hata(b, n, k, v, qs, shape)
+                del k, v
+
+    def hata(self, b, n, k, v, qs, shape):
+        """Encode (q and k_new) + score + select + sparse attention on a full cache, vs the best dense."""
+        s = self.s
+        words, g = s.rbit // 32, s.q_heads // s.kv_heads
+        w = jax.random.normal(self._next(), (s.kv_heads, s.head_dim, s.rbit), jnp.float32)
+        codes = _random_codes(self._next(), (b, s.kv_heads, n, words))
+        norms = jnp.abs(jax.random.normal(self._next(), (b, s.kv_heads, n), jnp.float32))
+        lengths = jnp.full((b,), n, jnp.int32)
+        k_new = self.normal((b, s.kv_heads, s.head_dim))
+        item = jnp.dtype(s.dtype).itemsize
+
+        def hata_attention(q, impl):
+            q_codes, _, _ = hj.encode_step(q, k_new, w, impl=impl)
+            idx, count = hj.hamming_topk(q_codes, codes, norms, lengths, budget=s.budget, impl=impl)
+            return hj.sparse_decode_attention(q, k, v, idx, count, impl=impl)
+
+        sel_bytes = b * s.kv_heads * (n * (4 * words + 4) + s.budget * (2 * s.head_dim * item + 4))
+        sets = [(q,) for q in qs]
+        t = self.record("hata", "pallas hata attention", {**shape, "budget": s.budget}, median_us(lambda q: hata_attention(q, "pallas"), sets), sel_bytes)
+        best, t_dense = self.best_dense[(b, n)]
+        self.rows[-1].update(best_dense=best, best_dense_us=t_dense, speedup_vs_best_dense=t_dense / t)
+        ks = [jnp.asarray(np.random.default_rng(i).choice(n, (b, s.kv_heads, s.budget)), jnp.int32) for i in range(4)]
+        counts = jnp.full((b, s.kv_heads), s.budget, jnp.int32)
+        row_bytes = b * s.kv_heads * s.budget * (2 * s.head_dim * item + 4)
+        self.record("sparse", "pallas sparse_decode", {**shape, "budget": s.budget},
+                    median_us(lambda q, i: hj.sparse_decode_attention(q, k, v, i, counts, impl="pallas"), list(zip(qs, ks))), row_bytes)
+        self.record("sparse", "xla reference", {**shape, "budget": s.budget},
+                    median_us(lambda q, i: hj.sparse_decode_attention(q, k, v, i, counts, impl="reference"), list(zip(qs, ks))), row_bytes)
+
+    def encode(self):
+        s = self.s
+        n = s.long
+        x_sets = [(self.normal((1, s.kv_heads, n, s.head_dim)),) for _ in range(2)]
+        w = jax.random.normal(self._next(), (s.kv_heads, s.head_dim, s.rbit), jnp.float32)
+        nbytes = s.kv_heads * n * (s.head_dim * jnp.dtype(s.dtype).itemsize + s.rbit // 8)
+        shape = {"batch": 1, "kv_heads": s.kv_heads, "tokens": n, "rbit": s.rbit}
+        self.record("encode", "pallas encode (prefill)", shape, median_us(lambda x: hj.encode(x, w, head_axis=1, impl="pallas"), x_sets), nbytes)
+        self.record("encode", "xla reference", shape, median_us(lambda x: hj.encode(x, w, head_axis=1, impl="reference"), x_sets), nbytes)
+        step_sets = [(self.normal((1, s.q_heads, s.head_dim)), self.normal((1, s.kv_heads, s.head_dim))) for _ in range(16)]
+        shape = {"batch": 1, "q_heads": s.q_heads, "kv_heads": s.kv_heads, "rbit": s.rbit}
+        self.record("encode", "pallas encode_step", shape, median_us(lambda q, k: hj.encode_step(q, k, w, impl="pallas"), step_sets))
+        self.record("encode", "xla reference step", shape, median_us(lambda q, k: hj.encode_step(q, k, w, impl="reference"), step_sets))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke run)")
+    parser.add_argument("--skip-check", action="store_true", help="do not run bench.check_kernels first")
+    parser.add_argument("--only", nargs="*", default=None, help="subset of: encode selection scoring attention")
+    args = parser.parse_args(argv)
+    env = environment()
+    print(env, flush=True)
+    check_status = None
+    if not args.skip_check:
+        check_status = check_kernels.main(["--out", args.out.replace(".json", "_check.json")] + (["--small"] if args.small else []))
+    bw = copy_bandwidth_gbps(1 << (24 if args.small else 30))
+    print(f"copy bandwidth (read + write): {bw:.0f} GB/s", flush=True)
+    bench = Bench(SMALL if args.small else Shapes(), bw, args.small)
+    for part in args.only or ["encode", "selection", "scoring", "attention"]:
+        try:
+            getattr(bench, part)()
+        except Exception as err:  # keep the other parts' numbers; the error goes into the JSON
+            bench.rows.append({"group": part, "error": f"{type(err).__name__}: {str(err)[:1500]}"})
+            print(f"!! {part} failed: {type(err).__name__}: {str(err)[:1500]}", flush=True)
+        write_json(args.out, {"environment": env, "copy_gbps": bw, "checks_passed": check_status == 0,
+                              "shapes": dataclasses.asdict(bench.s), "rows": bench.rows})
+    return 0 if check_status in (0, None) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

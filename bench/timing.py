@@ -1,0 +1,87 @@
+"""Timing and environment helpers shared by the benchmarks.
+
+Timing protocol: one jitted program applies the op to `n` distinct argument sets (so host
+dispatch is amortised and, where the sets differ in their large arrays, caches cannot serve
+repeats); it is warmed up, then run `reps` times with `block_until_ready`; the per-op time is
+the wall time divided by `n`, and we report the median (plus the 10th/90th percentiles).
+Launch gaps between the op's kernels are inside the measured time, as they are in a decode step.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def median_us(fn: Callable[..., Any], arg_sets: Sequence[tuple], *, reps: int = 25, warmup: int = 3) -> dict:
+    """Median microseconds per call of `fn(*args)` over the argument sets (see the module docstring)."""
+    many = jax.jit(lambda sets: [fn(*s) for s in sets])
+    for _ in range(warmup):
+        jax.block_until_ready(many(arg_sets))
+    per_op = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(many(arg_sets))
+        per_op.append((time.perf_counter() - t0) * 1e6 / len(arg_sets))
+    return {
+        "median_us": statistics.median(per_op),
+        "p10_us": float(np.percentile(per_op, 10)),
+        "p90_us": float(np.percentile(per_op, 90)),
+        "reps": reps,
+        "ops_per_rep": len(arg_sets),
+    }
+
+
+def copy_bandwidth_gbps(nbytes: int = 1 << 30, reps: int = 10) -> float:
+    """Device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written."""
+    x = jax.random.bits(jax.random.PRNGKey(0), (nbytes // 4,), jnp.uint32)
+    copy = jax.jit(lambda a: a ^ jnp.uint32(1))
+    t = median_us(copy, [(x,)], reps=reps)["median_us"]
+    return 2 * nbytes / (t * 1e-6) / 1e9
+
+
+def poison_device_memory(total_bytes: int = 4 << 30, chunk_bytes: int = 256 << 20) -> None:
+    """Fill `total_bytes` of fresh device buffers with the byte 0x7F, then free them.
+
+    JAX's allocator hands freed blocks to the next allocations, so outputs created right after
+    this call start out as 0x7F7F7F7F words (float32 3.4e38, int32 2139062143: neither a valid
+    value nor an index), and an element a kernel forgot to write shows up as a mismatch.
+    Does nothing on a CPU (interpreted kernels write into fresh host arrays).
+    """
+    if jax.default_backend() == "cpu":
+        return
+    chunks = [jnp.full((chunk_bytes // 4,), 0x7F7F7F7F, jnp.uint32) for _ in range(total_bytes // chunk_bytes)]
+    jax.block_until_ready(chunks)
+    for c in chunks:
+        c.delete()
+
+
+def environment() -> dict:
+    """Device, versions and commit for a results file."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = ""
+    dev = jax.devices()[0]
+    return {
+        "device": getattr(dev, "device_kind", str(dev)),
+        "backend": jax.default_backend(),
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "commit": commit or os.environ.get("HATA_COMMIT", "unknown"),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def write_json(path: str, payload: dict) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1, default=float)

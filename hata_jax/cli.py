@@ -1,0 +1,55 @@
+"""The `hata-jax` command line."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from hata_jax.demo import DemoConfig, format_table, run_demo
+
+    cfg = DemoConfig(context=args.context, budgets=tuple(args.budgets), seed=args.seed, rbit=args.rbit)
+    print(format_table(run_demo(cfg, impl=args.impl), cfg))
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    import jax
+
+    import hata_jax
+    from hata_jax.dispatch import default_impl
+
+    print(f"hata-jax {hata_jax.__version__}, jax {jax.__version__}, backend {jax.default_backend()}")
+    print(f"devices: {', '.join(str(d) for d in jax.devices())}")
+    print(f"impl='auto' runs: {default_impl()}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hata-jax", description="Learned hash-aware top-k attention for JAX.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    demo = sub.add_parser("demo", help="show what hash-code top-k selection recovers (synthetic, no download)")
+    demo.add_argument("--context", type=int, default=8192, help="cached tokens (default 8192)")
+    demo.add_argument("--budgets", type=int, nargs="+", default=[32, 64, 128, 256, 512], help="tokens selected per KV head")
+    demo.add_argument("--rbit", type=int, default=128, help="hash bits (multiple of 32)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--impl", choices=["auto", "pallas", "reference"], default="auto")
+    demo.set_defaults(func=_cmd_demo)
+
+    info = sub.add_parser("info", help="print versions, devices and which implementation impl='auto' runs")
+    info.set_defaults(func=_cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as err:
+        print(f"hata-jax {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
