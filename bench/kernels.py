@@ -18,7 +18,7 @@ import numpy as np
 
 import hata_jax as hj
 from bench import check_kernels
-from bench.timing import copy_bandwidth_gbps, environment, median_us, write_json
+from bench.timing import environment, floor_bandwidth_gbps, median_us, write_json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,16 +195,16 @@ def main(argv=None) -> int:
     check_status = None
     if not args.skip_check:
         check_status = check_kernels.main(["--out", args.out.replace(".json", "_check.json")] + (["--small"] if args.small else []))
-    bw = copy_bandwidth_gbps(1 << (24 if args.small else 30))
-    print(f"copy bandwidth (read + write): {bw:.0f} GB/s", flush=True)
-    bench = Bench(SMALL if args.small else Shapes(), bw, args.small)
+    bandwidth = floor_bandwidth_gbps(1 << (24 if args.small else 30))
+    print(f"bandwidth: {bandwidth}", flush=True)
+    bench = Bench(SMALL if args.small else Shapes(), bandwidth["floor_gbps"], args.small)
     for part in args.only or ["encode", "selection", "scoring", "attention"]:
         try:
             getattr(bench, part)()
         except Exception as err:  # keep the other parts' numbers; the error goes into the JSON
             bench.rows.append({"group": part, "error": f"{type(err).__name__}: {str(err)[:1500]}"})
             print(f"!! {part} failed: {type(err).__name__}: {str(err)[:1500]}", flush=True)
-        write_json(args.out, {"environment": env, "copy_gbps": bw, "checks_passed": check_status == 0,
+        write_json(args.out, {"environment": env, **bandwidth, "checks_passed": check_status == 0,
                               "shapes": dataclasses.asdict(bench.s), "rows": bench.rows})
     return 0 if check_status in (0, None) else 1
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 import hata_jax as hj
-from bench.timing import copy_bandwidth_gbps, environment, median_us, write_json
+from bench.timing import environment, floor_bandwidth_gbps, median_us, write_json
 from pallas_kernels import flash_decode as fd
 
 HQ, HKV, D = 32, 8, 128
@@ -84,12 +84,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     rows: list = []
-    bw = copy_bandwidth_gbps()
-    print(f"copy bandwidth {bw:.0f} GB/s", flush=True)
+    bandwidth = floor_bandwidth_gbps()
+    print(f"bandwidth {bandwidth}", flush=True)
     key = jax.random.PRNGKey(0)
     for part in (lambda: sweep_sparse(rows, key), lambda: sweep_dense(rows, key, (32768, 131072), (1, 8))):
         part()
-        write_json(args.out, {"environment": environment(), "copy_gbps": bw, "rows": rows})
+        write_json(args.out, {"environment": environment(), **bandwidth, "rows": rows})
     return 0
 
 

@@ -48,6 +48,20 @@ def copy_bandwidth_gbps(nbytes: int = 1 << 30, reps: int = 10) -> float:
     return 2 * nbytes / (t * 1e-6) / 1e9
 
 
+def read_bandwidth_gbps(nbytes: int = 1 << 30, reps: int = 10) -> float:
+    """Device read bandwidth in GB/s: a reduction over `nbytes` (reads only, like decode attention)."""
+    x = jax.random.bits(jax.random.PRNGKey(1), (nbytes // 4,), jnp.uint32)
+    total = jax.jit(lambda a: jnp.bitwise_xor.reduce(a))
+    t = median_us(total, [(x,)], reps=reps)["median_us"]
+    return nbytes / (t * 1e-6) / 1e9
+
+
+def floor_bandwidth_gbps(nbytes: int = 1 << 30) -> dict:
+    """Copy (read + write) and read-only bandwidth; byte floors use the larger, the stricter floor."""
+    copy, read = copy_bandwidth_gbps(nbytes), read_bandwidth_gbps(nbytes)
+    return {"copy_gbps": copy, "read_gbps": read, "floor_gbps": max(copy, read)}
+
+
 def poison_device_memory(total_bytes: int = 4 << 30, chunk_bytes: int = 256 << 20) -> None:
     """Fill `total_bytes` of fresh device buffers with the byte 0x7F, then free them.
 

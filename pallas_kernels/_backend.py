@@ -8,16 +8,23 @@ popcount, argmax and row gathers these kernels need, so every call goes through
 Version notes (checked on jax 0.10.2 on the CPU and 0.11.2 on the H100):
 - `lax.population_count` lowers in interpret mode but not in a Triton kernel on the GPU
   ("failed to legalize operation 'math.ctpop'"): use :func:`popcount32`.
+- `pl.dot` is gone in jax 0.11.2 (AttributeError): use :func:`dot`.
+- `elementwise_inline_asm` with an unsigned result type fails Triton's verifier on the GPU:
+  :func:`popcount32` passes and returns int32 and bitcasts.
 - Interpret mode accepts primitives the GPU compiler rejects (sort, top_k, popcount): the
-  tests also cross-lower every kernel for CUDA with :func:`lower_for_cuda`.
+  tests also cross-lower every kernel for CUDA with :func:`lower_for_cuda`, which also runs
+  the MLIR verifier on each Triton module (the check XLA runs when it parses it on the GPU).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+from jax._src.pallas.triton import lowering as _triton_lowering
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
@@ -66,12 +73,12 @@ def _popcount32_ptx(x: jax.Array) -> jax.Array:
     """Population count with the PTX `popc.b32` instruction (one instruction per lane)."""
     [out] = pltriton.elementwise_inline_asm(
         "popc.b32 $0, $1;",
-        args=[x],
+        args=[lax.bitcast_convert_type(x, jnp.int32)],
         constraints="=r,r",
         pack=1,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.uint32)],
+        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.int32)],
     )
-    return out
+    return lax.bitcast_convert_type(out, jnp.uint32)
 
 
 def popcount32(x: jax.Array, *, interpret: bool) -> jax.Array:
@@ -79,11 +86,41 @@ def popcount32(x: jax.Array, *, interpret: bool) -> jax.Array:
     return _popcount32_swar(x) if interpret else _popcount32_ptx(x)
 
 
+def dot(a: jax.Array, b: jax.Array, *, trans_b: bool = False, precision=None) -> jax.Array:
+    """`a @ b` (or `a @ b.T`) inside a Triton kernel, accumulated in float32.
+
+    precision=`lax.Precision.HIGHEST` keeps float32 operands in IEEE fp32 (Triton's default
+    for an fp32 dot is tf32); 16-bit operands always multiply exactly.
+    """
+    contract = ((1,), (1,)) if trans_b else ((1,), (0,))
+    return lax.dot_general(a, b, (contract, ((), ())), precision=precision, preferred_element_type=jnp.float32)
+
+
+@contextlib.contextmanager
+def _verified_triton_modules():
+    """Run the MLIR verifier on every Triton module lowered inside the block."""
+    lower = _triton_lowering.lower_jaxpr_to_triton_module
+
+    def lower_and_verify(*args, **kwargs):
+        result = lower(*args, **kwargs)
+        result.module.operation.verify()  # raises with the offending op on failure
+        return result
+
+    _triton_lowering.lower_jaxpr_to_triton_module = lower_and_verify
+    try:
+        yield
+    finally:
+        _triton_lowering.lower_jaxpr_to_triton_module = lower
+
+
 def lower_for_cuda(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> str:
     """Lower `fn(*args, **kwargs)` for CUDA on any machine; returns the StableHLO text.
 
-    Pallas Triton kernels are lowered to Triton IR inside this call, so an op the Triton
-    lowering does not support fails here even on a CPU-only machine.
+    Pallas Triton kernels are lowered to Triton IR inside this call and each module is run
+    through the MLIR verifier, so an op the Triton lowering or Triton's verifier rejects fails
+    here even on a CPU-only machine. (Failures later in Triton's own compiler, such as an op
+    with no PTX legalization, still need the GPU.)
     """
     traced = jax.jit(functools.partial(fn, **kwargs)).trace(*args)
-    return traced.lower(lowering_platforms=("cuda",)).as_text()
+    with _verified_triton_modules():
+        return traced.lower(lowering_platforms=("cuda",)).as_text()

@@ -13,7 +13,7 @@ same function.
 Design
 ------
 Grid `(batch, kv_heads, splits)`. The `G = Hq / Hkv` query heads of a KV head are the rows of
-one `[16, D]` query tile (G padded up to 16 rows for `pl.dot`; padded rows are masked on load
+one `[16, D]` query tile (G padded up to 16 rows for the dot; padded rows are masked on load
 and store), so each K/V row is read from HBM once per group. The `n = lengths[b]` (dense) or
 `count[b, h]` (sparse) valid rows form `cdiv(n, block_k)` blocks; split `s` takes the `s`-th
 run of `cdiv(blocks, splits)` of them. Splits are sized from the *traced* `n`, not from the
@@ -62,14 +62,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels._backend import triton_call
+from pallas_kernels._backend import dot, triton_call
 
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 SUPPORTED_HEAD_DIMS = (64, 128)
 MAX_GROUP = 8
 MAX_SEQ = 262144
 MAX_BUDGET = 8192
-# Query heads of a group, padded up to the smallest `pl.dot` operand dimension.
+# Query heads of a group, padded up to the smallest Triton dot operand dimension.
 GROUP_ROWS = 16
 
 _DEFAULT_SMS = 132  # H100 SXM, used when the device does not report its core count.
@@ -135,12 +135,12 @@ def _softmax_step(q, k, v, valid, carry, scale: float):
     carry: (acc float32[GROUP_ROWS, D], m float32[GROUP_ROWS], l float32[GROUP_ROWS]).
     """
     acc, m, l = carry
-    logits = pl.dot(q, k, trans_b=True, precision=lax.Precision.HIGHEST) * scale
+    logits = dot(q, k, trans_b=True, precision=lax.Precision.HIGHEST) * scale
     logits = jnp.where(valid[None, :], logits, -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(logits, axis=1))
     rescale = jnp.exp(m - m_new)
     p = jnp.exp(logits - m_new[:, None])
-    pv = pl.dot(p.astype(v.dtype), v, precision=lax.Precision.HIGHEST)
+    pv = dot(p.astype(v.dtype), v, precision=lax.Precision.HIGHEST)
     return rescale[:, None] * acc + pv, m_new, rescale * l + jnp.sum(p, axis=1)
 
 
