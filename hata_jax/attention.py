@@ -88,6 +88,7 @@ def sparse_decode_attention(
         raise ValueError(f"idx must have shape [batch, kv_heads, budget] = {tuple(k.shape[:2])} + [budget], got {tuple(idx.shape)}")
     if tuple(jnp.shape(count)) != tuple(k.shape[:2]):
         raise ValueError(f"count must have shape {tuple(k.shape[:2])}, got {tuple(jnp.shape(count))}")
+    checks.check_integer(count, "count")
     scale = _scale(scale, q.shape[-1])
     path = dispatch.resolve("sparse_decode_attention", impl)
     if path.pallas:
@@ -150,13 +151,16 @@ def combine(outs: jax.Array, lses: jax.Array, axis: int = 0):
     """
     if jnp.ndim(outs) != jnp.ndim(lses) + 1 or jnp.shape(outs)[:-1] != jnp.shape(lses):
         raise ValueError(f"outs must be lses' shape plus a head_dim axis, got {jnp.shape(outs)} and {jnp.shape(lses)}")
+    checks.check_floating(outs, "outs")
+    checks.check_floating(lses, "lses")
     axis = axis % jnp.ndim(lses)
     lses = lses.astype(jnp.float32)
     m = jnp.max(lses, axis=axis, keepdims=True)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     wts = jnp.exp(lses - m)
     total = jnp.sum(wts, axis=axis)
-    out = jnp.sum(outs.astype(jnp.float32) * wts[..., None], axis=axis)
+    # An empty part (weight 0) contributes nothing, even if its output holds NaN.
+    out = jnp.sum(jnp.where(wts[..., None] > 0, outs.astype(jnp.float32) * wts[..., None], 0.0), axis=axis)
     out = out / jnp.where(total > 0, total, 1.0)[..., None]
     lse = jnp.where(total > 0, jnp.squeeze(m, axis) + jnp.log(total), -jnp.inf)
     return out, lse

@@ -51,10 +51,12 @@ class HataCache:
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"HataCache.init: {name} must be a positive int, got {value!r}")
         check_rbit(rbit)
-        kv = jnp.zeros((batch, kv_heads, capacity, head_dim), dtype)
-        return cls(
-            k=kv,
-            v=kv,
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(f"HataCache.init: dtype must be a floating-point dtype, got {jnp.dtype(dtype)}")
+        shape = (batch, kv_heads, capacity, head_dim)
+        return cls(  # separate buffers for k and v, so that the cache can be donated
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
             codes=jnp.zeros((batch, kv_heads, capacity, rbit // 32), jnp.uint32),
             norms=jnp.zeros((batch, kv_heads, capacity), jnp.float32),
             lengths=jnp.zeros((batch,), jnp.int32),
@@ -82,6 +84,8 @@ class HataCache:
         return 32 * self.codes.shape[3]
 
     def _check_tokens(self, k, v, w, layout: str, token_axes: int) -> None:
+        """k, v: `layout` matching the cache (any token count, the same for both); w: the
+        cache's projection, unless None."""
         shape = (self.batch, self.kv_heads) + (None,) * token_axes + (self.head_dim,)
         for name, x in (("k", k), ("v", v)):
             checks.check_rank(x, len(shape), name, layout)
@@ -89,6 +93,10 @@ class HataCache:
             if any(e is not None and e != g for e, g in zip(shape, x.shape)):
                 raise ValueError(f"{name} must have shape {layout} with B={self.batch}, Hkv={self.kv_heads}, "
                                  f"D={self.head_dim}, got {tuple(x.shape)}")
+        if tuple(v.shape) != tuple(k.shape):
+            raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+        if w is None:
+            return
         kv_heads, _, rbit = _check_projection(w, self.head_dim)
         if kv_heads != self.kv_heads or rbit != self.rbit:
             raise ValueError(f"w must have shape [{self.kv_heads}, {self.head_dim}, {self.rbit}] to match the cache, got {tuple(w.shape)}")
@@ -132,6 +140,12 @@ class HataCache:
 
     def append_encoded(self, k_new, v_new, k_codes, k_norms) -> "HataCache":
         """:meth:`append` with the new key's codes `uint32[B, Hkv, W]` and norms `float32[B, Hkv]` given."""
+        self._check_tokens(k_new, v_new, None, "[batch, kv_heads, head_dim]", 0)
+        for name, x, dtype, shape in (("k_codes", k_codes, jnp.uint32, (self.batch, self.kv_heads, self.rbit // 32)),
+                                      ("k_norms", k_norms, jnp.float32, (self.batch, self.kv_heads))):
+            checks.check_dtype(x, [dtype], name)
+            if tuple(jnp.shape(x)) != shape:
+                raise ValueError(f"{name} must have shape {shape} to match the cache, got {tuple(jnp.shape(x))}")
         if checks.is_concrete(self.lengths):
             full = np.asarray(self.lengths) >= self.capacity
             if full.any():

@@ -18,6 +18,11 @@ def check_floating(x, name: str) -> None:
         raise ValueError(f"{name} must be a floating-point array, got dtype {jnp.result_type(x)}")
 
 
+def check_integer(x, name: str) -> None:
+    if not jnp.issubdtype(jnp.result_type(x), jnp.integer):
+        raise ValueError(f"{name} must be an integer array, got dtype {jnp.result_type(x)}")
+
+
 def check_dtype(x, dtypes: Sequence, name: str) -> None:
     dtype = jnp.result_type(x)
     if dtype not in [jnp.dtype(d) for d in dtypes]:
@@ -47,8 +52,7 @@ def check_lengths(lengths, batch: int, capacity: int, name: str = "lengths") -> 
     """lengths: int[batch] in [0, capacity]; values are checked when they are concrete."""
     check_rank(lengths, 1, name, "[batch]")
     check_dim(lengths, 0, batch, name, "batch size")
-    if not jnp.issubdtype(jnp.result_type(lengths), jnp.integer):
-        raise ValueError(f"{name} must be an integer array, got dtype {jnp.result_type(lengths)}")
+    check_integer(lengths, name)
     if is_concrete(lengths):
         values = np.asarray(lengths)
         if values.size and (values.min() < 0 or values.max() > capacity):

@@ -43,6 +43,7 @@ def hata_decode_attention(
         raise ValueError(f"config must be a HataConfig, got {type(config).__name__}")
     checks.check_rank(q, 3, "q", "[batch, q_heads, head_dim]")
     checks.check_dim(q, 0, cache.batch, "q", "batch size")
+    checks.check_dim(q, 2, cache.head_dim, "q", "head_dim")
     if w.ndim == 3 and w.shape[2] != config.rbit:
         raise ValueError(f"w has rbit {w.shape[2]} (shape {tuple(w.shape)}) but config.rbit is {config.rbit}")
     if cache.rbit != config.rbit:

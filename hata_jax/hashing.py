@@ -21,6 +21,9 @@ def _check_projection(w, head_dim: int | None = None, name: str = "w") -> tuple[
 
 def pack_bits(bits: jax.Array) -> jax.Array:
     """bits: bool[..., rbit] -> uint32[..., rbit // 32]; bit j of word c is column 32*c + j."""
+    checks.check_dtype(bits, [jnp.bool_], "bits")
+    if jnp.ndim(bits) < 1 or bits.shape[-1] % 32:
+        raise ValueError(f"bits must have a last axis (rbit) that is a multiple of 32, got shape {tuple(jnp.shape(bits))}")
     *lead, rbit = bits.shape
     words = bits.reshape(*lead, rbit // 32, 32).astype(jnp.uint32)
     return jnp.sum(words << jnp.arange(32, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
@@ -28,6 +31,9 @@ def pack_bits(bits: jax.Array) -> jax.Array:
 
 def unpack_bits(codes: jax.Array) -> jax.Array:
     """codes: uint32[..., W] -> bool[..., 32 * W] (inverse of :func:`pack_bits`)."""
+    checks.check_dtype(codes, [jnp.uint32], "codes")
+    if jnp.ndim(codes) < 1:
+        raise ValueError(f"codes must have shape [..., words], got shape {tuple(jnp.shape(codes))}")
     bits = (codes[..., None] >> jnp.arange(32, dtype=jnp.uint32)) & jnp.uint32(1)
     return bits.reshape(*codes.shape[:-1], codes.shape[-1] * 32).astype(bool)
 
@@ -77,6 +83,8 @@ def encode(x: jax.Array, w: jax.Array, *, head_axis: int = -2, impl: str = "auto
 def key_norms(k: jax.Array) -> jax.Array:
     """L2 norms of keys along the last axis, computed in float32: float[...] for k: float[..., D]."""
     checks.check_floating(k, "k")
+    if jnp.ndim(k) < 1:
+        raise ValueError(f"k must have shape [..., head_dim], got shape {tuple(jnp.shape(k))}")
     kf = k.astype(jnp.float32)
     return jnp.sqrt(jnp.sum(kf * kf, axis=-1))
 

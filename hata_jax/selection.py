@@ -4,6 +4,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax import lax
+import numpy as np
 
 from hata_jax import checks, dispatch
 from hata_jax.config import check_score
@@ -13,7 +14,7 @@ UNUSED = -1  # index-buffer marker of a slot that holds no token (slots >= count
 
 
 def check_selection_args(budget: int, capacity: int, sink: int, recent: int) -> None:
-    if not isinstance(budget, int) or budget <= 0:
+    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget <= 0:
         raise ValueError(f"budget must be a positive int, got {budget!r}")
     if budget > capacity:
         raise ValueError(f"budget ({budget}) must not exceed the cache capacity ({capacity})")
@@ -64,6 +65,7 @@ def select_topk(
     checks.check_floating(scores, "scores")
     b, _, s = scores.shape
     check_selection_args(budget, s, sink, recent)
+    budget = int(budget)
     checks.check_lengths(lengths, b, s)
     path = dispatch.resolve("select_topk", impl)
     if path.pallas:
@@ -94,6 +96,7 @@ def hamming_topk(
     check_score(score)
     check_code_inputs(q_codes, k_codes, k_norms, lengths)
     check_selection_args(budget, k_codes.shape[2], sink, recent)
+    budget = int(budget)
     path = dispatch.resolve("hamming_topk", impl)
     if path.pallas:
         from pallas_kernels import hamming_topk as kernel

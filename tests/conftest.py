@@ -1,0 +1,52 @@
+"""Shared test setup: jax config and seeded random data.
+
+Every test gets its own numpy Generator, seeded from the session seed and the test's id, so
+data differs between tests and between runs. Set `HATA_TEST_SEED` to replay a run (the seed is
+printed in the pytest header).
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+jax.config.update("jax_enable_x64", False)
+
+SESSION_SEED = int(os.environ.get("HATA_TEST_SEED", secrets.randbits(32)))
+
+
+def pytest_report_header(config):
+    return f"hata-jax test seed: HATA_TEST_SEED={SESSION_SEED}"
+
+
+@pytest.fixture
+def rng(request) -> np.random.Generator:
+    """A Generator unique to this test (and parametrization) and to this run's seed."""
+    return np.random.default_rng([SESSION_SEED, zlib.crc32(request.node.nodeid.encode())])
+
+
+@pytest.fixture
+def randn(rng):
+    """randn(*shape, dtype=jnp.float32): standard normal data as a jax array of `dtype`."""
+
+    def make(*shape, dtype=jnp.float32, scale: float = 1.0):
+        return jnp.asarray(scale * rng.standard_normal(shape, dtype=np.float32), dtype=dtype)
+
+    return make
+
+
+@pytest.fixture
+def ragged_lengths(rng):
+    """ragged_lengths(batch, low, high): int32[batch] in [low, high], distinct when the range allows."""
+
+    def make(batch: int, low: int, high: int):
+        span = np.arange(low, high + 1)
+        values = rng.choice(span, size=batch, replace=batch > span.size)
+        return jnp.asarray(values, jnp.int32)
+
+    return make
