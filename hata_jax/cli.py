@@ -39,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="print versions, devices and which implementation impl='auto' runs")
     info.set_defaults(func=_cmd_info)
+
+    from models.cli import add_generate_command
+
+    add_generate_command(sub)
     return parser
 
 

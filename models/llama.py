@@ -1,0 +1,180 @@
+"""A Llama-family decoder in Flax NNX whose decode attention is chosen per layer (dense or HATA).
+
+Parameter names mirror the HF checkpoint names (`layers[i].self_attn.q_proj.kernel` is
+`model.layers.{i}.self_attn.q_proj.weight`, transposed), see :mod:`models.weights`.
+
+Batches are right-padded: row `b` holds its prompt at positions `[0, lengths[b])`; RoPE
+positions are token indices, and decode appends each sequence's token at `lengths[b]`.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import hata_jax
+from hata_jax import HataCache
+from models.attention import AttentionPlan
+from models.config import LlamaConfig
+from models.rope import apply_rope, inverse_frequencies
+
+
+class RMSNorm(nnx.Module):
+    """`weight * x / rms(x)`, normalised in float32 (as HF Llama)."""
+
+    def __init__(self, dim: int, eps: float, dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * xf.astype(x.dtype)
+
+
+class SelfAttention(nnx.Module):
+    """GQA self-attention: dense causal over a prompt, per-layer dense or HATA when decoding."""
+
+    def __init__(self, config: LlamaConfig, dtype, rngs: nnx.Rngs):
+        h, d = config.hidden_size, config.head_dim
+
+        def linear(n_in, n_out, bias):
+            return nnx.Linear(n_in, n_out, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
+
+        self.q_proj = linear(h, config.num_heads * d, config.qkv_bias)
+        self.k_proj = linear(h, config.num_kv_heads * d, config.qkv_bias)
+        self.v_proj = linear(h, config.num_kv_heads * d, config.qkv_bias)
+        self.o_proj = linear(config.num_heads * d, h, config.o_bias)
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, d
+        self.inv_freq = tuple(float(f) for f in inverse_frequencies(config))
+
+    def _qkv(self, x, positions):
+        """x: [..., hidden], positions: int[...] -> q [..., Hq, D], k, v [..., Hkv, D] (post-RoPE)."""
+        lead = x.shape[:-1]
+        q = self.q_proj(x).reshape(*lead, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(*lead, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(*lead, self.num_kv_heads, self.head_dim)
+        return apply_rope(q, positions, self.inv_freq), apply_rope(k, positions, self.inv_freq), v
+
+    def prefill(self, x, lengths, cache: HataCache | None, w, impl: str):
+        """x: [B, T, hidden], lengths: int[B] -> ([B, T, hidden], cache with the prompt written)."""
+        b, t, _ = x.shape
+        q, k, v = self._qkv(x, jnp.broadcast_to(jnp.arange(t), (b, t)))
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=True, key_value_seq_lengths=lengths)
+        if cache is not None:
+            cache = cache.prefill(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), w, lengths, impl=impl)
+        return self.o_proj(out.reshape(b, t, -1)), cache
+
+    def decode(self, x, cache: HataCache, w, kind: str, plan: AttentionPlan):
+        """x: [B, hidden], one new token per sequence at position `cache.lengths[b]`."""
+        q, k, v = self._qkv(x, cache.lengths)
+        if kind == "hata":
+            out, cache = hata_jax.hata_decode_attention(q, k, v, cache, w, plan.hata, impl=plan.impl)
+        else:
+            cache = cache.append(k, v, w, impl=plan.impl)
+            out = hata_jax.dense_decode_attention(q, cache.k, cache.v, cache.lengths, impl=plan.impl)
+        return self.o_proj(out.reshape(x.shape[0], -1)), cache
+
+
+class MLP(nnx.Module):
+    """SwiGLU: `down(silu(gate(x)) * up(x))`."""
+
+    def __init__(self, config: LlamaConfig, dtype, rngs: nnx.Rngs):
+        h, f, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nnx.Linear(h, f, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
+        self.up_proj = nnx.Linear(h, f, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
+        self.down_proj = nnx.Linear(f, h, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: LlamaConfig, dtype, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.self_attn = SelfAttention(config, dtype, rngs)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.mlp = MLP(config, dtype, rngs)
+
+    def _finish(self, x, attn_out):
+        x = x + attn_out
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def prefill(self, x, lengths, cache, w, impl):
+        attn_out, cache = self.self_attn.prefill(self.input_layernorm(x), lengths, cache, w, impl)
+        return self._finish(x, attn_out), cache
+
+    def decode(self, x, cache, w, kind, plan):
+        attn_out, cache = self.self_attn.decode(self.input_layernorm(x), cache, w, kind, plan)
+        return self._finish(x, attn_out), cache
+
+
+class LlamaForCausalLM(nnx.Module):
+    """Llama / Qwen2 decoder with an LM head (tied to the embedding or separate).
+
+    Build with random weights: `LlamaForCausalLM(config, rngs=nnx.Rngs(0))`; load real ones with
+    :func:`models.load_model` or :func:`models.weights.model_from_tensors`.
+    """
+
+    def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = config
+        self.dtype = jnp.dtype(dtype)
+        self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=dtype, rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(config, dtype, rngs) for _ in range(config.num_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        if not config.tie_word_embeddings:
+            self.lm_head = nnx.Linear(config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype,
+                                      param_dtype=dtype, rngs=rngs)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden: [..., hidden_size] (final-normed) -> float32 logits [..., vocab]."""
+        if self.config.tie_word_embeddings:
+            out = self.embed_tokens.attend(hidden)
+        else:
+            out = self.lm_head(hidden)
+        return out.astype(jnp.float32)
+
+    def prefill(self, tokens, lengths, caches: list[HataCache] | None = None, hash_weights=None,
+                impl: str = "auto"):
+        """Dense causal attention over right-padded prompts; fills every layer's cache if given.
+
+        Args:
+          tokens: int[B, T]; lengths: int[B] valid tokens per row (<= T).
+          caches: one HataCache per layer (capacity >= T), or None for a cache-free forward.
+          hash_weights: one float[Hkv, D, rbit] per layer (needed with caches).
+
+        Returns:
+          (hidden [B, T, hidden_size] after the final norm, the filled caches or None).
+        """
+        x = self.embed_tokens(tokens)
+        new_caches = None if caches is None else []
+        for i, layer in enumerate(self.layers):
+            cache = None if caches is None else caches[i]
+            x, cache = layer.prefill(x, lengths, cache, None if hash_weights is None else hash_weights[i], impl)
+            if caches is not None:
+                new_caches.append(cache)
+        return self.norm(x), new_caches
+
+    def __call__(self, tokens, lengths=None):
+        """Full-sequence logits float32[B, T, vocab] (no cache); `lengths` as in :meth:`prefill`."""
+        if lengths is None:
+            lengths = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
+        hidden, _ = self.prefill(tokens, lengths)
+        return self.logits(hidden)
+
+    def decode(self, tokens, caches: list[HataCache], hash_weights, plan: AttentionPlan):
+        """One decode step: tokens int[B] -> (logits float32[B, vocab], updated caches)."""
+        if len(plan.layers) != len(self.layers):
+            raise ValueError(f"the attention plan has {len(plan.layers)} layers, the model {len(self.layers)}")
+        x = self.embed_tokens(tokens)
+        new_caches = []
+        for layer, cache, w, kind in zip(self.layers, caches, hash_weights, plan.layers):
+            x, cache = layer.decode(x, cache, w, kind, plan)
+            new_caches.append(cache)
+        return self.logits(self.norm(x)), new_caches
+
+
+def init_caches(config: LlamaConfig, batch: int, capacity: int, *, rbit: int, dtype) -> list[HataCache]:
+    """An empty HataCache per layer: k, v [batch, Hkv, capacity, D] in `dtype`."""
+    return [HataCache.init(batch, config.num_kv_heads, capacity, config.head_dim, rbit=rbit, dtype=dtype)
+            for _ in range(config.num_layers)]
