@@ -1,0 +1,519 @@
+"""Exact top-`budget` selection without sorting: a radix select over order-preserving keys.
+
+The design, byte floor and tunables are written up in :mod:`pallas_kernels.hamming_topk`, the
+module that uses this one. In short, for each row `(b, h)` of `scores: float32[B, Hkv, S]`:
+
+- **keys**: `order_keys` maps a float32 score to an int32 whose signed order is the float order
+  (bits ^ 0x7FFFFFFF for negative floats); NaN gets the lowest key, a forced (sink/recent)
+  position the highest. The digits are the four bytes of `key ^ 0x80000000` (the same order read
+  as uint32), most significant first.
+- **passes 0..3** (one `pallas_call` each, grid `(B, Hkv, chunks)`): every program histograms the
+  pass's digit over the valid keys of its chunk that share the prefix resolved so far (a loop
+  step with no such key skips the histogram). A 256-bin histogram is the `[16, 16]` product
+  `dot(onehot(digit >> 4)^T, onehot(digit & 15))` over a loop step's keys, with the one-hot rows
+  gathered from a 1 KiB bf16 table (`one_hot_table`; a non-member's high row is zero) and float32
+  accumulation (exact): no atomics, no per-element compares. A program stores its chunk's
+  histogram as suffix counts (`fine[a, b]` = keys with digit >= 16a+b, `coarse[a]` = keys with
+  digit >= 16a).
+- **the row step** (at the start of pass p+1): every program re-derives the row's boundary digit
+  of pass p from the chunks' suffix counts: sum `coarse` over chunks (`[chunks, 16]`), pick the
+  high nibble, sum that nibble's row of `fine` (`[chunks, 16]`), pick the low nibble. That is
+  128 B per chunk instead of the whole 1 KiB histogram. The row state (resolved prefix, rank
+  still to take, passes used, done flag, digits) is stored by the row's chunk-0 program.
+  A chunk none of whose keys share the new prefix skips its keys; once the boundary bucket is
+  taken whole (e.g. `lengths[b] <= budget`) the row is done and later passes skip it.
+- **compaction** (a fifth `pallas_call`): each program gathers, for every chunk, how many keys
+  lie above the threshold and how many equal it (from the stored suffix counts), takes the
+  prefix sums over the chunks before its own, and scatters its selected positions: every key
+  above the threshold, and equal keys in position order until the rank is filled. Slots come out
+  in ascending position; slots `>= count` get `UNUSED`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels._backend import triton_call
+
+UNUSED = -1
+MAX_SEQ = 262144
+MAX_BUDGET = 8192
+
+NUM_PASSES = 4
+DIGIT_BITS = 8
+NIBBLE = 16  # a digit d = NIBBLE * high + low
+HIST_DTYPE = jnp.bfloat16  # one-hot operands of the histogram MMA (float32 accumulation, exact)
+INT32_MIN = -(2**31)
+INT32_MAX = 2**31 - 1
+
+# Row state, one int32 vector per row: the resolved key prefix, the rank still to take among
+# the keys sharing it, the passes that refined it, the done flag, then each pass's digit.
+STATE_THRESHOLD, STATE_REMAINING, STATE_REFINED, STATE_DONE, STATE_DIGITS = 0, 1, 2, 3, 4
+STATE_WIDTH = STATE_DIGITS + NUM_PASSES
+
+BLOCK = 256
+MIN_BLOCK = 32  # keys per histogram MMA contraction (Triton needs >= 16)
+MAX_BLOCK = 2**15  # the compaction counts two things in one 32-bit scan
+MIN_CHUNK = 2048
+MAX_CHUNK = 16384
+TARGET_PROGRAMS = 512
+FILL_BLOCK = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+    """How a row is cut: `chunk` positions per program, `block` positions per loop step."""
+
+    chunk: int
+    block: int
+    num_warps: int = 4
+    num_stages: int = 1
+
+    def __post_init__(self):
+        for name in ("chunk", "block"):
+            value = getattr(self, name)
+            if value < MIN_BLOCK or value & (value - 1):
+                raise ValueError(f"Tiling.{name} must be a power of two >= {MIN_BLOCK}, got {value}")
+        if self.block > MAX_BLOCK:
+            raise ValueError(f"Tiling.block must be <= {MAX_BLOCK}, got {self.block}")
+        if self.chunk % self.block:
+            raise ValueError(f"Tiling.chunk ({self.chunk}) must be a multiple of Tiling.block ({self.block})")
+
+    def chunks(self, seq: int) -> int:
+        """Programs per row: a power of two, so per-chunk counts load as one tensor."""
+        return pl.next_power_of_2(pl.cdiv(seq, self.chunk))
+
+
+def default_tiling(rows: int, seq: int) -> Tiling:
+    """About TARGET_PROGRAMS programs over `rows` rows of `seq` positions (see hamming_topk)."""
+    chunk = pl.next_power_of_2(pl.cdiv(rows * seq, TARGET_PROGRAMS))
+    chunk = min(max(chunk, MIN_CHUNK), MAX_CHUNK, max(MIN_BLOCK, pl.next_power_of_2(seq)))
+    return Tiling(chunk=chunk, block=min(BLOCK, chunk))
+
+
+def check_selection(seq: int, budget: int, sink: int, recent: int) -> None:
+    if not 0 < seq <= MAX_SEQ:
+        raise ValueError(f"sequence capacity {seq} not supported (1 to {MAX_SEQ})")
+    if not 0 < budget <= min(seq, MAX_BUDGET):
+        raise ValueError(f"budget {budget} not supported (1 to min(capacity {seq}, {MAX_BUDGET}))")
+    if sink < 0 or recent < 0 or sink + recent > budget:
+        raise ValueError(f"sink ({sink}) and recent ({recent}) must be >= 0 and sum to at most budget ({budget})")
+
+
+# ----------------------------------------------------------------------------------------------
+# In-kernel helpers (plain jnp on refs and tensors: they run in Triton and in the interpreter).
+
+
+def _iota(shape, dim):
+    return lax.broadcasted_iota(jnp.int32, shape, dim)
+
+
+def _pick(vector, index):
+    """vector[index] for a dynamic scalar index (0 when out of range)."""
+    return jnp.sum(jnp.where(_iota(vector.shape, 0) == index, vector, 0))
+
+
+def order_keys(scores, pos, length, *, sink: int, recent: int):
+    """int32 keys whose signed order is the order of `scores` (float32), NaN lowest; positions
+    forced in (the first `sink`, the last `recent` before `length`) get the highest key."""
+    bits = lax.bitcast_convert_type(scores, jnp.int32)
+    keys = jnp.where(bits < 0, bits ^ INT32_MAX, bits)
+    keys = jnp.where(scores != scores, INT32_MIN, keys)
+    if sink or recent:
+        keys = jnp.where((pos < sink) | (pos >= length - recent), INT32_MAX, keys)
+    return keys
+
+
+def key_digit(keys, pass_index: int):
+    """Byte `pass_index` (0 = most significant) of the keys read as uint32, in [0, 256)."""
+    return ((keys ^ INT32_MIN) >> (32 - DIGIT_BITS * (pass_index + 1))) & (2**DIGIT_BITS - 1)
+
+
+def one_hot_table():
+    """bfloat16[32, 16]: row r < 16 is the one-hot of r, rows >= 16 are zero (the histogram's lookup table)."""
+    return jnp.eye(2 * NIBBLE, NIBBLE, dtype=HIST_DTYPE)
+
+
+def _digit_histogram(digits, member, table_ref):
+    """int32[16, 16]: [a, b] = members with digit 16a + b (digits, member: [block]).
+
+    The one-hot rows of the digit's two nibbles are gathered from `table_ref` (`one_hot_table`,
+    L1-resident): one 32 B row per nibble, no per-element compares or byte shuffles, and a dot
+    that contracts over the block counts the pairs (float32 accumulation of 0/1: exact).
+    """
+    block = digits.shape[0]
+    high = jnp.where(member, digits >> 4, NIBBLE)  # row NIBBLE is zero: not counted
+    columns = _iota((block, NIBBLE), 1)
+
+    def rows(index):
+        return table_ref[jnp.broadcast_to(index[:, None], (block, NIBBLE)), columns]
+
+    return pltriton.dot(rows(high), rows(digits & (NIBBLE - 1)), trans_a=True).astype(jnp.int32)
+
+
+def _suffix_counts(hist):
+    """(coarse[16], fine[16, 16]): keys with digit >= 16a, and with digit >= 16a + b."""
+    rows = jnp.sum(hist, axis=1)
+    coarse = jnp.sum(rows) - jnp.cumsum(rows) + rows
+    fine = coarse[:, None] - jnp.cumsum(hist, axis=1) + hist
+    return coarse, fine
+
+
+class ChunkGeometry(NamedTuple):
+    """This program's chunk of row (b, h): positions [start, start + chunk)."""
+
+    chunk_index: jax.Array
+    start: jax.Array
+    length: jax.Array  # lengths[b], clipped to [0, seq]
+    valid_blocks: jax.Array  # loop steps holding positions < length
+    in_bounds_blocks: jax.Array  # loop steps holding positions < seq
+
+
+def chunk_geometry(len_ref, tiling: Tiling, seq: int) -> ChunkGeometry:
+    chunk_index = pl.program_id(2)
+    start = chunk_index * tiling.chunk
+    length = jnp.clip(len_ref[()], 0, seq)  # out-of-range lengths must not read out of bounds
+
+    def blocks(stop):
+        return pl.cdiv(jnp.clip(stop - start, 0, tiling.chunk), tiling.block)
+
+    return ChunkGeometry(chunk_index, start, length, blocks(length), blocks(seq))
+
+
+def block_positions(geo: ChunkGeometry, i, block: int):
+    """(first position, positions[block], valid[block]) of loop step i."""
+    first = geo.start + i * block
+    pos = first + _iota((block,), 0)
+    return first, pos, pos < geo.length
+
+
+def block_keys(scores_ref, geo: ChunkGeometry, i, block: int, *, sink: int, recent: int):
+    """(positions, valid, keys) of loop step i, reading scores only at valid positions."""
+    first, pos, valid = block_positions(geo, i, block)
+    scores = pltriton.load(scores_ref.at[pl.ds(first, block)], mask=valid, other=0.0)
+    return pos, valid, order_keys(scores, pos, geo.length, sink=sink, recent=recent)
+
+
+def histogram_loop(num_blocks, digits_of_block: Callable, table_ref):
+    """Sum of `_digit_histogram(*digits_of_block(i))` over loop steps i < num_blocks; a step
+    without members skips the histogram (later passes: most steps hold no candidate)."""
+
+    def step(i, hist):
+        digits, member = digits_of_block(i)
+        return lax.cond(
+            jnp.max(member.astype(jnp.int32)) > 0,
+            lambda: hist + _digit_histogram(digits, member, table_ref),
+            lambda: hist,
+        )
+
+    return lax.fori_loop(0, num_blocks, step, jnp.zeros((NIBBLE, NIBBLE), jnp.int32))
+
+
+def store_suffix_counts(coarse_ref, fine_ref, hist) -> None:
+    coarse, fine = _suffix_counts(hist)
+    coarse_ref[...] = coarse
+    fine_ref[...] = fine
+
+
+class RowState(NamedTuple):
+    threshold: jax.Array  # int32 bits of the resolved uint32 key prefix (unresolved bits 0)
+    remaining: jax.Array  # keys still to take among those sharing the prefix
+    refined: jax.Array  # passes that refined the prefix: the prefix has 8 * refined bits
+    done: jax.Array  # bool: all keys sharing the prefix are taken; later passes are idle
+    digits: tuple  # the boundary digit of each pass (NUM_PASSES int32 scalars)
+
+    def signed_prefix(self, bits):
+        """The top `bits` bits of the threshold, comparable with `keys >> (32 - bits)`."""
+        return (self.threshold ^ INT32_MIN) >> (32 - bits)
+
+
+def initial_state(k_eff) -> RowState:
+    zero = jnp.int32(0)
+    return RowState(zero, k_eff, zero, jnp.zeros((), jnp.bool_), (zero,) * NUM_PASSES)
+
+
+def store_state(state_ref, state: RowState) -> None:
+    values = (state.threshold, state.remaining, state.refined, state.done.astype(jnp.int32), *state.digits)
+    for i, value in enumerate(values):
+        state_ref[i] = value
+
+
+def load_state(state_ref) -> RowState:
+    return RowState(
+        state_ref[STATE_THRESHOLD],
+        state_ref[STATE_REMAINING],
+        state_ref[STATE_REFINED],
+        state_ref[STATE_DONE] != 0,
+        tuple(state_ref[STATE_DIGITS + q] for q in range(NUM_PASSES)),
+    )
+
+
+def advance(state: RowState, coarse_ref, fine_ref, pass_index: int) -> RowState:
+    """The row state after pass `pass_index`, from its per-chunk suffix counts.
+
+    coarse_ref: [chunks, 16], fine_ref: [chunks, 16, 16] of the row. The boundary digit is the
+    largest d with (keys >= d among those sharing the prefix) >= remaining.
+    """
+    rank = state.remaining
+    # Clamped at 0 for a done row (all counts 0), so every digit indexes inside the counts.
+    coarse = jnp.sum(coarse_ref[...], axis=0)
+    high = jnp.maximum(jnp.sum((coarse >= rank).astype(jnp.int32)) - 1, 0)
+    fine = jnp.sum(fine_ref[:, high, :], axis=0)
+    low = jnp.maximum(jnp.sum((fine >= rank).astype(jnp.int32)) - 1, 0)
+    at_least = _pick(fine, low)
+    above = jnp.where(low < NIBBLE - 1, _pick(fine, low + 1), _pick(coarse, high + 1))
+    digit = NIBBLE * high + low
+    refine = jnp.logical_not(state.done)
+    shift = 32 - DIGIT_BITS * (pass_index + 1)
+    digits = list(state.digits)
+    digits[pass_index] = digit
+    return RowState(
+        threshold=jnp.where(refine, state.threshold | (digit << shift), state.threshold),
+        remaining=jnp.where(refine, rank - above, rank),
+        refined=jnp.where(refine, pass_index + 1, state.refined),
+        done=state.done | (rank == at_least),
+        digits=tuple(digits),
+    )
+
+
+def chunk_counts(fine_ref, digit, chunk=None):
+    """(keys with digit >= `digit`, keys with digit > `digit`) in every chunk ([chunks]), or in
+    chunk `chunk` (scalars); fine_ref: [chunks, 16, 16] suffix counts of one pass."""
+    where = slice(None) if chunk is None else chunk
+    nxt = jnp.minimum(digit + 1, 2**DIGIT_BITS - 1)
+    at_least = fine_ref[where, digit >> 4, digit & (NIBBLE - 1)]
+    above = jnp.where(digit < 2**DIGIT_BITS - 1, fine_ref[where, nxt >> 4, nxt & (NIBBLE - 1)], 0)
+    return at_least, above
+
+
+def k_effective(length, budget: int):
+    return jnp.minimum(length, budget)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels.
+
+
+def _first_pass_kernel(len_ref, scores_ref, table_ref, state_ref, coarse_ref, fine_ref, *, tiling, seq, budget, sink,
+                       recent):
+    geo = chunk_geometry(len_ref, tiling, seq)
+
+    def digits_of_block(i):
+        _, valid, keys = block_keys(scores_ref, geo, i, tiling.block, sink=sink, recent=recent)
+        return key_digit(keys, 0), valid
+
+    hist = histogram_loop(geo.valid_blocks, digits_of_block, table_ref)
+    finish_first_pass(geo, hist, state_ref, coarse_ref, fine_ref, budget)
+
+
+def finish_first_pass(geo: ChunkGeometry, hist, state_ref, coarse_ref, fine_ref, budget: int) -> None:
+    """Pass 0's outputs: the chunk's suffix counts, and (chunk 0) the row's initial state."""
+    store_suffix_counts(coarse_ref, fine_ref, hist)
+
+    @pl.when(geo.chunk_index == 0)
+    def _():
+        store_state(state_ref, initial_state(k_effective(geo.length, budget)))
+
+
+def _refine_pass_kernel(
+    len_ref, scores_ref, table_ref, state_in_ref, coarse_in_ref, fine_in_ref, state_ref, coarse_ref, fine_ref,
+    *, pass_index, tiling, seq, sink, recent,
+):
+    geo = chunk_geometry(len_ref, tiling, seq)
+    state = advance(load_state(state_in_ref), coarse_in_ref, fine_in_ref, pass_index - 1)
+
+    @pl.when(geo.chunk_index == 0)
+    def _():
+        store_state(state_ref, state)
+
+    at_least, above = chunk_counts(fine_in_ref, state.digits[pass_index - 1], geo.chunk_index)
+    active = jnp.logical_not(state.done) & (at_least > above)
+    prefix_bits = DIGIT_BITS * pass_index
+    prefix = state.signed_prefix(prefix_bits)
+
+    def digits_of_block(i):
+        _, valid, keys = block_keys(scores_ref, geo, i, tiling.block, sink=sink, recent=recent)
+        return key_digit(keys, pass_index), valid & ((keys >> (32 - prefix_bits)) == prefix)
+
+    hist = histogram_loop(jnp.where(active, geo.valid_blocks, 0), digits_of_block, table_ref)
+    store_suffix_counts(coarse_ref, fine_ref, hist)
+
+
+def _compact_kernel(len_ref, scores_ref, state_in_ref, coarse_ref, *refs, tiling, seq, budget, sink, recent):
+    *fine_refs, idx_ref, count_ref = refs
+    geo = chunk_geometry(len_ref, tiling, seq)
+    state = advance(load_state(state_in_ref), coarse_ref, fine_refs[-1], NUM_PASSES - 1)
+
+    # Per chunk: keys above the threshold (over the refining passes) and keys equal to it.
+    greater = equal = None
+    for q, fine_ref in enumerate(fine_refs):
+        at_least, above = chunk_counts(fine_ref, state.digits[q])
+        greater_q = jnp.where(q < state.refined, above, 0)
+        equal_q = jnp.where(q + 1 == state.refined, at_least - above, 0)
+        greater = greater_q if greater is None else greater + greater_q
+        equal = equal_q if equal is None else equal + equal_q
+    chunk_ids = _iota(greater.shape, 0)
+    before = chunk_ids < geo.chunk_index
+    greater_before = jnp.sum(jnp.where(before, greater, 0))
+    equal_before = jnp.sum(jnp.where(before, equal, 0))
+    own_equal = _pick(equal, geo.chunk_index)
+    need = state.remaining  # equal keys to take, in position order
+    own_taken = _pick(greater, geo.chunk_index) + jnp.clip(need - equal_before, 0, own_equal)
+    first_slot = greater_before + jnp.minimum(equal_before, need)
+    shift = 32 - DIGIT_BITS * state.refined
+    prefix = (state.threshold ^ INT32_MIN) >> shift
+
+    def body(i, carry):
+        equal_seen, taken_seen = carry
+        pos, valid, keys = block_keys(scores_ref, geo, i, tiling.block, sink=sink, recent=recent)
+        key_prefix = keys >> shift
+        is_greater = (valid & (key_prefix > prefix)).astype(jnp.int32)
+        is_equal = (valid & (key_prefix == prefix)).astype(jnp.int32)
+        # One scan counts both (block <= MAX_BLOCK): greater keys so far in the low 16 bits, equal ones above.
+        running = jnp.cumsum(is_greater + (is_equal << 16))
+        greater_so_far, equal_so_far = running & 0xFFFF, running >> 16
+        free = jnp.maximum(need - equal_before - equal_seen, 0)  # equal keys still to take
+        take = (is_greater == 1) | ((is_equal == 1) & (equal_so_far <= free))
+        slots = first_slot + taken_seen + greater_so_far + jnp.minimum(equal_so_far, free) - 1
+        pltriton.store(idx_ref.at[jnp.where(take, slots, budget)], pos, mask=take)
+        return equal_seen + jnp.sum(is_equal), taken_seen + jnp.sum(take.astype(jnp.int32))
+
+    lax.fori_loop(0, jnp.where(own_taken > 0, geo.valid_blocks, 0), body, (jnp.int32(0), jnp.int32(0)))
+
+    @pl.when(geo.chunk_index == 0)
+    def _():
+        k_eff = k_effective(geo.length, budget)
+        count_ref[()] = k_eff
+        fill = min(FILL_BLOCK, pl.next_power_of_2(budget))
+
+        def fill_unused(j, carry):
+            slots = j * fill + _iota((fill,), 0)
+            pltriton.store(
+                idx_ref.at[pl.ds(j * fill, fill)],
+                jnp.full((fill,), UNUSED, jnp.int32),
+                mask=(slots >= k_eff) & (slots < budget),
+            )
+            return carry
+
+        lax.fori_loop(0, pl.cdiv(budget, fill), fill_unused, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Block specs and the pipeline.
+
+
+def length_spec():
+    return pl.BlockSpec((None,), lambda b, h, c: (b,))
+
+
+def table_spec():
+    return pl.BlockSpec((2 * NIBBLE, NIBBLE), lambda b, h, c: (0, 0))
+
+
+def row_spec(*tail: int):
+    """The whole row (b, h) of an array [B, Hkv, *tail]."""
+    return pl.BlockSpec((None, None, *tail), lambda b, h, c: (b, h) + (0,) * len(tail))
+
+
+def chunk_spec(*tail: int):
+    """This program's chunk c of an array [B, Hkv, chunks, *tail]."""
+    return pl.BlockSpec((None, None, None, *tail), lambda b, h, c: (b, h, c) + (0,) * len(tail))
+
+
+def pass_out_shapes(batch: int, kv_heads: int, chunks: int):
+    """Shapes of (state, coarse, fine) written by each histogram pass."""
+    return (
+        jax.ShapeDtypeStruct((batch, kv_heads, STATE_WIDTH), jnp.int32),
+        jax.ShapeDtypeStruct((batch, kv_heads, chunks, NIBBLE), jnp.int32),
+        jax.ShapeDtypeStruct((batch, kv_heads, chunks, NIBBLE, NIBBLE), jnp.int32),
+    )
+
+
+def pass_out_specs():
+    return [row_spec(STATE_WIDTH), chunk_spec(NIBBLE), chunk_spec(NIBBLE, NIBBLE)]
+
+
+def _first_pass(scores, lengths, *, budget, sink, recent, tiling, interpret):
+    batch, kv_heads, seq = scores.shape
+    chunks = tiling.chunks(seq)
+    kernel = functools.partial(
+        _first_pass_kernel, tiling=tiling, seq=seq, budget=budget, sink=sink, recent=recent
+    )
+    return triton_call(
+        kernel,
+        out_shape=pass_out_shapes(batch, kv_heads, chunks),
+        grid=(batch, kv_heads, chunks),
+        in_specs=[length_spec(), row_spec(seq), table_spec()],
+        out_specs=pass_out_specs(),
+        num_warps=tiling.num_warps,
+        num_stages=tiling.num_stages,
+        interpret=interpret,
+        name="hata_select_pass0",
+    )(lengths, scores, one_hot_table())
+
+
+def finish_selection(scores, lengths, first_pass, *, budget, sink, recent, tiling, interpret):
+    """Passes 1..3 and the compaction, given pass 0's (state, coarse, fine).
+
+    scores: float32[B, Hkv, S] (read at positions < lengths[b] only).
+    Returns (idx int32[B, Hkv, budget], count int32[B, Hkv]).
+    """
+    batch, kv_heads, seq = scores.shape
+    chunks = tiling.chunks(seq)
+    grid = (batch, kv_heads, chunks)
+    state, coarse, fine = first_pass
+    fines = [fine]
+    common = dict(tiling=tiling, seq=seq, sink=sink, recent=recent)
+    launch = dict(num_warps=tiling.num_warps, num_stages=tiling.num_stages, interpret=interpret)
+    row_counts_specs = [row_spec(STATE_WIDTH), row_spec(chunks, NIBBLE), row_spec(chunks, NIBBLE, NIBBLE)]
+    for pass_index in range(1, NUM_PASSES):
+        state, coarse, fine = triton_call(
+            functools.partial(_refine_pass_kernel, pass_index=pass_index, **common),
+            out_shape=pass_out_shapes(batch, kv_heads, chunks),
+            grid=grid,
+            in_specs=[length_spec(), row_spec(seq), table_spec(), *row_counts_specs],
+            out_specs=pass_out_specs(),
+            name=f"hata_select_pass{pass_index}",
+            **launch,
+        )(lengths, scores, one_hot_table(), state, coarse, fine)
+        fines.append(fine)
+    return triton_call(
+        functools.partial(_compact_kernel, budget=budget, **common),
+        out_shape=(
+            jax.ShapeDtypeStruct((batch, kv_heads, budget), jnp.int32),
+            jax.ShapeDtypeStruct((batch, kv_heads), jnp.int32),
+        ),
+        grid=grid,
+        in_specs=[
+            length_spec(), row_spec(seq), row_spec(STATE_WIDTH), row_spec(chunks, NIBBLE),
+            *[row_spec(chunks, NIBBLE, NIBBLE)] * NUM_PASSES,
+        ],
+        out_specs=[row_spec(budget), row_spec()],
+        name="hata_select_compact",
+        **launch,
+    )(lengths, scores, state, coarse, *fines)
+
+
+def select_topk(scores, budget: int, lengths, *, sink: int = 0, recent: int = 0, interpret: bool = False,
+                tiling: Tiling | None = None):
+    """Kernel form of :func:`hata_jax.select_topk` (same contract; slots in ascending position).
+
+    scores: float32[B, Hkv, S]; lengths: int[B]. Returns (idx int32[B, Hkv, budget],
+    count int32[B, Hkv]).
+    """
+    if scores.ndim != 3 or scores.dtype != jnp.float32:
+        raise ValueError(f"scores must be float32[batch, kv_heads, seq], got {scores.dtype}{list(scores.shape)}")
+    batch, kv_heads, seq = scores.shape
+    check_selection(seq, budget, sink, recent)
+    lengths = jnp.asarray(lengths).astype(jnp.int32)
+    tiling = tiling or default_tiling(batch * kv_heads, seq)
+    options = dict(budget=budget, sink=sink, recent=recent, tiling=tiling, interpret=interpret)
+    first = _first_pass(scores, lengths, **options)
+    return finish_selection(scores, lengths, first, **options)
