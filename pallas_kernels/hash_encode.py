@@ -25,11 +25,16 @@ keeps every tensor a power of two even when the word count W = rbit / 32 is not 
 Masked loads/stores may slice past a block's end: masked lanes touch no memory on the GPU, and
 the interpreter pads blocks.
 
-Precision: the reference projects in float32 with `Precision.HIGHEST`. When x and w share a
-16-bit dtype (bf16 or fp16) the dot runs on that dtype: products of two 16-bit floats are exact
-in float32, so only the summation order differs from the reference. Otherwise both are cast to
-float32 and the dot is asked for HIGHEST precision, which Triton lowers as IEEE fp32 (its
-default for an fp32 dot is tf32, which would flip signs of projections near zero).
+Precision: the reference projects in float32 with `Precision.HIGHEST`. When x is 16-bit (bf16
+or fp16) the dots run on tensor cores in x's dtype with float32 accumulation: a w of the same
+dtype is used as is (products of two 16-bit floats are exact in float32, so only the summation
+order differs from the reference); any other w (the usual float32 projection) is split by the
+wrapper into `w_hi = w.astype(x.dtype)` and `w_lo = (w - w_hi).astype(x.dtype)` and the
+projection is `x @ w_hi + x @ w_lo`, within ~2^-17 (bf16) of the float32 one: far below the
+sign tolerance, at two tensor-core dots instead of an FMA-bound IEEE fp32 dot (measured on the
+H100: the fp32 dot made a 128K-token prefill encode take 69 ms). A float32 x uses an IEEE fp32
+dot (`Precision.HIGHEST`; Triton's default for an fp32 dot is tf32, which would flip signs of
+projections near zero): correct, compute-bound, not the production path.
 
 :func:`encode_step` has G <= 8 query rows and one key row per KV head: fewer than the 16 rows a
 Triton dot needs. Each program (grid `(B, Hkv)`) builds one 16-row tile: rows 0..G-1 are the
@@ -117,15 +122,24 @@ def _group(heads: int, kv_heads: int) -> int:
 
 
 def _compute_dtype(*dtypes) -> jnp.dtype:
-    """The dot's input dtype: a shared 16-bit dtype as is, anything else in float32 (exact products)."""
+    """The dot's input dtype: the inputs' shared 16-bit dtype, otherwise float32."""
     first = jnp.dtype(dtypes[0])
     if first != jnp.float32 and all(jnp.dtype(d) == first for d in dtypes):
         return first
     return jnp.dtype(jnp.float32)
 
 
-def _pack_codes(rows: jax.Array, w_ref, words: int) -> jax.Array:
-    """rows: [M, D] (compute dtype), w_ref: [D, 32 * words] -> uint32[M, next_pow2(words)].
+def _projection_parts(w: jax.Array, compute_dtype) -> tuple[jax.Array, ...]:
+    """w as one or two arrays of the compute dtype whose sum is w to ~2^-17 (see Precision)."""
+    if compute_dtype == jnp.float32 or w.dtype == compute_dtype:
+        return (w.astype(compute_dtype),)
+    w32 = w.astype(jnp.float32)
+    hi = w32.astype(compute_dtype)
+    return hi, (w32 - hi.astype(jnp.float32)).astype(compute_dtype)
+
+
+def _pack_codes(rows: jax.Array, w_refs, words: int) -> jax.Array:
+    """rows: [M, D] (compute dtype), w_refs: parts [D, 32 * words] of w -> uint32[M, next_pow2(words)].
 
     Column c < words holds bits 32c .. 32c+31 (bit j set iff row . w[:, 32c + j] > 0); the
     padding columns are 0.
@@ -135,8 +149,11 @@ def _pack_codes(rows: jax.Array, w_ref, words: int) -> jax.Array:
     column = lax.broadcasted_iota(jnp.int32, (1, pl.next_power_of_2(words)), 1)
     codes = jnp.zeros((rows.shape[0], column.shape[1]), jnp.uint32)
     for word in range(words):
-        w = w_ref[:, pl.ds(word * WORD_BITS, WORD_BITS)].astype(rows.dtype)
-        proj = jnp.dot(rows, w, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+        cols = pl.ds(word * WORD_BITS, WORD_BITS)
+        proj = sum(
+            jnp.dot(rows, w_ref[:, cols], precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+            for w_ref in w_refs
+        )
         packed = jnp.sum(jnp.where(proj > 0, bit_values, jnp.uint32(0)), axis=1, dtype=jnp.uint32)
         codes = jnp.where(column == word, packed[:, None], codes)
     return codes
@@ -149,13 +166,14 @@ def _store_codes(o_ref, codes: jax.Array, row_mask: jax.Array) -> None:
     pltriton.store(o_ref.at[pl.ds(0, codes.shape[0]), pl.ds(0, codes.shape[1])], codes, mask=mask)
 
 
-def _encode_kernel(x_ref, w_ref, o_ref, *, rows_grid_axis: int, num_rows: int, words: int, compute_dtype):
-    """x_ref: [M, D], w_ref: [D, rbit], o_ref: [M, words]; rows past `num_rows` are masked."""
+def _encode_kernel(x_ref, *refs, rows_grid_axis: int, num_rows: int, words: int, compute_dtype):
+    """x_ref: [M, D], refs: the parts [D, rbit] of w then o_ref: [M, words]; rows past `num_rows` are masked."""
+    *w_refs, o_ref = refs
     block_rows = x_ref.shape[0]
     first_row = pl.program_id(rows_grid_axis) * block_rows
     valid = first_row + lax.broadcasted_iota(jnp.int32, (block_rows,), 0) < num_rows
     rows = pltriton.load(x_ref, mask=valid[:, None], other=0).astype(compute_dtype)
-    _store_codes(o_ref, _pack_codes(rows, w_ref, words), valid)
+    _store_codes(o_ref, _pack_codes(rows, w_refs, words), valid)
 
 
 def _block_rows(num_rows: int) -> int:
@@ -189,7 +207,9 @@ def encode(x: jax.Array, w: jax.Array, *, head_axis: int, interpret: bool = Fals
         return jnp.zeros(out_shape, jnp.uint32)
     a = math.prod(x.shape[:head_axis])
     c = x.size // (a * heads * d)
-    kernel = functools.partial(_encode_kernel, words=words, compute_dtype=_compute_dtype(x.dtype, w.dtype))
+    compute_dtype = _compute_dtype(x.dtype)
+    w_parts = _projection_parts(w, compute_dtype)
+    kernel = functools.partial(_encode_kernel, words=words, compute_dtype=compute_dtype)
     w_spec = pl.BlockSpec((None, d, words * WORD_BITS), lambda *ids: (ids[1] // group, 0, 0))
     if c > 1:  # head-major: rows run along C
         m = _block_rows(c)
@@ -209,26 +229,27 @@ def encode(x: jax.Array, w: jax.Array, *, head_axis: int, interpret: bool = Fals
         kernel,
         out_shape=out,
         grid=grid,
-        in_specs=[x_spec, w_spec],
+        in_specs=[x_spec] + [w_spec] * len(w_parts),
         out_specs=o_spec,
         num_warps=PREFILL_NUM_WARPS,
         num_stages=NUM_STAGES,
         interpret=interpret,
         name="hash_encode",
-    )(x_view, w)
+    )(x_view, *w_parts)
     return codes.reshape(out_shape)
 
 
-def _encode_step_kernel(q_ref, k_ref, w_ref, q_codes_ref, k_codes_ref, k_norm_ref, *, words: int, compute_dtype):
-    """q_ref: [G, D], k_ref: [D], w_ref: [D, rbit] -> q_codes_ref: [G, words], k_codes_ref: [words],
-    k_norm_ref: [] (a scalar)."""
+def _encode_step_kernel(q_ref, k_ref, *refs, words: int, compute_dtype):
+    """q_ref: [G, D], k_ref: [D], refs: the parts [D, rbit] of w, then q_codes_ref: [G, words],
+    k_codes_ref: [words], k_norm_ref: [] (a scalar)."""
+    *w_refs, q_codes_ref, k_codes_ref, k_norm_ref = refs
     group = q_ref.shape[0]
     row = lax.broadcasted_iota(jnp.int32, (STEP_ROWS,), 0)
     q = pltriton.load(q_ref.at[pl.ds(0, STEP_ROWS), :], mask=(row < group)[:, None], other=0)
     k = k_ref[...]
     is_key = row == group
     rows = jnp.where(is_key[:, None], k[None, :].astype(compute_dtype), q.astype(compute_dtype))
-    codes = _pack_codes(rows, w_ref, words)
+    codes = _pack_codes(rows, w_refs, words)
     _store_codes(q_codes_ref, codes, row < group)
     k_codes = jnp.sum(jnp.where(is_key[:, None], codes, jnp.uint32(0)), axis=0, dtype=jnp.uint32)
     column = lax.broadcasted_iota(jnp.int32, k_codes.shape, 0)
@@ -265,9 +286,9 @@ def encode_step(q: jax.Array, k_new: jax.Array, w: jax.Array, *, interpret: bool
     if b == 0:
         q_codes = jnp.zeros((0, heads, words), jnp.uint32)
         return q_codes, jnp.zeros((0, kv_heads, words), jnp.uint32), jnp.zeros((0, kv_heads), jnp.float32)
-    kernel = functools.partial(
-        _encode_step_kernel, words=words, compute_dtype=_compute_dtype(q.dtype, k_new.dtype, w.dtype)
-    )
+    compute_dtype = _compute_dtype(q.dtype, k_new.dtype)
+    w_parts = _projection_parts(w, compute_dtype)
+    kernel = functools.partial(_encode_step_kernel, words=words, compute_dtype=compute_dtype)
     q_codes, k_codes, k_norms = triton_call(
         kernel,
         out_shape=(
@@ -279,7 +300,7 @@ def encode_step(q: jax.Array, k_new: jax.Array, w: jax.Array, *, interpret: bool
         in_specs=[
             pl.BlockSpec((None, None, group, d), lambda i, h: (i, h, 0, 0)),
             pl.BlockSpec((None, None, d), lambda i, h: (i, h, 0)),
-            pl.BlockSpec((None, d, words * WORD_BITS), lambda i, h: (h, 0, 0)),
+            *[pl.BlockSpec((None, d, words * WORD_BITS), lambda i, h: (h, 0, 0))] * len(w_parts),
         ],
         out_specs=(
             pl.BlockSpec((None, None, group, words), lambda i, h: (i, h, 0, 0)),
@@ -290,5 +311,5 @@ def encode_step(q: jax.Array, k_new: jax.Array, w: jax.Array, *, interpret: bool
         num_stages=NUM_STAGES,
         interpret=interpret,
         name="hash_encode_step",
-    )(q.reshape(b, kv_heads, group, d), k_new, w)
+    )(q.reshape(b, kv_heads, group, d), k_new, *w_parts)
     return q_codes.reshape(b, heads, words), k_codes, k_norms
