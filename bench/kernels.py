@@ -18,6 +18,7 @@ import numpy as np
 
 import hata_jax as hj
 from bench import check_kernels
+from bench.profile import device_kernel_us
 from bench.timing import environment, floor_bandwidth_gbps, median_us, write_json
 
 
@@ -54,6 +55,20 @@ class Bench:
     def normal(self, shape, dtype=None):
         return jax.random.normal(self._next(), shape, jnp.dtype(dtype or self.s.dtype))
 
+    def timed(self, fn, arg_sets) -> dict:
+        """Wall-time medians (bench.timing) plus the device time of the kernels alone (profiler)."""
+        timing = median_us(fn, arg_sets)
+        if jax.default_backend() == "gpu":
+            try:
+                kernels = device_kernel_us(fn, arg_sets[0], calls=3)
+            except Exception as err:  # a trace too large to parse: keep the wall time
+                timing["device_error"] = str(err)[:200]
+                return timing
+            timing["device_us"] = kernels.pop("total")
+            kernels.pop("lines_seen", None)
+            timing["kernels_us"] = {k: round(v, 2) for k, v in kernels.items()}
+        return timing
+
     def record(self, group: str, name: str, shape: dict, timing: dict, nbytes: float | None = None, **extra):
         row = {"group": group, "name": name, **shape, **timing, **extra}
         if nbytes:
@@ -63,6 +78,7 @@ class Bench:
             row["of_floor"] = timing["median_us"] / row["floor_us"]
         self.rows.append(row)
         print(f"  {group:<10} {name:<28} {str(shape):<60} {timing['median_us']:>10.1f} us"
+              + (f" (device {timing['device_us']:.1f} us)" if "device_us" in timing else "")
               + (f"   {row['gbps']:>7.0f} GB/s ({row['of_floor']:.2f}x floor)" if nbytes else ""), flush=True)
         return timing["median_us"]
 
@@ -76,9 +92,9 @@ class Bench:
         shape = {"rows": rows, "seq": n, "k": s.budget}
         sets = [(jax.random.normal(self._next(), (1, rows, n), jnp.float32),) for _ in range(self.n_sets(rows * n * 4))]
         lengths = jnp.array([n], jnp.int32)
-        t_topk = self.record("select", "lax.top_k", shape, median_us(lambda x: jax.lax.top_k(x, s.budget), sets))
+        t_topk = self.record("select", "lax.top_k", shape, self.timed(lambda x: jax.lax.top_k(x, s.budget), sets))
         t_ours = self.record("select", "pallas select_topk", shape,
-                             median_us(lambda x: hj.select_topk(x, s.budget, lengths, impl="pallas"), sets))
+                             self.timed(lambda x: hj.select_topk(x, s.budget, lengths, impl="pallas"), sets))
         self.rows[-1]["speedup_vs_top_k"] = t_topk / t_ours
 
     def scoring(self):
@@ -90,14 +106,14 @@ class Bench:
                  jnp.abs(jax.random.normal(self._next(), (1, s.kv_heads, n), jnp.float32)), jnp.array([n], jnp.int32))
                 for _ in range(self.n_sets(code_bytes))]
         self.record("score", "xla reference scores", shape,
-                    median_us(lambda *a: hj.hamming_scores(*a, impl="reference"), sets), code_bytes)
+                    self.timed(lambda *a: hj.hamming_scores(*a, impl="reference"), sets), code_bytes)
         self.record("score", "pallas hamming_scores", shape,
-                    median_us(lambda *a: hj.hamming_scores(*a, impl="pallas"), sets), code_bytes,
+                    self.timed(lambda *a: hj.hamming_scores(*a, impl="pallas"), sets), code_bytes,
                     note="bytes = codes + norms read (the 4 B/token score write not counted)")
         self.record("score+select", "xla scores + lax.top_k", {**shape, "k": s.budget},
-                    median_us(lambda *a: hj.hamming_topk(*a, budget=s.budget, impl="reference"), sets), code_bytes)
+                    self.timed(lambda *a: hj.hamming_topk(*a, budget=s.budget, impl="reference"), sets), code_bytes)
         self.record("score+select", "pallas hamming_topk", {**shape, "k": s.budget},
-                    median_us(lambda *a: hj.hamming_topk(*a, budget=s.budget, impl="pallas"), sets), code_bytes)
+                    self.timed(lambda *a: hj.hamming_topk(*a, budget=s.budget, impl="pallas"), sets), code_bytes)
 
     def _cache(self, b, n):
         k, v = self.normal((b, self.s.kv_heads, n, self.s.head_dim)), self.normal((b, self.s.kv_heads, n, self.s.head_dim))
@@ -118,15 +134,15 @@ class Bench:
                 sets = [(q, k, v, lengths) for q in qs]
                 times = {
                     "pallas": self.record("dense", "pallas dense_decode", shape,
-                                          median_us(lambda q, k, v, l: hj.dense_decode_attention(q, k, v, l, impl="pallas"), sets), kv_bytes),
+                                          self.timed(lambda q, k, v, l: hj.dense_decode_attention(q, k, v, l, impl="pallas"), sets), kv_bytes),
                     "xla": self.record("dense", "xla reference", shape,
-                                       median_us(lambda q, k, v, l: hj.dense_decode_attention(q, k, v, l, impl="reference"), sets), kv_bytes),
+                                       self.timed(lambda q, k, v, l: hj.dense_decode_attention(q, k, v, l, impl="reference"), sets), kv_bytes),
                 }
                 if jax.default_backend() == "gpu":
                     kt, vt = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # cuDNN wants [B, S, H, D]
                     cudnn_sets = [(q[:, None], kt, vt, lengths) for q in qs]
                     try:
-                        times["cudnn"] = self.record("dense", "cudnn dot_product_attention", shape, median_us(
+                        times["cudnn"] = self.record("dense", "cudnn dot_product_attention", shape, self.timed(
                             lambda q, k, v, l: jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=l, implementation="cudnn"),
                             cudnn_sets), kv_bytes)
                     except Exception as err:  # record why the baseline is missing, keep going
@@ -134,7 +150,9 @@ class Bench:
                         print(f"  cudnn failed: {str(err)[:200]}")
                     del kt, vt
                 best = min(times, key=times.get)
-                self.best_dense[(b, n)] = (best, times[best])
+                device = {name: row["device_us"] for name, row in zip(("pallas", "xla", "cudnn"), self.rows[-len(times):])
+                          if "device_us" in row}
+                self.best_dense[(b, n)] = (best, times[best], min(device.values()) if device else None)
                 self.rows[-1].setdefault("best_dense", best)
                 self.hata(b, n, k, v, qs, shape)
                 del k, v
@@ -157,16 +175,19 @@ class Bench:
 
         sel_bytes = b * s.kv_heads * (n * (4 * words + 4) + s.budget * (2 * s.head_dim * item + 4))
         sets = [(q,) for q in qs]
-        t = self.record("hata", "pallas hata attention", {**shape, "budget": s.budget}, median_us(lambda q: hata_attention(q, "pallas"), sets), sel_bytes)
-        best, t_dense = self.best_dense[(b, n)]
+        t = self.record("hata", "pallas hata attention", {**shape, "budget": s.budget}, self.timed(lambda q: hata_attention(q, "pallas"), sets), sel_bytes)
+        best, t_dense, dense_device = self.best_dense[(b, n)]
         self.rows[-1].update(best_dense=best, best_dense_us=t_dense, speedup_vs_best_dense=t_dense / t)
+        if dense_device and "device_us" in self.rows[-1]:
+            self.rows[-1].update(best_dense_device_us=dense_device,
+                                 device_speedup_vs_best_dense=dense_device / self.rows[-1]["device_us"])
         ks = [jnp.asarray(np.random.default_rng(i).choice(n, (b, s.kv_heads, s.budget)), jnp.int32) for i in range(4)]
         counts = jnp.full((b, s.kv_heads), s.budget, jnp.int32)
         row_bytes = b * s.kv_heads * s.budget * (2 * s.head_dim * item + 4)
         self.record("sparse", "pallas sparse_decode", {**shape, "budget": s.budget},
-                    median_us(lambda q, i: hj.sparse_decode_attention(q, k, v, i, counts, impl="pallas"), list(zip(qs, ks))), row_bytes)
+                    self.timed(lambda q, i: hj.sparse_decode_attention(q, k, v, i, counts, impl="pallas"), list(zip(qs, ks))), row_bytes)
         self.record("sparse", "xla reference", {**shape, "budget": s.budget},
-                    median_us(lambda q, i: hj.sparse_decode_attention(q, k, v, i, counts, impl="reference"), list(zip(qs, ks))), row_bytes)
+                    self.timed(lambda q, i: hj.sparse_decode_attention(q, k, v, i, counts, impl="reference"), list(zip(qs, ks))), row_bytes)
 
     def encode(self):
         s = self.s
@@ -175,12 +196,12 @@ class Bench:
         w = jax.random.normal(self._next(), (s.kv_heads, s.head_dim, s.rbit), jnp.float32)
         nbytes = s.kv_heads * n * (s.head_dim * jnp.dtype(s.dtype).itemsize + s.rbit // 8)
         shape = {"batch": 1, "kv_heads": s.kv_heads, "tokens": n, "rbit": s.rbit}
-        self.record("encode", "pallas encode (prefill)", shape, median_us(lambda x: hj.encode(x, w, head_axis=1, impl="pallas"), x_sets), nbytes)
-        self.record("encode", "xla reference", shape, median_us(lambda x: hj.encode(x, w, head_axis=1, impl="reference"), x_sets), nbytes)
+        self.record("encode", "pallas encode (prefill)", shape, self.timed(lambda x: hj.encode(x, w, head_axis=1, impl="pallas"), x_sets), nbytes)
+        self.record("encode", "xla reference", shape, self.timed(lambda x: hj.encode(x, w, head_axis=1, impl="reference"), x_sets), nbytes)
         step_sets = [(self.normal((1, s.q_heads, s.head_dim)), self.normal((1, s.kv_heads, s.head_dim))) for _ in range(16)]
         shape = {"batch": 1, "q_heads": s.q_heads, "kv_heads": s.kv_heads, "rbit": s.rbit}
-        self.record("encode", "pallas encode_step", shape, median_us(lambda q, k: hj.encode_step(q, k, w, impl="pallas"), step_sets))
-        self.record("encode", "xla reference step", shape, median_us(lambda q, k: hj.encode_step(q, k, w, impl="reference"), step_sets))
+        self.record("encode", "pallas encode_step", shape, self.timed(lambda q, k: hj.encode_step(q, k, w, impl="pallas"), step_sets))
+        self.record("encode", "xla reference step", shape, self.timed(lambda q, k: hj.encode_step(q, k, w, impl="reference"), step_sets))
 
 
 def main(argv=None) -> int:
