@@ -68,7 +68,7 @@ def sweep_sparse(rows, key, budget=2048, n=131072, batches=(1, 8)):
         sets = list(zip(qs, idxs))
         default = fd.sparse_tuning(b, HKV, budget, D, jnp.bfloat16)
         variants = [None] + [fd.Tuning(block_k=bk, splits=sp, num_warps=w, num_stages=st)
-                             for bk, sp, w, st in itertools.product((32, 64), (8, 16, 32, 64), (4,), (1, 2))]
+                             for bk, sp, w, st in itertools.product((32, 64), (1, 4, 16, 32, 64), (4,), (1, 2))]
         for t in variants:
             try:
                 med = median_us(lambda q, i, t=t: fd.sparse_decode_attention(q, k, v, i, count, scale=D ** -0.5, return_lse=False, tuning=t), sets, reps=15)["median_us"]

@@ -12,15 +12,26 @@ same function.
 
 Design
 ------
-Grid `(batch, kv_heads, splits)`. The `G = Hq / Hkv` query heads of a KV head are the rows of
-one `[16, D]` query tile (G padded up to 16 rows for the dot; padded rows are masked on load
-and store), so each K/V row is read from HBM once per group. The `n = lengths[b]` (dense) or
-`count[b, h]` (sparse) valid rows form `cdiv(n, block_k)` blocks; split `s` takes the `s`-th
-run of `cdiv(blocks, splits)` of them. Splits are sized from the *traced* `n`, not from the
-capacity, so a short sequence in a long cache still spreads over all its programs, and blocks
-past `n` are never visited (no loads). Each program keeps a float32 online softmax (running
-max `m`, sum `l`, unnormalised output `acc`) and writes them; :func:`_combine_splits` (plain
-jnp, fused by XLA) merges the splits. Dots run at full input precision (`Precision.HIGHEST`:
+A call is at most two launches and nothing else: no XLA op runs around them (the q, out and
+lse reshapes are bitcasts; `lengths` / `count` are read raw and clipped inside the kernel).
+
+1. The split kernel, grid `(batch, kv_heads, splits)`. The `G = Hq / Hkv` query heads of a KV
+   head are the rows of one `[16, D]` query tile (G padded up to 16 rows for the dot; padded
+   rows are masked on load and store), so each K/V row is read from HBM once per group. The
+   `n = clip(lengths[b], 0, S)` (dense) or `clip(count[b, h], 0, budget)` (sparse) valid rows
+   form `cdiv(n, block_k)` blocks; split `s` takes the `s`-th run of `cdiv(blocks, splits)` of
+   them. Splits are sized from the *traced* `n`, not from the capacity, so a short sequence in
+   a long cache still spreads over all its programs, and blocks past `n` are never visited (no
+   loads). Each program keeps a float32 online softmax (running max `m`, sum `l`, unnormalised
+   output `acc`) and writes it as float32 partials `[B, Hkv, splits, G, (D)]`.
+2. The combine kernel (:func:`_combine_splits`), grid `(batch, kv_heads)`: each program loads
+   its `[splits, G]` maxima and sums, takes `m* = max m` and `L = sum exp(m - m*) l`, sums
+   `exp(m - m*) acc` over its `[splits, G, D]` partials (`_COMBINE_TILE` elements per loop
+   step), and writes `out = acc / L` in q's dtype and, if asked, `lse = m* + log L`.
+
+With `splits == 1` the split kernel normalises and writes out (and lse) itself: one launch,
+no partials (:func:`_store_normalized` is the same code in both kernels). A (b, h) with no
+valid row gets out 0 and lse -inf. Dots run at full input precision (`Precision.HIGHEST`:
 IEEE fp32 for fp32 inputs, not tf32; bf16/fp16 tensor-core dots accumulate in fp32). The
 probabilities are cast to V's dtype for the second dot, as in every flash kernel.
 
@@ -31,9 +42,10 @@ Byte floor, Llama-3.1-8B attention (32 q heads, 8 KV heads, D=128, bf16), batch 
   1.0 MiB written and read back (0.4%).
 - sparse, budget 2048: 2048 rows x 8 KV heads x 128 x 2 B x 2 (K and V) = 8 MiB plus the
   indices 2048 x 8 x 4 B = 64 KiB: 8.06 MiB (8.45 MB), 2.8 us at 3.0 TB/s, so this kernel is
-  launch- and latency-bound. Partials at 32 splits: 0.5 MiB written and read back (12% of the
-  floor; fewer splits trade it for parallelism). Choosing the rows is the scoring kernels' job
-  (codes 16 B + norm 4 B per token per KV head at rbit 128: 131072 x 8 x 20 B = 20 MiB).
+  launch- and latency-bound. Partials at 32 splits: 0.5 MiB written and read back (6% of the
+  floor each way; fewer splits trade it for parallelism), and the combine is a second launch
+  (splits == 1 skips both). Choosing the rows is the scoring kernels' job (codes 16 B + norm
+  4 B per token per KV head at rbit 128: 131072 x 8 x 20 B = 20 MiB).
 
 Tunables (:class:`Tuning`; pass `tuning=` to override, e.g. from a benchmark sweep)
 ---------------------------------------------------------------------------------
@@ -46,10 +58,16 @@ Tunables (:class:`Tuning`; pass `tuning=` to override, e.g. from a benchmark swe
   pipeline needs iterations to overlap) or 1 block (sparse) at full length. Llama-3.1-8B on an
   H100 (132 SMs): dense batch 1 -> 64 splits (512 programs; 2048 tokens each at 128K, 512 at
   32K), batch 8 -> 8 splits; sparse budget 2048 -> 32 splits (one block each) at batch 1, 8 at
-  batch 8.
+  batch 8. The rule gives 1 split (one launch, no combine) only where it costs no parallelism:
+  when `batch x kv_heads` alone fills the SMs 4 times (batch >= 66 at 8 KV heads), or when
+  the rows make too few blocks to share (sparse budget <= block_k, dense S < 8 blocks).
 - `num_warps = 4` (one `[16, D]` query tile needs no more); `num_stages = 3` for dense (two
   blocks in flight while one computes), 2 for fp32 at D=128 (tile bytes) and for sparse (the
   gather addresses come from a load in the same iteration; its loop is 1-4 blocks long).
+- combine (module constants): `_COMBINE_WARPS = 8`, `_COMBINE_TILE = 16384` float32 partial
+  elements per loop step (64 KiB, 64 registers a thread): the combine has only `batch x
+  kv_heads` programs (8 at batch 1), so each issues as many loads at once as its registers
+  hold; sparse batch 1 (32 splits x 4 rows x 128) merges in one step, dense (64 splits) in 2.
 """
 from __future__ import annotations
 
@@ -76,6 +94,8 @@ _DEFAULT_SMS = 132  # H100 SXM, used when the device does not report its core co
 _WAVES = 4
 # Running max before any valid row: finite, so `exp(m_old - m_new)` never sees inf - inf.
 _NO_MAX = float(jnp.finfo(jnp.float32).min)
+_COMBINE_TILE = 16384
+_COMBINE_WARPS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +120,8 @@ def _sm_count() -> int:
 
 def _pick_splits(programs_per_split: int, rows: int, block_k: int, min_blocks: int) -> int:
     """Splits filling the SMs about `_WAVES` times (a power of two, so power-of-two row counts
-    divide evenly), with at least `min_blocks` blocks each."""
+    divide evenly), with at least `min_blocks` blocks each; 1 (no combine) when the other grid
+    axes already fill them or the rows are too few to share."""
     wanted = pl.cdiv(_WAVES * _sm_count(), programs_per_split)
     wanted = 1 << (wanted.bit_length() - 1)
     most = max(1, pl.cdiv(rows, block_k) // min_blocks)
@@ -144,13 +165,27 @@ def _softmax_step(q, k, v, valid, carry, scale: float):
     return rescale[:, None] * acc + pv, m_new, rescale * l + jnp.sum(p, axis=1)
 
 
-def _attend_blocks(q_ref, n_ref, load_block, acc_ref, m_ref, l_ref, *, scale, block_k, splits, group):
-    """This program's split of the `n_ref[...]` valid rows; writes its (acc, m, l) partials.
+def _store_normalized(acc, m, l, rows, out_ref, lse_ref=None):
+    """Write `out = acc / l` (0 where l = 0) in out_ref's dtype and `lse = m + log l` (-inf).
 
+    acc: float32[R, D]; m, l: float32[R]; rows: bool[R], the rows to write;
+    out_ref: [>= R, D]; lse_ref: float32[>= R], or None when the caller wants no lse.
+    """
+    nonempty = l > 0
+    out = acc / jnp.where(nonempty, l, 1.0)[:, None]
+    pltriton.store(out_ref.at[pl.ds(0, acc.shape[0]), :], out.astype(out_ref.dtype), mask=rows[:, None])
+    if lse_ref is not None:
+        lse = jnp.where(nonempty, m + jnp.log(l), -jnp.inf)
+        pltriton.store(lse_ref.at[pl.ds(0, acc.shape[0])], lse, mask=rows)
+
+
+def _attend_blocks(q_ref, n, load_block, out_refs, *, scale, block_k, splits, group):
+    """This program's split of the first `n` (traced scalar) rows.
+
+    Writes its (acc, m, l) partials to out_refs, or with one split the final (out[, lse]).
     load_block(start, valid) -> (k, v): the K/V rows of slots `start + arange(block_k)`, masked
     by `valid` (masked rows are not read and come back as 0).
     """
-    n = n_ref[...]
     blocks_per_split = pl.cdiv(pl.cdiv(n, block_k), splits)
     first = pl.program_id(2) * blocks_per_split
     last = jnp.minimum(first + blocks_per_split, pl.cdiv(n, block_k))
@@ -170,6 +205,10 @@ def _attend_blocks(q_ref, n_ref, load_block, acc_ref, m_ref, l_ref, *, scale, bl
         jnp.zeros((GROUP_ROWS,), jnp.float32),
     )
     acc, m, l = lax.fori_loop(first, last, body, init)
+    if splits == 1:
+        _store_normalized(acc, m, l, rows, *out_refs)
+        return
+    acc_ref, m_ref, l_ref = out_refs
     pltriton.store(acc_ref.at[pl.ds(0, GROUP_ROWS), :], acc, mask=rows[:, None])
     pltriton.store(m_ref.at[pl.ds(0, GROUP_ROWS)], m, mask=rows)
     pltriton.store(l_ref.at[pl.ds(0, GROUP_ROWS)], l, mask=rows)
@@ -195,14 +234,82 @@ def _load_gathered(idx_ref, k_ref, v_ref, start, valid, *, block_k):
     return k, v
 
 
-def _dense_kernel(q_ref, n_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, **kw):
+def _dense_kernel(q_ref, lengths_ref, k_ref, v_ref, *out_refs, **kw):
+    n = jnp.clip(lengths_ref[...], 0, k_ref.shape[0])
     load = functools.partial(_load_contiguous, k_ref, v_ref, block_k=kw["block_k"])
-    _attend_blocks(q_ref, n_ref, load, acc_ref, m_ref, l_ref, **kw)
+    _attend_blocks(q_ref, n, load, out_refs, **kw)
 
 
-def _sparse_kernel(q_ref, n_ref, idx_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, **kw):
+def _sparse_kernel(q_ref, count_ref, idx_ref, k_ref, v_ref, *out_refs, **kw):
+    n = jnp.clip(count_ref[...], 0, idx_ref.shape[0])
     load = functools.partial(_load_gathered, idx_ref, k_ref, v_ref, block_k=kw["block_k"])
-    _attend_blocks(q_ref, n_ref, load, acc_ref, m_ref, l_ref, **kw)
+    _attend_blocks(q_ref, n, load, out_refs, **kw)
+
+
+def _combine_kernel(acc_ref, m_ref, l_ref, out_ref, lse_ref=None, *, splits, group, chunk):
+    """Merge one (b, h)'s split partials by log-sum-exp and write out (and lse).
+
+    acc_ref: float32[splits_p, R, D]; m_ref, l_ref: float32[splits_p, R] (blocks padded to
+    powers of two: split rows >= `splits` and query rows >= `group` are masked, never read).
+    """
+    splits_p, rows_p, head_dim = acc_ref.shape
+    rows = jnp.arange(rows_p) < group
+
+    def used(first, size):  # bool[size, R]: real (split, query row) pairs
+        return ((first + jnp.arange(size)) < splits)[:, None] & rows[None, :]
+
+    m = pltriton.load(m_ref.at[:, :], mask=used(0, splits_p), other=_NO_MAX)
+    l = pltriton.load(l_ref.at[:, :], mask=used(0, splits_p), other=0)
+    m_max = jnp.max(m, axis=0)
+    total = jnp.sum(jnp.exp(m - m_max[None, :]) * l, axis=0)
+
+    def add_chunk(c, acc):
+        first = c * chunk
+        mask = used(first, chunk)
+        m_c = pltriton.load(m_ref.at[pl.ds(first, chunk), :], mask=mask, other=_NO_MAX)
+        part = pltriton.load(acc_ref.at[pl.ds(first, chunk), :, :], mask=mask[:, :, None], other=0)
+        return acc + jnp.sum(jnp.exp(m_c - m_max[None, :])[:, :, None] * part, axis=0)
+
+    acc = lax.fori_loop(0, pl.cdiv(splits, chunk), add_chunk, jnp.zeros((rows_p, head_dim), jnp.float32))
+    _store_normalized(acc, m_max, total, rows, out_ref, lse_ref)
+
+
+def _result_shapes(lead, group, head_dim, dtype, return_lse):
+    """out [*lead, G, D] in `dtype`, and lse float32[*lead, G] if `return_lse`."""
+    out = jax.ShapeDtypeStruct((*lead, group, head_dim), dtype)
+    lse = jax.ShapeDtypeStruct((*lead, group), jnp.float32)
+    return [out, lse] if return_lse else [out]
+
+
+def _combine_splits(acc, m, l, *, dtype, return_lse, interpret, name):
+    """One launch merging per-split partials along axis 2.
+
+    acc: float32[B, Hkv, splits, G, D]; m, l: float32[B, Hkv, splits, G].
+    Returns [out [B, Hkv, G, D] in `dtype`] (+ [lse float32[B, Hkv, G]] if `return_lse`);
+    a (b, h) with no valid row gets 0 and -inf.
+    """
+    batch, kv_heads, splits, group, head_dim = acc.shape
+    splits_p, rows_p = pl.next_power_of_2(splits), pl.next_power_of_2(group)
+    chunk = min(splits_p, max(1, _COMBINE_TILE // (rows_p * head_dim)))
+    out_specs = [
+        pl.BlockSpec((None, None, rows_p, head_dim), lambda b, h: (b, h, 0, 0)),
+        pl.BlockSpec((None, None, rows_p), lambda b, h: (b, h, 0)),
+    ]
+    return triton_call(
+        functools.partial(_combine_kernel, splits=splits, group=group, chunk=chunk),
+        out_shape=_result_shapes((batch, kv_heads), group, head_dim, dtype, return_lse),
+        grid=(batch, kv_heads),
+        in_specs=[
+            pl.BlockSpec((None, None, splits_p, rows_p, head_dim), lambda b, h: (b, h, 0, 0, 0)),
+            pl.BlockSpec((None, None, splits_p, rows_p), lambda b, h: (b, h, 0, 0)),
+            pl.BlockSpec((None, None, splits_p, rows_p), lambda b, h: (b, h, 0, 0)),
+        ],
+        out_specs=out_specs[: 1 + return_lse],
+        num_warps=_COMBINE_WARPS,
+        num_stages=2,
+        interpret=interpret,
+        name=f"{name}_combine",
+    )(acc, m, l)
 
 
 def _check_supported(q, k, v) -> int:
@@ -227,64 +334,60 @@ def _check_supported(q, k, v) -> int:
     return group
 
 
-def _combine_splits(acc, m, l):
-    """Merge per-split (acc, m, l) partials along axis 2.
+def _head_block(x):
+    """The whole of x[b, h] (x[b] for a per-sequence array) for program (b, h, s)."""
+    lead = min(x.ndim, 2)
+    return pl.BlockSpec((None,) * lead + x.shape[lead:], lambda b, h, s: (b, h)[:lead] + (0,) * (x.ndim - lead))
 
-    acc: float32[B, Hkv, splits, G, D]; m, l: float32[B, Hkv, splits, G].
-    Returns (out float32[B, Hkv, G, D], lse float32[B, Hkv, G]); no valid row gives 0, -inf.
+
+def _split_block(shape):
+    """Program (b, h, s)'s GROUP_ROWS query rows of a `[B, Hkv, splits, G, (D)]` result."""
+    trailing = (0,) * (len(shape) - 4)
+    return pl.BlockSpec((None, None, None, GROUP_ROWS, *shape[4:]), lambda b, h, s: (b, h, s, 0, *trailing))
+
+
+def _decode(kernel, q, row_inputs, *, group, tuning, scale, return_lse, interpret, name):
+    """Launch `kernel` on grid (B, Hkv, splits), then the combine if splits > 1.
+
+    row_inputs: the raw `lengths [B]` or `count [B, Hkv]`, then per-(b, h) arrays [B, Hkv, ...].
     """
-    m_max = jnp.max(m, axis=2, keepdims=True)
-    weight = jnp.exp(m - m_max)
-    total = jnp.sum(weight * l, axis=2)
-    out = jnp.sum(weight[..., None] * acc, axis=2) / jnp.where(total > 0, total, 1.0)[..., None]
-    lse = jnp.where(total > 0, m_max[:, :, 0] + jnp.log(total), -jnp.inf)
-    return out, lse
-
-
-def _decode(kernel, q, n, row_inputs, *, group, tuning, scale, return_lse, interpret, name):
-    """Launch `kernel` on grid (B, Hkv, splits) and combine; row_inputs are per-(b, h) arrays."""
-    batch, kv_heads = n.shape
+    batch, kv_heads = row_inputs[-1].shape[:2]
     head_dim = q.shape[-1]
     splits = tuning.splits
-    qg = q.reshape(batch, kv_heads, group, head_dim)
-
-    def per_head(x):
-        return pl.BlockSpec((None, None, *x.shape[2:]), lambda b, h, s: (b, h) + (0,) * (x.ndim - 2))
-
-    partial_shapes = [
-        jax.ShapeDtypeStruct((batch, kv_heads, splits, group, head_dim), jnp.float32),
-        jax.ShapeDtypeStruct((batch, kv_heads, splits, group), jnp.float32),
-        jax.ShapeDtypeStruct((batch, kv_heads, splits, group), jnp.float32),
-    ]
-    acc, m, l = triton_call(
+    lead = (batch, kv_heads, splits)
+    if splits == 1:
+        out_shape = _result_shapes(lead, group, head_dim, q.dtype, return_lse)
+    else:
+        out_shape = [
+            jax.ShapeDtypeStruct((*lead, group, head_dim), jnp.float32),
+            jax.ShapeDtypeStruct((*lead, group), jnp.float32),
+            jax.ShapeDtypeStruct((*lead, group), jnp.float32),
+        ]
+    results = triton_call(
         functools.partial(kernel, scale=scale, block_k=tuning.block_k, splits=splits, group=group),
-        out_shape=partial_shapes,
+        out_shape=out_shape,
         grid=(batch, kv_heads, splits),
         in_specs=[
             pl.BlockSpec((None, None, GROUP_ROWS, head_dim), lambda b, h, s: (b, h, 0, 0)),
-            pl.BlockSpec((None, None), lambda b, h, s: (b, h)),
-            *[per_head(x) for x in row_inputs],
+            *[_head_block(x) for x in row_inputs],
         ],
-        out_specs=[
-            pl.BlockSpec((None, None, None, GROUP_ROWS, head_dim), lambda b, h, s: (b, h, s, 0, 0)),
-            pl.BlockSpec((None, None, None, GROUP_ROWS), lambda b, h, s: (b, h, s, 0)),
-            pl.BlockSpec((None, None, None, GROUP_ROWS), lambda b, h, s: (b, h, s, 0)),
-        ],
+        out_specs=[_split_block(x.shape) for x in out_shape],
         num_warps=tuning.num_warps,
         num_stages=tuning.num_stages,
         interpret=interpret,
         name=name,
-    )(qg, n, *row_inputs)
-    out, lse = _combine_splits(acc, m, l)
-    out = out.reshape(q.shape).astype(q.dtype)
-    return (out, lse.reshape(q.shape[:2])) if return_lse else out
+    )(q.reshape(batch, kv_heads, group, head_dim), *row_inputs)
+    if splits > 1:
+        results = _combine_splits(*results, dtype=q.dtype, return_lse=return_lse, interpret=interpret, name=name)
+    out = results[0].reshape(q.shape)
+    return (out, results[1].reshape(q.shape[:2])) if return_lse else out
 
 
 def dense_decode_attention(q, k, v, lengths, *, scale: float, return_lse: bool, interpret: bool = False,
                            tuning: Tuning | None = None):
     """Attention of each query head over the first `lengths[b]` cached rows of its KV head.
 
-    q: [B, Hq, D]; k, v: [B, Hkv, S, D]; lengths: int32[B] in [0, S].
+    q: [B, Hq, D]; k, v: [B, Hkv, S, D]; lengths: int32[B] (clipped to [0, S]).
     Returns out [B, Hq, D] in q's dtype, and lse float32[B, Hq] if `return_lse`
     (a sequence of length 0 gets out 0, lse -inf).
     """
@@ -293,8 +396,7 @@ def dense_decode_attention(q, k, v, lengths, *, scale: float, return_lse: bool, 
     if lengths.shape != (batch,):
         raise ValueError(f"lengths must have shape ({batch},), got {lengths.shape}")
     tuning = tuning or dense_tuning(batch, kv_heads, seq, head_dim, k.dtype)
-    n = jnp.broadcast_to(jnp.clip(lengths.astype(jnp.int32), 0, seq)[:, None], (batch, kv_heads))
-    return _decode(_dense_kernel, q, n, (k, v), group=group, tuning=tuning, scale=scale,
+    return _decode(_dense_kernel, q, (lengths.astype(jnp.int32), k, v), group=group, tuning=tuning, scale=scale,
                    return_lse=return_lse, interpret=interpret, name="hata_dense_decode")
 
 
@@ -303,7 +405,7 @@ def sparse_decode_attention(q, k, v, idx, count, *, scale: float, return_lse: bo
     """Attention of each query head over the cached rows its KV head selected.
 
     q: [B, Hq, D]; k, v: [B, Hkv, S, D]; idx: int32[B, Hkv, K] (slots `< count` hold positions
-    in [0, S), the rest are never read); count: int32[B, Hkv].
+    in [0, S), the rest are never read); count: int32[B, Hkv] (clipped to [0, K]).
     Returns out [B, Hq, D] in q's dtype, and lse float32[B, Hq] if `return_lse`
     (a (b, h) with count 0 gets out 0, lse -inf).
     """
@@ -317,6 +419,5 @@ def sparse_decode_attention(q, k, v, idx, count, *, scale: float, return_lse: bo
     if not 1 <= budget <= MAX_BUDGET:
         raise ValueError(f"budget {budget} not supported (1 to {MAX_BUDGET})")
     tuning = tuning or sparse_tuning(batch, kv_heads, budget, head_dim, k.dtype)
-    n = jnp.clip(count.astype(jnp.int32), 0, budget)
-    return _decode(_sparse_kernel, q, n, (idx, k, v), group=group, tuning=tuning, scale=scale,
+    return _decode(_sparse_kernel, q, (count.astype(jnp.int32), idx, k, v), group=group, tuning=tuning, scale=scale,
                    return_lse=return_lse, interpret=interpret, name="hata_sparse_decode")

@@ -1,12 +1,15 @@
 """Pallas flash-decode kernels (interpret mode on the CPU) against the hata_jax references."""
 from __future__ import annotations
 
+import collections
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import pallas as pl
 
 from hata_jax import attention
 from pallas_kernels import flash_decode
@@ -56,6 +59,8 @@ DENSE_CASES = [
     (jnp.float32, 128, 8, 130, 2, 1, Tuning(block_k=16, splits=3)),
     (jnp.bfloat16, 128, 4, 1000, 2, 2, Tuning(block_k=64, splits=3)),
     (jnp.float16, 64, 1, 257, 2, 3, Tuning(block_k=16, splits=5)),
+    (jnp.float32, 128, 6, 1000, 2, 1, Tuning(block_k=16, splits=24)),  # combine in 2 steps, empty splits
+    (jnp.bfloat16, 64, 2, 200, 3, 2, Tuning(block_k=32, splits=1)),  # one launch, no combine
 ]
 
 
@@ -83,6 +88,8 @@ SPARSE_CASES = [
     (jnp.float32, 128, 1, 1000, 64, Tuning(block_k=16, splits=3)),
     (jnp.bfloat16, 128, 4, 1000, 64, Tuning(block_k=32, splits=2)),
     (jnp.float16, 64, 8, 257, 100, Tuning(block_k=32, splits=3)),
+    (jnp.float32, 128, 5, 300, 40, Tuning(block_k=16, splits=1)),  # one launch, no combine
+    (jnp.bfloat16, 64, 1, 257, 100, Tuning(block_k=16, splits=1)),
 ]
 
 
@@ -131,12 +138,13 @@ def test_sparse_ignores_slots_past_count(rng, randn):
     assert_matches(dirty, want, jnp.float32)
 
 
-def test_all_empty(randn):
+@pytest.mark.parametrize("splits", [1, 2])
+def test_all_empty(randn, splits):
     """lengths 0 / count 0 everywhere: out 0, lse -inf, nothing read (the caches are NaN)."""
     batch, kv_heads, group, seq, head_dim = 2, 2, 4, 64, 64
     q = randn(batch, kv_heads * group, head_dim, dtype=jnp.bfloat16)
     cache = jnp.full((batch, kv_heads, seq, head_dim), jnp.nan, jnp.bfloat16)
-    tuning = Tuning(block_k=16, splits=2)
+    tuning = Tuning(block_k=16, splits=splits)
     dense = flash_decode.dense_decode_attention(
         q, cache, cache, jnp.zeros(batch, jnp.int32), scale=0.1, return_lse=True, interpret=True, tuning=tuning
     )
@@ -148,6 +156,28 @@ def test_all_empty(randn):
     for out, lse in (dense, sparse):
         assert out.dtype == jnp.bfloat16 and out.shape == q.shape and lse.shape == q.shape[:2]
         assert_empty_rows(out, lse, np.ones(q.shape[:2], bool))
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_out_of_range_lengths_and_counts_are_clipped(rng, randn, splits):
+    """The kernels clip the raw lengths to [0, S] and counts to [0, budget] themselves."""
+    batch, kv_heads, group, seq, head_dim, budget = 3, 2, 2, 100, 64, 48
+    q = randn(batch, kv_heads * group, head_dim)
+    k = randn(batch, kv_heads, seq, head_dim)
+    v = randn(batch, kv_heads, seq, head_dim)
+    tuning = Tuning(block_k=16, splits=splits)
+    dense = functools.partial(flash_decode.dense_decode_attention, q, k, v, scale=0.1, return_lse=True,
+                              interpret=True, tuning=tuning)
+    raw, clipped = jnp.array([seq + 9, -4, 37], jnp.int32), jnp.array([seq, 0, 37], jnp.int32)
+    for got, want in zip(dense(raw), dense(clipped)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    full = np.full((batch, kv_heads), budget, np.int32)
+    idx = jnp.asarray(random_selection(rng, batch, kv_heads, seq, budget, full))
+    sparse = functools.partial(flash_decode.sparse_decode_attention, q, k, v, idx, scale=0.1, return_lse=True,
+                               interpret=True, tuning=tuning)
+    raw = jnp.array([[budget + 1, -1], [2**31 - 1, 5], [-(2**31), budget]], jnp.int32)
+    for got, want in zip(sparse(raw), sparse(jnp.clip(raw, 0, budget))):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def test_public_wrappers_dispatch_to_pallas(rng, randn, ragged_lengths):
@@ -189,6 +219,57 @@ def test_lowers_for_cuda(dtype, head_dim, group):
     assert "hata_dense_decode" in dense and "hata_sparse_decode" in sparse
 
 
+def stablehlo_ops(text):
+    """Op names of a lowered StableHLO module, one per line (custom calls' payloads are one-line
+    attributes), closing braces left out."""
+    return re.findall(r"^\s*(?:%\S+ = )?([a-z_]+(?:\.[a-z_]+)?)", text, flags=re.MULTILINE)
+
+
+@pytest.mark.parametrize("splits, group", [(1, 4), (8, 3), (64, 8)])  # 64 x 8 rows: a 4-step combine
+@pytest.mark.parametrize("return_lse", [True, False])
+def test_a_call_is_its_kernels_and_nothing_else(splits, group, return_lse):
+    """splits > 1: the split kernel and the combine kernel; splits == 1: one kernel. Around them
+    only reshapes (bitcasts): no clip, broadcast, cast, exp or reduce left to XLA."""
+    q, k, lengths, idx, count = shapes(jnp.bfloat16, 2, 8, group, 4096, 128, 2048)
+    tuning = Tuning(block_k=64, splits=splits)
+    kw = dict(scale=0.1, return_lse=return_lse, tuning=tuning)
+    for name, text in (
+        ("hata_dense_decode", lower_for_cuda(flash_decode.dense_decode_attention, q, k, k, lengths, **kw)),
+        ("hata_sparse_decode", lower_for_cuda(flash_decode.sparse_decode_attention, q, k, k, idx, count, **kw)),
+    ):
+        ops = collections.Counter(stablehlo_ops(text))
+        assert ops.pop("module") == ops.pop("func.func") == ops.pop("return") == 1
+        assert ops.pop("stablehlo.custom_call") == text.count("__gpu$xla.gpu.triton") == (1 if splits == 1 else 2)
+        assert set(ops) == {"stablehlo.reshape"}, ops
+        assert name in text and (f"{name}_combine" in text) == (splits > 1)
+
+
+# `%name = shape opcode(`, the shape maybe a tuple; opcodes that launch no kernel.
+HLO_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?\S+ = (?:\([^()]*\)|\S+) ([\w-]+)\(")
+NO_LAUNCH = {"parameter", "constant", "bitcast", "get-tuple-element", "tuple"}
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiles for the GPU")
+@pytest.mark.parametrize("splits", [1, 8])
+def test_compiled_call_launches_only_its_kernels(splits):
+    """In XLA's optimized HLO every launching instruction is one of our Triton kernels."""
+    q, k, lengths, idx, count = shapes(jnp.bfloat16, 1, 8, 4, 4096, 128, 2048)
+    kw = dict(scale=0.1, return_lse=True, tuning=Tuning(block_k=64, splits=splits))
+    calls = (
+        (flash_decode.dense_decode_attention, (q, k, k, lengths)),
+        (flash_decode.sparse_decode_attention, (q, k, k, idx, count)),
+    )
+    for fn, args in calls:
+        hlo = jax.jit(functools.partial(fn, **kw)).lower(*args).compile().as_text()
+        entry = hlo[hlo.index("\nENTRY"):]
+        entry = entry[: entry.index("\n}")]
+        launches = [
+            line for line in entry.splitlines()
+            if (op := HLO_INSTRUCTION.match(line)) and op.group(1) not in NO_LAUNCH
+        ]
+        assert len(launches) == (1 if splits == 1 else 2) and all("triton" in line for line in launches), launches
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -225,6 +306,20 @@ def test_default_tuning_fills_the_gpu():
             assert seq // (t.block_k * t.splits) >= 4  # several blocks per split for the pipeline
         t = flash_decode.sparse_tuning(batch, 8, 2048, 128, jnp.bfloat16)
         assert t.splits * t.block_k <= 2048 and batch * 8 * t.splits >= sms
+
+
+def test_default_tuning_skips_the_combine_only_when_splitting_buys_nothing():
+    """One split (one launch) when batch x kv_heads already fills the SMs `_WAVES` times or the
+    rows make too few blocks to share; otherwise several."""
+    full = pl.cdiv(flash_decode._WAVES * flash_decode._sm_count(), 8)  # batches of 8 KV heads
+    for batch in (full, 2 * full):
+        assert flash_decode.dense_tuning(batch, 8, 131072, 128, jnp.bfloat16).splits == 1
+        assert flash_decode.sparse_tuning(batch, 8, 2048, 128, jnp.bfloat16).splits == 1
+    assert flash_decode.sparse_tuning(1, 8, 64, 128, jnp.bfloat16).splits == 1
+    assert flash_decode.dense_tuning(1, 8, 300, 128, jnp.bfloat16).splits == 1
+    for batch in (1, full // 2):
+        assert flash_decode.dense_tuning(batch, 8, 131072, 128, jnp.bfloat16).splits > 1
+        assert flash_decode.sparse_tuning(batch, 8, 2048, 128, jnp.bfloat16).splits > 1
 
 
 def test_dots_ask_for_full_precision():
