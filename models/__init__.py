@@ -7,6 +7,11 @@
     ids = tokenizer.encode_prompt("What is the capital of France?", chat=True)
     result = generate(model, [ids], plan=plan, stop_ids=tokenizer.stop_ids, max_new_tokens=32)
     print(tokenizer.decode(result.tokens[0]))
+
+Short-context policy: with HATA layers in the plan, `generate` runs a step with dense attention in
+every layer while every sequence holds at most `dense_below` tokens (default 4 x the budget,
+`dense_below=0` disables; `hata-jax generate --dense-below N`), switching to the plan's HATA step
+on the host once the context grows past it; see :mod:`models.generation`.
 """
 from models.attention import AttentionPlan, hash_weights_for, load_hash_weights, random_projections
 from models.config import LlamaConfig, RopeScaling

@@ -56,6 +56,10 @@ class AttentionPlan:
     def with_budget(self, budget: int) -> "AttentionPlan":
         return dataclasses.replace(self, hata=dataclasses.replace(self.hata, budget=budget))
 
+    def as_dense(self) -> "AttentionPlan":
+        """The same plan with every layer dense (the short-context step of :func:`models.generate`)."""
+        return dataclasses.replace(self, layers=("dense",) * len(self.layers))
+
     @property
     def hashed_layers(self) -> list[int]:
         return [i for i, kind in enumerate(self.layers) if kind == "hata"]

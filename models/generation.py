@@ -5,6 +5,16 @@ static shapes are the batch size, the padded prompt length (rounded up to a mult
 `PROMPT_BUCKET`) and the cache capacity (rounded up to a multiple of `CAPACITY_BUCKET`), so the
 decode step compiles once per (batch, capacity, plan, sampling) and every later token reuses it.
 :data:`TRACES` counts the traces of each step (tests use it to show that there is no recompile).
+
+Short-context policy: with a plan that has HATA layers, a step whose sequences all hold at most
+`dense_below` tokens (the step's new token included; default `DENSE_BELOW_BUDGETS` x the HATA
+budget, 0 disables) runs dense attention in every layer. At such lengths dense attention reads
+few bytes and HATA's hashing, scoring and selection would cost more than they save (and select a
+large share of the context anyway). The choice is made on the host from the prompt lengths and
+the step count, between two compiled decode steps (the plan and :meth:`AttentionPlan.as_dense`),
+each compiled once per shape: no device-to-host read and no device-side branch. Dense layers keep
+appending codes and key norms to every layer's cache, so the HATA steps after the switch select
+from exactly the cache they would have had without it.
 """
 from __future__ import annotations
 
@@ -24,6 +34,8 @@ from models.llama import LlamaForCausalLM, init_caches
 
 PROMPT_BUCKET = 32
 CAPACITY_BUCKET = 128
+# Default short-context threshold in HATA budgets: a step over at most 4 x budget tokens runs dense.
+DENSE_BELOW_BUDGETS = 4
 # step name -> number of times it was traced (compiled).
 TRACES: collections.Counter = collections.Counter()
 
@@ -57,25 +69,60 @@ def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "impl", "sampling"), donate_argnames=("caches",))
-def prefill_step(graphdef, state, tokens, lengths, caches, hash_weights, key, *, impl: str, sampling: Sampling):
-    """Prompts int[B, T] (right-padded to `lengths`) -> (first new tokens int32[B], caches, key)."""
-    TRACES["prefill"] += 1
-    model = nnx.merge(graphdef, state)
-    hidden, caches = model.prefill(tokens, lengths, caches, hash_weights, impl)
-    last = hidden[jnp.arange(tokens.shape[0]), lengths - 1]
-    key, sub = jax.random.split(key)
-    return sample(model.logits(last), sub, sampling), caches, key
+@functools.lru_cache(maxsize=32)
+def _step_functions(graphdef: nnx.GraphDef, state_treedef):
+    """(merge, prefill, decode) for models of this structure; see :class:`ModelSteps`.
+
+    Cached on the structure, so equal models (and a second :func:`generate` on the same model)
+    share the jitted steps and their compilations; the key is hashed once per :class:`ModelSteps`.
+    """
+
+    def merge(state_leaves) -> LlamaForCausalLM:
+        return nnx.merge(graphdef, jax.tree_util.tree_unflatten(state_treedef, state_leaves))
+
+    @functools.partial(jax.jit, static_argnames=("impl", "sampling"), donate_argnames=("caches",))
+    def prefill(state_leaves, tokens, lengths, caches, hash_weights, key, *, impl: str, sampling: Sampling):
+        """Prompts int[B, T] (right-padded to `lengths`) -> (first new tokens int32[B], caches, key)."""
+        TRACES["prefill"] += 1
+        model = merge(state_leaves)
+        hidden, caches = model.prefill(tokens, lengths, caches, hash_weights, impl)
+        last = hidden[jnp.arange(tokens.shape[0]), lengths - 1]
+        key, sub = jax.random.split(key)
+        return sample(model.logits(last), sub, sampling), caches, key
+
+    @functools.partial(jax.jit, static_argnames=("plan", "sampling"), donate_argnames=("caches",))
+    def decode(state_leaves, tokens, caches, hash_weights, key, *, plan: AttentionPlan, sampling: Sampling):
+        """One token per sequence: tokens int32[B] -> (next tokens int32[B], caches, key)."""
+        TRACES["decode"] += 1
+        logits, caches = merge(state_leaves).decode(tokens, caches, hash_weights, plan)
+        key, sub = jax.random.split(key)
+        return sample(logits, sub, sampling), caches, key
+
+    return merge, prefill, decode
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "plan", "sampling"), donate_argnames=("caches",))
-def decode_step(graphdef, state, tokens, caches, hash_weights, key, *, plan: AttentionPlan, sampling: Sampling):
-    """One token per sequence: tokens int32[B] -> (next tokens int32[B], caches, key)."""
-    TRACES["decode"] += 1
-    model = nnx.merge(graphdef, state)
-    logits, caches = model.decode(tokens, caches, hash_weights, plan)
-    key, sub = jax.random.split(key)
-    return sample(logits, sub, sampling), caches, key
+class ModelSteps:
+    """A model's jitted prefill and decode steps, which take its weights as a flat list of arrays.
+
+    Passing the model as a static GraphDef plus an nnx.State costs milliseconds of host time per
+    call (hashing the GraphDef, flattening the State), as much as a whole decode step's device time
+    on a GPU; here both happen once, when the object is built.
+
+    Attributes:
+      state_leaves: the model's nnx.State flattened (`jax.tree_util.tree_flatten`): arrays.
+      merge: `merge(state_leaves) -> model`, for use inside traced code (hashable, the same
+        function for equal models: it can be a static argument).
+      prefill: `prefill(state_leaves, tokens int[B, T], lengths int32[B], caches, hash_weights, key,
+        *, impl, sampling) -> (first new tokens int32[B], caches, key)`; prompts right-padded to
+        `lengths`; `caches` donated.
+      decode: `decode(state_leaves, tokens int32[B], caches, hash_weights, key, *, plan, sampling)
+        -> (next tokens int32[B], caches, key)`, one token per sequence; `caches` donated.
+    """
+
+    def __init__(self, model: LlamaForCausalLM):
+        graphdef, state = nnx.split(model)
+        self.state_leaves, state_treedef = jax.tree_util.tree_flatten(state)
+        self.merge, self.prefill, self.decode = _step_functions(graphdef, state_treedef)
 
 
 @dataclasses.dataclass
@@ -83,7 +130,10 @@ class GenerationResult:
     """Generated token ids per prompt (stop token excluded) and timings.
 
     `prefill_seconds` and `first_step_seconds` include compilation on a first call;
-    `decode_seconds` covers the decode steps after the first, `decode_steps` of them.
+    `first_step_seconds` sums the first step of each decode step function used (the dense one of
+    the short-context policy, then the plan's); `decode_seconds` covers the other decode steps,
+    `decode_steps` of them. `dense_steps` counts the steps the short-context policy ran dense in
+    every layer (see the module docstring).
     """
 
     tokens: list[list[int]]
@@ -92,6 +142,7 @@ class GenerationResult:
     first_step_seconds: float
     decode_seconds: float
     decode_steps: int
+    dense_steps: int = 0
 
     @property
     def tokens_per_second(self) -> float:
@@ -102,6 +153,20 @@ class GenerationResult:
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
+
+
+def short_context_threshold(plan: AttentionPlan, dense_below: int | None) -> int:
+    """Tokens per sequence up to which a step runs dense in every layer (0: never).
+
+    `dense_below` None means `DENSE_BELOW_BUDGETS * plan.hata.budget`; a plan without HATA
+    layers has nothing to switch, so 0.
+    """
+    if dense_below is not None and (isinstance(dense_below, bool) or not isinstance(dense_below, int)
+                                    or dense_below < 0):
+        raise ValueError(f"dense_below must be an int >= 0 (0 disables the short-context policy), got {dense_below!r}")
+    if not plan.hashed_layers:
+        return 0
+    return DENSE_BELOW_BUDGETS * plan.hata.budget if dense_below is None else dense_below
 
 
 def generate(
@@ -117,6 +182,7 @@ def generate(
     seed: int = 0,
     on_tokens: Callable[[list[int | None]], None] | None = None,
     cache_dtype=None,
+    dense_below: int | None = None,
 ) -> GenerationResult:
     """Generate up to `max_new_tokens` tokens for each prompt (a batch of different lengths).
 
@@ -132,6 +198,9 @@ def generate(
         up to a multiple of CAPACITY_BUCKET. Must hold the longest prompt plus max_new_tokens.
       on_tokens: called after each step with the new token of each row (None for a finished row).
       cache_dtype: KV cache dtype, default the model's.
+      dense_below: short-context policy (module docstring): steps whose sequences all hold at
+        most this many tokens run dense in every layer. Default `DENSE_BELOW_BUDGETS` x the HATA
+        budget (after lowering it to the capacity); 0 runs the plan at every step.
     """
     config = model.config
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -153,13 +222,14 @@ def generate(
     plan = plan or AttentionPlan.uniform(config.num_layers, "dense")
     if plan.hata.budget > capacity:
         plan = plan.with_budget(capacity)
+    threshold = short_context_threshold(plan, dense_below)
     weights = hash_weights_for(config, plan, hash_weights)
     padded = min(_round_up(max(lengths), PROMPT_BUCKET), capacity)
     tokens = np.zeros((len(prompts), padded), np.int32)
     for row, prompt in enumerate(prompts):
         tokens[row, : len(prompt)] = prompt
     caches = init_caches(config, len(prompts), capacity, rbit=plan.hata.rbit, dtype=cache_dtype or model.dtype)
-    graphdef, state = nnx.split(model)
+    steps = ModelSteps(model)
     key = jax.random.PRNGKey(seed)
 
     outputs: list[list[int]] = [[] for _ in prompts]
@@ -183,23 +253,30 @@ def generate(
             on_tokens(shown)
 
     start = time.perf_counter()
-    next_tokens, caches, key = prefill_step(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths, jnp.int32),
-                                            caches, weights, key, impl=plan.impl, sampling=sampling)
+    next_tokens, caches, key = steps.prefill(steps.state_leaves, jnp.asarray(tokens), jnp.asarray(lengths, jnp.int32),
+                                             caches, weights, key, impl=plan.impl, sampling=sampling)
     record(np.asarray(next_tokens))
     prefill_seconds = time.perf_counter() - start
-    step_times = []
+    step_times: dict[AttentionPlan, list[float]] = {}
+    longest = max(lengths)  # tokens of the longest sequence before the next step's token
+    dense_steps = 0
     while not done.all():
+        longest += 1
+        short = longest <= threshold
+        dense_steps += short
+        step_plan = plan.as_dense() if short else plan
         start = time.perf_counter()
-        next_tokens, caches, key = decode_step(graphdef, state, next_tokens, caches, weights, key,
-                                               plan=plan, sampling=sampling)
+        next_tokens, caches, key = steps.decode(steps.state_leaves, next_tokens, caches, weights, key,
+                                                plan=step_plan, sampling=sampling)
         record(np.asarray(next_tokens))
-        step_times.append(time.perf_counter() - start)
+        step_times.setdefault(step_plan, []).append(time.perf_counter() - start)
     caches[0].raise_if_overflowed()
     return GenerationResult(
         tokens=outputs,
         prompt_lengths=lengths,
         prefill_seconds=prefill_seconds,
-        first_step_seconds=step_times[0] if step_times else 0.0,
-        decode_seconds=float(sum(step_times[1:])),
-        decode_steps=max(len(step_times) - 1, 0),
+        first_step_seconds=float(sum(times[0] for times in step_times.values())),
+        decode_seconds=float(sum(sum(times[1:]) for times in step_times.values())),
+        decode_steps=sum(len(times) - 1 for times in step_times.values()),
+        dense_steps=dense_steps,
     )

@@ -201,6 +201,7 @@ def test_decode_step_compiles_once(rng):
     assert generation.TRACES["decode"] == before + 1
     generate(model, ragged_prompts(rng, 97, [6, 3]), max_new_tokens=5)
     assert generation.TRACES["decode"] == before + 1
+    assert generation.ModelSteps(model).decode is generation.ModelSteps(model).decode  # one jitted step per structure
     assert all(len(t) == 5 for t in first.tokens) and first.decode_steps == 3
 
 
@@ -210,7 +211,7 @@ def test_hata_with_full_budget_reproduces_dense_generation(rng):
     dense = generate(model, prompts, max_new_tokens=8)
     plan = AttentionPlan.uniform(3, "hata", HataConfig(rbit=64, budget=128, dense_layers=1))
     with pytest.warns(UserWarning, match="UNTRAINED"):
-        hata = generate(model, prompts, max_new_tokens=8, plan=plan)
+        hata = generate(model, prompts, max_new_tokens=8, plan=plan, dense_below=0)
     assert hata.tokens == dense.tokens
 
 

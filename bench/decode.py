@@ -1,0 +1,970 @@
+"""End-to-end decode benchmark: the jitted decode step of a Llama-3.1-8B-shaped model (and of
+SmolLM2-135M's shapes), dense versus HATA versus exact top-k, with an attention-only sweep.
+
+    python -m bench.decode --out $OUT/decode.json [--small] [--contexts ...] [--batches ...]
+    python -m bench.decode --report bench/results/decode_h100.json   # markdown tables + PNG plots
+
+Models: built from a :class:`models.LlamaConfig` with random weights made on the device (bf16,
+initialisers of :class:`models.LlamaForCausalLM`, no checkpoint; Llama-3.1-8B: 32 layers, hidden
+4096, 32/8 heads, D=128, intermediate 14336, vocab 128256, 16.1 GB). One model's weights serve
+every context and batch.
+
+Caches: for a context N and batch B every layer holds N random tokens per sequence (capacity N):
+k, v ~ N(0, 1) in bf16; codes = `hata_jax.encode(k, w)` with the layer's random Gaussian
+projection w and norms = `hata_jax.key_norms(k)` (the codes are those of the keys, as after a
+prefill). Each method starts at `lengths = N - slack` and appends one token per step, so its steps
+attend to N - slack + 1 ... N tokens (slack = the most steps a method runs, 62 by default; the
+capacity N never overflows).
+
+Methods, each a whole decode step (32 layers, projections, MLP, LM head, greedy token):
+- `dense`: the model's own decode step (`models.generation.ModelSteps.decode`, cache donated) with
+  every layer dense: our Pallas split-K dense kernel on a GPU.
+- `hata`: the same step with HATA (budget 2048, rbit 128, layers 0-1 dense).
+- `exact`: exact top-k selection (the oracle): each HATA layer scores every cached token by its
+  softmax probability summed over the group's query heads, selects with `hata_jax.select_topk`
+  and attends with `hata_jax.sparse_decode_attention`; layers 0-1 dense. (A step built here from
+  the model's layers, :func:`decode_with`, since the model's plan knows only dense and HATA.)
+- `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")` in every layer over a
+  token-major cache `[B, S, Hkv, D]` (XLA's implementation where there is no GPU). By default
+  it runs only where cuDNN beat our dense kernel in the attention-only sweep of that config
+  (`--cudnn-step`); "best dense" is the faster of `dense` and `cudnn`.
+
+Timing: per step, wall time of one jitted call until its token is ready (`block_until_ready`),
+as `models.generate` runs them (it reads each step's tokens on the host), after `--warmup` calls
+(the first includes compilation: `first_call_s`); median and p10/p90 over `--reps` steps;
+tokens/s = batch / median. Then `--reps` more steps in groups of PIPELINE dispatched back to back
+(host dispatch overlapping the device, as in `bench.timing.median_us`): `pipelined_ms` per step.
+On the most important configs
+(`--extras-configs`) the product steps also run `--loop-steps` steps inside one jit
+(`lax.fori_loop`), which removes the per-step host dispatch and sync: `loop_ms` per step (the
+difference to `median_ms` is the launch and dispatch overhead between steps).
+
+Attention-only sweep (per layer, same caches): `dense` (`dense_decode_attention`), `cudnn`,
+`hata` (`encode_step` + `hamming_topk` + `sparse_decode_attention`) and `exact` (softmax mass +
+`select_topk` + `sparse_decode_attention`), timed with `bench.timing.median_us` over distinct
+layers' caches (enough to overflow the L2). A step's attention share = (layers x that method's
+per-layer time, dense layers counted at the dense time) / step time; the cache append and the new
+key's encoding are not in it.
+
+Bytes per step: the weights read (all parameters but the untied embedding table, of which a
+step reads B rows) plus, per layer and sequence, K and V of the attended tokens (dense, cudnn), or
+codes + norms of every token and K/V rows of the `budget` selected ones (hata), or K of every
+token and the selected K/V rows (exact). The floor divides them by the bandwidth measured in the
+same run (`bench.timing.floor_bandwidth_gbps`).
+
+Budget (:func:`ordered_jobs`): jobs run from the most to the least important: the core jobs
+(sweep, dense, HATA, cuDNN) of 128K batch 1, 32K batch 8, 4K batch 1 (the issue's goals) and 32K
+batch 1, then the extras (exact top-k, in-jit loops) of the goal configs, then the other core
+jobs, SmolLM2's interleaved after Llama's 11 first. The memory need is computed before each job
+(skipped with the reason when it exceeds `--memory-gb`, e.g. Llama 128K batch 4), caches are
+freed between jobs, and a job or method that would overrun `--time-budget` (estimated from the
+compile + run times of those already run) is skipped with the reason. Each result is written to
+the JSON as soon as it completes (atomically), so a timeout keeps them. The default run takes
+about 8 minutes on an H100 (480 s of jobs, then the last one's overrun); its largest jobs (Llama
+32K batch 8, 64K batch 4, 256K batch 1) hold ~55 GB (16.1 GB of weights, 35.7 GB of caches).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import lax
+
+import hata_jax as hj
+from bench.timing import environment, floor_bandwidth_gbps, median_us, write_json
+from hata_jax import HataCache, HataConfig
+from models import AttentionPlan, LlamaConfig, LlamaForCausalLM, RopeScaling
+from models import generation
+
+METHODS = ("dense", "hata", "exact", "cudnn")
+COLORS = {"dense": "tab:blue", "hata": "tab:orange", "exact": "tab:green", "cudnn": "tab:red"}
+PRODUCT_METHODS = ("dense", "hata")  # run by the model's own decode step
+GREEDY = generation.Sampling()
+GB = 1e9
+PIPELINE = 5  # steps dispatched back to back per timed group (host dispatch overlapping the device)
+
+LLAMA_8B = LlamaConfig(
+    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
+    head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=131072,
+    rope_scaling=RopeScaling("llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                             original_max_position_embeddings=8192))
+SMOLLM2 = LlamaConfig(
+    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9, num_kv_heads=3,
+    head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True)
+SMALL_MODELS = {
+    "llama": LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=4, num_heads=8,
+                         num_kv_heads=2, head_dim=64, rope_theta=500000.0),
+    "smollm2": LlamaConfig(vocab_size=384, hidden_size=96, intermediate_size=128, num_layers=3, num_heads=3,
+                           num_kv_heads=1, head_dim=64, tie_word_embeddings=True),
+}
+FULL_MODELS = {"llama": LLAMA_8B, "smollm2": SMOLLM2}
+MODEL_TITLES = {"llama": "Llama-3.1-8B shapes", "smollm2": "SmolLM2-135M shapes"}
+
+# (context, batch) from the most to the least important; others follow by (batch, context).
+PRIORITY = ((131072, 1), (32768, 8), (4096, 1), (32768, 1), (8192, 1), (65536, 1), (262144, 1), (32768, 4),
+            (8192, 16), (8192, 8), (8192, 4), (65536, 4))
+# Core jobs of the first CORE_FIRST configs come before the extras (see `ordered_jobs`).
+CORE_FIRST = 4
+# A model's jobs start at this place in the merged order (ties: Llama first): SmolLM2's first job
+# follows Llama's 128K b1, 32K b8, 4K b1, 32K b1, their extras, 8K b1, 64K b1, 256K b1, 32K b4.
+MODEL_OFFSET = {"llama": 0, "smollm2": 10}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    models: tuple[str, ...] = ("llama", "smollm2")
+    contexts: tuple[int, ...] = (4096, 8192, 32768, 65536, 131072, 262144)
+    batches: tuple[int, ...] = (1, 4, 8, 16)
+    methods: tuple[str, ...] = METHODS
+    budget: int = 2048
+    rbit: int = 128
+    dense_layers: int = 2
+    dtype: str = "bfloat16"
+    warmup: int = 2
+    reps: int = 30
+    loop_steps: int = 8
+    loop_reps: int = 3
+    extras_configs: int = 3
+    cudnn_step: str = "auto"
+    time_budget_s: float = 480.0
+    memory_gb: float | None = None
+    small: bool = False
+
+    @property
+    def slack(self) -> int:
+        """Steps one method runs on a cache (its lengths start `slack` below the capacity)."""
+        return max(self.warmup + self.reps + self.reps // PIPELINE * PIPELINE, self.loop_steps * (1 + self.loop_reps))
+
+    @property
+    def hata(self) -> HataConfig:
+        return HataConfig(rbit=self.rbit, budget=self.budget, dense_layers=self.dense_layers)
+
+
+SMALL = dict(contexts=(160, 256), batches=(1, 2), budget=32, warmup=1, reps=5, loop_steps=2, loop_reps=1,
+             extras_configs=1, dtype="bfloat16")
+
+
+# ----------------------------------------------------------------------------- the decode steps
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["k", "v", "lengths"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class TokenMajorCache:
+    """A plain KV cache in the layout cuDNN takes: k, v [B, S, Hkv, D], lengths int32[B]."""
+
+    k: jax.Array
+    v: jax.Array
+    lengths: jax.Array
+
+    def append(self, k_new, v_new) -> "TokenMajorCache":
+        """k_new, v_new: [B, Hkv, D], written at position lengths[b]."""
+        rows = jnp.arange(self.k.shape[0])
+
+        def put(buf, val):
+            return buf.at[rows, self.lengths].set(val.astype(buf.dtype), mode="drop")
+
+        return TokenMajorCache(put(self.k, k_new), put(self.v, v_new), self.lengths + 1)
+
+
+def dpa_implementation() -> str:
+    return "cudnn" if jax.default_backend() == "gpu" else "xla"
+
+
+def dpa_attention(q, k, v, lengths):
+    """q: [B, Hq, D]; k, v: [B, S, Hkv, D] -> [B, Hq, D] over the first lengths[b] tokens."""
+    out = jax.nn.dot_product_attention(q[:, None], k, v, key_value_seq_lengths=lengths,
+                                       implementation=dpa_implementation())
+    return out[:, 0]
+
+
+def softmax_mass(q, k, lengths):
+    """q: [B, Hq, D], k: [B, Hkv, S, D] -> float32[B, Hkv, S]: each token's softmax probability
+    summed over its KV head's query heads (0 at positions >= lengths[b])."""
+    b, hq, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    logits = jnp.einsum("bhgd,bhsd->bhgs", q.reshape(b, hkv, hq // hkv, d), k,
+                        preferred_element_type=jnp.float32) / math.sqrt(d)
+    valid = jnp.arange(s)[None, None, None, :] < lengths[:, None, None, None]
+    return jnp.sum(jax.nn.softmax(jnp.where(valid, logits, -jnp.inf), axis=-1), axis=2)
+
+
+def exact_topk_attention(q, cache: HataCache, budget: int, impl: str):
+    """Attention over the `budget` tokens of largest softmax mass per (sequence, KV head)."""
+    idx, count = hj.select_topk(softmax_mass(q, cache.k, cache.lengths), budget, cache.lengths, impl=impl)
+    return hj.sparse_decode_attention(q, cache.k, cache.v, idx, count, impl=impl)
+
+
+def hata_attention(q, k_new, cache: HataCache, w, hata: HataConfig, impl: str):
+    """HATA's attention work of one layer on a full cache: hash q, score and select, attend."""
+    q_codes, _, _ = hj.encode_step(q, k_new, w, impl=impl)
+    idx, count = hj.hamming_topk(q_codes, cache.codes, cache.norms, cache.lengths, budget=hata.budget, impl=impl)
+    return hj.sparse_decode_attention(q, cache.k, cache.v, idx, count, impl=impl)
+
+
+def attend_exact(layer, q, k_new, v_new, cache: HataCache, *, weights, plan: AttentionPlan):
+    cache = cache.append(k_new, v_new, weights[layer], impl=plan.impl)
+    if plan.layers[layer] == "dense":
+        return hj.dense_decode_attention(q, cache.k, cache.v, cache.lengths, impl=plan.impl), cache
+    return exact_topk_attention(q, cache, plan.hata.budget, plan.impl), cache
+
+
+def attend_dpa(layer, q, k_new, v_new, cache: TokenMajorCache, *, weights, plan: AttentionPlan):
+    cache = cache.append(k_new, v_new)
+    return dpa_attention(q, cache.k, cache.v, cache.lengths), cache
+
+
+BENCH_ATTENTION = {"exact": attend_exact, "cudnn": attend_dpa}
+
+
+def decode_with(model: LlamaForCausalLM, tokens, caches, attend):
+    """:meth:`LlamaForCausalLM.decode` with layer i's attention replaced by
+    `attend(i, q, k_new, v_new, cache) -> (out [B, Hq, D], cache)` (tests check the two agree)."""
+    x = model.embed_tokens(tokens)
+    new_caches = []
+    for i, (layer, cache) in enumerate(zip(model.layers, caches)):
+        attn = layer.self_attn
+        q, k, v = attn._qkv(layer.input_layernorm(x), cache.lengths)
+        out, cache = attend(i, q, k, v, cache)
+        x = layer._finish(x, attn.o_proj(out.reshape(x.shape[0], -1)))
+        new_caches.append(cache)
+    return model.logits(model.norm(x)), new_caches
+
+
+@functools.partial(jax.jit, static_argnames=("merge", "method", "plan"), donate_argnames=("caches",))
+def bench_step(state_leaves, tokens, caches, hash_weights, key, *, merge, method: str, plan: AttentionPlan):
+    """A decode step with `BENCH_ATTENTION[method]`, the signature of `generation.ModelSteps.decode`;
+    `merge` is the model's `ModelSteps.merge`."""
+    model = merge(state_leaves)
+    attend = functools.partial(BENCH_ATTENTION[method], weights=hash_weights, plan=plan)
+    logits, caches = decode_with(model, tokens, caches, attend)
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32), caches, key
+
+
+def step_function(steps: generation.ModelSteps, method: str, plan: AttentionPlan):
+    """(state_leaves, tokens, caches, hash_weights, key) -> (tokens, caches, key) for `steps`' model."""
+    if method in PRODUCT_METHODS:
+        step_plan = plan if method == "hata" else plan.as_dense()
+        return functools.partial(steps.decode, plan=step_plan, sampling=GREEDY)
+    return functools.partial(bench_step, merge=steps.merge, method=method, plan=plan)
+
+
+@functools.partial(jax.jit, static_argnames=("step", "n"), donate_argnames=("caches",))
+def run_steps(state_leaves, tokens, caches, hash_weights, key, *, step, n: int):
+    """`n` decode steps inside one jitted program (no host dispatch or sync between them)."""
+    def body(_, carry):
+        tokens, caches, key = carry
+        return step(state_leaves, tokens, caches, hash_weights, key)
+
+    return lax.fori_loop(0, n, body, (tokens, caches, key))
+
+
+# ----------------------------------------------------------------------------- random caches
+
+@functools.partial(jax.jit, static_argnames=("shape", "dtype"))
+def random_hata_cache(key, w, length, *, shape, dtype) -> HataCache:
+    """Random k, v [B, Hkv, S, D] ~ N(0, 1), their codes under `w`, their norms; `length` tokens each."""
+    key_k, key_v = jax.random.split(key)
+    k = jax.random.normal(key_k, shape, dtype)
+    return HataCache(k=k, v=jax.random.normal(key_v, shape, dtype), codes=hj.encode(k, w, head_axis=1),
+                     norms=hj.key_norms(k), lengths=jnp.full((shape[0],), length, jnp.int32),
+                     overflow=jnp.zeros((shape[0],), bool))
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "dtype"))
+def random_token_major_cache(key, length, *, shape, dtype) -> TokenMajorCache:
+    """Random k, v [B, S, Hkv, D] ~ N(0, 1); `length` tokens each."""
+    key_k, key_v = jax.random.split(key)
+    return TokenMajorCache(jax.random.normal(key_k, shape, dtype), jax.random.normal(key_v, shape, dtype),
+                           jnp.full((shape[0],), length, jnp.int32))
+
+
+def with_length(caches, length: int):
+    """The caches with every sequence at `length` tokens (a lengths buffer per layer: each is donated)."""
+    return [dataclasses.replace(c, lengths=jnp.full(c.lengths.shape, length, jnp.int32)) for c in caches]
+
+
+def check_no_overflow(caches) -> None:
+    if isinstance(caches[0], HataCache) and np.asarray(caches[0].overflow).any():
+        raise AssertionError("the benchmark overflowed its cache: Settings.slack is too small")
+
+
+def surviving(caches):
+    """`caches`, or None if a failed donating call deleted any of their buffers."""
+    return None if any(x.is_deleted() for x in jax.tree.leaves(caches)) else caches
+
+
+def free(tree) -> None:
+    for leaf in jax.tree.leaves(tree):
+        if isinstance(leaf, jax.Array) and not leaf.is_deleted():
+            leaf.delete()
+
+
+# ----------------------------------------------------------------------------- bytes and memory
+
+def param_bytes(state) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+
+
+def weight_read_bytes(config: LlamaConfig, total_param_bytes: int, itemsize: int) -> int:
+    """Weights one step reads: all but the embedding table, unless it doubles as the LM head."""
+    table = config.vocab_size * config.hidden_size * itemsize
+    return total_param_bytes if config.tie_word_embeddings else total_param_bytes - table
+
+
+def attention_bytes(config: LlamaConfig, method: str, batch: int, length: int, hata: HataConfig, itemsize: int) -> int:
+    """Bytes one layer's attention reads for `batch` sequences of `length` tokens (see the module docstring)."""
+    row = config.head_dim * itemsize
+    selected = min(hata.budget, length)
+    per_head = {
+        "dense": 2 * length * row,
+        "cudnn": 2 * length * row,
+        "hata": length * (hata.rbit // 8 + 4) + selected * (2 * row + 4),
+        "exact": length * row + selected * (2 * row + 4),
+    }[method]
+    return batch * config.num_kv_heads * per_head
+
+
+def step_bytes(config, method, batch, length, hata, itemsize, weights_read) -> int:
+    hata_layers = 0 if method in ("dense", "cudnn") else config.num_layers - min(hata.dense_layers, config.num_layers)
+    dense = attention_bytes(config, "dense", batch, length, hata, itemsize)
+    sparse = attention_bytes(config, method, batch, length, hata, itemsize)
+    return weights_read + (config.num_layers - hata_layers) * dense + hata_layers * sparse
+
+
+def cache_bytes(config: LlamaConfig, batch: int, capacity: int, rbit: int, itemsize: int, token_major: bool) -> int:
+    """All layers' caches: K, V (+ codes and norms for the head-major HataCache)."""
+    per_token = config.num_kv_heads * (2 * config.head_dim * itemsize + (0 if token_major else rbit // 8 + 4))
+    return config.num_layers * batch * capacity * per_token
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+class DecodeBench:
+    def __init__(self, settings: Settings, out: str, bandwidth: dict, env: dict, memory_limit: float,
+                 started: float):
+        self.s, self.out, self.bandwidth, self.env = settings, out, bandwidth, env
+        self.memory_limit = memory_limit
+        self.configs = SMALL_MODELS if settings.small else FULL_MODELS
+        self.dtype = jnp.dtype(settings.dtype)
+        self.rows: list[dict] = []
+        self.built: dict[str, tuple] = {}
+        self.cost: dict[str, float] = {}  # phase -> seconds it took last time (for the time budget)
+        self.sweeps: dict[tuple, dict] = {}  # (model, context, batch) -> {method: attention us per layer}
+        self.deadline = started + settings.time_budget_s
+        self.key = jax.random.PRNGKey(20261122)
+
+    def _next_key(self):
+        self.key, sub = jax.random.split(self.key)
+        return sub
+
+    # -- bookkeeping
+    def record(self, row: dict) -> dict:
+        self.rows.append(row)
+        self.save(complete=False)
+        return row
+
+    def save(self, complete: bool) -> None:
+        payload = {"environment": self.env, "bandwidth": self.bandwidth, "settings": dataclasses.asdict(self.s),
+                   "memory_limit_gb": self.memory_limit / GB, "models": self.model_info(), "complete": complete,
+                   "rows": self.rows}
+        tmp = self.out + ".tmp"
+        write_json(tmp, payload)
+        os.replace(tmp, self.out)
+
+    def model_info(self) -> dict:
+        return {name: {**dataclasses.asdict(self.configs[name]), "param_bytes": self.weight_bytes(name)}
+                for name in self.s.models}
+
+    def skip(self, base: dict, reason: str, method: str | None = None) -> None:
+        print(f"  skip {base['model']} context {base['context']} batch {base['batch']}"
+              f"{' ' + method if method else ''}: {reason}", flush=True)
+        self.record({"kind": "skip", **base, "method": method, "reason": reason})
+
+    def error(self, base: dict, what: str, err: Exception) -> None:
+        message = f"{type(err).__name__}: {str(err)[:1500]}"
+        print(f"!! {base['model']} context {base['context']} batch {base['batch']} {what}: {message[:300]}", flush=True)
+        self.record({"kind": "error", **base, "method": what, "error": message})
+
+    def estimate(self, phase: str) -> float:
+        """Seconds `phase` took last time; a phase not run yet is guessed as the slowest one of its
+        kind ("step", "loop"; a loop as a step if none ran), or 0."""
+        if phase in self.cost:
+            return self.cost[phase]
+        for kind in dict.fromkeys([phase.split(":")[0], "step"]):
+            seen = [t for p, t in self.cost.items() if p.split(":")[0] == kind]
+            if seen:
+                return max(seen)
+        return 0.0
+
+    def over_budget(self, base: dict, phases: list[str], method: str | None = None) -> bool:
+        left = self.deadline - time.perf_counter()
+        estimate = sum(self.estimate(p) for p in phases)
+        if estimate > left:
+            self.skip(base, f"time budget: {left:.0f} s left, estimated {estimate:.0f} s", method)
+            return True
+        return False
+
+    def timed(self, phase: str, fn, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.cost[phase] = time.perf_counter() - start
+
+    # -- models
+    def weight_bytes(self, name: str) -> int:
+        config = self.configs[name]
+        per_layer = (config.hidden_size * config.head_dim * 2 * (config.num_heads + config.num_kv_heads)
+                     + 3 * config.hidden_size * config.intermediate_size + 2 * config.hidden_size)
+        tables = (1 if config.tie_word_embeddings else 2) * config.vocab_size * config.hidden_size
+        return (config.num_layers * per_layer + tables + config.hidden_size) * self.dtype.itemsize
+
+    def model(self, name: str):
+        """(ModelSteps, hash_weights, weights_read) of a model with random weights, built once."""
+        if name not in self.built:
+            config = self.configs[name]
+            model = nnx.jit(lambda: LlamaForCausalLM(config, dtype=self.dtype, rngs=nnx.Rngs(7)))()
+            steps = generation.ModelSteps(model)
+            w = jax.random.normal(self._next_key(), (config.num_layers, config.num_kv_heads, config.head_dim,
+                                                     self.s.rbit), jnp.float32)
+            total = param_bytes(steps.state_leaves)
+            self.built[name] = (steps, list(w), weight_read_bytes(config, total, self.dtype.itemsize))
+            print(f"built {name}: {total / GB:.2f} GB of random {self.dtype.name} weights", flush=True)
+        return self.built[name]
+
+    # -- one job
+    def run_job(self, job: "Job") -> None:
+        """A core job: build the caches, the attention sweep, the dense and HATA steps, then the
+        cuDNN step on its own caches. An extras job: the exact top-k step and the in-jit loops."""
+        s, config = self.s, self.configs[job.model]
+        base = {"model": job.model, "context": job.context, "batch": job.batch}
+        item = self.dtype.itemsize
+        weights = sum(self.weight_bytes(m) for m in s.models)
+        head_major = cache_bytes(config, job.batch, job.context, s.rbit, item, token_major=False)
+        layer_kv = 2 * job.batch * config.num_kv_heads * job.context * config.head_dim * item
+        sweep = max(2 * layer_kv, 250e6)  # the cuDNN sweep's token-major copies of a few layers
+        need = weights + head_major + sweep + 1e9
+        if "cudnn" in s.methods and not job.extras:
+            need = max(need, weights + cache_bytes(config, job.batch, job.context, s.rbit, item, True) + 1e9)
+        what = "extras" if job.extras else None
+        if need > self.memory_limit:
+            self.skip(base, f"memory: needs {need / GB:.1f} GB (weights {weights / GB:.1f} GB, caches "
+                            f"{head_major / GB:.1f} GB), limit {self.memory_limit / GB:.1f} GB", what)
+            return
+        if job.context - s.slack < 1 or s.budget > job.context:
+            self.skip(base, f"context {job.context} is too short for budget {s.budget} and {s.slack} steps", what)
+            return
+        methods = [m for m in (("exact",) if job.extras else ("dense", "hata")) if m in s.methods]
+        loops = [m for m in PRODUCT_METHODS if m in s.methods and s.loop_steps > 0] if job.extras else []
+        phases = ["build"] + ([] if job.extras else ["sweep"]) + [f"step:{m}" for m in methods] + [
+            f"loop:{m}" for m in loops]
+        if self.over_budget(base, phases, what):
+            return
+        print(f"== {job.model} context {job.context} batch {job.batch}{' (extras)' if job.extras else ''}", flush=True)
+        _, hash_weights, weights_read = self.model(job.model)
+        plan = AttentionPlan.uniform(config.num_layers, "hata", s.hata)
+        shape = (job.batch, config.num_kv_heads, job.context, config.head_dim)
+
+        def build():
+            return jax.block_until_ready([random_hata_cache(self._next_key(), w, job.context, shape=shape,
+                                                            dtype=self.dtype) for w in hash_weights])
+
+        caches = self.timed("build", build)
+        key = (job.model, job.context, job.batch)
+        if not job.extras:
+            try:
+                self.sweeps[key] = self.timed("sweep", self.attention_sweep, base, config, caches, hash_weights, plan)
+            except Exception as err:  # keep going: the steps do not need the sweep
+                self.error(base, "attention sweep", err)
+        sweep_us = self.sweeps.get(key, {})
+        for method in methods + [f"loop:{m}" for m in loops]:
+            phase = method if method.startswith("loop:") else f"step:{method}"
+            if self.over_budget(base, [phase], method):
+                continue
+            caches = with_length(caches, job.context - s.slack)
+            if phase.startswith("step:"):
+                caches = self.step_method(base, method, plan, caches, sweep_us, weights_read)
+            else:
+                caches = self.loop_method(base, method.split(":")[1], plan, caches)
+            if caches is None:  # a failed call may have consumed the donated caches
+                caches = build()
+        free(caches)
+        if "cudnn" in s.methods and not job.extras:
+            self.cudnn_step(base, config, plan, sweep_us, weights_read)
+
+    def attention_sweep(self, base, config, caches, hash_weights, plan) -> dict:
+        """Per-layer attention-only medians (us) of each method on this config's caches."""
+        s, batch, context = self.s, base["batch"], base["context"]
+        item = self.dtype.itemsize
+        impl = plan.impl
+        layer_bytes = attention_bytes(config, "dense", batch, context, s.hata, item)
+        first = min(s.dense_layers, config.num_layers - 1)
+        sets = int(np.clip(np.ceil(200e6 / layer_bytes), 2, 16))
+        layers = [first + i % (config.num_layers - first) for i in range(sets)]
+        qs = [jax.random.normal(self._next_key(), (batch, config.num_heads, config.head_dim), self.dtype)
+              for _ in layers]
+        k_new = jax.random.normal(self._next_key(), (batch, config.num_kv_heads, config.head_dim), self.dtype)
+        lengths = caches[first].lengths
+        ops = {
+            "dense": (lambda q, c: hj.dense_decode_attention(q, c.k, c.v, c.lengths, impl=impl),
+                      [(q, caches[i]) for q, i in zip(qs, layers)]),
+            "hata": (lambda q, c, w: hata_attention(q, k_new, c, w, s.hata, impl),
+                     [(q, caches[i], hash_weights[i]) for q, i in zip(qs, layers)]),
+            "exact": (lambda q, c: exact_topk_attention(q, c, s.budget, impl),
+                      [(q, caches[i]) for q, i in zip(qs, layers)]),
+        }
+        out = {}
+        for method in METHODS:
+            if method not in s.methods:
+                continue
+            try:
+                if method == "cudnn":
+                    token_major = [(q, jnp.swapaxes(caches[i].k, 1, 2), jnp.swapaxes(caches[i].v, 1, 2))
+                                   for q, i in zip(qs, layers)]
+                    timing = median_us(lambda q, k, v: dpa_attention(q, k, v, lengths), token_major)
+                    free([t[1:] for t in token_major])
+                else:
+                    fn, arg_sets = ops[method]
+                    timing = median_us(fn, arg_sets)
+            except Exception as err:
+                self.error(base, f"attention {method}", err)
+                continue
+            nbytes = attention_bytes(config, method, batch, context, s.hata, item)
+            floor_us = nbytes / (self.bandwidth["floor_gbps"] * 1e3)
+            row = self.record({"kind": "attention", **base, "method": method, "length": context,
+                               "implementation": dpa_implementation() if method == "cudnn" else hj.default_impl(),
+                               **timing, "bytes": nbytes, "floor_us": floor_us, "of_floor": timing["median_us"] / floor_us})
+            out[method] = row["median_us"]
+            print(f"  attention {method:<6} {row['median_us']:>9.1f} us/layer  ({row['of_floor']:.2f}x floor)", flush=True)
+        return out
+
+    def time_steps(self, step, tokens, caches, model_name: str):
+        """Wall time (s) of each of `warmup + reps` steps, each waited for, then per-step times of
+        groups of PIPELINE steps dispatched back to back: ([times], [pipelined], tokens, caches)."""
+        steps, hash_weights, _ = self.model(model_name)
+        key = jax.random.PRNGKey(0)
+        times, pipelined = [], []
+        for _ in range(self.s.warmup + self.s.reps):
+            start = time.perf_counter()
+            tokens, caches, key = step(steps.state_leaves, tokens, caches, hash_weights, key)
+            tokens.block_until_ready()
+            times.append(time.perf_counter() - start)
+        for _ in range(self.s.reps // PIPELINE):
+            start = time.perf_counter()
+            for _ in range(PIPELINE):
+                tokens, caches, key = step(steps.state_leaves, tokens, caches, hash_weights, key)
+            tokens.block_until_ready()
+            pipelined.append((time.perf_counter() - start) / PIPELINE)
+        return times, pipelined, tokens, caches
+
+    def time_loop(self, step, tokens, caches, model_name: str):
+        """Per-step time (s) of `loop_steps` steps inside one jit, `1 + loop_reps` times (the first compiles)."""
+        steps, hash_weights, _ = self.model(model_name)
+        key = jax.random.PRNGKey(0)
+        times = []
+        for _ in range(1 + self.s.loop_reps):
+            start = time.perf_counter()
+            tokens, caches, key = run_steps(steps.state_leaves, tokens, caches, hash_weights, key, step=step,
+                                            n=self.s.loop_steps)
+            tokens.block_until_ready()
+            times.append((time.perf_counter() - start) / self.s.loop_steps)
+        return times, tokens, caches
+
+    def step_method(self, base, method, plan, caches, sweep_us, weights_read):
+        """Time one method's decode step on `caches`; returns the caches, or None when a failed
+        call consumed them (they are donated)."""
+        step = step_function(self.model(base["model"])[0], method, plan)
+        try:
+            times, pipelined, _, caches = self.timed(f"step:{method}", self.time_steps, step, self.tokens(base),
+                                                     caches, base["model"])
+        except Exception as err:
+            self.error(base, f"step {method}", err)
+            return surviving(caches)
+        implementation = dpa_implementation() if method == "cudnn" else hj.default_impl()
+        self.step_row(base, method, implementation, times, pipelined, sweep_us, weights_read)
+        check_no_overflow(caches)
+        return caches
+
+    def loop_method(self, base, method, plan, caches):
+        """Time `loop_steps` steps of a product method inside one jit and add them to its step row."""
+        s = self.s
+        row = next((r for r in self.rows if r["kind"] == "step" and r["method"] == method
+                    and all(r[k] == v for k, v in base.items())), None)
+        if row is None:
+            self.skip(base, "no per-step time to compare the in-jit loop with", f"loop:{method}")
+            return caches
+        try:
+            times, _, caches = self.timed(f"loop:{method}", self.time_loop,
+                                          step_function(self.model(base["model"])[0], method, plan),
+                                          self.tokens(base), caches, base["model"])
+        except Exception as err:
+            self.error(base, f"loop {method}", err)
+            return surviving(caches)
+        per_step = statistics.median(times[1:] or times)
+        row.update(loop_ms=1e3 * per_step, loop_steps=s.loop_steps, loop_tokens_per_s=base["batch"] / per_step,
+                   loop_first_call_s=times[0] * s.loop_steps)
+        self.save(complete=False)
+        print(f"  loop {method:<6} {row['loop_ms']:>8.2f} ms/step with {s.loop_steps} steps in one jit, "
+              f"{row['median_ms']:.2f} ms/step one call each (first call {row['loop_first_call_s']:.1f} s)", flush=True)
+        check_no_overflow(caches)
+        return caches
+
+    def tokens(self, base):
+        return jax.random.randint(self._next_key(), (base["batch"],), 0, self.configs[base["model"]].vocab_size,
+                                  jnp.int32)
+
+    def cudnn_step(self, base, config, plan, sweep_us, weights_read):
+        s, batch, context = self.s, base["batch"], base["context"]
+        if s.cudnn_step == "never":
+            return
+        if s.cudnn_step == "auto":
+            if "cudnn" not in sweep_us or "dense" not in sweep_us:
+                self.skip(base, "cudnn: no attention-only time to compare", "cudnn")
+                return
+            if sweep_us["cudnn"] >= sweep_us["dense"]:
+                self.skip(base, f"cudnn attention ({sweep_us['cudnn']:.1f} us/layer) is not faster than our dense "
+                                f"kernel ({sweep_us['dense']:.1f} us/layer) in the sweep", "cudnn")
+                return
+        if self.over_budget(base, ["build", "step:cudnn"], "cudnn"):
+            return
+        shape = (batch, context, config.num_kv_heads, config.head_dim)
+        caches = jax.block_until_ready([random_token_major_cache(self._next_key(), context - s.slack, shape=shape,
+                                                                 dtype=self.dtype)
+                                        for _ in range(config.num_layers)])
+        free(self.step_method(base, "cudnn", plan, caches, sweep_us, weights_read))
+
+    def step_row(self, base, method, implementation, times, pipelined, sweep_us, weights_read) -> dict:
+        s, config = self.s, self.configs[base["model"]]
+        batch, context = base["batch"], base["context"]
+        timed = times[s.warmup:]
+        median = statistics.median(timed)
+        nbytes = step_bytes(config, method, batch, context, s.hata, self.dtype.itemsize, weights_read)
+        floor_ms = nbytes / (self.bandwidth["floor_gbps"] * 1e6)
+        row = {"kind": "step", **base, "method": method, "implementation": implementation,
+               "lengths": [context - s.slack + s.warmup + 1, context - s.slack + s.warmup + s.reps],
+               "median_ms": 1e3 * median, "p10_ms": 1e3 * float(np.percentile(timed, 10)),
+               "p90_ms": 1e3 * float(np.percentile(timed, 90)), "steps": len(timed), "first_call_s": times[0],
+               "tokens_per_s": batch / median, "bytes": nbytes, "floor_ms": floor_ms,
+               "of_floor": 1e3 * median / floor_ms}
+        if pipelined:
+            row.update(pipelined_ms=1e3 * statistics.median(pipelined), pipelined_steps=len(pipelined) * PIPELINE)
+        dense_layers = config.num_layers if method in ("dense", "cudnn") else min(s.dense_layers, config.num_layers)
+        dense_kind = "cudnn" if method == "cudnn" else "dense"
+        if dense_kind in sweep_us and method in sweep_us:
+            attention_us = dense_layers * sweep_us[dense_kind] + (config.num_layers - dense_layers) * sweep_us[method]
+            row.update(attention_ms=attention_us / 1e3, attention_share=attention_us / 1e3 / row["median_ms"])
+        self.record(row)
+        share = f"{row['attention_share']:.0%}" if "attention_share" in row else "-"
+        pipe = f", back to back {row['pipelined_ms']:.2f} ms" if pipelined else ""
+        print(f"  step {method:<6} {row['median_ms']:>8.2f} ms  {row['tokens_per_s']:>8.1f} tok/s  "
+              f"attention {share}  {row['of_floor']:.2f}x floor  (first call {times[0]:.1f} s{pipe})", flush=True)
+        return row
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """A config's core job (sweep, dense, HATA and cuDNN steps) or its extras (exact top-k step, in-jit loops)."""
+
+    model: str
+    context: int
+    batch: int
+    extras: bool = False
+
+
+def ordered_jobs(settings: Settings) -> list[Job]:
+    """The jobs from the most to the least important. Per model: the core jobs of its first
+    `CORE_FIRST` configs in PRIORITY order, then the extras of its first `extras_configs`, then
+    the other core jobs; the models' lists are merged by place, each model's shifted by MODEL_OFFSET."""
+    rank = {config: i for i, config in enumerate(PRIORITY)}
+    grid = sorted(((c, b) for c in settings.contexts for b in settings.batches),
+                  key=lambda cb: (rank.get(cb, len(PRIORITY)), cb[1], cb[0]))
+    placed = []
+    for m, name in enumerate(settings.models):
+        core = [Job(name, c, b) for c, b in grid]
+        extras = [Job(name, c, b, extras=True) for c, b in grid[:settings.extras_configs]]
+        for place, job in enumerate(core[:CORE_FIRST] + extras + core[CORE_FIRST:]):
+            placed.append(((place + MODEL_OFFSET[name], m), job))
+    return [job for _, job in sorted(placed, key=lambda p: p[0])]
+
+
+def memory_limit_bytes(settings: Settings) -> float:
+    if settings.memory_gb is not None:
+        return settings.memory_gb * GB
+    stats = jax.devices()[0].memory_stats() or {}
+    return 0.97 * stats["bytes_limit"] if "bytes_limit" in stats else 75 * GB
+
+
+def step_order(row: dict) -> tuple:
+    return row["model"], row["batch"], row["context"], METHODS.index(row["method"])
+
+
+def summary(rows: list[dict]) -> str:
+    """A compact text table of the step rows (with the HATA speedup over the best dense step)."""
+    steps = sorted((r for r in rows if r["kind"] == "step"), key=step_order)
+    lines = [f"{'model':<8} {'context':>8} {'batch':>5} {'method':<6} {'ms/step':>9} {'tok/s':>9} {'attn':>5} "
+             f"{'x floor':>7} {'b2b ms':>7} {'loop ms':>8}  vs best dense"]
+    for r in steps:
+        best = best_dense(steps, r["model"], r["context"], r["batch"])
+        versus = f"{best['median_ms'] / r['median_ms']:.2f}x" if best and r["method"] in ("hata", "exact") else ""
+        share = f"{r['attention_share']:.0%}" if "attention_share" in r else "-"
+        loop, b2b = (f"{r[k]:.2f}" if k in r else "-" for k in ("loop_ms", "pipelined_ms"))
+        lines.append(f"{r['model']:<8} {r['context']:>8} {r['batch']:>5} {r['method']:<6} {r['median_ms']:>9.2f} "
+                     f"{r['tokens_per_s']:>9.1f} {share:>5} {r['of_floor']:>7.2f} {b2b:>7} {loop:>8}  {versus}")
+    skipped = [r for r in rows if r["kind"] in ("skip", "error")]
+    lines += [f"{r['kind']}: {r['model']} {r['context']} b{r['batch']} {r.get('method') or ''}: "
+              f"{r.get('reason') or r.get('error', '')[:200]}" for r in skipped]
+    return "\n".join(lines)
+
+
+def best_dense(rows, model, context, batch, kind="step", key="median_ms"):
+    dense = [r for r in rows if r["kind"] == kind and r["method"] in ("dense", "cudnn")
+             and (r["model"], r["context"], r["batch"]) == (model, context, batch)]
+    return min(dense, key=lambda r: r[key]) if dense else None
+
+
+# ----------------------------------------------------------------------------- report
+
+def _find(rows, kind, model, context, batch, method):
+    """The row of `kind` for (model, context, batch, method), or None."""
+    for r in rows:
+        if r["kind"] == kind and (r["model"], r["context"], r["batch"], r["method"]) == (model, context, batch, method):
+            return r
+    return None
+
+
+def title(data: dict, model: str) -> str:
+    return f"{model} (small)" if data["settings"]["small"] else MODEL_TITLES.get(model, model)
+
+
+def report_markdown(data: dict) -> str:
+    env, s, rows = data["environment"], data["settings"], data["rows"]
+    steps = [r for r in rows if r["kind"] == "step"]
+    attention = [r for r in rows if r["kind"] == "attention"]
+    bw = data["bandwidth"]
+    lines = [f"Device: {env['device']} ({env['backend']}), jax {env['jax']}, commit {env['commit']}, {env['date']}. "
+             f"Bandwidth measured in the run: copy {bw['copy_gbps']:.0f} GB/s, read {bw['read_gbps']:.0f} GB/s; "
+             f"floors use {bw['floor_gbps']:.0f} GB/s. HATA: budget {s['budget']}, rbit {s['rbit']}, layers "
+             f"< {s['dense_layers']} dense; {s['dtype']}; median of {s['reps']} steps after {s['warmup']} warm-up "
+             f"calls.{'' if data.get('complete') else ' (INCOMPLETE run: the JSON was cut off.)'}", ""]
+    for model in dict.fromkeys(r["model"] for r in steps + attention):
+        name = title(data, model)
+        mine = sorted((r for r in steps if r["model"] == model), key=step_order)
+        sweep = [r for r in attention if r["model"] == model]
+        if model == "llama" and not s["small"]:
+            lines += [f"### {name}: goals", ""] + goals_table(steps, attention, s["budget"]) + [""]
+        single = [(c, 1) for c in sorted({r["context"] for r in mine if r["batch"] == 1})]
+        batched = sorted({(r["context"], r["batch"]) for r in mine if any(
+            o["context"] == r["context"] and o["batch"] > 1 for o in mine)})
+        lines += pivot(f"{name}: decode step latency (ms) vs context, batch 1", mine, "step", single,
+                       lambda r: f"{r['median_ms']:.2f}", with_batch=False)
+        lines += pivot(f"{name}: tokens/s vs batch", mine, "step", batched, lambda r: f"{r['tokens_per_s']:.1f}")
+        if mine:
+            lines += [f"### {name}: every step measured", "",
+                      "| context | batch | method | ms/step (p10-p90) | tokens/s | attention share | GB moved | floor ms | "
+                      "x floor | back to back ms/step | in-jit loop ms/step | first call s |",
+                      "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            for r in mine:
+                share = f"{r['attention_share']:.0%}" if "attention_share" in r else "-"
+                extra = [f"{r[k]:.2f}" if k in r else "-" for k in ("pipelined_ms", "loop_ms")]
+                lines.append(f"| {r['context']} | {r['batch']} | {r['method']} ({r['implementation']}) | "
+                             f"{r['median_ms']:.2f} ({r['p10_ms']:.2f}-{r['p90_ms']:.2f}) | {r['tokens_per_s']:.1f} | "
+                             f"{share} | {r['bytes'] / GB:.2f} | {r['floor_ms']:.2f} | {r['of_floor']:.2f} | "
+                             f"{' | '.join(extra)} | {r['first_call_s']:.1f} |")
+            lines.append("")
+        configs = sorted({(r["context"], r["batch"]) for r in sweep}, key=lambda cb: (cb[1], cb[0]))
+        lines += pivot(f"{name}: attention only, one layer (us; x floor)", sweep, "attention", configs,
+                       lambda r: f"{r['median_us']:.1f} ({r['of_floor']:.1f}x)", key="median_us")
+        crossing = None  # the shortest context from which HATA attention wins at every longer one
+        for c in sorted({r["context"] for r in sweep if r["batch"] == 1}, reverse=True):
+            best = best_dense(sweep, model, c, 1, "attention", "median_us")
+            hata = _find(sweep, "attention", model, c, 1, "hata")
+            if not (best and hata and hata["median_us"] < best["median_us"]):
+                break
+            crossing = c
+        if crossing:
+            lines += [f"HATA attention beats the best dense attention at batch 1 from context {crossing} on (the "
+                      f"short-context policy's threshold, `dense_below`, should sit near it).", ""]
+    other = [r for r in rows if r["kind"] in ("skip", "error")]
+    if other:
+        lines += ["Skipped or failed:", ""] + [
+            f"- {r['model']} context {r['context']} batch {r['batch']} {r.get('method') or ''}: "
+            f"{r.get('reason') or r.get('error', '')[:300]}" for r in other]
+    return "\n".join(lines)
+
+
+def pivot(heading, rows, kind, configs, cell, *, key="median_ms", with_batch=True) -> list[str]:
+    """A markdown table of one model's `rows`: a line per (context, batch) in `configs`, a column
+    per method (`cell(row)`), and HATA's speedup over the best dense (by `key`, lower is better)."""
+    if not configs:
+        return []
+    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    lead = ["context", "batch"] if with_batch else ["context"]
+    lines = [f"### {heading}", "", "| " + " | ".join(lead + methods) + " | HATA vs best dense |",
+             "|" + "---:|" * (len(lead) + len(methods) + 1)]
+    model = rows[0]["model"]
+    for c, b in configs:
+        found = [_find(rows, kind, model, c, b, m) for m in methods]
+        best, hata = best_dense(rows, model, c, b, kind, key), _find(rows, kind, model, c, b, "hata")
+        speedup = f"{best[key] / hata[key]:.2f}x" if best and hata else "-"
+        lines.append("| " + " | ".join([str(c)] + ([str(b)] if with_batch else []) + [cell(r) if r else "-" for r in found])
+                     + f" | {speedup} |")
+    return lines + [""]
+
+
+def goals_table(steps, attention, budget: int) -> list[str]:
+    """The issue's goals, read from the Llama rows."""
+    def speedup(rows, kind, context, batch, key):
+        best, hata = best_dense(rows, "llama", context, batch, kind, key), _find(rows, kind, "llama", context, batch, "hata")
+        return (best[key] / hata[key], best["method"]) if best and hata else (None, None)
+
+    lines = ["| goal | measured | met |", "|---|---:|---|"]
+    for text, rows, kind, context, batch, key, target in (
+            ("attention only, 128K, batch 1: HATA >= 10x faster than the best dense", attention, "attention", 131072, 1,
+             "median_us", 10.0),
+            ("whole step, 128K, batch 1: HATA >= 2x the best dense tokens/s", steps, "step", 131072, 1, "median_ms", 2.0),
+            ("whole step, 32K, batch 8: HATA >= 3x the best dense tokens/s", steps, "step", 32768, 8, "median_ms", 3.0)):
+        value, best = speedup(rows, kind, context, batch, key)
+        lines.append(f"| {text} | {f'{value:.2f}x (vs {best})' if value else 'not measured'} | "
+                     f"{'-' if value is None else 'yes' if value >= target else 'NO'} |")
+    value, best = speedup(steps, "step", 4096, 1, "median_ms")
+    cost = 1 / value if value else None
+    threshold = generation.DENSE_BELOW_BUDGETS * budget
+    met = "-" if cost is None else "yes" if cost <= 1.10 else "by the policy" if 4096 <= threshold else "NO"
+    lines += [f"| whole step, 4K, batch 1: HATA costs <= 1.10x the best dense, or the model switches to dense | "
+              f"{f'{cost:.2f}x (vs {best})' if cost else 'not measured'} | {met} |", "",
+              f"Short-context policy: `models.generate` (and `hata-jax generate`) run the all-dense step while every "
+              f"sequence holds at most `dense_below` tokens, by default {generation.DENSE_BELOW_BUDGETS} x budget = "
+              f"{threshold} here, so contexts up to that length decode at the dense step's speed."]
+    return lines
+
+
+def report_plots(data: dict, folder: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, written = data["rows"], []
+    steps = [r for r in rows if r["kind"] == "step"]
+    attention = [r for r in rows if r["kind"] == "attention"]
+    models = list(dict.fromkeys(r["model"] for r in steps + attention))
+
+    def save(fig, name):
+        path = os.path.join(folder, name)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    def lines_by_method(ax, rows, x, y, where):
+        for method in METHODS:
+            pts = sorted((r[x], r[y]) for r in rows if r["method"] == method and where(r))
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=method, color=COLORS[method])
+        ticks = sorted({r[x] for r in rows if where(r)})
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [f"{t // 1024}K" if t >= 1024 and t % 1024 == 0 else str(t) for t in ticks])
+        ax.minorticks_off()
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+
+    device = data["environment"]["device"]
+    for kind, rows_of, y, ylabel, name in (
+            ("step", steps, "median_ms", "decode step (ms)", "decode_latency_vs_context.png"),
+            ("attention", attention, "median_us", "attention, one layer (us)", "attention_latency_vs_context.png")):
+        if not any(r["batch"] == 1 for r in rows_of):
+            continue
+        fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
+        for ax, model in zip(axes[0], models):
+            lines_by_method(ax, rows_of, "context", y, lambda r, m=model: r["model"] == m and r["batch"] == 1)
+            ax.set(yscale="log", xlabel="context (tokens)", ylabel=ylabel, title=f"{title(data, model)}, batch 1")
+        fig.suptitle(f"{device}: {kind} latency vs context")
+        save(fig, name)
+    contexts = sorted({(r["model"], r["context"]) for r in steps if r["batch"] > 1})
+    if contexts:
+        fig, axes = plt.subplots(1, len(contexts), figsize=(5 * len(contexts), 4), squeeze=False)
+        for ax, (model, context) in zip(axes[0], contexts):
+            lines_by_method(ax, steps, "batch", "tokens_per_s", lambda r, m=model, c=context: (r["model"], r["context"]) == (m, c))
+            ax.set(xlabel="batch", ylabel="tokens/s", title=f"{title(data, model)}, context {context}")
+        fig.suptitle(f"{device}: decode tokens/s vs batch")
+        save(fig, "decode_tokens_per_s_vs_batch.png")
+    return written
+
+
+# ----------------------------------------------------------------------------- command line
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", help="results JSON (written after every result)")
+    parser.add_argument("--report", metavar="JSON", help="print markdown tables of a results JSON and write PNG "
+                                                         "plots next to it (no benchmark run)")
+    parser.add_argument("--plots", metavar="DIR", help="with --report: folder for the plots (default: the JSON's)")
+    parser.add_argument("--small", action="store_true", help="tiny models and contexts (CPU smoke run)")
+    parser.add_argument("--models", nargs="+", choices=sorted(FULL_MODELS))
+    parser.add_argument("--contexts", nargs="+", type=int)
+    parser.add_argument("--batches", nargs="+", type=int)
+    parser.add_argument("--methods", nargs="+", choices=METHODS)
+    parser.add_argument("--reps", type=int, help="timed steps per method (default 30)")
+    parser.add_argument("--loop-steps", type=int, help="steps inside one jit for the loop variant (0: none; default 8)")
+    parser.add_argument("--extras-configs", type=int,
+                        help="how many of each model's most important configs also time the exact top-k step and "
+                             "the in-jit loop (default 3)")
+    parser.add_argument("--cudnn-step", choices=["auto", "always", "never"],
+                        help="time the cuDNN decode step always, never, or (auto, default) where cuDNN attention "
+                             "beat our dense kernel in the sweep")
+    parser.add_argument("--time-budget", type=float, dest="time_budget_s",
+                        help="seconds for the whole run; later configs are skipped (default 480)")
+    parser.add_argument("--memory-gb", type=float, help="device memory to plan for (default: 97%% of the allocator's)")
+    args = parser.parse_args(argv)
+    if bool(args.out) == bool(args.report):
+        parser.error("give exactly one of --out (run the benchmark) and --report (tables and plots of a JSON)")
+    given = {k: v for k, v in vars(args).items() if v is not None and k in {f.name for f in dataclasses.fields(Settings)}}
+    for name in ("models", "contexts", "batches", "methods"):
+        if name in given:
+            given[name] = tuple(given[name])
+    settings = Settings(**{**(SMALL if args.small else {}), **given})
+    return args, settings
+
+
+def main(argv=None) -> int:
+    args, settings = parse_args(argv)
+    if args.report:
+        with open(args.report) as f:
+            data = json.load(f)
+        print(report_markdown(data))
+        for path in report_plots(data, args.plots or os.path.dirname(os.path.abspath(args.report))):
+            print(f"wrote {path}", file=sys.stderr)
+        return 0
+    started = time.perf_counter()
+    # Let the allocator take most of the GPU (the default pool is 75%); read when the backend starts.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
+    env = environment()
+    print(env, flush=True)
+    bandwidth = floor_bandwidth_gbps(1 << (20 if settings.small else 30))
+    print(f"bandwidth: {bandwidth}", flush=True)
+    bench = DecodeBench(settings, args.out, bandwidth, env, memory_limit_bytes(settings), started)
+    print(f"memory limit {bench.memory_limit / GB:.1f} GB, time budget {settings.time_budget_s:.0f} s, "
+          f"{settings.slack} steps per method", flush=True)
+    for job in ordered_jobs(settings):
+        try:
+            bench.run_job(job)
+        except Exception as err:  # keep the other configs' numbers; the error goes into the JSON
+            bench.error({"model": job.model, "context": job.context, "batch": job.batch},
+                        "extras" if job.extras else "config", err)
+    bench.save(complete=True)
+    print(summary(bench.rows), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
