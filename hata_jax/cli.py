@@ -41,8 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=_cmd_info)
 
     from models.cli import add_generate_command
+    from train.cli import add_recall_command, add_train_command
 
     add_generate_command(sub)
+    add_train_command(sub)
+    add_recall_command(sub)
     return parser
 
 

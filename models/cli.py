@@ -23,11 +23,16 @@ def add_generate_command(subparsers) -> None:
     gen.add_argument("--attention", choices=["dense", "hata"], default="dense",
                      help="decode attention of the layers after --dense-layers (default dense)")
     gen.add_argument("--budget", type=int, default=2048, help="HATA tokens selected per KV head (default 2048)")
+    gen.add_argument("--dense-below", type=int, default=None, metavar="N",
+                     help="short-context policy: decode steps over at most N tokens (prompt + generated) run dense "
+                          "attention in every layer, where it is cheaper than HATA's hashing and selection; codes "
+                          "stay current, so the later switch to HATA is exact (default 4 x budget; 0 = never)")
     gen.add_argument("--rbit", type=int, default=128, help="hash bits (default 128)")
     gen.add_argument("--dense-layers", type=int, default=2, help="first layers that stay dense (default 2)")
     gen.add_argument("--hash-weights", metavar="PATH",
-                     help="trained hash projections: an .npz (arrays layer_<i> [Hkv, D, rbit]) or a directory "
-                          "holding one; without it HATA uses random, untrained projections")
+                     help="trained hash projections: a `hata-jax train` run directory (orbax checkpoint), or an .npz "
+                          "(arrays layer_<i> [Hkv, D, rbit]) or a directory holding one; default for smollm2: the "
+                          "projections shipped with hata-jax; otherwise HATA uses random, untrained projections")
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with --temperature > 0)")
@@ -71,8 +76,8 @@ def run_generate(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
 
     from hata_jax import HataConfig
-    from models.attention import AttentionPlan, layer_span, load_hash_weights
-    from models.generation import Sampling, generate
+    from models.attention import AttentionPlan, layer_span
+    from models.generation import Sampling, generate, short_context_threshold
     from models.load import load_model
 
     def log(message: str) -> None:
@@ -86,14 +91,21 @@ def run_generate(args: argparse.Namespace) -> int:
     log(f"loaded {args.model} ({config.model_type}, {config.num_layers} layers, {config.num_heads} q heads, "
         f"{config.num_kv_heads} KV heads, head dim {config.head_dim}) in {time.perf_counter() - start:.1f} s")
     plan = AttentionPlan.uniform(config.num_layers, args.attention, hata, impl=args.impl)
-    hash_weights = load_hash_weights(args.hash_weights) if args.hash_weights else None
+    threshold = short_context_threshold(plan, args.dense_below)
+    hash_weights = None
+    if args.attention == "hata" or args.hash_weights:
+        from train.weights import hash_weights_for_generate
+
+        hash_weights = hash_weights_for_generate(args.hash_weights, args.model, model, args.rbit, log)
     if args.attention == "hata":
         if not plan.hashed_layers:
             raise ValueError(f"--dense-layers {args.dense_layers} leaves no HATA layer in a {config.num_layers}-layer model")
         log(f"HATA in layers {layer_span(plan.hashed_layers)} (rbit {args.rbit}, budget {args.budget}); "
-            f"the first {args.dense_layers} layers stay dense")
+            f"the first {args.dense_layers} layers stay dense"
+            + (f"; every layer decodes dense while the context is <= {threshold} tokens (--dense-below)"
+               if threshold else ""))
         if hash_weights is None:
-            log("WARNING: no --hash-weights: HATA uses RANDOM, UNTRAINED hash projections (SimHash); "
+            log("WARNING: no trained hash weights: HATA uses RANDOM, UNTRAINED hash projections (SimHash); "
                 "selection quality is that of the untrained baseline")
     chat = tokenizer.chat_template is not None if args.chat is None else args.chat
     prompt = tokenizer.encode_prompt(args.prompt, chat=chat)
@@ -102,10 +114,12 @@ def run_generate(args: argparse.Namespace) -> int:
         if hash_weights is None:  # already said above
             warnings.filterwarnings("ignore", message=".*UNTRAINED hash projections.*")
         result = generate(model, [prompt], max_new_tokens=args.max_new_tokens, plan=plan, hash_weights=hash_weights,
-                          sampling=sampling, stop_ids=tokenizer.stop_ids, seed=args.seed, on_tokens=stream)
+                          sampling=sampling, stop_ids=tokenizer.stop_ids, seed=args.seed, on_tokens=stream,
+                          dense_below=args.dense_below)
     print(flush=True)
     new = len(result.tokens[0])
     log(f"{len(prompt)} prompt tokens, {new} new tokens; prefill {result.prefill_seconds:.2f} s and first decode "
         f"step {result.first_step_seconds:.2f} s (both include compilation); "
-        f"decode {result.tokens_per_second:.1f} tokens/s over {result.decode_steps} steps")
+        f"decode {result.tokens_per_second:.1f} tokens/s over {result.decode_steps} steps"
+        + (f" ({result.dense_steps} steps dense by --dense-below)" if result.dense_steps else ""))
     return 0

@@ -56,10 +56,16 @@ class SelfAttention(nnx.Module):
         v = self.v_proj(x).reshape(*lead, self.num_kv_heads, self.head_dim)
         return apply_rope(q, positions, self.inv_freq), apply_rope(k, positions, self.inv_freq), v
 
-    def prefill(self, x, lengths, cache: HataCache | None, w, impl: str):
-        """x: [B, T, hidden], lengths: int[B] -> ([B, T, hidden], cache with the prompt written)."""
+    def prefill(self, x, lengths, cache: HataCache | None, w, impl: str, capture_qk: bool = False):
+        """x: [B, T, hidden], lengths: int[B] -> ([B, T, hidden], cache with the prompt written).
+
+        With `capture_qk` (inside `nnx.capture(..., nnx.Intermediate)`), sows the post-RoPE
+        `(q [B, T, Hq, D], k [B, T, Hkv, D])` as the intermediate "qk".
+        """
         b, t, _ = x.shape
         q, k, v = self._qkv(x, jnp.broadcast_to(jnp.arange(t), (b, t)))
+        if capture_qk:
+            self.sow(nnx.Intermediate, "qk", (q, k))
         out = jax.nn.dot_product_attention(q, k, v, is_causal=True, key_value_seq_lengths=lengths)
         if cache is not None:
             cache = cache.prefill(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), w, lengths, impl=impl)
@@ -100,8 +106,8 @@ class DecoderLayer(nnx.Module):
         x = x + attn_out
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def prefill(self, x, lengths, cache, w, impl):
-        attn_out, cache = self.self_attn.prefill(self.input_layernorm(x), lengths, cache, w, impl)
+    def prefill(self, x, lengths, cache, w, impl, capture_qk=False):
+        attn_out, cache = self.self_attn.prefill(self.input_layernorm(x), lengths, cache, w, impl, capture_qk)
         return self._finish(x, attn_out), cache
 
     def decode(self, x, cache, w, kind, plan):
@@ -135,13 +141,15 @@ class LlamaForCausalLM(nnx.Module):
         return out.astype(jnp.float32)
 
     def prefill(self, tokens, lengths, caches: list[HataCache] | None = None, hash_weights=None,
-                impl: str = "auto"):
+                impl: str = "auto", capture_qk: bool = False):
         """Dense causal attention over right-padded prompts; fills every layer's cache if given.
 
         Args:
           tokens: int[B, T]; lengths: int[B] valid tokens per row (<= T).
           caches: one HataCache per layer (capacity >= T), or None for a cache-free forward.
           hash_weights: one float[Hkv, D, rbit] per layer (needed with caches).
+          capture_qk: sow every layer's post-RoPE q and k (see :meth:`SelfAttention.prefill`);
+            read them with `nnx.capture(..., nnx.Intermediate)` (used by :mod:`train.collect`).
 
         Returns:
           (hidden [B, T, hidden_size] after the final norm, the filled caches or None).
@@ -150,7 +158,8 @@ class LlamaForCausalLM(nnx.Module):
         new_caches = None if caches is None else []
         for i, layer in enumerate(self.layers):
             cache = None if caches is None else caches[i]
-            x, cache = layer.prefill(x, lengths, cache, None if hash_weights is None else hash_weights[i], impl)
+            x, cache = layer.prefill(x, lengths, cache, None if hash_weights is None else hash_weights[i], impl,
+                                     capture_qk)
             if caches is not None:
                 new_caches.append(cache)
         return self.norm(x), new_caches

@@ -13,7 +13,7 @@ def test_help_lists_subcommands(capsys):
         cli.main(["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for command in ("demo", "info"):
+    for command in ("demo", "info", "generate", "train", "recall"):
         assert command in out
 
 

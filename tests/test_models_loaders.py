@@ -340,7 +340,7 @@ def test_cli_generate_on_a_tiny_checkpoint(tmp_path, rng, capsys):
     assert cli.main(args + ["--no-chat"]) == 0
     out, err = capsys.readouterr()
     assert "tokens/s" in err and "2 prompt tokens" in err
-    assert cli.main(args + ["--attention", "hata", "--rbit", "32", "--budget", "4", "--dense-layers", "1",
+    assert cli.main(args + ["--attention", "hata", "--dense-below", "0", "--rbit", "32", "--budget", "4", "--dense-layers", "1",
                             "--hash-weights", str(tmp_path / "hash.npz")]) == 0
     out, err = capsys.readouterr()
     assert "HATA in layers [1]" in err and "UNTRAINED" not in err and "7 prompt tokens" in err

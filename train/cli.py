@@ -1,0 +1,167 @@
+"""`hata-jax train` and `hata-jax recall`."""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import tempfile
+import time
+
+
+
+def _add_model_args(parser, split: str, samples_default: str) -> None:
+    parser.add_argument("--model", default="smollm2",
+                        help="'smollm2' (the embedded SmolLM2-135M-Instruct), a HF checkpoint directory or a .gguf file")
+    parser.add_argument("--corpus", nargs="+", metavar="PATH",
+                        help="text files or directories (default: the Python standard library's sources, "
+                             f"its {split} split)")
+    parser.add_argument("--seq-len", type=int, default=4096, help="tokens per sequence (default 4096)")
+    parser.add_argument("--queries", type=int, default=32,
+                        help="query positions per sequence, drawn from [seq_len/2, seq_len) (default 32)")
+    parser.add_argument("--samples", metavar="DIR", help="where the collected q/k samples are kept: reused if "
+                                                          f"complete, resumed if not (default {samples_default})")
+
+
+def add_train_command(subparsers) -> None:
+    """Register `train` on the `hata-jax` parser's subparsers."""
+    p = subparsers.add_parser(
+        "train", help="train HATA hash projections (or HashAttention) for a model's layers",
+        description="Collect post-RoPE q/k samples from prefills over a corpus, then train a selector for every "
+                    "layer from --dense-layers on, with orbax checkpoints in OUT/checkpoints (resumable).")
+    _add_model_args(p, "training", "OUT/samples")
+    p.add_argument("--out", required=True, metavar="DIR", help="run directory (checkpoints, and samples by default)")
+    p.add_argument("--selector", choices=["hata", "hashattention"], default="hata")
+    p.add_argument("--rbit", type=int, default=128, help="HATA hash bits (default 128)")
+    p.add_argument("--dense-layers", type=int, default=2, help="first layers left dense, not trained (default 2)")
+    p.add_argument("--sequences", type=int, default=8, help="training sequences (default 8)")
+    p.add_argument("--steps", type=int, help="optimizer steps per layer (default 300)")
+    p.add_argument("--optimizer", choices=["sgd", "adam", "adamw"],
+                   help="default: sgd (momentum 0.9) for hata, adam for hashattention")
+    p.add_argument("--lr", type=float, help="learning rate (default 0.1 for hata, 1e-3 for hashattention)")
+    p.add_argument("--momentum", type=float, help="sgd momentum (default 0.9)")
+    p.add_argument("--weight-decay", type=float, help="default 1e-6 for hata, 0 for hashattention")
+    p.add_argument("--batch-sequences", type=int,
+                   help="sequences per step (0 = all; default all for hata, 4 for hashattention)")
+    p.add_argument("--batch-keys", type=int,
+                   help="key positions per step, shared by its sequences (0 = all; default 256 for hata, 512 for "
+                        "hashattention)")
+    p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps within a layer")
+    p.add_argument("--seed", type=int, default=0, help="corpus order, query positions, init and batches (default 0)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run_train)
+
+
+def add_recall_command(subparsers) -> None:
+    """Register `recall` on the `hata-jax` parser's subparsers."""
+    p = subparsers.add_parser(
+        "recall", help="how much attention mass trained vs random hash codes keep, on held-out text",
+        description="Share of the exact attention mass inside the tokens each selector picks, for budgets of "
+                    "1/64 to 1/4 of the context, per layer and averaged: exact top-k, HATA with trained "
+                    "projections, HATA with random projections (same rbit), and HashAttention if given.")
+    _add_model_args(p, "held-out", "a temporary directory")
+    p.add_argument("--hash-weights", metavar="DIR",
+                   help="a `hata-jax train` run (or checkpoint) directory; default for smollm2: the shipped weights")
+    p.add_argument("--hashattention", metavar="DIR", help="a `hata-jax train --selector hashattention` run directory")
+    p.add_argument("--sequences", type=int, default=4, help="held-out sequences (default 4)")
+    p.add_argument("--seed", type=int, default=1, help="held-out file order and query positions (default 1)")
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    p.add_argument("--plot", metavar="PATH", help="write a PNG plot")
+    p.set_defaults(func=run_recall)
+
+
+def require_train_extra(*modules: str) -> None:
+    """The model extra plus `modules` of the train extra (pyproject.toml) must be installed."""
+    import importlib.util
+
+    from models.cli import require_model_extra
+
+    require_model_extra()
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ValueError(f"this command needs the train extra (missing {', '.join(missing)}): "
+                         "pip install -e '.[train]'")
+
+
+def log(message: str) -> None:
+    print(f"[hata-jax] {message}", file=sys.stderr, flush=True)
+
+
+def _corpus(args, split: str):
+    from train import corpus
+
+    return corpus.file_corpus(args.corpus) if args.corpus else corpus.stdlib_corpus(split)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    require_train_extra(*(() if args.no_progress else ("tqdm",)))
+    from models.load import load_model
+    from train.collect import CollectConfig
+    from train.hashattention import HashAttentionSelector
+    from train.hata import HataSelector
+    from train.run import train_model
+    from train.trainer import TrainConfig
+
+    selector = HataSelector(rbit=args.rbit) if args.selector == "hata" else HashAttentionSelector()
+    collect_config = CollectConfig(seq_len=args.seq_len, sequences=args.sequences, queries=args.queries,
+                                   seed=args.seed)
+    train_config = TrainConfig.for_selector(
+        selector, steps=args.steps, optimizer=args.optimizer, learning_rate=args.lr, momentum=args.momentum,
+        weight_decay=args.weight_decay, batch_sequences=args.batch_sequences, batch_keys=args.batch_keys,
+        seed=args.seed, save_every=args.save_every)
+    start = time.perf_counter()
+    model, tokenizer = load_model(args.model, log=log)
+    train_model(model, args.model, tokenizer, args.out, corpus=_corpus(args, "train"), selector=selector,
+                collect_config=collect_config, train_config=train_config, dense_layers=args.dense_layers,
+                samples_dir=args.samples, resume=args.resume, progress=not args.no_progress, log=log)
+    log(f"done in {time.perf_counter() - start:.0f} s; use it with --hash-weights {args.out}"
+        if args.selector == "hata" else f"done in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+def run_recall(args: argparse.Namespace) -> int:
+    require_train_extra(*(("matplotlib",) if args.plot else ()))
+    from models.attention import random_projections
+    from models.load import load_model
+    from train import checkpoint, recall
+    from train.collect import CollectConfig, collect
+    from train.hashattention import HashAttentionSelector
+    from train.hata import HataSelector
+    from train.weights import shipped_weights
+
+    hash_weights = args.hash_weights or shipped_weights(args.model)
+    if hash_weights is None:
+        raise ValueError(f"--hash-weights is required for --model {args.model} (no shipped weights)")
+    model, tokenizer = load_model(args.model, log=log)
+    trained, metadata = checkpoint.load_trained(hash_weights, model, "hata")
+    layers, rbit = metadata["layers"], metadata["rbit"]
+    selector = HataSelector(rbit=rbit)
+    methods = {recall.TRAINED: (selector, trained),
+               recall.RANDOM: (selector, random_projections(model.config, rbit, seed=0, layers=layers))}
+    checkpoints = {str(hash_weights): metadata}
+    if args.hashattention:
+        ha_params, ha_meta = checkpoint.load_trained(args.hashattention, model, "hashattention")
+        missing = sorted(set(layers) - set(ha_params))
+        if missing:
+            raise ValueError(f"{args.hashattention} has no HashAttention weights for layers {missing}")
+        methods[recall.HASHATTENTION] = (HashAttentionSelector(**ha_meta["selector"]["config"]), ha_params)
+        checkpoints[args.hashattention] = ha_meta
+    config = CollectConfig(seq_len=args.seq_len, sequences=args.sequences, queries=args.queries, seed=args.seed)
+    with tempfile.TemporaryDirectory(prefix="hata-recall-") as tmp:
+        samples = pathlib.Path(args.samples or tmp)
+        start = time.perf_counter()
+        log(f"collecting held-out samples: {config.sequences} sequences of {config.seq_len} tokens -> {samples}")
+        collect(model, args.model, tokenizer, _corpus(args, "heldout"), config, layers, samples,
+                progress=lambda done, total: log(f"  prefill {done}/{total} ({time.perf_counter() - start:.0f} s)"))
+        recall.check_heldout(samples, checkpoints)
+        result = recall.evaluate(samples, layers, methods)
+        document = recall.report(result, samples, checkpoints, args.model)
+    print(recall.format_table(result))
+    if args.json:
+        recall.write_json(document, args.json)
+        log(f"wrote {args.json}")
+    if args.plot:
+        recall.plot(result, args.plot, f"{args.model}: held-out attention mass kept (rbit {rbit}, "
+                                       f"{config.seq_len}-token sequences)")
+        log(f"wrote {args.plot}")
+    return 0

@@ -1,0 +1,60 @@
+"""Where `hata-jax generate` gets its hash projections: `--hash-weights PATH` (a `hata-jax train`
+run, an orbax checkpoint step, or an .npz), else the weights shipped for the model, else none
+(random projections, with a warning).
+
+Shipped: `hata_jax/weights/smollm2-rbit128/`, the final checkpoint (`checkpoints/8400/`) of
+
+    hata-jax train --model smollm2 --out runs/smollm2-hata
+
+(HATA, rbit 128, layers 2..29, seed 0; see README "Train hash projections").
+"""
+from __future__ import annotations
+
+import importlib.resources
+import pathlib
+
+SHIPPED = {"smollm2": "smollm2-rbit128"}  # model spec -> directory under hata_jax/weights/
+
+
+def shipped_weights(model_name: str) -> pathlib.Path | None:
+    """The shipped checkpoint directory for a model spec ("smollm2"), or None."""
+    if model_name not in SHIPPED:
+        return None
+    path = pathlib.Path(str(importlib.resources.files("hata_jax") / "weights" / SHIPPED[model_name]))
+    return path if path.is_dir() else None
+
+
+def is_npz(path: pathlib.Path) -> bool:
+    return path.suffix == ".npz" or (path.is_dir() and any(path.glob("*.npz")))
+
+
+def hash_weights_for_generate(path: str | None, model_name: str, model, rbit: int, log=print):
+    """{layer: float32[Hkv, D, rbit]} for generation, or None (random projections).
+
+    `path` (an .npz, or a directory holding one, or an orbax checkpoint of `hata-jax train`) wins;
+    without it the weights shipped for `model_name` are used when their rbit is `rbit`.
+    Orbax checkpoints are checked against `model` (architecture and weights) and `rbit`.
+    """
+    if path is not None:
+        path = pathlib.Path(path).expanduser()
+        if is_npz(path):
+            from models.attention import load_hash_weights
+
+            return load_hash_weights(path)
+        from train.checkpoint import load_projections
+
+        weights = load_projections(path, model, rbit)
+        log(f"trained hash projections from {path} (layers {min(weights)}..{max(weights)})")
+        return weights
+    shipped = shipped_weights(model_name)
+    if shipped is None:
+        return None
+    from train.checkpoint import load_projections, read_metadata
+
+    shipped_rbit = read_metadata(shipped)["rbit"]
+    if shipped_rbit != rbit:
+        log(f"the shipped {model_name} hash projections have rbit {shipped_rbit}, not {rbit}: not used")
+        return None
+    weights = load_projections(shipped, model, rbit)
+    log(f"trained hash projections shipped for {model_name} (layers {min(weights)}..{max(weights)}, rbit {rbit})")
+    return weights
