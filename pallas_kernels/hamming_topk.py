@@ -1,89 +1,124 @@
 """Hamming scoring and exact top-`budget` selection (Pallas Triton), without any sort.
 
 Kernel forms of :func:`hata_jax.hamming_scores`, :func:`hata_jax.select_topk` and
-:func:`hata_jax.hamming_topk` (same arguments plus `interpret` and an optional `tiling`).
+:func:`hata_jax.hamming_topk` (same arguments plus `interpret` and an optional `tiling`);
+`hamming_topk_with_path` / `band_select.select_topk_with_path` also return how each row was
+selected and take a `BandConfig`.
 
 Design
 ------
-Every kernel runs on the grid `(B, Hkv, chunks)`: each row `(b, h)` of the cache is cut into
-`chunks` (a power of two) programs of `chunk` positions, walked in loop steps of `block`
-positions, so batch 1 with 8 KV heads still launches hundreds of programs.
+Every kernel runs on a grid `(B, Hkv, programs)`: each row `(b, h)` of the cache is cut into
+`chunks` (a power of two) programs of `chunk` positions, so batch 1 with 8 KV heads still
+launches hundreds of programs.
 
-Scoring (:func:`hamming_scores`): a program loads the G query codes of its group once (a
-`[Wp]` row each, Wp = W rounded up to a power of two, masked), then per loop step one
-`[block, Wp]` tile of key codes (masked columns and positions read nothing; each token's W words
-are contiguous, 16 B at rbit 128), XORs it with each query row, popcounts (`popcount32`: PTX
-`popc`), sums over words and the group, and writes `k_norm * ((G*rbit - 2*ham) * (1/rbit))`
-(float32, exactly the reference's two products, so the scores match bit for bit) or `-ham`;
-positions >= lengths[b] get -inf.
+Scoring (:func:`hamming_scores`, and inside the selection's first two launches): the G query
+codes of the group are loaded once per program (a `[Wp]` row each, Wp = W rounded up to a power
+of two, masked); per loop step a `[block, Wp]` tile of key codes (each token's W words are
+contiguous, 16 B at rbit 128) is XORed with each query row, popcounted (`popcount32`: PTX
+`popc`), summed over words and the group, and `k_norm * ((G*rbit - 2*ham) * (1/rbit))` is
+computed in float32 with exactly the reference's two products (bit-identical scores), or `-ham`;
+positions >= lengths[b] get -inf. The selection's sample launch gathers code rows by position
+instead of loading a contiguous tile.
 
-Selection (:func:`select_topk`, details in :mod:`pallas_kernels.radix_select`): an exact radix
-select on the 32-bit order-preserving key of each score, one 8-bit digit per pass: 4 histogram
-passes then a compaction pass, 5 launches, no atomics, no sort, deterministic.
-- A pass program histograms its chunk's digit with a `[16, 16]` bf16 MMA of one-hot rows
-  gathered from a 1 KiB table and stores suffix counts; the next pass re-derives the row's
-  boundary digit from 128 B per chunk. Chunks with no key left in the boundary bucket skip their
-  keys, and loop steps without one skip the MMA, so later passes get cheap as the candidates
-  thin out; a row whose boundary bucket is taken whole (e.g. lengths[b] <= budget) is done early.
-- NaN scores rank lowest (a refinement of the reference's nan_to_num order), sink/recent
-  positions get the highest key and always make it (they count against the budget).
-- Ties at the threshold are taken in position order, so the result is deterministic; the
-  selected positions fill slots [0, count) in ascending order, `UNUSED` (-1) after.
-
-Fused pipeline (:func:`hamming_topk`): pass 0 is fused into the scoring kernel (it histograms
-the keys of the scores it just computed and writes the scores once, only at valid positions),
-then passes 1..3 and the compaction read those scores back (4 B per token-head, L2-resident at
-batch 1). 5 launches in all; the scores never leave the pipeline.
+Selection (:mod:`pallas_kernels.band_select`, with the radix machinery of
+:mod:`pallas_kernels.radix_select` as exact fallback): launch A ranks a stratified sample of
+`min(L, 1024)` positions to get band bounds `t_lo <= k-th largest key <= t_hi` (with
+overwhelming probability); launch B (fused with scoring) counts the keys above the band,
+compacts the band keys into per-chunk slots and histograms them (one 8-bit band digit); launch C
+decides per row whether the band holds the k-th key and, if so, finds the exact threshold from
+the histogram and the threshold bucket's few keys (every other row starts the radix fallback);
+fallback passes 1..3 return at once on fast rows; the compaction writes the selected positions
+of both paths. No sort, no atomics, no host sync, static shapes; deterministic: the k keys are
+the largest in float order (NaN lowest, forced sink/recent positions first), ties at the
+threshold taken lowest position first, slots in ascending position, then `UNUSED` (-1).
 
 Byte floor, Llama-3.1-8B (32 q heads, 8 KV heads, batch 1, 128K context, rbit 128, budget 2048)
 -----------------------------------------------------------------------------------------------
 - Scoring reads codes 16 B + norm 4 B per token-head: 8 x 131072 x 20 B = 20 MiB (+8 KiB of
-  query codes), ~7-8 us at the measured ~2.4-3 TB/s. `hamming_scores` also writes 4 MiB of
-  scores; the fused pass 0 writes the same 4 MiB for the later passes.
-- Selection: the float32 scores are 8 x 131072 x 4 B = 4 MiB; floor = read them once, ~1.5 us.
-  The pipeline reads them up to 4 more times (passes 1-3 read only chunks that still hold
-  candidates, the compaction reads chunks that hold selected keys), mostly from the 50 MB L2.
-  Per-chunk suffix counts are 1 KiB + 64 B per chunk and pass (64 chunks per row: 0.5 MiB per
-  pass), each program of the next pass reads 128 B per chunk of its row (8 KiB); the output is
-  8 x 2048 x 4 B = 64 KiB of indices.
-- Expected times (from the sm_90 SASS of each loop step, ptxas 12.x via triton 3.6; not yet
-  measured): a histogram loop step of 256 keys is ~240 instructions per warp, i.e. ~3.8 warp
-  instructions per key, ~4-5 us for a pass over all 1M keys on 132 SMs; the compaction ~2.7 per
-  key, ~3 us; each launch adds ~1-2 us. `select_topk` at [8, 131072], k = 2048: passes 0 and 1
-  full (the top byte of similar positive scores is nearly constant, so pass 1 still sees most
-  keys), passes 2-3 touch few chunks, compaction full: ~15-20 us against ~300 us for
-  `lax.top_k`. Worst case (all-equal or few distinct scores: every key stays a candidate): four
-  full passes, ~25 us. Fused `hamming_topk`: scoring + pass 0 ~8 us (bandwidth-bound on the 20
-  MiB; ~4.8 warp instructions per token), then ~12-15 us of selection.
+  query codes), 7.2 us measured for `hamming_scores` (which also writes 4 MiB of scores).
+- Fused score + select: the floor is that same 20 MiB read once plus the 64 KiB index output,
+  ~7 us. The pipeline adds the 4 MiB scores write (launch B, for the compaction and the
+  fallback), their re-read by the compaction (L2-resident), 0.16 MiB of band keys, 0.5 MiB of
+  per-chunk band histograms, and 5 MiB of L2 reads by the sample launch (each of its 32 programs
+  per row scores the row's 1024 sample positions; 160 KiB of them from HBM).
+- `select_topk` on given scores: floor = read the 4 MiB of scores once, ~1.5 us; the pipeline
+  reads them twice (band pass, compaction).
 
-Tunables (picked from ptxas register counts and SASS, without GPU timing; re-tune with the bench)
--------------------------------------------------------------------------------------------------
+Predicted device time per launch at that shape (fast path; not yet measured; from the counts
+above, ~0.6-0.8 us per dependent global round trip and ~1.5-2 us per launch as measured for the
+previous version's near-idle passes)
+------------------------------------------------------------------------------------------------
+The sample at this shape: r = 16 sample ranks for k, so t_hi is the sample's largest key, t_top
+its 3rd, t_lo its 40th; the band then holds ~4-6.7K keys per row (at most ~125 in a chunk,
+against 512 slots), the threshold bucket 20-55 keys (random codes, "key_norm"), or a single
+tied value of ~1000 keys ("hamming" scores: no ranking needed). Measured before: 82.5 us fused,
+66 us on given scores.
+
+| launch (hamming_topk; select_topk) | programs | work per program | predicted |
+| --- | --- | --- | --- |
+| A `hata_hamming_sample`; `hata_select_sample` | 8 x 32, 16 warps | gather + score 1056 positions (~60 lane-ops each), 32 x 1024 key compares (4 lane-ops each): ~200K lane-ops, 2 round trips | 3-4 us; 2.5-3 us |
+| B `hata_hamming_band`; `hata_select_band` | 512, 1 step of 2048 | scores (~25 lane-ops/position incl. 16 popc), key, 3 compares, one 2048-scan, band-key scatter (~80); after a barrier one 128-key histogram MMA and 1 KiB of suffix counts | 8-9 us (25.7 MB moved: bandwidth-bound); 3-3.5 us (latency: 2 round trips) |
+| C `hata_select_decide` | 512, 8 warps | all: 0.5 KiB of counts (chunk 0 also its row's 64 KiB of band suffix counts), decide, exit; chunk 0 of a fast row: one scan step over 256 slots x 64 chunks (copies the ~20-60 bucket keys), barrier, a 16-way search over <= 128 keys (4 steps), per-chunk counts in registers | 4-5 us (3 round trips) |
+| `hata_select_pass1..3` | 512 each | read the decision, return | 1.5-2 us each, 5-6 us |
+| `hata_select_compact` | 512, 1 step of 2048 | decision + per-chunk counts (0.5 KiB), 8 KiB of scores, one 2048-scan, scatter ~32 positions | 3.5-4 us |
+| total | | | ~24-28 us fused (~3x faster); ~18-22 us on given scores |
+
+Per-element work is small everywhere; what remains is 7 launches x ~1.5-2 us plus ~11 dependent
+round trips. The three idle fallback launches (~5 us) are the largest avoidable cost: they would
+go with a device-side conditional around the fallback (not used: no `lax.cond` on a device
+predicate), or a fallback of fewer passes. A fallback row (band miss: ~1e-7 per row at this
+shape; a chunk with more than 512 band keys; a threshold bucket of > 128 distinct keys ranked by
+scans instead) costs about the previous pipeline: ~65-85 us for the launch.
+
+Tunables (picked from the counts above and the previous version's SASS, without GPU timing;
+re-tune with the bench)
+--------------------------------------------------------------------------------------------------
+Tiling (:class:`radix_select.Tiling`):
 - `radix_select.TARGET_PROGRAMS = 512` (~4 CTAs per SM on 132 SMs): `chunk` = rows * S / 512
   rounded up to a power of two, clamped to [`MIN_CHUNK` = 2048, `MAX_CHUNK` = 16384] and to S:
   64 chunks of 2048 per row at the Llama shape. Fewer, bigger chunks mean fewer programs and
-  longer serial loops; more chunks mean more per-chunk counts for every program to read.
-- `radix_select.BLOCK = 256` positions per loop step: the histogram passes then use 117-128
-  registers per thread (4 CTAs of 4 warps per SM), the fused scoring pass 143, the compaction
-  and plain scoring 40; 512 would need ~200 registers, 128 costs ~20% more instructions per key.
-- `num_warps = 4`: the `[16, 16]` histogram MMA has two 16x8 tiles; more warps only replicate it.
-  `num_stages = 1`: the loops are short (8 steps per program at the Llama shape) and occupancy
-  hides the load latency.
+  longer serial loops; more chunks mean more per-chunk counts for the decision to read.
+- `radix_select.SCAN_BLOCK = 2048` positions per loop step of the loops without a histogram
+  (band pass with its scoring, compaction): one step per chunk, so a program waits for one load.
+- `radix_select.BLOCK = 256` positions per loop step of the fallback's histogram passes (117-128
+  registers per thread; 512 would need ~200).
+- `num_warps = 4`: the `[16, 16]` histogram MMA has two 16x8 tiles; more warps only replicate
+  it. `num_stages = 1`: one loop step per program on the fast path.
 - `radix_select.HIST_DTYPE = bfloat16`: 0/1 operands, float32 accumulation exact up to 2**24
-  keys per chunk; the table gather compiles to 16 B loads and `ldmatrix`, where one-hots built
-  by compares (int8 or bf16) cost ~2.5x more instructions in byte shuffles and shared stores.
+  keys per chunk; the table gather compiles to 16 B loads and `ldmatrix`.
+BandConfig (:class:`band_select.BandConfig`):
+- `sample = 1024` positions per row: ranking is pairwise (n_s^2 compares per row: 1M), so 4096
+  would cost 16x; 1024 still gives r = 16 sample ranks for k at the Llama shape (band miss ~1e-7).
+  `sample_slice = 32` ranked per program (32 programs per row, 256 in all), `sample_step = 1024`
+  (the whole sample in one step), `sample_warps = 16` (64 compares per thread).
+- `sigmas = 5`, `slack = 4`: the band spans r -+ (5 sqrt(r) + 4) sample ranks.
+- `top_rank = 3`: the band digits span [t_lo, 3rd largest sample key] and lump the keys above
+  into digit 255, so one outlier in the sample (a sink token) cannot coarsen the buckets near the
+  threshold; the threshold lands in digit 255 only when the sample has < 3 keys above the k-th
+  (~1e-5 at r = 16), and is still exact (a scanned bucket).
+- `slots_divisor = 4`: 512 band slots per 2048-chunk (~80 used on average at the Llama shape,
+  <= ~125); keys above the band are only counted, so clustered high scores never overflow.
+- `list_block = 128` band keys per histogram MMA step (one step per chunk at the Llama shape).
+- `slab_lanes = 16384`: the decision reads 256 slots of all 64 chunks per step (one step).
+- `dense = 128` bucket keys ranked in registers (16-way search, 4 steps for a 2**15-key bucket);
+  `decide_warps = 8` (the 64 x 256 slot tile, 64 lanes per thread).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels import radix_select
+from pallas_kernels import band_select
+from pallas_kernels import radix_select as rs
 from pallas_kernels._backend import popcount32, triton_call
-from pallas_kernels.radix_select import Tiling, default_tiling, select_topk  # noqa: F401 (select_topk: public)
+from pallas_kernels.band_select import BandConfig, select_topk  # noqa: F401 (select_topk: public)
+from pallas_kernels.radix_select import Tiling, default_tiling
 
 SCORES = ("key_norm", "hamming")
 MAX_WORDS = 8  # rbit <= 256
@@ -101,8 +136,8 @@ def _check_codes(q_codes, k_codes, k_norms, score: str) -> None:
     batch, kv_heads, seq, words = k_codes.shape
     if not 1 <= words <= MAX_WORDS:
         raise ValueError(f"rbit {32 * words} not supported (32 to {32 * MAX_WORDS})")
-    if not 0 < seq <= radix_select.MAX_SEQ:
-        raise ValueError(f"sequence capacity {seq} not supported (1 to {radix_select.MAX_SEQ})")
+    if not 0 < seq <= rs.MAX_SEQ:
+        raise ValueError(f"sequence capacity {seq} not supported (1 to {rs.MAX_SEQ})")
     if q_codes.ndim != 3 or q_codes.dtype != jnp.uint32 or q_codes.shape[0] != batch or q_codes.shape[2] != words:
         raise ValueError(f"q_codes must be uint32[{batch}, q_heads, {words}], got {q_codes.dtype}{list(q_codes.shape)}")
     group = q_codes.shape[1] // kv_heads
@@ -114,107 +149,92 @@ def _check_codes(q_codes, k_codes, k_norms, score: str) -> None:
         )
 
 
-def _score_block(q_rows, codes_ref, norms_ref, first, valid, *, block, score, rbit, interpret):
-    """float32[block] scores of the positions [first, first + block) (-inf where not valid).
+class _CodeScoresRefs(NamedTuple):
+    """Scores of a row computed from its key codes and norms against the group's query codes."""
 
-    q_rows: G uint32[Wp] query code rows (columns >= W are 0); codes_ref: [S, W]; norms_ref: [S].
-    """
-    words = codes_ref.shape[1]
-    width = q_rows[0].shape[0]
-    columns = jax.lax.broadcasted_iota(jnp.int32, (1, width), 1)
-    codes = pltriton.load(
-        codes_ref.at[pl.ds(first, block), pl.ds(0, width)],
-        mask=valid[:, None] & (columns < words),
-        other=jnp.uint32(0),
-    )
-    dist = [popcount32(codes ^ row[None, :], interpret=interpret).astype(jnp.int32) for row in q_rows]
-    ham = jnp.sum(functools.reduce(jnp.add, dist), axis=1)
-    if score == "key_norm":
-        norms = pltriton.load(norms_ref.at[pl.ds(first, block)], mask=valid, other=0.0)
-        group = len(q_rows)
-        values = norms * ((group * rbit - 2 * ham).astype(jnp.float32) * jnp.float32(1.0 / rbit))
-    else:
-        values = -ham.astype(jnp.float32)
-    return jnp.where(valid, values, -jnp.inf)
+    q_rows: list  # G uint32[Wp] query code rows (columns >= W are 0)
+    codes_ref: Any  # [S, W]
+    norms_ref: Any  # [S]
+    score: str
+    interpret: bool
 
+    def _scores(self, codes, norms):
+        """The reference's float32 formula, so the scores match it bit for bit (codes: [n, Wp],
+        columns >= W are 0)."""
+        dist = [popcount32(codes ^ row[None, :], interpret=self.interpret).astype(jnp.int32) for row in self.q_rows]
+        ham = jnp.sum(functools.reduce(jnp.add, dist), axis=1)
+        if self.score == "hamming":
+            return -ham.astype(jnp.float32)
+        rbit = 32 * self.codes_ref.shape[1]
+        return norms * ((len(self.q_rows) * rbit - 2 * ham).astype(jnp.float32) * jnp.float32(1.0 / rbit))
 
-def _load_query_rows(q_ref, words: int):
-    """The group's G query codes as uint32[Wp] rows (q_ref: [G, W])."""
-    width = pl.next_power_of_2(words)
-    mask = jax.lax.broadcasted_iota(jnp.int32, (width,), 0) < words
-    return [
-        pltriton.load(q_ref.at[jnp.int32(g), pl.ds(0, width)], mask=mask, other=jnp.uint32(0))
-        for g in range(q_ref.shape[0])
-    ]
+    def _columns(self, rows: int):
+        return jax.lax.broadcasted_iota(jnp.int32, (rows, self.q_rows[0].shape[0]), 1)
 
+    def at(self, pos, valid):
+        columns = self._columns(pos.shape[0])
+        words = self.codes_ref.shape[1]
+        codes = self.codes_ref[jnp.broadcast_to(pos[:, None], columns.shape), jnp.minimum(columns, words - 1)]
+        return self._scores(jnp.where(columns < words, codes, jnp.uint32(0)), self.norms_ref[pos])
 
-def _scoring_kernel(len_ref, q_ref, codes_ref, norms_ref, *refs, tiling, seq, score, selection, interpret):
-    """Scores of this program's chunk (refs: scores). With `selection` (budget, sink, recent),
-    also pass 0 of the radix select over them (refs: one-hot table, scores, state, coarse,
-    fine), the scores being written at valid positions only."""
-    table_ref, scores_ref, *pass_refs = (None, *refs) if selection is None else refs
-    geo = radix_select.chunk_geometry(len_ref, tiling, seq)
-    rbit = 32 * codes_ref.shape[1]
-    q_rows = _load_query_rows(q_ref, codes_ref.shape[1])
-    block = tiling.block
-
-    def scores_of_block(i):
-        first, pos, valid = radix_select.block_positions(geo, i, block)
-        values = _score_block(q_rows, codes_ref, norms_ref, first, valid, block=block, score=score, rbit=rbit,
-                              interpret=interpret)
-        pltriton.store(scores_ref.at[pl.ds(first, block)], values, mask=pos < seq)
-        return pos, valid, values
-
-    if selection is None:
-        def write_block(i, carry):
-            scores_of_block(i)
-            return carry
-
-        jax.lax.fori_loop(0, geo.in_bounds_blocks, write_block, 0)
-        return
-    budget, sink, recent = selection
-
-    def digits_of_block(i):
-        pos, valid, values = scores_of_block(i)
-        keys = radix_select.order_keys(values, pos, geo.length, sink=sink, recent=recent)
-        return radix_select.key_digit(keys, 0), valid
-
-    hist = radix_select.histogram_loop(geo.valid_blocks, digits_of_block, table_ref)
-    radix_select.finish_first_pass(geo, hist, *pass_refs, budget)
+    def block(self, first, valid):
+        """float32[block] scores of the positions [first, first + block) (-inf where not valid)."""
+        block = valid.shape[0]
+        columns = self._columns(1)
+        codes = pltriton.load(
+            self.codes_ref.at[pl.ds(first, block), pl.ds(0, columns.shape[1])],
+            mask=valid[:, None] & (columns < self.codes_ref.shape[1]),
+            other=jnp.uint32(0),
+        )
+        norms = pltriton.load(self.norms_ref.at[pl.ds(first, block)], mask=valid, other=0.0)
+        return jnp.where(valid, self._scores(codes, norms), -jnp.inf)
 
 
-def _scoring_call(q_codes, k_codes, k_norms, lengths, *, score, tiling, selection, interpret):
-    batch, kv_heads, seq, words = k_codes.shape
-    group = q_codes.shape[1] // kv_heads
-    chunks = tiling.chunks(seq)
-    in_specs = [
-        radix_select.length_spec(),
-        pl.BlockSpec((None, group, words), lambda b, h, c: (b, h, 0)),
-        radix_select.row_spec(seq, words),
-        radix_select.row_spec(seq),
-    ]
-    inputs = [lengths.astype(jnp.int32), q_codes, k_codes, k_norms]
-    out_shape = [jax.ShapeDtypeStruct((batch, kv_heads, seq), jnp.float32)]
-    out_specs = [radix_select.row_spec(seq)]
-    if selection is not None:
-        in_specs.append(radix_select.table_spec())
-        inputs.append(radix_select.one_hot_table())
-        out_shape += radix_select.pass_out_shapes(batch, kv_heads, chunks)
-        out_specs += radix_select.pass_out_specs()
-    kernel = functools.partial(
-        _scoring_kernel, tiling=tiling, seq=seq, score=score, selection=selection, interpret=interpret
-    )
-    return triton_call(
-        kernel,
-        out_shape=out_shape,
-        grid=(batch, kv_heads, chunks),
-        in_specs=in_specs,
-        out_specs=out_specs,
-        num_warps=tiling.num_warps,
-        num_stages=tiling.num_stages,
-        interpret=interpret,
-        name="hata_hamming_scores" if selection is None else "hata_hamming_select_pass0",
-    )(*inputs)
+@dataclasses.dataclass(frozen=True)
+class CodeScores:
+    """Scores computed from (q_codes [B, Hq, W], k_codes [B, Hkv, S, W], k_norms [B, Hkv, S])."""
+
+    group: int
+    words: int
+    seq: int
+    score: str
+    writes_scores = True
+
+    def in_specs(self):
+        return [
+            pl.BlockSpec((None, self.group, self.words), lambda b, h, c: (b, h, 0)),
+            rs.row_spec(self.seq, self.words),
+            rs.row_spec(self.seq),
+        ]
+
+    def bind(self, refs, *, interpret):
+        q_ref, codes_ref, norms_ref = refs
+        width = pl.next_power_of_2(self.words)
+        mask = jax.lax.broadcasted_iota(jnp.int32, (width,), 0) < self.words
+        q_rows = [
+            pltriton.load(q_ref.at[jnp.int32(g), pl.ds(0, width)], mask=mask, other=jnp.uint32(0))
+            for g in range(self.group)
+        ]
+        return _CodeScoresRefs(q_rows, codes_ref, norms_ref, self.score, interpret)
+
+
+def _code_scores(q_codes, k_codes, score: str) -> CodeScores:
+    _, kv_heads, seq, words = k_codes.shape
+    return CodeScores(q_codes.shape[1] // kv_heads, words, seq, score)
+
+
+def _scoring_kernel(len_ref, *refs, source, tiling, seq, interpret):
+    """Scores of this program's chunk (-inf at positions >= lengths[b])."""
+    *source_refs, scores_ref = refs
+    scores = source.bind(source_refs, interpret=interpret)
+    geo = rs.chunk_geometry(len_ref, tiling, seq)
+
+    def write_block(i, carry):
+        first, pos, valid = rs.block_positions(geo, i, tiling.block)
+        pltriton.store(scores_ref.at[pl.ds(first, tiling.block)], scores.block(first, valid), mask=pos < seq)
+        return carry
+
+    jax.lax.fori_loop(0, geo.blocks(seq, tiling.block), write_block, 0)
 
 
 def hamming_scores(q_codes, k_codes, k_norms, lengths, *, score: str = "key_norm", interpret: bool = False,
@@ -227,24 +247,41 @@ def hamming_scores(q_codes, k_codes, k_norms, lengths, *, score: str = "key_norm
     _check_codes(q_codes, k_codes, k_norms, score)
     batch, kv_heads, seq, _ = k_codes.shape
     tiling = tiling or default_tiling(batch * kv_heads, seq)
-    [scores] = _scoring_call(q_codes, k_codes, k_norms, jnp.asarray(lengths), score=score, tiling=tiling,
-                             selection=None, interpret=interpret)
-    return scores
+    source = _code_scores(q_codes, k_codes, score)
+    return triton_call(
+        functools.partial(_scoring_kernel, source=source, tiling=tiling, seq=seq, interpret=interpret),
+        out_shape=jax.ShapeDtypeStruct((batch, kv_heads, seq), jnp.float32),
+        grid=(batch, kv_heads, tiling.chunks(seq)),
+        in_specs=[rs.length_spec(), *source.in_specs()],
+        out_specs=rs.row_spec(seq),
+        num_warps=tiling.num_warps,
+        num_stages=tiling.num_stages,
+        interpret=interpret,
+        name="hata_hamming_scores",
+    )(jnp.asarray(lengths).astype(jnp.int32), q_codes, k_codes, k_norms)
+
+
+def hamming_topk_with_path(q_codes, k_codes, k_norms, lengths, *, budget: int, score: str = "key_norm", sink: int = 0,
+                           recent: int = 0, interpret: bool = False, tiling: Tiling | None = None,
+                           config: BandConfig = BandConfig()):
+    """:func:`hamming_topk`, also returning how each row was selected (int32[B, Hkv] of band_select.PATH_*)."""
+    _check_codes(q_codes, k_codes, k_norms, score)
+    batch, kv_heads, seq, _ = k_codes.shape
+    rs.check_selection(seq, budget, sink, recent)
+    return band_select.select_with_path(
+        _code_scores(q_codes, k_codes, score), (q_codes, k_codes, k_norms), jnp.asarray(lengths),
+        shape=(batch, kv_heads, seq), budget=budget, sink=sink, recent=recent,
+        tiling=tiling or default_tiling(batch * kv_heads, seq), config=config, interpret=interpret,
+    )
 
 
 def hamming_topk(q_codes, k_codes, k_norms, lengths, *, budget: int, score: str = "key_norm", sink: int = 0,
                  recent: int = 0, interpret: bool = False, tiling: Tiling | None = None):
-    """Kernel form of :func:`hata_jax.hamming_topk`: scoring fused with the first selection pass.
+    """Kernel form of :func:`hata_jax.hamming_topk`: scoring fused with the band select.
 
     Shapes as in :func:`hamming_scores`; returns (idx int32[B, Hkv, budget] with the selected
     positions in ascending order then `UNUSED`, count int32[B, Hkv] = min(lengths[b], budget)).
     """
-    _check_codes(q_codes, k_codes, k_norms, score)
-    batch, kv_heads, seq, _ = k_codes.shape
-    radix_select.check_selection(seq, budget, sink, recent)
-    lengths = jnp.asarray(lengths).astype(jnp.int32)
-    tiling = tiling or default_tiling(batch * kv_heads, seq)
-    scores, *first = _scoring_call(q_codes, k_codes, k_norms, lengths, score=score, tiling=tiling,
-                                   selection=(budget, sink, recent), interpret=interpret)
-    return radix_select.finish_selection(scores, lengths, first, budget=budget, sink=sink, recent=recent,
-                                         tiling=tiling, interpret=interpret)
+    idx, count, _ = hamming_topk_with_path(q_codes, k_codes, k_norms, lengths, budget=budget, score=score, sink=sink,
+                                           recent=recent, interpret=interpret, tiling=tiling)
+    return idx, count

@@ -1,32 +1,37 @@
-"""Exact top-`budget` selection without sorting: a radix select over order-preserving keys.
+"""Exact radix select over order-preserving keys: the key machinery, the fallback histogram
+passes and the output compaction that both selection paths end with.
 
-The design, byte floor and tunables are written up in :mod:`pallas_kernels.hamming_topk`, the
-module that uses this one. In short, for each row `(b, h)` of `scores: float32[B, Hkv, S]`:
+The pipeline (a sample-band fast path, these passes as its exact fallback) is described in
+:mod:`pallas_kernels.band_select`; times, byte floor and tunables in
+:mod:`pallas_kernels.hamming_topk`. For each row `(b, h)` of `scores: float32[B, Hkv, S]`:
 
 - **keys**: `order_keys` maps a float32 score to an int32 whose signed order is the float order
   (bits ^ 0x7FFFFFFF for negative floats); NaN gets the lowest key, a forced (sink/recent)
   position the highest. The digits are the four bytes of `key ^ 0x80000000` (the same order read
   as uint32), most significant first.
-- **passes 0..3** (one `pallas_call` each, grid `(B, Hkv, chunks)`): every program histograms the
-  pass's digit over the valid keys of its chunk that share the prefix resolved so far (a loop
-  step with no such key skips the histogram). A 256-bin histogram is the `[16, 16]` product
+- **histograms**: a 256-bin histogram of 8-bit digits is the `[16, 16]` product
   `dot(onehot(digit >> 4)^T, onehot(digit & 15))` over a loop step's keys, with the one-hot rows
   gathered from a 1 KiB bf16 table (`one_hot_table`; a non-member's high row is zero) and float32
   accumulation (exact): no atomics, no per-element compares. A program stores its chunk's
   histogram as suffix counts (`fine[a, b]` = keys with digit >= 16a+b, `coarse[a]` = keys with
-  digit >= 16a).
-- **the row step** (at the start of pass p+1): every program re-derives the row's boundary digit
-  of pass p from the chunks' suffix counts: sum `coarse` over chunks (`[chunks, 16]`), pick the
-  high nibble, sum that nibble's row of `fine` (`[chunks, 16]`), pick the low nibble. That is
-  128 B per chunk instead of the whole 1 KiB histogram. The row state (resolved prefix, rank
-  still to take, passes used, done flag, digits) is stored by the row's chunk-0 program.
-  A chunk none of whose keys share the new prefix skips its keys; once the boundary bucket is
-  taken whole (e.g. `lengths[b] <= budget`) the row is done and later passes skip it.
-- **compaction** (a fifth `pallas_call`): each program gathers, for every chunk, how many keys
-  lie above the threshold and how many equal it (from the stored suffix counts), takes the
-  prefix sums over the chunks before its own, and scatters its selected positions: every key
-  above the threshold, and equal keys in position order until the rank is filled. Slots come out
-  in ascending position; slots `>= count` get `UNUSED`.
+  digit >= 16a); `boundary_digit` finds the digit holding a rank from the per-chunk suffix counts
+  of a row (sum `coarse` over chunks, pick the high nibble, sum that nibble's row of `fine`, pick
+  the low nibble: 128 B per chunk instead of the whole 1 KiB histogram). The band select's
+  band-digit histograms are built the same way.
+- **fallback passes 0..3** (pass 0 runs inside the band select's decision launch; passes 1..3 are
+  one `pallas_call` each, grid `(B, Hkv, chunks)`; every program of a row the fast path decided
+  returns at once): a program histograms the pass's digit over the valid keys of its chunk that
+  share the prefix resolved so far (a loop step with no such key skips the histogram). At the
+  start of pass p+1 every program re-derives the row's boundary digit of pass p; the row state
+  (resolved prefix, rank still to take, passes used, done flag, digits) is stored by the row's
+  chunk-0 program. A chunk none of whose keys share the new prefix skips its keys; once the
+  boundary bucket is taken whole the row is done and later passes skip it.
+- **compaction** (the last `pallas_call`, both paths): the row's plan is the threshold key, the
+  number of keys equal to it still to take, and per chunk how many keys lie above it and how many
+  equal it; the fast path computed it, a fallback row derives it from its pass counts. Each
+  program takes the prefix sums over the chunks before its own and scatters its selected
+  positions: every key above the threshold, and equal keys in position order until the rank is
+  filled. Slots come out in ascending position; slots `>= count` get `UNUSED`.
 """
 from __future__ import annotations
 
@@ -40,7 +45,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels._backend import triton_call
+from pallas_kernels._backend import dot, triton_call
 
 UNUSED = -1
 MAX_SEQ = 262144
@@ -53,13 +58,21 @@ HIST_DTYPE = jnp.bfloat16  # one-hot operands of the histogram MMA (float32 accu
 INT32_MIN = -(2**31)
 INT32_MAX = 2**31 - 1
 
-# Row state, one int32 vector per row: the resolved key prefix, the rank still to take among
-# the keys sharing it, the passes that refined it, the done flag, then each pass's digit.
+# Row state of the fallback, one int32 vector per row: the resolved key prefix, the rank still
+# to take among the keys sharing it, the passes that refined it, the done flag, then each
+# pass's digit.
 STATE_THRESHOLD, STATE_REMAINING, STATE_REFINED, STATE_DONE, STATE_DIGITS = 0, 1, 2, 3, 4
 STATE_WIDTH = STATE_DIGITS + NUM_PASSES
 
+# The band select's decision, one int32 vector per row: how the row was selected (0: by the
+# fallback passes, else the fast path's case), and on the fast path its threshold key (signed)
+# and the number of keys equal to it still to take.
+DECISION_PATH, DECISION_THRESHOLD, DECISION_REMAINING = 0, 1, 2
+DECISION_WIDTH = 4
+
 BLOCK = 256
-MIN_BLOCK = 32  # keys per histogram MMA contraction (Triton needs >= 16)
+SCAN_BLOCK = 2048
+MIN_BLOCK = 32  # keys per histogram MMA contraction (Triton dots need >= 16)
 MAX_BLOCK = 2**15  # the compaction counts two things in one 32-bit scan
 MIN_CHUNK = 2048
 MAX_CHUNK = 16384
@@ -69,20 +82,24 @@ FILL_BLOCK = 1024
 
 @dataclasses.dataclass(frozen=True)
 class Tiling:
-    """How a row is cut: `chunk` positions per program, `block` positions per loop step."""
+    """How a row is cut: `chunk` positions per program, walked in loop steps of `block`
+    positions by the histogram passes and of `scan_block` (clipped to the chunk) by the loops
+    without a histogram (the band pass with its fused scoring, the compaction)."""
 
     chunk: int
     block: int
+    scan_block: int = SCAN_BLOCK
     num_warps: int = 4
     num_stages: int = 1
 
     def __post_init__(self):
-        for name in ("chunk", "block"):
+        for name in ("chunk", "block", "scan_block"):
             value = getattr(self, name)
             if value < MIN_BLOCK or value & (value - 1):
                 raise ValueError(f"Tiling.{name} must be a power of two >= {MIN_BLOCK}, got {value}")
-        if self.block > MAX_BLOCK:
-            raise ValueError(f"Tiling.block must be <= {MAX_BLOCK}, got {self.block}")
+        for name in ("block", "scan_block"):
+            if getattr(self, name) > MAX_BLOCK:
+                raise ValueError(f"Tiling.{name} must be <= {MAX_BLOCK}, got {getattr(self, name)}")
         if self.chunk % self.block:
             raise ValueError(f"Tiling.chunk ({self.chunk}) must be a multiple of Tiling.block ({self.block})")
 
@@ -90,12 +107,16 @@ class Tiling:
         """Programs per row: a power of two, so per-chunk counts load as one tensor."""
         return pl.next_power_of_2(pl.cdiv(seq, self.chunk))
 
+    @property
+    def scan(self) -> int:
+        return min(self.scan_block, self.chunk)
+
 
 def default_tiling(rows: int, seq: int) -> Tiling:
     """About TARGET_PROGRAMS programs over `rows` rows of `seq` positions (see hamming_topk)."""
     chunk = pl.next_power_of_2(pl.cdiv(rows * seq, TARGET_PROGRAMS))
     chunk = min(max(chunk, MIN_CHUNK), MAX_CHUNK, max(MIN_BLOCK, pl.next_power_of_2(seq)))
-    return Tiling(chunk=chunk, block=min(BLOCK, chunk))
+    return Tiling(chunk=chunk, block=min(BLOCK, chunk), scan_block=min(SCAN_BLOCK, chunk))
 
 
 def check_selection(seq: int, budget: int, sink: int, recent: int) -> None:
@@ -111,13 +132,30 @@ def check_selection(seq: int, budget: int, sink: int, recent: int) -> None:
 # In-kernel helpers (plain jnp on refs and tensors: they run in Triton and in the interpreter).
 
 
-def _iota(shape, dim):
+def iota(shape, dim=0):
     return lax.broadcasted_iota(jnp.int32, shape, dim)
 
 
-def _pick(vector, index):
+def pick(vector, index):
     """vector[index] for a dynamic scalar index (0 when out of range)."""
-    return jnp.sum(jnp.where(_iota(vector.shape, 0) == index, vector, 0))
+    return jnp.sum(jnp.where(iota(vector.shape) == index, vector, 0))
+
+
+def count(mask, axis=None):
+    return jnp.sum(mask.astype(jnp.int32), axis=axis)
+
+
+def traced(value, like):
+    """`value` computed from the traced `like`: a conditional (`lax.cond`) in a Triton kernel must
+    yield values, not constants."""
+    return like * 0 + value
+
+
+def block_barrier(interpret: bool) -> None:
+    """Make this program's global stores visible to all its threads (a no-op when interpreted,
+    where a program runs sequentially)."""
+    if not interpret:
+        pltriton.debug_barrier()
 
 
 def order_keys(scores, pos, length, *, sink: int, recent: int):
@@ -150,15 +188,15 @@ def _digit_histogram(digits, member, table_ref):
     """
     block = digits.shape[0]
     high = jnp.where(member, digits >> 4, NIBBLE)  # row NIBBLE is zero: not counted
-    columns = _iota((block, NIBBLE), 1)
+    columns = iota((block, NIBBLE), 1)
 
     def rows(index):
         return table_ref[jnp.broadcast_to(index[:, None], (block, NIBBLE)), columns]
 
-    return pltriton.dot(rows(high), rows(digits & (NIBBLE - 1)), trans_a=True).astype(jnp.int32)
+    return dot(rows(high).T, rows(digits & (NIBBLE - 1))).astype(jnp.int32)
 
 
-def _suffix_counts(hist):
+def suffix_counts(hist):
     """(coarse[16], fine[16, 16]): keys with digit >= 16a, and with digit >= 16a + b."""
     rows = jnp.sum(hist, axis=1)
     coarse = jnp.sum(rows) - jnp.cumsum(rows) + rows
@@ -172,25 +210,23 @@ class ChunkGeometry(NamedTuple):
     chunk_index: jax.Array
     start: jax.Array
     length: jax.Array  # lengths[b], clipped to [0, seq]
-    valid_blocks: jax.Array  # loop steps holding positions < length
-    in_bounds_blocks: jax.Array  # loop steps holding positions < seq
+    chunk: int
+
+    def blocks(self, stop, block: int):
+        """Loop steps of `block` positions that hold positions < stop."""
+        return pl.cdiv(jnp.clip(stop - self.start, 0, self.chunk), block)
 
 
 def chunk_geometry(len_ref, tiling: Tiling, seq: int) -> ChunkGeometry:
     chunk_index = pl.program_id(2)
-    start = chunk_index * tiling.chunk
     length = jnp.clip(len_ref[()], 0, seq)  # out-of-range lengths must not read out of bounds
-
-    def blocks(stop):
-        return pl.cdiv(jnp.clip(stop - start, 0, tiling.chunk), tiling.block)
-
-    return ChunkGeometry(chunk_index, start, length, blocks(length), blocks(seq))
+    return ChunkGeometry(chunk_index, chunk_index * tiling.chunk, length, tiling.chunk)
 
 
 def block_positions(geo: ChunkGeometry, i, block: int):
     """(first position, positions[block], valid[block]) of loop step i."""
     first = geo.start + i * block
-    pos = first + _iota((block,), 0)
+    pos = first + iota((block,))
     return first, pos, pos < geo.length
 
 
@@ -217,9 +253,32 @@ def histogram_loop(num_blocks, digits_of_block: Callable, table_ref):
 
 
 def store_suffix_counts(coarse_ref, fine_ref, hist) -> None:
-    coarse, fine = _suffix_counts(hist)
+    coarse, fine = suffix_counts(hist)
     coarse_ref[...] = coarse
     fine_ref[...] = fine
+
+
+def boundary_digit(coarse_ref, fine_ref, rank):
+    """(digit, keys with digit >= it, keys with digit > it) of a row's histogram: the largest
+    digit with at least `rank` keys at or above it (coarse_ref: [chunks, 16], fine_ref:
+    [chunks, 16, 16] per-chunk suffix counts). Clamped to digit 0 when even all keys are fewer
+    than `rank` (counts of a done row are all 0), so the digit always indexes inside the counts."""
+    coarse = jnp.sum(coarse_ref[...], axis=0)
+    high = jnp.maximum(count(coarse >= rank) - 1, 0)
+    fine = jnp.sum(fine_ref[:, high, :], axis=0)
+    low = jnp.maximum(count(fine >= rank) - 1, 0)
+    above = jnp.where(low < NIBBLE - 1, pick(fine, low + 1), pick(coarse, high + 1))
+    return NIBBLE * high + low, pick(fine, low), above
+
+
+def chunk_counts(fine_ref, digit, chunk=None):
+    """(keys with digit >= `digit`, keys with digit > `digit`) in every chunk ([chunks]), or in
+    chunk `chunk` (scalars); fine_ref: [chunks, 16, 16] suffix counts of one histogram."""
+    where = slice(None) if chunk is None else chunk
+    nxt = jnp.minimum(digit + 1, 2**DIGIT_BITS - 1)
+    at_least = fine_ref[where, digit >> 4, digit & (NIBBLE - 1)]
+    above = jnp.where(digit < 2**DIGIT_BITS - 1, fine_ref[where, nxt >> 4, nxt & (NIBBLE - 1)], 0)
+    return at_least, above
 
 
 class RowState(NamedTuple):
@@ -256,20 +315,10 @@ def load_state(state_ref) -> RowState:
 
 
 def advance(state: RowState, coarse_ref, fine_ref, pass_index: int) -> RowState:
-    """The row state after pass `pass_index`, from its per-chunk suffix counts.
-
-    coarse_ref: [chunks, 16], fine_ref: [chunks, 16, 16] of the row. The boundary digit is the
-    largest d with (keys >= d among those sharing the prefix) >= remaining.
-    """
+    """The row state after pass `pass_index`, from its per-chunk suffix counts
+    (coarse_ref: [chunks, 16], fine_ref: [chunks, 16, 16] of the row)."""
     rank = state.remaining
-    # Clamped at 0 for a done row (all counts 0), so every digit indexes inside the counts.
-    coarse = jnp.sum(coarse_ref[...], axis=0)
-    high = jnp.maximum(jnp.sum((coarse >= rank).astype(jnp.int32)) - 1, 0)
-    fine = jnp.sum(fine_ref[:, high, :], axis=0)
-    low = jnp.maximum(jnp.sum((fine >= rank).astype(jnp.int32)) - 1, 0)
-    at_least = _pick(fine, low)
-    above = jnp.where(low < NIBBLE - 1, _pick(fine, low + 1), _pick(coarse, high + 1))
-    digit = NIBBLE * high + low
+    digit, at_least, above = boundary_digit(coarse_ref, fine_ref, rank)
     refine = jnp.logical_not(state.done)
     shift = 32 - DIGIT_BITS * (pass_index + 1)
     digits = list(state.digits)
@@ -283,38 +332,28 @@ def advance(state: RowState, coarse_ref, fine_ref, pass_index: int) -> RowState:
     )
 
 
-def chunk_counts(fine_ref, digit, chunk=None):
-    """(keys with digit >= `digit`, keys with digit > `digit`) in every chunk ([chunks]), or in
-    chunk `chunk` (scalars); fine_ref: [chunks, 16, 16] suffix counts of one pass."""
-    where = slice(None) if chunk is None else chunk
-    nxt = jnp.minimum(digit + 1, 2**DIGIT_BITS - 1)
-    at_least = fine_ref[where, digit >> 4, digit & (NIBBLE - 1)]
-    above = jnp.where(digit < 2**DIGIT_BITS - 1, fine_ref[where, nxt >> 4, nxt & (NIBBLE - 1)], 0)
-    return at_least, above
-
-
 def k_effective(length, budget: int):
     return jnp.minimum(length, budget)
 
 
+def decided_fast(decision_ref):
+    """Whether the band select's fast path already selected this row."""
+    return decision_ref[DECISION_PATH] != 0
+
+
 # ----------------------------------------------------------------------------------------------
-# Kernels.
+# Fallback passes.
 
 
-def _first_pass_kernel(len_ref, scores_ref, table_ref, state_ref, coarse_ref, fine_ref, *, tiling, seq, budget, sink,
-                       recent):
-    geo = chunk_geometry(len_ref, tiling, seq)
+def first_pass(scores_ref, table_ref, state_ref, coarse_ref, fine_ref, geo: ChunkGeometry, *, tiling: Tiling,
+               budget: int, sink: int, recent: int) -> None:
+    """Fallback pass 0 of one program: its chunk's suffix counts and (chunk 0) the row's initial state."""
 
     def digits_of_block(i):
         _, valid, keys = block_keys(scores_ref, geo, i, tiling.block, sink=sink, recent=recent)
         return key_digit(keys, 0), valid
 
-    hist = histogram_loop(geo.valid_blocks, digits_of_block, table_ref)
-    finish_first_pass(geo, hist, state_ref, coarse_ref, fine_ref, budget)
-
-
-def finish_first_pass(geo: ChunkGeometry, hist, state_ref, coarse_ref, fine_ref, budget: int) -> None:
-    """Pass 0's outputs: the chunk's suffix counts, and (chunk 0) the row's initial state."""
+    hist = histogram_loop(geo.blocks(geo.length, tiling.block), digits_of_block, table_ref)
     store_suffix_counts(coarse_ref, fine_ref, hist)
 
     @pl.when(geo.chunk_index == 0)
@@ -323,34 +362,55 @@ def finish_first_pass(geo: ChunkGeometry, hist, state_ref, coarse_ref, fine_ref,
 
 
 def _refine_pass_kernel(
-    len_ref, scores_ref, table_ref, state_in_ref, coarse_in_ref, fine_in_ref, state_ref, coarse_ref, fine_ref,
-    *, pass_index, tiling, seq, sink, recent,
+    len_ref, scores_ref, table_ref, decision_ref, state_in_ref, coarse_in_ref, fine_in_ref, state_ref, coarse_ref,
+    fine_ref, *, pass_index, tiling, seq, sink, recent,
 ):
-    geo = chunk_geometry(len_ref, tiling, seq)
-    state = advance(load_state(state_in_ref), coarse_in_ref, fine_in_ref, pass_index - 1)
+    geo = chunk_geometry(len_ref, tiling, seq)  # program ids outside conditionals (the interpreter needs it)
 
-    @pl.when(geo.chunk_index == 0)
+    @pl.when(jnp.logical_not(decided_fast(decision_ref)))
     def _():
-        store_state(state_ref, state)
+        state = advance(load_state(state_in_ref), coarse_in_ref, fine_in_ref, pass_index - 1)
 
-    at_least, above = chunk_counts(fine_in_ref, state.digits[pass_index - 1], geo.chunk_index)
-    active = jnp.logical_not(state.done) & (at_least > above)
-    prefix_bits = DIGIT_BITS * pass_index
-    prefix = state.signed_prefix(prefix_bits)
+        @pl.when(geo.chunk_index == 0)
+        def _():
+            store_state(state_ref, state)
 
-    def digits_of_block(i):
-        _, valid, keys = block_keys(scores_ref, geo, i, tiling.block, sink=sink, recent=recent)
-        return key_digit(keys, pass_index), valid & ((keys >> (32 - prefix_bits)) == prefix)
+        at_least, above = chunk_counts(fine_in_ref, state.digits[pass_index - 1], geo.chunk_index)
+        active = jnp.logical_not(state.done) & (at_least > above)
+        prefix_bits = DIGIT_BITS * pass_index
+        prefix = state.signed_prefix(prefix_bits)
 
-    hist = histogram_loop(jnp.where(active, geo.valid_blocks, 0), digits_of_block, table_ref)
-    store_suffix_counts(coarse_ref, fine_ref, hist)
+        def digits_of_block(i):
+            _, valid, keys = block_keys(scores_ref, geo, i, tiling.block, sink=sink, recent=recent)
+            return key_digit(keys, pass_index), valid & ((keys >> (32 - prefix_bits)) == prefix)
+
+        blocks = jnp.where(active, geo.blocks(geo.length, tiling.block), 0)
+        store_suffix_counts(coarse_ref, fine_ref, histogram_loop(blocks, digits_of_block, table_ref))
 
 
-def _compact_kernel(len_ref, scores_ref, state_in_ref, coarse_ref, *refs, tiling, seq, budget, sink, recent):
-    *fine_refs, idx_ref, count_ref = refs
-    geo = chunk_geometry(len_ref, tiling, seq)
-    state = advance(load_state(state_in_ref), coarse_ref, fine_refs[-1], NUM_PASSES - 1)
+# ----------------------------------------------------------------------------------------------
+# Compaction.
 
+
+class Plan(NamedTuple):
+    """What the compaction of a row takes: keys whose top `32 - shift` bits (`keys >> shift`)
+    are above `prefix`, and `need` of those equal to it in position order."""
+
+    greater: jax.Array  # [chunks] keys above the threshold per chunk
+    equal: jax.Array  # [chunks] keys equal to it per chunk
+    need: jax.Array
+    shift: jax.Array
+    prefix: jax.Array
+
+
+def _fast_plan(decision_ref, fast_counts_ref) -> Plan:
+    remaining = decision_ref[DECISION_REMAINING]
+    return Plan(fast_counts_ref[0, :], fast_counts_ref[1, :], remaining, traced(0, remaining),
+                decision_ref[DECISION_THRESHOLD])
+
+
+def _fallback_plan(state_ref, coarse_ref, fine_refs) -> Plan:
+    state = advance(load_state(state_ref), coarse_ref, fine_refs[-1], NUM_PASSES - 1)
     # Per chunk: keys above the threshold (over the refining passes) and keys equal to it.
     greater = equal = None
     for q, fine_ref in enumerate(fine_refs):
@@ -359,23 +419,32 @@ def _compact_kernel(len_ref, scores_ref, state_in_ref, coarse_ref, *refs, tiling
         equal_q = jnp.where(q + 1 == state.refined, at_least - above, 0)
         greater = greater_q if greater is None else greater + greater_q
         equal = equal_q if equal is None else equal + equal_q
-    chunk_ids = _iota(greater.shape, 0)
-    before = chunk_ids < geo.chunk_index
-    greater_before = jnp.sum(jnp.where(before, greater, 0))
-    equal_before = jnp.sum(jnp.where(before, equal, 0))
-    own_equal = _pick(equal, geo.chunk_index)
-    need = state.remaining  # equal keys to take, in position order
-    own_taken = _pick(greater, geo.chunk_index) + jnp.clip(need - equal_before, 0, own_equal)
-    first_slot = greater_before + jnp.minimum(equal_before, need)
     shift = 32 - DIGIT_BITS * state.refined
-    prefix = (state.threshold ^ INT32_MIN) >> shift
+    return Plan(greater, equal, state.remaining, shift, (state.threshold ^ INT32_MIN) >> shift)
+
+
+def _compact_kernel(len_ref, scores_ref, decision_ref, fast_counts_ref, state_ref, coarse_ref, *refs, tiling, seq,
+                    budget, sink, recent):
+    *fine_refs, idx_ref, count_ref = refs
+    geo = chunk_geometry(len_ref, tiling, seq)
+    fast_plan = _fast_plan(decision_ref, fast_counts_ref)  # loaded with the decision (garbage on fallback rows)
+    plan = lax.cond(decided_fast(decision_ref), lambda: fast_plan,
+                    lambda: _fallback_plan(state_ref, coarse_ref, fine_refs))
+    before = iota(plan.greater.shape) < geo.chunk_index
+    greater_before = jnp.sum(jnp.where(before, plan.greater, 0))
+    equal_before = jnp.sum(jnp.where(before, plan.equal, 0))
+    own_equal = pick(plan.equal, geo.chunk_index)
+    need = plan.need  # equal keys to take, in position order
+    own_taken = pick(plan.greater, geo.chunk_index) + jnp.clip(need - equal_before, 0, own_equal)
+    first_slot = greater_before + jnp.minimum(equal_before, need)
+    block = tiling.scan
 
     def body(i, carry):
         equal_seen, taken_seen = carry
-        pos, valid, keys = block_keys(scores_ref, geo, i, tiling.block, sink=sink, recent=recent)
-        key_prefix = keys >> shift
-        is_greater = (valid & (key_prefix > prefix)).astype(jnp.int32)
-        is_equal = (valid & (key_prefix == prefix)).astype(jnp.int32)
+        pos, valid, keys = block_keys(scores_ref, geo, i, block, sink=sink, recent=recent)
+        key_prefix = keys >> plan.shift
+        is_greater = (valid & (key_prefix > plan.prefix)).astype(jnp.int32)
+        is_equal = (valid & (key_prefix == plan.prefix)).astype(jnp.int32)
         # One scan counts both (block <= MAX_BLOCK): greater keys so far in the low 16 bits, equal ones above.
         running = jnp.cumsum(is_greater + (is_equal << 16))
         greater_so_far, equal_so_far = running & 0xFFFF, running >> 16
@@ -383,9 +452,9 @@ def _compact_kernel(len_ref, scores_ref, state_in_ref, coarse_ref, *refs, tiling
         take = (is_greater == 1) | ((is_equal == 1) & (equal_so_far <= free))
         slots = first_slot + taken_seen + greater_so_far + jnp.minimum(equal_so_far, free) - 1
         pltriton.store(idx_ref.at[jnp.where(take, slots, budget)], pos, mask=take)
-        return equal_seen + jnp.sum(is_equal), taken_seen + jnp.sum(take.astype(jnp.int32))
+        return equal_seen + jnp.sum(is_equal), taken_seen + count(take)
 
-    lax.fori_loop(0, jnp.where(own_taken > 0, geo.valid_blocks, 0), body, (jnp.int32(0), jnp.int32(0)))
+    lax.fori_loop(0, jnp.where(own_taken > 0, geo.blocks(geo.length, block), 0), body, (jnp.int32(0), jnp.int32(0)))
 
     @pl.when(geo.chunk_index == 0)
     def _():
@@ -394,7 +463,7 @@ def _compact_kernel(len_ref, scores_ref, state_in_ref, coarse_ref, *refs, tiling
         fill = min(FILL_BLOCK, pl.next_power_of_2(budget))
 
         def fill_unused(j, carry):
-            slots = j * fill + _iota((fill,), 0)
+            slots = j * fill + iota((fill,))
             pltriton.store(
                 idx_ref.at[pl.ds(j * fill, fill)],
                 jnp.full((fill,), UNUSED, jnp.int32),
@@ -406,7 +475,7 @@ def _compact_kernel(len_ref, scores_ref, state_in_ref, coarse_ref, *refs, tiling
 
 
 # ----------------------------------------------------------------------------------------------
-# Block specs and the pipeline.
+# Block specs and the launches after the band select's decision.
 
 
 def length_spec():
@@ -428,61 +497,50 @@ def chunk_spec(*tail: int):
 
 
 def pass_out_shapes(batch: int, kv_heads: int, chunks: int):
-    """Shapes of (state, coarse, fine) written by each histogram pass."""
-    return (
+    """Shapes of (state, coarse, fine) written by each fallback pass."""
+    return [
         jax.ShapeDtypeStruct((batch, kv_heads, STATE_WIDTH), jnp.int32),
         jax.ShapeDtypeStruct((batch, kv_heads, chunks, NIBBLE), jnp.int32),
         jax.ShapeDtypeStruct((batch, kv_heads, chunks, NIBBLE, NIBBLE), jnp.int32),
-    )
+    ]
 
 
 def pass_out_specs():
     return [row_spec(STATE_WIDTH), chunk_spec(NIBBLE), chunk_spec(NIBBLE, NIBBLE)]
 
 
-def _first_pass(scores, lengths, *, budget, sink, recent, tiling, interpret):
-    batch, kv_heads, seq = scores.shape
-    chunks = tiling.chunks(seq)
-    kernel = functools.partial(
-        _first_pass_kernel, tiling=tiling, seq=seq, budget=budget, sink=sink, recent=recent
-    )
-    return triton_call(
-        kernel,
-        out_shape=pass_out_shapes(batch, kv_heads, chunks),
-        grid=(batch, kv_heads, chunks),
-        in_specs=[length_spec(), row_spec(seq), table_spec()],
-        out_specs=pass_out_specs(),
-        num_warps=tiling.num_warps,
-        num_stages=tiling.num_stages,
-        interpret=interpret,
-        name="hata_select_pass0",
-    )(lengths, scores, one_hot_table())
+def row_counts_specs(chunks: int):
+    """The whole row's (state, coarse, fine) of one pass, as the next launch reads them."""
+    return [row_spec(STATE_WIDTH), row_spec(chunks, NIBBLE), row_spec(chunks, NIBBLE, NIBBLE)]
 
 
-def finish_selection(scores, lengths, first_pass, *, budget, sink, recent, tiling, interpret):
-    """Passes 1..3 and the compaction, given pass 0's (state, coarse, fine).
+def finish_selection(scores, lengths, decision, fast_counts, first_pass_out, *, budget, sink, recent, tiling,
+                     interpret):
+    """Fallback passes 1..3 and the compaction, after the band select's decision launch.
 
-    scores: float32[B, Hkv, S] (read at positions < lengths[b] only).
+    scores: float32[B, Hkv, S] (read at positions < lengths[b] only); decision: int32[B, Hkv,
+    DECISION_WIDTH]; fast_counts: int32[B, Hkv, 2, chunks] (greater, equal per chunk of a fast
+    row); first_pass_out: fallback pass 0's (state, coarse, fine).
     Returns (idx int32[B, Hkv, budget], count int32[B, Hkv]).
     """
     batch, kv_heads, seq = scores.shape
     chunks = tiling.chunks(seq)
     grid = (batch, kv_heads, chunks)
-    state, coarse, fine = first_pass
+    state, coarse, fine = first_pass_out
     fines = [fine]
     common = dict(tiling=tiling, seq=seq, sink=sink, recent=recent)
     launch = dict(num_warps=tiling.num_warps, num_stages=tiling.num_stages, interpret=interpret)
-    row_counts_specs = [row_spec(STATE_WIDTH), row_spec(chunks, NIBBLE), row_spec(chunks, NIBBLE, NIBBLE)]
     for pass_index in range(1, NUM_PASSES):
         state, coarse, fine = triton_call(
             functools.partial(_refine_pass_kernel, pass_index=pass_index, **common),
             out_shape=pass_out_shapes(batch, kv_heads, chunks),
             grid=grid,
-            in_specs=[length_spec(), row_spec(seq), table_spec(), *row_counts_specs],
+            in_specs=[length_spec(), row_spec(seq), table_spec(), row_spec(DECISION_WIDTH),
+                      *row_counts_specs(chunks)],
             out_specs=pass_out_specs(),
             name=f"hata_select_pass{pass_index}",
             **launch,
-        )(lengths, scores, one_hot_table(), state, coarse, fine)
+        )(lengths, scores, one_hot_table(), decision, state, coarse, fine)
         fines.append(fine)
     return triton_call(
         functools.partial(_compact_kernel, budget=budget, **common),
@@ -492,28 +550,10 @@ def finish_selection(scores, lengths, first_pass, *, budget, sink, recent, tilin
         ),
         grid=grid,
         in_specs=[
-            length_spec(), row_spec(seq), row_spec(STATE_WIDTH), row_spec(chunks, NIBBLE),
-            *[row_spec(chunks, NIBBLE, NIBBLE)] * NUM_PASSES,
+            length_spec(), row_spec(seq), row_spec(DECISION_WIDTH), row_spec(2, chunks), row_spec(STATE_WIDTH),
+            row_spec(chunks, NIBBLE), *[row_spec(chunks, NIBBLE, NIBBLE)] * NUM_PASSES,
         ],
         out_specs=[row_spec(budget), row_spec()],
         name="hata_select_compact",
         **launch,
-    )(lengths, scores, state, coarse, *fines)
-
-
-def select_topk(scores, budget: int, lengths, *, sink: int = 0, recent: int = 0, interpret: bool = False,
-                tiling: Tiling | None = None):
-    """Kernel form of :func:`hata_jax.select_topk` (same contract; slots in ascending position).
-
-    scores: float32[B, Hkv, S]; lengths: int[B]. Returns (idx int32[B, Hkv, budget],
-    count int32[B, Hkv]).
-    """
-    if scores.ndim != 3 or scores.dtype != jnp.float32:
-        raise ValueError(f"scores must be float32[batch, kv_heads, seq], got {scores.dtype}{list(scores.shape)}")
-    batch, kv_heads, seq = scores.shape
-    check_selection(seq, budget, sink, recent)
-    lengths = jnp.asarray(lengths).astype(jnp.int32)
-    tiling = tiling or default_tiling(batch * kv_heads, seq)
-    options = dict(budget=budget, sink=sink, recent=recent, tiling=tiling, interpret=interpret)
-    first = _first_pass(scores, lengths, **options)
-    return finish_selection(scores, lengths, first, **options)
+    )(lengths, scores, decision, fast_counts, state, coarse, *fines)

@@ -1,0 +1,653 @@
+"""Exact top-`budget` selection: a sample-band fast path with the radix select as fallback.
+
+The pipeline behind :func:`select_topk` (scores given) and :func:`pallas_kernels.hamming_topk.
+hamming_topk` (scores computed from the codes in launches A and B). Per row `(b, h)` with
+`L = lengths[b]` valid positions and `k = min(L, budget)`; keys are `radix_select.order_keys`
+(forced sink/recent positions highest, NaN lowest). Seven launches, static shapes, no sort, no
+atomics, no host sync; both paths give the same deterministic answer (all keys above the
+threshold key, then keys equal to it lowest position first; slots in ascending position):
+
+A. **sample** (`*_sample`, grid `(B, Hkv, sample / sample_slice)`): the row's sample is
+   `n_s = min(L, sample)` positions, one per stratum `[j L / n_s, (j+1) L / n_s)` at an offset
+   hashed from `(j, row)` (periodic structure cannot alias). Every program computes all sample
+   keys (scores read, or computed from the codes with the reference's float32 formula) and, for
+   its slice of the sample, how many sample keys are `>` and `>=` each of its keys: exact ranks,
+   ties included. With `r = budget n_s / L`, the programs holding the sample's
+   `r_hi = max(1, floor(r - 5 sqrt(r) - 4))`-th, `r_top = max(r_hi, 3)`-th and
+   `r_lo = ceil(r + 5 sqrt(r) + 4)`-th largest keys write them as `t_hi`, `t_top`, `t_lo`
+   (equal keys write equal values), so the k-th largest key lies in `[t_lo, t_hi]` with
+   overwhelming probability (`t_lo = INT32_MIN` when `r_lo > n_s`). `L <= budget` gives
+   `t_lo = t_hi = INT32_MIN`: the band is the NaN keys, the row is taken whole.
+B. **band pass** (`*_band`, grid `(B, Hkv, chunks)`, fused with scoring for `hamming_topk`,
+   which also writes the scores for the later launches): per chunk `n_above` (keys `> t_hi`,
+   only counted: clusters of high scores overflow nothing) and the band keys (`t_lo <= key <=
+   t_hi`) compacted into the chunk's `slots` (a scan per loop step; `n_band` counts them all,
+   more than `slots` is an overflow). Then, after a block barrier, the histogram of the band
+   digit over those slots (the radix select's one-hot MMA), stored as suffix counts. The band
+   digit is `(key - t_lo) >> shift`, with `shift` making `[t_lo, t_top]` span 8 bits, and 255
+   above `t_top`.
+C. **decide** (`hata_select_decide`, grid `(B, Hkv, chunks)`): every program reads the row's
+   per-chunk counts and decides the same: the fast path holds iff `n_above <= k <= n_above +
+   n_band` and (no chunk overflowed or `t_lo == t_hi`). Fast: the chunk-0 program finds the
+   exact threshold (`band_threshold`): none needed when `k == n_above` or `t_lo == t_hi`; else
+   the bucket (band digit) holding the `(k - n_above)`-th largest band key, from the whole row's
+   suffix counts at once (`threshold_digit`); a bucket of one key value (`shift == 0`) is the
+   answer; otherwise one scan of the slots (`slab` slots of every chunk per step) copies the
+   bucket's keys to a dense per-row list: all equal, they are the answer; at most `dense`, a
+   16-way search over them in registers finds it (`probe_search`); more (rare), the same search
+   counts by scanning the slots. It writes the decision (path, threshold key, keys equal to it
+   still to take) and per chunk the keys above / equal to the threshold. Not fast: every program
+   runs radix pass 0 over its chunk.
+D. **fallback passes 1..3** (`hata_select_pass{1,2,3}`): return at once on fast rows.
+E. **compaction** (`hata_select_compact`): both paths; writes the index buffer.
+
+`select_topk_with_path` / `hamming_topk_with_path` also return how each row was selected
+(`PATH_*`); `BandConfig` holds the tunables (values and reasons in
+:mod:`pallas_kernels.hamming_topk`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels import radix_select as rs
+from pallas_kernels._backend import triton_call
+from pallas_kernels.radix_select import INT32_MAX, INT32_MIN, Tiling, count, iota
+
+# How a row was selected (launch C's decision; `*_with_path` return it per row).
+PATH_FALLBACK = 0  # the radix passes
+PATH_NO_BAND_KEY = 1  # k keys above the band: the threshold is t_hi
+PATH_ONE_KEY_BAND = 2  # t_lo == t_hi (ties, all equal, lengths[b] <= budget)
+PATH_ONE_KEY_BUCKET = 3  # the threshold bucket is one key value ([t_lo, t_top] spans < 256 keys)
+PATH_EQUAL_BUCKET = 4  # the bucket's keys are all equal
+PATH_DENSE = 5  # the bucket's keys ranked in a dense list
+PATH_SCANNED = 6  # a bucket of more than `dense` keys, ranked by counting scans of the slots
+
+BOUND_LO, BOUND_HI, BOUND_TOP = 0, 1, 2  # a row's band bounds: keys t_lo, t_hi, t_top
+BOUNDS_WIDTH = 4
+TOP_DIGIT = 2**rs.DIGIT_BITS - 1  # the band digit of keys above t_top
+PROBES = 16  # keys counted per step of the threshold's search in a bucket
+MIN_SLOTS = 16  # band slots per chunk at least (the band histogram's MMA contracts over >= 16)
+MAX_SAMPLE = 4096  # stratum bounds j * L stay below 2**31
+
+
+@dataclasses.dataclass(frozen=True)
+class BandConfig:
+    """Tunables of the sample-band fast path (powers of two but sigmas, slack and top_rank)."""
+
+    sample: int = 1024  # most sample positions per row
+    sample_slice: int = 32  # sample positions ranked per program of launch A
+    sample_step: int = 1024  # sample keys compared per loop step of launch A
+    sample_warps: int = 16
+    sigmas: float = 5.0  # the band spans r -+ (sigmas sqrt(r) + slack) sample ranks
+    slack: float = 4.0
+    top_rank: int = 3  # t_top: the sample key of this rank (or r_hi's, when lower) caps the band digits
+    slots_divisor: int = 4  # band slots per chunk = chunk / slots_divisor
+    list_block: int = 128  # band keys per histogram MMA step in launch B
+    slab_lanes: int = 16384  # band slots read per loop step of the decision (all chunks)
+    dense: int = 128  # most bucket keys ranked in registers
+    decide_warps: int = 8
+
+    def __post_init__(self):
+        for name in ("sample", "sample_slice", "sample_step", "sample_warps", "slots_divisor", "list_block",
+                     "slab_lanes", "dense", "decide_warps"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"BandConfig.{name} must be a power of two, got {value}")
+        if self.sample > MAX_SAMPLE:
+            raise ValueError(f"BandConfig.sample must be <= {MAX_SAMPLE}, got {self.sample}")
+        for name in ("list_block", "dense"):
+            if getattr(self, name) < MIN_SLOTS:
+                raise ValueError(f"BandConfig.{name} must be >= {MIN_SLOTS}, got {getattr(self, name)}")
+        if self.top_rank < 1:
+            raise ValueError(f"BandConfig.top_rank must be >= 1, got {self.top_rank}")
+
+
+class BandLayout(NamedTuple):
+    """Static sizes of one call, from its BandConfig, Tiling and capacity."""
+
+    sample: int  # sample lanes (n_s <= sample)
+    sample_slice: int
+    sample_step: int
+    sample_programs: int
+    slots: int  # band slots per chunk
+    list_block: int
+    slab: int  # slots of every chunk per decision loop step
+    dense: int
+
+
+def band_layout(config: BandConfig, tiling: Tiling, seq: int) -> BandLayout:
+    sample = min(config.sample, pl.next_power_of_2(seq))
+    sample_slice = min(config.sample_slice, sample)
+    slots = min(tiling.chunk, max(MIN_SLOTS, tiling.chunk // config.slots_divisor))
+    chunks = tiling.chunks(seq)
+    return BandLayout(
+        sample=sample,
+        sample_slice=sample_slice,
+        sample_step=min(config.sample_step, sample),
+        sample_programs=sample // sample_slice,
+        slots=slots,
+        list_block=min(config.list_block, slots),
+        slab=min(slots, max(MIN_SLOTS, config.slab_lanes // chunks)),
+        dense=config.dense,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Score sources: how launches A and B get float32 scores.
+
+
+class BoundScores(Protocol):
+    def at(self, pos, valid):
+        """float32[n] scores at positions pos[n] (< S everywhere; only `valid` lanes matter)."""
+
+    def block(self, first, valid):
+        """float32[block] scores of positions [first, first + block) (only `valid` lanes matter)."""
+
+
+class ScoreSource(Protocol):
+    """Static description of the score inputs (their arrays are passed next to it)."""
+
+    writes_scores: bool  # launch B writes the float32 scores for the later launches
+
+    def in_specs(self) -> list: ...
+
+    def bind(self, refs, *, interpret: bool) -> BoundScores: ...
+
+
+class _ScoresRefs(NamedTuple):
+    scores_ref: Any
+
+    def at(self, pos, valid):
+        return self.scores_ref[pos]
+
+    def block(self, first, valid):
+        return pltriton.load(self.scores_ref.at[pl.ds(first, valid.shape[0])], mask=valid, other=0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class GivenScores:
+    """Scores read from a float32[B, Hkv, S] array (the only array)."""
+
+    seq: int
+    writes_scores = False
+
+    def in_specs(self):
+        return [rs.row_spec(self.seq)]
+
+    def bind(self, refs, *, interpret):
+        return _ScoresRefs(*refs)
+
+
+# ----------------------------------------------------------------------------------------------
+# In-kernel helpers.
+
+
+def bit_length(x):
+    """Bits of the int32 scalar `x` read as uint32."""
+    return count(lax.shift_right_logical(x, iota((32,))) != 0)
+
+
+def band_shift(t_lo, t_top):
+    """The shift that maps [t_lo, t_top] onto 8-bit digits (its width read as uint32)."""
+    return jnp.maximum(bit_length(t_top - t_lo) - rs.DIGIT_BITS, 0)
+
+
+def band_digit(keys, bounds, shift):
+    """The band digit of band keys, in [0, 256): (key - t_lo) >> shift up to t_top, 255 above."""
+    return jnp.where(keys > bounds.top, TOP_DIGIT, lax.shift_right_logical(keys - bounds.lo, shift))
+
+
+def _mix(j, row):
+    """uint32 hash of the stratum index j (a vector) and the row (a scalar)."""
+    x = j.astype(jnp.uint32) * jnp.uint32(0x9E3779B1) + row.astype(jnp.uint32) * jnp.uint32(0x85EBCA77)
+    x = (x ^ (x >> 16)) * jnp.uint32(0x7FEB352D)
+    return x ^ (x >> 15)
+
+
+def sample_positions(j, n_s, length, row):
+    """One position of [0, length) per stratum j < n_s: [j L / n_s, (j+1) L / n_s) at a hashed offset."""
+    strata = jnp.maximum(n_s, 1)
+    low = lax.div(j * length, strata)
+    width = jnp.maximum(lax.div((j + 1) * length, strata) - low, 1)
+    return low + lax.rem(_mix(j, row), width.astype(jnp.uint32)).astype(jnp.int32)
+
+
+def sample_ranks(n_s, length, budget: int, config: BandConfig):
+    """(r_hi, r_top, r_lo): the sample ranks (1 = largest) of t_hi, t_top and t_lo."""
+    r = (budget * n_s).astype(jnp.float32) / jnp.maximum(length, 1).astype(jnp.float32)
+    spread = config.sigmas * jnp.sqrt(r) + config.slack
+    r_hi = jnp.clip(jnp.floor(r - spread).astype(jnp.int32), 1, jnp.maximum(n_s, 1))
+    r_lo = jnp.maximum(jnp.ceil(r + spread).astype(jnp.int32), 1)
+    r_top = jnp.maximum(r_hi, jnp.minimum(jnp.minimum(config.top_rank, r_lo), n_s))
+    return r_hi, r_top, r_lo
+
+
+class Bounds(NamedTuple):
+    lo: jax.Array
+    hi: jax.Array
+    top: jax.Array
+
+
+def load_bounds(bounds_ref) -> Bounds:
+    return Bounds(bounds_ref[BOUND_LO], bounds_ref[BOUND_HI], bounds_ref[BOUND_TOP])
+
+
+def probe_search(low, high, rank, count_at_least):
+    """The largest key t in [low, high] with count_at_least(t) >= rank, given that low has it:
+    a 16-way search, each step counting PROBES evenly spaced keys at once
+    (`count_at_least(probes int32[PROBES]) -> int32[PROBES]`), cdiv(bits of high - low, 4) steps."""
+    j = iota((PROBES,))
+
+    def step(_, bounds):
+        lo, hi = bounds
+        width = (hi - lo).astype(jnp.uint32)  # the keys' order is signed; their distances are unsigned
+        offsets = j.astype(jnp.uint32) * ((width >> 4) + 1)
+        inside = (offsets <= width).astype(jnp.int32)
+        probes = lo + offsets.astype(jnp.int32)
+        best = jnp.max(jnp.where((inside == 1) & (count_at_least(probes) >= rank), j, 0))
+        nxt = jnp.minimum(best + 1, PROBES - 1)
+        has_next = (best < PROBES - 1) & (rs.pick(inside, nxt) == 1)
+        return rs.pick(probes, best), jnp.where(has_next, rs.pick(probes, nxt) - 1, hi)
+
+    low, _ = lax.fori_loop(0, pl.cdiv(bit_length(high - low), 4), step, (low, high))
+    return low
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch A: sample thresholds.
+
+
+def _sample_kernel(len_ref, *refs, source, layout, seq, budget, sink, recent, config, interpret):
+    *source_refs, bounds_ref = refs
+    scores = source.bind(source_refs, interpret=interpret)
+    program = pl.program_id(2)
+    row = pl.program_id(0) * pl.num_programs(1) + pl.program_id(1)
+    length = jnp.clip(len_ref[()], 0, seq)
+    n_s = jnp.minimum(length, layout.sample)
+
+    def keys_at(j):
+        valid = j < n_s
+        pos = jnp.where(valid, sample_positions(j, n_s, length, row), 0)
+        return valid, rs.order_keys(scores.at(pos, valid), pos, length, sink=sink, recent=recent)
+
+    mine_valid, mine = keys_at(program * layout.sample_slice + iota((layout.sample_slice,)))
+
+    def compare(i, carry):
+        above, at_least = carry
+        valid, keys = keys_at(i * layout.sample_step + iota((layout.sample_step,)))
+        valid, keys = valid[None, :], keys[None, :]
+        return (above + count(valid & (keys > mine[:, None]), axis=1),
+                at_least + count(valid & (keys >= mine[:, None]), axis=1))
+
+    zeros = jnp.zeros((layout.sample_slice,), jnp.int32)
+    above, at_least = lax.fori_loop(0, pl.cdiv(n_s, layout.sample_step), compare, (zeros, zeros))
+    select_all = length <= budget
+    r_hi, r_top, r_lo = sample_ranks(n_s, length, budget, config)
+    for rank, slot in ((r_hi, BOUND_HI), (r_top, BOUND_TOP), (r_lo, BOUND_LO)):
+        hit = mine_valid & (above < rank) & (rank <= at_least)
+
+        @pl.when(jnp.logical_not(select_all) & (jnp.max(hit.astype(jnp.int32)) > 0))
+        def _():
+            bounds_ref[slot] = jnp.max(jnp.where(hit, mine, INT32_MIN))
+
+    first = program == 0
+
+    @pl.when(first & (select_all | (r_lo > n_s)))
+    def _():
+        bounds_ref[BOUND_LO] = jnp.int32(INT32_MIN)
+
+    @pl.when(first & select_all)
+    def _():
+        bounds_ref[BOUND_HI] = jnp.int32(INT32_MIN)
+        bounds_ref[BOUND_TOP] = jnp.int32(INT32_MIN)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch B: the band pass.
+
+
+def _band_kernel(len_ref, bounds_ref, *refs, source, layout, tiling, seq, sink, recent, interpret):
+    num_sources = len(source.in_specs())
+    source_refs, (table_ref, *outs) = refs[:num_sources], refs[num_sources:]
+    scores_out_ref = outs.pop(0) if source.writes_scores else None
+    counts_ref, slots_ref, fine_ref = outs
+    scores = source.bind(source_refs, interpret=interpret)
+    geo = rs.chunk_geometry(len_ref, tiling, seq)
+    bounds = load_bounds(bounds_ref)
+    block, slots = tiling.scan, layout.slots
+
+    def step(i, carry):
+        n_above, n_band = carry
+        first, pos, valid = rs.block_positions(geo, i, block)
+        values = scores.block(first, valid)
+        if scores_out_ref is not None:
+            pltriton.store(scores_out_ref.at[pl.ds(first, block)], values, mask=pos < seq)
+        keys = rs.order_keys(values, pos, geo.length, sink=sink, recent=recent)
+        band = valid & (keys >= bounds.lo) & (keys <= bounds.hi)
+        slot = n_band + jnp.cumsum(band.astype(jnp.int32)) - 1
+        keep = band & (slot < slots)
+        pltriton.store(slots_ref.at[jnp.where(keep, slot, slots)], keys, mask=keep)
+        return n_above + count(valid & (keys > bounds.hi)), n_band + count(band)
+
+    zero = jnp.int32(0)
+    n_above, n_band = lax.fori_loop(0, geo.blocks(geo.length, block), step, (zero, zero))
+    counts_ref[0] = n_above
+    counts_ref[1] = n_band
+
+    # The band digits' histogram, read back from the slots (only a row with t_lo < t_hi whose
+    # chunks all fit their slots uses it).
+    shift = band_shift(bounds.lo, bounds.top)
+    hist_block = layout.list_block
+    rs.block_barrier(interpret)
+
+    def digits_of_block(i):
+        member = i * hist_block + iota((hist_block,)) < n_band
+        keys = pltriton.load(slots_ref.at[pl.ds(i * hist_block, hist_block)], mask=member, other=0)
+        return band_digit(keys, bounds, shift), member
+
+    listed = (n_band <= slots) & (bounds.lo != bounds.hi)
+    blocks = jnp.where(listed, pl.cdiv(n_band, hist_block), 0)
+    fine_ref[...] = rs.suffix_counts(rs.histogram_loop(blocks, digits_of_block, table_ref))[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch C: the decision, the fast path's threshold, fallback pass 0.
+
+
+class Band(NamedTuple):
+    """One row's band as the decision reads it (chunk-indexed vectors are [chunks])."""
+
+    bounds: Bounds
+    n_above: jax.Array
+    n_band: jax.Array
+    suffix_counts: jax.Array  # [chunks, 16, 16]: [c, a, b] = band keys of chunk c with digit >= 16a + b
+    slots_ref: Any  # [chunks, slots] band keys
+
+
+def threshold_digit(suffix_counts, rank):
+    """(digit, keys with a larger digit, per chunk: keys with digit >= it, keys with a larger
+    one) of the band digit holding the rank-th largest band key, from the whole row's suffix
+    counts at once."""
+    chunks = suffix_counts.shape[0]
+    per_chunk = jnp.reshape(suffix_counts, (chunks, 2**rs.DIGIT_BITS))
+    digit = jnp.maximum(count(jnp.sum(per_chunk, axis=0) >= rank) - 1, 0)
+    digits = iota(per_chunk.shape, 1)
+    chunk_at_least = jnp.sum(jnp.where(digits == digit, per_chunk, 0), axis=1)
+    chunk_above = jnp.sum(jnp.where(digits == digit + 1, per_chunk, 0), axis=1)  # 0 past the last digit
+    return digit, jnp.sum(chunk_above), chunk_at_least, chunk_above
+
+
+class Bucket(NamedTuple):
+    """The band digit `digit` that holds the threshold, and how to scan its keys in the slots."""
+
+    band: Band
+    shift: jax.Array
+    digit: jax.Array
+    layout: BandLayout
+
+    def scan(self, visit, init):
+        """Fold `visit(keys [chunks, slab], member [chunks, slab], carry)` over the slots."""
+        band, slab = self.band, self.layout.slab
+        n_band = band.n_band[:, None]
+
+        def step(s, carry):
+            listed = s * slab + iota((n_band.shape[0], slab), 1) < n_band
+            keys = pltriton.load(band.slots_ref.at[:, pl.ds(s * slab, slab)], mask=listed, other=0)
+            return visit(keys, listed & (band_digit(keys, band.bounds, self.shift) == self.digit), carry)
+
+        return lax.fori_loop(0, pl.cdiv(jnp.max(band.n_band), slab), step, init)
+
+    def per_chunk(self, threshold):
+        """Per chunk, the bucket's keys above `threshold` and equal to it ([chunks] each)."""
+
+        def visit(keys, member, carry):
+            return (carry[0] + count(member & (keys > threshold), axis=1),
+                    carry[1] + count(member & (keys == threshold), axis=1))
+
+        zeros = rs.traced(0, self.band.n_band)
+        return self.scan(visit, (zeros, zeros))
+
+    def count_at_least(self, probes):
+        """Keys of the bucket >= each probe ([PROBES]), by one scan."""
+        j = iota((PROBES,))
+
+        def visit(keys, member, counts):
+            for p in range(PROBES):
+                counts = counts + jnp.where(j == p, count(member & (keys >= rs.pick(probes, p))), 0)
+            return counts
+
+        return self.scan(visit, rs.traced(0, probes))
+
+
+def _collect(bucket: Bucket, dense_keys_ref, dense_chunks_ref):
+    """Copy the bucket's keys and their chunks to the dense lists (the first `dense` of them);
+    returns (keys found, their min, their max)."""
+    dense = bucket.layout.dense
+
+    def visit(keys, member, carry):
+        found, low, high = carry
+        members = member.astype(jnp.int32)
+        per_chunk = jnp.sum(members, axis=1)
+        slot = found + (jnp.cumsum(per_chunk) - per_chunk)[:, None] + jnp.cumsum(members, axis=1) - 1
+        keep = member & (slot < dense)
+        where = jnp.reshape(jnp.where(keep, slot, dense), (-1,))
+        keep = jnp.reshape(keep, (-1,))
+        pltriton.store(dense_keys_ref.at[where], jnp.reshape(keys, (-1,)), mask=keep)
+        pltriton.store(dense_chunks_ref.at[where], jnp.reshape(iota(keys.shape, 0), (-1,)), mask=keep)
+        return (found + jnp.sum(per_chunk), jnp.minimum(low, jnp.min(jnp.where(member, keys, INT32_MAX))),
+                jnp.maximum(high, jnp.max(jnp.where(member, keys, INT32_MIN))))
+
+    return bucket.scan(visit, (jnp.int32(0), jnp.int32(INT32_MAX), jnp.int32(INT32_MIN)))
+
+
+def _rank_dense(found, rank, low, high, chunks: int, layout: BandLayout, dense_keys_ref, dense_chunks_ref):
+    """(rank-th largest of the `found` <= dense keys of the dense list, per chunk: those above it,
+    those equal to it), in registers."""
+    present = iota((layout.dense,)) < found
+    keys = pltriton.load(dense_keys_ref.at[pl.ds(0, layout.dense)], mask=present, other=0)
+    key_chunks = pltriton.load(dense_chunks_ref.at[pl.ds(0, layout.dense)], mask=present, other=0)
+
+    def count_at_least(probes):
+        return count(present[:, None] & (keys[:, None] >= probes[None, :]), axis=0)
+
+    threshold = probe_search(low, high, rank, count_at_least)
+    in_chunk = present[None, :] & (key_chunks[None, :] == iota((chunks, 1), 0))
+    return (threshold, count(in_chunk & (keys[None, :] > threshold), axis=1),
+            count(in_chunk & (keys[None, :] == threshold), axis=1))
+
+
+def band_threshold(band: Band, need, layout: BandLayout, dense_keys_ref, dense_chunks_ref, interpret: bool):
+    """The fast path's plan of a row whose k-th largest key is in its band: (threshold key,
+    keys equal to it still to take, per chunk keys above it, per chunk keys equal to it, PATH_*).
+
+    need: band keys to take (k - n_above, in [0, n_band]).
+    """
+    chunks = band.n_above.shape[0]
+    bounds = band.bounds
+
+    def path(code):
+        return rs.traced(code, need)
+
+    zeros = rs.traced(0, band.n_above)
+
+    def take_no_band_key():
+        return bounds.hi, path(0), band.n_above, zeros, path(PATH_NO_BAND_KEY)
+
+    def band_of_one_key():
+        return bounds.lo, need, band.n_above, band.n_band, path(PATH_ONE_KEY_BAND)
+
+    def from_bucket():
+        shift = band_shift(bounds.lo, bounds.top)
+        digit, above, chunk_at_least, chunk_above = threshold_digit(band.suffix_counts, need)
+        rank = need - above  # of the threshold among the bucket's keys, 1 = largest
+        greater, in_bucket = band.n_above + chunk_above, chunk_at_least - chunk_above
+
+        def bucket_of_one_key():
+            return bounds.lo + digit, rank, greater, in_bucket, path(PATH_ONE_KEY_BUCKET)
+
+        def ranked():
+            bucket = Bucket(band, shift, digit, layout)
+            found, low, high = _collect(bucket, dense_keys_ref, dense_chunks_ref)
+            rs.block_barrier(interpret)
+
+            def equal_keys():
+                return low, rank, greater, in_bucket, path(PATH_EQUAL_BUCKET)
+
+            def rank_keys(code, threshold, bucket_above, bucket_equal):
+                return threshold, rank - jnp.sum(bucket_above), greater + bucket_above, bucket_equal, path(code)
+
+            def dense():
+                return rank_keys(PATH_DENSE, *_rank_dense(found, rank, low, high, chunks, layout, dense_keys_ref,
+                                                          dense_chunks_ref))
+
+            def scanned():
+                threshold = probe_search(low, high, rank, bucket.count_at_least)
+                return rank_keys(PATH_SCANNED, threshold, *bucket.per_chunk(threshold))
+
+            return lax.cond(low == high, equal_keys, lambda: lax.cond(found <= layout.dense, dense, scanned))
+
+        return lax.cond((shift == 0) & (digit < TOP_DIGIT), bucket_of_one_key, ranked)
+
+    return lax.cond(need == 0, take_no_band_key,
+                    lambda: lax.cond(bounds.lo == bounds.hi, band_of_one_key, from_bucket))
+
+
+def _decide_kernel(len_ref, bounds_ref, counts_ref, band_fine_ref, slots_ref, scores_ref, table_ref, decision_ref,
+                   fast_counts_ref, dense_keys_ref, dense_chunks_ref, state_ref, coarse_ref, fine_ref, *, layout,
+                   tiling, seq, budget, sink, recent, interpret):
+    geo = rs.chunk_geometry(len_ref, tiling, seq)
+    k_eff = rs.k_effective(geo.length, budget)
+    first = geo.chunk_index == 0
+    # Chunk 0 loads the row's band histograms (64 KiB at the Llama shape) with the counts rather
+    # than after deciding: one dependent round trip fewer; a masked load costs the others nothing.
+    suffix_counts = pltriton.load(band_fine_ref, mask=jnp.broadcast_to(first, band_fine_ref.shape), other=0)
+    band = Band(load_bounds(bounds_ref), counts_ref[:, 0], counts_ref[:, 1], suffix_counts, slots_ref)
+    above, in_band = jnp.sum(band.n_above), jnp.sum(band.n_band)
+    listed = (jnp.max(band.n_band) <= layout.slots) | (band.bounds.lo == band.bounds.hi)
+    fast = (above <= k_eff) & (k_eff <= above + in_band) & listed
+
+    @pl.when(fast & first)
+    def _():
+        threshold, remaining, greater, equal, path = band_threshold(
+            band, k_eff - above, layout, dense_keys_ref, dense_chunks_ref, interpret)
+        decision_ref[rs.DECISION_PATH] = path
+        decision_ref[rs.DECISION_THRESHOLD] = threshold
+        decision_ref[rs.DECISION_REMAINING] = remaining
+        fast_counts_ref[0, :] = greater
+        fast_counts_ref[1, :] = equal
+
+    @pl.when(jnp.logical_not(fast))
+    def _():
+        rs.first_pass(scores_ref, table_ref, state_ref, coarse_ref, fine_ref, geo, tiling=tiling,
+                      budget=budget, sink=sink, recent=recent)
+
+        @pl.when(first)
+        def _():
+            decision_ref[rs.DECISION_PATH] = jnp.int32(PATH_FALLBACK)
+
+
+# ----------------------------------------------------------------------------------------------
+# The pipeline.
+
+
+def select_with_path(source: ScoreSource, arrays, lengths, *, shape, budget: int, sink: int, recent: int,
+                     tiling: Tiling, config: BandConfig, interpret: bool):
+    """Launches A..E on the scores `source` describes, from `arrays` (rows of `shape` = (B, Hkv, S)).
+
+    Returns (idx int32[B, Hkv, budget], count int32[B, Hkv], path int32[B, Hkv]: how each row
+    was selected, PATH_FALLBACK or the fast path's PATH_* case).
+    """
+    batch, kv_heads, seq = shape
+    layout = band_layout(config, tiling, seq)
+    chunks = tiling.chunks(seq)
+    grid = (batch, kv_heads, chunks)
+    lengths = lengths.astype(jnp.int32)
+    table = rs.one_hot_table()
+    prefix = "hata_hamming" if source.writes_scores else "hata_select"
+    common = dict(seq=seq, sink=sink, recent=recent, interpret=interpret)
+    launch = dict(num_warps=tiling.num_warps, num_stages=tiling.num_stages, interpret=interpret)
+
+    def shaped(*tail, dtype=jnp.int32):
+        return jax.ShapeDtypeStruct((batch, kv_heads, *tail), dtype)
+
+    bounds = triton_call(
+        functools.partial(_sample_kernel, source=source, layout=layout, budget=budget, config=config, **common),
+        out_shape=shaped(BOUNDS_WIDTH),
+        grid=(batch, kv_heads, layout.sample_programs),
+        in_specs=[rs.length_spec(), *source.in_specs()],
+        out_specs=rs.row_spec(BOUNDS_WIDTH),
+        num_warps=config.sample_warps,
+        num_stages=tiling.num_stages,
+        interpret=interpret,
+        name=f"{prefix}_sample",
+    )(lengths, *arrays)
+
+    band_shapes = [shaped(chunks, 2), shaped(chunks, layout.slots), shaped(chunks, rs.NIBBLE, rs.NIBBLE)]
+    band_specs = [rs.chunk_spec(2), rs.chunk_spec(layout.slots), rs.chunk_spec(rs.NIBBLE, rs.NIBBLE)]
+    if source.writes_scores:
+        band_shapes.insert(0, shaped(seq, dtype=jnp.float32))
+        band_specs.insert(0, rs.row_spec(seq))
+    band_out = triton_call(
+        functools.partial(_band_kernel, source=source, layout=layout, tiling=tiling, **common),
+        out_shape=band_shapes,
+        grid=grid,
+        in_specs=[rs.length_spec(), rs.row_spec(BOUNDS_WIDTH), *source.in_specs(), rs.table_spec()],
+        out_specs=band_specs,
+        name=f"{prefix}_band",
+        **launch,
+    )(lengths, bounds, *arrays, table)
+    scores = band_out[0] if source.writes_scores else arrays[0]
+    counts, slots, band_fine = band_out[-3:]
+
+    decision, fast_counts, _, _, *first_pass_out = triton_call(
+        functools.partial(_decide_kernel, layout=layout, tiling=tiling, budget=budget, **common),
+        out_shape=[shaped(rs.DECISION_WIDTH), shaped(2, chunks), shaped(layout.dense), shaped(layout.dense),
+                   *rs.pass_out_shapes(batch, kv_heads, chunks)],
+        grid=grid,
+        in_specs=[rs.length_spec(), rs.row_spec(BOUNDS_WIDTH), rs.row_spec(chunks, 2),
+                  rs.row_spec(chunks, rs.NIBBLE, rs.NIBBLE), rs.row_spec(chunks, layout.slots), rs.row_spec(seq),
+                  rs.table_spec()],
+        out_specs=[rs.row_spec(rs.DECISION_WIDTH), rs.row_spec(2, chunks), rs.row_spec(layout.dense),
+                   rs.row_spec(layout.dense), *rs.pass_out_specs()],
+        num_warps=config.decide_warps,
+        num_stages=tiling.num_stages,
+        interpret=interpret,
+        name="hata_select_decide",
+    )(lengths, bounds, counts, band_fine, slots, scores, table)
+
+    idx, count_out = rs.finish_selection(scores, lengths, decision, fast_counts, first_pass_out, budget=budget,
+                                         sink=sink, recent=recent, tiling=tiling, interpret=interpret)
+    return idx, count_out, decision[..., rs.DECISION_PATH]
+
+
+def select_topk_with_path(scores, budget: int, lengths, *, sink: int = 0, recent: int = 0, interpret: bool = False,
+                          tiling: Tiling | None = None, config: BandConfig = BandConfig()):
+    """:func:`select_topk`, also returning how each row was selected (int32[B, Hkv] of PATH_*)."""
+    if scores.ndim != 3 or scores.dtype != jnp.float32:
+        raise ValueError(f"scores must be float32[batch, kv_heads, seq], got {scores.dtype}{list(scores.shape)}")
+    batch, kv_heads, seq = scores.shape
+    rs.check_selection(seq, budget, sink, recent)
+    return select_with_path(
+        GivenScores(seq), (scores,), jnp.asarray(lengths), shape=scores.shape, budget=budget, sink=sink, recent=recent,
+        tiling=tiling or rs.default_tiling(batch * kv_heads, seq), config=config, interpret=interpret,
+    )
+
+
+def select_topk(scores, budget: int, lengths, *, sink: int = 0, recent: int = 0, interpret: bool = False,
+                tiling: Tiling | None = None):
+    """Kernel form of :func:`hata_jax.select_topk` (same contract; slots in ascending position).
+
+    scores: float32[B, Hkv, S]; lengths: int[B]. Returns (idx int32[B, Hkv, budget],
+    count int32[B, Hkv]).
+    """
+    idx, count_out, _ = select_topk_with_path(scores, budget, lengths, sink=sink, recent=recent,
+                                              interpret=interpret, tiling=tiling)
+    return idx, count_out
