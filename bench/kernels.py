@@ -208,6 +208,8 @@ def main(argv=None) -> int:
     parser.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke run)")
     parser.add_argument("--skip-check", action="store_true", help="do not run bench.check_kernels first")
     parser.add_argument("--only", nargs="*", default=None, help="subset of: encode selection scoring attention")
+    parser.add_argument("--contexts", type=int, nargs="*", default=None, help="attention contexts (default 32768 131072)")
+    parser.add_argument("--batches", type=int, nargs="*", default=None, help="attention batches (default 1 8)")
     args = parser.parse_args(argv)
     env = environment()
     print(env, flush=True)
@@ -216,7 +218,10 @@ def main(argv=None) -> int:
         check_status = check_kernels.main(["--out", args.out.replace(".json", "_check.json")] + (["--small"] if args.small else []))
     bandwidth = floor_bandwidth_gbps(1 << (24 if args.small else 30))
     print(f"bandwidth: {bandwidth}", flush=True)
-    bench = Bench(SMALL if args.small else Shapes(), bandwidth["floor_gbps"], args.small)
+    shapes = SMALL if args.small else Shapes()
+    shapes = dataclasses.replace(shapes, contexts=tuple(args.contexts or shapes.contexts),
+                                 batches=tuple(args.batches or shapes.batches))
+    bench = Bench(shapes, bandwidth["floor_gbps"], args.small)
     for part in args.only or ["encode", "selection", "scoring", "attention"]:
         try:
             getattr(bench, part)()
