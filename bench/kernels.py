@@ -100,7 +100,7 @@ class Bench:
     def scoring(self):
         s = self.s
         g, words, n = s.q_heads // s.kv_heads, s.rbit // 32, s.long
-        shape = {"batch": 1, "kv_heads": s.kv_heads, "group": g, "seq": n, "rbit": s.rbit}
+        shape = {"batch": 1, "kv_heads": s.kv_heads, "gqa": g, "seq": n, "rbit": s.rbit}
         code_bytes = s.kv_heads * n * (4 * words + 4)
         sets = [(_random_codes(self._next(), (1, s.q_heads, words)), _random_codes(self._next(), (1, s.kv_heads, n, words)),
                  jnp.abs(jax.random.normal(self._next(), (1, s.kv_heads, n), jnp.float32)), jnp.array([n], jnp.int32))

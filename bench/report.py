@@ -22,23 +22,33 @@ def tables(data: dict) -> str:
     lines = [
         f"Device: {env['device']}, jax {env['jax']}, commit {env['commit']}, {env['date']}. "
         f"Measured bandwidth: copy {data.get('copy_gbps', 0):.0f} GB/s (read + write), "
-        f"read-only {data.get('read_gbps', 0):.0f} GB/s; floors use {data.get('floor_gbps', 0):.0f} GB/s.",
+        f"read-only {data.get('read_gbps', 0):.0f} GB/s; floors use {data.get('floor_gbps', 0):.0f} GB/s. "
+        "Wall = median per op with launch gaps (bench.timing); device = sum of the op's kernel times (profiler).",
         "",
-        "| group | implementation | shape | median (us) | p10-p90 (us) | GB/s | floor (us) | x floor | note |",
-        "|---|---|---|---:|---:|---:|---:|---:|---|",
+        "| group | implementation | shape | wall (us) | device (us) | floor (us) | device x floor | kernels (device us) | note |",
+        "|---|---|---|---:|---:|---:|---:|---|---|",
     ]
     skip = {"group", "name", "median_us", "p10_us", "p90_us", "reps", "ops_per_rep", "bytes", "floor_us", "gbps",
-            "of_floor", "note", "best_dense", "best_dense_us", "speedup_vs_best_dense", "speedup_vs_top_k"}
+            "of_floor", "note", "best_dense", "best_dense_us", "speedup_vs_best_dense", "speedup_vs_top_k",
+            "device_us", "kernels_us", "best_dense_device_us", "device_speedup_vs_best_dense"}
+    top_k_device = next((r.get("device_us") for r in rows if r["name"] == "lax.top_k"), None)
     for r in rows:
         shape = ", ".join(f"{k}={v}" for k, v in r.items() if k not in skip)
         note = r.get("note", "")
         if "speedup_vs_best_dense" in r:
-            note = f"{r['speedup_vs_best_dense']:.1f}x faster than best dense ({r['best_dense']}, {r['best_dense_us']:.1f} us)"
+            note = f"{r['speedup_vs_best_dense']:.2f}x vs best dense ({r['best_dense']}) by wall"
+            if "device_speedup_vs_best_dense" in r:
+                note += f", {r['device_speedup_vs_best_dense']:.2f}x by device time"
         if "speedup_vs_top_k" in r:
-            note = f"{r['speedup_vs_top_k']:.1f}x faster than lax.top_k"
-        lines.append(f"| {r['group']} | {r['name']} | {shape} | {r['median_us']:.1f} | "
-                     f"{r['p10_us']:.1f}-{r['p90_us']:.1f} | {_fmt(r.get('gbps'), '.0f')} | {_fmt(r.get('floor_us'))} | "
-                     f"{_fmt(r.get('of_floor'), '.2f')} | {note} |")
+            note = f"{r['speedup_vs_top_k']:.1f}x faster than lax.top_k by wall"
+            if top_k_device and r.get("device_us"):
+                note += f", {top_k_device / r['device_us']:.1f}x by device time"
+        kernels = r.get("kernels_us", {})
+        shown = ", ".join(f"{k} {v:.1f}" for k, v in list(kernels.items())[:6]) + (", ..." if len(kernels) > 6 else "")
+        dev = r.get("device_us")
+        floor = r.get("floor_us")
+        lines.append(f"| {r['group']} | {r['name']} | {shape} | {r['median_us']:.1f} | {_fmt(dev)} | {_fmt(floor)} | "
+                     f"{_fmt(dev / floor if dev and floor else None, '.2f')} | {shown} | {note} |")
     errors = [r for r in data["rows"] if "error" in r]
     if errors:
         lines += ["", "Errors:"] + [f"- {r.get('group')} {r.get('name', '')}: {r['error'][:300]}" for r in errors]
