@@ -29,6 +29,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 
+# What every kernel takes: input dtypes and head dims (each kernel raises a ValueError otherwise).
+SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+SUPPORTED_HEAD_DIMS = (64, 128)
+
+
 def on_gpu() -> bool:
     """True when the default JAX backend is a CUDA/ROCm GPU."""
     return jax.default_backend() == "gpu"

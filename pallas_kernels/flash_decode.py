@@ -80,10 +80,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels._backend import dot, triton_call
+from pallas_kernels._backend import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, dot, triton_call
 
-SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
-SUPPORTED_HEAD_DIMS = (64, 128)
 MAX_GROUP = 8
 MAX_SEQ = 262144
 MAX_BUDGET = 8192

@@ -79,10 +79,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels._backend import triton_call
+from pallas_kernels._backend import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, triton_call
 
-SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
-SUPPORTED_HEAD_DIMS = (64, 128)
 MAX_RBIT = 256
 WORD_BITS = 32
 

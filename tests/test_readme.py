@@ -1,4 +1,4 @@
-"""The README's Python example runs as written and prints what it says."""
+"""The README's Python examples run as written and print what they say."""
 import pathlib
 import re
 
@@ -7,12 +7,27 @@ import numpy as np
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_readme_example_runs(capsys):
-    [block] = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+def run_block(fence: str) -> dict:
+    """Execute the README's single code block opened by ```<fence>; returns its globals."""
+    [block] = re.findall(rf"```{fence}\n(.*?)```", README.read_text(), flags=re.S)
     scope: dict = {}
     exec(compile(block, str(README), "exec"), scope)
+    return scope
+
+
+def test_api_example_runs(capsys):
+    scope = run_block("python")
     out, cache = scope["out"], scope["cache"]
     assert out.shape == (2, 32, 128)
     assert np.isfinite(np.asarray(out, np.float32)).all()
     np.testing.assert_array_equal(np.asarray(cache.lengths), [3001, 1235])
     assert "(2, 32, 128) [3001 1235]" in capsys.readouterr().out
+
+
+def test_bring_your_own_model_example_runs(capsys):
+    scope = run_block("py")
+    caches, x = scope["caches"], scope["x"]
+    assert np.isfinite(np.asarray(x)).all()
+    for cache in caches:
+        np.testing.assert_array_equal(np.asarray(cache.lengths), [303, 203])
+    assert "[303 203]" in capsys.readouterr().out
