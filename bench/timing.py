@@ -85,18 +85,21 @@ def poison_device_memory(total_bytes: int = 4 << 30, chunk_bytes: int = 256 << 2
 
 
 def environment() -> dict:
-    """Device, versions and commit for a results file."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
+    """Device, versions and commit for a results file (`HATA_COMMIT` wins over git: a copied tree
+    may carry another checkout's .git)."""
+    commit = os.environ.get("HATA_COMMIT", "")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        except OSError:
+            pass
     dev = jax.devices()[0]
     return {
         "device": getattr(dev, "device_kind", str(dev)),
         "backend": jax.default_backend(),
         "jax": jax.__version__,
         "python": platform.python_version(),
-        "commit": commit or os.environ.get("HATA_COMMIT", "unknown"),
+        "commit": commit or "unknown",
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
 
