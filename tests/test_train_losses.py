@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from train.hashattention import HashAttentionSelector, mlp_apply, top_k_targets, weighted_bce
+from hata_jax.selectors.mlp import mlp_apply
+from train.hashattention import HashAttentionSelector, top_k_targets, weighted_bce
 from train.hata import (HataLoss, HataSelector, LabelConfig, balance_term, decorrelation_term, rank_weights, relax,
                         similarity_term)
 

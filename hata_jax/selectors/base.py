@@ -1,0 +1,280 @@
+"""The token-selector interface and the selection/attention functions every selector shares.
+
+A selector scores cached tokens for a query (higher = keep); the common code here turns scores
+into a fixed-size index buffer for a decode step (:func:`select_indices`) or into a causal keep
+mask for teacher forcing (:func:`selection_mask`), and attends over the kept keys
+(:func:`sparse_causal_attention`). Budgets are tokens per (sequence, KV head), shared by the
+group's query heads; `sink`/`recent` force the first/last visible positions as in
+:func:`hata_jax.select_topk`.
+
+Memory: teacher forcing over T queries and S keys works on chunks of queries (`lax.map`) so that
+no float32 array of more than about :data:`QUERY_CHUNK_ELEMENTS` elements per chunk is built
+(e.g. `[B, Hq, chunk, S]` logits), never `[B, Hq, T, S]` at once.
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from hata_jax import checks
+from hata_jax.attention import _scale, masked_attention
+from hata_jax.selection import check_selection_args, select_topk
+
+# Upper bound on the elements of one query chunk's [B, Hq, chunk, S] float32 intermediates.
+QUERY_CHUNK_ELEMENTS = 1 << 24
+
+
+def check_keys(k, name: str = "k") -> tuple[int, int, int, int]:
+    """k: float[B, Hkv, S, D]; returns its shape."""
+    checks.check_rank(k, 4, name, "[batch, kv_heads, seq, head_dim]")
+    checks.check_floating(k, name)
+    return tuple(k.shape)
+
+
+def check_queries(q, k, name: str = "q") -> int:
+    """q: float[B, T, Hq, D] against k: float[B, Hkv, S, D]; returns the group size G."""
+    checks.check_rank(q, 4, name, "[batch, queries, q_heads, head_dim]")
+    checks.check_floating(q, name)
+    b, hkv, _, d = check_keys(k)
+    checks.check_dim(q, 0, b, name, "batch size")
+    checks.check_dim(q, 3, d, name, "head_dim")
+    return checks.group_size(q.shape[2], hkv, f"{name} heads vs k heads")
+
+
+def check_positions(positions, shape: tuple[int, ...], name: str, layout: str) -> None:
+    checks.check_rank(positions, len(shape), name, layout)
+    checks.check_integer(positions, name)
+    if tuple(positions.shape) != shape:
+        raise ValueError(f"{name} must have shape {layout} = {shape}, got {tuple(positions.shape)}")
+
+
+def token_rows(lengths, capacity: int) -> jax.Array:
+    """bool[B, 1, S]: positions < lengths[b] (broadcasts over KV heads)."""
+    return (jnp.arange(capacity)[None, :] < lengths[:, None])[:, None, :]
+
+
+def write_token(buf, value, positions):
+    """buf: [B, Hkv, S, ...] with value: [B, Hkv, ...] written at positions[b] (dropped if >= S)."""
+    rows = jnp.arange(buf.shape[0])
+    return buf.at[rows, :, positions].set(value.astype(buf.dtype), mode="drop")
+
+
+@dataclasses.dataclass(frozen=True)
+class Selector(abc.ABC):
+    """A token selector: per-token metadata (`state`) plus a score of each cached token per query.
+
+    Frozen dataclass (hashable: usable as a jit static argument). The public methods validate
+    their inputs (ValueError naming the argument) and call the subclass's `_init_state`,
+    `_append_state` and `_token_scores`. `params` are the selector's learned or calibrated
+    arrays for one layer (None where it has none).
+    """
+
+    name: ClassVar[str]
+
+    @abc.abstractmethod
+    def extra_bytes_per_token(self, kv_heads: int, head_dim: int) -> int:
+        """Metadata bytes per cached token, all KV heads of one layer."""
+
+    def check_params(self, params, kv_heads: int, head_dim: int, q_heads: int | None = None) -> None:
+        """Raise a ValueError unless `params` fit this selector and the given head shapes."""
+        if params is not None:
+            raise ValueError(f"params must be None for the {self.name!r} selector, got {type(params).__name__}")
+
+    def init_state(self, params, k: jax.Array, lengths: jax.Array):
+        """The metadata of keys at positions < lengths[b].
+
+        Args:
+          k: float[B, Hkv, S, D] post-RoPE keys (capacity S).
+          lengths: int[B] in [0, S].
+        """
+        b, hkv, s, d = check_keys(k)
+        checks.check_lengths(lengths, b, s)
+        self.check_params(params, hkv, d)
+        return self._init_state(params, k, lengths.astype(jnp.int32))
+
+    def append_state(self, params, state, k_new: jax.Array, positions: jax.Array):
+        """Write the metadata of the key at positions[b].
+
+        Args:
+          k_new: float[B, Hkv, D] post-RoPE new keys.
+          positions: int[B] their positions (< capacity; later positions are dropped).
+        """
+        checks.check_rank(k_new, 3, "k_new", "[batch, kv_heads, head_dim]")
+        checks.check_floating(k_new, "k_new")
+        b, hkv, d = k_new.shape
+        check_positions(positions, (b,), "positions", "[batch]")
+        self.check_params(params, hkv, d)
+        return self._append_state(params, state, k_new, positions.astype(jnp.int32))
+
+    def token_scores(self, params, state, q: jax.Array, k: jax.Array, q_positions: jax.Array) -> jax.Array:
+        """Scores of every cached token for every query (higher = keep).
+
+        Args:
+          q: float[B, T, Hq, D] post-RoPE queries (Hq = G * Hkv; head h belongs to KV head h // G).
+          k: float[B, Hkv, S, D] the keys of :meth:`init_state`.
+          q_positions: int[B, T] the queries' positions.
+
+        Returns:
+          float32[B, Hkv, T, S]. Causality and validity are applied by the common code.
+        """
+        self.check_score_inputs(params, q, k, q_positions)
+        return self._token_scores(params, state, q, k, q_positions.astype(jnp.int32))
+
+    def check_score_inputs(self, params, q, k, q_positions) -> None:
+        """The checks of :meth:`token_scores`."""
+        check_queries(q, k)
+        b, t, hq, d = q.shape
+        check_positions(q_positions, (b, t), "q_positions", "[batch, queries]")
+        self.check_params(params, k.shape[1], d, hq)
+
+    @abc.abstractmethod
+    def _init_state(self, params, k, lengths): ...
+
+    @abc.abstractmethod
+    def _append_state(self, params, state, k_new, positions): ...
+
+    @abc.abstractmethod
+    def _token_scores(self, params, state, q, k, q_positions): ...
+
+
+def _check_selector(selector) -> None:
+    if not isinstance(selector, Selector):
+        raise ValueError(f"selector must be a hata_jax.selectors.Selector, got {type(selector).__name__}")
+
+
+def select_indices(selector: Selector, params, state, q, k, lengths, *, budget: int, sink: int = 0,
+                   recent: int = 0, impl: str = "reference"):
+    """One decode step's selection.
+
+    Args:
+      selector, params, state: the layer's selector, its params and its state (the current
+        token's key already appended).
+      q: float[B, Hq, D], the query of position lengths[b] - 1.
+      k: float[B, Hkv, S, D] the cached keys.
+      lengths: int[B] in [0, S]: keys at positions < lengths[b] are candidates.
+      budget: static tokens per (sequence, KV head), 0 < budget <= S.
+      sink, recent: forced first/last positions (count against `budget`).
+      impl: passed to :func:`hata_jax.select_topk`.
+
+    Returns:
+      (idx int32[B, Hkv, budget], count int32[B, Hkv]) as :func:`hata_jax.select_topk` returns
+      them: slots >= count hold `hata_jax.UNUSED`.
+    """
+    _check_selector(selector)
+    checks.check_rank(q, 3, "q", "[batch, q_heads, head_dim]")
+    b, _, s, _ = check_keys(k)
+    checks.check_lengths(lengths, b, s)
+    check_selection_args(budget, s, sink, recent)
+    q_positions = (lengths.astype(jnp.int32) - 1)[:, None]
+    scores = selector.token_scores(params, state, q[:, None], k, q_positions)[:, :, 0]
+    return select_topk(scores, int(budget), lengths, sink=sink, recent=recent, impl=impl)
+
+
+def query_chunk(batch: int, q_heads: int, queries: int, keys: int) -> int:
+    """Queries per chunk: the largest power of two with batch * q_heads * chunk * keys <=
+    QUERY_CHUNK_ELEMENTS (at least 1), or all the queries when they fit."""
+    fit = max(1, QUERY_CHUNK_ELEMENTS // max(1, batch * q_heads * keys))
+    return min(queries, 1 << (fit.bit_length() - 1))
+
+
+def map_query_chunks(fn, args, pads, axes, chunk: int, out_axis: int):
+    """`fn(*args)` computed `chunk` queries at a time with `lax.map`.
+
+    args[i] holds the queries along axes[i]; it is padded with pads[i] to a multiple of `chunk`.
+    The result holds the queries along `out_axis`, cut back to the original count.
+    """
+    t = args[0].shape[axes[0]]
+    if chunk >= t:
+        return fn(*args)
+    n = -(-t // chunk)
+
+    def split(x, pad, axis):
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (0, n * chunk - t)
+        x = jnp.moveaxis(jnp.pad(x, widths, constant_values=pad), axis, 0)
+        return x.reshape(n, chunk, *x.shape[1:])
+
+    chunks = [split(x, pad, axis) for x, pad, axis in zip(args, pads, axes)]
+    out = lax.map(lambda xs: jnp.moveaxis(fn(*[jnp.moveaxis(x, 0, axis) for x, axis in zip(xs, axes)]), out_axis, 0),
+                  chunks)
+    out = out.reshape(n * chunk, *out.shape[2:])[:t]
+    return jnp.moveaxis(out, 0, out_axis)
+
+
+def selection_mask(selector: Selector, params, state, q, k, q_positions, lengths, *, budget: int, sink: int = 0,
+                   recent: int = 0, impl: str = "reference") -> jax.Array:
+    """Teacher forcing: the keys each query keeps.
+
+    Args:
+      q: float[B, T, Hq, D]; query t of row b sits at q_positions[b, t] and sees keys at
+        positions <= q_positions[b, t] that are also < lengths[b].
+      k: float[B, Hkv, S, D] the keys (state from ``selector.init_state(params, k, lengths)``).
+      q_positions: int[B, T]; lengths: int[B] in [0, S].
+      budget, sink, recent, impl: as in :func:`select_indices`; `sink`/`recent` force the first
+        and last positions each query sees (the query's own position is its last).
+
+    Returns:
+      bool[B, Hkv, T, S]: each query keeps its min(visible, budget) best-scoring visible keys,
+      visible = min(q_positions + 1, lengths) (0 for a negative position). For a query at a
+      position < lengths[b] this is the selection :func:`select_indices` makes at the decode step
+      of that position (lengths = q_positions + 1).
+    """
+    _check_selector(selector)
+    check_queries(q, k)
+    b, t, hq, _ = q.shape
+    s = k.shape[2]
+    check_positions(q_positions, (b, t), "q_positions", "[batch, queries]")
+    checks.check_lengths(lengths, b, s)
+    check_selection_args(budget, s, sink, recent)
+    budget = int(budget)
+    lengths = lengths.astype(jnp.int32)
+
+    def keep(q_chunk, positions):
+        tc = q_chunk.shape[1]
+        scores = selector.token_scores(params, state, q_chunk, k, positions)  # [B, Hkv, Tc, S]
+        visible = jnp.clip(jnp.minimum(positions + 1, lengths[:, None]), 0, s)  # [B, Tc]
+        rows = jnp.swapaxes(scores, 1, 2).reshape(b * tc, -1, s)
+        idx, count = select_topk(rows, budget, visible.reshape(-1), sink=sink, recent=recent, impl=impl)
+        # Unused slots write to an extra column s, cut off afterwards.
+        slots = jnp.where(jnp.arange(budget) < count[..., None], idx, s)
+        mask = jnp.put_along_axis(jnp.zeros(rows.shape[:2] + (s + 1,), bool), slots, True, axis=-1, inplace=False)
+        return jnp.swapaxes(mask[..., :s].reshape(b, tc, -1, s), 1, 2)
+
+    chunk = query_chunk(b, hq, t, s)
+    return map_query_chunks(keep, (q, q_positions.astype(jnp.int32)), (0, -1), (1, 1), chunk, 2)
+
+
+def sparse_causal_attention(q, k, v, mask, *, scale: float | None = None) -> jax.Array:
+    """Softmax attention of every query over the keys its KV head keeps.
+
+    Args:
+      q: float[B, T, Hq, D]; k, v: float[B, Hkv, S, D]; mask: bool[B, Hkv, T, S] (from
+        :func:`selection_mask`); scale: logit scale, default 1 / sqrt(D).
+
+    Returns:
+      [B, T, Hq, D] in q's dtype (softmax in float32); a query that keeps no key gets 0.
+    """
+    check_queries(q, k)
+    checks.check_floating(v, "v")
+    if tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    b, t, hq, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    checks.check_dtype(mask, [jnp.bool_], "mask")
+    if tuple(mask.shape) != (b, hkv, t, s):
+        raise ValueError(f"mask must have shape [batch, kv_heads, queries, seq] = {(b, hkv, t, s)}, "
+                         f"got {tuple(mask.shape)}")
+    scale = _scale(scale, d)
+
+    def attend(q_chunk, mask_chunk):
+        per_query = jax.vmap(lambda qt, mt: masked_attention(qt, k, v, mt[:, :, None], scale)[0],
+                             in_axes=(1, 2), out_axes=1)
+        return per_query(q_chunk, mask_chunk)
+
+    chunk = query_chunk(b, hq, t, s)
+    return map_query_chunks(attend, (q, mask), (0, False), (1, 2), chunk, 1).astype(q.dtype)

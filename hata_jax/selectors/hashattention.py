@@ -1,0 +1,77 @@
+"""HashAttention's learned codes at inference: sign codes of per-head MLPs (train/hashattention.py)."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from hata_jax.hashing import pack_bits
+from hata_jax.selectors.base import Selector, token_rows, write_token
+from hata_jax.selectors.hashing import group_sum, sign_code_dot
+from hata_jax.selectors.mlp import mlp_apply
+
+
+def _check_mlp(mlp, heads: int, head_dim: int, bits: int, name: str) -> None:
+    """mlp: {"w<i>": [heads, in, out], "b<i>": [heads, out]}, head_dim in, `bits` out."""
+    depth = len(mlp) // 2 if isinstance(mlp, dict) else 0
+    expected = f"{{'w<i>': [{heads}, in, out], 'b<i>': [{heads}, out]}} from head_dim {head_dim} to {bits} outputs"
+    if depth == 0 or set(mlp) != {f"{p}{i}" for i in range(depth) for p in "wb"}:
+        raise ValueError(f"{name} must be an MLP dict {expected}, got {type(mlp).__name__} "
+                         f"{sorted(mlp) if isinstance(mlp, dict) else ''}")
+    width = head_dim
+    for i in range(depth):
+        w, bias = mlp[f"w{i}"], mlp[f"b{i}"]
+        if jnp.ndim(w) != 3 or tuple(w.shape[:2]) != (heads, width) or tuple(jnp.shape(bias)) != (heads, w.shape[2]):
+            raise ValueError(f"{name}['w{i}'] must have shape [{heads}, {width}, out] and {name}['b{i}'] "
+                             f"[{heads}, out] ({expected}), got {tuple(jnp.shape(w))} and {tuple(jnp.shape(bias))}")
+        width = w.shape[2]
+    if width != bits:
+        raise ValueError(f"{name} must output {bits} bits per head (the selector's `bits`), got {width}")
+
+
+@dataclasses.dataclass(frozen=True)
+class HashAttentionSelector(Selector):
+    """HashAttention: `score(t) = sum_{i in group} <sign f_i(q), sign g(k_t)>` (+-1 codes, bit = x > 0),
+    f_i the query MLP of query head i, g the key MLP of the KV head.
+
+    Options: bits (default 32), the code width (a multiple of 32). Params: the layer's dict of
+    :class:`train.hashattention.HashAttentionSelector` (`{"query": mlp over Hq heads, "key": mlp
+    over Hkv heads, "threshold": [Hq]}`; the threshold is a training-only offset and is not used).
+    State: {"codes": uint32[B, Hkv, S, bits/32]} key codes (zero past lengths). Extra memory:
+    `kv_heads * bits / 8` bytes per token (one code per KV head, not per query head).
+    """
+
+    bits: int = 32
+
+    name = "hashattention"
+
+    def __post_init__(self):
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits <= 0 or self.bits % 32:
+            raise ValueError(f"HashAttentionSelector.bits must be a positive multiple of 32, got {self.bits!r}")
+
+    def extra_bytes_per_token(self, kv_heads: int, head_dim: int) -> int:
+        return kv_heads * self.bits // 8
+
+    def check_params(self, params, kv_heads, head_dim, q_heads=None):
+        if not isinstance(params, dict) or not {"query", "key"} <= set(params):
+            raise ValueError(f"params must be the HashAttention dict {{'query': mlp, 'key': mlp, 'threshold': [Hq]}}, "
+                             f"got {type(params).__name__}")
+        _check_mlp(params["key"], kv_heads, head_dim, self.bits, "params['key']")
+        if q_heads is not None:
+            _check_mlp(params["query"], q_heads, head_dim, self.bits, "params['query']")
+
+    def _key_codes(self, params, k):
+        """k: [B, Hkv, S, D] (or [B, Hkv, D]) -> packed codes of the key MLP, uint32[..., bits/32]."""
+        x = jnp.moveaxis(k.astype(jnp.float32), 1, -2)  # heads next to the features
+        return jnp.moveaxis(pack_bits(mlp_apply(params["key"], x) > 0), -2, 1)
+
+    def _init_state(self, params, k, lengths):
+        valid = token_rows(lengths, k.shape[2])
+        return {"codes": jnp.where(valid[..., None], self._key_codes(params, k), jnp.uint32(0))}
+
+    def _append_state(self, params, state, k_new, positions):
+        return {"codes": write_token(state["codes"], self._key_codes(params, k_new), positions)}
+
+    def _token_scores(self, params, state, q, k, q_positions):
+        q_signs = jnp.where(mlp_apply(params["query"], q.astype(jnp.float32)) > 0, 1.0, -1.0)  # [B, T, Hq, bits]
+        return sign_code_dot(group_sum(q_signs, k.shape[1]), state["codes"])

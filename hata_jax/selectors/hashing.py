@@ -1,0 +1,105 @@
+"""HATA (learned projection) and SimHash (random Gaussian projection): one code, two params.
+
+Both keep the HATA cache's metadata: packed sign codes of the keys and their norms, made by
+:func:`hata_jax.encode` and :func:`hata_jax.key_norms`, and score with HATA's "key_norm" score,
+bit for bit the value :func:`hata_jax.hamming_scores` gives, so the ranking equals
+:func:`hata_jax.hamming_topk`'s with the same projection.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from hata_jax.config import check_rbit
+from hata_jax.hashing import _check_projection, encode, key_norms, unpack_bits
+from hata_jax.selectors.base import Selector, token_rows, write_token
+
+
+def signs(codes: jax.Array) -> jax.Array:
+    """uint32[..., W] packed codes -> float32[..., 32 W] of +-1 (bit set -> +1)."""
+    return jnp.where(unpack_bits(codes), 1.0, -1.0)
+
+
+def group_sum(x: jax.Array, kv_heads: int) -> jax.Array:
+    """x: [B, T, Hq, r] -> [B, T, Hkv, r], summed over each KV head's G = Hq / Hkv query heads."""
+    b, t, hq, r = x.shape
+    return x.reshape(b, t, kv_heads, hq // kv_heads, r).sum(axis=3)
+
+
+def sign_code_dot(q_signs: jax.Array, k_codes: jax.Array) -> jax.Array:
+    """`sum_{i in group} b(q_i) . b(k_t)` for +-1 codes b.
+
+    Args:
+      q_signs: float32[B, T, Hkv, r], the group's +-1 query codes summed (integers in [-G, G]).
+      k_codes: uint32[B, Hkv, S, r / 32] packed key codes.
+
+    Returns:
+      float32[B, Hkv, T, S], integers (= G r - 2 * summed Hamming distance), exact at any matmul
+      precision: the operands are small integers.
+    """
+    return jnp.einsum("bthr,bhsr->bhts", q_signs, signs(k_codes))
+
+
+@dataclasses.dataclass(frozen=True)
+class HataSelector(Selector):
+    """HATA: `score(t) = ||k_t|| * sum_{i in group} (1 - 2 hamming(code(q_i), code(k_t)) / rbit)`,
+    codes `sign(x @ W[h]) > 0` packed LSB-first.
+
+    Options: rbit (default 128), the code bits; params: W float32[Hkv, D, rbit], the layer's
+    trained projection. State: {"codes": uint32[B, Hkv, S, rbit/32], "norms": float32[B, Hkv, S]}
+    (zero past lengths). Extra memory: `kv_heads * (rbit / 8 + 4)` bytes per token (code + fp32
+    norm).
+    """
+
+    rbit: int = 128
+
+    name = "hata"
+
+    def __post_init__(self):
+        if isinstance(self.rbit, bool) or not isinstance(self.rbit, int):
+            raise ValueError(f"{type(self).__name__}.rbit must be an int, got {self.rbit!r}")
+        check_rbit(self.rbit, f"{type(self).__name__}.rbit")
+
+    def extra_bytes_per_token(self, kv_heads: int, head_dim: int) -> int:
+        return kv_heads * (self.rbit // 8 + 4)
+
+    def check_params(self, params, kv_heads, head_dim, q_heads=None):
+        layout = f"[kv_heads, head_dim, rbit] = {(kv_heads, head_dim, self.rbit)}"
+        if params is None or jnp.ndim(params) != 3 or tuple(params.shape) != (kv_heads, head_dim, self.rbit):
+            raise ValueError(f"params (the {self.name} projection W) must have shape {layout}, "
+                             f"got {getattr(params, 'shape', type(params).__name__)}")
+        _check_projection(params, head_dim, "params")
+
+    def _init_state(self, params, k, lengths):
+        valid = token_rows(lengths, k.shape[2])
+        codes = encode(k, params, head_axis=1, impl="reference")
+        return {"codes": jnp.where(valid[..., None], codes, jnp.uint32(0)),
+                "norms": jnp.where(valid, key_norms(k), 0.0)}
+
+    def _append_state(self, params, state, k_new, positions):
+        codes = encode(k_new, params, head_axis=1, impl="reference")
+        return {"codes": write_token(state["codes"], codes, positions),
+                "norms": write_token(state["norms"], key_norms(k_new), positions)}
+
+    def _token_scores(self, params, state, q, k, q_positions):
+        q_codes = encode(q, params, impl="reference")  # [B, T, Hq, W]
+        dot = sign_code_dot(group_sum(signs(q_codes), k.shape[1]), state["codes"])
+        # The same two products as hata_jax.hamming_scores: bit-identical scores.
+        return state["norms"][:, :, None, :] * (dot * jnp.float32(1.0 / self.rbit))
+
+
+@dataclasses.dataclass(frozen=True)
+class SimHashSelector(HataSelector):
+    """SimHash / LSH: HATA's code and score with an untrained random Gaussian projection.
+
+    Options, state and extra memory as :class:`HataSelector`; params: W float32[Hkv, D, rbit]
+    from :meth:`init_params` (entries N(0, 1)).
+    """
+
+    name = "simhash"
+
+    def init_params(self, key: jax.Array, kv_heads: int, head_dim: int) -> jax.Array:
+        """A random projection float32[kv_heads, head_dim, rbit], entries N(0, 1)."""
+        return jax.random.normal(key, (kv_heads, head_dim, self.rbit), jnp.float32)
