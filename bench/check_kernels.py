@@ -4,7 +4,9 @@ Fresh random inputs for every case (never zeros); device memory is poisoned befo
 kernel call (see `bench.timing.poison_device_memory`) so unwritten outputs show up; every
 output element is compared. Exit status 1 on any mismatch.
 
-    python -m bench.check_kernels [--out results.json] [--small]
+    python -m bench.check_kernels [--out results.json] [--small] [--only select]
+
+`--only WORD` runs the cases whose name contains WORD (e.g. `select`).
 
 `--small` shrinks the shapes so the script also runs on a CPU (kernels interpreted).
 """
@@ -151,6 +153,81 @@ def check_select_adversarial(seed, rows, s, budget):
     return {"problems": problems}
 
 
+def expected_slots(scores, lengths, budget: int, sink: int, recent: int) -> np.ndarray:
+    """The band select's exact answer (every design): per row the `min(length, budget)` best
+    valid positions in float order (NaN lowest, forced sink/recent positions first), ties to
+    the lowest positions, in ascending position order, then -1."""
+    scores = np.asarray(scores, np.float32)
+    bits = scores.view(np.int32).astype(np.int64)
+    keys = np.where(np.isnan(scores), -(2**31), np.where(bits < 0, bits ^ 0x7FFFFFFF, bits))
+    batch, kv_heads, seq = scores.shape
+    idx = np.full((batch, kv_heads, budget), -1, np.int32)
+    pos = np.arange(seq)
+    for b, h in np.ndindex(batch, kv_heads):
+        n = int(lengths[b])
+        row = np.where((pos < sink) | (pos >= n - recent), 2**31, keys[b, h])[:n]
+        best = np.lexsort((pos[:n], -row))[: min(n, budget)]
+        idx[b, h, : best.size] = np.sort(best)
+    return idx
+
+
+def check_select_designs(seed, rows, s, budget, sink=4, recent=16):
+    """Each band-select design (parallel, serial) against the exact answer, slot for slot, on
+    random and adversarial scores (ties, all equal, outliers, near-equal, sorted, one row with
+    a band-dense stretch that overflows its chunks' slots: the radix fallback), ragged
+    lengths, sink and recent; then the fused hamming_topk on random codes."""
+    from pallas_kernels import band_select, hamming_topk
+
+    rng, _ = _rng_arrays(seed)
+    interpret = jax.default_backend() != "gpu"
+    lengths = rng.integers(budget // 2, s + 1, rows).astype(np.int32)
+    lengths[0] = s
+    shape = (rows, 1, s)
+    normal = rng.standard_normal(shape).astype(np.float32)
+    dense_stretch = normal.copy()
+    level = np.sort(normal[0, 0])[::-1][budget // 2]
+    dense_stretch[0, 0, s // 8: s // 8 + s // 32] = level - rng.uniform(0, 1e-3, s // 32).astype(np.float32)
+    cases = {
+        "normal": normal,
+        "ties": rng.integers(0, 5, shape).astype(np.float32),
+        "all equal": np.full(shape, 0.25, np.float32),
+        "outliers": np.where(rng.random(shape) < 1e-3, 1e30, normal).astype(np.float32),
+        "near threshold": (np.float32(1.0).view(np.uint32) + rng.integers(0, 200, shape).astype(np.uint32)).view(np.float32),
+        "sorted": np.broadcast_to(np.arange(s, dtype=np.float32), shape).copy(),
+        "dense stretch": dense_stretch,
+    }
+    designs = {"parallel": band_select.BandConfig(), "serial": band_select.SERIAL}
+    problems, paths = [], {}
+    for design, config in designs.items():
+        select = jax.jit(lambda x, n, config=config: band_select.select_topk_with_path(
+            x, budget, n, sink=sink, recent=recent, config=config, interpret=interpret))
+        for kind, scores in cases.items():
+            poison_device_memory()
+            idx, count, path = select(jnp.asarray(scores), jnp.asarray(lengths))
+            paths[f"{design} {kind}"] = np.unique(np.asarray(path)).tolist()
+            bad = np.asarray(idx) != expected_slots(scores, lengths, budget, sink, recent)
+            if bad.any() or not np.array_equal(np.asarray(count)[:, 0], np.minimum(lengths, budget)):
+                problems.append(f"select_topk {design} {kind}: {int(bad.sum())} slots differ from the exact answer")
+    words, group = 4, 4
+    q = jnp.asarray(rng.integers(0, 2**32, (1, 8 * group, words), dtype=np.uint64).astype(np.uint32))
+    k = jnp.asarray(rng.integers(0, 2**32, (1, 8, s, words), dtype=np.uint64).astype(np.uint32))
+    norms = jnp.abs(jnp.asarray(rng.standard_normal((1, 8, s)), jnp.float32)) + 0.1
+    code_lengths = jnp.array([s], jnp.int32)
+    for score in ("key_norm", "hamming"):
+        want = expected_slots(hj.hamming_scores(q, k, norms, code_lengths, score=score, impl="reference"),
+                              np.asarray(code_lengths), budget, sink, recent)
+        for design, config in designs.items():
+            poison_device_memory()
+            idx, _, path = jax.jit(lambda *a, config=config, score=score: hamming_topk.hamming_topk_with_path(
+                *a, budget=budget, score=score, sink=sink, recent=recent, config=config, interpret=interpret))(
+                q, k, norms, code_lengths)
+            paths[f"{design} hamming_topk {score}"] = np.unique(np.asarray(path)).tolist()
+            bad = np.asarray(idx) != want
+            if bad.any():
+                problems.append(f"hamming_topk {design} {score}: {int(bad.sum())} slots differ from the exact answer")
+    return {"problems": problems, "paths": paths}
+
+
 def check_attention(seed, b, hkv, g, s, d, budget, dtype):
     rng, normal = _rng_arrays(seed)
     q = normal((b, hkv * g, d), dtype)
@@ -202,25 +279,33 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--small", action="store_true", help="small shapes (for a CPU run)")
+    parser.add_argument("--only", default=None, help="run only the cases whose name contains this")
     args = parser.parse_args(argv)
     n = 1 if args.small else 64  # scale of sequence lengths
     results: list = []
+
+    def case(name, fn):
+        if args.only is None or args.only in name:
+            _case(results, name, fn)
+
     bf16, f16, f32 = jnp.bfloat16, jnp.float16, jnp.float32
     for i, (b, hkv, g, s, d, rbit, dt) in enumerate([(1, 8, 4, 37 * n, 128, 128, bf16), (2, 3, 3, 29 * n, 64, 96, f32),
                                                       (3, 2, 8, 11 * n, 128, 256, f16), (2, 4, 1, 5 * n, 64, 32, bf16)]):
-        _case(results, f"encode b={b} hkv={hkv} g={g} s={s} d={d} rbit={rbit} {jnp.dtype(dt).name}",
+        case(f"encode b={b} hkv={hkv} g={g} s={s} d={d} rbit={rbit} {jnp.dtype(dt).name}",
               lambda: check_encode(i, b, hkv, g, s, d, rbit, dt))
     for i, (b, hkv, g, s, rbit, budget, sink, recent, score) in enumerate([
             (1, 8, 4, 2048 * n, 128, 32 * n, 0, 0, "key_norm"), (3, 2, 3, 1000 * n + 7, 96, 100, 4, 16, "key_norm"),
             (2, 4, 8, 300 * n + 1, 256, 64, 0, 8, "hamming"), (2, 2, 1, 4096 * n, 32, 8192 if not args.small else 512, 0, 0, "key_norm")]):
-        _case(results, f"scores+topk b={b} hkv={hkv} g={g} s={s} rbit={rbit} budget={budget} sink={sink} recent={recent} {score}",
+        case(f"scores+topk b={b} hkv={hkv} g={g} s={s} rbit={rbit} budget={budget} sink={sink} recent={recent} {score}",
               lambda: check_scores_and_topk(100 + i, b, hkv, g, s, rbit, budget, sink, recent, score))
-    _case(results, f"select adversarial rows=8 s={2048 * n} budget={32 * n}", lambda: check_select_adversarial(7, 8, 2048 * n, 32 * n))
+    case(f"select adversarial rows=8 s={2048 * n} budget={32 * n}", lambda: check_select_adversarial(7, 8, 2048 * n, 32 * n))
+    case(f"select designs rows=8 s={2048 * n} budget={32 * n} sink=4 recent=16 (exact slots)",
+          lambda: check_select_designs(8, 8, 2048 * n, 32 * n))
     for i, (b, hkv, g, s, d, budget, dt) in enumerate([(1, 8, 4, 512 * n, 128, 32 * n, bf16), (3, 2, 3, 100 * n + 3, 64, 100, f32),
                                                         (2, 4, 8, 64 * n, 128, 64, f16), (2, 2, 1, 50 * n, 64, 48, bf16)]):
-        _case(results, f"attention b={b} hkv={hkv} g={g} s={s} d={d} budget={budget} {jnp.dtype(dt).name}",
+        case(f"attention b={b} hkv={hkv} g={g} s={s} d={d} budget={budget} {jnp.dtype(dt).name}",
               lambda: check_attention(200 + i, b, hkv, g, s, d, budget, dt))
-    _case(results, "hata_decode_attention b=2 hkv=8 g=4 s=4096 d=128 budget=256 bf16" if not args.small else "hata step small",
+    case("hata_decode_attention b=2 hkv=8 g=4 s=4096 d=128 budget=256 bf16" if not args.small else "hata step small",
           lambda: check_decode_step(300, 2, 8 if not args.small else 2, 4, 4096 if not args.small else 300, 128,
                                     256 if not args.small else 64, bf16))
     failed = [r["case"] for r in results if not r["ok"]]

@@ -21,8 +21,10 @@ positions >= lengths[b] get -inf. The selection's sample launch gathers code row
 instead of loading a contiguous tile.
 
 Selection (:mod:`pallas_kernels.band_select`, with the radix machinery of
-:mod:`pallas_kernels.radix_select` as exact fallback): launch A ranks a stratified sample of
-`min(L, 1024)` positions to get band bounds `t_lo <= k-th largest key <= t_hi` (with
+:mod:`pallas_kernels.radix_select` as exact fallback; two designs, `BandConfig.design`: the
+parallel one is the default, its design, predicted times and tunables are in band_select's
+docstring; what follows describes the serial one, `band_select.SERIAL`): launch A ranks a
+stratified sample of `min(L, 1024)` positions to get band bounds `t_lo <= k-th largest key <= t_hi` (with
 overwhelming probability); launch B (fused with scoring) counts the keys above the band,
 compacts the band keys into per-chunk slots and histograms them (one 8-bit band digit); launch C
 decides per row whether the band holds the k-th key and, if so, finds the exact threshold from
@@ -44,7 +46,7 @@ Byte floor, Llama-3.1-8B (32 q heads, 8 KV heads, batch 1, 128K context, rbit 12
 - `select_topk` on given scores: floor = read the 4 MiB of scores once, ~1.5 us; the pipeline
   reads them twice (band pass, compaction).
 
-Predicted device time per launch at that shape (fast path; not yet measured; from the counts
+Predicted device time per launch at that shape, serial design (fast path; from the counts
 above, ~0.6-0.8 us per dependent global round trip and ~1.5-2 us per launch as measured for the
 previous version's near-idle passes)
 ------------------------------------------------------------------------------------------------
@@ -86,7 +88,8 @@ Tiling (:class:`radix_select.Tiling`):
   it. `num_stages = 1`: one loop step per program on the fast path.
 - `radix_select.HIST_DTYPE = bfloat16`: 0/1 operands, float32 accumulation exact up to 2**24
   keys per chunk; the table gather compiles to 16 B loads and `ldmatrix`.
-BandConfig (:class:`band_select.BandConfig`):
+BandConfig of the serial design (`band_select.SERIAL`; measured 23.6 us for A and 19.2 us for
+C against the 3-4 and 4-5 predicted below: why, in band_select's docstring):
 - `sample = 1024` positions per row: ranking is pairwise (n_s^2 compares per row: 1M), so 4096
   would cost 16x; 1024 still gives r = 16 sample ranks for k at the Llama shape (band miss ~1e-7).
   `sample_slice = 32` ranked per program (32 programs per row, 256 in all), `sample_step = 1024`

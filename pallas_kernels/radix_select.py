@@ -20,7 +20,8 @@ The pipeline (a sample-band fast path, these passes as its exact fallback) is de
   band-digit histograms are built the same way.
 - **fallback passes 0..3** (pass 0 runs inside the band select's decision launch; passes 1..3 are
   one `pallas_call` each, grid `(B, Hkv, chunks)`; every program of a row the fast path decided
-  returns at once): a program histograms the pass's digit over the valid keys of its chunk that
+  returns at once, except that the band select's parallel design ranks a fast row's threshold
+  bucket in pass 1's launch): a program histograms the pass's digit over the valid keys of its chunk that
   share the prefix resolved so far (a loop step with no such key skips the histogram). At the
   start of pass p+1 every program re-derives the row's boundary digit of pass p; the row state
   (resolved prefix, rank still to take, passes used, done flag, digits) is stored by the row's
@@ -28,9 +29,9 @@ The pipeline (a sample-band fast path, these passes as its exact fallback) is de
   boundary bucket is taken whole the row is done and later passes skip it.
 - **compaction** (the last `pallas_call`, both paths): the row's plan is the threshold key, the
   number of keys equal to it still to take, and per chunk how many keys lie above it and how many
-  equal it; the fast path computed it, a fallback row derives it from its pass counts. Each
-  program takes the prefix sums over the chunks before its own and scatters its selected
-  positions: every key above the threshold, and equal keys in position order until the rank is
+  equal it; the fast path computed it (a `fast_plan` of the band select's design gives each
+  program its `ChunkPlan`), a fallback row derives it from its pass counts. Each program takes
+  the counts of the chunks before its own and scatters its selected positions: every key above the threshold, and equal keys in position order until the rank is
   filled. Slots come out in ascending position; slots `>= count` get `UNUSED`.
 """
 from __future__ import annotations
@@ -65,9 +66,9 @@ STATE_THRESHOLD, STATE_REMAINING, STATE_REFINED, STATE_DONE, STATE_DIGITS = 0, 1
 STATE_WIDTH = STATE_DIGITS + NUM_PASSES
 
 # The band select's decision, one int32 vector per row: how the row was selected (0: by the
-# fallback passes, else the fast path's case), and on the fast path its threshold key (signed)
-# and the number of keys equal to it still to take.
-DECISION_PATH, DECISION_THRESHOLD, DECISION_REMAINING = 0, 1, 2
+# fallback passes, else the fast path's case), and on the fast path its threshold key (signed),
+# the number of keys equal to it still to take, and (parallel design) the threshold bucket's keys.
+DECISION_PATH, DECISION_THRESHOLD, DECISION_REMAINING, DECISION_FOUND = 0, 1, 2, 3
 DECISION_WIDTH = 4
 
 BLOCK = 256
@@ -361,6 +362,29 @@ def first_pass(scores_ref, table_ref, state_ref, coarse_ref, fine_ref, geo: Chun
         store_state(state_ref, initial_state(k_effective(geo.length, budget)))
 
 
+def refine_pass(scores_ref, table_ref, state_in_ref, coarse_in_ref, fine_in_ref, state_ref, coarse_ref, fine_ref,
+                geo: ChunkGeometry, *, pass_index: int, tiling: Tiling, sink: int, recent: int) -> None:
+    """Fallback pass `pass_index` (>= 1) of one program of a fallback row: advance the row state
+    over the previous pass's counts, then its chunk's suffix counts of this pass's digit."""
+    state = advance(load_state(state_in_ref), coarse_in_ref, fine_in_ref, pass_index - 1)
+
+    @pl.when(geo.chunk_index == 0)
+    def _():
+        store_state(state_ref, state)
+
+    at_least, above = chunk_counts(fine_in_ref, state.digits[pass_index - 1], geo.chunk_index)
+    active = jnp.logical_not(state.done) & (at_least > above)
+    prefix_bits = DIGIT_BITS * pass_index
+    prefix = state.signed_prefix(prefix_bits)
+
+    def digits_of_block(i):
+        _, valid, keys = block_keys(scores_ref, geo, i, tiling.block, sink=sink, recent=recent)
+        return key_digit(keys, pass_index), valid & ((keys >> (32 - prefix_bits)) == prefix)
+
+    blocks = jnp.where(active, geo.blocks(geo.length, tiling.block), 0)
+    store_suffix_counts(coarse_ref, fine_ref, histogram_loop(blocks, digits_of_block, table_ref))
+
+
 def _refine_pass_kernel(
     len_ref, scores_ref, table_ref, decision_ref, state_in_ref, coarse_in_ref, fine_in_ref, state_ref, coarse_ref,
     fine_ref, *, pass_index, tiling, seq, sink, recent,
@@ -369,47 +393,44 @@ def _refine_pass_kernel(
 
     @pl.when(jnp.logical_not(decided_fast(decision_ref)))
     def _():
-        state = advance(load_state(state_in_ref), coarse_in_ref, fine_in_ref, pass_index - 1)
-
-        @pl.when(geo.chunk_index == 0)
-        def _():
-            store_state(state_ref, state)
-
-        at_least, above = chunk_counts(fine_in_ref, state.digits[pass_index - 1], geo.chunk_index)
-        active = jnp.logical_not(state.done) & (at_least > above)
-        prefix_bits = DIGIT_BITS * pass_index
-        prefix = state.signed_prefix(prefix_bits)
-
-        def digits_of_block(i):
-            _, valid, keys = block_keys(scores_ref, geo, i, tiling.block, sink=sink, recent=recent)
-            return key_digit(keys, pass_index), valid & ((keys >> (32 - prefix_bits)) == prefix)
-
-        blocks = jnp.where(active, geo.blocks(geo.length, tiling.block), 0)
-        store_suffix_counts(coarse_ref, fine_ref, histogram_loop(blocks, digits_of_block, table_ref))
+        refine_pass(scores_ref, table_ref, state_in_ref, coarse_in_ref, fine_in_ref, state_ref, coarse_ref, fine_ref,
+                    geo, pass_index=pass_index, tiling=tiling, sink=sink, recent=recent)
 
 
 # ----------------------------------------------------------------------------------------------
 # Compaction.
 
 
-class Plan(NamedTuple):
-    """What the compaction of a row takes: keys whose top `32 - shift` bits (`keys >> shift`)
-    are above `prefix`, and `need` of those equal to it in position order."""
+class ChunkPlan(NamedTuple):
+    """What the compaction program of one chunk takes: keys whose top `32 - shift` bits
+    (`keys >> shift`) are above `prefix`, and of the keys equal to it those whose rank among
+    the row's equal keys in position order is <= `need`."""
 
-    greater: jax.Array  # [chunks] keys above the threshold per chunk
-    equal: jax.Array  # [chunks] keys equal to it per chunk
+    greater_before: jax.Array  # keys above the threshold in the row's earlier chunks
+    equal_before: jax.Array  # keys equal to it in the row's earlier chunks
+    own_greater: jax.Array  # keys above it in this chunk
+    own_equal: jax.Array  # keys equal to it in this chunk
     need: jax.Array
     shift: jax.Array
     prefix: jax.Array
 
 
-def _fast_plan(decision_ref, fast_counts_ref) -> Plan:
+def chunk_plan(greater, equal, need, shift, prefix, chunk_index) -> ChunkPlan:
+    """The ChunkPlan of chunk `chunk_index` from the row's per-chunk counts (greater, equal: [chunks])."""
+    before = iota(greater.shape) < chunk_index
+    return ChunkPlan(jnp.sum(jnp.where(before, greater, 0)), jnp.sum(jnp.where(before, equal, 0)),
+                     pick(greater, chunk_index), pick(equal, chunk_index), need, shift, prefix)
+
+
+def fast_plan_from_counts(decision_ref, fast_counts_ref, *, chunk_index) -> ChunkPlan:
+    """A fast row's ChunkPlan from its decision (threshold key, equal keys to take) and its
+    per-chunk counts (fast_counts_ref: [2, chunks] keys above the threshold, keys equal to it)."""
     remaining = decision_ref[DECISION_REMAINING]
-    return Plan(fast_counts_ref[0, :], fast_counts_ref[1, :], remaining, traced(0, remaining),
-                decision_ref[DECISION_THRESHOLD])
+    return chunk_plan(fast_counts_ref[0, :], fast_counts_ref[1, :], remaining, traced(0, remaining),
+                      decision_ref[DECISION_THRESHOLD], chunk_index)
 
 
-def _fallback_plan(state_ref, coarse_ref, fine_refs) -> Plan:
+def _fallback_plan(state_ref, coarse_ref, fine_refs, chunk_index) -> ChunkPlan:
     state = advance(load_state(state_ref), coarse_ref, fine_refs[-1], NUM_PASSES - 1)
     # Per chunk: keys above the threshold (over the refining passes) and keys equal to it.
     greater = equal = None
@@ -420,23 +441,21 @@ def _fallback_plan(state_ref, coarse_ref, fine_refs) -> Plan:
         greater = greater_q if greater is None else greater + greater_q
         equal = equal_q if equal is None else equal + equal_q
     shift = 32 - DIGIT_BITS * state.refined
-    return Plan(greater, equal, state.remaining, shift, (state.threshold ^ INT32_MIN) >> shift)
+    return chunk_plan(greater, equal, state.remaining, shift, (state.threshold ^ INT32_MIN) >> shift, chunk_index)
 
 
-def _compact_kernel(len_ref, scores_ref, decision_ref, fast_counts_ref, state_ref, coarse_ref, *refs, tiling, seq,
-                    budget, sink, recent):
-    *fine_refs, idx_ref, count_ref = refs
+def _compact_kernel(len_ref, scores_ref, decision_ref, state_ref, coarse_ref, *refs, fast_plan, fast_inputs, tiling,
+                    seq, budget, sink, recent):
+    fast_refs, fine_refs, (idx_ref, count_ref) = refs[:fast_inputs], refs[fast_inputs:-2], refs[-2:]
     geo = chunk_geometry(len_ref, tiling, seq)
-    fast_plan = _fast_plan(decision_ref, fast_counts_ref)  # loaded with the decision (garbage on fallback rows)
-    plan = lax.cond(decided_fast(decision_ref), lambda: fast_plan,
-                    lambda: _fallback_plan(state_ref, coarse_ref, fine_refs))
-    before = iota(plan.greater.shape) < geo.chunk_index
-    greater_before = jnp.sum(jnp.where(before, plan.greater, 0))
-    equal_before = jnp.sum(jnp.where(before, plan.equal, 0))
-    own_equal = pick(plan.equal, geo.chunk_index)
+    # Loaded with the decision (garbage on fallback rows).
+    fast = fast_plan(decision_ref, *fast_refs, chunk_index=geo.chunk_index)
+    plan = lax.cond(decided_fast(decision_ref), lambda: fast,
+                    lambda: _fallback_plan(state_ref, coarse_ref, fine_refs, geo.chunk_index))
+    equal_before = plan.equal_before
     need = plan.need  # equal keys to take, in position order
-    own_taken = pick(plan.greater, geo.chunk_index) + jnp.clip(need - equal_before, 0, own_equal)
-    first_slot = greater_before + jnp.minimum(equal_before, need)
+    own_taken = plan.own_greater + jnp.clip(need - equal_before, 0, plan.own_equal)
+    first_slot = plan.greater_before + jnp.minimum(equal_before, need)
     block = tiling.scan
 
     def body(i, carry):
@@ -514,46 +533,54 @@ def row_counts_specs(chunks: int):
     return [row_spec(STATE_WIDTH), row_spec(chunks, NIBBLE), row_spec(chunks, NIBBLE, NIBBLE)]
 
 
-def finish_selection(scores, lengths, decision, fast_counts, first_pass_out, *, budget, sink, recent, tiling,
-                     interpret):
-    """Fallback passes 1..3 and the compaction, after the band select's decision launch.
+def refine_launch(pass_index: int, scores, lengths, decision, previous, *, tiling, sink, recent, interpret):
+    """Fallback pass `pass_index` (1..3) as one launch, grid (B, Hkv, chunks); programs of rows
+    the fast path decided return at once. previous: the last pass's (state, coarse, fine);
+    returns this pass's."""
+    batch, kv_heads, seq = scores.shape
+    chunks = tiling.chunks(seq)
+    return triton_call(
+        functools.partial(_refine_pass_kernel, pass_index=pass_index, tiling=tiling, seq=seq, sink=sink,
+                          recent=recent),
+        out_shape=pass_out_shapes(batch, kv_heads, chunks),
+        grid=(batch, kv_heads, chunks),
+        in_specs=[length_spec(), row_spec(seq), table_spec(), row_spec(DECISION_WIDTH), *row_counts_specs(chunks)],
+        out_specs=pass_out_specs(),
+        num_warps=tiling.num_warps,
+        num_stages=tiling.num_stages,
+        interpret=interpret,
+        name=f"hata_select_pass{pass_index}",
+    )(lengths, scores, one_hot_table(), decision, *previous)
+
+
+def compact_launch(scores, lengths, decision, state, coarse, fines, fast_inputs, fast_plan, *, budget, sink, recent,
+                   tiling, interpret):
+    """The compaction, grid (B, Hkv, chunks): writes every row's selected positions.
 
     scores: float32[B, Hkv, S] (read at positions < lengths[b] only); decision: int32[B, Hkv,
-    DECISION_WIDTH]; fast_counts: int32[B, Hkv, 2, chunks] (greater, equal per chunk of a fast
-    row); first_pass_out: fallback pass 0's (state, coarse, fine).
+    DECISION_WIDTH]; state, coarse, fines: the fallback's last row state and every pass's
+    per-chunk counts; fast_inputs: [(array, row BlockSpec)] that `fast_plan(decision_ref,
+    *their refs, chunk_index=...) -> ChunkPlan` reads for a row the fast path decided.
     Returns (idx int32[B, Hkv, budget], count int32[B, Hkv]).
     """
     batch, kv_heads, seq = scores.shape
     chunks = tiling.chunks(seq)
-    grid = (batch, kv_heads, chunks)
-    state, coarse, fine = first_pass_out
-    fines = [fine]
-    common = dict(tiling=tiling, seq=seq, sink=sink, recent=recent)
-    launch = dict(num_warps=tiling.num_warps, num_stages=tiling.num_stages, interpret=interpret)
-    for pass_index in range(1, NUM_PASSES):
-        state, coarse, fine = triton_call(
-            functools.partial(_refine_pass_kernel, pass_index=pass_index, **common),
-            out_shape=pass_out_shapes(batch, kv_heads, chunks),
-            grid=grid,
-            in_specs=[length_spec(), row_spec(seq), table_spec(), row_spec(DECISION_WIDTH),
-                      *row_counts_specs(chunks)],
-            out_specs=pass_out_specs(),
-            name=f"hata_select_pass{pass_index}",
-            **launch,
-        )(lengths, scores, one_hot_table(), decision, state, coarse, fine)
-        fines.append(fine)
+    fast_arrays = [array for array, _ in fast_inputs]
     return triton_call(
-        functools.partial(_compact_kernel, budget=budget, **common),
+        functools.partial(_compact_kernel, fast_plan=fast_plan, fast_inputs=len(fast_inputs), budget=budget,
+                          tiling=tiling, seq=seq, sink=sink, recent=recent),
         out_shape=(
             jax.ShapeDtypeStruct((batch, kv_heads, budget), jnp.int32),
             jax.ShapeDtypeStruct((batch, kv_heads), jnp.int32),
         ),
-        grid=grid,
+        grid=(batch, kv_heads, chunks),
         in_specs=[
-            length_spec(), row_spec(seq), row_spec(DECISION_WIDTH), row_spec(2, chunks), row_spec(STATE_WIDTH),
-            row_spec(chunks, NIBBLE), *[row_spec(chunks, NIBBLE, NIBBLE)] * NUM_PASSES,
+            length_spec(), row_spec(seq), row_spec(DECISION_WIDTH), row_spec(STATE_WIDTH), row_spec(chunks, NIBBLE),
+            *[spec for _, spec in fast_inputs], *[row_spec(chunks, NIBBLE, NIBBLE)] * NUM_PASSES,
         ],
         out_specs=[row_spec(budget), row_spec()],
+        num_warps=tiling.num_warps,
+        num_stages=tiling.num_stages,
+        interpret=interpret,
         name="hata_select_compact",
-        **launch,
-    )(lengths, scores, decision, fast_counts, state, coarse, *fines)
+    )(lengths, scores, decision, state, coarse, *fast_arrays, *fines)

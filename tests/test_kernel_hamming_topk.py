@@ -10,9 +10,13 @@ Every selection also reports how each row was selected (`band_select.PATH_*`), s
 show which path ran: the fast path on random scores, the fallback after a band miss or an
 overflowing chunk, each of the fast path's threshold cases, and rows of one call taking
 different paths. Small tilings (`chunk` 64-512) give several programs per row, with S not a
-multiple of the chunk.
+multiple of the chunk. The path tests pin the serial design (`band_select.SERIAL`); the tests
+that use the default BandConfig run the parallel design, whose own paths are tested in
+test_kernel_select_variants.py.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -32,9 +36,9 @@ SMALL = Tiling(chunk=128, block=32, scan_block=64)
 BIG = float(np.finfo(np.float32).max)
 # Tests rank at most 16 keys of a bucket in registers, so both rankings of a bucket occur at test
 # sizes, and the decision reads the 32 band slots of a chunk (SMALL) in two steps.
-SMALL_DENSE = BandConfig(dense=16, slab_lanes=64)
+SMALL_DENSE = dataclasses.replace(band_select.SERIAL, dense=16, slab_lanes=64)
 FAST = {band_select.PATH_NO_BAND_KEY, band_select.PATH_ONE_KEY_BAND, band_select.PATH_ONE_KEY_BUCKET,
-        band_select.PATH_EQUAL_BUCKET, band_select.PATH_DENSE, band_select.PATH_SCANNED}
+        band_select.PATH_EQUAL_BUCKET, band_select.PATH_DENSE, band_select.PATH_SCANNED, band_select.PATH_RANKED}
 
 # Jitted once per static configuration: interpret-mode compiles dominate this file's time.
 kernel_scores = jax.jit(hamming_topk.hamming_scores, static_argnames=("score", "interpret", "tiling"))
@@ -222,7 +226,7 @@ def test_band_miss_falls_back(rng):
     scores = rng.standard_normal(SHAPE).astype(np.float32)
     scores[2] = 0.5
     _, _, path = select(scores, BUDGET, [seq, 777, seq], sink=SINK, recent=RECENT,
-                        config=BandConfig(sigmas=0.0, slack=-8.0))
+                        config=dataclasses.replace(band_select.SERIAL, sigmas=0.0, slack=-8.0))
     np.testing.assert_array_equal(path[:2], band_select.PATH_FALLBACK)
     np.testing.assert_array_equal(path[2], band_select.PATH_ONE_KEY_BAND)
 
@@ -234,7 +238,8 @@ def test_fast_path_on_random_scores_matches_reference(rng):
     scores = (rng.permutation(batch * kv_heads * seq).reshape(batch, kv_heads, seq) - 7000.0).astype(np.float32)
     lengths = np.array([seq, 3001])
     idx, count, path = select(scores, budget, lengths, sink=2, recent=3,
-                              tiling=Tiling(chunk=512, block=64, scan_block=128), config=BandConfig(sample=512))
+                              tiling=Tiling(chunk=512, block=64, scan_block=128),
+                              config=dataclasses.replace(band_select.SERIAL, sample=512))
     assert np.isin(path, list(FAST)).all(), path
     ref_idx, ref_count = hata_jax.select_topk(jnp.asarray(scores), budget, jnp.asarray(lengths), sink=2, recent=3,
                                               impl="reference")
