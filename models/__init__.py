@@ -8,33 +8,54 @@
     result = generate(model, [ids], plan=plan, stop_ids=tokenizer.stop_ids, max_new_tokens=32)
     print(tokenizer.decode(result.tokens[0]))
 
-Short-context policy: with HATA layers in the plan, `generate` runs a step with dense attention in
-every layer while every sequence holds at most `dense_below` tokens (default 4 x the budget,
-`dense_below=0` disables; `hata-jax generate --dense-below N`), switching to the plan's HATA step
-on the host once the context grows past it; see :mod:`models.generation`.
+Comparing methods and budgets on one prefill (selectors from :mod:`hata_jax.selectors`):
+
+    prefilled = prefill_prompts(model, [ids], capacity=4096)
+    for method in ("hata", "quest", "loki"):
+        plan = AttentionPlan.for_method(model.config.num_layers, method, HataConfig(budget=256))
+        params = selector_params(method, model, tokenizer=tokenizer)
+        result = generate_from(prefilled, plan, params, max_new_tokens=32, stop_ids=tokenizer.stop_ids)
+    logits = sparse_logits(model, tokens, lengths, plan, params)      # teacher-forced, float32[B, T, V]
+
+Short-context policy: with "hata" or "sparse" layers in the plan, `generate` runs a step with
+dense attention in every layer while every sequence holds at most `dense_below` tokens (default
+4 x the budget, `dense_below=0` disables; `hata-jax generate --dense-below N`), switching to the
+plan's step on the host once the context grows past it; see :mod:`models.generation`.
 """
-from models.attention import AttentionPlan, hash_weights_for, load_hash_weights, random_projections
+from models.attention import METHODS, AttentionPlan, hash_weights_for, load_hash_weights, random_projections
 from models.config import LlamaConfig, RopeScaling
-from models.generation import GenerationResult, Sampling, generate
+from models.generation import GenerationResult, Prefilled, Sampling, generate, generate_from, prefill_prompts
 from models.llama import LlamaForCausalLM, init_caches
 from models.load import load_model
+from models.selector_cache import SelectorCache, with_selector_states
+from models.selector_params import LokiCalibration, selector_params
+from models.teacher_forcing import sparse_logits
 from models.tokenizer import Tokenizer
 from models.weights import model_from_tensors, model_tensors
 
 __all__ = [
+    "METHODS",
     "AttentionPlan",
     "GenerationResult",
     "LlamaConfig",
     "LlamaForCausalLM",
+    "LokiCalibration",
+    "Prefilled",
     "RopeScaling",
     "Sampling",
+    "SelectorCache",
     "Tokenizer",
     "generate",
+    "generate_from",
     "hash_weights_for",
     "init_caches",
     "load_hash_weights",
     "load_model",
     "model_from_tensors",
     "model_tensors",
+    "prefill_prompts",
     "random_projections",
+    "selector_params",
+    "sparse_logits",
+    "with_selector_states",
 ]

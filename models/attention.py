@@ -1,8 +1,14 @@
 """Which decode attention each layer runs, and the layers' hash projections.
 
+Kinds: "dense"; "hata", the fast HATA path (:func:`hata_jax.hata_decode_attention`); "sparse",
+the plan's token selector (:mod:`hata_jax.selectors`) followed by sparse attention over the
+tokens it keeps (:func:`models.selector_cache.selector_decode_attention`).
+
 Every layer keeps one :class:`hata_jax.HataCache` (codes and key norms included), whatever its
-attention kind, so the kinds can change without touching the cache. A layer's hash projection
-`W [Hkv, D, rbit]` encodes its keys in every layer; only "hata" layers use the codes to select.
+attention kind, so the kinds can change without touching the cache; a "sparse" layer keeps its
+selector's per-token state next to it (:class:`models.selector_cache.SelectorCache`). A layer's
+hash projection `W [Hkv, D, rbit]` encodes its keys in every layer; only "hata" layers use the
+codes to select.
 """
 from __future__ import annotations
 
@@ -13,12 +19,17 @@ from typing import Mapping
 
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from hata_jax import HataConfig
+from hata_jax import sharding as head_sharding
 from hata_jax.dispatch import check_impl
+from hata_jax.selectors import SELECTORS, Selector, make_selector
 from models.config import LlamaConfig
 
-ATTENTION_KINDS = ("dense", "hata")
+ATTENTION_KINDS = ("dense", "hata", "sparse")
+# What `AttentionPlan.for_method` takes: "dense", "hata" (the fast path) or a selector's name.
+METHODS = ("dense", "hata", *sorted(set(SELECTORS) - {"hata"}))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,13 +38,22 @@ class AttentionPlan:
 
     Attributes:
       layers: one of ATTENTION_KINDS per layer.
-      hata: settings of the "hata" layers (its `rbit` is the cache's code width in every layer).
+      hata: settings of the "hata" and "sparse" layers: budget, sink, recent (and for "hata" the
+        score; its `rbit` is the cache's code width in every layer).
       impl: "auto", "pallas" or "reference" for the hata_jax ops.
+      selector: the token selector of the "sparse" layers (a frozen, hashable
+        :class:`hata_jax.selectors.Selector`); needed when a layer is "sparse".
+      mesh, mesh_axis: with a `jax.sharding.Mesh`, decode and prefill attention run head-sharded
+        over its axis `mesh_axis` (:mod:`hata_jax.sharding`, :mod:`models.sharding`); None: one
+        device. A plan with a mesh has "dense" and "hata" layers only.
     """
 
     layers: tuple[str, ...]
     hata: HataConfig = HataConfig()
     impl: str = "auto"
+    selector: Selector | None = None
+    mesh: Mesh | None = None
+    mesh_axis: str = "model"
 
     def __post_init__(self):
         bad = sorted(set(self.layers) - set(ATTENTION_KINDS))
@@ -42,27 +62,70 @@ class AttentionPlan:
         if not isinstance(self.hata, HataConfig):
             raise ValueError(f"AttentionPlan.hata must be a HataConfig, got {type(self.hata).__name__}")
         check_impl(self.impl)
+        if self.selector is not None and not isinstance(self.selector, Selector):
+            raise ValueError(f"AttentionPlan.selector must be a hata_jax.selectors.Selector or None, got "
+                             f"{type(self.selector).__name__}")
+        if "sparse" in self.layers and self.selector is None:
+            raise ValueError(f"attention kind 'sparse' (layers {self.sparse_layers}) needs a selector: pass "
+                             f"AttentionPlan(..., selector=make_selector(name)) with a name in {sorted(SELECTORS)}")
+        if self.mesh is not None:
+            head_sharding.axis_size(self.mesh, self.mesh_axis)
+            if self.sparse_layers:
+                raise ValueError(f"a plan with a mesh runs 'dense' and 'hata' layers only, not 'sparse' (layers "
+                                 f"{self.sparse_layers}): the selectors run on one device")
 
     @classmethod
     def uniform(cls, num_layers: int, attention: str, hata: HataConfig = HataConfig(),
                 impl: str = "auto") -> "AttentionPlan":
         """"dense" everywhere, or "hata" with the first `hata.dense_layers` layers dense."""
-        if attention not in ATTENTION_KINDS:
-            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")
-        kinds = tuple("hata" if attention == "hata" and i >= hata.dense_layers else "dense"
-                      for i in range(num_layers))
-        return cls(layers=kinds, hata=hata, impl=impl)
+        if attention not in ("dense", "hata"):
+            raise ValueError(f"attention must be 'dense' or 'hata', got {attention!r} (selectors: "
+                             "AttentionPlan.for_method)")
+        return cls.for_method(num_layers, attention, hata, impl)
+
+    @classmethod
+    def for_method(cls, num_layers: int, method: str, hata: HataConfig = HataConfig(),
+                   impl: str = "auto") -> "AttentionPlan":
+        """The plan of one method of METHODS: "dense" everywhere; "hata", the fast HATA path;
+        any other selector name, kind "sparse" with `make_selector(method)` (`rbit=hata.rbit` for
+        the selectors that take it: simhash). Except for "dense", the first `hata.dense_layers`
+        layers stay dense."""
+        if method not in METHODS:
+            raise ValueError(f"unknown attention method {method!r}; supported: {METHODS}")
+        kind = {"dense": "dense", "hata": "hata"}.get(method, "sparse")
+        kinds = tuple(kind if i >= hata.dense_layers else "dense" for i in range(num_layers))
+        selector = None
+        if kind == "sparse":
+            takes_rbit = any(f.name == "rbit" for f in dataclasses.fields(SELECTORS[method]))
+            selector = make_selector(method, **({"rbit": hata.rbit} if takes_rbit else {}))
+        return cls(layers=kinds, hata=hata, impl=impl, selector=selector)
+
+    def on_mesh(self, mesh: Mesh | None, axis: str = "model") -> "AttentionPlan":
+        """The same plan with its attention head-sharded over `axis` of `mesh` (None: one device)."""
+        return dataclasses.replace(self, mesh=mesh, mesh_axis=axis)
 
     def with_budget(self, budget: int) -> "AttentionPlan":
         return dataclasses.replace(self, hata=dataclasses.replace(self.hata, budget=budget))
 
     def as_dense(self) -> "AttentionPlan":
-        """The same plan with every layer dense (the short-context step of :func:`models.generate`)."""
+        """The same plan with every layer dense (the short-context step of :func:`models.generate`;
+        the selector stays, so the dense step keeps the "sparse" layers' selector states current)."""
         return dataclasses.replace(self, layers=("dense",) * len(self.layers))
 
     @property
     def hashed_layers(self) -> list[int]:
+        """The "hata" layers."""
         return [i for i, kind in enumerate(self.layers) if kind == "hata"]
+
+    @property
+    def sparse_layers(self) -> list[int]:
+        """The "sparse" layers (the plan's selector)."""
+        return [i for i, kind in enumerate(self.layers) if kind == "sparse"]
+
+    @property
+    def selecting_layers(self) -> list[int]:
+        """The layers that attend to a selection of the context ("hata" or "sparse")."""
+        return [i for i, kind in enumerate(self.layers) if kind != "dense"]
 
 
 def random_projections(config: LlamaConfig, rbit: int, seed: int = 0, layers=None) -> dict[int, np.ndarray]:

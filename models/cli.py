@@ -39,6 +39,15 @@ def add_generate_command(subparsers) -> None:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and KV cache dtype")
     gen.add_argument("--impl", choices=["auto", "pallas", "reference"], default="auto")
+    gen.add_argument("--mesh", type=int, default=1, metavar="N",
+                     help="tensor-parallel decoding over the first N devices (of every process, with --coordinator): "
+                          "heads, KV caches, codes and weights split over them (models.sharding); N must divide "
+                          "the model's KV heads (default 1: one device)")
+    gen.add_argument("--coordinator", metavar="HOST:PORT",
+                     help="several hosts: jax.distributed coordinator address; run the same command on every host "
+                          "with --num-processes and its own --process-id")
+    gen.add_argument("--num-processes", type=int, help="with --coordinator: the number of processes")
+    gen.add_argument("--process-id", type=int, help="with --coordinator: this process's index")
     gen.set_defaults(func=run_generate)
 
 
@@ -73,6 +82,7 @@ def require_model_extra() -> None:
 
 def run_generate(args: argparse.Namespace) -> int:
     require_model_extra()
+    import jax
     import jax.numpy as jnp
 
     from hata_jax import HataConfig
@@ -83,6 +93,8 @@ def run_generate(args: argparse.Namespace) -> int:
     def log(message: str) -> None:
         print(f"[hata-jax] {message}", file=sys.stderr, flush=True)
 
+    if args.coordinator:
+        jax.distributed.initialize(args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p)
     hata = HataConfig(rbit=args.rbit, budget=args.budget, dense_layers=args.dense_layers)
     start = time.perf_counter()
@@ -91,6 +103,15 @@ def run_generate(args: argparse.Namespace) -> int:
     log(f"loaded {args.model} ({config.model_type}, {config.num_layers} layers, {config.num_heads} q heads, "
         f"{config.num_kv_heads} KV heads, head dim {config.head_dim}) in {time.perf_counter() - start:.1f} s")
     plan = AttentionPlan.uniform(config.num_layers, args.attention, hata, impl=args.impl)
+    if args.mesh > 1:
+        from models.sharding import make_mesh, shard_model
+
+        if args.mesh > len(jax.devices()):
+            raise ValueError(f"--mesh {args.mesh}: only {len(jax.devices())} devices are visible")
+        mesh = make_mesh(jax.devices()[:args.mesh])
+        model = shard_model(model, mesh)
+        plan = plan.on_mesh(mesh)
+        log(f"tensor-parallel over {args.mesh} devices: {config.num_kv_heads // args.mesh} KV heads each")
     threshold = short_context_threshold(plan, args.dense_below)
     hash_weights = None
     if args.attention == "hata" or args.hash_weights:

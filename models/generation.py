@@ -1,20 +1,32 @@
 """Jit-compiled generation: a prefill step and a decode step (cache donated), sampling, stop tokens.
 
+    generate(model, prompts, plan=...)          prefill, then decode with one plan
+    prefilled = prefill_prompts(model, prompts, capacity=...)
+    generate_from(prefilled, plan, params)      decode from a shared prefill, for any plan/budget
+
 Prompts of different lengths are right-padded into one batch (see :mod:`models.llama`). The
 static shapes are the batch size, the padded prompt length (rounded up to a multiple of
 `PROMPT_BUCKET`) and the cache capacity (rounded up to a multiple of `CAPACITY_BUCKET`), so the
 decode step compiles once per (batch, capacity, plan, sampling) and every later token reuses it.
 :data:`TRACES` counts the traces of each step (tests use it to show that there is no recompile).
 
-Short-context policy: with a plan that has HATA layers, a step whose sequences all hold at most
-`dense_below` tokens (the step's new token included; default `DENSE_BELOW_BUDGETS` x the HATA
-budget, 0 disables) runs dense attention in every layer. At such lengths dense attention reads
-few bytes and HATA's hashing, scoring and selection would cost more than they save (and select a
-large share of the context anyway). The choice is made on the host from the prompt lengths and
-the step count, between two compiled decode steps (the plan and :meth:`AttentionPlan.as_dense`),
-each compiled once per shape: no device-to-host read and no device-side branch. Dense layers keep
-appending codes and key norms to every layer's cache, so the HATA steps after the switch select
-from exactly the cache they would have had without it.
+A prefill is plan-independent: every layer's HataCache gets the prompt's keys, values, codes and
+norms, plus the logits of each prompt's next token. :func:`generate_from` never changes it: its
+start step (jitted once per plan and shape, caches not donated) copies the caches, re-encodes the
+"hata" layers' codes when it is given their projections, builds the "sparse" layers' selector
+states from the cached keys (:func:`models.selector_cache.with_selector_states`) and samples the
+first token; the decode steps then donate those copies.
+
+Short-context policy: with a plan that has selecting ("hata" or "sparse") layers, a step whose
+sequences all hold at most `dense_below` tokens (the step's new token included; default
+`DENSE_BELOW_BUDGETS` x the budget, 0 disables) runs dense attention in every layer. At such
+lengths dense attention reads few bytes and hashing, scoring and selection would cost more than
+they save (and select a large share of the context anyway). The choice is made on the host from
+the prompt lengths and the step count, between two compiled decode steps (the plan and
+:meth:`AttentionPlan.as_dense`), each compiled once per shape: no device-to-host read and no
+device-side branch. Dense layers keep appending codes and key norms to every layer's cache (and
+the selector's metadata to a "sparse" layer's state), so the selecting steps after the switch
+select from exactly the cache they would have had without it.
 """
 from __future__ import annotations
 
@@ -22,19 +34,23 @@ import collections
 import dataclasses
 import functools
 import time
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import hata_jax
+from hata_jax import HataCache, HataConfig
+from hata_jax import sharding as head_sharding
 from models.attention import AttentionPlan, hash_weights_for
 from models.llama import LlamaForCausalLM, init_caches
+from models.selector_cache import with_selector_states
 
 PROMPT_BUCKET = 32
 CAPACITY_BUCKET = 128
-# Default short-context threshold in HATA budgets: a step over at most 4 x budget tokens runs dense.
+# Default short-context threshold in budgets: a step over at most 4 x budget tokens runs dense.
 DENSE_BELOW_BUDGETS = 4
 # step name -> number of times it was traced (compiled).
 TRACES: collections.Counter = collections.Counter()
@@ -80,21 +96,20 @@ def _step_functions(graphdef: nnx.GraphDef, state_treedef):
     def merge(state_leaves) -> LlamaForCausalLM:
         return nnx.merge(graphdef, jax.tree_util.tree_unflatten(state_treedef, state_leaves))
 
-    @functools.partial(jax.jit, static_argnames=("impl", "sampling"), donate_argnames=("caches",))
-    def prefill(state_leaves, tokens, lengths, caches, hash_weights, key, *, impl: str, sampling: Sampling):
-        """Prompts int[B, T] (right-padded to `lengths`) -> (first new tokens int32[B], caches, key)."""
+    @functools.partial(jax.jit, static_argnames=("impl", "mesh", "mesh_axis"), donate_argnames=("caches",))
+    def prefill(state_leaves, tokens, lengths, caches, hash_weights, *, impl: str, mesh=None, mesh_axis="model"):
+        """Prompts int[B, T] (right-padded to `lengths`) -> (next-token logits float32[B, vocab], caches)."""
         TRACES["prefill"] += 1
         model = merge(state_leaves)
-        hidden, caches = model.prefill(tokens, lengths, caches, hash_weights, impl)
-        last = hidden[jnp.arange(tokens.shape[0]), lengths - 1]
-        key, sub = jax.random.split(key)
-        return sample(model.logits(last), sub, sampling), caches, key
+        hidden, caches = model.prefill(tokens, lengths, caches, hash_weights, impl, mesh=mesh, mesh_axis=mesh_axis)
+        return model.logits(hidden[jnp.arange(tokens.shape[0]), lengths - 1]), caches
 
     @functools.partial(jax.jit, static_argnames=("plan", "sampling"), donate_argnames=("caches",))
-    def decode(state_leaves, tokens, caches, hash_weights, key, *, plan: AttentionPlan, sampling: Sampling):
+    def decode(state_leaves, tokens, caches, hash_weights, key, selector_params=None, *, plan: AttentionPlan,
+               sampling: Sampling):
         """One token per sequence: tokens int32[B] -> (next tokens int32[B], caches, key)."""
         TRACES["decode"] += 1
-        logits, caches = merge(state_leaves).decode(tokens, caches, hash_weights, plan)
+        logits, caches = merge(state_leaves).decode(tokens, caches, hash_weights, plan, selector_params)
         key, sub = jax.random.split(key)
         return sample(logits, sub, sampling), caches, key
 
@@ -112,11 +127,12 @@ class ModelSteps:
       state_leaves: the model's nnx.State flattened (`jax.tree_util.tree_flatten`): arrays.
       merge: `merge(state_leaves) -> model`, for use inside traced code (hashable, the same
         function for equal models: it can be a static argument).
-      prefill: `prefill(state_leaves, tokens int[B, T], lengths int32[B], caches, hash_weights, key,
-        *, impl, sampling) -> (first new tokens int32[B], caches, key)`; prompts right-padded to
-        `lengths`; `caches` donated.
-      decode: `decode(state_leaves, tokens int32[B], caches, hash_weights, key, *, plan, sampling)
-        -> (next tokens int32[B], caches, key)`, one token per sequence; `caches` donated.
+      prefill: `prefill(state_leaves, tokens int[B, T], lengths int32[B], caches, hash_weights,
+        *, impl, mesh=None, mesh_axis="model") -> (next-token logits float32[B, vocab], caches)`;
+        prompts right-padded to `lengths`; `caches` donated (head-sharded over the mesh axis if any).
+      decode: `decode(state_leaves, tokens int32[B], caches, hash_weights, key, selector_params=None,
+        *, plan, sampling) -> (next tokens int32[B], caches, key)`, one token per sequence;
+        `caches` donated; `selector_params` as :meth:`LlamaForCausalLM.decode` takes them.
     """
 
     def __init__(self, model: LlamaForCausalLM):
@@ -130,10 +146,11 @@ class GenerationResult:
     """Generated token ids per prompt (stop token excluded) and timings.
 
     `prefill_seconds` and `first_step_seconds` include compilation on a first call;
-    `first_step_seconds` sums the first step of each decode step function used (the dense one of
-    the short-context policy, then the plan's); `decode_seconds` covers the other decode steps,
-    `decode_steps` of them. `dense_steps` counts the steps the short-context policy ran dense in
-    every layer (see the module docstring).
+    `prefill_seconds` is the prefill's time plus the start step's of :func:`generate_from` (cache
+    copies, selector states, first token); `first_step_seconds` sums the first step of each decode
+    step function used (the dense one of the short-context policy, then the plan's);
+    `decode_seconds` covers the other decode steps, `decode_steps` of them. `dense_steps` counts
+    the steps the short-context policy ran dense in every layer (see the module docstring).
     """
 
     tokens: list[list[int]]
@@ -151,22 +168,261 @@ class GenerationResult:
         return batch * self.decode_steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
 
-def _round_up(n: int, multiple: int) -> int:
+@dataclasses.dataclass(frozen=True, eq=False)
+class Prefilled:
+    """Prompts run through a model once (:func:`prefill_prompts`), to decode from with any plan
+    and budget (:func:`generate_from`, which never changes it).
+
+    Attributes:
+      steps: the model's jitted steps.
+      caches: one HataCache per layer: k, v [B, Hkv, capacity, D], codes of `hash_weights`, norms.
+      hash_weights: one float32[Hkv, D, rbit] per layer, the projections of the caches' codes.
+      logits: float32[B, vocab], the next-token logits after each prompt.
+      prompt_lengths: tokens per prompt.
+      seconds: wall time of the prefill (compilation included on a first call).
+    """
+
+    steps: ModelSteps
+    caches: list[HataCache]
+    hash_weights: list[jax.Array]
+    logits: jax.Array
+    prompt_lengths: list[int]
+    seconds: float
+
+    @property
+    def capacity(self) -> int:
+        return self.caches[0].capacity
+
+
+class TokenRecorder:
+    """The tokens each row generated: a row stops after one of `stop_ids` (not kept) or at
+    `max_new_tokens`; `on_tokens` sees each step's new token per row (None for a finished row)."""
+
+    def __init__(self, rows: int, max_new_tokens: int, stop_ids: Sequence[int] = (),
+                 on_tokens: Callable[[list[int | None]], None] | None = None):
+        self.outputs: list[list[int]] = [[] for _ in range(rows)]
+        self.done = np.zeros(rows, bool)
+        self.max_new_tokens = max_new_tokens
+        self.stops = set(int(s) for s in stop_ids)
+        self.on_tokens = on_tokens
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.done.all())
+
+    def record(self, new) -> None:
+        """new: int[rows], one step's tokens."""
+        shown: list[int | None] = []
+        for row, token in enumerate(np.asarray(new).tolist()):
+            if self.done[row] or token in self.stops:
+                self.done[row] = True
+                shown.append(None)
+                continue
+            self.outputs[row].append(token)
+            shown.append(token)
+            self.done[row] = len(self.outputs[row]) >= self.max_new_tokens
+        if self.on_tokens is not None:
+            self.on_tokens(shown)
+
+
+def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
 def short_context_threshold(plan: AttentionPlan, dense_below: int | None) -> int:
     """Tokens per sequence up to which a step runs dense in every layer (0: never).
 
-    `dense_below` None means `DENSE_BELOW_BUDGETS * plan.hata.budget`; a plan without HATA
-    layers has nothing to switch, so 0.
+    `dense_below` None means `DENSE_BELOW_BUDGETS * plan.hata.budget`; a plan without selecting
+    ("hata" or "sparse") layers has nothing to switch, so 0.
     """
     if dense_below is not None and (isinstance(dense_below, bool) or not isinstance(dense_below, int)
                                     or dense_below < 0):
         raise ValueError(f"dense_below must be an int >= 0 (0 disables the short-context policy), got {dense_below!r}")
-    if not plan.hashed_layers:
+    if not plan.selecting_layers:
         return 0
     return DENSE_BELOW_BUDGETS * plan.hata.budget if dense_below is None else dense_below
+
+
+def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> list[int]:
+    """The prompt lengths, after checking that every prompt has tokens in the vocabulary."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt and every prompt must have tokens")
+    bad = [int(t) for p in prompts for t in p if not 0 <= int(t) < vocab_size]
+    if bad:
+        raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
+    return [len(p) for p in prompts]
+
+
+def check_room(lengths: list[int], max_new_tokens: int, capacity: int) -> None:
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if max(lengths) > capacity:
+        raise ValueError(f"the prompt has {max(lengths)} tokens but the cache capacity is {capacity}")
+    if max(lengths) + max_new_tokens > capacity:
+        raise ValueError(f"the cache capacity {capacity} cannot hold the prompt ({max(lengths)} tokens) plus "
+                         f"max_new_tokens={max_new_tokens}; raise capacity or lower max_new_tokens")
+
+
+def _projection_rbit(hash_weights) -> int:
+    """The rbit of projections given as :func:`hash_weights_for` takes them (default HataConfig's)."""
+    if hash_weights is None:
+        return HataConfig().rbit
+    first = next(iter(hash_weights.values())) if isinstance(hash_weights, Mapping) else hash_weights[0]
+    return int(np.shape(first)[-1])
+
+
+def prefill_prompts(
+    model: LlamaForCausalLM,
+    prompts: Sequence[Sequence[int]],
+    *,
+    capacity: int,
+    hash_weights=None,
+    cache_dtype=None,
+    impl: str = "auto",
+    mesh=None,
+    mesh_axis: str = "model",
+) -> Prefilled:
+    """Run the prompts (a batch of different lengths) through the model once: caches and logits.
+
+    Args:
+      prompts: token ids per prompt (non-empty).
+      capacity: cache tokens per sequence (prompt plus the tokens to generate).
+      hash_weights: per-layer projections as :func:`models.attention.hash_weights_for` takes them
+        (all of one rbit); None, or layers missing from them, get random Gaussian projections
+        (rbit 128 when none is given). "hata" plans decode with these codes unless
+        :func:`generate_from` is given their projections.
+      cache_dtype: KV cache dtype, default the model's.
+      impl: "auto", "pallas" or "reference" for encoding the prompt's keys.
+      mesh, mesh_axis: make the caches and hash projections head-sharded over this axis of a
+        `jax.sharding.Mesh` (:mod:`models.sharding`); None: one device.
+    """
+    config = model.config
+    lengths = check_prompts(prompts, config.vocab_size)
+    if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity <= 0:
+        raise ValueError(f"capacity must be a positive int, got {capacity!r}")
+    if max(lengths) > capacity:
+        raise ValueError(f"the prompt has {max(lengths)} tokens but the cache capacity is {capacity}")
+    rbit = _projection_rbit(hash_weights)
+    weights = hash_weights_for(config, AttentionPlan.uniform(config.num_layers, "dense", HataConfig(rbit=rbit)),
+                               hash_weights)
+    padded = min(round_up(max(lengths), PROMPT_BUCKET), capacity)
+    tokens = np.zeros((len(prompts), padded), np.int32)
+    for row, prompt in enumerate(prompts):
+        tokens[row, : len(prompt)] = prompt
+    if mesh is not None:
+        weights = [head_sharding.shard_projection(w, mesh, mesh_axis) for w in weights]
+    caches = init_caches(config, len(prompts), capacity, rbit=rbit, dtype=cache_dtype or model.dtype, mesh=mesh,
+                         mesh_axis=mesh_axis)
+    steps = ModelSteps(model)
+    start = time.perf_counter()
+    logits, caches = steps.prefill(steps.state_leaves, jnp.asarray(tokens), jnp.asarray(lengths, jnp.int32), caches,
+                                   weights, impl=impl, mesh=mesh, mesh_axis=mesh_axis)
+    logits.block_until_ready()
+    return Prefilled(steps=steps, caches=caches, hash_weights=weights, logits=logits, prompt_lengths=lengths,
+                     seconds=time.perf_counter() - start)
+
+
+@functools.partial(jax.jit, static_argnames=("plan", "sampling"))
+def _start(caches, logits, recode, selector_params, key, *, plan: AttentionPlan, sampling: Sampling):
+    """The caches to decode `plan` from, fresh copies of the prefill's (which are not donated),
+    and the first new tokens int32[B]; `recode[i]` (a projection or None) re-encodes layer i's codes."""
+    TRACES["start"] += 1
+    caches = jax.tree.map(jnp.copy, caches)
+    caches = [c if w is None else dataclasses.replace(c, codes=hata_jax.encode(c.k, w, head_axis=1, impl=plan.impl))
+              for c, w in zip(caches, recode)]
+    caches = with_selector_states(caches, plan, selector_params)
+    key, sub = jax.random.split(key)
+    return sample(logits, sub, sampling), caches, key
+
+
+def _layer_arguments(prefilled: Prefilled, plan: AttentionPlan, params):
+    """(decode projections, projections to re-encode the caches with or None, selector params),
+    one entry per layer; see :func:`generate_from`."""
+    num_layers = len(prefilled.caches)
+    if len(plan.layers) != num_layers:
+        raise ValueError(f"the attention plan has {len(plan.layers)} layers, the model {num_layers}")
+    if params is not None and len(params) != num_layers:
+        raise ValueError(f"params must have one entry per layer ({num_layers}), got {len(params)}")
+    recode = [None] * num_layers
+    if params is not None:
+        missing = [i for i in plan.hashed_layers if params[i] is None]
+        if missing:
+            raise ValueError(f"params has no projection for the 'hata' layers {missing}")
+        recode = [jnp.asarray(p, jnp.float32) if kind == "hata" else None for p, kind in zip(params, plan.layers)]
+    weights = [w if r is None else r for w, r in zip(prefilled.hash_weights, recode)]
+    selector_params = None
+    if plan.sparse_layers:
+        selector_params = [jax.tree.map(jnp.asarray, params[i]) if kind == "sparse" and params is not None else None
+                           for i, kind in enumerate(plan.layers)]
+    return weights, recode, selector_params
+
+
+def generate_from(
+    prefilled: Prefilled,
+    plan: AttentionPlan,
+    params=None,
+    *,
+    max_new_tokens: int,
+    stop_ids: Sequence[int] = (),
+    sampling: Sampling = Sampling(),
+    seed: int = 0,
+    on_tokens: Callable[[list[int | None]], None] | None = None,
+    dense_below: int | None = None,
+) -> GenerationResult:
+    """Generate up to `max_new_tokens` tokens per prompt of `prefilled` with `plan`, leaving
+    `prefilled` unchanged (call it again with other plans, budgets or seeds).
+
+    Args:
+      plan: per-layer attention; a budget above the cache capacity is lowered to the capacity.
+      params: None, or one entry per layer (:func:`models.selector_params`): a "hata" layer's
+        projection float[Hkv, D, rbit] (its cached codes are re-encoded with it; without params the
+        prefill's codes and projections are used), a "sparse" layer's selector params; other
+        layers' entries are ignored.
+      sampling: greedy by default; `seed` seeds it.
+      stop_ids: a row stops after producing one of these (not included in its output).
+      on_tokens: called after each step with the new token of each row (None for a finished row).
+      dense_below: short-context policy (module docstring): steps whose sequences all hold at
+        most this many tokens run dense in every layer. Default `DENSE_BELOW_BUDGETS` x the
+        budget (after lowering it to the capacity); 0 runs the plan at every step.
+    """
+    lengths = prefilled.prompt_lengths
+    check_room(lengths, max_new_tokens, prefilled.capacity)
+    if plan.hata.budget > prefilled.capacity:
+        plan = plan.with_budget(prefilled.capacity)
+    threshold = short_context_threshold(plan, dense_below)
+    weights, recode, selector_params = _layer_arguments(prefilled, plan, params)
+    steps = prefilled.steps
+
+    recorder = TokenRecorder(len(lengths), max_new_tokens, stop_ids, on_tokens)
+
+    start = time.perf_counter()
+    next_tokens, caches, key = _start(prefilled.caches, prefilled.logits, recode, selector_params,
+                                      jax.random.PRNGKey(seed), plan=plan, sampling=sampling)
+    recorder.record(next_tokens)
+    start_seconds = time.perf_counter() - start
+    step_times: dict[AttentionPlan, list[float]] = {}
+    longest = max(lengths)  # tokens of the longest sequence before the next step's token
+    dense_steps = 0
+    while not recorder.finished:
+        longest += 1
+        short = longest <= threshold
+        dense_steps += short
+        step_plan = plan.as_dense() if short else plan
+        start = time.perf_counter()
+        next_tokens, caches, key = steps.decode(steps.state_leaves, next_tokens, caches, weights, key,
+                                                selector_params, plan=step_plan, sampling=sampling)
+        recorder.record(next_tokens)
+        step_times.setdefault(step_plan, []).append(time.perf_counter() - start)
+    caches[0].raise_if_overflowed()
+    return GenerationResult(
+        tokens=recorder.outputs,
+        prompt_lengths=list(lengths),
+        prefill_seconds=prefilled.seconds + start_seconds,
+        first_step_seconds=float(sum(times[0] for times in step_times.values())),
+        decode_seconds=float(sum(sum(times[1:]) for times in step_times.values())),
+        decode_steps=sum(len(times) - 1 for times in step_times.values()),
+        dense_steps=dense_steps,
+    )
 
 
 def generate(
@@ -184,12 +440,16 @@ def generate(
     cache_dtype=None,
     dense_below: int | None = None,
 ) -> GenerationResult:
-    """Generate up to `max_new_tokens` tokens for each prompt (a batch of different lengths).
+    """Generate up to `max_new_tokens` tokens for each prompt (a batch of different lengths):
+    :func:`prefill_prompts`, then :func:`generate_from`.
 
     Args:
       prompts: token ids per prompt (non-empty).
-      plan: per-layer attention; default dense everywhere. A HATA budget above the cache
-        capacity is lowered to the capacity (same result: every token is selected).
+      plan: per-layer attention; default dense everywhere. A budget above the cache capacity is
+        lowered to the capacity (same result: every token is selected). A plan with "sparse"
+        layers needs selectors without params (others: :func:`generate_from`). A plan with a mesh
+        (:meth:`AttentionPlan.on_mesh`) decodes head-sharded over it: the caches and projections are
+        made in that layout (place the model with :func:`models.sharding.shard_model`).
       hash_weights: per-layer projections as :func:`models.attention.hash_weights_for` takes
         them; None means random (untrained) projections, with a warning if a layer is "hata".
       sampling: greedy by default.
@@ -199,84 +459,17 @@ def generate(
       on_tokens: called after each step with the new token of each row (None for a finished row).
       cache_dtype: KV cache dtype, default the model's.
       dense_below: short-context policy (module docstring): steps whose sequences all hold at
-        most this many tokens run dense in every layer. Default `DENSE_BELOW_BUDGETS` x the HATA
+        most this many tokens run dense in every layer. Default `DENSE_BELOW_BUDGETS` x the
         budget (after lowering it to the capacity); 0 runs the plan at every step.
     """
     config = model.config
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("generate needs at least one prompt and every prompt must have tokens")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    lengths = [len(p) for p in prompts]
-    bad = [int(t) for p in prompts for t in p if not 0 <= int(t) < config.vocab_size]
-    if bad:
-        raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {config.vocab_size})")
-    needed = max(lengths) + max_new_tokens
+    lengths = check_prompts(prompts, config.vocab_size)
     if capacity is None:
-        capacity = _round_up(needed, CAPACITY_BUCKET)
-    elif max(lengths) > capacity:
-        raise ValueError(f"the prompt has {max(lengths)} tokens but the cache capacity is {capacity}")
-    elif needed > capacity:
-        raise ValueError(f"the cache capacity {capacity} cannot hold the prompt ({max(lengths)} tokens) plus "
-                         f"max_new_tokens={max_new_tokens}; raise capacity or lower max_new_tokens")
+        capacity = round_up(max(lengths) + max_new_tokens, CAPACITY_BUCKET)
+    check_room(lengths, max_new_tokens, capacity)
     plan = plan or AttentionPlan.uniform(config.num_layers, "dense")
-    if plan.hata.budget > capacity:
-        plan = plan.with_budget(capacity)
-    threshold = short_context_threshold(plan, dense_below)
     weights = hash_weights_for(config, plan, hash_weights)
-    padded = min(_round_up(max(lengths), PROMPT_BUCKET), capacity)
-    tokens = np.zeros((len(prompts), padded), np.int32)
-    for row, prompt in enumerate(prompts):
-        tokens[row, : len(prompt)] = prompt
-    caches = init_caches(config, len(prompts), capacity, rbit=plan.hata.rbit, dtype=cache_dtype or model.dtype)
-    steps = ModelSteps(model)
-    key = jax.random.PRNGKey(seed)
-
-    outputs: list[list[int]] = [[] for _ in prompts]
-    done = np.zeros(len(prompts), bool)
-    stops = set(int(s) for s in stop_ids)
-
-    def record(new: np.ndarray) -> None:
-        shown: list[int | None] = []
-        for row, token in enumerate(new.tolist()):
-            if done[row]:
-                shown.append(None)
-                continue
-            if token in stops:
-                done[row] = True
-                shown.append(None)
-                continue
-            outputs[row].append(token)
-            shown.append(token)
-            done[row] = len(outputs[row]) >= max_new_tokens
-        if on_tokens is not None:
-            on_tokens(shown)
-
-    start = time.perf_counter()
-    next_tokens, caches, key = steps.prefill(steps.state_leaves, jnp.asarray(tokens), jnp.asarray(lengths, jnp.int32),
-                                             caches, weights, key, impl=plan.impl, sampling=sampling)
-    record(np.asarray(next_tokens))
-    prefill_seconds = time.perf_counter() - start
-    step_times: dict[AttentionPlan, list[float]] = {}
-    longest = max(lengths)  # tokens of the longest sequence before the next step's token
-    dense_steps = 0
-    while not done.all():
-        longest += 1
-        short = longest <= threshold
-        dense_steps += short
-        step_plan = plan.as_dense() if short else plan
-        start = time.perf_counter()
-        next_tokens, caches, key = steps.decode(steps.state_leaves, next_tokens, caches, weights, key,
-                                                plan=step_plan, sampling=sampling)
-        record(np.asarray(next_tokens))
-        step_times.setdefault(step_plan, []).append(time.perf_counter() - start)
-    caches[0].raise_if_overflowed()
-    return GenerationResult(
-        tokens=outputs,
-        prompt_lengths=lengths,
-        prefill_seconds=prefill_seconds,
-        first_step_seconds=float(sum(times[0] for times in step_times.values())),
-        decode_seconds=float(sum(sum(times[1:]) for times in step_times.values())),
-        decode_steps=sum(len(times) - 1 for times in step_times.values()),
-        dense_steps=dense_steps,
-    )
+    prefilled = prefill_prompts(model, prompts, capacity=capacity, hash_weights=weights, cache_dtype=cache_dtype,
+                                impl=plan.impl, mesh=plan.mesh, mesh_axis=plan.mesh_axis)
+    return generate_from(prefilled, plan, max_new_tokens=max_new_tokens, stop_ids=stop_ids, sampling=sampling,
+                         seed=seed, on_tokens=on_tokens, dense_below=dense_below)

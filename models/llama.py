@@ -14,9 +14,11 @@ from flax import nnx
 
 import hata_jax
 from hata_jax import HataCache
+from hata_jax import sharding as head_sharding
 from models.attention import AttentionPlan
 from models.config import LlamaConfig
 from models.rope import apply_rope, inverse_frequencies
+from models.selector_cache import SelectorCache, append_token, selector_decode_attention
 
 
 class RMSNorm(nnx.Module):
@@ -56,8 +58,11 @@ class SelfAttention(nnx.Module):
         v = self.v_proj(x).reshape(*lead, self.num_kv_heads, self.head_dim)
         return apply_rope(q, positions, self.inv_freq), apply_rope(k, positions, self.inv_freq), v
 
-    def prefill(self, x, lengths, cache: HataCache | None, w, impl: str, capture_qk: bool = False):
+    def prefill(self, x, lengths, cache: HataCache | None, w, impl: str, capture_qk: bool = False, mesh=None,
+                mesh_axis: str = "model"):
         """x: [B, T, hidden], lengths: int[B] -> ([B, T, hidden], cache with the prompt written).
+
+        With a `mesh`, the cache is written head-sharded over its `mesh_axis` (:mod:`hata_jax.sharding`).
 
         With `capture_qk` (inside `nnx.capture(..., nnx.Intermediate)`), sows the post-RoPE
         `(q [B, T, Hq, D], k [B, T, Hkv, D])` as the intermediate "qk".
@@ -68,16 +73,24 @@ class SelfAttention(nnx.Module):
             self.sow(nnx.Intermediate, "qk", (q, k))
         out = jax.nn.dot_product_attention(q, k, v, is_causal=True, key_value_seq_lengths=lengths)
         if cache is not None:
-            cache = cache.prefill(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), w, lengths, impl=impl)
+            cache = head_sharding.prefill(cache, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), w, lengths,
+                                          mesh=mesh, axis=mesh_axis, impl=impl)
         return self.o_proj(out.reshape(b, t, -1)), cache
 
-    def decode(self, x, cache: HataCache, w, kind: str, plan: AttentionPlan):
-        """x: [B, hidden], one new token per sequence at position `cache.lengths[b]`."""
+    def decode(self, x, cache: HataCache | SelectorCache, w, kind: str, plan: AttentionPlan, params=None):
+        """x: [B, hidden], one new token per sequence at position `cache.lengths[b]`; `params`: the
+        layer's selector params (a "sparse" layer's, or to keep a SelectorCache's state current)."""
         q, k, v = self._qkv(x, cache.lengths)
+        sharded = {"mesh": plan.mesh, "axis": plan.mesh_axis}  # mesh None: one device
         if kind == "hata":
-            out, cache = hata_jax.hata_decode_attention(q, k, v, cache, w, plan.hata, impl=plan.impl)
+            out, cache = head_sharding.hata_decode_attention(q, k, v, cache, w, plan.hata, impl=plan.impl, **sharded)
+        elif kind == "sparse":
+            out, cache = selector_decode_attention(q, k, v, cache, w, plan, params)
+        elif plan.mesh is not None:  # a plan with a mesh has no "sparse" layers (AttentionPlan refuses them)
+            cache = head_sharding.append(cache, k, v, w, impl=plan.impl, **sharded)
+            out = head_sharding.dense_decode_attention(q, cache.k, cache.v, cache.lengths, impl=plan.impl, **sharded)
         else:
-            cache = cache.append(k, v, w, impl=plan.impl)
+            cache = append_token(cache, k, v, w, plan, params)
             out = hata_jax.dense_decode_attention(q, cache.k, cache.v, cache.lengths, impl=plan.impl)
         return self.o_proj(out.reshape(x.shape[0], -1)), cache
 
@@ -106,12 +119,13 @@ class DecoderLayer(nnx.Module):
         x = x + attn_out
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def prefill(self, x, lengths, cache, w, impl, capture_qk=False):
-        attn_out, cache = self.self_attn.prefill(self.input_layernorm(x), lengths, cache, w, impl, capture_qk)
+    def prefill(self, x, lengths, cache, w, impl, capture_qk=False, mesh=None, mesh_axis="model"):
+        attn_out, cache = self.self_attn.prefill(self.input_layernorm(x), lengths, cache, w, impl, capture_qk, mesh,
+                                                 mesh_axis)
         return self._finish(x, attn_out), cache
 
-    def decode(self, x, cache, w, kind, plan):
-        attn_out, cache = self.self_attn.decode(self.input_layernorm(x), cache, w, kind, plan)
+    def decode(self, x, cache, w, kind, plan, params=None):
+        attn_out, cache = self.self_attn.decode(self.input_layernorm(x), cache, w, kind, plan, params)
         return self._finish(x, attn_out), cache
 
 
@@ -141,7 +155,7 @@ class LlamaForCausalLM(nnx.Module):
         return out.astype(jnp.float32)
 
     def prefill(self, tokens, lengths, caches: list[HataCache] | None = None, hash_weights=None,
-                impl: str = "auto", capture_qk: bool = False):
+                impl: str = "auto", capture_qk: bool = False, mesh=None, mesh_axis: str = "model"):
         """Dense causal attention over right-padded prompts; fills every layer's cache if given.
 
         Args:
@@ -150,6 +164,7 @@ class LlamaForCausalLM(nnx.Module):
           hash_weights: one float[Hkv, D, rbit] per layer (needed with caches).
           capture_qk: sow every layer's post-RoPE q and k (see :meth:`SelfAttention.prefill`);
             read them with `nnx.capture(..., nnx.Intermediate)` (used by :mod:`train.collect`).
+          mesh, mesh_axis: write the caches head-sharded over this axis (:mod:`models.sharding`).
 
         Returns:
           (hidden [B, T, hidden_size] after the final norm, the filled caches or None).
@@ -159,7 +174,7 @@ class LlamaForCausalLM(nnx.Module):
         for i, layer in enumerate(self.layers):
             cache = None if caches is None else caches[i]
             x, cache = layer.prefill(x, lengths, cache, None if hash_weights is None else hash_weights[i], impl,
-                                     capture_qk)
+                                     capture_qk, mesh, mesh_axis)
             if caches is not None:
                 new_caches.append(cache)
         return self.norm(x), new_caches
@@ -171,19 +186,28 @@ class LlamaForCausalLM(nnx.Module):
         hidden, _ = self.prefill(tokens, lengths)
         return self.logits(hidden)
 
-    def decode(self, tokens, caches: list[HataCache], hash_weights, plan: AttentionPlan):
-        """One decode step: tokens int[B] -> (logits float32[B, vocab], updated caches)."""
+    def decode(self, tokens, caches: list[HataCache | SelectorCache], hash_weights, plan: AttentionPlan,
+               selector_params=None):
+        """One decode step: tokens int[B] -> (logits float32[B, vocab], updated caches).
+
+        `selector_params`: one entry per layer, the "sparse" layers' selector params (their caches
+        are SelectorCaches, see :func:`models.selector_cache.with_selector_states`); None without.
+        """
         if len(plan.layers) != len(self.layers):
             raise ValueError(f"the attention plan has {len(plan.layers)} layers, the model {len(self.layers)}")
         x = self.embed_tokens(tokens)
         new_caches = []
-        for layer, cache, w, kind in zip(self.layers, caches, hash_weights, plan.layers):
-            x, cache = layer.decode(x, cache, w, kind, plan)
+        params = [None] * len(self.layers) if selector_params is None else selector_params
+        for layer, cache, w, kind, p in zip(self.layers, caches, hash_weights, plan.layers, params):
+            x, cache = layer.decode(x, cache, w, kind, plan, p)
             new_caches.append(cache)
         return self.logits(self.norm(x)), new_caches
 
 
-def init_caches(config: LlamaConfig, batch: int, capacity: int, *, rbit: int, dtype) -> list[HataCache]:
-    """An empty HataCache per layer: k, v [batch, Hkv, capacity, D] in `dtype`."""
-    return [HataCache.init(batch, config.num_kv_heads, capacity, config.head_dim, rbit=rbit, dtype=dtype)
+def init_caches(config: LlamaConfig, batch: int, capacity: int, *, rbit: int, dtype, mesh=None,
+                mesh_axis: str = "model") -> list[HataCache]:
+    """An empty HataCache per layer: k, v [batch, Hkv, capacity, D] in `dtype`; with a `mesh`,
+    made head-sharded over its `mesh_axis` (:func:`hata_jax.sharding.init_cache`)."""
+    return [head_sharding.init_cache(batch, config.num_kv_heads, capacity, config.head_dim, rbit=rbit, dtype=dtype,
+                                     mesh=mesh, axis=mesh_axis)
             for _ in range(config.num_layers)]

@@ -292,6 +292,6 @@ def test_generation_errors(rng):
     with pytest.raises(ValueError, match="temperature"):
         Sampling(temperature=-1.0)
     with pytest.raises(ValueError, match="unknown attention kinds"):
-        AttentionPlan(layers=("dense", "sparse"))
+        AttentionPlan(layers=("dense", "bogus"))
     with pytest.raises(ValueError, match="plan has 3 layers"):
         model.decode(jnp.zeros((1,), jnp.int32), [], [], AttentionPlan.uniform(3, "dense"))

@@ -1,0 +1,168 @@
+"""Each selector's per-layer params for a model: trained, random or calibrated.
+
+    params = selector_params("hashattention", model, hashattention_dir="runs/smollm2-hashattention")
+    result = generate_from(prefilled, AttentionPlan.for_method(n, "hashattention", hata), params, ...)
+
+  hata           the trained projections W float32[Hkv, D, rbit]: `hash_weights` (a `hata-jax
+                 train` run or an .npz, as `hata-jax generate --hash-weights`), default the ones
+                 shipped with hata-jax (checked against the model's weights)
+  simhash        random Gaussian projections (:func:`models.attention.random_projections`, `seed`)
+  hashattention  the MLPs of a finished `hata-jax train --selector hashattention` run
+  loki           a PCA basis float32[Hkv, D, D] of each layer's post-RoPE keys over prefills of
+                 the standard library's TRAIN split (never the held-out text), cached as
+                 `$HATA_JAX_CACHE/loki/<model fingerprint>.npz` (default ~/.cache/hata-jax)
+  others         None (dense, exact, quest, streaming)
+
+Layers a method has no params for (the dense first layers of a trained run) get None.
+"""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hata_jax.selectors import loki_basis
+from models.attention import METHODS, load_hash_weights, random_projections
+from models.llama import LlamaForCausalLM
+from models.smollm2 import cache_dir
+
+
+@dataclasses.dataclass(frozen=True)
+class LokiCalibration:
+    """Loki's calibration text: `sequences` prefills of `seq_len` tokens of the standard library's
+    train split (files shuffled with `seed`); every key of every sequence enters the PCA."""
+
+    sequences: int = 4
+    seq_len: int = 1024
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("sequences", "seq_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"LokiCalibration.{name} must be a positive int, got {value!r}")
+
+    def as_array(self) -> np.ndarray:
+        return np.asarray([self.sequences, self.seq_len, self.seed], np.int64)
+
+
+def selector_params(method: str, model: LlamaForCausalLM, *, rbit: int = 128, hash_weights=None,
+                    hashattention_dir=None, loki_calibration: LokiCalibration = LokiCalibration(), tokenizer=None,
+                    seed: int = 0) -> list:
+    """The params of `method` (one of :data:`models.attention.METHODS`) for every layer of `model`.
+
+    Args:
+      rbit: code bits of hata and simhash.
+      hash_weights: hata: a `hata-jax train` run / checkpoint directory or an .npz (arrays
+        layer_<i>); default the projections shipped with hata-jax, if trained for this model.
+      hashattention_dir: hashattention: the `hata-jax train --selector hashattention --out` directory.
+      loki_calibration, tokenizer: loki: the calibration text and the model's tokenizer (only
+        needed when the basis is not cached yet).
+      seed: simhash's random projections.
+
+    Returns:
+      one entry per layer (None where the method has no params for the layer).
+
+    Raises:
+      ValueError for an unknown method, a missing file or directory, or weights trained for
+      another model.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; supported: {METHODS}")
+    num_layers = model.config.num_layers
+    if method == "hata":
+        layers = _hata_projections(model, rbit, hash_weights)
+    elif method == "simhash":
+        layers = random_projections(model.config, rbit, seed)
+    elif method == "hashattention":
+        layers = _hashattention_params(model, hashattention_dir)
+    elif method == "loki":
+        layers = dict(enumerate(loki_bases(model, loki_calibration, tokenizer)))
+    else:
+        return [None] * num_layers
+    return [jax.tree.map(jnp.asarray, layers[i]) if i in layers else None for i in range(num_layers)]
+
+
+def _hata_projections(model, rbit: int, path) -> dict[int, np.ndarray]:
+    from train.checkpoint import load_projections, read_metadata
+    from train.identity import fingerprint
+    from train.weights import SHIPPED, is_npz, shipped_weights
+
+    if path is not None:
+        path = pathlib.Path(path).expanduser()
+        if not path.exists():
+            raise ValueError(f"hata: hash_weights {path} does not exist")
+        if is_npz(path):
+            weights = load_hash_weights(path)
+            bad = {i: w.shape for i, w in weights.items() if w.shape[-1] != rbit}
+            if bad:
+                raise ValueError(f"hata: {path} holds projections of shapes {bad}, not rbit {rbit}")
+            return weights
+        return load_projections(path, model, rbit)
+    shipped = [shipped_weights(name) for name in SHIPPED]
+    mine = fingerprint(model)
+    for step_dir in shipped:
+        if step_dir is not None and read_metadata(step_dir)["model"]["fingerprint"] == mine:
+            return load_projections(step_dir, model, rbit)
+    raise ValueError(f"hata: no trained projections are shipped for this model (shipped: {sorted(SHIPPED)}, "
+                     "trained for other weights); pass hash_weights= a `hata-jax train` run directory or an .npz")
+
+
+def _hashattention_params(model, run_dir) -> dict[int, dict]:
+    from train.checkpoint import load_trained
+
+    if run_dir is None:
+        raise ValueError("hashattention needs hashattention_dir: the directory of a finished "
+                         "`hata-jax train --selector hashattention --out DIR` run")
+    path = pathlib.Path(run_dir).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"hashattention: the run directory {path} does not exist")
+    layers, _ = load_trained(path, model, "hashattention")
+    return layers
+
+
+def loki_cache_path(model) -> pathlib.Path:
+    """Where the Loki bases of `model` are cached: `$HATA_JAX_CACHE/loki/<fingerprint>.npz`."""
+    from train.identity import fingerprint
+
+    return cache_dir() / "loki" / f"{fingerprint(model)}.npz"
+
+
+def loki_bases(model, calibration: LokiCalibration = LokiCalibration(), tokenizer=None) -> list[np.ndarray]:
+    """Per layer, Loki's PCA basis float32[Hkv, D, D] of the post-RoPE keys of `calibration`'s
+    prefills; read from :func:`loki_cache_path` when it holds this calibration, else computed
+    (with `tokenizer`) and written there."""
+    path = loki_cache_path(model)
+    if path.is_file():
+        with np.load(path) as data:
+            if np.array_equal(data["calibration"], calibration.as_array()):
+                return [np.asarray(data[f"layer_{i}"], np.float32) for i in range(model.config.num_layers)]
+    if tokenizer is None:
+        raise ValueError(f"loki: no calibrated basis for this model at {path}; pass tokenizer= (the model's) to "
+                         "calibrate one on the standard library's train split")
+    bases = _calibrate_loki(model, tokenizer, calibration)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".part")
+    with open(partial, "wb") as f:
+        np.savez(f, calibration=calibration.as_array(), **{f"layer_{i}": b for i, b in enumerate(bases)})
+    partial.replace(path)
+    return bases
+
+
+def _calibrate_loki(model, tokenizer, calibration: LokiCalibration) -> list[np.ndarray]:
+    from train import corpus as corpus_lib
+    from train.collect import make_capture
+
+    layers = list(range(model.config.num_layers))
+    capture = make_capture(model, layers)
+    corpus = corpus_lib.stdlib_corpus("train")
+    keys: dict[int, list[np.ndarray]] = {i: [] for i in layers}
+    for tokens in corpus_lib.token_sequences(corpus, tokenizer, calibration.seq_len, calibration.sequences,
+                                             calibration.seed):
+        out = capture(jnp.asarray(tokens[None]), jnp.zeros((1,), jnp.int32))
+        for i in layers:
+            keys[i].append(np.asarray(out[i][1]))  # [seq_len, Hkv, D]
+    return [np.asarray(loki_basis(jnp.asarray(np.concatenate(keys[i]))), np.float32) for i in layers]

@@ -1,0 +1,344 @@
+"""Head-sharded decoding (hata_jax.sharding, models.sharding) equals single-device decoding.
+
+The device count must be set before jax starts its backend, which this pytest process has
+already done, so the checks run in child processes: `python tests/test_sharding.py SEED` runs
+every check on 4 virtual CPU devices and prints one JSON line per check; `... SEED --process I
+--port P` is one of two processes (2 devices each) of a `jax.distributed` run. Each test below
+asserts that its check passed (its traceback is the failure message). Data comes from the
+session seed (conftest), so it differs between runs and `HATA_TEST_SEED` replays one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import traceback
+
+import numpy as np
+import pytest
+
+DEVICES = 4
+HERE = os.path.abspath(__file__)
+
+
+# ----------------------------------------------------------------------------- the checks (child process)
+
+def _rand(rng, *shape):
+    import jax.numpy as jnp
+
+    return jnp.asarray(rng.standard_normal(shape, dtype=np.float32))
+
+
+def _mesh(n, explicit=False):
+    import jax
+    from jax.sharding import AxisType
+
+    kind = AxisType.Explicit if explicit else AxisType.Auto
+    return jax.make_mesh((n,), ("model",), (kind,), devices=jax.devices()[:n])
+
+
+def _assert_head_split(x, heads, devices):
+    """x's axis 1 (`heads` long) is split in `devices` equal parts, one per device."""
+    shards = x.addressable_shards
+    assert len(shards) == devices and {s.data.shape[1] for s in shards} == {heads // devices}, x.sharding
+
+
+def _assert_caches_equal(got, want):
+    for field in ("k", "v", "codes", "lengths", "overflow"):
+        np.testing.assert_array_equal(np.asarray(getattr(got, field)), np.asarray(getattr(want, field)), err_msg=field)
+    np.testing.assert_allclose(np.asarray(got.norms), np.asarray(want.norms), rtol=1e-6)
+
+
+def _attention_case(rng, kv_heads, group, devices, impl="reference", explicit=False, jit=True):
+    """Prefill, HATA decode, append and dense decode, sharded and not, on a ragged batch."""
+    import jax
+    import jax.numpy as jnp
+
+    import hata_jax as hj
+    from hata_jax import sharding as hs
+
+    batch, capacity, d, rbit, budget = 3, 160, 64, 64, 24
+    mesh = _mesh(devices, explicit)
+    k, v = _rand(rng, batch, kv_heads, capacity, d), _rand(rng, batch, kv_heads, capacity, d)
+    w = _rand(rng, kv_heads, d, rbit)
+    lengths = jnp.asarray([rng.integers(1, budget), rng.integers(budget, capacity - 2), capacity - 2], jnp.int32)
+    plain = hj.HataCache.init(batch, kv_heads, capacity, d, rbit=rbit, dtype=jnp.float32)
+    plain = plain.prefill(k, v, w, lengths, impl=impl)
+    sharded = hs.init_cache(batch, kv_heads, capacity, d, rbit=rbit, dtype=jnp.float32, mesh=mesh)
+    _assert_head_split(sharded.k, kv_heads, devices)
+    assert sharded.lengths.sharding.is_fully_replicated
+    sharded = hs.prefill(sharded, k, v, w, lengths, mesh=mesh, impl=impl)
+    for x in (sharded.k, sharded.v, sharded.codes, sharded.norms):
+        _assert_head_split(x, kv_heads, devices)
+    _assert_caches_equal(sharded, plain)
+    placed = hs.shard_cache(plain, mesh)
+    _assert_head_split(placed.codes, kv_heads, devices)
+    _assert_caches_equal(placed, plain)
+
+    config = hj.HataConfig(rbit=rbit, budget=budget, dense_layers=0)
+    wrap = jax.jit if jit else (lambda f: f)
+    q, k_new, v_new = _rand(rng, batch, kv_heads * group, d), _rand(rng, batch, kv_heads, d), _rand(rng, batch, kv_heads, d)
+    want, plain = hj.hata_decode_attention(q, k_new, v_new, plain, w, config, impl=impl)
+    got, sharded = wrap(lambda *a: hs.hata_decode_attention(*a, config, mesh=mesh, impl=impl))(q, k_new, v_new,
+                                                                                              sharded, w)
+    _assert_head_split(got, kv_heads * group, devices)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
+    _assert_caches_equal(sharded, plain)
+
+    k_new, v_new = _rand(rng, batch, kv_heads, d), _rand(rng, batch, kv_heads, d)
+    plain = plain.append(k_new, v_new, w, impl=impl)
+    sharded = wrap(lambda *a: hs.append(*a, mesh=mesh, impl=impl))(sharded, k_new, v_new, w)
+    _assert_caches_equal(sharded, plain)
+    want = hj.dense_decode_attention(q, plain.k, plain.v, plain.lengths, return_lse=True, impl=impl)
+    got = wrap(lambda *a: hs.dense_decode_attention(*a, mesh=mesh, return_lse=True, impl=impl))(
+        q, sharded.k, sharded.v, sharded.lengths)
+    for g, e in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=2e-5, atol=2e-5)
+
+
+def check_attention_wrappers(rng):
+    """Hkv 4 and 8 over 2 and 4 devices, G 1 and 3, jitted (the reference path)."""
+    for kv_heads, group, devices in ((4, 1, 2), (4, 3, 4), (8, 3, 2), (8, 1, 4)):
+        _attention_case(rng, kv_heads, group, devices)
+
+
+def check_pallas_inside_shard_map(rng):
+    """The interpreted Pallas kernels inside the shard_map, G 2."""
+    _attention_case(rng, 4, 2, 2, impl="pallas")
+
+
+def check_explicit_mesh_eager_calls(rng):
+    """A mesh of Explicit axes (jax.make_mesh's default) and calls outside jit on unplaced arrays."""
+    _attention_case(rng, 4, 2, 4, explicit=True, jit=False)
+
+
+def _raises(fn, *fragments):
+    try:
+        fn()
+    except ValueError as err:
+        assert all(f in str(err) for f in fragments), str(err)
+        return
+    raise AssertionError(f"no ValueError mentioning {fragments}")
+
+
+def check_clear_errors(rng):
+    """Indivisible head counts, unknown axes, "sparse" layers and Explicit meshes for the model."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import hata_jax as hj
+    from hata_jax import sharding as hs
+    from models import AttentionPlan, LlamaConfig, LlamaForCausalLM
+    from models import sharding as ms
+
+    mesh = _mesh(4)
+    cache = hj.HataCache.init(2, 6, 32, 64, rbit=32, dtype=jnp.float32)
+    q, kv, w = _rand(rng, 2, 12, 64), _rand(rng, 2, 6, 64), _rand(rng, 6, 64, 32)
+    _raises(lambda: hs.hata_decode_attention(q, kv, kv, cache, w, hj.HataConfig(rbit=32, budget=8), mesh=mesh),
+            "cannot split 6 KV heads", "'model' of 4 devices")
+    _raises(lambda: hs.dense_decode_attention(q, cache.k, cache.v, cache.lengths, mesh=mesh), "cannot split 6 KV heads")
+    _raises(lambda: hs.append(cache, kv, kv, w, mesh=mesh), "cannot split 6 KV heads")
+    _raises(lambda: hs.init_cache(2, 6, 32, 64, mesh=mesh), "cannot split 6 KV heads")
+    _raises(lambda: hs.dense_decode_attention(q, cache.k, cache.v, cache.lengths, mesh=mesh, axis="heads"),
+            "mesh axis 'heads' is not in the mesh")
+    config = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=64)
+    _raises(lambda: ms.shard_model(LlamaForCausalLM(config, rngs=nnx.Rngs(0)), mesh), "cannot split 2 KV heads")
+    _raises(lambda: ms.init_model(config, mesh), "cannot split 2 KV heads")
+    _raises(lambda: ms.shard_model(LlamaForCausalLM(config, rngs=nnx.Rngs(0)), _mesh(2, explicit=True)),
+            "needs an Auto axis")
+    _raises(lambda: AttentionPlan.for_method(2, "quest", hj.HataConfig(dense_layers=1)).on_mesh(mesh),
+            "'dense' and 'hata' layers only")
+    _raises(lambda: AttentionPlan.uniform(2, "hata").on_mesh(mesh, "heads"), "mesh axis 'heads' is not in the mesh")
+
+
+TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_layers=3, num_heads=8, num_kv_heads=4,
+            head_dim=64)
+
+
+def _generation_case(rng, config_args, devices_list, attentions, init_on_mesh=False):
+    """Greedy generation (ragged prompts) on one device and on each mesh: the same tokens, the
+    same prefill logits, caches split on the KV heads, one compiled decode step per plan."""
+    import jax
+    from flax import nnx
+    from jax.sharding import PartitionSpec as P
+
+    from hata_jax import HataConfig
+    from models import AttentionPlan, LlamaConfig, LlamaForCausalLM, generate, prefill_prompts, random_projections
+    from models import sharding as ms
+    from models.generation import ModelSteps
+
+    config = LlamaConfig(**config_args)
+    seed = int(rng.integers(1 << 30))
+    prompts = [rng.integers(0, config.vocab_size, n).tolist() for n in (5, 37, 22)]
+    hata = HataConfig(rbit=64, budget=12, dense_layers=1)
+    weights = random_projections(config, hata.rbit, seed)
+    for attention in attentions:
+        plan = AttentionPlan.uniform(config.num_layers, attention, hata, impl="reference")
+        single_model = LlamaForCausalLM(config, rngs=nnx.Rngs(seed))
+        want = generate(single_model, prompts, plan=plan, hash_weights=weights, max_new_tokens=7, dense_below=0)
+        want_logits = prefill_prompts(single_model, prompts, capacity=128, hash_weights=weights).logits
+        for devices in devices_list:
+            mesh = ms.make_mesh(jax.devices()[:devices])
+            model = (ms.init_model(config, mesh, dtype="float32", seed=seed) if init_on_mesh else
+                     ms.shard_model(LlamaForCausalLM(config, rngs=nnx.Rngs(seed)), mesh))
+            state = nnx.state(model)
+            assert state["layers"][0]["self_attn"]["q_proj"]["kernel"][...].sharding.spec == P(None, "model")
+            rows = P("model", None) if config.intermediate_size % devices == 0 else P()  # else replicated
+            assert state["layers"][0]["mlp"]["down_proj"]["kernel"][...].sharding.spec == rows
+            table = state["embed_tokens"]["embedding"][...].sharding.spec
+            assert table == (P("model", None) if config.tie_word_embeddings else P())
+            steps = ModelSteps(model)
+            compiled = steps.decode._cache_size()
+            got = generate(model, prompts, plan=plan.on_mesh(mesh), hash_weights=weights, max_new_tokens=7,
+                           dense_below=0)
+            assert got.tokens == want.tokens, (attention, devices, got.tokens, want.tokens)
+            assert steps.decode._cache_size() == compiled + 1  # no recompile after the first step
+            prefilled = prefill_prompts(model, prompts, capacity=128, hash_weights=weights, mesh=mesh)
+            np.testing.assert_allclose(np.asarray(prefilled.logits), np.asarray(want_logits), rtol=1e-4, atol=1e-4)
+            _assert_head_split(prefilled.caches[0].k, config.num_kv_heads, devices)
+
+
+def check_generation_dense_and_hata(rng):
+    """Untied LM head, G 2, over 2 and 4 devices, dense and HATA plans (budget below the context)."""
+    _generation_case(rng, TINY, (2, 4), ("dense", "hata"))
+
+
+def check_generation_tied_biased_g1(rng):
+    """Tied embedding (vocabulary-split), q/k/v biases, G 1, an intermediate size 4 does not
+    divide (replicated MLP), random weights made on the mesh; HATA over 4 devices."""
+    _generation_case(rng, {**TINY, "num_heads": 4, "intermediate_size": 90, "tie_word_embeddings": True,
+                           "qkv_bias": True}, (4,), ("hata",), init_on_mesh=True)
+
+
+def check_sharded_step_lowers_for_cuda(rng):
+    """The model's decode step on a 2-device mesh lowers for CUDA with the Pallas kernels inside
+    the shard_maps (impl="auto" resolving as on a GPU; each Triton module verified)."""
+    import jax
+    import jax.numpy as jnp
+
+    from hata_jax import HataConfig, dispatch
+    from models import AttentionPlan, LlamaConfig, init_caches
+    from models import sharding as ms
+    from models.generation import ModelSteps, Sampling
+    from pallas_kernels._backend import lower_for_cuda
+
+    config = LlamaConfig(**TINY)
+    mesh = ms.make_mesh(jax.devices()[:2])
+    steps = ModelSteps(ms.init_model(config, mesh, dtype=jnp.bfloat16))
+    plan = AttentionPlan.uniform(config.num_layers, "hata", HataConfig(rbit=64, budget=16, dense_layers=1))
+    caches = init_caches(config, 2, 128, rbit=64, dtype=jnp.bfloat16, mesh=mesh)
+    weights = ms.shard_hash_weights([_rand(rng, config.num_kv_heads, config.head_dim, 64)] * config.num_layers, mesh)
+    on_gpu, dispatch.on_gpu = dispatch.on_gpu, lambda: True
+    try:
+        text = lower_for_cuda(lambda *a: steps.decode(*a, plan=plan.on_mesh(mesh), sampling=Sampling()),
+                              steps.state_leaves, jnp.zeros(2, jnp.int32), caches, weights, jax.random.PRNGKey(0))
+    finally:
+        dispatch.on_gpu = on_gpu
+    for kernel in ("hata_hamming", "hata_select", "hata_sparse_decode", "hata_dense_decode"):
+        assert kernel in text, kernel
+
+
+CHECKS = {name: fn for name, fn in globals().items() if name.startswith("check_")}
+
+
+def run_checks(seed: int) -> None:
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", DEVICES)
+    for name, fn in CHECKS.items():
+        rng = np.random.default_rng([seed, len(name)] + [ord(c) for c in name])
+        start = time.perf_counter()
+        try:
+            fn(rng)
+            result = {"check": name, "ok": True}
+        except Exception:
+            result = {"check": name, "ok": False, "error": traceback.format_exc()}
+        result["seconds"] = round(time.perf_counter() - start, 1)
+        print("RESULT " + json.dumps(result), flush=True)
+
+
+def run_process(seed: int, process: int, port: int) -> None:
+    """One of two processes of 2 CPU devices each: HATA generation over the 4-device mesh equals
+    this process's own single-device generation."""
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", 2)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process)
+    assert len(jax.devices()) == 4 and len(jax.local_devices()) == 2
+    from flax import nnx
+
+    from hata_jax import HataConfig
+    from models import AttentionPlan, LlamaConfig, LlamaForCausalLM, generate
+    from models import sharding as ms
+
+    rng = np.random.default_rng(seed)
+    config = LlamaConfig(**TINY)
+    prompts = [rng.integers(0, config.vocab_size, n).tolist() for n in (9, 30)]
+    plan = AttentionPlan.uniform(config.num_layers, "hata", HataConfig(rbit=64, budget=12, dense_layers=1),
+                                 impl="reference")
+    want = generate(LlamaForCausalLM(config, rngs=nnx.Rngs(seed)), prompts, plan=plan, max_new_tokens=6,
+                    dense_below=0, seed=seed)
+    mesh = ms.make_mesh()
+    got = generate(ms.init_model(config, mesh, dtype="float32", seed=seed), prompts, plan=plan.on_mesh(mesh),
+                   max_new_tokens=6, dense_below=0, seed=seed)
+    print("RESULT " + json.dumps({"process": process, "tokens": got.tokens, "want": want.tokens}), flush=True)
+
+
+# ----------------------------------------------------------------------------- the tests (pytest process)
+
+def _results(output: str) -> list[dict]:
+    return [json.loads(line[len("RESULT "):]) for line in output.splitlines() if line.startswith("RESULT ")]
+
+
+def _child_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return {**env, "JAX_PLATFORMS": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def checks():
+    from conftest import SESSION_SEED
+
+    proc = subprocess.run([sys.executable, HERE, str(SESSION_SEED)], capture_output=True, text=True, timeout=600,
+                          env=_child_env())
+    results = {r["check"]: r for r in _results(proc.stdout)}
+    return results, proc
+
+
+@pytest.mark.parametrize("name", sorted(CHECKS))
+def test_sharded_equals_single_device(checks, name):
+    results, proc = checks
+    assert name in results, f"the check did not run (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
+    assert results[name]["ok"], f"{CHECKS[name].__doc__}\n{results[name]['error']}"
+
+
+def test_two_processes_jax_distributed():
+    """Two processes of 2 devices each (`jax.distributed`, gloo collectives): generation over the
+    4-device mesh gives the single-device tokens in both processes."""
+    from conftest import SESSION_SEED
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, HERE, str(SESSION_SEED), "--process", str(i), "--port", str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_child_env())
+             for i in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    results = [_results(out) for out, _ in outputs]
+    for p, (out, err), found in zip(procs, outputs, results):
+        assert p.returncode == 0 and found, f"exit {p.returncode}:\n{err[-4000:]}"
+    for found in results:
+        assert found[0]["tokens"] == found[0]["want"]
+
+
+if __name__ == "__main__":
+    if "--process" in sys.argv:
+        run_process(int(sys.argv[1]), int(sys.argv[sys.argv.index("--process") + 1]),
+                    int(sys.argv[sys.argv.index("--port") + 1]))
+    else:
+        run_checks(int(sys.argv[1]))
