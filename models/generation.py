@@ -403,16 +403,29 @@ def generate_from(
     step_times: dict[AttentionPlan, list[float]] = {}
     longest = max(lengths)  # tokens of the longest sequence before the next step's token
     dense_steps = 0
-    while not recorder.finished:
-        longest += 1
-        short = longest <= threshold
-        dense_steps += short
-        step_plan = plan.as_dense() if short else plan
-        start = time.perf_counter()
-        next_tokens, caches, key = steps.decode(steps.state_leaves, next_tokens, caches, weights, key,
-                                                selector_params, plan=step_plan, sampling=sampling)
-        recorder.record(next_tokens)
-        step_times.setdefault(step_plan, []).append(time.perf_counter() - start)
+    # The host reads a step's tokens only after dispatching the next step (the tokens feed it on
+    # the device), so dispatching step n + 1 overlaps the device's work on step n. When every row
+    # stops early, the one step dispatched past the end is discarded.
+    steps_left = max_new_tokens - 1
+    in_flight = None  # (tokens of the dispatched step, its plan, whether it ran dense)
+    last = time.perf_counter()
+    while in_flight is not None or not recorder.finished:
+        dispatched = None
+        if not recorder.finished and steps_left > 0:
+            steps_left -= 1
+            longest += 1
+            short = longest <= threshold
+            step_plan = plan.as_dense() if short else plan
+            next_tokens, caches, key = steps.decode(steps.state_leaves, next_tokens, caches, weights, key,
+                                                    selector_params, plan=step_plan, sampling=sampling)
+            dispatched = (next_tokens, step_plan, short)
+        if in_flight is not None and not recorder.finished:
+            recorder.record(in_flight[0])
+            now = time.perf_counter()
+            step_times.setdefault(in_flight[1], []).append(now - last)
+            last = now
+            dense_steps += in_flight[2]
+        in_flight = dispatched
     caches[0].raise_if_overflowed()
     return GenerationResult(
         tokens=recorder.outputs,
