@@ -105,14 +105,24 @@ def read_metadata(step_dir: pathlib.Path) -> dict:
 
 
 def read_state(step_dir: pathlib.Path) -> dict:
-    """The state item of one checkpoint step directory (arrays as numpy)."""
+    """The state item of one checkpoint step directory (arrays as numpy).
+
+    The arrays are restored onto this process's first device whatever devices saved them (the
+    shipped weights were saved on a CPU; orbax refuses to restore their saved sharding on a GPU).
+    """
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    state_dir = pathlib.Path(step_dir).resolve() / "state"
     try:
-        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-            restored = checkpointer.restore(step_dir, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        with ocp.StandardCheckpointer() as checkpointer:
+            saved = checkpointer.metadata(state_dir)
+            saved = getattr(saved, "item_metadata", saved)  # StepMetadata in newer orbax
+            saved = getattr(saved, "tree", saved)
+            target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
+            state = checkpointer.restore(state_dir, target)
     except Exception as err:  # orbax raises many types for unreadable files
         raise ValueError(f"checkpoint {step_dir} is corrupt or incomplete: cannot read its state "
                          f"({type(err).__name__}: {str(err)[:300]})") from None
-    return jax.tree.map(np.asarray, restored.state)
+    return jax.tree.map(np.asarray, state)
 
 
 def load_trained(path: str | pathlib.Path, model, selector: str) -> tuple[dict[int, object], dict]:
