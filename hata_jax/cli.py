@@ -6,9 +6,15 @@ import sys
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if not args.synthetic:
+        from models.eval.cli import run_demo
+
+        return run_demo(args)
     from hata_jax.demo import DemoConfig, format_table, run_demo
 
-    cfg = DemoConfig(context=args.context, budgets=tuple(args.budgets), seed=args.seed, rbit=args.rbit)
+    defaults = DemoConfig()
+    cfg = DemoConfig(context=args.context or defaults.context, budgets=tuple(args.budgets or defaults.budgets),
+                     seed=args.seed, rbit=args.rbit)
     print(format_table(run_demo(cfg, impl=args.impl), cfg))
     return 0
 
@@ -29,12 +35,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hata-jax", description="Learned hash-aware top-k attention for JAX.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    demo = sub.add_parser("demo", help="show what hash-code top-k selection recovers (synthetic, no download)")
-    demo.add_argument("--context", type=int, default=8192, help="cached tokens (default 8192)")
-    demo.add_argument("--budgets", type=int, nargs="+", default=[32, 64, 128, 256, 512], help="tokens selected per KV head")
+    demo = sub.add_parser(
+        "demo", help="a small long-context evaluation of SmolLM2: dense vs HATA vs Quest vs StreamingLLM",
+        description="Run SmolLM2-135M-Instruct (fetched on first use) on a few RULER-style long-context prompts with "
+                    "dense attention, HATA (the shipped trained projections), Quest and StreamingLLM at one budget, "
+                    "and print the scores and attention metrics (about 4 minutes on 2 CPU cores). --synthetic: "
+                    "planted heavy hitters instead, no model.")
+    demo.add_argument("--context", type=int, help="prompt tokens (default 2048); --synthetic: cached tokens "
+                                                  "(default 8192)")
+    demo.add_argument("--budgets", type=int, nargs="+", help="tokens selected per KV head (default 128; --synthetic: "
+                                                             "32 64 128 256 512)")
     demo.add_argument("--rbit", type=int, default=128, help="hash bits (multiple of 32)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--impl", choices=["auto", "pallas", "reference"], default="auto")
+    from models.eval.cli import add_demo_args, add_eval_command
+
+    add_demo_args(demo)
     demo.set_defaults(func=_cmd_demo)
 
     info = sub.add_parser("info", help="print versions, devices and which implementation impl='auto' runs")
@@ -46,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_command(sub)
     add_train_command(sub)
     add_recall_command(sub)
+    add_eval_command(sub)
     return parser
 
 

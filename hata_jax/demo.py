@@ -1,4 +1,5 @@
-"""The interim main job: what top-k selection by hash codes recovers, on planted heavy hitters.
+"""The synthetic demo (`hata-jax demo --synthetic`): what top-k selection by hash codes recovers, on
+planted heavy hitters.
 
 Each KV head's cache holds random keys plus a few planted "heavy hitter" keys aligned with the
 group's queries. For several budgets we compare the attention mass and the output error of

@@ -1,4 +1,5 @@
-"""The `hata-jax` command line: subcommands listed, demo prints its table, errors are clean."""
+"""The `hata-jax` command line: subcommands listed, the synthetic demo prints its table, errors are clean
+(the real-model demo and `eval`: tests/test_eval.py)."""
 import subprocess
 import sys
 
@@ -13,12 +14,12 @@ def test_help_lists_subcommands(capsys):
         cli.main(["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for command in ("demo", "info", "generate", "train", "recall"):
+    for command in ("demo", "info", "generate", "train", "recall", "eval"):
         assert command in out
 
 
-def test_demo_prints_table(capsys):
-    assert cli.main(["demo", "--context", "2048", "--budgets", "32", "128"]) == 0
+def test_synthetic_demo_prints_table(capsys):
+    assert cli.main(["demo", "--synthetic", "--context", "2048", "--budgets", "32", "128"]) == 0
     out = capsys.readouterr().out
     for name in ("exact top-k", "simhash key-norm", "simhash hamming", "recent window", "k=32", "k=128"):
         assert name in out
@@ -36,7 +37,7 @@ def test_demo_ranks_exact_first_and_recency_last():
 
 
 def test_demo_bad_rbit_is_a_clean_error(capsys):
-    assert cli.main(["demo", "--rbit", "100", "--context", "512", "--budgets", "8"]) == 2
+    assert cli.main(["demo", "--synthetic", "--rbit", "100", "--context", "512", "--budgets", "8"]) == 2
     assert "rbit" in capsys.readouterr().err
 
 

@@ -320,7 +320,8 @@ def test_full_budget_is_dense_attention(rng, name, group, dtype):
     np.testing.assert_array_equal(count, jnp.broadcast_to(c.lengths[:, None], (B, HKV)))
     sparse = hj.sparse_decode_attention(q, c.k, c.v, idx, count, impl=REF)
     dense = hj.dense_decode_attention(q, c.k, c.v, c.lengths, impl=REF)
-    np.testing.assert_allclose(f64(sparse), f64(dense), rtol=1e-5, atol=1e-5)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2  # bf16: the two paths may round one ulp apart
+    np.testing.assert_allclose(f64(sparse), f64(dense), rtol=tol, atol=tol)
 
     positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
     mask = sel.selection_mask(c.selector, c.params, c.state, c.q, c.k, positions, c.lengths, budget=S)
@@ -329,7 +330,6 @@ def test_full_budget_is_dense_attention(rng, name, group, dtype):
     np.testing.assert_array_equal(mask, np.broadcast_to(causal, mask.shape))
     out = sel.sparse_causal_attention(c.q, c.k, c.v, mask)
     assert out.shape == c.q.shape and out.dtype == dtype
-    tol = 1e-5 if dtype == jnp.float32 else 2e-2
     np.testing.assert_allclose(f64(out), causal_attention_np(c.q, c.k, c.v, c.lengths, np.asarray(positions)),
                                rtol=tol, atol=tol)
 

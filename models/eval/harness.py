@@ -1,0 +1,385 @@
+"""The evaluation loop: methods x budgets x tasks x lengths on one model, resumable.
+
+Work is done in units, each written to `DIR/records.jsonl` (one JSON object per line) as soon as
+it is finished, so an interrupted run resumes where it stopped and skips every unit already done:
+
+- task units (kind "task"): a (prompt, method, budget) generation and its score. Prompts go in
+  batches of `batch`; each batch is prefilled once (:func:`models.prefill_prompts`) and every
+  method and budget decodes from that prefill (:func:`models.generate_from`, greedy, the plan at
+  every step: `dense_below=0`); a batch whose units are all done is not even prefilled.
+- perplexity units (kind "perplexity"): a (held-out sequence, method, budget) teacher-forced NLL
+  (:mod:`models.eval.perplexity`).
+- attention units (kind "attention"): a (prompt, method, budget) per-layer mass recall and output
+  error (:mod:`models.eval.attention_metrics`), on the first `metric_prompts` prompts of each task.
+
+"dense" runs once per prompt (budget None). `DIR/run.json` holds the model's identity and the
+settings that change results (dense layers, rbit, sink, recent, seed, batch, impl..., and where
+hata's and hashattention's params came from): a resumed run must match them; methods, budgets,
+tasks, lengths and sample counts may grow. Each record carries its prompt's digest, and a resumed
+run refuses records of other prompts. Everything is deterministic (seeded prompts, greedy
+decoding, fixed batches), so a resumed run ends with the results an uninterrupted one gives.
+:func:`summarize` turns the records into the results document.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import pathlib
+import sys
+import time
+
+import jax
+import numpy as np
+
+import hata_jax
+from hata_jax import HataConfig
+from models.attention import METHODS, AttentionPlan
+from models.eval import attention_metrics, perplexity, tasks as tasks_lib
+from models.generation import CAPACITY_BUCKET, generate_from, prefill_prompts
+from models.selector_params import selector_params
+from train.identity import check_same_model, model_identity
+
+FORMAT = "hata-jax/eval"
+VERSION = 1
+DEFAULT_METHODS = ("dense", "hata", "exact", "simhash", "quest", "loki", "streaming")
+# EvalConfig fields that change the result of a unit: a resumed run must keep them.
+RESULT_SETTINGS = ("batch", "metric_queries", "dense_layers", "rbit", "sink", "recent", "seed", "impl")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """What to evaluate.
+
+    Attributes:
+      methods: names of :data:`models.METHODS` ("dense", "hata", or a selector).
+      budgets: tokens kept per KV head in the selecting layers.
+      tasks: names of :data:`models.eval.tasks.TASKS`; lengths: target prompt lengths in tokens.
+      samples: prompts per task and length.
+      batch: prompts per prefill (the last batch of a task is padded with its last prompt).
+      perplexity_sequences: held-out sequences per length (0: no perplexity).
+      metric_prompts: prompts per task and length whose attention metrics are measured (0: none).
+      metric_queries: query positions per metric prompt.
+      dense_layers, rbit, sink, recent: the plans' HataConfig fields (rbit: hata and simhash).
+      seed: prompts, held-out files, query positions, simhash projections.
+      impl: "auto", "pallas" or "reference" for the hata_jax ops.
+    """
+
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    budgets: tuple[int, ...] = (128, 256, 512)
+    tasks: tuple[str, ...] = tuple(tasks_lib.TASKS)
+    lengths: tuple[int, ...] = (4096,)
+    samples: int = 20
+    batch: int = 2
+    perplexity_sequences: int = 4
+    metric_prompts: int = 1
+    metric_queries: int = 16
+    dense_layers: int = 2
+    rbit: int = 128
+    sink: int = 0
+    recent: int = 0
+    seed: int = 0
+    impl: str = "auto"
+
+    def __post_init__(self):
+        for name in ("methods", "budgets", "tasks", "lengths"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple) or not value or len(set(value)) != len(value):
+                raise ValueError(f"EvalConfig.{name} must be a non-empty tuple without repeats, got {value!r}")
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad:
+            raise ValueError(f"unknown methods {bad}; supported: {', '.join(METHODS)}")
+        bad = [t for t in self.tasks if t not in tasks_lib.TASKS]
+        if bad:
+            raise ValueError(f"unknown tasks {bad}; supported: {', '.join(tasks_lib.TASKS)}")
+        for name in ("samples", "batch", "metric_queries", "rbit"):
+            _check_int(getattr(self, name), f"EvalConfig.{name}", 1)
+        for name in ("perplexity_sequences", "metric_prompts", "dense_layers", "sink", "recent", "seed"):
+            _check_int(getattr(self, name), f"EvalConfig.{name}", 0)
+        for name in ("budgets", "lengths"):
+            for value in getattr(self, name):
+                _check_int(value, f"EvalConfig.{name} entry", 1)
+        for budget in self.budgets:  # validates sink + recent <= budget and the rbit
+            HataConfig(rbit=self.rbit, budget=budget, sink=self.sink, recent=self.recent,
+                       dense_layers=self.dense_layers)
+
+    @property
+    def configs(self) -> list[tuple[str, int | None]]:
+        """(method, budget) pairs to run: dense once (budget None), every other method per budget."""
+        return [(m, None) if m == "dense" else (m, b) for m in self.methods for b in
+                ((None,) if m == "dense" else self.budgets)]
+
+    def plan(self, num_layers: int, method: str, budget: int | None) -> AttentionPlan:
+        hata = HataConfig(rbit=self.rbit, budget=budget or max(self.budgets), sink=self.sink, recent=self.recent,
+                          dense_layers=self.dense_layers)
+        return AttentionPlan.for_method(num_layers, method, hata, self.impl)
+
+    def settings(self) -> dict:
+        return {name: getattr(self, name) for name in RESULT_SETTINGS}
+
+
+def _check_int(value, name: str, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+
+def unit_key(record: dict) -> tuple:
+    """What identifies a unit of work (two records with the same key are the same unit)."""
+    return (record["kind"], record.get("task"), record["length"], record["index"], record["method"],
+            record["budget"])
+
+
+class Records:
+    """The records of `DIR/records.jsonl`: loaded on start, appended (and flushed) one by one."""
+
+    def __init__(self, directory: pathlib.Path):
+        self.path = directory / "records.jsonl"
+        self.by_key: dict[tuple, dict] = {}
+        if self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by an interruption
+                    continue
+                self.by_key[unit_key(record)] = record
+
+    def done(self, kind: str, task: str | None, length: int, index: int, method: str, budget, digest: str | None):
+        """Whether the unit is recorded; raises if it is, for another prompt than `digest`."""
+        record = self.by_key.get((kind, task, length, index, method, budget))
+        if record is None:
+            return False
+        if record.get("digest") != digest:
+            raise ValueError(f"{self.path} holds results for other prompts ({kind} {task} length {length} sample "
+                             f"{index}: prompt digest {record.get('digest')}, now {digest}); use another --out")
+        return True
+
+    def add(self, record: dict) -> None:
+        self.by_key[unit_key(record)] = record
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def open_run(directory: str | pathlib.Path, model, model_name: str, config: EvalConfig,
+             sources: dict | None = None) -> Records:
+    """Create `directory` (or check that the run there used this model, these settings and these
+    `sources` of the methods' params, e.g. {"hash_weights": path}) and load its records."""
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "run.json"
+    settings = {**config.settings(), **(sources or {})}
+    if path.is_file():
+        run = json.loads(path.read_text())
+        if run.get("format") != FORMAT or run.get("version") != VERSION:
+            raise ValueError(f"{path} is not a {FORMAT} v{VERSION} run; use another --out")
+        check_same_model(run["model"], model, f"the evaluation in {directory}")
+        if run["settings"] != settings:
+            differ = {k: (run["settings"].get(k), settings.get(k)) for k in {*run["settings"], *settings}
+                      if run["settings"].get(k) != settings.get(k)}
+            raise ValueError(f"the evaluation in {directory} used other settings ({differ}, as (there, now)); "
+                             "use another --out")
+    else:
+        path.write_text(json.dumps({"format": FORMAT, "version": VERSION, "model": model_identity(model, model_name),
+                                    "settings": settings}, indent=1) + "\n")
+    return Records(directory)
+
+
+class MethodParams:
+    """Each method's per-layer params, made on first use (:func:`models.selector_params`)."""
+
+    def __init__(self, model, tokenizer, config: EvalConfig, hash_weights=None, hashattention_dir=None, log=print):
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.hash_weights, self.hashattention_dir, self.log = hash_weights, hashattention_dir, log
+        self.cache: dict[str, list | None] = {}
+
+    def __call__(self, method: str):
+        if method not in self.cache:
+            if method == "dense":
+                self.cache[method] = None
+            else:
+                start = time.perf_counter()
+                self.cache[method] = selector_params(
+                    method, self.model, rbit=self.config.rbit, hash_weights=self.hash_weights,
+                    hashattention_dir=self.hashattention_dir, tokenizer=self.tokenizer, seed=self.config.seed)
+                if time.perf_counter() - start > 5:
+                    self.log(f"{method}: params ready in {time.perf_counter() - start:.0f} s")
+        return self.cache[method]
+
+
+def _progress(enabled: bool, total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, file=sys.stderr, dynamic_ncols=True, leave=True)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def run_tasks(model, tokenizer, config: EvalConfig, records: Records, params: MethodParams, progress: bool,
+              samples: dict) -> None:
+    """Generate and score every (prompt, method, budget) not recorded yet."""
+    num_layers = model.config.num_layers
+    configs = config.configs
+    new_tokens = max(tasks_lib.TASKS[t].max_new_tokens for t in config.tasks)
+    batches = [(length, task, group) for length in config.lengths for task in config.tasks
+               for group in _batches(samples[task, length], config.batch)]
+    with _progress(progress, len(batches) * len(configs), "tasks (batch x method x budget)") as bar:
+        for length, task, group in batches:
+            bar.set_postfix_str(f"{task} {length}")
+            todo = [(m, b) for m, b in configs
+                    if not all(records.done("task", task, length, s.index, m, b, s.digest) for s in group)]
+            if not todo:
+                bar.update(len(configs))
+                continue
+            prompts = [list(s.tokens) for s in group] + [list(group[-1].tokens)] * (config.batch - len(group))
+            prefilled = prefill_prompts(model, prompts, capacity=_round_up(length + new_tokens, CAPACITY_BUCKET),
+                                        impl=config.impl)
+            for method, budget in configs:
+                if (method, budget) in todo:
+                    start = time.perf_counter()
+                    result = generate_from(prefilled, config.plan(num_layers, method, budget), params(method),
+                                           max_new_tokens=group[0].max_new_tokens, stop_ids=tokenizer.stop_ids,
+                                           dense_below=0)
+                    seconds = time.perf_counter() - start
+                    for sample, tokens in zip(group, result.tokens):
+                        if records.done("task", task, length, sample.index, method, budget, sample.digest):
+                            continue
+                        prediction = tokenizer.decode(tokens)
+                        records.add({"kind": "task", "task": task, "length": length, "index": sample.index,
+                                     "digest": sample.digest, "method": method, "budget": budget,
+                                     "prompt_tokens": len(sample.tokens), "prediction": prediction,
+                                     "answers": list(sample.answers),
+                                     "score": tasks_lib.score(prediction, sample.answers), "seconds": seconds})
+                bar.update(1)
+
+
+def _batches(items: list, size: int) -> list[list]:
+    return [items[i: i + size] for i in range(0, len(items), size)]
+
+
+def run_attention(model, config: EvalConfig, records: Records, params: MethodParams, progress: bool,
+                  samples: dict) -> None:
+    """Per-layer mass recall and output error of every selecting method on the metric prompts."""
+    num_layers = model.config.num_layers
+    configs = [(m, b) for m, b in config.configs if m != "dense"]
+    prompts = [s for length in config.lengths for task in config.tasks
+               for s in samples[task, length][: config.metric_prompts]]
+    with _progress(progress, len(prompts) * len(configs), "attention metrics (prompt x method x budget)") as bar:
+        for sample in prompts:
+            todo = [(m, b) for m, b in configs
+                    if not records.done("attention", sample.task, sample.length, sample.index, m, b, sample.digest)]
+            if not todo:
+                bar.update(len(configs))
+                continue
+            positions = attention_metrics.query_positions(len(sample.tokens), config.metric_queries,
+                                                          seed=config.seed + sample.index)
+            inputs = attention_metrics.capture_attention_inputs(model, sample.tokens, positions)
+            for method, budget in configs:
+                if (method, budget) in todo:
+                    metrics = attention_metrics.plan_metrics(config.plan(num_layers, method, budget), params(method),
+                                                             inputs, positions)
+                    records.add({"kind": "attention", "task": sample.task, "length": sample.length,
+                                 "index": sample.index, "digest": sample.digest, "method": method, "budget": budget,
+                                 "positions": positions.tolist(), **metrics})
+                bar.update(1)
+
+
+def run_perplexity(model, tokenizer, config: EvalConfig, records: Records, params: MethodParams,
+                   progress: bool) -> None:
+    """Teacher-forced NLL of every (held-out sequence, method, budget) not recorded yet."""
+    num_layers = model.config.num_layers
+    configs = config.configs
+    units = [(length, i) for length in config.lengths for i in range(config.perplexity_sequences)]
+    sequences = {length: perplexity.heldout_sequences(tokenizer, length, config.perplexity_sequences, config.seed)
+                 for length in config.lengths} if units else {}
+    with _progress(progress, len(units) * len(configs), "perplexity (sequence x method x budget)") as bar:
+        for length, index in units:
+            tokens = sequences[length][index]
+            digest = tasks_lib.digest(tokens)
+            for method, budget in configs:
+                if not records.done("perplexity", None, length, index, method, budget, digest):
+                    nll = perplexity.sequence_nll(model, tokens[None], config.plan(num_layers, method, budget),
+                                                  params(method))
+                    records.add({"kind": "perplexity", "length": length, "index": index, "digest": digest,
+                                 "method": method, "budget": budget, "nll": float(nll[0]),
+                                 "tokens": length - perplexity.scored_start(length)})
+                bar.update(1)
+
+
+def run_eval(model, model_name: str, tokenizer, config: EvalConfig, directory: str | pathlib.Path, *,
+             hash_weights=None, hashattention_dir=None, progress: bool = True, log=print) -> dict:
+    """Run (or resume) the evaluation in `directory`; returns :func:`summarize`'s document, also
+    written to `directory/results.json`."""
+    sources = {"hash_weights": None if hash_weights is None else str(hash_weights),
+               "hashattention": None if hashattention_dir is None else str(hashattention_dir)}
+    records = open_run(directory, model, model_name, config, sources)
+    params = MethodParams(model, tokenizer, config, hash_weights, hashattention_dir, log)
+    start = time.perf_counter()
+    samples = {(task, length): tasks_lib.make_samples(task, tokenizer, length, config.samples, config.seed)
+               for length in config.lengths for task in config.tasks}
+    log(f"{len(samples) * config.samples} prompts ready in {time.perf_counter() - start:.1f} s; each result is "
+        f"appended to {records.path} when done")
+    run_tasks(model, tokenizer, config, records, params, progress, samples)
+    if config.metric_prompts:
+        run_attention(model, config, records, params, progress, samples)
+    if config.perplexity_sequences:
+        run_perplexity(model, tokenizer, config, records, params, progress)
+    document = summarize(list(records.by_key.values()), config, model_identity(model, model_name))
+    (pathlib.Path(directory) / "results.json").write_text(json.dumps(document, indent=1) + "\n")
+    return document
+
+
+def summarize(records: list[dict], config: EvalConfig, model: dict) -> dict:
+    """The results document: scores (x100) per (task, length, method, budget) and averaged over
+    tasks, perplexity per (length, method, budget), and attention metrics per layer and averaged
+    over the metric prompts, from the records of this config's methods, budgets, tasks, lengths
+    and sample counts (a run directory may hold more)."""
+    wanted = set(config.configs)
+    order = {"task": {t: i for i, t in enumerate(config.tasks)}, "method": {m: i for i, m in enumerate(config.methods)}}
+
+    def groups(kind: str, limit: int, by_task: bool) -> list[tuple[tuple, list[dict]]]:
+        """Records of `kind` grouped by (task or None, length, method, budget), in the config's order."""
+        out: dict[tuple, list[dict]] = {}
+        for r in records:
+            if (r["kind"] == kind and r["length"] in config.lengths and r["index"] < limit
+                    and (r.get("task") is None or r["task"] in config.tasks)
+                    and (r["method"], r["budget"]) in wanted):
+                key = (r.get("task") if by_task else None, r["length"], r["method"], r["budget"])
+                out.setdefault(key, []).append(r)
+        return sorted(out.items(), key=lambda item: (item[0][1], order["task"].get(item[0][0], -1),
+                                                     order["method"][item[0][2]], item[0][3] or 0))
+
+    scores = []
+    for (task, length, method, budget), group in groups("task", config.samples, by_task=True):
+        scores.append({"task": task, "length": length, "method": method, "budget": budget, "samples": len(group),
+                       "score": 100 * float(np.mean([r["score"] for r in group]))})
+    per_config: dict[tuple, list[dict]] = {}
+    for row in scores:
+        per_config.setdefault((row["length"], row["method"], row["budget"]), []).append(row)
+    for (length, method, budget), rows in per_config.items():
+        if len(rows) == len(config.tasks):
+            scores.append({"task": "average", "length": length, "method": method, "budget": budget,
+                           "samples": sum(r["samples"] for r in rows),
+                           "score": float(np.mean([r["score"] for r in rows]))})
+    ppl = []
+    for (_, length, method, budget), group in groups("perplexity", config.perplexity_sequences, by_task=False):
+        nll, tokens = sum(r["nll"] for r in group), sum(r["tokens"] for r in group)
+        ppl.append({"length": length, "method": method, "budget": budget, "sequences": len(group), "tokens": tokens,
+                    "perplexity": perplexity.perplexity(nll, tokens)})
+    attention = []
+    for (_, length, method, budget), group in groups("attention", config.metric_prompts, by_task=False):
+        mass, error = np.mean([r["mass"] for r in group], axis=0), np.mean([r["error"] for r in group], axis=0)
+        attention.append({"length": length, "method": method, "budget": budget, "prompts": len(group),
+                          "layers": group[0]["layers"], "mass": mass.tolist(), "error": error.tolist(),
+                          "mass_mean": float(mass.mean()), "error_mean": float(error.mean())})
+    return {
+        "format": FORMAT, "version": VERSION,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": model, "config": dataclasses.asdict(config),
+        "versions": {"hata_jax": hata_jax.__version__, "jax": jax.__version__, "python": sys.version.split()[0],
+                     "backend": jax.default_backend()},
+        "scores": scores, "perplexity": ppl, "attention": attention,
+    }
