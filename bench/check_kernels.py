@@ -153,7 +153,7 @@ def check_select_adversarial(seed, rows, s, budget):
     return {"problems": problems}
 
 
-def expected_slots(scores, lengths, budget: int, sink: int, recent: int) -> np.ndarray:
+def expected_slots(scores, lengths, budget: int, sink: int = 0, recent: int = 0) -> np.ndarray:
     """The band select's exact answer (every design): per row the `min(length, budget)` best
     valid positions in float order (NaN lowest, forced sink/recent positions first), ties to
     the lowest positions, in ascending position order, then -1."""

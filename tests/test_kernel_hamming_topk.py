@@ -31,6 +31,7 @@ from pallas_kernels.band_select import BandConfig
 from pallas_kernels.radix_select import Tiling
 
 import brute_force as bf
+from bench.check_kernels import expected_slots as expected_selection  # the kernels' exact answer
 
 SMALL = Tiling(chunk=128, block=32, scan_block=64)
 BIG = float(np.finfo(np.float32).max)
@@ -64,25 +65,6 @@ def random_codes(rng, batch, kv_heads, group, seq, rbit):
 def ordered(scores):
     """float64 scores in the reference's selection order (nan_to_num), so set checks hold."""
     return np.nan_to_num(np.asarray(scores, np.float64), nan=-BIG, posinf=BIG, neginf=-BIG)
-
-
-def expected_selection(scores, lengths, budget, sink=0, recent=0):
-    """The kernels' exact answer: the `min(length, budget)` best valid positions in float order
-    (NaN lowest, forced sink/recent positions first), ties to the lowest positions, in ascending
-    position order, then -1."""
-    scores = np.asarray(scores, np.float32)
-    bits = scores.view(np.int32).astype(np.int64)
-    keys = np.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    keys = np.where(np.isnan(scores), -(2**31), keys)
-    batch, kv_heads, seq = scores.shape
-    idx = np.full((batch, kv_heads, budget), -1, np.int32)
-    pos = np.arange(seq)
-    for b, h in np.ndindex(batch, kv_heads):
-        n = int(lengths[b])
-        row = np.where((pos < sink) | (pos >= n - recent), 2**31, keys[b, h])[:n]
-        best = np.lexsort((pos[:n], -row))[: min(n, budget)]
-        idx[b, h, : best.size] = np.sort(best)
-    return idx
 
 
 def check_selection(idx, count, scores, lengths, budget, sink=0, recent=0):

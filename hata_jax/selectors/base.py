@@ -142,6 +142,19 @@ class Selector(abc.ABC):
     def _token_scores(self, params, state, q, k, q_positions): ...
 
 
+class StatelessSelector(Selector):
+    """A selector that keeps nothing per token (it scores from the keys or the positions)."""
+
+    def extra_bytes_per_token(self, kv_heads: int, head_dim: int) -> int:
+        return 0
+
+    def _init_state(self, params, k, lengths):
+        return None
+
+    def _append_state(self, params, state, k_new, positions):
+        return state
+
+
 def _check_selector(selector) -> None:
     if not isinstance(selector, Selector):
         raise ValueError(f"selector must be a hata_jax.selectors.Selector, got {type(selector).__name__}")

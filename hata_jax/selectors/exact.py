@@ -7,11 +7,11 @@ import math
 import jax.numpy as jnp
 from jax import lax
 
-from hata_jax.selectors.base import Selector
+from hata_jax.selectors.base import StatelessSelector
 
 
 @dataclasses.dataclass(frozen=True)
-class ExactSelector(Selector):
+class ExactSelector(StatelessSelector):
     """Scores token t by `sum_{i in group} softmax_t(q_i . K / sqrt(D))`, the softmax of each
     query head over the keys it sees (positions <= its own), summed over the GQA group.
 
@@ -20,15 +20,6 @@ class ExactSelector(Selector):
     """
 
     name = "exact"
-
-    def extra_bytes_per_token(self, kv_heads: int, head_dim: int) -> int:
-        return 0
-
-    def _init_state(self, params, k, lengths):
-        return None
-
-    def _append_state(self, params, state, k_new, positions):
-        return state
 
     def _token_scores(self, params, state, q, k, q_positions):
         b, t, hq, d = q.shape

@@ -5,11 +5,11 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from hata_jax.selectors.base import Selector
+from hata_jax.selectors.base import StatelessSelector
 
 
 @dataclasses.dataclass(frozen=True)
-class StreamingSelector(Selector):
+class StreamingSelector(StatelessSelector):
     """StreamingLLM: the first `sink` positions, then the most recent ones, whatever the query.
 
     Scores: position t scores `S + sink - t` if t < sink (above every other position, earliest
@@ -26,15 +26,6 @@ class StreamingSelector(Selector):
     def __post_init__(self):
         if isinstance(self.sink, bool) or not isinstance(self.sink, int) or self.sink < 0:
             raise ValueError(f"StreamingSelector.sink must be an int >= 0, got {self.sink!r}")
-
-    def extra_bytes_per_token(self, kv_heads: int, head_dim: int) -> int:
-        return 0
-
-    def _init_state(self, params, k, lengths):
-        return None
-
-    def _append_state(self, params, state, k_new, positions):
-        return state
 
     def _token_scores(self, params, state, q, k, q_positions):
         b, hkv, s = k.shape[0], k.shape[1], k.shape[2]
