@@ -64,9 +64,10 @@ class TrainingRun:
                              f"({type(err).__name__}: {err})") from None
 
     def restore(self, step: int, abstract_state: dict) -> dict:
-        """The state of `step`, restored into the structure of `abstract_state` (ShapeDtypeStructs)."""
+        """The state of `step`, restored into the structure of `abstract_state` (ShapeDtypeStructs)
+        on this process's first device, whatever devices saved it."""
         try:
-            args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+            args = ocp.args.Composite(state=ocp.args.StandardRestore(on_local_device(abstract_state)))
             return self.manager.restore(step, args=args).state
         except Exception as err:
             raise ValueError(f"checkpoint step {step} in {self.directory} is corrupt: state unreadable "
@@ -104,21 +105,26 @@ def read_metadata(step_dir: pathlib.Path) -> dict:
     return metadata
 
 
+def on_local_device(tree):
+    """ShapeDtypeStructs of `tree`'s leaves (arrays or array metadata) on this process's first
+    device: orbax otherwise restores the saved sharding and refuses another machine's topology."""
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+
+
 def read_state(step_dir: pathlib.Path) -> dict:
     """The state item of one checkpoint step directory (arrays as numpy).
 
     The arrays are restored onto this process's first device whatever devices saved them (the
     shipped weights were saved on a CPU; orbax refuses to restore their saved sharding on a GPU).
     """
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     state_dir = pathlib.Path(step_dir).resolve() / "state"
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             saved = checkpointer.metadata(state_dir)
             saved = getattr(saved, "item_metadata", saved)  # StepMetadata in newer orbax
             saved = getattr(saved, "tree", saved)
-            target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
-            state = checkpointer.restore(state_dir, target)
+            state = checkpointer.restore(state_dir, on_local_device(saved))
     except Exception as err:  # orbax raises many types for unreadable files
         raise ValueError(f"checkpoint {step_dir} is corrupt or incomplete: cannot read its state "
                          f"({type(err).__name__}: {str(err)[:300]})") from None
