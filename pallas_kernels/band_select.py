@@ -16,7 +16,9 @@ A. **sample** (`*_sample`, grid `(B, Hkv, sample / sample_slice)`): the row's sa
    With `r = budget n_s / L`, the programs holding the sample's `r_hi = max(1, floor(r - 5
    sqrt(r) - 4))`-th, `r_top`-th and `r_lo = ceil(r + 5 sqrt(r) + 4)`-th largest keys write
    them as `t_hi`, `t_top`, `t_lo` (equal keys write equal values), so the k-th largest key
-   lies in `[t_lo, t_hi]` with overwhelming probability (`t_lo = INT32_MIN` when `r_lo > n_s`).
+   lies in `[t_lo, t_hi]` unless the sample is a >5-sigma outlier, or, when `r_hi` is clipped
+   to 1 (small r), unless no sample key lies above it (`~exp(-r)`: see the tunables below);
+   `t_lo = INT32_MIN` when `r_lo > n_s`.
    `L <= budget` gives `t_lo = t_hi = INT32_MIN`: the band is the NaN keys, the row is taken whole.
    - serial: `r_top = max(r_hi, 3)`; every program recomputes every sample key (integer
      divisions for the strata) at each loop step, and the compare reduces across threads at
@@ -25,8 +27,9 @@ A. **sample** (`*_sample`, grid `(B, Hkv, sample / sample_slice)`): the row's sa
      float32, no division), stores them (every program of the row stores the same values),
      and after a barrier loads its slice and the keys it compares with; the compare adds both
      counts, packed in one int32, to a `[slice, step]` tile and reduces once after the loop.
-     `r_top` counts from below the sample's forced keys (`r_top = max(r_hi, forced + 3)`), so
-     sink/recent positions do not stretch the band digits up to INT32_MAX.
+     `r_top` counts from below the sample's forced keys (`r_top = max(r_hi, forced + 1)`: the
+     largest unforced sample key), so sink/recent positions do not stretch the band digits up
+     to INT32_MAX.
 B. **band pass** (`*_band`, grid `(B, Hkv, chunks)`, fused with scoring for `hamming_topk`,
    which also writes the scores for the later launches): per chunk `n_above` (keys `> t_hi`,
    only counted: clusters of high scores overflow nothing) and the band keys (`t_lo <= key <=
@@ -92,7 +95,10 @@ instructions per cycle per SM); sizes from sm_90a SASS:
 Tunables (parallel design; values from the SASS and counts above, without GPU timing yet):
 - `sample = 512`: pairwise ranks cost `n_s**2` pairs per row (262K, a quarter of 1024's);
   r = 8 sample ranks for k at the Llama shape, so the band spans sample ranks 1..27 (~6.9K
-  keys, ~108 per chunk against 512 slots) and a band miss stays a >5-sigma event.
+  keys, ~108 per chunk against 512 slots). `r - 5 sqrt(r) - 4 < 1` there, so t_hi is the
+  sample's largest key and a band miss is "no sample key above the k-th key": probability
+  `~exp(-r)` = 3.4e-4 per row (the row takes the radix fallback, still exact; measured by
+  simulation: 2 of 2400 random-code rows). Smaller `budget / L` raises it (r = 4: 1.8%).
 - `sample_slice = 32`, `sample_step = 128`, `sample_warps = 4`: 16 programs per row (128 in
   all, one per SM), a `[32, 128]` tile (32 accumulators per thread, 110 registers); `[64,
   256]` with 8 warps needed 184 registers and 2x the loop body.
@@ -104,8 +110,13 @@ Tunables (parallel design; values from the SASS and counts above, without GPU ti
   at the refine pass's 128 registers (`[32, 256]` needed 168).
 - `decide_warps = 4`: the decision holds `[chunks, 16]` tiles and 512 slots; the radix pass 0
   it also holds fixes the register count (116).
-- `sigmas = 5`, `slack = 4`, `top_rank = 3`, `slots_divisor = 4`, `list_block = 128`: as in
-  the serial design (reasons in :mod:`pallas_kernels.hamming_topk`).
+- `top_rank = 1`: t_top is the largest unforced sample key, so the threshold lands in the
+  lumped digit 255 only on a band miss. With the serial design's 3 it landed there whenever
+  the sample held fewer than 3 keys above the k-th (`P(Poisson(8) <= 2)` = 1.4% of rows at
+  r = 8), and that bucket (keys between the 3rd and 1st sample keys, up to ~3K) overflowed
+  `bucket_cap` in ~0.6% of rows (simulated), sending them to the fallback.
+- `sigmas = 5`, `slack = 4`, `slots_divisor = 4`, `list_block = 128`: as in the serial design
+  (reasons in :mod:`pallas_kernels.hamming_topk`).
 The serial design's tunables (`SERIAL`: sample 1024, slice 32, step 1024, 16 warps, `dense`,
 `slab_lanes`, 8 decide warps) are described in :mod:`pallas_kernels.hamming_topk`.
 """
@@ -159,7 +170,7 @@ class BandConfig:
     sample_warps: int = 4
     sigmas: float = 5.0  # the band spans r -+ (sigmas sqrt(r) + slack) sample ranks
     slack: float = 4.0
-    top_rank: int = 3  # t_top: the sample key of this rank (or r_hi's, when lower) caps the band digits
+    top_rank: int = 1  # t_top: the sample key of this rank (or r_hi's, when lower) caps the band digits
     slots_divisor: int = 4  # band slots per chunk = chunk / slots_divisor
     list_block: int = 128  # band keys per histogram MMA step in launch B
     slab_lanes: int = 16384  # (serial) band slots read per loop step of the decision (all chunks)
@@ -187,7 +198,8 @@ class BandConfig:
 
 
 # The serial design with the values it was measured with (commit b0e8669).
-SERIAL = BandConfig(design="serial", sample=1024, sample_slice=32, sample_step=1024, sample_warps=16, decide_warps=8)
+SERIAL = BandConfig(design="serial", sample=1024, sample_slice=32, sample_step=1024, sample_warps=16, top_rank=3,
+                    decide_warps=8)
 
 
 class BandLayout(NamedTuple):

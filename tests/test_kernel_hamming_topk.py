@@ -269,13 +269,16 @@ def test_hamming_topk_selects_the_expected_set(rng, ragged_lengths, score, group
 @pytest.mark.parametrize("score", ["key_norm", pytest.param("hamming", marks=pytest.mark.slow)])
 def test_llama_shape_takes_the_fast_path(rng, score):
     """The Llama-3.1-8B decode shape (8 KV heads, G = 4, rbit 128, 128K tokens, budget 2048) with
-    the default tiling and BandConfig: every row on the fast path, exactly the expected set
-    ("hamming": integer scores, a threshold bucket of ~1000 equal keys)."""
+    the default tiling and BandConfig: the rows on the fast path but for band misses, exactly the
+    expected set ("hamming": integer scores, a threshold bucket of ~1000 equal keys). A row
+    misses the band with probability ~exp(-8) = 3.4e-4 here (see band_select's tunables), so
+    one fallback row in 8 is allowed (two: ~3e-6); the top_rank = 3 of the serial design sent
+    ~0.6% of rows to the fallback and failed this test in a few percent of runs."""
     seq, budget = 131072, 2048
     q, k, norms = random_codes(rng, 1, 8, 4, seq, 128)
     lengths = jnp.array([seq], jnp.int32)
     idx, count, path = kernel_topk(q, k, norms, lengths, budget=budget, score=score, interpret=True)
-    assert np.isin(np.asarray(path), list(FAST)).all(), path
+    assert np.sum(~np.isin(np.asarray(path), list(FAST))) <= 1, path
     check_selection(idx, count, _scores_reference(q, k, norms, lengths, score), lengths, budget)
 
 
