@@ -260,6 +260,35 @@ def test_interrupted_run_resumes_skips_done_work_and_ends_with_the_same_results(
     assert {r["samples"] for r in document["scores"] if r["task"] != "average"} == {4}
 
 
+def test_parts_run_separately_end_with_the_same_results(tiny, tmp_path, monkeypatch):
+    """Tasks in one call, attention and perplexity in another (as on two machines, records merged
+    by file): each call runs only its parts, and the results equal one call's."""
+    ckpt, model, tokenizer, weights = tiny
+    config = harness.EvalConfig(**TINY_RUN)
+
+    def run(directory, parts=harness.PARTS):
+        return harness.run_eval(model, str(ckpt), tokenizer, config, directory, hash_weights=weights,
+                                progress=False, log=lambda message: None, parts=parts)
+
+    reference = run(tmp_path / "a")
+    calls = collections.Counter()
+    for module, name in ((harness, "generate_from"), (harness.attention_metrics, "capture_attention_inputs"),
+                         (harness.perplexity, "sequence_nll")):
+        counting(monkeypatch, module, name, calls)
+    only_tasks = run(tmp_path / "b", ("tasks",))
+    assert set(calls) == {"generate_from"} and not only_tasks["perplexity"] and not only_tasks["attention"]
+    calls.clear()
+    run(tmp_path / "c", ("attention", "perplexity"))
+    assert set(calls) == {"capture_attention_inputs", "sequence_nll"}
+    with open(tmp_path / "b" / "records.jsonl", "a") as f:
+        f.write((tmp_path / "c" / "records.jsonl").read_text())
+    calls.clear()
+    assert results_of(run(tmp_path / "b")) == results_of(reference)
+    assert sum(calls.values()) == 0
+    with pytest.raises(ValueError, match="parts must be"):
+        run(tmp_path / "d", ("tasks", "speed"))
+
+
 def test_a_run_directory_refuses_other_settings_and_other_prompts(tiny, tmp_path):
     ckpt, model, _, _ = tiny
     config = harness.EvalConfig(**TINY_RUN)

@@ -135,6 +135,21 @@ def test_stdlib_corpus_splits_by_file():
         corpus.stdlib_corpus("test")
 
 
+def test_stdlib_corpus_reads_HATA_JAX_STDLIB(tmp_path, monkeypatch):
+    """Another Python's standard library, so two machines see the same text."""
+    names = [f"m{i}.py" for i in range(40)] + ["site-packages/x.py", "pkg/__pycache__/y.py"]
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(f'"""{name}"""\n')
+    monkeypatch.setenv("HATA_JAX_STDLIB", str(tmp_path))
+    train, heldout = corpus.stdlib_corpus("train"), corpus.stdlib_corpus("heldout")
+    assert sorted(f.name for f in train.files + heldout.files) == sorted(names[:40])
+    assert heldout.files and train.root == tmp_path
+    monkeypatch.setenv("HATA_JAX_STDLIB", str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="HATA_JAX_STDLIB"):
+        corpus.stdlib_corpus("train")
+
+
 def test_file_corpus(tmp_path, rng):
     word_corpus(tmp_path / "d", rng, files=3)
     (tmp_path / "d" / ".hidden").write_text("w1 w2")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import pathlib
 import sys
 import sysconfig
@@ -43,6 +44,15 @@ class Corpus:
 
 
 def stdlib_root() -> pathlib.Path:
+    """This Python's standard library, or `$HATA_JAX_STDLIB` (a directory of another Python's
+    standard library sources): the text differs between Python versions, so runs that must see
+    the same prompts and held-out text on two machines point both at one copy."""
+    override = os.environ.get("HATA_JAX_STDLIB")
+    if override:
+        root = pathlib.Path(override).expanduser()
+        if not root.is_dir():
+            raise ValueError(f"HATA_JAX_STDLIB={override!r} is not a directory (expected a Python standard library)")
+        return root
     return pathlib.Path(sysconfig.get_paths()["stdlib"])
 
 

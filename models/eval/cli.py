@@ -27,7 +27,7 @@ def _ints(text: str) -> tuple[int, ...]:
 def add_eval_command(subparsers) -> None:
     """Register `eval` on the `hata-jax` parser's subparsers."""
     from models.attention import METHODS
-    from models.eval.harness import DEFAULT_METHODS, EvalConfig
+    from models.eval.harness import DEFAULT_METHODS, PARTS, EvalConfig
     from models.eval.tasks import TASKS
 
     defaults = EvalConfig()
@@ -52,6 +52,11 @@ def add_eval_command(subparsers) -> None:
                    help="comma-separated prompt lengths in tokens (default 4096)")
     p.add_argument("--samples", type=int, default=defaults.samples, help="prompts per task and length (default 20)")
     p.add_argument("--out", required=True, metavar="DIR", help="run directory (records, results.json, plots)")
+    p.add_argument("--parts", type=_names, default=PARTS,
+                   help=f"comma-separated, from {','.join(PARTS)} (default all): what to run now; the results "
+                        "summarize every record in OUT, so parts may run at different times or on different machines "
+                        "(same settings; set HATA_JAX_STDLIB to one Python's standard library on both, as the prompts "
+                        "and held-out text come from it)")
     _add_run_args(p, defaults)
     p.set_defaults(func=run_eval_command)
 
@@ -88,17 +93,19 @@ def run_eval_command(args: argparse.Namespace) -> int:
 
     methods = args.methods or (DEFAULT_METHODS + (("hashattention",) if args.hashattention else ()))
     return evaluate(args, methods=methods, budgets=args.budgets, tasks=args.tasks, lengths=args.lengths,
-                    samples=args.samples, out=args.out)
+                    samples=args.samples, out=args.out, parts=args.parts)
 
 
-def evaluate(args: argparse.Namespace, *, out: str, keep: bool = True, **fields) -> int:
+def evaluate(args: argparse.Namespace, *, out: str, keep: bool = True, parts: tuple[str, ...] | None = None,
+             **fields) -> int:
     """Run the evaluation that `args` (the run options of :func:`_add_run_args`) and `fields`
     (EvalConfig fields) describe in the run directory `out`; print the table. `keep`: `out` stays
-    (plots are written there too, and the log says how to resume); False for a temporary one."""
+    (plots are written there too, and the log says how to resume); False for a temporary one.
+    `parts`: which of `models.eval.harness.PARTS` to run now (None: all)."""
     from train.cli import require_train_extra
 
     require_train_extra(*(("matplotlib",) if keep else ()), *(() if args.no_progress else ("tqdm",)))
-    from models.eval.harness import EvalConfig, run_eval
+    from models.eval.harness import PARTS, EvalConfig, run_eval
     from models.eval.report import format_table, write_report
     from models.load import load_model
 
@@ -116,7 +123,7 @@ def evaluate(args: argparse.Namespace, *, out: str, keep: bool = True, **fields)
         f"samples of {len(config.tasks)} tasks" + (f"; run directory {out} (rerun the same command to resume an "
                                                    "interrupted run)" if keep else ""))
     document = run_eval(model, args.model, tokenizer, config, out, hash_weights=args.hash_weights,
-                        hashattention_dir=args.hashattention, progress=not args.no_progress, log=log)
+                        hashattention_dir=args.hashattention, progress=not args.no_progress, log=log, parts=parts or PARTS)
     print(format_table(document), flush=True)
     written = [pathlib.Path(out) / "results.json", *(write_report(document, out) if keep else [])]
     log(f"done in {time.perf_counter() - start:.0f} s" + (f"; wrote {', '.join(map(str, written))}" if keep else ""))

@@ -309,10 +309,18 @@ def run_perplexity(model, tokenizer, config: EvalConfig, records: Records, param
                 bar.update(1)
 
 
+PARTS = ("tasks", "attention", "perplexity")
+
+
 def run_eval(model, model_name: str, tokenizer, config: EvalConfig, directory: str | pathlib.Path, *,
-             hash_weights=None, hashattention_dir=None, progress: bool = True, log=print) -> dict:
+             hash_weights=None, hashattention_dir=None, progress: bool = True, log=print,
+             parts: tuple[str, ...] = PARTS) -> dict:
     """Run (or resume) the evaluation in `directory`; returns :func:`summarize`'s document, also
-    written to `directory/results.json`."""
+    written to `directory/results.json`. `parts`: which of :data:`PARTS` to run now (the document
+    summarizes every record of the directory, e.g. parts run earlier or on another machine)."""
+    bad = [p for p in parts if p not in PARTS]
+    if bad or not parts:
+        raise ValueError(f"parts must be a non-empty subset of {PARTS}, got {parts!r}")
     sources = {"hash_weights": None if hash_weights is None else str(hash_weights),
                "hashattention": None if hashattention_dir is None else str(hashattention_dir)}
     records = open_run(directory, model, model_name, config, sources)
@@ -322,10 +330,11 @@ def run_eval(model, model_name: str, tokenizer, config: EvalConfig, directory: s
                for length in config.lengths for task in config.tasks}
     log(f"{len(samples) * config.samples} prompts ready in {time.perf_counter() - start:.1f} s; each result is "
         f"appended to {records.path} when done")
-    run_tasks(model, tokenizer, config, records, params, progress, samples)
-    if config.metric_prompts:
+    if "tasks" in parts:
+        run_tasks(model, tokenizer, config, records, params, progress, samples)
+    if config.metric_prompts and "attention" in parts:
         run_attention(model, config, records, params, progress, samples)
-    if config.perplexity_sequences:
+    if config.perplexity_sequences and "perplexity" in parts:
         run_perplexity(model, tokenizer, config, records, params, progress)
     document = summarize(list(records.by_key.values()), config, model_identity(model, model_name))
     (pathlib.Path(directory) / "results.json").write_text(json.dumps(document, indent=1) + "\n")
