@@ -283,7 +283,7 @@ def test_parts_run_separately_end_with_the_same_results(tiny, tmp_path, monkeypa
     with open(tmp_path / "b" / "records.jsonl", "a") as f:
         f.write((tmp_path / "c" / "records.jsonl").read_text())
     calls.clear()
-    assert results_of(run(tmp_path / "b")) == results_of(reference)
+    assert results_of(run(tmp_path / "b", ())) == results_of(run(tmp_path / "b")) == results_of(reference)
     assert sum(calls.values()) == 0
     with pytest.raises(ValueError, match="parts must be"):
         run(tmp_path / "d", ("tasks", "speed"))

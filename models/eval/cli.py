@@ -53,7 +53,8 @@ def add_eval_command(subparsers) -> None:
     p.add_argument("--samples", type=int, default=defaults.samples, help="prompts per task and length (default 20)")
     p.add_argument("--out", required=True, metavar="DIR", help="run directory (records, results.json, plots)")
     p.add_argument("--parts", type=_names, default=PARTS,
-                   help=f"comma-separated, from {','.join(PARTS)} (default all): what to run now; the results "
+                   help=f"comma-separated, from {','.join(PARTS)} (default all; '' = none, only summarize OUT): what "
+                        "to run now; the results "
                         "summarize every record in OUT, so parts may run at different times or on different machines "
                         "(same settings; set HATA_JAX_STDLIB to one Python's standard library on both, as the prompts "
                         "and held-out text come from it)")

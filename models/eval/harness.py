@@ -316,11 +316,12 @@ def run_eval(model, model_name: str, tokenizer, config: EvalConfig, directory: s
              hash_weights=None, hashattention_dir=None, progress: bool = True, log=print,
              parts: tuple[str, ...] = PARTS) -> dict:
     """Run (or resume) the evaluation in `directory`; returns :func:`summarize`'s document, also
-    written to `directory/results.json`. `parts`: which of :data:`PARTS` to run now (the document
-    summarizes every record of the directory, e.g. parts run earlier or on another machine)."""
+    written to `directory/results.json`. `parts`: which of :data:`PARTS` to run now (none: only
+    summarize); the document summarizes every record of the directory, e.g. parts run earlier or
+    on another machine."""
     bad = [p for p in parts if p not in PARTS]
-    if bad or not parts:
-        raise ValueError(f"parts must be a non-empty subset of {PARTS}, got {parts!r}")
+    if bad:
+        raise ValueError(f"parts must be a subset of {PARTS}, got {parts!r}")
     sources = {"hash_weights": None if hash_weights is None else str(hash_weights),
                "hashattention": None if hashattention_dir is None else str(hashattention_dir)}
     records = open_run(directory, model, model_name, config, sources)
