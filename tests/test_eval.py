@@ -384,6 +384,9 @@ def test_cli_eval_end_to_end(tiny, tmp_path, capsys):
         assert (out / name).stat().st_size > 0, name
     assert cli.main(args) == 0  # resumed: all done, same table
     assert capsys.readouterr().out == captured.out
+    elsewhere = [str(tmp_path / "empty") if a == str(out) else a for a in args]
+    assert cli.main(elsewhere + ["--parts", ""]) == 0  # only summarizes: nothing run, nothing recorded
+    assert not (tmp_path / "empty" / "records.jsonl").exists()
 
     assert cli.main(args[:4] + ["dense,magic"] + args[5:]) == 2
     assert "unknown methods ['magic']" in capsys.readouterr().err
