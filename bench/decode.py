@@ -211,16 +211,29 @@ def hata_attention(q, k_new, cache: HataCache, w, hata: HataConfig, impl: str):
     return hj.sparse_decode_attention(q, cache.k, cache.v, idx, count, impl=impl)
 
 
+# The per-layer attention of the bench's steps is jitted (as `models.llama.decode_attention`), so
+# the layers share one trace and lowering.
+@functools.partial(jax.jit, static_argnames=("dense", "budget", "impl"))
+def exact_layer_attention(q, k_new, v_new, cache: HataCache, w, *, dense: bool, budget: int, impl: str):
+    cache = cache.append(k_new, v_new, w, impl=impl)
+    if dense:
+        return hj.dense_decode_attention(q, cache.k, cache.v, cache.lengths, impl=impl), cache
+    return exact_topk_attention(q, cache, budget, impl), cache
+
+
+@jax.jit
+def dpa_layer_attention(q, k_new, v_new, cache: TokenMajorCache):
+    cache = cache.append(k_new, v_new)
+    return dpa_attention(q, cache.k, cache.v, cache.lengths), cache
+
+
 def attend_exact(layer, q, k_new, v_new, cache: HataCache, *, weights, plan: AttentionPlan):
-    cache = cache.append(k_new, v_new, weights[layer], impl=plan.impl)
-    if plan.layers[layer] == "dense":
-        return hj.dense_decode_attention(q, cache.k, cache.v, cache.lengths, impl=plan.impl), cache
-    return exact_topk_attention(q, cache, plan.hata.budget, plan.impl), cache
+    return exact_layer_attention(q, k_new, v_new, cache, weights[layer], dense=plan.layers[layer] == "dense",
+                                 budget=plan.hata.budget, impl=plan.impl)
 
 
 def attend_dpa(layer, q, k_new, v_new, cache: TokenMajorCache, *, weights, plan: AttentionPlan):
-    cache = cache.append(k_new, v_new)
-    return dpa_attention(q, cache.k, cache.v, cache.lengths), cache
+    return dpa_layer_attention(q, k_new, v_new, cache)
 
 
 BENCH_ATTENTION = {"exact": attend_exact, "cudnn": attend_dpa}

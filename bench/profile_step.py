@@ -43,11 +43,13 @@ def group_of(name: str) -> str:
     return next((group for fragment, group in GROUPS if fragment in lowered), "other")
 
 
-def kernel_times(trace_dir: str, steps: int) -> tuple[dict, float, float]:
-    """({kernel: device us per step}, GPU span per step in us, kernel launches per step) from a trace."""
+def kernel_times(trace_dir: str, steps: int) -> tuple[dict, dict, float, float]:
+    """({kernel: device us per step}, {kernel: launches per step}, GPU span per step in us, kernel
+    launches per step) from a trace."""
     [path] = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
     data = jax.profiler.ProfileData.from_file(path)
     per_kernel: collections.Counter = collections.Counter()
+    counts: collections.Counter = collections.Counter()
     starts, ends = [], []
     for plane in data.planes:
         if not plane.name.startswith("/device:GPU"):
@@ -57,16 +59,36 @@ def kernel_times(trace_dir: str, steps: int) -> tuple[dict, float, float]:
                 continue
             for event in line.events:
                 per_kernel[event.name] += event.duration_ns / 1e3 / steps
+                counts[event.name] += 1 / steps
                 starts.append(event.start_ns)
                 ends.append(event.start_ns + event.duration_ns)
     span = (max(ends) - min(starts)) / 1e3 / steps if starts else 0.0
-    return dict(per_kernel), span, len(starts) / steps
+    return dict(per_kernel), dict(counts), span, len(starts) / steps
 
 
-def profile_method(steps_obj, method, plan, caches, hash_weights, n_steps: int) -> tuple[dict, object]:
+def compile_step(step, args, hlo_path: str | None) -> tuple[dict, object]:
+    """({trace_s, lower_s, compile_s}, the compiled step taking `args`) of the step (a
+    `functools.partial` of a jitted function); with `hlo_path`, the optimized HLO is written there
+    (it names every fusion the profile shows)."""
+    start = time.perf_counter()
+    traced = step.func.trace(*args, **step.keywords)
+    traced_at = time.perf_counter()
+    lowered = traced.lower()
+    lowered_at = time.perf_counter()
+    compiled = lowered.compile()
+    done = time.perf_counter()
+    if hlo_path:
+        with open(hlo_path, "w") as f:
+            f.write(compiled.as_text())
+    return {"trace_s": traced_at - start, "lower_s": lowered_at - traced_at, "compile_s": done - lowered_at}, compiled
+
+
+def profile_method(steps_obj, method, plan, caches, hash_weights, n_steps: int,
+                   hlo_path: str | None = None) -> tuple[dict, object]:
     step = step_function(steps_obj, method, plan)
     tokens = jnp.zeros((caches[0].batch,), jnp.int32)
     key = jax.random.PRNGKey(0)
+    compiling, step = compile_step(step, (steps_obj.state_leaves, tokens, caches, hash_weights, key), hlo_path)
     for _ in range(3):  # compile and warm up
         tokens, caches, key = step(steps_obj.state_leaves, tokens, caches, hash_weights, key)
     tokens.block_until_ready()
@@ -84,13 +106,14 @@ def profile_method(steps_obj, method, plan, caches, hash_weights, n_steps: int) 
                 tokens, caches, key = step(steps_obj.state_leaves, tokens, caches, hash_weights, key)
             tokens.block_until_ready()
         wall_ms = (time.perf_counter() - start) * 1e3 / n_steps
-        per_kernel, span_us, launches = kernel_times(folder, n_steps)
+        per_kernel, counts, span_us, launches = kernel_times(folder, n_steps)
     groups: collections.Counter = collections.Counter()
     for name, us in per_kernel.items():
         groups[group_of(name)] += us
     busy = sum(per_kernel.values())
     top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:25]
     result = {
+        **compiling,
         "enqueue_ms_median": statistics.median(enqueue) * 1e3,
         "step_ms_median": statistics.median(ready) * 1e3,
         "wall_ms_per_step_profiled": wall_ms,
@@ -100,6 +123,7 @@ def profile_method(steps_obj, method, plan, caches, hash_weights, n_steps: int) 
         "kernels_per_step": launches,
         "groups_us": dict(sorted(groups.items(), key=lambda kv: -kv[1])),
         "top_kernels_us": dict(top),
+        "top_kernels_launches": {name: counts[name] for name, _ in top},
     }
     return result, caches
 
@@ -112,6 +136,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--methods", nargs="+", default=["dense", "hata"])
     parser.add_argument("--small", action="store_true", help="a tiny model (CPU smoke run)")
+    parser.add_argument("--hlo", metavar="DIR", help="write each method's optimized HLO to DIR/<method>.hlo.txt")
     args = parser.parse_args(argv)
     settings = Settings(**SMALL, small=True) if args.small else Settings()
     config = SMALL_MODELS["llama"] if args.small else LLAMA_8B
@@ -125,12 +150,16 @@ def main(argv=None) -> int:
     shape = (args.batch, config.num_kv_heads, args.context, config.head_dim)
     start_length = args.context - 2 * (args.steps + 13)
     results = {}
+    if args.hlo:
+        os.makedirs(args.hlo, exist_ok=True)
     for method in args.methods:
         caches = [random_hata_cache(jax.random.fold_in(keys[-1], i), w, start_length, shape=shape, dtype=dtype)
                   for i, w in enumerate(hash_weights)]
-        result, caches = profile_method(steps_obj, method, plan, caches, hash_weights, args.steps)
+        hlo_path = os.path.join(args.hlo, f"{method}.hlo.txt") if args.hlo else None
+        result, caches = profile_method(steps_obj, method, plan, caches, hash_weights, args.steps, hlo_path)
         results[method] = result
-        print(f"== {method}: step {result['step_ms_median']:.2f} ms (host enqueue {result['enqueue_ms_median']:.2f} ms), "
+        print(f"== {method}: trace {result['trace_s']:.1f} s, lower {result['lower_s']:.1f} s, compile "
+              f"{result['compile_s']:.1f} s; step {result['step_ms_median']:.2f} ms (host enqueue {result['enqueue_ms_median']:.2f} ms), "
               f"GPU busy "
               f"{result['gpu_busy_us_per_step'] / 1e3:.2f} ms, span {result['gpu_span_us_per_step'] / 1e3:.2f} ms, "
               f"{result['kernels_per_step']:.0f} kernels",
@@ -138,7 +167,7 @@ def main(argv=None) -> int:
         for group, us in result["groups_us"].items():
             print(f"   {group:<22} {us / 1e3:8.3f} ms", flush=True)
         for name, us in list(result["top_kernels_us"].items())[:12]:
-            print(f"   {us:9.1f} us  {name[:90]}", flush=True)
+            print(f"   {us:9.1f} us  {result['top_kernels_launches'][name]:5.0f} x  {name[:90]}", flush=True)
         del caches
     write_json(args.out, {"environment": environment(), "model": "llama-3.1-8b-shaped" if not args.small else "small",
                           "context": args.context, "batch": args.batch, "steps": args.steps, "results": results})

@@ -8,6 +8,8 @@ positions are token indices, and decode appends each sequence's token at `length
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -81,18 +83,29 @@ class SelfAttention(nnx.Module):
         """x: [B, hidden], one new token per sequence at position `cache.lengths[b]`; `params`: the
         layer's selector params (a "sparse" layer's, or to keep a SelectorCache's state current)."""
         q, k, v = self._qkv(x, cache.lengths)
-        sharded = {"mesh": plan.mesh, "axis": plan.mesh_axis}  # mesh None: one device
-        if kind == "hata":
-            out, cache = head_sharding.hata_decode_attention(q, k, v, cache, w, plan.hata, impl=plan.impl, **sharded)
-        elif kind == "sparse":
-            out, cache = selector_decode_attention(q, k, v, cache, w, plan, params)
-        elif plan.mesh is not None:  # a plan with a mesh has no "sparse" layers (AttentionPlan refuses them)
-            cache = head_sharding.append(cache, k, v, w, impl=plan.impl, **sharded)
-            out = head_sharding.dense_decode_attention(q, cache.k, cache.v, cache.lengths, impl=plan.impl, **sharded)
-        else:
-            cache = append_token(cache, k, v, w, plan, params)
-            out = hata_jax.dense_decode_attention(q, cache.k, cache.v, cache.lengths, impl=plan.impl)
+        out, cache = decode_attention(q, k, v, cache, w, params, kind=kind, plan=plan)
         return self.o_proj(out.reshape(x.shape[0], -1)), cache
+
+
+@functools.partial(jax.jit, static_argnames=("kind", "plan"))
+def decode_attention(q, k_new, v_new, cache: HataCache | SelectorCache, w, params, *, kind: str, plan: AttentionPlan):
+    """One layer's decode attention of `kind` ("dense", "hata" or "sparse"): append the token, attend.
+
+    q: [B, Hq, D], k_new, v_new: [B, Hkv, D] (post-RoPE) -> (out [B, Hq, D], cache). A jitted
+    function, so that the layers of one kind share one trace and one lowering (a step of 32
+    layers traces and lowers its Pallas kernels once, not 32 times: ~20x less host time to compile).
+    """
+    sharded = {"mesh": plan.mesh, "axis": plan.mesh_axis}  # mesh None: one device
+    if kind == "hata":
+        return head_sharding.hata_decode_attention(q, k_new, v_new, cache, w, plan.hata, impl=plan.impl, **sharded)
+    if kind == "sparse":
+        return selector_decode_attention(q, k_new, v_new, cache, w, plan, params)
+    if plan.mesh is not None:  # a plan with a mesh has no "sparse" layers (AttentionPlan refuses them)
+        cache = head_sharding.append(cache, k_new, v_new, w, impl=plan.impl, **sharded)
+        return head_sharding.dense_decode_attention(q, cache.k, cache.v, cache.lengths, impl=plan.impl,
+                                                    **sharded), cache
+    cache = append_token(cache, k_new, v_new, w, plan, params)
+    return hata_jax.dense_decode_attention(q, cache.k, cache.v, cache.lengths, impl=plan.impl), cache
 
 
 class MLP(nnx.Module):

@@ -86,8 +86,9 @@ def test_switch_to_hata_is_exact(rng):
 
 
 def test_generation_across_the_threshold_compiles_each_step_once(rng):
-    """Crossing the threshold traces the dense step and the HATA step once each (the HATA step's
-    scoring and selection run in every HATA layer), a second generation traces nothing, and the
+    """Crossing the threshold traces the dense step and the HATA step once each (the HATA layers
+    share one trace of the layer's attention: scoring and selection are traced once), a second
+    generation traces nothing, and the
     tokens equal HATA all along (threshold = budget, where HATA selects every token)."""
     budget = 8
     model, plan, weights = hata_setup(rng, "llama-gqa", budget=budget)
@@ -98,7 +99,7 @@ def test_generation_across_the_threshold_compiles_each_step_once(rng):
     traces, selects = generation.TRACES["decode"], hj.TRACE_LOG[selections]
     first = run(dense_below=budget)
     assert generation.TRACES["decode"] == traces + 2
-    assert hj.TRACE_LOG[selections] == selects + len(plan.hashed_layers)
+    assert len(plan.hashed_layers) > 1 and hj.TRACE_LOG[selections] == selects + 1
     assert first.dense_steps == budget - 6  # the longest prompt has 6 tokens: steps over 7 and 8 tokens
     assert first.decode_steps == 9 - 2  # 9 decode steps, less the first of each step function
     assert run(dense_below=budget).tokens == first.tokens
