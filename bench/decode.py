@@ -29,9 +29,14 @@ Methods, each a whole decode step (32 layers, projections, MLP, LM head, greedy 
   it runs only where cuDNN beat our dense kernel in the attention-only sweep of that config
   (`--cudnn-step`); "best dense" is the faster of `dense` and `cudnn`.
 
-Timing: per step, wall time of one jitted call until its token is ready (`block_until_ready`),
-as `models.generate` runs them (it reads each step's tokens on the host), after `--warmup` calls
-(the first includes compilation: `first_call_s`); median and p10/p90 over `--reps` steps;
+Compilation: every program a job times (its steps, in-jit loops and sweep ops) is compiled ahead
+of time, side by side in COMPILE_THREADS background threads, while the job's caches are built;
+the timing starts once all are compiled (`compile_s` in the rows: the step's own compile time).
+The layers of a step share one trace and lowering of their attention
+(`models.llama.decode_attention` is jitted), so a Llama step compiles in ~8 s, not ~33 s.
+
+Timing: per step, wall time of one call until its token is ready (`block_until_ready`),
+as a synchronous decode loop runs them, after `--warmup` calls; median and p10/p90 over `--reps` steps;
 tokens/s = batch / median. Then `--reps` more steps in groups of PIPELINE dispatched back to back
 (host dispatch overlapping the device, as in `bench.timing.median_us`): `pipelined_ms` per step.
 On the most important configs
@@ -57,15 +62,15 @@ Budget (:func:`ordered_jobs`): jobs run from the most to the least important: th
 batch 1, then the extras (exact top-k, in-jit loops) of the goal configs, then the other core
 jobs, SmolLM2's interleaved after Llama's 11 first. The memory need is computed before each job
 (skipped with the reason when it exceeds `--memory-gb`, e.g. Llama 128K batch 4), caches are
-freed between jobs, and a job or method that would overrun `--time-budget` (estimated from the
-compile + run times of those already run) is skipped with the reason. Each result is written to
-the JSON as soon as it completes (atomically), so a timeout keeps them. The default run takes
-about 8 minutes on an H100 (480 s of jobs, then the last one's overrun); its largest jobs (Llama
-32K batch 8, 64K batch 4, 256K batch 1) hold ~55 GB (16.1 GB of weights, 35.7 GB of caches).
+freed between jobs, and a job that would overrun `--time-budget` (estimated from the phases of
+the jobs already run, per model) is skipped with the reason. Each result is written to the JSON
+as soon as it completes (atomically), so a timeout keeps them. Its largest jobs (Llama 32K batch
+8, 64K batch 4, 256K batch 1) hold ~55 GB (16.1 GB of weights, 35.7 GB of caches).
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import functools
 import json
@@ -82,7 +87,7 @@ from flax import nnx
 from jax import lax
 
 import hata_jax as hj
-from bench.timing import environment, floor_bandwidth_gbps, median_us, write_json
+from bench.timing import environment, floor_bandwidth_gbps, many_calls, median_us, write_json
 from hata_jax import HataCache, HataConfig
 from models import AttentionPlan, LlamaConfig, LlamaForCausalLM, RopeScaling
 from models import generation
@@ -93,6 +98,7 @@ PRODUCT_METHODS = ("dense", "hata")  # run by the model's own decode step
 GREEDY = generation.Sampling()
 GB = 1e9
 PIPELINE = 5  # steps dispatched back to back per timed group (host dispatch overlapping the device)
+COMPILE_THREADS = 6  # a job's programs compile side by side (XLA's compiler releases the GIL)
 
 LLAMA_8B = LlamaConfig(
     vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
@@ -137,7 +143,7 @@ class Settings:
     loop_reps: int = 3
     extras_configs: int = 3
     cudnn_step: str = "auto"
-    time_budget_s: float = 480.0
+    time_budget_s: float = 520.0
     memory_gb: float | None = None
     small: bool = False
 
@@ -281,6 +287,18 @@ def run_steps(state_leaves, tokens, caches, hash_weights, key, *, step, n: int):
     return lax.fori_loop(0, n, body, (tokens, caches, key))
 
 
+def compile_step(step, state_leaves, caches, hash_weights, batch: int, loop_steps: int = 0):
+    """`step` (a `functools.partial` of a jitted step, see :func:`step_function`) compiled ahead of
+    time for caches of the avals `caches` (ShapeDtypeStructs suffice): a callable
+    `(state_leaves, tokens, caches, hash_weights, key) -> (tokens, caches, key)`. With `loop_steps`,
+    the program of :func:`run_steps` with that many steps."""
+    args = (state_leaves, jax.ShapeDtypeStruct((batch,), jnp.int32), caches, hash_weights,
+            jax.eval_shape(lambda: jax.random.PRNGKey(0)))
+    if loop_steps:
+        return run_steps.trace(*args, step=step, n=loop_steps).lower().compile()
+    return step.func.trace(*args, **step.keywords).lower().compile()
+
+
 # ----------------------------------------------------------------------------- random caches
 
 @functools.partial(jax.jit, static_argnames=("shape", "dtype"))
@@ -371,7 +389,8 @@ class DecodeBench:
         self.dtype = jnp.dtype(settings.dtype)
         self.rows: list[dict] = []
         self.built: dict[str, tuple] = {}
-        self.cost: dict[str, float] = {}  # phase -> seconds it took last time (for the time budget)
+        self.cost: dict[tuple[str, str], float] = {}  # (model, phase) -> seconds it took last time
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=COMPILE_THREADS)
         self.sweeps: dict[tuple, dict] = {}  # (model, context, batch) -> {method: attention us per layer}
         self.deadline = started + settings.time_budget_s
         self.key = jax.random.PRNGKey(20261122)
@@ -408,31 +427,34 @@ class DecodeBench:
         print(f"!! {base['model']} context {base['context']} batch {base['batch']} {what}: {message[:300]}", flush=True)
         self.record({"kind": "error", **base, "method": what, "error": message})
 
-    def estimate(self, phase: str) -> float:
-        """Seconds `phase` took last time; a phase not run yet is guessed as the slowest one of its
-        kind ("step", "loop"; a loop as a step if none ran), or 0."""
-        if phase in self.cost:
-            return self.cost[phase]
-        for kind in dict.fromkeys([phase.split(":")[0], "step"]):
-            seen = [t for p, t in self.cost.items() if p.split(":")[0] == kind]
+    def estimate(self, model: str, phase: str) -> float:
+        """Seconds `phase` ("core:prepare", "extras:step:exact", ...) took last time for `model`; a
+        phase not run yet is guessed as the slowest one of its group ("core:step", "extras:loop", ...)
+        for the model, then for any model, or 0."""
+        if (model, phase) in self.cost:
+            return self.cost[(model, phase)]
+        group = phase.rsplit(":", 1)[0] if phase.count(":") > 1 else phase
+        for anyone in (False, True):
+            seen = [t for (m, p), t in self.cost.items() if (anyone or m == model)
+                    and (p == group or p.startswith(group + ":"))]
             if seen:
                 return max(seen)
         return 0.0
 
     def over_budget(self, base: dict, phases: list[str], method: str | None = None) -> bool:
         left = self.deadline - time.perf_counter()
-        estimate = sum(self.estimate(p) for p in phases)
+        estimate = sum(self.estimate(base["model"], p) for p in phases)
         if estimate > left:
             self.skip(base, f"time budget: {left:.0f} s left, estimated {estimate:.0f} s", method)
             return True
         return False
 
-    def timed(self, phase: str, fn, *args, **kwargs):
+    def timed(self, model: str, phase: str, fn, *args, **kwargs):
         start = time.perf_counter()
         try:
             return fn(*args, **kwargs)
         finally:
-            self.cost[phase] = time.perf_counter() - start
+            self.cost[(model, phase)] = time.perf_counter() - start
 
     # -- models
     def weight_bytes(self, name: str) -> int:
@@ -458,7 +480,11 @@ class DecodeBench:
     # -- one job
     def run_job(self, job: "Job") -> None:
         """A core job: build the caches, the attention sweep, the dense and HATA steps, then the
-        cuDNN step on its own caches. An extras job: the exact top-k step and the in-jit loops."""
+        cuDNN step on its own caches. An extras job: the exact top-k step and the in-jit loops.
+
+        Every program a job times is compiled ahead of time in background threads (:meth:`compile`)
+        while its caches are built; the timing starts once all are compiled, so no compilation
+        runs next to a timed call."""
         s, config = self.s, self.configs[job.model]
         base = {"model": job.model, "context": job.context, "batch": job.batch}
         item = self.dtype.itemsize
@@ -479,48 +505,84 @@ class DecodeBench:
             return
         methods = [m for m in (("exact",) if job.extras else ("dense", "hata")) if m in s.methods]
         loops = [m for m in PRODUCT_METHODS if m in s.methods and s.loop_steps > 0] if job.extras else []
-        phases = ["build"] + ([] if job.extras else ["sweep"]) + [f"step:{m}" for m in methods] + [
-            f"loop:{m}" for m in loops]
-        if self.over_budget(base, phases, what):
+        cudnn = "cudnn" in s.methods and not job.extras and s.cudnn_step != "never"
+        phases = ["prepare"] + ([] if job.extras else ["sweep"]) + [f"step:{m}" for m in methods] + [
+            f"loop:{m}" for m in loops] + (["step:cudnn"] if cudnn else [])
+        kind = "extras" if job.extras else "core"
+        if self.over_budget(base, [f"{kind}:{p}" for p in phases], what):
             return
         print(f"== {job.model} context {job.context} batch {job.batch}{' (extras)' if job.extras else ''}", flush=True)
         _, hash_weights, weights_read = self.model(job.model)
         plan = AttentionPlan.uniform(config.num_layers, "hata", s.hata)
         shape = (job.batch, config.num_kv_heads, job.context, config.head_dim)
+        make = functools.partial(random_hata_cache, shape=shape, dtype=self.dtype)
+        avals = [jax.eval_shape(make, self.key, w, job.context) for w in hash_weights]
+        token_major = functools.partial(random_token_major_cache, shape=(job.batch, job.context) + shape[1:2] + shape[3:],
+                                        dtype=self.dtype)
+        programs = {m: self.compile(job.model, m, plan, avals, job.batch) for m in methods}
+        programs.update({f"loop:{m}": self.compile(job.model, m, plan, avals, job.batch, s.loop_steps) for m in loops})
+        if cudnn:  # compiled whether or not the sweep will ask for it: the threads are idle otherwise
+            programs["cudnn"] = self.compile(job.model, "cudnn", plan, [jax.eval_shape(token_major, self.key, 0)]
+                                             * config.num_layers, job.batch)
 
         def build():
-            return jax.block_until_ready([random_hata_cache(self._next_key(), w, job.context, shape=shape,
-                                                            dtype=self.dtype) for w in hash_weights])
+            return jax.block_until_ready([make(self._next_key(), w, job.context) for w in hash_weights])
 
-        caches = self.timed("build", build)
+        start = time.perf_counter()
+        caches = build()
+        sweep_programs = {} if job.extras else self.sweep_programs(config, caches, hash_weights)
+        compiled = self.wait(base, programs | sweep_programs)
+        self.cost[(job.model, f"{kind}:prepare")] = time.perf_counter() - start
         key = (job.model, job.context, job.batch)
         if not job.extras:
-            try:
-                self.sweeps[key] = self.timed("sweep", self.attention_sweep, base, config, caches, hash_weights, plan)
-            except Exception as err:  # keep going: the steps do not need the sweep
-                self.error(base, "attention sweep", err)
+            self.sweeps[key] = self.timed(job.model, f"{kind}:sweep", self.attention_sweep, base, config, compiled)
         sweep_us = self.sweeps.get(key, {})
         for method in methods + [f"loop:{m}" for m in loops]:
-            phase = method if method.startswith("loop:") else f"step:{method}"
-            if self.over_budget(base, [phase], method):
+            if method not in compiled:
                 continue
             caches = with_length(caches, job.context - s.slack)
-            if phase.startswith("step:"):
-                caches = self.step_method(base, method, plan, caches, sweep_us, weights_read)
+            if method.startswith("loop:"):
+                caches = self.timed(job.model, f"{kind}:{method}", self.loop_method, base, method, compiled[method],
+                                    caches)
             else:
-                caches = self.loop_method(base, method.split(":")[1], plan, caches)
+                caches = self.timed(job.model, f"{kind}:step:{method}", self.step_method, base, method,
+                                    compiled[method], caches, sweep_us, weights_read)
             if caches is None:  # a failed call may have consumed the donated caches
                 caches = build()
         free(caches)
-        if "cudnn" in s.methods and not job.extras:
-            self.cudnn_step(base, config, plan, sweep_us, weights_read)
+        if "cudnn" in compiled:
+            self.timed(job.model, f"{kind}:step:cudnn", self.cudnn_step, base, config, token_major, compiled["cudnn"],
+                       sweep_us, weights_read)
 
-    def attention_sweep(self, base, config, caches, hash_weights, plan) -> dict:
-        """Per-layer attention-only medians (us) of each method on this config's caches."""
-        s, batch, context = self.s, base["batch"], base["context"]
-        item = self.dtype.itemsize
-        impl = plan.impl
-        layer_bytes = attention_bytes(config, "dense", batch, context, s.hata, item)
+    def compile(self, model_name: str, method: str, plan, avals, batch: int, loop_steps: int = 0):
+        """A future of (the compiled step of `method`, seconds it took), compiled in a background thread."""
+        steps, hash_weights, _ = self.model(model_name)
+        step = step_function(steps, method, plan)
+
+        def work():
+            start = time.perf_counter()
+            program = compile_step(step, steps.state_leaves, avals, hash_weights, batch, loop_steps)
+            return program, time.perf_counter() - start
+
+        return self.pool.submit(work)
+
+    def wait(self, base: dict, futures: dict) -> dict:
+        """{name: (program, compile seconds)} of the futures that compiled; the others are recorded as errors."""
+        done = {}
+        for name, future in futures.items():
+            try:
+                done[name] = future.result()
+            except Exception as err:
+                self.error(base, f"compile {name}", err)
+        return done
+
+    def sweep_programs(self, config, caches, hash_weights) -> dict:
+        """{"attention:<method>": future of (compiled program, seconds)} for the attention sweep: each
+        method's op applied to a few layers' caches (enough to overflow the L2), with its argument sets."""
+        s = self.s
+        impl = hj.default_impl()
+        batch, context = caches[0].batch, caches[0].capacity
+        layer_bytes = attention_bytes(config, "dense", batch, context, s.hata, self.dtype.itemsize)
         first = min(s.dense_layers, config.num_layers - 1)
         sets = int(np.clip(np.ceil(200e6 / layer_bytes), 2, 16))
         layers = [first + i % (config.num_layers - first) for i in range(sets)]
@@ -530,33 +592,46 @@ class DecodeBench:
         lengths = caches[first].lengths
         ops = {
             "dense": (lambda q, c: hj.dense_decode_attention(q, c.k, c.v, c.lengths, impl=impl),
-                      [(q, caches[i]) for q, i in zip(qs, layers)]),
+                      lambda: [(q, caches[i]) for q, i in zip(qs, layers)]),
             "hata": (lambda q, c, w: hata_attention(q, k_new, c, w, s.hata, impl),
-                     [(q, caches[i], hash_weights[i]) for q, i in zip(qs, layers)]),
+                     lambda: [(q, caches[i], hash_weights[i]) for q, i in zip(qs, layers)]),
             "exact": (lambda q, c: exact_topk_attention(q, c, s.budget, impl),
-                      [(q, caches[i]) for q, i in zip(qs, layers)]),
+                      lambda: [(q, caches[i]) for q, i in zip(qs, layers)]),
+            "cudnn": (lambda q, k, v: dpa_attention(q, k, v, lengths),
+                      lambda: [(q, jnp.swapaxes(caches[i].k, 1, 2), jnp.swapaxes(caches[i].v, 1, 2))
+                               for q, i in zip(qs, layers)]),
         }
+
+        def work(fn, arg_sets):
+            start = time.perf_counter()
+            program = many_calls(fn, arg_sets)
+            return program, time.perf_counter() - start, fn, arg_sets
+
+        return {f"attention:{m}": self.pool.submit(work, fn, sets_of()) for m, (fn, sets_of) in ops.items()
+                if m in s.methods}
+
+    def attention_sweep(self, base, config, compiled) -> dict:
+        """Per-layer attention-only medians (us) of each method, from its compiled sweep program."""
+        s, batch, context = self.s, base["batch"], base["context"]
         out = {}
         for method in METHODS:
-            if method not in s.methods:
+            if f"attention:{method}" not in compiled:
                 continue
+            program, compile_s, fn, arg_sets = compiled[f"attention:{method}"]
             try:
-                if method == "cudnn":
-                    token_major = [(q, jnp.swapaxes(caches[i].k, 1, 2), jnp.swapaxes(caches[i].v, 1, 2))
-                                   for q, i in zip(qs, layers)]
-                    timing = median_us(lambda q, k, v: dpa_attention(q, k, v, lengths), token_major)
-                    free([t[1:] for t in token_major])
-                else:
-                    fn, arg_sets = ops[method]
-                    timing = median_us(fn, arg_sets)
+                timing = median_us(fn, arg_sets, compiled=program)
             except Exception as err:
                 self.error(base, f"attention {method}", err)
                 continue
-            nbytes = attention_bytes(config, method, batch, context, s.hata, item)
+            finally:
+                if method == "cudnn":
+                    free([a[1:] for a in arg_sets])  # the token-major copies
+            nbytes = attention_bytes(config, method, batch, context, s.hata, self.dtype.itemsize)
             floor_us = nbytes / (self.bandwidth["floor_gbps"] * 1e3)
             row = self.record({"kind": "attention", **base, "method": method, "length": context,
                                "implementation": dpa_implementation() if method == "cudnn" else hj.default_impl(),
-                               **timing, "bytes": nbytes, "floor_us": floor_us, "of_floor": timing["median_us"] / floor_us})
+                               **timing, "bytes": nbytes, "floor_us": floor_us,
+                               "of_floor": timing["median_us"] / floor_us, "compile_s": compile_s})
             out[method] = row["median_us"]
             print(f"  attention {method:<6} {row['median_us']:>9.1f} us/layer  ({row['of_floor']:.2f}x floor)", flush=True)
         return out
@@ -580,55 +655,52 @@ class DecodeBench:
             pipelined.append((time.perf_counter() - start) / PIPELINE)
         return times, pipelined, tokens, caches
 
-    def time_loop(self, step, tokens, caches, model_name: str):
-        """Per-step time (s) of `loop_steps` steps inside one jit, `1 + loop_reps` times (the first compiles)."""
+    def time_loop(self, program, tokens, caches, model_name: str):
+        """Per-step time (s) of `loop_steps` steps inside one jit, `1 + loop_reps` times (the first warms up)."""
         steps, hash_weights, _ = self.model(model_name)
         key = jax.random.PRNGKey(0)
         times = []
         for _ in range(1 + self.s.loop_reps):
             start = time.perf_counter()
-            tokens, caches, key = run_steps(steps.state_leaves, tokens, caches, hash_weights, key, step=step,
-                                            n=self.s.loop_steps)
+            tokens, caches, key = program(steps.state_leaves, tokens, caches, hash_weights, key)
             tokens.block_until_ready()
             times.append((time.perf_counter() - start) / self.s.loop_steps)
         return times, tokens, caches
 
-    def step_method(self, base, method, plan, caches, sweep_us, weights_read):
-        """Time one method's decode step on `caches`; returns the caches, or None when a failed
-        call consumed them (they are donated)."""
-        step = step_function(self.model(base["model"])[0], method, plan)
+    def step_method(self, base, method, compiled, caches, sweep_us, weights_read):
+        """Time one method's compiled decode step on `caches`; returns the caches, or None when a
+        failed call consumed them (they are donated)."""
+        step, compile_s = compiled
         try:
-            times, pipelined, _, caches = self.timed(f"step:{method}", self.time_steps, step, self.tokens(base),
-                                                     caches, base["model"])
+            times, pipelined, _, caches = self.time_steps(step, self.tokens(base), caches, base["model"])
         except Exception as err:
             self.error(base, f"step {method}", err)
             return surviving(caches)
         implementation = dpa_implementation() if method == "cudnn" else hj.default_impl()
-        self.step_row(base, method, implementation, times, pipelined, sweep_us, weights_read)
+        self.step_row(base, method, implementation, times, pipelined, sweep_us, weights_read, compile_s)
         check_no_overflow(caches)
         return caches
 
-    def loop_method(self, base, method, plan, caches):
+    def loop_method(self, base, method, compiled, caches):
         """Time `loop_steps` steps of a product method inside one jit and add them to its step row."""
-        s = self.s
-        row = next((r for r in self.rows if r["kind"] == "step" and r["method"] == method
+        s, name = self.s, method.split(":")[1]
+        row = next((r for r in self.rows if r["kind"] == "step" and r["method"] == name
                     and all(r[k] == v for k, v in base.items())), None)
         if row is None:
-            self.skip(base, "no per-step time to compare the in-jit loop with", f"loop:{method}")
+            self.skip(base, "no per-step time to compare the in-jit loop with", method)
             return caches
+        program, compile_s = compiled
         try:
-            times, _, caches = self.timed(f"loop:{method}", self.time_loop,
-                                          step_function(self.model(base["model"])[0], method, plan),
-                                          self.tokens(base), caches, base["model"])
+            times, _, caches = self.time_loop(program, self.tokens(base), caches, base["model"])
         except Exception as err:
-            self.error(base, f"loop {method}", err)
+            self.error(base, f"loop {name}", err)
             return surviving(caches)
         per_step = statistics.median(times[1:] or times)
         row.update(loop_ms=1e3 * per_step, loop_steps=s.loop_steps, loop_tokens_per_s=base["batch"] / per_step,
-                   loop_first_call_s=times[0] * s.loop_steps)
+                   loop_compile_s=compile_s)
         self.save(complete=False)
-        print(f"  loop {method:<6} {row['loop_ms']:>8.2f} ms/step with {s.loop_steps} steps in one jit, "
-              f"{row['median_ms']:.2f} ms/step one call each (first call {row['loop_first_call_s']:.1f} s)", flush=True)
+        print(f"  loop {name:<6} {row['loop_ms']:>8.2f} ms/step with {s.loop_steps} steps in one jit, "
+              f"{row['median_ms']:.2f} ms/step one call each (compiled in {compile_s:.1f} s)", flush=True)
         check_no_overflow(caches)
         return caches
 
@@ -636,10 +708,9 @@ class DecodeBench:
         return jax.random.randint(self._next_key(), (base["batch"],), 0, self.configs[base["model"]].vocab_size,
                                   jnp.int32)
 
-    def cudnn_step(self, base, config, plan, sweep_us, weights_read):
-        s, batch, context = self.s, base["batch"], base["context"]
-        if s.cudnn_step == "never":
-            return
+    def cudnn_step(self, base, config, token_major, compiled, sweep_us, weights_read):
+        """The cuDNN step on its own token-major caches, if `--cudnn-step` asks for it (see Settings)."""
+        s = self.s
         if s.cudnn_step == "auto":
             if "cudnn" not in sweep_us or "dense" not in sweep_us:
                 self.skip(base, "cudnn: no attention-only time to compare", "cudnn")
@@ -648,15 +719,11 @@ class DecodeBench:
                 self.skip(base, f"cudnn attention ({sweep_us['cudnn']:.1f} us/layer) is not faster than our dense "
                                 f"kernel ({sweep_us['dense']:.1f} us/layer) in the sweep", "cudnn")
                 return
-        if self.over_budget(base, ["build", "step:cudnn"], "cudnn"):
-            return
-        shape = (batch, context, config.num_kv_heads, config.head_dim)
-        caches = jax.block_until_ready([random_token_major_cache(self._next_key(), context - s.slack, shape=shape,
-                                                                 dtype=self.dtype)
+        caches = jax.block_until_ready([token_major(self._next_key(), base["context"] - s.slack)
                                         for _ in range(config.num_layers)])
-        free(self.step_method(base, "cudnn", plan, caches, sweep_us, weights_read))
+        free(self.step_method(base, "cudnn", compiled, caches, sweep_us, weights_read))
 
-    def step_row(self, base, method, implementation, times, pipelined, sweep_us, weights_read) -> dict:
+    def step_row(self, base, method, implementation, times, pipelined, sweep_us, weights_read, compile_s) -> dict:
         s, config = self.s, self.configs[base["model"]]
         batch, context = base["batch"], base["context"]
         timed = times[s.warmup:]
@@ -666,7 +733,7 @@ class DecodeBench:
         row = {"kind": "step", **base, "method": method, "implementation": implementation,
                "lengths": [context - s.slack + s.warmup + 1, context - s.slack + s.warmup + s.reps],
                "median_ms": 1e3 * median, "p10_ms": 1e3 * float(np.percentile(timed, 10)),
-               "p90_ms": 1e3 * float(np.percentile(timed, 90)), "steps": len(timed), "first_call_s": times[0],
+               "p90_ms": 1e3 * float(np.percentile(timed, 90)), "steps": len(timed), "compile_s": compile_s,
                "tokens_per_s": batch / median, "bytes": nbytes, "floor_ms": floor_ms,
                "of_floor": 1e3 * median / floor_ms}
         if pipelined:
@@ -680,7 +747,7 @@ class DecodeBench:
         share = f"{row['attention_share']:.0%}" if "attention_share" in row else "-"
         pipe = f", back to back {row['pipelined_ms']:.2f} ms" if pipelined else ""
         print(f"  step {method:<6} {row['median_ms']:>8.2f} ms  {row['tokens_per_s']:>8.1f} tok/s  "
-              f"attention {share}  {row['of_floor']:.2f}x floor  (first call {times[0]:.1f} s{pipe})", flush=True)
+              f"attention {share}  {row['of_floor']:.2f}x floor  (compiled in {compile_s:.1f} s{pipe})", flush=True)
         return row
 
 
@@ -784,7 +851,7 @@ def report_markdown(data: dict) -> str:
         if mine:
             lines += [f"### {name}: every step measured", "",
                       "| context | batch | method | ms/step (p10-p90) | tokens/s | attention share | GB moved | floor ms | "
-                      "x floor | back to back ms/step | in-jit loop ms/step | first call s |",
+                      "x floor | back to back ms/step | in-jit loop ms/step | compile s |",
                       "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
             for r in mine:
                 share = f"{r['attention_share']:.0%}" if "attention_share" in r else "-"
@@ -792,7 +859,7 @@ def report_markdown(data: dict) -> str:
                 lines.append(f"| {r['context']} | {r['batch']} | {r['method']} ({r['implementation']}) | "
                              f"{r['median_ms']:.2f} ({r['p10_ms']:.2f}-{r['p90_ms']:.2f}) | {r['tokens_per_s']:.1f} | "
                              f"{share} | {r['bytes'] / GB:.2f} | {r['floor_ms']:.2f} | {r['of_floor']:.2f} | "
-                             f"{' | '.join(extra)} | {r['first_call_s']:.1f} |")
+                             f"{' | '.join(extra)} | {r.get('compile_s', r.get('first_call_s', 0)):.1f} |")
             lines.append("")
         configs = sorted({(r["context"], r["batch"]) for r in sweep}, key=lambda cb: (cb[1], cb[0]))
         lines += pivot(f"{name}: attention only, one layer (us; x floor)", sweep, "attention", configs,
@@ -936,7 +1003,7 @@ def parse_args(argv):
                         help="time the cuDNN decode step always, never, or (auto, default) where cuDNN attention "
                              "beat our dense kernel in the sweep")
     parser.add_argument("--time-budget", type=float, dest="time_budget_s",
-                        help="seconds for the whole run; later configs are skipped (default 480)")
+                        help="seconds for the whole run; later configs are skipped (default 520)")
     parser.add_argument("--memory-gb", type=float, help="device memory to plan for (default: 97%% of the allocator's)")
     args = parser.parse_args(argv)
     if bool(args.out) == bool(args.report):

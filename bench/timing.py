@@ -24,10 +24,18 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def many_calls(fn: Callable[..., Any], arg_sets: Sequence[tuple]):
+    """The compiled program that applies `fn` to every argument set (`fn` jitted once, so its
+    trace and lowering are shared by the sets)."""
+    one = jax.jit(fn)
+    return jax.jit(lambda sets: [one(*s) for s in sets]).lower(arg_sets).compile()
+
+
 def median_us(fn: Callable[..., Any], arg_sets: Sequence[tuple], *, reps: int = 25, warmup: int = 3,
-              calls_per_group: int = 5) -> dict:
-    """Median microseconds per call of `fn(*args)` over the argument sets (see the module docstring)."""
-    many = jax.jit(lambda sets: [fn(*s) for s in sets])
+              calls_per_group: int = 5, compiled=None) -> dict:
+    """Median microseconds per call of `fn(*args)` over the argument sets (see the module
+    docstring); `compiled`: `many_calls(fn, arg_sets)` made beforehand (e.g. in another thread)."""
+    many = many_calls(fn, arg_sets) if compiled is None else compiled
     for _ in range(warmup):
         jax.block_until_ready(many(arg_sets))
     per_op = []
