@@ -9,6 +9,7 @@ positions are token indices, and decode appends each sequence's token at `length
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -55,9 +56,20 @@ class SelfAttention(nnx.Module):
     def _qkv(self, x, positions):
         """x: [..., hidden], positions: int[...] -> q [..., Hq, D], k, v [..., Hkv, D] (post-RoPE)."""
         lead = x.shape[:-1]
-        q = self.q_proj(x).reshape(*lead, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(*lead, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(*lead, self.num_kv_heads, self.head_dim)
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.shape[0] == 1:
+            # One token (a batch-1 decode step): XLA turns a vector-matrix product below ~10M
+            # multiply-adds (Llama-3.1-8B's k and v projections) into a multiply and a reduction
+            # that move ~3x the weights' bytes; a second, zero row keeps it a GEMM
+            # (`python -m bench.projections`).
+            rows = jnp.pad(rows, ((0, 1), (0, 0)))
+
+        def project(linear, heads):
+            return linear(rows)[:math.prod(lead)].reshape(*lead, heads, self.head_dim)
+
+        q = project(self.q_proj, self.num_heads)
+        k = project(self.k_proj, self.num_kv_heads)
+        v = project(self.v_proj, self.num_kv_heads)
         return apply_rope(q, positions, self.inv_freq), apply_rope(k, positions, self.inv_freq), v
 
     def prefill(self, x, lengths, cache: HataCache | None, w, impl: str, capture_qk: bool = False, mesh=None,
