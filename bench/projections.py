@@ -3,7 +3,8 @@
 At batch 1 XLA rewrites a small vector-matrix dot (Llama-3.1-8B's k and v projections,
 4096 x 1024) into an elementwise multiply plus a reduction instead of a GEMM (its GPU
 simplifier's "too small for a GEMM" rule), which moves several times the bytes of the weights.
-`models.llama.SelfAttention` pads a batch-1 step to two rows, which keeps the GEMMs.
+`models.llama.SelfAttention` pads a batch-1 step to two rows for matrices of 1M elements or
+more, which keeps the GEMMs (smaller ones, e.g. SmolLM2's, are faster as reductions).
 This measures, per batch size, the wall time per layer (`bench.timing.median_us` over distinct
 layers' weights, so the L2 cannot serve them) and which fusions XLA chose, against the bytes floor.
 
@@ -30,7 +31,8 @@ def separate(x, wq, wk, wv):
 
 
 def padded(x, wq, wk, wv):
-    """As `models.llama.SelfAttention` at batch 1: a zero row keeps each product a GEMM."""
+    """A zero row keeps each product a GEMM (`models.llama.SelfAttention` does so at batch 1 for
+    matrices of at least `PAD_MATVEC_ELEMENTS`)."""
     rows = jnp.pad(x, ((0, 1), (0, 0))) if x.shape[0] == 1 else x
     return tuple((rows @ w)[:x.shape[0]] for w in (wq, wk, wv))
 

@@ -9,7 +9,6 @@ positions are token indices, and decode appends each sequence's token at `length
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +21,10 @@ from models.attention import AttentionPlan
 from models.config import LlamaConfig
 from models.rope import apply_rope, inverse_frequencies
 from models.selector_cache import SelectorCache, append_token, selector_decode_attention
+
+
+# A batch-1 projection whose matrix has at least this many elements runs on two rows (see `_qkv`).
+PAD_MATVEC_ELEMENTS = 1 << 20
 
 
 class RMSNorm(nnx.Module):
@@ -57,15 +60,15 @@ class SelfAttention(nnx.Module):
         """x: [..., hidden], positions: int[...] -> q [..., Hq, D], k, v [..., Hkv, D] (post-RoPE)."""
         lead = x.shape[:-1]
         rows = x.reshape(-1, x.shape[-1])
-        if rows.shape[0] == 1:
-            # One token (a batch-1 decode step): XLA turns a vector-matrix product below ~10M
-            # multiply-adds (Llama-3.1-8B's k and v projections) into a multiply and a reduction
-            # that move ~3x the weights' bytes; a second, zero row keeps it a GEMM
-            # (`python -m bench.projections`).
-            rows = jnp.pad(rows, ((0, 1), (0, 0)))
 
         def project(linear, heads):
-            return linear(rows)[:math.prod(lead)].reshape(*lead, heads, self.head_dim)
+            # One token (a batch-1 decode step): XLA turns a vector-matrix product below ~10M
+            # multiply-adds (Llama-3.1-8B's k and v projections) into a multiply and a reduction
+            # that move ~3x the weights' bytes; a second, zero row keeps it a GEMM. Small matrices
+            # (SmolLM2's) are faster the reduction's way (`python -m bench.projections`).
+            pad = rows.shape[0] == 1 and linear.in_features * linear.out_features >= PAD_MATVEC_ELEMENTS
+            out = linear(jnp.pad(rows, ((0, 1), (0, 0))) if pad else rows)
+            return out[:rows.shape[0]].reshape(*lead, heads, self.head_dim)
 
         q = project(self.q_proj, self.num_heads)
         k = project(self.k_proj, self.num_kv_heads)
