@@ -193,13 +193,22 @@ def _variable_tracking(rng: np.random.Generator, units: int) -> Parts:
 
 
 CWE_COMMON, CWE_COMMON_FREQ, CWE_RARE_FREQ = 3, 30, 3
+CWE_PREFIX = f"Answer: The top {CWE_COMMON} words that appear most often in the list are:"
+
+
+def _cwe_words() -> list[str]:
+    """The prose words that may be listed: words inside the answer's prefix ("the", "list", "ear",
+    ...) would give an answer away."""
+    return [w for w in prose()[1] if w not in CWE_PREFIX]
 
 
 def _common_words(rng: np.random.Generator, units: int) -> Parts:
     """`units` rare words (3 times each) and CWE_COMMON common words, each as often as there are
     rare words (at least 30 times): the common words fill about half the list, shuffled."""
     _, words = prose()
-    chosen = [words[i] for i in rng.permutation(len(words))[: CWE_COMMON + units]]
+    # The words of `_cwe_words` in a permutation of all words: the random draws stay those of a
+    # sample drawn before the words of the prefix were left out.
+    chosen = [words[i] for i in rng.permutation(len(words)) if words[i] not in CWE_PREFIX][: CWE_COMMON + units]
     common, rare = chosen[:CWE_COMMON], chosen[CWE_COMMON:]
     entries = common * max(CWE_COMMON_FREQ, units) + rare * CWE_RARE_FREQ
     entries = [entries[i] for i in rng.permutation(len(entries))]
@@ -207,8 +216,7 @@ def _common_words(rng: np.random.Generator, units: int) -> Parts:
     user = (f"Below is a numbered list of words. In these words, some appear more often than others. Memorize the "
             f"ones that appear most often.\n{listing}\nQuestion: What are the {CWE_COMMON} most common words in "
             "the above list?")
-    prefix = f"Answer: The top {CWE_COMMON} words that appear most often in the list are:"
-    return Parts(user, prefix, tuple(common))
+    return Parts(user, CWE_PREFIX, tuple(common))
 
 
 FWE_TOP, FWE_ALPHA, FWE_VOCAB = 3, 2.0, 400
@@ -246,7 +254,7 @@ TASKS: dict[str, Task] = {
     "niah_multivalue": Task(functools.partial(_niah, keys=1, values_per_key=4, queries=1), 48),
     "niah_multiquery": Task(functools.partial(_niah, keys=2, values_per_key=1, queries=2), 32),
     "variable_tracking": Task(_variable_tracking, 32),
-    "common_words": Task(_common_words, 32, max_units=lambda: len(prose()[1]) - CWE_COMMON),
+    "common_words": Task(_common_words, 32, max_units=lambda: len(_cwe_words()) - CWE_COMMON),
     "frequent_words": Task(_frequent_words, 24),
 }
 
