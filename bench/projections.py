@@ -1,18 +1,20 @@
-"""Decode-time q/k/v projections of one layer: separate matrices versus one fused [q | k | v] matrix.
+"""Decode-time q/k/v projections of one layer: separate products versus one product with the
+three matrices concatenated inside the program versus one stored fused matrix.
 
 At batch 1 XLA rewrites a small vector-matrix dot (Llama-3.1-8B's k and v projections,
-4096 x 1024) into an elementwise multiply plus a reduction instead of a GEMM (its GPU
-simplifier's "too small for a GEMM" rule), which moves several times the bytes of the weights.
-`models.llama.SelfAttention` pads a batch-1 step to two rows for matrices of 1M elements or
-more, which keeps the GEMMs (smaller ones, e.g. SmolLM2's, are faster as reductions).
-This measures, per batch size, the wall time per layer (`bench.timing.median_us` over distinct
-layers' weights, so the L2 cannot serve them) and which fusions XLA chose, against the bytes floor.
+4096 x 1024) into an elementwise multiply plus a reduction instead of a GEMM, which moves several
+times the bytes of the weights; padding the batch to two rows keeps GEMMs, and one product with
+the matrices concatenated in the program (what `models.llama.SelfAttention` does) is faster still:
+XLA reads the concatenation straight into its GEMM, without a copy. This measures, per batch
+size, the wall time per layer (`bench.timing.median_us` over distinct layers' weights, so the L2
+cannot serve them) and which fusions XLA chose, against the bytes floor.
 
     python -m bench.projections --out $OUT/projections.json
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import sys
 
@@ -24,21 +26,27 @@ from bench.timing import environment, floor_bandwidth_gbps, many_calls, median_u
 
 # (hidden, q projection outputs, k and v projection outputs)
 SHAPES = {"llama": (4096, 4096, 1024), "smollm2": (576, 576, 192)}
+PADDED_ROWS = (2, 4)
 
 
 def separate(x, wq, wk, wv):
     return x @ wq, x @ wk, x @ wv
 
 
-def padded(x, wq, wk, wv):
-    """A zero row keeps each product a GEMM (`models.llama.SelfAttention` does so at batch 1 for
-    matrices of at least `PAD_MATVEC_ELEMENTS`)."""
-    rows = jnp.pad(x, ((0, 1), (0, 0))) if x.shape[0] == 1 else x
-    return tuple((rows @ w)[:x.shape[0]] for w in (wq, wk, wv))
+def padded(x, wq, wk, wv, *, rows: int):
+    """Separate products on the batch padded with zero rows up to `rows` (GEMMs, not reductions)."""
+    full = jnp.pad(x, ((0, rows - x.shape[0]), (0, 0)))
+    return tuple((full @ w)[:x.shape[0]] for w in (wq, wk, wv))
 
 
 def fused(x, wqkv):
     return x @ wqkv
+
+
+def concatenated(x, wq, wk, wv):
+    """One product with the matrices concatenated inside the program (as `models.llama`); were the
+    concatenation not fused into the GEMM, it would copy 50 MB per Llama layer."""
+    return x @ jnp.concatenate([wq, wk, wv], axis=1)
 
 
 def main(argv=None) -> int:
@@ -60,11 +68,13 @@ def main(argv=None) -> int:
         floor_us = nbytes / (bandwidth["floor_gbps"] * 1e3)
         for batch in args.batches:
             x = jax.random.normal(key, (batch, hidden), jnp.bfloat16)
-            for name, fn, arg_sets in (("separate", separate, [(x,) + w for w in weights]),
-                                       ("separate, batch 1 padded to 2", padded, [(x,) + w for w in weights]),
-                                       ("fused", fused, [(x,) + w for w in fused_weights])):
-                if name.startswith("separate, batch 1") and batch > 1:
-                    continue
+            variants = [("separate", separate, [(x,) + w for w in weights])]
+            if batch == 1:
+                variants += [(f"separate, batch 1 padded to {rows}", functools.partial(padded, rows=rows),
+                              [(x,) + w for w in weights]) for rows in PADDED_ROWS]
+            variants.append(("fused", fused, [(x,) + w for w in fused_weights]))
+            variants.append(("concatenated in the program", concatenated, [(x,) + w for w in weights]))
+            for name, fn, arg_sets in variants:
                 program = many_calls(fn, arg_sets)
                 hlo = program.as_text()
                 timing = median_us(fn, arg_sets, compiled=program)

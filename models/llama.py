@@ -12,6 +12,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 import hata_jax
@@ -21,10 +22,6 @@ from models.attention import AttentionPlan
 from models.config import LlamaConfig
 from models.rope import apply_rope, inverse_frequencies
 from models.selector_cache import SelectorCache, append_token, selector_decode_attention
-
-
-# A batch-1 projection whose matrix has at least this many elements runs on two rows (see `_qkv`).
-PAD_MATVEC_ELEMENTS = 1 << 20
 
 
 class RMSNorm(nnx.Module):
@@ -56,23 +53,31 @@ class SelfAttention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, d
         self.inv_freq = tuple(float(f) for f in inverse_frequencies(config))
 
-    def _qkv(self, x, positions):
-        """x: [..., hidden], positions: int[...] -> q [..., Hq, D], k, v [..., Hkv, D] (post-RoPE)."""
+    def _qkv(self, x, positions, fused: bool = True):
+        """x: [..., hidden], positions: int[...] -> q [..., Hq, D], k, v [..., Hkv, D] (post-RoPE).
+
+        `fused`: one product with the three matrices concatenated inside the program (XLA reads
+        the concatenation straight into its GEMM: no copy). Separate products of small matrices
+        are slower: at batch 1 XLA turns Llama-3.1-8B's k and v projections into a multiply plus a
+        reduction moving ~3x their bytes (`python -m bench.projections`: q + k + v per layer 26.2
+        vs 54.4 us). Head-sharded weights (a mesh) keep separate products, whose shards line up
+        with the heads'.
+        """
         lead = x.shape[:-1]
-        rows = x.reshape(-1, x.shape[-1])
-
-        def project(linear, heads):
-            # One token (a batch-1 decode step): XLA turns a vector-matrix product below ~10M
-            # multiply-adds (Llama-3.1-8B's k and v projections) into a multiply and a reduction
-            # that move ~3x the weights' bytes; a second, zero row keeps it a GEMM. Small matrices
-            # (SmolLM2's) are faster the reduction's way (`python -m bench.projections`).
-            pad = rows.shape[0] == 1 and linear.in_features * linear.out_features >= PAD_MATVEC_ELEMENTS
-            out = linear(jnp.pad(rows, ((0, 1), (0, 0))) if pad else rows)
-            return out[:rows.shape[0]].reshape(*lead, heads, self.head_dim)
-
-        q = project(self.q_proj, self.num_heads)
-        k = project(self.k_proj, self.num_kv_heads)
-        v = project(self.v_proj, self.num_kv_heads)
+        widths = [self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * 2
+        linears = (self.q_proj, self.k_proj, self.v_proj)
+        if fused:
+            kernel = jnp.concatenate([linear.kernel[...] for linear in linears], axis=1)
+            x, kernel = nnx.nn.dtypes.promote_dtype((x, kernel), dtype=self.q_proj.dtype)
+            out = jnp.dot(x, kernel, precision=self.q_proj.precision)
+            if self.q_proj.use_bias:
+                out = out + jnp.concatenate([linear.bias[...] for linear in linears]).astype(out.dtype)
+            q, k, v = jnp.split(out, np.cumsum(widths[:2]), axis=-1)
+        else:
+            q, k, v = (linear(x) for linear in linears)
+        q = q.reshape(*lead, self.num_heads, self.head_dim)
+        k = k.reshape(*lead, self.num_kv_heads, self.head_dim)
+        v = v.reshape(*lead, self.num_kv_heads, self.head_dim)
         return apply_rope(q, positions, self.inv_freq), apply_rope(k, positions, self.inv_freq), v
 
     def prefill(self, x, lengths, cache: HataCache | None, w, impl: str, capture_qk: bool = False, mesh=None,
@@ -85,7 +90,7 @@ class SelfAttention(nnx.Module):
         `(q [B, T, Hq, D], k [B, T, Hkv, D])` as the intermediate "qk".
         """
         b, t, _ = x.shape
-        q, k, v = self._qkv(x, jnp.broadcast_to(jnp.arange(t), (b, t)))
+        q, k, v = self._qkv(x, jnp.broadcast_to(jnp.arange(t), (b, t)), fused=mesh is None)
         if capture_qk:
             self.sow(nnx.Intermediate, "qk", (q, k))
         out = jax.nn.dot_product_attention(q, k, v, is_causal=True, key_value_seq_lengths=lengths)
@@ -97,7 +102,7 @@ class SelfAttention(nnx.Module):
     def decode(self, x, cache: HataCache | SelectorCache, w, kind: str, plan: AttentionPlan, params=None):
         """x: [B, hidden], one new token per sequence at position `cache.lengths[b]`; `params`: the
         layer's selector params (a "sparse" layer's, or to keep a SelectorCache's state current)."""
-        q, k, v = self._qkv(x, cache.lengths)
+        q, k, v = self._qkv(x, cache.lengths, fused=plan.mesh is None)
         out, cache = decode_attention(q, k, v, cache, w, params, kind=kind, plan=plan)
         return self.o_proj(out.reshape(x.shape[0], -1)), cache
 

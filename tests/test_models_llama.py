@@ -191,27 +191,17 @@ def test_decode_steps_match_numpy(rng, name, attention):
         np.testing.assert_allclose(np.asarray(logits[:, row]), expected, rtol=2e-4, atol=2e-4)
 
 
-def test_batch_one_projections_padded_to_two_rows_match_numpy(rng, monkeypatch):
-    """A batch-1 step runs its q/k/v projections on two rows (the second zero) when the matrices
-    have PAD_MATVEC_ELEMENTS or more: forced here for the tiny model, the logits stay the numpy
-    forward's."""
-    import models.llama as llama
-
-    monkeypatch.setattr(llama, "PAD_MATVEC_ELEMENTS", 0)
-    cfg = HF_CONFIGS["llama-gqa"]
-    model, tensors = random_model(cfg, rng)
-    config = model.config
-    plan = AttentionPlan.uniform(config.num_layers, "hata", HataConfig(rbit=64, budget=16, dense_layers=1))
-    prompt = ragged_prompts(rng, cfg["vocab_size"], [5])[0]
-    forced = rng.integers(0, cfg["vocab_size"], size=(1, 3))
-    caches = init_caches(config, 1, 27, rbit=64, dtype=jnp.float32)  # shapes no other test traces
-    weights = hash_weights_for(config, plan, np.asarray(rng.standard_normal((config.num_layers, config.num_kv_heads,
-                                                                              config.head_dim, 64)), np.float32))
-    graphdef, state = nnx.split(model)
-    logits, _ = _prefill_then_decode(graphdef, state, jnp.asarray([prompt], jnp.int32), jnp.asarray([5], jnp.int32),
-                                     jnp.asarray(forced, jnp.int32), caches, weights, plan)
-    expected = numpy_forward(cfg, tensors, prompt + forced[0].tolist())[5:]
-    np.testing.assert_allclose(np.asarray(logits[:, 0]), expected, rtol=2e-4, atol=2e-4)
+@pytest.mark.parametrize("name", ["llama-gqa", "qwen2-tied"])
+def test_fused_projections_equal_separate_ones(rng, name):
+    """`_qkv` multiplies by the three matrices concatenated (biases too): the same q, k, v as the
+    three nnx.Linear layers (the head-sharded path), at batch 1 and for a prompt."""
+    model, _ = random_model(HF_CONFIGS[name], rng)
+    attn = model.layers[0].self_attn
+    for shape in ((1, model.config.hidden_size), (2, 5, model.config.hidden_size)):
+        x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+        positions = jnp.broadcast_to(jnp.arange(shape[-2]) if len(shape) == 3 else jnp.array([7]), shape[:-1])
+        for fused, separate in zip(attn._qkv(x, positions), attn._qkv(x, positions, fused=False)):
+            np.testing.assert_allclose(np.asarray(fused), np.asarray(separate), rtol=1e-5, atol=1e-5)
 
 
 def test_decode_step_compiles_once(rng):
