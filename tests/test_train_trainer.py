@@ -79,7 +79,7 @@ def planted(tmp_path, rng):
 
 def test_hata_steps_lower_the_loss_and_raise_the_mass(planted, tmp_path):
     selector = HataSelector(rbit=32)
-    config = TrainConfig.for_selector(selector, steps=100, batch_keys=64)
+    config = TrainConfig.for_selector(selector, steps=300, batch_keys=64)
     trained, metadata = train_tiny(planted, tmp_path / "run", selector, config)
     assert metadata["complete"] and sorted(trained) == [1, 2]
     gains = []
@@ -90,8 +90,9 @@ def test_hata_steps_lower_the_loss_and_raise_the_mass(planted, tmp_path):
         assert set(first) == {"loss", "similarity", "balance", "decorrelation"}
         assert record["train_mass_1_16_end"] <= record["train_mass_1_16_exact"] + 1e-6
         gains.append(record["train_mass_1_16_end"] - record["train_mass_1_16_start"])
-    # The gain varies with the random init; over 32 seeds its mean over the two layers was 0.03 to 0.22.
-    assert np.mean(gains) > 0.01
+    # The gain varies with the planted data: with 300 steps its mean over the two layers was at least
+    # 0.18 (mean 0.34) over 150 seeds; with 100 steps ~1% of seeds ended below 0.01, one of them in CI.
+    assert np.mean(gains) > 0.05
     assert all(w.shape == (2, 64, 32) for w in trained.values())
 
 
