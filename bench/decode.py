@@ -98,6 +98,7 @@ PRODUCT_METHODS = ("dense", "hata")  # run by the model's own decode step
 GREEDY = generation.Sampling()
 GB = 1e9
 PIPELINE = 5  # steps dispatched back to back per timed group (host dispatch overlapping the device)
+PLOT_COLUMNS = 4  # subplots per row of the tokens/s figure
 COMPILE_THREADS = 6  # a job's programs compile side by side (XLA's compiler releases the GIL)
 
 LLAMA_8B = LlamaConfig(
@@ -972,10 +973,14 @@ def report_plots(data: dict, folder: str) -> list[str]:
         save(fig, name)
     contexts = sorted({(r["model"], r["context"]) for r in steps if r["batch"] > 1})
     if contexts:
-        fig, axes = plt.subplots(1, len(contexts), figsize=(5 * len(contexts), 4), squeeze=False)
-        for ax, (model, context) in zip(axes[0], contexts):
+        columns = min(len(contexts), PLOT_COLUMNS)
+        rows = math.ceil(len(contexts) / columns)
+        fig, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 3.6 * rows), squeeze=False)
+        for ax, (model, context) in zip(axes.flat, contexts):
             lines_by_method(ax, steps, "batch", "tokens_per_s", lambda r, m=model, c=context: (r["model"], r["context"]) == (m, c))
             ax.set(xlabel="batch", ylabel="tokens/s", title=f"{title(data, model)}, context {context}")
+        for ax in list(axes.flat)[len(contexts):]:
+            ax.set_visible(False)
         fig.suptitle(f"{device}: decode tokens/s vs batch")
         save(fig, "decode_tokens_per_s_vs_batch.png")
     return written
