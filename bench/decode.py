@@ -87,7 +87,7 @@ from flax import nnx
 from jax import lax
 
 import hata_jax as hj
-from bench.timing import environment, floor_bandwidth_gbps, many_calls, median_us, write_json
+from bench.timing import compile_timed, environment, floor_bandwidth_gbps, many_calls, median_us, write_json
 from hata_jax import HataCache, HataConfig
 from models import AttentionPlan, LlamaConfig, LlamaForCausalLM, RopeScaling
 from models import generation
@@ -290,14 +290,14 @@ def run_steps(state_leaves, tokens, caches, hash_weights, key, *, step, n: int):
 
 def compile_step(step, state_leaves, caches, hash_weights, batch: int, loop_steps: int = 0):
     """`step` (a `functools.partial` of a jitted step, see :func:`step_function`) compiled ahead of
-    time for caches of the avals `caches` (ShapeDtypeStructs suffice): a callable
-    `(state_leaves, tokens, caches, hash_weights, key) -> (tokens, caches, key)`. With `loop_steps`,
-    the program of :func:`run_steps` with that many steps."""
+    time for caches of the avals `caches` (ShapeDtypeStructs suffice): (a callable
+    `(state_leaves, tokens, caches, hash_weights, key) -> (tokens, caches, key)`, seconds per
+    compile phase). With `loop_steps`, the program of :func:`run_steps` with that many steps."""
     args = (state_leaves, jax.ShapeDtypeStruct((batch,), jnp.int32), caches, hash_weights,
             jax.eval_shape(lambda: jax.random.PRNGKey(0)))
     if loop_steps:
-        return run_steps.trace(*args, step=step, n=loop_steps).lower().compile()
-    return step.func.trace(*args, **step.keywords).lower().compile()
+        return compile_timed(run_steps, *args, step=step, n=loop_steps)
+    return compile_timed(step.func, *args, **step.keywords)
 
 
 # ----------------------------------------------------------------------------- random caches
@@ -561,9 +561,8 @@ class DecodeBench:
         step = step_function(steps, method, plan)
 
         def work():
-            start = time.perf_counter()
-            program = compile_step(step, steps.state_leaves, avals, hash_weights, batch, loop_steps)
-            return program, time.perf_counter() - start
+            program, phases = compile_step(step, steps.state_leaves, avals, hash_weights, batch, loop_steps)
+            return program, sum(phases.values())
 
         return self.pool.submit(work)
 

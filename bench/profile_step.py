@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bench.decode import LLAMA_8B, SMALL, SMALL_MODELS, Settings, random_hata_cache, step_function
+from bench.decode import LLAMA_8B, SMALL, SMALL_MODELS, Settings, compile_step, random_hata_cache, step_function
 from bench.timing import environment, write_json
 from models import AttentionPlan, LlamaForCausalLM, generation
 
@@ -66,29 +66,15 @@ def kernel_times(trace_dir: str, steps: int) -> tuple[dict, dict, float, float]:
     return dict(per_kernel), dict(counts), span, len(starts) / steps
 
 
-def compile_step(step, args, hlo_path: str | None) -> tuple[dict, object]:
-    """({trace_s, lower_s, compile_s}, the compiled step taking `args`) of the step (a
-    `functools.partial` of a jitted function); with `hlo_path`, the optimized HLO is written there
-    (it names every fusion the profile shows)."""
-    start = time.perf_counter()
-    traced = step.func.trace(*args, **step.keywords)
-    traced_at = time.perf_counter()
-    lowered = traced.lower()
-    lowered_at = time.perf_counter()
-    compiled = lowered.compile()
-    done = time.perf_counter()
-    if hlo_path:
-        with open(hlo_path, "w") as f:
-            f.write(compiled.as_text())
-    return {"trace_s": traced_at - start, "lower_s": lowered_at - traced_at, "compile_s": done - lowered_at}, compiled
-
-
 def profile_method(steps_obj, method, plan, caches, hash_weights, n_steps: int,
                    hlo_path: str | None = None) -> tuple[dict, object]:
-    step = step_function(steps_obj, method, plan)
     tokens = jnp.zeros((caches[0].batch,), jnp.int32)
     key = jax.random.PRNGKey(0)
-    compiling, step = compile_step(step, (steps_obj.state_leaves, tokens, caches, hash_weights, key), hlo_path)
+    step, compiling = compile_step(step_function(steps_obj, method, plan), steps_obj.state_leaves, caches,
+                                   hash_weights, caches[0].batch)
+    if hlo_path:  # the optimized HLO names every fusion the profile shows
+        with open(hlo_path, "w") as f:
+            f.write(step.as_text())
     for _ in range(3):  # compile and warm up
         tokens, caches, key = step(steps_obj.state_leaves, tokens, caches, hash_weights, key)
     tokens.block_until_ready()

@@ -59,8 +59,8 @@ class SelfAttention(nnx.Module):
         `fused`: one product with the three matrices concatenated inside the program (XLA reads
         the concatenation straight into its GEMM: no copy). Separate products of small matrices
         are slower: at batch 1 XLA turns Llama-3.1-8B's k and v projections into a multiply plus a
-        reduction moving ~3x their bytes (`python -m bench.projections`: q + k + v per layer 26.2
-        vs 54.4 us). Head-sharded weights (a mesh) keep separate products, whose shards line up
+        reduction moving ~3x their bytes (`python -m bench.projections`: q + k + v per layer 24.5
+        vs 53.4 us on an H100). Head-sharded weights (a mesh) keep separate products, whose shards line up
         with the heads'.
         """
         lead = x.shape[:-1]

@@ -88,8 +88,8 @@ def test_switch_to_hata_is_exact(rng):
 def test_generation_across_the_threshold_compiles_each_step_once(rng):
     """Crossing the threshold traces the dense step and the HATA step once each (the HATA layers
     share one trace of the layer's attention: scoring and selection are traced once), a second
-    generation traces nothing, and the
-    tokens equal HATA all along (threshold = budget, where HATA selects every token)."""
+    generation traces nothing, and the tokens equal HATA all along (threshold = budget, where HATA
+    selects every token)."""
     budget = 8
     model, plan, weights = hata_setup(rng, "llama-gqa", budget=budget)
     prompts = ragged_prompts(rng, 97, [3, 6])
