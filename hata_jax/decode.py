@@ -80,7 +80,7 @@ def _fused(q, k_new, v_new, cache: HataCache, w, config: HataConfig, scale: floa
     )
     k, v, codes, norms, lengths, overflow = arrays
     out, tickets = flash_decode.sparse_decode_attention(
-        q, k, v, idx, count, scale=scale, return_lse=False, interpret=interpret, flags=overflow.astype(jnp.int32),
+        q, k, v, idx, count, scale=scale, return_lse=False, interpret=interpret, flags=overflow,
         tickets=state.tickets, return_tickets=True,
     )
     cache = dataclasses.replace(cache, k=k, v=v, codes=codes, norms=norms, lengths=lengths, overflow=overflow,

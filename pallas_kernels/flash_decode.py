@@ -12,28 +12,32 @@ same function.
 
 Design
 ------
-A call is at most two launches and nothing else: no XLA op runs around them (the q, out and
-lse reshapes are bitcasts; `lengths` / `count` are read raw and clipped inside the kernel).
+A call is one launch and nothing else: no XLA op runs around it (the q, out and lse reshapes
+are bitcasts; `lengths` / `count` are read raw and clipped inside the kernel; the caller gives
+the `flags` and `tickets` arrays, or fresh zero arrays are made).
 
-1. The split kernel, grid `(batch, kv_heads, splits)`. The `G = Hq / Hkv` query heads of a KV
-   head are the rows of one `[16, D]` query tile (G padded up to 16 rows for the dot; padded
-   rows are masked on load and store), so each K/V row is read from HBM once per group. The
-   `n = clip(lengths[b], 0, S)` (dense) or `clip(count[b, h], 0, budget)` (sparse) valid rows
-   form `cdiv(n, block_k)` blocks; split `s` takes the `s`-th run of `cdiv(blocks, splits)` of
-   them. Splits are sized from the *traced* `n`, not from the capacity, so a short sequence in
-   a long cache still spreads over all its programs, and blocks past `n` are never visited (no
-   loads). Each program keeps a float32 online softmax (running max `m`, sum `l`, unnormalised
-   output `acc`) and writes it as float32 partials `[B, Hkv, splits, G, (D)]`.
-2. The combine kernel (:func:`_combine_splits`), grid `(batch, kv_heads)`: each program loads
-   its `[splits, G]` maxima and sums, takes `m* = max m` and `L = sum exp(m - m*) l`, sums
-   `exp(m - m*) acc` over its `[splits, G, D]` partials (`_COMBINE_TILE` elements per loop
-   step), and writes `out = acc / L` in q's dtype and, if asked, `lse = m* + log L`.
+Grid `(batch, kv_heads, splits)`. The `G = Hq / Hkv` query heads of a KV head are the rows of
+one `[16, D]` query tile (G padded up to 16 rows for the dot; padded rows are masked on load
+and store), so each K/V row is read from HBM once per group. The `n = clip(lengths[b], 0, S)`
+(dense) or `clip(count[b, h], 0, budget)` (sparse) valid rows form `cdiv(n, block_k)` blocks;
+split `s` takes the `s`-th run of `cdiv(blocks, splits)` of them. Splits are sized from the
+*traced* `n`, not from the capacity, so a short sequence in a long cache still spreads over all
+its programs, and blocks past `n` are never visited (no loads). Each program keeps a float32
+online softmax (running max `m`, sum `l`, unnormalised output `acc`). With `splits == 1` it
+normalises and writes out (and lse). Otherwise it writes float32 partials `[B, Hkv, splits, G,
+(D)]`, then (after a block barrier) takes a ticket, an acquire-release atomic increment of the
+row's counter in `tickets`; the program that draws the row's last ticket combines
+(:func:`_combine_splits`): it loads the `[splits, G]` maxima and sums, takes `m* = max m` and
+`L = sum exp(m - m*) l`, sums `exp(m - m*) acc` over the `[splits, G, D]` partials
+(`_COMBINE_TILE` elements per loop step), writes `out = acc / L` in q's dtype and, if asked,
+`lse = m* + log L`, and resets the counter to zero. Which program combines does not change the
+result (the sum runs over the splits in order).
 
-With `splits == 1` the split kernel normalises and writes out (and lse) itself: one launch,
-no partials (:func:`_store_normalized` is the same code in both kernels). A (b, h) with no
-valid row gets out 0 and lse -inf. Dots run at full input precision (`Precision.HIGHEST`:
-IEEE fp32 for fp32 inputs, not tf32; bf16/fp16 tensor-core dots accumulate in fp32). The
-probabilities are cast to V's dtype for the second dot, as in every flash kernel.
+A (b, h) with no valid row gets out 0 and lse -inf; a used sparse slot outside `[0, S)` is
+never read and makes its (b, h) NaN; a non-zero `flags[b]` (an overflowed cache) makes
+sequence b NaN. Dots run at full input precision (`Precision.HIGHEST`: IEEE fp32 for fp32
+inputs, not tf32; bf16/fp16 tensor-core dots accumulate in fp32). The probabilities are cast
+to V's dtype for the second dot, as in every flash kernel.
 
 Byte floor, Llama-3.1-8B attention (32 q heads, 8 KV heads, D=128, bf16), batch 1, 128K context
 ------------------------------------------------------------------------------------------------
@@ -43,8 +47,7 @@ Byte floor, Llama-3.1-8B attention (32 q heads, 8 KV heads, D=128, bf16), batch 
 - sparse, budget 2048: 2048 rows x 8 KV heads x 128 x 2 B x 2 (K and V) = 8 MiB plus the
   indices 2048 x 8 x 4 B = 64 KiB: 8.06 MiB (8.45 MB), 2.8 us at 3.0 TB/s, so this kernel is
   launch- and latency-bound. Partials at 32 splits: 0.5 MiB written and read back (6% of the
-  floor each way; fewer splits trade it for parallelism), and the combine is a second launch
-  (splits == 1 skips both). Choosing the rows is the scoring kernels' job (codes 16 B + norm
+  floor each way; fewer splits trade it for parallelism). Choosing the rows is the scoring kernels' job (codes 16 B + norm
   4 B per token per KV head at rbit 128: 131072 x 8 x 20 B = 20 MiB).
 
 Tunables (:class:`Tuning`; pass `tuning=` to override, e.g. from a benchmark sweep)
@@ -58,16 +61,14 @@ Tunables (:class:`Tuning`; pass `tuning=` to override, e.g. from a benchmark swe
   pipeline needs iterations to overlap) or 1 block (sparse) at full length. Llama-3.1-8B on an
   H100 (132 SMs): dense batch 1 -> 64 splits (512 programs; 2048 tokens each at 128K, 512 at
   32K), batch 8 -> 8 splits; sparse budget 2048 -> 32 splits (one block each) at batch 1, 8 at
-  batch 8. The rule gives 1 split (one launch, no combine) only where it costs no parallelism:
-  when `batch x kv_heads` alone fills the SMs 4 times (batch >= 66 at 8 KV heads), or when
-  the rows make too few blocks to share (sparse budget <= block_k, dense S < 8 blocks).
+  batch 8. The rule gives 1 split (no partials) only where it costs no parallelism: when
+  `batch x kv_heads` alone fills the SMs 4 times (batch >= 66 at 8 KV heads), or when the rows
+  make too few blocks to share (sparse budget <= block_k, dense S < 8 blocks).
 - `num_warps = 4` (one `[16, D]` query tile needs no more); `num_stages = 3` for dense (two
   blocks in flight while one computes), 2 for fp32 at D=128 (tile bytes) and for sparse (the
   gather addresses come from a load in the same iteration; its loop is 1-4 blocks long).
-- combine (module constants): `_COMBINE_WARPS = 8`, `_COMBINE_TILE = 16384` float32 partial
-  elements per loop step (64 KiB, 64 registers a thread): the combine has only `batch x
-  kv_heads` programs (8 at batch 1), so each issues as many loads at once as its registers
-  hold; sparse batch 1 (32 splits x 4 rows x 128) merges in one step, dense (64 splits) in 2.
+- combine: `_COMBINE_TILE = 8192` float32 partial elements per loop step (64 registers a
+  thread at 4 warps): Llama's sparse batch 1 (32 splits x 4 rows x 128) merges in 2 steps.
 """
 from __future__ import annotations
 
@@ -92,7 +93,7 @@ _DEFAULT_SMS = 132  # H100 SXM, used when the device does not report its core co
 _WAVES = 4
 # Running max before any valid row: finite, so `exp(m_old - m_new)` never sees inf - inf.
 _NO_MAX = float(jnp.finfo(jnp.float32).min)
-_COMBINE_TILE = 16384
+_COMBINE_TILE = 8192
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,7 +198,7 @@ def _attend_blocks(q_ref, n, load_block, out_refs, *, scale, block_k, splits, gr
     last = jnp.minimum(first + blocks_per_split, pl.cdiv(n, block_k))
     rows = jnp.arange(GROUP_ROWS) < group
     q = pltriton.load(q_ref.at[pl.ds(0, GROUP_ROWS), :], mask=rows[:, None], other=0)
-    poisoned = flag_ref[...] != 0
+    poisoned = flag_ref[...].astype(jnp.int32) != 0
 
     def body(block, carry):
         start = block * block_k
@@ -228,35 +229,38 @@ def _attend_blocks(q_ref, n, load_block, out_refs, *, scale, block_k, splits, gr
 
     @pl.when(jnp.sum(ticket) == splits - 1)
     def _():
-        _combine_splits(acc_ref, m_ref, l_ref, rows, poisoned, out_ref, lse_ref, splits=splits, head_dim=head_dim)
+        _combine_splits(acc_ref, m_ref, l_ref, poisoned, out_ref, lse_ref, splits=splits, group=group,
+                        head_dim=head_dim)
         pltriton.store(tickets_ref.at[pl.ds(0, 1)], jnp.zeros((1,), jnp.int32))
 
 
-def _combine_splits(acc_ref, m_ref, l_ref, rows, poisoned, out_ref, lse_ref, *, splits: int, head_dim: int):
+def _combine_splits(acc_ref, m_ref, l_ref, poisoned, out_ref, lse_ref, *, splits: int, group: int, head_dim: int):
     """Merge the row's split partials by log-sum-exp and write out (and lse).
 
     acc_ref: float32[splits, G, D]; m_ref, l_ref: float32[splits, G] (loaded as power-of-two
-    tiles: split rows >= `splits` and query rows >= `group` are masked, never read).
+    tiles of next_pow2(G) rows: split rows >= `splits` and query rows >= `group` are masked,
+    never read).
     """
-    splits_p = pl.next_power_of_2(splits)
-    chunk = min(splits_p, max(1, _COMBINE_TILE // (GROUP_ROWS * head_dim)))
+    splits_p, rows_p = pl.next_power_of_2(splits), pl.next_power_of_2(group)
+    rows = jnp.arange(rows_p) < group
+    chunk = min(splits_p, max(1, _COMBINE_TILE // (rows_p * head_dim)))
 
-    def used(first, size):  # bool[size, GROUP_ROWS]: real (split, query row) pairs
+    def used(first, size):  # bool[size, rows_p]: real (split, query row) pairs
         return ((first + jnp.arange(size)) < splits)[:, None] & rows[None, :]
 
-    m = pltriton.load(m_ref.at[pl.ds(0, splits_p), pl.ds(0, GROUP_ROWS)], mask=used(0, splits_p), other=_NO_MAX)
-    l = pltriton.load(l_ref.at[pl.ds(0, splits_p), pl.ds(0, GROUP_ROWS)], mask=used(0, splits_p), other=0)
+    m = pltriton.load(m_ref.at[pl.ds(0, splits_p), pl.ds(0, rows_p)], mask=used(0, splits_p), other=_NO_MAX)
+    l = pltriton.load(l_ref.at[pl.ds(0, splits_p), pl.ds(0, rows_p)], mask=used(0, splits_p), other=0)
     m_max = jnp.max(m, axis=0)
     total = jnp.sum(jnp.exp(m - m_max[None, :]) * l, axis=0)
 
     def add_chunk(c, acc):
         first = c * chunk
         mask = used(first, chunk)
-        m_c = pltriton.load(m_ref.at[pl.ds(first, chunk), pl.ds(0, GROUP_ROWS)], mask=mask, other=_NO_MAX)
-        part = pltriton.load(acc_ref.at[pl.ds(first, chunk), pl.ds(0, GROUP_ROWS), :], mask=mask[:, :, None], other=0)
+        m_c = pltriton.load(m_ref.at[pl.ds(first, chunk), pl.ds(0, rows_p)], mask=mask, other=_NO_MAX)
+        part = pltriton.load(acc_ref.at[pl.ds(first, chunk), pl.ds(0, rows_p), :], mask=mask[:, :, None], other=0)
         return acc + jnp.sum(jnp.exp(m_c - m_max[None, :])[:, :, None] * part, axis=0)
 
-    acc = lax.fori_loop(0, pl.cdiv(splits, chunk), add_chunk, jnp.zeros((GROUP_ROWS, head_dim), jnp.float32))
+    acc = lax.fori_loop(0, pl.cdiv(splits, chunk), add_chunk, jnp.zeros((rows_p, head_dim), jnp.float32))
     _store_normalized(acc, m_max, total, rows, poisoned, out_ref, lse_ref)
 
 
@@ -327,7 +331,7 @@ def _decode(kernel, q, row_inputs, flags, tickets, *, group, tuning, scale, retu
     """One launch on grid (B, Hkv, splits); with splits > 1 the row's last program combines.
 
     row_inputs: the raw `lengths [B]` or `count [B, Hkv]`, then per-(b, h) arrays [B, Hkv, ...].
-    flags: int32[B], non-zero for a sequence whose output must be NaN; tickets: int32[B, Hkv, 1],
+    flags: int32 or bool[B], non-zero for a sequence whose output must be NaN; tickets: int32[B, Hkv, 1],
     zero (and zero again after the call), or None for a fresh zero array.
     Returns (out, lse or None, tickets).
     """
@@ -340,7 +344,7 @@ def _decode(kernel, q, row_inputs, flags, tickets, *, group, tuning, scale, retu
     if return_lse:
         out_shape.append(jax.ShapeDtypeStruct((batch, kv_heads, group), jnp.float32))
         out_specs.append(row(GROUP_ROWS))
-    inputs = [q.reshape(batch, kv_heads, group, head_dim), row_inputs[0], flags.astype(jnp.int32), *row_inputs[1:]]
+    inputs = [q.reshape(batch, kv_heads, group, head_dim), row_inputs[0], flags, *row_inputs[1:]]
     in_specs = [
         row(GROUP_ROWS, head_dim),
         _head_block(row_inputs[0]),
@@ -382,8 +386,8 @@ def dense_decode_attention(q, k, v, lengths, *, scale: float, return_lse: bool, 
                            tuning: Tuning | None = None, flags=None, tickets=None, return_tickets: bool = False):
     """Attention of each query head over the first `lengths[b]` cached rows of its KV head.
 
-    q: [B, Hq, D]; k, v: [B, Hkv, S, D]; lengths: int32[B] (clipped to [0, S]); flags: int32[B]
-    or None, non-zero where the output must be NaN (an overflowed cache); tickets: int32[B, Hkv, 1]
+    q: [B, Hq, D]; k, v: [B, Hkv, S, D]; lengths: int32[B] (clipped to [0, S]); flags: int32 or
+    bool[B] or None, non-zero where the output must be NaN (an overflowed cache); tickets: int32[B, Hkv, 1]
     zeros the call may use and leaves zero (None: a fresh array).
     Returns out [B, Hq, D] in q's dtype, then lse float32[B, Hq] if `return_lse`, then the
     tickets if `return_tickets` (a sequence of length 0 gets out 0, lse -inf).

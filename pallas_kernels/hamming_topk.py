@@ -186,7 +186,6 @@ def hamming_topk(q_codes, k_codes, k_norms, lengths, *, budget: int, score: str 
     check_codes(q_codes, k_codes, k_norms, score)
     batch, kv_heads, seq, words = k_codes.shape
     ts.check_selection(seq, budget, sink, recent)
-    state = state if state is not None else ts.init_state(batch, kv_heads)
     source = CodeScores(q_codes.shape[1] // kv_heads, words, seq, score)
     idx, count, state, _ = ts.run_select(
         source, jnp.asarray(lengths).astype(jnp.int32), [q_codes.reshape(batch, kv_heads, -1, words), k_codes, k_norms],
@@ -204,10 +203,10 @@ def hamming_topk(q_codes, k_codes, k_norms, lengths, *, budget: int, score: str 
 class StepScores:
     """Scores of a decode step computed from the step's q and new key (encoded in-kernel).
 
-    Inputs (in order): q [B, Hkv, G, D], k_new, v_new [B, Hkv, D], overflow bool[B] as int32,
+    Inputs (in order): q [B, Hkv, G, D], k_new, v_new [B, Hkv, D], overflow bool[B],
     the projection parts [Hkv, D, rbit], then the cache k, v [B, Hkv, S, D], codes
     [B, Hkv, S, W], norms [B, Hkv, S] (aliased to the first four outputs); outputs also
-    lengths int32[B] and overflow int32[B].
+    lengths int32[B] and overflow bool[B].
     """
 
     batch: int
@@ -248,7 +247,7 @@ class StepScores:
             jax.ShapeDtypeStruct((*rows, self.words), jnp.uint32),
             jax.ShapeDtypeStruct(rows, jnp.float32),
             jax.ShapeDtypeStruct((self.batch,), jnp.int32),
-            jax.ShapeDtypeStruct((self.batch,), jnp.int32),
+            jax.ShapeDtypeStruct((self.batch,), jnp.bool_),
         ]
 
     def out_specs(self):
@@ -291,7 +290,7 @@ class StepScores:
         @pl.when((head == 0) & (chunk_index == 0))
         def _():
             len_out_ref[...] = length
-            overflow_out_ref[...] = jnp.where(ok, overflow_ref[...], 1)
+            overflow_out_ref[...] = overflow_ref[...] | ~ok
 
         ts.barrier(interpret)  # the new row is stored before this program scores it
         return _CodeRows(q_rows, codes_ref, norms_ref, self.score, length, interpret)
@@ -327,11 +326,11 @@ def hata_step_select(q, k_new, v_new, w, k, v, codes, norms, lengths, overflow, 
     w_parts = hash_encode.projection_parts(w, compute_dtype)
     source = StepScores(batch, kv_heads, group, head_dim, words, seq, len(w_parts), score, tiling.chunk, k.dtype,
                         compute_dtype)
-    inputs = [q.reshape(batch, kv_heads, group, head_dim), k_new, v_new, overflow.astype(jnp.int32), *w_parts,
+    inputs = [q.reshape(batch, kv_heads, group, head_dim), k_new, v_new, overflow.astype(jnp.bool_), *w_parts,
               k, v, codes, norms]
     idx, count, state, outs = ts.run_select(
         source, lengths.astype(jnp.int32), inputs, state, batch=batch, kv_heads=kv_heads,
         seq=seq, budget=budget, sink=sink, recent=recent, tiling=tiling, interpret=interpret, name="hata_step_select",
     )
     k, v, codes, norms, new_lengths, new_overflow = outs
-    return idx, count, (k, v, codes, norms, new_lengths, new_overflow > 0), state
+    return idx, count, (k, v, codes, norms, new_lengths, new_overflow), state

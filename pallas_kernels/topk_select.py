@@ -68,8 +68,8 @@ INT32_MIN = -(2**31)
 INT32_MAX = 2**31 - 1
 
 NUM_BINS = 256  # histogram bins over [t_lo, t_lo + NUM_BINS << shift); higher keys in the last bin
-SMALL = 256  # keys ranked pairwise at the end of the threshold search
-PROBES = 32  # probes per value-bisection round
+SMALL = 64  # keys ranked pairwise at the end of the threshold search (a [SMALL, SMALL] compare)
+PROBES = 16  # probes per value-bisection round (a [FINISH_BLOCK, PROBES] compare per step)
 HINT_TARGET = 2  # the next hint aims at HINT_TARGET * k candidates
 NO_HINT_SHIFT = 24  # bins of the top 8 bits of the unsigned key: the whole int32 range
 HINT_WIDTH = 2  # a row's hint: (t_lo, shift)
@@ -78,7 +78,7 @@ MIN_CHUNK = 1024
 MAX_CHUNK = 16384
 TARGET_PROGRAMS = 512
 BLOCK = 1024  # positions per loop step of a program's scan
-FINISH_BLOCK = 1024  # list entries per loop step of the finishing program
+FINISH_BLOCK = 512  # list entries per loop step of the finishing program
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,11 +279,14 @@ class _Row(NamedTuple):
     budget: int
     sink: int
     recent: int
+    carry_hint: bool  # compute the next call's hint (False: the caller drops the state)
     interpret: bool
 
 
 def _scan_chunk(row: _Row, chunk_index, length, t_lo, shift):
-    """Write this program's candidates to its chunk region and the histogram; returns their number."""
+    """Write this program's candidates to its chunk region and (with a hint) the histogram;
+    returns their number."""
+    hinted = t_lo > INT32_MIN  # without a hint every key is a candidate: no histogram (contention)
     start = chunk_index * row.chunk
     steps = pl.cdiv(jnp.clip(length - start, 0, row.chunk), row.block)
 
@@ -297,7 +300,7 @@ def _scan_chunk(row: _Row, chunk_index, length, t_lo, shift):
         dest = start + base + jnp.cumsum(flag) - flag
         pltriton.store(row.keys_ref.at[dest], keys, mask=cand)
         pltriton.store(row.pos_ref.at[dest], pos, mask=cand)
-        _add_histogram(row.hist_ref, bins_of(keys, t_lo, shift), cand, interpret=row.interpret)
+        _add_histogram(row.hist_ref, bins_of(keys, t_lo, shift), cand & hinted, interpret=row.interpret)
         return base + jnp.sum(flag)
 
     return lax.fori_loop(0, steps, step, jnp.int32(0))
@@ -323,14 +326,19 @@ def _rescore_row(row: _Row, length):
 def _gather_candidates(row: _Row, counts, total):
     """Move the chunk regions' candidates into one dense list at the front (in place, in position
     order); returns the (min, max) key."""
-    inclusive = jnp.cumsum(counts)
+    # counts_ref := exclusive prefix of the counts; entry j of the list lies in the last chunk
+    # whose prefix is <= j, found by binary search (log2(chunks) gathers from that small array).
+    pltriton.store(row.counts_ref.at[pl.ds(0, row.chunks)], jnp.cumsum(counts) - counts)
+    barrier(row.interpret)
 
     def step(i, bounds):
         j = i * FINISH_BLOCK + iota((FINISH_BLOCK,))
         valid = j < total
-        before = inclusive[None, :] <= j[:, None]  # chunks entirely before entry j
-        chunk = count(before, axis=1)
-        first = jnp.max(jnp.where(before, inclusive[None, :], 0), axis=1)
+        chunk = jnp.zeros((FINISH_BLOCK,), jnp.int32)
+        for bit in reversed(range(row.chunks.bit_length() - 1)):
+            probe = chunk + (1 << bit)
+            chunk = jnp.where(pltriton.load(row.counts_ref.at[probe]) <= j, probe, chunk)
+        first = pltriton.load(row.counts_ref.at[chunk])
         src = jnp.where(valid, chunk * row.chunk + j - first, 0)
         keys = pltriton.load(row.keys_ref.at[src], mask=valid, other=0)
         pos = pltriton.load(row.pos_ref.at[src], mask=valid, other=0)
@@ -467,6 +475,7 @@ def _finish_row(row: _Row, length, t_lo, shift) -> None:
     counts = pltriton.load(row.counts_ref.at[pl.ds(0, row.chunks)])
     candidates = jnp.sum(counts)
     rescore = candidates < k
+    listed = rescore | (t_lo == INT32_MIN)  # no histogram: search the whole list
 
     def from_rescore():
         lo, hi = _rescore_row(row, length)
@@ -488,13 +497,20 @@ def _finish_row(row: _Row, length, t_lo, shift) -> None:
     last = best == NUM_BINS - 1
     bin_hi = jnp.where(last | (bin_lo > INT32_MAX - (width - 1)), INT32_MAX, bin_lo + (width - 1))
     bin_above = jnp.where(last, 0, _scalar(cum_at_least, best + 1))
-    lo = jnp.where(rescore, lo_key, jnp.maximum(bin_lo, lo_key))
-    hi = jnp.where(rescore, hi_key, jnp.minimum(bin_hi, hi_key))
-    above = jnp.where(rescore, 0, bin_above)
-    inside = jnp.where(rescore, total, _scalar(hist, best))
+    lo = jnp.where(listed, lo_key, jnp.maximum(bin_lo, lo_key))
+    hi = jnp.where(listed, hi_key, jnp.minimum(bin_hi, hi_key))
+    above = jnp.where(listed, 0, bin_above)
+    inside = jnp.where(listed, total, _scalar(hist, best))
     threshold, greater = _threshold(row, total, k, lo, hi, above, inside)
     _write_indices(row, total, k, threshold, k - greater)
     row.count_ref[...] = k
+    if row.carry_hint:
+        _store_next_hint(row, cum_at_least, bin_ids, total, k, t_lo, width, threshold, listed, lo_key, hi_key)
+    pltriton.store(row.hist_ref.at[pl.ds(0, NUM_BINS)], jnp.zeros((NUM_BINS,), jnp.int32))
+    pltriton.store(row.tickets_ref.at[pl.ds(0, 1)], jnp.zeros((1,), jnp.int32))
+
+
+def _store_next_hint(row: _Row, cum_at_least, bin_ids, total, k, t_lo, width, threshold, listed, lo_key, hi_key):
     target = HINT_TARGET * k
 
     def hint_from_histogram():  # the lowest bin edge with >= target keys above, else reach lower
@@ -505,11 +521,9 @@ def _finish_row(row: _Row, length, t_lo, shift) -> None:
     def hint_from_list():  # after a re-score: the exact target-th key
         return _threshold(row, total, jnp.minimum(target, total), lo_key, hi_key, jnp.int32(0), total)[0]
 
-    new_lo = lax.cond(rescore, hint_from_list, hint_from_histogram)
+    new_lo = lax.cond(listed, hint_from_list, hint_from_histogram)
     new_shift = _shift_for(threshold, new_lo)
     pltriton.store(row.hint_ref.at[pl.ds(0, HINT_WIDTH)], jnp.where(iota((HINT_WIDTH,)) == 0, new_lo, new_shift))
-    pltriton.store(row.hist_ref.at[pl.ds(0, NUM_BINS)], jnp.zeros((NUM_BINS,), jnp.int32))
-    pltriton.store(row.tickets_ref.at[pl.ds(0, 1)], jnp.zeros((1,), jnp.int32))
 
 
 def _write_all(row: _Row, length) -> None:
@@ -561,9 +575,14 @@ def _select_kernel(len_ref, *refs, source, n_source: int, **static):
         _finish_row(row, length, t_lo, shift)
 
 
-def run_select(source, len_array, source_inputs, state: SelectState, *, batch: int, kv_heads: int, seq: int,
-               budget: int, sink: int, recent: int, tiling: Tiling, interpret: bool, name: str):
-    """Launch the selection kernel with a score source; returns (idx, count, state, source outputs)."""
+def run_select(source, len_array, source_inputs, state: SelectState | None, *, batch: int, kv_heads: int,
+               seq: int, budget: int, sink: int, recent: int, tiling: Tiling, interpret: bool, name: str):
+    """Launch the selection kernel with a score source; returns (idx, count, state, source outputs).
+
+    state None: a fresh state, and no next hint is computed (the returned state is a fresh one too).
+    """
+    carry_hint = state is not None
+    state = state if state is not None else init_state(batch, kv_heads)
     chunks = tiling.chunks(seq)
     state_specs = [row_spec(HINT_WIDTH), row_spec(NUM_BINS), row_spec(1)]
     n_source = len(source_inputs)
@@ -595,7 +614,7 @@ def run_select(source, len_array, source_inputs, state: SelectState, *, batch: i
     ]
     kernel = functools.partial(
         _select_kernel, source=source, n_source=n_source, seq=seq, chunk=tiling.chunk, chunks=chunks,
-        block=tiling.block, budget=budget, sink=sink, recent=recent, interpret=interpret,
+        block=tiling.block, budget=budget, sink=sink, recent=recent, carry_hint=carry_hint, interpret=interpret,
     )
     results = pl.pallas_call(
         kernel,
@@ -622,14 +641,14 @@ def select_topk(scores, budget: int, lengths, *, sink: int = 0, recent: int = 0,
     """Kernel form of :func:`hata_jax.select_topk`.
 
     scores: float32[B, Hkv, S]; lengths: int[B]; state: the rows' :class:`SelectState` (None:
-    a fresh one without a hint). Returns (idx int32[B, Hkv, budget] with the selected positions
-    in ascending order then UNUSED, count int32[B, Hkv] = min(lengths[b], budget), new state).
+    a fresh one without a hint, and no hint computed for later). Returns (idx int32[B, Hkv,
+    budget] with the selected positions in ascending order then UNUSED, count int32[B, Hkv] =
+    min(lengths[b], budget), new state).
     """
     if scores.ndim != 3:
         raise ValueError(f"scores must be float[batch, kv_heads, seq], got shape {scores.shape}")
     batch, kv_heads, seq = scores.shape
     check_selection(seq, budget, sink, recent)
-    state = state if state is not None else init_state(batch, kv_heads)
     tiling = tiling or default_tiling(batch * kv_heads, seq)
     source = GivenScores(seq)
     idx, count_out, state, _ = run_select(
