@@ -89,6 +89,20 @@ class _CodeRows(NamedTuple):
         codes = pltriton.load(self.codes_ref.at[pl.ds(first, block), pl.ds(0, columns.shape[1])],
                               mask=valid[:, None] & (columns < words), other=jnp.uint32(0))
         norms = pltriton.load(self.norms_ref.at[pl.ds(first, block)], mask=valid, other=0.0)
+        return self._scores(codes, norms, valid)
+
+    def at(self, pos, valid):
+        """float32[n] scores of the positions `pos` (gathered; -inf where not valid)."""
+        words = self.codes_ref.shape[1]
+        columns = _columns(pos.shape[0], self.q_rows[0].shape[0])
+        rows = jnp.broadcast_to(jnp.where(valid, pos, 0)[:, None], columns.shape)
+        codes = pltriton.load(self.codes_ref.at[rows, jnp.minimum(columns, words - 1)],
+                              mask=valid[:, None] & (columns < words), other=jnp.uint32(0))
+        norms = pltriton.load(self.norms_ref.at[jnp.where(valid, pos, 0)], mask=valid, other=0.0)
+        return self._scores(codes, norms, valid)
+
+    def _scores(self, codes, norms, valid):
+        words = self.codes_ref.shape[1]
         dist = [popcount32(codes ^ row[None, :], interpret=self.interpret).astype(jnp.int32) for row in self.q_rows]
         ham = jnp.sum(functools.reduce(jnp.add, dist), axis=1)
         if self.score == "hamming":

@@ -73,6 +73,8 @@ PROBES = 16  # probes per value-bisection round (a [FINISH_BLOCK, PROBES] compar
 HINT_TARGET = 2  # the next hint aims at HINT_TARGET * k candidates
 NO_HINT_SHIFT = 24  # bins of the top 8 bits of the unsigned key: the whole int32 range
 HINT_WIDTH = 2  # a row's hint: (t_lo, shift)
+SAMPLE = 256  # positions of a row sampled for a first hint (a call without one)
+SAMPLE_TARGET = 4  # the sampled hint aims at SAMPLE_TARGET * k candidates
 
 MIN_CHUNK = 1024
 MAX_CHUNK = 16384
@@ -253,6 +255,9 @@ class _BoundGiven(NamedTuple):
 
     def block(self, first, pos, valid):
         return pltriton.load(self.scores_ref.at[pl.ds(first, valid.shape[0])], mask=valid, other=0.0)
+
+    def at(self, pos, valid):
+        return pltriton.load(self.scores_ref.at[jnp.where(valid, pos, 0)], mask=valid, other=0.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -541,6 +546,51 @@ def _write_all(row: _Row, length) -> None:
     pltriton.store(row.tickets_ref.at[pl.ds(0, 1)], jnp.zeros((1,), jnp.int32))
 
 
+def _kth_sample_key(keys, valid, rank):
+    """The rank-th largest of the valid keys (rank >= 1, at most their number): 8 rounds of a
+    16-way value bisection over [SAMPLE] keys."""
+    lo = jnp.min(jnp.where(valid, keys, INT32_MAX))
+    hi = jnp.max(jnp.where(valid, keys, INT32_MIN))
+
+    def narrow(_, bounds):
+        lo, hi = bounds
+        span = _unsigned(hi - lo)
+        step = lax.shift_right_logical(span, jnp.uint32(PROBES.bit_length() - 1)) + jnp.uint32(1)
+        offsets = iota((PROBES,)).astype(jnp.uint32) * step
+        probes = lo + _signed(offsets)
+        ok = (offsets <= span) & (count((keys[:, None] >= probes[None, :]) & valid[:, None], axis=0) >= rank)
+        best = jnp.max(jnp.where(ok, iota((PROBES,)), 0))
+        new_lo = _scalar(probes, best)
+        nxt = jnp.minimum(best + 1, PROBES - 1)
+        has_next = (best + 1 < PROBES) & (_scalar(offsets, nxt) <= span)
+        return new_lo, jnp.where(has_next, _scalar(probes, nxt) - 1, hi)
+
+    lo, _ = lax.fori_loop(0, 32 // (PROBES.bit_length() - 1) + 1, narrow, (lo, hi))
+    return lo
+
+
+def _sampled_hint(row: _Row, length):
+    """(t_lo, shift) from SAMPLE evenly spread positions of [0, length - 1) (the newest position
+    may still be being written): ~SAMPLE_TARGET k keys are expected at or above t_lo, the bins
+    span up to the sample's largest unforced key. Every program of the row computes the same."""
+    n = jnp.maximum(length - 1, 1)
+    j = iota((SAMPLE,))
+    pos = ((j.astype(jnp.float32) + 0.5) * (n.astype(jnp.float32) / SAMPLE)).astype(jnp.int32)
+    valid = (pos < n) & (j < n)
+    keys = order_keys(row.source.at(pos, valid), pos, length, sink=row.sink, recent=row.recent)
+    k = jnp.minimum(length, row.budget)
+    wanted = (SAMPLE_TARGET * k).astype(jnp.float32) * (jnp.minimum(n, SAMPLE).astype(jnp.float32) / n.astype(jnp.float32))
+    rank = jnp.clip(jnp.ceil(wanted).astype(jnp.int32), 1, SAMPLE)
+    enough = count(valid) > rank  # else: every key is a candidate
+    unforced = valid & (keys < INT32_MAX)
+    t_lo = jnp.where(enough, _kth_sample_key(keys, valid, rank), INT32_MIN)
+    top = jnp.max(jnp.where(unforced, keys, INT32_MIN))
+    width = _unsigned(top - t_lo)
+    span = jnp.where(width > jnp.uint32(INT32_MAX), jnp.int32(INT32_MAX), _signed(width))
+    shift = jnp.maximum(_bit_length(span) - NUM_BINS.bit_length() + 1, 0)
+    return t_lo, jnp.where(enough & (top > t_lo), shift, NO_HINT_SHIFT)
+
+
 def _select_kernel(len_ref, *refs, source, n_source: int, **static):
     source_refs = refs[:n_source]
     (hint_in, _hist_in, _tickets_in, *rest) = refs[n_source:]
@@ -555,6 +605,8 @@ def _select_kernel(len_ref, *refs, source, n_source: int, **static):
     hint = pltriton.load(hint_in.at[pl.ds(0, HINT_WIDTH)])
     t_lo, shift = _scalar(hint, 0), _scalar(hint, 1)
     everything = length <= row.budget
+    t_lo, shift = lax.cond((t_lo == INT32_MIN) & ~everything, lambda: _sampled_hint(row, length),
+                           lambda: (t_lo, shift))
     chunk_index = pl.program_id(2)  # read outside the conditionals (the interpreter needs that)
 
     @pl.when(~everything)
