@@ -225,9 +225,9 @@ def _attend_blocks(q_ref, n, load_block, out_refs, *, scale, block_k, splits, gr
     pltriton.store(l_ref.at[split, pl.ds(0, GROUP_ROWS)], l, mask=rows)
     if not interpret:
         pltriton.debug_barrier()  # every store of this program happens before its ticket
-    ticket = pltriton.atomic_add(tickets_ref, (pl.ds(0, 1),), jnp.ones((1,), jnp.int32))
+    ticket = pltriton.atomic_add(tickets_ref, (jnp.int32(0),), jnp.ones((), jnp.int32))  # scalar: one thread, once
 
-    @pl.when(jnp.sum(ticket) == splits - 1)
+    @pl.when(ticket == splits - 1)
     def _():
         _combine_splits(acc_ref, m_ref, l_ref, poisoned, out_ref, lse_ref, splits=splits, group=group,
                         head_dim=head_dim)

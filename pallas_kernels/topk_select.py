@@ -615,8 +615,8 @@ def _select_kernel(len_ref, *refs, source, n_source: int, **static):
         pltriton.store(counts_ref.at[pl.ds(chunk_index, 1)], found[None])
 
     barrier(interpret)
-    ticket = pltriton.atomic_add(tickets_ref, (pl.ds(0, 1),), jnp.ones((1,), jnp.int32))
-    last = jnp.sum(ticket) == row.chunks - 1
+    ticket = pltriton.atomic_add(tickets_ref, (jnp.int32(0),), jnp.ones((), jnp.int32))  # scalar: one thread, once
+    last = ticket == row.chunks - 1
 
     @pl.when(last & everything)
     def _():
