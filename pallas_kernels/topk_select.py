@@ -185,13 +185,29 @@ def bins_of(keys, t_lo, shift):
     return _signed(jnp.minimum(offset, jnp.uint32(NUM_BINS - 1)))
 
 
-def _add_histogram(hist_ref, bins, mask, *, interpret: bool) -> None:
-    """hist_ref[bins[i]] += 1 where mask, atomically (other programs add to the same bins)."""
-    if interpret:  # the interpreter's atomic add of an index vector drops repeated indices
-        one_hot = (bins[:, None] == iota((1, NUM_BINS), 1)) & mask[:, None]
-        pltriton.atomic_add(hist_ref, (pl.ds(0, NUM_BINS),), count(one_hot, axis=0))
-    else:
-        pltriton.atomic_add(hist_ref, (bins,), jnp.ones(bins.shape, jnp.int32), mask=mask)
+NIBBLE = 16  # a bin b = NIBBLE * high + low
+HIST_BLOCK = 128  # candidate keys per histogram product
+
+
+def _add_chunk_histogram(row: "_Row", start, found, t_lo, shift) -> None:
+    """Add the bins of this program's `found` candidates (keys_ref[start:start + found]) to the
+    row's histogram: per HIST_BLOCK keys a `[16, 16]` product of the one-hot high and low
+    nibbles of their bins (bf16 0/1, float32 accumulation: exact), then one atomic add of the
+    256 counts (per-key atomics cost a fence each)."""
+    nib = iota((1, NIBBLE), 1)
+
+    def step(i, hist):
+        slot = i * HIST_BLOCK + iota((HIST_BLOCK,))
+        member = slot < found
+        keys = pltriton.load(row.keys_ref.at[start + jnp.where(member, slot, 0)], mask=member, other=0)
+        bins = bins_of(keys, t_lo, shift)
+        high = ((jnp.where(member, bins // NIBBLE, NIBBLE)[:, None] == nib)).astype(jnp.bfloat16)
+        low = ((bins % NIBBLE)[:, None] == nib).astype(jnp.bfloat16)
+        return hist + lax.dot_general(high, low, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+    hist = lax.fori_loop(0, pl.cdiv(found, HIST_BLOCK), step, jnp.zeros((NIBBLE, NIBBLE), jnp.float32))
+    index = iota((NIBBLE, NIBBLE), 0) * NIBBLE + iota((NIBBLE, NIBBLE), 1)
+    pltriton.atomic_add(row.hist_ref, (index,), hist.astype(jnp.int32))
 
 
 def _bit_length(x):
@@ -305,10 +321,16 @@ def _scan_chunk(row: _Row, chunk_index, length, t_lo, shift):
         dest = start + base + jnp.cumsum(flag) - flag
         pltriton.store(row.keys_ref.at[dest], keys, mask=cand)
         pltriton.store(row.pos_ref.at[dest], pos, mask=cand)
-        _add_histogram(row.hist_ref, bins_of(keys, t_lo, shift), cand & hinted, interpret=row.interpret)
         return base + jnp.sum(flag)
 
-    return lax.fori_loop(0, steps, step, jnp.int32(0))
+    found = lax.fori_loop(0, steps, step, jnp.int32(0))
+    barrier(row.interpret)
+
+    @pl.when(hinted)
+    def _():
+        _add_chunk_histogram(row, start, found, t_lo, shift)
+
+    return found
 
 
 def _rescore_row(row: _Row, length):
