@@ -185,29 +185,28 @@ def bins_of(keys, t_lo, shift):
     return _signed(jnp.minimum(offset, jnp.uint32(NUM_BINS - 1)))
 
 
-NIBBLE = 16  # a bin b = NIBBLE * high + low
 HIST_BLOCK = 128  # candidate keys per histogram product
 
 
 def _add_chunk_histogram(row: "_Row", start, found, t_lo, shift) -> None:
-    """Add the bins of this program's `found` candidates (keys_ref[start:start + found]) to the
-    row's histogram: per HIST_BLOCK keys a `[16, 16]` product of the one-hot high and low
-    nibbles of their bins (bf16 0/1, float32 accumulation: exact), then one atomic add of the
-    256 counts (per-key atomics cost a fence each)."""
-    nib = iota((1, NIBBLE), 1)
+    """Add the bins of this program's `found` candidates (keys_ref[start:start + found], reloaded
+    compacted, so only candidates issue atomics) to the row's histogram, HIST_BLOCK keys at a
+    time: one atomic add per key of a 1-D vector (a tensor whose layout replicates elements
+    across threads, e.g. a dot's result, would add them more than once)."""
 
-    def step(i, hist):
+    def step(i, carry):
         slot = i * HIST_BLOCK + iota((HIST_BLOCK,))
         member = slot < found
         keys = pltriton.load(row.keys_ref.at[start + jnp.where(member, slot, 0)], mask=member, other=0)
-        bins = bins_of(keys, t_lo, shift)
-        high = ((jnp.where(member, bins // NIBBLE, NIBBLE)[:, None] == nib)).astype(jnp.bfloat16)
-        low = ((bins % NIBBLE)[:, None] == nib).astype(jnp.bfloat16)
-        return hist + lax.dot_general(high, low, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        bins = jnp.where(member, bins_of(keys, t_lo, shift), 0)
+        if row.interpret:  # the interpreter's atomic add of an index vector drops repeated indices
+            one_hot = (bins[:, None] == iota((1, NUM_BINS), 1)) & member[:, None]
+            pltriton.atomic_add(row.hist_ref, (pl.ds(0, NUM_BINS),), count(one_hot, axis=0))
+        else:
+            pltriton.atomic_add(row.hist_ref, (bins,), jnp.ones((HIST_BLOCK,), jnp.int32), mask=member)
+        return carry
 
-    hist = lax.fori_loop(0, pl.cdiv(found, HIST_BLOCK), step, jnp.zeros((NIBBLE, NIBBLE), jnp.float32))
-    index = iota((NIBBLE, NIBBLE), 0) * NIBBLE + iota((NIBBLE, NIBBLE), 1)
-    pltriton.atomic_add(row.hist_ref, (index,), hist.astype(jnp.int32))
+    lax.fori_loop(0, pl.cdiv(found, HIST_BLOCK), step, 0)
 
 
 def _bit_length(x):
@@ -458,7 +457,8 @@ def _write_indices(row: _Row, total, k, threshold, need) -> None:
         equal_rank = equal_seen + jnp.cumsum(equal) - equal
         chosen = (valid & (keys > threshold)) | ((equal > 0) & (equal_rank < need))
         flag = chosen.astype(jnp.int32)
-        pltriton.store(row.idx_ref.at[taken + jnp.cumsum(flag) - flag], pos, mask=chosen)
+        slot = taken + jnp.cumsum(flag) - flag
+        pltriton.store(row.idx_ref.at[jnp.minimum(slot, row.budget - 1)], pos, mask=chosen & (slot < row.budget))
         return taken + jnp.sum(flag), equal_seen + jnp.sum(equal)
 
     lax.fori_loop(0, pl.cdiv(total, FINISH_BLOCK), step, (jnp.int32(0), jnp.int32(0)))
@@ -650,7 +650,8 @@ def _select_kernel(len_ref, *refs, source, n_source: int, **static):
 
 
 def run_select(source, len_array, source_inputs, state: SelectState | None, *, batch: int, kv_heads: int,
-               seq: int, budget: int, sink: int, recent: int, tiling: Tiling, interpret: bool, name: str):
+               seq: int, budget: int, sink: int, recent: int, tiling: Tiling, interpret: bool, name: str,
+               debug: bool = False):
     """Launch the selection kernel with a score source; returns (idx, count, state, source outputs).
 
     state None: a fresh state, and no next hint is computed (the returned state is a fresh one too).
@@ -706,7 +707,9 @@ def run_select(source, len_array, source_inputs, state: SelectState | None, *, b
         compiler_params=pltriton.CompilerParams(num_warps=tiling.num_warps, num_stages=1),
     )(len_array, *source_inputs, state.hint, state.hist, state.tickets)
     source_results = results[:n_out_source]
-    hint, hist, tickets, _, _, _, _, idx, count_out = results[n_out_source:]
+    hint, hist, tickets, keys, positions, counts, small, idx, count_out = results[n_out_source:]
+    if debug:
+        return idx, count_out, SelectState(hint, hist, tickets), (keys, positions, counts, small)
     return idx, count_out, SelectState(hint, hist, tickets), source_results
 
 
