@@ -458,7 +458,7 @@ def _write_indices(row: _Row, total, k, threshold, need) -> None:
         chosen = (valid & (keys > threshold)) | ((equal > 0) & (equal_rank < need))
         flag = chosen.astype(jnp.int32)
         slot = taken + jnp.cumsum(flag) - flag
-        pltriton.store(row.idx_ref.at[jnp.minimum(slot, row.budget - 1)], pos, mask=chosen & (slot < row.budget))
+        pltriton.store(row.idx_ref.at[slot], pos, mask=chosen & (slot < row.budget))
         return taken + jnp.sum(flag), equal_seen + jnp.sum(equal)
 
     lax.fori_loop(0, pl.cdiv(total, FINISH_BLOCK), step, (jnp.int32(0), jnp.int32(0)))
