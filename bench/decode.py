@@ -87,7 +87,6 @@ from flax import nnx
 from jax import lax
 
 import hata_jax as hj
-from pallas_kernels.topk_select import init_state
 from bench.timing import compile_timed, environment, floor_bandwidth_gbps, many_calls, median_us, write_json
 from hata_jax import HataCache, HataConfig
 from models import AttentionPlan, LlamaConfig, LlamaForCausalLM, RopeScaling
@@ -310,7 +309,7 @@ def random_hata_cache(key, w, length, *, shape, dtype) -> HataCache:
     k = jax.random.normal(key_k, shape, dtype)
     return HataCache(k=k, v=jax.random.normal(key_v, shape, dtype), codes=hj.encode(k, w, head_axis=1),
                      norms=hj.key_norms(k), lengths=jnp.full((shape[0],), length, jnp.int32),
-                     overflow=jnp.zeros((shape[0],), bool), select_state=init_state(shape[0], shape[1]))
+                     overflow=jnp.zeros((shape[0],), bool))
 
 
 @functools.partial(jax.jit, static_argnames=("shape", "dtype"))

@@ -1,9 +1,11 @@
 """Check and time every kernel against its baselines in one run; write JSON.
 
     python -m bench.kernels --out $OUT/kernels.json [--small] [--skip-check]
+    python -m bench.kernels --out $OUT/select_variants.json --select-variants --skip-check
 
-The layer-level numbers (selection carrying its state, HATA's two-launch decode attention
-against dense and cuDNN over contexts and batches) are `bench.hata_layer`'s.
+`--select-variants` times each design of the band select (`BandConfig.design`) for select_topk
+on [8, S] float32 scores and for the fused hamming_topk at batch 1, 8 KV heads (S = 131072,
+k = 2048 unless --small), next to lax.top_k, with per-launch device times.
 
 Shapes (unless --small): Llama-3.1-8B attention, 32 query heads, 8 KV heads, D=128, bf16,
 rbit 128, budget 2048. Every timing is a median (see bench.timing) taken in this process next to
@@ -21,6 +23,8 @@ import numpy as np
 
 import hata_jax as hj
 from bench import check_kernels
+from pallas_kernels import band_select, hamming_topk
+from pallas_kernels._backend import on_gpu
 from bench.profile import device_kernel_us
 from bench.timing import environment, floor_bandwidth_gbps, median_us, write_json
 
@@ -99,6 +103,38 @@ class Bench:
         t_ours = self.record("select", "pallas select_topk", shape,
                              self.timed(lambda x: hj.select_topk(x, s.budget, lengths, impl="pallas"), sets))
         self.rows[-1]["speedup_vs_top_k"] = t_topk / t_ours
+
+    def select_variants(self):
+        """select_topk and hamming_topk in each band-select design, on the same inputs."""
+        s = self.s
+        rows, n, g, words = s.kv_heads, s.long, s.q_heads // s.kv_heads, s.rbit // 32
+        lengths = jnp.array([n], jnp.int32)
+        interpret = not on_gpu()
+        score_sets = [(jax.random.normal(self._next(), (1, rows, n), jnp.float32),)
+                      for _ in range(self.n_sets(rows * n * 4))]
+        code_bytes = rows * n * (4 * words + 4)
+        code_sets = [(_random_codes(self._next(), (1, s.q_heads, words)), _random_codes(self._next(), (1, rows, n, words)),
+                      jnp.abs(jax.random.normal(self._next(), (1, rows, n), jnp.float32)))
+                     for _ in range(self.n_sets(code_bytes))]
+        select_shape = {"rows": rows, "seq": n, "k": s.budget}
+        topk_shape = {"batch": 1, "kv_heads": rows, "gqa": g, "seq": n, "rbit": s.rbit, "k": s.budget}
+        t_topk = self.record("select_variants", "lax.top_k", select_shape,
+                             self.timed(lambda x: jax.lax.top_k(x, s.budget), score_sets))
+        for design, config in (("parallel", band_select.BandConfig()), ("serial", band_select.SERIAL)):
+            def select(x, config=config):
+                return band_select.select_topk_with_path(x, s.budget, lengths, config=config, interpret=interpret)
+
+            def topk(q, k, norms, config=config):
+                return hamming_topk.hamming_topk_with_path(q, k, norms, lengths, budget=s.budget, config=config,
+                                                           interpret=interpret)
+
+            paths = np.unique(np.asarray(jax.jit(select)(*score_sets[0])[2])).tolist()
+            t = self.record("select_variants", f"select_topk {design}", select_shape,
+                            self.timed(select, score_sets), paths=paths)
+            self.rows[-1]["speedup_vs_top_k"] = t_topk / t
+            paths = np.unique(np.asarray(jax.jit(topk)(*code_sets[0])[2])).tolist()
+            self.record("select_variants", f"hamming_topk {design}", topk_shape, self.timed(topk, code_sets),
+                        code_bytes, paths=paths)
 
     def scoring(self):
         s = self.s
@@ -209,9 +245,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke run)")
     parser.add_argument("--skip-check", action="store_true", help="do not run bench.check_kernels first")
-    parser.add_argument("--only", nargs="*", default=None, help="subset of: encode selection scoring attention")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="subset of: encode selection scoring attention select_variants")
     parser.add_argument("--contexts", type=int, nargs="*", default=None, help="attention contexts (default 32768 131072)")
     parser.add_argument("--batches", type=int, nargs="*", default=None, help="attention batches (default 1 8)")
+    parser.add_argument("--select-variants", action="store_true",
+                        help="time each band-select design (alone, or added to --only)")
     args = parser.parse_args(argv)
     env = environment()
     print(env, flush=True)
@@ -224,7 +263,8 @@ def main(argv=None) -> int:
     shapes = dataclasses.replace(shapes, contexts=tuple(args.contexts or shapes.contexts),
                                  batches=tuple(args.batches or shapes.batches))
     bench = Bench(shapes, bandwidth["floor_gbps"], args.small)
-    for part in args.only or ["encode", "selection", "scoring", "attention"]:
+    parts = args.only or ([] if args.select_variants else ["encode", "selection", "scoring", "attention"])
+    for part in parts + (["select_variants"] if args.select_variants else []):
         try:
             getattr(bench, part)()
         except Exception as err:  # keep the other parts' numbers; the error goes into the JSON

@@ -26,16 +26,10 @@ def device_kernel_us(fn: Callable[..., Any], args: tuple, *, calls: int = 5) -> 
     """{kernel name: mean device microseconds per call}, plus "total", for jitted `fn(*args)`."""
     f = jax.jit(fn)
     jax.block_until_ready(f(*args))
-    return kernel_times_us(lambda: f(*args), calls=calls)
-
-
-def kernel_times_us(run: Callable[[], Any], *, calls: int = 5) -> dict:
-    """{kernel name: mean device microseconds per call}, plus "total", of `calls` calls of `run()`
-    (a warmed-up callable; it may thread state, e.g. a donated cache, from call to call)."""
     with tempfile.TemporaryDirectory() as folder:
         with jax.profiler.trace(folder):
             for _ in range(calls):
-                jax.block_until_ready(run())
+                jax.block_until_ready(f(*args))
         [path] = glob.glob(os.path.join(folder, "**", "*.xplane.pb"), recursive=True)
         data = jax.profiler.ProfileData.from_file(path)
     totals: collections.Counter = collections.Counter()

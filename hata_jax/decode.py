@@ -1,18 +1,15 @@
 """One attention layer's whole HATA decode step."""
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 
-from hata_jax import checks, dispatch
-from hata_jax.attention import scale_or_default, sparse_decode_attention
+from hata_jax import checks
+from hata_jax.attention import sparse_decode_attention
 from hata_jax.cache import HataCache
 from hata_jax.config import HataConfig
 from hata_jax.hashing import encode_step
 from hata_jax.selection import check_selection_args, hamming_topk
-from pallas_kernels import flash_decode, hamming_topk as hamming_kernels
 
 
 def hata_decode_attention(
@@ -41,10 +38,6 @@ def hata_decode_attention(
       (out [B, Hq, D] in q's dtype, updated cache). When `lengths[b] <= config.budget` after the
       append, every cached token is selected and the output equals dense attention. A sequence
       whose cache overflowed gets NaN (see :class:`HataCache`).
-
-    The Pallas path is two launches: :func:`pallas_kernels.hamming_topk.hata_step_select`
-    (encode, append, score, select, starting from the cache's `select_state` hint) and the
-    sparse attention with its combine; nothing else runs around them.
     """
     if not isinstance(config, HataConfig):
         raise ValueError(f"config must be a HataConfig, got {type(config).__name__}")
@@ -56,10 +49,7 @@ def hata_decode_attention(
     if cache.rbit != config.rbit:
         raise ValueError(f"the cache holds {cache.rbit}-bit codes but config.rbit is {config.rbit}")
     check_selection_args(config.budget, cache.capacity, config.sink, config.recent)
-    cache.check_tokens(k_new, v_new, w, "[batch, kv_heads, head_dim]", 0)
-    path = dispatch.resolve("hata_decode_attention", impl)
-    if path.pallas:
-        return _fused(q, k_new, v_new, cache, w, config, scale_or_default(scale, q.shape[-1]), path.interpret)
+    cache._check_tokens(k_new, v_new, w, "[batch, kv_heads, head_dim]", 0)
     q_codes, k_codes, k_norms = encode_step(q, k_new, w, impl=impl)
     cache = cache.append_encoded(k_new, v_new, k_codes, k_norms)
     idx, count = hamming_topk(
@@ -68,21 +58,4 @@ def hata_decode_attention(
     )
     out = sparse_decode_attention(q, cache.k, cache.v, idx, count, scale=scale, impl=impl)
     out = jnp.where(cache.overflow[:, None, None], jnp.nan, out).astype(q.dtype)
-    return out, cache
-
-
-def _fused(q, k_new, v_new, cache: HataCache, w, config: HataConfig, scale: float, interpret: bool):
-    """The Pallas path: two launches (see :func:`hata_decode_attention`)."""
-    idx, count, arrays, state = hamming_kernels.hata_step_select(
-        q, k_new, v_new, w, cache.k, cache.v, cache.codes, cache.norms, cache.lengths, cache.overflow,
-        cache.select_state, budget=config.budget, score=config.score, sink=config.sink, recent=config.recent,
-        interpret=interpret,
-    )
-    k, v, codes, norms, lengths, overflow = arrays
-    out, tickets = flash_decode.sparse_decode_attention(
-        q, k, v, idx, count, scale=scale, return_lse=False, interpret=interpret, flags=overflow,
-        tickets=state.tickets, return_tickets=True,
-    )
-    cache = dataclasses.replace(cache, k=k, v=v, codes=codes, norms=norms, lengths=lengths, overflow=overflow,
-                                select_state=state._replace(tickets=tickets))
     return out, cache

@@ -7,7 +7,6 @@ from jax import lax
 
 from hata_jax import checks, dispatch
 from hata_jax.config import check_score
-from pallas_kernels import hamming_topk as hamming_kernels
 
 
 def check_code_inputs(q_codes, k_codes, k_norms, lengths) -> tuple[int, int]:
@@ -36,8 +35,7 @@ def _hamming_sum(q_codes, k_codes):
     return jnp.sum(dist, axis=(2, 4))
 
 
-def scores_reference(q_codes, k_codes, k_norms, lengths, score: str):
-    """:func:`hamming_scores` in plain JAX (inputs already checked)."""
+def _scores_reference(q_codes, k_codes, k_norms, lengths, score: str):
     g = q_codes.shape[1] // k_codes.shape[1]
     rbit = 32 * k_codes.shape[-1]
     ham = _hamming_sum(q_codes, k_codes)
@@ -78,7 +76,9 @@ def hamming_scores(
     check_code_inputs(q_codes, k_codes, k_norms, lengths)
     path = dispatch.resolve("hamming_scores", impl)
     if path.pallas:
-        return hamming_kernels.hamming_scores(
+        from pallas_kernels import hamming_topk
+
+        return hamming_topk.hamming_scores(
             q_codes, k_codes, k_norms, lengths, score=score, interpret=path.interpret
         )
-    return scores_reference(q_codes, k_codes, k_norms, lengths, score)
+    return _scores_reference(q_codes, k_codes, k_norms, lengths, score)

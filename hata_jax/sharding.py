@@ -37,7 +37,6 @@ from hata_jax import attention, checks
 from hata_jax import decode as hata_decode
 from hata_jax.cache import HataCache
 from hata_jax.config import HataConfig
-from pallas_kernels.topk_select import SelectState
 
 
 def shard_map(f, *, mesh: Mesh, in_specs, out_specs):
@@ -83,11 +82,9 @@ def projection_spec(axis: str) -> P:
 
 
 def cache_specs(axis: str) -> HataCache:
-    """A HataCache of PartitionSpecs: k, v, codes, norms and the selection state split on the KV
-    heads; lengths, overflow replicated."""
+    """A HataCache of PartitionSpecs: k, v, codes, norms split on the KV heads; lengths, overflow replicated."""
     heads = heads_spec(axis)
-    return HataCache(k=heads, v=heads, codes=heads, norms=heads, lengths=P(), overflow=P(),
-                     select_state=SelectState(heads, heads, heads))
+    return HataCache(k=heads, v=heads, codes=heads, norms=heads, lengths=P(), overflow=P())
 
 
 def _named(mesh: Mesh, specs):

@@ -1,27 +1,110 @@
-"""Hamming scoring of cached key codes, alone or feeding the one-launch top-k selection.
+"""Hamming scoring and exact top-`budget` selection (Pallas Triton), without any sort.
 
-Kernel forms of :func:`hata_jax.hamming_scores` and :func:`hata_jax.hamming_topk`, and
-:func:`hata_step_select`, the first of the two launches of a HATA decode layer: the step's
-query and key encoding, the cache append and the selection in one `pallas_call`.
+Kernel forms of :func:`hata_jax.hamming_scores`, :func:`hata_jax.select_topk` and
+:func:`hata_jax.hamming_topk` (same arguments plus `interpret` and an optional `tiling`);
+`hamming_topk_with_path` / `band_select.select_topk_with_path` also return how each row was
+selected and take a `BandConfig`.
 
-Scoring: the G query codes of a KV head's group are held as `[Wp]` rows (Wp = W rounded up to a
-power of two, masked); per loop step a `[block, Wp]` tile of key codes (each token's W words are
+Design
+------
+Every kernel runs on a grid `(B, Hkv, programs)`: each row `(b, h)` of the cache is cut into
+`chunks` (a power of two) programs of `chunk` positions, so batch 1 with 8 KV heads still
+launches hundreds of programs.
+
+Scoring (:func:`hamming_scores`, and inside the selection's first two launches): the G query
+codes of the group are loaded once per program (a `[Wp]` row each, Wp = W rounded up to a power
+of two, masked); per loop step a `[block, Wp]` tile of key codes (each token's W words are
 contiguous, 16 B at rbit 128) is XORed with each query row, popcounted (`popcount32`: PTX
 `popc`), summed over words and the group, and `k_norm * ((G*rbit - 2*ham) * (1/rbit))` is
-computed in float32 with exactly the reference's two products (bit-identical scores), or
-`-ham`; positions >= lengths[b] get -inf.
+computed in float32 with exactly the reference's two products (bit-identical scores), or `-ham`;
+positions >= lengths[b] get -inf. The selection's sample launch gathers code rows by position
+instead of loading a contiguous tile.
 
-The fused step (:class:`StepScores`): every program of row (b, h) encodes the group's query
-heads and the new key (one `[16, D] x [D, rbit]` tile product per 32-bit word, as
-:func:`pallas_kernels.hash_encode.encode_step`), the program whose chunk holds position
-`lengths[b]` writes the new key, value, code and norm there (in place: the cache arrays are
-aliased to the outputs), and program (b, 0, 0) writes the new lengths and overflow flags. A
-write at a position outside `[0, S)` (a full cache, or a negative length) is dropped and sets
-the sequence's overflow flag, as :meth:`hata_jax.HataCache.append_encoded` does.
+Selection (:mod:`pallas_kernels.band_select`, with the radix machinery of
+:mod:`pallas_kernels.radix_select` as exact fallback; two designs, `BandConfig.design`: the
+parallel one is the default, its design, predicted times and tunables are in band_select's
+docstring; what follows describes the serial one, `band_select.SERIAL`): launch A ranks a
+stratified sample of `min(L, 1024)` positions to get band bounds `t_lo <= k-th largest key <= t_hi` (with
+overwhelming probability); launch B (fused with scoring) counts the keys above the band,
+compacts the band keys into per-chunk slots and histograms them (one 8-bit band digit); launch C
+decides per row whether the band holds the k-th key and, if so, finds the exact threshold from
+the histogram and the threshold bucket's few keys (every other row starts the radix fallback);
+fallback passes 1..3 return at once on fast rows; the compaction writes the selected positions
+of both paths. No sort, no atomics, no host sync, static shapes; deterministic: the k keys are
+the largest in float order (NaN lowest, forced sink/recent positions first), ties at the
+threshold taken lowest position first, slots in ascending position, then `UNUSED` (-1).
 
-Byte floor, Llama-3.1-8B (8 KV heads, 128K, rbit 128, batch 1): codes 16 B + norm 4 B per
-token-head, 20 MiB, ~7 us at 2.9 TB/s; each program also reads the projection (2 x 32 KiB bf16
-parts of its head) from L2.
+Byte floor, Llama-3.1-8B (32 q heads, 8 KV heads, batch 1, 128K context, rbit 128, budget 2048)
+-----------------------------------------------------------------------------------------------
+- Scoring reads codes 16 B + norm 4 B per token-head: 8 x 131072 x 20 B = 20 MiB (+8 KiB of
+  query codes), 7.2 us measured for `hamming_scores` (which also writes 4 MiB of scores).
+- Fused score + select: the floor is that same 20 MiB read once plus the 64 KiB index output,
+  ~7 us. The pipeline adds the 4 MiB scores write (launch B, for the compaction and the
+  fallback), their re-read by the compaction (L2-resident), 0.16 MiB of band keys, 0.5 MiB of
+  per-chunk band histograms, and 5 MiB of L2 reads by the sample launch (each of its 32 programs
+  per row scores the row's 1024 sample positions; 160 KiB of them from HBM).
+- `select_topk` on given scores: floor = read the 4 MiB of scores once, ~1.5 us; the pipeline
+  reads them twice (band pass, compaction).
+
+Predicted device time per launch at that shape, serial design (fast path; from the counts
+above, ~0.6-0.8 us per dependent global round trip and ~1.5-2 us per launch as measured for the
+previous version's near-idle passes)
+------------------------------------------------------------------------------------------------
+The sample at this shape: r = 16 sample ranks for k, so t_hi is the sample's largest key, t_top
+its 3rd, t_lo its 40th; the band then holds ~4-6.7K keys per row (at most ~125 in a chunk,
+against 512 slots), the threshold bucket 20-55 keys (random codes, "key_norm"), or a single
+tied value of ~1000 keys ("hamming" scores: no ranking needed). Measured before: 82.5 us fused,
+66 us on given scores.
+
+| launch (hamming_topk; select_topk) | programs | work per program | predicted |
+| --- | --- | --- | --- |
+| A `hata_hamming_sample`; `hata_select_sample` | 8 x 32, 16 warps | gather + score 1056 positions (~60 lane-ops each), 32 x 1024 key compares (4 lane-ops each): ~200K lane-ops, 2 round trips | 3-4 us; 2.5-3 us |
+| B `hata_hamming_band`; `hata_select_band` | 512, 1 step of 2048 | scores (~25 lane-ops/position incl. 16 popc), key, 3 compares, one 2048-scan, band-key scatter (~80); after a barrier one 128-key histogram MMA and 1 KiB of suffix counts | 8-9 us (25.7 MB moved: bandwidth-bound); 3-3.5 us (latency: 2 round trips) |
+| C `hata_select_decide` | 512, 8 warps | all: 0.5 KiB of counts (chunk 0 also its row's 64 KiB of band suffix counts), decide, exit; chunk 0 of a fast row: one scan step over 256 slots x 64 chunks (copies the ~20-60 bucket keys), barrier, a 16-way search over <= 128 keys (4 steps), per-chunk counts in registers | 4-5 us (3 round trips) |
+| `hata_select_pass1..3` | 512 each | read the decision, return | 1.5-2 us each, 5-6 us |
+| `hata_select_compact` | 512, 1 step of 2048 | decision + per-chunk counts (0.5 KiB), 8 KiB of scores, one 2048-scan, scatter ~32 positions | 3.5-4 us |
+| total | | | ~24-28 us fused (~3x faster); ~18-22 us on given scores |
+
+Per-element work is small everywhere; what remains is 7 launches x ~1.5-2 us plus ~11 dependent
+round trips. The three idle fallback launches (~5 us) are the largest avoidable cost: they would
+go with a device-side conditional around the fallback (not used: no `lax.cond` on a device
+predicate), or a fallback of fewer passes. A fallback row (band miss: ~1e-7 per row at this
+shape; a chunk with more than 512 band keys; a threshold bucket of > 128 distinct keys ranked by
+scans instead) costs about the previous pipeline: ~65-85 us for the launch.
+
+Tunables (picked from the counts above and the previous version's SASS, without GPU timing;
+re-tune with the bench)
+--------------------------------------------------------------------------------------------------
+Tiling (:class:`radix_select.Tiling`):
+- `radix_select.TARGET_PROGRAMS = 512` (~4 CTAs per SM on 132 SMs): `chunk` = rows * S / 512
+  rounded up to a power of two, clamped to [`MIN_CHUNK` = 2048, `MAX_CHUNK` = 16384] and to S:
+  64 chunks of 2048 per row at the Llama shape. Fewer, bigger chunks mean fewer programs and
+  longer serial loops; more chunks mean more per-chunk counts for the decision to read.
+- `radix_select.SCAN_BLOCK = 2048` positions per loop step of the loops without a histogram
+  (band pass with its scoring, compaction): one step per chunk, so a program waits for one load.
+- `radix_select.BLOCK = 256` positions per loop step of the fallback's histogram passes (117-128
+  registers per thread; 512 would need ~200).
+- `num_warps = 4`: the `[16, 16]` histogram MMA has two 16x8 tiles; more warps only replicate
+  it. `num_stages = 1`: one loop step per program on the fast path.
+- `radix_select.HIST_DTYPE = bfloat16`: 0/1 operands, float32 accumulation exact up to 2**24
+  keys per chunk; the table gather compiles to 16 B loads and `ldmatrix`.
+BandConfig of the serial design (`band_select.SERIAL`; measured 23.6 us for A and 19.2 us for
+C against the 3-4 and 4-5 predicted below: why, in band_select's docstring):
+- `sample = 1024` positions per row: ranking is pairwise (n_s^2 compares per row: 1M), so 4096
+  would cost 16x; 1024 still gives r = 16 sample ranks for k at the Llama shape (band miss ~1e-7).
+  `sample_slice = 32` ranked per program (32 programs per row, 256 in all), `sample_step = 1024`
+  (the whole sample in one step), `sample_warps = 16` (64 compares per thread).
+- `sigmas = 5`, `slack = 4`: the band spans r -+ (5 sqrt(r) + 4) sample ranks.
+- `top_rank = 3`: the band digits span [t_lo, 3rd largest sample key] and lump the keys above
+  into digit 255, so one outlier in the sample (a sink token) cannot coarsen the buckets near the
+  threshold; the threshold lands in digit 255 only when the sample has < 3 keys above the k-th
+  (~1e-5 at r = 16), and is still exact (a scanned bucket).
+- `slots_divisor = 4`: 512 band slots per 2048-chunk (~80 used on average at the Llama shape,
+  <= ~125); keys above the band are only counted, so clustered high scores never overflow.
+- `list_block = 128` band keys per histogram MMA step (one step per chunk at the Llama shape).
+- `slab_lanes = 16384`: the decision reads 256 slots of all 64 chunks per step (one step).
+- `dense = 128` bucket keys ranked in registers (16-way search, 4 steps for a 2**15-key bucket);
+  `decide_warps = 8` (the 64 x 256 slot tile, 64 lanes per thread).
 """
 from __future__ import annotations
 
@@ -31,320 +114,177 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels import hash_encode
-from pallas_kernels import topk_select as ts
+from pallas_kernels import band_select
+from pallas_kernels import radix_select as rs
 from pallas_kernels._backend import popcount32, triton_call
+from pallas_kernels.band_select import BandConfig, select_topk  # noqa: F401 (select_topk: public)
+from pallas_kernels.radix_select import Tiling, default_tiling
 
 SCORES = ("key_norm", "hamming")
 MAX_WORDS = 8  # rbit <= 256
 MAX_GROUP = 8
 
 
-def check_codes(q_codes, k_codes, k_norms, score: str) -> None:
-    """Raise a ValueError for code inputs these kernels do not support."""
+def _check_codes(q_codes, k_codes, k_norms, score: str) -> None:
+    """Raise a ValueError for inputs these kernels do not support."""
     if score not in SCORES:
         raise ValueError(f"score must be one of {SCORES}, got {score!r}")
     if k_codes.ndim != 4 or k_codes.dtype != jnp.uint32:
-        raise ValueError(f"k_codes must be uint32[batch, kv_heads, seq, words], got {k_codes.dtype}{list(k_codes.shape)}")
+        raise ValueError(
+            f"k_codes must be uint32[batch, kv_heads, seq, words], got {k_codes.dtype}{list(k_codes.shape)}"
+        )
     batch, kv_heads, seq, words = k_codes.shape
     if not 1 <= words <= MAX_WORDS:
         raise ValueError(f"rbit {32 * words} not supported (32 to {32 * MAX_WORDS})")
-    if not 0 < seq <= ts.MAX_SEQ:
-        raise ValueError(f"sequence capacity {seq} not supported (1 to {ts.MAX_SEQ})")
+    if not 0 < seq <= rs.MAX_SEQ:
+        raise ValueError(f"sequence capacity {seq} not supported (1 to {rs.MAX_SEQ})")
     if q_codes.ndim != 3 or q_codes.dtype != jnp.uint32 or q_codes.shape[0] != batch or q_codes.shape[2] != words:
         raise ValueError(f"q_codes must be uint32[{batch}, q_heads, {words}], got {q_codes.dtype}{list(q_codes.shape)}")
     group = q_codes.shape[1] // kv_heads
     if q_codes.shape[1] % kv_heads or not 1 <= group <= MAX_GROUP:
         raise ValueError(f"group size {q_codes.shape[1]} / {kv_heads} not supported (1 to {MAX_GROUP})")
     if k_norms.shape != (batch, kv_heads, seq) or k_norms.dtype != jnp.float32:
-        raise ValueError(f"k_norms must be float32[{batch}, {kv_heads}, {seq}], got {k_norms.dtype}{list(k_norms.shape)}")
+        raise ValueError(
+            f"k_norms must be float32[{batch}, {kv_heads}, {seq}], got {k_norms.dtype}{list(k_norms.shape)}"
+        )
 
 
-def _columns(rows: int, width: int):
-    return lax.broadcasted_iota(jnp.int32, (rows, width), 1)
-
-
-class _CodeRows(NamedTuple):
-    """Scores of a row's positions from its key codes and norms against the group's query codes."""
+class _CodeScoresRefs(NamedTuple):
+    """Scores of a row computed from its key codes and norms against the group's query codes."""
 
     q_rows: list  # G uint32[Wp] query code rows (columns >= W are 0)
     codes_ref: Any  # [S, W]
     norms_ref: Any  # [S]
     score: str
-    row_length: jax.Array
     interpret: bool
 
-    def length(self):
-        return self.row_length
-
-    def block(self, first, pos, valid):
-        """float32[block] scores of positions [first, first + block) (-inf where not valid)."""
-        del pos
-        block, words = valid.shape[0], self.codes_ref.shape[1]
-        columns = _columns(1, self.q_rows[0].shape[0])
-        codes = pltriton.load(self.codes_ref.at[pl.ds(first, block), pl.ds(0, columns.shape[1])],
-                              mask=valid[:, None] & (columns < words), other=jnp.uint32(0))
-        norms = pltriton.load(self.norms_ref.at[pl.ds(first, block)], mask=valid, other=0.0)
-        return self._scores(codes, norms, valid)
-
-    def at(self, pos, valid):
-        """float32[n] scores of the positions `pos` (gathered; -inf where not valid)."""
-        words = self.codes_ref.shape[1]
-        columns = _columns(pos.shape[0], self.q_rows[0].shape[0])
-        rows = jnp.broadcast_to(jnp.where(valid, pos, 0)[:, None], columns.shape)
-        codes = pltriton.load(self.codes_ref.at[rows, jnp.minimum(columns, words - 1)],
-                              mask=valid[:, None] & (columns < words), other=jnp.uint32(0))
-        norms = pltriton.load(self.norms_ref.at[jnp.where(valid, pos, 0)], mask=valid, other=0.0)
-        return self._scores(codes, norms, valid)
-
-    def _scores(self, codes, norms, valid):
-        words = self.codes_ref.shape[1]
+    def _scores(self, codes, norms):
+        """The reference's float32 formula, so the scores match it bit for bit (codes: [n, Wp],
+        columns >= W are 0)."""
         dist = [popcount32(codes ^ row[None, :], interpret=self.interpret).astype(jnp.int32) for row in self.q_rows]
         ham = jnp.sum(functools.reduce(jnp.add, dist), axis=1)
         if self.score == "hamming":
-            scores = -ham.astype(jnp.float32)
-        else:
-            rbit = 32 * words
-            scores = norms * ((len(self.q_rows) * rbit - 2 * ham).astype(jnp.float32) * jnp.float32(1.0 / rbit))
-        return jnp.where(valid, scores, -jnp.inf)
+            return -ham.astype(jnp.float32)
+        rbit = 32 * self.codes_ref.shape[1]
+        return norms * ((len(self.q_rows) * rbit - 2 * ham).astype(jnp.float32) * jnp.float32(1.0 / rbit))
+
+    def _columns(self, rows: int):
+        return jax.lax.broadcasted_iota(jnp.int32, (rows, self.q_rows[0].shape[0]), 1)
+
+    def at(self, pos, valid):
+        columns = self._columns(pos.shape[0])
+        words = self.codes_ref.shape[1]
+        codes = self.codes_ref[jnp.broadcast_to(pos[:, None], columns.shape), jnp.minimum(columns, words - 1)]
+        return self._scores(jnp.where(columns < words, codes, jnp.uint32(0)), self.norms_ref[pos])
+
+    def block(self, first, valid):
+        """float32[block] scores of the positions [first, first + block) (-inf where not valid)."""
+        block = valid.shape[0]
+        columns = self._columns(1)
+        codes = pltriton.load(
+            self.codes_ref.at[pl.ds(first, block), pl.ds(0, columns.shape[1])],
+            mask=valid[:, None] & (columns < self.codes_ref.shape[1]),
+            other=jnp.uint32(0),
+        )
+        norms = pltriton.load(self.norms_ref.at[pl.ds(first, block)], mask=valid, other=0.0)
+        return jnp.where(valid, self._scores(codes, norms), -jnp.inf)
 
 
 @dataclasses.dataclass(frozen=True)
 class CodeScores:
-    """Scores from (q_codes [B, Hq, W], k_codes [B, Hkv, S, W], k_norms [B, Hkv, S])."""
+    """Scores computed from (q_codes [B, Hq, W], k_codes [B, Hkv, S, W], k_norms [B, Hkv, S])."""
 
     group: int
     words: int
     seq: int
     score: str
+    writes_scores = True
 
     def in_specs(self):
         return [
-            pl.BlockSpec((None, None, self.group, self.words), lambda b, h, c: (b, h, 0, 0)),
-            ts.row_spec(self.seq, self.words),
-            ts.row_spec(self.seq),
+            pl.BlockSpec((None, self.group, self.words), lambda b, h, c: (b, h, 0)),
+            rs.row_spec(self.seq, self.words),
+            rs.row_spec(self.seq),
         ]
 
-    def aliases(self):
-        return {}
-
-    def out_shapes(self):
-        return []
-
-    def out_specs(self):
-        return []
-
-    def bind(self, len_ref, refs, *, interpret: bool):
+    def bind(self, refs, *, interpret):
         q_ref, codes_ref, norms_ref = refs
         width = pl.next_power_of_2(self.words)
-        mask = lax.broadcasted_iota(jnp.int32, (width,), 0) < self.words
-        q_rows = [pltriton.load(q_ref.at[jnp.int32(g), pl.ds(0, width)], mask=mask, other=jnp.uint32(0))
-                  for g in range(self.group)]
-        length = jnp.clip(len_ref[...], 0, self.seq)
-        return _CodeRows(q_rows, codes_ref, norms_ref, self.score, length, interpret)
+        mask = jax.lax.broadcasted_iota(jnp.int32, (width,), 0) < self.words
+        q_rows = [
+            pltriton.load(q_ref.at[jnp.int32(g), pl.ds(0, width)], mask=mask, other=jnp.uint32(0))
+            for g in range(self.group)
+        ]
+        return _CodeScoresRefs(q_rows, codes_ref, norms_ref, self.score, interpret)
+
+
+def _code_scores(q_codes, k_codes, score: str) -> CodeScores:
+    _, kv_heads, seq, words = k_codes.shape
+    return CodeScores(q_codes.shape[1] // kv_heads, words, seq, score)
 
 
 def _scoring_kernel(len_ref, *refs, source, tiling, seq, interpret):
     """Scores of this program's chunk (-inf at positions >= lengths[b])."""
     *source_refs, scores_ref = refs
-    scores = source.bind(len_ref, source_refs, interpret=interpret)
-    start = pl.program_id(2) * tiling.chunk
+    scores = source.bind(source_refs, interpret=interpret)
+    geo = rs.chunk_geometry(len_ref, tiling, seq)
 
     def write_block(i, carry):
-        first = start + i * tiling.block
-        pos = first + ts.iota((tiling.block,))
-        pltriton.store(scores_ref.at[pl.ds(first, tiling.block)], scores.block(first, pos, pos < scores.length()),
-                       mask=pos < seq)
+        first, pos, valid = rs.block_positions(geo, i, tiling.block)
+        pltriton.store(scores_ref.at[pl.ds(first, tiling.block)], scores.block(first, valid), mask=pos < seq)
         return carry
 
-    lax.fori_loop(0, pl.cdiv(jnp.clip(seq - start, 0, tiling.chunk), tiling.block), write_block, 0)
+    jax.lax.fori_loop(0, geo.blocks(seq, tiling.block), write_block, 0)
 
 
 def hamming_scores(q_codes, k_codes, k_norms, lengths, *, score: str = "key_norm", interpret: bool = False,
-                   tiling: ts.Tiling | None = None):
+                   tiling: Tiling | None = None):
     """Kernel form of :func:`hata_jax.hamming_scores`.
 
     q_codes: uint32[B, Hq, W]; k_codes: uint32[B, Hkv, S, W]; k_norms: float32[B, Hkv, S];
     lengths: int[B]. Returns float32[B, Hkv, S] (-inf at positions >= lengths[b]).
     """
-    check_codes(q_codes, k_codes, k_norms, score)
-    batch, kv_heads, seq, words = k_codes.shape
-    tiling = tiling or ts.default_tiling(batch * kv_heads, seq)
-    source = CodeScores(q_codes.shape[1] // kv_heads, words, seq, score)
+    _check_codes(q_codes, k_codes, k_norms, score)
+    batch, kv_heads, seq, _ = k_codes.shape
+    tiling = tiling or default_tiling(batch * kv_heads, seq)
+    source = _code_scores(q_codes, k_codes, score)
     return triton_call(
         functools.partial(_scoring_kernel, source=source, tiling=tiling, seq=seq, interpret=interpret),
         out_shape=jax.ShapeDtypeStruct((batch, kv_heads, seq), jnp.float32),
         grid=(batch, kv_heads, tiling.chunks(seq)),
-        in_specs=[ts.batch_spec(), *source.in_specs()],
-        out_specs=ts.row_spec(seq),
+        in_specs=[rs.length_spec(), *source.in_specs()],
+        out_specs=rs.row_spec(seq),
         num_warps=tiling.num_warps,
-        num_stages=1,
+        num_stages=tiling.num_stages,
         interpret=interpret,
         name="hata_hamming_scores",
-    )(jnp.asarray(lengths).astype(jnp.int32), q_codes.reshape(batch, kv_heads, -1, words), k_codes, k_norms)
+    )(jnp.asarray(lengths).astype(jnp.int32), q_codes, k_codes, k_norms)
+
+
+def hamming_topk_with_path(q_codes, k_codes, k_norms, lengths, *, budget: int, score: str = "key_norm", sink: int = 0,
+                           recent: int = 0, interpret: bool = False, tiling: Tiling | None = None,
+                           config: BandConfig = BandConfig()):
+    """:func:`hamming_topk`, also returning how each row was selected (int32[B, Hkv] of band_select.PATH_*)."""
+    _check_codes(q_codes, k_codes, k_norms, score)
+    batch, kv_heads, seq, _ = k_codes.shape
+    rs.check_selection(seq, budget, sink, recent)
+    return band_select.select_with_path(
+        _code_scores(q_codes, k_codes, score), (q_codes, k_codes, k_norms), jnp.asarray(lengths),
+        shape=(batch, kv_heads, seq), budget=budget, sink=sink, recent=recent,
+        tiling=tiling or default_tiling(batch * kv_heads, seq), config=config, interpret=interpret,
+    )
 
 
 def hamming_topk(q_codes, k_codes, k_norms, lengths, *, budget: int, score: str = "key_norm", sink: int = 0,
-                 recent: int = 0, state: ts.SelectState | None = None, interpret: bool = False,
-                 tiling: ts.Tiling | None = None):
-    """Kernel form of :func:`hata_jax.hamming_topk`: scoring fused with the one-launch selection.
+                 recent: int = 0, interpret: bool = False, tiling: Tiling | None = None):
+    """Kernel form of :func:`hata_jax.hamming_topk`: scoring fused with the band select.
 
-    Shapes as in :func:`hamming_scores`; state: the rows' :class:`topk_select.SelectState` (None:
-    a fresh one). Returns (idx int32[B, Hkv, budget] with the selected positions in ascending
-    order then `UNUSED`, count int32[B, Hkv] = min(lengths[b], budget), new state).
+    Shapes as in :func:`hamming_scores`; returns (idx int32[B, Hkv, budget] with the selected
+    positions in ascending order then `UNUSED`, count int32[B, Hkv] = min(lengths[b], budget)).
     """
-    check_codes(q_codes, k_codes, k_norms, score)
-    batch, kv_heads, seq, words = k_codes.shape
-    ts.check_selection(seq, budget, sink, recent)
-    source = CodeScores(q_codes.shape[1] // kv_heads, words, seq, score)
-    idx, count, state, _ = ts.run_select(
-        source, jnp.asarray(lengths).astype(jnp.int32), [q_codes.reshape(batch, kv_heads, -1, words), k_codes, k_norms],
-        state, batch=batch, kv_heads=kv_heads, seq=seq, budget=budget, sink=sink, recent=recent,
-        tiling=tiling or ts.default_tiling(batch * kv_heads, seq), interpret=interpret, name="hata_hamming_topk",
-    )
-    return idx, count, state
-
-
-# ----------------------------------------------------------------------------------------------
-# The fused decode step: encode + append + score + select.
-
-
-@dataclasses.dataclass(frozen=True)
-class StepScores:
-    """Scores of a decode step computed from the step's q and new key (encoded in-kernel).
-
-    Inputs (in order): q [B, Hkv, G, D], k_new, v_new [B, Hkv, D], overflow bool[B],
-    the projection parts [Hkv, D, rbit], then the cache k, v [B, Hkv, S, D], codes
-    [B, Hkv, S, W], norms [B, Hkv, S] (aliased to the first four outputs); outputs also
-    lengths int32[B] and overflow bool[B].
-    """
-
-    batch: int
-    kv_heads: int
-    group: int
-    head_dim: int
-    words: int
-    seq: int
-    parts: int
-    score: str
-    chunk: int
-    dtype: Any  # the cache's K/V dtype
-    compute_dtype: Any  # the encoding dot's input dtype
-
-    def in_specs(self):
-        d, w = self.head_dim, self.words
-        return [
-            pl.BlockSpec((None, None, self.group, d), lambda b, h, c: (b, h, 0, 0)),
-            pl.BlockSpec((None, None, d), lambda b, h, c: (b, h, 0)),
-            pl.BlockSpec((None, None, d), lambda b, h, c: (b, h, 0)),
-            ts.batch_spec(),
-            *[pl.BlockSpec((None, d, 32 * w), lambda b, h, c: (h, 0, 0))] * self.parts,
-            ts.row_spec(self.seq, d),
-            ts.row_spec(self.seq, d),
-            ts.row_spec(self.seq, w),
-            ts.row_spec(self.seq),
-        ]
-
-    def aliases(self):
-        first_cache = 4 + self.parts
-        return {first_cache + i: i for i in range(4)}
-
-    def out_shapes(self):
-        rows = (self.batch, self.kv_heads, self.seq)
-        return [
-            jax.ShapeDtypeStruct((*rows, self.head_dim), self.dtype),
-            jax.ShapeDtypeStruct((*rows, self.head_dim), self.dtype),
-            jax.ShapeDtypeStruct((*rows, self.words), jnp.uint32),
-            jax.ShapeDtypeStruct(rows, jnp.float32),
-            jax.ShapeDtypeStruct((self.batch,), jnp.int32),
-            jax.ShapeDtypeStruct((self.batch,), jnp.bool_),
-        ]
-
-    def out_specs(self):
-        d, w = self.head_dim, self.words
-        return [ts.row_spec(self.seq, d), ts.row_spec(self.seq, d), ts.row_spec(self.seq, w), ts.row_spec(self.seq),
-                ts.batch_spec(), ts.batch_spec()]
-
-    def bind(self, len_ref, refs, *, interpret: bool):
-        q_ref, k_new_ref, v_new_ref, overflow_ref, *rest = refs
-        w_refs = rest[: self.parts]
-        _, _, _, _, k_ref, v_ref, codes_ref, norms_ref, len_out_ref, overflow_out_ref = rest[self.parts:]
-        old = len_ref[...]
-        ok = (old >= 0) & (old < self.seq)
-        length = jnp.where(ok, old + 1, jnp.clip(old, 0, self.seq))
-        # Encode the group's queries (rows 0..G-1) and the new key (row G) in one tile.
-        row = lax.broadcasted_iota(jnp.int32, (hash_encode.STEP_ROWS,), 0)
-        q = pltriton.load(q_ref.at[pl.ds(0, hash_encode.STEP_ROWS), :], mask=(row < self.group)[:, None], other=0)
-        k_new = k_new_ref[...]
-        is_key = row == self.group
-        rows = jnp.where(is_key[:, None], k_new[None, :].astype(self.compute_dtype), q.astype(self.compute_dtype))
-        codes = hash_encode.pack_codes(rows, w_refs, self.words)
-        q_rows = [jnp.sum(jnp.where((row == g)[:, None], codes, jnp.uint32(0)), axis=0, dtype=jnp.uint32)
-                  for g in range(self.group)]
-        k_code = jnp.sum(jnp.where(is_key[:, None], codes, jnp.uint32(0)), axis=0, dtype=jnp.uint32)
-        kf = k_new.astype(jnp.float32)
-        k_norm = jnp.sqrt(jnp.sum(kf * kf))
-        chunk_index, head = pl.program_id(2), pl.program_id(1)
-        owner = ok & (chunk_index == jnp.clip(old, 0, self.seq - 1) // self.chunk)
-
-        @pl.when(owner)
-        def _():
-            pos = jnp.clip(old, 0, self.seq - 1)
-            k_ref[pos, :] = k_new.astype(k_ref.dtype)
-            v_ref[pos, :] = v_new_ref[...].astype(v_ref.dtype)
-            width = k_code.shape[0]
-            columns = lax.broadcasted_iota(jnp.int32, (width,), 0)
-            pltriton.store(codes_ref.at[pos, pl.ds(0, width)], k_code, mask=columns < self.words)
-            norms_ref[pos] = k_norm
-
-        @pl.when((head == 0) & (chunk_index == 0))
-        def _():
-            len_out_ref[...] = length
-            overflow_out_ref[...] = overflow_ref[...] | ~ok
-
-        ts.barrier(interpret)  # the new row is stored before this program scores it
-        return _CodeRows(q_rows, codes_ref, norms_ref, self.score, length, interpret)
-
-
-def hata_step_select(q, k_new, v_new, w, k, v, codes, norms, lengths, overflow, state: ts.SelectState, *, budget: int,
-                     score: str = "key_norm", sink: int = 0, recent: int = 0, interpret: bool = False,
-                     tiling: ts.Tiling | None = None):
-    """One launch: encode the step, append the new token to the cache, score and select.
-
-    Args:
-      q: float[B, Hq, D] post-RoPE queries; k_new, v_new: float[B, Hkv, D].
-      w: float[Hkv, D, rbit] the layer's projection.
-      k, v: [B, Hkv, S, D]; codes: uint32[B, Hkv, S, W]; norms: float32[B, Hkv, S]: the cache,
-        updated in place when donated.
-      lengths: int32[B] before the append; overflow: bool[B].
-      state: the rows' :class:`topk_select.SelectState`.
-
-    Returns:
-      (idx, count, (k, v, codes, norms, lengths, overflow), state): the selection of the
-      appended cache (as :func:`hamming_topk`) and the updated cache arrays and state.
-    """
-    batch, kv_heads, seq, head_dim = k.shape
-    words = codes.shape[-1]
-    heads = q.shape[1]
-    group = heads // kv_heads
-    check_codes(jax.ShapeDtypeStruct((batch, heads, words), jnp.uint32), codes, norms, score)
-    if group + 1 > hash_encode.STEP_ROWS:
-        raise ValueError(f"group size {group} not supported (1 to {hash_encode.STEP_ROWS - 1})")
-    ts.check_selection(seq, budget, sink, recent)
-    tiling = tiling or ts.default_tiling(batch * kv_heads, seq)
-    compute_dtype = hash_encode.dot_dtype(q.dtype, k_new.dtype)
-    w_parts = hash_encode.projection_parts(w, compute_dtype)
-    source = StepScores(batch, kv_heads, group, head_dim, words, seq, len(w_parts), score, tiling.chunk, k.dtype,
-                        compute_dtype)
-    inputs = [q.reshape(batch, kv_heads, group, head_dim), k_new, v_new, overflow.astype(jnp.bool_), *w_parts,
-              k, v, codes, norms]
-    idx, count, state, outs = ts.run_select(
-        source, lengths.astype(jnp.int32), inputs, state, batch=batch, kv_heads=kv_heads,
-        seq=seq, budget=budget, sink=sink, recent=recent, tiling=tiling, interpret=interpret, name="hata_step_select",
-    )
-    k, v, codes, norms, new_lengths, new_overflow = outs
-    return idx, count, (k, v, codes, norms, new_lengths, new_overflow), state
+    idx, count, _ = hamming_topk_with_path(q_codes, k_codes, k_norms, lengths, budget=budget, score=score, sink=sink,
+                                           recent=recent, interpret=interpret, tiling=tiling)
+    return idx, count

@@ -1,6 +1,6 @@
 """Hash encoding kernels (Pallas Triton): `sign(x @ W) > 0`, packed LSB-first into uint32 words.
 
-Two kernels share one packing routine (:func:`pack_codes`):
+Two kernels share one packing routine (:func:`_pack_codes`):
 
 - :func:`encode`, the prefill form: codes for many tokens of every head, e.g. a whole
   `[B, Hkv, S, D]` key cache or `[N, Hq, D]` queries.
@@ -119,7 +119,7 @@ def _group(heads: int, kv_heads: int) -> int:
     return heads // kv_heads
 
 
-def dot_dtype(*dtypes) -> jnp.dtype:
+def _compute_dtype(*dtypes) -> jnp.dtype:
     """The dot's input dtype: the inputs' shared 16-bit dtype, otherwise float32."""
     first = jnp.dtype(dtypes[0])
     if first != jnp.float32 and all(jnp.dtype(d) == first for d in dtypes):
@@ -127,7 +127,7 @@ def dot_dtype(*dtypes) -> jnp.dtype:
     return jnp.dtype(jnp.float32)
 
 
-def projection_parts(w: jax.Array, compute_dtype) -> tuple[jax.Array, ...]:
+def _projection_parts(w: jax.Array, compute_dtype) -> tuple[jax.Array, ...]:
     """w as one or two arrays of the compute dtype whose sum is w to ~2^-17 (see Precision)."""
     if compute_dtype == jnp.float32 or w.dtype == compute_dtype:
         return (w.astype(compute_dtype),)
@@ -136,7 +136,7 @@ def projection_parts(w: jax.Array, compute_dtype) -> tuple[jax.Array, ...]:
     return hi, (w32 - hi.astype(jnp.float32)).astype(compute_dtype)
 
 
-def pack_codes(rows: jax.Array, w_refs, words: int) -> jax.Array:
+def _pack_codes(rows: jax.Array, w_refs, words: int) -> jax.Array:
     """rows: [M, D] (compute dtype), w_refs: parts [D, 32 * words] of w -> uint32[M, next_pow2(words)].
 
     Column c < words holds bits 32c .. 32c+31 (bit j set iff row . w[:, 32c + j] > 0); the
@@ -171,7 +171,7 @@ def _encode_kernel(x_ref, *refs, rows_grid_axis: int, num_rows: int, words: int,
     first_row = pl.program_id(rows_grid_axis) * block_rows
     valid = first_row + lax.broadcasted_iota(jnp.int32, (block_rows,), 0) < num_rows
     rows = pltriton.load(x_ref, mask=valid[:, None], other=0).astype(compute_dtype)
-    _store_codes(o_ref, pack_codes(rows, w_refs, words), valid)
+    _store_codes(o_ref, _pack_codes(rows, w_refs, words), valid)
 
 
 def _block_rows(num_rows: int) -> int:
@@ -205,8 +205,8 @@ def encode(x: jax.Array, w: jax.Array, *, head_axis: int, interpret: bool = Fals
         return jnp.zeros(out_shape, jnp.uint32)
     a = math.prod(x.shape[:head_axis])
     c = x.size // (a * heads * d)
-    compute_dtype = dot_dtype(x.dtype)
-    w_parts = projection_parts(w, compute_dtype)
+    compute_dtype = _compute_dtype(x.dtype)
+    w_parts = _projection_parts(w, compute_dtype)
     kernel = functools.partial(_encode_kernel, words=words, compute_dtype=compute_dtype)
     w_spec = pl.BlockSpec((None, d, words * WORD_BITS), lambda *ids: (ids[1] // group, 0, 0))
     if c > 1:  # head-major: rows run along C
@@ -247,7 +247,7 @@ def _encode_step_kernel(q_ref, k_ref, *refs, words: int, compute_dtype):
     k = k_ref[...]
     is_key = row == group
     rows = jnp.where(is_key[:, None], k[None, :].astype(compute_dtype), q.astype(compute_dtype))
-    codes = pack_codes(rows, w_refs, words)
+    codes = _pack_codes(rows, w_refs, words)
     _store_codes(q_codes_ref, codes, row < group)
     k_codes = jnp.sum(jnp.where(is_key[:, None], codes, jnp.uint32(0)), axis=0, dtype=jnp.uint32)
     column = lax.broadcasted_iota(jnp.int32, k_codes.shape, 0)
@@ -284,8 +284,8 @@ def encode_step(q: jax.Array, k_new: jax.Array, w: jax.Array, *, interpret: bool
     if b == 0:
         q_codes = jnp.zeros((0, heads, words), jnp.uint32)
         return q_codes, jnp.zeros((0, kv_heads, words), jnp.uint32), jnp.zeros((0, kv_heads), jnp.float32)
-    compute_dtype = dot_dtype(q.dtype, k_new.dtype)
-    w_parts = projection_parts(w, compute_dtype)
+    compute_dtype = _compute_dtype(q.dtype, k_new.dtype)
+    w_parts = _projection_parts(w, compute_dtype)
     kernel = functools.partial(_encode_step_kernel, words=words, compute_dtype=compute_dtype)
     q_codes, k_codes, k_norms = triton_call(
         kernel,

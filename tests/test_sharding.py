@@ -238,7 +238,7 @@ def check_sharded_step_lowers_for_cuda(rng):
                               steps.state_leaves, jnp.zeros(2, jnp.int32), caches, weights, jax.random.PRNGKey(0))
     finally:
         dispatch.on_gpu = on_gpu
-    for kernel in ("hata_step_select", "hata_sparse_decode", "hata_dense_decode"):
+    for kernel in ("hata_hamming", "hata_select", "hata_sparse_decode", "hata_dense_decode"):
         assert kernel in text, kernel
 
 

@@ -1,0 +1,586 @@
+"""Exact radix select over order-preserving keys: the key machinery, the fallback histogram
+passes and the output compaction that both selection paths end with.
+
+The pipeline (a sample-band fast path, these passes as its exact fallback) is described in
+:mod:`pallas_kernels.band_select`; times, byte floor and tunables in
+:mod:`pallas_kernels.hamming_topk`. For each row `(b, h)` of `scores: float32[B, Hkv, S]`:
+
+- **keys**: `order_keys` maps a float32 score to an int32 whose signed order is the float order
+  (bits ^ 0x7FFFFFFF for negative floats); NaN gets the lowest key, a forced (sink/recent)
+  position the highest. The digits are the four bytes of `key ^ 0x80000000` (the same order read
+  as uint32), most significant first.
+- **histograms**: a 256-bin histogram of 8-bit digits is the `[16, 16]` product
+  `dot(onehot(digit >> 4)^T, onehot(digit & 15))` over a loop step's keys, with the one-hot rows
+  gathered from a 1 KiB bf16 table (`one_hot_table`; a non-member's high row is zero) and float32
+  accumulation (exact): no atomics, no per-element compares. A program stores its chunk's
+  histogram as suffix counts (`fine[a, b]` = keys with digit >= 16a+b, `coarse[a]` = keys with
+  digit >= 16a); `boundary_digit` finds the digit holding a rank from the per-chunk suffix counts
+  of a row (sum `coarse` over chunks, pick the high nibble, sum that nibble's row of `fine`, pick
+  the low nibble: 128 B per chunk instead of the whole 1 KiB histogram). The band select's
+  band-digit histograms are built the same way.
+- **fallback passes 0..3** (pass 0 runs inside the band select's decision launch; passes 1..3 are
+  one `pallas_call` each, grid `(B, Hkv, chunks)`; every program of a row the fast path decided
+  returns at once, except that the band select's parallel design ranks a fast row's threshold
+  bucket in pass 1's launch): a program histograms the pass's digit over the valid keys of its chunk that
+  share the prefix resolved so far (a loop step with no such key skips the histogram). At the
+  start of pass p+1 every program re-derives the row's boundary digit of pass p; the row state
+  (resolved prefix, rank still to take, passes used, done flag, digits) is stored by the row's
+  chunk-0 program. A chunk none of whose keys share the new prefix skips its keys; once the
+  boundary bucket is taken whole the row is done and later passes skip it.
+- **compaction** (the last `pallas_call`, both paths): the row's plan is the threshold key, the
+  number of keys equal to it still to take, and per chunk how many keys lie above it and how many
+  equal it; the fast path computed it (a `fast_plan` of the band select's design gives each
+  program its `ChunkPlan`), a fallback row derives it from its pass counts. Each program takes
+  the counts of the chunks before its own and scatters its selected positions: every key above the threshold, and equal keys in position order until the rank is
+  filled. Slots come out in ascending position; slots `>= count` get `UNUSED`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels._backend import dot, triton_call
+
+UNUSED = -1
+MAX_SEQ = 262144
+MAX_BUDGET = 8192
+
+NUM_PASSES = 4
+DIGIT_BITS = 8
+NIBBLE = 16  # a digit d = NIBBLE * high + low
+HIST_DTYPE = jnp.bfloat16  # one-hot operands of the histogram MMA (float32 accumulation, exact)
+INT32_MIN = -(2**31)
+INT32_MAX = 2**31 - 1
+
+# Row state of the fallback, one int32 vector per row: the resolved key prefix, the rank still
+# to take among the keys sharing it, the passes that refined it, the done flag, then each
+# pass's digit.
+STATE_THRESHOLD, STATE_REMAINING, STATE_REFINED, STATE_DONE, STATE_DIGITS = 0, 1, 2, 3, 4
+STATE_WIDTH = STATE_DIGITS + NUM_PASSES
+
+# The band select's decision, one int32 vector per row: how the row was selected (0: by the
+# fallback passes, else the fast path's case), and on the fast path its threshold key (signed),
+# the number of keys equal to it still to take, and (parallel design) the threshold bucket's keys.
+DECISION_PATH, DECISION_THRESHOLD, DECISION_REMAINING, DECISION_FOUND = 0, 1, 2, 3
+DECISION_WIDTH = 4
+
+BLOCK = 256
+SCAN_BLOCK = 2048
+MIN_BLOCK = 32  # keys per histogram MMA contraction (Triton dots need >= 16)
+MAX_BLOCK = 2**15  # the compaction counts two things in one 32-bit scan
+MIN_CHUNK = 2048
+MAX_CHUNK = 16384
+TARGET_PROGRAMS = 512
+FILL_BLOCK = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+    """How a row is cut: `chunk` positions per program, walked in loop steps of `block`
+    positions by the histogram passes and of `scan_block` (clipped to the chunk) by the loops
+    without a histogram (the band pass with its fused scoring, the compaction)."""
+
+    chunk: int
+    block: int
+    scan_block: int = SCAN_BLOCK
+    num_warps: int = 4
+    num_stages: int = 1
+
+    def __post_init__(self):
+        for name in ("chunk", "block", "scan_block"):
+            value = getattr(self, name)
+            if value < MIN_BLOCK or value & (value - 1):
+                raise ValueError(f"Tiling.{name} must be a power of two >= {MIN_BLOCK}, got {value}")
+        for name in ("block", "scan_block"):
+            if getattr(self, name) > MAX_BLOCK:
+                raise ValueError(f"Tiling.{name} must be <= {MAX_BLOCK}, got {getattr(self, name)}")
+        if self.chunk % self.block:
+            raise ValueError(f"Tiling.chunk ({self.chunk}) must be a multiple of Tiling.block ({self.block})")
+
+    def chunks(self, seq: int) -> int:
+        """Programs per row: a power of two, so per-chunk counts load as one tensor."""
+        return pl.next_power_of_2(pl.cdiv(seq, self.chunk))
+
+    @property
+    def scan(self) -> int:
+        return min(self.scan_block, self.chunk)
+
+
+def default_tiling(rows: int, seq: int) -> Tiling:
+    """About TARGET_PROGRAMS programs over `rows` rows of `seq` positions (see hamming_topk)."""
+    chunk = pl.next_power_of_2(pl.cdiv(rows * seq, TARGET_PROGRAMS))
+    chunk = min(max(chunk, MIN_CHUNK), MAX_CHUNK, max(MIN_BLOCK, pl.next_power_of_2(seq)))
+    return Tiling(chunk=chunk, block=min(BLOCK, chunk), scan_block=min(SCAN_BLOCK, chunk))
+
+
+def check_selection(seq: int, budget: int, sink: int, recent: int) -> None:
+    if not 0 < seq <= MAX_SEQ:
+        raise ValueError(f"sequence capacity {seq} not supported (1 to {MAX_SEQ})")
+    if not 0 < budget <= min(seq, MAX_BUDGET):
+        raise ValueError(f"budget {budget} not supported (1 to min(capacity {seq}, {MAX_BUDGET}))")
+    if sink < 0 or recent < 0 or sink + recent > budget:
+        raise ValueError(f"sink ({sink}) and recent ({recent}) must be >= 0 and sum to at most budget ({budget})")
+
+
+# ----------------------------------------------------------------------------------------------
+# In-kernel helpers (plain jnp on refs and tensors: they run in Triton and in the interpreter).
+
+
+def iota(shape, dim=0):
+    return lax.broadcasted_iota(jnp.int32, shape, dim)
+
+
+def pick(vector, index):
+    """vector[index] for a dynamic scalar index (0 when out of range)."""
+    return jnp.sum(jnp.where(iota(vector.shape) == index, vector, 0))
+
+
+def count(mask, axis=None):
+    return jnp.sum(mask.astype(jnp.int32), axis=axis)
+
+
+def traced(value, like):
+    """`value` computed from the traced `like`: a conditional (`lax.cond`) in a Triton kernel must
+    yield values, not constants."""
+    return like * 0 + value
+
+
+def block_barrier(interpret: bool) -> None:
+    """Make this program's global stores visible to all its threads (a no-op when interpreted,
+    where a program runs sequentially)."""
+    if not interpret:
+        pltriton.debug_barrier()
+
+
+def order_keys(scores, pos, length, *, sink: int, recent: int):
+    """int32 keys whose signed order is the order of `scores` (float32), NaN lowest; positions
+    forced in (the first `sink`, the last `recent` before `length`) get the highest key."""
+    bits = lax.bitcast_convert_type(scores, jnp.int32)
+    keys = jnp.where(bits < 0, bits ^ INT32_MAX, bits)
+    keys = jnp.where(scores != scores, INT32_MIN, keys)
+    if sink or recent:
+        keys = jnp.where((pos < sink) | (pos >= length - recent), INT32_MAX, keys)
+    return keys
+
+
+def key_digit(keys, pass_index: int):
+    """Byte `pass_index` (0 = most significant) of the keys read as uint32, in [0, 256)."""
+    return ((keys ^ INT32_MIN) >> (32 - DIGIT_BITS * (pass_index + 1))) & (2**DIGIT_BITS - 1)
+
+
+def one_hot_table():
+    """bfloat16[32, 16]: row r < 16 is the one-hot of r, rows >= 16 are zero (the histogram's lookup table)."""
+    return jnp.eye(2 * NIBBLE, NIBBLE, dtype=HIST_DTYPE)
+
+
+def _digit_histogram(digits, member, table_ref):
+    """int32[16, 16]: [a, b] = members with digit 16a + b (digits, member: [block]).
+
+    The one-hot rows of the digit's two nibbles are gathered from `table_ref` (`one_hot_table`,
+    L1-resident): one 32 B row per nibble, no per-element compares or byte shuffles, and a dot
+    that contracts over the block counts the pairs (float32 accumulation of 0/1: exact).
+    """
+    block = digits.shape[0]
+    high = jnp.where(member, digits >> 4, NIBBLE)  # row NIBBLE is zero: not counted
+    columns = iota((block, NIBBLE), 1)
+
+    def rows(index):
+        return table_ref[jnp.broadcast_to(index[:, None], (block, NIBBLE)), columns]
+
+    return dot(rows(high).T, rows(digits & (NIBBLE - 1))).astype(jnp.int32)
+
+
+def suffix_counts(hist):
+    """(coarse[16], fine[16, 16]): keys with digit >= 16a, and with digit >= 16a + b."""
+    rows = jnp.sum(hist, axis=1)
+    coarse = jnp.sum(rows) - jnp.cumsum(rows) + rows
+    fine = coarse[:, None] - jnp.cumsum(hist, axis=1) + hist
+    return coarse, fine
+
+
+class ChunkGeometry(NamedTuple):
+    """This program's chunk of row (b, h): positions [start, start + chunk)."""
+
+    chunk_index: jax.Array
+    start: jax.Array
+    length: jax.Array  # lengths[b], clipped to [0, seq]
+    chunk: int
+
+    def blocks(self, stop, block: int):
+        """Loop steps of `block` positions that hold positions < stop."""
+        return pl.cdiv(jnp.clip(stop - self.start, 0, self.chunk), block)
+
+
+def chunk_geometry(len_ref, tiling: Tiling, seq: int) -> ChunkGeometry:
+    chunk_index = pl.program_id(2)
+    length = jnp.clip(len_ref[()], 0, seq)  # out-of-range lengths must not read out of bounds
+    return ChunkGeometry(chunk_index, chunk_index * tiling.chunk, length, tiling.chunk)
+
+
+def block_positions(geo: ChunkGeometry, i, block: int):
+    """(first position, positions[block], valid[block]) of loop step i."""
+    first = geo.start + i * block
+    pos = first + iota((block,))
+    return first, pos, pos < geo.length
+
+
+def block_keys(scores_ref, geo: ChunkGeometry, i, block: int, *, sink: int, recent: int):
+    """(positions, valid, keys) of loop step i, reading scores only at valid positions."""
+    first, pos, valid = block_positions(geo, i, block)
+    scores = pltriton.load(scores_ref.at[pl.ds(first, block)], mask=valid, other=0.0)
+    return pos, valid, order_keys(scores, pos, geo.length, sink=sink, recent=recent)
+
+
+def histogram_loop(num_blocks, digits_of_block: Callable, table_ref):
+    """Sum of `_digit_histogram(*digits_of_block(i))` over loop steps i < num_blocks; a step
+    without members skips the histogram (later passes: most steps hold no candidate)."""
+
+    def step(i, hist):
+        digits, member = digits_of_block(i)
+        return lax.cond(
+            jnp.max(member.astype(jnp.int32)) > 0,
+            lambda: hist + _digit_histogram(digits, member, table_ref),
+            lambda: hist,
+        )
+
+    return lax.fori_loop(0, num_blocks, step, jnp.zeros((NIBBLE, NIBBLE), jnp.int32))
+
+
+def store_suffix_counts(coarse_ref, fine_ref, hist) -> None:
+    coarse, fine = suffix_counts(hist)
+    coarse_ref[...] = coarse
+    fine_ref[...] = fine
+
+
+def boundary_digit(coarse_ref, fine_ref, rank):
+    """(digit, keys with digit >= it, keys with digit > it) of a row's histogram: the largest
+    digit with at least `rank` keys at or above it (coarse_ref: [chunks, 16], fine_ref:
+    [chunks, 16, 16] per-chunk suffix counts). Clamped to digit 0 when even all keys are fewer
+    than `rank` (counts of a done row are all 0), so the digit always indexes inside the counts."""
+    coarse = jnp.sum(coarse_ref[...], axis=0)
+    high = jnp.maximum(count(coarse >= rank) - 1, 0)
+    fine = jnp.sum(fine_ref[:, high, :], axis=0)
+    low = jnp.maximum(count(fine >= rank) - 1, 0)
+    above = jnp.where(low < NIBBLE - 1, pick(fine, low + 1), pick(coarse, high + 1))
+    return NIBBLE * high + low, pick(fine, low), above
+
+
+def chunk_counts(fine_ref, digit, chunk=None):
+    """(keys with digit >= `digit`, keys with digit > `digit`) in every chunk ([chunks]), or in
+    chunk `chunk` (scalars); fine_ref: [chunks, 16, 16] suffix counts of one histogram."""
+    where = slice(None) if chunk is None else chunk
+    nxt = jnp.minimum(digit + 1, 2**DIGIT_BITS - 1)
+    at_least = fine_ref[where, digit >> 4, digit & (NIBBLE - 1)]
+    above = jnp.where(digit < 2**DIGIT_BITS - 1, fine_ref[where, nxt >> 4, nxt & (NIBBLE - 1)], 0)
+    return at_least, above
+
+
+class RowState(NamedTuple):
+    threshold: jax.Array  # int32 bits of the resolved uint32 key prefix (unresolved bits 0)
+    remaining: jax.Array  # keys still to take among those sharing the prefix
+    refined: jax.Array  # passes that refined the prefix: the prefix has 8 * refined bits
+    done: jax.Array  # bool: all keys sharing the prefix are taken; later passes are idle
+    digits: tuple  # the boundary digit of each pass (NUM_PASSES int32 scalars)
+
+    def signed_prefix(self, bits):
+        """The top `bits` bits of the threshold, comparable with `keys >> (32 - bits)`."""
+        return (self.threshold ^ INT32_MIN) >> (32 - bits)
+
+
+def initial_state(k_eff) -> RowState:
+    zero = jnp.int32(0)
+    return RowState(zero, k_eff, zero, jnp.zeros((), jnp.bool_), (zero,) * NUM_PASSES)
+
+
+def store_state(state_ref, state: RowState) -> None:
+    values = (state.threshold, state.remaining, state.refined, state.done.astype(jnp.int32), *state.digits)
+    for i, value in enumerate(values):
+        state_ref[i] = value
+
+
+def load_state(state_ref) -> RowState:
+    return RowState(
+        state_ref[STATE_THRESHOLD],
+        state_ref[STATE_REMAINING],
+        state_ref[STATE_REFINED],
+        state_ref[STATE_DONE] != 0,
+        tuple(state_ref[STATE_DIGITS + q] for q in range(NUM_PASSES)),
+    )
+
+
+def advance(state: RowState, coarse_ref, fine_ref, pass_index: int) -> RowState:
+    """The row state after pass `pass_index`, from its per-chunk suffix counts
+    (coarse_ref: [chunks, 16], fine_ref: [chunks, 16, 16] of the row)."""
+    rank = state.remaining
+    digit, at_least, above = boundary_digit(coarse_ref, fine_ref, rank)
+    refine = jnp.logical_not(state.done)
+    shift = 32 - DIGIT_BITS * (pass_index + 1)
+    digits = list(state.digits)
+    digits[pass_index] = digit
+    return RowState(
+        threshold=jnp.where(refine, state.threshold | (digit << shift), state.threshold),
+        remaining=jnp.where(refine, rank - above, rank),
+        refined=jnp.where(refine, pass_index + 1, state.refined),
+        done=state.done | (rank == at_least),
+        digits=tuple(digits),
+    )
+
+
+def k_effective(length, budget: int):
+    return jnp.minimum(length, budget)
+
+
+def decided_fast(decision_ref):
+    """Whether the band select's fast path already selected this row."""
+    return decision_ref[DECISION_PATH] != 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Fallback passes.
+
+
+def first_pass(scores_ref, table_ref, state_ref, coarse_ref, fine_ref, geo: ChunkGeometry, *, tiling: Tiling,
+               budget: int, sink: int, recent: int) -> None:
+    """Fallback pass 0 of one program: its chunk's suffix counts and (chunk 0) the row's initial state."""
+
+    def digits_of_block(i):
+        _, valid, keys = block_keys(scores_ref, geo, i, tiling.block, sink=sink, recent=recent)
+        return key_digit(keys, 0), valid
+
+    hist = histogram_loop(geo.blocks(geo.length, tiling.block), digits_of_block, table_ref)
+    store_suffix_counts(coarse_ref, fine_ref, hist)
+
+    @pl.when(geo.chunk_index == 0)
+    def _():
+        store_state(state_ref, initial_state(k_effective(geo.length, budget)))
+
+
+def refine_pass(scores_ref, table_ref, state_in_ref, coarse_in_ref, fine_in_ref, state_ref, coarse_ref, fine_ref,
+                geo: ChunkGeometry, *, pass_index: int, tiling: Tiling, sink: int, recent: int) -> None:
+    """Fallback pass `pass_index` (>= 1) of one program of a fallback row: advance the row state
+    over the previous pass's counts, then its chunk's suffix counts of this pass's digit."""
+    state = advance(load_state(state_in_ref), coarse_in_ref, fine_in_ref, pass_index - 1)
+
+    @pl.when(geo.chunk_index == 0)
+    def _():
+        store_state(state_ref, state)
+
+    at_least, above = chunk_counts(fine_in_ref, state.digits[pass_index - 1], geo.chunk_index)
+    active = jnp.logical_not(state.done) & (at_least > above)
+    prefix_bits = DIGIT_BITS * pass_index
+    prefix = state.signed_prefix(prefix_bits)
+
+    def digits_of_block(i):
+        _, valid, keys = block_keys(scores_ref, geo, i, tiling.block, sink=sink, recent=recent)
+        return key_digit(keys, pass_index), valid & ((keys >> (32 - prefix_bits)) == prefix)
+
+    blocks = jnp.where(active, geo.blocks(geo.length, tiling.block), 0)
+    store_suffix_counts(coarse_ref, fine_ref, histogram_loop(blocks, digits_of_block, table_ref))
+
+
+def _refine_pass_kernel(
+    len_ref, scores_ref, table_ref, decision_ref, state_in_ref, coarse_in_ref, fine_in_ref, state_ref, coarse_ref,
+    fine_ref, *, pass_index, tiling, seq, sink, recent,
+):
+    geo = chunk_geometry(len_ref, tiling, seq)  # program ids outside conditionals (the interpreter needs it)
+
+    @pl.when(jnp.logical_not(decided_fast(decision_ref)))
+    def _():
+        refine_pass(scores_ref, table_ref, state_in_ref, coarse_in_ref, fine_in_ref, state_ref, coarse_ref, fine_ref,
+                    geo, pass_index=pass_index, tiling=tiling, sink=sink, recent=recent)
+
+
+# ----------------------------------------------------------------------------------------------
+# Compaction.
+
+
+class ChunkPlan(NamedTuple):
+    """What the compaction program of one chunk takes: keys whose top `32 - shift` bits
+    (`keys >> shift`) are above `prefix`, and of the keys equal to it those whose rank among
+    the row's equal keys in position order is <= `need`."""
+
+    greater_before: jax.Array  # keys above the threshold in the row's earlier chunks
+    equal_before: jax.Array  # keys equal to it in the row's earlier chunks
+    own_greater: jax.Array  # keys above it in this chunk
+    own_equal: jax.Array  # keys equal to it in this chunk
+    need: jax.Array
+    shift: jax.Array
+    prefix: jax.Array
+
+
+def chunk_plan(greater, equal, need, shift, prefix, chunk_index) -> ChunkPlan:
+    """The ChunkPlan of chunk `chunk_index` from the row's per-chunk counts (greater, equal: [chunks])."""
+    before = iota(greater.shape) < chunk_index
+    return ChunkPlan(jnp.sum(jnp.where(before, greater, 0)), jnp.sum(jnp.where(before, equal, 0)),
+                     pick(greater, chunk_index), pick(equal, chunk_index), need, shift, prefix)
+
+
+def fast_plan_from_counts(decision_ref, fast_counts_ref, *, chunk_index) -> ChunkPlan:
+    """A fast row's ChunkPlan from its decision (threshold key, equal keys to take) and its
+    per-chunk counts (fast_counts_ref: [2, chunks] keys above the threshold, keys equal to it)."""
+    remaining = decision_ref[DECISION_REMAINING]
+    return chunk_plan(fast_counts_ref[0, :], fast_counts_ref[1, :], remaining, traced(0, remaining),
+                      decision_ref[DECISION_THRESHOLD], chunk_index)
+
+
+def _fallback_plan(state_ref, coarse_ref, fine_refs, chunk_index) -> ChunkPlan:
+    state = advance(load_state(state_ref), coarse_ref, fine_refs[-1], NUM_PASSES - 1)
+    # Per chunk: keys above the threshold (over the refining passes) and keys equal to it.
+    greater = equal = None
+    for q, fine_ref in enumerate(fine_refs):
+        at_least, above = chunk_counts(fine_ref, state.digits[q])
+        greater_q = jnp.where(q < state.refined, above, 0)
+        equal_q = jnp.where(q + 1 == state.refined, at_least - above, 0)
+        greater = greater_q if greater is None else greater + greater_q
+        equal = equal_q if equal is None else equal + equal_q
+    shift = 32 - DIGIT_BITS * state.refined
+    return chunk_plan(greater, equal, state.remaining, shift, (state.threshold ^ INT32_MIN) >> shift, chunk_index)
+
+
+def _compact_kernel(len_ref, scores_ref, decision_ref, state_ref, coarse_ref, *refs, fast_plan, fast_inputs, tiling,
+                    seq, budget, sink, recent):
+    fast_refs, fine_refs, (idx_ref, count_ref) = refs[:fast_inputs], refs[fast_inputs:-2], refs[-2:]
+    geo = chunk_geometry(len_ref, tiling, seq)
+    # Loaded with the decision (garbage on fallback rows).
+    fast = fast_plan(decision_ref, *fast_refs, chunk_index=geo.chunk_index)
+    plan = lax.cond(decided_fast(decision_ref), lambda: fast,
+                    lambda: _fallback_plan(state_ref, coarse_ref, fine_refs, geo.chunk_index))
+    equal_before = plan.equal_before
+    need = plan.need  # equal keys to take, in position order
+    own_taken = plan.own_greater + jnp.clip(need - equal_before, 0, plan.own_equal)
+    first_slot = plan.greater_before + jnp.minimum(equal_before, need)
+    block = tiling.scan
+
+    def body(i, carry):
+        equal_seen, taken_seen = carry
+        pos, valid, keys = block_keys(scores_ref, geo, i, block, sink=sink, recent=recent)
+        key_prefix = keys >> plan.shift
+        is_greater = (valid & (key_prefix > plan.prefix)).astype(jnp.int32)
+        is_equal = (valid & (key_prefix == plan.prefix)).astype(jnp.int32)
+        # One scan counts both (block <= MAX_BLOCK): greater keys so far in the low 16 bits, equal ones above.
+        running = jnp.cumsum(is_greater + (is_equal << 16))
+        greater_so_far, equal_so_far = running & 0xFFFF, running >> 16
+        free = jnp.maximum(need - equal_before - equal_seen, 0)  # equal keys still to take
+        take = (is_greater == 1) | ((is_equal == 1) & (equal_so_far <= free))
+        slots = first_slot + taken_seen + greater_so_far + jnp.minimum(equal_so_far, free) - 1
+        pltriton.store(idx_ref.at[jnp.where(take, slots, budget)], pos, mask=take)
+        return equal_seen + jnp.sum(is_equal), taken_seen + count(take)
+
+    lax.fori_loop(0, jnp.where(own_taken > 0, geo.blocks(geo.length, block), 0), body, (jnp.int32(0), jnp.int32(0)))
+
+    @pl.when(geo.chunk_index == 0)
+    def _():
+        k_eff = k_effective(geo.length, budget)
+        count_ref[()] = k_eff
+        fill = min(FILL_BLOCK, pl.next_power_of_2(budget))
+
+        def fill_unused(j, carry):
+            slots = j * fill + iota((fill,))
+            pltriton.store(
+                idx_ref.at[pl.ds(j * fill, fill)],
+                jnp.full((fill,), UNUSED, jnp.int32),
+                mask=(slots >= k_eff) & (slots < budget),
+            )
+            return carry
+
+        lax.fori_loop(0, pl.cdiv(budget, fill), fill_unused, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Block specs and the launches after the band select's decision.
+
+
+def length_spec():
+    return pl.BlockSpec((None,), lambda b, h, c: (b,))
+
+
+def table_spec():
+    return pl.BlockSpec((2 * NIBBLE, NIBBLE), lambda b, h, c: (0, 0))
+
+
+def row_spec(*tail: int):
+    """The whole row (b, h) of an array [B, Hkv, *tail]."""
+    return pl.BlockSpec((None, None, *tail), lambda b, h, c: (b, h) + (0,) * len(tail))
+
+
+def chunk_spec(*tail: int):
+    """This program's chunk c of an array [B, Hkv, chunks, *tail]."""
+    return pl.BlockSpec((None, None, None, *tail), lambda b, h, c: (b, h, c) + (0,) * len(tail))
+
+
+def pass_out_shapes(batch: int, kv_heads: int, chunks: int):
+    """Shapes of (state, coarse, fine) written by each fallback pass."""
+    return [
+        jax.ShapeDtypeStruct((batch, kv_heads, STATE_WIDTH), jnp.int32),
+        jax.ShapeDtypeStruct((batch, kv_heads, chunks, NIBBLE), jnp.int32),
+        jax.ShapeDtypeStruct((batch, kv_heads, chunks, NIBBLE, NIBBLE), jnp.int32),
+    ]
+
+
+def pass_out_specs():
+    return [row_spec(STATE_WIDTH), chunk_spec(NIBBLE), chunk_spec(NIBBLE, NIBBLE)]
+
+
+def row_counts_specs(chunks: int):
+    """The whole row's (state, coarse, fine) of one pass, as the next launch reads them."""
+    return [row_spec(STATE_WIDTH), row_spec(chunks, NIBBLE), row_spec(chunks, NIBBLE, NIBBLE)]
+
+
+def refine_launch(pass_index: int, scores, lengths, decision, previous, *, tiling, sink, recent, interpret):
+    """Fallback pass `pass_index` (1..3) as one launch, grid (B, Hkv, chunks); programs of rows
+    the fast path decided return at once. previous: the last pass's (state, coarse, fine);
+    returns this pass's."""
+    batch, kv_heads, seq = scores.shape
+    chunks = tiling.chunks(seq)
+    return triton_call(
+        functools.partial(_refine_pass_kernel, pass_index=pass_index, tiling=tiling, seq=seq, sink=sink,
+                          recent=recent),
+        out_shape=pass_out_shapes(batch, kv_heads, chunks),
+        grid=(batch, kv_heads, chunks),
+        in_specs=[length_spec(), row_spec(seq), table_spec(), row_spec(DECISION_WIDTH), *row_counts_specs(chunks)],
+        out_specs=pass_out_specs(),
+        num_warps=tiling.num_warps,
+        num_stages=tiling.num_stages,
+        interpret=interpret,
+        name=f"hata_select_pass{pass_index}",
+    )(lengths, scores, one_hot_table(), decision, *previous)
+
+
+def compact_launch(scores, lengths, decision, state, coarse, fines, fast_inputs, fast_plan, *, budget, sink, recent,
+                   tiling, interpret):
+    """The compaction, grid (B, Hkv, chunks): writes every row's selected positions.
+
+    scores: float32[B, Hkv, S] (read at positions < lengths[b] only); decision: int32[B, Hkv,
+    DECISION_WIDTH]; state, coarse, fines: the fallback's last row state and every pass's
+    per-chunk counts; fast_inputs: [(array, row BlockSpec)] that `fast_plan(decision_ref,
+    *their refs, chunk_index=...) -> ChunkPlan` reads for a row the fast path decided.
+    Returns (idx int32[B, Hkv, budget], count int32[B, Hkv]).
+    """
+    batch, kv_heads, seq = scores.shape
+    chunks = tiling.chunks(seq)
+    fast_arrays = [array for array, _ in fast_inputs]
+    return triton_call(
+        functools.partial(_compact_kernel, fast_plan=fast_plan, fast_inputs=len(fast_inputs), budget=budget,
+                          tiling=tiling, seq=seq, sink=sink, recent=recent),
+        out_shape=(
+            jax.ShapeDtypeStruct((batch, kv_heads, budget), jnp.int32),
+            jax.ShapeDtypeStruct((batch, kv_heads), jnp.int32),
+        ),
+        grid=(batch, kv_heads, chunks),
+        in_specs=[
+            length_spec(), row_spec(seq), row_spec(DECISION_WIDTH), row_spec(STATE_WIDTH), row_spec(chunks, NIBBLE),
+            *[spec for _, spec in fast_inputs], *[row_spec(chunks, NIBBLE, NIBBLE)] * NUM_PASSES,
+        ],
+        out_specs=[row_spec(budget), row_spec()],
+        num_warps=tiling.num_warps,
+        num_stages=tiling.num_stages,
+        interpret=interpret,
+        name="hata_select_compact",
+    )(lengths, scores, decision, state, coarse, *fast_arrays, *fines)
