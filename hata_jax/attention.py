@@ -24,8 +24,13 @@ def _check_qkv(q, k, v) -> int:
     return checks.group_size(q.shape[1], k.shape[1], "q heads vs k heads")
 
 
-def _scale(scale, head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+def scale_or_default(scale, head_dim: int) -> float:
+    """The logit scale: `scale`, or `1 / sqrt(head_dim)` when None."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
+    return float(scale)
 
 
 def masked_attention(q, k_rows, v_rows, mask, scale: float):
@@ -72,7 +77,9 @@ def sparse_decode_attention(
 
     Args:
       q: float[B, Hq, D]; k, v: float[B, Hkv, S, D] (head-major cache).
-      idx: int32[B, Hkv, K]: slots `< count` hold positions in [0, S); the rest are ignored.
+      idx: int32[B, Hkv, K]: slots `< count` hold positions in [0, S); the rest are ignored. A
+        position outside [0, S) in a used slot makes that (b, h)'s output NaN (never a clipped
+        or wrapped read).
       count: int32[B, Hkv] valid slots per row.
       scale: logit scale, default `1 / sqrt(D)`.
       return_lse: also return the log-sum-exp of the scaled logits, float32[B, Hq].
@@ -89,7 +96,7 @@ def sparse_decode_attention(
     if tuple(jnp.shape(count)) != tuple(k.shape[:2]):
         raise ValueError(f"count must have shape {tuple(k.shape[:2])}, got {tuple(jnp.shape(count))}")
     checks.check_integer(count, "count")
-    scale = _scale(scale, q.shape[-1])
+    scale = scale_or_default(scale, q.shape[-1])
     path = dispatch.resolve("sparse_decode_attention", impl)
     if path.pallas:
         from pallas_kernels import flash_decode
@@ -100,8 +107,10 @@ def sparse_decode_attention(
     safe = jnp.clip(idx, 0, k.shape[2] - 1)[..., None]
     k_rows = jnp.take_along_axis(k, safe, axis=2)
     v_rows = jnp.take_along_axis(v, safe, axis=2)
-    mask = (jnp.arange(idx.shape[2])[None, None, :] < count[..., None])[:, :, None, :]
-    out, lse = masked_attention(q, k_rows, v_rows, mask, scale)
+    used = jnp.arange(idx.shape[2])[None, None, :] < count[..., None]
+    outside = jnp.any(used & ((idx < 0) | (idx >= k.shape[2])), axis=2)  # [B, Hkv]
+    out, lse = masked_attention(q, k_rows, v_rows, used[:, :, None, :], scale)
+    out = jnp.where(jnp.repeat(outside, q.shape[1] // k.shape[1], axis=1)[..., None], jnp.nan, out)
     return _finish(out, lse, q.dtype, return_lse)
 
 
@@ -125,7 +134,7 @@ def dense_decode_attention(
     """
     _check_qkv(q, k, v)
     checks.check_lengths(lengths, k.shape[0], k.shape[2])
-    scale = _scale(scale, q.shape[-1])
+    scale = scale_or_default(scale, q.shape[-1])
     path = dispatch.resolve("dense_decode_attention", impl)
     if path.pallas:
         from pallas_kernels import flash_decode

@@ -10,7 +10,7 @@ import numpy as np
 
 from hata_jax import checks
 from hata_jax.config import check_rbit
-from hata_jax.hashing import _check_projection, encode, key_norms
+from hata_jax.hashing import check_projection, encode, key_norms
 
 
 @functools.partial(
@@ -27,13 +27,14 @@ class HataCache:
       codes: uint32[B, Hkv, S_max, rbit // 32] key hash codes.
       norms: float32[B, Hkv, S_max] key norms.
       lengths: int32[B] valid tokens per sequence.
-      overflow: bool[B], sticky: set when a write would have gone past `S_max`.
+      overflow: bool[B], sticky: set when a write would have gone outside `[0, S_max)`.
 
-    Capacity overflow: writing past `S_max` never wraps around or overwrites a token. With
-    concrete lengths (outside `jit`) it raises a ValueError at once. Inside `jit` the write is
-    dropped, `lengths` stays at `S_max` and `overflow[b]` is set; :func:`hata_decode_attention`
-    then returns NaN for that sequence, and :meth:`raise_if_overflowed` (call it on the host,
-    e.g. once per generation step or at the end) raises naming the sequences.
+    Capacity overflow: a write never wraps around or overwrites a token. With concrete lengths
+    (outside `jit`) a write past `S_max` or at a negative length raises a ValueError at once.
+    Inside `jit` the write is dropped, `lengths` stays in `[0, S_max]` and `overflow[b]` is set;
+    :func:`hata_decode_attention` then returns NaN for that sequence, and
+    :meth:`raise_if_overflowed` (call it on the host, e.g. once per generation step or at the
+    end) raises naming the sequences.
     """
 
     k: jax.Array
@@ -83,7 +84,7 @@ class HataCache:
     def rbit(self) -> int:
         return 32 * self.codes.shape[3]
 
-    def _check_tokens(self, k, v, w, layout: str, token_axes: int) -> None:
+    def check_tokens(self, k, v, w, layout: str, token_axes: int) -> None:
         """k, v: `layout` matching the cache (any token count, the same for both); w: the
         cache's projection, unless None."""
         shape = (self.batch, self.kv_heads) + (None,) * token_axes + (self.head_dim,)
@@ -97,7 +98,7 @@ class HataCache:
             raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
         if w is None:
             return
-        kv_heads, _, rbit = _check_projection(w, self.head_dim)
+        kv_heads, _, rbit = check_projection(w, self.head_dim)
         if kv_heads != self.kv_heads or rbit != self.rbit:
             raise ValueError(f"w must have shape [{self.kv_heads}, {self.head_dim}, {self.rbit}] to match the cache, got {tuple(w.shape)}")
 
@@ -111,7 +112,7 @@ class HataCache:
           w: float[Hkv, D, rbit] the layer's projection.
           lengths: int[B] prompt lengths, each <= T.
         """
-        self._check_tokens(k, v, w, "[batch, kv_heads, tokens, head_dim]", 1)
+        self.check_tokens(k, v, w, "[batch, kv_heads, tokens, head_dim]", 1)
         t = k.shape[2]
         if t > self.capacity:
             raise ValueError(f"prefill: the prompt has {t} tokens but the cache capacity is {self.capacity}")
@@ -124,8 +125,8 @@ class HataCache:
             v=put(self.v, v.astype(self.v.dtype)),
             codes=put(self.codes, codes),
             norms=put(self.norms, key_norms(k)),
-            lengths=jnp.minimum(lengths, t),
-            overflow=lengths > t,
+            lengths=jnp.clip(lengths, 0, t),
+            overflow=(lengths > t) | (lengths < 0),
         )
 
     def append(self, k_new: jax.Array, v_new: jax.Array, w: jax.Array, *, impl: str = "auto") -> "HataCache":
@@ -135,25 +136,26 @@ class HataCache:
           k_new, v_new: [B, Hkv, D] post-RoPE key and value of the new token.
           w: float[Hkv, D, rbit] the layer's projection.
         """
-        self._check_tokens(k_new, v_new, w, "[batch, kv_heads, head_dim]", 0)
+        self.check_tokens(k_new, v_new, w, "[batch, kv_heads, head_dim]", 0)
         return self.append_encoded(k_new, v_new, encode(k_new, w, head_axis=1, impl=impl), key_norms(k_new))
 
     def append_encoded(self, k_new, v_new, k_codes, k_norms) -> "HataCache":
         """:meth:`append` with the new key's codes `uint32[B, Hkv, W]` and norms `float32[B, Hkv]` given."""
-        self._check_tokens(k_new, v_new, None, "[batch, kv_heads, head_dim]", 0)
+        self.check_tokens(k_new, v_new, None, "[batch, kv_heads, head_dim]", 0)
         for name, x, dtype, shape in (("k_codes", k_codes, jnp.uint32, (self.batch, self.kv_heads, self.rbit // 32)),
                                       ("k_norms", k_norms, jnp.float32, (self.batch, self.kv_heads))):
             checks.check_dtype(x, [dtype], name)
             if tuple(jnp.shape(x)) != shape:
                 raise ValueError(f"{name} must have shape {shape} to match the cache, got {tuple(jnp.shape(x))}")
         if checks.is_concrete(self.lengths):
-            full = np.asarray(self.lengths) >= self.capacity
-            if full.any():
-                raise ValueError(f"cache overflow: sequences {np.flatnonzero(full).tolist()} already hold "
-                                 f"capacity={self.capacity} tokens")
+            lengths = np.asarray(self.lengths)
+            bad = (lengths >= self.capacity) | (lengths < 0)
+            if bad.any():
+                raise ValueError(f"cache overflow: sequences {np.flatnonzero(bad).tolist()} hold lengths "
+                                 f"{lengths[bad].tolist()}, outside [0, capacity={self.capacity})")
         rows = jnp.arange(self.batch)
-        pos = self.lengths  # == capacity for a full sequence: an out-of-bounds write, dropped
-        full = self.lengths >= self.capacity
+        ok = (self.lengths >= 0) & (self.lengths < self.capacity)
+        pos = jnp.where(ok, self.lengths, self.capacity)  # capacity: an out-of-bounds write, dropped
 
         def put(buf, val):
             return buf.at[rows, :, pos].set(val.astype(buf.dtype), mode="drop")
@@ -163,8 +165,8 @@ class HataCache:
             v=put(self.v, v_new),
             codes=put(self.codes, k_codes),
             norms=put(self.norms, k_norms),
-            lengths=jnp.where(full, self.lengths, self.lengths + 1),
-            overflow=self.overflow | full,
+            lengths=jnp.where(ok, self.lengths + 1, jnp.clip(self.lengths, 0, self.capacity)),
+            overflow=self.overflow | ~ok,
         )
 
     def raise_if_overflowed(self) -> None:

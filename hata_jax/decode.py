@@ -49,7 +49,7 @@ def hata_decode_attention(
     if cache.rbit != config.rbit:
         raise ValueError(f"the cache holds {cache.rbit}-bit codes but config.rbit is {config.rbit}")
     check_selection_args(config.budget, cache.capacity, config.sink, config.recent)
-    cache._check_tokens(k_new, v_new, w, "[batch, kv_heads, head_dim]", 0)
+    cache.check_tokens(k_new, v_new, w, "[batch, kv_heads, head_dim]", 0)
     q_codes, k_codes, k_norms = encode_step(q, k_new, w, impl=impl)
     cache = cache.append_encoded(k_new, v_new, k_codes, k_norms)
     idx, count = hamming_topk(

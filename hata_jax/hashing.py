@@ -9,7 +9,7 @@ from hata_jax import checks, dispatch
 from hata_jax.config import check_rbit
 
 
-def _check_projection(w, head_dim: int | None = None, name: str = "w") -> tuple[int, int, int]:
+def check_projection(w, head_dim: int | None = None, name: str = "w") -> tuple[int, int, int]:
     checks.check_rank(w, 3, name, "[kv_heads, head_dim, rbit]")
     checks.check_floating(w, name)
     kv_heads, d, rbit = w.shape
@@ -67,7 +67,7 @@ def encode(x: jax.Array, w: jax.Array, *, head_axis: int = -2, impl: str = "auto
     checks.check_floating(x, "x")
     if jnp.ndim(x) < 2:
         raise ValueError(f"x must have shape [..., heads, head_dim], got shape {jnp.shape(x)}")
-    kv_heads, _, _ = _check_projection(w, x.shape[-1])
+    kv_heads, _, _ = check_projection(w, x.shape[-1])
     axis = head_axis % x.ndim
     if axis == x.ndim - 1:
         raise ValueError("head_axis must not be the last axis of x (that is head_dim)")
@@ -105,7 +105,7 @@ def encode_step(q: jax.Array, k_new: jax.Array, w: jax.Array, *, impl: str = "au
     checks.check_rank(k_new, 3, "k_new", "[batch, kv_heads, head_dim]")
     checks.check_floating(q, "q")
     checks.check_floating(k_new, "k_new")
-    kv_heads, d, _ = _check_projection(w, q.shape[-1])
+    kv_heads, d, _ = check_projection(w, q.shape[-1])
     checks.check_dim(k_new, 0, q.shape[0], "k_new", "batch size")
     checks.check_dim(k_new, 1, kv_heads, "k_new", "KV heads")
     checks.check_dim(k_new, 2, d, "k_new", "head_dim")

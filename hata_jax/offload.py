@@ -73,7 +73,7 @@ import numpy as np
 from hata_jax import checks
 from hata_jax.attention import sparse_decode_attention
 from hata_jax.config import HataConfig, check_rbit
-from hata_jax.hashing import _check_projection, encode, encode_step, key_norms
+from hata_jax.hashing import check_projection, encode, encode_step, key_norms
 from hata_jax.selection import check_selection_args, hamming_topk
 
 GATHER_THREADS = min(32, os.cpu_count() or 1)
@@ -214,7 +214,7 @@ class OffloadedCache:
 
     def check_projection(self, w) -> None:
         """Raise a ValueError unless w is a float[Hkv, D, rbit] projection matching the cache."""
-        kv_heads, _, rbit = _check_projection(w, self.head_dim)
+        kv_heads, _, rbit = check_projection(w, self.head_dim)
         if kv_heads != self.kv_heads or rbit != self.rbit:
             raise ValueError(f"w must have shape [{self.kv_heads}, {self.head_dim}, {self.rbit}] to match the cache, "
                              f"got {tuple(w.shape)}")

@@ -35,7 +35,8 @@ def _hamming_sum(q_codes, k_codes):
     return jnp.sum(dist, axis=(2, 4))
 
 
-def _scores_reference(q_codes, k_codes, k_norms, lengths, score: str):
+def scores_reference(q_codes, k_codes, k_norms, lengths, score: str):
+    """:func:`hamming_scores` in plain JAX (inputs already checked)."""
     g = q_codes.shape[1] // k_codes.shape[1]
     rbit = 32 * k_codes.shape[-1]
     ham = _hamming_sum(q_codes, k_codes)
@@ -81,4 +82,4 @@ def hamming_scores(
         return hamming_topk.hamming_scores(
             q_codes, k_codes, k_norms, lengths, score=score, interpret=path.interpret
         )
-    return _scores_reference(q_codes, k_codes, k_norms, lengths, score)
+    return scores_reference(q_codes, k_codes, k_norms, lengths, score)

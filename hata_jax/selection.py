@@ -8,7 +8,7 @@ import numpy as np
 
 from hata_jax import checks, dispatch
 from hata_jax.config import check_score
-from hata_jax.scoring import _scores_reference, check_code_inputs
+from hata_jax.scoring import check_code_inputs, scores_reference
 
 UNUSED = -1  # index-buffer marker of a slot that holds no token (slots >= count)
 
@@ -105,5 +105,5 @@ def hamming_topk(
             q_codes, k_codes, k_norms, lengths, budget=budget, score=score,
             sink=sink, recent=recent, interpret=path.interpret,
         )
-    scores = _scores_reference(q_codes, k_codes, k_norms, lengths, score)
+    scores = scores_reference(q_codes, k_codes, k_norms, lengths, score)
     return _select_reference(scores, budget, lengths, sink, recent)

@@ -181,8 +181,10 @@ def _attend_blocks(q_ref, n, load_block, out_refs, *, scale, block_k, splits, gr
     """This program's split of the first `n` (traced scalar) rows.
 
     Writes its (acc, m, l) partials to out_refs, or with one split the final (out[, lse]).
-    load_block(start, valid) -> (k, v): the K/V rows of slots `start + arange(block_k)`, masked
-    by `valid` (masked rows are not read and come back as 0).
+    load_block(start, valid) -> (k, v, read): the K/V rows of slots `start + arange(block_k)`,
+    masked by `valid` (masked rows are not read and come back as 0), and which rows were read;
+    a valid slot that was not read (a sparse position outside the cache) makes the partials
+    NaN, so that (b, h)'s output is NaN.
     """
     blocks_per_split = pl.cdiv(pl.cdiv(n, block_k), splits)
     first = pl.program_id(2) * blocks_per_split
@@ -194,15 +196,19 @@ def _attend_blocks(q_ref, n, load_block, out_refs, *, scale, block_k, splits, gr
     def body(block, carry):
         start = block * block_k
         valid = start + jnp.arange(block_k) < n
-        k, v = load_block(start, valid)
-        return _softmax_step(q, k, v, valid, carry, scale)
+        k, v, inside = load_block(start, valid)
+        *state, bad = carry
+        state = _softmax_step(q, k, v, inside, tuple(state), scale)
+        return (*state, bad + jnp.sum((valid & ~inside).astype(jnp.int32)))
 
     init = (
         jnp.zeros((GROUP_ROWS, head_dim), jnp.float32),
         jnp.full((GROUP_ROWS,), _NO_MAX, jnp.float32),
         jnp.zeros((GROUP_ROWS,), jnp.float32),
+        jnp.int32(0),
     )
-    acc, m, l = lax.fori_loop(first, last, body, init)
+    acc, m, l, bad = lax.fori_loop(first, last, body, init)
+    acc = jnp.where(bad > 0, jnp.nan, acc)  # a used slot outside the cache poisons its (b, h)
     if splits == 1:
         _store_normalized(acc, m, l, rows, *out_refs)
         return
@@ -217,19 +223,21 @@ def _load_contiguous(k_ref, v_ref, start, valid, *, block_k):
     rows = pl.ds(start, block_k)
     k = pltriton.load(k_ref.at[rows, :], mask=valid[:, None], other=0)
     v = pltriton.load(v_ref.at[rows, :], mask=valid[:, None], other=0)
-    return k, v
+    return k, v, valid
 
 
 def _load_gathered(idx_ref, k_ref, v_ref, start, valid, *, block_k):
-    """Rows `idx[start .. start + block_k]` of the cache (slots past the count are not read)."""
+    """Rows `idx[start .. start + block_k]` of the cache and which of them were read: slots past
+    the count and positions outside [0, S) are not read (the caller poisons the latter)."""
     positions = pltriton.load(idx_ref.at[pl.ds(start, block_k)], mask=valid, other=0)
-    positions = jnp.clip(positions, 0, k_ref.shape[0] - 1)  # as the reference: never out of bounds
+    inside = valid & (positions >= 0) & (positions < k_ref.shape[0])
+    positions = jnp.where(inside, positions, 0)
     # Both dims as index arrays: the interpreter cannot discharge a masked gather mixed with a
     # slice; on the GPU this is the same pointer tensor as `k_ref.at[positions, :]`.
     rows, cols = positions[:, None], jnp.arange(k_ref.shape[-1])[None, :]
-    k = pltriton.load(k_ref.at[rows, cols], mask=valid[:, None], other=0)
-    v = pltriton.load(v_ref.at[rows, cols], mask=valid[:, None], other=0)
-    return k, v
+    k = pltriton.load(k_ref.at[rows, cols], mask=inside[:, None], other=0)
+    v = pltriton.load(v_ref.at[rows, cols], mask=inside[:, None], other=0)
+    return k, v, inside
 
 
 def _dense_kernel(q_ref, lengths_ref, k_ref, v_ref, *out_refs, **kw):

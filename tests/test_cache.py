@@ -218,3 +218,28 @@ def test_prefill_lengths_past_the_prompt(randn):
     traced = jax.jit(lambda c, lengths: c.prefill(k, v, w, lengths, impl=REF))(cache, jnp.array([6, 1]))
     np.testing.assert_array_equal(traced.lengths, [5, 1])
     np.testing.assert_array_equal(traced.overflow, [True, False])
+
+
+@pytest.mark.parametrize("impl", ["reference", "pallas"])
+def test_negative_lengths_inside_jit_never_wrap(randn, impl):
+    """A negative length inside jit: no write anywhere (a negative index would wrap to the
+    cache's end), the sequence is flagged and gets NaN, lengths stay in [0, capacity]; the
+    other sequences are untouched. Concrete negative lengths raise at once."""
+    cache, w = full_cache(randn, 8, [3, 5])
+    bad = cache.__class__(**{**vars(cache), "lengths": jnp.array([-3, 5], jnp.int32)})
+    with pytest.raises(ValueError, match=r"overflow.*sequences \[0\]"):
+        bad.append(randn(2, 2, 64), randn(2, 2, 64), w, impl=REF)
+    step = jax.jit(lambda q, k, v, c: hj.hata_decode_attention(q, k, v, c, w, hj.HataConfig(rbit=64, budget=4),
+                                                                impl=impl))
+    out, after = step(randn(2, 4, 64), randn(2, 2, 64), randn(2, 2, 64), bad)
+    np.testing.assert_array_equal(after.lengths, [0, 6])
+    np.testing.assert_array_equal(after.overflow, [True, False])
+    assert np.isnan(np.asarray(out)[0]).all() and np.isfinite(np.asarray(out)[1]).all()
+    np.testing.assert_array_equal(np.asarray(after.k)[0], np.asarray(bad.k)[0])
+    with pytest.raises(ValueError, match="overflow"):
+        after.raise_if_overflowed()
+    k, v = randn(2, 2, 6, 64), randn(2, 2, 6, 64)
+    prefilled = jax.jit(lambda n: hj.HataCache.init(2, 2, 8, 64, rbit=64).prefill(k, v, w, n, impl=REF))(
+        jnp.array([-1, 4], jnp.int32))
+    np.testing.assert_array_equal(prefilled.overflow, [True, False])
+    np.testing.assert_array_equal(prefilled.lengths, [0, 4])

@@ -336,3 +336,20 @@ def test_dots_ask_for_full_precision():
     dots = [eqn for eqn in jaxpr.eqns if eqn.primitive is jax.lax.dot_general_p]
     assert len(dots) == 2
     assert all(eqn.params["precision"] == (jax.lax.Precision.HIGHEST,) * 2 for eqn in dots)
+
+
+@pytest.mark.parametrize("splits", [1, 4])
+def test_positions_outside_the_cache_poison_only_their_rows(rng, randn, splits):
+    """A used slot outside [0, S) makes its (b, h)'s query heads NaN, as the reference does (never
+    a clipped read); a bad slot past the count is unused; the other rows are untouched."""
+    q, k, v = randn(2, 6, 64), randn(2, 2, 100, 64), randn(2, 2, 100, 64)
+    idx = jnp.asarray(rng.integers(0, 100, (2, 2, 16)), jnp.int32).at[0, 1, 5].set(100).at[1, 0, 15].set(-1)
+    count = jnp.array([[16, 16], [15, 16]], jnp.int32)
+    tuning = Tuning(block_k=16, splits=splits)
+    out = flash_decode.sparse_decode_attention(q, k, v, idx, count, scale=0.125, return_lse=False, interpret=True,
+                                               tuning=tuning)
+    want = attention.sparse_decode_attention(q, k, v, idx, count, scale=0.125, impl="reference")
+    nan_heads = np.isnan(np.asarray(out)).all(-1)
+    np.testing.assert_array_equal(nan_heads, [[False] * 3 + [True] * 3, [False] * 6])
+    np.testing.assert_array_equal(np.isnan(np.asarray(want)).all(-1), nan_heads)
+    np.testing.assert_allclose(np.asarray(out)[~nan_heads], np.asarray(want)[~nan_heads], rtol=1e-5, atol=1e-5)

@@ -1,6 +1,6 @@
 """Pallas Hamming scoring and the band/radix top-k selection (interpret mode on the CPU) against the references.
 
-Scores must match `_scores_reference` bit for bit. Selections are checked two ways: as sets
+Scores must match `scores_reference` bit for bit. Selections are checked two ways: as sets
 against the reference semantics (count, distinct valid positions, forced positions in, every
 other selected score >= every unselected valid score in the reference's nan_to_num order,
 UNUSED after count), and exactly against `expected_selection`, the kernels' documented
@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 import hata_jax
-from hata_jax.scoring import _scores_reference
+from hata_jax.scoring import scores_reference
 from pallas_kernels import band_select, hamming_topk, radix_select
 from pallas_kernels._backend import lower_for_cuda
 from pallas_kernels.band_select import BandConfig
@@ -92,7 +92,7 @@ def test_hamming_scores_bit_exact(rng, ragged_lengths, score, group, rbit, batch
     q, k, norms = random_codes(rng, batch, kv_heads, group, seq, rbit)
     lengths = ragged_lengths(batch, 0, seq).at[0].set(seq)
     got = kernel_scores(q, k, norms, lengths, score=score, interpret=True, tiling=tiling)
-    want = _scores_reference(q, k, norms, lengths, score)
+    want = scores_reference(q, k, norms, lengths, score)
     assert got.shape == want.shape and got.dtype == jnp.float32
     np.testing.assert_array_equal(bits(got), bits(want))
     np.testing.assert_allclose(want, bf.hamming_scores(q, k, norms, lengths, score), rtol=1e-6, atol=1e-5)
@@ -261,7 +261,7 @@ def test_hamming_topk_selects_the_expected_set(rng, ragged_lengths, score, group
     lengths = ragged_lengths(batch, 1, seq).at[0].set(seq)
     idx, count, path = kernel_topk(q, k, norms, lengths, budget=budget, score=score, sink=1, recent=2,
                                    interpret=True, tiling=tiling)
-    scores = _scores_reference(q, k, norms, lengths, score)
+    scores = scores_reference(q, k, norms, lengths, score)
     check_selection(idx, count, scores, lengths, budget, sink=1, recent=2)
     assert not fast or np.isin(np.asarray(path)[0], list(FAST)).all(), path
 
@@ -279,7 +279,7 @@ def test_llama_shape_takes_the_fast_path(rng, score):
     lengths = jnp.array([seq], jnp.int32)
     idx, count, path = kernel_topk(q, k, norms, lengths, budget=budget, score=score, interpret=True)
     assert np.sum(~np.isin(np.asarray(path), list(FAST))) <= 1, path
-    check_selection(idx, count, _scores_reference(q, k, norms, lengths, score), lengths, budget)
+    check_selection(idx, count, scores_reference(q, k, norms, lengths, score), lengths, budget)
 
 
 def test_public_api_dispatches_to_the_kernels(rng):
@@ -289,7 +289,7 @@ def test_public_api_dispatches_to_the_kernels(rng):
     lengths = jnp.array([300, 123], jnp.int32)
     before = dict(hata_jax.TRACE_LOG)
     scores = jax.jit(lambda *a: hata_jax.hamming_scores(*a, impl="pallas"))(q, k, norms, lengths)
-    np.testing.assert_array_equal(bits(scores), bits(_scores_reference(q, k, norms, lengths, "key_norm")))
+    np.testing.assert_array_equal(bits(scores), bits(scores_reference(q, k, norms, lengths, "key_norm")))
     idx, count = jax.jit(lambda s, n: hata_jax.select_topk(s, 32, n, sink=1, impl="pallas"))(scores, lengths)
     check_selection(idx, count, scores, lengths, 32, sink=1)
     fused = jax.jit(lambda *a: hata_jax.hamming_topk(*a, budget=32, sink=1, impl="pallas"))(q, k, norms, lengths)

@@ -22,7 +22,7 @@ from pallas_kernels.band_select import SERIAL, BandConfig
 from pallas_kernels.radix_select import Tiling
 
 from test_kernel_hamming_topk import SCORE_KINDS, check_selection, random_codes, ulps_above_one
-from hata_jax.scoring import _scores_reference
+from hata_jax.scoring import scores_reference
 
 SMALL = Tiling(chunk=128, block=32, scan_block=64)  # 8 chunks per 1000-position row
 PARALLEL = BandConfig()
@@ -139,7 +139,7 @@ def test_fused_designs_agree(rng, ragged_lengths):
     score, group, rbit, batch, seq, budget = "hamming", 3, 96, 2, 1000, 64
     q, k, norms = random_codes(rng, batch, 2, group, seq, rbit)
     lengths = ragged_lengths(batch, 1, seq).at[0].set(seq)
-    scores = _scores_reference(q, k, norms, lengths, score)
+    scores = scores_reference(q, k, norms, lengths, score)
     answers = []
     for config in (PARALLEL, SERIAL):
         idx, count, path = kernel_topk(q, k, norms, lengths, budget=budget, score=score, sink=1, recent=2,

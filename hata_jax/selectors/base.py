@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from hata_jax import checks
-from hata_jax.attention import _scale, masked_attention
+from hata_jax.attention import masked_attention, scale_or_default
 from hata_jax.selection import check_selection_args, select_topk
 
 # Upper bound on the elements of one query chunk's [B, Hq, chunk, S] float32 intermediates.
@@ -282,7 +282,7 @@ def sparse_causal_attention(q, k, v, mask, *, scale: float | None = None) -> jax
     if tuple(mask.shape) != (b, hkv, t, s):
         raise ValueError(f"mask must have shape [batch, kv_heads, queries, seq] = {(b, hkv, t, s)}, "
                          f"got {tuple(mask.shape)}")
-    scale = _scale(scale, d)
+    scale = scale_or_default(scale, d)
 
     def attend(q_chunk, mask_chunk):
         per_query = jax.vmap(lambda qt, mt: masked_attention(qt, k, v, mt[:, :, None], scale)[0],

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from hata_jax.config import check_rbit
-from hata_jax.hashing import _check_projection, encode, key_norms, unpack_bits
+from hata_jax.hashing import check_projection, encode, key_norms, unpack_bits
 from hata_jax.selectors.base import Selector, token_rows, write_token
 
 
@@ -70,7 +70,7 @@ class HataSelector(Selector):
         if params is None or jnp.ndim(params) != 3 or tuple(params.shape) != (kv_heads, head_dim, self.rbit):
             raise ValueError(f"params (the {self.name} projection W) must have shape {layout}, "
                              f"got {getattr(params, 'shape', type(params).__name__)}")
-        _check_projection(params, head_dim, "params")
+        check_projection(params, head_dim, "params")
 
     def _init_state(self, params, k, lengths):
         valid = token_rows(lengths, k.shape[2])
