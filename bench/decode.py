@@ -4,8 +4,8 @@ SmolLM2-135M's shapes), dense versus HATA versus exact top-k, with an attention-
     python -m bench.decode --out $OUT/decode.json [--small] [--contexts ...] [--batches ...]
     python -m bench.decode --report bench/results/decode_h100.json   # markdown tables + PNG plots
 
-Models: built from a :class:`models.LlamaConfig` with random weights made on the device (bf16,
-initialisers of :class:`models.LlamaForCausalLM`, no checkpoint; Llama-3.1-8B: 32 layers, hidden
+Models: built from a :class:`hata_jax.models.LlamaConfig` with random weights made on the device (bf16,
+initialisers of :class:`hata_jax.models.LlamaForCausalLM`, no checkpoint; Llama-3.1-8B: 32 layers, hidden
 4096, 32/8 heads, D=128, intermediate 14336, vocab 128256, 16.1 GB). One model's weights serve
 every context and batch.
 
@@ -17,7 +17,7 @@ attend to N - slack + 1 ... N tokens (slack = the most steps a method runs, 62 b
 capacity N never overflows).
 
 Methods, each a whole decode step (32 layers, projections, MLP, LM head, greedy token):
-- `dense`: the model's own decode step (`models.generation.ModelSteps.decode`, cache donated) with
+- `dense`: the model's own decode step (`hata_jax.models.generation.ModelSteps.decode`, cache donated) with
   every layer dense: our Pallas split-K dense kernel on a GPU.
 - `hata`: the same step with HATA (budget 2048, rbit 128, layers 0-1 dense).
 - `exact`: exact top-k selection (the oracle): each HATA layer scores every cached token by its
@@ -33,7 +33,7 @@ Compilation: every program a job times (its steps, in-jit loops and sweep ops) i
 of time, side by side in COMPILE_THREADS background threads, while the job's caches are built;
 the timing starts once all are compiled (`compile_s` in the rows: the step's own compile time).
 The layers of a step share one trace and lowering of their attention
-(`models.llama.decode_attention` is jitted), so a Llama step compiles in ~8 s, not ~33 s.
+(`hata_jax.models.llama.decode_attention` is jitted), so a Llama step compiles in ~8 s, not ~33 s.
 
 Timing: per step, wall time of one call until its token is ready (`block_until_ready`),
 as a synchronous decode loop runs them, after `--warmup` calls; median and p10/p90 over `--reps` steps;
@@ -89,8 +89,7 @@ from jax import lax
 import hata_jax as hj
 from bench.timing import compile_timed, environment, floor_bandwidth_gbps, many_calls, median_us, write_json
 from hata_jax import HataCache, HataConfig
-from models import AttentionPlan, LlamaConfig, LlamaForCausalLM, RopeScaling
-from models import generation
+from hata_jax.models import AttentionPlan, LlamaConfig, LlamaForCausalLM, RopeScaling, generation
 
 METHODS = ("dense", "hata", "exact", "cudnn")
 COLORS = {"dense": "tab:blue", "hata": "tab:orange", "exact": "tab:green", "cudnn": "tab:red"}
@@ -173,7 +172,7 @@ class TokenMajorCache:
     v: jax.Array
     lengths: jax.Array
 
-    def append(self, k_new, v_new) -> "TokenMajorCache":
+    def append(self, k_new, v_new) -> TokenMajorCache:
         """k_new, v_new: [B, Hkv, D], written at position lengths[b]."""
         rows = jnp.arange(self.k.shape[0])
 
@@ -218,7 +217,7 @@ def hata_attention(q, k_new, cache: HataCache, w, hata: HataConfig, impl: str):
     return hj.sparse_decode_attention(q, cache.k, cache.v, idx, count, impl=impl)
 
 
-# The per-layer attention of the bench's steps is jitted (as `models.llama.decode_attention`), so
+# The per-layer attention of the bench's steps is jitted (as `hata_jax.models.llama.decode_attention`), so
 # the layers share one trace and lowering.
 @functools.partial(jax.jit, static_argnames=("dense", "budget", "impl"))
 def exact_layer_attention(q, k_new, v_new, cache: HataCache, w, *, dense: bool, budget: int, impl: str):
@@ -479,7 +478,7 @@ class DecodeBench:
         return self.built[name]
 
     # -- one job
-    def run_job(self, job: "Job") -> None:
+    def run_job(self, job: Job) -> None:
         """A core job: build the caches, the attention sweep, the dense and HATA steps, then the
         cuDNN step on its own caches. An extras job: the exact top-k step and the in-jit loops.
 
@@ -919,10 +918,10 @@ def goals_table(steps, attention, budget: int) -> list[str]:
     value, best = speedup(steps, "step", 4096, 1, "median_ms")
     cost = 1 / value if value else None
     threshold = generation.DENSE_BELOW_BUDGETS * budget
-    met = "-" if cost is None else "yes" if cost <= 1.10 else "by the policy" if 4096 <= threshold else "NO"
+    met = "-" if cost is None else "yes" if cost <= 1.10 else "by the policy" if threshold >= 4096 else "NO"
     lines += [f"| whole step, 4K, batch 1: HATA costs <= 1.10x the best dense, or the model switches to dense | "
               f"{f'{cost:.2f}x (vs {best})' if cost else 'not measured'} | {met} |", "",
-              f"Short-context policy: `models.generate` (and `hata-jax generate`) run the all-dense step while every "
+              f"Short-context policy: `hata_jax.models.generate` (and `hata-jax generate`) run the all-dense step while every "
               f"sequence holds at most `dense_below` tokens, by default {generation.DENSE_BELOW_BUDGETS} x budget = "
               f"{threshold} here, so contexts up to that length decode at the dense step's speed."]
     return lines

@@ -7,7 +7,7 @@
 Models: Llama-3.1-8B shapes (`bench.decode.LLAMA_8B`: hidden 4096, 32 q / 8 KV heads, D=128,
 intermediate 14336, vocab 128256, bf16) with random weights made on the devices, with all 32
 layers or fewer (`--cases`). On one GPU the model is the plain single-device product path
-(`mesh=None`); on n GPUs it is tensor-parallel over a one-axis mesh (`models.sharding.init_model`:
+(`mesh=None`); on n GPUs it is tensor-parallel over a one-axis mesh (`hata_jax.models.sharding.init_model`:
 q/k/v/gate/up column-split, o/down row-split, LM head vocabulary-split) and its attention runs in
 the head-sharded `shard_map` wrappers (`hata_jax.sharding`, the plan's mesh): each GPU holds the
 K/V cache, codes and norms of 8/n KV heads and selects without communication; the two
@@ -26,9 +26,9 @@ What is compared on 1 versus 2 GPUs, at 128K: (a) batch 8 with the first 16 laye
 the full model), (b) the whole 32-layer model at batch 4. Each job checks the free memory of its
 devices first and is skipped, with the reason, when it does not fit.
 
-Methods: the model's own decode step (`models.generation.ModelSteps.decode`, greedy, caches
+Methods: the model's own decode step (`hata_jax.models.generation.ModelSteps.decode`, greedy, caches
 donated): `dense` (every layer dense) and `hata` (budget 2048, rbit 128, layers 0-1 dense).
-Timing: wall time per step until its token is ready (`block_until_ready`, as `models.generate`
+Timing: wall time per step until its token is ready (`block_until_ready`, as `hata_jax.models.generate`
 runs them), median and p10/p90 over `--reps` steps after `--warmup` calls (the first compiles:
 `first_call_s`); then the same number of steps in groups of PIPELINE dispatched back to back
 (`pipelined_ms`). Tokens/s = batch / median. Bytes per step: `bench.decode.step_bytes` (weights
@@ -67,9 +67,8 @@ from bench import decode
 from bench.timing import environment, floor_bandwidth_gbps, write_json
 from hata_jax import HataConfig
 from hata_jax import sharding as head_sharding
-from models import AttentionPlan, LlamaConfig, LlamaForCausalLM
-from models import generation
-from models import sharding as model_sharding
+from hata_jax.models import AttentionPlan, LlamaConfig, LlamaForCausalLM, generation
+from hata_jax.models import sharding as model_sharding
 
 GB = 1e9
 METHODS = decode.PRODUCT_METHODS  # ("dense", "hata")

@@ -5,7 +5,7 @@
 Model: Llama-3.1-8B shapes (32 layers, hidden 4096, 32/8 heads, D=128, bf16, 16.1 GB), random
 weights made on the device (as :mod:`bench.decode`), random Gaussian hash projections, HATA budget
 2048, rbit 128, layers 0-1 dense with on-device caches, layers 2-31 offloaded
-(:class:`models.offload.OffloadDecoder`), batch 2. `--small`: a 4-layer model and short contexts
+(:class:`hata_jax.models.offload.OffloadDecoder`), batch 2. `--small`: a 4-layer model and short contexts
 (CPU smoke run).
 
 Parts, in this order, each row written to the JSON as soon as it is measured:
@@ -22,7 +22,7 @@ Parts, in this order, each row written to the JSON as soon as it is measured:
    computed by :func:`hata_jax.offload.step_transfer_bytes`), the bandwidth that implies, and the
    host's time per step waiting for the selections and gathering/copying. Then the same steps
    with each `copy_chunks` of `--chunks`.
-3. `fits` (default 64K, batch 2): the on-device HATA decode step (`models.generation.ModelSteps`,
+3. `fits` (default 64K, batch 2): the on-device HATA decode step (`hata_jax.models.generation.ModelSteps`,
    one jit, as :mod:`bench.decode`'s "hata") and the offloaded step from the same cache contents
    (the offloaded caches are copied from the device caches before the on-device steps run); both
    greedy from the same token: `tokens_equal_prefix` counts the leading steps whose tokens agree.
@@ -59,10 +59,9 @@ import hata_jax as hj
 from bench.decode import LLAMA_8B, SMALL_MODELS, free, random_hata_cache
 from bench.timing import environment, write_json
 from hata_jax import HataCache, HataConfig, offload
+from hata_jax.models import AttentionPlan, LlamaForCausalLM, generation
+from hata_jax.models.offload import OffloadDecoder
 from hata_jax.offload import OffloadedCache, step_transfer_bytes
-from models import AttentionPlan, LlamaForCausalLM
-from models import generation
-from models.offload import OffloadDecoder
 
 GB = 1e9
 FILL_CHUNK = 65536  # tokens per device -> host copy while filling a host cache

@@ -17,7 +17,8 @@ import platform
 import statistics
 import subprocess
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -1,7 +1,7 @@
 """Argument checks shared by the public functions: each raises a ValueError naming the argument."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

@@ -63,8 +63,8 @@ import dataclasses
 import functools
 import os
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -105,7 +105,7 @@ class DeviceCodes:
     def capacity(self) -> int:
         return self.codes.shape[2]
 
-    def append(self, k_codes: jax.Array, k_norms: jax.Array) -> "DeviceCodes":
+    def append(self, k_codes: jax.Array, k_norms: jax.Array) -> DeviceCodes:
         """Write one token's code uint32[B, Hkv, W] and norm float32[B, Hkv] at `lengths[b]`; a full
         sequence's write is dropped and its length stays (the host raises before that happens)."""
         rows = jnp.arange(self.codes.shape[0])
@@ -174,7 +174,7 @@ class OffloadedCache:
 
     @classmethod
     def init(cls, batch: int, kv_heads: int, capacity: int, head_dim: int, *, rbit: int = 128,
-             dtype=jnp.bfloat16, device=None) -> "OffloadedCache":
+             dtype=jnp.bfloat16, device=None) -> OffloadedCache:
         """An empty cache of `capacity` tokens per sequence (host pages are zero and allocated lazily);
         `device` as the attribute."""
         for name, value in (("batch", batch), ("kv_heads", kv_heads), ("capacity", capacity), ("head_dim", head_dim)):

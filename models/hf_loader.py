@@ -7,7 +7,7 @@ import pathlib
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so safetensors can read bf16 tensors)
 import numpy as np
 
-from models.config import LlamaConfig
+from hata_jax.models.config import LlamaConfig
 
 INDEX = "model.safetensors.index.json"
 

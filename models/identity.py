@@ -18,7 +18,7 @@ ARCHITECTURE_FIELDS = ("model_type", "vocab_size", "hidden_size", "num_layers", 
 
 
 def architecture(config) -> dict:
-    """The JSON-able architecture of a :class:`models.LlamaConfig` (the fields above)."""
+    """The JSON-able architecture of a :class:`hata_jax.models.LlamaConfig` (the fields above)."""
     full = dataclasses.asdict(config)
     out = {}
     for name in ARCHITECTURE_FIELDS:

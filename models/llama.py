@@ -1,7 +1,7 @@
 """A Llama-family decoder in Flax NNX whose decode attention is chosen per layer (dense or HATA).
 
 Parameter names mirror the HF checkpoint names (`layers[i].self_attn.q_proj.kernel` is
-`model.layers.{i}.self_attn.q_proj.weight`, transposed), see :mod:`models.weights`.
+`model.layers.{i}.self_attn.q_proj.weight`, transposed), see :mod:`hata_jax.models.tensors`.
 
 Batches are right-padded: row `b` holds its prompt at positions `[0, lengths[b])`; RoPE
 positions are token indices, and decode appends each sequence's token at `lengths[b]`.
@@ -18,10 +18,10 @@ from flax import nnx
 import hata_jax
 from hata_jax import HataCache
 from hata_jax import sharding as head_sharding
-from models.attention import AttentionPlan
-from models.config import LlamaConfig
-from models.rope import apply_rope, inverse_frequencies
-from models.selector_cache import SelectorCache, append_token, selector_decode_attention
+from hata_jax.models.config import LlamaConfig
+from hata_jax.models.plan import AttentionPlan
+from hata_jax.models.rope import apply_rope, inverse_frequencies
+from hata_jax.models.selector_cache import SelectorCache, append_token, selector_decode_attention
 
 
 class RMSNorm(nnx.Module):
@@ -166,7 +166,7 @@ class LlamaForCausalLM(nnx.Module):
     """Llama / Qwen2 decoder with an LM head (tied to the embedding or separate).
 
     Build with random weights: `LlamaForCausalLM(config, rngs=nnx.Rngs(0))`; load real ones with
-    :func:`models.load_model` or :func:`models.weights.model_from_tensors`.
+    :func:`hata_jax.models.load_model` or :func:`hata_jax.models.tensors.model_from_tensors`.
     """
 
     def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
@@ -196,8 +196,8 @@ class LlamaForCausalLM(nnx.Module):
           caches: one HataCache per layer (capacity >= T), or None for a cache-free forward.
           hash_weights: one float[Hkv, D, rbit] per layer (needed with caches).
           capture_qk: sow every layer's post-RoPE q and k (see :meth:`SelfAttention.prefill`);
-            read them with `nnx.capture(..., nnx.Intermediate)` (used by :mod:`train.collect`).
-          mesh, mesh_axis: write the caches head-sharded over this axis (:mod:`models.sharding`).
+            read them with `nnx.capture(..., nnx.Intermediate)` (used by :mod:`hata_jax.train.collect`).
+          mesh, mesh_axis: write the caches head-sharded over this axis (:mod:`hata_jax.models.sharding`).
 
         Returns:
           (hidden [B, T, hidden_size] after the final norm, the filled caches or None).
@@ -224,7 +224,7 @@ class LlamaForCausalLM(nnx.Module):
         """One decode step: tokens int[B] -> (logits float32[B, vocab], updated caches).
 
         `selector_params`: one entry per layer, the "sparse" layers' selector params (their caches
-        are SelectorCaches, see :func:`models.selector_cache.with_selector_states`); None without.
+        are SelectorCaches, see :func:`hata_jax.models.selector_cache.with_selector_states`); None without.
         """
         if len(plan.layers) != len(self.layers):
             raise ValueError(f"the attention plan has {len(plan.layers)} layers, the model {len(self.layers)}")

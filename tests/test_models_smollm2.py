@@ -13,8 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hata_jax import HataConfig, cli
-from models import AttentionPlan, generate, load_model
+from hata_jax import HataConfig
+from hata_jax.cli import main as cli
+from hata_jax.models import AttentionPlan, generate, load_model
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "smollm2_parity.npz"
 FRANCE = "What is the capital of France?"

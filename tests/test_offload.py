@@ -13,9 +13,9 @@ from test_models_llama import HF_CONFIGS, ragged_prompts, random_model
 
 import hata_jax as hj
 from hata_jax import dispatch, offload
+from hata_jax.models import AttentionPlan, generate
+from hata_jax.models.offload import generate_offloaded
 from hata_jax.offload import DeviceCodes, OffloadedCache, offload_decode_attention, step_transfer_bytes
-from models import AttentionPlan, generate
-from models.offload import generate_offloaded
 from pallas_kernels._backend import lower_for_cuda
 
 REF = "reference"

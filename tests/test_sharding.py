@@ -131,8 +131,8 @@ def check_clear_errors(rng):
 
     import hata_jax as hj
     from hata_jax import sharding as hs
-    from models import AttentionPlan, LlamaConfig, LlamaForCausalLM
-    from models import sharding as ms
+    from hata_jax.models import AttentionPlan, LlamaConfig, LlamaForCausalLM
+    from hata_jax.models import sharding as ms
 
     mesh = _mesh(4)
     cache = hj.HataCache.init(2, 6, 32, 64, rbit=32, dtype=jnp.float32)
@@ -167,9 +167,16 @@ def _generation_case(rng, config_args, devices_list, attentions, init_on_mesh=Fa
     from jax.sharding import PartitionSpec as P
 
     from hata_jax import HataConfig
-    from models import AttentionPlan, LlamaConfig, LlamaForCausalLM, generate, prefill_prompts, random_projections
-    from models import sharding as ms
-    from models.generation import ModelSteps
+    from hata_jax.models import (
+        AttentionPlan,
+        LlamaConfig,
+        LlamaForCausalLM,
+        generate,
+        prefill_prompts,
+        random_projections,
+    )
+    from hata_jax.models import sharding as ms
+    from hata_jax.models.generation import ModelSteps
 
     config = LlamaConfig(**config_args)
     seed = int(rng.integers(1 << 30))
@@ -221,9 +228,9 @@ def check_sharded_step_lowers_for_cuda(rng):
     import jax.numpy as jnp
 
     from hata_jax import HataConfig, dispatch
-    from models import AttentionPlan, LlamaConfig, init_caches
-    from models import sharding as ms
-    from models.generation import ModelSteps, Sampling
+    from hata_jax.models import AttentionPlan, LlamaConfig, init_caches
+    from hata_jax.models import sharding as ms
+    from hata_jax.models.generation import ModelSteps, Sampling
     from pallas_kernels._backend import lower_for_cuda
 
     config = LlamaConfig(**TINY)
@@ -273,8 +280,8 @@ def run_process(seed: int, process: int, port: int) -> None:
     from flax import nnx
 
     from hata_jax import HataConfig
-    from models import AttentionPlan, LlamaConfig, LlamaForCausalLM, generate
-    from models import sharding as ms
+    from hata_jax.models import AttentionPlan, LlamaConfig, LlamaForCausalLM, generate
+    from hata_jax.models import sharding as ms
 
     rng = np.random.default_rng(seed)
     config = LlamaConfig(**TINY)

@@ -12,8 +12,8 @@ import pytest
 from test_models_llama import HF_CONFIGS, random_model
 from test_models_loaders import write_word_tokenizer
 
-from models import Tokenizer
-from train import collect, corpus
+from hata_jax.models import Tokenizer
+from hata_jax.train import collect, corpus
 
 
 def tiny_model(rng, name: str = "llama-gqa"):

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from train.identity import check_same_model
+from hata_jax.models.identity import check_same_model
 
 FORMAT = "hata-jax/selector-checkpoint"
 VERSION = 1

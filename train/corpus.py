@@ -16,7 +16,7 @@ import pathlib
 import sys
 import sysconfig
 import zlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -38,7 +38,7 @@ class Corpus:
     root: pathlib.Path
     files: tuple[pathlib.Path, ...]
 
-    def shuffled(self, seed: int) -> "Corpus":
+    def shuffled(self, seed: int) -> Corpus:
         order = np.random.default_rng(seed).permutation(len(self.files))
         return dataclasses.replace(self, files=tuple(self.files[i] for i in order))
 

@@ -36,7 +36,7 @@ def weighted_bce(logits, targets, valid, pos_weight: float):
 
 
 @dataclasses.dataclass(frozen=True)
-class HashAttentionSelector:
+class HashAttentionObjective:
     """HashAttention's trainable selector: per-head query and key MLPs and a threshold per query head."""
 
     bits: int = 32

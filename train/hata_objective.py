@@ -103,7 +103,7 @@ def decorrelation_term(w, strength: float):
 
 
 @dataclasses.dataclass(frozen=True)
-class HataSelector:
+class HataObjective:
     """HATA's trainable selector: projections [Hkv, D, rbit] per layer."""
 
     rbit: int = 128
@@ -126,7 +126,7 @@ class HataSelector:
         return rank_weights(scores, jnp.broadcast_to(valid, scores.shape), self.labels)
 
     def loss(self, w, batch):
-        """(total, {term: value}) on a batch (see :func:`train.trainer.sample_batch`)."""
+        """(total, {term: value}) on a batch (see :func:`hata_jax.train.trainer.sample_batch`)."""
         cfg = self.loss_config
         q, k, weights, valid = batch["q"], batch["k"], batch["targets"], batch["valid"]
         n, m, hq, d = q.shape

@@ -4,7 +4,7 @@ each one selects, for budgets from 1/64 to 1/4 of the context, per layer and ave
 Methods: exact top-k (the oracle, an upper bound), HATA with the trained projections, HATA with
 untrained random Gaussian projections of the same rbit (SimHash), and HashAttention when its
 checkpoint is given. All select per KV head with no forced sink or recent tokens (see
-:mod:`train.metrics`).
+:mod:`hata_jax.train.metrics`).
 """
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import hata_jax
-from train.collect import load_layer, read_manifest
-from train.metrics import FRACTIONS, captured_mass, exact_scores, probs_from_raw
-from train.trainer import jitted_scores
+from hata_jax.train.collect import load_layer, read_manifest
+from hata_jax.train.metrics import FRACTIONS, captured_mass, exact_scores, probs_from_raw
+from hata_jax.train.trainer import jitted_scores
 
 EXACT = "exact top-k"
 TRAINED = "HATA (trained)"
@@ -32,7 +32,7 @@ def evaluate(samples_dir, layers: list[int], methods: dict, fractions=FRACTIONS,
     """Mass kept per method, layer and budget fraction on a held-out collection.
 
     Args:
-      samples_dir: a :mod:`train.collect` collection of held-out text holding `layers`.
+      samples_dir: a :mod:`hata_jax.train.collect` collection of held-out text holding `layers`.
       methods: {name: (selector, {layer: params})}; the exact top-k is always added first.
       progress: called as `progress(layer)` after each layer.
 
@@ -128,7 +128,7 @@ def report(result: dict, samples_dir, checkpoints: dict[str, dict], model_name: 
     """The JSON document: results plus what produced them (model, held-out corpus, checkpoints)."""
     manifest = read_manifest(samples_dir)
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "model": model_name, "jax": jax.__version__, "hata_jax": hata_jax.__version__,
         "backend": jax.default_backend(),
         "heldout": {"collection": manifest["config"], "corpus": {k: v for k, v in manifest["corpus"].items()

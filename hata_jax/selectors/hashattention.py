@@ -1,4 +1,4 @@
-"""HashAttention's learned codes at inference: sign codes of per-head MLPs (train/hashattention.py)."""
+"""HashAttention's learned codes at inference: sign codes of per-head MLPs (trained by :mod:`hata_jax.train.hashattention_objective`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -35,7 +35,7 @@ class HashAttentionSelector(Selector):
     f_i the query MLP of query head i, g the key MLP of the KV head.
 
     Options: bits (default 32), the code width (a multiple of 32). Params: the layer's dict of
-    :class:`train.hashattention.HashAttentionSelector` (`{"query": mlp over Hq heads, "key": mlp
+    :class:`hata_jax.train.hashattention_objective.HashAttentionSelector` (`{"query": mlp over Hq heads, "key": mlp
     over Hkv heads, "threshold": [Hq]}`; the threshold is a training-only offset and is not used).
     State: {"codes": uint32[B, Hkv, S, bits/32]} key codes (zero past lengths). Extra memory:
     `kv_heads * bits / 8` bytes per token (one code per KV head, not per query head).
