@@ -87,35 +87,18 @@ from flax import nnx
 from jax import lax
 
 import hata_jax as hj
+from bench.decode_report import METHODS, report_markdown, report_plots, summary
 from bench.timing import compile_timed, environment, floor_bandwidth_gbps, many_calls, median_us, write_json
 from hata_jax import HataCache, HataConfig
-from hata_jax.models import AttentionPlan, LlamaConfig, LlamaForCausalLM, RopeScaling, generation
+from hata_jax.models import AttentionPlan, LlamaConfig, LlamaForCausalLM, generation
+from hata_jax.models.presets import FULL_MODELS, LLAMA_8B, SMALL_MODELS  # noqa: F401 (bench.profile_step imports LLAMA_8B from here)
 
-METHODS = ("dense", "hata", "exact", "cudnn")
-COLORS = {"dense": "tab:blue", "hata": "tab:orange", "exact": "tab:green", "cudnn": "tab:red"}
 PRODUCT_METHODS = ("dense", "hata")  # run by the model's own decode step
 GREEDY = generation.Sampling()
 GB = 1e9
 PIPELINE = 5  # steps dispatched back to back per timed group (host dispatch overlapping the device)
-PLOT_COLUMNS = 4  # subplots per row of the tokens/s figure
 COMPILE_THREADS = 6  # a job's programs compile side by side (XLA's compiler releases the GIL)
 
-LLAMA_8B = LlamaConfig(
-    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
-    head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=131072,
-    rope_scaling=RopeScaling("llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                             original_max_position_embeddings=8192))
-SMOLLM2 = LlamaConfig(
-    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9, num_kv_heads=3,
-    head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True)
-SMALL_MODELS = {
-    "llama": LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=4, num_heads=8,
-                         num_kv_heads=2, head_dim=64, rope_theta=500000.0),
-    "smollm2": LlamaConfig(vocab_size=384, hidden_size=96, intermediate_size=128, num_layers=3, num_heads=3,
-                           num_kv_heads=1, head_dim=64, tie_word_embeddings=True),
-}
-FULL_MODELS = {"llama": LLAMA_8B, "smollm2": SMOLLM2}
-MODEL_TITLES = {"llama": "Llama-3.1-8B shapes", "smollm2": "SmolLM2-135M shapes"}
 
 # (context, batch) from the most to the least important; others follow by (batch, context).
 PRIORITY = ((131072, 1), (32768, 8), (4096, 1), (32768, 1), (8192, 1), (65536, 1), (262144, 1), (32768, 4),
@@ -346,6 +329,14 @@ def param_bytes(state) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
 
 
+def weight_bytes(config: LlamaConfig, itemsize: int) -> int:
+    """Bytes of the parameters of a model with `config` at `itemsize` bytes each (before building it)."""
+    per_layer = (config.hidden_size * config.head_dim * 2 * (config.num_heads + config.num_kv_heads)
+                 + 3 * config.hidden_size * config.intermediate_size + 2 * config.hidden_size)
+    tables = (1 if config.tie_word_embeddings else 2) * config.vocab_size * config.hidden_size
+    return (config.num_layers * per_layer + tables + config.hidden_size) * itemsize
+
+
 def weight_read_bytes(config: LlamaConfig, total_param_bytes: int, itemsize: int) -> int:
     """Weights one step reads: all but the embedding table, unless it doubles as the LM head."""
     table = config.vocab_size * config.hidden_size * itemsize
@@ -458,11 +449,7 @@ class DecodeBench:
 
     # -- models
     def weight_bytes(self, name: str) -> int:
-        config = self.configs[name]
-        per_layer = (config.hidden_size * config.head_dim * 2 * (config.num_heads + config.num_kv_heads)
-                     + 3 * config.hidden_size * config.intermediate_size + 2 * config.hidden_size)
-        tables = (1 if config.tie_word_embeddings else 2) * config.vocab_size * config.hidden_size
-        return (config.num_layers * per_layer + tables + config.hidden_size) * self.dtype.itemsize
+        return weight_bytes(self.configs[name], self.dtype.itemsize)
 
     def model(self, name: str):
         """(ModelSteps, hash_weights, weights_read) of a model with random weights, built once."""
@@ -517,8 +504,8 @@ class DecodeBench:
         shape = (job.batch, config.num_kv_heads, job.context, config.head_dim)
         make = functools.partial(random_hata_cache, shape=shape, dtype=self.dtype)
         avals = [jax.eval_shape(make, self.key, w, job.context) for w in hash_weights]
-        token_major = functools.partial(random_token_major_cache, shape=(job.batch, job.context) + shape[1:2] + shape[3:],
-                                        dtype=self.dtype)
+        token_major_shape = (job.batch, job.context) + shape[1:2] + shape[3:]
+        token_major = functools.partial(random_token_major_cache, shape=token_major_shape, dtype=self.dtype)
         programs = {m: self.compile(job.model, m, plan, avals, job.batch) for m in methods}
         programs.update({f"loop:{m}": self.compile(job.model, m, plan, avals, job.batch, s.loop_steps) for m in loops})
         if cudnn:  # compiled whether or not the sweep will ask for it: the threads are idle otherwise
@@ -632,7 +619,8 @@ class DecodeBench:
                                **timing, "bytes": nbytes, "floor_us": floor_us,
                                "of_floor": timing["median_us"] / floor_us, "compile_s": compile_s})
             out[method] = row["median_us"]
-            print(f"  attention {method:<6} {row['median_us']:>9.1f} us/layer  ({row['of_floor']:.2f}x floor)", flush=True)
+            print(f"  attention {method:<6} {row['median_us']:>9.1f} us/layer  ({row['of_floor']:.2f}x floor)",
+                  flush=True)
         return out
 
     def time_steps(self, step, tokens, caches, model_name: str):
@@ -783,207 +771,6 @@ def memory_limit_bytes(settings: Settings) -> float:
     return 0.97 * stats["bytes_limit"] if "bytes_limit" in stats else 75 * GB
 
 
-def step_order(row: dict) -> tuple:
-    return row["model"], row["batch"], row["context"], METHODS.index(row["method"])
-
-
-def summary(rows: list[dict]) -> str:
-    """A compact text table of the step rows (with the HATA speedup over the best dense step)."""
-    steps = sorted((r for r in rows if r["kind"] == "step"), key=step_order)
-    lines = [f"{'model':<8} {'context':>8} {'batch':>5} {'method':<6} {'ms/step':>9} {'tok/s':>9} {'attn':>5} "
-             f"{'x floor':>7} {'b2b ms':>7} {'loop ms':>8}  vs best dense"]
-    for r in steps:
-        best = best_dense(steps, r["model"], r["context"], r["batch"])
-        versus = f"{best['median_ms'] / r['median_ms']:.2f}x" if best and r["method"] in ("hata", "exact") else ""
-        share = f"{r['attention_share']:.0%}" if "attention_share" in r else "-"
-        loop, b2b = (f"{r[k]:.2f}" if k in r else "-" for k in ("loop_ms", "pipelined_ms"))
-        lines.append(f"{r['model']:<8} {r['context']:>8} {r['batch']:>5} {r['method']:<6} {r['median_ms']:>9.2f} "
-                     f"{r['tokens_per_s']:>9.1f} {share:>5} {r['of_floor']:>7.2f} {b2b:>7} {loop:>8}  {versus}")
-    skipped = [r for r in rows if r["kind"] in ("skip", "error")]
-    lines += [f"{r['kind']}: {r['model']} {r['context']} b{r['batch']} {r.get('method') or ''}: "
-              f"{r.get('reason') or r.get('error', '')[:200]}" for r in skipped]
-    return "\n".join(lines)
-
-
-def best_dense(rows, model, context, batch, kind="step", key="median_ms"):
-    dense = [r for r in rows if r["kind"] == kind and r["method"] in ("dense", "cudnn")
-             and (r["model"], r["context"], r["batch"]) == (model, context, batch)]
-    return min(dense, key=lambda r: r[key]) if dense else None
-
-
-# ----------------------------------------------------------------------------- report
-
-def _find(rows, kind, model, context, batch, method):
-    """The row of `kind` for (model, context, batch, method), or None."""
-    for r in rows:
-        if r["kind"] == kind and (r["model"], r["context"], r["batch"], r["method"]) == (model, context, batch, method):
-            return r
-    return None
-
-
-def title(data: dict, model: str) -> str:
-    return f"{model} (small)" if data["settings"]["small"] else MODEL_TITLES.get(model, model)
-
-
-def report_markdown(data: dict) -> str:
-    env, s, rows = data["environment"], data["settings"], data["rows"]
-    steps = [r for r in rows if r["kind"] == "step"]
-    attention = [r for r in rows if r["kind"] == "attention"]
-    bw = data["bandwidth"]
-    lines = [f"Device: {env['device']} ({env['backend']}), jax {env['jax']}, commit {env['commit']}, {env['date']}. "
-             f"Bandwidth measured in the run: copy {bw['copy_gbps']:.0f} GB/s, read {bw['read_gbps']:.0f} GB/s; "
-             f"floors use {bw['floor_gbps']:.0f} GB/s. HATA: budget {s['budget']}, rbit {s['rbit']}, layers "
-             f"< {s['dense_layers']} dense; {s['dtype']}; median of {s['reps']} steps after {s['warmup']} warm-up "
-             f"calls.{'' if data.get('complete') else ' (INCOMPLETE run: the JSON was cut off.)'}", ""]
-    for model in dict.fromkeys(r["model"] for r in steps + attention):
-        name = title(data, model)
-        mine = sorted((r for r in steps if r["model"] == model), key=step_order)
-        sweep = [r for r in attention if r["model"] == model]
-        if model == "llama" and not s["small"]:
-            lines += [f"### {name}: goals", ""] + goals_table(steps, attention, s["budget"]) + [""]
-        single = [(c, 1) for c in sorted({r["context"] for r in mine if r["batch"] == 1})]
-        batched = sorted({(r["context"], r["batch"]) for r in mine if any(
-            o["context"] == r["context"] and o["batch"] > 1 for o in mine)})
-        lines += pivot(f"{name}: decode step latency (ms) vs context, batch 1", mine, "step", single,
-                       lambda r: f"{r['median_ms']:.2f}", with_batch=False)
-        lines += pivot(f"{name}: tokens/s vs batch", mine, "step", batched, lambda r: f"{r['tokens_per_s']:.1f}")
-        if mine:
-            lines += [f"### {name}: every step measured", "",
-                      "| context | batch | method | ms/step (p10-p90) | tokens/s | attention share | GB moved | floor ms | "
-                      "x floor | back to back ms/step | in-jit loop ms/step | compile s |",
-                      "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-            for r in mine:
-                share = f"{r['attention_share']:.0%}" if "attention_share" in r else "-"
-                extra = [f"{r[k]:.2f}" if k in r else "-" for k in ("pipelined_ms", "loop_ms")]
-                lines.append(f"| {r['context']} | {r['batch']} | {r['method']} ({r['implementation']}) | "
-                             f"{r['median_ms']:.2f} ({r['p10_ms']:.2f}-{r['p90_ms']:.2f}) | {r['tokens_per_s']:.1f} | "
-                             f"{share} | {r['bytes'] / GB:.2f} | {r['floor_ms']:.2f} | {r['of_floor']:.2f} | "
-                             f"{' | '.join(extra)} | {r.get('compile_s', r.get('first_call_s', 0)):.1f} |")
-            lines.append("")
-        configs = sorted({(r["context"], r["batch"]) for r in sweep}, key=lambda cb: (cb[1], cb[0]))
-        lines += pivot(f"{name}: attention only, one layer (us; x floor)", sweep, "attention", configs,
-                       lambda r: f"{r['median_us']:.1f} ({r['of_floor']:.1f}x)", key="median_us")
-        crossing = None  # the shortest context from which HATA attention wins at every longer one
-        for c in sorted({r["context"] for r in sweep if r["batch"] == 1}, reverse=True):
-            best = best_dense(sweep, model, c, 1, "attention", "median_us")
-            hata = _find(sweep, "attention", model, c, 1, "hata")
-            if not (best and hata and hata["median_us"] < best["median_us"]):
-                break
-            crossing = c
-        if crossing:
-            lines += [f"HATA attention beats the best dense attention at batch 1 from context {crossing} on (the "
-                      f"short-context policy's threshold, `dense_below`, should sit near it).", ""]
-    other = [r for r in rows if r["kind"] in ("skip", "error")]
-    if other:
-        lines += ["Skipped or failed:", ""] + [
-            f"- {r['model']} context {r['context']} batch {r['batch']} {r.get('method') or ''}: "
-            f"{r.get('reason') or r.get('error', '')[:300]}" for r in other]
-    return "\n".join(lines)
-
-
-def pivot(heading, rows, kind, configs, cell, *, key="median_ms", with_batch=True) -> list[str]:
-    """A markdown table of one model's `rows`: a line per (context, batch) in `configs`, a column
-    per method (`cell(row)`), and HATA's speedup over the best dense (by `key`, lower is better)."""
-    if not configs:
-        return []
-    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
-    lead = ["context", "batch"] if with_batch else ["context"]
-    lines = [f"### {heading}", "", "| " + " | ".join(lead + methods) + " | HATA vs best dense |",
-             "|" + "---:|" * (len(lead) + len(methods) + 1)]
-    model = rows[0]["model"]
-    for c, b in configs:
-        found = [_find(rows, kind, model, c, b, m) for m in methods]
-        best, hata = best_dense(rows, model, c, b, kind, key), _find(rows, kind, model, c, b, "hata")
-        speedup = f"{best[key] / hata[key]:.2f}x" if best and hata else "-"
-        lines.append("| " + " | ".join([str(c)] + ([str(b)] if with_batch else []) + [cell(r) if r else "-" for r in found])
-                     + f" | {speedup} |")
-    return lines + [""]
-
-
-def goals_table(steps, attention, budget: int) -> list[str]:
-    """The issue's goals, read from the Llama rows."""
-    def speedup(rows, kind, context, batch, key):
-        best, hata = best_dense(rows, "llama", context, batch, kind, key), _find(rows, kind, "llama", context, batch, "hata")
-        return (best[key] / hata[key], best["method"]) if best and hata else (None, None)
-
-    lines = ["| goal | measured | met |", "|---|---:|---|"]
-    for text, rows, kind, context, batch, key, target in (
-            ("attention only, 128K, batch 1: HATA >= 10x faster than the best dense", attention, "attention", 131072, 1,
-             "median_us", 10.0),
-            ("whole step, 128K, batch 1: HATA >= 2x the best dense tokens/s", steps, "step", 131072, 1, "median_ms", 2.0),
-            ("whole step, 32K, batch 8: HATA >= 3x the best dense tokens/s", steps, "step", 32768, 8, "median_ms", 3.0)):
-        value, best = speedup(rows, kind, context, batch, key)
-        lines.append(f"| {text} | {f'{value:.2f}x (vs {best})' if value else 'not measured'} | "
-                     f"{'-' if value is None else 'yes' if value >= target else 'NO'} |")
-    value, best = speedup(steps, "step", 4096, 1, "median_ms")
-    cost = 1 / value if value else None
-    threshold = generation.DENSE_BELOW_BUDGETS * budget
-    met = "-" if cost is None else "yes" if cost <= 1.10 else "by the policy" if threshold >= 4096 else "NO"
-    lines += [f"| whole step, 4K, batch 1: HATA costs <= 1.10x the best dense, or the model switches to dense | "
-              f"{f'{cost:.2f}x (vs {best})' if cost else 'not measured'} | {met} |", "",
-              f"Short-context policy: `hata_jax.models.generate` (and `hata-jax generate`) run the all-dense step while every "
-              f"sequence holds at most `dense_below` tokens, by default {generation.DENSE_BELOW_BUDGETS} x budget = "
-              f"{threshold} here, so contexts up to that length decode at the dense step's speed."]
-    return lines
-
-
-def report_plots(data: dict, folder: str) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows, written = data["rows"], []
-    steps = [r for r in rows if r["kind"] == "step"]
-    attention = [r for r in rows if r["kind"] == "attention"]
-    models = list(dict.fromkeys(r["model"] for r in steps + attention))
-
-    def save(fig, name):
-        path = os.path.join(folder, name)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
-
-    def lines_by_method(ax, rows, x, y, where):
-        for method in METHODS:
-            pts = sorted((r[x], r[y]) for r in rows if r["method"] == method and where(r))
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=method, color=COLORS[method])
-        ticks = sorted({r[x] for r in rows if where(r)})
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(ticks, [f"{t // 1024}K" if t >= 1024 and t % 1024 == 0 else str(t) for t in ticks])
-        ax.minorticks_off()
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-
-    device = data["environment"]["device"]
-    for kind, rows_of, y, ylabel, name in (
-            ("step", steps, "median_ms", "decode step (ms)", "decode_latency_vs_context.png"),
-            ("attention", attention, "median_us", "attention, one layer (us)", "attention_latency_vs_context.png")):
-        if not any(r["batch"] == 1 for r in rows_of):
-            continue
-        fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
-        for ax, model in zip(axes[0], models):
-            lines_by_method(ax, rows_of, "context", y, lambda r, m=model: r["model"] == m and r["batch"] == 1)
-            ax.set(yscale="log", xlabel="context (tokens)", ylabel=ylabel, title=f"{title(data, model)}, batch 1")
-        fig.suptitle(f"{device}: {kind} latency vs context")
-        save(fig, name)
-    contexts = sorted({(r["model"], r["context"]) for r in steps if r["batch"] > 1})
-    if contexts:
-        columns = min(len(contexts), PLOT_COLUMNS)
-        rows = math.ceil(len(contexts) / columns)
-        fig, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 3.6 * rows), squeeze=False)
-        for ax, (model, context) in zip(axes.flat, contexts):
-            lines_by_method(ax, steps, "batch", "tokens_per_s", lambda r, m=model, c=context: (r["model"], r["context"]) == (m, c))
-            ax.set(xlabel="batch", ylabel="tokens/s", title=f"{title(data, model)}, context {context}")
-        for ax in list(axes.flat)[len(contexts):]:
-            ax.set_visible(False)
-        fig.suptitle(f"{device}: decode tokens/s vs batch")
-        save(fig, "decode_tokens_per_s_vs_batch.png")
-    return written
-
-
 # ----------------------------------------------------------------------------- command line
 
 def parse_args(argv):
@@ -1011,7 +798,8 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if bool(args.out) == bool(args.report):
         parser.error("give exactly one of --out (run the benchmark) and --report (tables and plots of a JSON)")
-    given = {k: v for k, v in vars(args).items() if v is not None and k in {f.name for f in dataclasses.fields(Settings)}}
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    given = {k: v for k, v in vars(args).items() if v is not None and k in fields}
     for name in ("models", "contexts", "batches", "methods"):
         if name in given:
             given[name] = tuple(given[name])

@@ -48,6 +48,7 @@ from the slowest job so far) is skipped with the reason. The JSON is rewritten a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -379,7 +380,8 @@ def parse_args(argv):
         parser.error("give exactly one of --out (run the benchmark) and --report (table of a JSON)")
     if args.cases and any(len(c) != 3 for c in args.cases):
         parser.error("--cases takes LAYERS,BATCH,CONTEXT triples")
-    given = {k: v for k, v in vars(args).items() if v is not None and k in {f.name for f in dataclasses.fields(Settings)}}
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    given = {k: v for k, v in vars(args).items() if v is not None and k in fields}
     for name in ("cases", "devices"):
         if name in given:
             given[name] = tuple(given[name])
@@ -397,10 +399,8 @@ def main(argv=None) -> int:
     # Let the allocator take most of each GPU (the default pool is 75%); read when the backend starts.
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
     if settings.small:
-        try:  # virtual CPU devices: only before the backend starts (a no-op if it already runs)
+        with contextlib.suppress(RuntimeError):  # virtual CPU devices: only before the backend starts
             jax.config.update("jax_num_cpu_devices", max(settings.devices))
-        except RuntimeError:
-            pass
     env = environment()
     print(env, f"{len(jax.devices())} devices", flush=True)
     bandwidth = floor_bandwidth_gbps(1 << (20 if settings.small else 30))

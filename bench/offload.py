@@ -56,11 +56,12 @@ import numpy as np
 from flax import nnx
 
 import hata_jax as hj
-from bench.decode import LLAMA_8B, SMALL_MODELS, free, random_hata_cache
+from bench.decode import free, random_hata_cache
 from bench.timing import environment, write_json
 from hata_jax import HataCache, HataConfig, offload
 from hata_jax.models import AttentionPlan, LlamaForCausalLM, generation
 from hata_jax.models.offload import OffloadDecoder
+from hata_jax.models.presets import LLAMA_8B, SMALL_MODELS
 from hata_jax.offload import OffloadedCache, step_transfer_bytes
 
 GB = 1e9
@@ -268,7 +269,8 @@ class OffloadBench:
         host_need = len(hata_layers) * self.kv_bytes(context) / c.num_layers
         available = host_memory_available()
         if host_need + 4e9 > available:
-            self.skip("offload", f"host memory: needs {host_need / GB:.1f} GB + 4 GB, {available / GB:.1f} GB available")
+            self.skip("offload",
+                      f"host memory: needs {host_need / GB:.1f} GB + 4 GB, {available / GB:.1f} GB available")
             return
         device_limit = (self.device.memory_stats() or {}).get("bytes_limit")
         info = {"kv_cache_bytes": self.kv_bytes(context), "weight_bytes": self.weight_bytes,
@@ -332,8 +334,8 @@ class OffloadBench:
                                  "p90_ms": 1e3 * float(np.percentile(timed, 90)),
                                  "tokens_per_s": s.batch / statistics.median(timed), "first_call_s": times[0]})
         free([caches[i] for i in self.plan.hashed_layers])
-        caches = [host[i] if i in host else dataclasses.replace(caches[i], lengths=jnp.full((s.batch,), length, jnp.int32))
-                  for i in range(c.num_layers)]
+        filled = jnp.full((s.batch,), length, jnp.int32)
+        caches = [host[i] if i in host else dataclasses.replace(caches[i], lengths=filled) for i in range(c.num_layers)]
         warm, host_tokens, tokens, _ = self.time_offloaded(caches, t0, s.warmup)
         times, timed_tokens, _, total = self.time_offloaded(caches, tokens, s.reps)
         host_tokens += timed_tokens
@@ -462,7 +464,8 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if not args.probe and not args.out:
         parser.error("--out is required")
-    given = {k: v for k, v in vars(args).items() if v is not None and k in {f.name for f in dataclasses.fields(Settings)}}
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    given = {k: v for k, v in vars(args).items() if v is not None and k in fields}
     if "chunks" in given:
         given["chunks"] = tuple(given["chunks"])
     return args, Settings(**{**(SMALL if args.small else {}), **given})

@@ -83,7 +83,8 @@ def main(argv=None) -> int:
                                    for kind in ("gemm_fusion", "input_reduce_fusion", "loop_multiply_fusion")}}
                 rows.append(row)
                 print(f"{model:<8} batch {batch:>3} {name:<30} {row['median_us']:8.1f} us per layer "
-                      f"({row['of_floor']:.2f}x floor {floor_us:.1f} us)  fusions per layer {row['fusions']}", flush=True)
+                      f"({row['of_floor']:.2f}x floor {floor_us:.1f} us)  fusions per layer {row['fusions']}",
+                      flush=True)
     write_json(args.out, {"environment": environment(), "bandwidth": bandwidth, "rows": rows})
     return 0
 

@@ -11,6 +11,7 @@ device time of the kernels alone.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -111,10 +112,9 @@ def environment() -> dict:
     may carry another checkout's .git)."""
     commit = os.environ.get("HATA_COMMIT", "")
     if not commit:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        except OSError:
-            pass
+        with contextlib.suppress(OSError):
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                    text=True).stdout.strip()
     dev = jax.devices()[0]
     return {
         "device": getattr(dev, "device_kind", str(dev)),

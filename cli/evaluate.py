@@ -119,7 +119,8 @@ def evaluate(args: argparse.Namespace, *, out: str, keep: bool = True, parts: tu
         f"samples of {len(config.tasks)} tasks" + (f"; run directory {out} (rerun the same command to resume an "
                                                    "interrupted run)" if keep else ""))
     document = run_eval(model, args.model, tokenizer, config, out, hash_weights=args.hash_weights,
-                        hashattention_dir=args.hashattention, progress=not args.no_progress, log=log, parts=PARTS if parts is None else parts)
+                        hashattention_dir=args.hashattention, progress=not args.no_progress, log=log,
+                        parts=PARTS if parts is None else parts)
     print(format_table(document), flush=True)
     written = [pathlib.Path(out) / "results.json", *(write_report(document, out) if keep else [])]
     log(f"done in {time.perf_counter() - start:.0f} s" + (f"; wrote {', '.join(map(str, written))}" if keep else ""))

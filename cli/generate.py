@@ -118,7 +118,8 @@ def run_generate(args: argparse.Namespace) -> int:
         hash_weights = hash_weights_for_generate(args.hash_weights, args.model, model, args.rbit, log)
     if args.attention == "hata":
         if not plan.hashed_layers:
-            raise ValueError(f"--dense-layers {args.dense_layers} leaves no HATA layer in a {config.num_layers}-layer model")
+            raise ValueError(f"--dense-layers {args.dense_layers} leaves no HATA layer in a "
+                             f"{config.num_layers}-layer model")
         log(f"HATA in layers {layer_span(plan.hashed_layers)} (rbit {args.rbit}, budget {args.budget}); "
             f"the first {args.dense_layers} layers stay dense"
             + (f"; every layer decodes dense while the context is <= {threshold} tokens (--dense-below)"

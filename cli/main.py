@@ -18,8 +18,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if not args.synthetic:
         return run_demo(args)
     defaults = synthetic_demo.DemoConfig()
-    cfg = synthetic_demo.DemoConfig(context=args.context or defaults.context, budgets=tuple(args.budgets or defaults.budgets),
-                     seed=args.seed, rbit=args.rbit)
+    cfg = synthetic_demo.DemoConfig(context=args.context or defaults.context,
+                                    budgets=tuple(args.budgets or defaults.budgets), seed=args.seed, rbit=args.rbit)
     print(synthetic_demo.format_table(synthetic_demo.run_demo(cfg, impl=args.impl), cfg))
     return 0
 

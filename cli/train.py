@@ -22,7 +22,8 @@ from hata_jax.train.trainer import TrainConfig
 
 def _add_model_args(parser, split: str, samples_default: str) -> None:
     parser.add_argument("--model", default="smollm2",
-                        help="'smollm2' (the embedded SmolLM2-135M-Instruct), a HF checkpoint directory or a .gguf file")
+                        help="'smollm2' (the embedded SmolLM2-135M-Instruct), a HF checkpoint directory or a "
+                             ".gguf file")
     parser.add_argument("--corpus", nargs="+", metavar="PATH",
                         help="text files or directories (default: the Python standard library's sources, "
                              f"its {split} split)")

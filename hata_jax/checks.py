@@ -32,7 +32,8 @@ def check_dtype(x, dtypes: Sequence, name: str) -> None:
 def check_dim(x, axis: int, expected: int, name: str, what: str) -> None:
     got = jnp.shape(x)[axis]
     if got != expected:
-        raise ValueError(f"{name} has {what} {got} along axis {axis}, expected {expected} (shape {tuple(jnp.shape(x))})")
+        raise ValueError(f"{name} has {what} {got} along axis {axis}, expected {expected} "
+                         f"(shape {tuple(jnp.shape(x))})")
 
 
 def group_size(q_heads: int, kv_heads: int, name: str) -> int:

@@ -239,7 +239,8 @@ class OffloadedCache:
                 raise ValueError(f"{name} must have shape {list(shape)} to match the cache, got {tuple(x.shape)}")
             if dtype is not None:
                 checks.check_dtype(x, [dtype], name)
-        if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or start < 0 or start + t > self.capacity:
+        if (isinstance(start, bool) or not isinstance(start, (int, np.integer)) or start < 0
+                or start + t > self.capacity):
             raise ValueError(f"write: tokens [{start}, {start} + {t}) do not fit the capacity {self.capacity}")
         put = functools.partial(jax.device_put, device=self.device)
         self.codes = _put_tokens(self.codes, put(codes), put(norms), int(start))

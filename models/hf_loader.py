@@ -50,7 +50,7 @@ def read_tensors(files: list[pathlib.Path]) -> dict[str, np.ndarray]:
     for file in files:
         try:
             with safe_open(str(file), framework="np") as handle:
-                for name in handle.keys():
+                for name in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                     if name in tensors:
                         raise ValueError(f"tensor {name} appears in more than one shard ({file.name})")
                     tensors[name] = handle.get_tensor(name)

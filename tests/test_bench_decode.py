@@ -19,10 +19,11 @@ import hata_jax as hj
 from hata_jax import HataConfig, dispatch
 from hata_jax.models import AttentionPlan, LlamaConfig, LlamaForCausalLM
 from hata_jax.models.generation import ModelSteps
+from hata_jax.models.presets import FULL_MODELS, SMALL_MODELS
 from pallas_kernels._backend import lower_for_cuda
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # bench/ is not an installed package
-from bench import decode  # noqa: E402
+from bench import decode, decode_report  # noqa: E402
 
 TINY = LlamaConfig(vocab_size=61, hidden_size=48, intermediate_size=40, num_layers=3, num_heads=6, num_kv_heads=2,
                    head_dim=64)
@@ -46,10 +47,10 @@ def test_small_run_records_every_method(small_run):
     rows = data["rows"]
     assert not [r for r in rows if r["kind"] in ("error", "skip")]
     for model in s.models:
-        config = decode.SMALL_MODELS[model]
+        config = SMALL_MODELS[model]
         attention = {r["method"]: r for r in rows if r["kind"] == "attention" and r["model"] == model}
         steps = {r["method"]: r for r in rows if r["kind"] == "step" and r["model"] == model}
-        assert sorted(attention) == sorted(steps) == sorted(decode.METHODS)
+        assert sorted(attention) == sorted(steps) == sorted(decode_report.METHODS)
         for method, r in steps.items():
             assert r["tokens_per_s"] == pytest.approx(1 / (r["median_ms"] / 1e3))
             assert r["p10_ms"] <= r["median_ms"] <= r["p90_ms"] and r["steps"] == s.reps
@@ -68,16 +69,14 @@ def test_small_run_records_every_method(small_run):
         assert attention["hata"]["bytes"] == hata_layer
 
 
-@pytest.mark.parametrize("name", sorted(decode.FULL_MODELS))
+@pytest.mark.parametrize("name", sorted(FULL_MODELS))
 def test_weight_bytes_are_the_models(name):
     """The memory plan's weight bytes (computed before building) are the built model's; a step
     reads all of them but an untied embedding table."""
-    bench = decode.DecodeBench.__new__(decode.DecodeBench)
-    bench.configs, bench.dtype = decode.FULL_MODELS, jnp.dtype(jnp.bfloat16)
-    config = decode.FULL_MODELS[name]
+    config = FULL_MODELS[name]
     built = nnx.eval_shape(lambda: LlamaForCausalLM(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
     total = decode.param_bytes(nnx.state(built))
-    assert bench.weight_bytes(name) == total
+    assert decode.weight_bytes(config, 2) == total
     table = config.vocab_size * config.hidden_size * 2
     assert decode.weight_read_bytes(config, total, 2) == (total if name == "smollm2" else total - table)
     if name == "llama":
@@ -125,7 +124,10 @@ def _row(kind, model, context, batch, method, value):
 
 
 def test_report_states_the_goals(tmp_path, capsys):
-    rows = [_row("attention", "llama", 131072, 1, "dense", 400.0), _row("attention", "llama", 131072, 1, "cudnn", 380.0),
+    """Each goal is judged against the best dense method of its config; the report renders them,
+    the skipped configs and the plots."""
+    rows = [_row("attention", "llama", 131072, 1, "dense", 400.0),
+            _row("attention", "llama", 131072, 1, "cudnn", 380.0),
             _row("attention", "llama", 131072, 1, "hata", 30.0), _row("attention", "llama", 32768, 1, "dense", 100.0),
             _row("attention", "llama", 32768, 1, "hata", 25.0), _row("attention", "llama", 8192, 1, "dense", 20.0),
             _row("attention", "llama", 8192, 1, "hata", 24.0),
@@ -139,16 +141,19 @@ def test_report_states_the_goals(tmp_path, capsys):
             "settings": dataclasses.asdict(decode.Settings()), "complete": True,
             "rows": rows + [{"kind": "skip", "model": "llama", "context": 131072, "batch": 4, "method": None,
                              "reason": "memory: needs 93.0 GB"}]}
+    steps = [r for r in rows if r["kind"] == "step"]
+    attention = [r for r in rows if r["kind"] == "attention"]
+    judged = decode_report.goals(steps, attention, budget=2048)  # dense_below 4 x 2048 covers 4K
+    assert [(g["value"], g["versus"], g["met"]) for g in judged] == [
+        (pytest.approx(380 / 30), "cudnn", "yes"), (pytest.approx(19 / 8), "cudnn", "yes"),
+        (pytest.approx(30 / 12), "dense", "NO"), (pytest.approx(6.9 / 6), "dense", "by the policy")]
+    assert decode_report.goals(steps, attention, budget=512)[-1]["met"] == "NO"  # 4 x 512 < 4096: no policy
     path = tmp_path / "decode_h100.json"
     path.write_text(json.dumps(data))
     assert decode.main(["--report", str(path), "--plots", str(tmp_path)]) == 0
     text = capsys.readouterr().out
-    assert "| attention only, 128K, batch 1: HATA >= 10x faster than the best dense | 12.67x (vs cudnn) | yes |" in text
-    assert "| whole step, 128K, batch 1: HATA >= 2x the best dense tokens/s | 2.38x (vs cudnn) | yes |" in text
-    assert "| whole step, 32K, batch 8: HATA >= 3x the best dense tokens/s | 2.50x (vs dense) | NO |" in text
-    assert "1.15x (vs dense) | by the policy |" in text
+    assert all(g["goal"] in text for g in judged)
     assert "from context 32768 on" in text  # HATA attention wins at 32K and 128K, not at 8K
-    assert "| 32768 | 8 | 266.7 | 666.7 | - | 2.50x |" in text  # tokens/s vs batch: dense, hata, cudnn
     assert "memory: needs 93.0 GB" in text
     for name in ("decode_latency_vs_context.png", "attention_latency_vs_context.png",
                  "decode_tokens_per_s_vs_batch.png"):

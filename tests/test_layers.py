@@ -60,9 +60,9 @@ def layer_of(module: str) -> int | None:
     """The layer of one of our modules (by its installed dotted name), None if not ours."""
     best = None
     for package, layer in INSTALLED.items():
-        if module == package or module.startswith(package + "."):
-            if best is None or len(package) > len(best[0]):
-                best = (package, layer)
+        inside = module == package or module.startswith(package + ".")
+        if inside and (best is None or len(package) > len(best[0])):
+            best = (package, layer)
     return None if best is None else best[1]
 
 

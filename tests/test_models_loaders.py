@@ -232,7 +232,8 @@ def test_gguf_round_trips_and_matches_numpy(tmp_path, rng, arch):
     write_gguf(tmp_path / "m.gguf", arch, cfg, tensors)
     model, tokenizer = load_model(tmp_path / "m.gguf")
     expected = LlamaConfig.from_hf(cfg)
-    assert model.config.qkv_bias == expected.qkv_bias and model.config.tie_word_embeddings == expected.tie_word_embeddings
+    assert model.config.qkv_bias == expected.qkv_bias
+    assert model.config.tie_word_embeddings == expected.tie_word_embeddings
     loaded = model_tensors(model)
     assert sorted(loaded) == sorted(tensors)
     for key, value in tensors.items():
@@ -302,7 +303,8 @@ def test_hf_tokenizer_and_chat_template(tmp_path):
     ids = tok.encode_prompt("the cat", chat=True)
     assert ids == [1, 3, 7, 8, 2, 1, 4]
     assert tok.stop_ids == (2, 0)
-    assert tok.render_chat([{"role": "user", "content": "hi"}]) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    chat = tok.render_chat([{"role": "user", "content": "hi"}])
+    assert chat == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     (tmp_path / "tokenizer_config.json").write_text("{}")
     with pytest.raises(ValueError, match="no chat template"):
         Tokenizer.from_hf_dir(tmp_path).encode_prompt("hi", chat=True)
@@ -323,7 +325,8 @@ def test_hash_weights_from_npz(tmp_path, rng):
     np.testing.assert_array_equal(np.asarray(weights[2]), trained["layer_2"])
     with pytest.warns(UserWarning, match=r"HATA layers \[2\] use RANDOM, UNTRAINED"):
         hash_weights_for(config, plan, {1: trained["layer_1"]})
-    with pytest.raises(ValueError, match=r"layer 1 have shape \(2, 64, 32\), expected \[Hkv, D, rbit\] = \[2, 64, 64\]"):
+    with pytest.raises(ValueError,
+                       match=r"layer 1 have shape \(2, 64, 32\), expected \[Hkv, D, rbit\] = \[2, 64, 64\]"):
         hash_weights_for(config, plan, {1: np.zeros((2, 64, 32), np.float32)})
     with pytest.raises(ValueError, match="model has 3 layers"):
         hash_weights_for(config, plan, {7: trained["layer_1"]})
@@ -342,8 +345,8 @@ def test_cli_generate_on_a_tiny_checkpoint(tmp_path, rng, capsys):
     assert cli.main(args + ["--no-chat"]) == 0
     out, err = capsys.readouterr()
     assert "tokens/s" in err and "2 prompt tokens" in err
-    assert cli.main(args + ["--attention", "hata", "--dense-below", "0", "--rbit", "32", "--budget", "4", "--dense-layers", "1",
-                            "--hash-weights", str(tmp_path / "hash.npz")]) == 0
+    assert cli.main(args + ["--attention", "hata", "--dense-below", "0", "--rbit", "32", "--budget", "4",
+                            "--dense-layers", "1", "--hash-weights", str(tmp_path / "hash.npz")]) == 0
     out, err = capsys.readouterr()
     assert "HATA in layers [1]" in err and "UNTRAINED" not in err and "7 prompt tokens" in err
     assert cli.main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "x"]) == 2

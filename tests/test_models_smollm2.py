@@ -62,7 +62,6 @@ def test_greedy_chat_answers_paris_like_transformers(smollm2, reference):
     assert "Paris" in answer
     expected = reference["greedy_ids"].tolist()  # transformers' greedy continuation, may end in <|im_end|>
     assert result.tokens[0] == [t for t in expected if t not in tokenizer.stop_ids]
-    assert result.tokens_per_second > 0
 
 
 def test_hata_with_budget_over_context_reproduces_dense(smollm2):

@@ -80,7 +80,8 @@ def _attention_case(rng, kv_heads, group, devices, impl="reference", explicit=Fa
 
     config = hj.HataConfig(rbit=rbit, budget=budget, dense_layers=0)
     wrap = jax.jit if jit else (lambda f: f)
-    q, k_new, v_new = _rand(rng, batch, kv_heads * group, d), _rand(rng, batch, kv_heads, d), _rand(rng, batch, kv_heads, d)
+    q = _rand(rng, batch, kv_heads * group, d)
+    k_new, v_new = _rand(rng, batch, kv_heads, d), _rand(rng, batch, kv_heads, d)
     want, plain = hj.hata_decode_attention(q, k_new, v_new, plain, w, config, impl=impl)
     got, sharded = wrap(lambda *a: hs.hata_decode_attention(*a, config, mesh=mesh, impl=impl))(q, k_new, v_new,
                                                                                               sharded, w)
@@ -337,7 +338,7 @@ def test_two_processes_jax_distributed():
              for i in range(2)]
     outputs = [p.communicate(timeout=300) for p in procs]
     results = [_results(out) for out, _ in outputs]
-    for p, (out, err), found in zip(procs, outputs, results):
+    for p, (_, err), found in zip(procs, outputs, results):
         assert p.returncode == 0 and found, f"exit {p.returncode}:\n{err[-4000:]}"
     for found in results:
         assert found[0]["tokens"] == found[0]["want"]

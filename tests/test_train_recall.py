@@ -87,7 +87,7 @@ def test_evaluate_table_plot_and_report(tmp_path, rng):
     methods = {recall.TRAINED: (selector, w), recall.RANDOM: (selector, {i: 0.5 * v for i, v in w.items()})}
     result = recall.evaluate(samples, [1, 2], methods)
     assert list(result["methods"]) == [recall.EXACT, recall.TRAINED, recall.RANDOM]
-    for name, data in result["methods"].items():
+    for data in result["methods"].values():
         assert np.asarray(data["per_layer"]).shape == (2, len(FRACTIONS))
         np.testing.assert_allclose(data["mean"], np.mean(data["per_layer"], axis=0))
     exact = np.asarray(result["methods"][recall.EXACT]["per_layer"])

@@ -65,8 +65,8 @@ def train_tiny(samples: pathlib.Path, out: pathlib.Path, selector, config: Train
     run = TrainingRun(out)
     try:
         bits = selector.rbit if isinstance(selector, HataObjective) else selector.bits
-        trained = train_layers(selector, samples, list(layers), run, config, run_metadata(selector, config, layers, bits),
-                               progress=False, **kw)
+        metadata = run_metadata(selector, config, layers, bits)
+        trained = train_layers(selector, samples, list(layers), run, config, metadata, progress=False, **kw)
         return trained, run.metadata(run.latest_step())
     finally:
         run.close()

@@ -164,5 +164,6 @@ def load_projections(path: str | pathlib.Path, model, rbit: int | None = None) -
     expected = (config.num_kv_heads, config.head_dim, metadata["rbit"])
     for layer, w in layers.items():
         if w.shape != expected:
-            raise ValueError(f"{path}: layer {layer} has shape {w.shape}, expected {expected}; the checkpoint is corrupt")
+            raise ValueError(f"{path}: layer {layer} has shape {w.shape}, expected {expected}; "
+                             "the checkpoint is corrupt")
     return {layer: np.asarray(w, np.float32) for layer, w in layers.items()}

@@ -155,11 +155,12 @@ def _relative(path: pathlib.Path, root: pathlib.Path) -> str:
 
 def describe(corpus: Corpus, files_used: list[dict], seq_len: int, count: int, seed: int) -> dict:
     """The corpus description stored in sample manifests and checkpoint metadata."""
+    stdlib = corpus.name.startswith("python-stdlib")
     return {
         "name": corpus.name,
         "root": str(corpus.root),
-        "python": sys.version.split()[0] if corpus.name.startswith("python-stdlib") else None,
-        "heldout_rule": f"crc32(relative path) % {HELDOUT_EVERY} == 0" if corpus.name.startswith("python-stdlib") else None,
+        "python": sys.version.split()[0] if stdlib else None,
+        "heldout_rule": f"crc32(relative path) % {HELDOUT_EVERY} == 0" if stdlib else None,
         "seed": seed,
         "seq_len": seq_len,
         "sequences": count,

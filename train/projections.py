@@ -2,7 +2,8 @@
 run, an orbax checkpoint step, or an .npz), else the weights shipped for the model, else none
 (random projections, with a warning).
 
-Shipped: `train/shipped/smollm2-rbit128/` (installed as `hata_jax/train/shipped/`), the final checkpoint (`checkpoints/8400/`) of
+Shipped: `train/shipped/smollm2-rbit128/` (installed as `hata_jax/train/shipped/`), the final checkpoint
+(`checkpoints/8400/`) of
 
     hata-jax train --model smollm2 --out runs/smollm2-hata
 

@@ -61,7 +61,8 @@ def evaluate(samples_dir, layers: list[int], methods: dict, fractions=FRACTIONS,
             progress(layer)
     return {
         "fractions": list(fractions), "layers": list(layers), "queries_per_layer": queries,
-        "methods": {name: {"per_layer": rows, "mean": np.mean(rows, axis=0).tolist()} for name, rows in per_layer.items()},
+        "methods": {name: {"per_layer": rows, "mean": np.mean(rows, axis=0).tolist()}
+                    for name, rows in per_layer.items()},
     }
 
 
@@ -88,10 +89,12 @@ def format_table(result: dict, highlight: float = HIGHLIGHT) -> str:
              f"({result['queries_per_layer']} held-out queries each)", "",
              "layer " + "".join(f"{n:>{width}}" for n in names)]
     for j, layer in enumerate(result["layers"]):
-        lines.append(f"{layer:>5} " + "".join(f"{result['methods'][n]['per_layer'][j][col]:>{width}.4f}" for n in names))
+        cells = (result["methods"][n]["per_layer"][j][col] for n in names)
+        lines.append(f"{layer:>5} " + "".join(f"{cell:>{width}.4f}" for cell in cells))
     lines += ["", "average over layers", "budget " + "".join(f"{n:>{width}}" for n in names)]
     for c, f in enumerate(result["fractions"]):
-        lines.append(f"{fraction_label(f):>6} " + "".join(f"{result['methods'][n]['mean'][c]:>{width}.4f}" for n in names))
+        cells = (result["methods"][n]["mean"][c] for n in names)
+        lines.append(f"{fraction_label(f):>6} " + "".join(f"{cell:>{width}.4f}" for cell in cells))
     return "\n".join(lines)
 
 

@@ -38,7 +38,8 @@ def train_model(model, model_name: str, tokenizer, out: str | pathlib.Path, *,
 
     Args:
       corpus: training text; default the standard library's training split.
-      selector: :class:`HataObjective` (default, rbit 128) or :class:`hata_jax.train.hashattention_objective.HashAttentionObjective`.
+      selector: :class:`HataObjective` (default, rbit 128) or
+        :class:`hata_jax.train.hashattention_objective.HashAttentionObjective`.
       train_config: default the selector's optimizer with :class:`TrainConfig`'s other defaults.
       resume: continue an interrupted run in `out` (collection and training pick up where they stopped).
       on_step: see :func:`hata_jax.train.trainer.train_layers`.
@@ -49,7 +50,8 @@ def train_model(model, model_name: str, tokenizer, out: str | pathlib.Path, *,
     corpus = corpus or corpus_lib.stdlib_corpus("train")
     num_layers = model.config.num_layers
     if not 0 <= dense_layers < num_layers:
-        raise ValueError(f"dense_layers must lie in [0, {num_layers}) for a {num_layers}-layer model, got {dense_layers}")
+        raise ValueError(f"dense_layers must lie in [0, {num_layers}) for a {num_layers}-layer model, "
+                         f"got {dense_layers}")
     layers = list(range(dense_layers, num_layers))
     samples_dir = pathlib.Path(samples_dir) if samples_dir else out / "samples"
     run = checkpoint.TrainingRun(out / "checkpoints")

@@ -145,7 +145,8 @@ def train_layers(selector, samples_dir, layers: list[int], run: TrainingRun, con
     """Train `layers` one after another; returns {layer: params}.
 
     Args:
-      selector: :class:`hata_jax.train.hata_objective.HataObjective` or :class:`hata_jax.train.hashattention_objective.HashAttentionObjective`.
+      selector: :class:`hata_jax.train.hata_objective.HataObjective` or
+        :class:`hata_jax.train.hashattention_objective.HashAttentionObjective`.
       samples_dir: a collection of :mod:`hata_jax.train.collect` holding these layers.
       run: the checkpoint manager; the state is saved every `config.save_every` steps and after each layer.
       metadata: the run's description (model, corpus, configs); progress and metrics are added here.
@@ -153,8 +154,8 @@ def train_layers(selector, samples_dir, layers: list[int], run: TrainingRun, con
       on_step: called as `on_step(layer, steps_done)` after every step (progress, interruption).
     """
     manifest = read_manifest(samples_dir)
-    metadata = json.loads(json.dumps({**metadata, "metrics": {}, "progress": {"completed": [], "layer": None, "step": 0},
-                "complete": False}))
+    progress = {"completed": [], "layer": None, "step": 0}
+    metadata = json.loads(json.dumps({**metadata, "metrics": {}, "progress": progress, "complete": False}))
     finished: dict = {}
     current = None
     run.check_start(resume)

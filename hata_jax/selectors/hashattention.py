@@ -1,4 +1,5 @@
-"""HashAttention's learned codes at inference: sign codes of per-head MLPs (trained by :mod:`hata_jax.train.hashattention_objective`)."""
+"""HashAttention's learned codes at inference: sign codes of per-head MLPs (trained by
+:mod:`hata_jax.train.hashattention_objective`)."""
 from __future__ import annotations
 
 import dataclasses
