@@ -33,7 +33,7 @@ Compilation: every program a job times (its steps, in-jit loops and sweep ops) i
 of time, side by side in COMPILE_THREADS background threads, while the job's caches are built;
 the timing starts once all are compiled (`compile_s` in the rows: the step's own compile time).
 The layers of a step share one trace and lowering of their attention
-(`hata_jax.models.llama.decode_attention` is jitted), so a Llama step compiles in ~8 s, not ~33 s.
+(`hata_jax.models.llama.decode_attention` is jitted).
 
 Timing: per step, wall time of one call until its token is ready (`block_until_ready`),
 as a synchronous decode loop runs them, after `--warmup` calls; median and p10/p90 over `--reps` steps;
@@ -58,7 +58,7 @@ token and the selected K/V rows (exact). The floor divides them by the bandwidth
 same run (`bench.timing.floor_bandwidth_gbps`).
 
 Budget (:func:`ordered_jobs`): jobs run from the most to the least important: the core jobs
-(sweep, dense, HATA, cuDNN) of 128K batch 1, 32K batch 8, 4K batch 1 (the issue's goals) and 32K
+(sweep, dense, HATA, cuDNN) of 128K batch 1, 32K batch 8, 4K batch 1 (the goals, :func:`bench.decode_report.goals`) and 32K
 batch 1, then the extras (exact top-k, in-jit loops) of the goal configs, then the other core
 jobs, SmolLM2's interleaved after Llama's 11 first. The memory need is computed before each job
 (skipped with the reason when it exceeds `--memory-gb`, e.g. Llama 128K batch 4), caches are
@@ -235,9 +235,9 @@ def decode_with(model: LlamaForCausalLM, tokens, caches, attend):
     new_caches = []
     for i, (layer, cache) in enumerate(zip(model.layers, caches)):
         attn = layer.self_attn
-        q, k, v = attn._qkv(layer.input_layernorm(x), cache.lengths)
+        q, k, v = attn.project_qkv(layer.input_layernorm(x), cache.lengths)
         out, cache = attend(i, q, k, v, cache)
-        x = layer._finish(x, attn.o_proj(out.reshape(x.shape[0], -1)))
+        x = layer.add_residual_and_mlp(x, attn.o_proj(out.reshape(x.shape[0], -1)))
         new_caches.append(cache)
     return model.logits(model.norm(x)), new_caches
 

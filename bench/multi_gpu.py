@@ -1,10 +1,10 @@
 """Head-sharded multi-GPU decoding: the model's decode step on 1 GPU versus on a mesh of GPUs.
 
-    python -m bench.multi_gpu --out $OUT/multi_gpu.json            # 2 GPUs (one host), ~6 min
+    python -m bench.multi_gpu --out $OUT/multi_gpu.json            # 2 GPUs (one host)
     python -m bench.multi_gpu --out /tmp/multi_gpu.json --small    # CPU smoke run, 4 virtual devices
     python -m bench.multi_gpu --report bench/results/multi_gpu_h200x2.json   # markdown table
 
-Models: Llama-3.1-8B shapes (`bench.decode.LLAMA_8B`: hidden 4096, 32 q / 8 KV heads, D=128,
+Models: Llama-3.1-8B shapes (`hata_jax.models.presets.LLAMA_8B`: hidden 4096, 32 q / 8 KV heads, D=128,
 intermediate 14336, vocab 128256, bf16) with random weights made on the devices, with all 32
 layers or fewer (`--cases`). On one GPU the model is the plain single-device product path
 (`mesh=None`); on n GPUs it is tensor-parallel over a one-axis mesh (`hata_jax.models.sharding.init_model`:
@@ -35,13 +35,6 @@ runs them), median and p10/p90 over `--reps` steps after `--warmup` calls (the f
 read + the attention's reads) and per device that over n; `floor_ms` is the per-device bytes at
 the bandwidth measured on device 0 in the same run.
 
-Bytes per step at 128K (`bench.decode.step_bytes`; per device on 2 GPUs half of it, the embedding
-table aside, which a step reads B rows of): 32 layers batch 8: dense 152.5 GB, HATA 30.7 GB
-(76.2 / 15.3 GB per device: 15.9 / 3.2 ms at 4.8 TB/s); 16 layers batch 8: dense 76.8, HATA 19.9
-GB; 32 layers batch 4: dense 83.7, HATA 22.8 GB. A dense step is bandwidth-bound and should
-nearly halve on 2 GPUs; a HATA step moves 5x fewer bytes, so the fixed per-launch latency of its
-~10 launches per layer and the two all-reduces per layer weigh more, and it should gain less.
-
 Jobs run case by case (1 GPU, then n GPUs); a job that would overrun `--time-budget` (estimated
 from the slowest job so far) is skipped with the reason. The JSON is rewritten after every result.
 """
@@ -70,12 +63,13 @@ from hata_jax import HataConfig
 from hata_jax import sharding as head_sharding
 from hata_jax.models import AttentionPlan, LlamaConfig, LlamaForCausalLM, generation
 from hata_jax.models import sharding as model_sharding
+from hata_jax.models.presets import LLAMA_8B, SMALL_MODELS
 
 GB = 1e9
 METHODS = decode.PRODUCT_METHODS  # ("dense", "hata")
 AXIS = "model"
-GOAL = 1.6  # issue 8: 2 GPUs give at least 1.6x the single-GPU tokens/s at 128K, batch 8
-SMALL_LLAMA = dataclasses.replace(decode.SMALL_MODELS["llama"], num_kv_heads=4)  # 8 q / 4 KV heads: splits 4 ways
+GOAL = 1.6  # 2 GPUs give at least 1.6x the single-GPU tokens/s at 128K, batch 8
+SMALL_LLAMA = dataclasses.replace(SMALL_MODELS["llama"], num_kv_heads=4)  # 8 q / 4 KV heads: splits 4 ways
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +98,7 @@ class Settings:
         return HataConfig(rbit=self.rbit, budget=self.budget, dense_layers=self.dense_layers)
 
     def config(self, layers: int) -> LlamaConfig:
-        return dataclasses.replace(SMALL_LLAMA if self.small else decode.LLAMA_8B, num_layers=layers)
+        return dataclasses.replace(SMALL_LLAMA if self.small else LLAMA_8B, num_layers=layers)
 
 
 SMALL = dict(cases=((4, 2, 256), (3, 3, 192)), devices=(1, 2, 4), budget=32, warmup=1, reps=4, time_budget_s=300.0)

@@ -34,8 +34,7 @@ Parts, in this order, each row written to the JSON as soon as it is measured:
    this device: `device_put` to `pinned_host` and back (bandwidths), and inside `jit` a row gather
    from a `pinned_host` array under `compute_on("device_host")` and a donated in-place append.
 
-Budget: expected about 2.5 minutes on an H100 (not yet measured; the fill of 60 GiB of host memory and the compilations
-dominate); `--time-budget` (default 200 s) skips the parts that no longer fit, saying so.
+Budget: `--time-budget` (default 200 s) skips the parts that no longer fit, saying so.
 """
 from __future__ import annotations
 

@@ -53,15 +53,13 @@ class SelfAttention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, d
         self.inv_freq = tuple(float(f) for f in inverse_frequencies(config))
 
-    def _qkv(self, x, positions, fused: bool = True):
-        """x: [..., hidden], positions: int[...] -> q [..., Hq, D], k, v [..., Hkv, D] (post-RoPE).
+    def project_qkv(self, x, positions, fused: bool = True):
+        """The q, k, v projections and RoPE of one layer.
 
-        `fused`: one product with the three matrices concatenated inside the program (XLA reads
-        the concatenation straight into its GEMM: no copy). Separate products of small matrices
-        are slower: at batch 1 XLA turns Llama-3.1-8B's k and v projections into a multiply plus a
-        reduction moving ~3x their bytes (`python -m bench.projections`: q + k + v per layer 24.5
-        vs 53.4 us on an H100). Head-sharded weights (a mesh) keep separate products, whose shards line up
-        with the heads'.
+        x: [..., hidden], positions: int[...] -> q [..., Hq, D], k, v [..., Hkv, D] (post-RoPE, in
+        the projections' dtype). `fused`: one product with the three matrices concatenated inside
+        the program (the faster form at small batch: BENCHMARKS.md, "batch-1 k/v projections");
+        False: three products, as head-sharded weights need (their shards line up with the heads).
         """
         lead = x.shape[:-1]
         widths = [self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * 2
@@ -90,7 +88,7 @@ class SelfAttention(nnx.Module):
         `(q [B, T, Hq, D], k [B, T, Hkv, D])` as the intermediate "qk".
         """
         b, t, _ = x.shape
-        q, k, v = self._qkv(x, jnp.broadcast_to(jnp.arange(t), (b, t)), fused=mesh is None)
+        q, k, v = self.project_qkv(x, jnp.broadcast_to(jnp.arange(t), (b, t)), fused=mesh is None)
         if capture_qk:
             self.sow(nnx.Intermediate, "qk", (q, k))
         out = jax.nn.dot_product_attention(q, k, v, is_causal=True, key_value_seq_lengths=lengths)
@@ -102,7 +100,7 @@ class SelfAttention(nnx.Module):
     def decode(self, x, cache: HataCache | SelectorCache, w, kind: str, plan: AttentionPlan, params=None):
         """x: [B, hidden], one new token per sequence at position `cache.lengths[b]`; `params`: the
         layer's selector params (a "sparse" layer's, or to keep a SelectorCache's state current)."""
-        q, k, v = self._qkv(x, cache.lengths, fused=plan.mesh is None)
+        q, k, v = self.project_qkv(x, cache.lengths, fused=plan.mesh is None)
         out, cache = decode_attention(q, k, v, cache, w, params, kind=kind, plan=plan)
         return self.o_proj(out.reshape(x.shape[0], -1)), cache
 
@@ -112,8 +110,8 @@ def decode_attention(q, k_new, v_new, cache: HataCache | SelectorCache, w, param
     """One layer's decode attention of `kind` ("dense", "hata" or "sparse"): append the token, attend.
 
     q: [B, Hq, D], k_new, v_new: [B, Hkv, D] (post-RoPE) -> (out [B, Hq, D], cache). A jitted
-    function, so that the layers of one kind share one trace and one lowering (a step of 32
-    layers traces and lowers its Pallas kernels once, not 32 times: ~20x less host time to compile).
+    function, so that the layers of one kind share one trace and one lowering (a step traces and
+    lowers its Pallas kernels once, not once per layer).
     """
     sharded = {"mesh": plan.mesh, "axis": plan.mesh_axis}  # mesh None: one device
     if kind == "hata":
@@ -148,18 +146,19 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp = MLP(config, dtype, rngs)
 
-    def _finish(self, x, attn_out):
+    def add_residual_and_mlp(self, x, attn_out):
+        """x, attn_out: [..., hidden] -> the layer's output: `h = x + attn_out; h + mlp(norm(h))`."""
         x = x + attn_out
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def prefill(self, x, lengths, cache, w, impl, capture_qk=False, mesh=None, mesh_axis="model"):
         attn_out, cache = self.self_attn.prefill(self.input_layernorm(x), lengths, cache, w, impl, capture_qk, mesh,
                                                  mesh_axis)
-        return self._finish(x, attn_out), cache
+        return self.add_residual_and_mlp(x, attn_out), cache
 
     def decode(self, x, cache, w, kind, plan, params=None):
         attn_out, cache = self.self_attn.decode(self.input_layernorm(x), cache, w, kind, plan, params)
-        return self._finish(x, attn_out), cache
+        return self.add_residual_and_mlp(x, attn_out), cache
 
 
 class LlamaForCausalLM(nnx.Module):

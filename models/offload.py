@@ -11,10 +11,10 @@ layers hold 4 GiB on the device, the 30 offloaded ones 60 GiB on the host).
 
 A decode step (:meth:`OffloadDecoder.step`) runs the model's own modules in small jitted pieces,
 each compiled once for all layers (they share one structure): the embedding; per dense layer
-`DecoderLayer.decode` (cache donated); per HATA layer the layer's norm, `SelfAttention._qkv` and
+`DecoderLayer.decode` (cache donated); per HATA layer the layer's norm, `SelfAttention.project_qkv` and
 :func:`hata_jax.offload.select_rows` (codes donated), then on the host
 :meth:`~hata_jax.offload.OffloadedCache.append_and_gather`, then :func:`hata_jax.offload.attend_rows`,
-`o_proj` and `DecoderLayer._finish` (residuals and MLP); the final norm, LM head and argmax. The
+`o_proj` and `DecoderLayer.add_residual_and_mlp` (residuals and MLP); the final norm, LM head and argmax. The
 host waits once per HATA layer for its selection (see :mod:`hata_jax.offload` on what overlaps).
 
 The prefill runs layer by layer on the device (dense causal attention, `DecoderLayer.prefill`) and
@@ -95,7 +95,7 @@ def _pieces(model_def: nnx.GraphDef, model_treedef, layer_def: nnx.GraphDef, lay
     def hata_select(layer_leaves, x, codes, w, *, plan, dtype):
         """-> (q, idx, count, kv_new, codes): the layer's attention inputs and its selection."""
         layer = layer_of(layer_leaves)
-        q, k, v = layer.self_attn._qkv(layer.input_layernorm(x), codes.lengths)
+        q, k, v = layer.self_attn.project_qkv(layer.input_layernorm(x), codes.lengths)
         return (q, *select_rows(q, k, v, codes, w, plan.hata, dtype=dtype, impl=plan.impl))
 
     @functools.partial(jax.jit, static_argnames=("impl",))
@@ -103,7 +103,7 @@ def _pieces(model_def: nnx.GraphDef, model_treedef, layer_def: nnx.GraphDef, lay
         """The layer's output from the moved rows: attention, o_proj, residuals and MLP."""
         layer = layer_of(layer_leaves)
         out = attend_rows(q, blocks, count, impl=impl)
-        return layer._finish(x, layer.self_attn.o_proj(out.reshape(x.shape[0], -1)))
+        return layer.add_residual_and_mlp(x, layer.self_attn.o_proj(out.reshape(x.shape[0], -1)))
 
     return _Pieces(embed, head, prefill_layer, dense_layer, hata_select, hata_finish)
 

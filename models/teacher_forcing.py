@@ -54,9 +54,9 @@ def _sparse_logits(graphdef, state, tokens, lengths, params, *, plan: AttentionP
             x, _ = layer.prefill(x, lengths, None, None, plan.impl)
             continue
         attn = layer.self_attn
-        q, k, v = attn._qkv(layer.input_layernorm(x), jnp.broadcast_to(jnp.arange(t), (b, t)))
+        q, k, v = attn.project_qkv(layer.input_layernorm(x), jnp.broadcast_to(jnp.arange(t), (b, t)))
         out = selected_attention(selector, p, q, k, v, lengths, plan)
-        x = layer._finish(x, attn.o_proj(out.reshape(b, t, -1)))
+        x = layer.add_residual_and_mlp(x, attn.o_proj(out.reshape(b, t, -1)))
     return model.logits(model.norm(x))
 
 

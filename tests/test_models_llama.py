@@ -202,14 +202,14 @@ def test_decode_steps_match_numpy(rng, name, attention):
 
 @pytest.mark.parametrize("name", ["llama-gqa", "qwen2-tied"])
 def test_fused_projections_equal_separate_ones(rng, name):
-    """`_qkv` multiplies by the three matrices concatenated (biases too): the same q, k, v as the
+    """`project_qkv` multiplies by the three matrices concatenated (biases too): the same q, k, v as the
     three nnx.Linear layers (the head-sharded path), at batch 1 and for a prompt."""
     model, _ = random_model(HF_CONFIGS[name], rng)
     attn = model.layers[0].self_attn
     for shape in ((1, model.config.hidden_size), (2, 5, model.config.hidden_size)):
         x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
         positions = jnp.broadcast_to(jnp.arange(shape[-2]) if len(shape) == 3 else jnp.array([7]), shape[:-1])
-        for fused, separate in zip(attn._qkv(x, positions), attn._qkv(x, positions, fused=False)):
+        for fused, separate in zip(attn.project_qkv(x, positions), attn.project_qkv(x, positions, fused=False)):
             np.testing.assert_allclose(np.asarray(fused), np.asarray(separate), rtol=1e-5, atol=1e-5)
 
 

@@ -44,7 +44,7 @@ def manual_qk(model, tokens):
     x = model.embed_tokens(tokens)
     out = []
     for layer in model.layers:
-        q, k, _ = layer.self_attn._qkv(layer.input_layernorm(x), positions)
+        q, k, _ = layer.self_attn.project_qkv(layer.input_layernorm(x), positions)
         out.append((np.asarray(q[0]), np.asarray(k[0])))
         x, _ = layer.prefill(x, lengths, None, None, "reference")
     return out

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from hata_jax.selectors import HashAttentionSelector
 from hata_jax.selectors.mlp import mlp_apply
 from hata_jax.train.hashattention_objective import HashAttentionObjective, top_k_targets, weighted_bce
 from hata_jax.train.hata_objective import (
@@ -163,3 +164,18 @@ def test_hashattention_loss_matches_pair_by_pair_numpy(rng):
             count += 1
     assert float(loss) == pytest.approx(total / count, rel=1e-4)
     assert float(terms["bce"]) == float(loss)
+
+
+def test_hashattention_training_scores_are_the_selectors(rng):
+    """The scores recall is measured with are the ones decoding selects by
+    (:class:`hata_jax.selectors.HashAttentionSelector`, from packed key codes)."""
+    m, s, hq, hkv, d = 3, 11, 6, 2, 16
+    objective = HashAttentionObjective(bits=32, hidden=16)
+    params = objective.init(jax.random.PRNGKey(int(rng.integers(1 << 30))), hq, hkv, d)
+    q = jnp.asarray(rng.standard_normal((m, hq, d)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((s, hkv, d)), jnp.float32)
+    selector = HashAttentionSelector(bits=32)
+    keys = jnp.swapaxes(k, 0, 1)[None]  # [1, Hkv, S, D]
+    state = selector.init_state(params, keys, jnp.array([s]))
+    decoded = selector.token_scores(params, state, q[None], keys, jnp.full((1, m), s - 1))  # [1, Hkv, m, S]
+    np.testing.assert_array_equal(np.asarray(objective.scores(params, q, k)), np.swapaxes(np.asarray(decoded[0]), 0, 1))

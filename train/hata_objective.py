@@ -2,7 +2,7 @@
 
 Per layer the parameters are one projection per KV head, `W: float32[Hkv, D, rbit]` (init
 N(0, 1)). Training relaxes the sign with `h(x) = tanh(sigma * x / 2) = 2 * sigmoid(sigma * x) - 1`
-and minimises (REFERENCE.md, "Training the projections")
+and minimises (HATA, Gong et al., ACL Findings 2025, section 3)
 
     similarity      eps * sum_pairs(s * ||h(q W) - h(k W)||^2) / N_pairs
     bit balance     lambda * sum_heads ||mean_pairs(h(q W) + h(k W)) / rbit||^2
