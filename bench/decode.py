@@ -22,8 +22,9 @@ Methods, each a whole decode step (32 layers, projections, MLP, LM head, greedy 
 - `hata`: the same step with HATA (budget 2048, rbit 128, layers 0-1 dense).
 - `exact`: exact top-k selection (the oracle): each HATA layer scores every cached token by its
   softmax probability summed over the group's query heads, selects with `hata_jax.select_topk`
-  and attends with `hata_jax.sparse_decode_attention`; layers 0-1 dense. (A step built here from
-  the model's layers, :func:`decode_with`, since the model's plan knows only dense and HATA.)
+  and attends with `hata_jax.sparse_decode_attention`; layers 0-1 dense. (A step built from the
+  model's layers, :func:`bench.decode_steps.decode_with`, since the model's plan knows only dense
+  and HATA.)
 - `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")` in every layer over a
   token-major cache `[B, S, Hkv, D]` (XLA's implementation where there is no GPU). By default
   it runs only where cuDNN beat our dense kernel in the attention-only sweep of that config
@@ -57,15 +58,16 @@ codes + norms of every token and K/V rows of the `budget` selected ones (hata), 
 token and the selected K/V rows (exact). The floor divides them by the bandwidth measured in the
 same run (`bench.timing.floor_bandwidth_gbps`).
 
-Budget (:func:`ordered_jobs`): jobs run from the most to the least important: the core jobs
-(sweep, dense, HATA, cuDNN) of 128K batch 1, 32K batch 8, 4K batch 1 (the goals, :func:`bench.decode_report.goals`) and 32K
-batch 1, then the extras (exact top-k, in-jit loops) of the goal configs, then the other core
-jobs, SmolLM2's interleaved after Llama's 11 first. The memory need is computed before each job
-(skipped with the reason when it exceeds `--memory-gb`, e.g. Llama 128K batch 4), caches are
-freed between jobs, and a job that would overrun `--time-budget` (estimated from the phases of
-the jobs already run, per model) is skipped with the reason. Each result is written to the JSON
-as soon as it completes (atomically), so a timeout keeps them. Its largest jobs (Llama 32K batch
-8, 64K batch 4, 256K batch 1) hold ~55 GB (16.1 GB of weights, 35.7 GB of caches).
+Budget (:func:`ordered_jobs`): jobs run from the most to the least important: the core jobs (sweep,
+dense, HATA, cuDNN) of 128K batch 1, 32K batch 8, 4K batch 1 (the goals,
+:func:`bench.decode_report.goals`) and 32K batch 1, then the extras (exact top-k, in-jit loops) of
+the goal configs, then the other core jobs, SmolLM2's interleaved after Llama's 11 first. The memory
+need is computed before each job (skipped with the reason when it exceeds `--memory-gb`, e.g. Llama
+128K batch 4), caches are freed between jobs, and a job that would overrun `--time-budget`
+(estimated from the phases of the jobs already run, per model) is skipped with the reason. Each
+result is written to the JSON as soon as it completes (atomically), so a timeout keeps them. Its
+largest jobs (Llama 32K batch 8, 64K batch 4, 256K batch 1) hold ~55 GB (16.1 GB of weights, 35.7 GB
+of caches).
 """
 from __future__ import annotations
 
@@ -74,7 +76,6 @@ import concurrent.futures
 import dataclasses
 import functools
 import json
-import math
 import os
 import statistics
 import sys
@@ -84,17 +85,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax import lax
 
 import hata_jax as hj
+from bench.decode_bytes import attention_bytes, cache_bytes, param_bytes, step_bytes, weight_bytes, weight_read_bytes
 from bench.decode_report import METHODS, report_markdown, report_plots, summary
-from bench.timing import compile_timed, environment, floor_bandwidth_gbps, many_calls, median_us, write_json
-from hata_jax import HataCache, HataConfig
-from hata_jax.models import AttentionPlan, LlamaConfig, LlamaForCausalLM, generation
+from bench.decode_steps import (
+    PRODUCT_METHODS,
+    check_no_overflow,
+    compile_step,
+    dpa_attention,
+    dpa_implementation,
+    exact_topk_attention,
+    free,
+    hata_attention,
+    random_hata_cache,
+    random_token_major_cache,
+    step_function,
+    surviving,
+    with_length,
+)
+from bench.timing import environment, floor_bandwidth_gbps, many_calls, median_us, write_json
+from hata_jax import HataConfig
+from hata_jax.models import AttentionPlan, LlamaForCausalLM, generation
 from hata_jax.models.presets import FULL_MODELS, LLAMA_8B, SMALL_MODELS  # noqa: F401 (bench.profile_step imports LLAMA_8B from here)
 
-PRODUCT_METHODS = ("dense", "hata")  # run by the model's own decode step
-GREEDY = generation.Sampling()
 GB = 1e9
 PIPELINE = 5  # steps dispatched back to back per timed group (host dispatch overlapping the device)
 COMPILE_THREADS = 6  # a job's programs compile side by side (XLA's compiler releases the GIL)
@@ -142,231 +156,6 @@ class Settings:
 
 SMALL = dict(contexts=(160, 256), batches=(1, 2), budget=32, warmup=1, reps=5, loop_steps=2, loop_reps=1,
              extras_configs=1, dtype="bfloat16")
-
-
-# ----------------------------------------------------------------------------- the decode steps
-
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["k", "v", "lengths"], meta_fields=[])
-@dataclasses.dataclass(frozen=True)
-class TokenMajorCache:
-    """A plain KV cache in the layout cuDNN takes: k, v [B, S, Hkv, D], lengths int32[B]."""
-
-    k: jax.Array
-    v: jax.Array
-    lengths: jax.Array
-
-    def append(self, k_new, v_new) -> TokenMajorCache:
-        """k_new, v_new: [B, Hkv, D], written at position lengths[b]."""
-        rows = jnp.arange(self.k.shape[0])
-
-        def put(buf, val):
-            return buf.at[rows, self.lengths].set(val.astype(buf.dtype), mode="drop")
-
-        return TokenMajorCache(put(self.k, k_new), put(self.v, v_new), self.lengths + 1)
-
-
-def dpa_implementation() -> str:
-    return "cudnn" if jax.default_backend() == "gpu" else "xla"
-
-
-def dpa_attention(q, k, v, lengths):
-    """q: [B, Hq, D]; k, v: [B, S, Hkv, D] -> [B, Hq, D] over the first lengths[b] tokens."""
-    out = jax.nn.dot_product_attention(q[:, None], k, v, key_value_seq_lengths=lengths,
-                                       implementation=dpa_implementation())
-    return out[:, 0]
-
-
-def softmax_mass(q, k, lengths):
-    """q: [B, Hq, D], k: [B, Hkv, S, D] -> float32[B, Hkv, S]: each token's softmax probability
-    summed over its KV head's query heads (0 at positions >= lengths[b])."""
-    b, hq, d = q.shape
-    hkv, s = k.shape[1], k.shape[2]
-    logits = jnp.einsum("bhgd,bhsd->bhgs", q.reshape(b, hkv, hq // hkv, d), k,
-                        preferred_element_type=jnp.float32) / math.sqrt(d)
-    valid = jnp.arange(s)[None, None, None, :] < lengths[:, None, None, None]
-    return jnp.sum(jax.nn.softmax(jnp.where(valid, logits, -jnp.inf), axis=-1), axis=2)
-
-
-def exact_topk_attention(q, cache: HataCache, budget: int, impl: str):
-    """Attention over the `budget` tokens of largest softmax mass per (sequence, KV head)."""
-    idx, count = hj.select_topk(softmax_mass(q, cache.k, cache.lengths), budget, cache.lengths, impl=impl)
-    return hj.sparse_decode_attention(q, cache.k, cache.v, idx, count, impl=impl)
-
-
-def hata_attention(q, k_new, cache: HataCache, w, hata: HataConfig, impl: str):
-    """HATA's attention work of one layer on a full cache: hash q, score and select, attend."""
-    q_codes, _, _ = hj.encode_step(q, k_new, w, impl=impl)
-    idx, count = hj.hamming_topk(q_codes, cache.codes, cache.norms, cache.lengths, budget=hata.budget, impl=impl)
-    return hj.sparse_decode_attention(q, cache.k, cache.v, idx, count, impl=impl)
-
-
-# The per-layer attention of the bench's steps is jitted (as `hata_jax.models.llama.decode_attention`), so
-# the layers share one trace and lowering.
-@functools.partial(jax.jit, static_argnames=("dense", "budget", "impl"))
-def exact_layer_attention(q, k_new, v_new, cache: HataCache, w, *, dense: bool, budget: int, impl: str):
-    cache = cache.append(k_new, v_new, w, impl=impl)
-    if dense:
-        return hj.dense_decode_attention(q, cache.k, cache.v, cache.lengths, impl=impl), cache
-    return exact_topk_attention(q, cache, budget, impl), cache
-
-
-@jax.jit
-def dpa_layer_attention(q, k_new, v_new, cache: TokenMajorCache):
-    cache = cache.append(k_new, v_new)
-    return dpa_attention(q, cache.k, cache.v, cache.lengths), cache
-
-
-def attend_exact(layer, q, k_new, v_new, cache: HataCache, *, weights, plan: AttentionPlan):
-    return exact_layer_attention(q, k_new, v_new, cache, weights[layer], dense=plan.layers[layer] == "dense",
-                                 budget=plan.hata.budget, impl=plan.impl)
-
-
-def attend_dpa(layer, q, k_new, v_new, cache: TokenMajorCache, *, weights, plan: AttentionPlan):
-    return dpa_layer_attention(q, k_new, v_new, cache)
-
-
-BENCH_ATTENTION = {"exact": attend_exact, "cudnn": attend_dpa}
-
-
-def decode_with(model: LlamaForCausalLM, tokens, caches, attend):
-    """:meth:`LlamaForCausalLM.decode` with layer i's attention replaced by
-    `attend(i, q, k_new, v_new, cache) -> (out [B, Hq, D], cache)` (tests check the two agree)."""
-    x = model.embed_tokens(tokens)
-    new_caches = []
-    for i, (layer, cache) in enumerate(zip(model.layers, caches)):
-        attn = layer.self_attn
-        q, k, v = attn.project_qkv(layer.input_layernorm(x), cache.lengths)
-        out, cache = attend(i, q, k, v, cache)
-        x = layer.add_residual_and_mlp(x, attn.o_proj(out.reshape(x.shape[0], -1)))
-        new_caches.append(cache)
-    return model.logits(model.norm(x)), new_caches
-
-
-@functools.partial(jax.jit, static_argnames=("merge", "method", "plan"), donate_argnames=("caches",))
-def bench_step(state_leaves, tokens, caches, hash_weights, key, *, merge, method: str, plan: AttentionPlan):
-    """A decode step with `BENCH_ATTENTION[method]`, the signature of `generation.ModelSteps.decode`;
-    `merge` is the model's `ModelSteps.merge`."""
-    model = merge(state_leaves)
-    attend = functools.partial(BENCH_ATTENTION[method], weights=hash_weights, plan=plan)
-    logits, caches = decode_with(model, tokens, caches, attend)
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32), caches, key
-
-
-def step_function(steps: generation.ModelSteps, method: str, plan: AttentionPlan):
-    """(state_leaves, tokens, caches, hash_weights, key) -> (tokens, caches, key) for `steps`' model."""
-    if method in PRODUCT_METHODS:
-        step_plan = plan if method == "hata" else plan.as_dense()
-        return functools.partial(steps.decode, plan=step_plan, sampling=GREEDY)
-    return functools.partial(bench_step, merge=steps.merge, method=method, plan=plan)
-
-
-@functools.partial(jax.jit, static_argnames=("step", "n"), donate_argnames=("caches",))
-def run_steps(state_leaves, tokens, caches, hash_weights, key, *, step, n: int):
-    """`n` decode steps inside one jitted program (no host dispatch or sync between them)."""
-    def body(_, carry):
-        tokens, caches, key = carry
-        return step(state_leaves, tokens, caches, hash_weights, key)
-
-    return lax.fori_loop(0, n, body, (tokens, caches, key))
-
-
-def compile_step(step, state_leaves, caches, hash_weights, batch: int, loop_steps: int = 0):
-    """`step` (a `functools.partial` of a jitted step, see :func:`step_function`) compiled ahead of
-    time for caches of the avals `caches` (ShapeDtypeStructs suffice): (a callable
-    `(state_leaves, tokens, caches, hash_weights, key) -> (tokens, caches, key)`, seconds per
-    compile phase). With `loop_steps`, the program of :func:`run_steps` with that many steps."""
-    args = (state_leaves, jax.ShapeDtypeStruct((batch,), jnp.int32), caches, hash_weights,
-            jax.eval_shape(lambda: jax.random.PRNGKey(0)))
-    if loop_steps:
-        return compile_timed(run_steps, *args, step=step, n=loop_steps)
-    return compile_timed(step.func, *args, **step.keywords)
-
-
-# ----------------------------------------------------------------------------- random caches
-
-@functools.partial(jax.jit, static_argnames=("shape", "dtype"))
-def random_hata_cache(key, w, length, *, shape, dtype) -> HataCache:
-    """Random k, v [B, Hkv, S, D] ~ N(0, 1), their codes under `w`, their norms; `length` tokens each."""
-    key_k, key_v = jax.random.split(key)
-    k = jax.random.normal(key_k, shape, dtype)
-    return HataCache(k=k, v=jax.random.normal(key_v, shape, dtype), codes=hj.encode(k, w, head_axis=1),
-                     norms=hj.key_norms(k), lengths=jnp.full((shape[0],), length, jnp.int32),
-                     overflow=jnp.zeros((shape[0],), bool))
-
-
-@functools.partial(jax.jit, static_argnames=("shape", "dtype"))
-def random_token_major_cache(key, length, *, shape, dtype) -> TokenMajorCache:
-    """Random k, v [B, S, Hkv, D] ~ N(0, 1); `length` tokens each."""
-    key_k, key_v = jax.random.split(key)
-    return TokenMajorCache(jax.random.normal(key_k, shape, dtype), jax.random.normal(key_v, shape, dtype),
-                           jnp.full((shape[0],), length, jnp.int32))
-
-
-def with_length(caches, length: int):
-    """The caches with every sequence at `length` tokens (a lengths buffer per layer: each is donated)."""
-    return [dataclasses.replace(c, lengths=jnp.full(c.lengths.shape, length, jnp.int32)) for c in caches]
-
-
-def check_no_overflow(caches) -> None:
-    if isinstance(caches[0], HataCache) and np.asarray(caches[0].overflow).any():
-        raise AssertionError("the benchmark overflowed its cache: Settings.slack is too small")
-
-
-def surviving(caches):
-    """`caches`, or None if a failed donating call deleted any of their buffers."""
-    return None if any(x.is_deleted() for x in jax.tree.leaves(caches)) else caches
-
-
-def free(tree) -> None:
-    for leaf in jax.tree.leaves(tree):
-        if isinstance(leaf, jax.Array) and not leaf.is_deleted():
-            leaf.delete()
-
-
-# ----------------------------------------------------------------------------- bytes and memory
-
-def param_bytes(state) -> int:
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
-
-
-def weight_bytes(config: LlamaConfig, itemsize: int) -> int:
-    """Bytes of the parameters of a model with `config` at `itemsize` bytes each (before building it)."""
-    per_layer = (config.hidden_size * config.head_dim * 2 * (config.num_heads + config.num_kv_heads)
-                 + 3 * config.hidden_size * config.intermediate_size + 2 * config.hidden_size)
-    tables = (1 if config.tie_word_embeddings else 2) * config.vocab_size * config.hidden_size
-    return (config.num_layers * per_layer + tables + config.hidden_size) * itemsize
-
-
-def weight_read_bytes(config: LlamaConfig, total_param_bytes: int, itemsize: int) -> int:
-    """Weights one step reads: all but the embedding table, unless it doubles as the LM head."""
-    table = config.vocab_size * config.hidden_size * itemsize
-    return total_param_bytes if config.tie_word_embeddings else total_param_bytes - table
-
-
-def attention_bytes(config: LlamaConfig, method: str, batch: int, length: int, hata: HataConfig, itemsize: int) -> int:
-    """Bytes one layer's attention reads for `batch` sequences of `length` tokens (see the module docstring)."""
-    row = config.head_dim * itemsize
-    selected = min(hata.budget, length)
-    per_head = {
-        "dense": 2 * length * row,
-        "cudnn": 2 * length * row,
-        "hata": length * (hata.rbit // 8 + 4) + selected * (2 * row + 4),
-        "exact": length * row + selected * (2 * row + 4),
-    }[method]
-    return batch * config.num_kv_heads * per_head
-
-
-def step_bytes(config, method, batch, length, hata, itemsize, weights_read) -> int:
-    hata_layers = 0 if method in ("dense", "cudnn") else config.num_layers - min(hata.dense_layers, config.num_layers)
-    dense = attention_bytes(config, "dense", batch, length, hata, itemsize)
-    sparse = attention_bytes(config, method, batch, length, hata, itemsize)
-    return weights_read + (config.num_layers - hata_layers) * dense + hata_layers * sparse
-
-
-def cache_bytes(config: LlamaConfig, batch: int, capacity: int, rbit: int, itemsize: int, token_major: bool) -> int:
-    """All layers' caches: K, V (+ codes and norms for the head-major HataCache)."""
-    per_token = config.num_kv_heads * (2 * config.head_dim * itemsize + (0 if token_major else rbit // 8 + 4))
-    return config.num_layers * batch * capacity * per_token
 
 
 # ----------------------------------------------------------------------------- the benchmark

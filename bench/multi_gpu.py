@@ -14,7 +14,7 @@ K/V cache, codes and norms of 8/n KV heads and selects without communication; th
 all-reduces per layer of the row-split matmuls are the only communication.
 
 Caches: every layer holds `context` random tokens per sequence (k, v ~ N(0, 1) in bf16, codes of
-the keys under the layer's random projection, their norms; `bench.decode.random_hata_cache`,
+the keys under the layer's random projection, their norms; `bench.decode_steps.random_hata_cache`,
 built on each device for its own heads, never whole on one device). Each method starts at
 `context - slack` tokens and appends one per step.
 
@@ -31,7 +31,7 @@ donated): `dense` (every layer dense) and `hata` (budget 2048, rbit 128, layers 
 Timing: wall time per step until its token is ready (`block_until_ready`, as `hata_jax.models.generate`
 runs them), median and p10/p90 over `--reps` steps after `--warmup` calls (the first compiles:
 `first_call_s`); then the same number of steps in groups of PIPELINE dispatched back to back
-(`pipelined_ms`). Tokens/s = batch / median. Bytes per step: `bench.decode.step_bytes` (weights
+(`pipelined_ms`). Tokens/s = batch / median. Bytes per step: `bench.decode_bytes.step_bytes` (weights
 read + the attention's reads) and per device that over n; `floor_ms` is the per-device bytes at
 the bandwidth measured on device 0 in the same run.
 
@@ -57,7 +57,7 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from bench import decode
+from bench import decode, decode_bytes, decode_steps
 from bench.timing import environment, floor_bandwidth_gbps, write_json
 from hata_jax import HataConfig
 from hata_jax import sharding as head_sharding
@@ -66,7 +66,7 @@ from hata_jax.models import sharding as model_sharding
 from hata_jax.models.presets import LLAMA_8B, SMALL_MODELS
 
 GB = 1e9
-METHODS = decode.PRODUCT_METHODS  # ("dense", "hata")
+METHODS = decode_steps.PRODUCT_METHODS  # ("dense", "hata")
 AXIS = "model"
 GOAL = 1.6  # 2 GPUs give at least 1.6x the single-GPU tokens/s at 128K, batch 8
 SMALL_LLAMA = dataclasses.replace(SMALL_MODELS["llama"], num_kv_heads=4)  # 8 q / 4 KV heads: splits 4 ways
@@ -117,18 +117,19 @@ def build_model(config: LlamaConfig, mesh, dtype) -> LlamaForCausalLM:
 
 
 def build_caches(key, hash_weights, config: LlamaConfig, batch: int, context: int, dtype, mesh):
-    """One random full HataCache per layer (`bench.decode.random_hata_cache`); with a mesh, each
+    """One random full HataCache per layer (`bench.decode_steps.random_hata_cache`); with a mesh, each
     device makes the caches of its own KV heads (from its own key), in the head-sharded layout."""
     keys = jax.random.split(key, config.num_layers)
     if mesh is None:
         shape = (batch, config.num_kv_heads, context, config.head_dim)
-        return [decode.random_hata_cache(k, w, context, shape=shape, dtype=dtype) for k, w in zip(keys, hash_weights)]
+        return [decode_steps.random_hata_cache(k, w, context, shape=shape, dtype=dtype)
+                for k, w in zip(keys, hash_weights)]
     n = mesh.shape[AXIS]
     local = (batch, config.num_kv_heads // n, context, config.head_dim)
 
     def one(key, w):
         key = jax.random.fold_in(key, lax.axis_index(AXIS))
-        return decode.random_hata_cache(key, w, context, shape=local, dtype=dtype)
+        return decode_steps.random_hata_cache(key, w, context, shape=local, dtype=dtype)
 
     make = jax.jit(head_sharding.shard_map(one, mesh=mesh, in_specs=(P(), head_sharding.projection_spec(AXIS)),
                                            out_specs=head_sharding.cache_specs(AXIS)))
@@ -142,8 +143,9 @@ def replicated(tree, mesh):
 
 
 def at_length(caches, length: int, mesh):
-    """`bench.decode.with_length`, the lengths replicated over `mesh`."""
-    return [dataclasses.replace(c, lengths=replicated(c.lengths, mesh)) for c in decode.with_length(caches, length)]
+    """`bench.decode_steps.with_length`, the lengths replicated over `mesh`."""
+    caches = decode_steps.with_length(caches, length)
+    return [dataclasses.replace(c, lengths=replicated(c.lengths, mesh)) for c in caches]
 
 
 def time_steps(step, state_leaves, tokens, caches, hash_weights, key, warmup: int, reps: int, groups: int):
@@ -223,21 +225,22 @@ class MultiGpuBench:
             w = jax.random.normal(self._next_key(), (config.num_layers, config.num_kv_heads, config.head_dim,
                                                      self.s.rbit), jnp.float32)
             weights = list(w) if mesh is None else model_sharding.shard_hash_weights(list(w), mesh, AXIS)
-            total = decode.param_bytes(steps.state_leaves)
-            self.models[key] = (steps, weights, decode.weight_read_bytes(config, total, self.dtype.itemsize))
+            total = decode_bytes.param_bytes(steps.state_leaves)
+            self.models[key] = (steps, weights, decode_bytes.weight_read_bytes(config, total, self.dtype.itemsize))
         return self.models[key]
 
     def release_models(self, later: list[Job]) -> None:
         """Free the models no later job uses."""
         for key in [k for k in self.models if not any((j.layers, j.devices) == k for j in later)]:
             steps, weights, _ = self.models.pop(key)
-            decode.free([steps.state_leaves, weights])
+            decode_steps.free([steps.state_leaves, weights])
 
     def need_bytes(self, job: Job) -> float:
         """Per-device bytes the job adds: its caches (and its model, if not built yet) over n, plus 2 GB."""
         config, s = self.s.config(job.layers), self.s
-        caches = decode.cache_bytes(config, job.batch, job.context, s.rbit, self.dtype.itemsize, token_major=False)
-        weights = 0 if (job.layers, job.devices) in self.models else decode.param_bytes(
+        caches = decode_bytes.cache_bytes(config, job.batch, job.context, s.rbit, self.dtype.itemsize,
+                                          token_major=False)
+        weights = 0 if (job.layers, job.devices) in self.models else decode_bytes.param_bytes(
             nnx.state(nnx.eval_shape(lambda: LlamaForCausalLM(config, dtype=self.dtype, rngs=nnx.Rngs(0)))))
         return (caches + weights) / job.devices + 2 * GB
 
@@ -248,8 +251,8 @@ class MultiGpuBench:
         free = device_free_bytes(jax.devices()[:job.devices])
         need = self.need_bytes(job)
         if free is not None and need > free:
-            self.skip(base, f"memory: needs {need / GB:.1f} GB per device (caches "
-                            f"{decode.cache_bytes(config, job.batch, job.context, s.rbit, 2, False) / GB:.1f} GB and "
+            cache_gb = decode_bytes.cache_bytes(config, job.batch, job.context, s.rbit, 2, False) / GB
+            self.skip(base, f"memory: needs {need / GB:.1f} GB per device (caches {cache_gb:.1f} GB and "
                             f"the weights over {job.devices} device(s)), {free / GB:.1f} GB free")
             return
         left = self.deadline - time.perf_counter()
@@ -266,7 +269,7 @@ class MultiGpuBench:
         plan = AttentionPlan.uniform(config.num_layers, "hata", s.hata).on_mesh(mesh, AXIS)
         for method in METHODS:
             caches = at_length(caches, job.context - s.slack, mesh)
-            step = decode.step_function(steps, method, plan)
+            step = decode_steps.step_function(steps, method, plan)
             tokens, key = replicated((jax.random.randint(self._next_key(), (job.batch,), 0, config.vocab_size,
                                                          jnp.int32), jax.random.PRNGKey(0)), mesh)
             try:
@@ -275,13 +278,13 @@ class MultiGpuBench:
             except Exception as err:  # keep the other results; a failed call may have consumed the caches
                 print(f"!! {base} {method}: {type(err).__name__}: {str(err)[:300]}", flush=True)
                 self.record({"kind": "error", **base, "method": method, "error": f"{type(err).__name__}: {err}"[:1500]})
-                caches = decode.surviving(caches)
+                caches = decode_steps.surviving(caches)
                 if caches is None:
                     break
                 continue
-            decode.check_no_overflow(caches)
+            decode_steps.check_no_overflow(caches)
             self.step_row(base, config, method, times, pipelined, weights_read, memory)
-        decode.free(caches)
+        decode_steps.free(caches)
         self.release_models(later)
         self.slowest_job_s = max(self.slowest_job_s, time.perf_counter() - started)
 
@@ -289,7 +292,7 @@ class MultiGpuBench:
         s, n = self.s, base["devices"]
         timed = times[s.warmup:]
         median = statistics.median(timed)
-        nbytes = decode.step_bytes(config, method, base["batch"], base["context"], s.hata, self.dtype.itemsize,
+        nbytes = decode_bytes.step_bytes(config, method, base["batch"], base["context"], s.hata, self.dtype.itemsize,
                                    weights_read)
         floor_ms = nbytes / n / (self.bandwidth["floor_gbps"] * 1e6)
         row = {"kind": "step", **base, "method": method, "median_ms": 1e3 * median,

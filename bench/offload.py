@@ -55,7 +55,7 @@ import numpy as np
 from flax import nnx
 
 import hata_jax as hj
-from bench.decode import free, random_hata_cache
+from bench.decode_steps import free, random_hata_cache
 from bench.timing import environment, write_json
 from hata_jax import HataCache, HataConfig, offload
 from hata_jax.models import AttentionPlan, LlamaForCausalLM, generation

@@ -9,8 +9,8 @@ import tempfile
 import time
 
 from hata_jax.cli.generate import require_model_extra
+from hata_jax.models.hash_projections import random_projections
 from hata_jax.models.load import load_model
-from hata_jax.models.plan import random_projections
 from hata_jax.train import checkpoint, corpus, recall
 from hata_jax.train.collect import CollectConfig, collect
 from hata_jax.train.hashattention_objective import HashAttentionObjective

@@ -24,9 +24,10 @@ plan's step on the host once the context grows past it; see :mod:`hata_jax.model
 """
 from hata_jax.models.config import LlamaConfig, RopeScaling
 from hata_jax.models.generation import GenerationResult, Prefilled, Sampling, generate, generate_from, prefill_prompts
+from hata_jax.models.hash_projections import hash_weights_for, load_hash_weights, random_projections
 from hata_jax.models.llama import LlamaForCausalLM, init_caches
 from hata_jax.models.load import load_model
-from hata_jax.models.plan import METHODS, AttentionPlan, hash_weights_for, load_hash_weights, random_projections
+from hata_jax.models.plan import METHODS, AttentionPlan
 from hata_jax.models.selector_cache import SelectorCache, with_selector_states
 from hata_jax.models.teacher_forcing import sparse_logits
 from hata_jax.models.tensors import model_from_tensors, model_tensors

@@ -44,8 +44,9 @@ from flax import nnx
 import hata_jax
 from hata_jax import HataCache, HataConfig
 from hata_jax import sharding as head_sharding
+from hata_jax.models.hash_projections import hash_weights_for
 from hata_jax.models.llama import LlamaForCausalLM, init_caches
-from hata_jax.models.plan import AttentionPlan, hash_weights_for
+from hata_jax.models.plan import AttentionPlan
 from hata_jax.models.selector_cache import with_selector_states
 
 PROMPT_BUCKET = 32
@@ -287,7 +288,7 @@ def prefill_prompts(
     Args:
       prompts: token ids per prompt (non-empty).
       capacity: cache tokens per sequence (prompt plus the tokens to generate).
-      hash_weights: per-layer projections as :func:`hata_jax.models.plan.hash_weights_for` takes them
+      hash_weights: per-layer projections as :func:`hata_jax.models.hash_projections.hash_weights_for` takes them
         (all of one rbit); None, or layers missing from them, get random Gaussian projections
         (rbit 128 when none is given). "hata" plans decode with these codes unless
         :func:`generate_from` is given their projections.
@@ -463,7 +464,7 @@ def generate(
         layers needs selectors without params (others: :func:`generate_from`). A plan with a mesh
         (:meth:`AttentionPlan.on_mesh`) decodes head-sharded over it: the caches and projections are
         made in that layout (place the model with :func:`hata_jax.models.sharding.shard_model`).
-      hash_weights: per-layer projections as :func:`hata_jax.models.plan.hash_weights_for` takes
+      hash_weights: per-layer projections as :func:`hata_jax.models.hash_projections.hash_weights_for` takes
         them; None means random (untrained) projections, with a warning if a layer is "hata".
       sampling: greedy by default.
       stop_ids: a row stops after producing one of these (not included in its output).

@@ -93,7 +93,7 @@ class SelfAttention(nnx.Module):
             self.sow(nnx.Intermediate, "qk", (q, k))
         out = jax.nn.dot_product_attention(q, k, v, is_causal=True, key_value_seq_lengths=lengths)
         if cache is not None:
-            cache = head_sharding.prefill(cache, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), w, lengths,
+            cache = head_sharding.sharded_prefill(cache, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), w, lengths,
                                           mesh=mesh, axis=mesh_axis, impl=impl)
         return self.o_proj(out.reshape(b, t, -1)), cache
 
@@ -115,12 +115,13 @@ def decode_attention(q, k_new, v_new, cache: HataCache | SelectorCache, w, param
     """
     sharded = {"mesh": plan.mesh, "axis": plan.mesh_axis}  # mesh None: one device
     if kind == "hata":
-        return head_sharding.hata_decode_attention(q, k_new, v_new, cache, w, plan.hata, impl=plan.impl, **sharded)
+        return head_sharding.sharded_hata_decode_attention(q, k_new, v_new, cache, w, plan.hata, impl=plan.impl,
+                                                           **sharded)
     if kind == "sparse":
         return selector_decode_attention(q, k_new, v_new, cache, w, plan, params)
     if plan.mesh is not None:  # a plan with a mesh has no "sparse" layers (AttentionPlan refuses them)
-        cache = head_sharding.append(cache, k_new, v_new, w, impl=plan.impl, **sharded)
-        return head_sharding.dense_decode_attention(q, cache.k, cache.v, cache.lengths, impl=plan.impl,
+        cache = head_sharding.sharded_append(cache, k_new, v_new, w, impl=plan.impl, **sharded)
+        return head_sharding.sharded_dense_decode_attention(q, cache.k, cache.v, cache.lengths, impl=plan.impl,
                                                     **sharded), cache
     cache = append_token(cache, k_new, v_new, w, plan, params)
     return hata_jax.dense_decode_attention(q, cache.k, cache.v, cache.lengths, impl=plan.impl), cache

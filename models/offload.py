@@ -45,8 +45,9 @@ from hata_jax.models.generation import (
     check_room,
     round_up,
 )
+from hata_jax.models.hash_projections import hash_weights_for
 from hata_jax.models.llama import LlamaForCausalLM
-from hata_jax.models.plan import AttentionPlan, hash_weights_for
+from hata_jax.models.plan import AttentionPlan
 from hata_jax.offload import OffloadedCache, attend_rows, select_rows
 
 KINDS = ("dense", "hata")
@@ -117,7 +118,7 @@ class OffloadDecoder:
     """
 
     def __init__(self, model: LlamaForCausalLM, plan: AttentionPlan, hash_weights=None):
-        """`hash_weights`: per-layer projections as :func:`hata_jax.models.plan.hash_weights_for`
+        """`hash_weights`: per-layer projections as :func:`hata_jax.models.hash_projections.hash_weights_for`
         takes them (None: random, with a warning)."""
         config = model.config
         if len(plan.layers) != config.num_layers:

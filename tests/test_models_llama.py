@@ -28,7 +28,7 @@ from hata_jax.models import (
     model_from_tensors,
     prefill_prompts,
 )
-from hata_jax.models.plan import hash_weights_for
+from hata_jax.models.hash_projections import hash_weights_for
 from hata_jax.models.tensors import expected_shapes
 
 # Tiny HF configs: Llama with GQA (G=3) and llama3 RoPE scaling, untied; Qwen2 with q/k/v

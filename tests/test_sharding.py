@@ -70,7 +70,7 @@ def _attention_case(rng, kv_heads, group, devices, impl="reference", explicit=Fa
     sharded = hs.init_cache(batch, kv_heads, capacity, d, rbit=rbit, dtype=jnp.float32, mesh=mesh)
     _assert_head_split(sharded.k, kv_heads, devices)
     assert sharded.lengths.sharding.is_fully_replicated
-    sharded = hs.prefill(sharded, k, v, w, lengths, mesh=mesh, impl=impl)
+    sharded = hs.sharded_prefill(sharded, k, v, w, lengths, mesh=mesh, impl=impl)
     for x in (sharded.k, sharded.v, sharded.codes, sharded.norms):
         _assert_head_split(x, kv_heads, devices)
     _assert_caches_equal(sharded, plain)
@@ -83,7 +83,7 @@ def _attention_case(rng, kv_heads, group, devices, impl="reference", explicit=Fa
     q = _rand(rng, batch, kv_heads * group, d)
     k_new, v_new = _rand(rng, batch, kv_heads, d), _rand(rng, batch, kv_heads, d)
     want, plain = hj.hata_decode_attention(q, k_new, v_new, plain, w, config, impl=impl)
-    got, sharded = wrap(lambda *a: hs.hata_decode_attention(*a, config, mesh=mesh, impl=impl))(q, k_new, v_new,
+    got, sharded = wrap(lambda *a: hs.sharded_hata_decode_attention(*a, config, mesh=mesh, impl=impl))(q, k_new, v_new,
                                                                                               sharded, w)
     _assert_head_split(got, kv_heads * group, devices)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
@@ -91,10 +91,10 @@ def _attention_case(rng, kv_heads, group, devices, impl="reference", explicit=Fa
 
     k_new, v_new = _rand(rng, batch, kv_heads, d), _rand(rng, batch, kv_heads, d)
     plain = plain.append(k_new, v_new, w, impl=impl)
-    sharded = wrap(lambda *a: hs.append(*a, mesh=mesh, impl=impl))(sharded, k_new, v_new, w)
+    sharded = wrap(lambda *a: hs.sharded_append(*a, mesh=mesh, impl=impl))(sharded, k_new, v_new, w)
     _assert_caches_equal(sharded, plain)
     want = hj.dense_decode_attention(q, plain.k, plain.v, plain.lengths, return_lse=True, impl=impl)
-    got = wrap(lambda *a: hs.dense_decode_attention(*a, mesh=mesh, return_lse=True, impl=impl))(
+    got = wrap(lambda *a: hs.sharded_dense_decode_attention(*a, mesh=mesh, return_lse=True, impl=impl))(
         q, sharded.k, sharded.v, sharded.lengths)
     for g, e in zip(got, want):
         np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=2e-5, atol=2e-5)
@@ -138,12 +138,13 @@ def check_clear_errors(rng):
     mesh = _mesh(4)
     cache = hj.HataCache.init(2, 6, 32, 64, rbit=32, dtype=jnp.float32)
     q, kv, w = _rand(rng, 2, 12, 64), _rand(rng, 2, 6, 64), _rand(rng, 6, 64, 32)
-    _raises(lambda: hs.hata_decode_attention(q, kv, kv, cache, w, hj.HataConfig(rbit=32, budget=8), mesh=mesh),
+    _raises(lambda: hs.sharded_hata_decode_attention(q, kv, kv, cache, w, hj.HataConfig(rbit=32, budget=8), mesh=mesh),
             "cannot split 6 KV heads", "'model' of 4 devices")
-    _raises(lambda: hs.dense_decode_attention(q, cache.k, cache.v, cache.lengths, mesh=mesh), "cannot split 6 KV heads")
-    _raises(lambda: hs.append(cache, kv, kv, w, mesh=mesh), "cannot split 6 KV heads")
+    _raises(lambda: hs.sharded_dense_decode_attention(q, cache.k, cache.v, cache.lengths, mesh=mesh),
+            "cannot split 6 KV heads")
+    _raises(lambda: hs.sharded_append(cache, kv, kv, w, mesh=mesh), "cannot split 6 KV heads")
     _raises(lambda: hs.init_cache(2, 6, 32, 64, mesh=mesh), "cannot split 6 KV heads")
-    _raises(lambda: hs.dense_decode_attention(q, cache.k, cache.v, cache.lengths, mesh=mesh, axis="heads"),
+    _raises(lambda: hs.sharded_dense_decode_attention(q, cache.k, cache.v, cache.lengths, mesh=mesh, axis="heads"),
             "mesh axis 'heads' is not in the mesh")
     config = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                          num_kv_heads=2, head_dim=64)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib.resources
 import pathlib
 
-from hata_jax.models.plan import load_hash_weights
+from hata_jax.models.hash_projections import load_hash_weights
 from hata_jax.train.checkpoint import load_projections, read_metadata
 
 SHIPPED = {"smollm2": "smollm2-rbit128"}  # model spec -> directory under train/shipped/

@@ -6,7 +6,7 @@
   hata           the trained projections W float32[Hkv, D, rbit]: `hash_weights` (a `hata-jax
                  train` run or an .npz, as `hata-jax generate --hash-weights`), default the ones
                  shipped with hata-jax (checked against the model's weights)
-  simhash        random Gaussian projections (:func:`hata_jax.models.plan.random_projections`, `seed`)
+  simhash        random Gaussian projections (:func:`hata_jax.models.hash_projections.random_projections`, `seed`)
   hashattention  the MLPs of a finished `hata-jax train --selector hashattention` run
   loki           a PCA basis float32[Hkv, D, D] of each layer's post-RoPE keys over prefills of
                  the standard library's TRAIN split (never the held-out text), cached as
@@ -24,9 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hata_jax.models.hash_projections import load_hash_weights, random_projections
 from hata_jax.models.identity import fingerprint
 from hata_jax.models.llama import LlamaForCausalLM
-from hata_jax.models.plan import METHODS, load_hash_weights, random_projections
+from hata_jax.models.plan import METHODS
 from hata_jax.models.smollm2 import cache_dir
 from hata_jax.selectors import loki_basis
 from hata_jax.train import corpus as corpus_lib
