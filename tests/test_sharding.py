@@ -174,11 +174,11 @@ def _generation_case(rng, config_args, devices_list, attentions, init_on_mesh=Fa
         LlamaConfig,
         LlamaForCausalLM,
         generate,
+        generation,
         prefill_prompts,
         random_projections,
     )
     from hata_jax.models import sharding as ms
-    from hata_jax.models.generation import ModelSteps
 
     config = LlamaConfig(**config_args)
     seed = int(rng.integers(1 << 30))
@@ -200,12 +200,11 @@ def _generation_case(rng, config_args, devices_list, attentions, init_on_mesh=Fa
             assert state["layers"][0]["mlp"]["down_proj"]["kernel"][...].sharding.spec == rows
             table = state["embed_tokens"]["embedding"][...].sharding.spec
             assert table == (P("model", None) if config.tie_word_embeddings else P())
-            steps = ModelSteps(model)
-            compiled = steps.decode._cache_size()
+            traces = generation.TRACES["decode"]
             got = generate(model, prompts, plan=plan.on_mesh(mesh), hash_weights=weights, max_new_tokens=7,
                            dense_below=0)
             assert got.tokens == want.tokens, (attention, devices, got.tokens, want.tokens)
-            assert steps.decode._cache_size() == compiled + 1  # no recompile after the first step
+            assert generation.TRACES["decode"] == traces + 1  # no retrace after the first step
             prefilled = prefill_prompts(model, prompts, capacity=128, hash_weights=weights, mesh=mesh)
             np.testing.assert_allclose(np.asarray(prefilled.logits), np.asarray(want_logits), rtol=1e-4, atol=1e-4)
             _assert_head_split(prefilled.caches[0].k, config.num_kv_heads, devices)
