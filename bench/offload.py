@@ -333,8 +333,10 @@ class OffloadBench:
                                  "p90_ms": 1e3 * float(np.percentile(timed, 90)),
                                  "tokens_per_s": s.batch / statistics.median(timed), "first_call_s": times[0]})
         free([caches[i] for i in self.plan.hashed_layers])
-        filled = jnp.full((s.batch,), length, jnp.int32)
-        caches = [host[i] if i in host else dataclasses.replace(caches[i], lengths=filled) for i in range(c.num_layers)]
+        def at_length(cache):  # a lengths buffer per layer: each is donated
+            return dataclasses.replace(cache, lengths=jnp.full((s.batch,), length, jnp.int32))
+
+        caches = [host[i] if i in host else at_length(caches[i]) for i in range(c.num_layers)]
         warm, host_tokens, tokens, _ = self.time_offloaded(caches, t0, s.warmup)
         times, timed_tokens, _, total = self.time_offloaded(caches, tokens, s.reps)
         host_tokens += timed_tokens
