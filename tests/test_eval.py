@@ -15,9 +15,9 @@ from test_models_llama import HF_CONFIGS, random_tensors
 from test_models_loaders import CHATML, bytes_to_unicode, write_hf_checkpoint
 
 from hata_jax import HataConfig
+from hata_jax.cli import evaluate as eval_cli
 from hata_jax.cli import main as cli
 from hata_jax.evaluation import attention_metrics, harness, perplexity, report, tasks
-from hata_jax.evaluation import cli as eval_cli
 from hata_jax.models import AttentionPlan, Tokenizer, load_model
 
 pytest.importorskip("tqdm")
