@@ -4,8 +4,8 @@ SmolLM2-135M's shapes), dense versus HATA versus exact top-k, with an attention-
     python -m bench.decode --out $OUT/decode.json [--small] [--contexts ...] [--batches ...]
     python -m bench.decode --report bench/results/decode_h100.json   # markdown tables + PNG plots
 
-Models: built from a :class:`models.LlamaConfig` with random weights made on the device (bf16,
-initialisers of :class:`models.LlamaForCausalLM`, no checkpoint; Llama-3.1-8B: 32 layers, hidden
+Models: built from a :class:`hata_jax.models.LlamaConfig` with random weights made on the device (bf16,
+initialisers of :class:`hata_jax.models.LlamaForCausalLM`, no checkpoint; Llama-3.1-8B: 32 layers, hidden
 4096, 32/8 heads, D=128, intermediate 14336, vocab 128256, 16.1 GB). One model's weights serve
 every context and batch.
 
@@ -17,13 +17,14 @@ attend to N - slack + 1 ... N tokens (slack = the most steps a method runs, 62 b
 capacity N never overflows).
 
 Methods, each a whole decode step (32 layers, projections, MLP, LM head, greedy token):
-- `dense`: the model's own decode step (`models.generation.ModelSteps.decode`, cache donated) with
+- `dense`: the model's own decode step (`hata_jax.models.generation.ModelSteps.decode`, cache donated) with
   every layer dense: our Pallas split-K dense kernel on a GPU.
 - `hata`: the same step with HATA (budget 2048, rbit 128, layers 0-1 dense).
 - `exact`: exact top-k selection (the oracle): each HATA layer scores every cached token by its
   softmax probability summed over the group's query heads, selects with `hata_jax.select_topk`
-  and attends with `hata_jax.sparse_decode_attention`; layers 0-1 dense. (A step built here from
-  the model's layers, :func:`decode_with`, since the model's plan knows only dense and HATA.)
+  and attends with `hata_jax.sparse_decode_attention`; layers 0-1 dense. (A step built from the
+  model's layers, :func:`bench.decode_steps.decode_with`, since the model's plan knows only dense
+  and HATA.)
 - `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")` in every layer over a
   token-major cache `[B, S, Hkv, D]` (XLA's implementation where there is no GPU). By default
   it runs only where cuDNN beat our dense kernel in the attention-only sweep of that config
@@ -33,7 +34,7 @@ Compilation: every program a job times (its steps, in-jit loops and sweep ops) i
 of time, side by side in COMPILE_THREADS background threads, while the job's caches are built;
 the timing starts once all are compiled (`compile_s` in the rows: the step's own compile time).
 The layers of a step share one trace and lowering of their attention
-(`models.llama.decode_attention` is jitted), so a Llama step compiles in ~8 s, not ~33 s.
+(`hata_jax.models.llama.decode_attention` is jitted).
 
 Timing: per step, wall time of one call until its token is ready (`block_until_ready`),
 as a synchronous decode loop runs them, after `--warmup` calls; median and p10/p90 over `--reps` steps;
@@ -57,15 +58,16 @@ codes + norms of every token and K/V rows of the `budget` selected ones (hata), 
 token and the selected K/V rows (exact). The floor divides them by the bandwidth measured in the
 same run (`bench.timing.floor_bandwidth_gbps`).
 
-Budget (:func:`ordered_jobs`): jobs run from the most to the least important: the core jobs
-(sweep, dense, HATA, cuDNN) of 128K batch 1, 32K batch 8, 4K batch 1 (the issue's goals) and 32K
-batch 1, then the extras (exact top-k, in-jit loops) of the goal configs, then the other core
-jobs, SmolLM2's interleaved after Llama's 11 first. The memory need is computed before each job
-(skipped with the reason when it exceeds `--memory-gb`, e.g. Llama 128K batch 4), caches are
-freed between jobs, and a job that would overrun `--time-budget` (estimated from the phases of
-the jobs already run, per model) is skipped with the reason. Each result is written to the JSON
-as soon as it completes (atomically), so a timeout keeps them. Its largest jobs (Llama 32K batch
-8, 64K batch 4, 256K batch 1) hold ~55 GB (16.1 GB of weights, 35.7 GB of caches).
+Budget (:func:`ordered_jobs`): jobs run from the most to the least important: the core jobs (sweep,
+dense, HATA, cuDNN) of 128K batch 1, 32K batch 8, 4K batch 1 (the goals,
+:func:`bench.decode_report.goals`) and 32K batch 1, then the extras (exact top-k, in-jit loops) of
+the goal configs, then the other core jobs, SmolLM2's interleaved after Llama's 11 first. The memory
+need is computed before each job (skipped with the reason when it exceeds `--memory-gb`, e.g. Llama
+128K batch 4), caches are freed between jobs, and a job that would overrun `--time-budget`
+(estimated from the phases of the jobs already run, per model) is skipped with the reason. Each
+result is written to the JSON as soon as it completes (atomically), so a timeout keeps them. Its
+largest jobs (Llama 32K batch 8, 64K batch 4, 256K batch 1) hold ~55 GB (16.1 GB of weights, 35.7 GB
+of caches).
 """
 from __future__ import annotations
 
@@ -74,7 +76,6 @@ import concurrent.futures
 import dataclasses
 import functools
 import json
-import math
 import os
 import statistics
 import sys
@@ -84,39 +85,34 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax import lax
 
 import hata_jax as hj
-from bench.timing import compile_timed, environment, floor_bandwidth_gbps, many_calls, median_us, write_json
-from hata_jax import HataCache, HataConfig
-from models import AttentionPlan, LlamaConfig, LlamaForCausalLM, RopeScaling
-from models import generation
+from bench.decode_bytes import attention_bytes, cache_bytes, param_bytes, step_bytes, weight_bytes, weight_read_bytes
+from bench.decode_report import METHODS, report_markdown, report_plots, summary
+from bench.decode_steps import (
+    PRODUCT_METHODS,
+    check_no_overflow,
+    compile_step,
+    dpa_attention,
+    dpa_implementation,
+    exact_topk_attention,
+    free,
+    hata_attention,
+    random_hata_cache,
+    random_token_major_cache,
+    step_function,
+    surviving,
+    with_length,
+)
+from bench.timing import environment, floor_bandwidth_gbps, many_calls, median_us, write_json
+from hata_jax import HataConfig
+from hata_jax.models import AttentionPlan, LlamaForCausalLM, generation
+from hata_jax.models.presets import FULL_MODELS, LLAMA_8B, SMALL_MODELS  # noqa: F401 (bench.profile_step imports LLAMA_8B from here)
 
-METHODS = ("dense", "hata", "exact", "cudnn")
-COLORS = {"dense": "tab:blue", "hata": "tab:orange", "exact": "tab:green", "cudnn": "tab:red"}
-PRODUCT_METHODS = ("dense", "hata")  # run by the model's own decode step
-GREEDY = generation.Sampling()
 GB = 1e9
 PIPELINE = 5  # steps dispatched back to back per timed group (host dispatch overlapping the device)
-PLOT_COLUMNS = 4  # subplots per row of the tokens/s figure
 COMPILE_THREADS = 6  # a job's programs compile side by side (XLA's compiler releases the GIL)
 
-LLAMA_8B = LlamaConfig(
-    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
-    head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=131072,
-    rope_scaling=RopeScaling("llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                             original_max_position_embeddings=8192))
-SMOLLM2 = LlamaConfig(
-    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9, num_kv_heads=3,
-    head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True)
-SMALL_MODELS = {
-    "llama": LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=4, num_heads=8,
-                         num_kv_heads=2, head_dim=64, rope_theta=500000.0),
-    "smollm2": LlamaConfig(vocab_size=384, hidden_size=96, intermediate_size=128, num_layers=3, num_heads=3,
-                           num_kv_heads=1, head_dim=64, tie_word_embeddings=True),
-}
-FULL_MODELS = {"llama": LLAMA_8B, "smollm2": SMOLLM2}
-MODEL_TITLES = {"llama": "Llama-3.1-8B shapes", "smollm2": "SmolLM2-135M shapes"}
 
 # (context, batch) from the most to the least important; others follow by (batch, context).
 PRIORITY = ((131072, 1), (32768, 8), (4096, 1), (32768, 1), (8192, 1), (65536, 1), (262144, 1), (32768, 4),
@@ -160,223 +156,6 @@ class Settings:
 
 SMALL = dict(contexts=(160, 256), batches=(1, 2), budget=32, warmup=1, reps=5, loop_steps=2, loop_reps=1,
              extras_configs=1, dtype="bfloat16")
-
-
-# ----------------------------------------------------------------------------- the decode steps
-
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["k", "v", "lengths"], meta_fields=[])
-@dataclasses.dataclass(frozen=True)
-class TokenMajorCache:
-    """A plain KV cache in the layout cuDNN takes: k, v [B, S, Hkv, D], lengths int32[B]."""
-
-    k: jax.Array
-    v: jax.Array
-    lengths: jax.Array
-
-    def append(self, k_new, v_new) -> "TokenMajorCache":
-        """k_new, v_new: [B, Hkv, D], written at position lengths[b]."""
-        rows = jnp.arange(self.k.shape[0])
-
-        def put(buf, val):
-            return buf.at[rows, self.lengths].set(val.astype(buf.dtype), mode="drop")
-
-        return TokenMajorCache(put(self.k, k_new), put(self.v, v_new), self.lengths + 1)
-
-
-def dpa_implementation() -> str:
-    return "cudnn" if jax.default_backend() == "gpu" else "xla"
-
-
-def dpa_attention(q, k, v, lengths):
-    """q: [B, Hq, D]; k, v: [B, S, Hkv, D] -> [B, Hq, D] over the first lengths[b] tokens."""
-    out = jax.nn.dot_product_attention(q[:, None], k, v, key_value_seq_lengths=lengths,
-                                       implementation=dpa_implementation())
-    return out[:, 0]
-
-
-def softmax_mass(q, k, lengths):
-    """q: [B, Hq, D], k: [B, Hkv, S, D] -> float32[B, Hkv, S]: each token's softmax probability
-    summed over its KV head's query heads (0 at positions >= lengths[b])."""
-    b, hq, d = q.shape
-    hkv, s = k.shape[1], k.shape[2]
-    logits = jnp.einsum("bhgd,bhsd->bhgs", q.reshape(b, hkv, hq // hkv, d), k,
-                        preferred_element_type=jnp.float32) / math.sqrt(d)
-    valid = jnp.arange(s)[None, None, None, :] < lengths[:, None, None, None]
-    return jnp.sum(jax.nn.softmax(jnp.where(valid, logits, -jnp.inf), axis=-1), axis=2)
-
-
-def exact_topk_attention(q, cache: HataCache, budget: int, impl: str):
-    """Attention over the `budget` tokens of largest softmax mass per (sequence, KV head)."""
-    idx, count = hj.select_topk(softmax_mass(q, cache.k, cache.lengths), budget, cache.lengths, impl=impl)
-    return hj.sparse_decode_attention(q, cache.k, cache.v, idx, count, impl=impl)
-
-
-def hata_attention(q, k_new, cache: HataCache, w, hata: HataConfig, impl: str):
-    """HATA's attention work of one layer on a full cache: hash q, score and select, attend."""
-    q_codes, _, _ = hj.encode_step(q, k_new, w, impl=impl)
-    idx, count = hj.hamming_topk(q_codes, cache.codes, cache.norms, cache.lengths, budget=hata.budget, impl=impl)
-    return hj.sparse_decode_attention(q, cache.k, cache.v, idx, count, impl=impl)
-
-
-# The per-layer attention of the bench's steps is jitted (as `models.llama.decode_attention`), so
-# the layers share one trace and lowering.
-@functools.partial(jax.jit, static_argnames=("dense", "budget", "impl"))
-def exact_layer_attention(q, k_new, v_new, cache: HataCache, w, *, dense: bool, budget: int, impl: str):
-    cache = cache.append(k_new, v_new, w, impl=impl)
-    if dense:
-        return hj.dense_decode_attention(q, cache.k, cache.v, cache.lengths, impl=impl), cache
-    return exact_topk_attention(q, cache, budget, impl), cache
-
-
-@jax.jit
-def dpa_layer_attention(q, k_new, v_new, cache: TokenMajorCache):
-    cache = cache.append(k_new, v_new)
-    return dpa_attention(q, cache.k, cache.v, cache.lengths), cache
-
-
-def attend_exact(layer, q, k_new, v_new, cache: HataCache, *, weights, plan: AttentionPlan):
-    return exact_layer_attention(q, k_new, v_new, cache, weights[layer], dense=plan.layers[layer] == "dense",
-                                 budget=plan.hata.budget, impl=plan.impl)
-
-
-def attend_dpa(layer, q, k_new, v_new, cache: TokenMajorCache, *, weights, plan: AttentionPlan):
-    return dpa_layer_attention(q, k_new, v_new, cache)
-
-
-BENCH_ATTENTION = {"exact": attend_exact, "cudnn": attend_dpa}
-
-
-def decode_with(model: LlamaForCausalLM, tokens, caches, attend):
-    """:meth:`LlamaForCausalLM.decode` with layer i's attention replaced by
-    `attend(i, q, k_new, v_new, cache) -> (out [B, Hq, D], cache)` (tests check the two agree)."""
-    x = model.embed_tokens(tokens)
-    new_caches = []
-    for i, (layer, cache) in enumerate(zip(model.layers, caches)):
-        attn = layer.self_attn
-        q, k, v = attn._qkv(layer.input_layernorm(x), cache.lengths)
-        out, cache = attend(i, q, k, v, cache)
-        x = layer._finish(x, attn.o_proj(out.reshape(x.shape[0], -1)))
-        new_caches.append(cache)
-    return model.logits(model.norm(x)), new_caches
-
-
-@functools.partial(jax.jit, static_argnames=("merge", "method", "plan"), donate_argnames=("caches",))
-def bench_step(state_leaves, tokens, caches, hash_weights, key, *, merge, method: str, plan: AttentionPlan):
-    """A decode step with `BENCH_ATTENTION[method]`, the signature of `generation.ModelSteps.decode`;
-    `merge` is the model's `ModelSteps.merge`."""
-    model = merge(state_leaves)
-    attend = functools.partial(BENCH_ATTENTION[method], weights=hash_weights, plan=plan)
-    logits, caches = decode_with(model, tokens, caches, attend)
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32), caches, key
-
-
-def step_function(steps: generation.ModelSteps, method: str, plan: AttentionPlan):
-    """(state_leaves, tokens, caches, hash_weights, key) -> (tokens, caches, key) for `steps`' model."""
-    if method in PRODUCT_METHODS:
-        step_plan = plan if method == "hata" else plan.as_dense()
-        return functools.partial(steps.decode, plan=step_plan, sampling=GREEDY)
-    return functools.partial(bench_step, merge=steps.merge, method=method, plan=plan)
-
-
-@functools.partial(jax.jit, static_argnames=("step", "n"), donate_argnames=("caches",))
-def run_steps(state_leaves, tokens, caches, hash_weights, key, *, step, n: int):
-    """`n` decode steps inside one jitted program (no host dispatch or sync between them)."""
-    def body(_, carry):
-        tokens, caches, key = carry
-        return step(state_leaves, tokens, caches, hash_weights, key)
-
-    return lax.fori_loop(0, n, body, (tokens, caches, key))
-
-
-def compile_step(step, state_leaves, caches, hash_weights, batch: int, loop_steps: int = 0):
-    """`step` (a `functools.partial` of a jitted step, see :func:`step_function`) compiled ahead of
-    time for caches of the avals `caches` (ShapeDtypeStructs suffice): (a callable
-    `(state_leaves, tokens, caches, hash_weights, key) -> (tokens, caches, key)`, seconds per
-    compile phase). With `loop_steps`, the program of :func:`run_steps` with that many steps."""
-    args = (state_leaves, jax.ShapeDtypeStruct((batch,), jnp.int32), caches, hash_weights,
-            jax.eval_shape(lambda: jax.random.PRNGKey(0)))
-    if loop_steps:
-        return compile_timed(run_steps, *args, step=step, n=loop_steps)
-    return compile_timed(step.func, *args, **step.keywords)
-
-
-# ----------------------------------------------------------------------------- random caches
-
-@functools.partial(jax.jit, static_argnames=("shape", "dtype"))
-def random_hata_cache(key, w, length, *, shape, dtype) -> HataCache:
-    """Random k, v [B, Hkv, S, D] ~ N(0, 1), their codes under `w`, their norms; `length` tokens each."""
-    key_k, key_v = jax.random.split(key)
-    k = jax.random.normal(key_k, shape, dtype)
-    return HataCache(k=k, v=jax.random.normal(key_v, shape, dtype), codes=hj.encode(k, w, head_axis=1),
-                     norms=hj.key_norms(k), lengths=jnp.full((shape[0],), length, jnp.int32),
-                     overflow=jnp.zeros((shape[0],), bool))
-
-
-@functools.partial(jax.jit, static_argnames=("shape", "dtype"))
-def random_token_major_cache(key, length, *, shape, dtype) -> TokenMajorCache:
-    """Random k, v [B, S, Hkv, D] ~ N(0, 1); `length` tokens each."""
-    key_k, key_v = jax.random.split(key)
-    return TokenMajorCache(jax.random.normal(key_k, shape, dtype), jax.random.normal(key_v, shape, dtype),
-                           jnp.full((shape[0],), length, jnp.int32))
-
-
-def with_length(caches, length: int):
-    """The caches with every sequence at `length` tokens (a lengths buffer per layer: each is donated)."""
-    return [dataclasses.replace(c, lengths=jnp.full(c.lengths.shape, length, jnp.int32)) for c in caches]
-
-
-def check_no_overflow(caches) -> None:
-    if isinstance(caches[0], HataCache) and np.asarray(caches[0].overflow).any():
-        raise AssertionError("the benchmark overflowed its cache: Settings.slack is too small")
-
-
-def surviving(caches):
-    """`caches`, or None if a failed donating call deleted any of their buffers."""
-    return None if any(x.is_deleted() for x in jax.tree.leaves(caches)) else caches
-
-
-def free(tree) -> None:
-    for leaf in jax.tree.leaves(tree):
-        if isinstance(leaf, jax.Array) and not leaf.is_deleted():
-            leaf.delete()
-
-
-# ----------------------------------------------------------------------------- bytes and memory
-
-def param_bytes(state) -> int:
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
-
-
-def weight_read_bytes(config: LlamaConfig, total_param_bytes: int, itemsize: int) -> int:
-    """Weights one step reads: all but the embedding table, unless it doubles as the LM head."""
-    table = config.vocab_size * config.hidden_size * itemsize
-    return total_param_bytes if config.tie_word_embeddings else total_param_bytes - table
-
-
-def attention_bytes(config: LlamaConfig, method: str, batch: int, length: int, hata: HataConfig, itemsize: int) -> int:
-    """Bytes one layer's attention reads for `batch` sequences of `length` tokens (see the module docstring)."""
-    row = config.head_dim * itemsize
-    selected = min(hata.budget, length)
-    per_head = {
-        "dense": 2 * length * row,
-        "cudnn": 2 * length * row,
-        "hata": length * (hata.rbit // 8 + 4) + selected * (2 * row + 4),
-        "exact": length * row + selected * (2 * row + 4),
-    }[method]
-    return batch * config.num_kv_heads * per_head
-
-
-def step_bytes(config, method, batch, length, hata, itemsize, weights_read) -> int:
-    hata_layers = 0 if method in ("dense", "cudnn") else config.num_layers - min(hata.dense_layers, config.num_layers)
-    dense = attention_bytes(config, "dense", batch, length, hata, itemsize)
-    sparse = attention_bytes(config, method, batch, length, hata, itemsize)
-    return weights_read + (config.num_layers - hata_layers) * dense + hata_layers * sparse
-
-
-def cache_bytes(config: LlamaConfig, batch: int, capacity: int, rbit: int, itemsize: int, token_major: bool) -> int:
-    """All layers' caches: K, V (+ codes and norms for the head-major HataCache)."""
-    per_token = config.num_kv_heads * (2 * config.head_dim * itemsize + (0 if token_major else rbit // 8 + 4))
-    return config.num_layers * batch * capacity * per_token
 
 
 # ----------------------------------------------------------------------------- the benchmark
@@ -459,11 +238,7 @@ class DecodeBench:
 
     # -- models
     def weight_bytes(self, name: str) -> int:
-        config = self.configs[name]
-        per_layer = (config.hidden_size * config.head_dim * 2 * (config.num_heads + config.num_kv_heads)
-                     + 3 * config.hidden_size * config.intermediate_size + 2 * config.hidden_size)
-        tables = (1 if config.tie_word_embeddings else 2) * config.vocab_size * config.hidden_size
-        return (config.num_layers * per_layer + tables + config.hidden_size) * self.dtype.itemsize
+        return weight_bytes(self.configs[name], self.dtype.itemsize)
 
     def model(self, name: str):
         """(ModelSteps, hash_weights, weights_read) of a model with random weights, built once."""
@@ -479,7 +254,7 @@ class DecodeBench:
         return self.built[name]
 
     # -- one job
-    def run_job(self, job: "Job") -> None:
+    def run_job(self, job: Job) -> None:
         """A core job: build the caches, the attention sweep, the dense and HATA steps, then the
         cuDNN step on its own caches. An extras job: the exact top-k step and the in-jit loops.
 
@@ -518,8 +293,8 @@ class DecodeBench:
         shape = (job.batch, config.num_kv_heads, job.context, config.head_dim)
         make = functools.partial(random_hata_cache, shape=shape, dtype=self.dtype)
         avals = [jax.eval_shape(make, self.key, w, job.context) for w in hash_weights]
-        token_major = functools.partial(random_token_major_cache, shape=(job.batch, job.context) + shape[1:2] + shape[3:],
-                                        dtype=self.dtype)
+        token_major_shape = (job.batch, job.context) + shape[1:2] + shape[3:]
+        token_major = functools.partial(random_token_major_cache, shape=token_major_shape, dtype=self.dtype)
         programs = {m: self.compile(job.model, m, plan, avals, job.batch) for m in methods}
         programs.update({f"loop:{m}": self.compile(job.model, m, plan, avals, job.batch, s.loop_steps) for m in loops})
         if cudnn:  # compiled whether or not the sweep will ask for it: the threads are idle otherwise
@@ -633,7 +408,8 @@ class DecodeBench:
                                **timing, "bytes": nbytes, "floor_us": floor_us,
                                "of_floor": timing["median_us"] / floor_us, "compile_s": compile_s})
             out[method] = row["median_us"]
-            print(f"  attention {method:<6} {row['median_us']:>9.1f} us/layer  ({row['of_floor']:.2f}x floor)", flush=True)
+            print(f"  attention {method:<6} {row['median_us']:>9.1f} us/layer  ({row['of_floor']:.2f}x floor)",
+                  flush=True)
         return out
 
     def time_steps(self, step, tokens, caches, model_name: str):
@@ -784,207 +560,6 @@ def memory_limit_bytes(settings: Settings) -> float:
     return 0.97 * stats["bytes_limit"] if "bytes_limit" in stats else 75 * GB
 
 
-def step_order(row: dict) -> tuple:
-    return row["model"], row["batch"], row["context"], METHODS.index(row["method"])
-
-
-def summary(rows: list[dict]) -> str:
-    """A compact text table of the step rows (with the HATA speedup over the best dense step)."""
-    steps = sorted((r for r in rows if r["kind"] == "step"), key=step_order)
-    lines = [f"{'model':<8} {'context':>8} {'batch':>5} {'method':<6} {'ms/step':>9} {'tok/s':>9} {'attn':>5} "
-             f"{'x floor':>7} {'b2b ms':>7} {'loop ms':>8}  vs best dense"]
-    for r in steps:
-        best = best_dense(steps, r["model"], r["context"], r["batch"])
-        versus = f"{best['median_ms'] / r['median_ms']:.2f}x" if best and r["method"] in ("hata", "exact") else ""
-        share = f"{r['attention_share']:.0%}" if "attention_share" in r else "-"
-        loop, b2b = (f"{r[k]:.2f}" if k in r else "-" for k in ("loop_ms", "pipelined_ms"))
-        lines.append(f"{r['model']:<8} {r['context']:>8} {r['batch']:>5} {r['method']:<6} {r['median_ms']:>9.2f} "
-                     f"{r['tokens_per_s']:>9.1f} {share:>5} {r['of_floor']:>7.2f} {b2b:>7} {loop:>8}  {versus}")
-    skipped = [r for r in rows if r["kind"] in ("skip", "error")]
-    lines += [f"{r['kind']}: {r['model']} {r['context']} b{r['batch']} {r.get('method') or ''}: "
-              f"{r.get('reason') or r.get('error', '')[:200]}" for r in skipped]
-    return "\n".join(lines)
-
-
-def best_dense(rows, model, context, batch, kind="step", key="median_ms"):
-    dense = [r for r in rows if r["kind"] == kind and r["method"] in ("dense", "cudnn")
-             and (r["model"], r["context"], r["batch"]) == (model, context, batch)]
-    return min(dense, key=lambda r: r[key]) if dense else None
-
-
-# ----------------------------------------------------------------------------- report
-
-def _find(rows, kind, model, context, batch, method):
-    """The row of `kind` for (model, context, batch, method), or None."""
-    for r in rows:
-        if r["kind"] == kind and (r["model"], r["context"], r["batch"], r["method"]) == (model, context, batch, method):
-            return r
-    return None
-
-
-def title(data: dict, model: str) -> str:
-    return f"{model} (small)" if data["settings"]["small"] else MODEL_TITLES.get(model, model)
-
-
-def report_markdown(data: dict) -> str:
-    env, s, rows = data["environment"], data["settings"], data["rows"]
-    steps = [r for r in rows if r["kind"] == "step"]
-    attention = [r for r in rows if r["kind"] == "attention"]
-    bw = data["bandwidth"]
-    lines = [f"Device: {env['device']} ({env['backend']}), jax {env['jax']}, commit {env['commit']}, {env['date']}. "
-             f"Bandwidth measured in the run: copy {bw['copy_gbps']:.0f} GB/s, read {bw['read_gbps']:.0f} GB/s; "
-             f"floors use {bw['floor_gbps']:.0f} GB/s. HATA: budget {s['budget']}, rbit {s['rbit']}, layers "
-             f"< {s['dense_layers']} dense; {s['dtype']}; median of {s['reps']} steps after {s['warmup']} warm-up "
-             f"calls.{'' if data.get('complete') else ' (INCOMPLETE run: the JSON was cut off.)'}", ""]
-    for model in dict.fromkeys(r["model"] for r in steps + attention):
-        name = title(data, model)
-        mine = sorted((r for r in steps if r["model"] == model), key=step_order)
-        sweep = [r for r in attention if r["model"] == model]
-        if model == "llama" and not s["small"]:
-            lines += [f"### {name}: goals", ""] + goals_table(steps, attention, s["budget"]) + [""]
-        single = [(c, 1) for c in sorted({r["context"] for r in mine if r["batch"] == 1})]
-        batched = sorted({(r["context"], r["batch"]) for r in mine if any(
-            o["context"] == r["context"] and o["batch"] > 1 for o in mine)})
-        lines += pivot(f"{name}: decode step latency (ms) vs context, batch 1", mine, "step", single,
-                       lambda r: f"{r['median_ms']:.2f}", with_batch=False)
-        lines += pivot(f"{name}: tokens/s vs batch", mine, "step", batched, lambda r: f"{r['tokens_per_s']:.1f}")
-        if mine:
-            lines += [f"### {name}: every step measured", "",
-                      "| context | batch | method | ms/step (p10-p90) | tokens/s | attention share | GB moved | floor ms | "
-                      "x floor | back to back ms/step | in-jit loop ms/step | compile s |",
-                      "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-            for r in mine:
-                share = f"{r['attention_share']:.0%}" if "attention_share" in r else "-"
-                extra = [f"{r[k]:.2f}" if k in r else "-" for k in ("pipelined_ms", "loop_ms")]
-                lines.append(f"| {r['context']} | {r['batch']} | {r['method']} ({r['implementation']}) | "
-                             f"{r['median_ms']:.2f} ({r['p10_ms']:.2f}-{r['p90_ms']:.2f}) | {r['tokens_per_s']:.1f} | "
-                             f"{share} | {r['bytes'] / GB:.2f} | {r['floor_ms']:.2f} | {r['of_floor']:.2f} | "
-                             f"{' | '.join(extra)} | {r.get('compile_s', r.get('first_call_s', 0)):.1f} |")
-            lines.append("")
-        configs = sorted({(r["context"], r["batch"]) for r in sweep}, key=lambda cb: (cb[1], cb[0]))
-        lines += pivot(f"{name}: attention only, one layer (us; x floor)", sweep, "attention", configs,
-                       lambda r: f"{r['median_us']:.1f} ({r['of_floor']:.1f}x)", key="median_us")
-        crossing = None  # the shortest context from which HATA attention wins at every longer one
-        for c in sorted({r["context"] for r in sweep if r["batch"] == 1}, reverse=True):
-            best = best_dense(sweep, model, c, 1, "attention", "median_us")
-            hata = _find(sweep, "attention", model, c, 1, "hata")
-            if not (best and hata and hata["median_us"] < best["median_us"]):
-                break
-            crossing = c
-        if crossing:
-            lines += [f"HATA attention beats the best dense attention at batch 1 from context {crossing} on (the "
-                      f"short-context policy's threshold, `dense_below`, should sit near it).", ""]
-    other = [r for r in rows if r["kind"] in ("skip", "error")]
-    if other:
-        lines += ["Skipped or failed:", ""] + [
-            f"- {r['model']} context {r['context']} batch {r['batch']} {r.get('method') or ''}: "
-            f"{r.get('reason') or r.get('error', '')[:300]}" for r in other]
-    return "\n".join(lines)
-
-
-def pivot(heading, rows, kind, configs, cell, *, key="median_ms", with_batch=True) -> list[str]:
-    """A markdown table of one model's `rows`: a line per (context, batch) in `configs`, a column
-    per method (`cell(row)`), and HATA's speedup over the best dense (by `key`, lower is better)."""
-    if not configs:
-        return []
-    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
-    lead = ["context", "batch"] if with_batch else ["context"]
-    lines = [f"### {heading}", "", "| " + " | ".join(lead + methods) + " | HATA vs best dense |",
-             "|" + "---:|" * (len(lead) + len(methods) + 1)]
-    model = rows[0]["model"]
-    for c, b in configs:
-        found = [_find(rows, kind, model, c, b, m) for m in methods]
-        best, hata = best_dense(rows, model, c, b, kind, key), _find(rows, kind, model, c, b, "hata")
-        speedup = f"{best[key] / hata[key]:.2f}x" if best and hata else "-"
-        lines.append("| " + " | ".join([str(c)] + ([str(b)] if with_batch else []) + [cell(r) if r else "-" for r in found])
-                     + f" | {speedup} |")
-    return lines + [""]
-
-
-def goals_table(steps, attention, budget: int) -> list[str]:
-    """The issue's goals, read from the Llama rows."""
-    def speedup(rows, kind, context, batch, key):
-        best, hata = best_dense(rows, "llama", context, batch, kind, key), _find(rows, kind, "llama", context, batch, "hata")
-        return (best[key] / hata[key], best["method"]) if best and hata else (None, None)
-
-    lines = ["| goal | measured | met |", "|---|---:|---|"]
-    for text, rows, kind, context, batch, key, target in (
-            ("attention only, 128K, batch 1: HATA >= 10x faster than the best dense", attention, "attention", 131072, 1,
-             "median_us", 10.0),
-            ("whole step, 128K, batch 1: HATA >= 2x the best dense tokens/s", steps, "step", 131072, 1, "median_ms", 2.0),
-            ("whole step, 32K, batch 8: HATA >= 3x the best dense tokens/s", steps, "step", 32768, 8, "median_ms", 3.0)):
-        value, best = speedup(rows, kind, context, batch, key)
-        lines.append(f"| {text} | {f'{value:.2f}x (vs {best})' if value else 'not measured'} | "
-                     f"{'-' if value is None else 'yes' if value >= target else 'NO'} |")
-    value, best = speedup(steps, "step", 4096, 1, "median_ms")
-    cost = 1 / value if value else None
-    threshold = generation.DENSE_BELOW_BUDGETS * budget
-    met = "-" if cost is None else "yes" if cost <= 1.10 else "by the policy" if 4096 <= threshold else "NO"
-    lines += [f"| whole step, 4K, batch 1: HATA costs <= 1.10x the best dense, or the model switches to dense | "
-              f"{f'{cost:.2f}x (vs {best})' if cost else 'not measured'} | {met} |", "",
-              f"Short-context policy: `models.generate` (and `hata-jax generate`) run the all-dense step while every "
-              f"sequence holds at most `dense_below` tokens, by default {generation.DENSE_BELOW_BUDGETS} x budget = "
-              f"{threshold} here, so contexts up to that length decode at the dense step's speed."]
-    return lines
-
-
-def report_plots(data: dict, folder: str) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows, written = data["rows"], []
-    steps = [r for r in rows if r["kind"] == "step"]
-    attention = [r for r in rows if r["kind"] == "attention"]
-    models = list(dict.fromkeys(r["model"] for r in steps + attention))
-
-    def save(fig, name):
-        path = os.path.join(folder, name)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
-
-    def lines_by_method(ax, rows, x, y, where):
-        for method in METHODS:
-            pts = sorted((r[x], r[y]) for r in rows if r["method"] == method and where(r))
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=method, color=COLORS[method])
-        ticks = sorted({r[x] for r in rows if where(r)})
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(ticks, [f"{t // 1024}K" if t >= 1024 and t % 1024 == 0 else str(t) for t in ticks])
-        ax.minorticks_off()
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-
-    device = data["environment"]["device"]
-    for kind, rows_of, y, ylabel, name in (
-            ("step", steps, "median_ms", "decode step (ms)", "decode_latency_vs_context.png"),
-            ("attention", attention, "median_us", "attention, one layer (us)", "attention_latency_vs_context.png")):
-        if not any(r["batch"] == 1 for r in rows_of):
-            continue
-        fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
-        for ax, model in zip(axes[0], models):
-            lines_by_method(ax, rows_of, "context", y, lambda r, m=model: r["model"] == m and r["batch"] == 1)
-            ax.set(yscale="log", xlabel="context (tokens)", ylabel=ylabel, title=f"{title(data, model)}, batch 1")
-        fig.suptitle(f"{device}: {kind} latency vs context")
-        save(fig, name)
-    contexts = sorted({(r["model"], r["context"]) for r in steps if r["batch"] > 1})
-    if contexts:
-        columns = min(len(contexts), PLOT_COLUMNS)
-        rows = math.ceil(len(contexts) / columns)
-        fig, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 3.6 * rows), squeeze=False)
-        for ax, (model, context) in zip(axes.flat, contexts):
-            lines_by_method(ax, steps, "batch", "tokens_per_s", lambda r, m=model, c=context: (r["model"], r["context"]) == (m, c))
-            ax.set(xlabel="batch", ylabel="tokens/s", title=f"{title(data, model)}, context {context}")
-        for ax in list(axes.flat)[len(contexts):]:
-            ax.set_visible(False)
-        fig.suptitle(f"{device}: decode tokens/s vs batch")
-        save(fig, "decode_tokens_per_s_vs_batch.png")
-    return written
-
-
 # ----------------------------------------------------------------------------- command line
 
 def parse_args(argv):
@@ -1012,7 +587,8 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if bool(args.out) == bool(args.report):
         parser.error("give exactly one of --out (run the benchmark) and --report (tables and plots of a JSON)")
-    given = {k: v for k, v in vars(args).items() if v is not None and k in {f.name for f in dataclasses.fields(Settings)}}
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    given = {k: v for k, v in vars(args).items() if v is not None and k in fields}
     for name in ("models", "contexts", "batches", "methods"):
         if name in given:
             given[name] = tuple(given[name])

@@ -1,20 +1,20 @@
 """Head-sharded multi-GPU decoding: the model's decode step on 1 GPU versus on a mesh of GPUs.
 
-    python -m bench.multi_gpu --out $OUT/multi_gpu.json            # 2 GPUs (one host), ~6 min
+    python -m bench.multi_gpu --out $OUT/multi_gpu.json            # 2 GPUs (one host)
     python -m bench.multi_gpu --out /tmp/multi_gpu.json --small    # CPU smoke run, 4 virtual devices
     python -m bench.multi_gpu --report bench/results/multi_gpu_h200x2.json   # markdown table
 
-Models: Llama-3.1-8B shapes (`bench.decode.LLAMA_8B`: hidden 4096, 32 q / 8 KV heads, D=128,
+Models: Llama-3.1-8B shapes (`hata_jax.models.presets.LLAMA_8B`: hidden 4096, 32 q / 8 KV heads, D=128,
 intermediate 14336, vocab 128256, bf16) with random weights made on the devices, with all 32
 layers or fewer (`--cases`). On one GPU the model is the plain single-device product path
-(`mesh=None`); on n GPUs it is tensor-parallel over a one-axis mesh (`models.sharding.init_model`:
+(`mesh=None`); on n GPUs it is tensor-parallel over a one-axis mesh (`hata_jax.models.sharding.init_model`:
 q/k/v/gate/up column-split, o/down row-split, LM head vocabulary-split) and its attention runs in
 the head-sharded `shard_map` wrappers (`hata_jax.sharding`, the plan's mesh): each GPU holds the
 K/V cache, codes and norms of 8/n KV heads and selects without communication; the two
 all-reduces per layer of the row-split matmuls are the only communication.
 
 Caches: every layer holds `context` random tokens per sequence (k, v ~ N(0, 1) in bf16, codes of
-the keys under the layer's random projection, their norms; `bench.decode.random_hata_cache`,
+the keys under the layer's random projection, their norms; `bench.decode_steps.random_hata_cache`,
 built on each device for its own heads, never whole on one device). Each method starts at
 `context - slack` tokens and appends one per step.
 
@@ -26,21 +26,14 @@ What is compared on 1 versus 2 GPUs, at 128K: (a) batch 8 with the first 16 laye
 the full model), (b) the whole 32-layer model at batch 4. Each job checks the free memory of its
 devices first and is skipped, with the reason, when it does not fit.
 
-Methods: the model's own decode step (`models.generation.ModelSteps.decode`, greedy, caches
+Methods: the model's own decode step (`hata_jax.models.generation.ModelSteps.decode`, greedy, caches
 donated): `dense` (every layer dense) and `hata` (budget 2048, rbit 128, layers 0-1 dense).
-Timing: wall time per step until its token is ready (`block_until_ready`, as `models.generate`
+Timing: wall time per step until its token is ready (`block_until_ready`, as `hata_jax.models.generate`
 runs them), median and p10/p90 over `--reps` steps after `--warmup` calls (the first compiles:
 `first_call_s`); then the same number of steps in groups of PIPELINE dispatched back to back
-(`pipelined_ms`). Tokens/s = batch / median. Bytes per step: `bench.decode.step_bytes` (weights
+(`pipelined_ms`). Tokens/s = batch / median. Bytes per step: `bench.decode_bytes.step_bytes` (weights
 read + the attention's reads) and per device that over n; `floor_ms` is the per-device bytes at
 the bandwidth measured on device 0 in the same run.
-
-Bytes per step at 128K (`bench.decode.step_bytes`; per device on 2 GPUs half of it, the embedding
-table aside, which a step reads B rows of): 32 layers batch 8: dense 152.5 GB, HATA 30.7 GB
-(76.2 / 15.3 GB per device: 15.9 / 3.2 ms at 4.8 TB/s); 16 layers batch 8: dense 76.8, HATA 19.9
-GB; 32 layers batch 4: dense 83.7, HATA 22.8 GB. A dense step is bandwidth-bound and should
-nearly halve on 2 GPUs; a HATA step moves 5x fewer bytes, so the fixed per-launch latency of its
-~10 launches per layer and the two all-reduces per layer weigh more, and it should gain less.
 
 Jobs run case by case (1 GPU, then n GPUs); a job that would overrun `--time-budget` (estimated
 from the slowest job so far) is skipped with the reason. The JSON is rewritten after every result.
@@ -48,6 +41,7 @@ from the slowest job so far) is skipped with the reason. The JSON is rewritten a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -63,19 +57,19 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from bench import decode
+from bench import decode, decode_bytes, decode_steps
 from bench.timing import environment, floor_bandwidth_gbps, write_json
 from hata_jax import HataConfig
 from hata_jax import sharding as head_sharding
-from models import AttentionPlan, LlamaConfig, LlamaForCausalLM
-from models import generation
-from models import sharding as model_sharding
+from hata_jax.models import AttentionPlan, LlamaConfig, LlamaForCausalLM, generation
+from hata_jax.models import sharding as model_sharding
+from hata_jax.models.presets import LLAMA_8B, SMALL_MODELS
 
 GB = 1e9
-METHODS = decode.PRODUCT_METHODS  # ("dense", "hata")
+METHODS = decode_steps.PRODUCT_METHODS  # ("dense", "hata")
 AXIS = "model"
-GOAL = 1.6  # issue 8: 2 GPUs give at least 1.6x the single-GPU tokens/s at 128K, batch 8
-SMALL_LLAMA = dataclasses.replace(decode.SMALL_MODELS["llama"], num_kv_heads=4)  # 8 q / 4 KV heads: splits 4 ways
+GOAL = 1.6  # 2 GPUs give at least 1.6x the single-GPU tokens/s at 128K, batch 8
+SMALL_LLAMA = dataclasses.replace(SMALL_MODELS["llama"], num_kv_heads=4)  # 8 q / 4 KV heads: splits 4 ways
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +98,7 @@ class Settings:
         return HataConfig(rbit=self.rbit, budget=self.budget, dense_layers=self.dense_layers)
 
     def config(self, layers: int) -> LlamaConfig:
-        return dataclasses.replace(SMALL_LLAMA if self.small else decode.LLAMA_8B, num_layers=layers)
+        return dataclasses.replace(SMALL_LLAMA if self.small else LLAMA_8B, num_layers=layers)
 
 
 SMALL = dict(cases=((4, 2, 256), (3, 3, 192)), devices=(1, 2, 4), budget=32, warmup=1, reps=4, time_budget_s=300.0)
@@ -123,18 +117,19 @@ def build_model(config: LlamaConfig, mesh, dtype) -> LlamaForCausalLM:
 
 
 def build_caches(key, hash_weights, config: LlamaConfig, batch: int, context: int, dtype, mesh):
-    """One random full HataCache per layer (`bench.decode.random_hata_cache`); with a mesh, each
+    """One random full HataCache per layer (`bench.decode_steps.random_hata_cache`); with a mesh, each
     device makes the caches of its own KV heads (from its own key), in the head-sharded layout."""
     keys = jax.random.split(key, config.num_layers)
     if mesh is None:
         shape = (batch, config.num_kv_heads, context, config.head_dim)
-        return [decode.random_hata_cache(k, w, context, shape=shape, dtype=dtype) for k, w in zip(keys, hash_weights)]
+        return [decode_steps.random_hata_cache(k, w, context, shape=shape, dtype=dtype)
+                for k, w in zip(keys, hash_weights)]
     n = mesh.shape[AXIS]
     local = (batch, config.num_kv_heads // n, context, config.head_dim)
 
     def one(key, w):
         key = jax.random.fold_in(key, lax.axis_index(AXIS))
-        return decode.random_hata_cache(key, w, context, shape=local, dtype=dtype)
+        return decode_steps.random_hata_cache(key, w, context, shape=local, dtype=dtype)
 
     make = jax.jit(head_sharding.shard_map(one, mesh=mesh, in_specs=(P(), head_sharding.projection_spec(AXIS)),
                                            out_specs=head_sharding.cache_specs(AXIS)))
@@ -148,8 +143,9 @@ def replicated(tree, mesh):
 
 
 def at_length(caches, length: int, mesh):
-    """`bench.decode.with_length`, the lengths replicated over `mesh`."""
-    return [dataclasses.replace(c, lengths=replicated(c.lengths, mesh)) for c in decode.with_length(caches, length)]
+    """`bench.decode_steps.with_length`, the lengths replicated over `mesh`."""
+    caches = decode_steps.with_length(caches, length)
+    return [dataclasses.replace(c, lengths=replicated(c.lengths, mesh)) for c in caches]
 
 
 def time_steps(step, state_leaves, tokens, caches, hash_weights, key, warmup: int, reps: int, groups: int):
@@ -229,21 +225,22 @@ class MultiGpuBench:
             w = jax.random.normal(self._next_key(), (config.num_layers, config.num_kv_heads, config.head_dim,
                                                      self.s.rbit), jnp.float32)
             weights = list(w) if mesh is None else model_sharding.shard_hash_weights(list(w), mesh, AXIS)
-            total = decode.param_bytes(steps.state_leaves)
-            self.models[key] = (steps, weights, decode.weight_read_bytes(config, total, self.dtype.itemsize))
+            total = decode_bytes.param_bytes(steps.state_leaves)
+            self.models[key] = (steps, weights, decode_bytes.weight_read_bytes(config, total, self.dtype.itemsize))
         return self.models[key]
 
     def release_models(self, later: list[Job]) -> None:
         """Free the models no later job uses."""
         for key in [k for k in self.models if not any((j.layers, j.devices) == k for j in later)]:
             steps, weights, _ = self.models.pop(key)
-            decode.free([steps.state_leaves, weights])
+            decode_steps.free([steps.state_leaves, weights])
 
     def need_bytes(self, job: Job) -> float:
         """Per-device bytes the job adds: its caches (and its model, if not built yet) over n, plus 2 GB."""
         config, s = self.s.config(job.layers), self.s
-        caches = decode.cache_bytes(config, job.batch, job.context, s.rbit, self.dtype.itemsize, token_major=False)
-        weights = 0 if (job.layers, job.devices) in self.models else decode.param_bytes(
+        caches = decode_bytes.cache_bytes(config, job.batch, job.context, s.rbit, self.dtype.itemsize,
+                                          token_major=False)
+        weights = 0 if (job.layers, job.devices) in self.models else decode_bytes.param_bytes(
             nnx.state(nnx.eval_shape(lambda: LlamaForCausalLM(config, dtype=self.dtype, rngs=nnx.Rngs(0)))))
         return (caches + weights) / job.devices + 2 * GB
 
@@ -254,8 +251,8 @@ class MultiGpuBench:
         free = device_free_bytes(jax.devices()[:job.devices])
         need = self.need_bytes(job)
         if free is not None and need > free:
-            self.skip(base, f"memory: needs {need / GB:.1f} GB per device (caches "
-                            f"{decode.cache_bytes(config, job.batch, job.context, s.rbit, 2, False) / GB:.1f} GB and "
+            cache_gb = decode_bytes.cache_bytes(config, job.batch, job.context, s.rbit, 2, False) / GB
+            self.skip(base, f"memory: needs {need / GB:.1f} GB per device (caches {cache_gb:.1f} GB and "
                             f"the weights over {job.devices} device(s)), {free / GB:.1f} GB free")
             return
         left = self.deadline - time.perf_counter()
@@ -272,7 +269,7 @@ class MultiGpuBench:
         plan = AttentionPlan.uniform(config.num_layers, "hata", s.hata).on_mesh(mesh, AXIS)
         for method in METHODS:
             caches = at_length(caches, job.context - s.slack, mesh)
-            step = decode.step_function(steps, method, plan)
+            step = decode_steps.step_function(steps, method, plan)
             tokens, key = replicated((jax.random.randint(self._next_key(), (job.batch,), 0, config.vocab_size,
                                                          jnp.int32), jax.random.PRNGKey(0)), mesh)
             try:
@@ -281,13 +278,13 @@ class MultiGpuBench:
             except Exception as err:  # keep the other results; a failed call may have consumed the caches
                 print(f"!! {base} {method}: {type(err).__name__}: {str(err)[:300]}", flush=True)
                 self.record({"kind": "error", **base, "method": method, "error": f"{type(err).__name__}: {err}"[:1500]})
-                caches = decode.surviving(caches)
+                caches = decode_steps.surviving(caches)
                 if caches is None:
                     break
                 continue
-            decode.check_no_overflow(caches)
+            decode_steps.check_no_overflow(caches)
             self.step_row(base, config, method, times, pipelined, weights_read, memory)
-        decode.free(caches)
+        decode_steps.free(caches)
         self.release_models(later)
         self.slowest_job_s = max(self.slowest_job_s, time.perf_counter() - started)
 
@@ -295,7 +292,7 @@ class MultiGpuBench:
         s, n = self.s, base["devices"]
         timed = times[s.warmup:]
         median = statistics.median(timed)
-        nbytes = decode.step_bytes(config, method, base["batch"], base["context"], s.hata, self.dtype.itemsize,
+        nbytes = decode_bytes.step_bytes(config, method, base["batch"], base["context"], s.hata, self.dtype.itemsize,
                                    weights_read)
         floor_ms = nbytes / n / (self.bandwidth["floor_gbps"] * 1e6)
         row = {"kind": "step", **base, "method": method, "median_ms": 1e3 * median,
@@ -380,7 +377,8 @@ def parse_args(argv):
         parser.error("give exactly one of --out (run the benchmark) and --report (table of a JSON)")
     if args.cases and any(len(c) != 3 for c in args.cases):
         parser.error("--cases takes LAYERS,BATCH,CONTEXT triples")
-    given = {k: v for k, v in vars(args).items() if v is not None and k in {f.name for f in dataclasses.fields(Settings)}}
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    given = {k: v for k, v in vars(args).items() if v is not None and k in fields}
     for name in ("cases", "devices"):
         if name in given:
             given[name] = tuple(given[name])
@@ -398,10 +396,8 @@ def main(argv=None) -> int:
     # Let the allocator take most of each GPU (the default pool is 75%); read when the backend starts.
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
     if settings.small:
-        try:  # virtual CPU devices: only before the backend starts (a no-op if it already runs)
+        with contextlib.suppress(RuntimeError):  # virtual CPU devices: only before the backend starts
             jax.config.update("jax_num_cpu_devices", max(settings.devices))
-        except RuntimeError:
-            pass
     env = environment()
     print(env, f"{len(jax.devices())} devices", flush=True)
     bandwidth = floor_bandwidth_gbps(1 << (20 if settings.small else 30))

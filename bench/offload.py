@@ -5,7 +5,7 @@
 Model: Llama-3.1-8B shapes (32 layers, hidden 4096, 32/8 heads, D=128, bf16, 16.1 GB), random
 weights made on the device (as :mod:`bench.decode`), random Gaussian hash projections, HATA budget
 2048, rbit 128, layers 0-1 dense with on-device caches, layers 2-31 offloaded
-(:class:`models.offload.OffloadDecoder`), batch 2. `--small`: a 4-layer model and short contexts
+(:class:`hata_jax.models.offload.OffloadDecoder`), batch 2. `--small`: a 4-layer model and short contexts
 (CPU smoke run).
 
 Parts, in this order, each row written to the JSON as soon as it is measured:
@@ -22,7 +22,7 @@ Parts, in this order, each row written to the JSON as soon as it is measured:
    computed by :func:`hata_jax.offload.step_transfer_bytes`), the bandwidth that implies, and the
    host's time per step waiting for the selections and gathering/copying. Then the same steps
    with each `copy_chunks` of `--chunks`.
-3. `fits` (default 64K, batch 2): the on-device HATA decode step (`models.generation.ModelSteps`,
+3. `fits` (default 64K, batch 2): the on-device HATA decode step (`hata_jax.models.generation.ModelSteps`,
    one jit, as :mod:`bench.decode`'s "hata") and the offloaded step from the same cache contents
    (the offloaded caches are copied from the device caches before the on-device steps run); both
    greedy from the same token: `tokens_equal_prefix` counts the leading steps whose tokens agree.
@@ -34,8 +34,7 @@ Parts, in this order, each row written to the JSON as soon as it is measured:
    this device: `device_put` to `pinned_host` and back (bandwidths), and inside `jit` a row gather
    from a `pinned_host` array under `compute_on("device_host")` and a donated in-place append.
 
-Budget: expected about 2.5 minutes on an H100 (not yet measured; the fill of 60 GiB of host memory and the compilations
-dominate); `--time-budget` (default 200 s) skips the parts that no longer fit, saying so.
+Budget: `--time-budget` (default 200 s) skips the parts that no longer fit, saying so.
 """
 from __future__ import annotations
 
@@ -56,13 +55,13 @@ import numpy as np
 from flax import nnx
 
 import hata_jax as hj
-from bench.decode import LLAMA_8B, SMALL_MODELS, free, random_hata_cache
+from bench.decode_steps import free, random_hata_cache
 from bench.timing import environment, write_json
 from hata_jax import HataCache, HataConfig, offload
+from hata_jax.models import AttentionPlan, LlamaForCausalLM, generation
+from hata_jax.models.offload import OffloadDecoder
+from hata_jax.models.presets import LLAMA_8B, SMALL_MODELS
 from hata_jax.offload import OffloadedCache, step_transfer_bytes
-from models import AttentionPlan, LlamaForCausalLM
-from models import generation
-from models.offload import OffloadDecoder
 
 GB = 1e9
 FILL_CHUNK = 65536  # tokens per device -> host copy while filling a host cache
@@ -269,7 +268,8 @@ class OffloadBench:
         host_need = len(hata_layers) * self.kv_bytes(context) / c.num_layers
         available = host_memory_available()
         if host_need + 4e9 > available:
-            self.skip("offload", f"host memory: needs {host_need / GB:.1f} GB + 4 GB, {available / GB:.1f} GB available")
+            self.skip("offload",
+                      f"host memory: needs {host_need / GB:.1f} GB + 4 GB, {available / GB:.1f} GB available")
             return
         device_limit = (self.device.memory_stats() or {}).get("bytes_limit")
         info = {"kv_cache_bytes": self.kv_bytes(context), "weight_bytes": self.weight_bytes,
@@ -333,8 +333,10 @@ class OffloadBench:
                                  "p90_ms": 1e3 * float(np.percentile(timed, 90)),
                                  "tokens_per_s": s.batch / statistics.median(timed), "first_call_s": times[0]})
         free([caches[i] for i in self.plan.hashed_layers])
-        caches = [host[i] if i in host else dataclasses.replace(caches[i], lengths=jnp.full((s.batch,), length, jnp.int32))
-                  for i in range(c.num_layers)]
+        def at_length(cache):  # a lengths buffer per layer: each is donated
+            return dataclasses.replace(cache, lengths=jnp.full((s.batch,), length, jnp.int32))
+
+        caches = [host[i] if i in host else at_length(caches[i]) for i in range(c.num_layers)]
         warm, host_tokens, tokens, _ = self.time_offloaded(caches, t0, s.warmup)
         times, timed_tokens, _, total = self.time_offloaded(caches, tokens, s.reps)
         host_tokens += timed_tokens
@@ -463,7 +465,8 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if not args.probe and not args.out:
         parser.error("--out is required")
-    given = {k: v for k, v in vars(args).items() if v is not None and k in {f.name for f in dataclasses.fields(Settings)}}
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    given = {k: v for k, v in vars(args).items() if v is not None and k in fields}
     if "chunks" in given:
         given["chunks"] = tuple(given["chunks"])
     return args, Settings(**{**(SMALL if args.small else {}), **given})

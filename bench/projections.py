@@ -4,7 +4,7 @@ three matrices concatenated inside the program versus one stored fused matrix.
 At batch 1 XLA rewrites a small vector-matrix dot (Llama-3.1-8B's k and v projections,
 4096 x 1024) into an elementwise multiply plus a reduction instead of a GEMM, which moves several
 times the bytes of the weights; padding the batch to two rows keeps GEMMs, and one product with
-the matrices concatenated in the program (what `models.llama.SelfAttention` does) is faster still:
+the matrices concatenated in the program (what `hata_jax.models.llama.SelfAttention` does) is faster still:
 XLA reads the concatenation straight into its GEMM, without a copy. This measures, per batch
 size, the wall time per layer (`bench.timing.median_us` over distinct layers' weights, so the L2
 cannot serve them) and which fusions XLA chose, against the bytes floor.
@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 
 from bench.timing import environment, floor_bandwidth_gbps, many_calls, median_us, write_json
-
 
 # (hidden, q projection outputs, k and v projection outputs)
 SHAPES = {"llama": (4096, 4096, 1024), "smollm2": (576, 576, 192)}
@@ -44,7 +43,7 @@ def fused(x, wqkv):
 
 
 def concatenated(x, wq, wk, wv):
-    """One product with the matrices concatenated inside the program (as `models.llama`); were the
+    """One product with the matrices concatenated inside the program (as `hata_jax.models.llama`); were the
     concatenation not fused into the GEMM, it would copy 50 MB per Llama layer."""
     return x @ jnp.concatenate([wq, wk, wv], axis=1)
 
@@ -84,7 +83,8 @@ def main(argv=None) -> int:
                                    for kind in ("gemm_fusion", "input_reduce_fusion", "loop_multiply_fusion")}}
                 rows.append(row)
                 print(f"{model:<8} batch {batch:>3} {name:<30} {row['median_us']:8.1f} us per layer "
-                      f"({row['of_floor']:.2f}x floor {floor_us:.1f} us)  fusions per layer {row['fusions']}", flush=True)
+                      f"({row['of_floor']:.2f}x floor {floor_us:.1f} us)  fusions per layer {row['fusions']}",
+                      flush=True)
     write_json(args.out, {"environment": environment(), "bandwidth": bandwidth, "rows": rows})
     return 0
 

@@ -25,7 +25,8 @@ def tables(data: dict) -> str:
         f"read-only {data.get('read_gbps', 0):.0f} GB/s; floors use {data.get('floor_gbps', 0):.0f} GB/s. "
         "Wall = median per op with launch gaps (bench.timing); device = sum of the op's kernel times (profiler).",
         "",
-        "| group | implementation | shape | wall (us) | device (us) | floor (us) | device x floor | kernels (device us) | note |",
+        "| group | implementation | shape | wall (us) | device (us) | floor (us) | device x floor "
+        "| kernels (device us) | note |",
         "|---|---|---|---:|---:|---:|---:|---|---|",
     ]
     skip = {"group", "name", "median_us", "p10_us", "p90_us", "reps", "ops_per_rep", "bytes", "floor_us", "gbps",

@@ -43,16 +43,20 @@ def sweep_dense(rows, key, contexts, batches):
         sets = [(q, k, v, lengths) for q in qs]
         rec("xla", lambda q, k, v, l: hj.dense_decode_attention(q, k, v, l, impl="reference"), sets)
         kt, vt = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
-        rec("cudnn", lambda q, k, v, l: jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=l, implementation="cudnn"),
+        rec("cudnn", lambda q, k, v, l: jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=l,
+                                                                     implementation="cudnn"),
             [(q[:, None], kt, vt, lengths) for q in qs])
         del kt, vt
         default = fd.dense_tuning(b, HKV, n, D, jnp.bfloat16)
-        rec("pallas", lambda q, k, v, l: hj.dense_decode_attention(q, k, v, l, impl="pallas"), sets, tuning=str(default))
+        rec("pallas", lambda q, k, v, l: hj.dense_decode_attention(q, k, v, l, impl="pallas"), sets,
+            tuning=str(default))
         variants = [(bk, st, w, 1) for bk, st, w in itertools.product((64, 128), (2, 3, 4), (4, 8))]
         variants += [(default.block_k, default.num_stages, 4, mult) for mult in (0.25, 0.5, 2)]
         for block_k, stages, warps, split_mult in variants:
-            t = fd.Tuning(block_k=block_k, splits=max(1, int(default.splits * split_mult)), num_warps=warps, num_stages=stages)
-            rec("pallas", lambda q, k, v, l, t=t: fd.dense_decode_attention(q, k, v, l, scale=D ** -0.5, return_lse=False, tuning=t),
+            t = fd.Tuning(block_k=block_k, splits=max(1, int(default.splits * split_mult)), num_warps=warps,
+                          num_stages=stages)
+            rec("pallas", lambda q, k, v, l, t=t: fd.dense_decode_attention(q, k, v, l, scale=D ** -0.5,
+                                                                            return_lse=False, tuning=t),
                 sets, tuning=str(t))
 
 
@@ -71,11 +75,14 @@ def sweep_sparse(rows, key, budget=2048, n=131072, batches=(1, 8)):
                              for bk, sp, w, st in itertools.product((32, 64), (1, 4, 16, 32, 64), (4,), (1, 2))]
         for t in variants:
             try:
-                med = median_us(lambda q, i, t=t: fd.sparse_decode_attention(q, k, v, i, count, scale=D ** -0.5, return_lse=False, tuning=t), sets, reps=15)["median_us"]
+                call = lambda q, i, t=t: fd.sparse_decode_attention(q, k, v, i, count, scale=D ** -0.5,
+                                                                    return_lse=False, tuning=t)
+                med = median_us(call, sets, reps=15)["median_us"]
             except Exception as err:
                 rows.append({"kernel": "sparse", "batch": b, "tuning": str(t), "error": str(err)[:300]})
                 continue
-            rows.append({"kernel": "sparse", "batch": b, "budget": budget, "tuning": str(t or default), "median_us": med, "gbps": nbytes / med / 1e3})
+            rows.append({"kernel": "sparse", "batch": b, "budget": budget, "tuning": str(t or default),
+                         "median_us": med, "gbps": nbytes / med / 1e3})
             print(f"  sparse b={b} {str(t or default):<70} {med:8.1f} us {nbytes / med / 1e3:7.0f} GB/s", flush=True)
 
 

@@ -11,13 +11,15 @@ device time of the kernels alone.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import statistics
 import subprocess
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -110,10 +112,9 @@ def environment() -> dict:
     may carry another checkout's .git)."""
     commit = os.environ.get("HATA_COMMIT", "")
     if not commit:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        except OSError:
-            pass
+        with contextlib.suppress(OSError):
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                    text=True).stdout.strip()
     dev = jax.devices()[0]
     return {
         "device": getattr(dev, "device_kind", str(dev)),

@@ -3,6 +3,14 @@
 The public API is plain functions on arrays (no Flax), each with a pure-JAX reference path and,
 on GPU, a Pallas kernel path (`impl="auto" | "pallas" | "reference"`, see
 :mod:`hata_jax.dispatch`).
+
+Names used across the package:
+  w               one layer's hash projection, float[Hkv, D, rbit] (the functions here)
+  hash_weights    the projections of every layer of a model, {layer: w} or [num_layers, Hkv, D, rbit]
+                  (:mod:`hata_jax.models.hash_projections`, `hata-jax generate --hash-weights`)
+  params          one layer's parameters of a token selector (:mod:`hata_jax.selectors`): `w` for
+                  hata and simhash, the MLP dict for hashattention, the PCA basis for loki
+  selector_params the `params` of every layer (:func:`hata_jax.train.selector_params.selector_params`)
 """
 from hata_jax.attention import combine, dense_decode_attention, sparse_decode_attention
 from hata_jax.cache import HataCache

@@ -1,7 +1,7 @@
 """Argument checks shared by the public functions: each raises a ValueError naming the argument."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +32,8 @@ def check_dtype(x, dtypes: Sequence, name: str) -> None:
 def check_dim(x, axis: int, expected: int, name: str, what: str) -> None:
     got = jnp.shape(x)[axis]
     if got != expected:
-        raise ValueError(f"{name} has {what} {got} along axis {axis}, expected {expected} (shape {tuple(jnp.shape(x))})")
+        raise ValueError(f"{name} has {what} {got} along axis {axis}, expected {expected} "
+                         f"(shape {tuple(jnp.shape(x))})")
 
 
 def group_size(q_heads: int, kv_heads: int, name: str) -> int:

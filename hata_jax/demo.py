@@ -46,7 +46,8 @@ def planted_problem(cfg: DemoConfig):
     strength = 2.0 * rng.power(4.0, (cfg.kv_heads, cfg.heavy_hitters, 1))
     for h in range(cfg.kv_heads):
         pos = rng.choice(cfg.context, cfg.heavy_hitters, replace=False)
-        k[h, pos] = strength[h] * direction[h] * np.sqrt(cfg.head_dim) + rng.standard_normal((cfg.heavy_hitters, cfg.head_dim))
+        k[h, pos] = strength[h] * direction[h] * np.sqrt(cfg.head_dim) + rng.standard_normal((cfg.heavy_hitters,
+                                                                                              cfg.head_dim))
     v = rng.standard_normal((cfg.kv_heads, cfg.context, cfg.head_dim))
     f32 = lambda x: jnp.asarray(x[None], jnp.float32)  # noqa: E731
     return f32(q.reshape(cfg.q_heads, cfg.head_dim)), f32(k), f32(v)
@@ -80,7 +81,8 @@ def run_demo(cfg: DemoConfig = DemoConfig(), impl: str = "auto") -> list[dict]:
     norms = key_norms(k)
     g = cfg.q_heads // cfg.kv_heads
     exact_scores = jnp.sum(
-        jax.nn.softmax(jnp.einsum("bhgd,bhsd->bhgs", q.reshape(1, cfg.kv_heads, g, -1), k) / np.sqrt(cfg.head_dim), axis=-1),
+        jax.nn.softmax(jnp.einsum("bhgd,bhsd->bhgs", q.reshape(1, cfg.kv_heads, g, -1), k) / np.sqrt(cfg.head_dim),
+                       axis=-1),
         axis=2,
     )
     recency = jnp.broadcast_to(jnp.arange(cfg.context, dtype=jnp.float32), exact_scores.shape)
@@ -88,8 +90,10 @@ def run_demo(cfg: DemoConfig = DemoConfig(), impl: str = "auto") -> list[dict]:
     for budget in cfg.budgets:
         selections = {
             "exact top-k": select_topk(exact_scores, budget, lengths, impl=impl),
-            "simhash key-norm": hamming_topk(q_codes, k_codes, norms, lengths, budget=budget, score="key_norm", impl=impl),
-            "simhash hamming": hamming_topk(q_codes, k_codes, norms, lengths, budget=budget, score="hamming", impl=impl),
+            "simhash key-norm": hamming_topk(q_codes, k_codes, norms, lengths, budget=budget, score="key_norm",
+                                             impl=impl),
+            "simhash hamming": hamming_topk(q_codes, k_codes, norms, lengths, budget=budget, score="hamming",
+                                            impl=impl),
             "recent window": select_topk(recency, budget, lengths, impl=impl),
         }
         oracle = selected_mask(*selections["exact top-k"], cfg.context)

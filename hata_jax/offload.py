@@ -20,38 +20,19 @@ One layer's decode step (:func:`offload_decode_attention`) is three parts:
 
 Bytes per layer step (:func:`step_transfer_bytes`): host -> device `B * Hkv * budget * 2 * D * itemsize`
 (the selected rows, the whole fixed-size buffer: shapes stay static); device -> host
-`B * Hkv * (budget * 4 + 2 * D * itemsize)` (indices and the new token). Byte floor, Llama-3.1-8B
-shapes (32 layers, 2 dense on the device, 30 offloaded, 8 KV heads, D=128, bf16, batch 1, budget
-2048, rbit 128), independent of the context: 30 x 8 x 2048 x 512 B = 251.7 MB host -> device and
-2.1 MB back per step, 4.6 ms at ~55 GB/s (PCIe 5 x16, pinned) or ~12 ms at ~20 GB/s (pageable);
-on the device the step still reads the weights (15 GB), every token's codes and norms (at 128K,
-30 x 8 x 128K x 20 B = 0.63 GB) and the dense layers' K/V (2 x 0.5 GiB at 128K): 16.7 GB, 5.8 ms at
-2.9 TB/s. Floor of a step: 5.8 ms if the copies hid entirely behind device work, 10.4 ms without
-overlap (the H100's on-device HATA step at 128K: 16.5 ms measured in bench/results).
+`B * Hkv * (budget * 4 + 2 * D * itemsize)` (indices and the new token); independent of the context.
+The host waits for each layer's selection (a layer's selection needs its query, which needs the
+previous layer's output): one device -> host synchronisation per offloaded layer and step.
+Measured: BENCHMARKS.md, "KV cache offloaded to host memory".
 
-Overlap: within a layer the gathers, the host -> device copies and the workers' staging run in
-parallel; across layers there is nothing to overlap without changing the method, because a layer's
-selection needs its query, which needs the previous layer's output (prefetching would need a
-speculative selection from an earlier layer's query, as InfiniGen does). The host waits for each
-layer's selection: one device -> host synchronisation per offloaded layer and step.
-
-Why host-driven and not JAX memory kinds inside `jit` (checked on jax 0.10.2, CPU): arrays can
-live in `pinned_host` memory (`SingleDeviceSharding(dev, memory_kind="pinned_host")`), but a gather
-from such an array with device indices fails to trace ("memory_space of all inputs passed to
-`gather` must be the same"). Moving the indices to the host and gathering (`mode="clip"`: the
-default mode's bounds check makes a device constant) or appending (donated `.at[].set`) under
-`compute_on("device_host")` runs on the CPU backend and lowers for CUDA (StableHLO with
-`_xla_compute_type = "host"`), but that lowering stops before XLA's GPU host-offloading passes,
-and XLA issues report CHECK failures (a process abort, not an exception) for scatters and dynamic
-updates on `pinned_host` arrays (openxla/xla#34565, #47362). Plain numpy buffers and `device_put`
-work on every backend; `bench/offload.py` probes the in-jit variant on the GPU in a subprocess.
+The gathers and copies run outside `jit` (numpy buffers and `jax.device_put`): a gather inside
+`jit` from a `pinned_host` array with device indices does not trace on jax 0.10, and `bench/offload.py`
+probes the in-jit variant on the GPU.
 
 Tunables: :data:`GATHER_THREADS` = min(32, CPUs) workers (numpy's take releases the GIL, so the
-gathers of a step run in parallel); :data:`COPY_CHUNKS` = 4 blocks per step by default (2 MiB each
-for Llama's 8 KV heads at batch 1, budget 2048, bf16): one `device_put` per block costs host time
-(tens of microseconds), more blocks overlap more gathering with copying; `bench/offload.py` times
-1, 2, 4 and 8 on the GPU to pick it. The gather uses `np.take(..., mode="clip")` into the block (no
-bounds pass, no temporary: half the time of the default mode); the indices are valid by construction.
+gathers of a step run in parallel); :data:`COPY_CHUNKS` blocks per step by default (one
+`device_put` each: more blocks overlap more gathering with copying, each costs host time). The
+gather uses `np.take(..., mode="clip")` into the block; the indices are valid by construction.
 
 Capacity: the host keeps each sequence's length (it writes every token), so overflow is always
 detected at once: :meth:`OffloadedCache.check_room` raises a ValueError before a step would write
@@ -63,8 +44,8 @@ import dataclasses
 import functools
 import os
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -105,7 +86,7 @@ class DeviceCodes:
     def capacity(self) -> int:
         return self.codes.shape[2]
 
-    def append(self, k_codes: jax.Array, k_norms: jax.Array) -> "DeviceCodes":
+    def append(self, k_codes: jax.Array, k_norms: jax.Array) -> DeviceCodes:
         """Write one token's code uint32[B, Hkv, W] and norm float32[B, Hkv] at `lengths[b]`; a full
         sequence's write is dropped and its length stays (the host raises before that happens)."""
         rows = jnp.arange(self.codes.shape[0])
@@ -174,7 +155,7 @@ class OffloadedCache:
 
     @classmethod
     def init(cls, batch: int, kv_heads: int, capacity: int, head_dim: int, *, rbit: int = 128,
-             dtype=jnp.bfloat16, device=None) -> "OffloadedCache":
+             dtype=jnp.bfloat16, device=None) -> OffloadedCache:
         """An empty cache of `capacity` tokens per sequence (host pages are zero and allocated lazily);
         `device` as the attribute."""
         for name, value in (("batch", batch), ("kv_heads", kv_heads), ("capacity", capacity), ("head_dim", head_dim)):
@@ -239,7 +220,8 @@ class OffloadedCache:
                 raise ValueError(f"{name} must have shape {list(shape)} to match the cache, got {tuple(x.shape)}")
             if dtype is not None:
                 checks.check_dtype(x, [dtype], name)
-        if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or start < 0 or start + t > self.capacity:
+        if (isinstance(start, bool) or not isinstance(start, (int, np.integer)) or start < 0
+                or start + t > self.capacity):
             raise ValueError(f"write: tokens [{start}, {start} + {t}) do not fit the capacity {self.capacity}")
         put = functools.partial(jax.device_put, device=self.device)
         self.codes = _put_tokens(self.codes, put(codes), put(norms), int(start))

@@ -5,7 +5,9 @@ hash projection and the G query heads of its group are all its attention reads. 
 heads (each with its query heads) over a mesh axis therefore needs no communication at all:
 hashing, scoring, selection and attention run on each device for its own heads. Pallas calls
 cannot be partitioned by XLA (it would gather a custom call's operands onto every device), so
-each wrapper here runs the plain :mod:`hata_jax` function inside `shard_map`, on the local heads.
+each wrapper here runs the plain :mod:`hata_jax` function (or :class:`hata_jax.HataCache` method)
+of its name without the `sharded_` prefix inside `shard_map`, on the local heads; it takes the
+same arguments plus `mesh` and `axis`.
 
 Layouts over mesh axis `axis` of size n (the KV head count must be a multiple of n; the query
 heads follow: device i holds KV heads [i Hkv/n, (i+1) Hkv/n) and query heads [i Hq/n, (i+1) Hq/n),
@@ -168,9 +170,9 @@ def _prefill_local(axis, *, impl):
 _LOCAL = {"hata": _hata_local, "dense": _dense_local, "append": _append_local, "prefill": _prefill_local}
 
 
-def hata_decode_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, cache: HataCache, w: jax.Array,
-                          config: HataConfig, *, mesh: Mesh | None, axis: str = "model", scale: float | None = None,
-                          impl: str = "auto"):
+def sharded_hata_decode_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, cache: HataCache, w: jax.Array,
+                                  config: HataConfig, *, mesh: Mesh | None, axis: str = "model",
+                                  scale: float | None = None, impl: str = "auto"):
     """:func:`hata_jax.hata_decode_attention` with the heads split over `axis` of `mesh`.
 
     Args:
@@ -188,9 +190,9 @@ def hata_decode_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, cach
     return fn(q, k_new, v_new, cache, w)
 
 
-def dense_decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, *, mesh: Mesh | None,
-                           axis: str = "model", scale: float | None = None, return_lse: bool = False,
-                           impl: str = "auto"):
+def sharded_dense_decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, *, mesh: Mesh | None,
+                                   axis: str = "model", scale: float | None = None, return_lse: bool = False,
+                                   impl: str = "auto"):
     """:func:`hata_jax.dense_decode_attention` with the heads split over `axis` of `mesh`.
 
     Args:
@@ -208,8 +210,8 @@ def dense_decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: ja
     return fn(q, k, v, lengths)
 
 
-def append(cache: HataCache, k_new: jax.Array, v_new: jax.Array, w: jax.Array, *, mesh: Mesh | None,
-           axis: str = "model", impl: str = "auto") -> HataCache:
+def sharded_append(cache: HataCache, k_new: jax.Array, v_new: jax.Array, w: jax.Array, *, mesh: Mesh | None,
+                   axis: str = "model", impl: str = "auto") -> HataCache:
     """:meth:`HataCache.append` (k_new, v_new: [B, Hkv, D]; w: [Hkv, D, rbit]) on the local heads."""
     if mesh is None:
         return cache.append(k_new, v_new, w, impl=impl)
@@ -217,8 +219,8 @@ def append(cache: HataCache, k_new: jax.Array, v_new: jax.Array, w: jax.Array, *
     return _over_heads("append", mesh, axis, (("impl", impl),))(cache, k_new, v_new, w)
 
 
-def prefill(cache: HataCache, k: jax.Array, v: jax.Array, w: jax.Array, lengths: jax.Array, *, mesh: Mesh | None,
-            axis: str = "model", impl: str = "auto") -> HataCache:
+def sharded_prefill(cache: HataCache, k: jax.Array, v: jax.Array, w: jax.Array, lengths: jax.Array, *,
+                    mesh: Mesh | None, axis: str = "model", impl: str = "auto") -> HataCache:
     """:meth:`HataCache.prefill` (k, v: [B, Hkv, T, D]; w: [Hkv, D, rbit]; lengths: int[B]) on the local heads."""
     if mesh is None:
         return cache.prefill(k, v, w, lengths, impl=impl)

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 # HF `model_type` -> whether the q/k/v projections carry a bias by default.
 SUPPORTED_MODEL_TYPES = {"llama": False, "qwen2": True}
@@ -87,7 +88,7 @@ class LlamaConfig:
         return self.num_heads // self.num_kv_heads
 
     @classmethod
-    def from_hf(cls, cfg: Mapping[str, Any]) -> "LlamaConfig":
+    def from_hf(cls, cfg: Mapping[str, Any]) -> LlamaConfig:
         """From a HF `config.json` dict (`model_type` "llama" or "qwen2")."""
         model_type = cfg.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:

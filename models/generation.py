@@ -4,7 +4,7 @@
     prefilled = prefill_prompts(model, prompts, capacity=...)
     generate_from(prefilled, plan, params)      decode from a shared prefill, for any plan/budget
 
-Prompts of different lengths are right-padded into one batch (see :mod:`models.llama`). The
+Prompts of different lengths are right-padded into one batch (see :mod:`hata_jax.models.llama`). The
 static shapes are the batch size, the padded prompt length (rounded up to a multiple of
 `PROMPT_BUCKET`) and the cache capacity (rounded up to a multiple of `CAPACITY_BUCKET`), so the
 decode step compiles once per (batch, capacity, plan, sampling) and every later token reuses it.
@@ -14,7 +14,7 @@ A prefill is plan-independent: every layer's HataCache gets the prompt's keys, v
 norms, plus the logits of each prompt's next token. :func:`generate_from` never changes it: its
 start step (jitted once per plan and shape, caches not donated) copies the caches, re-encodes the
 "hata" layers' codes when it is given their projections, builds the "sparse" layers' selector
-states from the cached keys (:func:`models.selector_cache.with_selector_states`) and samples the
+states from the cached keys (:func:`hata_jax.models.selector_cache.with_selector_states`) and samples the
 first token; the decode steps then donate those copies.
 
 Short-context policy: with a plan that has selecting ("hata" or "sparse") layers, a step whose
@@ -34,7 +34,7 @@ import collections
 import dataclasses
 import functools
 import time
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -44,9 +44,10 @@ from flax import nnx
 import hata_jax
 from hata_jax import HataCache, HataConfig
 from hata_jax import sharding as head_sharding
-from models.attention import AttentionPlan, hash_weights_for
-from models.llama import LlamaForCausalLM, init_caches
-from models.selector_cache import with_selector_states
+from hata_jax.models.hash_projections import hash_weights_for
+from hata_jax.models.llama import LlamaForCausalLM, init_caches
+from hata_jax.models.plan import AttentionPlan
+from hata_jax.models.selector_cache import with_selector_states
 
 PROMPT_BUCKET = 32
 CAPACITY_BUCKET = 128
@@ -287,14 +288,14 @@ def prefill_prompts(
     Args:
       prompts: token ids per prompt (non-empty).
       capacity: cache tokens per sequence (prompt plus the tokens to generate).
-      hash_weights: per-layer projections as :func:`models.attention.hash_weights_for` takes them
+      hash_weights: per-layer projections as :func:`hata_jax.models.hash_projections.hash_weights_for` takes them
         (all of one rbit); None, or layers missing from them, get random Gaussian projections
         (rbit 128 when none is given). "hata" plans decode with these codes unless
         :func:`generate_from` is given their projections.
       cache_dtype: KV cache dtype, default the model's.
       impl: "auto", "pallas" or "reference" for encoding the prompt's keys.
       mesh, mesh_axis: make the caches and hash projections head-sharded over this axis of a
-        `jax.sharding.Mesh` (:mod:`models.sharding`); None: one device.
+        `jax.sharding.Mesh` (:mod:`hata_jax.models.sharding`); None: one device.
     """
     config = model.config
     lengths = check_prompts(prompts, config.vocab_size)
@@ -374,7 +375,7 @@ def generate_from(
 
     Args:
       plan: per-layer attention; a budget above the cache capacity is lowered to the capacity.
-      params: None, or one entry per layer (:func:`models.selector_params`): a "hata" layer's
+      params: None, or one entry per layer (:func:`hata_jax.train.selector_params`): a "hata" layer's
         projection float[Hkv, D, rbit] (its cached codes are re-encoded with it; without params the
         prefill's codes and projections are used), a "sparse" layer's selector params; other
         layers' entries are ignored.
@@ -462,8 +463,8 @@ def generate(
         lowered to the capacity (same result: every token is selected). A plan with "sparse"
         layers needs selectors without params (others: :func:`generate_from`). A plan with a mesh
         (:meth:`AttentionPlan.on_mesh`) decodes head-sharded over it: the caches and projections are
-        made in that layout (place the model with :func:`models.sharding.shard_model`).
-      hash_weights: per-layer projections as :func:`models.attention.hash_weights_for` takes
+        made in that layout (place the model with :func:`hata_jax.models.sharding.shard_model`).
+      hash_weights: per-layer projections as :func:`hata_jax.models.hash_projections.hash_weights_for` takes
         them; None means random (untrained) projections, with a warning if a layer is "hata".
       sampling: greedy by default.
       stop_ids: a row stops after producing one of these (not included in its output).

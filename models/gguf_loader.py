@@ -11,7 +11,7 @@ import re
 
 import numpy as np
 
-from models.config import LlamaConfig, RopeScaling
+from hata_jax.models.config import LlamaConfig, RopeScaling
 
 SUPPORTED_ARCHS = ("llama", "qwen2")
 # GGUF per-layer tensor name -> HF name (without the `model.layers.{i}.` prefix).

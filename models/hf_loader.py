@@ -7,7 +7,7 @@ import pathlib
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so safetensors can read bf16 tensors)
 import numpy as np
 
-from models.config import LlamaConfig
+from hata_jax.models.config import LlamaConfig
 
 INDEX = "model.safetensors.index.json"
 
@@ -50,7 +50,7 @@ def read_tensors(files: list[pathlib.Path]) -> dict[str, np.ndarray]:
     for file in files:
         try:
             with safe_open(str(file), framework="np") as handle:
-                for name in handle.keys():
+                for name in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                     if name in tensors:
                         raise ValueError(f"tensor {name} appears in more than one shard ({file.name})")
                     tensors[name] = handle.get_tensor(name)

@@ -1,7 +1,7 @@
 """A Llama-family decoder in Flax NNX whose decode attention is chosen per layer (dense or HATA).
 
 Parameter names mirror the HF checkpoint names (`layers[i].self_attn.q_proj.kernel` is
-`model.layers.{i}.self_attn.q_proj.weight`, transposed), see :mod:`models.weights`.
+`model.layers.{i}.self_attn.q_proj.weight`, transposed), see :mod:`hata_jax.models.tensors`.
 
 Batches are right-padded: row `b` holds its prompt at positions `[0, lengths[b])`; RoPE
 positions are token indices, and decode appends each sequence's token at `lengths[b]`.
@@ -18,10 +18,10 @@ from flax import nnx
 import hata_jax
 from hata_jax import HataCache
 from hata_jax import sharding as head_sharding
-from models.attention import AttentionPlan
-from models.config import LlamaConfig
-from models.rope import apply_rope, inverse_frequencies
-from models.selector_cache import SelectorCache, append_token, selector_decode_attention
+from hata_jax.models.config import LlamaConfig
+from hata_jax.models.plan import AttentionPlan
+from hata_jax.models.rope import apply_rope, inverse_frequencies
+from hata_jax.models.selector_cache import SelectorCache, append_token, selector_decode_attention
 
 
 class RMSNorm(nnx.Module):
@@ -53,15 +53,13 @@ class SelfAttention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, d
         self.inv_freq = tuple(float(f) for f in inverse_frequencies(config))
 
-    def _qkv(self, x, positions, fused: bool = True):
-        """x: [..., hidden], positions: int[...] -> q [..., Hq, D], k, v [..., Hkv, D] (post-RoPE).
+    def project_qkv(self, x, positions, fused: bool = True):
+        """The q, k, v projections and RoPE of one layer.
 
-        `fused`: one product with the three matrices concatenated inside the program (XLA reads
-        the concatenation straight into its GEMM: no copy). Separate products of small matrices
-        are slower: at batch 1 XLA turns Llama-3.1-8B's k and v projections into a multiply plus a
-        reduction moving ~3x their bytes (`python -m bench.projections`: q + k + v per layer 24.5
-        vs 53.4 us on an H100). Head-sharded weights (a mesh) keep separate products, whose shards line up
-        with the heads'.
+        x: [..., hidden], positions: int[...] -> q [..., Hq, D], k, v [..., Hkv, D] (post-RoPE, in
+        the projections' dtype). `fused`: one product with the three matrices concatenated inside
+        the program (the faster form at small batch: BENCHMARKS.md, "batch-1 k/v projections");
+        False: three products, as head-sharded weights need (their shards line up with the heads).
         """
         lead = x.shape[:-1]
         widths = [self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * 2
@@ -90,19 +88,19 @@ class SelfAttention(nnx.Module):
         `(q [B, T, Hq, D], k [B, T, Hkv, D])` as the intermediate "qk".
         """
         b, t, _ = x.shape
-        q, k, v = self._qkv(x, jnp.broadcast_to(jnp.arange(t), (b, t)), fused=mesh is None)
+        q, k, v = self.project_qkv(x, jnp.broadcast_to(jnp.arange(t), (b, t)), fused=mesh is None)
         if capture_qk:
             self.sow(nnx.Intermediate, "qk", (q, k))
         out = jax.nn.dot_product_attention(q, k, v, is_causal=True, key_value_seq_lengths=lengths)
         if cache is not None:
-            cache = head_sharding.prefill(cache, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), w, lengths,
+            cache = head_sharding.sharded_prefill(cache, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), w, lengths,
                                           mesh=mesh, axis=mesh_axis, impl=impl)
         return self.o_proj(out.reshape(b, t, -1)), cache
 
     def decode(self, x, cache: HataCache | SelectorCache, w, kind: str, plan: AttentionPlan, params=None):
         """x: [B, hidden], one new token per sequence at position `cache.lengths[b]`; `params`: the
         layer's selector params (a "sparse" layer's, or to keep a SelectorCache's state current)."""
-        q, k, v = self._qkv(x, cache.lengths, fused=plan.mesh is None)
+        q, k, v = self.project_qkv(x, cache.lengths, fused=plan.mesh is None)
         out, cache = decode_attention(q, k, v, cache, w, params, kind=kind, plan=plan)
         return self.o_proj(out.reshape(x.shape[0], -1)), cache
 
@@ -112,17 +110,18 @@ def decode_attention(q, k_new, v_new, cache: HataCache | SelectorCache, w, param
     """One layer's decode attention of `kind` ("dense", "hata" or "sparse"): append the token, attend.
 
     q: [B, Hq, D], k_new, v_new: [B, Hkv, D] (post-RoPE) -> (out [B, Hq, D], cache). A jitted
-    function, so that the layers of one kind share one trace and one lowering (a step of 32
-    layers traces and lowers its Pallas kernels once, not 32 times: ~20x less host time to compile).
+    function, so that the layers of one kind share one trace and one lowering (a step traces and
+    lowers its Pallas kernels once, not once per layer).
     """
     sharded = {"mesh": plan.mesh, "axis": plan.mesh_axis}  # mesh None: one device
     if kind == "hata":
-        return head_sharding.hata_decode_attention(q, k_new, v_new, cache, w, plan.hata, impl=plan.impl, **sharded)
+        return head_sharding.sharded_hata_decode_attention(q, k_new, v_new, cache, w, plan.hata, impl=plan.impl,
+                                                           **sharded)
     if kind == "sparse":
         return selector_decode_attention(q, k_new, v_new, cache, w, plan, params)
     if plan.mesh is not None:  # a plan with a mesh has no "sparse" layers (AttentionPlan refuses them)
-        cache = head_sharding.append(cache, k_new, v_new, w, impl=plan.impl, **sharded)
-        return head_sharding.dense_decode_attention(q, cache.k, cache.v, cache.lengths, impl=plan.impl,
+        cache = head_sharding.sharded_append(cache, k_new, v_new, w, impl=plan.impl, **sharded)
+        return head_sharding.sharded_dense_decode_attention(q, cache.k, cache.v, cache.lengths, impl=plan.impl,
                                                     **sharded), cache
     cache = append_token(cache, k_new, v_new, w, plan, params)
     return hata_jax.dense_decode_attention(q, cache.k, cache.v, cache.lengths, impl=plan.impl), cache
@@ -148,25 +147,26 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp = MLP(config, dtype, rngs)
 
-    def _finish(self, x, attn_out):
+    def add_residual_and_mlp(self, x, attn_out):
+        """x, attn_out: [..., hidden] -> the layer's output: `h = x + attn_out; h + mlp(norm(h))`."""
         x = x + attn_out
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def prefill(self, x, lengths, cache, w, impl, capture_qk=False, mesh=None, mesh_axis="model"):
         attn_out, cache = self.self_attn.prefill(self.input_layernorm(x), lengths, cache, w, impl, capture_qk, mesh,
                                                  mesh_axis)
-        return self._finish(x, attn_out), cache
+        return self.add_residual_and_mlp(x, attn_out), cache
 
     def decode(self, x, cache, w, kind, plan, params=None):
         attn_out, cache = self.self_attn.decode(self.input_layernorm(x), cache, w, kind, plan, params)
-        return self._finish(x, attn_out), cache
+        return self.add_residual_and_mlp(x, attn_out), cache
 
 
 class LlamaForCausalLM(nnx.Module):
     """Llama / Qwen2 decoder with an LM head (tied to the embedding or separate).
 
     Build with random weights: `LlamaForCausalLM(config, rngs=nnx.Rngs(0))`; load real ones with
-    :func:`models.load_model` or :func:`models.weights.model_from_tensors`.
+    :func:`hata_jax.models.load_model` or :func:`hata_jax.models.tensors.model_from_tensors`.
     """
 
     def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
@@ -196,8 +196,8 @@ class LlamaForCausalLM(nnx.Module):
           caches: one HataCache per layer (capacity >= T), or None for a cache-free forward.
           hash_weights: one float[Hkv, D, rbit] per layer (needed with caches).
           capture_qk: sow every layer's post-RoPE q and k (see :meth:`SelfAttention.prefill`);
-            read them with `nnx.capture(..., nnx.Intermediate)` (used by :mod:`train.collect`).
-          mesh, mesh_axis: write the caches head-sharded over this axis (:mod:`models.sharding`).
+            read them with `nnx.capture(..., nnx.Intermediate)` (used by :mod:`hata_jax.train.collect`).
+          mesh, mesh_axis: write the caches head-sharded over this axis (:mod:`hata_jax.models.sharding`).
 
         Returns:
           (hidden [B, T, hidden_size] after the final norm, the filled caches or None).
@@ -224,7 +224,7 @@ class LlamaForCausalLM(nnx.Module):
         """One decode step: tokens int[B] -> (logits float32[B, vocab], updated caches).
 
         `selector_params`: one entry per layer, the "sparse" layers' selector params (their caches
-        are SelectorCaches, see :func:`models.selector_cache.with_selector_states`); None without.
+        are SelectorCaches, see :func:`hata_jax.models.selector_cache.with_selector_states`); None without.
         """
         if len(plan.layers) != len(self.layers):
             raise ValueError(f"the attention plan has {len(plan.layers)} layers, the model {len(self.layers)}")

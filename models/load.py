@@ -5,12 +5,12 @@ import pathlib
 
 import jax.numpy as jnp
 
-from models.gguf_loader import load_gguf
-from models.hf_loader import load_hf_checkpoint
-from models.llama import LlamaForCausalLM
-from models.smollm2 import smollm2_gguf
-from models.tokenizer import Tokenizer
-from models.weights import model_from_tensors
+from hata_jax.models.gguf_loader import load_gguf
+from hata_jax.models.hf_loader import load_hf_checkpoint
+from hata_jax.models.llama import LlamaForCausalLM
+from hata_jax.models.smollm2 import smollm2_gguf
+from hata_jax.models.tensors import model_from_tensors
+from hata_jax.models.tokenizer import Tokenizer
 
 EMBEDDED = "smollm2"
 

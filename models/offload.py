@@ -11,24 +11,24 @@ layers hold 4 GiB on the device, the 30 offloaded ones 60 GiB on the host).
 
 A decode step (:meth:`OffloadDecoder.step`) runs the model's own modules in small jitted pieces,
 each compiled once for all layers (they share one structure): the embedding; per dense layer
-`DecoderLayer.decode` (cache donated); per HATA layer the layer's norm, `SelfAttention._qkv` and
+`DecoderLayer.decode` (cache donated); per HATA layer the layer's norm, `SelfAttention.project_qkv` and
 :func:`hata_jax.offload.select_rows` (codes donated), then on the host
 :meth:`~hata_jax.offload.OffloadedCache.append_and_gather`, then :func:`hata_jax.offload.attend_rows`,
-`o_proj` and `DecoderLayer._finish` (residuals and MLP); the final norm, LM head and argmax. The
+`o_proj` and `DecoderLayer.add_residual_and_mlp` (residuals and MLP); the final norm, LM head and argmax. The
 host waits once per HATA layer for its selection (see :mod:`hata_jax.offload` on what overlaps).
 
 The prefill runs layer by layer on the device (dense causal attention, `DecoderLayer.prefill`) and
 moves each HATA layer's prompt K/V to the host right after its layer, so the device holds one
-layer's prompt K/V at a time. There is no short-context policy (:mod:`models.generation` runs
+layer's prompt K/V at a time. There is no short-context policy (:mod:`hata_jax.models.generation` runs
 dense steps at short contexts): a dense step would move whole offloaded caches. Tokens equal
-`models.generate(..., plan=plan, dense_below=0)`'s, which runs the same HATA step on the device.
+`hata_jax.models.generate(..., plan=plan, dense_below=0)`'s, which runs the same HATA step on the device.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -36,11 +36,19 @@ import numpy as np
 from flax import nnx
 
 from hata_jax import HataCache
+from hata_jax.models.generation import (
+    CAPACITY_BUCKET,
+    PROMPT_BUCKET,
+    GenerationResult,
+    TokenRecorder,
+    check_prompts,
+    check_room,
+    round_up,
+)
+from hata_jax.models.hash_projections import hash_weights_for
+from hata_jax.models.llama import LlamaForCausalLM
+from hata_jax.models.plan import AttentionPlan
 from hata_jax.offload import OffloadedCache, attend_rows, select_rows
-from models.attention import AttentionPlan, hash_weights_for
-from models.generation import (CAPACITY_BUCKET, PROMPT_BUCKET, GenerationResult, TokenRecorder, check_prompts,
-                               check_room, round_up)
-from models.llama import LlamaForCausalLM
 
 KINDS = ("dense", "hata")
 
@@ -88,7 +96,7 @@ def _pieces(model_def: nnx.GraphDef, model_treedef, layer_def: nnx.GraphDef, lay
     def hata_select(layer_leaves, x, codes, w, *, plan, dtype):
         """-> (q, idx, count, kv_new, codes): the layer's attention inputs and its selection."""
         layer = layer_of(layer_leaves)
-        q, k, v = layer.self_attn._qkv(layer.input_layernorm(x), codes.lengths)
+        q, k, v = layer.self_attn.project_qkv(layer.input_layernorm(x), codes.lengths)
         return (q, *select_rows(q, k, v, codes, w, plan.hata, dtype=dtype, impl=plan.impl))
 
     @functools.partial(jax.jit, static_argnames=("impl",))
@@ -96,7 +104,7 @@ def _pieces(model_def: nnx.GraphDef, model_treedef, layer_def: nnx.GraphDef, lay
         """The layer's output from the moved rows: attention, o_proj, residuals and MLP."""
         layer = layer_of(layer_leaves)
         out = attend_rows(q, blocks, count, impl=impl)
-        return layer._finish(x, layer.self_attn.o_proj(out.reshape(x.shape[0], -1)))
+        return layer.add_residual_and_mlp(x, layer.self_attn.o_proj(out.reshape(x.shape[0], -1)))
 
     return _Pieces(embed, head, prefill_layer, dense_layer, hata_select, hata_finish)
 
@@ -110,7 +118,7 @@ class OffloadDecoder:
     """
 
     def __init__(self, model: LlamaForCausalLM, plan: AttentionPlan, hash_weights=None):
-        """`hash_weights`: per-layer projections as :func:`models.attention.hash_weights_for`
+        """`hash_weights`: per-layer projections as :func:`hata_jax.models.hash_projections.hash_weights_for`
         takes them (None: random, with a warning)."""
         config = model.config
         if len(plan.layers) != config.num_layers:
@@ -192,14 +200,14 @@ def generate_offloaded(
 
     Args:
       plan: "dense" and "hata" layers; a budget above the capacity is lowered to it.
-      hash_weights: as :func:`models.generate` takes them.
+      hash_weights: as :func:`hata_jax.models.generate` takes them.
       stop_ids: a row stops after producing one of these (not included in its output).
       capacity: cache tokens per sequence; default: longest prompt + max_new_tokens, rounded up
         to a multiple of CAPACITY_BUCKET.
       cache_dtype: KV cache dtype, default the model's.
 
     Returns:
-      (the tokens and timings as :func:`models.generate` returns them, the final caches: their
+      (the tokens and timings as :func:`hata_jax.models.generate` returns them, the final caches: their
       `stats` hold each offloaded layer's bytes moved).
     """
     lengths = check_prompts(prompts, model.config.vocab_size)

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.config import LlamaConfig
+from hata_jax.models.config import LlamaConfig
 
 
 def inverse_frequencies(config: LlamaConfig) -> np.ndarray:

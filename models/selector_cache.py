@@ -1,6 +1,6 @@
 """The cache of a "sparse" layer (a HataCache plus its selector's state) and its decode attention.
 
-A "sparse" layer (see :mod:`models.attention`) keeps the usual :class:`hata_jax.HataCache`, so
+A "sparse" layer (see :mod:`hata_jax.models.plan`) keeps the usual :class:`hata_jax.HataCache`, so
 its keys, values, codes and norms stay what every other kind expects, and next to it the per-token
 metadata its plan's selector reads (`Selector.init_state` / `append_state`). A step of any kind
 keeps the state current: a dense step (the short-context policy) appends to it too, so a later
@@ -17,8 +17,8 @@ import jax.numpy as jnp
 
 import hata_jax
 from hata_jax import HataCache
+from hata_jax.models.plan import AttentionPlan
 from hata_jax.selectors import select_indices
-from models.attention import AttentionPlan
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["base", "state"], meta_fields=[])

@@ -12,7 +12,7 @@ and `make_mesh()` spans them all (every process then runs the same program on th
 Attention: each device holds and attends with its own KV heads and their query heads
 (:mod:`hata_jax.sharding`: caches, codes, norms and hash projections split on the KV heads,
 selection without communication). The plan's mesh makes the model's decode and prefill attention
-run inside those `shard_map` wrappers; :func:`models.generate` then makes its caches and places
+run inside those `shard_map` wrappers; :func:`hata_jax.models.generate` then makes its caches and places
 its hash projections in that layout.
 
 Parameters (Megatron-style; n = the axis size):
@@ -42,8 +42,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from hata_jax import sharding as head_sharding
-from models.config import LlamaConfig
-from models.llama import LlamaForCausalLM
+from hata_jax.models.config import LlamaConfig
+from hata_jax.models.llama import LlamaForCausalLM
 
 # Parameter (module, variable) -> how its dimension that the axis splits is laid out:
 # "columns" splits the last axis of a kernel / the bias, "rows" the first axis of a kernel.

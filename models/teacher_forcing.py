@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from hata_jax.models.llama import LlamaForCausalLM
+from hata_jax.models.plan import AttentionPlan
 from hata_jax.selectors import make_selector, selection_mask, sparse_causal_attention
-from models.attention import AttentionPlan
-from models.llama import LlamaForCausalLM
 
 
 def layer_selectors(plan: AttentionPlan) -> tuple:
@@ -54,9 +54,9 @@ def _sparse_logits(graphdef, state, tokens, lengths, params, *, plan: AttentionP
             x, _ = layer.prefill(x, lengths, None, None, plan.impl)
             continue
         attn = layer.self_attn
-        q, k, v = attn._qkv(layer.input_layernorm(x), jnp.broadcast_to(jnp.arange(t), (b, t)))
+        q, k, v = attn.project_qkv(layer.input_layernorm(x), jnp.broadcast_to(jnp.arange(t), (b, t)))
         out = selected_attention(selector, p, q, k, v, lengths, plan)
-        x = layer._finish(x, attn.o_proj(out.reshape(b, t, -1)))
+        x = layer.add_residual_and_mlp(x, attn.o_proj(out.reshape(b, t, -1)))
     return model.logits(model.norm(x))
 
 
@@ -67,7 +67,7 @@ def sparse_logits(model: LlamaForCausalLM, tokens, lengths, plan: AttentionPlan,
       tokens: int[B, T], rows right-padded to `lengths` int[B] (positions past a row's length
         are padding: their logits mean nothing).
       plan: per-layer attention; its budget is lowered to T when larger (every visible key kept).
-      params: one entry per layer (:func:`models.selector_params`): a "hata" layer's projection
+      params: one entry per layer (:func:`hata_jax.train.selector_params`): a "hata" layer's projection
         float[Hkv, D, rbit], a "sparse" layer's selector params; None when no layer needs any.
     """
     num_layers = model.config.num_layers

@@ -6,7 +6,7 @@ import json
 import pathlib
 import warnings
 
-from models.gguf_loader import metadata
+from hata_jax.models.gguf_loader import metadata
 
 # llama.cpp's pre-tokenizer names (`tokenizer.ggml.pre`) -> the regex that splits words before BPE.
 _GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -76,7 +76,7 @@ class Tokenizer:
         return ids
 
     @classmethod
-    def from_gguf(cls, reader) -> "Tokenizer":
+    def from_gguf(cls, reader) -> Tokenizer:
         """From a GGUF file's metadata: byte-level BPE (`tokenizer.ggml.model` "gpt2")."""
         from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
         from tokenizers import Tokenizer as Backend
@@ -118,7 +118,7 @@ class Tokenizer:
         )
 
     @classmethod
-    def from_hf_dir(cls, directory: str | pathlib.Path) -> "Tokenizer":
+    def from_hf_dir(cls, directory: str | pathlib.Path) -> Tokenizer:
         """From `tokenizer.json` (+ `tokenizer_config.json`, `generation_config.json` when present)."""
         from tokenizers import Tokenizer as Backend
 

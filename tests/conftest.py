@@ -6,6 +6,7 @@ printed in the pytest header).
 """
 from __future__ import annotations
 
+import collections
 import os
 import secrets
 import zlib
@@ -14,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from hata_jax.models import generation
 
 jax.config.update("jax_enable_x64", False)
 
@@ -50,3 +53,12 @@ def ragged_lengths(rng):
         return jnp.asarray(values, jnp.int32)
 
     return make
+
+
+@pytest.fixture
+def fresh_traces(monkeypatch) -> collections.Counter:
+    """generation.TRACES counting from zero, with every jit cache emptied first: the traces a test
+    counts are its own, whichever tests ran before it."""
+    jax.clear_caches()
+    monkeypatch.setattr(generation, "TRACES", collections.Counter())
+    return generation.TRACES

@@ -28,7 +28,8 @@ def a(rng):
 
     k, v, w = normal(2, 2, 10, 64), normal(2, 2, 10, 64), normal(2, 64, 64)
     lengths = jnp.array([7, 3], jnp.int32)
-    cache = hj.HataCache.init(2, 2, 10, 64, rbit=64, dtype=jnp.float32).prefill(k[:, :, :8], v[:, :, :8], w, lengths, impl=REF)
+    cache = hj.HataCache.init(2, 2, 10, 64, rbit=64, dtype=jnp.float32).prefill(k[:, :, :8], v[:, :, :8], w, lengths,
+                                                                                impl=REF)
     return types.SimpleNamespace(
         q=normal(2, 6, 64), k_new=normal(2, 2, 64), v_new=normal(2, 2, 64), w=normal(2, 64, 64),
         k=k, v=v, lengths=lengths, q_codes=codes(2, 6, 2), k_codes=codes(2, 2, 10, 2),
@@ -112,7 +113,8 @@ def topk_call(a, q_codes, k_codes, norms, lengths=None, budget=4, sink=0, recent
 
 
 def sparse_call(a, q, k, v, idx=None, count=None):
-    return hj.sparse_decode_attention(q, k, v, a.idx if idx is None else idx, a.count if count is None else count, impl=REF)
+    return hj.sparse_decode_attention(q, k, v, a.idx if idx is None else idx, a.count if count is None else count,
+                                      impl=REF)
 
 
 def dense_call(a, q, k, v, lengths=None):
@@ -149,7 +151,8 @@ CASES = {
     ],
     "encode_step": [
         (lambda a: hj.encode_step(a.q[0], a.k_new, a.w, impl=REF), r"q must have shape \[batch, q_heads, head_dim\]"),
-        (lambda a: hj.encode_step(a.q, a.k_new[None], a.w, impl=REF), r"k_new must have shape \[batch, kv_heads, head_dim\]"),
+        (lambda a: hj.encode_step(a.q, a.k_new[None], a.w, impl=REF),
+         r"k_new must have shape \[batch, kv_heads, head_dim\]"),
         (lambda a: hj.encode_step(a.q.astype(I32), a.k_new, a.w, impl=REF), r"q must be a floating-point array"),
         (lambda a: hj.encode_step(a.q, a.k_new.astype(I32), a.w, impl=REF), r"k_new must be a floating-point array"),
         (lambda a: hj.encode_step(a.q, a.k_new, a.w.astype(I32), impl=REF), r"w must be a floating-point array"),
@@ -167,12 +170,15 @@ CASES = {
     "select_topk": selection_cases(
         lambda a, budget, sink, recent: hj.select_topk(a.scores, budget, a.lengths, sink=sink, recent=recent, impl=REF)
     ) + lengths_cases(lambda a, lengths: hj.select_topk(a.scores, 4, lengths, impl=REF)) + [
-        (lambda a: hj.select_topk(a.scores[0], 4, a.lengths, impl=REF), r"scores must have shape \[batch, kv_heads, seq\]"),
-        (lambda a: hj.select_topk(a.scores.astype(I32), 4, a.lengths, impl=REF), r"scores must be a floating-point array"),
+        (lambda a: hj.select_topk(a.scores[0], 4, a.lengths, impl=REF),
+         r"scores must have shape \[batch, kv_heads, seq\]"),
+        (lambda a: hj.select_topk(a.scores.astype(I32), 4, a.lengths, impl=REF),
+         r"scores must be a floating-point array"),
     ],
     "hamming_topk": code_cases(topk_call) + lengths_cases(
         lambda a, lengths: topk_call(a, a.q_codes, a.k_codes, a.norms, lengths)) + selection_cases(
-        lambda a, budget, sink, recent: topk_call(a, a.q_codes, a.k_codes, a.norms, budget=budget, sink=sink, recent=recent)
+        lambda a, budget, sink, recent: topk_call(a, a.q_codes, a.k_codes, a.norms, budget=budget, sink=sink,
+                                                  recent=recent)
     ) + [
         (lambda a: topk_call(a, a.q_codes, a.k_codes, a.norms, score="dot"), r"score must be one of"),
     ],
@@ -204,7 +210,8 @@ CASES = {
         (lambda a: hj.HataConfig(sink=1.5), r"HataConfig.sink must be an int"),
         (lambda a: hj.HataConfig(recent=-2), r"HataConfig.sink and .recent must be >= 0"),
         (lambda a: hj.HataConfig(recent=None), r"HataConfig.recent must be an int"),
-        (lambda a: hj.HataConfig(budget=8, sink=5, recent=4), r"HataConfig.sink \+ recent \(5 \+ 4\) must not exceed budget \(8\)"),
+        (lambda a: hj.HataConfig(budget=8, sink=5, recent=4),
+         r"HataConfig.sink \+ recent \(5 \+ 4\) must not exceed budget \(8\)"),
         (lambda a: hj.HataConfig(dense_layers=-1), r"HataConfig.dense_layers must be >= 0"),
         (lambda a: hj.HataConfig(dense_layers="2"), r"HataConfig.dense_layers must be an int"),
         (lambda a: hj.HataConfig(score="dot"), r"HataConfig.score must be one of"),
@@ -218,7 +225,8 @@ CASES = {
         (lambda a: hj.HataCache.init(2, 2, 10, 64, rbit=100), r"rbit must be a positive multiple of 32"),
         (lambda a: hj.HataCache.init(2, 2, 10, 64, dtype=jnp.int8), r"dtype must be a floating-point dtype"),
     ],
-    "HataCache.prefill": lengths_cases(lambda a, lengths: prefill_call(a, lengths=lengths), r"lengths \(prefill\)", 8) + [
+    "HataCache.prefill": lengths_cases(lambda a, lengths: prefill_call(a, lengths=lengths), r"lengths \(prefill\)",
+                                       8) + [
         (lambda a: prefill_call(a, k=a.k[0]), r"k must have shape \[batch, kv_heads, tokens, head_dim\]"),
         (lambda a: prefill_call(a, k=a.k[:, :, :8].astype(I32)), r"k must be a floating-point array"),
         (lambda a: prefill_call(a, v=a.v[:, :, :8].astype(I32)), r"v must be a floating-point array"),
@@ -233,7 +241,8 @@ CASES = {
          r"prefill: the prompt has 20 tokens but the cache capacity is 10"),
     ],
     "HataCache.append": [
-        (lambda a: a.cache.append(a.k_new[0], a.v_new, a.w, impl=REF), r"k must have shape \[batch, kv_heads, head_dim\]"),
+        (lambda a: a.cache.append(a.k_new[0], a.v_new, a.w, impl=REF),
+         r"k must have shape \[batch, kv_heads, head_dim\]"),
         (lambda a: a.cache.append(a.k_new.astype(I32), a.v_new, a.w, impl=REF), r"k must be a floating-point array"),
         (lambda a: a.cache.append(a.k_new, a.v_new[:, :1], a.w, impl=REF), r"v must have shape .* Hkv=2"),
         (lambda a: a.cache.append(a.k_new, a.v_new, a.w[..., :32], impl=REF), r"w must have shape \[2, 64, 64\]"),
@@ -265,7 +274,8 @@ CASES = {
         (lambda a: decode(a, w=a.w.astype(I32)), r"w must be a floating-point array"),
         (lambda a: decode(a, config=hj.HataConfig(rbit=128, budget=4), w=jnp.concatenate([a.w, a.w], 2)),
          r"the cache holds 64-bit codes but config.rbit is 128"),
-        (lambda a: decode(a, config=hj.HataConfig(rbit=64, budget=11)), r"budget \(11\) must not exceed the cache capacity \(10\)"),
+        (lambda a: decode(a, config=hj.HataConfig(rbit=64, budget=11)),
+         r"budget \(11\) must not exceed the cache capacity \(10\)"),
     ],
 }
 
@@ -297,7 +307,8 @@ def test_valid_inputs_are_accepted(a):
 
 @pytest.mark.parametrize(
     "call, match",
-    [pytest.param(call, match, id=f"{name}-{i}") for name, cases in CASES.items() for i, (call, match) in enumerate(cases)],
+    [pytest.param(call, match, id=f"{name}-{i}") for name, cases in CASES.items()
+     for i, (call, match) in enumerate(cases)],
 )
 def test_bad_input_raises_naming_the_argument(a, call, match):
     with pytest.raises(ValueError, match=match):

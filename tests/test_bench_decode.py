@@ -17,12 +17,13 @@ from flax import nnx
 
 import hata_jax as hj
 from hata_jax import HataConfig, dispatch
-from models import AttentionPlan, LlamaConfig, LlamaForCausalLM
-from models.generation import ModelSteps
+from hata_jax.models import AttentionPlan, LlamaConfig, LlamaForCausalLM
+from hata_jax.models.generation import ModelSteps
+from hata_jax.models.presets import FULL_MODELS, SMALL_MODELS
 from pallas_kernels._backend import lower_for_cuda
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # bench/ is not an installed package
-from bench import decode  # noqa: E402
+from bench import decode, decode_bytes, decode_report, decode_steps  # noqa: E402
 
 TINY = LlamaConfig(vocab_size=61, hidden_size=48, intermediate_size=40, num_layers=3, num_heads=6, num_kv_heads=2,
                    head_dim=64)
@@ -46,16 +47,16 @@ def test_small_run_records_every_method(small_run):
     rows = data["rows"]
     assert not [r for r in rows if r["kind"] in ("error", "skip")]
     for model in s.models:
-        config = decode.SMALL_MODELS[model]
+        config = SMALL_MODELS[model]
         attention = {r["method"]: r for r in rows if r["kind"] == "attention" and r["model"] == model}
         steps = {r["method"]: r for r in rows if r["kind"] == "step" and r["model"] == model}
-        assert sorted(attention) == sorted(steps) == sorted(decode.METHODS)
+        assert sorted(attention) == sorted(steps) == sorted(decode_report.METHODS)
         for method, r in steps.items():
             assert r["tokens_per_s"] == pytest.approx(1 / (r["median_ms"] / 1e3))
             assert r["p10_ms"] <= r["median_ms"] <= r["p90_ms"] and r["steps"] == s.reps
-            assert 0 < r["attention_share"] and r["of_floor"] > 0
+            assert r["attention_share"] > 0 and r["of_floor"] > 0
             assert 160 - s.slack < r["lengths"][0] <= r["lengths"][1] <= 160
-            assert ("loop_ms" in r) == (method in decode.PRODUCT_METHODS)
+            assert ("loop_ms" in r) == (method in decode_steps.PRODUCT_METHODS)
             assert r["pipelined_ms"] > 0 and r["pipelined_steps"] == decode.PIPELINE
         # bytes of a HATA step, written out: weights read + 2 dense layers + the rest HATA
         row, width = config.head_dim * 2, s.rbit // 8 + 4
@@ -68,18 +69,16 @@ def test_small_run_records_every_method(small_run):
         assert attention["hata"]["bytes"] == hata_layer
 
 
-@pytest.mark.parametrize("name", sorted(decode.FULL_MODELS))
+@pytest.mark.parametrize("name", sorted(FULL_MODELS))
 def test_weight_bytes_are_the_models(name):
     """The memory plan's weight bytes (computed before building) are the built model's; a step
     reads all of them but an untied embedding table."""
-    bench = decode.DecodeBench.__new__(decode.DecodeBench)
-    bench.configs, bench.dtype = decode.FULL_MODELS, jnp.dtype(jnp.bfloat16)
-    config = decode.FULL_MODELS[name]
+    config = FULL_MODELS[name]
     built = nnx.eval_shape(lambda: LlamaForCausalLM(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
-    total = decode.param_bytes(nnx.state(built))
-    assert bench.weight_bytes(name) == total
+    total = decode_bytes.param_bytes(nnx.state(built))
+    assert decode_bytes.weight_bytes(config, 2) == total
     table = config.vocab_size * config.hidden_size * 2
-    assert decode.weight_read_bytes(config, total, 2) == (total if name == "smollm2" else total - table)
+    assert decode_bytes.weight_read_bytes(config, total, 2) == (total if name == "smollm2" else total - table)
     if name == "llama":
         assert round(total / 1e9, 2) == 16.06
 
@@ -125,7 +124,10 @@ def _row(kind, model, context, batch, method, value):
 
 
 def test_report_states_the_goals(tmp_path, capsys):
-    rows = [_row("attention", "llama", 131072, 1, "dense", 400.0), _row("attention", "llama", 131072, 1, "cudnn", 380.0),
+    """Each goal is judged against the best dense method of its config; the report renders them,
+    the skipped configs and the plots."""
+    rows = [_row("attention", "llama", 131072, 1, "dense", 400.0),
+            _row("attention", "llama", 131072, 1, "cudnn", 380.0),
             _row("attention", "llama", 131072, 1, "hata", 30.0), _row("attention", "llama", 32768, 1, "dense", 100.0),
             _row("attention", "llama", 32768, 1, "hata", 25.0), _row("attention", "llama", 8192, 1, "dense", 20.0),
             _row("attention", "llama", 8192, 1, "hata", 24.0),
@@ -139,16 +141,19 @@ def test_report_states_the_goals(tmp_path, capsys):
             "settings": dataclasses.asdict(decode.Settings()), "complete": True,
             "rows": rows + [{"kind": "skip", "model": "llama", "context": 131072, "batch": 4, "method": None,
                              "reason": "memory: needs 93.0 GB"}]}
+    steps = [r for r in rows if r["kind"] == "step"]
+    attention = [r for r in rows if r["kind"] == "attention"]
+    judged = decode_report.goals(steps, attention, budget=2048)  # dense_below 4 x 2048 covers 4K
+    assert [(g["value"], g["versus"], g["met"]) for g in judged] == [
+        (pytest.approx(380 / 30), "cudnn", "yes"), (pytest.approx(19 / 8), "cudnn", "yes"),
+        (pytest.approx(30 / 12), "dense", "NO"), (pytest.approx(6.9 / 6), "dense", "by the policy")]
+    assert decode_report.goals(steps, attention, budget=512)[-1]["met"] == "NO"  # 4 x 512 < 4096: no policy
     path = tmp_path / "decode_h100.json"
     path.write_text(json.dumps(data))
     assert decode.main(["--report", str(path), "--plots", str(tmp_path)]) == 0
     text = capsys.readouterr().out
-    assert "| attention only, 128K, batch 1: HATA >= 10x faster than the best dense | 12.67x (vs cudnn) | yes |" in text
-    assert "| whole step, 128K, batch 1: HATA >= 2x the best dense tokens/s | 2.38x (vs cudnn) | yes |" in text
-    assert "| whole step, 32K, batch 8: HATA >= 3x the best dense tokens/s | 2.50x (vs dense) | NO |" in text
-    assert "1.15x (vs dense) | by the policy |" in text
+    assert all(g["goal"] in text for g in judged)
     assert "from context 32768 on" in text  # HATA attention wins at 32K and 128K, not at 8K
-    assert "| 32768 | 8 | 266.7 | 666.7 | - | 2.50x |" in text  # tokens/s vs batch: dense, hata, cudnn
     assert "memory: needs 93.0 GB" in text
     for name in ("decode_latency_vs_context.png", "attention_latency_vs_context.png",
                  "decode_tokens_per_s_vs_batch.png"):
@@ -162,7 +167,7 @@ def _tiny_setup(rng, lengths, capacity, dtype=jnp.float32):
     keys = jax.random.split(jax.random.PRNGKey(int(rng.integers(1 << 30))), TINY.num_layers + 1)
     weights = [jax.random.normal(k, (TINY.num_kv_heads, TINY.head_dim, 64)) for k in keys[1:]]
     shape = (len(lengths), TINY.num_kv_heads, capacity, TINY.head_dim)
-    caches = [dataclasses.replace(decode.random_hata_cache(k, w, capacity, shape=shape, dtype=dtype),
+    caches = [dataclasses.replace(decode_steps.random_hata_cache(k, w, capacity, shape=shape, dtype=dtype),
                                   lengths=jnp.asarray(lengths, jnp.int32)) for k, w in zip(keys[1:], weights)]
     tokens = jnp.asarray(rng.integers(0, TINY.vocab_size, len(lengths)), jnp.int32)
     return model, weights, caches, tokens
@@ -178,14 +183,15 @@ def test_bench_steps_match_the_model_decode(rng):
         np.testing.assert_array_equal(np.asarray(cache.codes), np.asarray(hj.encode(cache.k, w, head_axis=1)))
     plan = AttentionPlan.uniform(TINY.num_layers, "hata", HataConfig(rbit=64, budget=capacity, dense_layers=1))
     expected, expected_caches = model.decode(tokens, caches, weights, plan.as_dense())
-    attend = lambda *a: decode.attend_exact(*a, weights=weights, plan=plan)  # noqa: E731
-    exact, exact_caches = decode.decode_with(model, tokens, caches, attend)
+    attend = lambda *a: decode_steps.attend_exact(*a, weights=weights, plan=plan)  # noqa: E731
+    exact, exact_caches = decode_steps.decode_with(model, tokens, caches, attend)
     np.testing.assert_allclose(np.asarray(exact), np.asarray(expected), rtol=1e-5, atol=1e-5)
     for a, b in zip(exact_caches, expected_caches):
         np.testing.assert_array_equal(np.asarray(a.codes), np.asarray(b.codes))
-    token_major = [decode.TokenMajorCache(jnp.swapaxes(c.k, 1, 2), jnp.swapaxes(c.v, 1, 2), c.lengths) for c in caches]
-    attend = lambda *a: decode.attend_dpa(*a, weights=weights, plan=plan)  # noqa: E731
-    dpa, dpa_caches = decode.decode_with(model, tokens, token_major, attend)
+    token_major = [decode_steps.TokenMajorCache(jnp.swapaxes(c.k, 1, 2), jnp.swapaxes(c.v, 1, 2), c.lengths)
+                   for c in caches]
+    attend = lambda *a: decode_steps.attend_dpa(*a, weights=weights, plan=plan)  # noqa: E731
+    dpa, dpa_caches = decode_steps.decode_with(model, tokens, token_major, attend)
     np.testing.assert_allclose(np.asarray(dpa), np.asarray(expected), rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(np.asarray(dpa_caches[0].lengths), np.array(lengths) + 1)
     np.testing.assert_allclose(np.asarray(jnp.swapaxes(dpa_caches[1].k, 1, 2)), np.asarray(expected_caches[1].k),
@@ -199,12 +205,12 @@ def test_exact_topk_selects_the_largest_softmax_mass(rng, hq, hkv):
     q = rng.standard_normal((b, hq, d)).astype(np.float32)
     k = rng.standard_normal((b, hkv, s, d)).astype(np.float32)
     v = rng.standard_normal((b, hkv, s, d)).astype(np.float32)
-    mass = np.asarray(decode.softmax_mass(jnp.asarray(q), jnp.asarray(k), jnp.asarray(lengths)))
+    mass = np.asarray(decode_steps.softmax_mass(jnp.asarray(q), jnp.asarray(k), jnp.asarray(lengths)))
     g = hq // hkv
     cache = hj.HataCache(k=jnp.asarray(k), v=jnp.asarray(v), codes=jnp.zeros((b, hkv, s, 1), jnp.uint32),
                          norms=jnp.ones((b, hkv, s)), lengths=jnp.asarray(lengths, jnp.int32),
                          overflow=jnp.zeros((b,), bool))
-    out = np.asarray(decode.exact_topk_attention(jnp.asarray(q), cache, budget, "reference"))
+    out = np.asarray(decode_steps.exact_topk_attention(jnp.asarray(q), cache, budget, "reference"))
     for row in range(b):
         n = lengths[row]
         for h in range(hkv):
@@ -229,12 +235,12 @@ def test_exact_step_and_loop_lower_for_cuda(rng, monkeypatch):
     plan = AttentionPlan.uniform(TINY.num_layers, "hata", HataConfig(rbit=64, budget=16, dense_layers=1))
     key = jax.random.PRNGKey(0)
     monkeypatch.setattr(dispatch, "on_gpu", lambda: True)
-    exact = lower_for_cuda(lambda *a: decode.bench_step(*a, merge=steps.merge, method="exact", plan=plan),
+    exact = lower_for_cuda(lambda *a: decode_steps.bench_step(*a, merge=steps.merge, method="exact", plan=plan),
                            steps.state_leaves, tokens, caches, weights, key)
     # kernel names: hata_select_* (selection), hata_hamming_* (scoring), hata_{sparse,dense}_decode
     assert "hata_select" in exact and "hata_sparse_decode" in exact and "hata_dense_decode" in exact
     assert "hata_hamming" not in exact
-    step = decode.step_function(steps, "hata", plan)
-    loop = lower_for_cuda(lambda *a: decode.run_steps(*a, step=step, n=3), steps.state_leaves, tokens, caches,
+    step = decode_steps.step_function(steps, "hata", plan)
+    loop = lower_for_cuda(lambda *a: decode_steps.run_steps(*a, step=step, n=3), steps.state_leaves, tokens, caches,
                           weights, key)
     assert "hata_hamming" in loop and "hata_sparse_decode" in loop and "stablehlo.while" in loop

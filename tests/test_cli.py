@@ -1,11 +1,12 @@
 """The `hata-jax` command line: subcommands listed, the synthetic demo prints its table, errors are clean
 (the real-model demo and `eval`: tests/test_eval.py)."""
+import pathlib
 import subprocess
 import sys
 
 import pytest
 
-from hata_jax import cli
+from hata_jax.cli import main as cli
 from hata_jax.demo import DemoConfig, run_demo
 
 
@@ -42,5 +43,7 @@ def test_demo_bad_rbit_is_a_clean_error(capsys):
 
 
 def test_console_script_entry_point():
-    result = subprocess.run([sys.executable, "-m", "hata_jax.cli", "info"], capture_output=True, text=True, check=True)
+    """The `hata-jax` script that pip installed next to this interpreter (pyproject's [project.scripts])."""
+    script = pathlib.Path(sys.executable).parent / "hata-jax"
+    result = subprocess.run([str(script), "info"], capture_output=True, text=True, check=True)
     assert "impl='auto' runs:" in result.stdout

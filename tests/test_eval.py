@@ -14,10 +14,11 @@ from conftest import SESSION_SEED
 from test_models_llama import HF_CONFIGS, random_tensors
 from test_models_loaders import CHATML, bytes_to_unicode, write_hf_checkpoint
 
-from hata_jax import HataConfig, cli
-from models import AttentionPlan, Tokenizer, load_model
-from models.eval import attention_metrics, harness, perplexity, report, tasks
-from models.eval import cli as eval_cli
+from hata_jax import HataConfig
+from hata_jax.cli import evaluate as eval_cli
+from hata_jax.cli import main as cli
+from hata_jax.evaluation import attention_metrics, harness, perplexity, report, tasks
+from hata_jax.models import AttentionPlan, Tokenizer, load_model
 
 pytest.importorskip("tqdm")
 pytest.importorskip("matplotlib")
@@ -30,7 +31,8 @@ TINY_RUN = dict(methods=("dense", "hata", "quest"), budgets=(8,), tasks=("niah_s
 
 def byte_tokenizer() -> Tokenizer:
     """Byte-level: one token per byte (decodes back to the exact text), ChatML template."""
-    from tokenizers import AddedToken, Tokenizer as Backend, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as Backend
 
     vocab = {c: i for i, c in enumerate(sorted(bytes_to_unicode().values()))}
     backend = Backend(models.BPE(vocab=vocab, merges=[], fuse_unk=False, byte_fallback=False))

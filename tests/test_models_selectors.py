@@ -12,15 +12,24 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from test_models_llama import HF_CONFIGS, random_model, ragged_prompts
+from test_models_llama import HF_CONFIGS, ragged_prompts, random_model
 
 from hata_jax import HataConfig, dispatch
+from hata_jax.models import (
+    METHODS,
+    AttentionPlan,
+    generate,
+    generate_from,
+    generation,
+    init_caches,
+    prefill_prompts,
+    sparse_logits,
+    with_selector_states,
+)
 from hata_jax.selectors import loki_basis, make_selector
-from models import (METHODS, AttentionPlan, LokiCalibration, generate, generate_from, init_caches, prefill_prompts,
-                    selector_params, sparse_logits, with_selector_states)
-from models import generation
+from hata_jax.train.hashattention_objective import HashAttentionObjective
+from hata_jax.train.selector_params import LokiCalibration, selector_params
 from pallas_kernels._backend import lower_for_cuda
-from train.hashattention import HashAttentionSelector as HashAttentionTraining
 
 RBIT = 32
 HASHATTENTION_RUN = pathlib.Path.home() / ".cache" / "hata-jax" / "runs" / "smollm2-hashattention"
@@ -33,7 +42,7 @@ def random_params(method: str, model, rng) -> list | None:
     if method in ("hata", "simhash"):
         return [jnp.asarray(rng.standard_normal((hkv, d, RBIT)), jnp.float32) for _ in range(layers)]
     if method == "hashattention":
-        init = HashAttentionTraining(hidden=16).init
+        init = HashAttentionObjective(hidden=16).init
         return [init(jax.random.PRNGKey(int(rng.integers(1 << 30))), config.num_heads, hkv, d) for _ in range(layers)]
     if method == "loki":
         return [loki_basis(jnp.asarray(rng.standard_normal((50, hkv, d)), jnp.float32)) for _ in range(layers)]
@@ -119,18 +128,16 @@ def test_generate_from_leaves_the_prefill_usable_and_repeats(rng):
     assert dense.tokens == generate(model, prompts, max_new_tokens=7, capacity=48).tokens
 
 
-def test_each_plan_compiles_once(rng):
+def test_each_plan_compiles_once(rng, fresh_traces):
     """The start step and the decode step trace once per plan and shape; other plans and budgets
     add one each, repeats none."""
     model, _ = random_model(HF_CONFIGS["llama-gqa"], rng)
-    prefilled = prefill_prompts(model, ragged_prompts(rng, 97, [12, 30]), capacity=176)  # no other test's shape
+    prefilled = prefill_prompts(model, ragged_prompts(rng, 97, [12, 30]), capacity=176)
     params = random_params("simhash", model, rng)
     plans = [AttentionPlan.for_method(3, "simhash", HataConfig(rbit=RBIT, budget=b, dense_layers=1)) for b in (4, 8)]
-    traces = dict(generation.TRACES)
     for plan in plans + plans:
         generate_from(prefilled, plan, params, max_new_tokens=5, dense_below=0)
-    assert generation.TRACES["start"] == traces.get("start", 0) + 2
-    assert generation.TRACES["decode"] == traces.get("decode", 0) + 2
+    assert fresh_traces["start"] == 2 and fresh_traces["decode"] == 2
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "plan"))

@@ -1,4 +1,4 @@
-"""The short-context policy of `models.generate`: dense attention in every layer while every
+"""The short-context policy of `hata_jax.models.generate`: dense attention in every layer while every
 sequence holds at most `dense_below` tokens, the plan's HATA step after that, chosen on the host
 between two compiled decode steps."""
 from __future__ import annotations
@@ -10,14 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from test_models_llama import HF_CONFIGS, random_model, ragged_prompts, random_tensors
+from test_models_llama import HF_CONFIGS, ragged_prompts, random_model, random_tensors
 from test_models_loaders import write_hf_checkpoint
 
 import hata_jax as hj
-from hata_jax import HataConfig, cli
-from models import AttentionPlan, generate, init_caches
-from models import generation
-from models.generation import short_context_threshold
+from hata_jax import HataConfig
+from hata_jax.cli import main as cli
+from hata_jax.models import AttentionPlan, generate, generation, init_caches
+from hata_jax.models.generation import short_context_threshold
 
 RBIT = 32
 
@@ -85,7 +85,7 @@ def test_switch_to_hata_is_exact(rng):
         np.testing.assert_array_equal(np.asarray(a.lengths), lengths + steps)
 
 
-def test_generation_across_the_threshold_compiles_each_step_once(rng):
+def test_generation_across_the_threshold_compiles_each_step_once(rng, fresh_traces):
     """Crossing the threshold traces the dense step and the HATA step once each (the HATA layers
     share one trace of the layer's attention: scoring and selection are traced once), a second
     generation traces nothing, and the tokens equal HATA all along (threshold = budget, where HATA
@@ -94,17 +94,17 @@ def test_generation_across_the_threshold_compiles_each_step_once(rng):
     model, plan, weights = hata_setup(rng, "llama-gqa", budget=budget)
     prompts = ragged_prompts(rng, 97, [3, 6])
     run = functools.partial(generate, model, prompts, max_new_tokens=10, plan=plan, hash_weights=weights,
-                            capacity=224)  # a capacity no other test uses: the traces below are this test's
+                            capacity=224)
     selections = ("hamming_topk", hj.default_impl())
-    traces, selects = generation.TRACES["decode"], hj.TRACE_LOG[selections]
+    selects = hj.TRACE_LOG[selections]
     first = run(dense_below=budget)
-    assert generation.TRACES["decode"] == traces + 2
+    assert fresh_traces["decode"] == 2
     assert len(plan.hashed_layers) > 1 and hj.TRACE_LOG[selections] == selects + 1
     assert first.dense_steps == budget - 6  # the longest prompt has 6 tokens: steps over 7 and 8 tokens
     assert first.decode_steps == 9 - 2  # 9 decode steps, less the first of each step function
     assert run(dense_below=budget).tokens == first.tokens
     assert run(dense_below=0).tokens == first.tokens
-    assert generation.TRACES["decode"] == traces + 2
+    assert fresh_traces["decode"] == 2
 
 
 def test_threshold_default_and_bad_values():

@@ -13,8 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hata_jax import HataConfig, cli
-from models import AttentionPlan, generate, load_model
+from hata_jax import HataConfig
+from hata_jax.cli import main as cli
+from hata_jax.models import AttentionPlan, generate, load_model
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "smollm2_parity.npz"
 FRANCE = "What is the capital of France?"
@@ -61,7 +62,6 @@ def test_greedy_chat_answers_paris_like_transformers(smollm2, reference):
     assert "Paris" in answer
     expected = reference["greedy_ids"].tolist()  # transformers' greedy continuation, may end in <|im_end|>
     assert result.tokens[0] == [t for t in expected if t not in tokenizer.stop_ids]
-    assert result.tokens_per_second > 0
 
 
 def test_hata_with_budget_over_context_reproduces_dense(smollm2):

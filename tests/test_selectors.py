@@ -83,7 +83,7 @@ def silu(x):
 
 
 def mlp_np(params, x):
-    """x: [..., heads, in] float64 -> [..., heads, out], as train.hashattention.mlp_apply."""
+    """x: [..., heads, in] float64 -> [..., heads, out], as hata_jax.selectors.mlp.mlp_apply."""
     depth = len(params) // 2
     for i in range(depth):
         x = np.einsum("...hi,hio->...ho", x, f64(params[f"w{i}"])) + f64(params[f"b{i}"])

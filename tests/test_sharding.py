@@ -70,7 +70,7 @@ def _attention_case(rng, kv_heads, group, devices, impl="reference", explicit=Fa
     sharded = hs.init_cache(batch, kv_heads, capacity, d, rbit=rbit, dtype=jnp.float32, mesh=mesh)
     _assert_head_split(sharded.k, kv_heads, devices)
     assert sharded.lengths.sharding.is_fully_replicated
-    sharded = hs.prefill(sharded, k, v, w, lengths, mesh=mesh, impl=impl)
+    sharded = hs.sharded_prefill(sharded, k, v, w, lengths, mesh=mesh, impl=impl)
     for x in (sharded.k, sharded.v, sharded.codes, sharded.norms):
         _assert_head_split(x, kv_heads, devices)
     _assert_caches_equal(sharded, plain)
@@ -80,9 +80,10 @@ def _attention_case(rng, kv_heads, group, devices, impl="reference", explicit=Fa
 
     config = hj.HataConfig(rbit=rbit, budget=budget, dense_layers=0)
     wrap = jax.jit if jit else (lambda f: f)
-    q, k_new, v_new = _rand(rng, batch, kv_heads * group, d), _rand(rng, batch, kv_heads, d), _rand(rng, batch, kv_heads, d)
+    q = _rand(rng, batch, kv_heads * group, d)
+    k_new, v_new = _rand(rng, batch, kv_heads, d), _rand(rng, batch, kv_heads, d)
     want, plain = hj.hata_decode_attention(q, k_new, v_new, plain, w, config, impl=impl)
-    got, sharded = wrap(lambda *a: hs.hata_decode_attention(*a, config, mesh=mesh, impl=impl))(q, k_new, v_new,
+    got, sharded = wrap(lambda *a: hs.sharded_hata_decode_attention(*a, config, mesh=mesh, impl=impl))(q, k_new, v_new,
                                                                                               sharded, w)
     _assert_head_split(got, kv_heads * group, devices)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
@@ -90,10 +91,10 @@ def _attention_case(rng, kv_heads, group, devices, impl="reference", explicit=Fa
 
     k_new, v_new = _rand(rng, batch, kv_heads, d), _rand(rng, batch, kv_heads, d)
     plain = plain.append(k_new, v_new, w, impl=impl)
-    sharded = wrap(lambda *a: hs.append(*a, mesh=mesh, impl=impl))(sharded, k_new, v_new, w)
+    sharded = wrap(lambda *a: hs.sharded_append(*a, mesh=mesh, impl=impl))(sharded, k_new, v_new, w)
     _assert_caches_equal(sharded, plain)
     want = hj.dense_decode_attention(q, plain.k, plain.v, plain.lengths, return_lse=True, impl=impl)
-    got = wrap(lambda *a: hs.dense_decode_attention(*a, mesh=mesh, return_lse=True, impl=impl))(
+    got = wrap(lambda *a: hs.sharded_dense_decode_attention(*a, mesh=mesh, return_lse=True, impl=impl))(
         q, sharded.k, sharded.v, sharded.lengths)
     for g, e in zip(got, want):
         np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=2e-5, atol=2e-5)
@@ -131,18 +132,19 @@ def check_clear_errors(rng):
 
     import hata_jax as hj
     from hata_jax import sharding as hs
-    from models import AttentionPlan, LlamaConfig, LlamaForCausalLM
-    from models import sharding as ms
+    from hata_jax.models import AttentionPlan, LlamaConfig, LlamaForCausalLM
+    from hata_jax.models import sharding as ms
 
     mesh = _mesh(4)
     cache = hj.HataCache.init(2, 6, 32, 64, rbit=32, dtype=jnp.float32)
     q, kv, w = _rand(rng, 2, 12, 64), _rand(rng, 2, 6, 64), _rand(rng, 6, 64, 32)
-    _raises(lambda: hs.hata_decode_attention(q, kv, kv, cache, w, hj.HataConfig(rbit=32, budget=8), mesh=mesh),
+    _raises(lambda: hs.sharded_hata_decode_attention(q, kv, kv, cache, w, hj.HataConfig(rbit=32, budget=8), mesh=mesh),
             "cannot split 6 KV heads", "'model' of 4 devices")
-    _raises(lambda: hs.dense_decode_attention(q, cache.k, cache.v, cache.lengths, mesh=mesh), "cannot split 6 KV heads")
-    _raises(lambda: hs.append(cache, kv, kv, w, mesh=mesh), "cannot split 6 KV heads")
+    _raises(lambda: hs.sharded_dense_decode_attention(q, cache.k, cache.v, cache.lengths, mesh=mesh),
+            "cannot split 6 KV heads")
+    _raises(lambda: hs.sharded_append(cache, kv, kv, w, mesh=mesh), "cannot split 6 KV heads")
     _raises(lambda: hs.init_cache(2, 6, 32, 64, mesh=mesh), "cannot split 6 KV heads")
-    _raises(lambda: hs.dense_decode_attention(q, cache.k, cache.v, cache.lengths, mesh=mesh, axis="heads"),
+    _raises(lambda: hs.sharded_dense_decode_attention(q, cache.k, cache.v, cache.lengths, mesh=mesh, axis="heads"),
             "mesh axis 'heads' is not in the mesh")
     config = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                          num_kv_heads=2, head_dim=64)
@@ -167,9 +169,16 @@ def _generation_case(rng, config_args, devices_list, attentions, init_on_mesh=Fa
     from jax.sharding import PartitionSpec as P
 
     from hata_jax import HataConfig
-    from models import AttentionPlan, LlamaConfig, LlamaForCausalLM, generate, prefill_prompts, random_projections
-    from models import sharding as ms
-    from models.generation import ModelSteps
+    from hata_jax.models import (
+        AttentionPlan,
+        LlamaConfig,
+        LlamaForCausalLM,
+        generate,
+        generation,
+        prefill_prompts,
+        random_projections,
+    )
+    from hata_jax.models import sharding as ms
 
     config = LlamaConfig(**config_args)
     seed = int(rng.integers(1 << 30))
@@ -191,12 +200,11 @@ def _generation_case(rng, config_args, devices_list, attentions, init_on_mesh=Fa
             assert state["layers"][0]["mlp"]["down_proj"]["kernel"][...].sharding.spec == rows
             table = state["embed_tokens"]["embedding"][...].sharding.spec
             assert table == (P("model", None) if config.tie_word_embeddings else P())
-            steps = ModelSteps(model)
-            compiled = steps.decode._cache_size()
+            traces = generation.TRACES["decode"]
             got = generate(model, prompts, plan=plan.on_mesh(mesh), hash_weights=weights, max_new_tokens=7,
                            dense_below=0)
             assert got.tokens == want.tokens, (attention, devices, got.tokens, want.tokens)
-            assert steps.decode._cache_size() == compiled + 1  # no recompile after the first step
+            assert generation.TRACES["decode"] == traces + 1  # no retrace after the first step
             prefilled = prefill_prompts(model, prompts, capacity=128, hash_weights=weights, mesh=mesh)
             np.testing.assert_allclose(np.asarray(prefilled.logits), np.asarray(want_logits), rtol=1e-4, atol=1e-4)
             _assert_head_split(prefilled.caches[0].k, config.num_kv_heads, devices)
@@ -221,9 +229,9 @@ def check_sharded_step_lowers_for_cuda(rng):
     import jax.numpy as jnp
 
     from hata_jax import HataConfig, dispatch
-    from models import AttentionPlan, LlamaConfig, init_caches
-    from models import sharding as ms
-    from models.generation import ModelSteps, Sampling
+    from hata_jax.models import AttentionPlan, LlamaConfig, init_caches
+    from hata_jax.models import sharding as ms
+    from hata_jax.models.generation import ModelSteps, Sampling
     from pallas_kernels._backend import lower_for_cuda
 
     config = LlamaConfig(**TINY)
@@ -273,8 +281,8 @@ def run_process(seed: int, process: int, port: int) -> None:
     from flax import nnx
 
     from hata_jax import HataConfig
-    from models import AttentionPlan, LlamaConfig, LlamaForCausalLM, generate
-    from models import sharding as ms
+    from hata_jax.models import AttentionPlan, LlamaConfig, LlamaForCausalLM, generate
+    from hata_jax.models import sharding as ms
 
     rng = np.random.default_rng(seed)
     config = LlamaConfig(**TINY)
@@ -330,7 +338,7 @@ def test_two_processes_jax_distributed():
              for i in range(2)]
     outputs = [p.communicate(timeout=300) for p in procs]
     results = [_results(out) for out, _ in outputs]
-    for p, (out, err), found in zip(procs, outputs, results):
+    for p, (_, err), found in zip(procs, outputs, results):
         assert p.returncode == 0 and found, f"exit {p.returncode}:\n{err[-4000:]}"
     for found in results:
         assert found[0]["tokens"] == found[0]["want"]

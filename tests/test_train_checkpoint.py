@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 from test_train_collect import tiny_model, word_corpus, word_tokenizer
 
-from models import model_from_tensors
-from train import checkpoint, corpus
-from train.collect import CollectConfig
-from train.hashattention import HashAttentionSelector
-from train.hata import HataSelector
-from train.run import train_model
-from train.trainer import TrainConfig
-from train.weights import hash_weights_for_generate, shipped_weights
+from hata_jax.models import model_from_tensors
+from hata_jax.train import checkpoint, corpus
+from hata_jax.train.collect import CollectConfig
+from hata_jax.train.hashattention_objective import HashAttentionObjective
+from hata_jax.train.hata_objective import HataObjective
+from hata_jax.train.projections import hash_weights_for_generate, shipped_weights
+from hata_jax.train.run import train_model
+from hata_jax.train.trainer import TrainConfig
 
 COLLECT = CollectConfig(seq_len=30, sequences=2, queries=4)
 
@@ -33,7 +33,7 @@ def trained_run(tmp_path_factory):
     model, tensors = tiny_model(rng)
     tokenizer = word_tokenizer(tmp / "tok")
     text = corpus.file_corpus([word_corpus(tmp / "text", rng)])
-    selector = HataSelector(rbit=32)
+    selector = HataObjective(rbit=32)
     train_model(model, "tiny", tokenizer, tmp / "out", corpus=text, selector=selector, collect_config=COLLECT,
                 train_config=TrainConfig.for_selector(selector, steps=3, batch_keys=0), dense_layers=1,
                 progress=False, log=lambda message: None)
@@ -65,7 +65,8 @@ def test_a_finished_run_loads_from_any_of_its_directories(trained_run, monkeypat
 def test_another_model_is_refused(trained_run, rng):
     tmp, model, tensors, _, _ = trained_run
     other_arch, _ = tiny_model(rng, "llama-linear")
-    with pytest.raises(ValueError, match=r"another model \(tiny\): the architecture differs \(vocab_size: 97 there, 61 here; .*num_heads: 6 there, 4 here"):
+    differs = r"another model \(tiny\): the architecture differs \(vocab_size: 97 there, 61 here; .*num_heads: 6 there"
+    with pytest.raises(ValueError, match=differs + r", 4 here"):
         checkpoint.load_projections(tmp / "out", other_arch)
     changed = dict(tensors)
     changed["model.layers.2.self_attn.k_proj.weight"] = tensors["model.layers.2.self_attn.k_proj.weight"] * 1.5
@@ -111,7 +112,7 @@ def test_corrupt_or_missing_files_are_clear_errors(trained_run, tmp_path):
 
 def test_an_unfinished_run_is_refused_until_resumed(trained_run, tmp_path):
     tmp, model, _, tokenizer, text = trained_run
-    selector = HashAttentionSelector(bits=8, hidden=16, top_k=4)
+    selector = HashAttentionObjective(bits=8, hidden=16, top_k=4)
     config = TrainConfig.for_selector(selector, steps=4, batch_keys=0, save_every=2)
 
     def stop(layer, done):

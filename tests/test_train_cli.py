@@ -10,8 +10,8 @@ from test_models_llama import HF_CONFIGS, random_tensors
 from test_models_loaders import write_hf_checkpoint
 from test_train_collect import word_corpus
 
-from hata_jax import cli
-from train.weights import shipped_weights
+from hata_jax.cli import main as cli
+from hata_jax.train.projections import shipped_weights
 
 TINY = ["--seq-len", "30", "--queries", "4", "--sequences", "2"]
 

@@ -12,8 +12,8 @@ import pytest
 from test_models_llama import HF_CONFIGS, random_model
 from test_models_loaders import write_word_tokenizer
 
-from models import Tokenizer
-from train import collect, corpus
+from hata_jax.models import Tokenizer
+from hata_jax.train import collect, corpus
 
 
 def tiny_model(rng, name: str = "llama-gqa"):
@@ -44,7 +44,7 @@ def manual_qk(model, tokens):
     x = model.embed_tokens(tokens)
     out = []
     for layer in model.layers:
-        q, k, _ = layer.self_attn._qkv(layer.input_layernorm(x), positions)
+        q, k, _ = layer.self_attn.project_qkv(layer.input_layernorm(x), positions)
         out.append((np.asarray(q[0]), np.asarray(k[0])))
         x, _ = layer.prefill(x, lengths, None, None, "reference")
     return out

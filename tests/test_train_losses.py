@@ -8,10 +8,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from hata_jax.selectors import HashAttentionSelector
 from hata_jax.selectors.mlp import mlp_apply
-from train.hashattention import HashAttentionSelector, top_k_targets, weighted_bce
-from train.hata import (HataLoss, HataSelector, LabelConfig, balance_term, decorrelation_term, rank_weights, relax,
-                        similarity_term)
+from hata_jax.train.hashattention_objective import HashAttentionObjective, top_k_targets, weighted_bce
+from hata_jax.train.hata_objective import (
+    HataLoss,
+    HataObjective,
+    LabelConfig,
+    balance_term,
+    decorrelation_term,
+    rank_weights,
+    relax,
+    similarity_term,
+)
 
 
 def h(x, sigma=0.1):
@@ -102,7 +111,7 @@ def test_hata_loss_matches_pair_by_pair_numpy(rng, g):
     q, k, valid, scores = _batch(rng, g=g)
     n, m, hq, d = q.shape
     hkv, rbit = k.shape[2], 32
-    selector = HataSelector(rbit=rbit, loss_config=HataLoss(sigma=0.1, eps=0.01, balance=1.0, decorrelation=2.0),
+    selector = HataObjective(rbit=rbit, loss_config=HataLoss(sigma=0.1, eps=0.01, balance=1.0, decorrelation=2.0),
                             labels=LabelConfig(top_fraction=0.2))
     weights = np.asarray(selector.targets(jnp.asarray(scores), jnp.asarray(valid)[:, :, None]))
     np.testing.assert_allclose(weights, _brute_rank_weights(scores, valid, selector.labels), atol=1e-5)
@@ -136,7 +145,7 @@ def test_hashattention_loss_matches_pair_by_pair_numpy(rng):
     q, k, valid, scores = _batch(rng, g=2, seq=9)
     n, m, hq, d = q.shape
     hkv = k.shape[2]
-    selector = HashAttentionSelector(bits=8, hidden=16, top_k=3, pos_weight=20.0)
+    selector = HashAttentionObjective(bits=8, hidden=16, top_k=3, pos_weight=20.0)
     params = selector.init(jax.random.PRNGKey(int(rng.integers(1 << 30))), hq, hkv, d)
     params["threshold"] = jnp.asarray(rng.standard_normal(hq), jnp.float32)
     targets = np.asarray(selector.targets(jnp.asarray(scores), jnp.asarray(valid)[:, :, None]))
@@ -155,3 +164,18 @@ def test_hashattention_loss_matches_pair_by_pair_numpy(rng):
             count += 1
     assert float(loss) == pytest.approx(total / count, rel=1e-4)
     assert float(terms["bce"]) == float(loss)
+
+
+def test_hashattention_training_scores_are_the_selectors(rng):
+    """The scores recall is measured with are the ones decoding selects by
+    (:class:`hata_jax.selectors.HashAttentionSelector`, from packed key codes)."""
+    m, s, hq, hkv, d = 3, 11, 6, 2, 16
+    objective = HashAttentionObjective(bits=32, hidden=16)
+    params = objective.init(jax.random.PRNGKey(int(rng.integers(1 << 30))), hq, hkv, d)
+    q = jnp.asarray(rng.standard_normal((m, hq, d)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((s, hkv, d)), jnp.float32)
+    selector = HashAttentionSelector(bits=32)
+    keys = jnp.swapaxes(k, 0, 1)[None]  # [1, Hkv, S, D]
+    state = selector.init_state(params, keys, jnp.array([s]))
+    decoded = selector.token_scores(params, state, q[None], keys, jnp.full((1, m), s - 1))  # [1, Hkv, m, S]
+    np.testing.assert_array_equal(np.asarray(objective.scores(params, q, k)), np.swapaxes(np.asarray(decoded[0]), 0, 1))

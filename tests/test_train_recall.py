@@ -12,10 +12,10 @@ import pytest
 from test_train_trainer import planted_collection
 
 import hata_jax as hj
-from train import recall
-from train.collect import read_manifest, write_manifest
-from train.hata import HataSelector
-from train.metrics import FRACTIONS, captured_mass, exact_scores, probs_from_raw
+from hata_jax.train import recall
+from hata_jax.train.collect import read_manifest, write_manifest
+from hata_jax.train.hata_objective import HataObjective
+from hata_jax.train.metrics import FRACTIONS, captured_mass, exact_scores, probs_from_raw
 
 
 def _problem(rng, m=3, hkv=2, g=3, length=50, integer_scores=False):
@@ -82,12 +82,12 @@ def test_exact_top_k_is_the_upper_bound(rng):
 
 def test_evaluate_table_plot_and_report(tmp_path, rng):
     samples = planted_collection(tmp_path / "heldout", rng, sequences=2, length=128, queries=4)
-    selector = HataSelector(rbit=32)
+    selector = HataObjective(rbit=32)
     w = {layer: jax.random.normal(jax.random.PRNGKey(layer), (2, 64, 32)) for layer in (1, 2)}
     methods = {recall.TRAINED: (selector, w), recall.RANDOM: (selector, {i: 0.5 * v for i, v in w.items()})}
     result = recall.evaluate(samples, [1, 2], methods)
     assert list(result["methods"]) == [recall.EXACT, recall.TRAINED, recall.RANDOM]
-    for name, data in result["methods"].items():
+    for data in result["methods"].values():
         assert np.asarray(data["per_layer"]).shape == (2, len(FRACTIONS))
         np.testing.assert_allclose(data["mean"], np.mean(data["per_layer"], axis=0))
     exact = np.asarray(result["methods"][recall.EXACT]["per_layer"])

@@ -10,11 +10,11 @@ import pathlib
 import numpy as np
 import pytest
 
-from train import collect
-from train.checkpoint import TrainingRun
-from train.hashattention import HashAttentionSelector
-from train.hata import HataSelector
-from train.trainer import TrainConfig, train_layers
+from hata_jax.train import collect
+from hata_jax.train.checkpoint import TrainingRun
+from hata_jax.train.hashattention_objective import HashAttentionObjective
+from hata_jax.train.hata_objective import HataObjective
+from hata_jax.train.trainer import TrainConfig, train_layers
 
 SYNTHETIC_MODEL = {"name": "synthetic", "architecture": {}, "fingerprint": ""}
 
@@ -52,7 +52,7 @@ def planted_collection(directory: pathlib.Path, rng, layers=(1, 2), sequences: i
 def run_metadata(selector, config: TrainConfig, layers, rbit: int) -> dict:
     import dataclasses
 
-    from train.checkpoint import FORMAT, VERSION
+    from hata_jax.train.checkpoint import FORMAT, VERSION
 
     return {"format": FORMAT, "version": VERSION, "selector": {"name": selector.name,
                                                                "config": dataclasses.asdict(selector)},
@@ -64,9 +64,9 @@ def train_tiny(samples: pathlib.Path, out: pathlib.Path, selector, config: Train
     """Train on a planted collection; returns ({layer: params}, final metadata)."""
     run = TrainingRun(out)
     try:
-        bits = selector.rbit if isinstance(selector, HataSelector) else selector.bits
-        trained = train_layers(selector, samples, list(layers), run, config, run_metadata(selector, config, layers, bits),
-                               progress=False, **kw)
+        bits = selector.rbit if isinstance(selector, HataObjective) else selector.bits
+        metadata = run_metadata(selector, config, layers, bits)
+        trained = train_layers(selector, samples, list(layers), run, config, metadata, progress=False, **kw)
         return trained, run.metadata(run.latest_step())
     finally:
         run.close()
@@ -78,7 +78,7 @@ def planted(tmp_path, rng):
 
 
 def test_hata_steps_lower_the_loss_and_raise_the_mass(planted, tmp_path):
-    selector = HataSelector(rbit=32)
+    selector = HataObjective(rbit=32)
     config = TrainConfig.for_selector(selector, steps=300, batch_keys=64)
     trained, metadata = train_tiny(planted, tmp_path / "run", selector, config)
     assert metadata["complete"] and sorted(trained) == [1, 2]
@@ -97,7 +97,7 @@ def test_hata_steps_lower_the_loss_and_raise_the_mass(planted, tmp_path):
 
 
 def test_hashattention_steps_lower_the_loss_and_raise_the_mass(planted, tmp_path):
-    selector = HashAttentionSelector(bits=8, hidden=16, top_k=8)
+    selector = HashAttentionObjective(bits=8, hidden=16, top_k=8)
     config = TrainConfig.for_selector(selector, steps=30, batch_keys=0, batch_sequences=2)
     assert (config.optimizer, config.learning_rate) == ("adam", 1e-3)
     trained, metadata = train_tiny(planted, tmp_path / "run", selector, config)
@@ -115,7 +115,7 @@ class Interrupt(Exception):
 @pytest.mark.parametrize("stop_at", [(1, 5), (2, 2)])  # inside layer 1 / inside layer 2 after layer 1 ended
 def test_resume_gives_the_uninterrupted_result(tmp_path, rng, stop_at):
     samples = planted_collection(tmp_path / "samples", rng, sequences=2, length=96, queries=4)
-    selector = HataSelector(rbit=32)
+    selector = HataObjective(rbit=32)
     config = TrainConfig.for_selector(selector, steps=6, batch_keys=32, batch_sequences=1, save_every=2)
     whole, whole_meta = train_tiny(samples, tmp_path / "whole", selector, config)
 
@@ -148,7 +148,7 @@ def test_train_config_checks():
         TrainConfig(steps=0)
     with pytest.raises(ValueError, match="batch_keys must be >= 0"):
         TrainConfig(batch_keys=-1)
-    config = TrainConfig.for_selector(HataSelector(), steps=7, learning_rate=None)
+    config = TrainConfig.for_selector(HataObjective(), steps=7, learning_rate=None)
     assert (config.steps, config.learning_rate, config.momentum, config.weight_decay) == (7, 0.1, 0.9, 1e-6)
 
 

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from train.identity import check_same_model
+from hata_jax.models.identity import check_same_model
 
 FORMAT = "hata-jax/selector-checkpoint"
 VERSION = 1
@@ -164,5 +164,6 @@ def load_projections(path: str | pathlib.Path, model, rbit: int | None = None) -
     expected = (config.num_kv_heads, config.head_dim, metadata["rbit"])
     for layer, w in layers.items():
         if w.shape != expected:
-            raise ValueError(f"{path}: layer {layer} has shape {w.shape}, expected {expected}; the checkpoint is corrupt")
+            raise ValueError(f"{path}: layer {layer} has shape {w.shape}, expected {expected}; "
+                             "the checkpoint is corrupt")
     return {layer: np.asarray(w, np.float32) for layer, w in layers.items()}

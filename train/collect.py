@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from train import corpus as corpus_lib
-from train.identity import check_same_model, model_identity
+from hata_jax.models.identity import check_same_model, model_identity
+from hata_jax.train import corpus as corpus_lib
 
 FORMAT = "hata-jax/qk-samples"
 VERSION = 1

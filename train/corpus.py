@@ -16,7 +16,7 @@ import pathlib
 import sys
 import sysconfig
 import zlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -38,7 +38,7 @@ class Corpus:
     root: pathlib.Path
     files: tuple[pathlib.Path, ...]
 
-    def shuffled(self, seed: int) -> "Corpus":
+    def shuffled(self, seed: int) -> Corpus:
         order = np.random.default_rng(seed).permutation(len(self.files))
         return dataclasses.replace(self, files=tuple(self.files[i] for i in order))
 
@@ -155,11 +155,12 @@ def _relative(path: pathlib.Path, root: pathlib.Path) -> str:
 
 def describe(corpus: Corpus, files_used: list[dict], seq_len: int, count: int, seed: int) -> dict:
     """The corpus description stored in sample manifests and checkpoint metadata."""
+    stdlib = corpus.name.startswith("python-stdlib")
     return {
         "name": corpus.name,
         "root": str(corpus.root),
-        "python": sys.version.split()[0] if corpus.name.startswith("python-stdlib") else None,
-        "heldout_rule": f"crc32(relative path) % {HELDOUT_EVERY} == 0" if corpus.name.startswith("python-stdlib") else None,
+        "python": sys.version.split()[0] if stdlib else None,
+        "heldout_rule": f"crc32(relative path) % {HELDOUT_EVERY} == 0" if stdlib else None,
         "seed": seed,
         "seq_len": seq_len,
         "sequences": count,

@@ -4,7 +4,7 @@ each one selects, for budgets from 1/64 to 1/4 of the context, per layer and ave
 Methods: exact top-k (the oracle, an upper bound), HATA with the trained projections, HATA with
 untrained random Gaussian projections of the same rbit (SimHash), and HashAttention when its
 checkpoint is given. All select per KV head with no forced sink or recent tokens (see
-:mod:`train.metrics`).
+:mod:`hata_jax.train.metrics`).
 """
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import hata_jax
-from train.collect import load_layer, read_manifest
-from train.metrics import FRACTIONS, captured_mass, exact_scores, probs_from_raw
-from train.trainer import jitted_scores
+from hata_jax.train.collect import load_layer, read_manifest
+from hata_jax.train.metrics import FRACTIONS, captured_mass, exact_scores, probs_from_raw
+from hata_jax.train.trainer import jitted_scores
 
 EXACT = "exact top-k"
 TRAINED = "HATA (trained)"
@@ -32,7 +32,7 @@ def evaluate(samples_dir, layers: list[int], methods: dict, fractions=FRACTIONS,
     """Mass kept per method, layer and budget fraction on a held-out collection.
 
     Args:
-      samples_dir: a :mod:`train.collect` collection of held-out text holding `layers`.
+      samples_dir: a :mod:`hata_jax.train.collect` collection of held-out text holding `layers`.
       methods: {name: (selector, {layer: params})}; the exact top-k is always added first.
       progress: called as `progress(layer)` after each layer.
 
@@ -61,7 +61,8 @@ def evaluate(samples_dir, layers: list[int], methods: dict, fractions=FRACTIONS,
             progress(layer)
     return {
         "fractions": list(fractions), "layers": list(layers), "queries_per_layer": queries,
-        "methods": {name: {"per_layer": rows, "mean": np.mean(rows, axis=0).tolist()} for name, rows in per_layer.items()},
+        "methods": {name: {"per_layer": rows, "mean": np.mean(rows, axis=0).tolist()}
+                    for name, rows in per_layer.items()},
     }
 
 
@@ -88,10 +89,12 @@ def format_table(result: dict, highlight: float = HIGHLIGHT) -> str:
              f"({result['queries_per_layer']} held-out queries each)", "",
              "layer " + "".join(f"{n:>{width}}" for n in names)]
     for j, layer in enumerate(result["layers"]):
-        lines.append(f"{layer:>5} " + "".join(f"{result['methods'][n]['per_layer'][j][col]:>{width}.4f}" for n in names))
+        cells = (result["methods"][n]["per_layer"][j][col] for n in names)
+        lines.append(f"{layer:>5} " + "".join(f"{cell:>{width}.4f}" for cell in cells))
     lines += ["", "average over layers", "budget " + "".join(f"{n:>{width}}" for n in names)]
     for c, f in enumerate(result["fractions"]):
-        lines.append(f"{fraction_label(f):>6} " + "".join(f"{result['methods'][n]['mean'][c]:>{width}.4f}" for n in names))
+        cells = (result["methods"][n]["mean"][c] for n in names)
+        lines.append(f"{fraction_label(f):>6} " + "".join(f"{cell:>{width}.4f}" for cell in cells))
     return "\n".join(lines)
 
 
@@ -128,7 +131,7 @@ def report(result: dict, samples_dir, checkpoints: dict[str, dict], model_name: 
     """The JSON document: results plus what produced them (model, held-out corpus, checkpoints)."""
     manifest = read_manifest(samples_dir)
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "model": model_name, "jax": jax.__version__, "hata_jax": hata_jax.__version__,
         "backend": jax.default_backend(),
         "heldout": {"collection": manifest["config"], "corpus": {k: v for k, v in manifest["corpus"].items()

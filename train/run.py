@@ -1,7 +1,7 @@
 """One training run: collect samples from a corpus, train a selector for every hashed layer, checkpoint.
 
-    from models import load_model
-    from train.run import train_model
+    from hata_jax.models import load_model
+    from hata_jax.train.run import train_model
     model, tokenizer = load_model("smollm2")
     layers = train_model(model, "smollm2", tokenizer, "runs/smollm2")   # HATA, rbit 128, layers 2..29
 
@@ -17,14 +17,15 @@ import time
 import jax
 
 import hata_jax
-from train import checkpoint, collect, corpus as corpus_lib
-from train.hata import HataSelector
-from train.identity import model_identity
-from train.trainer import TrainConfig, train_layers
+from hata_jax.models.identity import model_identity
+from hata_jax.train import checkpoint, collect
+from hata_jax.train import corpus as corpus_lib
+from hata_jax.train.hata_objective import HataObjective
+from hata_jax.train.trainer import TrainConfig, train_layers
 
 
 def selector_bits(selector) -> int:
-    return selector.rbit if isinstance(selector, HataSelector) else selector.bits
+    return selector.rbit if isinstance(selector, HataObjective) else selector.bits
 
 
 def train_model(model, model_name: str, tokenizer, out: str | pathlib.Path, *,
@@ -37,18 +38,20 @@ def train_model(model, model_name: str, tokenizer, out: str | pathlib.Path, *,
 
     Args:
       corpus: training text; default the standard library's training split.
-      selector: :class:`HataSelector` (default, rbit 128) or :class:`train.hashattention.HashAttentionSelector`.
+      selector: :class:`HataObjective` (default, rbit 128) or
+        :class:`hata_jax.train.hashattention_objective.HashAttentionObjective`.
       train_config: default the selector's optimizer with :class:`TrainConfig`'s other defaults.
       resume: continue an interrupted run in `out` (collection and training pick up where they stopped).
-      on_step: see :func:`train.trainer.train_layers`.
+      on_step: see :func:`hata_jax.train.trainer.train_layers`.
     """
     out = pathlib.Path(out)
-    selector = selector or HataSelector()
+    selector = selector or HataObjective()
     train_config = train_config or TrainConfig.for_selector(selector)
     corpus = corpus or corpus_lib.stdlib_corpus("train")
     num_layers = model.config.num_layers
     if not 0 <= dense_layers < num_layers:
-        raise ValueError(f"dense_layers must lie in [0, {num_layers}) for a {num_layers}-layer model, got {dense_layers}")
+        raise ValueError(f"dense_layers must lie in [0, {num_layers}) for a {num_layers}-layer model, "
+                         f"got {dense_layers}")
     layers = list(range(dense_layers, num_layers))
     samples_dir = pathlib.Path(samples_dir) if samples_dir else out / "samples"
     run = checkpoint.TrainingRun(out / "checkpoints")

@@ -12,16 +12,16 @@ import dataclasses
 import functools
 import json
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from train.checkpoint import TrainingRun, layer_key
-from train.collect import LayerSamples, load_layer, read_manifest
-from train.metrics import captured_mass, exact_scores, probs_from_raw
+from hata_jax.train.checkpoint import TrainingRun, layer_key
+from hata_jax.train.collect import LayerSamples, load_layer, read_manifest
+from hata_jax.train.metrics import captured_mass, exact_scores, probs_from_raw
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
@@ -61,7 +61,7 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be >= 0 (0 = all), got {getattr(self, name)}")
 
     @classmethod
-    def for_selector(cls, selector, **overrides) -> "TrainConfig":
+    def for_selector(cls, selector, **overrides) -> TrainConfig:
         """The selector's defaults (`selector.default_training`), then every override that is not None."""
         values = {**selector.default_training, **{k: v for k, v in overrides.items() if v is not None}}
         return cls(**values)
@@ -145,16 +145,17 @@ def train_layers(selector, samples_dir, layers: list[int], run: TrainingRun, con
     """Train `layers` one after another; returns {layer: params}.
 
     Args:
-      selector: :class:`train.hata.HataSelector` or :class:`train.hashattention.HashAttentionSelector`.
-      samples_dir: a collection of :mod:`train.collect` holding these layers.
+      selector: :class:`hata_jax.train.hata_objective.HataObjective` or
+        :class:`hata_jax.train.hashattention_objective.HashAttentionObjective`.
+      samples_dir: a collection of :mod:`hata_jax.train.collect` holding these layers.
       run: the checkpoint manager; the state is saved every `config.save_every` steps and after each layer.
       metadata: the run's description (model, corpus, configs); progress and metrics are added here.
       resume: continue from the run's latest checkpoint (its metadata must match `metadata`).
       on_step: called as `on_step(layer, steps_done)` after every step (progress, interruption).
     """
     manifest = read_manifest(samples_dir)
-    metadata = json.loads(json.dumps({**metadata, "metrics": {}, "progress": {"completed": [], "layer": None, "step": 0},
-                "complete": False}))
+    progress = {"completed": [], "layer": None, "step": 0}
+    metadata = json.loads(json.dumps({**metadata, "metrics": {}, "progress": progress, "complete": False}))
     finished: dict = {}
     current = None
     run.check_start(resume)

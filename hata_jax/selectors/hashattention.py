@@ -1,8 +1,10 @@
-"""HashAttention's learned codes at inference: sign codes of per-head MLPs (train/hashattention.py)."""
+"""HashAttention's learned codes at inference: sign codes of per-head MLPs (trained by
+:mod:`hata_jax.train.hashattention_objective`)."""
 from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 
 from hata_jax.hashing import pack_bits
@@ -29,13 +31,19 @@ def _check_mlp(mlp, heads: int, head_dim: int, bits: int, name: str) -> None:
         raise ValueError(f"{name} must output {bits} bits per head (the selector's `bits`), got {width}")
 
 
+def mlp_signs(mlp: dict, x: jax.Array) -> jax.Array:
+    """The +-1 code of per-head MLP outputs: x [..., heads, D] -> float32[..., heads, bits], +1
+    where the output is > 0 (the bit HashAttention's codes store)."""
+    return jnp.where(mlp_apply(mlp, x.astype(jnp.float32)) > 0, 1.0, -1.0)
+
+
 @dataclasses.dataclass(frozen=True)
 class HashAttentionSelector(Selector):
     """HashAttention: `score(t) = sum_{i in group} <sign f_i(q), sign g(k_t)>` (+-1 codes, bit = x > 0),
     f_i the query MLP of query head i, g the key MLP of the KV head.
 
     Options: bits (default 32), the code width (a multiple of 32). Params: the layer's dict of
-    :class:`train.hashattention.HashAttentionSelector` (`{"query": mlp over Hq heads, "key": mlp
+    :class:`hata_jax.train.hashattention_objective.HashAttentionSelector` (`{"query": mlp over Hq heads, "key": mlp
     over Hkv heads, "threshold": [Hq]}`; the threshold is a training-only offset and is not used).
     State: {"codes": uint32[B, Hkv, S, bits/32]} key codes (zero past lengths). Extra memory:
     `kv_heads * bits / 8` bytes per token (one code per KV head, not per query head).
@@ -62,8 +70,8 @@ class HashAttentionSelector(Selector):
 
     def _key_codes(self, params, k):
         """k: [B, Hkv, S, D] (or [B, Hkv, D]) -> packed codes of the key MLP, uint32[..., bits/32]."""
-        x = jnp.moveaxis(k.astype(jnp.float32), 1, -2)  # heads next to the features
-        return jnp.moveaxis(pack_bits(mlp_apply(params["key"], x) > 0), -2, 1)
+        x = jnp.moveaxis(k, 1, -2)  # heads next to the features
+        return jnp.moveaxis(pack_bits(mlp_signs(params["key"], x) > 0), -2, 1)
 
     def _init_state(self, params, k, lengths):
         valid = token_rows(lengths, k.shape[2])
@@ -73,5 +81,5 @@ class HashAttentionSelector(Selector):
         return {"codes": write_token(state["codes"], self._key_codes(params, k_new), positions)}
 
     def _token_scores(self, params, state, q, k, q_positions):
-        q_signs = jnp.where(mlp_apply(params["query"], q.astype(jnp.float32)) > 0, 1.0, -1.0)  # [B, T, Hq, bits]
+        q_signs = mlp_signs(params["query"], q)  # [B, T, Hq, bits]
         return sign_code_dot(group_sum(q_signs, k.shape[1]), state["codes"])

@@ -18,7 +18,7 @@ ARCHITECTURE_FIELDS = ("model_type", "vocab_size", "hidden_size", "num_layers", 
 
 
 def architecture(config) -> dict:
-    """The JSON-able architecture of a :class:`models.LlamaConfig` (the fields above)."""
+    """The JSON-able architecture of a :class:`hata_jax.models.LlamaConfig` (the fields above)."""
     full = dataclasses.asdict(config)
     out = {}
     for name in ARCHITECTURE_FIELDS:
@@ -49,7 +49,8 @@ def check_same_model(saved: dict, model, what: str) -> None:
     """Raise a ValueError unless `saved` (a :func:`model_identity`) describes `model`."""
     current = architecture(model.config)
     saved_arch = saved.get("architecture", {})
-    differ = [f"{k}: {saved_arch.get(k)!r} there, {current[k]!r} here" for k in current if saved_arch.get(k) != current[k]]
+    differ = [f"{k}: {saved_arch.get(k)!r} there, {current[k]!r} here"
+              for k in current if saved_arch.get(k) != current[k]]
     if differ:
         raise ValueError(f"{what} was made for another model ({saved.get('name')}): the architecture differs "
                          f"({'; '.join(differ)})")

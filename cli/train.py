@@ -2,16 +2,28 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import pathlib
 import sys
 import tempfile
 import time
 
+from hata_jax.cli.generate import require_model_extra
+from hata_jax.models.hash_projections import random_projections
+from hata_jax.models.load import load_model
+from hata_jax.train import checkpoint, corpus, recall
+from hata_jax.train.collect import CollectConfig, collect
+from hata_jax.train.hashattention_objective import HashAttentionObjective
+from hata_jax.train.hata_objective import HataObjective
+from hata_jax.train.projections import shipped_weights
+from hata_jax.train.run import train_model
+from hata_jax.train.trainer import TrainConfig
 
 
 def _add_model_args(parser, split: str, samples_default: str) -> None:
     parser.add_argument("--model", default="smollm2",
-                        help="'smollm2' (the embedded SmolLM2-135M-Instruct), a HF checkpoint directory or a .gguf file")
+                        help="'smollm2' (the embedded SmolLM2-135M-Instruct), a HF checkpoint directory or a "
+                             ".gguf file")
     parser.add_argument("--corpus", nargs="+", metavar="PATH",
                         help="text files or directories (default: the Python standard library's sources, "
                              f"its {split} split)")
@@ -72,9 +84,6 @@ def add_recall_command(subparsers) -> None:
 
 def require_train_extra(*modules: str) -> None:
     """The model extra plus `modules` of the train extra (pyproject.toml) must be installed."""
-    import importlib.util
-
-    from models.cli import require_model_extra
 
     require_model_extra()
     missing = [name for name in modules if importlib.util.find_spec(name) is None]
@@ -88,21 +97,12 @@ def log(message: str) -> None:
 
 
 def _corpus(args, split: str):
-    from train import corpus
-
     return corpus.file_corpus(args.corpus) if args.corpus else corpus.stdlib_corpus(split)
 
 
 def run_train(args: argparse.Namespace) -> int:
     require_train_extra(*(() if args.no_progress else ("tqdm",)))
-    from models.load import load_model
-    from train.collect import CollectConfig
-    from train.hashattention import HashAttentionSelector
-    from train.hata import HataSelector
-    from train.run import train_model
-    from train.trainer import TrainConfig
-
-    selector = HataSelector(rbit=args.rbit) if args.selector == "hata" else HashAttentionSelector()
+    selector = HataObjective(rbit=args.rbit) if args.selector == "hata" else HashAttentionObjective()
     collect_config = CollectConfig(seq_len=args.seq_len, sequences=args.sequences, queries=args.queries,
                                    seed=args.seed)
     train_config = TrainConfig.for_selector(
@@ -121,21 +121,13 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_recall(args: argparse.Namespace) -> int:
     require_train_extra(*(("matplotlib",) if args.plot else ()))
-    from models.attention import random_projections
-    from models.load import load_model
-    from train import checkpoint, recall
-    from train.collect import CollectConfig, collect
-    from train.hashattention import HashAttentionSelector
-    from train.hata import HataSelector
-    from train.weights import shipped_weights
-
     hash_weights = args.hash_weights or shipped_weights(args.model)
     if hash_weights is None:
         raise ValueError(f"--hash-weights is required for --model {args.model} (no shipped weights)")
     model, tokenizer = load_model(args.model, log=log)
     trained, metadata = checkpoint.load_trained(hash_weights, model, "hata")
     layers, rbit = metadata["layers"], metadata["rbit"]
-    selector = HataSelector(rbit=rbit)
+    selector = HataObjective(rbit=rbit)
     methods = {recall.TRAINED: (selector, trained),
                recall.RANDOM: (selector, random_projections(model.config, rbit, seed=0, layers=layers))}
     checkpoints = {str(hash_weights): metadata}
@@ -144,7 +136,7 @@ def run_recall(args: argparse.Namespace) -> int:
         missing = sorted(set(layers) - set(ha_params))
         if missing:
             raise ValueError(f"{args.hashattention} has no HashAttention weights for layers {missing}")
-        methods[recall.HASHATTENTION] = (HashAttentionSelector(**ha_meta["selector"]["config"]), ha_params)
+        methods[recall.HASHATTENTION] = (HashAttentionObjective(**ha_meta["selector"]["config"]), ha_params)
         checkpoints[args.hashattention] = ha_meta
     config = CollectConfig(seq_len=args.seq_len, sequences=args.sequences, queries=args.queries, seed=args.seed)
     with tempfile.TemporaryDirectory(prefix="hata-recall-") as tmp:

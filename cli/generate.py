@@ -2,9 +2,20 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import time
 import warnings
+
+import jax
+import jax.numpy as jnp
+
+from hata_jax import HataConfig
+from hata_jax.models.generation import Sampling, generate, short_context_threshold
+from hata_jax.models.load import load_model
+from hata_jax.models.plan import AttentionPlan, layer_span
+from hata_jax.models.sharding import make_mesh, shard_model
+from hata_jax.train.projections import hash_weights_for_generate
 
 DTYPES = ("float32", "bfloat16")
 MODEL_EXTRA = ("gguf", "tokenizers", "safetensors", "jinja2")  # the `model` extra of pyproject.toml
@@ -72,8 +83,6 @@ class TextStream:
 
 
 def require_model_extra() -> None:
-    import importlib.util
-
     missing = [name for name in MODEL_EXTRA if importlib.util.find_spec(name) is None]
     if missing:
         raise ValueError(f"generate needs the model extra (missing {', '.join(missing)}): "
@@ -82,13 +91,6 @@ def require_model_extra() -> None:
 
 def run_generate(args: argparse.Namespace) -> int:
     require_model_extra()
-    import jax
-    import jax.numpy as jnp
-
-    from hata_jax import HataConfig
-    from models.attention import AttentionPlan, layer_span
-    from models.generation import Sampling, generate, short_context_threshold
-    from models.load import load_model
 
     def log(message: str) -> None:
         print(f"[hata-jax] {message}", file=sys.stderr, flush=True)
@@ -104,8 +106,6 @@ def run_generate(args: argparse.Namespace) -> int:
         f"{config.num_kv_heads} KV heads, head dim {config.head_dim}) in {time.perf_counter() - start:.1f} s")
     plan = AttentionPlan.uniform(config.num_layers, args.attention, hata, impl=args.impl)
     if args.mesh > 1:
-        from models.sharding import make_mesh, shard_model
-
         if args.mesh > len(jax.devices()):
             raise ValueError(f"--mesh {args.mesh}: only {len(jax.devices())} devices are visible")
         mesh = make_mesh(jax.devices()[:args.mesh])
@@ -115,12 +115,11 @@ def run_generate(args: argparse.Namespace) -> int:
     threshold = short_context_threshold(plan, args.dense_below)
     hash_weights = None
     if args.attention == "hata" or args.hash_weights:
-        from train.weights import hash_weights_for_generate
-
         hash_weights = hash_weights_for_generate(args.hash_weights, args.model, model, args.rbit, log)
     if args.attention == "hata":
         if not plan.hashed_layers:
-            raise ValueError(f"--dense-layers {args.dense_layers} leaves no HATA layer in a {config.num_layers}-layer model")
+            raise ValueError(f"--dense-layers {args.dense_layers} leaves no HATA layer in a "
+                             f"{config.num_layers}-layer model")
         log(f"HATA in layers {layer_span(plan.hashed_layers)} (rbit {args.rbit}, budget {args.budget}); "
             f"the first {args.dense_layers} layers stay dense"
             + (f"; every layer decodes dense while the context is <= {threshold} tokens (--dense-below)"

@@ -1,4 +1,4 @@
-"""Tables and plots of an evaluation's results document (:func:`models.eval.harness.summarize`)."""
+"""Tables and plots of an evaluation's results document (:func:`hata_jax.evaluation.harness.summarize`)."""
 from __future__ import annotations
 
 import pathlib

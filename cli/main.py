@@ -4,26 +4,27 @@ from __future__ import annotations
 import argparse
 import sys
 
+import jax
+
+import hata_jax
+from hata_jax import demo as synthetic_demo
+from hata_jax.cli.evaluate import add_demo_args, add_eval_command, run_demo
+from hata_jax.cli.generate import add_generate_command
+from hata_jax.cli.train import add_recall_command, add_train_command
+from hata_jax.dispatch import default_impl
+
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     if not args.synthetic:
-        from models.eval.cli import run_demo
-
         return run_demo(args)
-    from hata_jax.demo import DemoConfig, format_table, run_demo
-
-    defaults = DemoConfig()
-    cfg = DemoConfig(context=args.context or defaults.context, budgets=tuple(args.budgets or defaults.budgets),
-                     seed=args.seed, rbit=args.rbit)
-    print(format_table(run_demo(cfg, impl=args.impl), cfg))
+    defaults = synthetic_demo.DemoConfig()
+    cfg = synthetic_demo.DemoConfig(context=args.context or defaults.context,
+                                    budgets=tuple(args.budgets or defaults.budgets), seed=args.seed, rbit=args.rbit)
+    print(synthetic_demo.format_table(synthetic_demo.run_demo(cfg, impl=args.impl), cfg))
     return 0
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    import jax
-
-    import hata_jax
-    from hata_jax.dispatch import default_impl
 
     print(f"hata-jax {hata_jax.__version__}, jax {jax.__version__}, backend {jax.default_backend()}")
     print(f"devices: {', '.join(str(d) for d in jax.devices())}")
@@ -48,16 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rbit", type=int, default=128, help="hash bits (multiple of 32)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--impl", choices=["auto", "pallas", "reference"], default="auto")
-    from models.eval.cli import add_demo_args, add_eval_command
-
     add_demo_args(demo)
     demo.set_defaults(func=_cmd_demo)
 
     info = sub.add_parser("info", help="print versions, devices and which implementation impl='auto' runs")
     info.set_defaults(func=_cmd_info)
-
-    from models.cli import add_generate_command
-    from train.cli import add_recall_command, add_train_command
 
     add_generate_command(sub)
     add_train_command(sub)

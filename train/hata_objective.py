@@ -2,7 +2,7 @@
 
 Per layer the parameters are one projection per KV head, `W: float32[Hkv, D, rbit]` (init
 N(0, 1)). Training relaxes the sign with `h(x) = tanh(sigma * x / 2) = 2 * sigmoid(sigma * x) - 1`
-and minimises (REFERENCE.md, "Training the projections")
+and minimises (HATA, Gong et al., ACL Findings 2025, section 3)
 
     similarity      eps * sum_pairs(s * ||h(q W) - h(k W)||^2) / N_pairs
     bit balance     lambda * sum_heads ||mean_pairs(h(q W) + h(k W)) / rbit||^2
@@ -103,7 +103,7 @@ def decorrelation_term(w, strength: float):
 
 
 @dataclasses.dataclass(frozen=True)
-class HataSelector:
+class HataObjective:
     """HATA's trainable selector: projections [Hkv, D, rbit] per layer."""
 
     rbit: int = 128
@@ -126,7 +126,7 @@ class HataSelector:
         return rank_weights(scores, jnp.broadcast_to(valid, scores.shape), self.labels)
 
     def loss(self, w, batch):
-        """(total, {term: value}) on a batch (see :func:`train.trainer.sample_batch`)."""
+        """(total, {term: value}) on a batch (see :func:`hata_jax.train.trainer.sample_batch`)."""
         cfg = self.loss_config
         q, k, weights, valid = batch["q"], batch["k"], batch["targets"], batch["valid"]
         n, m, hq, d = q.shape

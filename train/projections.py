@@ -2,7 +2,8 @@
 run, an orbax checkpoint step, or an .npz), else the weights shipped for the model, else none
 (random projections, with a warning).
 
-Shipped: `hata_jax/weights/smollm2-rbit128/`, the final checkpoint (`checkpoints/8400/`) of
+Shipped: `train/shipped/smollm2-rbit128/` (installed as `hata_jax/train/shipped/`), the final checkpoint
+(`checkpoints/8400/`) of
 
     hata-jax train --model smollm2 --out runs/smollm2-hata
 
@@ -13,14 +14,17 @@ from __future__ import annotations
 import importlib.resources
 import pathlib
 
-SHIPPED = {"smollm2": "smollm2-rbit128"}  # model spec -> directory under hata_jax/weights/
+from hata_jax.models.hash_projections import load_hash_weights
+from hata_jax.train.checkpoint import load_projections, read_metadata
+
+SHIPPED = {"smollm2": "smollm2-rbit128"}  # model spec -> directory under train/shipped/
 
 
 def shipped_weights(model_name: str) -> pathlib.Path | None:
     """The shipped checkpoint directory for a model spec ("smollm2"), or None."""
     if model_name not in SHIPPED:
         return None
-    path = pathlib.Path(str(importlib.resources.files("hata_jax") / "weights" / SHIPPED[model_name]))
+    path = pathlib.Path(str(importlib.resources.files("hata_jax.train") / "shipped" / SHIPPED[model_name]))
     return path if path.is_dir() else None
 
 
@@ -38,19 +42,13 @@ def hash_weights_for_generate(path: str | None, model_name: str, model, rbit: in
     if path is not None:
         path = pathlib.Path(path).expanduser()
         if is_npz(path):
-            from models.attention import load_hash_weights
-
             return load_hash_weights(path)
-        from train.checkpoint import load_projections
-
         weights = load_projections(path, model, rbit)
         log(f"trained hash projections from {path} (layers {min(weights)}..{max(weights)})")
         return weights
     shipped = shipped_weights(model_name)
     if shipped is None:
         return None
-    from train.checkpoint import load_projections, read_metadata
-
     shipped_rbit = read_metadata(shipped)["rbit"]
     if shipped_rbit != rbit:
         log(f"the shipped {model_name} hash projections have rbit {shipped_rbit}, not {rbit}: not used")

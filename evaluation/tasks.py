@@ -20,7 +20,7 @@ frequent_words 33):
   most frequent.
 
 The prose (haystack) is the docstring sentences of the Python standard library's held-out files
-(:func:`train.corpus.stdlib_corpus`, no digits, so no false needles); keys and the common words
+(:func:`hata_jax.train.corpus.stdlib_corpus`, no digits, so no false needles); keys and the common words
 come from its vocabulary. A sample is a pure function of (task, target length, index, seed) and
 the tokenizer (and the Python version's standard library): the haystack grows by whole units
 (sentences or list entries) to the largest size whose prompt fits in `length` tokens.
@@ -36,11 +36,11 @@ import functools
 import hashlib
 import re
 import zlib
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
-from train import corpus as corpus_lib
+from hata_jax.train import corpus as corpus_lib
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,7 +6,7 @@
   hata           the trained projections W float32[Hkv, D, rbit]: `hash_weights` (a `hata-jax
                  train` run or an .npz, as `hata-jax generate --hash-weights`), default the ones
                  shipped with hata-jax (checked against the model's weights)
-  simhash        random Gaussian projections (:func:`models.attention.random_projections`, `seed`)
+  simhash        random Gaussian projections (:func:`hata_jax.models.hash_projections.random_projections`, `seed`)
   hashattention  the MLPs of a finished `hata-jax train --selector hashattention` run
   loki           a PCA basis float32[Hkv, D, D] of each layer's post-RoPE keys over prefills of
                  the standard library's TRAIN split (never the held-out text), cached as
@@ -24,10 +24,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hata_jax.models.hash_projections import load_hash_weights, random_projections
+from hata_jax.models.identity import fingerprint
+from hata_jax.models.llama import LlamaForCausalLM
+from hata_jax.models.plan import METHODS
+from hata_jax.models.smollm2 import cache_dir
 from hata_jax.selectors import loki_basis
-from models.attention import METHODS, load_hash_weights, random_projections
-from models.llama import LlamaForCausalLM
-from models.smollm2 import cache_dir
+from hata_jax.train import corpus as corpus_lib
+from hata_jax.train.checkpoint import load_projections, load_trained, read_metadata
+from hata_jax.train.collect import make_capture
+from hata_jax.train.projections import SHIPPED, is_npz, shipped_weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +58,7 @@ class LokiCalibration:
 def selector_params(method: str, model: LlamaForCausalLM, *, rbit: int = 128, hash_weights=None,
                     hashattention_dir=None, loki_calibration: LokiCalibration = LokiCalibration(), tokenizer=None,
                     seed: int = 0) -> list:
-    """The params of `method` (one of :data:`models.attention.METHODS`) for every layer of `model`.
+    """The params of `method` (one of :data:`hata_jax.models.plan.METHODS`) for every layer of `model`.
 
     Args:
       rbit: code bits of hata and simhash.
@@ -87,10 +93,6 @@ def selector_params(method: str, model: LlamaForCausalLM, *, rbit: int = 128, ha
 
 
 def _hata_projections(model, rbit: int, path) -> dict[int, np.ndarray]:
-    from train.checkpoint import load_projections, read_metadata
-    from train.identity import fingerprint
-    from train.weights import SHIPPED, is_npz, shipped_weights
-
     if path is not None:
         path = pathlib.Path(path).expanduser()
         if not path.exists():
@@ -112,8 +114,6 @@ def _hata_projections(model, rbit: int, path) -> dict[int, np.ndarray]:
 
 
 def _hashattention_params(model, run_dir) -> dict[int, dict]:
-    from train.checkpoint import load_trained
-
     if run_dir is None:
         raise ValueError("hashattention needs hashattention_dir: the directory of a finished "
                          "`hata-jax train --selector hashattention --out DIR` run")
@@ -126,8 +126,6 @@ def _hashattention_params(model, run_dir) -> dict[int, dict]:
 
 def loki_cache_path(model) -> pathlib.Path:
     """Where the Loki bases of `model` are cached: `$HATA_JAX_CACHE/loki/<fingerprint>.npz`."""
-    from train.identity import fingerprint
-
     return cache_dir() / "loki" / f"{fingerprint(model)}.npz"
 
 
@@ -153,9 +151,6 @@ def loki_bases(model, calibration: LokiCalibration = LokiCalibration(), tokenize
 
 
 def _calibrate_loki(model, tokenizer, calibration: LokiCalibration) -> list[np.ndarray]:
-    from train import corpus as corpus_lib
-    from train.collect import make_capture
-
     layers = list(range(model.config.num_layers))
     capture = make_capture(model, layers)
     corpus = corpus_lib.stdlib_corpus("train")

@@ -6,14 +6,14 @@ is the one place that maps those names onto the NNX parameters.
 """
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.config import LlamaConfig
-from models.llama import LlamaForCausalLM
+from hata_jax.models.config import LlamaConfig
+from hata_jax.models.llama import LlamaForCausalLM
 
 # Tensors some checkpoints carry that the model recomputes or does not need.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)

@@ -17,6 +17,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from hata_jax.selectors.hashattention import mlp_signs
+from hata_jax.selectors.hashing import group_sum
 from hata_jax.selectors.mlp import mlp_apply, mlp_init
 
 
@@ -36,7 +38,7 @@ def weighted_bce(logits, targets, valid, pos_weight: float):
 
 
 @dataclasses.dataclass(frozen=True)
-class HashAttentionSelector:
+class HashAttentionObjective:
     """HashAttention's trainable selector: per-head query and key MLPs and a threshold per query head."""
 
     bits: int = 32
@@ -73,12 +75,6 @@ class HashAttentionSelector:
     def scores(self, params, q, k):
         """q [m, Hq, D] (post-RoPE) and the keys they share, k [S, Hkv, D] -> float32[m, Hkv, S]:
         `sum_{i in group} <sign(f_i(q)), sign(g(k))>` (bit = x > 0, as HATA's codes)."""
-        m, hq, _ = q.shape
-        hkv = k.shape[1]
-        cq = _sign(mlp_apply(params["query"], q)).reshape(m, hkv, hq // hkv, self.bits).sum(axis=2)
-        ck = _sign(mlp_apply(params["key"], k))  # [S, Hkv, bits]
+        cq = group_sum(mlp_signs(params["query"], q)[None], k.shape[1])[0]  # [m, Hkv, bits]
+        ck = mlp_signs(params["key"], k)  # [S, Hkv, bits]
         return jnp.einsum("mhc,shc->mhs", cq, ck)
-
-
-def _sign(x):
-    return jnp.where(x > 0, 1.0, -1.0)

@@ -4,13 +4,13 @@ Work is done in units, each written to `DIR/records.jsonl` (one JSON object per 
 it is finished, so an interrupted run resumes where it stopped and skips every unit already done:
 
 - task units (kind "task"): a (prompt, method, budget) generation and its score. Prompts go in
-  batches of `batch`; each batch is prefilled once (:func:`models.prefill_prompts`) and every
-  method and budget decodes from that prefill (:func:`models.generate_from`, greedy, the plan at
+  batches of `batch`; each batch is prefilled once (:func:`hata_jax.models.prefill_prompts`) and every
+  method and budget decodes from that prefill (:func:`hata_jax.models.generate_from`, greedy, the plan at
   every step: `dense_below=0`); a batch whose units are all done is not even prefilled.
 - perplexity units (kind "perplexity"): a (held-out sequence, method, budget) teacher-forced NLL
-  (:mod:`models.eval.perplexity`).
+  (:mod:`hata_jax.evaluation.perplexity`).
 - attention units (kind "attention"): a (prompt, method, budget) per-layer mass recall and output
-  error (:mod:`models.eval.attention_metrics`), on the first `metric_prompts` prompts of each task.
+  error (:mod:`hata_jax.evaluation.attention_metrics`), on the first `metric_prompts` prompts of each task.
 
 "dense" runs once per prompt (budget None). `DIR/run.json` holds the model's identity and the
 settings that change results (dense layers, rbit, sink, recent, seed, batch, impl..., and where
@@ -35,11 +35,12 @@ import numpy as np
 
 import hata_jax
 from hata_jax import HataConfig
-from models.attention import METHODS, AttentionPlan
-from models.eval import attention_metrics, perplexity, tasks as tasks_lib
-from models.generation import CAPACITY_BUCKET, generate_from, prefill_prompts
-from models.selector_params import selector_params
-from train.identity import check_same_model, model_identity
+from hata_jax.evaluation import attention_metrics, perplexity
+from hata_jax.evaluation import tasks as tasks_lib
+from hata_jax.models.generation import CAPACITY_BUCKET, generate_from, prefill_prompts
+from hata_jax.models.identity import check_same_model, model_identity
+from hata_jax.models.plan import METHODS, AttentionPlan
+from hata_jax.train.selector_params import selector_params
 
 FORMAT = "hata-jax/eval"
 VERSION = 1
@@ -53,9 +54,9 @@ class EvalConfig:
     """What to evaluate.
 
     Attributes:
-      methods: names of :data:`models.METHODS` ("dense", "hata", or a selector).
+      methods: names of :data:`hata_jax.models.METHODS` ("dense", "hata", or a selector).
       budgets: tokens kept per KV head in the selecting layers.
-      tasks: names of :data:`models.eval.tasks.TASKS`; lengths: target prompt lengths in tokens.
+      tasks: names of :data:`hata_jax.evaluation.tasks.TASKS`; lengths: target prompt lengths in tokens.
       samples: prompts per task and length.
       batch: prompts per prefill (the last batch of a task is padded with its last prompt).
       perplexity_sequences: held-out sequences per length (0: no perplexity).
@@ -187,7 +188,7 @@ def open_run(directory: str | pathlib.Path, model, model_name: str, config: Eval
 
 
 class MethodParams:
-    """Each method's per-layer params, made on first use (:func:`models.selector_params`)."""
+    """Each method's per-layer params, made on first use (:func:`hata_jax.train.selector_params`)."""
 
     def __init__(self, model, tokenizer, config: EvalConfig, hash_weights=None, hashattention_dir=None, log=print):
         self.model, self.tokenizer, self.config = model, tokenizer, config
@@ -387,7 +388,7 @@ def summarize(records: list[dict], config: EvalConfig, model: dict) -> dict:
                           "mass_mean": float(mass.mean()), "error_mean": float(error.mean())})
     return {
         "format": FORMAT, "version": VERSION,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "model": model, "config": dataclasses.asdict(config),
         "versions": {"hata_jax": hata_jax.__version__, "jax": jax.__version__, "python": sys.version.split()[0],
                      "backend": jax.default_backend()},

@@ -1,9 +1,9 @@
 """Teacher-forced perplexity on held-out text, with every scored token predicted by sparse attention.
 
-The text is the Python standard library's held-out split (:func:`train.corpus.stdlib_corpus`,
+The text is the Python standard library's held-out split (:func:`hata_jax.train.corpus.stdlib_corpus`,
 files the hash projections never trained on), cut into sequences of the evaluation length. The
 scored tokens are the last half of each sequence: token t is predicted from the logits at t - 1,
-which :func:`models.sparse_logits` computes with each selecting layer attending only to the keys
+which :func:`hata_jax.models.sparse_logits` computes with each selecting layer attending only to the keys
 its selector keeps among positions <= t - 1 (the selection a decode step there would make): with
 a budget of 1/16 of the sequence, each scored token sees between 1/16 and 1/8 of its prefix.
 """
@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.teacher_forcing import sparse_logits
-from train import corpus as corpus_lib
+from hata_jax.models.teacher_forcing import sparse_logits
+from hata_jax.train import corpus as corpus_lib
 
 
 def heldout_sequences(tokenizer, length: int, count: int, seed: int = 0) -> np.ndarray:
@@ -40,7 +40,7 @@ def sequence_nll(model, tokens: np.ndarray, plan, params=None) -> np.ndarray:
 
     Args:
       tokens: int[B, T] full sequences (no padding).
-      plan, params: as :func:`models.sparse_logits` takes them.
+      plan, params: as :func:`hata_jax.models.sparse_logits` takes them.
 
     Returns:
       float64[B], over the `T - scored_start(T)` scored tokens of each row.

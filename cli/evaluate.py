@@ -7,6 +7,13 @@ import sys
 import tempfile
 import time
 
+from hata_jax.cli.train import require_train_extra
+from hata_jax.evaluation.harness import DEFAULT_METHODS, PARTS, EvalConfig, run_eval
+from hata_jax.evaluation.report import format_table, write_report
+from hata_jax.evaluation.tasks import TASKS
+from hata_jax.models.load import load_model
+from hata_jax.models.plan import METHODS
+
 # `hata-jax demo`: what it evaluates, and its run options.
 DEMO = dict(methods=("dense", "hata", "quest", "streaming"), budgets=(128,),
             tasks=("niah_single", "niah_multikey", "variable_tracking", "frequent_words"), lengths=(2048,), samples=4)
@@ -26,10 +33,6 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def add_eval_command(subparsers) -> None:
     """Register `eval` on the `hata-jax` parser's subparsers."""
-    from models.attention import METHODS
-    from models.eval.harness import DEFAULT_METHODS, PARTS, EvalConfig
-    from models.eval.tasks import TASKS
-
     defaults = EvalConfig()
     p = subparsers.add_parser(
         "eval", help="long-context accuracy of dense vs HATA vs other selectors (RULER-style tasks, perplexity, "
@@ -90,8 +93,6 @@ def log(message: str) -> None:
 
 
 def run_eval_command(args: argparse.Namespace) -> int:
-    from models.eval.harness import DEFAULT_METHODS
-
     methods = args.methods or (DEFAULT_METHODS + (("hashattention",) if args.hashattention else ()))
     return evaluate(args, methods=methods, budgets=args.budgets, tasks=args.tasks, lengths=args.lengths,
                     samples=args.samples, out=args.out, parts=args.parts)
@@ -102,14 +103,8 @@ def evaluate(args: argparse.Namespace, *, out: str, keep: bool = True, parts: tu
     """Run the evaluation that `args` (the run options of :func:`_add_run_args`) and `fields`
     (EvalConfig fields) describe in the run directory `out`; print the table. `keep`: `out` stays
     (plots are written there too, and the log says how to resume); False for a temporary one.
-    `parts`: which of `models.eval.harness.PARTS` to run now (None: all)."""
-    from train.cli import require_train_extra
-
+    `parts`: which of `hata_jax.evaluation.harness.PARTS` to run now (None: all)."""
     require_train_extra(*(("matplotlib",) if keep else ()), *(() if args.no_progress else ("tqdm",)))
-    from models.eval.harness import PARTS, EvalConfig, run_eval
-    from models.eval.report import format_table, write_report
-    from models.load import load_model
-
     if "hashattention" in fields["methods"] and not args.hashattention:
         raise ValueError("method hashattention needs --hashattention DIR (a `hata-jax train --selector "
                          "hashattention` run)")
@@ -124,7 +119,8 @@ def evaluate(args: argparse.Namespace, *, out: str, keep: bool = True, parts: tu
         f"samples of {len(config.tasks)} tasks" + (f"; run directory {out} (rerun the same command to resume an "
                                                    "interrupted run)" if keep else ""))
     document = run_eval(model, args.model, tokenizer, config, out, hash_weights=args.hash_weights,
-                        hashattention_dir=args.hashattention, progress=not args.no_progress, log=log, parts=PARTS if parts is None else parts)
+                        hashattention_dir=args.hashattention, progress=not args.no_progress, log=log,
+                        parts=PARTS if parts is None else parts)
     print(format_table(document), flush=True)
     written = [pathlib.Path(out) / "results.json", *(write_report(document, out) if keep else [])]
     log(f"done in {time.perf_counter() - start:.0f} s" + (f"; wrote {', '.join(map(str, written))}" if keep else ""))
@@ -133,8 +129,6 @@ def evaluate(args: argparse.Namespace, *, out: str, keep: bool = True, parts: tu
 
 def add_demo_args(p) -> None:
     """The real-model demo's options on the `demo` parser (besides the synthetic demo's)."""
-    from models.eval.harness import EvalConfig
-
     p.add_argument("--synthetic", action="store_true",
                    help="the synthetic demo instead: planted heavy hitters, no model, no download")
     p.add_argument("--out", metavar="DIR", help="keep the demo's records, results and plots in DIR (default: a "

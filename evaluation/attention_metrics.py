@@ -2,10 +2,10 @@
 
 For sampled query positions of a prompt (its last position, where the answer starts, and others
 drawn from its second half), one dense prefill records every layer's post-RoPE queries and keys
-(`capture_qk`, as :mod:`train.collect` does) and values (from the caches). For each selecting
+(`capture_qk`, as :mod:`hata_jax.train.collect` does) and values (from the caches). For each selecting
 layer of a method's plan, the selector's :func:`hata_jax.selectors.selection_mask` gives the keys
 each query keeps (HATA's layers use the `hata` selector with the layer's projection, exactly as
-:func:`models.sparse_logits` does), and
+:func:`hata_jax.models.sparse_logits` does), and
 
 - mass recall: the share of the exact softmax mass (each query head over every key it sees)
   that falls inside the kept keys, averaged over query heads and positions;
@@ -22,10 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from hata_jax.models.llama import init_caches
+from hata_jax.models.plan import AttentionPlan
+from hata_jax.models.teacher_forcing import layer_selectors
 from hata_jax.selectors import selection_mask, sparse_causal_attention
-from models.attention import AttentionPlan
-from models.llama import init_caches
-from models.teacher_forcing import layer_selectors
 
 
 def query_positions(length: int, count: int, seed: int) -> np.ndarray:
@@ -102,7 +102,7 @@ def plan_metrics(plan: AttentionPlan, params, inputs, positions) -> dict[str, li
     """{"layers", "mass", "error"}: :func:`layer_metrics` of every selecting layer of `plan`.
 
     Args:
-      params: one entry per layer (:func:`models.selector_params`), or None.
+      params: one entry per layer (:func:`hata_jax.train.selector_params`), or None.
       inputs: :func:`capture_attention_inputs`'s output for the same prompt and `positions`.
     """
     selectors = layer_selectors(plan)
