@@ -10,6 +10,7 @@ output element is compared. Exit status 1 on any mismatch.
 
 `--small` shrinks the shapes so the script also runs on a CPU (kernels interpreted).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -81,7 +82,9 @@ def _case(results: list, name: str, fn) -> None:
         detail = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(limit=6)}
         ok = False
     results.append({"case": name, "ok": ok, **detail})
-    print(f"[{'PASS' if ok else 'FAIL'}] {name} {({k: v for k, v in detail.items() if k != 'traceback'})}", flush=True)
+    print(
+        f"[{'PASS' if ok else 'FAIL'}] {name} { ({k: v for k, v in detail.items() if k != 'traceback'}) }", flush=True
+    )
 
 
 def check_encode(seed, b, hkv, g, s, d, rbit, dtype):
@@ -100,8 +103,12 @@ def check_encode(seed, b, hkv, g, s, d, rbit, dtype):
         # Bits whose projection is within rounding of zero may differ: compare the rest.
         xm = jnp.moveaxis(x, axis, -2).astype(jnp.float32)
         heads = xm.shape[-2]
-        proj = jnp.einsum("...hgd,hdr->...hgr", xm.reshape(*xm.shape[:-2], hkv, heads // hkv, d), w,
-                          precision=jax.lax.Precision.HIGHEST).reshape(*xm.shape[:-2], heads, rbit)
+        proj = jnp.einsum(
+            "...hgd,hdr->...hgr",
+            xm.reshape(*xm.shape[:-2], hkv, heads // hkv, d),
+            w,
+            precision=jax.lax.Precision.HIGHEST,
+        ).reshape(*xm.shape[:-2], heads, rbit)
         proj = jnp.moveaxis(proj, -2, axis)
         sure = np.abs(np.asarray(proj)) > 1e-3 * float(jnp.std(proj))
         diff = np.asarray(hj.unpack_bits(got) != hj.unpack_bits(ref)) & sure
@@ -128,12 +135,17 @@ def check_scores_and_topk(seed, b, hkv, g, s, rbit, budget, sink, recent, score)
     if mismatch.any():
         problems.append(f"scores: {int(mismatch.sum())} of {mismatch.size} differ from the reference")
     poison_device_memory()
-    idx, count = hj.hamming_topk(q_codes, k_codes, norms, lengths, budget=budget, score=score,
-                                 sink=sink, recent=recent, impl="pallas")
-    problems += [f"hamming_topk: {p}" for p in selection_problems(ref_scores, lengths, idx, count, budget, sink, recent)[:5]]
+    idx, count = hj.hamming_topk(
+        q_codes, k_codes, norms, lengths, budget=budget, score=score, sink=sink, recent=recent, impl="pallas"
+    )
+    problems += [
+        f"hamming_topk: {p}" for p in selection_problems(ref_scores, lengths, idx, count, budget, sink, recent)[:5]
+    ]
     poison_device_memory()
     idx, count = hj.select_topk(ref_scores, budget, lengths, sink=sink, recent=recent, impl="pallas")
-    problems += [f"select_topk: {p}" for p in selection_problems(ref_scores, lengths, idx, count, budget, sink, recent)[:5]]
+    problems += [
+        f"select_topk: {p}" for p in selection_problems(ref_scores, lengths, idx, count, budget, sink, recent)[:5]
+    ]
     return {"problems": problems}
 
 
@@ -144,7 +156,10 @@ def check_select_adversarial(seed, rows, s, budget):
     for kind, scores in (
         ("ties", rng.integers(0, 5, (rows, 1, s)).astype(np.float32)),
         ("all equal", np.full((rows, 1, s), 0.25, np.float32)),
-        ("outliers", np.where(rng.random((rows, 1, s)) < 1e-3, 1e30, rng.standard_normal((rows, 1, s))).astype(np.float32)),
+        (
+            "outliers",
+            np.where(rng.random((rows, 1, s)) < 1e-3, 1e30, rng.standard_normal((rows, 1, s))).astype(np.float32),
+        ),
         ("negative", -np.abs(rng.standard_normal((rows, 1, s))).astype(np.float32)),
     ):
         poison_device_memory()
@@ -186,21 +201,26 @@ def check_select_designs(seed, rows, s, budget, sink=4, recent=16):
     normal = rng.standard_normal(shape).astype(np.float32)
     dense_stretch = normal.copy()
     level = np.sort(normal[0, 0])[::-1][budget // 2]
-    dense_stretch[0, 0, s // 8: s // 8 + s // 32] = level - rng.uniform(0, 1e-3, s // 32).astype(np.float32)
+    dense_stretch[0, 0, s // 8 : s // 8 + s // 32] = level - rng.uniform(0, 1e-3, s // 32).astype(np.float32)
     cases = {
         "normal": normal,
         "ties": rng.integers(0, 5, shape).astype(np.float32),
         "all equal": np.full(shape, 0.25, np.float32),
         "outliers": np.where(rng.random(shape) < 1e-3, 1e30, normal).astype(np.float32),
-        "near threshold": (np.float32(1.0).view(np.uint32) + rng.integers(0, 200, shape).astype(np.uint32)).view(np.float32),
+        "near threshold": (np.float32(1.0).view(np.uint32) + rng.integers(0, 200, shape).astype(np.uint32)).view(
+            np.float32
+        ),
         "sorted": np.broadcast_to(np.arange(s, dtype=np.float32), shape).copy(),
         "dense stretch": dense_stretch,
     }
     designs = {"parallel": band_select.BandConfig(), "serial": band_select.SERIAL}
     problems, paths = [], {}
     for design, config in designs.items():
-        select = jax.jit(lambda x, n, config=config: band_select.select_topk_with_path(
-            x, budget, n, sink=sink, recent=recent, config=config, interpret=interpret))
+        select = jax.jit(
+            lambda x, n, config=config: band_select.select_topk_with_path(
+                x, budget, n, sink=sink, recent=recent, config=config, interpret=interpret
+            )
+        )
         for kind, scores in cases.items():
             poison_device_memory()
             idx, count, path = select(jnp.asarray(scores), jnp.asarray(lengths))
@@ -214,13 +234,20 @@ def check_select_designs(seed, rows, s, budget, sink=4, recent=16):
     norms = jnp.abs(jnp.asarray(rng.standard_normal((1, 8, s)), jnp.float32)) + 0.1
     code_lengths = jnp.array([s], jnp.int32)
     for score in ("key_norm", "hamming"):
-        want = expected_slots(hj.hamming_scores(q, k, norms, code_lengths, score=score, impl="reference"),
-                              np.asarray(code_lengths), budget, sink, recent)
+        want = expected_slots(
+            hj.hamming_scores(q, k, norms, code_lengths, score=score, impl="reference"),
+            np.asarray(code_lengths),
+            budget,
+            sink,
+            recent,
+        )
         for design, config in designs.items():
             poison_device_memory()
-            idx, _, path = jax.jit(lambda *a, config=config, score=score: hamming_topk.hamming_topk_with_path(
-                *a, budget=budget, score=score, sink=sink, recent=recent, config=config, interpret=interpret))(
-                q, k, norms, code_lengths)
+            idx, _, path = jax.jit(
+                lambda *a, config=config, score=score: hamming_topk.hamming_topk_with_path(
+                    *a, budget=budget, score=score, sink=sink, recent=recent, config=config, interpret=interpret
+                )
+            )(q, k, norms, code_lengths)
             paths[f"{design} hamming_topk {score}"] = np.unique(np.asarray(path)).tolist()
             bad = np.asarray(idx) != want
             if bad.any():
@@ -263,7 +290,8 @@ def check_decode_step(seed, b, hkv, g, s, d, budget, dtype):
     t = s - 8
     lengths = jnp.asarray(rng.integers(budget // 2, t + 1, b).astype(np.int32)).at[0].set(t)
     cache = hj.HataCache.init(b, hkv, s, d, rbit=128, dtype=dtype).prefill(
-        normal((b, hkv, t, d), dtype), normal((b, hkv, t, d), dtype), w, lengths, impl="reference")
+        normal((b, hkv, t, d), dtype), normal((b, hkv, t, d), dtype), w, lengths, impl="reference"
+    )
     q, k_new, v_new = normal((b, hkv * g, d), dtype), normal((b, hkv, d), dtype), normal((b, hkv, d), dtype)
     ref, _ = hj.hata_decode_attention(q, k_new, v_new, cache, w, cfg, impl="reference")
     poison_device_memory()
@@ -289,25 +317,63 @@ def main(argv=None) -> int:
             _case(results, name, fn)
 
     bf16, f16, f32 = jnp.bfloat16, jnp.float16, jnp.float32
-    for i, (b, hkv, g, s, d, rbit, dt) in enumerate([(1, 8, 4, 37 * n, 128, 128, bf16), (2, 3, 3, 29 * n, 64, 96, f32),
-                                                      (3, 2, 8, 11 * n, 128, 256, f16), (2, 4, 1, 5 * n, 64, 32, bf16)]):
-        case(f"encode b={b} hkv={hkv} g={g} s={s} d={d} rbit={rbit} {jnp.dtype(dt).name}",
-              lambda: check_encode(i, b, hkv, g, s, d, rbit, dt))
-    for i, (b, hkv, g, s, rbit, budget, sink, recent, score) in enumerate([
-            (1, 8, 4, 2048 * n, 128, 32 * n, 0, 0, "key_norm"), (3, 2, 3, 1000 * n + 7, 96, 100, 4, 16, "key_norm"),
-            (2, 4, 8, 300 * n + 1, 256, 64, 0, 8, "hamming"), (2, 2, 1, 4096 * n, 32, 8192 if not args.small else 512, 0, 0, "key_norm")]):
-        case(f"scores+topk b={b} hkv={hkv} g={g} s={s} rbit={rbit} budget={budget} sink={sink} recent={recent} {score}",
-              lambda: check_scores_and_topk(100 + i, b, hkv, g, s, rbit, budget, sink, recent, score))
-    case(f"select adversarial rows=8 s={2048 * n} budget={32 * n}", lambda: check_select_adversarial(7, 8, 2048 * n, 32 * n))
-    case(f"select designs rows=8 s={2048 * n} budget={32 * n} sink=4 recent=16 (exact slots)",
-          lambda: check_select_designs(8, 8, 2048 * n, 32 * n))
-    for i, (b, hkv, g, s, d, budget, dt) in enumerate([(1, 8, 4, 512 * n, 128, 32 * n, bf16), (3, 2, 3, 100 * n + 3, 64, 100, f32),
-                                                        (2, 4, 8, 64 * n, 128, 64, f16), (2, 2, 1, 50 * n, 64, 48, bf16)]):
-        case(f"attention b={b} hkv={hkv} g={g} s={s} d={d} budget={budget} {jnp.dtype(dt).name}",
-              lambda: check_attention(200 + i, b, hkv, g, s, d, budget, dt))
-    case("hata_decode_attention b=2 hkv=8 g=4 s=4096 d=128 budget=256 bf16" if not args.small else "hata step small",
-          lambda: check_decode_step(300, 2, 8 if not args.small else 2, 4, 4096 if not args.small else 300, 128,
-                                    256 if not args.small else 64, bf16))
+    for i, (b, hkv, g, s, d, rbit, dt) in enumerate(
+        [
+            (1, 8, 4, 37 * n, 128, 128, bf16),
+            (2, 3, 3, 29 * n, 64, 96, f32),
+            (3, 2, 8, 11 * n, 128, 256, f16),
+            (2, 4, 1, 5 * n, 64, 32, bf16),
+        ]
+    ):
+        case(
+            f"encode b={b} hkv={hkv} g={g} s={s} d={d} rbit={rbit} {jnp.dtype(dt).name}",
+            lambda: check_encode(i, b, hkv, g, s, d, rbit, dt),
+        )
+    for i, (b, hkv, g, s, rbit, budget, sink, recent, score) in enumerate(
+        [
+            (1, 8, 4, 2048 * n, 128, 32 * n, 0, 0, "key_norm"),
+            (3, 2, 3, 1000 * n + 7, 96, 100, 4, 16, "key_norm"),
+            (2, 4, 8, 300 * n + 1, 256, 64, 0, 8, "hamming"),
+            (2, 2, 1, 4096 * n, 32, 8192 if not args.small else 512, 0, 0, "key_norm"),
+        ]
+    ):
+        case(
+            f"scores+topk b={b} hkv={hkv} g={g} s={s} rbit={rbit} budget={budget} sink={sink} recent={recent} {score}",
+            lambda: check_scores_and_topk(100 + i, b, hkv, g, s, rbit, budget, sink, recent, score),
+        )
+    case(
+        f"select adversarial rows=8 s={2048 * n} budget={32 * n}",
+        lambda: check_select_adversarial(7, 8, 2048 * n, 32 * n),
+    )
+    case(
+        f"select designs rows=8 s={2048 * n} budget={32 * n} sink=4 recent=16 (exact slots)",
+        lambda: check_select_designs(8, 8, 2048 * n, 32 * n),
+    )
+    for i, (b, hkv, g, s, d, budget, dt) in enumerate(
+        [
+            (1, 8, 4, 512 * n, 128, 32 * n, bf16),
+            (3, 2, 3, 100 * n + 3, 64, 100, f32),
+            (2, 4, 8, 64 * n, 128, 64, f16),
+            (2, 2, 1, 50 * n, 64, 48, bf16),
+        ]
+    ):
+        case(
+            f"attention b={b} hkv={hkv} g={g} s={s} d={d} budget={budget} {jnp.dtype(dt).name}",
+            lambda: check_attention(200 + i, b, hkv, g, s, d, budget, dt),
+        )
+    case(
+        "hata_decode_attention b=2 hkv=8 g=4 s=4096 d=128 budget=256 bf16" if not args.small else "hata step small",
+        lambda: check_decode_step(
+            300,
+            2,
+            8 if not args.small else 2,
+            4,
+            4096 if not args.small else 300,
+            128,
+            256 if not args.small else 64,
+            bf16,
+        ),
+    )
     failed = [r["case"] for r in results if not r["ok"]]
     print(f"\n{len(results) - len(failed)} passed, {len(failed)} failed")
     if args.out:

@@ -11,6 +11,7 @@ Shapes (unless --small): Llama-3.1-8B attention, 32 query heads, 8 KV heads, D=1
 rbit 128, budget 2048. Every timing is a median (see bench.timing) taken in this process next to
 its baseline; byte floors use the copy bandwidth measured in the same run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,10 +24,10 @@ import numpy as np
 
 import hata_jax as hj
 from bench import check_kernels
-from pallas_kernels import band_select, hamming_topk
-from pallas_kernels._backend import on_gpu
 from bench.profile import device_kernel_us
 from bench.timing import environment, floor_bandwidth_gbps, median_us, write_json
+from pallas_kernels import band_select, hamming_topk
+from pallas_kernels._backend import on_gpu
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,9 +85,12 @@ class Bench:
             row["gbps"] = nbytes / (timing["median_us"] * 1e3)
             row["of_floor"] = timing["median_us"] / row["floor_us"]
         self.rows.append(row)
-        print(f"  {group:<10} {name:<28} {str(shape):<60} {timing['median_us']:>10.1f} us"
-              + (f" (device {timing['device_us']:.1f} us)" if "device_us" in timing else "")
-              + (f"   {row['gbps']:>7.0f} GB/s ({row['of_floor']:.2f}x floor)" if nbytes else ""), flush=True)
+        print(
+            f"  {group:<10} {name:<28} {str(shape):<60} {timing['median_us']:>10.1f} us"
+            + (f" (device {timing['device_us']:.1f} us)" if "device_us" in timing else "")
+            + (f"   {row['gbps']:>7.0f} GB/s ({row['of_floor']:.2f}x floor)" if nbytes else ""),
+            flush=True,
+        )
         return timing["median_us"]
 
     def n_sets(self, bytes_per_set: float) -> int:
@@ -100,8 +104,12 @@ class Bench:
         sets = [(jax.random.normal(self._next(), (1, rows, n), jnp.float32),) for _ in range(self.n_sets(rows * n * 4))]
         lengths = jnp.array([n], jnp.int32)
         t_topk = self.record("select", "lax.top_k", shape, self.timed(lambda x: jax.lax.top_k(x, s.budget), sets))
-        t_ours = self.record("select", "pallas select_topk", shape,
-                             self.timed(lambda x: hj.select_topk(x, s.budget, lengths, impl="pallas"), sets))
+        t_ours = self.record(
+            "select",
+            "pallas select_topk",
+            shape,
+            self.timed(lambda x: hj.select_topk(x, s.budget, lengths, impl="pallas"), sets),
+        )
         self.rows[-1]["speedup_vs_top_k"] = t_topk / t_ours
 
     def select_variants(self):
@@ -110,52 +118,97 @@ class Bench:
         rows, n, g, words = s.kv_heads, s.long, s.q_heads // s.kv_heads, s.rbit // 32
         lengths = jnp.array([n], jnp.int32)
         interpret = not on_gpu()
-        score_sets = [(jax.random.normal(self._next(), (1, rows, n), jnp.float32),)
-                      for _ in range(self.n_sets(rows * n * 4))]
+        score_sets = [
+            (jax.random.normal(self._next(), (1, rows, n), jnp.float32),) for _ in range(self.n_sets(rows * n * 4))
+        ]
         code_bytes = rows * n * (4 * words + 4)
-        code_sets = [(_random_codes(self._next(), (1, s.q_heads, words)), _random_codes(self._next(), (1, rows, n, words)),
-                      jnp.abs(jax.random.normal(self._next(), (1, rows, n), jnp.float32)))
-                     for _ in range(self.n_sets(code_bytes))]
+        code_sets = [
+            (
+                _random_codes(self._next(), (1, s.q_heads, words)),
+                _random_codes(self._next(), (1, rows, n, words)),
+                jnp.abs(jax.random.normal(self._next(), (1, rows, n), jnp.float32)),
+            )
+            for _ in range(self.n_sets(code_bytes))
+        ]
         select_shape = {"rows": rows, "seq": n, "k": s.budget}
         topk_shape = {"batch": 1, "kv_heads": rows, "gqa": g, "seq": n, "rbit": s.rbit, "k": s.budget}
-        t_topk = self.record("select_variants", "lax.top_k", select_shape,
-                             self.timed(lambda x: jax.lax.top_k(x, s.budget), score_sets))
+        t_topk = self.record(
+            "select_variants", "lax.top_k", select_shape, self.timed(lambda x: jax.lax.top_k(x, s.budget), score_sets)
+        )
         for design, config in (("parallel", band_select.BandConfig()), ("serial", band_select.SERIAL)):
+
             def select(x, config=config):
                 return band_select.select_topk_with_path(x, s.budget, lengths, config=config, interpret=interpret)
 
             def topk(q, k, norms, config=config):
-                return hamming_topk.hamming_topk_with_path(q, k, norms, lengths, budget=s.budget, config=config,
-                                                           interpret=interpret)
+                return hamming_topk.hamming_topk_with_path(
+                    q, k, norms, lengths, budget=s.budget, config=config, interpret=interpret
+                )
 
             paths = np.unique(np.asarray(jax.jit(select)(*score_sets[0])[2])).tolist()
-            t = self.record("select_variants", f"select_topk {design}", select_shape,
-                            self.timed(select, score_sets), paths=paths)
+            t = self.record(
+                "select_variants", f"select_topk {design}", select_shape, self.timed(select, score_sets), paths=paths
+            )
             self.rows[-1]["speedup_vs_top_k"] = t_topk / t
             paths = np.unique(np.asarray(jax.jit(topk)(*code_sets[0])[2])).tolist()
-            self.record("select_variants", f"hamming_topk {design}", topk_shape, self.timed(topk, code_sets),
-                        code_bytes, paths=paths)
+            self.record(
+                "select_variants",
+                f"hamming_topk {design}",
+                topk_shape,
+                self.timed(topk, code_sets),
+                code_bytes,
+                paths=paths,
+            )
 
     def scoring(self):
         s = self.s
         g, words, n = s.q_heads // s.kv_heads, s.rbit // 32, s.long
         shape = {"batch": 1, "kv_heads": s.kv_heads, "gqa": g, "seq": n, "rbit": s.rbit}
         code_bytes = s.kv_heads * n * (4 * words + 4)
-        sets = [(_random_codes(self._next(), (1, s.q_heads, words)), _random_codes(self._next(), (1, s.kv_heads, n, words)),
-                 jnp.abs(jax.random.normal(self._next(), (1, s.kv_heads, n), jnp.float32)), jnp.array([n], jnp.int32))
-                for _ in range(self.n_sets(code_bytes))]
-        self.record("score", "xla reference scores", shape,
-                    self.timed(lambda *a: hj.hamming_scores(*a, impl="reference"), sets), code_bytes)
-        self.record("score", "pallas hamming_scores", shape,
-                    self.timed(lambda *a: hj.hamming_scores(*a, impl="pallas"), sets), code_bytes,
-                    note="bytes = codes + norms read (the 4 B/token score write not counted)")
-        self.record("score+select", "xla scores + lax.top_k", {**shape, "k": s.budget},
-                    self.timed(lambda *a: hj.hamming_topk(*a, budget=s.budget, impl="reference"), sets), code_bytes)
-        self.record("score+select", "pallas hamming_topk", {**shape, "k": s.budget},
-                    self.timed(lambda *a: hj.hamming_topk(*a, budget=s.budget, impl="pallas"), sets), code_bytes)
+        sets = [
+            (
+                _random_codes(self._next(), (1, s.q_heads, words)),
+                _random_codes(self._next(), (1, s.kv_heads, n, words)),
+                jnp.abs(jax.random.normal(self._next(), (1, s.kv_heads, n), jnp.float32)),
+                jnp.array([n], jnp.int32),
+            )
+            for _ in range(self.n_sets(code_bytes))
+        ]
+        self.record(
+            "score",
+            "xla reference scores",
+            shape,
+            self.timed(lambda *a: hj.hamming_scores(*a, impl="reference"), sets),
+            code_bytes,
+        )
+        self.record(
+            "score",
+            "pallas hamming_scores",
+            shape,
+            self.timed(lambda *a: hj.hamming_scores(*a, impl="pallas"), sets),
+            code_bytes,
+            note="bytes = codes + norms read (the 4 B/token score write not counted)",
+        )
+        self.record(
+            "score+select",
+            "xla scores + lax.top_k",
+            {**shape, "k": s.budget},
+            self.timed(lambda *a: hj.hamming_topk(*a, budget=s.budget, impl="reference"), sets),
+            code_bytes,
+        )
+        self.record(
+            "score+select",
+            "pallas hamming_topk",
+            {**shape, "k": s.budget},
+            self.timed(lambda *a: hj.hamming_topk(*a, budget=s.budget, impl="pallas"), sets),
+            code_bytes,
+        )
 
     def _cache(self, b, n):
-        k, v = self.normal((b, self.s.kv_heads, n, self.s.head_dim)), self.normal((b, self.s.kv_heads, n, self.s.head_dim))
+        k, v = (
+            self.normal((b, self.s.kv_heads, n, self.s.head_dim)),
+            self.normal((b, self.s.kv_heads, n, self.s.head_dim)),
+        )
         return k, v
 
     def attention(self):
@@ -170,24 +223,49 @@ class Bench:
                 kv_bytes = 2 * b * s.kv_heads * n * s.head_dim * item
                 qs = [self.normal((b, s.q_heads, s.head_dim)) for _ in range(4)]
                 sets = [(q, k, v, lengths) for q in qs]
-                times = {"pallas": self.record("dense", "pallas dense_decode", shape, self.timed(
-                    lambda q, k, v, l: hj.dense_decode_attention(q, k, v, l, impl="pallas"), sets), kv_bytes)}
+                times = {
+                    "pallas": self.record(
+                        "dense",
+                        "pallas dense_decode",
+                        shape,
+                        self.timed(lambda q, k, v, l: hj.dense_decode_attention(q, k, v, l, impl="pallas"), sets),
+                        kv_bytes,
+                    )
+                }
                 if b == 1:  # XLA is far behind at larger batches (2x cuDNN at 32K x 8): not worth the run time
-                    times["xla"] = self.record("dense", "xla reference", shape, self.timed(
-                        lambda q, k, v, l: hj.dense_decode_attention(q, k, v, l, impl="reference"), sets), kv_bytes)
+                    times["xla"] = self.record(
+                        "dense",
+                        "xla reference",
+                        shape,
+                        self.timed(lambda q, k, v, l: hj.dense_decode_attention(q, k, v, l, impl="reference"), sets),
+                        kv_bytes,
+                    )
                 if jax.default_backend() == "gpu":
                     kt, vt = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # cuDNN wants [B, S, H, D]
                     cudnn_sets = [(q[:, None], kt, vt, lengths) for q in qs]
                     try:
-                        times["cudnn"] = self.record("dense", "cudnn dot_product_attention", shape, self.timed(
-                            lambda q, k, v, l: jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=l, implementation="cudnn"),
-                            cudnn_sets), kv_bytes)
+                        times["cudnn"] = self.record(
+                            "dense",
+                            "cudnn dot_product_attention",
+                            shape,
+                            self.timed(
+                                lambda q, k, v, l: jax.nn.dot_product_attention(
+                                    q, k, v, key_value_seq_lengths=l, implementation="cudnn"
+                                ),
+                                cudnn_sets,
+                            ),
+                            kv_bytes,
+                        )
                     except Exception as err:  # record why the baseline is missing, keep going
-                        self.rows.append({"group": "dense", "name": "cudnn dot_product_attention", **shape, "error": str(err)[:500]})
+                        self.rows.append(
+                            {"group": "dense", "name": "cudnn dot_product_attention", **shape, "error": str(err)[:500]}
+                        )
                         print(f"  cudnn failed: {str(err)[:200]}")
                     del kt, vt
                 best = min(times, key=times.get)
-                dense_rows = [r for r in self.rows if r["group"] == "dense" and r.get("batch") == b and r.get("seq") == n]
+                dense_rows = [
+                    r for r in self.rows if r["group"] == "dense" and r.get("batch") == b and r.get("seq") == n
+                ]
                 device = [r["device_us"] for r in dense_rows if "device_us" in r]
                 self.best_dense[(b, n)] = (best, times[best], min(device) if device else None)
                 self.hata(b, n, k, v, qs, shape)
@@ -211,19 +289,39 @@ class Bench:
 
         sel_bytes = b * s.kv_heads * (n * (4 * words + 4) + s.budget * (2 * s.head_dim * item + 4))
         sets = [(q,) for q in qs]
-        t = self.record("hata", "pallas hata attention", {**shape, "budget": s.budget}, self.timed(lambda q: hata_attention(q, "pallas"), sets), sel_bytes)
+        t = self.record(
+            "hata",
+            "pallas hata attention",
+            {**shape, "budget": s.budget},
+            self.timed(lambda q: hata_attention(q, "pallas"), sets),
+            sel_bytes,
+        )
         best, t_dense, dense_device = self.best_dense[(b, n)]
         self.rows[-1].update(best_dense=best, best_dense_us=t_dense, speedup_vs_best_dense=t_dense / t)
         if dense_device and "device_us" in self.rows[-1]:
-            self.rows[-1].update(best_dense_device_us=dense_device,
-                                 device_speedup_vs_best_dense=dense_device / self.rows[-1]["device_us"])
+            self.rows[-1].update(
+                best_dense_device_us=dense_device,
+                device_speedup_vs_best_dense=dense_device / self.rows[-1]["device_us"],
+            )
         ks = [jnp.asarray(np.random.default_rng(i).choice(n, (b, s.kv_heads, s.budget)), jnp.int32) for i in range(4)]
         counts = jnp.full((b, s.kv_heads), s.budget, jnp.int32)
         row_bytes = b * s.kv_heads * s.budget * (2 * s.head_dim * item + 4)
-        self.record("sparse", "pallas sparse_decode", {**shape, "budget": s.budget},
-                    self.timed(lambda q, i: hj.sparse_decode_attention(q, k, v, i, counts, impl="pallas"), list(zip(qs, ks))), row_bytes)
-        self.record("sparse", "xla reference", {**shape, "budget": s.budget},
-                    self.timed(lambda q, i: hj.sparse_decode_attention(q, k, v, i, counts, impl="reference"), list(zip(qs, ks))), row_bytes)
+        self.record(
+            "sparse",
+            "pallas sparse_decode",
+            {**shape, "budget": s.budget},
+            self.timed(lambda q, i: hj.sparse_decode_attention(q, k, v, i, counts, impl="pallas"), list(zip(qs, ks))),
+            row_bytes,
+        )
+        self.record(
+            "sparse",
+            "xla reference",
+            {**shape, "budget": s.budget},
+            self.timed(
+                lambda q, i: hj.sparse_decode_attention(q, k, v, i, counts, impl="reference"), list(zip(qs, ks))
+            ),
+            row_bytes,
+        )
 
     def encode(self):
         s = self.s
@@ -232,12 +330,36 @@ class Bench:
         w = jax.random.normal(self._next(), (s.kv_heads, s.head_dim, s.rbit), jnp.float32)
         nbytes = s.kv_heads * n * (s.head_dim * jnp.dtype(s.dtype).itemsize + s.rbit // 8)
         shape = {"batch": 1, "kv_heads": s.kv_heads, "tokens": n, "rbit": s.rbit}
-        self.record("encode", "pallas encode (prefill)", shape, self.timed(lambda x: hj.encode(x, w, head_axis=1, impl="pallas"), x_sets), nbytes)
-        self.record("encode", "xla reference", shape, self.timed(lambda x: hj.encode(x, w, head_axis=1, impl="reference"), x_sets), nbytes)
-        step_sets = [(self.normal((1, s.q_heads, s.head_dim)), self.normal((1, s.kv_heads, s.head_dim))) for _ in range(16)]
+        self.record(
+            "encode",
+            "pallas encode (prefill)",
+            shape,
+            self.timed(lambda x: hj.encode(x, w, head_axis=1, impl="pallas"), x_sets),
+            nbytes,
+        )
+        self.record(
+            "encode",
+            "xla reference",
+            shape,
+            self.timed(lambda x: hj.encode(x, w, head_axis=1, impl="reference"), x_sets),
+            nbytes,
+        )
+        step_sets = [
+            (self.normal((1, s.q_heads, s.head_dim)), self.normal((1, s.kv_heads, s.head_dim))) for _ in range(16)
+        ]
         shape = {"batch": 1, "q_heads": s.q_heads, "kv_heads": s.kv_heads, "rbit": s.rbit}
-        self.record("encode", "pallas encode_step", shape, self.timed(lambda q, k: hj.encode_step(q, k, w, impl="pallas"), step_sets))
-        self.record("encode", "xla reference step", shape, self.timed(lambda q, k: hj.encode_step(q, k, w, impl="reference"), step_sets))
+        self.record(
+            "encode",
+            "pallas encode_step",
+            shape,
+            self.timed(lambda q, k: hj.encode_step(q, k, w, impl="pallas"), step_sets),
+        )
+        self.record(
+            "encode",
+            "xla reference step",
+            shape,
+            self.timed(lambda q, k: hj.encode_step(q, k, w, impl="reference"), step_sets),
+        )
 
 
 def main(argv=None) -> int:
@@ -245,23 +367,30 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke run)")
     parser.add_argument("--skip-check", action="store_true", help="do not run bench.check_kernels first")
-    parser.add_argument("--only", nargs="*", default=None,
-                        help="subset of: encode selection scoring attention select_variants")
-    parser.add_argument("--contexts", type=int, nargs="*", default=None, help="attention contexts (default 32768 131072)")
+    parser.add_argument(
+        "--only", nargs="*", default=None, help="subset of: encode selection scoring attention select_variants"
+    )
+    parser.add_argument(
+        "--contexts", type=int, nargs="*", default=None, help="attention contexts (default 32768 131072)"
+    )
     parser.add_argument("--batches", type=int, nargs="*", default=None, help="attention batches (default 1 8)")
-    parser.add_argument("--select-variants", action="store_true",
-                        help="time each band-select design (alone, or added to --only)")
+    parser.add_argument(
+        "--select-variants", action="store_true", help="time each band-select design (alone, or added to --only)"
+    )
     args = parser.parse_args(argv)
     env = environment()
     print(env, flush=True)
     check_status = None
     if not args.skip_check:
-        check_status = check_kernels.main(["--out", args.out.replace(".json", "_check.json")] + (["--small"] if args.small else []))
+        check_status = check_kernels.main(
+            ["--out", args.out.replace(".json", "_check.json")] + (["--small"] if args.small else [])
+        )
     bandwidth = floor_bandwidth_gbps(1 << (24 if args.small else 30))
     print(f"bandwidth: {bandwidth}", flush=True)
     shapes = SMALL if args.small else Shapes()
-    shapes = dataclasses.replace(shapes, contexts=tuple(args.contexts or shapes.contexts),
-                                 batches=tuple(args.batches or shapes.batches))
+    shapes = dataclasses.replace(
+        shapes, contexts=tuple(args.contexts or shapes.contexts), batches=tuple(args.batches or shapes.batches)
+    )
     bench = Bench(shapes, bandwidth["floor_gbps"], args.small)
     parts = args.only or ([] if args.select_variants else ["encode", "selection", "scoring", "attention"])
     for part in parts + (["select_variants"] if args.select_variants else []):
@@ -270,8 +399,16 @@ def main(argv=None) -> int:
         except Exception as err:  # keep the other parts' numbers; the error goes into the JSON
             bench.rows.append({"group": part, "error": f"{type(err).__name__}: {str(err)[:1500]}"})
             print(f"!! {part} failed: {type(err).__name__}: {str(err)[:1500]}", flush=True)
-        write_json(args.out, {"environment": env, **bandwidth, "checks_passed": check_status == 0,
-                              "shapes": dataclasses.asdict(bench.s), "rows": bench.rows})
+        write_json(
+            args.out,
+            {
+                "environment": env,
+                **bandwidth,
+                "checks_passed": check_status == 0,
+                "shapes": dataclasses.asdict(bench.s),
+                "rows": bench.rows,
+            },
+        )
     return 0 if check_status in (0, None) else 1
 
 

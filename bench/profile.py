@@ -6,6 +6,7 @@ slow kernels versus launch overhead.
 
     python -m bench.profile --out $OUT/profile.json   # the HATA decode-attention ops at 128K
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,7 +15,8 @@ import glob
 import os
 import sys
 import tempfile
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -75,7 +77,10 @@ def main(argv=None) -> int:
         "hamming_scores": (lambda *a: hj.hamming_scores(*a, impl="pallas"), (q_codes, codes, norms, lengths)),
         "select_topk": (lambda s: hj.select_topk(s, budget, lengths, impl="pallas"), (scores,)),
         "lax.top_k": (lambda s: jax.lax.top_k(s, budget), (scores,)),
-        "hamming_topk": (lambda *a: hj.hamming_topk(*a, budget=budget, impl="pallas"), (q_codes, codes, norms, lengths)),
+        "hamming_topk": (
+            lambda *a: hj.hamming_topk(*a, budget=budget, impl="pallas"),
+            (q_codes, codes, norms, lengths),
+        ),
         "sparse_decode": (lambda q, i, c: hj.sparse_decode_attention(q, k, v, i, c, impl="pallas"), (q, idx, count)),
         "dense_decode": (lambda q: hj.dense_decode_attention(q, k, v, lengths, impl="pallas"), (q,)),
     }

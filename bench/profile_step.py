@@ -8,6 +8,7 @@ of a cache that donation should have updated in place) and idle time between lau
 
     python -m bench.profile_step --out $OUT/profile_step.json [--context 131072] [--batch 1]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,12 +30,26 @@ from models import AttentionPlan, LlamaForCausalLM, generation
 
 # Kernel-name fragments -> group (first match wins; names are XLA/Triton kernel names).
 GROUPS = (
-    ("hata_select", "selection"), ("hata_hamming", "selection"), ("hata_encode", "encode"),
-    ("hata_sparse", "sparse attention"), ("hata_dense", "dense attention"), ("hata_combine", "attention combine"),
-    ("hata_", "other hata kernels"), ("gemm", "matmul"), ("gemv", "matmul"), ("cublas", "matmul"),
-    ("cutlass", "matmul"), ("sm90_xmma", "matmul"), ("nvjet", "matmul"), ("dynamic_update_slice", "cache write"),
-    ("dynamic-update-slice", "cache write"), ("copy", "copy"), ("memcpy", "copy"), ("memset", "memset"),
-    ("reduce", "reduction"), ("fusion", "other XLA fusions"),
+    ("hata_select", "selection"),
+    ("hata_hamming", "selection"),
+    ("hata_encode", "encode"),
+    ("hata_sparse", "sparse attention"),
+    ("hata_dense", "dense attention"),
+    ("hata_combine", "attention combine"),
+    ("hata_", "other hata kernels"),
+    ("gemm", "matmul"),
+    ("gemv", "matmul"),
+    ("cublas", "matmul"),
+    ("cutlass", "matmul"),
+    ("sm90_xmma", "matmul"),
+    ("nvjet", "matmul"),
+    ("dynamic_update_slice", "cache write"),
+    ("dynamic-update-slice", "cache write"),
+    ("copy", "copy"),
+    ("memcpy", "copy"),
+    ("memset", "memset"),
+    ("reduce", "reduction"),
+    ("fusion", "other XLA fusions"),
 )
 
 
@@ -66,12 +81,14 @@ def kernel_times(trace_dir: str, steps: int) -> tuple[dict, dict, float, float]:
     return dict(per_kernel), dict(counts), span, len(starts) / steps
 
 
-def profile_method(steps_obj, method, plan, caches, hash_weights, n_steps: int,
-                   hlo_path: str | None = None) -> tuple[dict, object]:
+def profile_method(
+    steps_obj, method, plan, caches, hash_weights, n_steps: int, hlo_path: str | None = None
+) -> tuple[dict, object]:
     tokens = jnp.zeros((caches[0].batch,), jnp.int32)
     key = jax.random.PRNGKey(0)
-    step, compiling = compile_step(step_function(steps_obj, method, plan), steps_obj.state_leaves, caches,
-                                   hash_weights, caches[0].batch)
+    step, compiling = compile_step(
+        step_function(steps_obj, method, plan), steps_obj.state_leaves, caches, hash_weights, caches[0].batch
+    )
     if hlo_path:  # the optimized HLO names every fusion the profile shows
         with open(hlo_path, "w") as f:
             f.write(step.as_text())
@@ -130,8 +147,10 @@ def main(argv=None) -> int:
     model = nnx.jit(lambda: LlamaForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(7)))()
     steps_obj = generation.ModelSteps(model)
     keys = jax.random.split(jax.random.PRNGKey(1), config.num_layers + 1)
-    hash_weights = [jax.random.normal(keys[i], (config.num_kv_heads, config.head_dim, settings.rbit), jnp.float32)
-                    for i in range(config.num_layers)]
+    hash_weights = [
+        jax.random.normal(keys[i], (config.num_kv_heads, config.head_dim, settings.rbit), jnp.float32)
+        for i in range(config.num_layers)
+    ]
     plan = AttentionPlan.uniform(config.num_layers, "hata", settings.hata)
     shape = (args.batch, config.num_kv_heads, args.context, config.head_dim)
     start_length = args.context - 2 * (args.steps + 13)
@@ -139,24 +158,38 @@ def main(argv=None) -> int:
     if args.hlo:
         os.makedirs(args.hlo, exist_ok=True)
     for method in args.methods:
-        caches = [random_hata_cache(jax.random.fold_in(keys[-1], i), w, start_length, shape=shape, dtype=dtype)
-                  for i, w in enumerate(hash_weights)]
+        caches = [
+            random_hata_cache(jax.random.fold_in(keys[-1], i), w, start_length, shape=shape, dtype=dtype)
+            for i, w in enumerate(hash_weights)
+        ]
         hlo_path = os.path.join(args.hlo, f"{method}.hlo.txt") if args.hlo else None
         result, caches = profile_method(steps_obj, method, plan, caches, hash_weights, args.steps, hlo_path)
         results[method] = result
-        print(f"== {method}: trace {result['trace_s']:.1f} s, lower {result['lower_s']:.1f} s, compile "
-              f"{result['compile_s']:.1f} s; step {result['step_ms_median']:.2f} ms (host enqueue {result['enqueue_ms_median']:.2f} ms), "
-              f"GPU busy "
-              f"{result['gpu_busy_us_per_step'] / 1e3:.2f} ms, span {result['gpu_span_us_per_step'] / 1e3:.2f} ms, "
-              f"{result['kernels_per_step']:.0f} kernels",
-              flush=True)
+        print(
+            f"== {method}: trace {result['trace_s']:.1f} s, lower {result['lower_s']:.1f} s, compile "
+            f"{result['compile_s']:.1f} s; step {result['step_ms_median']:.2f} ms "
+            f"(host enqueue {result['enqueue_ms_median']:.2f} ms), "
+            f"GPU busy "
+            f"{result['gpu_busy_us_per_step'] / 1e3:.2f} ms, span {result['gpu_span_us_per_step'] / 1e3:.2f} ms, "
+            f"{result['kernels_per_step']:.0f} kernels",
+            flush=True,
+        )
         for group, us in result["groups_us"].items():
             print(f"   {group:<22} {us / 1e3:8.3f} ms", flush=True)
         for name, us in list(result["top_kernels_us"].items())[:12]:
             print(f"   {us:9.1f} us  {result['top_kernels_launches'][name]:5.0f} x  {name[:90]}", flush=True)
         del caches
-    write_json(args.out, {"environment": environment(), "model": "llama-3.1-8b-shaped" if not args.small else "small",
-                          "context": args.context, "batch": args.batch, "steps": args.steps, "results": results})
+    write_json(
+        args.out,
+        {
+            "environment": environment(),
+            "model": "llama-3.1-8b-shaped" if not args.small else "small",
+            "context": args.context,
+            "batch": args.batch,
+            "steps": args.steps,
+            "results": results,
+        },
+    )
     return 0
 
 

@@ -1,4 +1,5 @@
 """Decode attention (one query token per sequence) over all or over selected cached tokens."""
+
 from __future__ import annotations
 
 import math
@@ -8,6 +9,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from hata_jax import checks, dispatch
+from pallas_kernels import flash_decode
 
 
 def _check_qkv(q, k, v) -> int:
@@ -43,9 +45,7 @@ def masked_attention(q, k_rows, v_rows, mask, scale: float):
     b, hq, d = q.shape
     hkv = k_rows.shape[1]
     qg = q.reshape(b, hkv, hq // hkv, d).astype(jnp.float32)
-    logits = jnp.einsum(
-        "bhgd,bhnd->bhgn", qg, k_rows.astype(jnp.float32), precision=lax.Precision.HIGHEST
-    ) * scale
+    logits = jnp.einsum("bhgd,bhnd->bhgn", qg, k_rows.astype(jnp.float32), precision=lax.Precision.HIGHEST) * scale
     logits = jnp.where(mask, logits, -jnp.inf)
     m = jnp.max(logits, axis=-1, keepdims=True)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
@@ -92,15 +92,15 @@ def sparse_decode_attention(
     checks.check_rank(idx, 3, "idx", "[batch, kv_heads, budget]")
     checks.check_dtype(idx, [jnp.int32], "idx")
     if tuple(idx.shape[:2]) != tuple(k.shape[:2]):
-        raise ValueError(f"idx must have shape [batch, kv_heads, budget] = {tuple(k.shape[:2])} + [budget], got {tuple(idx.shape)}")
+        raise ValueError(
+            f"idx must have shape [batch, kv_heads, budget] = {tuple(k.shape[:2])} + [budget], got {tuple(idx.shape)}"
+        )
     if tuple(jnp.shape(count)) != tuple(k.shape[:2]):
         raise ValueError(f"count must have shape {tuple(k.shape[:2])}, got {tuple(jnp.shape(count))}")
     checks.check_integer(count, "count")
     scale = scale_or_default(scale, q.shape[-1])
     path = dispatch.resolve("sparse_decode_attention", impl)
     if path.pallas:
-        from pallas_kernels import flash_decode
-
         return flash_decode.sparse_decode_attention(
             q, k, v, idx, count.astype(jnp.int32), scale=scale, return_lse=return_lse, interpret=path.interpret
         )
@@ -137,8 +137,6 @@ def dense_decode_attention(
     scale = scale_or_default(scale, q.shape[-1])
     path = dispatch.resolve("dense_decode_attention", impl)
     if path.pallas:
-        from pallas_kernels import flash_decode
-
         return flash_decode.dense_decode_attention(
             q, k, v, lengths.astype(jnp.int32), scale=scale, return_lse=return_lse, interpret=path.interpret
         )

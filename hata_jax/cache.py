@@ -1,4 +1,5 @@
 """The per-layer KV cache with hash codes and key norms, as a pytree."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,8 +46,9 @@ class HataCache:
     overflow: jax.Array
 
     @classmethod
-    def init(cls, batch: int, kv_heads: int, capacity: int, head_dim: int, *, rbit: int = 128,
-             dtype=jnp.bfloat16) -> "HataCache":
+    def init(
+        cls, batch: int, kv_heads: int, capacity: int, head_dim: int, *, rbit: int = 128, dtype=jnp.bfloat16
+    ) -> HataCache:
         """An empty cache of `capacity` tokens per sequence."""
         for name, value in (("batch", batch), ("kv_heads", kv_heads), ("capacity", capacity), ("head_dim", head_dim)):
             if not isinstance(value, int) or value <= 0:
@@ -92,18 +94,22 @@ class HataCache:
             checks.check_rank(x, len(shape), name, layout)
             checks.check_floating(x, name)
             if any(e is not None and e != g for e, g in zip(shape, x.shape)):
-                raise ValueError(f"{name} must have shape {layout} with B={self.batch}, Hkv={self.kv_heads}, "
-                                 f"D={self.head_dim}, got {tuple(x.shape)}")
+                raise ValueError(
+                    f"{name} must have shape {layout} with B={self.batch}, Hkv={self.kv_heads}, "
+                    f"D={self.head_dim}, got {tuple(x.shape)}"
+                )
         if tuple(v.shape) != tuple(k.shape):
             raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
         if w is None:
             return
         kv_heads, _, rbit = check_projection(w, self.head_dim)
         if kv_heads != self.kv_heads or rbit != self.rbit:
-            raise ValueError(f"w must have shape [{self.kv_heads}, {self.head_dim}, {self.rbit}] to match the cache, got {tuple(w.shape)}")
+            raise ValueError(
+                f"w must have shape [{self.kv_heads}, {self.head_dim}, {self.rbit}] to match the cache, "
+                f"got {tuple(w.shape)}"
+            )
 
-    def prefill(self, k: jax.Array, v: jax.Array, w: jax.Array, lengths: jax.Array, *,
-                impl: str = "auto") -> "HataCache":
+    def prefill(self, k: jax.Array, v: jax.Array, w: jax.Array, lengths: jax.Array, *, impl: str = "auto") -> HataCache:
         """Write a prompt's keys and values at positions [0, T) and set `lengths`.
 
         Args:
@@ -129,7 +135,7 @@ class HataCache:
             overflow=(lengths > t) | (lengths < 0),
         )
 
-    def append(self, k_new: jax.Array, v_new: jax.Array, w: jax.Array, *, impl: str = "auto") -> "HataCache":
+    def append(self, k_new: jax.Array, v_new: jax.Array, w: jax.Array, *, impl: str = "auto") -> HataCache:
         """Write one new token per sequence at position `lengths[b]` and advance `lengths`.
 
         Args:
@@ -139,11 +145,13 @@ class HataCache:
         self.check_tokens(k_new, v_new, w, "[batch, kv_heads, head_dim]", 0)
         return self.append_encoded(k_new, v_new, encode(k_new, w, head_axis=1, impl=impl), key_norms(k_new))
 
-    def append_encoded(self, k_new, v_new, k_codes, k_norms) -> "HataCache":
+    def append_encoded(self, k_new, v_new, k_codes, k_norms) -> HataCache:
         """:meth:`append` with the new key's codes `uint32[B, Hkv, W]` and norms `float32[B, Hkv]` given."""
         self.check_tokens(k_new, v_new, None, "[batch, kv_heads, head_dim]", 0)
-        for name, x, dtype, shape in (("k_codes", k_codes, jnp.uint32, (self.batch, self.kv_heads, self.rbit // 32)),
-                                      ("k_norms", k_norms, jnp.float32, (self.batch, self.kv_heads))):
+        for name, x, dtype, shape in (
+            ("k_codes", k_codes, jnp.uint32, (self.batch, self.kv_heads, self.rbit // 32)),
+            ("k_norms", k_norms, jnp.float32, (self.batch, self.kv_heads)),
+        ):
             checks.check_dtype(x, [dtype], name)
             if tuple(jnp.shape(x)) != shape:
                 raise ValueError(f"{name} must have shape {shape} to match the cache, got {tuple(jnp.shape(x))}")
@@ -151,8 +159,10 @@ class HataCache:
             lengths = np.asarray(self.lengths)
             bad = (lengths >= self.capacity) | (lengths < 0)
             if bad.any():
-                raise ValueError(f"cache overflow: sequences {np.flatnonzero(bad).tolist()} hold lengths "
-                                 f"{lengths[bad].tolist()}, outside [0, capacity={self.capacity})")
+                raise ValueError(
+                    f"cache overflow: sequences {np.flatnonzero(bad).tolist()} hold lengths "
+                    f"{lengths[bad].tolist()}, outside [0, capacity={self.capacity})"
+                )
         rows = jnp.arange(self.batch)
         ok = (self.lengths >= 0) & (self.lengths < self.capacity)
         pos = jnp.where(ok, self.lengths, self.capacity)  # capacity: an out-of-bounds write, dropped
@@ -173,5 +183,7 @@ class HataCache:
         """Host-side check: raise if any sequence ever overflowed (reads `overflow` from the device)."""
         flags = np.asarray(self.overflow)
         if flags.any():
-            raise ValueError(f"cache overflow: sequences {np.flatnonzero(flags).tolist()} went past "
-                             f"capacity={self.capacity}; their outputs since then are NaN")
+            raise ValueError(
+                f"cache overflow: sequences {np.flatnonzero(flags).tolist()} went past "
+                f"capacity={self.capacity}; their outputs since then are NaN"
+            )

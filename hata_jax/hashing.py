@@ -1,4 +1,5 @@
 """Hash codes: sign of a per-KV-head projection, packed LSB-first into uint32 words."""
+
 from __future__ import annotations
 
 import jax
@@ -7,6 +8,7 @@ from jax import lax
 
 from hata_jax import checks, dispatch
 from hata_jax.config import check_rbit
+from pallas_kernels import hash_encode
 
 
 def check_projection(w, head_dim: int | None = None, name: str = "w") -> tuple[int, int, int]:
@@ -23,7 +25,9 @@ def pack_bits(bits: jax.Array) -> jax.Array:
     """bits: bool[..., rbit] -> uint32[..., rbit // 32]; bit j of word c is column 32*c + j."""
     checks.check_dtype(bits, [jnp.bool_], "bits")
     if jnp.ndim(bits) < 1 or bits.shape[-1] % 32:
-        raise ValueError(f"bits must have a last axis (rbit) that is a multiple of 32, got shape {tuple(jnp.shape(bits))}")
+        raise ValueError(
+            f"bits must have a last axis (rbit) that is a multiple of 32, got shape {tuple(jnp.shape(bits))}"
+        )
     *lead, rbit = bits.shape
     words = bits.reshape(*lead, rbit // 32, 32).astype(jnp.uint32)
     return jnp.sum(words << jnp.arange(32, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
@@ -74,8 +78,6 @@ def encode(x: jax.Array, w: jax.Array, *, head_axis: int = -2, impl: str = "auto
     checks.group_size(x.shape[axis], kv_heads, "encode: x heads vs w")
     path = dispatch.resolve("encode", impl)
     if path.pallas:
-        from pallas_kernels import hash_encode
-
         return hash_encode.encode(x, w, head_axis=axis, interpret=path.interpret)
     return _encode_reference(x, w, axis)
 
@@ -112,7 +114,5 @@ def encode_step(q: jax.Array, k_new: jax.Array, w: jax.Array, *, impl: str = "au
     checks.group_size(q.shape[1], kv_heads, "encode_step: q heads vs w")
     path = dispatch.resolve("encode_step", impl)
     if path.pallas:
-        from pallas_kernels import hash_encode
-
         return hash_encode.encode_step(q, k_new, w, interpret=path.interpret)
     return _encode_reference(q, w, 1), _encode_reference(k_new, w, 1), key_norms(k_new)

@@ -7,6 +7,7 @@ from jax import lax
 
 from hata_jax import checks, dispatch
 from hata_jax.config import check_score
+from pallas_kernels import hamming_topk
 
 
 def check_code_inputs(q_codes, k_codes, k_norms, lengths) -> tuple[int, int]:
@@ -77,8 +78,6 @@ def hamming_scores(
     check_code_inputs(q_codes, k_codes, k_norms, lengths)
     path = dispatch.resolve("hamming_scores", impl)
     if path.pallas:
-        from pallas_kernels import hamming_topk
-
         return hamming_topk.hamming_scores(
             q_codes, k_codes, k_norms, lengths, score=score, interpret=path.interpret
         )

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 import numpy as np
+from jax import lax
 
 from hata_jax import checks, dispatch
 from hata_jax.config import check_score
 from hata_jax.scoring import check_code_inputs, scores_reference
+from pallas_kernels import hamming_topk as hamming_kernels
 
 UNUSED = -1  # index-buffer marker of a slot that holds no token (slots >= count)
 
@@ -69,9 +70,7 @@ def select_topk(
     checks.check_lengths(lengths, b, s)
     path = dispatch.resolve("select_topk", impl)
     if path.pallas:
-        from pallas_kernels import hamming_topk
-
-        return hamming_topk.select_topk(
+        return hamming_kernels.select_topk(
             scores.astype(jnp.float32), budget, lengths, sink=sink, recent=recent, interpret=path.interpret
         )
     return _select_reference(scores, budget, lengths, sink, recent)
@@ -99,9 +98,7 @@ def hamming_topk(
     budget = int(budget)
     path = dispatch.resolve("hamming_topk", impl)
     if path.pallas:
-        from pallas_kernels import hamming_topk as kernel
-
-        return kernel.hamming_topk(
+        return hamming_kernels.hamming_topk(
             q_codes, k_codes, k_norms, lengths, budget=budget, score=score,
             sink=sink, recent=recent, interpret=path.interpret,
         )

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +28,6 @@ from jax import lax
 from jax._src.pallas.triton import lowering as _triton_lowering
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
-
 
 # What every kernel takes: input dtypes and head dims (each kernel raises a ValueError otherwise).
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))

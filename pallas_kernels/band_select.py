@@ -77,21 +77,6 @@ for sm_90a from the Triton IR, ptxas register counts and SASS sizes):
   (64 lanes per thread), a scatter and barrier, up to 8 dependent 16-way search steps of ~5
   block reductions each.
 
-Predicted device time per launch, parallel design, Llama-3.1-8B decode shape (8 KV heads,
-128K, k = 2048, rbit 128, G = 4; 64 chunks of 2048, 512 programs per per-chunk launch; ~1.2 us
-per near-idle launch as measured, ~0.5-1 us per dependent global round trip, ~4 warp-
-instructions per cycle per SM); sizes from sm_90a SASS:
-
-| launch | programs x warps, registers | work per program | predicted |
-| --- | --- | --- | --- |
-| A sample | 128 x 4, 110 | 512 keys (4 per thread: gather + order, ~700 SASS for scores, ~1070 with scoring), a 2 KiB store, barrier, 4 steps of a `[32, 128]` compare (169 SASS each: 32 pairs x 5), one reduction; ~1.5K instr/thread, one program per SM (~3K cycles) + 2 round trips | 2.5-3.5 us (was 23.6; fused 29.7) |
-| B band | 512 x 4 | unchanged (+ 64 B of coarse counts) | 6.6 us; fused 12.2 (measured) |
-| C decide | 512 x 4, 116, 1128 SASS | counts `[64, 2]`, coarse `[64, 16]`, its 512 slots (round trip 1), fine row `[64, 16]` (2), per-chunk gathers (3, cached), ~10 reductions, a 512-lane scan, a scatter of its ~1 bucket key | 2.5-3.5 us (was 19.2) |
-| pass1 | 512 x 4, 128 | key_norm: the ~1-2 programs holding the 30-90 bucket keys run one `[32, 128]` step; hamming scores (a bucket of ~1000 equal keys): 32 programs, 8 steps (~1.4K SASS) | 1.5-2 us; ~3 us (idle: 1.2) |
-| pass2, pass3 | 512 x 4 | idle | 2.5 us (measured) |
-| compact | 512 x 4, 94 | + the 8 KiB bucket list (16 lanes per thread, unmasked, with the decision) and 6 masked counts | 5.5-6 us (was 5.4) |
-| total | | | select_topk ~21-24 us (was 59.3; lax.top_k 211.5); hamming_topk ~28-31 us (was 71.3) |
-
 Tunables (parallel design; values from the SASS and counts above, without GPU timing yet):
 - `sample = 512`: pairwise ranks cost `n_s**2` pairs per row (262K, a quarter of 1024's);
   r = 8 sample ranks for k at the Llama shape, so the band spans sample ranks 1..27 (~6.9K
@@ -120,6 +105,7 @@ Tunables (parallel design; values from the SASS and counts above, without GPU ti
 The serial design's tunables (`SERIAL`: sample 1024, slice 32, step 1024, 16 warps, `dense`,
 `slab_lanes`, 8 decide warps) are described in :mod:`pallas_kernels.hamming_topk`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -183,8 +169,20 @@ class BandConfig:
     def __post_init__(self):
         if self.design not in DESIGNS:
             raise ValueError(f"BandConfig.design must be one of {DESIGNS}, got {self.design!r}")
-        for name in ("sample", "sample_slice", "sample_step", "sample_warps", "slots_divisor", "list_block",
-                     "slab_lanes", "dense", "decide_warps", "bucket_cap", "rank_slice", "rank_step"):
+        for name in (
+            "sample",
+            "sample_slice",
+            "sample_step",
+            "sample_warps",
+            "slots_divisor",
+            "list_block",
+            "slab_lanes",
+            "dense",
+            "decide_warps",
+            "bucket_cap",
+            "rank_slice",
+            "rank_step",
+        ):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"BandConfig.{name} must be a power of two, got {value}")
@@ -198,8 +196,9 @@ class BandConfig:
 
 
 # The serial design with the values it was measured with (commit b0e8669).
-SERIAL = BandConfig(design="serial", sample=1024, sample_slice=32, sample_step=1024, sample_warps=16, top_rank=3,
-                    decide_warps=8)
+SERIAL = BandConfig(
+    design="serial", sample=1024, sample_slice=32, sample_step=1024, sample_warps=16, top_rank=3, decide_warps=8
+)
 
 
 class BandLayout(NamedTuple):
@@ -445,13 +444,25 @@ def _sample_kernel(len_ref, *refs, source, layout, seq, budget, sink, recent, co
         above, at_least = carry
         keys, valid = keys_at(i * layout.sample_step + iota((layout.sample_step,)))
         valid, keys = valid[None, :], keys[None, :]
-        return (above + count(valid & (keys > mine[:, None]), axis=1),
-                at_least + count(valid & (keys >= mine[:, None]), axis=1))
+        return (
+            above + count(valid & (keys > mine[:, None]), axis=1),
+            at_least + count(valid & (keys >= mine[:, None]), axis=1),
+        )
 
     zeros = jnp.zeros((layout.sample_slice,), jnp.int32)
     above, at_least = lax.fori_loop(0, pl.cdiv(n_s, layout.sample_step), compare, (zeros, zeros))
-    _write_bounds(bounds_ref, mine, mine_valid, above, at_least, program=program, n_s=n_s, length=length,
-                  budget=budget, config=config)
+    _write_bounds(
+        bounds_ref,
+        mine,
+        mine_valid,
+        above,
+        at_least,
+        program=program,
+        n_s=n_s,
+        length=length,
+        budget=budget,
+        config=config,
+    )
 
 
 def _stored_sample_kernel(len_ref, *refs, source, layout, seq, budget, sink, recent, config, interpret):
@@ -476,8 +487,19 @@ def _stored_sample_kernel(len_ref, *refs, source, layout, seq, budget, sink, rec
     mine_valid = first + iota((layout.sample_slice,)) < n_s
     step = layout.sample_step
     above, at_least = count_ranks(mine, pl.cdiv(n_s, step), step, lambda i: keys_ref[pl.ds(i * step, step)])
-    _write_bounds(bounds_ref, mine, mine_valid, above, at_least, program=program, n_s=n_s, length=length,
-                  budget=budget, config=config, forced=forced)
+    _write_bounds(
+        bounds_ref,
+        mine,
+        mine_valid,
+        above,
+        at_least,
+        program=program,
+        n_s=n_s,
+        length=length,
+        budget=budget,
+        config=config,
+        forced=forced,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -579,8 +601,10 @@ class Bucket(NamedTuple):
         """Per chunk, the bucket's keys above `threshold` and equal to it ([chunks] each)."""
 
         def visit(keys, member, carry):
-            return (carry[0] + count(member & (keys > threshold), axis=1),
-                    carry[1] + count(member & (keys == threshold), axis=1))
+            return (
+                carry[0] + count(member & (keys > threshold), axis=1),
+                carry[1] + count(member & (keys == threshold), axis=1),
+            )
 
         zeros = rs.traced(0, self.band.n_band)
         return self.scan(visit, (zeros, zeros))
@@ -612,8 +636,11 @@ def _collect(bucket: Bucket, dense_keys_ref, dense_chunks_ref):
         keep = jnp.reshape(keep, (-1,))
         pltriton.store(dense_keys_ref.at[where], jnp.reshape(keys, (-1,)), mask=keep)
         pltriton.store(dense_chunks_ref.at[where], jnp.reshape(iota(keys.shape, 0), (-1,)), mask=keep)
-        return (found + jnp.sum(per_chunk), jnp.minimum(low, jnp.min(jnp.where(member, keys, INT32_MAX))),
-                jnp.maximum(high, jnp.max(jnp.where(member, keys, INT32_MIN))))
+        return (
+            found + jnp.sum(per_chunk),
+            jnp.minimum(low, jnp.min(jnp.where(member, keys, INT32_MAX))),
+            jnp.maximum(high, jnp.max(jnp.where(member, keys, INT32_MIN))),
+        )
 
     return bucket.scan(visit, (jnp.int32(0), jnp.int32(INT32_MAX), jnp.int32(INT32_MIN)))
 
@@ -630,8 +657,11 @@ def _rank_dense(found, rank, low, high, chunks: int, layout: BandLayout, dense_k
 
     threshold = probe_search(low, high, rank, count_at_least)
     in_chunk = present[None, :] & (key_chunks[None, :] == iota((chunks, 1), 0))
-    return (threshold, count(in_chunk & (keys[None, :] > threshold), axis=1),
-            count(in_chunk & (keys[None, :] == threshold), axis=1))
+    return (
+        threshold,
+        count(in_chunk & (keys[None, :] > threshold), axis=1),
+        count(in_chunk & (keys[None, :] == threshold), axis=1),
+    )
 
 
 def band_threshold(band: Band, need, layout: BandLayout, dense_keys_ref, dense_chunks_ref, interpret: bool):
@@ -675,8 +705,9 @@ def band_threshold(band: Band, need, layout: BandLayout, dense_keys_ref, dense_c
                 return threshold, rank - jnp.sum(bucket_above), greater + bucket_above, bucket_equal, path(code)
 
             def dense():
-                return rank_keys(PATH_DENSE, *_rank_dense(found, rank, low, high, chunks, layout, dense_keys_ref,
-                                                          dense_chunks_ref))
+                return rank_keys(
+                    PATH_DENSE, *_rank_dense(found, rank, low, high, chunks, layout, dense_keys_ref, dense_chunks_ref)
+                )
 
             def scanned():
                 threshold = probe_search(low, high, rank, bucket.count_at_least)
@@ -686,13 +717,33 @@ def band_threshold(band: Band, need, layout: BandLayout, dense_keys_ref, dense_c
 
         return lax.cond((shift == 0) & (digit < TOP_DIGIT), bucket_of_one_key, ranked)
 
-    return lax.cond(need == 0, take_no_band_key,
-                    lambda: lax.cond(bounds.lo == bounds.hi, band_of_one_key, from_bucket))
+    return lax.cond(need == 0, take_no_band_key, lambda: lax.cond(bounds.lo == bounds.hi, band_of_one_key, from_bucket))
 
 
-def _decide_kernel(len_ref, bounds_ref, counts_ref, band_fine_ref, slots_ref, scores_ref, table_ref, decision_ref,
-                   fast_counts_ref, dense_keys_ref, dense_chunks_ref, state_ref, coarse_ref, fine_ref, *, layout,
-                   tiling, seq, budget, sink, recent, interpret):
+def _decide_kernel(
+    len_ref,
+    bounds_ref,
+    counts_ref,
+    band_fine_ref,
+    slots_ref,
+    scores_ref,
+    table_ref,
+    decision_ref,
+    fast_counts_ref,
+    dense_keys_ref,
+    dense_chunks_ref,
+    state_ref,
+    coarse_ref,
+    fine_ref,
+    *,
+    layout,
+    tiling,
+    seq,
+    budget,
+    sink,
+    recent,
+    interpret,
+):
     geo = rs.chunk_geometry(len_ref, tiling, seq)
     k_eff = rs.k_effective(geo.length, budget)
     first = geo.chunk_index == 0
@@ -707,7 +758,8 @@ def _decide_kernel(len_ref, bounds_ref, counts_ref, band_fine_ref, slots_ref, sc
     @pl.when(fast & first)
     def _():
         threshold, remaining, greater, equal, path = band_threshold(
-            band, k_eff - above, layout, dense_keys_ref, dense_chunks_ref, interpret)
+            band, k_eff - above, layout, dense_keys_ref, dense_chunks_ref, interpret
+        )
         decision_ref[rs.DECISION_PATH] = path
         decision_ref[rs.DECISION_THRESHOLD] = threshold
         decision_ref[rs.DECISION_REMAINING] = remaining
@@ -716,8 +768,18 @@ def _decide_kernel(len_ref, bounds_ref, counts_ref, band_fine_ref, slots_ref, sc
 
     @pl.when(jnp.logical_not(fast))
     def _():
-        rs.first_pass(scores_ref, table_ref, state_ref, coarse_ref, fine_ref, geo, tiling=tiling,
-                      budget=budget, sink=sink, recent=recent)
+        rs.first_pass(
+            scores_ref,
+            table_ref,
+            state_ref,
+            coarse_ref,
+            fine_ref,
+            geo,
+            tiling=tiling,
+            budget=budget,
+            sink=sink,
+            recent=recent,
+        )
 
         @pl.when(first)
         def _():
@@ -762,8 +824,12 @@ def row_plan(bounds: Bounds, n_above, n_band, band_coarse_ref, band_fine_ref, k_
     one_key_bucket = jnp.logical_not(by_band) & (shift == 0) & (digit < TOP_DIGIT)
     ranked = jnp.logical_not(by_band | one_key_bucket) & (found <= layout.bucket_cap)
     path = rs.traced(PATH_FALLBACK, need)  # a select of two constants does not lower to Triton
-    for case, code in ((ranked, PATH_RANKED), (one_key_bucket, PATH_ONE_KEY_BUCKET),
-                       (one_key_band, PATH_ONE_KEY_BAND), (no_band_key, PATH_NO_BAND_KEY)):
+    for case, code in (
+        (ranked, PATH_RANKED),
+        (one_key_bucket, PATH_ONE_KEY_BUCKET),
+        (one_key_band, PATH_ONE_KEY_BAND),
+        (no_band_key, PATH_NO_BAND_KEY),
+    ):
         path = jnp.where(in_reach & case, code, path)
     threshold = jnp.where(no_band_key, bounds.hi, jnp.where(one_key_band, bounds.lo, bounds.lo + digit))
     return RowPlan(
@@ -778,9 +844,29 @@ def row_plan(bounds: Bounds, n_above, n_band, band_coarse_ref, band_fine_ref, k_
     )
 
 
-def _chunk_decide_kernel(len_ref, bounds_ref, counts_ref, band_coarse_ref, band_fine_ref, slots_ref, scores_ref,
-                         table_ref, decision_ref, fast_counts_ref, bucket_ref, state_ref, coarse_ref, fine_ref, *,
-                         layout, tiling, seq, budget, sink, recent):
+def _chunk_decide_kernel(
+    len_ref,
+    bounds_ref,
+    counts_ref,
+    band_coarse_ref,
+    band_fine_ref,
+    slots_ref,
+    scores_ref,
+    table_ref,
+    decision_ref,
+    fast_counts_ref,
+    bucket_ref,
+    state_ref,
+    coarse_ref,
+    fine_ref,
+    *,
+    layout,
+    tiling,
+    seq,
+    budget,
+    sink,
+    recent,
+):
     """Every program: the row's plan, its own chunk's counts, and on PATH_RANKED its chunk's
     bucket keys appended to the row's bucket list (chunk order: chunk c's keys start after
     the buckets of chunks < c). Fallback rows: radix pass 0."""
@@ -789,13 +875,17 @@ def _chunk_decide_kernel(len_ref, bounds_ref, counts_ref, band_coarse_ref, band_
     own_keys = slots_ref[...]  # loaded with the counts: the first n_band[chunk] are this chunk's band keys
     bounds = load_bounds(bounds_ref)
     n_band = counts_ref[:, 1]
-    plan = row_plan(bounds, counts_ref[:, 0], n_band, band_coarse_ref, band_fine_ref,
-                    rs.k_effective(geo.length, budget), layout)
+    plan = row_plan(
+        bounds, counts_ref[:, 0], n_band, band_coarse_ref, band_fine_ref, rs.k_effective(geo.length, budget), layout
+    )
     fast_counts_ref[0] = rs.pick(plan.greater, chunk)
     fast_counts_ref[1] = rs.pick(plan.equal, chunk)
     lanes = iota(own_keys.shape)
-    member = ((plan.path == PATH_RANKED) & (lanes < rs.pick(n_band, chunk))
-              & (band_digit(own_keys, bounds, plan.shift) == plan.digit))
+    member = (
+        (plan.path == PATH_RANKED)
+        & (lanes < rs.pick(n_band, chunk))
+        & (band_digit(own_keys, bounds, plan.shift) == plan.digit)
+    )
     first_slot = jnp.sum(jnp.where(iota(plan.equal.shape) < chunk, plan.equal, 0))
     slot = first_slot + jnp.cumsum(member.astype(jnp.int32)) - 1
     keep = member & (slot < layout.bucket_cap)
@@ -810,13 +900,40 @@ def _chunk_decide_kernel(len_ref, bounds_ref, counts_ref, band_coarse_ref, band_
 
     @pl.when(plan.path == PATH_FALLBACK)
     def _():
-        rs.first_pass(scores_ref, table_ref, state_ref, coarse_ref, fine_ref, geo, tiling=tiling, budget=budget,
-                      sink=sink, recent=recent)
+        rs.first_pass(
+            scores_ref,
+            table_ref,
+            state_ref,
+            coarse_ref,
+            fine_ref,
+            geo,
+            tiling=tiling,
+            budget=budget,
+            sink=sink,
+            recent=recent,
+        )
 
 
-def _rank_or_refine_kernel(len_ref, scores_ref, table_ref, decision_ref, bucket_ref, state_in_ref, coarse_in_ref,
-                           fine_in_ref, state_ref, coarse_ref, fine_ref, threshold_ref, *, layout, tiling, seq, sink,
-                           recent):
+def _rank_or_refine_kernel(
+    len_ref,
+    scores_ref,
+    table_ref,
+    decision_ref,
+    bucket_ref,
+    state_in_ref,
+    coarse_in_ref,
+    fine_in_ref,
+    state_ref,
+    coarse_ref,
+    fine_ref,
+    threshold_ref,
+    *,
+    layout,
+    tiling,
+    seq,
+    sink,
+    recent,
+):
     """Fallback pass 1 on fallback rows; on PATH_RANKED rows program c ranks the bucket keys
     [j rank_slice, (j+1) rank_slice) for j = c, c + chunks, c + 2 chunks, ... against all of
     them, and the one holding the threshold's rank writes it."""
@@ -826,8 +943,21 @@ def _rank_or_refine_kernel(len_ref, scores_ref, table_ref, decision_ref, bucket_
 
     @pl.when(path == PATH_FALLBACK)
     def _():
-        rs.refine_pass(scores_ref, table_ref, state_in_ref, coarse_in_ref, fine_in_ref, state_ref, coarse_ref,
-                       fine_ref, geo, pass_index=1, tiling=tiling, sink=sink, recent=recent)
+        rs.refine_pass(
+            scores_ref,
+            table_ref,
+            state_in_ref,
+            coarse_in_ref,
+            fine_in_ref,
+            state_ref,
+            coarse_ref,
+            fine_ref,
+            geo,
+            pass_index=1,
+            tiling=tiling,
+            sink=sink,
+            recent=recent,
+        )
 
     @pl.when(path == PATH_RANKED)
     def _():
@@ -856,8 +986,14 @@ def ranked_plan(decision_ref, fast_counts_ref, bucket_ref, threshold_ref, *, chu
     ranked = decision_ref[rs.DECISION_PATH] == PATH_RANKED
     found = jnp.where(ranked, decision_ref[rs.DECISION_FOUND], 0)
     threshold = jnp.where(ranked, threshold_ref[()], decision_ref[rs.DECISION_THRESHOLD])
-    base = rs.chunk_plan(fast_counts_ref[:, 0], fast_counts_ref[:, 1], decision_ref[rs.DECISION_REMAINING],
-                         rs.traced(0, found), threshold, chunk_index)
+    base = rs.chunk_plan(
+        fast_counts_ref[:, 0],
+        fast_counts_ref[:, 1],
+        decision_ref[rs.DECISION_REMAINING],
+        rs.traced(0, found),
+        threshold,
+        chunk_index,
+    )
     keys = bucket_ref[...]  # unmasked: loaded with the decision; lanes >= found are never read
     lanes = iota(keys.shape)
     listed = lanes < found
@@ -880,8 +1016,19 @@ def ranked_plan(decision_ref, fast_counts_ref, bucket_ref, threshold_ref, *, chu
 # The pipeline.
 
 
-def select_with_path(source: ScoreSource, arrays, lengths, *, shape, budget: int, sink: int, recent: int,
-                     tiling: Tiling, config: BandConfig, interpret: bool):
+def select_with_path(
+    source: ScoreSource,
+    arrays,
+    lengths,
+    *,
+    shape,
+    budget: int,
+    sink: int,
+    recent: int,
+    tiling: Tiling,
+    config: BandConfig,
+    interpret: bool,
+):
     """The band select's launches on the scores `source` describes, from `arrays` (rows of
     `shape` = (B, Hkv, S)), in `config.design`.
 
@@ -906,8 +1053,9 @@ def select_with_path(source: ScoreSource, arrays, lengths, *, shape, budget: int
     sample_kernel = _stored_sample_kernel if parallel else _sample_kernel
     sample_shapes = [shaped(layout.sample)] if parallel else []
     *_, bounds = triton_call(
-        functools.partial(sample_kernel, source=source, layout=layout, budget=budget, config=config,
-                          interpret=interpret, **common),
+        functools.partial(
+            sample_kernel, source=source, layout=layout, budget=budget, config=config, interpret=interpret, **common
+        ),
         out_shape=[*sample_shapes, shaped(BOUNDS_WIDTH)],
         grid=(batch, kv_heads, layout.sample_programs),
         in_specs=[rs.length_spec(), *source.in_specs()],
@@ -918,10 +1066,18 @@ def select_with_path(source: ScoreSource, arrays, lengths, *, shape, budget: int
         name=f"{prefix}_sample",
     )(lengths, *arrays)
 
-    band_shapes = [shaped(chunks, 2), shaped(chunks, layout.slots), shaped(chunks, rs.NIBBLE),
-                   shaped(chunks, rs.NIBBLE, rs.NIBBLE)]
-    band_specs = [rs.chunk_spec(2), rs.chunk_spec(layout.slots), rs.chunk_spec(rs.NIBBLE),
-                  rs.chunk_spec(rs.NIBBLE, rs.NIBBLE)]
+    band_shapes = [
+        shaped(chunks, 2),
+        shaped(chunks, layout.slots),
+        shaped(chunks, rs.NIBBLE),
+        shaped(chunks, rs.NIBBLE, rs.NIBBLE),
+    ]
+    band_specs = [
+        rs.chunk_spec(2),
+        rs.chunk_spec(layout.slots),
+        rs.chunk_spec(rs.NIBBLE),
+        rs.chunk_spec(rs.NIBBLE, rs.NIBBLE),
+    ]
     if source.writes_scores:
         band_shapes.insert(0, shaped(seq, dtype=jnp.float32))
         band_specs.insert(0, rs.row_spec(seq))
@@ -937,19 +1093,40 @@ def select_with_path(source: ScoreSource, arrays, lengths, *, shape, budget: int
     scores = band_out[0] if source.writes_scores else arrays[0]
     counts, slots, band_coarse, band_fine = band_out[-4:]
     band_in_specs = [rs.length_spec(), rs.row_spec(BOUNDS_WIDTH), rs.row_spec(chunks, 2)]
-    decide = dict(grid=grid, num_warps=config.decide_warps, num_stages=tiling.num_stages, interpret=interpret,
-                  name="hata_select_decide")
+    decide = dict(
+        grid=grid,
+        num_warps=config.decide_warps,
+        num_stages=tiling.num_stages,
+        interpret=interpret,
+        name="hata_select_decide",
+    )
 
     if not parallel:
         decision, fast_counts, _, _, *first_pass_out = triton_call(
-            functools.partial(_decide_kernel, layout=layout, tiling=tiling, budget=budget, interpret=interpret,
-                              **common),
-            out_shape=[shaped(rs.DECISION_WIDTH), shaped(2, chunks), shaped(layout.dense), shaped(layout.dense),
-                       *rs.pass_out_shapes(batch, kv_heads, chunks)],
-            in_specs=[*band_in_specs, rs.row_spec(chunks, rs.NIBBLE, rs.NIBBLE), rs.row_spec(chunks, layout.slots),
-                      rs.row_spec(seq), rs.table_spec()],
-            out_specs=[rs.row_spec(rs.DECISION_WIDTH), rs.row_spec(2, chunks), rs.row_spec(layout.dense),
-                       rs.row_spec(layout.dense), *rs.pass_out_specs()],
+            functools.partial(
+                _decide_kernel, layout=layout, tiling=tiling, budget=budget, interpret=interpret, **common
+            ),
+            out_shape=[
+                shaped(rs.DECISION_WIDTH),
+                shaped(2, chunks),
+                shaped(layout.dense),
+                shaped(layout.dense),
+                *rs.pass_out_shapes(batch, kv_heads, chunks),
+            ],
+            in_specs=[
+                *band_in_specs,
+                rs.row_spec(chunks, rs.NIBBLE, rs.NIBBLE),
+                rs.row_spec(chunks, layout.slots),
+                rs.row_spec(seq),
+                rs.table_spec(),
+            ],
+            out_specs=[
+                rs.row_spec(rs.DECISION_WIDTH),
+                rs.row_spec(2, chunks),
+                rs.row_spec(layout.dense),
+                rs.row_spec(layout.dense),
+                *rs.pass_out_specs(),
+            ],
             **decide,
         )(lengths, bounds, counts, band_fine, slots, scores, table)
         fast_inputs = [(fast_counts, rs.row_spec(2, chunks))]
@@ -959,60 +1136,119 @@ def select_with_path(source: ScoreSource, arrays, lengths, *, shape, budget: int
     else:
         decision, fast_counts, bucket, *first_pass_out = triton_call(
             functools.partial(_chunk_decide_kernel, layout=layout, tiling=tiling, budget=budget, **common),
-            out_shape=[shaped(rs.DECISION_WIDTH), shaped(chunks, 2), shaped(layout.bucket_cap),
-                       *rs.pass_out_shapes(batch, kv_heads, chunks)],
-            in_specs=[*band_in_specs, rs.row_spec(chunks, rs.NIBBLE), rs.row_spec(chunks, rs.NIBBLE, rs.NIBBLE),
-                      rs.chunk_spec(layout.slots), rs.row_spec(seq), rs.table_spec()],
-            out_specs=[rs.row_spec(rs.DECISION_WIDTH), rs.chunk_spec(2), rs.row_spec(layout.bucket_cap),
-                       *rs.pass_out_specs()],
+            out_shape=[
+                shaped(rs.DECISION_WIDTH),
+                shaped(chunks, 2),
+                shaped(layout.bucket_cap),
+                *rs.pass_out_shapes(batch, kv_heads, chunks),
+            ],
+            in_specs=[
+                *band_in_specs,
+                rs.row_spec(chunks, rs.NIBBLE),
+                rs.row_spec(chunks, rs.NIBBLE, rs.NIBBLE),
+                rs.chunk_spec(layout.slots),
+                rs.row_spec(seq),
+                rs.table_spec(),
+            ],
+            out_specs=[
+                rs.row_spec(rs.DECISION_WIDTH),
+                rs.chunk_spec(2),
+                rs.row_spec(layout.bucket_cap),
+                *rs.pass_out_specs(),
+            ],
             **decide,
         )(lengths, bounds, counts, band_coarse, band_fine, slots, scores, table)
         *pass_out, bucket_threshold = triton_call(
             functools.partial(_rank_or_refine_kernel, layout=layout, tiling=tiling, **common),
             out_shape=[*rs.pass_out_shapes(batch, kv_heads, chunks), shaped()],
             grid=grid,
-            in_specs=[rs.length_spec(), rs.row_spec(seq), rs.table_spec(), rs.row_spec(rs.DECISION_WIDTH),
-                      rs.row_spec(layout.bucket_cap), *rs.row_counts_specs(chunks)],
+            in_specs=[
+                rs.length_spec(),
+                rs.row_spec(seq),
+                rs.table_spec(),
+                rs.row_spec(rs.DECISION_WIDTH),
+                rs.row_spec(layout.bucket_cap),
+                *rs.row_counts_specs(chunks),
+            ],
             out_specs=[*rs.pass_out_specs(), rs.row_spec()],
             name="hata_select_pass1",
             **launch,
         )(lengths, scores, table, decision, bucket, *first_pass_out)
-        fast_inputs = [(fast_counts, rs.row_spec(chunks, 2)), (bucket, rs.row_spec(layout.bucket_cap)),
-                       (bucket_threshold, rs.row_spec())]
+        fast_inputs = [
+            (fast_counts, rs.row_spec(chunks, 2)),
+            (bucket, rs.row_spec(layout.bucket_cap)),
+            (bucket_threshold, rs.row_spec()),
+        ]
         fast_plan = ranked_plan
         fines = [first_pass_out[2], pass_out[2]]
         first_refine = 2
 
     for pass_index in range(first_refine, rs.NUM_PASSES):
-        pass_out = rs.refine_launch(pass_index, scores, lengths, decision, pass_out, tiling=tiling, sink=sink,
-                                    recent=recent, interpret=interpret)
+        pass_out = rs.refine_launch(
+            pass_index,
+            scores,
+            lengths,
+            decision,
+            pass_out,
+            tiling=tiling,
+            sink=sink,
+            recent=recent,
+            interpret=interpret,
+        )
         fines.append(pass_out[2])
     state, coarse, _ = pass_out
-    idx, count_out = rs.compact_launch(scores, lengths, decision, state, coarse, fines, fast_inputs, fast_plan,
-                                       **finish)
+    idx, count_out = rs.compact_launch(
+        scores, lengths, decision, state, coarse, fines, fast_inputs, fast_plan, **finish
+    )
     return idx, count_out, decision[..., rs.DECISION_PATH]
 
 
-def select_topk_with_path(scores, budget: int, lengths, *, sink: int = 0, recent: int = 0, interpret: bool = False,
-                          tiling: Tiling | None = None, config: BandConfig = BandConfig()):
+def select_topk_with_path(
+    scores,
+    budget: int,
+    lengths,
+    *,
+    sink: int = 0,
+    recent: int = 0,
+    interpret: bool = False,
+    tiling: Tiling | None = None,
+    config: BandConfig = BandConfig(),
+):
     """:func:`select_topk`, also returning how each row was selected (int32[B, Hkv] of PATH_*)."""
     if scores.ndim != 3 or scores.dtype != jnp.float32:
         raise ValueError(f"scores must be float32[batch, kv_heads, seq], got {scores.dtype}{list(scores.shape)}")
     batch, kv_heads, seq = scores.shape
     rs.check_selection(seq, budget, sink, recent)
     return select_with_path(
-        GivenScores(seq), (scores,), jnp.asarray(lengths), shape=scores.shape, budget=budget, sink=sink, recent=recent,
-        tiling=tiling or rs.default_tiling(batch * kv_heads, seq), config=config, interpret=interpret,
+        GivenScores(seq),
+        (scores,),
+        jnp.asarray(lengths),
+        shape=scores.shape,
+        budget=budget,
+        sink=sink,
+        recent=recent,
+        tiling=tiling or rs.default_tiling(batch * kv_heads, seq),
+        config=config,
+        interpret=interpret,
     )
 
 
-def select_topk(scores, budget: int, lengths, *, sink: int = 0, recent: int = 0, interpret: bool = False,
-                tiling: Tiling | None = None):
+def select_topk(
+    scores,
+    budget: int,
+    lengths,
+    *,
+    sink: int = 0,
+    recent: int = 0,
+    interpret: bool = False,
+    tiling: Tiling | None = None,
+):
     """Kernel form of :func:`hata_jax.select_topk` (same contract; slots in ascending position).
 
     scores: float32[B, Hkv, S]; lengths: int[B]. Returns (idx int32[B, Hkv, budget],
     count int32[B, Hkv]).
     """
-    idx, count_out, _ = select_topk_with_path(scores, budget, lengths, sink=sink, recent=recent,
-                                              interpret=interpret, tiling=tiling)
+    idx, count_out, _ = select_topk_with_path(
+        scores, budget, lengths, sink=sink, recent=recent, interpret=interpret, tiling=tiling
+    )
     return idx, count_out

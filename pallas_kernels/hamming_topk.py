@@ -22,7 +22,7 @@ instead of loading a contiguous tile.
 
 Selection (:mod:`pallas_kernels.band_select`, with the radix machinery of
 :mod:`pallas_kernels.radix_select` as exact fallback; two designs, `BandConfig.design`: the
-parallel one is the default, its design, predicted times and tunables are in band_select's
+parallel one is the default, its design and tunables are in band_select's
 docstring; what follows describes the serial one, `band_select.SERIAL`): launch A ranks a
 stratified sample of `min(L, 1024)` positions to get band bounds `t_lo <= k-th largest key <= t_hi` (with
 overwhelming probability); launch B (fused with scoring) counts the keys above the band,
@@ -46,32 +46,6 @@ Byte floor, Llama-3.1-8B (32 q heads, 8 KV heads, batch 1, 128K context, rbit 12
 - `select_topk` on given scores: floor = read the 4 MiB of scores once, ~1.5 us; the pipeline
   reads them twice (band pass, compaction).
 
-Predicted device time per launch at that shape, serial design (fast path; from the counts
-above, ~0.6-0.8 us per dependent global round trip and ~1.5-2 us per launch as measured for the
-previous version's near-idle passes)
-------------------------------------------------------------------------------------------------
-The sample at this shape: r = 16 sample ranks for k, so t_hi is the sample's largest key, t_top
-its 3rd, t_lo its 40th; the band then holds ~4-6.7K keys per row (at most ~125 in a chunk,
-against 512 slots), the threshold bucket 20-55 keys (random codes, "key_norm"), or a single
-tied value of ~1000 keys ("hamming" scores: no ranking needed). Measured before: 82.5 us fused,
-66 us on given scores.
-
-| launch (hamming_topk; select_topk) | programs | work per program | predicted |
-| --- | --- | --- | --- |
-| A `hata_hamming_sample`; `hata_select_sample` | 8 x 32, 16 warps | gather + score 1056 positions (~60 lane-ops each), 32 x 1024 key compares (4 lane-ops each): ~200K lane-ops, 2 round trips | 3-4 us; 2.5-3 us |
-| B `hata_hamming_band`; `hata_select_band` | 512, 1 step of 2048 | scores (~25 lane-ops/position incl. 16 popc), key, 3 compares, one 2048-scan, band-key scatter (~80); after a barrier one 128-key histogram MMA and 1 KiB of suffix counts | 8-9 us (25.7 MB moved: bandwidth-bound); 3-3.5 us (latency: 2 round trips) |
-| C `hata_select_decide` | 512, 8 warps | all: 0.5 KiB of counts (chunk 0 also its row's 64 KiB of band suffix counts), decide, exit; chunk 0 of a fast row: one scan step over 256 slots x 64 chunks (copies the ~20-60 bucket keys), barrier, a 16-way search over <= 128 keys (4 steps), per-chunk counts in registers | 4-5 us (3 round trips) |
-| `hata_select_pass1..3` | 512 each | read the decision, return | 1.5-2 us each, 5-6 us |
-| `hata_select_compact` | 512, 1 step of 2048 | decision + per-chunk counts (0.5 KiB), 8 KiB of scores, one 2048-scan, scatter ~32 positions | 3.5-4 us |
-| total | | | ~24-28 us fused (~3x faster); ~18-22 us on given scores |
-
-Per-element work is small everywhere; what remains is 7 launches x ~1.5-2 us plus ~11 dependent
-round trips. The three idle fallback launches (~5 us) are the largest avoidable cost: they would
-go with a device-side conditional around the fallback (not used: no `lax.cond` on a device
-predicate), or a fallback of fewer passes. A fallback row (band miss: ~1e-7 per row at this
-shape; a chunk with more than 512 band keys; a threshold bucket of > 128 distinct keys ranked by
-scans instead) costs about the previous pipeline: ~65-85 us for the launch.
-
 Tunables (picked from the counts above and the previous version's SASS, without GPU timing;
 re-tune with the bench)
 --------------------------------------------------------------------------------------------------
@@ -89,7 +63,7 @@ Tiling (:class:`radix_select.Tiling`):
 - `radix_select.HIST_DTYPE = bfloat16`: 0/1 operands, float32 accumulation exact up to 2**24
   keys per chunk; the table gather compiles to 16 B loads and `ldmatrix`.
 BandConfig of the serial design (`band_select.SERIAL`; measured 23.6 us for A and 19.2 us for
-C against the 3-4 and 4-5 predicted below: why, in band_select's docstring):
+C: why, in band_select's docstring):
 - `sample = 1024` positions per row: ranking is pairwise (n_s^2 compares per row: 1M), so 4096
   would cost 16x; 1024 still gives r = 16 sample ranks for k at the Llama shape (band miss ~1e-7).
   `sample_slice = 32` ranked per program (32 programs per row, 256 in all), `sample_step = 1024`
@@ -106,6 +80,7 @@ C against the 3-4 and 4-5 predicted below: why, in band_select's docstring):
 - `dense = 128` bucket keys ranked in registers (16-way search, 4 steps for a 2**15-key bucket);
   `decide_warps = 8` (the 64 x 256 slot tile, 64 lanes per thread).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -240,8 +215,16 @@ def _scoring_kernel(len_ref, *refs, source, tiling, seq, interpret):
     jax.lax.fori_loop(0, geo.blocks(seq, tiling.block), write_block, 0)
 
 
-def hamming_scores(q_codes, k_codes, k_norms, lengths, *, score: str = "key_norm", interpret: bool = False,
-                   tiling: Tiling | None = None):
+def hamming_scores(
+    q_codes,
+    k_codes,
+    k_norms,
+    lengths,
+    *,
+    score: str = "key_norm",
+    interpret: bool = False,
+    tiling: Tiling | None = None,
+):
     """Kernel form of :func:`hata_jax.hamming_scores`.
 
     q_codes: uint32[B, Hq, W]; k_codes: uint32[B, Hkv, S, W]; k_norms: float32[B, Hkv, S];
@@ -264,27 +247,66 @@ def hamming_scores(q_codes, k_codes, k_norms, lengths, *, score: str = "key_norm
     )(jnp.asarray(lengths).astype(jnp.int32), q_codes, k_codes, k_norms)
 
 
-def hamming_topk_with_path(q_codes, k_codes, k_norms, lengths, *, budget: int, score: str = "key_norm", sink: int = 0,
-                           recent: int = 0, interpret: bool = False, tiling: Tiling | None = None,
-                           config: BandConfig = BandConfig()):
+def hamming_topk_with_path(
+    q_codes,
+    k_codes,
+    k_norms,
+    lengths,
+    *,
+    budget: int,
+    score: str = "key_norm",
+    sink: int = 0,
+    recent: int = 0,
+    interpret: bool = False,
+    tiling: Tiling | None = None,
+    config: BandConfig = BandConfig(),
+):
     """:func:`hamming_topk`, also returning how each row was selected (int32[B, Hkv] of band_select.PATH_*)."""
     _check_codes(q_codes, k_codes, k_norms, score)
     batch, kv_heads, seq, _ = k_codes.shape
     rs.check_selection(seq, budget, sink, recent)
     return band_select.select_with_path(
-        _code_scores(q_codes, k_codes, score), (q_codes, k_codes, k_norms), jnp.asarray(lengths),
-        shape=(batch, kv_heads, seq), budget=budget, sink=sink, recent=recent,
-        tiling=tiling or default_tiling(batch * kv_heads, seq), config=config, interpret=interpret,
+        _code_scores(q_codes, k_codes, score),
+        (q_codes, k_codes, k_norms),
+        jnp.asarray(lengths),
+        shape=(batch, kv_heads, seq),
+        budget=budget,
+        sink=sink,
+        recent=recent,
+        tiling=tiling or default_tiling(batch * kv_heads, seq),
+        config=config,
+        interpret=interpret,
     )
 
 
-def hamming_topk(q_codes, k_codes, k_norms, lengths, *, budget: int, score: str = "key_norm", sink: int = 0,
-                 recent: int = 0, interpret: bool = False, tiling: Tiling | None = None):
+def hamming_topk(
+    q_codes,
+    k_codes,
+    k_norms,
+    lengths,
+    *,
+    budget: int,
+    score: str = "key_norm",
+    sink: int = 0,
+    recent: int = 0,
+    interpret: bool = False,
+    tiling: Tiling | None = None,
+):
     """Kernel form of :func:`hata_jax.hamming_topk`: scoring fused with the band select.
 
     Shapes as in :func:`hamming_scores`; returns (idx int32[B, Hkv, budget] with the selected
     positions in ascending order then `UNUSED`, count int32[B, Hkv] = min(lengths[b], budget)).
     """
-    idx, count, _ = hamming_topk_with_path(q_codes, k_codes, k_norms, lengths, budget=budget, score=score, sink=sink,
-                                           recent=recent, interpret=interpret, tiling=tiling)
+    idx, count, _ = hamming_topk_with_path(
+        q_codes,
+        k_codes,
+        k_norms,
+        lengths,
+        budget=budget,
+        score=score,
+        sink=sink,
+        recent=recent,
+        interpret=interpret,
+        tiling=tiling,
+    )
     return idx, count

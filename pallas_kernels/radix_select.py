@@ -31,14 +31,17 @@ The pipeline (a sample-band fast path, these passes as its exact fallback) is de
   number of keys equal to it still to take, and per chunk how many keys lie above it and how many
   equal it; the fast path computed it (a `fast_plan` of the band select's design gives each
   program its `ChunkPlan`), a fallback row derives it from its pass counts. Each program takes
-  the counts of the chunks before its own and scatters its selected positions: every key above the threshold, and equal keys in position order until the rank is
-  filled. Slots come out in ascending position; slots `>= count` get `UNUSED`.
+  the counts of the chunks before its own and scatters its selected positions: every key
+  above the threshold, and equal keys in position order until the rank is filled. Slots come
+  out in ascending position; slots `>= count` get `UNUSED`.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -346,8 +349,19 @@ def decided_fast(decision_ref):
 # Fallback passes.
 
 
-def first_pass(scores_ref, table_ref, state_ref, coarse_ref, fine_ref, geo: ChunkGeometry, *, tiling: Tiling,
-               budget: int, sink: int, recent: int) -> None:
+def first_pass(
+    scores_ref,
+    table_ref,
+    state_ref,
+    coarse_ref,
+    fine_ref,
+    geo: ChunkGeometry,
+    *,
+    tiling: Tiling,
+    budget: int,
+    sink: int,
+    recent: int,
+) -> None:
     """Fallback pass 0 of one program: its chunk's suffix counts and (chunk 0) the row's initial state."""
 
     def digits_of_block(i):
@@ -362,8 +376,22 @@ def first_pass(scores_ref, table_ref, state_ref, coarse_ref, fine_ref, geo: Chun
         store_state(state_ref, initial_state(k_effective(geo.length, budget)))
 
 
-def refine_pass(scores_ref, table_ref, state_in_ref, coarse_in_ref, fine_in_ref, state_ref, coarse_ref, fine_ref,
-                geo: ChunkGeometry, *, pass_index: int, tiling: Tiling, sink: int, recent: int) -> None:
+def refine_pass(
+    scores_ref,
+    table_ref,
+    state_in_ref,
+    coarse_in_ref,
+    fine_in_ref,
+    state_ref,
+    coarse_ref,
+    fine_ref,
+    geo: ChunkGeometry,
+    *,
+    pass_index: int,
+    tiling: Tiling,
+    sink: int,
+    recent: int,
+) -> None:
     """Fallback pass `pass_index` (>= 1) of one program of a fallback row: advance the row state
     over the previous pass's counts, then its chunk's suffix counts of this pass's digit."""
     state = advance(load_state(state_in_ref), coarse_in_ref, fine_in_ref, pass_index - 1)
@@ -386,15 +414,42 @@ def refine_pass(scores_ref, table_ref, state_in_ref, coarse_in_ref, fine_in_ref,
 
 
 def _refine_pass_kernel(
-    len_ref, scores_ref, table_ref, decision_ref, state_in_ref, coarse_in_ref, fine_in_ref, state_ref, coarse_ref,
-    fine_ref, *, pass_index, tiling, seq, sink, recent,
+    len_ref,
+    scores_ref,
+    table_ref,
+    decision_ref,
+    state_in_ref,
+    coarse_in_ref,
+    fine_in_ref,
+    state_ref,
+    coarse_ref,
+    fine_ref,
+    *,
+    pass_index,
+    tiling,
+    seq,
+    sink,
+    recent,
 ):
     geo = chunk_geometry(len_ref, tiling, seq)  # program ids outside conditionals (the interpreter needs it)
 
     @pl.when(jnp.logical_not(decided_fast(decision_ref)))
     def _():
-        refine_pass(scores_ref, table_ref, state_in_ref, coarse_in_ref, fine_in_ref, state_ref, coarse_ref, fine_ref,
-                    geo, pass_index=pass_index, tiling=tiling, sink=sink, recent=recent)
+        refine_pass(
+            scores_ref,
+            table_ref,
+            state_in_ref,
+            coarse_in_ref,
+            fine_in_ref,
+            state_ref,
+            coarse_ref,
+            fine_ref,
+            geo,
+            pass_index=pass_index,
+            tiling=tiling,
+            sink=sink,
+            recent=recent,
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -418,16 +473,29 @@ class ChunkPlan(NamedTuple):
 def chunk_plan(greater, equal, need, shift, prefix, chunk_index) -> ChunkPlan:
     """The ChunkPlan of chunk `chunk_index` from the row's per-chunk counts (greater, equal: [chunks])."""
     before = iota(greater.shape) < chunk_index
-    return ChunkPlan(jnp.sum(jnp.where(before, greater, 0)), jnp.sum(jnp.where(before, equal, 0)),
-                     pick(greater, chunk_index), pick(equal, chunk_index), need, shift, prefix)
+    return ChunkPlan(
+        jnp.sum(jnp.where(before, greater, 0)),
+        jnp.sum(jnp.where(before, equal, 0)),
+        pick(greater, chunk_index),
+        pick(equal, chunk_index),
+        need,
+        shift,
+        prefix,
+    )
 
 
 def fast_plan_from_counts(decision_ref, fast_counts_ref, *, chunk_index) -> ChunkPlan:
     """A fast row's ChunkPlan from its decision (threshold key, equal keys to take) and its
     per-chunk counts (fast_counts_ref: [2, chunks] keys above the threshold, keys equal to it)."""
     remaining = decision_ref[DECISION_REMAINING]
-    return chunk_plan(fast_counts_ref[0, :], fast_counts_ref[1, :], remaining, traced(0, remaining),
-                      decision_ref[DECISION_THRESHOLD], chunk_index)
+    return chunk_plan(
+        fast_counts_ref[0, :],
+        fast_counts_ref[1, :],
+        remaining,
+        traced(0, remaining),
+        decision_ref[DECISION_THRESHOLD],
+        chunk_index,
+    )
 
 
 def _fallback_plan(state_ref, coarse_ref, fine_refs, chunk_index) -> ChunkPlan:
@@ -444,14 +512,30 @@ def _fallback_plan(state_ref, coarse_ref, fine_refs, chunk_index) -> ChunkPlan:
     return chunk_plan(greater, equal, state.remaining, shift, (state.threshold ^ INT32_MIN) >> shift, chunk_index)
 
 
-def _compact_kernel(len_ref, scores_ref, decision_ref, state_ref, coarse_ref, *refs, fast_plan, fast_inputs, tiling,
-                    seq, budget, sink, recent):
+def _compact_kernel(
+    len_ref,
+    scores_ref,
+    decision_ref,
+    state_ref,
+    coarse_ref,
+    *refs,
+    fast_plan,
+    fast_inputs,
+    tiling,
+    seq,
+    budget,
+    sink,
+    recent,
+):
     fast_refs, fine_refs, (idx_ref, count_ref) = refs[:fast_inputs], refs[fast_inputs:-2], refs[-2:]
     geo = chunk_geometry(len_ref, tiling, seq)
     # Loaded with the decision (garbage on fallback rows).
     fast = fast_plan(decision_ref, *fast_refs, chunk_index=geo.chunk_index)
-    plan = lax.cond(decided_fast(decision_ref), lambda: fast,
-                    lambda: _fallback_plan(state_ref, coarse_ref, fine_refs, geo.chunk_index))
+    plan = lax.cond(
+        decided_fast(decision_ref),
+        lambda: fast,
+        lambda: _fallback_plan(state_ref, coarse_ref, fine_refs, geo.chunk_index),
+    )
     equal_before = plan.equal_before
     need = plan.need  # equal keys to take, in position order
     own_taken = plan.own_greater + jnp.clip(need - equal_before, 0, plan.own_equal)
@@ -540,8 +624,7 @@ def refine_launch(pass_index: int, scores, lengths, decision, previous, *, tilin
     batch, kv_heads, seq = scores.shape
     chunks = tiling.chunks(seq)
     return triton_call(
-        functools.partial(_refine_pass_kernel, pass_index=pass_index, tiling=tiling, seq=seq, sink=sink,
-                          recent=recent),
+        functools.partial(_refine_pass_kernel, pass_index=pass_index, tiling=tiling, seq=seq, sink=sink, recent=recent),
         out_shape=pass_out_shapes(batch, kv_heads, chunks),
         grid=(batch, kv_heads, chunks),
         in_specs=[length_spec(), row_spec(seq), table_spec(), row_spec(DECISION_WIDTH), *row_counts_specs(chunks)],
@@ -553,8 +636,9 @@ def refine_launch(pass_index: int, scores, lengths, decision, previous, *, tilin
     )(lengths, scores, one_hot_table(), decision, *previous)
 
 
-def compact_launch(scores, lengths, decision, state, coarse, fines, fast_inputs, fast_plan, *, budget, sink, recent,
-                   tiling, interpret):
+def compact_launch(
+    scores, lengths, decision, state, coarse, fines, fast_inputs, fast_plan, *, budget, sink, recent, tiling, interpret
+):
     """The compaction, grid (B, Hkv, chunks): writes every row's selected positions.
 
     scores: float32[B, Hkv, S] (read at positions < lengths[b] only); decision: int32[B, Hkv,
@@ -567,16 +651,29 @@ def compact_launch(scores, lengths, decision, state, coarse, fines, fast_inputs,
     chunks = tiling.chunks(seq)
     fast_arrays = [array for array, _ in fast_inputs]
     return triton_call(
-        functools.partial(_compact_kernel, fast_plan=fast_plan, fast_inputs=len(fast_inputs), budget=budget,
-                          tiling=tiling, seq=seq, sink=sink, recent=recent),
+        functools.partial(
+            _compact_kernel,
+            fast_plan=fast_plan,
+            fast_inputs=len(fast_inputs),
+            budget=budget,
+            tiling=tiling,
+            seq=seq,
+            sink=sink,
+            recent=recent,
+        ),
         out_shape=(
             jax.ShapeDtypeStruct((batch, kv_heads, budget), jnp.int32),
             jax.ShapeDtypeStruct((batch, kv_heads), jnp.int32),
         ),
         grid=(batch, kv_heads, chunks),
         in_specs=[
-            length_spec(), row_spec(seq), row_spec(DECISION_WIDTH), row_spec(STATE_WIDTH), row_spec(chunks, NIBBLE),
-            *[spec for _, spec in fast_inputs], *[row_spec(chunks, NIBBLE, NIBBLE)] * NUM_PASSES,
+            length_spec(),
+            row_spec(seq),
+            row_spec(DECISION_WIDTH),
+            row_spec(STATE_WIDTH),
+            row_spec(chunks, NIBBLE),
+            *[spec for _, spec in fast_inputs],
+            *[row_spec(chunks, NIBBLE, NIBBLE)] * NUM_PASSES,
         ],
         out_specs=[row_spec(budget), row_spec()],
         num_warps=tiling.num_warps,

@@ -1,4 +1,5 @@
 """Pallas flash-decode kernels (interpret mode on the CPU) against the hata_jax references."""
+
 from __future__ import annotations
 
 import collections
@@ -74,8 +75,14 @@ def test_dense_matches_reference(randn, ragged_lengths, dtype, head_dim, group, 
     keep = ~jnp.broadcast_to(beyond, k.shape[:3])
     scale = 0.7 / np.sqrt(head_dim)
     got = flash_decode.dense_decode_attention(
-        q, poison_rows(k, keep), poison_rows(v, keep), lengths, scale=scale, return_lse=True,
-        interpret=True, tuning=tuning,
+        q,
+        poison_rows(k, keep),
+        poison_rows(v, keep),
+        lengths,
+        scale=scale,
+        return_lse=True,
+        interpret=True,
+        tuning=tuning,
     )
     want = attention.dense_decode_attention(q, k, v, lengths, scale=scale, return_lse=True, impl="reference")
     assert_matches(got, want, dtype)
@@ -107,8 +114,15 @@ def test_sparse_matches_reference(rng, randn, dtype, head_dim, group, seq, budge
         keep[b, h, idx[b, h, : count[b, h]]] = True
     idx, count = jnp.asarray(idx), jnp.asarray(count)
     got = flash_decode.sparse_decode_attention(
-        q, poison_rows(k, keep), poison_rows(v, keep), idx, count, scale=0.1, return_lse=True,
-        interpret=True, tuning=tuning,
+        q,
+        poison_rows(k, keep),
+        poison_rows(v, keep),
+        idx,
+        count,
+        scale=0.1,
+        return_lse=True,
+        interpret=True,
+        tuning=tuning,
     )
     want = attention.sparse_decode_attention(q, k, v, idx, count, scale=0.1, return_lse=True, impl="reference")
     assert_matches(got, want, dtype)
@@ -126,8 +140,15 @@ def test_sparse_ignores_slots_past_count(rng, randn):
     garbage = rng.choice([-(2**31), -7, seq, seq + 12345, 2**31 - 1], size=idx.shape).astype(np.int32)
     garbage_idx = np.where(np.arange(budget) < count[..., None], idx, garbage)
     run = functools.partial(
-        flash_decode.sparse_decode_attention, q, k, v, count=jnp.asarray(count), scale=0.125,
-        return_lse=True, interpret=True, tuning=Tuning(block_k=32, splits=2),
+        flash_decode.sparse_decode_attention,
+        q,
+        k,
+        v,
+        count=jnp.asarray(count),
+        scale=0.125,
+        return_lse=True,
+        interpret=True,
+        tuning=Tuning(block_k=32, splits=2),
     )
     clean, dirty = run(idx=jnp.asarray(idx)), run(idx=jnp.asarray(garbage_idx))
     np.testing.assert_array_equal(np.asarray(clean[0]), np.asarray(dirty[0]))
@@ -150,8 +171,15 @@ def test_all_empty(randn, splits):
     )
     idx = jnp.full((batch, kv_heads, 32), -1, jnp.int32)
     sparse = flash_decode.sparse_decode_attention(
-        q, cache, cache, idx, jnp.zeros((batch, kv_heads), jnp.int32), scale=0.1, return_lse=True,
-        interpret=True, tuning=tuning,
+        q,
+        cache,
+        cache,
+        idx,
+        jnp.zeros((batch, kv_heads), jnp.int32),
+        scale=0.1,
+        return_lse=True,
+        interpret=True,
+        tuning=tuning,
     )
     for out, lse in (dense, sparse):
         assert out.dtype == jnp.bfloat16 and out.shape == q.shape and lse.shape == q.shape[:2]
@@ -166,15 +194,17 @@ def test_out_of_range_lengths_and_counts_are_clipped(rng, randn, splits):
     k = randn(batch, kv_heads, seq, head_dim)
     v = randn(batch, kv_heads, seq, head_dim)
     tuning = Tuning(block_k=16, splits=splits)
-    dense = functools.partial(flash_decode.dense_decode_attention, q, k, v, scale=0.1, return_lse=True,
-                              interpret=True, tuning=tuning)
+    dense = functools.partial(
+        flash_decode.dense_decode_attention, q, k, v, scale=0.1, return_lse=True, interpret=True, tuning=tuning
+    )
     raw, clipped = jnp.array([seq + 9, -4, 37], jnp.int32), jnp.array([seq, 0, 37], jnp.int32)
     for got, want in zip(dense(raw), dense(clipped)):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     full = np.full((batch, kv_heads), budget, np.int32)
     idx = jnp.asarray(random_selection(rng, batch, kv_heads, seq, budget, full))
-    sparse = functools.partial(flash_decode.sparse_decode_attention, q, k, v, idx, scale=0.1, return_lse=True,
-                               interpret=True, tuning=tuning)
+    sparse = functools.partial(
+        flash_decode.sparse_decode_attention, q, k, v, idx, scale=0.1, return_lse=True, interpret=True, tuning=tuning
+    )
     raw = jnp.array([[budget + 1, -1], [2**31 - 1, 5], [-(2**31), budget]], jnp.int32)
     for got, want in zip(sparse(raw), sparse(jnp.clip(raw, 0, budget))):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
@@ -261,11 +291,10 @@ def test_compiled_call_launches_only_its_kernels(splits):
     )
     for fn, args in calls:
         hlo = jax.jit(functools.partial(fn, **kw)).lower(*args).compile().as_text()
-        entry = hlo[hlo.index("\nENTRY"):]
+        entry = hlo[hlo.index("\nENTRY") :]
         entry = entry[: entry.index("\n}")]
         launches = [
-            line for line in entry.splitlines()
-            if (op := HLO_INSTRUCTION.match(line)) and op.group(1) not in NO_LAUNCH
+            line for line in entry.splitlines() if (op := HLO_INSTRUCTION.match(line)) and op.group(1) not in NO_LAUNCH
         ]
         assert len(launches) == (1 if splits == 1 else 2) and all("triton" in line for line in launches), launches
 
@@ -283,17 +312,23 @@ def test_unsupported_shapes_raise(change, message):
     config = dict(dtype=jnp.bfloat16, batch=1, kv_heads=1, group=4, seq=512, head_dim=128, budget=64) | change
     q, k, lengths, idx, count = shapes(**config)
     with pytest.raises(ValueError, match=message):
-        jax.eval_shape(functools.partial(flash_decode.sparse_decode_attention, scale=0.1, return_lse=False), q, k, k, idx, count)
+        jax.eval_shape(
+            functools.partial(flash_decode.sparse_decode_attention, scale=0.1, return_lse=False), q, k, k, idx, count
+        )
     if "budget" not in change:
         with pytest.raises(ValueError, match=message):
-            jax.eval_shape(functools.partial(flash_decode.dense_decode_attention, scale=0.1, return_lse=False), q, k, k, lengths)
+            jax.eval_shape(
+                functools.partial(flash_decode.dense_decode_attention, scale=0.1, return_lse=False), q, k, k, lengths
+            )
 
 
 def test_mixed_dtypes_raise():
     q, k, lengths, _, _ = shapes(jnp.float32, 1, 1, 2, 64, 64, 16)
     k16 = jax.ShapeDtypeStruct(k.shape, jnp.bfloat16)
     with pytest.raises(ValueError, match="share a dtype"):
-        jax.eval_shape(functools.partial(flash_decode.dense_decode_attention, scale=0.1, return_lse=False), q, k16, k16, lengths)
+        jax.eval_shape(
+            functools.partial(flash_decode.dense_decode_attention, scale=0.1, return_lse=False), q, k16, k16, lengths
+        )
 
 
 def test_default_tuning_fills_the_gpu():
@@ -330,8 +365,11 @@ def test_dots_ask_for_full_precision():
     carry = (f32((rows, head_dim)), f32((rows,)), f32((rows,)))
     step = functools.partial(flash_decode._softmax_step, scale=0.1)
     jaxpr = jax.make_jaxpr(step)(
-        f32((rows, head_dim)), f32((block, head_dim)), f32((block, head_dim)),
-        jax.ShapeDtypeStruct((block,), jnp.bool_), carry,
+        f32((rows, head_dim)),
+        f32((block, head_dim)),
+        f32((block, head_dim)),
+        jax.ShapeDtypeStruct((block,), jnp.bool_),
+        carry,
     )
     dots = [eqn for eqn in jaxpr.eqns if eqn.primitive is jax.lax.dot_general_p]
     assert len(dots) == 2
@@ -346,8 +384,9 @@ def test_positions_outside_the_cache_poison_only_their_rows(rng, randn, splits):
     idx = jnp.asarray(rng.integers(0, 100, (2, 2, 16)), jnp.int32).at[0, 1, 5].set(100).at[1, 0, 15].set(-1)
     count = jnp.array([[16, 16], [15, 16]], jnp.int32)
     tuning = Tuning(block_k=16, splits=splits)
-    out = flash_decode.sparse_decode_attention(q, k, v, idx, count, scale=0.125, return_lse=False, interpret=True,
-                                               tuning=tuning)
+    out = flash_decode.sparse_decode_attention(
+        q, k, v, idx, count, scale=0.125, return_lse=False, interpret=True, tuning=tuning
+    )
     want = attention.sparse_decode_attention(q, k, v, idx, count, scale=0.125, impl="reference")
     nan_heads = np.isnan(np.asarray(out)).all(-1)
     np.testing.assert_array_equal(nan_heads, [[False] * 3 + [True] * 3, [False] * 6])

@@ -18,20 +18,19 @@ from __future__ import annotations
 
 import dataclasses
 
+import brute_force as bf
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import hata_jax
+from bench.check_kernels import expected_slots as expected_selection  # the kernels' exact answer
 from hata_jax.scoring import scores_reference
 from pallas_kernels import band_select, hamming_topk, radix_select
 from pallas_kernels._backend import lower_for_cuda
 from pallas_kernels.band_select import BandConfig
 from pallas_kernels.radix_select import Tiling
-
-import brute_force as bf
-from bench.check_kernels import expected_slots as expected_selection  # the kernels' exact answer
 
 SMALL = Tiling(chunk=128, block=32, scan_block=64)
 BIG = float(np.finfo(np.float32).max)

@@ -15,14 +15,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_kernel_hamming_topk import SCORE_KINDS, check_selection, random_codes, ulps_above_one
 
+from hata_jax.scoring import scores_reference
 from pallas_kernels import band_select, hamming_topk, radix_select
 from pallas_kernels._backend import lower_for_cuda
 from pallas_kernels.band_select import SERIAL, BandConfig
 from pallas_kernels.radix_select import Tiling
-
-from test_kernel_hamming_topk import SCORE_KINDS, check_selection, random_codes, ulps_above_one
-from hata_jax.scoring import scores_reference
 
 SMALL = Tiling(chunk=128, block=32, scan_block=64)  # 8 chunks per 1000-position row
 PARALLEL = BandConfig()

@@ -34,12 +34,7 @@ FOLDERS = {
 INSTALLED = {name: layer for name, layer in FOLDERS.values()}
 # Imports of our modules inside functions that are allowed: the kernels load on first use (no cycle
 # is involved: pallas_kernels imports nothing of hata_jax). (file, imported module)
-LAZY_ALLOWED = {
-    ("hata_jax/attention.py", "pallas_kernels"),
-    ("hata_jax/hashing.py", "pallas_kernels"),
-    ("hata_jax/scoring.py", "pallas_kernels"),
-    ("hata_jax/selection.py", "pallas_kernels"),
-}
+LAZY_ALLOWED: set[tuple[str, str]] = set()
 
 
 def module_name(path: pathlib.Path) -> str:
