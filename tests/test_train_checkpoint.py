@@ -93,7 +93,7 @@ def test_corrupt_or_missing_files_are_clear_errors(trained_run, tmp_path):
     shutil.rmtree(broken)
     shutil.copytree(step, broken)
     (broken / "metadata" / "metadata").write_text('{"format": "something else"}')
-    with pytest.raises(ValueError, match="is not a hata-jax/selector-checkpoint v1 checkpoint"):
+    with pytest.raises(ValueError, match="is not a hata-jax/selector-checkpoint checkpoint"):
         checkpoint.load_projections(broken, model)
     shutil.rmtree(broken)
     shutil.copytree(step, broken)
