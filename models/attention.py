@@ -15,13 +15,14 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import warnings
+import zipfile
 from typing import Mapping
 
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from hata_jax import HataConfig
+from hata_jax import HataConfig, checks
 from hata_jax import sharding as head_sharding
 from hata_jax.dispatch import check_impl
 from hata_jax.selectors import SELECTORS, Selector, make_selector
@@ -140,6 +141,8 @@ def load_hash_weights(path: str | pathlib.Path) -> dict[int, np.ndarray]:
 
     Format: one array per layer named `layer_<i>` (`i` from 0), float[Hkv, D, rbit]; layers
     without an entry (e.g. the dense first layers) are filled by :func:`hash_weights_for`.
+    A file that is not a readable .npz (a torn or flipped byte fails the zip's CRC-32) and an
+    array holding NaN or inf are refused with a ValueError naming the file and the layer.
     """
     path = pathlib.Path(path)
     if path.is_dir():
@@ -150,11 +153,20 @@ def load_hash_weights(path: str | pathlib.Path) -> dict[int, np.ndarray]:
         path = files[0]
     if not path.is_file():
         raise ValueError(f"hash weights file {path} does not exist")
-    with np.load(path) as data:
-        bad = [k for k in data.files if not (k.startswith("layer_") and k[6:].isdigit())]
-        if bad:
-            raise ValueError(f"{path}: unexpected arrays {bad}; expected names layer_<i>")
-        return {int(k[6:]): np.asarray(data[k], np.float32) for k in data.files}
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            bad = [k for k in data.files if not (k.startswith("layer_") and k[6:].isdigit())]
+            if bad:
+                raise ValueError(f"{path}: unexpected arrays {bad}; expected names layer_<i>")
+            weights = {int(k[6:]): np.asarray(data[k], np.float32) for k in data.files}
+    except (OSError, EOFError, zipfile.BadZipFile, ValueError) as err:
+        if str(path) in str(err):
+            raise
+        raise ValueError(f"hash weights {path} is not a readable .npz of projections ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''})") from None
+    for layer, w in sorted(weights.items()):
+        checks.check_finite(w, f"hash weights {path}: layer {layer}")
+    return weights
 
 
 def hash_weights_for(config: LlamaConfig, plan: AttentionPlan,
@@ -183,6 +195,7 @@ def hash_weights_for(config: LlamaConfig, plan: AttentionPlan,
         if tuple(np.shape(w)) != expected:
             raise ValueError(f"hash weights of layer {layer} have shape {tuple(np.shape(w))}, expected "
                              f"[Hkv, D, rbit] = {list(expected)}")
+        checks.check_finite(np.asarray(w), f"hash weights of layer {layer}")
     missing = [i for i in range(config.num_layers) if i not in given]
     untrained = sorted(set(missing) & set(plan.hashed_layers))
     if untrained:

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import zipfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hata_jax import checks
 from hata_jax.selectors import loki_basis
 from models.attention import METHODS, load_hash_weights, random_projections
 from models.llama import LlamaForCausalLM
@@ -87,9 +89,8 @@ def selector_params(method: str, model: LlamaForCausalLM, *, rbit: int = 128, ha
 
 
 def _hata_projections(model, rbit: int, path) -> dict[int, np.ndarray]:
-    from train.checkpoint import load_projections, read_metadata
-    from train.identity import fingerprint
-    from train.weights import SHIPPED, is_npz, shipped_weights
+    from train.checkpoint import load_projections
+    from train.weights import SHIPPED, is_npz, shipped_for
 
     if path is not None:
         path = pathlib.Path(path).expanduser()
@@ -102,11 +103,9 @@ def _hata_projections(model, rbit: int, path) -> dict[int, np.ndarray]:
                 raise ValueError(f"hata: {path} holds projections of shapes {bad}, not rbit {rbit}")
             return weights
         return load_projections(path, model, rbit)
-    shipped = [shipped_weights(name) for name in SHIPPED]
-    mine = fingerprint(model)
-    for step_dir in shipped:
-        if step_dir is not None and read_metadata(step_dir)["model"]["fingerprint"] == mine:
-            return load_projections(step_dir, model, rbit)
+    step_dir = shipped_for(model)
+    if step_dir is not None:
+        return load_projections(step_dir, model, rbit)
     raise ValueError(f"hata: no trained projections are shipped for this model (shipped: {sorted(SHIPPED)}, "
                      "trained for other weights); pass hash_weights= a `hata-jax train` run directory or an .npz")
 
@@ -134,21 +133,40 @@ def loki_cache_path(model) -> pathlib.Path:
 def loki_bases(model, calibration: LokiCalibration = LokiCalibration(), tokenizer=None) -> list[np.ndarray]:
     """Per layer, Loki's PCA basis float32[Hkv, D, D] of the post-RoPE keys of `calibration`'s
     prefills; read from :func:`loki_cache_path` when it holds this calibration, else computed
-    (with `tokenizer`) and written there."""
+    (with `tokenizer`) and written there. A cached file that is unreadable (the zip's CRC-32
+    catches flipped or missing bytes), lacks a layer or holds NaN or inf is refused with a
+    ValueError naming it (delete it to recalibrate); a non-finite basis is never written."""
     path = loki_cache_path(model)
     if path.is_file():
-        with np.load(path) as data:
-            if np.array_equal(data["calibration"], calibration.as_array()):
-                return [np.asarray(data[f"layer_{i}"], np.float32) for i in range(model.config.num_layers)]
+        cached = _read_loki_cache(path, calibration, model.config.num_layers)
+        if cached is not None:
+            return cached
     if tokenizer is None:
         raise ValueError(f"loki: no calibrated basis for this model at {path}; pass tokenizer= (the model's) to "
                          "calibrate one on the standard library's train split")
     bases = _calibrate_loki(model, tokenizer, calibration)
+    for i, basis in enumerate(bases):
+        checks.check_finite(basis, f"loki: the calibrated basis of layer {i}")
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".part")
     with open(partial, "wb") as f:
         np.savez(f, calibration=calibration.as_array(), **{f"layer_{i}": b for i, b in enumerate(bases)})
     partial.replace(path)
+    return bases
+
+
+def _read_loki_cache(path: pathlib.Path, calibration: LokiCalibration, num_layers: int) -> list[np.ndarray] | None:
+    """The cached bases at `path` if they are of `calibration` (else None); see :func:`loki_bases`."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if not np.array_equal(data["calibration"], calibration.as_array()):
+                return None
+            bases = [np.asarray(data[f"layer_{i}"], np.float32) for i in range(num_layers)]
+    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as err:
+        raise ValueError(f"loki: the cached calibration {path} is corrupt ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''}); delete it to recalibrate") from None
+    for i, basis in enumerate(bases):
+        checks.check_finite(basis, f"loki: the cached calibration {path} is corrupt: layer {i}")
     return bases
 
 

@@ -20,6 +20,8 @@ import json
 import jax
 import numpy as np
 
+from hata_jax import checks
+
 
 def _key_name(key) -> str:
     for attr in ("key", "idx", "name"):  # DictKey, SequenceKey / FlattenedIndexKey, GetAttrKey
@@ -59,12 +61,7 @@ def check_finite(tree, what: str) -> None:
     name, how many of its values are non-finite, and the first one's index.
     """
     for name, array in flat_arrays(tree).items():
-        if np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.complexfloating):
-            bad = ~np.isfinite(array)
-            if bad.any():
-                first = tuple(int(i) for i in np.argwhere(bad)[0])
-                raise ValueError(f"{what}: array {name} holds {int(bad.sum())} non-finite values of {array.size} "
-                                 f"(first {array[first]} at index {list(first)})")
+        checks.check_finite(array, f"{what}: array {name}")
 
 
 def verify_digests(tree, digests: dict, what: str) -> None:
