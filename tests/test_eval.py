@@ -295,8 +295,9 @@ def test_a_run_directory_refuses_other_settings_and_other_prompts(tiny, tmp_path
     harness.open_run(tmp_path, model, str(ckpt), config)
     with pytest.raises(ValueError, match="other settings.*dense_layers"):
         harness.open_run(tmp_path, model, str(ckpt), harness.EvalConfig(**{**TINY_RUN, "dense_layers": 2}))
-    with pytest.raises(ValueError, match="other settings.*hash_weights"):
-        harness.open_run(tmp_path, model, str(ckpt), config, {"hash_weights": "other.npz"})
+    harness.open_run(tmp_path, model, str(ckpt), config, {"hata_params_sha256": "abc"})  # hata joins the run
+    with pytest.raises(ValueError, match=r"other settings.*hata_params_sha256.*\('abc', 'def'\)"):
+        harness.open_run(tmp_path, model, str(ckpt), config, {"hata_params_sha256": "def"})
     records = harness.open_run(tmp_path, model, str(ckpt), config)
     records.add({"kind": "task", "task": "niah_single", "length": 160, "index": 0, "digest": "abc", "method": "dense",
                  "budget": None, "score": 1.0})
