@@ -102,6 +102,9 @@ def run_train(args: argparse.Namespace) -> int:
     from train.run import train_model
     from train.trainer import TrainConfig
 
+    from models.cli import writable_directory
+
+    writable_directory(args.out, "--out")
     selector = HataSelector(rbit=args.rbit) if args.selector == "hata" else HashAttentionSelector()
     collect_config = CollectConfig(seq_len=args.seq_len, sequences=args.sequences, queries=args.queries,
                                    seed=args.seed)

@@ -103,9 +103,11 @@ def evaluate(args: argparse.Namespace, *, out: str, keep: bool = True, parts: tu
     (EvalConfig fields) describe in the run directory `out`; print the table. `keep`: `out` stays
     (plots are written there too, and the log says how to resume); False for a temporary one.
     `parts`: which of `models.eval.harness.PARTS` to run now (None: all)."""
+    from models.cli import writable_directory
     from train.cli import require_train_extra
 
     require_train_extra(*(("matplotlib",) if keep else ()), *(() if args.no_progress else ("tqdm",)))
+    writable_directory(out, "--out")
     from models.eval.harness import PARTS, EvalConfig, run_eval
     from models.eval.report import format_table, write_report
     from models.load import load_model
@@ -150,7 +152,7 @@ def run_demo(args: argparse.Namespace) -> int:
     """The main demo: SmolLM2 with the shipped HATA projections versus dense, Quest and StreamingLLM
     on a few RULER-style prompts (about 4 minutes on 2 idle CPU cores, the first-use download included)."""
     fields = {**DEMO, "budgets": tuple(args.budgets or DEMO["budgets"]),
-              "lengths": (args.context,) if args.context else DEMO["lengths"]}
+              "lengths": (args.context,) if args.context is not None else DEMO["lengths"]}
     log("demo: a small long-context evaluation of SmolLM2-135M-Instruct (dense vs HATA with the shipped projections "
         f"vs Quest vs StreamingLLM; {fields['samples']} prompts of {fields['lengths'][0]} tokens per task); "
         "`hata-jax eval` runs the full one")
