@@ -18,6 +18,7 @@ Layers a method has no params for (the dense first layers of a trained run) get 
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 import zipfile
 
@@ -25,11 +26,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hata_jax import checks
 from hata_jax.selectors import loki_basis
 from models.attention import METHODS, load_hash_weights, random_projections
 from models.llama import LlamaForCausalLM
 from models.smollm2 import cache_dir
+from train.integrity import check_finite, tree_digests, verify_digests
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,29 +146,36 @@ def loki_bases(model, calibration: LokiCalibration = LokiCalibration(), tokenize
         raise ValueError(f"loki: no calibrated basis for this model at {path}; pass tokenizer= (the model's) to "
                          "calibrate one on the standard library's train split")
     bases = _calibrate_loki(model, tokenizer, calibration)
-    for i, basis in enumerate(bases):
-        checks.check_finite(basis, f"loki: the calibrated basis of layer {i}")
+    check_finite({f"layer_{i}": b for i, b in enumerate(bases)}, "loki: the calibrated bases")
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".part")
+    layers = {f"layer_{i}": np.asarray(b, np.float32) for i, b in enumerate(bases)}
     with open(partial, "wb") as f:
-        np.savez(f, calibration=calibration.as_array(), **{f"layer_{i}": b for i, b in enumerate(bases)})
+        np.savez(f, calibration=calibration.as_array(), digests=np.asarray(json.dumps(tree_digests(layers))), **layers)
     partial.replace(path)
     return bases
 
 
 def _read_loki_cache(path: pathlib.Path, calibration: LokiCalibration, num_layers: int) -> list[np.ndarray] | None:
-    """The cached bases at `path` if they are of `calibration` (else None); see :func:`loki_bases`."""
+    """The cached bases at `path` if they are of `calibration` (else None: recalibrate), verified
+    against the digests stored with them (a cache written before digests counts as stale); see
+    :func:`loki_bases`."""
+    what = f"loki: the cached calibration {path}"
     try:
         with np.load(path, allow_pickle=False) as data:
-            if not np.array_equal(data["calibration"], calibration.as_array()):
+            if not np.array_equal(data["calibration"], calibration.as_array()) or "digests" not in data.files:
                 return None
-            bases = [np.asarray(data[f"layer_{i}"], np.float32) for i in range(num_layers)]
+            layers = {f"layer_{i}": np.asarray(data[f"layer_{i}"]) for i in range(num_layers)}
+            digests = json.loads(str(data["digests"]))
     except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as err:
-        raise ValueError(f"loki: the cached calibration {path} is corrupt ({type(err).__name__}: "
+        raise ValueError(f"{what} is corrupt ({type(err).__name__}: "
                          f"{str(err).splitlines()[0] if str(err) else ''}); delete it to recalibrate") from None
-    for i, basis in enumerate(bases):
-        checks.check_finite(basis, f"loki: the cached calibration {path} is corrupt: layer {i}")
-    return bases
+    try:
+        verify_digests(layers, digests, what)
+        check_finite(layers, f"{what} is corrupt")
+    except ValueError as err:
+        raise ValueError(f"{err}; delete it to recalibrate") from None
+    return [layers[f"layer_{i}"] for i in range(num_layers)]
 
 
 def _calibrate_loki(model, tokenizer, calibration: LokiCalibration) -> list[np.ndarray]:

@@ -6,6 +6,7 @@ rely on"). Everything runs on a tiny random Llama (3 layers, 2 KV heads, D 64)."
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import math
 import shutil
@@ -395,3 +396,30 @@ def test_a_corrupt_checkpoint_on_the_command_line_is_one_line(setup, eval_model,
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("hata-jax generate: error: checkpoint ") and "is corrupt: array layers/layer_0" in err[-1]
     assert not any("absl" in line or "Traceback" in line for line in err)
+
+
+def test_loki_calibrations_carry_digests_and_refuse_damage(setup, tmp_path, monkeypatch, rng):
+    sp = importlib.import_module("models.selector_params")  # `models.selector_params` is also a function
+    _, model, _, _, _ = setup
+    monkeypatch.setenv("HATA_JAX_CACHE", str(tmp_path))
+    bases = [rng.standard_normal((2, 64, 64)).astype(np.float32) for _ in range(3)]
+    monkeypatch.setattr(sp, "_calibrate_loki", lambda *a: bases)
+    assert all(np.array_equal(a, b) for a, b in zip(sp.loki_bases(model, tokenizer=object()), bases))
+    path = sp.loki_cache_path(model)
+    monkeypatch.setattr(sp, "_calibrate_loki", lambda *a: pytest.fail("recalibrated"))
+    assert all(np.array_equal(a, b) for a, b in zip(sp.loki_bases(model), bases))  # from the cache, verified
+    with np.load(path) as data:
+        arrays = dict(data)
+    arrays["layer_1"] = arrays["layer_1"] * 2  # another basis under the old digests
+    np.savez(path, **arrays)
+    with pytest.raises(ValueError, match=r"cached calibration .* is corrupt: array layer_1 does not match its recorded "
+                                         r"sha256 digest .*; delete it to recalibrate"):
+        sp.loki_bases(model)
+    truncate(path)
+    with pytest.raises(ValueError, match=r"cached calibration .* is corrupt \(.*\); delete it to recalibrate"):
+        sp.loki_bases(model)
+    path.unlink()
+    monkeypatch.setattr(sp, "_calibrate_loki", lambda *a: [b * np.nan for b in bases])
+    with pytest.raises(ValueError, match="loki: the calibrated bases: array layer_0 holds 8192 non-finite"):
+        sp.loki_bases(model, tokenizer=object())
+    assert not path.exists()
