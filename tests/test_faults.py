@@ -24,7 +24,7 @@ from models.attention import hash_weights_for, load_hash_weights
 from models.config import LlamaConfig
 from models.eval import harness
 from models.load import load_model
-from train import checkpoint, corpus, integrity, trainer, weights
+from train import checkpoint, corpus, weights
 from train.collect import CollectConfig
 from train.hata import HataSelector
 from train.run import train_model
