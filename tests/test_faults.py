@@ -17,14 +17,14 @@ import numpy as np
 import pytest
 from test_models_llama import HF_CONFIGS, random_tensors
 from test_models_loaders import write_hf_checkpoint
-from test_train_collect import tiny_model, word_corpus, word_tokenizer
+from test_train_collect import tiny_model, tiny_training_inputs
 
 from hata_jax import checks, cli
 from models.attention import hash_weights_for, load_hash_weights
 from models.config import LlamaConfig
 from models.eval import harness
 from models.load import load_model
-from train import checkpoint, corpus, weights
+from train import checkpoint, weights
 from train.collect import CollectConfig
 from train.hata import HataSelector
 from train.run import train_model
@@ -43,11 +43,8 @@ def quiet(message: str) -> None:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """(tmp dir, model, tokenizer, corpus, the finished reference run's directory)."""
-    rng = np.random.default_rng(0)
     tmp = tmp_path_factory.mktemp("faults")
-    model, _ = tiny_model(rng)
-    tokenizer = word_tokenizer(tmp / "tok")
-    text = corpus.file_corpus([word_corpus(tmp / "text", rng)])
+    model, _, tokenizer, text = tiny_training_inputs(tmp)
     train(model, tokenizer, text, tmp / "reference")
     return tmp, model, tokenizer, text, tmp / "reference"
 

@@ -7,10 +7,10 @@ import shutil
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_train_collect import tiny_model, word_corpus, word_tokenizer
+from test_train_collect import tiny_model, tiny_training_inputs
 
 from models import model_from_tensors
-from train import checkpoint, corpus
+from train import checkpoint
 from train.collect import CollectConfig
 from train.hashattention import HashAttentionSelector
 from train.hata import HataSelector
@@ -28,11 +28,8 @@ class Stop(Exception):
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """A finished HATA run (rbit 32, layers 1..2) of a tiny random Llama, and that model's tensors."""
-    rng = np.random.default_rng(0)
     tmp = tmp_path_factory.mktemp("run")
-    model, tensors = tiny_model(rng)
-    tokenizer = word_tokenizer(tmp / "tok")
-    text = corpus.file_corpus([word_corpus(tmp / "text", rng)])
+    model, tensors, tokenizer, text = tiny_training_inputs(tmp)
     selector = HataSelector(rbit=32)
     train_model(model, "tiny", tokenizer, tmp / "out", corpus=text, selector=selector, collect_config=COLLECT,
                 train_config=TrainConfig.for_selector(selector, steps=3, batch_keys=0), dense_layers=1,
