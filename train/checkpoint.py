@@ -23,9 +23,12 @@ terminal). Version 1 checkpoints (before digests) still load, finite-checked, wi
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import pathlib
+import shutil
+import sys
 import warnings
 
 import jax
@@ -46,12 +49,22 @@ ORBAX_LOGGERS = ("absl", "orbax", "asyncio", "jax._src.distributed")
 
 @contextlib.contextmanager
 def quiet_orbax():
-    """Keep orbax's warnings and asyncio tracebacks out of the terminal for the duration."""
+    """Keep orbax's warnings and asyncio tracebacks out of the terminal for the duration; when the
+    orbax call fails, also the "coroutine was never awaited" reports of the reads it abandoned."""
     saved = {name: logging.getLogger(name).level for name in ORBAX_LOGGERS}
     try:
         for name in ORBAX_LOGGERS:
             logging.getLogger(name).setLevel(logging.CRITICAL)
         yield
+    except BaseException:
+        hook, sys.unraisablehook = sys.unraisablehook, lambda unraisable: None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                gc.collect()
+        finally:
+            sys.unraisablehook = hook
+        raise
     finally:
         for name, level in saved.items():
             logging.getLogger(name).setLevel(level)
@@ -141,8 +154,6 @@ class TrainingRun:
         target = self.directory.with_name(self.directory.name + ".corrupt") / str(step)
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists():
-            import shutil
-
             shutil.rmtree(target)
         (self.directory / str(step)).rename(target)
         self.manager.reload()
