@@ -26,7 +26,7 @@ from flax import nnx
 
 from bench.decode import LLAMA_8B, SMALL, SMALL_MODELS, Settings, compile_step, random_hata_cache, step_function
 from bench.timing import environment, write_json
-from models import AttentionPlan, LlamaForCausalLM, generation
+from hata_jax.models import AttentionPlan, LlamaForCausalLM, generation
 
 # Kernel-name fragments -> group (first match wins; names are XLA/Triton kernel names).
 GROUPS = (

@@ -7,6 +7,7 @@ import sys
 import tempfile
 import time
 
+from hata_jax.cli.generate import writable_directory
 from hata_jax.cli.train import require_train_extra
 from hata_jax.evaluation.harness import DEFAULT_METHODS, PARTS, EvalConfig, run_eval
 from hata_jax.evaluation.report import format_table, write_report
@@ -105,6 +106,7 @@ def evaluate(args: argparse.Namespace, *, out: str, keep: bool = True, parts: tu
     (plots are written there too, and the log says how to resume); False for a temporary one.
     `parts`: which of `hata_jax.evaluation.harness.PARTS` to run now (None: all)."""
     require_train_extra(*(("matplotlib",) if keep else ()), *(() if args.no_progress else ("tqdm",)))
+    writable_directory(out, "--out")
     if "hashattention" in fields["methods"] and not args.hashattention:
         raise ValueError("method hashattention needs --hashattention DIR (a `hata-jax train --selector "
                          "hashattention` run)")
@@ -144,7 +146,7 @@ def run_demo(args: argparse.Namespace) -> int:
     """The main demo: SmolLM2 with the shipped HATA projections versus dense, Quest and StreamingLLM
     on a few RULER-style prompts (about 4 minutes on 2 idle CPU cores, the first-use download included)."""
     fields = {**DEMO, "budgets": tuple(args.budgets or DEMO["budgets"]),
-              "lengths": (args.context,) if args.context else DEMO["lengths"]}
+              "lengths": (args.context,) if args.context is not None else DEMO["lengths"]}
     log("demo: a small long-context evaluation of SmolLM2-135M-Instruct (dense vs HATA with the shipped projections "
         f"vs Quest vs StreamingLLM; {fields['samples']} prompts of {fields['lengths'][0]} tokens per task); "
         "`hata-jax eval` runs the full one")

@@ -89,8 +89,47 @@ def require_model_extra() -> None:
                          "pip install -e '.[model]'")
 
 
+def writable_directory(path: str, option: str):
+    """`path` as a directory that exists (created if missing) and takes files, or a ValueError
+    naming `option` (an empty string, a file, a path under a file, no permission)."""
+    import pathlib
+    import tempfile
+
+    if not str(path).strip():
+        raise ValueError(f"{option} must name a directory, got an empty string")
+    directory = pathlib.Path(path).expanduser()
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"{option} {path}: is a file, expected a directory")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as err:
+        raise ValueError(f"{option} {path}: cannot write there ({err.strerror or err})") from None
+    return directory
+
+
+def check_generate_args(args: argparse.Namespace) -> None:
+    """The run options of `generate` that need no model: a ValueError naming the first bad one."""
+    if args.mesh < 1:
+        raise ValueError(f"--mesh must be >= 1 (devices to split the heads over), got {args.mesh}")
+    if not args.coordinator and (args.num_processes is not None or args.process_id is not None):
+        raise ValueError("--num-processes and --process-id need --coordinator HOST:PORT (several hosts); without "
+                         "it one process runs")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    for option in ("budget", "rbit"):
+        if getattr(args, option) < 1:
+            raise ValueError(f"--{option} must be >= 1, got {getattr(args, option)}")
+    if args.dense_layers < 0:
+        raise ValueError(f"--dense-layers must be >= 0, got {args.dense_layers}")
+    if not args.prompt:
+        raise ValueError("--prompt must not be empty")
+
+
 def run_generate(args: argparse.Namespace) -> int:
     require_model_extra()
+    check_generate_args(args)
 
     def log(message: str) -> None:
         print(f"[hata-jax] {message}", file=sys.stderr, flush=True)
@@ -129,6 +168,8 @@ def run_generate(args: argparse.Namespace) -> int:
                 "selection quality is that of the untrained baseline")
     chat = tokenizer.chat_template is not None if args.chat is None else args.chat
     prompt = tokenizer.encode_prompt(args.prompt, chat=chat)
+    if not prompt:
+        raise ValueError(f"--prompt {args.prompt!r} encodes to no tokens")
     stream = TextStream(tokenizer)
     with warnings.catch_warnings():
         if hash_weights is None:  # already said above

@@ -15,10 +15,14 @@ from hata_jax.dispatch import default_impl
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.context is not None and args.context < 1:
+        raise ValueError(f"--context must be >= 1 (prompt or cached tokens), got {args.context}")
+    if args.budgets is not None and min(args.budgets) < 1:
+        raise ValueError(f"--budgets must all be >= 1, got {args.budgets}")
     if not args.synthetic:
         return run_demo(args)
     defaults = synthetic_demo.DemoConfig()
-    cfg = synthetic_demo.DemoConfig(context=args.context or defaults.context,
+    cfg = synthetic_demo.DemoConfig(context=defaults.context if args.context is None else args.context,
                                     budgets=tuple(args.budgets or defaults.budgets), seed=args.seed, rbit=args.rbit)
     print(synthetic_demo.format_table(synthetic_demo.run_demo(cfg, impl=args.impl), cfg))
     return 0
@@ -69,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"hata-jax {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        resume = {"train": "the same command with --resume", "eval": "the same command"}.get(args.command)
+        print(f"hata-jax {args.command}: interrupted" + (f"; {resume} continues where it stopped" if resume else ""),
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import sys
 import tempfile
 import time
 
-from hata_jax.cli.generate import require_model_extra
+from hata_jax.cli.generate import require_model_extra, writable_directory
 from hata_jax.models.hash_projections import random_projections
 from hata_jax.models.load import load_model
 from hata_jax.train import checkpoint, corpus, recall
@@ -102,6 +102,7 @@ def _corpus(args, split: str):
 
 def run_train(args: argparse.Namespace) -> int:
     require_train_extra(*(() if args.no_progress else ("tqdm",)))
+    writable_directory(args.out, "--out")
     selector = HataObjective(rbit=args.rbit) if args.selector == "hata" else HashAttentionObjective()
     collect_config = CollectConfig(seq_len=args.seq_len, sequences=args.sequences, queries=args.queries,
                                    seed=args.seed)

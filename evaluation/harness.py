@@ -13,12 +13,17 @@ it is finished, so an interrupted run resumes where it stopped and skips every u
   error (:mod:`hata_jax.evaluation.attention_metrics`), on the first `metric_prompts` prompts of each task.
 
 "dense" runs once per prompt (budget None). `DIR/run.json` holds the model's identity and the
-settings that change results (dense layers, rbit, sink, recent, seed, batch, impl..., and where
-hata's and hashattention's params came from): a resumed run must match them; methods, budgets,
-tasks, lengths and sample counts may grow. Each record carries its prompt's digest, and a resumed
-run refuses records of other prompts. Everything is deterministic (seeded prompts, greedy
-decoding, fixed batches), so a resumed run ends with the results an uninterrupted one gives.
-:func:`summarize` turns the records into the results document.
+settings that change results (dense layers, rbit, sink, recent, seed, batch, impl..., and the
+content digests of hata's and hashattention's params, whatever path they came from): a resumed
+run must match them; methods, budgets, tasks, lengths and sample counts may grow. Each record
+carries its prompt's digest, and a resumed run refuses records of other prompts. Everything is
+deterministic (seeded prompts, greedy decoding, fixed batches), so a resumed run ends with the
+results an uninterrupted one gives.
+
+A crash can cut the last line of `records.jsonl` at any byte: :class:`Records` moves such a torn
+tail to `records.jsonl.torn` and truncates the file before appending, so the unit is simply
+redone. :func:`summarize` turns the records into the results document and refuses (ValueError
+listing them) a configuration with missing units, so no average is reported over part of them.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ import os
 import pathlib
 import sys
 import time
+import warnings
 
 import jax
 import numpy as np
@@ -40,6 +46,7 @@ from hata_jax.evaluation import tasks as tasks_lib
 from hata_jax.models.generation import CAPACITY_BUCKET, generate_from, prefill_prompts
 from hata_jax.models.identity import check_same_model, model_identity
 from hata_jax.models.plan import METHODS, AttentionPlan
+from hata_jax.train.integrity import content_digest
 from hata_jax.train.selector_params import selector_params
 
 FORMAT = "hata-jax/eval"
@@ -132,18 +139,46 @@ def unit_key(record: dict) -> tuple:
 
 
 class Records:
-    """The records of `DIR/records.jsonl`: loaded on start, appended (and flushed) one by one."""
+    """The records of `DIR/records.jsonl`: loaded on start, appended (and fsynced) one by one.
+
+    Every record is one line ending in a newline. On load, a last line that is cut short (no
+    newline, or not a JSON record: an interrupted write) is appended to `records.jsonl.torn` and
+    cut from the file, with a warning, so the next record starts on a line of its own; an
+    unreadable line before the last one is not a torn write and is refused (ValueError).
+    """
 
     def __init__(self, directory: pathlib.Path):
         self.path = directory / "records.jsonl"
         self.by_key: dict[tuple, dict] = {}
         if self.path.is_file():
-            for line in self.path.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:  # a line cut short by an interruption
-                    continue
+            data = self.path.read_bytes()
+            lines = data.split(b"\n")  # lines[-1]: what follows the last newline (b"" normally)
+            end = 0  # bytes of complete, readable lines
+            for number, line in enumerate(lines[:-1], 1):
+                record = _parse_record(line)
+                if record is None:
+                    if number == len(lines) - 1 and not lines[-1]:  # the last line: a torn write
+                        break
+                    raise ValueError(f"{self.path} line {number} is not a record, and it is not the last line "
+                                     "(a torn write only cuts the last one): the file is damaged; use another "
+                                     "--out or repair it")
                 self.by_key[unit_key(record)] = record
+                end += len(line) + 1
+            if end < len(data):
+                self._cut_tail(data, end)
+
+    def _cut_tail(self, data: bytes, end: int) -> None:
+        torn = self.path.with_name(self.path.name + ".torn")
+        with open(torn, "ab") as f:
+            f.write(data[end:] + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        with open(self.path, "r+b") as f:
+            f.truncate(end)
+            f.flush()
+            os.fsync(f.fileno())
+        warnings.warn(f"{self.path}: its last line was cut short by an interruption ({len(data) - end} bytes); "
+                      f"moved it to {torn}, and that unit will be redone", stacklevel=3)
 
     def done(self, kind: str, task: str | None, length: int, index: int, method: str, budget, digest: str | None):
         """Whether the unit is recorded; raises if it is, for another prompt than `digest`."""
@@ -156,6 +191,7 @@ class Records:
         return True
 
     def add(self, record: dict) -> None:
+        """Append `record` as one line and fsync it (a crash leaves at most a torn last line)."""
         self.by_key[unit_key(record)] = record
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -163,28 +199,52 @@ class Records:
             os.fsync(f.fileno())
 
 
+def _parse_record(line: bytes) -> dict | None:
+    """The record of one line of records.jsonl, or None if the line is not one."""
+    try:
+        record = json.loads(line)
+        unit_key(record)
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def open_run(directory: str | pathlib.Path, model, model_name: str, config: EvalConfig,
              sources: dict | None = None) -> Records:
     """Create `directory` (or check that the run there used this model, these settings and these
-    `sources` of the methods' params, e.g. {"hash_weights": path}) and load its records."""
+    `sources` of the methods' params, e.g. {"hata_params_sha256": digest}) and load its records.
+
+    A source that is None (its method is not run now) is not compared; one the run has not
+    recorded yet (its method joins the run) is added to `run.json`."""
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "run.json"
-    settings = {**config.settings(), **(sources or {})}
+    settings = {**config.settings(), **{k: v for k, v in (sources or {}).items() if v is not None}}
     if path.is_file():
         run = json.loads(path.read_text())
         if run.get("format") != FORMAT or run.get("version") != VERSION:
             raise ValueError(f"{path} is not a {FORMAT} v{VERSION} run; use another --out")
         check_same_model(run["model"], model, f"the evaluation in {directory}")
-        if run["settings"] != settings:
-            differ = {k: (run["settings"].get(k), settings.get(k)) for k in {*run["settings"], *settings}
-                      if run["settings"].get(k) != settings.get(k)}
+        keys = {*config.settings(), *(k for k in settings if k in run["settings"])}
+        differ = {k: (run["settings"].get(k), settings.get(k)) for k in sorted(keys)
+                  if run["settings"].get(k) != settings.get(k)}
+        if differ:
             raise ValueError(f"the evaluation in {directory} used other settings ({differ}, as (there, now)); "
                              "use another --out")
+        if not set(settings) <= set(run["settings"]):
+            run["settings"] = {**run["settings"], **settings}
+            _write_atomically(path, json.dumps(run, indent=1) + "\n")
     else:
-        path.write_text(json.dumps({"format": FORMAT, "version": VERSION, "model": model_identity(model, model_name),
-                                    "settings": settings}, indent=1) + "\n")
+        _write_atomically(path, json.dumps({"format": FORMAT, "version": VERSION,
+                                            "model": model_identity(model, model_name), "settings": settings},
+                                           indent=1) + "\n")
     return Records(directory)
+
+
+def _write_atomically(path: pathlib.Path, text: str) -> None:
+    partial = path.with_name(path.name + ".part")
+    partial.write_text(text)
+    partial.replace(path)
 
 
 class MethodParams:
@@ -323,10 +383,10 @@ def run_eval(model, model_name: str, tokenizer, config: EvalConfig, directory: s
     bad = [p for p in parts if p not in PARTS]
     if bad:
         raise ValueError(f"parts must be a subset of {PARTS}, got {parts!r}")
-    sources = {"hash_weights": None if hash_weights is None else str(hash_weights),
-               "hashattention": None if hashattention_dir is None else str(hashattention_dir)}
-    records = open_run(directory, model, model_name, config, sources)
     params = MethodParams(model, tokenizer, config, hash_weights, hashattention_dir, log)
+    sources = {f"{method}_params_sha256": params_digest(params(method)) if method in config.methods else None
+               for method in ("hata", "hashattention")}
+    records = open_run(directory, model, model_name, config, sources)
     start = time.perf_counter()
     samples = {(task, length): tasks_lib.make_samples(task, tokenizer, length, config.samples, config.seed)
                for length in config.lengths for task in config.tasks}
@@ -343,11 +403,59 @@ def run_eval(model, model_name: str, tokenizer, config: EvalConfig, directory: s
     return document
 
 
+def params_digest(layers: list) -> str:
+    """The content digest of a method's per-layer params (:func:`train.integrity.content_digest`):
+    what identifies trained weights in `run.json`, whatever path they were loaded from."""
+    return content_digest({str(i): p for i, p in enumerate(layers) if p is not None})
+
+
+def missing_units(records: list[dict], config: EvalConfig) -> dict[str, list[tuple]]:
+    """{kind: [unit keys (as :func:`unit_key`)]} of the units `config` asks for that `records`
+    lack, for each kind with at least one record of `config` (a kind never run is not missing)."""
+    configs = config.configs
+    selecting = [c for c in configs if c[0] != "dense"]
+    expected = {
+        "task": [("task", t, n, i, m, b) for n in config.lengths for t in config.tasks for i in range(config.samples)
+                 for m, b in configs],
+        "attention": [("attention", t, n, i, m, b) for n in config.lengths for t in config.tasks
+                      for i in range(min(config.metric_prompts, config.samples)) for m, b in selecting],
+        "perplexity": [("perplexity", None, n, i, m, b) for n in config.lengths
+                       for i in range(config.perplexity_sequences) for m, b in configs],
+    }
+    have = {unit_key(r) for r in records}
+    missing = {}
+    for kind, units in expected.items():
+        if any(u in have for u in units):
+            lacking = [u for u in units if u not in have]
+            if lacking:
+                missing[kind] = lacking
+    return missing
+
+
 def summarize(records: list[dict], config: EvalConfig, model: dict) -> dict:
     """The results document: scores (x100) per (task, length, method, budget) and averaged over
     tasks, perplexity per (length, method, budget), and attention metrics per layer and averaged
     over the metric prompts, from the records of this config's methods, budgets, tasks, lengths
-    and sample counts (a run directory may hold more)."""
+    and sample counts (a run directory may hold more).
+
+    Raises:
+      ValueError naming the configurations whose units are missing (:func:`missing_units`): a
+      kind of work is summarized complete or not at all.
+    """
+    missing = missing_units(records, config)
+    if missing:
+        parts = {"task": "tasks", "attention": "attention", "perplexity": "perplexity"}
+        lines = []
+        for kind, units in missing.items():
+            by_config: dict[tuple, list] = {}
+            for _, task, length, index, method, budget in units:
+                by_config.setdefault((task, length, method, budget), []).append(index)
+            shown = "; ".join(f"{m}{'' if b is None else f' budget {b}'}{f' {t}' if t else ''} length {n}: "
+                              f"indices {idx}" for (t, n, m, b), idx in list(by_config.items())[:4])
+            more = f" (and {len(by_config) - 4} more configurations)" if len(by_config) > 4 else ""
+            lines.append(f"{kind} ({len(units)} units missing: {shown}{more}); run --parts {parts[kind]} to compute "
+                         "them")
+        raise ValueError("refusing to summarize incomplete results: " + " | ".join(lines))
     wanted = set(config.configs)
     order = {"task": {t: i for i, t in enumerate(config.tasks)}, "method": {m: i for i, m in enumerate(config.methods)}}
 

@@ -58,3 +58,48 @@ def check_lengths(lengths, batch: int, capacity: int, name: str = "lengths") -> 
         values = np.asarray(lengths)
         if values.size and (values.min() < 0 or values.max() > capacity):
             raise ValueError(f"{name} must lie in [0, {capacity}] (the cache capacity), got {values.tolist()}")
+
+
+def as_array(x, name: str, kind: str = "float") -> jax.Array:
+    """`x` (a jax or numpy array, or a nested list of numbers) as a jax array whose dtype is of
+    `kind` ("float" or "int"); raises a ValueError naming `name` for anything else (strings,
+    ragged lists, objects, the wrong kind of number). Arrays pass through unchanged (tracers too)."""
+    if kind not in ("float", "int"):
+        raise ValueError(f"kind must be 'float' or 'int', got {kind!r}")
+    if not isinstance(x, (jax.Array, np.ndarray, np.generic)):
+        try:
+            converted = np.asarray(x)
+        except (TypeError, ValueError) as err:  # ragged lists
+            raise ValueError(f"{name} must be an array of {kind}s, got {type(x).__name__} ({err})") from None
+        if converted.dtype == object or not (np.issubdtype(converted.dtype, np.number) or converted.dtype == bool):
+            raise ValueError(f"{name} must be an array of {kind}s, got {type(x).__name__} of dtype {converted.dtype}")
+        x = converted.astype(np.int32) if kind == "int" and np.issubdtype(converted.dtype, np.integer) else converted
+        x = jnp.asarray(x, jnp.float32) if kind == "float" and not np.issubdtype(converted.dtype, np.floating) else x
+        x = jnp.asarray(x)
+    (check_floating if kind == "float" else check_integer)(x, name)
+    return x
+
+
+def check_scale(scale, name: str = "scale") -> float | None:
+    """None, or `scale` as a finite positive float; a ValueError naming `name` otherwise."""
+    if scale is None:
+        return None
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name} must be a positive float or None (1/sqrt(D)), got {type(scale).__name__} {scale!r}")
+    value = float(scale)
+    if not np.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite float > 0 or None (1/sqrt(D)), got {value}")
+    return value
+
+
+def check_finite(x, name: str) -> None:
+    """Raise a ValueError if floating-point `x` holds NaN or inf, naming `name`, the count and the
+    first bad index. Tracers (values unknown on the host) and non-float arrays are not checked."""
+    if not is_concrete(x) or not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+        return
+    values = np.asarray(x)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"{name} holds {int(bad.sum())} non-finite values of {values.size} (first {values[first]} "
+                         f"at index {list(first)})")

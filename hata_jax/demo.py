@@ -33,6 +33,17 @@ class DemoConfig:
     budgets: tuple[int, ...] = (32, 64, 128, 256, 512)
     seed: int = 0
 
+    def __post_init__(self):
+        for name in ("context", "q_heads", "kv_heads", "head_dim", "rbit", "heavy_hitters"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"DemoConfig.{name} must be an int >= 1, got {value!r}")
+        if self.heavy_hitters > self.context:
+            raise ValueError(f"DemoConfig.context ({self.context}) must hold the {self.heavy_hitters} planted heavy "
+                             "hitters")
+        if not self.budgets or any(not 1 <= b <= self.context for b in self.budgets):
+            raise ValueError(f"DemoConfig.budgets must lie in [1, context={self.context}], got {self.budgets}")
+
 
 def planted_problem(cfg: DemoConfig):
     """q [1, Hq, D], k, v [1, Hkv, S, D] with `heavy_hitters` keys per KV head aligned with its queries."""

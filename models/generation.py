@@ -33,6 +33,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import math
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 
@@ -66,10 +68,11 @@ class Sampling:
     top_p: float = 1.0
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+                and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite float >= 0 (0 = greedy), got {self.temperature!r}")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p!r}")
 
 
 def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
@@ -255,13 +258,38 @@ def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> list[int
 
 
 def check_room(lengths: list[int], max_new_tokens: int, capacity: int) -> None:
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     if max(lengths) > capacity:
         raise ValueError(f"the prompt has {max(lengths)} tokens but the cache capacity is {capacity}")
     if max(lengths) + max_new_tokens > capacity:
         raise ValueError(f"the cache capacity {capacity} cannot hold the prompt ({max(lengths)} tokens) plus "
                          f"max_new_tokens={max_new_tokens}; raise capacity or lower max_new_tokens")
+
+
+def memory_bytes(device=None) -> int | None:
+    """The memory a device can allocate: its `bytes_limit` (accelerators), else the host's RAM."""
+    device = device or jax.local_devices()[0]
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_cache_fits(config, batch: int, capacity: int, rbit: int, dtype, mesh=None) -> None:
+    """Refuse, before allocating anything, caches that cannot fit in the device's memory: every
+    layer's k and v [batch, Hkv, capacity, D] in `dtype`, codes and key norms (split over `mesh`)."""
+    per_token = config.num_kv_heads * (2 * config.head_dim * jnp.dtype(dtype).itemsize + rbit // 8 + 4)
+    needed = config.num_layers * batch * capacity * per_token // (mesh.devices.size if mesh is not None else 1)
+    available = memory_bytes()
+    if available is not None and needed > available:
+        raise ValueError(f"a KV cache of {capacity} tokens per sequence (prompt + max_new_tokens, rounded up to "
+                         f"{CAPACITY_BUCKET}) for {batch} sequences needs {needed / 2**30:.1f} GiB over "
+                         f"{config.num_layers} layers, more than the {available / 2**30:.1f} GiB of "
+                         f"{jax.local_devices()[0]}; lower max_new_tokens (or the prompt, or the batch)")
 
 
 def _projection_rbit(hash_weights) -> int:
@@ -310,6 +338,7 @@ def prefill_prompts(
     tokens = np.zeros((len(prompts), padded), np.int32)
     for row, prompt in enumerate(prompts):
         tokens[row, : len(prompt)] = prompt
+    check_cache_fits(config, len(prompts), capacity, rbit, cache_dtype or model.dtype, mesh)
     if mesh is not None:
         weights = [head_sharding.shard_projection(w, mesh, mesh_axis) for w in weights]
     caches = init_caches(config, len(prompts), capacity, rbit=rbit, dtype=cache_dtype or model.dtype, mesh=mesh,

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import pathlib
 import warnings
+import zipfile
 from collections.abc import Mapping
 
 import jax.numpy as jnp
 import numpy as np
 
+from hata_jax import checks
 from hata_jax.models.config import LlamaConfig
 from hata_jax.models.plan import AttentionPlan, layer_span
 
@@ -27,6 +29,8 @@ def load_hash_weights(path: str | pathlib.Path) -> dict[int, np.ndarray]:
 
     Format: one array per layer named `layer_<i>` (`i` from 0), float[Hkv, D, rbit]; layers
     without an entry (e.g. the dense first layers) are filled by :func:`hash_weights_for`.
+    A file that is not a readable .npz (a torn or flipped byte fails the zip's CRC-32) and an
+    array holding NaN or inf are refused with a ValueError naming the file and the layer.
     """
     path = pathlib.Path(path)
     if path.is_dir():
@@ -37,11 +41,20 @@ def load_hash_weights(path: str | pathlib.Path) -> dict[int, np.ndarray]:
         path = files[0]
     if not path.is_file():
         raise ValueError(f"hash weights file {path} does not exist")
-    with np.load(path) as data:
-        bad = [k for k in data.files if not (k.startswith("layer_") and k[6:].isdigit())]
-        if bad:
-            raise ValueError(f"{path}: unexpected arrays {bad}; expected names layer_<i>")
-        return {int(k[6:]): np.asarray(data[k], np.float32) for k in data.files}
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            bad = [k for k in data.files if not (k.startswith("layer_") and k[6:].isdigit())]
+            if bad:
+                raise ValueError(f"{path}: unexpected arrays {bad}; expected names layer_<i>")
+            weights = {int(k[6:]): np.asarray(data[k], np.float32) for k in data.files}
+    except (OSError, EOFError, zipfile.BadZipFile, ValueError) as err:
+        if str(path) in str(err):
+            raise
+        raise ValueError(f"hash weights {path} is not a readable .npz of projections ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''})") from None
+    for layer, w in sorted(weights.items()):
+        checks.check_finite(w, f"hash weights {path}: layer {layer}")
+    return weights
 
 
 def hash_weights_for(config: LlamaConfig, plan: AttentionPlan,
@@ -70,6 +83,7 @@ def hash_weights_for(config: LlamaConfig, plan: AttentionPlan,
         if tuple(np.shape(w)) != expected:
             raise ValueError(f"hash weights of layer {layer} have shape {tuple(np.shape(w))}, expected "
                              f"[Hkv, D, rbit] = {list(expected)}")
+        checks.check_finite(np.asarray(w), f"hash weights of layer {layer}")
     missing = [i for i in range(config.num_layers) if i not in given]
     untrained = sorted(set(missing) & set(plan.hashed_layers))
     if untrained:

@@ -7,10 +7,10 @@ import shutil
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_train_collect import tiny_model, word_corpus, word_tokenizer
+from test_train_collect import tiny_model, tiny_training_inputs
 
 from hata_jax.models import model_from_tensors
-from hata_jax.train import checkpoint, corpus
+from hata_jax.train import checkpoint
 from hata_jax.train.collect import CollectConfig
 from hata_jax.train.hashattention_objective import HashAttentionObjective
 from hata_jax.train.hata_objective import HataObjective
@@ -28,11 +28,8 @@ class Stop(Exception):
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """A finished HATA run (rbit 32, layers 1..2) of a tiny random Llama, and that model's tensors."""
-    rng = np.random.default_rng(0)
     tmp = tmp_path_factory.mktemp("run")
-    model, tensors = tiny_model(rng)
-    tokenizer = word_tokenizer(tmp / "tok")
-    text = corpus.file_corpus([word_corpus(tmp / "text", rng)])
+    model, tensors, tokenizer, text = tiny_training_inputs(tmp)
     selector = HataObjective(rbit=32)
     train_model(model, "tiny", tokenizer, tmp / "out", corpus=text, selector=selector, collect_config=COLLECT,
                 train_config=TrainConfig.for_selector(selector, steps=3, batch_keys=0), dense_layers=1,
@@ -94,7 +91,7 @@ def test_corrupt_or_missing_files_are_clear_errors(trained_run, tmp_path):
     shutil.rmtree(broken)
     shutil.copytree(step, broken)
     (broken / "metadata" / "metadata").write_text('{"format": "something else"}')
-    with pytest.raises(ValueError, match="is not a hata-jax/selector-checkpoint v1 checkpoint"):
+    with pytest.raises(ValueError, match="is not a hata-jax/selector-checkpoint checkpoint"):
         checkpoint.load_projections(broken, model)
     shutil.rmtree(broken)
     shutil.copytree(step, broken)
@@ -153,6 +150,6 @@ def test_shipped_smollm2_weights_describe_their_training():
     assert metadata["model"]["name"] == "smollm2" and metadata["model"]["architecture"]["num_kv_heads"] == 3
     assert metadata["collection"] == {"seq_len": 4096, "sequences": 8, "queries": 32, "seed": 0}
     assert metadata["training"]["steps"] == 300 and metadata["corpus"]["name"] == "python-stdlib/train"
-    messages = []
-    assert hash_weights_for_generate(None, "smollm2", None, 64, log=messages.append) is None
-    assert "rbit 128, not 64" in messages[-1]
+    assert metadata["version"] == 2 and sorted(metadata["digests"]) == [f"layers/layer_{i:02d}" for i in range(2, 30)]
+    state = checkpoint.read_state(shipped_weights("smollm2"))  # verified against those digests
+    assert sorted(state["layers"]) == [f"layer_{i:02d}" for i in range(2, 30)]

@@ -22,6 +22,14 @@ def tiny_model(rng, name: str = "llama-gqa"):
     return model, tensors
 
 
+def tiny_training_inputs(directory: pathlib.Path, seed: int = 0):
+    """(model, HF-named tensors, word tokenizer, file corpus) for a tiny training run in `directory`."""
+    rng = np.random.default_rng(seed)
+    model, tensors = tiny_model(rng)
+    tokenizer = word_tokenizer(directory / "tok")
+    return model, tensors, tokenizer, corpus.file_corpus([word_corpus(directory / "text", rng)])
+
+
 def word_tokenizer(directory: pathlib.Path, vocab_size: int = 97) -> Tokenizer:
     directory.mkdir(parents=True, exist_ok=True)
     write_word_tokenizer(directory, vocab_size)

@@ -144,9 +144,9 @@ def test_resume_gives_the_uninterrupted_result(tmp_path, rng, stop_at):
 def test_train_config_checks():
     with pytest.raises(ValueError, match="optimizer must be one of"):
         TrainConfig(optimizer="lion")
-    with pytest.raises(ValueError, match="steps must be > 0"):
+    with pytest.raises(ValueError, match="steps must be an int >= 1, got 0"):
         TrainConfig(steps=0)
-    with pytest.raises(ValueError, match="batch_keys must be >= 0"):
+    with pytest.raises(ValueError, match=r"batch_keys must be an int >= 0 \(0 = all\), got -1"):
         TrainConfig(batch_keys=-1)
     config = TrainConfig.for_selector(HataObjective(), steps=7, learning_rate=None)
     assert (config.steps, config.learning_rate, config.momentum, config.weight_decay) == (7, 0.1, 0.9, 1e-6)

@@ -53,8 +53,10 @@ class CollectConfig:
     def __post_init__(self):
         for name in ("seq_len", "sequences", "queries"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"CollectConfig.{name} must be a positive int, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"CollectConfig.seed must be an int >= 0, got {self.seed!r}")
         if self.seq_len < 2 or self.queries > self.seq_len - self.seq_len // 2:
             raise ValueError(f"CollectConfig: {self.queries} query positions do not fit in "
                              f"[{self.seq_len // 2}, {self.seq_len})")

@@ -78,7 +78,7 @@ def train_model(model, model_name: str, tokenizer, out: str | pathlib.Path, *,
             f"lr {train_config.learning_rate}) -> {run.directory}")
         start = time.perf_counter()
         trained = train_layers(selector, samples_dir, layers, run, train_config, metadata, resume=resume,
-                               progress=progress, on_step=on_step)
+                               progress=progress, on_step=on_step, log=log)
         log(f"collection {collect_seconds:.0f} s, training {time.perf_counter() - start:.0f} s "
             f"(this session); checkpoint {run.directory}")
         return trained

@@ -18,7 +18,9 @@ Layers a method has no params for (the dense first layers of a trained run) get 
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -31,9 +33,10 @@ from hata_jax.models.plan import METHODS
 from hata_jax.models.smollm2 import cache_dir
 from hata_jax.selectors import loki_basis
 from hata_jax.train import corpus as corpus_lib
-from hata_jax.train.checkpoint import load_projections, load_trained, read_metadata
+from hata_jax.train.checkpoint import load_projections, load_trained
 from hata_jax.train.collect import make_capture
-from hata_jax.train.projections import SHIPPED, is_npz, shipped_weights
+from hata_jax.train.integrity import check_finite, tree_digests, verify_digests
+from hata_jax.train.projections import SHIPPED, is_npz, shipped_for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,11 +107,9 @@ def _hata_projections(model, rbit: int, path) -> dict[int, np.ndarray]:
                 raise ValueError(f"hata: {path} holds projections of shapes {bad}, not rbit {rbit}")
             return weights
         return load_projections(path, model, rbit)
-    shipped = [shipped_weights(name) for name in SHIPPED]
-    mine = fingerprint(model)
-    for step_dir in shipped:
-        if step_dir is not None and read_metadata(step_dir)["model"]["fingerprint"] == mine:
-            return load_projections(step_dir, model, rbit)
+    step_dir = shipped_for(model)
+    if step_dir is not None:
+        return load_projections(step_dir, model, rbit)
     raise ValueError(f"hata: no trained projections are shipped for this model (shipped: {sorted(SHIPPED)}, "
                      "trained for other weights); pass hash_weights= a `hata-jax train` run directory or an .npz")
 
@@ -132,22 +133,48 @@ def loki_cache_path(model) -> pathlib.Path:
 def loki_bases(model, calibration: LokiCalibration = LokiCalibration(), tokenizer=None) -> list[np.ndarray]:
     """Per layer, Loki's PCA basis float32[Hkv, D, D] of the post-RoPE keys of `calibration`'s
     prefills; read from :func:`loki_cache_path` when it holds this calibration, else computed
-    (with `tokenizer`) and written there."""
+    (with `tokenizer`) and written there. A cached file that is unreadable (the zip's CRC-32
+    catches flipped or missing bytes), lacks a layer or holds NaN or inf is refused with a
+    ValueError naming it (delete it to recalibrate); a non-finite basis is never written."""
     path = loki_cache_path(model)
     if path.is_file():
-        with np.load(path) as data:
-            if np.array_equal(data["calibration"], calibration.as_array()):
-                return [np.asarray(data[f"layer_{i}"], np.float32) for i in range(model.config.num_layers)]
+        cached = _read_loki_cache(path, calibration, model.config.num_layers)
+        if cached is not None:
+            return cached
     if tokenizer is None:
         raise ValueError(f"loki: no calibrated basis for this model at {path}; pass tokenizer= (the model's) to "
                          "calibrate one on the standard library's train split")
     bases = _calibrate_loki(model, tokenizer, calibration)
+    check_finite({f"layer_{i}": b for i, b in enumerate(bases)}, "loki: the calibrated bases")
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".part")
+    layers = {f"layer_{i}": np.asarray(b, np.float32) for i, b in enumerate(bases)}
     with open(partial, "wb") as f:
-        np.savez(f, calibration=calibration.as_array(), **{f"layer_{i}": b for i, b in enumerate(bases)})
+        np.savez(f, calibration=calibration.as_array(), digests=np.asarray(json.dumps(tree_digests(layers))), **layers)
     partial.replace(path)
     return bases
+
+
+def _read_loki_cache(path: pathlib.Path, calibration: LokiCalibration, num_layers: int) -> list[np.ndarray] | None:
+    """The cached bases at `path` if they are of `calibration` (else None: recalibrate), verified
+    against the digests stored with them (a cache written before digests counts as stale); see
+    :func:`loki_bases`."""
+    what = f"loki: the cached calibration {path}"
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if not np.array_equal(data["calibration"], calibration.as_array()) or "digests" not in data.files:
+                return None
+            layers = {f"layer_{i}": np.asarray(data[f"layer_{i}"]) for i in range(num_layers)}
+            digests = json.loads(str(data["digests"]))
+    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{what} is corrupt ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''}); delete it to recalibrate") from None
+    try:
+        verify_digests(layers, digests, what)
+        check_finite(layers, f"{what} is corrupt")
+    except ValueError as err:
+        raise ValueError(f"{err}; delete it to recalibrate") from None
+    return [layers[f"layer_{i}"] for i in range(num_layers)]
 
 
 def _calibrate_loki(model, tokenizer, calibration: LokiCalibration) -> list[np.ndarray]:

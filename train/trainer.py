@@ -4,13 +4,19 @@ Each layer (all of its KV heads together) runs `steps` optimizer steps. Step `s`
 draws its batch from `fold_in(fold_in(PRNGKey(seed), l), s)`: `batch_sequences` of the layer's
 sequences (0 = all of them) and `batch_keys` key positions (0 = all), shared by those sequences,
 with every query of the chosen sequences. So a run interrupted and resumed from its last
-checkpoint makes the same steps, and the same weights, as an uninterrupted one.
+checkpoint makes the same steps, and the same weights, as an uninterrupted one. A resume whose
+newest checkpoint is corrupt (:meth:`TrainingRun.restore` verifies every array's digest) sets it
+aside, says so, and continues from the newest intact one, again to the same weights.
+
+Training stops with a ValueError (layer, step, the loss) the moment a loss or a weight becomes
+NaN or inf; the checkpoints written before stay intact.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import json
+import math
 import time
 from collections.abc import Callable
 
@@ -21,6 +27,7 @@ import optax
 
 from hata_jax.train.checkpoint import TrainingRun, layer_key
 from hata_jax.train.collect import LayerSamples, load_layer, read_manifest
+from hata_jax.train.integrity import check_finite
 from hata_jax.train.metrics import captured_mass, exact_scores, probs_from_raw
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -53,12 +60,20 @@ class TrainConfig:
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        for name in ("steps", "save_every"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"TrainConfig.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("batch_sequences", "batch_keys"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"TrainConfig.{name} must be >= 0 (0 = all), got {getattr(self, name)}")
+        for name, low in (("steps", 1), ("save_every", 1), ("batch_sequences", 0), ("batch_keys", 0), ("seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"TrainConfig.{name} must be an int >= {low}"
+                                 f"{' (0 = all)' if name.startswith('batch') else ''}, got {value!r}")
+        for name, low, high, closed in (("learning_rate", 0.0, math.inf, False), ("momentum", 0.0, 1.0, False),
+                                        ("weight_decay", 0.0, math.inf, True)):
+            value = getattr(self, name)
+            ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                  and low <= value < high and (closed or name == "momentum" or value > low))
+            if not ok:
+                expected = {"learning_rate": "a finite float > 0", "momentum": "a float in [0, 1)",
+                            "weight_decay": "a finite float >= 0"}[name]
+                raise ValueError(f"TrainConfig.{name} must be {expected}, got {value!r}")
 
     @classmethod
     def for_selector(cls, selector, **overrides) -> TrainConfig:
@@ -141,7 +156,8 @@ def _floats(terms: dict) -> dict:
 
 def train_layers(selector, samples_dir, layers: list[int], run: TrainingRun, config: TrainConfig, metadata: dict, *,
                  resume: bool = False, progress: bool = True,
-                 on_step: Callable[[int, int], None] | None = None) -> dict[int, object]:
+                 on_step: Callable[[int, int], None] | None = None,
+                 log: Callable[[str], None] = print) -> dict[int, object]:
     """Train `layers` one after another; returns {layer: params}.
 
     Args:
@@ -150,8 +166,13 @@ def train_layers(selector, samples_dir, layers: list[int], run: TrainingRun, con
       samples_dir: a collection of :mod:`hata_jax.train.collect` holding these layers.
       run: the checkpoint manager; the state is saved every `config.save_every` steps and after each layer.
       metadata: the run's description (model, corpus, configs); progress and metrics are added here.
-      resume: continue from the run's latest checkpoint (its metadata must match `metadata`).
+      resume: continue from the run's newest intact checkpoint (its metadata must match `metadata`);
+        corrupt newer ones are set aside (:meth:`TrainingRun.set_aside`), with a message to `log`.
       on_step: called as `on_step(layer, steps_done)` after every step (progress, interruption).
+
+    Raises:
+      ValueError when a loss or a weight becomes non-finite (naming the layer and the step), or
+      when no checkpoint of the run is intact.
     """
     manifest = read_manifest(samples_dir)
     progress = {"completed": [], "layer": None, "step": 0}
@@ -159,12 +180,9 @@ def train_layers(selector, samples_dir, layers: list[int], run: TrainingRun, con
     finished: dict = {}
     current = None
     run.check_start(resume)
-    latest = run.latest_step()
-    if latest is not None:
-        saved = run.metadata(latest)
-        _check_resumable(saved, metadata, run.directory)
+    if run.latest_step() is not None:
+        saved, finished, current = _resume_point(run, metadata, selector, config, manifest, log)
         metadata["metrics"], metadata["progress"] = saved["metrics"], saved["progress"]
-        finished, current = _restore(run, latest, saved, selector, config, manifest)
     optimizer = make_optimizer(config)
     step_fn = make_step(selector, config)
     base_key = jax.random.PRNGKey(config.seed)
@@ -193,6 +211,7 @@ def train_layers(selector, samples_dir, layers: list[int], run: TrainingRun, con
         for s in range(done, config.steps):
             params, opt_state, loss, terms = step_fn(params, opt_state, data, batch_key, s)
             terms = {"loss": float(loss), **_floats(terms)}
+            _check_finite_step(terms, params, layer, s, config)
             if s == 0:
                 record["loss_first_step"] = terms
             record["loss_last_step"] = terms
@@ -213,6 +232,40 @@ def train_layers(selector, samples_dir, layers: list[int], run: TrainingRun, con
         metadata["complete"] = all(i in finished for i in layers)
         run.save(_global_step(index + 1, 0, config), _state(finished), metadata)
     return finished
+
+
+def _check_finite_step(terms: dict, params, layer: int, step: int, config: TrainConfig) -> None:
+    """Stop training when step `step` of `layer` gave a non-finite loss term or weight."""
+    where = (f"training diverged in layer {layer} at step {step + 1} of {config.steps} (optimizer {config.optimizer}, "
+             f"learning rate {config.learning_rate})")
+    bad = {k: v for k, v in terms.items() if not math.isfinite(v)}
+    if bad:
+        raise ValueError(f"{where}: loss terms {bad}; the checkpoints saved before stay intact, try a lower --lr")
+    check_finite(jax.device_get(params), f"{where}: the updated weights are non-finite (try a lower --lr)")
+
+
+def _resume_point(run: TrainingRun, metadata: dict, selector, config: TrainConfig, manifest: dict, log):
+    """(saved metadata, finished, current) of the newest intact checkpoint of `run`; corrupt newer
+    steps are set aside, with a message. Raises a ValueError if the command differs from the run's
+    or if no step is intact."""
+    errors = []
+    for step in reversed(run.steps()):
+        try:
+            saved = run.metadata(step)
+            _check_resumable(saved, metadata, run.directory)
+            finished, current = _restore(run, step, saved, selector, config, manifest)
+        except ValueError as err:
+            if "is corrupt" not in str(err):
+                raise
+            errors.append(str(err))
+            aside = run.set_aside(step)
+            log(f"{err}; moved it to {aside}")
+            continue
+        if errors:
+            log(f"resuming from checkpoint step {step}, the newest intact one")
+        return saved, finished, current
+    raise ValueError(f"cannot resume the run in {run.directory}: no checkpoint is intact ({'; '.join(errors)}); "
+                     "the corrupt steps were moved aside; start over with another --out")
 
 
 def _global_step(layer_index: int, step: int, config: TrainConfig) -> int:
