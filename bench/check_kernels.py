@@ -23,6 +23,7 @@ import numpy as np
 
 import hata_jax as hj
 from bench.timing import environment, poison_device_memory, write_json
+from hata_jax.selection import exact_slots
 
 
 def _rng_arrays(seed: int):
@@ -168,24 +169,6 @@ def check_select_adversarial(seed, rows, s, budget):
     return {"problems": problems}
 
 
-def expected_slots(scores, lengths, budget: int, sink: int = 0, recent: int = 0) -> np.ndarray:
-    """The band select's exact answer (every design): per row the `min(length, budget)` best
-    valid positions in float order (NaN lowest, forced sink/recent positions first), ties to
-    the lowest positions, in ascending position order, then -1."""
-    scores = np.asarray(scores, np.float32)
-    bits = scores.view(np.int32).astype(np.int64)
-    keys = np.where(np.isnan(scores), -(2**31), np.where(bits < 0, bits ^ 0x7FFFFFFF, bits))
-    batch, kv_heads, seq = scores.shape
-    idx = np.full((batch, kv_heads, budget), -1, np.int32)
-    pos = np.arange(seq)
-    for b, h in np.ndindex(batch, kv_heads):
-        n = int(lengths[b])
-        row = np.where((pos < sink) | (pos >= n - recent), 2**31, keys[b, h])[:n]
-        best = np.lexsort((pos[:n], -row))[: min(n, budget)]
-        idx[b, h, : best.size] = np.sort(best)
-    return idx
-
-
 def check_select_designs(seed, rows, s, budget, sink=4, recent=16):
     """Each band-select design (parallel, serial) against the exact answer, slot for slot, on
     random and adversarial scores (ties, all equal, outliers, near-equal, sorted, one row with
@@ -225,7 +208,7 @@ def check_select_designs(seed, rows, s, budget, sink=4, recent=16):
             poison_device_memory()
             idx, count, path = select(jnp.asarray(scores), jnp.asarray(lengths))
             paths[f"{design} {kind}"] = np.unique(np.asarray(path)).tolist()
-            bad = np.asarray(idx) != expected_slots(scores, lengths, budget, sink, recent)
+            bad = np.asarray(idx) != exact_slots(scores, lengths, budget, sink, recent)
             if bad.any() or not np.array_equal(np.asarray(count)[:, 0], np.minimum(lengths, budget)):
                 problems.append(f"select_topk {design} {kind}: {int(bad.sum())} slots differ from the exact answer")
     words, group = 4, 4
@@ -234,7 +217,7 @@ def check_select_designs(seed, rows, s, budget, sink=4, recent=16):
     norms = jnp.abs(jnp.asarray(rng.standard_normal((1, 8, s)), jnp.float32)) + 0.1
     code_lengths = jnp.array([s], jnp.int32)
     for score in ("key_norm", "hamming"):
-        want = expected_slots(
+        want = exact_slots(
             hj.hamming_scores(q, k, norms, code_lengths, score=score, impl="reference"),
             np.asarray(code_lengths),
             budget,

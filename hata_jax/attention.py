@@ -28,11 +28,8 @@ def _check_qkv(q, k, v) -> int:
 
 def scale_or_default(scale, head_dim: int) -> float:
     """The logit scale: `scale`, or `1 / sqrt(head_dim)` when None."""
-    if scale is None:
-        return 1.0 / math.sqrt(head_dim)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
-    return float(scale)
+    scale = checks.check_scale(scale)
+    return 1.0 / math.sqrt(head_dim) if scale is None else scale
 
 
 def masked_attention(q, k_rows, v_rows, mask, scale: float):
@@ -88,6 +85,8 @@ def sparse_decode_attention(
       out [B, Hq, D] in q's dtype (softmax in float32), and lse if asked. A row with
       count 0 gives out = 0, lse = -inf.
     """
+    q, k, v = (checks.as_array(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
+    idx, count = checks.as_array(idx, "idx", "int"), checks.as_array(count, "count", "int")
     _check_qkv(q, k, v)
     checks.check_rank(idx, 3, "idx", "[batch, kv_heads, budget]")
     checks.check_dtype(idx, [jnp.int32], "idx")
@@ -132,6 +131,8 @@ def dense_decode_attention(
     Returns:
       out [B, Hq, D] in q's dtype (softmax in float32), and lse float32[B, Hq] if asked.
     """
+    q, k, v = (checks.as_array(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
+    lengths = checks.as_array(lengths, "lengths", "int")
     _check_qkv(q, k, v)
     checks.check_lengths(lengths, k.shape[0], k.shape[2])
     scale = scale_or_default(scale, q.shape[-1])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
-SCORES = ("key_norm", "hamming")
+from pallas_kernels._backend import SCORES, check_sink_recent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,14 +35,10 @@ class HataConfig:
         check_rbit(self.rbit, "HataConfig.rbit")
         if self.budget <= 0:
             raise ValueError(f"HataConfig.budget must be > 0, got {self.budget}")
-        if self.sink < 0 or self.recent < 0:
-            raise ValueError(
-                f"HataConfig.sink and .recent must be >= 0, got sink={self.sink}, recent={self.recent}"
-            )
-        if self.sink + self.recent > self.budget:
-            raise ValueError(
-                f"HataConfig.sink + recent ({self.sink} + {self.recent}) must not exceed budget ({self.budget})"
-            )
+        try:
+            check_sink_recent(self.budget, self.sink, self.recent)
+        except ValueError as err:
+            raise ValueError(f"HataConfig.{err}") from None
         if self.dense_layers < 0:
             raise ValueError(f"HataConfig.dense_layers must be >= 0, got {self.dense_layers}")
         check_score(self.score, "HataConfig.score")

@@ -68,6 +68,8 @@ def encode(x: jax.Array, w: jax.Array, *, head_axis: int = -2, impl: str = "auto
       uint32 codes, the shape of `x` with `head_dim` replaced by `rbit // 32`: bit j of word c is
       set iff `x . w[:, 32*c + j] > 0` (strictly), computed in float32.
     """
+    x, w = checks.as_array(x, "x"), checks.as_array(w, "w")
+    checks.check_finite(w, "w")
     checks.check_floating(x, "x")
     if jnp.ndim(x) < 2:
         raise ValueError(f"x must have shape [..., heads, head_dim], got shape {jnp.shape(x)}")
@@ -103,6 +105,8 @@ def encode_step(q: jax.Array, k_new: jax.Array, w: jax.Array, *, impl: str = "au
       (q_codes uint32[B, Hq, rbit//32], k_codes uint32[B, Hkv, rbit//32], k_norms float32[B, Hkv]).
       The Pallas path does all three in one launch.
     """
+    q, k_new, w = checks.as_array(q, "q"), checks.as_array(k_new, "k_new"), checks.as_array(w, "w")
+    checks.check_finite(w, "w")
     checks.check_rank(q, 3, "q", "[batch, q_heads, head_dim]")
     checks.check_rank(k_new, 3, "k_new", "[batch, kv_heads, head_dim]")
     checks.check_floating(q, "q")

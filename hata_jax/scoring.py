@@ -11,7 +11,7 @@ from pallas_kernels import hamming_topk
 
 
 def check_code_inputs(q_codes, k_codes, k_norms, lengths) -> tuple[int, int]:
-    """Validate the scoring inputs; returns (group size G, rbit)."""
+    """Validate the scoring inputs (lengths already an array); returns (group size G, rbit)."""
     checks.check_rank(q_codes, 3, "q_codes", "[batch, q_heads, words]")
     checks.check_rank(k_codes, 4, "k_codes", "[batch, kv_heads, seq, words]")
     checks.check_rank(k_norms, 3, "k_norms", "[batch, kv_heads, seq]")
@@ -75,6 +75,7 @@ def hamming_scores(
       float32[B, Hkv, S]; positions `>= lengths[b]` are `-inf`.
     """
     check_score(score)
+    lengths = checks.as_array(lengths, "lengths", "int")
     check_code_inputs(q_codes, k_codes, k_norms, lengths)
     path = dispatch.resolve("hamming_scores", impl)
     if path.pallas:

@@ -10,8 +10,7 @@ from hata_jax import checks, dispatch
 from hata_jax.config import check_score
 from hata_jax.scoring import check_code_inputs, scores_reference
 from pallas_kernels import hamming_topk as hamming_kernels
-
-UNUSED = -1  # index-buffer marker of a slot that holds no token (slots >= count)
+from pallas_kernels._backend import UNUSED, check_sink_recent
 
 
 def check_selection_args(budget: int, capacity: int, sink: int, recent: int) -> None:
@@ -19,8 +18,7 @@ def check_selection_args(budget: int, capacity: int, sink: int, recent: int) -> 
         raise ValueError(f"budget must be a positive int, got {budget!r}")
     if budget > capacity:
         raise ValueError(f"budget ({budget}) must not exceed the cache capacity ({capacity})")
-    if sink < 0 or recent < 0 or sink + recent > budget:
-        raise ValueError(f"sink ({sink}) and recent ({recent}) must be >= 0 and sum to at most budget ({budget})")
+    check_sink_recent(budget, sink, recent)
 
 
 def _select_reference(scores, budget: int, lengths, sink: int, recent: int):
@@ -62,6 +60,7 @@ def select_topk(
       count: int32[B, Hkv] = min(lengths[b], budget): when `lengths[b] <= budget` every valid
         position is selected.
     """
+    scores, lengths = checks.as_array(scores, "scores"), checks.as_array(lengths, "lengths", "int")
     checks.check_rank(scores, 3, "scores", "[batch, kv_heads, seq]")
     checks.check_floating(scores, "scores")
     b, _, s = scores.shape
@@ -93,6 +92,7 @@ def hamming_topk(
     Shapes as in :func:`hata_jax.hamming_scores` and :func:`select_topk`; returns (idx, count).
     """
     check_score(score)
+    lengths = checks.as_array(lengths, "lengths", "int")
     check_code_inputs(q_codes, k_codes, k_norms, lengths)
     check_selection_args(budget, k_codes.shape[2], sink, recent)
     budget = int(budget)
@@ -104,3 +104,24 @@ def hamming_topk(
         )
     scores = scores_reference(q_codes, k_codes, k_norms, lengths, score)
     return _select_reference(scores, budget, lengths, sink, recent)
+
+
+def exact_slots(scores, lengths, budget: int, sink: int = 0, recent: int = 0) -> np.ndarray:
+    """The selection kernels' exact answer in numpy, the oracle of their tests and GPU checks.
+
+    scores: float[B, Hkv, S]; lengths: int[B]. Returns int32[B, Hkv, budget]: per row the
+    `min(length, budget)` best valid positions in float order (NaN lowest, forced sink/recent
+    positions first), ties to the lowest positions, in ascending position order, then -1.
+    """
+    scores = np.asarray(scores, np.float32)
+    bits = scores.view(np.int32).astype(np.int64)
+    keys = np.where(np.isnan(scores), -(2**31), np.where(bits < 0, bits ^ 0x7FFFFFFF, bits))
+    batch, kv_heads, seq = scores.shape
+    idx = np.full((batch, kv_heads, budget), -1, np.int32)
+    pos = np.arange(seq)
+    for b, h in np.ndindex(batch, kv_heads):
+        n = int(lengths[b])
+        row = np.where((pos < sink) | (pos >= n - recent), 2**31, keys[b, h])[:n]
+        best = np.lexsort((pos[:n], -row))[: min(n, budget)]
+        idx[b, h, : best.size] = np.sort(best)
+    return idx

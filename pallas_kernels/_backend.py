@@ -32,6 +32,17 @@ from jax.experimental.pallas import triton as pltriton
 # What every kernel takes: input dtypes and head dims (each kernel raises a ValueError otherwise).
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 SUPPORTED_HEAD_DIMS = (64, 128)
+MAX_SEQ = 262144  # cache capacity per sequence
+MAX_BUDGET = 8192  # selected tokens per (sequence, KV head)
+MAX_GROUP = 8  # query heads per KV head
+SCORES = ("key_norm", "hamming")  # HATA's selection scores (see hata_jax.hamming_scores)
+UNUSED = -1  # index-buffer slot that holds no position
+
+
+def check_sink_recent(budget: int, sink: int, recent: int) -> None:
+    """sink and recent positions are forced into the `budget` selected ones: both >= 0, sum <= budget."""
+    if sink < 0 or recent < 0 or sink + recent > budget:
+        raise ValueError(f"sink ({sink}) and recent ({recent}) must be >= 0 and sum to at most budget ({budget})")
 
 
 def on_gpu() -> bool:

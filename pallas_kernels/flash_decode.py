@@ -80,11 +80,16 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels._backend import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, dot, triton_call
+from pallas_kernels._backend import (
+    MAX_BUDGET,
+    MAX_GROUP,
+    MAX_SEQ,
+    SUPPORTED_DTYPES,
+    SUPPORTED_HEAD_DIMS,
+    dot,
+    triton_call,
+)
 
-MAX_GROUP = 8
-MAX_SEQ = 262144
-MAX_BUDGET = 8192
 # Query heads of a group, padded up to the smallest Triton dot operand dimension.
 GROUP_ROWS = 16
 

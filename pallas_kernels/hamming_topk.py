@@ -94,13 +94,11 @@ from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import band_select
 from pallas_kernels import radix_select as rs
-from pallas_kernels._backend import popcount32, triton_call
+from pallas_kernels._backend import MAX_GROUP, SCORES, popcount32, triton_call
 from pallas_kernels.band_select import BandConfig, select_topk  # noqa: F401 (select_topk: public)
 from pallas_kernels.radix_select import Tiling, default_tiling
 
-SCORES = ("key_norm", "hamming")
 MAX_WORDS = 8  # rbit <= 256
-MAX_GROUP = 8
 
 
 def _check_codes(q_codes, k_codes, k_norms, score: str) -> None:

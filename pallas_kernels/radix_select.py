@@ -49,11 +49,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels._backend import dot, triton_call
-
-UNUSED = -1
-MAX_SEQ = 262144
-MAX_BUDGET = 8192
+from pallas_kernels._backend import MAX_BUDGET, MAX_SEQ, UNUSED, check_sink_recent, dot, triton_call
 
 NUM_PASSES = 4
 DIGIT_BITS = 8
@@ -128,8 +124,7 @@ def check_selection(seq: int, budget: int, sink: int, recent: int) -> None:
         raise ValueError(f"sequence capacity {seq} not supported (1 to {MAX_SEQ})")
     if not 0 < budget <= min(seq, MAX_BUDGET):
         raise ValueError(f"budget {budget} not supported (1 to min(capacity {seq}, {MAX_BUDGET}))")
-    if sink < 0 or recent < 0 or sink + recent > budget:
-        raise ValueError(f"sink ({sink}) and recent ({recent}) must be >= 0 and sum to at most budget ({budget})")
+    check_sink_recent(budget, sink, recent)
 
 
 # ----------------------------------------------------------------------------------------------

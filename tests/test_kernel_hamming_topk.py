@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 
 import hata_jax
-from bench.check_kernels import expected_slots as expected_selection  # the kernels' exact answer
 from hata_jax.scoring import scores_reference
+from hata_jax.selection import exact_slots as expected_selection  # the kernels' exact answer
 from pallas_kernels import band_select, hamming_topk, radix_select
 from pallas_kernels._backend import lower_for_cuda
 from pallas_kernels.band_select import BandConfig
