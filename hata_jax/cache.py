@@ -119,7 +119,7 @@ class HataCache:
           lengths: int[B] prompt lengths, each <= T.
         """
         k, v, w = checks.as_array(k, "k"), checks.as_array(v, "v"), checks.as_array(w, "w")
-        lengths = checks.as_array(lengths, "lengths", "int")
+        lengths = checks.as_array(lengths, "lengths (prefill)", "int")
         checks.check_finite(w, "w")
         self.check_tokens(k, v, w, "[batch, kv_heads, tokens, head_dim]", 1)
         t = k.shape[2]
@@ -145,7 +145,7 @@ class HataCache:
           k_new, v_new: [B, Hkv, D] post-RoPE key and value of the new token.
           w: float[Hkv, D, rbit] the layer's projection.
         """
-        k_new, v_new, w = checks.as_array(k_new, "k_new"), checks.as_array(v_new, "v_new"), checks.as_array(w, "w")
+        k_new, v_new, w = checks.as_array(k_new, "k"), checks.as_array(v_new, "v"), checks.as_array(w, "w")
         checks.check_finite(w, "w")
         self.check_tokens(k_new, v_new, w, "[batch, kv_heads, head_dim]", 0)
         return self.append_encoded(k_new, v_new, encode(k_new, w, head_axis=1, impl=impl), key_norms(k_new))
