@@ -2,8 +2,8 @@
 
 The pipeline behind :func:`select_topk` (scores given) and :func:`pallas_kernels.hamming_topk.
 hamming_topk` (scores computed from the codes in launches A and B), in two designs
-(`BandConfig.design`): **parallel** (the default, :class:`BandConfig`) and **serial** (the one
-measured at commit b0e8669, :data:`SERIAL`). Per row `(b, h)` with `L = lengths[b]` valid
+(`BandConfig.design`): **parallel** (the default, :class:`BandConfig`) and **serial**
+(:data:`SERIAL`). Per row `(b, h)` with `L = lengths[b]` valid
 positions and `k = min(L, budget)`; keys are `radix_select.order_keys` (forced sink/recent
 positions INT32_MAX, NaN INT32_MIN). Seven launches, static shapes, no sort, no atomics, no host
 sync; every design and path gives the same deterministic answer (all keys above the threshold
@@ -64,26 +64,13 @@ E. **compaction** (`hata_select_compact`): both paths; writes the index buffer. 
 `select_topk_with_path` / `hamming_topk_with_path` also return how each row was selected
 (`PATH_*`).
 
-Why the serial design's A and C are slow on the H100 (measured 23.6 and 19.2 us; compiled
-for sm_90a from the Triton IR, ptxas register counts and SASS sizes):
-- A (serial): 256 programs x 16 warps at 112 registers fit one per SM, two waves. In the
-  `[32, 1024]` compare every thread holds the whole 32-key slice of `mine`, so every thread
-  recomputes 32 sample positions (2 integer divisions and a remainder, ~25 instructions each)
-  and gathers 32 scores: ~3000 SASS instructions straight-line per thread, 48K warp-
-  instructions per program, ~12K issue cycles (~7 us) per program per SM, twice.
-- C (serial): 255 registers and 1.3 KB of spills per thread (8 warps: one CTA per SM), 16K PTX
-  lines, so 512 programs run in 4 waves even though 504 of them only load counts and exit; the
-  8 chunk-0 programs then run a serial chain: 64 KiB of suffix counts, a `[64, 256]` slot tile
-  (64 lanes per thread), a scatter and barrier, up to 8 dependent 16-way search steps of ~5
-  block reductions each.
-
-Tunables (parallel design; values from the SASS and counts above, without GPU timing yet):
+Tunables (parallel design):
 - `sample = 512`: pairwise ranks cost `n_s**2` pairs per row (262K, a quarter of 1024's);
   r = 8 sample ranks for k at the Llama shape, so the band spans sample ranks 1..27 (~6.9K
   keys, ~108 per chunk against 512 slots). `r - 5 sqrt(r) - 4 < 1` there, so t_hi is the
   sample's largest key and a band miss is "no sample key above the k-th key": probability
-  `~exp(-r)` = 3.4e-4 per row (the row takes the radix fallback, still exact; measured by
-  simulation: 2 of 2400 random-code rows). Smaller `budget / L` raises it (r = 4: 1.8%).
+  `~exp(-r)` = 3.4e-4 per row (the row takes the radix fallback, still exact). Smaller
+  `budget / L` raises it (r = 4: 1.8%).
 - `sample_slice = 32`, `sample_step = 128`, `sample_warps = 4`: 16 programs per row (128 in
   all, one per SM), a `[32, 128]` tile (32 accumulators per thread, 110 registers); `[64,
   256]` with 8 warps needed 184 registers and 2x the loop body.
@@ -195,7 +182,7 @@ class BandConfig:
             raise ValueError(f"BandConfig.top_rank must be >= 1, got {self.top_rank}")
 
 
-# The serial design with the values it was measured with (commit b0e8669).
+# The serial design's tunables.
 SERIAL = BandConfig(
     design="serial", sample=1024, sample_slice=32, sample_step=1024, sample_warps=16, top_rank=3, decide_warps=8
 )

@@ -37,7 +37,7 @@ threshold taken lowest position first, slots in ascending position, then `UNUSED
 Byte floor, Llama-3.1-8B (32 q heads, 8 KV heads, batch 1, 128K context, rbit 128, budget 2048)
 -----------------------------------------------------------------------------------------------
 - Scoring reads codes 16 B + norm 4 B per token-head: 8 x 131072 x 20 B = 20 MiB (+8 KiB of
-  query codes), 7.2 us measured for `hamming_scores` (which also writes 4 MiB of scores).
+  query codes); `hamming_scores` also writes 4 MiB of scores.
 - Fused score + select: the floor is that same 20 MiB read once plus the 64 KiB index output,
   ~7 us. The pipeline adds the 4 MiB scores write (launch B, for the compaction and the
   fallback), their re-read by the compaction (L2-resident), 0.16 MiB of band keys, 0.5 MiB of
@@ -46,8 +46,7 @@ Byte floor, Llama-3.1-8B (32 q heads, 8 KV heads, batch 1, 128K context, rbit 12
 - `select_topk` on given scores: floor = read the 4 MiB of scores once, ~1.5 us; the pipeline
   reads them twice (band pass, compaction).
 
-Tunables (picked from the counts above and the previous version's SASS, without GPU timing;
-re-tune with the bench)
+Tunables (re-tune with the bench)
 --------------------------------------------------------------------------------------------------
 Tiling (:class:`radix_select.Tiling`):
 - `radix_select.TARGET_PROGRAMS = 512` (~4 CTAs per SM on 132 SMs): `chunk` = rows * S / 512
@@ -62,8 +61,7 @@ Tiling (:class:`radix_select.Tiling`):
   it. `num_stages = 1`: one loop step per program on the fast path.
 - `radix_select.HIST_DTYPE = bfloat16`: 0/1 operands, float32 accumulation exact up to 2**24
   keys per chunk; the table gather compiles to 16 B loads and `ldmatrix`.
-BandConfig of the serial design (`band_select.SERIAL`; measured 23.6 us for A and 19.2 us for
-C: why, in band_select's docstring):
+BandConfig of the serial design (`band_select.SERIAL`):
 - `sample = 1024` positions per row: ranking is pairwise (n_s^2 compares per row: 1M), so 4096
   would cost 16x; 1024 still gives r = 16 sample ranks for k at the Llama shape (band miss ~1e-7).
   `sample_slice = 32` ranked per program (32 programs per row, 256 in all), `sample_step = 1024`

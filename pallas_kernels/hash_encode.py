@@ -31,8 +31,7 @@ dtype is used as is (products of two 16-bit floats are exact in float32, so only
 order differs from the reference); any other w (the usual float32 projection) is split by the
 wrapper into `w_hi = w.astype(x.dtype)` and `w_lo = (w - w_hi).astype(x.dtype)` and the
 projection is `x @ w_hi + x @ w_lo`, within ~2^-17 (bf16) of the float32 one: far below the
-sign tolerance, at two tensor-core dots instead of an FMA-bound IEEE fp32 dot (measured on the
-H100: the fp32 dot made a 128K-token prefill encode take 69 ms). A float32 x uses an IEEE fp32
+sign tolerance, at two tensor-core dots instead of an FMA-bound IEEE fp32 dot. A float32 x uses an IEEE fp32
 dot (`Precision.HIGHEST`; Triton's default for an fp32 dot is tf32, which would flip signs of
 projections near zero): correct, compute-bound, not the production path.
 
@@ -51,7 +50,7 @@ Byte floor, Llama-3.1-8B shapes (32 q heads, 8 KV heads, D=128, bf16, batch 1, r
   us), so what matters is that it is one launch of 8 programs. W dominates the bytes; with
   batch > 1 the repeated reads of w[h] hit L2.
 - encode, prefill of a 128K-token key cache: reads 131072 * 8 * 256 B = 256 MiB of keys, writes
-  16 MiB of codes (16 B per token-head): 272 MiB, ~0.1 ms at the measured ~2.4 TB/s. Each program
+  16 MiB of codes (16 B per token-head): 272 MiB, ~0.1 ms at ~2.4 TB/s. Each program
   also reads its w[h] (32 KiB) from L2, once per tile of M rows.
 
 Tunables (picked without GPU measurements; re-tune on the H100)
