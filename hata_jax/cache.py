@@ -28,7 +28,9 @@ class HataCache:
       codes: uint32[B, Hkv, S_max, rbit // 32] key hash codes.
       norms: float32[B, Hkv, S_max] key norms.
       lengths: int32[B] valid tokens per sequence.
-      overflow: bool[B], sticky: set when a write would have gone outside `[0, S_max)`.
+      overflow: bool[B], sticky: set when a write would have gone outside `[0, S_max)` or a
+        written key is not finite (NaN or inf: the sequence's attention is NaN, as dense
+        attention over that key would be, instead of the key silently never selected).
 
     Capacity overflow: a write never wraps around or overwrites a token. With concrete lengths
     (outside `jit`) a write past `S_max` or at a negative length raises a ValueError at once.
@@ -129,13 +131,14 @@ class HataCache:
         lengths = lengths.astype(jnp.int32)
         codes = encode(k, w, head_axis=1, impl=impl)
         put = functools.partial(jax.lax.dynamic_update_slice_in_dim, start_index=0, axis=2)
+        norms = key_norms(k)
         return HataCache(
             k=put(self.k, k.astype(self.k.dtype)),
             v=put(self.v, v.astype(self.v.dtype)),
             codes=put(self.codes, codes),
-            norms=put(self.norms, key_norms(k)),
+            norms=put(self.norms, norms),
             lengths=jnp.clip(lengths, 0, t),
-            overflow=(lengths > t) | (lengths < 0),
+            overflow=(lengths > t) | (lengths < 0) | _nonfinite(norms, lengths),
         )
 
     def append(self, k_new: jax.Array, v_new: jax.Array, w: jax.Array, *, impl: str = "auto") -> HataCache:
@@ -181,7 +184,7 @@ class HataCache:
             codes=put(self.codes, k_codes),
             norms=put(self.norms, k_norms),
             lengths=jnp.where(ok, self.lengths + 1, jnp.clip(self.lengths, 0, self.capacity)),
-            overflow=self.overflow | ~ok,
+            overflow=self.overflow | ~ok | jnp.any(~jnp.isfinite(k_norms), axis=1),
         )
 
     def raise_if_overflowed(self) -> None:
@@ -189,6 +192,12 @@ class HataCache:
         flags = np.asarray(self.overflow)
         if flags.any():
             raise ValueError(
-                f"cache overflow: sequences {np.flatnonzero(flags).tolist()} went past "
-                f"capacity={self.capacity}; their outputs since then are NaN"
+                f"cache overflow: sequences {np.flatnonzero(flags).tolist()} went past capacity={self.capacity} "
+                "(or got a negative length or a non-finite key); their outputs since then are NaN"
             )
+
+
+def _nonfinite(norms, lengths):
+    """bool[B]: a valid token (position < lengths[b]) of sequence b has a non-finite key (norm)."""
+    valid = jnp.arange(norms.shape[2])[None, None, :] < lengths[:, None, None]
+    return jnp.any(valid & ~jnp.isfinite(norms), axis=(1, 2))

@@ -243,3 +243,27 @@ def test_negative_lengths_inside_jit_never_wrap(randn, impl):
         jnp.array([-1, 4], jnp.int32))
     np.testing.assert_array_equal(prefilled.overflow, [True, False])
     np.testing.assert_array_equal(prefilled.lengths, [0, 4])
+
+
+@pytest.mark.parametrize("impl", ["reference", "pallas"])
+def test_a_non_finite_key_poisons_its_sequence_as_in_dense_attention(randn, impl):
+    """A NaN key in a prompt (or a new key) makes HATA's output NaN for that sequence, as dense
+    attention's is, instead of the key silently never being selected; a NaN key past a
+    sequence's length (padding) is ignored; other sequences are untouched."""
+    w = randn(2, 64, 64)
+    k, v = randn(3, 2, 40, 64), randn(3, 2, 40, 64)
+    k = k.at[0, 1, 7].set(jnp.nan).at[2, 0, 35].set(jnp.nan)  # sequence 2: at a padded position
+    lengths = jnp.array([40, 30, 30], jnp.int32)
+    cache = jax.jit(lambda k: hj.HataCache.init(3, 2, 48, 64, rbit=64, dtype=jnp.float32).prefill(
+        k, v, w, lengths, impl=REF))(k)
+    np.testing.assert_array_equal(cache.overflow, [True, False, False])
+    q = randn(3, 4, 64)
+    step = jax.jit(lambda q, kn, vn, c: hj.hata_decode_attention(q, kn, vn, c, w, hj.HataConfig(rbit=64, budget=8),
+                                                                  impl=impl))
+    k_new = randn(3, 2, 64).at[1, 0, 3].set(jnp.inf)
+    out, after = step(q, k_new, randn(3, 2, 64), cache)
+    np.testing.assert_array_equal(after.overflow, [True, True, False])
+    nan_rows = np.isnan(np.asarray(out)).all(axis=(1, 2))
+    np.testing.assert_array_equal(nan_rows, [True, True, False])
+    dense = hj.dense_decode_attention(q, cache.k, cache.v, cache.lengths, impl=REF)
+    assert np.isnan(np.asarray(dense)[0]).any()  # dense attention over the NaN key is NaN too
