@@ -363,7 +363,8 @@ def test_bad_command_line_values_are_refused_before_loading_anything(argv, match
     argv = [a.format(file=tmp_path / "notes.txt", tmp=tmp_path) for a in argv]
     if argv[0] != "demo":
         argv += ["--model", str(tmp_path / "no-such-model")]  # never reached
-    monkeypatch.setattr("models.load.load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    for command in ("generate", "evaluate", "train"):  # each command imports load_model itself
+        monkeypatch.setattr(f"hata_jax.cli.{command}.load_model", lambda *a, **k: pytest.fail("loaded a model"))
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err
@@ -388,7 +389,7 @@ def test_a_corrupt_checkpoint_on_the_command_line_is_one_line(setup, eval_model,
     shutil.copytree(reference, broken)
     flip(data_files(checkpoint.find_step_dir(broken))[0])
     tokenizer = load_model(ckpt)[1]
-    monkeypatch.setattr("models.load.load_model", lambda *a, **k: (model, tokenizer))  # the run's own model
+    monkeypatch.setattr("hata_jax.cli.generate.load_model", lambda *a, **k: (model, tokenizer))  # the run's own model
     argv = ["generate", "--model", "tiny", "--prompt", "w1", "--no-chat", "--attention", "hata", "--rbit", "32",
             "--dense-layers", "1", "--budget", "4", "--max-new-tokens", "1", "--hash-weights", str(broken)]
     assert cli.main(argv) == 2
@@ -398,7 +399,7 @@ def test_a_corrupt_checkpoint_on_the_command_line_is_one_line(setup, eval_model,
 
 
 def test_loki_calibrations_carry_digests_and_refuse_damage(setup, tmp_path, monkeypatch, rng):
-    sp = importlib.import_module("models.selector_params")  # `models.selector_params` is also a function
+    sp = importlib.import_module("hata_jax.train.selector_params")
     _, model, _, _, _ = setup
     monkeypatch.setenv("HATA_JAX_CACHE", str(tmp_path))
     bases = [rng.standard_normal((2, 64, 64)).astype(np.float32) for _ in range(3)]
