@@ -47,9 +47,14 @@ def _assert_head_split(x, heads, devices):
 
 
 def _assert_caches_equal(got, want):
-    for field in ("k", "v", "codes", "lengths", "overflow"):
+    for field in ("k", "v", "lengths", "overflow"):
         np.testing.assert_array_equal(np.asarray(getattr(got, field)), np.asarray(getattr(want, field)), err_msg=field)
     np.testing.assert_allclose(np.asarray(got.norms), np.asarray(want.norms), rtol=1e-6)
+    # Codes: the same bits but for projections within rounding of zero, whose sign may differ when
+    # the sharded and the plain program sum a dot in different orders (eager calls): at most 1e-4
+    # of the bits (a wrong code, head or position changes about half of its bits).
+    flipped = np.unpackbits((np.asarray(got.codes) ^ np.asarray(want.codes)).view(np.uint8))
+    assert flipped.mean() <= 1e-4, f"codes: {int(flipped.sum())} of {flipped.size} bits differ"
 
 
 def _attention_case(rng, kv_heads, group, devices, impl="reference", explicit=False, jit=True):
