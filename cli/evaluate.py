@@ -9,7 +9,7 @@ import time
 
 from hata_jax.cli.generate import writable_directory
 from hata_jax.cli.train import require_train_extra
-from hata_jax.evaluation.harness import DEFAULT_METHODS, PARTS, EvalConfig, run_eval
+from hata_jax.evaluation.harness import DEFAULT_METHODS, PARTS, EvalConfig, params_method, run_eval
 from hata_jax.evaluation.report import format_table, write_report
 from hata_jax.evaluation.tasks import TASKS
 from hata_jax.models.load import load_model
@@ -74,6 +74,8 @@ def _add_run_args(p, defaults) -> None:
     p.add_argument("--dense-layers", type=int, default=defaults.dense_layers,
                    help="first layers that stay dense (default 2)")
     p.add_argument("--rbit", type=int, default=defaults.rbit, help="hata/simhash code bits (default 128)")
+    p.add_argument("--candidates", type=int, default=defaults.candidates,
+                   help="hata_rerank: HATA picks CANDIDATES x budget tokens, their exact scores the budget (default 4)")
     p.add_argument("--sink", type=int, default=defaults.sink, help="first positions always kept (default 0)")
     p.add_argument("--recent", type=int, default=defaults.recent, help="last positions always kept (default 0)")
     p.add_argument("--batch", type=int, default=defaults.batch,
@@ -107,10 +109,12 @@ def evaluate(args: argparse.Namespace, *, out: str, keep: bool = True, parts: tu
     `parts`: which of `hata_jax.evaluation.harness.PARTS` to run now (None: all)."""
     require_train_extra(*(("matplotlib",) if keep else ()), *(() if args.no_progress else ("tqdm",)))
     writable_directory(out, "--out")
-    if "hashattention" in fields["methods"] and not args.hashattention:
-        raise ValueError("method hashattention needs --hashattention DIR (a `hata-jax train --selector "
-                         "hashattention` run)")
-    config = EvalConfig(dense_layers=args.dense_layers, rbit=args.rbit, sink=args.sink, recent=args.recent,
+    needs = [m for m in fields["methods"] if params_method(m) == "hashattention"]
+    if needs and not args.hashattention:
+        raise ValueError(f"methods {needs} need --hashattention DIR (a `hata-jax train --selector hashattention` "
+                         "run)")
+    config = EvalConfig(dense_layers=args.dense_layers, rbit=args.rbit, candidates=args.candidates, sink=args.sink,
+                        recent=args.recent,
                         batch=args.batch, perplexity_sequences=args.perplexity_sequences,
                         metric_prompts=args.metric_prompts, metric_queries=args.metric_queries, seed=args.seed,
                         impl=args.impl, **fields)
@@ -138,7 +142,8 @@ def add_demo_args(p) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     defaults = EvalConfig(**DEMO, **DEMO_RUN)
     p.set_defaults(**{name: getattr(defaults, name) for name in
-                      ("dense_layers", "sink", "recent", "batch", "perplexity_sequences", "metric_prompts",
+                      ("dense_layers", "candidates", "sink", "recent", "batch", "perplexity_sequences",
+                       "metric_prompts",
                        "metric_queries")}, hash_weights=None, hashattention=None)
 
 

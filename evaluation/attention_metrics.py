@@ -86,12 +86,14 @@ def layer_metrics(selector, params, q, k, v, positions, *, budget: int, sink: in
     q_positions = positions[None]
     state = selector.init_state(params, k, lengths)
     keep = selection_mask(selector, params, state, q, k, q_positions, lengths, budget=budget, sink=sink,
-                          recent=recent, impl=impl)  # [1, Hkv, m, T]
-    visible = jnp.broadcast_to(jnp.arange(t)[None, None, None, :] <= positions[None, None, :, None], keep.shape)
+                          recent=recent, impl=impl)  # [1, H, m, T], H = Hkv or Hq (per query head)
+    visible = jnp.broadcast_to(jnp.arange(t)[None, None, None, :] <= positions[None, None, :, None],
+                               (1, hkv, m, t))
     qg = q.reshape(1, m, hkv, hq // hkv, d)
     logits = jnp.einsum("bmhgd,bhtd->bhgmt", qg, k, precision=jax.lax.Precision.HIGHEST) / math.sqrt(d)
     probs = jax.nn.softmax(jnp.where(visible[:, :, None], logits, -jnp.inf), axis=-1)
-    mass = jnp.sum(jnp.where(keep[:, :, None], probs, 0.0), axis=-1)  # [1, Hkv, G, m]
+    kept = keep.reshape(1, hkv, keep.shape[1] // hkv, m, t)  # group axis 1 (shared) or G
+    mass = jnp.sum(jnp.where(kept, probs, 0.0), axis=-1)  # [1, Hkv, G, m]
     dense = sparse_causal_attention(q, k, v, visible)
     sparse = sparse_causal_attention(q, k, v, keep)  # [1, m, Hq, D]
     error = jnp.linalg.norm(sparse - dense, axis=-1) / jnp.linalg.norm(dense, axis=-1)

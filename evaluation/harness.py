@@ -14,7 +14,8 @@ it is finished, so an interrupted run resumes where it stopped and skips every u
 
 "dense" runs once per prompt (budget None). `DIR/run.json` holds the model's identity and the
 settings that change results (dense layers, rbit, sink, recent, seed, batch, impl..., and the
-content digests of hata's and hashattention's params, whatever path they came from): a resumed
+content digests of hata's and hashattention's params, whatever path they came from, and
+hata_rerank's candidates): a resumed
 run must match them; methods, budgets, tasks, lengths and sample counts may grow. Each record
 carries its prompt's digest, and a resumed run refuses records of other prompts. Everything is
 deterministic (seeded prompts, greedy decoding, fixed batches), so a resumed run ends with the
@@ -46,6 +47,7 @@ from hata_jax.evaluation import tasks as tasks_lib
 from hata_jax.models.generation import CAPACITY_BUCKET, generate_from, prefill_prompts
 from hata_jax.models.identity import check_same_model, model_identity
 from hata_jax.models.plan import METHODS, AttentionPlan
+from hata_jax.selectors import params_source
 from hata_jax.train.integrity import content_digest
 from hata_jax.train.selector_params import selector_params
 
@@ -69,7 +71,9 @@ class EvalConfig:
       perplexity_sequences: held-out sequences per length (0: no perplexity).
       metric_prompts: prompts per task and length whose attention metrics are measured (0: none).
       metric_queries: query positions per metric prompt.
-      dense_layers, rbit, sink, recent: the plans' HataConfig fields (rbit: hata and simhash).
+      dense_layers, rbit, sink, recent: the plans' HataConfig fields (rbit: hata, hata_rerank and
+        simhash).
+      candidates: hata_rerank's factor c (HATA picks c x budget candidates, exact scores the budget).
       seed: prompts, held-out files, query positions, simhash projections.
       impl: "auto", "pallas" or "reference" for the hata_jax ops.
     """
@@ -85,6 +89,7 @@ class EvalConfig:
     metric_queries: int = 16
     dense_layers: int = 2
     rbit: int = 128
+    candidates: int = 4
     sink: int = 0
     recent: int = 0
     seed: int = 0
@@ -101,7 +106,7 @@ class EvalConfig:
         bad = [t for t in self.tasks if t not in tasks_lib.TASKS]
         if bad:
             raise ValueError(f"unknown tasks {bad}; supported: {', '.join(tasks_lib.TASKS)}")
-        for name in ("samples", "batch", "metric_queries", "rbit"):
+        for name in ("samples", "batch", "metric_queries", "rbit", "candidates"):
             _check_int(getattr(self, name), f"EvalConfig.{name}", 1)
         for name in ("perplexity_sequences", "metric_prompts", "dense_layers", "sink", "recent", "seed"):
             _check_int(getattr(self, name), f"EvalConfig.{name}", 0)
@@ -121,7 +126,7 @@ class EvalConfig:
     def plan(self, num_layers: int, method: str, budget: int | None) -> AttentionPlan:
         hata = HataConfig(rbit=self.rbit, budget=budget or max(self.budgets), sink=self.sink, recent=self.recent,
                           dense_layers=self.dense_layers)
-        return AttentionPlan.for_method(num_layers, method, hata, self.impl)
+        return AttentionPlan.for_method(num_layers, method, hata, self.impl, candidates=self.candidates)
 
     def settings(self) -> dict:
         return {name: getattr(self, name) for name in RESULT_SETTINGS}
@@ -256,6 +261,7 @@ class MethodParams:
         self.cache: dict[str, list | None] = {}
 
     def __call__(self, method: str):
+        method = params_method(method)  # methods that read another's params share them
         if method not in self.cache:
             if method == "dense":
                 self.cache[method] = None
@@ -384,8 +390,10 @@ def run_eval(model, model_name: str, tokenizer, config: EvalConfig, directory: s
     if bad:
         raise ValueError(f"parts must be a subset of {PARTS}, got {parts!r}")
     params = MethodParams(model, tokenizer, config, hash_weights, hashattention_dir, log)
-    sources = {f"{method}_params_sha256": params_digest(params(method)) if method in config.methods else None
+    reads = {params_method(m) for m in config.methods}
+    sources = {f"{method}_params_sha256": params_digest(params(method)) if method in reads else None
                for method in ("hata", "hashattention")}
+    sources["hata_rerank_candidates"] = config.candidates if "hata_rerank" in config.methods else None
     records = open_run(directory, model, model_name, config, sources)
     start = time.perf_counter()
     samples = {(task, length): tasks_lib.make_samples(task, tokenizer, length, config.samples, config.seed)
@@ -401,6 +409,11 @@ def run_eval(model, model_name: str, tokenizer, config: EvalConfig, directory: s
     document = summarize(list(records.by_key.values()), config, model_identity(model, model_name))
     (pathlib.Path(directory) / "results.json").write_text(json.dumps(document, indent=1) + "\n")
     return document
+
+
+def params_method(method: str) -> str:
+    """The method whose params `method` reads: itself, or e.g. "hata" for "hata_rerank"."""
+    return method if method in ("dense", "hata") else params_source(method)
 
 
 def params_digest(layers: list) -> str:

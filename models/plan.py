@@ -79,19 +79,20 @@ class AttentionPlan:
 
     @classmethod
     def for_method(cls, num_layers: int, method: str, hata: HataConfig = HataConfig(),
-                   impl: str = "auto") -> AttentionPlan:
+                   impl: str = "auto", candidates: int = 4) -> AttentionPlan:
         """The plan of one method of METHODS: "dense" everywhere; "hata", the fast HATA path;
         any other selector name, kind "sparse" with `make_selector(method)` (`rbit=hata.rbit` for
-        the selectors that take it: simhash). Except for "dense", the first `hata.dense_layers`
-        layers stay dense."""
+        the selectors that take it: simhash, hata_rerank; `candidates` for hata_rerank). Except
+        for "dense", the first `hata.dense_layers` layers stay dense."""
         if method not in METHODS:
             raise ValueError(f"unknown attention method {method!r}; supported: {METHODS}")
         kind = {"dense": "dense", "hata": "hata"}.get(method, "sparse")
         kinds = tuple(kind if i >= hata.dense_layers else "dense" for i in range(num_layers))
         selector = None
         if kind == "sparse":
-            takes_rbit = any(f.name == "rbit" for f in dataclasses.fields(SELECTORS[method]))
-            selector = make_selector(method, **({"rbit": hata.rbit} if takes_rbit else {}))
+            fields = {f.name for f in dataclasses.fields(SELECTORS[method])}
+            given = {"rbit": hata.rbit, "candidates": candidates}
+            selector = make_selector(method, **{name: value for name, value in given.items() if name in fields})
         return cls(layers=kinds, hata=hata, impl=impl, selector=selector)
 
     def on_mesh(self, mesh: Mesh | None, axis: str = "model") -> AttentionPlan:

@@ -26,7 +26,7 @@ from hata_jax.models import (
     sparse_logits,
     with_selector_states,
 )
-from hata_jax.selectors import loki_basis, make_selector
+from hata_jax.selectors import loki_basis, make_selector, params_source
 from hata_jax.train.hashattention_objective import HashAttentionObjective
 from hata_jax.train.selector_params import LokiCalibration, selector_params
 from pallas_kernels._backend import lower_for_cuda
@@ -39,6 +39,7 @@ def random_params(method: str, model, rng) -> list | None:
     """Per-layer params of `method` for a random model: random projections, MLPs, PCA bases."""
     config = model.config
     hkv, d, layers = config.num_kv_heads, config.head_dim, config.num_layers
+    method = method if method in ("dense", "hata") else params_source(method)
     if method in ("hata", "simhash"):
         return [jnp.asarray(rng.standard_normal((hkv, d, RBIT)), jnp.float32) for _ in range(layers)]
     if method == "hashattention":
@@ -205,7 +206,8 @@ def test_short_context_policy_with_a_sparse_plan_is_exact(rng):
     assert switched.tokens == generate_from(prefilled, plan, params, max_new_tokens=10, dense_below=0).tokens
 
 
-@pytest.mark.parametrize("method", ["hata", "quest", "hashattention"])
+@pytest.mark.parametrize("method", ["hata", "quest", "hashattention", "quest_authors", "hashattention_authors",
+                                    "hata_rerank"])
 def test_sparse_logits(rng, method):
     """Budget >= the sequence: the dense forward. A small budget: finite logits that differ."""
     model, _ = random_model(HF_CONFIGS["llama-gqa"], rng)

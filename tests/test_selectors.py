@@ -6,6 +6,7 @@ sizes G=1 and G=3, head_dim 16, fresh random data per test.
 """
 from __future__ import annotations
 
+import functools
 import math
 import types
 
@@ -20,10 +21,12 @@ from hata_jax.selectors import base
 
 REF = "reference"
 B, HKV, S, D = 2, 2, 13, 16
-NAMES = ["exact", "hata", "simhash", "hashattention", "quest", "loki", "streaming"]
+NAMES = ["exact", "hata", "hata_rerank", "simhash", "hashattention", "hashattention_authors", "quest", "quest_authors",
+         "loki", "streaming"]
 # Small options so that every code path runs at these sizes.
-OPTIONS = {"hata": dict(rbit=64), "simhash": dict(rbit=32), "quest": dict(page_size=4), "loki": dict(channels=8),
-           "streaming": dict(sink=2)}
+OPTIONS = {"hata": dict(rbit=64), "hata_rerank": dict(rbit=64, candidates=2), "simhash": dict(rbit=32),
+           "hashattention_authors": dict(sink=1, recent=2), "quest": dict(page_size=4),
+           "quest_authors": dict(page_size=4), "loki": dict(channels=8), "streaming": dict(sink=2)}
 HIDDEN = 16
 
 
@@ -40,6 +43,7 @@ def random_mlp(rng, heads: int, widths) -> dict:
 
 
 def make_params(rng, name: str, selector, group: int):
+    name = sel.params_source(name)
     if name == "hata":
         return jnp.asarray(rng.standard_normal((HKV, D, selector.rbit), np.float32))
     if name == "simhash":
@@ -68,6 +72,11 @@ def make_case(rng, name: str, group: int, dtype=jnp.float32):
     state = selector.init_state(params, k, lengths)
     return types.SimpleNamespace(selector=selector, params=params, k=k, v=v, q=q, lengths=lengths, state=state,
                                  group=group, name=name)
+
+
+def rows(c) -> int:
+    """Selection rows per sequence: query heads for a per-query-head selector, else KV heads."""
+    return HKV * c.group if c.selector.per_query_head else HKV
 
 
 def query_positions(rng, lengths, t: int):
@@ -281,6 +290,162 @@ def test_streaming_keeps_sink_and_recent(rng):
                 assert set(np.flatnonzero(mask[b, h, t]).tolist()) == want
 
 
+def numpy_selection(scores, visible: int, budget: int) -> set[int]:
+    """The `budget` best of positions [0, visible) by float64 score, ties to the earlier position."""
+    order = sorted(range(visible), key=lambda t: (-scores[t], t))
+    return set(order[:budget])
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_hashattention_authors_scores_and_selection(rng, group):
+    """Per query head: the head's own code agreements (brute force), its first/last forced tokens
+    (each at most budget // 4), then its best other tokens, ties to the earlier position."""
+    c = make_case(rng, "hashattention", group)
+    selector = sel.HashAttentionAuthorsSelector(sink=3, recent=1)
+    state = selector.init_state(c.params, c.k, c.lengths)
+    positions = query_positions(rng, c.lengths, 5)
+    q = c.q[:, :5]
+    q_out = mlp_np(c.params["query"], f64(q))  # [B, T, Hq, bits]
+    k_out = np.moveaxis(mlp_np(c.params["key"], np.moveaxis(f64(c.k), 1, 2)), 2, 1)  # [B, Hkv, S, bits]
+    scores = np.asarray(selector.token_scores(c.params, state, q, c.k, positions))
+    assert scores.shape == (B, HKV * group, 5, S)
+    qs, ks = np.where(q_out > 0, 1.0, -1.0), np.where(k_out > 0, 1.0, -1.0)
+    expected = np.einsum("btir,bisr->bits", qs, np.repeat(ks, group, axis=1))
+    # Bits within float32 rounding of 0 may flip (each moves the score by 2).
+    tol = (2 * ambiguous(q_out, 1.0).sum(-1).transpose(0, 2, 1)[..., None]
+           + 2 * np.repeat(ambiguous(k_out, 1.0).sum(-1), group, axis=1)[:, :, None, :])
+    valid = (np.arange(S) < np.asarray(c.lengths)[:, None])[:, None, None, :]
+    assert np.all(~valid | (np.abs(scores - expected) <= tol))
+
+    for budget in (4, 8, 12):  # forced: min(3, budget // 4) sink, min(1, budget // 4) recent
+        sink, recent = min(3, budget // 4), min(1, budget // 4)
+        at = jnp.asarray([int(n) - 1 for n in c.lengths], jnp.int32)
+        q_last = c.q[jnp.arange(B), at]
+        idx, count = sel.select_indices(selector, c.params, state, q_last, c.k, at + 1, budget=budget)
+        last = np.asarray(selector.token_scores(c.params, state, q_last[:, None], c.k, at[:, None]))[:, :, 0]
+        for b, n in enumerate(np.asarray(at) + 1):
+            for i in range(HKV * group):
+                forced = set(range(min(sink, n))) | set(range(n - recent, n))
+                rest = last[b, i].copy()
+                rest[sorted(forced)] = np.inf
+                want = numpy_selection(rest, n, min(n, budget))
+                assert forced <= want
+                assert set(np.asarray(idx[b, i, : count[b, i]]).tolist()) == want, (budget, b, i)
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_quest_authors_pages_per_query_head_and_own_page_kept(rng, group):
+    c = make_case(rng, "quest", group)
+    selector = sel.QuestAuthorsSelector(page_size=4)
+    state = selector.init_state(None, c.k, c.lengths)
+    positions = query_positions(rng, c.lengths, 6)
+    q = c.q[:, :6]
+    pages = np.asarray(selector.page_scores(None, state, q, c.k, positions))  # [B, Hq, T, P]
+    assert pages.shape == (B, HKV * group, 6, 4)
+    for i in range(HKV * group):  # query head i alone, as Quest with G = 1 over its KV head's keys
+        alone = types.SimpleNamespace(q=c.q[:, :, i: i + 1], k=c.k[:, i // group: i // group + 1], lengths=c.lengths,
+                                      group=1)
+        expected = quest_pages_np_heads(alone, np.asarray(positions), 4)[:, 0]
+        got = pages[:, i]
+        assert np.array_equal(np.isinf(got), np.isinf(expected))
+        np.testing.assert_allclose(got[np.isfinite(got)], expected[np.isfinite(expected)], rtol=1e-5, atol=1e-5)
+    tokens = np.asarray(selector.token_scores(None, state, q, c.k, positions))
+    ranks = np.argsort(np.argsort(pages, axis=-1, kind="stable"), axis=-1, kind="stable")[..., np.arange(S) // 4]
+    own = (np.arange(S) // 4)[None, None, None, :] == (np.asarray(positions) // 4)[:, None, :, None]
+    np.testing.assert_array_equal(tokens, np.where(own, 4, ranks))
+
+    # A decode step at the last position keeps the page being filled, then whole pages by rank.
+    at = c.lengths - 1
+    q_last = c.q[jnp.arange(B), at]
+    idx, count = sel.select_indices(selector, None, state, q_last, c.k, c.lengths, budget=8)
+    last = np.asarray(selector.page_scores(None, state, q_last[:, None], c.k, at[:, None]))[:, :, 0]  # [B, Hq, P]
+    for b, n in enumerate(np.asarray(c.lengths)):
+        if n <= 8:
+            continue
+        for i in range(HKV * group):
+            kept = set(np.asarray(idx[b, i, : count[b, i]]).tolist())
+            filled = set(range(4 * ((n - 1) // 4), n))
+            assert filled <= kept and len(kept) == 8
+            best = max((j for j in range(4) if j != (n - 1) // 4), key=lambda j: (last[b, i, j], j))
+            assert set(range(4 * best, 4 * best + 4)) <= kept
+
+
+def quest_pages_np_heads(c, positions, page: int):
+    """quest_pages_np for inputs with their own head counts (c.k [B, h, S, D], c.q [B, T, h * G, D])."""
+    q, k = f64(c.q), f64(c.k)
+    pages = -(-S // page)
+    out = np.full((q.shape[0], k.shape[1], positions.shape[1], pages), -np.inf)
+    for b in range(q.shape[0]):
+        n = int(c.lengths[b])
+        for h in range(k.shape[1]):
+            for t, p in enumerate(positions[b]):
+                for j in range(pages):
+                    end = min((j + 1) * page, n, p + 1 if j == p // page else S)
+                    if end > j * page:
+                        kmin, kmax = k[b, h, j * page: end].min(0), k[b, h, j * page: end].max(0)
+                        heads = q[b, t, h * c.group: (h + 1) * c.group]
+                        out[b, h, t, j] = np.maximum(heads * kmin, heads * kmax).sum()
+    return out
+
+
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("candidates, budget", [(2, 3), (3, 2)])
+def test_hata_rerank_against_numpy(rng, group, candidates, budget):
+    """HATA's scores pick candidates * budget, the group's softmax over those candidates (float64)
+    picks the budget."""
+    c = make_case(rng, "hata", group)
+    selector = sel.HataRerankSelector(rbit=c.selector.rbit, candidates=candidates)
+    positions = query_positions(rng, c.lengths, 6)
+    q = c.q[:, :6]
+    hamming = np.asarray(c.selector.token_scores(c.params, c.state, q, c.k, positions))
+    mask = np.asarray(sel.selection_mask(selector, c.params, c.state, q, c.k, positions, c.lengths, budget=budget))
+    qf, kf = f64(q), f64(c.k)
+    for b in range(B):
+        for h in range(HKV):
+            for t, p in enumerate(np.asarray(positions[b])):
+                visible = min(int(p) + 1, int(c.lengths[b]))
+                pool = sorted(numpy_selection(hamming[b, h, t], visible, candidates * budget))
+                exact = np.zeros(S)
+                for i in range(h * group, (h + 1) * group):
+                    logits = kf[b, h, pool] @ qf[b, t, i] / math.sqrt(D)
+                    w = np.exp(logits - logits.max())
+                    exact[pool] += w / w.sum()
+                score = np.where(np.isin(np.arange(S), pool), exact, -1.0)
+                want = numpy_selection(score, visible, min(visible, budget))
+                assert set(np.flatnonzero(mask[b, h, t]).tolist()) == want, (b, h, t)
+
+
+def test_hata_rerank_limits(rng):
+    """candidates = 1 selects what HATA selects; candidates * budget >= S what the exact oracle selects."""
+    c = make_case(rng, "hata", 3)
+    positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+
+    def mask(selector, params=c.params):
+        return np.asarray(sel.selection_mask(selector, params, c.state, c.q, c.k, positions, c.lengths, budget=3))
+
+    rerank = functools.partial(sel.HataRerankSelector, rbit=c.selector.rbit)
+    np.testing.assert_array_equal(mask(rerank(candidates=1)), mask(c.selector))
+    np.testing.assert_array_equal(mask(rerank(candidates=5)), mask(sel.ExactSelector(), None))
+
+
+def test_per_query_head_mask_attention(rng):
+    """sparse_causal_attention with a [B, Hq, T, S] mask: each query head over its own kept keys."""
+    group = 3
+    c = make_case(rng, "exact", group)
+    mask = rng.random((B, HKV * group, S, S)) < 0.5
+    mask |= np.eye(S, dtype=bool)[None, None]  # every query keeps its own position
+    mask &= np.tril(np.ones((S, S), bool))[None, None]
+    out = np.asarray(sel.sparse_causal_attention(c.q, c.k, c.v, jnp.asarray(mask)))
+    q, k, v = f64(c.q), f64(c.k), f64(c.v)
+    for b in range(B):
+        for t in range(S):
+            for i in range(HKV * group):
+                keep = np.flatnonzero(mask[b, i, t])
+                logits = k[b, i // group, keep] @ q[b, t, i] / math.sqrt(D)
+                w = np.exp(logits - logits.max())
+                np.testing.assert_allclose(out[b, t, i], w @ v[b, i // group, keep] / w.sum(), rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------- state updates
 
 
@@ -317,8 +482,9 @@ def test_full_budget_is_dense_attention(rng, name, group, dtype):
     c = make_case(rng, name, group, dtype)
     q = c.q[jnp.arange(B), c.lengths - 1]
     idx, count = sel.select_indices(c.selector, c.params, c.state, q, c.k, c.lengths, budget=S)
-    np.testing.assert_array_equal(count, jnp.broadcast_to(c.lengths[:, None], (B, HKV)))
-    sparse = hj.sparse_decode_attention(q, c.k, c.v, idx, count, impl=REF)
+    np.testing.assert_array_equal(count, jnp.broadcast_to(c.lengths[:, None], (B, rows(c))))
+    k, v = (jnp.repeat(x, rows(c) // HKV, axis=1) for x in (c.k, c.v))  # per query head: keys repeated
+    sparse = hj.sparse_decode_attention(q, k, v, idx, count, impl=REF)
     dense = hj.dense_decode_attention(q, c.k, c.v, c.lengths, impl=REF)
     tol = 1e-5 if dtype == jnp.float32 else 2e-2  # bf16: the two paths may round one ulp apart
     np.testing.assert_allclose(f64(sparse), f64(dense), rtol=tol, atol=tol)
@@ -344,7 +510,7 @@ def test_selection_mask_rows(rng, name, group, sink, recent):
     positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
     mask = np.asarray(sel.selection_mask(c.selector, c.params, c.state, c.q, c.k, positions, c.lengths,
                                          budget=budget, sink=sink, recent=recent))
-    assert mask.shape == (B, HKV, S, S) and mask.dtype == bool
+    assert mask.shape == (B, rows(c), S, S) and mask.dtype == bool
     lengths = np.asarray(c.lengths)
     for b, n in enumerate(lengths):
         for t in range(S):
@@ -359,7 +525,7 @@ def test_selection_mask_rows(rng, name, group, sink, recent):
         idx, count = sel.select_indices(c.selector, c.params, c.state, c.q[jnp.arange(B), at], c.k, at + 1,
                                         budget=budget, sink=sink, recent=recent)
         for b in range(B):
-            for h in range(HKV):
+            for h in range(rows(c)):
                 assert set(np.flatnonzero(mask[b, h, int(at[b])]).tolist()) == set(
                     np.asarray(idx[b, h, : count[b, h]]).tolist()), (b, h, int(at[b]))
 
@@ -436,8 +602,9 @@ def test_loki_basis_is_centered_pca(rng):
 
 def test_extra_bytes_per_token():
     """Llama-3.1-8B layer shapes: 8 KV heads, head_dim 128."""
-    expected = {"exact": 0, "hata": 8 * (16 + 4), "simhash": 8 * (16 + 4), "hashattention": 8 * 4,
-                "quest": 8 * 32, "loki": 8 * 64, "streaming": 0}
+    expected = {"exact": 0, "hata": 8 * (16 + 4), "hata_rerank": 8 * (16 + 4), "simhash": 8 * (16 + 4),
+                "hashattention": 8 * 4, "hashattention_authors": 8 * 4, "quest": 8 * 32, "quest_authors": 8 * 32,
+                "loki": 8 * 64, "streaming": 0}
     assert {name: sel.make_selector(name).extra_bytes_per_token(8, 128) for name in NAMES} == expected
     assert sel.make_selector("quest").extra_bytes_per_token(3, 64) == 3 * 16
 
@@ -474,6 +641,8 @@ BAD_INPUTS = [
     (lambda a: sel.QuestSelector(page_size=0), r"page_size must be a positive int"),
     (lambda a: sel.StreamingSelector(sink=-1), r"sink must be an int >= 0"),
     (lambda a: sel.HashAttentionSelector(bits=20), r"bits must be a positive multiple of 32"),
+    (lambda a: sel.HashAttentionAuthorsSelector(recent=-1), r"HashAttentionAuthorsSelector.recent must be an int"),
+    (lambda a: sel.HataRerankSelector(candidates=0), r"HataRerankSelector.candidates must be an int >= 1"),
     (lambda a: a.hata.selector.init_state(a.hata.params[:, :, :32], a.hata.k, a.hata.lengths),
      r"params \(the hata projection W\) must have shape \[kv_heads, head_dim, rbit\] = \(2, 16, 64\)"),
     (lambda a: a.hata.selector.init_state(None, a.hata.k, a.hata.lengths), r"params .* must have shape"),
@@ -512,7 +681,7 @@ BAD_INPUTS = [
                                   jnp.zeros((B, S), jnp.int32), a.hata.lengths, budget=2, sink=2, recent=1),
      r"sink \(2\) and recent \(1\) must be >= 0 and sum to at most budget \(2\)"),
     (lambda a: sel.sparse_causal_attention(a.hata.q, a.hata.k, a.hata.k, jnp.ones((B, HKV, S, S - 1), bool)),
-     r"mask must have shape \[batch, kv_heads, queries, seq\]"),
+     r"mask must have shape \[batch, kv_heads or q_heads, queries, seq\]"),
     (lambda a: sel.sparse_causal_attention(a.hata.q, a.hata.k, a.hata.k[:, :, :4], jnp.ones((B, HKV, S, S), bool)),
      r"v must have the shape of k"),
 ]

@@ -31,7 +31,7 @@ from hata_jax.models.identity import fingerprint
 from hata_jax.models.llama import LlamaForCausalLM
 from hata_jax.models.plan import METHODS
 from hata_jax.models.smollm2 import cache_dir
-from hata_jax.selectors import loki_basis
+from hata_jax.selectors import loki_basis, params_source
 from hata_jax.train import corpus as corpus_lib
 from hata_jax.train.checkpoint import load_projections, load_trained
 from hata_jax.train.collect import make_capture
@@ -82,6 +82,7 @@ def selector_params(method: str, model: LlamaForCausalLM, *, rbit: int = 128, ha
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; supported: {METHODS}")
     num_layers = model.config.num_layers
+    method = method if method in ("dense", "hata") else params_source(method)  # e.g. hata_rerank reads hata's
     if method == "hata":
         layers = _hata_projections(model, rbit, hash_weights)
     elif method == "simhash":

@@ -12,17 +12,24 @@ import dataclasses
 
 from hata_jax.selectors.base import Selector, select_indices, selection_mask, sparse_causal_attention
 from hata_jax.selectors.exact import ExactSelector
-from hata_jax.selectors.hashattention import HashAttentionSelector
-from hata_jax.selectors.hashing import HataSelector, SimHashSelector
+from hata_jax.selectors.hashattention import HashAttentionAuthorsSelector, HashAttentionSelector
+from hata_jax.selectors.hashing import HataRerankSelector, HataSelector, SimHashSelector
 from hata_jax.selectors.loki import LokiSelector, loki_basis
-from hata_jax.selectors.quest import QuestSelector
+from hata_jax.selectors.quest import QuestAuthorsSelector, QuestSelector
 from hata_jax.selectors.streaming import StreamingSelector
 
 SELECTORS: dict[str, type[Selector]] = {
     cls.name: cls
-    for cls in (ExactSelector, HataSelector, SimHashSelector, HashAttentionSelector, QuestSelector, LokiSelector,
-                StreamingSelector)
+    for cls in (ExactSelector, HataSelector, HataRerankSelector, SimHashSelector, HashAttentionSelector,
+                HashAttentionAuthorsSelector, QuestSelector, QuestAuthorsSelector, LokiSelector, StreamingSelector)
 }
+
+
+def params_source(name: str) -> str:
+    """The selector whose params the selector `name` reads (e.g. "hata" for "hata_rerank")."""
+    if name not in SELECTORS:
+        raise ValueError(f"name must be one of {sorted(SELECTORS)}, got {name!r}")
+    return SELECTORS[name].params_of or name
 
 
 def make_selector(name: str, **options) -> Selector:
@@ -40,15 +47,19 @@ def make_selector(name: str, **options) -> Selector:
 __all__ = [
     "SELECTORS",
     "ExactSelector",
+    "HashAttentionAuthorsSelector",
     "HashAttentionSelector",
+    "HataRerankSelector",
     "HataSelector",
     "LokiSelector",
+    "QuestAuthorsSelector",
     "QuestSelector",
     "Selector",
     "SimHashSelector",
     "StreamingSelector",
     "loki_basis",
     "make_selector",
+    "params_source",
     "select_indices",
     "selection_mask",
     "sparse_causal_attention",

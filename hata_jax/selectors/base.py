@@ -5,7 +5,10 @@ into a fixed-size index buffer for a decode step (:func:`select_indices`) or int
 mask for teacher forcing (:func:`selection_mask`), and attends over the kept keys
 (:func:`sparse_causal_attention`). Budgets are tokens per (sequence, KV head), shared by the
 group's query heads; `sink`/`recent` force the first/last visible positions as in
-:func:`hata_jax.select_topk`.
+:func:`hata_jax.select_topk`. A selector with `per_query_head = True` (the baselines as their
+authors run them) selects for every query head on its own: its rows are query heads, each keeps
+`budget` tokens (the same attention work per query head as a per-KV-head selection), and the
+KV head reads the union of its G query heads' selections, up to `G * budget` rows.
 
 Memory: teacher forcing over T queries and S keys works on chunks of queries (`lax.map`) so that
 no float32 array of more than about :data:`QUERY_CHUNK_ELEMENTS` elements per chunk is built
@@ -72,9 +75,15 @@ class Selector(abc.ABC):
     their inputs (ValueError naming the argument) and call the subclass's `_init_state`,
     `_append_state` and `_token_scores`. `params` are the selector's learned or calibrated
     arrays for one layer (None where it has none).
+
+    `per_query_head`: False: scores and selections have one row per KV head (H = Hkv), shared by
+    the group's query heads; True: one row per query head (H = Hq), keys repeated over the group.
+    `params_of`: the name of the selector whose params this one reads (its own by default).
     """
 
     name: ClassVar[str]
+    per_query_head: ClassVar[bool] = False
+    params_of: ClassVar[str | None] = None
 
     @abc.abstractmethod
     def extra_bytes_per_token(self, kv_heads: int, head_dim: int) -> int:
@@ -120,10 +129,18 @@ class Selector(abc.ABC):
           q_positions: int[B, T] the queries' positions.
 
         Returns:
-          float32[B, Hkv, T, S]. Causality and validity are applied by the common code.
+          float32[B, H, T, S], H = Hq if `per_query_head` else Hkv. Causality and validity are
+          applied by the common code.
         """
         self.check_score_inputs(params, q, k, q_positions)
         return self._token_scores(params, state, q, k, q_positions.astype(jnp.int32))
+
+    def selection_scores(self, params, state, q: jax.Array, k: jax.Array, q_positions: jax.Array, *,
+                         budget: int) -> jax.Array:
+        """The scores a selection of `budget` tokens per row ranks: :meth:`token_scores` unless the
+        selector's policy depends on the budget (forced tokens, a candidate stage). Arguments and
+        result as :meth:`token_scores`; `budget` a static int > 0."""
+        return self.token_scores(params, state, q, k, q_positions)
 
     def check_score_inputs(self, params, q, k, q_positions) -> None:
         """The checks of :meth:`token_scores`."""
@@ -175,8 +192,9 @@ def select_indices(selector: Selector, params, state, q, k, lengths, *, budget: 
       impl: passed to :func:`hata_jax.select_topk`.
 
     Returns:
-      (idx int32[B, Hkv, budget], count int32[B, Hkv]) as :func:`hata_jax.select_topk` returns
-      them: slots >= count hold `hata_jax.UNUSED`.
+      (idx int32[B, H, budget], count int32[B, H]) as :func:`hata_jax.select_topk` returns
+      them (H = Hq for a `per_query_head` selector, else Hkv): slots >= count hold
+      `hata_jax.UNUSED`.
     """
     _check_selector(selector)
     checks.check_rank(q, 3, "q", "[batch, q_heads, head_dim]")
@@ -184,7 +202,7 @@ def select_indices(selector: Selector, params, state, q, k, lengths, *, budget: 
     checks.check_lengths(lengths, b, s)
     check_selection_args(budget, s, sink, recent)
     q_positions = (lengths.astype(jnp.int32) - 1)[:, None]
-    scores = selector.token_scores(params, state, q[:, None], k, q_positions)[:, :, 0]
+    scores = selector.selection_scores(params, state, q[:, None], k, q_positions, budget=int(budget))[:, :, 0]
     return select_topk(scores, int(budget), lengths, sink=sink, recent=recent, impl=impl)
 
 
@@ -232,7 +250,8 @@ def selection_mask(selector: Selector, params, state, q, k, q_positions, lengths
         and last positions each query sees (the query's own position is its last).
 
     Returns:
-      bool[B, Hkv, T, S]: each query keeps its min(visible, budget) best-scoring visible keys,
+      bool[B, H, T, S] (H = Hq for a `per_query_head` selector, else Hkv): each query (head)
+      keeps its min(visible, budget) best-scoring visible keys,
       visible = min(q_positions + 1, lengths) (0 for a negative position). For a query at a
       position < lengths[b] this is the selection :func:`select_indices` makes at the decode step
       of that position (lengths = q_positions + 1).
@@ -249,7 +268,7 @@ def selection_mask(selector: Selector, params, state, q, k, q_positions, lengths
 
     def keep(q_chunk, positions):
         tc = q_chunk.shape[1]
-        scores = selector.token_scores(params, state, q_chunk, k, positions)  # [B, Hkv, Tc, S]
+        scores = selector.selection_scores(params, state, q_chunk, k, positions, budget=budget)  # [B, H, Tc, S]
         visible = jnp.clip(jnp.minimum(positions + 1, lengths[:, None]), 0, s)  # [B, Tc]
         rows = jnp.swapaxes(scores, 1, 2).reshape(b * tc, -1, s)
         idx, count = select_topk(rows, budget, visible.reshape(-1), sink=sink, recent=recent, impl=impl)
@@ -266,8 +285,9 @@ def sparse_causal_attention(q, k, v, mask, *, scale: float | None = None) -> jax
     """Softmax attention of every query over the keys its KV head keeps.
 
     Args:
-      q: float[B, T, Hq, D]; k, v: float[B, Hkv, S, D]; mask: bool[B, Hkv, T, S] (from
-        :func:`selection_mask`); scale: logit scale, default 1 / sqrt(D).
+      q: float[B, T, Hq, D]; k, v: float[B, Hkv, S, D]; mask: bool[B, Hkv, T, S] (shared by each
+        group's query heads) or bool[B, Hq, T, S] (per query head), from :func:`selection_mask`;
+        scale: logit scale, default 1 / sqrt(D).
 
     Returns:
       [B, T, Hq, D] in q's dtype (softmax in float32); a query that keeps no key gets 0.
@@ -279,13 +299,14 @@ def sparse_causal_attention(q, k, v, mask, *, scale: float | None = None) -> jax
     b, t, hq, d = q.shape
     hkv, s = k.shape[1], k.shape[2]
     checks.check_dtype(mask, [jnp.bool_], "mask")
-    if tuple(mask.shape) != (b, hkv, t, s):
-        raise ValueError(f"mask must have shape [batch, kv_heads, queries, seq] = {(b, hkv, t, s)}, "
-                         f"got {tuple(mask.shape)}")
+    if tuple(mask.shape) not in ((b, hkv, t, s), (b, hq, t, s)):
+        raise ValueError(f"mask must have shape [batch, kv_heads or q_heads, queries, seq] = {(b, hkv, t, s)} or "
+                         f"{(b, hq, t, s)}, got {tuple(mask.shape)}")
     scale = scale_or_default(scale, d)
+    group = mask.shape[1] // hkv  # 1: one row per KV head, broadcast over its query heads
 
     def attend(q_chunk, mask_chunk):
-        per_query = jax.vmap(lambda qt, mt: masked_attention(qt, k, v, mt[:, :, None], scale)[0],
+        per_query = jax.vmap(lambda qt, mt: masked_attention(qt, k, v, mt.reshape(b, hkv, group, s), scale)[0],
                              in_axes=(1, 2), out_axes=1)
         return per_query(q_chunk, mask_chunk)
 

@@ -11,10 +11,12 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from hata_jax.config import check_rbit
 from hata_jax.hashing import check_projection, encode, key_norms, unpack_bits
 from hata_jax.selectors.base import Selector, token_rows, write_token
+from hata_jax.selectors.exact import group_softmax
 
 
 def signs(codes: jax.Array) -> jax.Array:
@@ -103,3 +105,35 @@ class SimHashSelector(HataSelector):
     def init_params(self, key: jax.Array, kv_heads: int, head_dim: int) -> jax.Array:
         """A random projection float32[kv_heads, head_dim, rbit], entries N(0, 1)."""
         return jax.random.normal(key, (kv_heads, head_dim, self.rbit), jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class HataRerankSelector(HataSelector):
+    """Two-stage HATA: HATA's scores pick `candidates * budget` candidates per (query, KV head)
+    among the visible tokens (ties: the earlier position), then the exact scores of the candidates
+    pick the final `budget`: `sum_{i in group} softmax(q_i . k_t / sqrt(D))`, the softmax of each
+    query head over the candidates only (what a kernel computes from the gathered candidate keys).
+
+    Options: rbit as :class:`HataSelector`; candidates (default 4), the factor c >= 1 (c = 1
+    selects what HATA selects). Params (HATA's projection W), state and extra memory as
+    :class:`HataSelector`; each step also reads the keys of `c * budget` candidates per KV head.
+    """
+
+    candidates: int = 4
+
+    name = "hata_rerank"
+    params_of = "hata"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.candidates, bool) or not isinstance(self.candidates, int) or self.candidates < 1:
+            raise ValueError(f"HataRerankSelector.candidates must be an int >= 1, got {self.candidates!r}")
+
+    def selection_scores(self, params, state, q, k, q_positions, *, budget):
+        """The exact group score of each candidate, -1 for every other token (float32[B, Hkv, T, S])."""
+        hamming = self.token_scores(params, state, q, k, q_positions)
+        s = k.shape[2]
+        visible = jnp.arange(s) <= q_positions.astype(jnp.int32)[:, None, :, None]
+        _, idx = lax.top_k(jnp.where(visible, hamming, -jnp.inf), min(self.candidates * int(budget), s))
+        candidate = jnp.put_along_axis(jnp.zeros(hamming.shape, bool), idx, True, axis=-1, inplace=False) & visible
+        return jnp.where(candidate, group_softmax(q, k, candidate), -1.0)

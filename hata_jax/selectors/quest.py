@@ -80,8 +80,9 @@ class QuestSelector(Selector):
         return {"kmin": update(state["kmin"], jnp.minimum), "kmax": update(state["kmax"], jnp.maximum)}
 
     def page_scores(self, params, state, q, k, q_positions):
-        """float32[B, Hkv, T, P]: each query's score of every page (-inf for an empty page); the
-        page holding the query's position is bounded over the keys up to that position."""
+        """float32[B, H, T, P]: each query's score of every page (-inf for an empty page), H = Hkv
+        (summed over the group) or Hq (per query head); the page holding the query's position is
+        bounded over the keys up to that position."""
         self.check_score_inputs(params, q, k, q_positions)
         return self._page_scores(state, q, k, q_positions.astype(jnp.int32))
 
@@ -90,9 +91,11 @@ class QuestSelector(Selector):
         hkv, s = k.shape[1], k.shape[2]
         n_pages = state["kmin"].shape[2]
         qg = q.reshape(b, t, hkv, hq // hkv, d).astype(jnp.float32)
-        q_pos, q_neg = jnp.maximum(qg, 0.0).sum(axis=3), jnp.minimum(qg, 0.0).sum(axis=3)  # [B, T, Hkv, D]
-        scores, empty = _upper_bound(q_pos, q_neg, state["kmin"], state["kmax"], "bthd,bhpd->bhtp")
-        scores = jnp.where(empty[:, :, None, :], -jnp.inf, scores)
+        q_pos, q_neg = jnp.maximum(qg, 0.0), jnp.minimum(qg, 0.0)  # [B, T, Hkv, G, D]
+        if not self.per_query_head:
+            q_pos, q_neg = q_pos.sum(axis=3, keepdims=True), q_neg.sum(axis=3, keepdims=True)
+        scores, empty = _upper_bound(q_pos, q_neg, state["kmin"], state["kmax"], "bthgd,bhpd->bhgtp")
+        scores = jnp.where(empty[:, :, None, None, :], -jnp.inf, scores)
 
         # The query's own page, bounded over the keys at positions <= q_positions only.
         own = jnp.clip(q_positions // self.page_size, 0, n_pages - 1)  # [B, T]
@@ -102,13 +105,50 @@ class QuestSelector(Selector):
         seen = (slots <= q_positions[..., None])[:, None, :, :, None]
         inf = jnp.array(jnp.inf, k.dtype)
         own_min, own_max = jnp.min(jnp.where(seen, rows, inf), axis=3), jnp.max(jnp.where(seen, rows, -inf), axis=3)
-        own_scores, own_empty = _upper_bound(q_pos, q_neg, own_min, own_max, "bthd,bhtd->bht")
-        own_scores = jnp.where(own_empty, -jnp.inf, own_scores)
-        is_own = jnp.arange(n_pages) == own[:, None, :, None]
-        return jnp.where(is_own, own_scores[..., None], scores)
+        own_scores, own_empty = _upper_bound(q_pos, q_neg, own_min, own_max, "bthgd,bhtd->bhgt")
+        own_scores = jnp.where(own_empty[:, :, None], -jnp.inf, own_scores)
+        is_own = jnp.arange(n_pages) == own[:, None, None, :, None]
+        scores = jnp.where(is_own, own_scores[..., None], scores)  # [B, Hkv, G or 1, T, P]
+        return scores.reshape(b, -1, t, n_pages)
 
     def _token_scores(self, params, state, q, k, q_positions):
         scores = self._page_scores(state, q, k, q_positions)
         # Rank of each page (0 = worst); a stable sort ranks the later of two equal pages higher.
         ranks = jnp.argsort(jnp.argsort(scores, axis=-1, stable=True), axis=-1).astype(jnp.float32)
         return jnp.take(ranks, jnp.arange(k.shape[2]) // self.page_size, axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuestAuthorsSelector(QuestSelector):
+    """Quest as its authors run it (mit-han-lab/Quest): pages of `page_size` tokens scored per
+    query head (keys repeated over the group, `repeat_kv`), and the page being filled always kept.
+
+    Policy of the authors' decode path (`quest/utils/controller.py`: `page_budget` "including the
+    last page", the top-k taken over the other pages, the last page attended always): a query head
+    at position p keeps every token of its own page (positions `page_size * (p // page_size)` to p),
+    then whole pages by its own bound `sum_d max(q_d kmin_d, q_d kmax_d)` (ties: the later page).
+    Budget: tokens per query head (the authors' "token budget" = `page_budget * page_size`); the
+    union read per KV head is up to G times that (see :mod:`hata_jax.selectors.base`).
+
+    Deviations from the original:
+    - the common selection keeps exactly `min(visible, budget)` tokens, so where the authors'
+      page budget counts the partly filled page as a whole page, the tokens it leaves free (at
+      most `page_size - 1`) go here to the next-ranked page (its first positions, then cut);
+      a budget that is not a multiple of `page_size` likewise ends in a partial page;
+    - their accuracy script (`evaluation/quest_attention.py`) does not force the last page but
+      scores it like any other (over its tokens so far) and takes at least 3 pages; we follow their
+      kernel path, the one their speed results run;
+    - ties between pages: the later page (their `topk` kernels leave the order unspecified);
+    - layers: the plan's dense first layers apply, as to every method (the authors keep layers 0
+      and 1 dense as well);
+    - state and memory as :class:`QuestSelector` (per KV head: the bounds of repeated keys are the
+      KV head's bounds, so per-query-head selection costs no extra metadata).
+    """
+
+    name = "quest_authors"
+    per_query_head = True
+
+    def _token_scores(self, params, state, q, k, q_positions):
+        ranks = super()._token_scores(params, state, q, k, q_positions)  # [B, Hq, T, S], ranks < P
+        own_page = (jnp.arange(k.shape[2]) // self.page_size) == (q_positions // self.page_size)[:, None, :, None]
+        return jnp.where(own_page, jnp.float32(state["kmin"].shape[2]), ranks)
