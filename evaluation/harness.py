@@ -15,11 +15,10 @@ it is finished, so an interrupted run resumes where it stopped and skips every u
 "dense" runs once per prompt (budget None). `DIR/run.json` holds the model's identity and the
 settings that change results (dense layers, rbit, sink, recent, seed, batch, impl..., and the
 content digests of hata's and hashattention's params, whatever path they came from, and
-hata_rerank's candidates): a resumed
-run must match them; methods, budgets, tasks, lengths and sample counts may grow. Each record
-carries its prompt's digest, and a resumed run refuses records of other prompts. Everything is
-deterministic (seeded prompts, greedy decoding, fixed batches), so a resumed run ends with the
-results an uninterrupted one gives.
+hata_rerank's candidates): a resumed run must match them; methods, budgets, tasks, lengths and
+sample counts may grow. Each record carries its prompt's digest, and a resumed run refuses
+records of other prompts. Everything is deterministic (seeded prompts, greedy decoding, fixed
+batches), so a resumed run ends with the results an uninterrupted one gives.
 
 A crash can cut the last line of `records.jsonl` at any byte: :class:`Records` moves such a torn
 tail to `records.jsonl.torn` and truncates the file before appending, so the unit is simply
@@ -445,11 +444,34 @@ def missing_units(records: list[dict], config: EvalConfig) -> dict[str, list[tup
     return missing
 
 
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def bootstrap_ci(tasks: list[np.ndarray], seed: int = 0) -> list[float]:
+    """The 95% percentile-bootstrap interval (x100) of the mean over tasks of each task's mean
+    prompt score: each resample draws every task's prompts with replacement (within the task),
+    BOOTSTRAP_RESAMPLES resamples from a fixed seed, so a document is reproducible.
+
+    Args:
+      tasks: per task, float[n_task] prompt scores in [0, 1] (n_task >= 1).
+
+    Returns:
+      [low, high], the 2.5% and 97.5% quantiles of the resampled means, x100.
+    """
+    rng = np.random.default_rng(seed)
+    means = np.zeros(BOOTSTRAP_RESAMPLES)
+    for values in tasks:
+        means += values[rng.integers(0, len(values), (BOOTSTRAP_RESAMPLES, len(values)))].mean(axis=1)
+    low, high = np.quantile(means / len(tasks), [0.025, 0.975])
+    return [100 * float(low), 100 * float(high)]
+
+
 def summarize(records: list[dict], config: EvalConfig, model: dict) -> dict:
     """The results document: scores (x100) per (task, length, method, budget) and averaged over
-    tasks, perplexity per (length, method, budget), and attention metrics per layer and averaged
-    over the metric prompts, from the records of this config's methods, budgets, tasks, lengths
-    and sample counts (a run directory may hold more).
+    tasks, each with its 95% bootstrap interval `ci95` (:func:`bootstrap_ci`; the average's
+    resamples the prompts of every task), perplexity per (length, method, budget), and attention
+    metrics per layer and averaged over the metric prompts, from the records of this config's
+    methods, budgets, tasks, lengths and sample counts (a run directory may hold more).
 
     Raises:
       ValueError naming the configurations whose units are missing (:func:`missing_units`): a
@@ -484,10 +506,12 @@ def summarize(records: list[dict], config: EvalConfig, model: dict) -> dict:
         return sorted(out.items(), key=lambda item: (item[0][1], order["task"].get(item[0][0], -1),
                                                      order["method"][item[0][2]], item[0][3] or 0))
 
-    scores = []
+    scores, prompt_scores = [], {}
     for (task, length, method, budget), group in groups("task", config.samples, by_task=True):
+        values = np.asarray([r["score"] for r in sorted(group, key=lambda r: r["index"])], np.float64)
+        prompt_scores[task, length, method, budget] = values
         scores.append({"task": task, "length": length, "method": method, "budget": budget, "samples": len(group),
-                       "score": 100 * float(np.mean([r["score"] for r in group]))})
+                       "score": 100 * float(np.mean(values)), "ci95": bootstrap_ci([values])})
     per_config: dict[tuple, list[dict]] = {}
     for row in scores:
         per_config.setdefault((row["length"], row["method"], row["budget"]), []).append(row)
@@ -495,7 +519,8 @@ def summarize(records: list[dict], config: EvalConfig, model: dict) -> dict:
         if len(rows) == len(config.tasks):
             scores.append({"task": "average", "length": length, "method": method, "budget": budget,
                            "samples": sum(r["samples"] for r in rows),
-                           "score": float(np.mean([r["score"] for r in rows]))})
+                           "score": float(np.mean([r["score"] for r in rows])),
+                           "ci95": bootstrap_ci([prompt_scores[r["task"], length, method, budget] for r in rows])})
     ppl = []
     for (_, length, method, budget), group in groups("perplexity", config.perplexity_sequences, by_task=False):
         nll, tokens = sum(r["nll"] for r in group), sum(r["tokens"] for r in group)

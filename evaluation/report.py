@@ -27,26 +27,31 @@ def format_table(document: dict) -> str:
         if rows:
             tasks = list(dict.fromkeys(r["task"] for r in rows))
             cell = {(r["task"], r["method"], r["budget"]): r["score"] for r in rows}
+            interval = {(r["method"], r["budget"]): r["ci95"] for r in rows if r["task"] == "average" and "ci95" in r}
             samples = max(r["samples"] for r in rows if r["task"] != "average")
             dense = cell.get(("average", "dense", None))
             lines += ["", f"context {length}: score (% of expected answers found, string match; up to {samples} "
-                          "samples per task)" + ("; last column: average as % of dense's" if dense else ""),
-                      f"{'method':<14}{'budget':>12}" + "".join(f"{TASK_LABELS.get(t, t):>9}" for t in tasks)
-                      + (f"{'of dense':>10}" if dense else "")]
+                          "samples per task)" + ("; avg 95% CI: bootstrap over prompts" if interval else "")
+                          + ("; last column: average as % of dense's" if dense else ""),
+                      f"{'method':<22}{'budget':>12}" + "".join(f"{TASK_LABELS.get(t, t):>9}" for t in tasks)
+                      + (f"{'avg 95% CI':>15}" if interval else "") + (f"{'of dense':>10}" if dense else "")]
             for method, budget in dict.fromkeys((r["method"], r["budget"]) for r in rows):
                 average = cell.get(("average", method, budget))
-                lines.append(f"{method:<14}{_budget_label(budget, length):>12}" + "".join(
+                ci = interval.get((method, budget))
+                lines.append(f"{method:<22}{_budget_label(budget, length):>12}" + "".join(
                     f"{cell[t, method, budget]:>9.1f}" if (t, method, budget) in cell else f"{'':>9}"
-                    for t in tasks) + (f"{100 * average / dense:>9.1f}%" if dense and average is not None else ""))
+                    for t in tasks) + ((f"{f'[{ci[0]:.1f}, {ci[1]:.1f}]':>15}" if ci else f"{'':>15}") if interval
+                                       else "")
+                    + (f"{100 * average / dense:>9.1f}%" if dense and average is not None else ""))
         ppl = [r for r in document["perplexity"] if r["length"] == length]
         if ppl:
             dense = next((r["perplexity"] for r in ppl if r["method"] == "dense"), None)
             lines += ["", f"context {length}: perplexity of the last half of {max(r['sequences'] for r in ppl)} "
                           "held-out sequences (every scored token predicted with sparse attention over its prefix)",
-                      f"{'method':<14}{'budget':>12}{'perplexity':>12}" + (f"{'vs dense':>10}" if dense else "")]
+                      f"{'method':<22}{'budget':>12}{'perplexity':>12}" + (f"{'vs dense':>10}" if dense else "")]
             for r in ppl:
                 change = f"{100 * (r['perplexity'] / dense - 1):>+9.2f}%" if dense else ""
-                lines.append(f"{r['method']:<14}{_budget_label(r['budget'], length):>12}{r['perplexity']:>12.3f}"
+                lines.append(f"{r['method']:<22}{_budget_label(r['budget'], length):>12}{r['perplexity']:>12.3f}"
                              + change)
         attention = [r for r in document["attention"] if r["length"] == length]
         if attention:
@@ -56,9 +61,9 @@ def format_table(document: dict) -> str:
                           f"layers, {max(r['prompts'] for r in attention)} prompts x {config['metric_queries']} query "
                           "positions (mass recall: share of the exact softmax mass kept; output error: "
                           "||o - o_dense|| / ||o_dense||)",
-                      f"{'method':<14}{'budget':>12}{'mass recall':>13}{'output error':>14}"]
+                      f"{'method':<22}{'budget':>12}{'mass recall':>13}{'output error':>14}"]
             for r in attention:
-                lines.append(f"{r['method']:<14}{_budget_label(r['budget'], length):>12}{r['mass_mean']:>13.3f}"
+                lines.append(f"{r['method']:<22}{_budget_label(r['budget'], length):>12}{r['mass_mean']:>13.3f}"
                              f"{r['error_mean']:>14.3f}")
     return "\n".join(lines)
 

@@ -346,7 +346,12 @@ def test_report_table_and_plots(tmp_path):
     for method, budget in config.configs:
         mine = [r["score"] for r in records if r["kind"] == "task" and (r["method"], r["budget"]) == (method, budget)]
         assert average[method, budget] == pytest.approx(100 * np.mean(mine))
+    for row in document["scores"]:  # the interval holds the mean and lies within [0, 100]
+        low, high = row["ci95"]
+        assert 0 <= low <= row["score"] <= high <= 100
     table = report.format_table(document)
+    ci = next(r["ci95"] for r in document["scores"] if (r["task"], r["method"]) == ("average", "dense"))
+    assert "avg 95% CI" in table and f"[{ci[0]:.1f}, {ci[1]:.1f}]" in table
     for text in ("niah-1", "fwe", "avg", "dense", "hata", "quest", "8 (1/20)", "16 (1/10)", "perplexity",
                  "mass recall", "output error", "layers (1..2)"):
         assert text in table, text
@@ -355,6 +360,22 @@ def test_report_table_and_plots(tmp_path):
     written = report.write_report(document, tmp_path)
     assert [p.name for p in written] == ["scores_160.png", "attention_160.png"]
     assert all(p.stat().st_size > 10_000 for p in written)
+
+
+def test_bootstrap_ci_against_a_plain_resampling():
+    """Known cases: constant scores give a zero-width interval; one task of n Bernoulli prompts
+    gives about the binomial interval; the average's interval is narrower than a single task's."""
+    rng = np.random.default_rng(SESSION_SEED)
+    assert harness.bootstrap_ci([np.ones(7)]) == [100.0, 100.0]
+    values = (rng.random(400) < 0.3).astype(np.float64)
+    low, high = harness.bootstrap_ci([values])
+    p, half = values.mean(), 1.96 * np.sqrt(values.mean() * (1 - values.mean()) / values.size)
+    assert abs(low - 100 * (p - half)) < 1.0 and abs(high - 100 * (p + half)) < 1.0
+    tasks = [(rng.random(50) < 0.5).astype(np.float64) for _ in range(4)]
+    one = harness.bootstrap_ci(tasks[:1])
+    four = harness.bootstrap_ci(tasks)
+    assert four[1] - four[0] < one[1] - one[0]
+    assert four[0] <= 100 * np.mean([t.mean() for t in tasks]) <= four[1]
 
 
 # ------------------------------------------------------------------------------------- CLI
