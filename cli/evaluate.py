@@ -109,9 +109,9 @@ def evaluate(args: argparse.Namespace, *, out: str, keep: bool = True, parts: tu
     `parts`: which of `hata_jax.evaluation.harness.PARTS` to run now (None: all)."""
     require_train_extra(*(("matplotlib",) if keep else ()), *(() if args.no_progress else ("tqdm",)))
     writable_directory(out, "--out")
-    needs = [m for m in fields["methods"] if params_method(m) == "hashattention"]
+    needs = [m for m in fields["methods"] if m in METHODS and params_method(m) == "hashattention"]
     if needs and not args.hashattention:
-        raise ValueError(f"methods {needs} need --hashattention DIR (a `hata-jax train --selector hashattention` "
+        raise ValueError(f"{', '.join(needs)} needs --hashattention DIR (a `hata-jax train --selector hashattention` "
                          "run)")
     config = EvalConfig(dense_layers=args.dense_layers, rbit=args.rbit, candidates=args.candidates, sink=args.sink,
                         recent=args.recent,
