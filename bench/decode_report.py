@@ -8,6 +8,7 @@ import math
 import os
 
 from hata_jax.models import generation
+from hata_jax.models.presets import LLAMA_8B
 
 GB = 1e9
 METHODS = ("dense", "hata", "exact", "cudnn")  # what bench.decode measures, in report order
@@ -138,6 +139,12 @@ def _speedup(rows, kind, context, batch, key):
     return (best[key] / hata[key], best["method"]) if best and hata else (None, None)
 
 
+def llama_dense_below(budget: int, batch: int) -> int:
+    """The default short-context threshold for Llama-3.1-8B shapes in bf16 at `batch`."""
+    token_bytes = generation.kv_token_bytes(batch, LLAMA_8B.num_kv_heads, LLAMA_8B.head_dim, "bfloat16")
+    return generation.default_dense_below(budget, token_bytes)
+
+
 def goals(steps, attention, budget: int) -> list[dict]:
     """The performance goals, read from the Llama rows: per goal {"goal": text, "value": the
     measured ratio or None, "versus": the best dense method, "met": "yes" | "NO" | "by the policy"
@@ -155,7 +162,7 @@ def goals(steps, attention, budget: int) -> list[dict]:
                       "met": "-" if value is None else "yes" if value >= target else "NO"})
     value, best = _speedup(steps, "step", 4096, 1, "median_ms")
     cost = 1 / value if value else None
-    threshold = generation.DENSE_BELOW_BUDGETS * budget
+    threshold = llama_dense_below(budget, 1)
     met = "-" if cost is None else "yes" if cost <= 1.10 else "by the policy" if threshold >= 4096 else "NO"
     found.append({"goal": "whole step, 4K, batch 1: HATA costs <= 1.10x the best dense, or the model switches to "
                           "dense", "value": cost, "versus": best, "met": met})
@@ -168,12 +175,12 @@ def goals_table(steps, attention, budget: int) -> list[str]:
     for g in goals(steps, attention, budget):
         measured = f"{g['value']:.2f}x (vs {g['versus']})" if g["value"] else "not measured"
         lines.append(f"| {g['goal']} | {measured} | {g['met']} |")
-    threshold = generation.DENSE_BELOW_BUDGETS * budget
     lines += ["",
               "Short-context policy: `hata_jax.models.generate` (and `hata-jax generate`) run the all-dense step "
-              "while every sequence holds at most `dense_below` tokens, by default "
-              f"{generation.DENSE_BELOW_BUDGETS} x budget = "
-              f"{threshold} here, so contexts up to that length decode at the dense step's speed."]
+              "while every sequence holds at most `dense_below` tokens, by default where one layer's K + V over "
+              f"the batch reach {generation.DENSE_BELOW_KV_BYTES >> 20} MiB: for Llama-3.1-8B shapes in bf16 "
+              f"{llama_dense_below(budget, 1)} tokens at batch 1 and {llama_dense_below(budget, 8)} at batch 8, so "
+              "contexts up to that length decode at the dense step's speed."]
     return lines
 
 

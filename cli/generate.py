@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from hata_jax import HataConfig
-from hata_jax.models.generation import Sampling, generate, short_context_threshold
+from hata_jax.models.generation import Sampling, generate, kv_token_bytes, short_context_threshold
 from hata_jax.models.load import load_model
 from hata_jax.models.plan import AttentionPlan, layer_span
 from hata_jax.models.sharding import make_mesh, shard_model
@@ -37,7 +37,8 @@ def add_generate_command(subparsers) -> None:
     gen.add_argument("--dense-below", type=int, default=None, metavar="N",
                      help="short-context policy: decode steps over at most N tokens (prompt + generated) run dense "
                           "attention in every layer, where it is cheaper than HATA's hashing and selection; codes "
-                          "stay current, so the later switch to HATA is exact (default 4 x budget; 0 = never)")
+                          "stay current, so the later switch to HATA is exact (default: where one layer's K + V "
+                          "reach 160 MiB, at least the budget; 0 = never)")
     gen.add_argument("--rbit", type=int, default=128, help="hash bits (default 128)")
     gen.add_argument("--dense-layers", type=int, default=2, help="first layers that stay dense (default 2)")
     gen.add_argument("--hash-weights", metavar="PATH",
@@ -151,7 +152,8 @@ def run_generate(args: argparse.Namespace) -> int:
         model = shard_model(model, mesh)
         plan = plan.on_mesh(mesh)
         log(f"tensor-parallel over {args.mesh} devices: {config.num_kv_heads // args.mesh} KV heads each")
-    threshold = short_context_threshold(plan, args.dense_below)
+    token_bytes = kv_token_bytes(1, config.num_kv_heads, config.head_dim, getattr(jnp, args.dtype))
+    threshold = short_context_threshold(plan, args.dense_below, token_bytes)
     hash_weights = None
     if args.attention == "hata" or args.hash_weights:
         hash_weights = hash_weights_for_generate(args.hash_weights, args.model, model, args.rbit, log)

@@ -18,11 +18,13 @@ states from the cached keys (:func:`hata_jax.models.selector_cache.with_selector
 first token; the decode steps then donate those copies.
 
 Short-context policy: with a plan that has selecting ("hata" or "sparse") layers, a step whose
-sequences all hold at most `dense_below` tokens (the step's new token included; default
-`DENSE_BELOW_BUDGETS` x the budget, 0 disables) runs dense attention in every layer. At such
-lengths dense attention reads few bytes and hashing, scoring and selection would cost more than
-they save (and select a large share of the context anyway). The choice is made on the host from
-the prompt lengths and the step count, between two compiled decode steps (the plan and
+sequences all hold at most `dense_below` tokens (the step's new token included; 0 disables)
+runs dense attention in every layer. At such lengths dense attention reads few bytes and
+hashing, scoring and selection would cost more than they save (and select a large share of the
+context anyway). The default threshold is where one layer's K and V of the whole batch reach
+`DENSE_BELOW_KV_BYTES` (at least the budget): a selecting step's overhead is roughly fixed per
+layer, dense attention's time grows with those bytes (:func:`short_context_threshold`). The
+choice is made on the host from the prompt lengths and the step count, between two compiled decode steps (the plan and
 :meth:`AttentionPlan.as_dense`), each compiled once per shape: no device-to-host read and no
 device-side branch. Dense layers keep appending codes and key norms to every layer's cache (and
 the selector's metadata to a "sparse" layer's state), so the selecting steps after the switch
@@ -54,7 +56,15 @@ from hata_jax.models.selector_cache import with_selector_states
 PROMPT_BUCKET = 32
 CAPACITY_BUCKET = 128
 # Default short-context threshold in budgets: a step over at most 4 x budget tokens runs dense.
-DENSE_BELOW_BUDGETS = 4
+# One layer's K + V bytes over the whole batch below which the all-dense step is the faster one.
+# Measured crossovers of the whole decode step (BENCHMARKS.md, end-to-end run 5, H100, budget
+# 2048): Llama-3.1-8B shapes (8 KV heads, D 128, bf16; 64 KiB per token and sequence) between 32K
+# and 64K tokens at batch 1 and between 8K and 32K at batches 4 and 8; SmolLM2-135M shapes (3 KV
+# heads, D 64; 24 KiB) between 128K and 256K at batch 1 and between 8K and 32K at batches 8 and
+# 16. 160 MiB gives 40K, 10K, 5K and 213K, 27K, 13K tokens for those: the measured side of the
+# crossover in each config but two near-ties (Llama 4K at batch 16 runs HATA at 0.82x of cuDNN's
+# step, SmolLM2 32K at batch 4 dense at 0.96x of HATA's).
+DENSE_BELOW_KV_BYTES = 160 * 2**20
 # step name -> number of times it was traced (compiled).
 TRACES: collections.Counter = collections.Counter()
 
@@ -233,18 +243,32 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def short_context_threshold(plan: AttentionPlan, dense_below: int | None) -> int:
+def kv_token_bytes(batch: int, kv_heads: int, head_dim: int, dtype) -> int:
+    """One layer's K + V bytes per token position over a batch of `batch` sequences."""
+    return 2 * batch * kv_heads * head_dim * jnp.dtype(dtype).itemsize
+
+
+def default_dense_below(budget: int, token_bytes: int) -> int:
+    """The default short-context threshold in tokens: where one layer's K + V over the batch
+    (`token_bytes` per token, :func:`kv_token_bytes`) reach DENSE_BELOW_KV_BYTES, at least `budget`."""
+    if isinstance(token_bytes, bool) or not isinstance(token_bytes, int) or token_bytes <= 0:
+        raise ValueError(f"token_bytes must be a positive int, got {token_bytes!r}")
+    return max(budget, DENSE_BELOW_KV_BYTES // token_bytes)
+
+
+def short_context_threshold(plan: AttentionPlan, dense_below: int | None, token_bytes: int) -> int:
     """Tokens per sequence up to which a step runs dense in every layer (0: never).
 
-    `dense_below` None means `DENSE_BELOW_BUDGETS * plan.hata.budget`; a plan without selecting
-    ("hata" or "sparse") layers has nothing to switch, so 0.
+    `dense_below` None means :func:`default_dense_below` for `token_bytes`, one layer's K + V
+    bytes per token over the batch (:func:`kv_token_bytes`); a plan without selecting ("hata" or
+    "sparse") layers has nothing to switch, so 0.
     """
     if dense_below is not None and (isinstance(dense_below, bool) or not isinstance(dense_below, int)
                                     or dense_below < 0):
         raise ValueError(f"dense_below must be an int >= 0 (0 disables the short-context policy), got {dense_below!r}")
     if not plan.selecting_layers:
         return 0
-    return DENSE_BELOW_BUDGETS * plan.hata.budget if dense_below is None else dense_below
+    return default_dense_below(plan.hata.budget, token_bytes) if dense_below is None else dense_below
 
 
 def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> list[int]:
@@ -412,14 +436,17 @@ def generate_from(
       stop_ids: a row stops after producing one of these (not included in its output).
       on_tokens: called after each step with the new token of each row (None for a finished row).
       dense_below: short-context policy (module docstring): steps whose sequences all hold at
-        most this many tokens run dense in every layer. Default `DENSE_BELOW_BUDGETS` x the
-        budget (after lowering it to the capacity); 0 runs the plan at every step.
+        most this many tokens run dense in every layer. Default: where one layer's K + V over
+        the batch reach `DENSE_BELOW_KV_BYTES`, at least the budget (after lowering it to the
+        capacity); 0 runs the plan at every step.
     """
     lengths = prefilled.prompt_lengths
     check_room(lengths, max_new_tokens, prefilled.capacity)
     if plan.hata.budget > prefilled.capacity:
         plan = plan.with_budget(prefilled.capacity)
-    threshold = short_context_threshold(plan, dense_below)
+    batch, kv_heads, _, head_dim = prefilled.caches[0].k.shape
+    token_bytes = kv_token_bytes(batch, kv_heads, head_dim, prefilled.caches[0].k.dtype)
+    threshold = short_context_threshold(plan, dense_below, token_bytes)
     weights, recode, selector_params = _layer_arguments(prefilled, plan, params)
     steps = prefilled.steps
 
@@ -502,8 +529,9 @@ def generate(
       on_tokens: called after each step with the new token of each row (None for a finished row).
       cache_dtype: KV cache dtype, default the model's.
       dense_below: short-context policy (module docstring): steps whose sequences all hold at
-        most this many tokens run dense in every layer. Default `DENSE_BELOW_BUDGETS` x the
-        budget (after lowering it to the capacity); 0 runs the plan at every step.
+        most this many tokens run dense in every layer. Default: where one layer's K + V over
+        the batch reach `DENSE_BELOW_KV_BYTES`, at least the budget (after lowering it to the
+        capacity); 0 runs the plan at every step.
     """
     config = model.config
     lengths = check_prompts(prompts, config.vocab_size)

@@ -17,7 +17,7 @@ from flax import nnx
 
 import hata_jax as hj
 from hata_jax import HataConfig, dispatch
-from hata_jax.models import AttentionPlan, LlamaConfig, LlamaForCausalLM
+from hata_jax.models import AttentionPlan, LlamaConfig, LlamaForCausalLM, generation
 from hata_jax.models.generation import ModelSteps
 from hata_jax.models.presets import FULL_MODELS, SMALL_MODELS
 from pallas_kernels._backend import lower_for_cuda
@@ -123,7 +123,7 @@ def _row(kind, model, context, batch, method, value):
             "implementation": "pallas", **timing}
 
 
-def test_report_states_the_goals(tmp_path, capsys):
+def test_report_states_the_goals(tmp_path, capsys, monkeypatch):
     """Each goal is judged against the best dense method of its config; the report renders them,
     the skipped configs and the plots."""
     rows = [_row("attention", "llama", 131072, 1, "dense", 400.0),
@@ -143,11 +143,12 @@ def test_report_states_the_goals(tmp_path, capsys):
                              "reason": "memory: needs 93.0 GB"}]}
     steps = [r for r in rows if r["kind"] == "step"]
     attention = [r for r in rows if r["kind"] == "attention"]
-    judged = decode_report.goals(steps, attention, budget=2048)  # dense_below 4 x 2048 covers 4K
+    judged = decode_report.goals(steps, attention, budget=2048)  # dense_below (40K at batch 1) covers 4K
     assert [(g["value"], g["versus"], g["met"]) for g in judged] == [
         (pytest.approx(380 / 30), "cudnn", "yes"), (pytest.approx(19 / 8), "cudnn", "yes"),
         (pytest.approx(30 / 12), "dense", "NO"), (pytest.approx(6.9 / 6), "dense", "by the policy")]
-    assert decode_report.goals(steps, attention, budget=512)[-1]["met"] == "NO"  # 4 x 512 < 4096: no policy
+    monkeypatch.setattr(generation, "DENSE_BELOW_KV_BYTES", 4095 * 4096)  # a policy that stops short of 4K
+    assert decode_report.goals(steps, attention, budget=512)[-1]["met"] == "NO"
     path = tmp_path / "decode_h100.json"
     path.write_text(json.dumps(data))
     assert decode.main(["--report", str(path), "--plots", str(tmp_path)]) == 0

@@ -109,13 +109,20 @@ def test_generation_across_the_threshold_compiles_each_step_once(rng, fresh_trac
 
 def test_threshold_default_and_bad_values():
     hata = AttentionPlan.uniform(3, "hata", HataConfig(budget=16, dense_layers=1))
-    assert short_context_threshold(hata, None) == generation.DENSE_BELOW_BUDGETS * 16 == 64
-    assert short_context_threshold(hata, 0) == 0
-    assert short_context_threshold(hata, 100) == 100
-    assert short_context_threshold(AttentionPlan.uniform(3, "dense"), 100) == 0  # nothing to switch
+    llama_b1 = generation.kv_token_bytes(1, 8, 128, jnp.bfloat16)  # Llama-3.1-8B shapes: 4 KiB per token
+    assert llama_b1 == 4096
+    assert short_context_threshold(hata, None, llama_b1) == generation.DENSE_BELOW_KV_BYTES // 4096 == 40960
+    assert short_context_threshold(hata, None, 8 * llama_b1) == 5120  # batch 8: dense up to 5K tokens
+    assert short_context_threshold(hata, None, 2**30) == 16  # never below the budget
+    assert short_context_threshold(hata, 0, llama_b1) == 0
+    assert short_context_threshold(hata, 100, llama_b1) == 100
+    assert short_context_threshold(AttentionPlan.uniform(3, "dense"), 100, llama_b1) == 0  # nothing to switch
     for bad in (-1, 2.5, True):
         with pytest.raises(ValueError, match="dense_below must be an int >= 0"):
-            short_context_threshold(hata, bad)
+            short_context_threshold(hata, bad, llama_b1)
+    for bad in (0, -5, 2.5):
+        with pytest.raises(ValueError, match="token_bytes must be a positive int"):
+            short_context_threshold(hata, None, bad)
 
 
 def test_cli_dense_below(tmp_path, rng, capsys):
