@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hata_jax.models import generation
+from hata_jax.models import generation, llama
 
 jax.config.update("jax_enable_x64", False)
 
@@ -57,8 +57,12 @@ def ragged_lengths(rng):
 
 @pytest.fixture
 def fresh_traces(monkeypatch) -> collections.Counter:
-    """generation.TRACES counting from zero, with every jit cache emptied first: the traces a test
-    counts are its own, whichever tests ran before it."""
-    jax.clear_caches()
+    """generation.TRACES counting from zero, with the caches of the generation steps emptied first
+    (the jitted prefill/decode/start steps and the per-layer decode attention, whose traces resolve
+    the selection kernels): the traces a test counts are its own, whichever tests ran before it.
+    Only these caches: `jax.clear_caches()` would make every later test recompile what it shares."""
+    generation._step_functions.cache_clear()
+    generation._start.clear_cache()
+    llama.decode_attention.clear_cache()
     monkeypatch.setattr(generation, "TRACES", collections.Counter())
     return generation.TRACES
