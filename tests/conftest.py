@@ -66,3 +66,25 @@ def fresh_traces(monkeypatch) -> collections.Counter:
     llama.decode_attention.clear_cache()
     monkeypatch.setattr(generation, "TRACES", collections.Counter())
     return generation.TRACES
+
+
+def _sharding_module(session):
+    for item in session.items:
+        module = getattr(item, "module", None)
+        if module is not None and module.__name__ == "test_sharding":
+            return module
+    return None
+
+
+def pytest_collection_finish(session):
+    """Start test_sharding's child processes now, if its tests are selected: they run beside the
+    rest of the suite, on the core the pytest process leaves idle."""
+    module = _sharding_module(session)
+    if module is not None:
+        module.start_children()
+
+
+def pytest_sessionfinish(session):
+    module = _sharding_module(session)
+    if module is not None:
+        module.stop_children()
