@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hata_jax.models import generation
+from hata_jax.models import generation, llama
 
 jax.config.update("jax_enable_x64", False)
 
@@ -57,8 +57,34 @@ def ragged_lengths(rng):
 
 @pytest.fixture
 def fresh_traces(monkeypatch) -> collections.Counter:
-    """generation.TRACES counting from zero, with every jit cache emptied first: the traces a test
-    counts are its own, whichever tests ran before it."""
-    jax.clear_caches()
+    """generation.TRACES counting from zero, with the caches of the generation steps emptied first
+    (the jitted prefill/decode/start steps and the per-layer decode attention, whose traces resolve
+    the selection kernels): the traces a test counts are its own, whichever tests ran before it.
+    Only these caches: `jax.clear_caches()` would make every later test recompile what it shares."""
+    generation._step_functions.cache_clear()
+    generation._start.clear_cache()
+    llama.decode_attention.clear_cache()
     monkeypatch.setattr(generation, "TRACES", collections.Counter())
     return generation.TRACES
+
+
+def _sharding_module(session):
+    for item in session.items:
+        module = getattr(item, "module", None)
+        if module is not None and module.__name__ == "test_sharding":
+            return module
+    return None
+
+
+def pytest_collection_finish(session):
+    """Start test_sharding's child processes now, if its tests are selected: they run beside the
+    rest of the suite, on the core the pytest process leaves idle."""
+    module = _sharding_module(session)
+    if module is not None:
+        module.start_children()
+
+
+def pytest_sessionfinish(session):
+    module = _sharding_module(session)
+    if module is not None:
+        module.stop_children()

@@ -6,6 +6,10 @@ every check on 4 virtual CPU devices and prints one JSON line per check; `... SE
 --port P` is one of two processes (2 devices each) of a `jax.distributed` run. Each test below
 asserts that its check passed (its traceback is the failure message). Data comes from the
 session seed (conftest), so it differs between runs and `HATA_TEST_SEED` replays one.
+
+The children start right after collection (conftest's `pytest_collection_finish` calls
+:func:`start_children` when a test of this file is selected), so they run beside the rest of the
+suite: the pytest process keeps about one core busy, the children use the other.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 
@@ -57,7 +62,7 @@ def _assert_caches_equal(got, want):
     assert flipped.mean() <= 1e-4, f"codes: {int(flipped.sum())} of {flipped.size} bits differ"
 
 
-def _attention_case(rng, kv_heads, group, devices, impl="reference", explicit=False, jit=True):
+def _attention_case(rng, kv_heads, group, devices, impl="reference", explicit=False, jit=True, capacity=160):
     """Prefill, HATA decode, append and dense decode, sharded and not, on a ragged batch."""
     import jax
     import jax.numpy as jnp
@@ -65,7 +70,7 @@ def _attention_case(rng, kv_heads, group, devices, impl="reference", explicit=Fa
     import hata_jax as hj
     from hata_jax import sharding as hs
 
-    batch, capacity, d, rbit, budget = 3, 160, 64, 64, 24
+    batch, d, rbit, budget = 3, 64, 64, 24
     mesh = _mesh(devices, explicit)
     k, v = _rand(rng, batch, kv_heads, capacity, d), _rand(rng, batch, kv_heads, capacity, d)
     w = _rand(rng, kv_heads, d, rbit)
@@ -106,8 +111,9 @@ def _attention_case(rng, kv_heads, group, devices, impl="reference", explicit=Fa
 
 
 def check_attention_wrappers(rng):
-    """Hkv 4 and 8 over 2 and 4 devices, G 1 and 3, jitted (the reference path)."""
-    for kv_heads, group, devices in ((4, 1, 2), (4, 3, 4), (8, 3, 2), (8, 1, 4)):
+    """Hkv 4 and 8 over 4 and 2 devices (1 and 4 heads a device), G 3 and 1, jitted (the reference
+    path); the other checks add G 2 and 2 and 1 heads a device."""
+    for kv_heads, group, devices in ((4, 3, 4), (8, 1, 2)):
         _attention_case(rng, kv_heads, group, devices)
 
 
@@ -313,38 +319,76 @@ def _child_env() -> dict:
     return {**env, "JAX_PLATFORMS": "cpu"}
 
 
+_CHILDREN: dict = {}
+
+
+def _spawn(*args: str):
+    """A child process running this file with `args`, its stdout and stderr into temporary files
+    (a pipe nobody reads while the suite runs would fill up and stall it)."""
+    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # noqa: SIM115 (read and closed by _finish)
+    proc = subprocess.Popen([sys.executable, HERE, *args], stdout=out, stderr=err, text=True, env=_child_env())
+    return proc, out, err
+
+
+def start_children() -> dict:
+    """Start (once) the checks' child process and the two processes of the `jax.distributed` run."""
+    if not _CHILDREN:
+        from conftest import SESSION_SEED
+
+        with socket.socket() as s:
+            s.bind(("localhost", 0))
+            port = s.getsockname()[1]
+        _CHILDREN["checks"] = _spawn(str(SESSION_SEED))
+        _CHILDREN["distributed"] = [_spawn(str(SESSION_SEED), "--process", str(i), "--port", str(port))
+                                    for i in range(2)]
+    return _CHILDREN
+
+
+def stop_children() -> None:
+    """Kill the children that still run (the session ended before their tests)."""
+    for proc, _, _ in [_CHILDREN.get("checks"), *_CHILDREN.get("distributed", [])]:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _finish(child, timeout: float) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of a child, once it ended."""
+    proc, out, err = child
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    texts = []
+    for f in (out, err):
+        f.seek(0)
+        texts.append(f.read())
+        f.close()
+    return proc.returncode, *texts
+
+
 @pytest.fixture(scope="module")
 def checks():
-    from conftest import SESSION_SEED
-
-    proc = subprocess.run([sys.executable, HERE, str(SESSION_SEED)], capture_output=True, text=True, timeout=600,
-                          env=_child_env())
-    results = {r["check"]: r for r in _results(proc.stdout)}
-    return results, proc
+    returncode, stdout, stderr = _finish(start_children()["checks"], timeout=600)
+    results = {r["check"]: r for r in _results(stdout)}
+    return results, returncode, stderr
 
 
 @pytest.mark.parametrize("name", sorted(CHECKS))
 def test_sharded_equals_single_device(checks, name):
-    results, proc = checks
-    assert name in results, f"the check did not run (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
+    results, returncode, stderr = checks
+    assert name in results, f"the check did not run (exit {returncode}):\n{stderr[-4000:]}"
     assert results[name]["ok"], f"{CHECKS[name].__doc__}\n{results[name]['error']}"
 
 
 def test_two_processes_jax_distributed():
     """Two processes of 2 devices each (`jax.distributed`, gloo collectives): generation over the
     4-device mesh gives the single-device tokens in both processes."""
-    from conftest import SESSION_SEED
-
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, HERE, str(SESSION_SEED), "--process", str(i), "--port", str(port)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_child_env())
-             for i in range(2)]
-    outputs = [p.communicate(timeout=300) for p in procs]
-    results = [_results(out) for out, _ in outputs]
-    for p, (_, err), found in zip(procs, outputs, results):
-        assert p.returncode == 0 and found, f"exit {p.returncode}:\n{err[-4000:]}"
+    outputs = [_finish(child, timeout=300) for child in start_children()["distributed"]]
+    results = [_results(out) for _, out, _ in outputs]
+    for (returncode, _, err), found in zip(outputs, results):
+        assert returncode == 0 and found, f"exit {returncode}:\n{err[-4000:]}"
     for found in results:
         assert found[0]["tokens"] == found[0]["want"]
 
