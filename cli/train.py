@@ -24,9 +24,10 @@ def _add_model_args(parser, split: str, samples_default: str) -> None:
     parser.add_argument("--model", default="smollm2",
                         help="'smollm2' (the embedded SmolLM2-135M-Instruct), a HF checkpoint directory or a "
                              ".gguf file")
-    parser.add_argument("--corpus", nargs="+", metavar="PATH",
-                        help="text files or directories (default: the Python standard library's sources, "
-                             f"its {split} split)")
+    parser.add_argument("--corpus", nargs="+", metavar="NAME_OR_PATH",
+                        help="a named corpus, its " + split + " split: 'stdlib' (the default: the Python standard "
+                             "library's sources), 'docs' (the prose packages ship under /usr/share/doc, or "
+                             "$HATA_JAX_DOCS) or 'mixed' (both); or text files and directories")
     parser.add_argument("--seq-len", type=int, default=4096, help="tokens per sequence (default 4096)")
     parser.add_argument("--queries", type=int, default=32,
                         help="query positions per sequence, drawn from [seq_len/2, seq_len) (default 32)")
@@ -96,10 +97,6 @@ def log(message: str) -> None:
     print(f"[hata-jax] {message}", file=sys.stderr, flush=True)
 
 
-def _corpus(args, split: str):
-    return corpus.file_corpus(args.corpus) if args.corpus else corpus.stdlib_corpus(split)
-
-
 def run_train(args: argparse.Namespace) -> int:
     require_train_extra(*(() if args.no_progress else ("tqdm",)))
     writable_directory(args.out, "--out")
@@ -112,9 +109,10 @@ def run_train(args: argparse.Namespace) -> int:
         seed=args.seed, save_every=args.save_every)
     start = time.perf_counter()
     model, tokenizer = load_model(args.model, log=log)
-    train_model(model, args.model, tokenizer, args.out, corpus=_corpus(args, "train"), selector=selector,
-                collect_config=collect_config, train_config=train_config, dense_layers=args.dense_layers,
-                samples_dir=args.samples, resume=args.resume, progress=not args.no_progress, log=log)
+    train_model(model, args.model, tokenizer, args.out, corpus=corpus.corpus_from_args(args.corpus, "train"),
+                selector=selector, collect_config=collect_config, train_config=train_config,
+                dense_layers=args.dense_layers, samples_dir=args.samples, resume=args.resume,
+                progress=not args.no_progress, log=log)
     log(f"done in {time.perf_counter() - start:.0f} s; use it with --hash-weights {args.out}"
         if args.selector == "hata" else f"done in {time.perf_counter() - start:.0f} s")
     return 0
@@ -144,7 +142,7 @@ def run_recall(args: argparse.Namespace) -> int:
         samples = pathlib.Path(args.samples or tmp)
         start = time.perf_counter()
         log(f"collecting held-out samples: {config.sequences} sequences of {config.seq_len} tokens -> {samples}")
-        collect(model, args.model, tokenizer, _corpus(args, "heldout"), config, layers, samples,
+        collect(model, args.model, tokenizer, corpus.corpus_from_args(args.corpus, "heldout"), config, layers, samples,
                 progress=lambda done, total: log(f"  prefill {done}/{total} ({time.perf_counter() - start:.0f} s)"))
         recall.check_heldout(samples, checkpoints)
         result = recall.evaluate(samples, layers, methods)

@@ -4,6 +4,7 @@ Other test_train files import :func:`tiny_model` and :func:`word_corpus`.
 """
 from __future__ import annotations
 
+import gzip
 import pathlib
 
 import jax.numpy as jnp
@@ -171,3 +172,66 @@ def test_file_corpus(tmp_path, rng):
     with pytest.raises(ValueError, match="holds no files"):
         (tmp_path / "empty").mkdir()
         corpus.file_corpus([tmp_path / "empty"])
+
+
+def _docs_tree(root, files=40):
+    """Package documentation: prose READMEs and gzipped NEWS, plus files the docs corpus skips."""
+    for i in range(files):
+        pkg = root / f"pkg{i}"
+        pkg.mkdir(parents=True)
+        (pkg / "README.md").write_text(f"Package {i}. " + "Some prose about this package. " * 40)
+        (pkg / "NEWS.gz").write_bytes(gzip.compress(f"Release {i}: ".encode() + b"a change was made. " * 60))
+        (pkg / "copyright").write_text("Copyright holders. " * 80)  # never read
+        (pkg / "short.txt").write_text("too short")
+        (pkg / "logo.png").write_bytes(b"\x89PNG" + bytes(2000))
+    (root / "zdup").mkdir()
+    (root / "zdup" / "README").write_text((root / "pkg0" / "README.md").read_text())  # the same text again
+    (root / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 400)
+
+
+def test_docs_corpus_splits_by_file(tmp_path, monkeypatch):
+    _docs_tree(tmp_path)
+    monkeypatch.setenv("HATA_JAX_DOCS", str(tmp_path))
+    train, heldout = corpus.docs_corpus("train"), corpus.docs_corpus("heldout")
+    assert train.files and heldout.files and not set(train.files) & set(heldout.files)
+    assert corpus.docs_corpus("train") == train and corpus.docs_corpus("heldout") == heldout  # deterministic
+    names = sorted(f.relative_to(tmp_path).as_posix() for f in train.files + heldout.files)
+    assert names == sorted([f"pkg{i}/README.md" for i in range(40)] + [f"pkg{i}/NEWS.gz" for i in range(40)])
+    assert all(corpus.is_heldout(f.relative_to(tmp_path).as_posix()) for f in heldout.files)
+    assert corpus.read_text(tmp_path / "pkg3" / "NEWS.gz").startswith("Release 3: a change")
+    assert train.name == "docs/train" and heldout.root == tmp_path
+    with pytest.raises(ValueError, match="split must be one of"):
+        corpus.docs_corpus("test")
+    monkeypatch.setenv("HATA_JAX_DOCS", str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="HATA_JAX_DOCS"):
+        corpus.docs_corpus("train")
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("HATA_JAX_DOCS", str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="no documentation files"):
+        corpus.docs_corpus("train")
+
+
+def test_named_corpora_and_corpus_argument(tmp_path, monkeypatch):
+    _docs_tree(tmp_path / "doc")
+    for i in range(40):
+        (tmp_path / "lib" / f"m{i}.py").parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "lib" / f"m{i}.py").write_text(f'"""m{i}"""\n')
+    monkeypatch.setenv("HATA_JAX_DOCS", str(tmp_path / "doc"))
+    monkeypatch.setenv("HATA_JAX_STDLIB", str(tmp_path / "lib"))
+    for split in corpus.SPLITS:
+        mixed = corpus.named_corpus("mixed", split)
+        assert mixed.files == corpus.docs_corpus(split).files + corpus.stdlib_corpus(split).files
+        assert mixed.name == f"mixed/{split}" and mixed.root == tmp_path
+    assert not set(corpus.named_corpus("mixed", "train").files) & set(corpus.named_corpus("mixed", "heldout").files)
+    monkeypatch.chdir(tmp_path)
+    assert corpus.corpus_from_args(None, "heldout") == corpus.stdlib_corpus("heldout")
+    assert corpus.corpus_from_args(["docs"], "train") == corpus.docs_corpus("train")
+    assert corpus.corpus_from_args(["doc"], "train").name == "files"  # a path
+    with pytest.raises(ValueError, match=r"--corpus prose: no such file or directory \(nor a corpus name: stdlib"):
+        corpus.corpus_from_args(["prose"], "train")
+    with pytest.raises(ValueError, match="unknown corpus 'prose'"):
+        corpus.named_corpus("prose", "train")
+    (tmp_path / "mixed").mkdir()
+    with pytest.raises(ValueError, match="--corpus mixed: both a corpus name and a path here; write ./mixed"):
+        corpus.corpus_from_args(["mixed"], "train")
+    assert corpus.corpus_from_args(["./mixed", "doc"], "train").name == "files"

@@ -1,7 +1,7 @@
 """Training of the learned token selectors: HATA's hash projections and HashAttention's MLPs.
 
     collect   prefills over a corpus -> per (layer, sequence) post-RoPE q, k and raw q.k on disk
-    corpus    the default corpus (the Python standard library's sources, split by file) or your files
+    corpus    named corpora split by file (stdlib, the default; docs: /usr/share/doc prose; mixed) or your files
     hata_objective  labels (rank weights), HATA's similarity / bit-balance / decorrelation loss, scores
     hashattention_objective  per-head MLP codes, weighted BCE against the true top-k keys, scores
     trainer   optax steps per layer (all KV heads together), progress bars, resumable checkpoints
