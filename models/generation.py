@@ -24,11 +24,11 @@ hashing, scoring and selection would cost more than they save (and select a larg
 context anyway). The default threshold is where one layer's K and V of the whole batch reach
 `DENSE_BELOW_KV_BYTES` (at least the budget): a selecting step's overhead is roughly fixed per
 layer, dense attention's time grows with those bytes (:func:`short_context_threshold`). The
-choice is made on the host from the prompt lengths and the step count, between two compiled decode steps (the plan and
-:meth:`AttentionPlan.as_dense`), each compiled once per shape: no device-to-host read and no
-device-side branch. Dense layers keep appending codes and key norms to every layer's cache (and
-the selector's metadata to a "sparse" layer's state), so the selecting steps after the switch
-select from exactly the cache they would have had without it.
+choice is made on the host from the prompt lengths and the step count, between two compiled
+decode steps (the plan and :meth:`AttentionPlan.as_dense`), each compiled once per shape: no
+device-to-host read and no device-side branch. Dense layers keep appending codes and key norms
+to every layer's cache (and the selector's metadata to a "sparse" layer's state), so the
+selecting steps after the switch select from exactly the cache they would have had without it.
 """
 from __future__ import annotations
 
@@ -55,7 +55,6 @@ from hata_jax.models.selector_cache import with_selector_states
 
 PROMPT_BUCKET = 32
 CAPACITY_BUCKET = 128
-# Default short-context threshold in budgets: a step over at most 4 x budget tokens runs dense.
 # One layer's K + V bytes over the whole batch below which the all-dense step is the faster one.
 # Measured crossovers of the whole decode step (BENCHMARKS.md, end-to-end run 5, H100, budget
 # 2048): Llama-3.1-8B shapes (8 KV heads, D 128, bf16; 64 KiB per token and sequence) between 32K

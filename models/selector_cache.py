@@ -88,9 +88,9 @@ def append_token(cache: HataCache | SelectorCache, k_new: jax.Array, v_new: jax.
 def selector_decode_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, cache: SelectorCache, w: jax.Array,
                               plan: AttentionPlan, params):
     """A "sparse" layer's decode step: append the token, select `plan.hata.budget` tokens per KV
-    head (per query head for a `per_query_head` selector: the step then attends over the keys and
-    values repeated over the group) with `plan.selector` (sink and recent as in `plan.hata`),
-    attend over them.
+    head (per query head for a `per_query_head` selector: one sparse attention per position in
+    the group, each over the cache as it is) with `plan.selector` (sink and recent as in
+    `plan.hata`), attend over them.
 
     Args:
       q: float[B, Hq, D] post-RoPE queries; k_new, v_new: float[B, Hkv, D] the step's key and value.
@@ -109,9 +109,11 @@ def selector_decode_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, 
     hata = plan.hata
     idx, count = select_indices(plan.selector, params, cache.state, q, cache.k, cache.lengths,
                                 budget=hata.budget, sink=hata.sink, recent=hata.recent, impl=plan.impl)
-    k, v = cache.k, cache.v
-    if plan.selector.per_query_head:  # idx [B, Hq, budget]: every query head its own rows
-        group = q.shape[1] // k.shape[1]
-        k, v = jnp.repeat(k, group, axis=1), jnp.repeat(v, group, axis=1)
-    out = hata_jax.sparse_decode_attention(q, k, v, idx, count, impl=plan.impl)
+    if plan.selector.per_query_head:  # idx, count [B, Hq, ...]: query head h * G + g reads its own rows of KV head h
+        group = q.shape[1] // cache.k.shape[1]
+        parts = [hata_jax.sparse_decode_attention(q[:, g::group], cache.k, cache.v, idx[:, g::group],
+                                                  count[:, g::group], impl=plan.impl) for g in range(group)]
+        out = jnp.stack(parts, axis=2).reshape(q.shape)  # [B, Hkv, G, D]: no copy of the cache per group
+    else:
+        out = hata_jax.sparse_decode_attention(q, cache.k, cache.v, idx, count, impl=plan.impl)
     return jnp.where(cache.overflow[:, None, None], jnp.nan, out).astype(q.dtype), cache
