@@ -21,16 +21,27 @@ def check_selection_args(budget: int, capacity: int, sink: int, recent: int) -> 
     check_sink_recent(budget, sink, recent)
 
 
-def _select_reference(scores, budget: int, lengths, sink: int, recent: int):
-    b, hkv, s = scores.shape
-    pos = jnp.arange(s)[None, None, :]
+def ranking_keys(scores, positions, lengths, sink: int, recent: int):
+    """float32 keys whose descending order (ties: lowest position first) is the selection order.
+
+    scores: float[B, Hkv, S]; positions: int[S], the positions of the scores' columns in their
+    sequence (a slice of a longer sequence gives its offset); lengths: int[B], the sequences'
+    lengths. Forced positions (the first `sink` and last `recent` valid ones) get +inf, other
+    valid ones their score made finite (NaN and -inf lowest, +inf highest of the finite
+    floats), positions `>= lengths[b]` -inf.
+    """
+    pos = jnp.asarray(positions)[None, None, :]
     length = lengths[:, None, None].astype(jnp.int32)
     valid = pos < length
     forced = valid & ((pos < sink) | (pos >= length - recent))
     big = jnp.finfo(jnp.float32).max
     finite = jnp.nan_to_num(scores.astype(jnp.float32), nan=-big, posinf=big, neginf=-big)
-    key = jnp.where(forced, jnp.inf, jnp.where(valid, finite, -jnp.inf))
-    _, idx = lax.top_k(key, budget)
+    return jnp.where(forced, jnp.inf, jnp.where(valid, finite, -jnp.inf))
+
+
+def _select_reference(scores, budget: int, lengths, sink: int, recent: int):
+    b, hkv, s = scores.shape
+    _, idx = lax.top_k(ranking_keys(scores, jnp.arange(s), lengths, sink, recent), budget)
     count = jnp.broadcast_to(jnp.minimum(lengths.astype(jnp.int32), budget)[:, None], (b, hkv))
     idx = jnp.where(jnp.arange(budget)[None, None, :] < count[..., None], idx, UNUSED)
     return idx.astype(jnp.int32), count
