@@ -1,6 +1,7 @@
-"""Head-sharded multi-GPU decoding: the model's decode step on 1 GPU versus on a mesh of GPUs.
+"""Multi-GPU decoding, head- or sequence-sharded: the model's decode step on 1 GPU versus on a mesh.
 
     python -m bench.multi_gpu --out $OUT/multi_gpu.json            # 2 GPUs (one host)
+    python -m bench.multi_gpu --out $OUT/seq.json --split positions --cases 32,1,1048576 --devices 4 8
     python -m bench.multi_gpu --out /tmp/multi_gpu.json --small    # CPU smoke run, 4 virtual devices
     python -m bench.multi_gpu --report bench/results/multi_gpu_h200x2.json   # markdown table
 
@@ -11,7 +12,11 @@ layers or fewer (`--cases`). On one GPU the model is the plain single-device pro
 q/k/v/gate/up column-split, o/down row-split, LM head vocabulary-split) and its attention runs in
 the head-sharded `shard_map` wrappers (`hata_jax.sharding`, the plan's mesh): each GPU holds the
 K/V cache, codes and norms of 8/n KV heads and selects without communication; the two
-all-reduces per layer of the row-split matmuls are the only communication.
+all-reduces per layer of the row-split matmuls are the only communication. With `--split
+positions` the weights are replicated and every layer's cache is split along the positions
+(`hata_jax.sequence_sharding`, the plan's mesh with `split="positions"`): each GPU holds
+`context / n` positions of every sequence and head, and per layer exchanges its local
+candidates' keys (HATA) and its partial attention output (both methods).
 
 Caches: every layer holds `context` random tokens per sequence (k, v ~ N(0, 1) in bf16, codes of
 the keys under the layer's random projection, their norms; `bench.decode_steps.random_hata_cache`,
@@ -59,10 +64,11 @@ from jax.sharding import PartitionSpec as P
 
 from bench import decode, decode_bytes, decode_steps
 from bench.timing import environment, floor_bandwidth_gbps, write_json
-from hata_jax import HataConfig
+from hata_jax import HataConfig, sequence_sharding
 from hata_jax import sharding as head_sharding
 from hata_jax.models import AttentionPlan, LlamaConfig, LlamaForCausalLM, generation
 from hata_jax.models import sharding as model_sharding
+from hata_jax.models.plan import MESH_SPLITS
 from hata_jax.models.presets import LLAMA_8B, SMALL_MODELS
 
 GB = 1e9
@@ -83,6 +89,7 @@ class Settings:
     reps: int = 20
     time_budget_s: float = 420.0
     small: bool = False
+    split: str = "heads"  # what a mesh splits: "heads" or "positions" (models.plan.MESH_SPLITS)
 
     @property
     def slack(self) -> int:
@@ -109,30 +116,39 @@ def make_mesh(devices: int):
     return None if devices == 1 else model_sharding.make_mesh(jax.devices()[:devices], AXIS)
 
 
-def build_model(config: LlamaConfig, mesh, dtype) -> LlamaForCausalLM:
-    """Random weights made on the device(s): tensor-parallel over `mesh`, or on device 0."""
-    if mesh is None:
-        return nnx.jit(lambda: LlamaForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(7)))()
-    return model_sharding.init_model(config, mesh, AXIS, dtype=dtype, seed=7)
+def build_model(config: LlamaConfig, mesh, dtype, split: str) -> LlamaForCausalLM:
+    """Random weights made on the device(s): tensor-parallel over `mesh` (split "heads"),
+    replicated on it ("positions"), or on device 0."""
+    if mesh is not None and split == "heads":
+        return model_sharding.init_model(config, mesh, AXIS, dtype=dtype, seed=7)
+    model = nnx.jit(lambda: LlamaForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(7)))()
+    if mesh is not None:
+        nnx.update(model, jax.device_put(nnx.state(model), NamedSharding(mesh, P())))
+    return model
 
 
-def build_caches(key, hash_weights, config: LlamaConfig, batch: int, context: int, dtype, mesh):
+def build_caches(key, hash_weights, config: LlamaConfig, batch: int, context: int, dtype, mesh, split: str):
     """One random full HataCache per layer (`bench.decode_steps.random_hata_cache`); with a mesh, each
-    device makes the caches of its own KV heads (from its own key), in the head-sharded layout."""
+    device makes its own KV heads' caches (split "heads") or its own positions of every head's
+    ("positions"), from its own key, never the whole cache on one device."""
     keys = jax.random.split(key, config.num_layers)
     if mesh is None:
         shape = (batch, config.num_kv_heads, context, config.head_dim)
         return [decode_steps.random_hata_cache(k, w, context, shape=shape, dtype=dtype)
                 for k, w in zip(keys, hash_weights)]
     n = mesh.shape[AXIS]
-    local = (batch, config.num_kv_heads // n, context, config.head_dim)
+    if split == "positions":
+        local = (batch, config.num_kv_heads, context // n, config.head_dim)
+        w_spec, cache_specs = P(), sequence_sharding.cache_specs(AXIS)
+    else:
+        local = (batch, config.num_kv_heads // n, context, config.head_dim)
+        w_spec, cache_specs = head_sharding.projection_spec(AXIS), head_sharding.cache_specs(AXIS)
 
     def one(key, w):
         key = jax.random.fold_in(key, lax.axis_index(AXIS))
-        return decode_steps.random_hata_cache(key, w, context, shape=local, dtype=dtype)
+        return decode_steps.random_hata_cache(key, w, context, shape=local, dtype=dtype)  # lengths: the global ones
 
-    make = jax.jit(head_sharding.shard_map(one, mesh=mesh, in_specs=(P(), head_sharding.projection_spec(AXIS)),
-                                           out_specs=head_sharding.cache_specs(AXIS)))
+    make = jax.jit(head_sharding.shard_map(one, mesh=mesh, in_specs=(P(), w_spec), out_specs=cache_specs))
     return [make(k, w) for k, w in zip(keys, hash_weights)]
 
 
@@ -221,10 +237,15 @@ class MultiGpuBench:
         key = (job.layers, job.devices)
         if key not in self.models:
             config = self.s.config(job.layers)
-            steps = generation.ModelSteps(build_model(config, mesh, self.dtype))
+            steps = generation.ModelSteps(build_model(config, mesh, self.dtype, self.s.split))
             w = jax.random.normal(self._next_key(), (config.num_layers, config.num_kv_heads, config.head_dim,
                                                      self.s.rbit), jnp.float32)
-            weights = list(w) if mesh is None else model_sharding.shard_hash_weights(list(w), mesh, AXIS)
+            if mesh is None:
+                weights = list(w)
+            elif self.s.split == "positions":
+                weights = list(replicated(w, mesh))
+            else:
+                weights = model_sharding.shard_hash_weights(list(w), mesh, AXIS)
             total = decode_bytes.param_bytes(steps.state_leaves)
             self.models[key] = (steps, weights, decode_bytes.weight_read_bytes(config, total, self.dtype.itemsize))
         return self.models[key]
@@ -242,6 +263,8 @@ class MultiGpuBench:
                                           token_major=False)
         weights = 0 if (job.layers, job.devices) in self.models else decode_bytes.param_bytes(
             nnx.state(nnx.eval_shape(lambda: LlamaForCausalLM(config, dtype=self.dtype, rngs=nnx.Rngs(0)))))
+        if s.split == "positions":  # the weights replicated
+            return caches / job.devices + weights + 2 * GB
         return (caches + weights) / job.devices + 2 * GB
 
     def run_job(self, job: Job, later: list[Job]) -> None:
@@ -264,9 +287,9 @@ class MultiGpuBench:
         mesh = make_mesh(job.devices)
         steps, hash_weights, weights_read = self.model(job, mesh)
         caches = jax.block_until_ready(build_caches(self._next_key(), hash_weights, config, job.batch, job.context,
-                                                    self.dtype, mesh))
+                                                    self.dtype, mesh, s.split))
         memory = device_free_bytes(jax.devices()[:job.devices])
-        plan = AttentionPlan.uniform(config.num_layers, "hata", s.hata).on_mesh(mesh, AXIS)
+        plan = AttentionPlan.uniform(config.num_layers, "hata", s.hata).on_mesh(mesh, AXIS, split=s.split)
         for method in METHODS:
             caches = at_length(caches, job.context - s.slack, mesh)
             step = decode_steps.step_function(steps, method, plan)
@@ -294,11 +317,13 @@ class MultiGpuBench:
         median = statistics.median(timed)
         nbytes = decode_bytes.step_bytes(config, method, base["batch"], base["context"], s.hata, self.dtype.itemsize,
                                    weights_read)
-        floor_ms = nbytes / n / (self.bandwidth["floor_gbps"] * 1e6)
+        # Per device: everything over n, but replicated weights are read whole by every device.
+        per_device = nbytes / n if s.split == "heads" else weights_read + (nbytes - weights_read) / n
+        floor_ms = per_device / (self.bandwidth["floor_gbps"] * 1e6)
         row = {"kind": "step", **base, "method": method, "median_ms": 1e3 * median,
                "p10_ms": 1e3 * float(np.percentile(timed, 10)), "p90_ms": 1e3 * float(np.percentile(timed, 90)),
                "steps": len(timed), "first_call_s": times[0], "tokens_per_s": base["batch"] / median,
-               "pipelined_ms": 1e3 * statistics.median(pipelined), "bytes": nbytes, "bytes_per_device": nbytes / n,
+               "pipelined_ms": 1e3 * statistics.median(pipelined), "bytes": nbytes, "bytes_per_device": per_device,
                "floor_ms": floor_ms, "of_floor": 1e3 * median / floor_ms}
         if free_after_caches is not None:
             row["free_gb_after_caches"] = free_after_caches / GB
@@ -326,7 +351,8 @@ def speedups(rows: list[dict]) -> list[dict]:
 def report_markdown(data: dict) -> str:
     env, s, rows = data["environment"], data["settings"], data["rows"]
     bw = data["bandwidth"]
-    lines = [f"Device: {data.get('device_count', '?')} x {env['device']} ({env['backend']}), jax {env['jax']}, commit "
+    lines = [f"Split over the devices: {s.get('split', 'heads')}. "
+             f"Device: {data.get('device_count', '?')} x {env['device']} ({env['backend']}), jax {env['jax']}, commit "
              f"{env['commit']}, {env['date']}. HATA budget {s['budget']}, rbit {s['rbit']}, layers < "
              f"{s['dense_layers']} dense; bf16; median of {s['reps']} steps after {s['warmup']} warm-up calls; "
              f"floors at {bw['floor_gbps']:.0f} GB/s per device."
@@ -372,6 +398,7 @@ def parse_args(argv):
     parser.add_argument("--devices", nargs="+", type=int, help="device counts (default 1 2)")
     parser.add_argument("--reps", type=int, help="timed steps per method (default 20)")
     parser.add_argument("--time-budget", type=float, dest="time_budget_s", help="seconds for the jobs (default 420)")
+    parser.add_argument("--split", choices=MESH_SPLITS, help="what a mesh splits (default heads)")
     args = parser.parse_args(argv)
     if bool(args.out) == bool(args.report):
         parser.error("give exactly one of --out (run the benchmark) and --report (table of a JSON)")

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from hata_jax import HataConfig
 from hata_jax.models.generation import Sampling, generate, kv_token_bytes, short_context_threshold
 from hata_jax.models.load import load_model
-from hata_jax.models.plan import AttentionPlan, layer_span
+from hata_jax.models.plan import MESH_SPLITS, AttentionPlan, layer_span
 from hata_jax.models.sharding import make_mesh, shard_model
 from hata_jax.train.projections import hash_weights_for_generate
 
@@ -54,7 +54,11 @@ def add_generate_command(subparsers) -> None:
     gen.add_argument("--mesh", type=int, default=1, metavar="N",
                      help="tensor-parallel decoding over the first N devices (of every process, with --coordinator): "
                           "heads, KV caches, codes and weights split over them (models.sharding); N must divide "
-                          "the model's KV heads (default 1: one device)")
+                          "the model's KV heads (default 1: one device); with --mesh-split positions, the caches "
+                          "split along the sequence instead")
+    gen.add_argument("--mesh-split", choices=MESH_SPLITS, default="heads",
+                     help="what --mesh splits: 'heads' (tensor-parallel) or 'positions' (each device holds a slice "
+                          "of every sequence's cache, weights replicated: contexts longer than one device's memory)")
     gen.add_argument("--coordinator", metavar="HOST:PORT",
                      help="several hosts: jax.distributed coordinator address; run the same command on every host "
                           "with --num-processes and its own --process-id")
@@ -149,9 +153,12 @@ def run_generate(args: argparse.Namespace) -> int:
         if args.mesh > len(jax.devices()):
             raise ValueError(f"--mesh {args.mesh}: only {len(jax.devices())} devices are visible")
         mesh = make_mesh(jax.devices()[:args.mesh])
-        model = shard_model(model, mesh)
-        plan = plan.on_mesh(mesh)
-        log(f"tensor-parallel over {args.mesh} devices: {config.num_kv_heads // args.mesh} KV heads each")
+        plan = plan.on_mesh(mesh, split=args.mesh_split)
+        if args.mesh_split == "heads":
+            model = shard_model(model, mesh)
+            log(f"tensor-parallel over {args.mesh} devices: {config.num_kv_heads // args.mesh} KV heads each")
+        else:
+            log(f"caches split along the sequence over {args.mesh} devices (weights replicated)")
     token_bytes = kv_token_bytes(1, config.num_kv_heads, config.head_dim, getattr(jnp, args.dtype))
     threshold = short_context_threshold(plan, args.dense_below, token_bytes)
     hash_weights = None

@@ -34,6 +34,7 @@ is not accepted: on one device use :func:`hata_jax.hata_decode_attention`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -79,6 +80,51 @@ def cache_shardings(mesh: Mesh, axis: str) -> HataCache:
     axis_size(mesh, axis)
     return jax.tree.map(lambda spec: NamedSharding(mesh, spec), cache_specs(axis),
                         is_leaf=lambda x: isinstance(x, P))
+
+
+def init_cache(batch: int, kv_heads: int, capacity: int, head_dim: int, *, rbit: int = 128, dtype=None,
+               mesh: Mesh, axis: str) -> HataCache:
+    """An empty :meth:`HataCache.init` cache made directly split along the positions (no device
+    ever holds the whole cache)."""
+    check_sequence_split(mesh, axis, capacity)
+    kwargs = {"rbit": rbit} | ({} if dtype is None else {"dtype": dtype})
+    make = jax.jit(lambda: HataCache.init(batch, kv_heads, capacity, head_dim, **kwargs),
+                   out_shardings=cache_shardings(mesh, axis))
+    return make()
+
+
+def sequence_sharded_prefill(cache: HataCache, k: jax.Array, v: jax.Array, w: jax.Array, lengths: jax.Array, *,
+                             mesh: Mesh, axis: str, impl: str = "auto") -> HataCache:
+    """:meth:`HataCache.prefill` on a cache split along the positions: k, v [B, Hkv, T, D]
+    (replicated, T <= capacity), w [Hkv, D, rbit], lengths int[B] <= T; each device writes the
+    prompt positions it holds (their codes and norms too)."""
+    n = check_sequence_split(mesh, axis, cache.capacity)
+    k, v, w = checks.as_array(k, "k"), checks.as_array(v, "v"), checks.as_array(w, "w")
+    lengths = checks.as_array(lengths, "lengths (prefill)", "int")
+    checks.check_finite(w, "w")
+    cache.check_tokens(k, v, w, "[batch, kv_heads, tokens, head_dim]", 1)
+    t = k.shape[2]
+    if t > cache.capacity:
+        raise ValueError(f"prefill: the prompt has {t} tokens but the cache capacity is {cache.capacity}")
+    checks.check_lengths(lengths, cache.batch, t, "lengths (prefill)")
+    local = cache.capacity // n
+    # Padded by one shard, so every device's slice start (clamped to T) is in range; a device
+    # whose positions all lie past T reads padding and keeps none of it (local length 0).
+    k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, local), (0, 0))) for x in (k, v))
+    lengths = lengths.astype(jnp.int32)
+
+    def step(cache, k, v, w, lengths):
+        offset = lax.axis_index(axis) * local
+        start = jnp.minimum(offset, t)
+        take = functools.partial(lax.dynamic_slice_in_dim, start_index=start, slice_size=local, axis=2)
+        mine = cache.prefill(take(k), take(v), w, jnp.clip(lengths - offset, 0, local), impl=impl)
+        nonfinite = lax.pmax(mine.overflow.astype(jnp.int32), axis) > 0  # a non-finite key on any device
+        return dataclasses.replace(mine, lengths=jnp.clip(lengths, 0, t),
+                                   overflow=(lengths > t) | (lengths < 0) | nonfinite)
+
+    return shard_map(
+        step, mesh=mesh, in_specs=(cache_specs(axis), P(), P(), P(), P()), out_specs=cache_specs(axis)
+    )(cache, k, v, w, lengths)
 
 
 def _append(k_new, v_new, k_codes, k_norms, cache: HataCache, axis: str, n: int) -> HataCache:

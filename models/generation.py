@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 import hata_jax
 from hata_jax import HataCache, HataConfig
@@ -109,12 +110,15 @@ def _step_functions(graphdef: nnx.GraphDef, state_treedef):
     def merge(state_leaves) -> LlamaForCausalLM:
         return nnx.merge(graphdef, jax.tree_util.tree_unflatten(state_treedef, state_leaves))
 
-    @functools.partial(jax.jit, static_argnames=("impl", "mesh", "mesh_axis"), donate_argnames=("caches",))
-    def prefill(state_leaves, tokens, lengths, caches, hash_weights, *, impl: str, mesh=None, mesh_axis="model"):
+    @functools.partial(jax.jit, static_argnames=("impl", "mesh", "mesh_axis", "mesh_split"),
+                       donate_argnames=("caches",))
+    def prefill(state_leaves, tokens, lengths, caches, hash_weights, *, impl: str, mesh=None, mesh_axis="model",
+                mesh_split="heads"):
         """Prompts int[B, T] (right-padded to `lengths`) -> (next-token logits float32[B, vocab], caches)."""
         TRACES["prefill"] += 1
         model = merge(state_leaves)
-        hidden, caches = model.prefill(tokens, lengths, caches, hash_weights, impl, mesh=mesh, mesh_axis=mesh_axis)
+        hidden, caches = model.prefill(tokens, lengths, caches, hash_weights, impl, mesh=mesh, mesh_axis=mesh_axis,
+                                       mesh_split=mesh_split)
         return model.logits(hidden[jnp.arange(tokens.shape[0]), lengths - 1]), caches
 
     @functools.partial(jax.jit, static_argnames=("plan", "sampling"), donate_argnames=("caches",))
@@ -141,8 +145,8 @@ class ModelSteps:
       merge: `merge(state_leaves) -> model`, for use inside traced code (hashable, the same
         function for equal models: it can be a static argument).
       prefill: `prefill(state_leaves, tokens int[B, T], lengths int32[B], caches, hash_weights,
-        *, impl, mesh=None, mesh_axis="model") -> (next-token logits float32[B, vocab], caches)`;
-        prompts right-padded to `lengths`; `caches` donated (head-sharded over the mesh axis if any).
+        *, impl, mesh=None, mesh_axis="model", mesh_split="heads") -> (next-token logits float32[B, vocab],
+        caches)`; prompts right-padded to `lengths`; `caches` donated (split over the mesh axis if any).
       decode: `decode(state_leaves, tokens int32[B], caches, hash_weights, key, selector_params=None,
         *, plan, sampling) -> (next tokens int32[B], caches, key)`, one token per sequence;
         `caches` donated; `selector_params` as :meth:`LlamaForCausalLM.decode` takes them.
@@ -333,6 +337,7 @@ def prefill_prompts(
     impl: str = "auto",
     mesh=None,
     mesh_axis: str = "model",
+    mesh_split: str = "heads",
 ) -> Prefilled:
     """Run the prompts (a batch of different lengths) through the model once: caches and logits.
 
@@ -345,8 +350,10 @@ def prefill_prompts(
         :func:`generate_from` is given their projections.
       cache_dtype: KV cache dtype, default the model's.
       impl: "auto", "pallas" or "reference" for encoding the prompt's keys.
-      mesh, mesh_axis: make the caches and hash projections head-sharded over this axis of a
-        `jax.sharding.Mesh` (:mod:`hata_jax.models.sharding`); None: one device.
+      mesh, mesh_axis, mesh_split: make the caches split over this axis of a `jax.sharding.Mesh`,
+        by KV heads with the hash projections ("heads", :mod:`hata_jax.models.sharding`) or by
+        positions with the projections replicated ("positions", :mod:`hata_jax.sequence_sharding`);
+        None: one device.
     """
     config = model.config
     lengths = check_prompts(prompts, config.vocab_size)
@@ -362,14 +369,16 @@ def prefill_prompts(
     for row, prompt in enumerate(prompts):
         tokens[row, : len(prompt)] = prompt
     check_cache_fits(config, len(prompts), capacity, rbit, cache_dtype or model.dtype, mesh)
-    if mesh is not None:
+    if mesh is not None and mesh_split == "positions":
+        weights = [jax.device_put(w, NamedSharding(mesh, PartitionSpec())) for w in weights]
+    elif mesh is not None:
         weights = [head_sharding.shard_projection(w, mesh, mesh_axis) for w in weights]
     caches = init_caches(config, len(prompts), capacity, rbit=rbit, dtype=cache_dtype or model.dtype, mesh=mesh,
-                         mesh_axis=mesh_axis)
+                         mesh_axis=mesh_axis, mesh_split=mesh_split)
     steps = ModelSteps(model)
     start = time.perf_counter()
     logits, caches = steps.prefill(steps.state_leaves, jnp.asarray(tokens), jnp.asarray(lengths, jnp.int32), caches,
-                                   weights, impl=impl, mesh=mesh, mesh_axis=mesh_axis)
+                                   weights, impl=impl, mesh=mesh, mesh_axis=mesh_axis, mesh_split=mesh_split)
     logits.block_until_ready()
     return Prefilled(steps=steps, caches=caches, hash_weights=weights, logits=logits, prompt_lengths=lengths,
                      seconds=time.perf_counter() - start)
@@ -517,14 +526,16 @@ def generate(
       plan: per-layer attention; default dense everywhere. A budget above the cache capacity is
         lowered to the capacity (same result: every token is selected). A plan with "sparse"
         layers needs selectors without params (others: :func:`generate_from`). A plan with a mesh
-        (:meth:`AttentionPlan.on_mesh`) decodes head-sharded over it: the caches and projections are
-        made in that layout (place the model with :func:`hata_jax.models.sharding.shard_model`).
+        (:meth:`AttentionPlan.on_mesh`) decodes split over it (KV heads or positions): the caches
+        and projections are made in that layout (split by heads, place the model with
+        :func:`hata_jax.models.sharding.shard_model`; by positions, its weights stay replicated).
       hash_weights: per-layer projections as :func:`hata_jax.models.hash_projections.hash_weights_for` takes
         them; None means random (untrained) projections, with a warning if a layer is "hata".
       sampling: greedy by default.
       stop_ids: a row stops after producing one of these (not included in its output).
       capacity: cache tokens per sequence; default: longest prompt + max_new_tokens, rounded
-        up to a multiple of CAPACITY_BUCKET. Must hold the longest prompt plus max_new_tokens.
+        up to a multiple of CAPACITY_BUCKET (and of the devices when the plan splits positions).
+        Must hold the longest prompt plus max_new_tokens.
       on_tokens: called after each step with the new token of each row (None for a finished row).
       cache_dtype: KV cache dtype, default the model's.
       dense_below: short-context policy (module docstring): steps whose sequences all hold at
@@ -535,11 +546,14 @@ def generate(
     config = model.config
     lengths = check_prompts(prompts, config.vocab_size)
     if capacity is None:
-        capacity = round_up(max(lengths) + max_new_tokens, CAPACITY_BUCKET)
+        bucket = CAPACITY_BUCKET
+        if plan is not None and plan.mesh is not None and plan.mesh_split == "positions":
+            bucket = math.lcm(bucket, plan.mesh.shape[plan.mesh_axis])  # every device holds as many positions
+        capacity = round_up(max(lengths) + max_new_tokens, bucket)
     check_room(lengths, max_new_tokens, capacity)
     plan = plan or AttentionPlan.uniform(config.num_layers, "dense")
     weights = hash_weights_for(config, plan, hash_weights)
     prefilled = prefill_prompts(model, prompts, capacity=capacity, hash_weights=weights, cache_dtype=cache_dtype,
-                                impl=plan.impl, mesh=plan.mesh, mesh_axis=plan.mesh_axis)
+                                impl=plan.impl, mesh=plan.mesh, mesh_axis=plan.mesh_axis, mesh_split=plan.mesh_split)
     return generate_from(prefilled, plan, max_new_tokens=max_new_tokens, stop_ids=stop_ids, sampling=sampling,
                          seed=seed, on_tokens=on_tokens, dense_below=dense_below)

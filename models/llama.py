@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 import hata_jax
-from hata_jax import HataCache
+from hata_jax import HataCache, sequence_sharding
 from hata_jax import sharding as head_sharding
 from hata_jax.models.config import LlamaConfig
 from hata_jax.models.plan import AttentionPlan
@@ -79,28 +79,34 @@ class SelfAttention(nnx.Module):
         return apply_rope(q, positions, self.inv_freq), apply_rope(k, positions, self.inv_freq), v
 
     def prefill(self, x, lengths, cache: HataCache | None, w, impl: str, capture_qk: bool = False, mesh=None,
-                mesh_axis: str = "model"):
+                mesh_axis: str = "model", mesh_split: str = "heads"):
         """x: [B, T, hidden], lengths: int[B] -> ([B, T, hidden], cache with the prompt written).
 
-        With a `mesh`, the cache is written head-sharded over its `mesh_axis` (:mod:`hata_jax.sharding`).
+        With a `mesh`, the cache is written split over its `mesh_axis`: the KV heads (`mesh_split`
+        "heads", :mod:`hata_jax.sharding`) or the positions ("positions",
+        :mod:`hata_jax.sequence_sharding`).
 
         With `capture_qk` (inside `nnx.capture(..., nnx.Intermediate)`), sows the post-RoPE
         `(q [B, T, Hq, D], k [B, T, Hkv, D])` as the intermediate "qk".
         """
         b, t, _ = x.shape
-        q, k, v = self.project_qkv(x, jnp.broadcast_to(jnp.arange(t), (b, t)), fused=mesh is None)
+        q, k, v = self.project_qkv(x, jnp.broadcast_to(jnp.arange(t), (b, t)), fused=not _heads_split(mesh, mesh_split))
         if capture_qk:
             self.sow(nnx.Intermediate, "qk", (q, k))
         out = jax.nn.dot_product_attention(q, k, v, is_causal=True, key_value_seq_lengths=lengths)
         if cache is not None:
-            cache = head_sharding.sharded_prefill(cache, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), w, lengths,
-                                          mesh=mesh, axis=mesh_axis, impl=impl)
+            k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+            if mesh is not None and mesh_split == "positions":
+                cache = sequence_sharding.sequence_sharded_prefill(cache, k, v, w, lengths, mesh=mesh, axis=mesh_axis,
+                                                                   impl=impl)
+            else:
+                cache = head_sharding.sharded_prefill(cache, k, v, w, lengths, mesh=mesh, axis=mesh_axis, impl=impl)
         return self.o_proj(out.reshape(b, t, -1)), cache
 
     def decode(self, x, cache: HataCache | SelectorCache, w, kind: str, plan: AttentionPlan, params=None):
         """x: [B, hidden], one new token per sequence at position `cache.lengths[b]`; `params`: the
         layer's selector params (a "sparse" layer's, or to keep a SelectorCache's state current)."""
-        q, k, v = self.project_qkv(x, cache.lengths, fused=plan.mesh is None)
+        q, k, v = self.project_qkv(x, cache.lengths, fused=not _heads_split(plan.mesh, plan.mesh_split))
         out, cache = decode_attention(q, k, v, cache, w, params, kind=kind, plan=plan)
         return self.o_proj(out.reshape(x.shape[0], -1)), cache
 
@@ -114,6 +120,12 @@ def decode_attention(q, k_new, v_new, cache: HataCache | SelectorCache, w, param
     lowers its Pallas kernels once, not once per layer).
     """
     sharded = {"mesh": plan.mesh, "axis": plan.mesh_axis}  # mesh None: one device
+    if plan.mesh is not None and plan.mesh_split == "positions":  # only "dense" and "hata" layers with a mesh
+        if kind == "hata":
+            return sequence_sharding.sequence_sharded_decode_attention(q, k_new, v_new, cache, w, plan.hata,
+                                                                       impl=plan.impl, **sharded)
+        return sequence_sharding.sequence_sharded_dense_decode_attention(q, k_new, v_new, cache, w, impl=plan.impl,
+                                                                         **sharded)
     if kind == "hata":
         return head_sharding.sharded_hata_decode_attention(q, k_new, v_new, cache, w, plan.hata, impl=plan.impl,
                                                            **sharded)
@@ -152,9 +164,9 @@ class DecoderLayer(nnx.Module):
         x = x + attn_out
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def prefill(self, x, lengths, cache, w, impl, capture_qk=False, mesh=None, mesh_axis="model"):
+    def prefill(self, x, lengths, cache, w, impl, capture_qk=False, mesh=None, mesh_axis="model", mesh_split="heads"):
         attn_out, cache = self.self_attn.prefill(self.input_layernorm(x), lengths, cache, w, impl, capture_qk, mesh,
-                                                 mesh_axis)
+                                                 mesh_axis, mesh_split)
         return self.add_residual_and_mlp(x, attn_out), cache
 
     def decode(self, x, cache, w, kind, plan, params=None):
@@ -188,7 +200,8 @@ class LlamaForCausalLM(nnx.Module):
         return out.astype(jnp.float32)
 
     def prefill(self, tokens, lengths, caches: list[HataCache] | None = None, hash_weights=None,
-                impl: str = "auto", capture_qk: bool = False, mesh=None, mesh_axis: str = "model"):
+                impl: str = "auto", capture_qk: bool = False, mesh=None, mesh_axis: str = "model",
+                mesh_split: str = "heads"):
         """Dense causal attention over right-padded prompts; fills every layer's cache if given.
 
         Args:
@@ -197,7 +210,8 @@ class LlamaForCausalLM(nnx.Module):
           hash_weights: one float[Hkv, D, rbit] per layer (needed with caches).
           capture_qk: sow every layer's post-RoPE q and k (see :meth:`SelfAttention.prefill`);
             read them with `nnx.capture(..., nnx.Intermediate)` (used by :mod:`hata_jax.train.collect`).
-          mesh, mesh_axis: write the caches head-sharded over this axis (:mod:`hata_jax.models.sharding`).
+          mesh, mesh_axis, mesh_split: write the caches split over this axis, by KV heads
+            (:mod:`hata_jax.models.sharding`) or positions (see :class:`AttentionPlan`).
 
         Returns:
           (hidden [B, T, hidden_size] after the final norm, the filled caches or None).
@@ -207,7 +221,7 @@ class LlamaForCausalLM(nnx.Module):
         for i, layer in enumerate(self.layers):
             cache = None if caches is None else caches[i]
             x, cache = layer.prefill(x, lengths, cache, None if hash_weights is None else hash_weights[i], impl,
-                                     capture_qk, mesh, mesh_axis)
+                                     capture_qk, mesh, mesh_axis, mesh_split)
             if caches is not None:
                 new_caches.append(cache)
         return self.norm(x), new_caches
@@ -238,9 +252,18 @@ class LlamaForCausalLM(nnx.Module):
 
 
 def init_caches(config: LlamaConfig, batch: int, capacity: int, *, rbit: int, dtype, mesh=None,
-                mesh_axis: str = "model") -> list[HataCache]:
+                mesh_axis: str = "model", mesh_split: str = "heads") -> list[HataCache]:
     """An empty HataCache per layer: k, v [batch, Hkv, capacity, D] in `dtype`; with a `mesh`,
-    made head-sharded over its `mesh_axis` (:func:`hata_jax.sharding.init_cache`)."""
-    return [head_sharding.init_cache(batch, config.num_kv_heads, capacity, config.head_dim, rbit=rbit, dtype=dtype,
-                                     mesh=mesh, axis=mesh_axis)
+    made split over its `mesh_axis` by KV heads (:func:`hata_jax.sharding.init_cache`) or by
+    positions (`mesh_split="positions"`, :func:`hata_jax.sequence_sharding.init_cache`)."""
+    args = (batch, config.num_kv_heads, capacity, config.head_dim)
+    if mesh is not None and mesh_split == "positions":
+        return [sequence_sharding.init_cache(*args, rbit=rbit, dtype=dtype, mesh=mesh, axis=mesh_axis)
+                for _ in range(config.num_layers)]
+    return [head_sharding.init_cache(*args, rbit=rbit, dtype=dtype, mesh=mesh, axis=mesh_axis)
             for _ in range(config.num_layers)]
+
+
+def _heads_split(mesh, mesh_split: str) -> bool:
+    """Whether the attention weights are head-sharded (then q, k, v are three products)."""
+    return mesh is not None and mesh_split == "heads"

@@ -22,6 +22,7 @@ from hata_jax.dispatch import check_impl
 from hata_jax.selectors import SELECTORS, Selector, make_selector
 
 ATTENTION_KINDS = ("dense", "hata", "sparse")
+MESH_SPLITS = ("heads", "positions")  # what a plan with a mesh splits over its axis
 # What `AttentionPlan.for_method` takes: "dense", "hata" (the fast path) or a selector's name.
 METHODS = ("dense", "hata", *sorted(set(SELECTORS) - {"hata"}))
 
@@ -37,9 +38,12 @@ class AttentionPlan:
       impl: "auto", "pallas" or "reference" for the hata_jax ops.
       selector: the token selector of the "sparse" layers (a frozen, hashable
         :class:`hata_jax.selectors.Selector`); needed when a layer is "sparse".
-      mesh, mesh_axis: with a `jax.sharding.Mesh`, decode and prefill attention run head-sharded
-        over its axis `mesh_axis` (:mod:`hata_jax.sharding`, :mod:`hata_jax.models.sharding`); None: one
-        device. A plan with a mesh has "dense" and "hata" layers only.
+      mesh, mesh_axis, mesh_split: with a `jax.sharding.Mesh`, decode and prefill attention run
+        split over its axis `mesh_axis`: `mesh_split` "heads" splits the KV heads (with the
+        weights tensor-parallel: :mod:`hata_jax.sharding`, :mod:`hata_jax.models.sharding`),
+        "positions" splits every sequence's cache along its positions (weights replicated:
+        :mod:`hata_jax.sequence_sharding`); None: one device. A plan with a mesh has "dense" and
+        "hata" layers only.
     """
 
     layers: tuple[str, ...]
@@ -48,6 +52,7 @@ class AttentionPlan:
     selector: Selector | None = None
     mesh: Mesh | None = None
     mesh_axis: str = "model"
+    mesh_split: str = "heads"
 
     def __post_init__(self):
         bad = sorted(set(self.layers) - set(ATTENTION_KINDS))
@@ -62,6 +67,8 @@ class AttentionPlan:
         if "sparse" in self.layers and self.selector is None:
             raise ValueError(f"attention kind 'sparse' (layers {self.sparse_layers}) needs a selector: pass "
                              f"AttentionPlan(..., selector=make_selector(name)) with a name in {sorted(SELECTORS)}")
+        if self.mesh_split not in MESH_SPLITS:
+            raise ValueError(f"AttentionPlan.mesh_split must be one of {MESH_SPLITS}, got {self.mesh_split!r}")
         if self.mesh is not None:
             head_sharding.axis_size(self.mesh, self.mesh_axis)
             if self.sparse_layers:
@@ -95,9 +102,10 @@ class AttentionPlan:
             selector = make_selector(method, **{name: value for name, value in given.items() if name in fields})
         return cls(layers=kinds, hata=hata, impl=impl, selector=selector)
 
-    def on_mesh(self, mesh: Mesh | None, axis: str = "model") -> AttentionPlan:
-        """The same plan with its attention head-sharded over `axis` of `mesh` (None: one device)."""
-        return dataclasses.replace(self, mesh=mesh, mesh_axis=axis)
+    def on_mesh(self, mesh: Mesh | None, axis: str = "model", split: str = "heads") -> AttentionPlan:
+        """The same plan with its attention split over `axis` of `mesh` (None: one device): the
+        KV heads (`split="heads"`) or the positions (`split="positions"`)."""
+        return dataclasses.replace(self, mesh=mesh, mesh_axis=axis, mesh_split=split)
 
     def with_budget(self, budget: int) -> AttentionPlan:
         return dataclasses.replace(self, hata=dataclasses.replace(self.hata, budget=budget))

@@ -325,5 +325,7 @@ def test_generation_errors(rng):
         Sampling(temperature=-1.0)
     with pytest.raises(ValueError, match="unknown attention kinds"):
         AttentionPlan(layers=("dense", "bogus"))
+    with pytest.raises(ValueError, match=r"mesh_split must be one of \('heads', 'positions'\), got 'rows'"):
+        AttentionPlan(layers=("dense",), mesh_split="rows")
     with pytest.raises(ValueError, match="plan has 3 layers"):
         model.decode(jnp.zeros((1,), jnp.int32), [], [], AttentionPlan.uniform(3, "dense"))

@@ -6,7 +6,8 @@ check. Each check decodes several steps on one cache split over 2 or 4 devices a
 cache unsplit, from fresh random data: outputs equal to float tolerance (with random keys and
 values, so HATA selected the same tokens) and the appended caches equal, with ragged lengths, lengths that cross a shard
 boundary during the steps, sequences within the budget, sink/recent positions, GQA groups 1
-and 4, budgets above a shard's size, and the Pallas kernels (interpreted) inside shard_map.
+and 4, budgets above a shard's size, and the Pallas kernels (interpreted) inside shard_map; and a
+tiny Llama's greedy generation with its caches split by positions gives one device's tokens.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import sys
 import pytest
 
 DEVICES = 4
-CHECKS = ("hata_reference", "hata_group_1_budget_over_shard", "hata_pallas", "dense", "overflow", "errors")
+CHECKS = ("hata_reference", "hata_group_1_budget_over_shard", "hata_pallas", "dense", "overflow", "errors",
+          "generation")
 
 
 def _child_results() -> dict:
@@ -141,6 +143,45 @@ def _run_checks() -> None:
                 assert fragment in str(err), f"{fragment!r} not in {err}"
             else:
                 raise AssertionError(f"no error for {fragment!r}")
+        return {}
+
+    def check_generation():
+        """Greedy generation (ragged prompts) of a tiny Llama on one device and with the caches
+        split along the positions over 2 and 4 devices: the same tokens, dense and HATA plans
+        (budget below the context), the same prefill logits, the caches split by positions."""
+        from flax import nnx
+
+        from hata_jax.models import (
+            AttentionPlan,
+            LlamaConfig,
+            LlamaForCausalLM,
+            generate,
+            prefill_prompts,
+            random_projections,
+        )
+        from hata_jax.models.sharding import make_mesh
+
+        config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_layers=3, num_heads=8,
+                             num_kv_heads=4, head_dim=64)
+        seed = int(rng.integers(1 << 30))
+        model = LlamaForCausalLM(config, rngs=nnx.Rngs(seed))
+        prompts = [rng.integers(0, config.vocab_size, n).tolist() for n in (5, 37, 22)]
+        hata = hj.HataConfig(rbit=64, budget=12, dense_layers=1)
+        weights = random_projections(config, hata.rbit, seed)
+        for attention in ("dense", "hata"):
+            plan = AttentionPlan.uniform(config.num_layers, attention, hata, impl="reference")
+            want = generate(model, prompts, plan=plan, hash_weights=weights, max_new_tokens=6, dense_below=0)
+            want_logits = prefill_prompts(model, prompts, capacity=128, hash_weights=weights).logits
+            for devices in (2, 4):
+                mesh = make_mesh(jax.devices()[:devices], axis="seq")
+                split = plan.on_mesh(mesh, "seq", split="positions")
+                got = generate(model, prompts, plan=split, hash_weights=weights, max_new_tokens=6, dense_below=0)
+                assert got.tokens == want.tokens, (attention, devices, got.tokens, want.tokens)
+                prefilled = prefill_prompts(model, prompts, capacity=128, hash_weights=weights, mesh=mesh,
+                                            mesh_axis="seq", mesh_split="positions")
+                np.testing.assert_allclose(np.asarray(prefilled.logits), np.asarray(want_logits), rtol=1e-4,
+                                           atol=1e-4)
+                assert prefilled.caches[0].k.sharding.spec == ss.positions_spec("seq")
         return {}
 
     for name in CHECKS:
