@@ -122,9 +122,7 @@ def build_model(config: LlamaConfig, mesh, dtype, split: str) -> LlamaForCausalL
     if mesh is not None and split == "heads":
         return model_sharding.init_model(config, mesh, AXIS, dtype=dtype, seed=7)
     model = nnx.jit(lambda: LlamaForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(7)))()
-    if mesh is not None:
-        nnx.update(model, jax.device_put(nnx.state(model), NamedSharding(mesh, P())))
-    return model
+    return model if mesh is None else model_sharding.replicate_model(model, mesh)
 
 
 def build_caches(key, hash_weights, config: LlamaConfig, batch: int, context: int, dtype, mesh, split: str):

@@ -14,7 +14,7 @@ from hata_jax import HataConfig
 from hata_jax.models.generation import Sampling, generate, kv_token_bytes, short_context_threshold
 from hata_jax.models.load import load_model
 from hata_jax.models.plan import MESH_SPLITS, AttentionPlan, layer_span
-from hata_jax.models.sharding import make_mesh, shard_model
+from hata_jax.models.sharding import make_mesh, replicate_model, shard_model
 from hata_jax.train.projections import hash_weights_for_generate
 
 DTYPES = ("float32", "bfloat16")
@@ -158,6 +158,7 @@ def run_generate(args: argparse.Namespace) -> int:
             model = shard_model(model, mesh)
             log(f"tensor-parallel over {args.mesh} devices: {config.num_kv_heads // args.mesh} KV heads each")
         else:
+            model = replicate_model(model, mesh)
             log(f"caches split along the sequence over {args.mesh} devices (weights replicated)")
     token_bytes = kv_token_bytes(1, config.num_kv_heads, config.head_dim, getattr(jnp, args.dtype))
     threshold = short_context_threshold(plan, args.dense_below, token_bytes)

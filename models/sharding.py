@@ -114,6 +114,14 @@ def shard_model(model: LlamaForCausalLM, mesh: Mesh, axis: str = "model") -> Lla
     return model
 
 
+def replicate_model(model: LlamaForCausalLM, mesh: Mesh) -> LlamaForCausalLM:
+    """Place `model`'s parameters whole on every device of `mesh` (in place; returns the model):
+    the layout of sequence-sharded decoding (`AttentionPlan.on_mesh(..., split="positions")`),
+    across processes too (every process passes the same weights)."""
+    nnx.update(model, jax.device_put(nnx.state(model), NamedSharding(mesh, P())))
+    return model
+
+
 def init_model(config: LlamaConfig, mesh: Mesh, axis: str = "model", *, dtype=jnp.bfloat16,
                seed: int = 0) -> LlamaForCausalLM:
     """A model with random weights (the initialisers of :class:`LlamaForCausalLM`) made on the

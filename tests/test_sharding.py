@@ -281,8 +281,8 @@ def run_checks(seed: int) -> None:
 
 
 def run_process(seed: int, process: int, port: int) -> None:
-    """One of two processes of 2 CPU devices each: HATA generation over the 4-device mesh equals
-    this process's own single-device generation."""
+    """One of two processes of 2 CPU devices each: HATA generation over the 4-device mesh, split by
+    KV heads and by positions, equals this process's own single-device generation."""
     import jax
 
     jax.config.update("jax_num_cpu_devices", 2)
@@ -305,7 +305,10 @@ def run_process(seed: int, process: int, port: int) -> None:
     mesh = ms.make_mesh()
     got = generate(ms.init_model(config, mesh, dtype="float32", seed=seed), prompts, plan=plan.on_mesh(mesh),
                    max_new_tokens=6, dense_below=0, seed=seed)
-    print("RESULT " + json.dumps({"process": process, "tokens": got.tokens, "want": want.tokens}), flush=True)
+    by_positions = generate(ms.replicate_model(LlamaForCausalLM(config, rngs=nnx.Rngs(seed)), mesh), prompts,
+                            plan=plan.on_mesh(mesh, split="positions"), max_new_tokens=6, dense_below=0, seed=seed)
+    print("RESULT " + json.dumps({"process": process, "tokens": got.tokens, "by_positions": by_positions.tokens,
+                                  "want": want.tokens}), flush=True)
 
 
 # ----------------------------------------------------------------------------- the tests (pytest process)
@@ -384,13 +387,15 @@ def test_sharded_equals_single_device(checks, name):
 
 def test_two_processes_jax_distributed():
     """Two processes of 2 devices each (`jax.distributed`, gloo collectives): generation over the
-    4-device mesh gives the single-device tokens in both processes."""
+    4-device mesh, split by KV heads and by positions, gives the single-device tokens in both
+    processes."""
     outputs = [_finish(child, timeout=300) for child in start_children()["distributed"]]
     results = [_results(out) for _, out, _ in outputs]
     for (returncode, _, err), found in zip(outputs, results):
         assert returncode == 0 and found, f"exit {returncode}:\n{err[-4000:]}"
     for found in results:
         assert found[0]["tokens"] == found[0]["want"]
+        assert found[0]["by_positions"] == found[0]["want"]
 
 
 if __name__ == "__main__":
