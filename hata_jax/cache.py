@@ -120,15 +120,8 @@ class HataCache:
           w: float[Hkv, D, rbit] the layer's projection.
           lengths: int[B] prompt lengths, each <= T.
         """
-        k, v, w = checks.as_array(k, "k"), checks.as_array(v, "v"), checks.as_array(w, "w")
-        lengths = checks.as_array(lengths, "lengths (prefill)", "int")
-        checks.check_finite(w, "w")
-        self.check_tokens(k, v, w, "[batch, kv_heads, tokens, head_dim]", 1)
+        k, v, w, lengths = self.check_prompt(k, v, w, lengths)
         t = k.shape[2]
-        if t > self.capacity:
-            raise ValueError(f"prefill: the prompt has {t} tokens but the cache capacity is {self.capacity}")
-        checks.check_lengths(lengths, self.batch, t, "lengths (prefill)")
-        lengths = lengths.astype(jnp.int32)
         codes = encode(k, w, head_axis=1, impl=impl)
         put = functools.partial(jax.lax.dynamic_update_slice_in_dim, start_index=0, axis=2)
         norms = key_norms(k)
@@ -140,6 +133,18 @@ class HataCache:
             lengths=jnp.clip(lengths, 0, t),
             overflow=(lengths > t) | (lengths < 0) | _nonfinite(norms, lengths),
         )
+
+    def check_prompt(self, k, v, w, lengths):
+        """:meth:`prefill`'s arguments as arrays (lengths int32), or a ValueError naming the bad one."""
+        k, v, w = checks.as_array(k, "k"), checks.as_array(v, "v"), checks.as_array(w, "w")
+        lengths = checks.as_array(lengths, "lengths (prefill)", "int")
+        checks.check_finite(w, "w")
+        self.check_tokens(k, v, w, "[batch, kv_heads, tokens, head_dim]", 1)
+        t = k.shape[2]
+        if t > self.capacity:
+            raise ValueError(f"prefill: the prompt has {t} tokens but the cache capacity is {self.capacity}")
+        checks.check_lengths(lengths, self.batch, t, "lengths (prefill)")
+        return k, v, w, lengths.astype(jnp.int32)
 
     def append(self, k_new: jax.Array, v_new: jax.Array, w: jax.Array, *, impl: str = "auto") -> HataCache:
         """Write one new token per sequence at position `lengths[b]` and advance `lengths`.

@@ -99,19 +99,12 @@ def sequence_sharded_prefill(cache: HataCache, k: jax.Array, v: jax.Array, w: ja
     (replicated, T <= capacity), w [Hkv, D, rbit], lengths int[B] <= T; each device writes the
     prompt positions it holds (their codes and norms too)."""
     n = check_sequence_split(mesh, axis, cache.capacity)
-    k, v, w = checks.as_array(k, "k"), checks.as_array(v, "v"), checks.as_array(w, "w")
-    lengths = checks.as_array(lengths, "lengths (prefill)", "int")
-    checks.check_finite(w, "w")
-    cache.check_tokens(k, v, w, "[batch, kv_heads, tokens, head_dim]", 1)
+    k, v, w, lengths = cache.check_prompt(k, v, w, lengths)
     t = k.shape[2]
-    if t > cache.capacity:
-        raise ValueError(f"prefill: the prompt has {t} tokens but the cache capacity is {cache.capacity}")
-    checks.check_lengths(lengths, cache.batch, t, "lengths (prefill)")
     local = cache.capacity // n
     # Padded by one shard, so every device's slice start (clamped to T) is in range; a device
     # whose positions all lie past T reads padding and keeps none of it (local length 0).
     k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, local), (0, 0))) for x in (k, v))
-    lengths = lengths.astype(jnp.int32)
 
     def step(cache, k, v, w, lengths):
         offset = lax.axis_index(axis) * local
