@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from hata_jax import checks, dispatch
+from hata_jax import checks, dispatch, explicit
 from pallas_kernels import flash_decode
 
 
@@ -99,10 +99,19 @@ def sparse_decode_attention(
     checks.check_integer(count, "count")
     scale = scale_or_default(scale, q.shape[-1])
     path = dispatch.resolve("sparse_decode_attention", impl)
-    if path.pallas:
-        return flash_decode.sparse_decode_attention(
-            q, k, v, idx, count.astype(jnp.int32), scale=scale, return_lse=return_lse, interpret=path.interpret
-        )
+
+    def run(q, k, v, idx, count):
+        if path.pallas:
+            return flash_decode.sparse_decode_attention(
+                q, k, v, idx, count.astype(jnp.int32), scale=scale, return_lse=return_lse, interpret=path.interpret
+            )
+        return _sparse_reference(q, k, v, idx, count, scale, return_lse)
+
+    return explicit.per_shard(run, (q, k, v, idx, count), ("bh.", "bh..", "bh..", "bh.", "bh"),
+                              ("bh.", "bh") if return_lse else "bh.", lead=1)
+
+
+def _sparse_reference(q, k, v, idx, count, scale: float, return_lse: bool):
     safe = jnp.clip(idx, 0, k.shape[2] - 1)[..., None]
     k_rows = jnp.take_along_axis(k, safe, axis=2)
     v_rows = jnp.take_along_axis(v, safe, axis=2)
@@ -137,13 +146,18 @@ def dense_decode_attention(
     checks.check_lengths(lengths, k.shape[0], k.shape[2])
     scale = scale_or_default(scale, q.shape[-1])
     path = dispatch.resolve("dense_decode_attention", impl)
-    if path.pallas:
-        return flash_decode.dense_decode_attention(
-            q, k, v, lengths.astype(jnp.int32), scale=scale, return_lse=return_lse, interpret=path.interpret
-        )
-    mask = (jnp.arange(k.shape[2])[None, :] < lengths[:, None])[:, None, None, :]
-    out, lse = masked_attention(q, k, v, mask, scale)
-    return _finish(out, lse, q.dtype, return_lse)
+
+    def run(q, k, v, lengths):
+        if path.pallas:
+            return flash_decode.dense_decode_attention(
+                q, k, v, lengths.astype(jnp.int32), scale=scale, return_lse=return_lse, interpret=path.interpret
+            )
+        mask = (jnp.arange(k.shape[2])[None, :] < lengths[:, None])[:, None, None, :]
+        out, lse = masked_attention(q, k, v, mask, scale)
+        return _finish(out, lse, q.dtype, return_lse)
+
+    return explicit.per_shard(run, (q, k, v, lengths), ("bh.", "bh..", "bh..", "b"),
+                              ("bh.", "bh") if return_lse else "bh.", lead=1)
 
 
 def combine(outs: jax.Array, lses: jax.Array, axis: int = 0):

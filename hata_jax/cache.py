@@ -8,8 +8,10 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from hata_jax import checks
+from hata_jax import checks, explicit
 from hata_jax.config import check_rbit
 from hata_jax.hashing import check_projection, encode, key_norms
 
@@ -49,24 +51,53 @@ class HataCache:
 
     @classmethod
     def init(
-        cls, batch: int, kv_heads: int, capacity: int, head_dim: int, *, rbit: int = 128, dtype=jnp.bfloat16
+        cls,
+        batch: int,
+        kv_heads: int,
+        capacity: int,
+        head_dim: int,
+        *,
+        rbit: int = 128,
+        dtype=jnp.bfloat16,
+        out_sharding: NamedSharding | P | None = None,
     ) -> HataCache:
-        """An empty cache of `capacity` tokens per sequence."""
-        for name, value in (("batch", batch), ("kv_heads", kv_heads), ("capacity", capacity), ("head_dim", head_dim)):
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"HataCache.init: {name} must be a positive int, got {value!r}")
+        """An empty cache of `capacity` tokens per sequence.
+
+        Args:
+          batch, kv_heads, capacity, head_dim: positive ints (Python or numpy integers).
+          rbit: code bits, a positive multiple of 32.
+          dtype: the floating-point dtype of k and v.
+          out_sharding: None (default placement), or the layout of k and v `[B, Hkv, S, D]` as a
+            `NamedSharding` (a mesh of Auto or Explicit axes) or a `PartitionSpec` (over the
+            mesh of `jax.set_mesh`): only the batch and head axes may be split
+            (e.g. `P("data")`, `P(None, "model")`, `P("data", "model")`); every other field
+            follows them (codes and norms on both, lengths and overflow on the batch). The
+            buffers are made in place on their devices, never whole on one.
+        """
+        dims = {"batch": batch, "kv_heads": kv_heads, "capacity": capacity, "head_dim": head_dim}
+        batch, kv_heads, capacity, head_dim = (checks.as_int(v, f"HataCache.init: {n}", low=1) for n, v in dims.items())
+        rbit = checks.as_int(rbit, "HataCache.init: rbit", low=1)
         check_rbit(rbit)
         if not jnp.issubdtype(dtype, jnp.floating):
             raise ValueError(f"HataCache.init: dtype must be a floating-point dtype, got {jnp.dtype(dtype)}")
         shape = (batch, kv_heads, capacity, head_dim)
-        return cls(  # separate buffers for k and v, so that the cache can be donated
-            k=jnp.zeros(shape, dtype),
-            v=jnp.zeros(shape, dtype),
-            codes=jnp.zeros((batch, kv_heads, capacity, rbit // 32), jnp.uint32),
-            norms=jnp.zeros((batch, kv_heads, capacity), jnp.float32),
-            lengths=jnp.zeros((batch,), jnp.int32),
-            overflow=jnp.zeros((batch,), bool),
-        )
+
+        def make():
+            return cls(  # separate buffers for k and v, so that the cache can be donated
+                k=jnp.zeros(shape, dtype),
+                v=jnp.zeros(shape, dtype),
+                codes=jnp.zeros((batch, kv_heads, capacity, rbit // 32), jnp.uint32),
+                norms=jnp.zeros((batch, kv_heads, capacity), jnp.float32),
+                lengths=jnp.zeros((batch,), jnp.int32),
+                overflow=jnp.zeros((batch,), bool),
+            )
+
+        if out_sharding is None:
+            return make()
+        shardings = layout_shardings(out_sharding, "HataCache.init: out_sharding")
+        if isinstance(out_sharding, P):  # the types carry the layout (inside jit too)
+            return jax.jit(lambda: explicit.reshard(make(), shardings))()
+        return jax.jit(make, out_shardings=shardings)()
 
     @property
     def batch(self) -> int:
@@ -119,6 +150,9 @@ class HataCache:
             sequence's length are stored but never attended).
           w: float[Hkv, D, rbit] the layer's projection.
           lengths: int[B] prompt lengths, each <= T.
+
+        Under an explicit mesh the write runs on each device's rows of the cache (see
+        :mod:`hata_jax.explicit`); k, v and w are resharded to the cache's layout.
         """
         k, v, w = checks.as_array(k, "k"), checks.as_array(v, "v"), checks.as_array(w, "w")
         lengths = checks.as_array(lengths, "lengths (prefill)", "int")
@@ -128,18 +162,8 @@ class HataCache:
         if t > self.capacity:
             raise ValueError(f"prefill: the prompt has {t} tokens but the cache capacity is {self.capacity}")
         checks.check_lengths(lengths, self.batch, t, "lengths (prefill)")
-        lengths = lengths.astype(jnp.int32)
-        codes = encode(k, w, head_axis=1, impl=impl)
-        put = functools.partial(jax.lax.dynamic_update_slice_in_dim, start_index=0, axis=2)
-        norms = key_norms(k)
-        return HataCache(
-            k=put(self.k, k.astype(self.k.dtype)),
-            v=put(self.v, v.astype(self.v.dtype)),
-            codes=put(self.codes, codes),
-            norms=put(self.norms, norms),
-            lengths=jnp.clip(lengths, 0, t),
-            overflow=(lengths > t) | (lengths < 0) | _nonfinite(norms, lengths),
-        )
+        return explicit.per_shard(functools.partial(_prefill, impl=impl), (self, k, v, w, lengths),
+                                  (LAYOUT, "bh..", "bh..", "h..", "b"), LAYOUT)
 
     def append(self, k_new: jax.Array, v_new: jax.Array, w: jax.Array, *, impl: str = "auto") -> HataCache:
         """Write one new token per sequence at position `lengths[b]` and advance `lengths`.
@@ -171,21 +195,8 @@ class HataCache:
                     f"cache overflow: sequences {np.flatnonzero(bad).tolist()} hold lengths "
                     f"{lengths[bad].tolist()}, outside [0, capacity={self.capacity})"
                 )
-        rows = jnp.arange(self.batch)
-        ok = (self.lengths >= 0) & (self.lengths < self.capacity)
-        pos = jnp.where(ok, self.lengths, self.capacity)  # capacity: an out-of-bounds write, dropped
-
-        def put(buf, val):
-            return buf.at[rows, :, pos].set(val.astype(buf.dtype), mode="drop")
-
-        return HataCache(
-            k=put(self.k, k_new),
-            v=put(self.v, v_new),
-            codes=put(self.codes, k_codes),
-            norms=put(self.norms, k_norms),
-            lengths=jnp.where(ok, self.lengths + 1, jnp.clip(self.lengths, 0, self.capacity)),
-            overflow=self.overflow | ~ok | jnp.any(~jnp.isfinite(k_norms), axis=1),
-        )
+        return explicit.per_shard(_append, (self, k_new, v_new, k_codes, k_norms),
+                                  (LAYOUT, "bh.", "bh.", "bh.", "bh"), LAYOUT)
 
     def raise_if_overflowed(self) -> None:
         """Host-side check: raise if any sequence ever overflowed (reads `overflow` from the device)."""
@@ -195,6 +206,68 @@ class HataCache:
                 f"cache overflow: sequences {np.flatnonzero(flags).tolist()} went past capacity={self.capacity} "
                 "(or got a negative length or a non-finite key); their outputs since then are NaN"
             )
+
+
+# The layout of a HataCache's fields (see :mod:`hata_jax.explicit`): batch and KV heads may be split.
+LAYOUT = HataCache(k="bh..", v="bh..", codes="bh..", norms="bh.", lengths="b", overflow="b")
+
+
+def layout_shardings(out_sharding: NamedSharding | P, name: str) -> HataCache:
+    """A HataCache of shardings: the fields laid out as `out_sharding`, the layout of k and v
+    [B, Hkv, S, D] (only the batch and head axes split), says: NamedShardings on its mesh for a
+    NamedSharding, PartitionSpecs (over the mesh of `jax.set_mesh`) for a PartitionSpec."""
+    if isinstance(out_sharding, NamedSharding):
+        spec = out_sharding.spec
+    elif isinstance(out_sharding, P):
+        spec = out_sharding
+        if jax.sharding.get_abstract_mesh().empty:
+            raise ValueError(f"{name} is a PartitionSpec but no mesh is set (jax.set_mesh); pass a NamedSharding")
+    else:
+        raise ValueError(f"{name} must be a NamedSharding, a PartitionSpec or None, got {type(out_sharding).__name__}")
+    entries = tuple(spec) + (None,) * (4 - len(spec))
+    if len(entries) != 4 or entries[2:] != (None, None):
+        raise ValueError(f"{name} must split only the batch and head axes of [batch, kv_heads, seq, head_dim] "
+                         f"(e.g. P('data', 'model')), got {spec}")
+    specs = explicit.specs(LAYOUT, {role: axes for role, axes in zip("bh", entries) if axes is not None})
+    if isinstance(out_sharding, P):
+        return specs
+    return jax.tree.map(lambda s: NamedSharding(out_sharding.mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def _prefill(cache: HataCache, k, v, w, lengths, *, impl: str) -> HataCache:
+    """:meth:`HataCache.prefill` on checked arguments."""
+    t = k.shape[2]
+    lengths = lengths.astype(jnp.int32)
+    codes = encode(k, w, head_axis=1, impl=impl)
+    put = functools.partial(jax.lax.dynamic_update_slice_in_dim, start_index=0, axis=2)
+    norms = key_norms(k)
+    return HataCache(
+        k=put(cache.k, k.astype(cache.k.dtype)),
+        v=put(cache.v, v.astype(cache.v.dtype)),
+        codes=put(cache.codes, codes),
+        norms=put(cache.norms, norms),
+        lengths=jnp.clip(lengths, 0, t),
+        overflow=(lengths > t) | (lengths < 0) | _nonfinite(norms, lengths),
+    )
+
+
+def _append(cache: HataCache, k_new, v_new, k_codes, k_norms) -> HataCache:
+    """:meth:`HataCache.append_encoded` on checked arguments."""
+    rows = jnp.arange(cache.batch)
+    ok = (cache.lengths >= 0) & (cache.lengths < cache.capacity)
+    pos = jnp.where(ok, cache.lengths, cache.capacity)  # capacity: an out-of-bounds write, dropped
+
+    def put(buf, val):
+        return buf.at[rows, :, pos].set(val.astype(buf.dtype), mode="drop")
+
+    return HataCache(
+        k=put(cache.k, k_new),
+        v=put(cache.v, v_new),
+        codes=put(cache.codes, k_codes),
+        norms=put(cache.norms, k_norms),
+        lengths=jnp.where(ok, cache.lengths + 1, jnp.clip(cache.lengths, 0, cache.capacity)),
+        overflow=cache.overflow | ~ok | jnp.any(~jnp.isfinite(k_norms), axis=1),
+    )
 
 
 def _nonfinite(norms, lengths):

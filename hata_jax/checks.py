@@ -80,6 +80,17 @@ def as_array(x, name: str, kind: str = "float") -> jax.Array:
     return x
 
 
+def as_int(x, name: str, low: int | None = None) -> int:
+    """`x` (a Python int, a numpy integer scalar or a 0-d concrete integer array) as a Python
+    int, at least `low` if given; a ValueError naming `name` otherwise (bools and floats too)."""
+    if isinstance(x, (jax.Array, np.ndarray)) and x.ndim == 0 and is_concrete(x):
+        x = x.item() if jnp.issubdtype(x.dtype, jnp.integer) else x
+    what = "a positive int" if low == 1 else "an int" if low is None else f"an int >= {low}"
+    if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or (low is not None and x < low):
+        raise ValueError(f"{name} must be {what}, got {type(x).__name__} {x!r}")
+    return int(x)
+
+
 def check_scale(scale, name: str = "scale") -> float | None:
     """None, or `scale` as a finite positive float; a ValueError naming `name` otherwise."""
     if scale is None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from hata_jax import checks
+from hata_jax import checks, explicit
 from hata_jax.attention import sparse_decode_attention
-from hata_jax.cache import HataCache
+from hata_jax.cache import LAYOUT, HataCache
 from hata_jax.config import HataConfig
 from hata_jax.hashing import encode_step
 from hata_jax.selection import check_selection_args, hamming_topk
@@ -52,12 +52,18 @@ def hata_decode_attention(
         raise ValueError(f"the cache holds {cache.rbit}-bit codes but config.rbit is {config.rbit}")
     check_selection_args(config.budget, cache.capacity, config.sink, config.recent)
     cache.check_tokens(k_new, v_new, w, "[batch, kv_heads, head_dim]", 0)
-    q_codes, k_codes, k_norms = encode_step(q, k_new, w, impl=impl)
-    cache = cache.append_encoded(k_new, v_new, k_codes, k_norms)
-    idx, count = hamming_topk(
-        q_codes, cache.codes, cache.norms, cache.lengths, budget=config.budget,
-        score=config.score, sink=config.sink, recent=config.recent, impl=impl,
-    )
-    out = sparse_decode_attention(q, cache.k, cache.v, idx, count, scale=scale, impl=impl)
-    out = jnp.where(cache.overflow[:, None, None], jnp.nan, out).astype(q.dtype)
-    return out, cache
+
+    def run(q, k_new, v_new, cache, w):
+        q_codes, k_codes, k_norms = encode_step(q, k_new, w, impl=impl)
+        cache = cache.append_encoded(k_new, v_new, k_codes, k_norms)
+        idx, count = hamming_topk(
+            q_codes, cache.codes, cache.norms, cache.lengths, budget=config.budget,
+            score=config.score, sink=config.sink, recent=config.recent, impl=impl,
+        )
+        out = sparse_decode_attention(q, cache.k, cache.v, idx, count, scale=scale, impl=impl)
+        out = jnp.where(cache.overflow[:, None, None], jnp.nan, out).astype(q.dtype)
+        return out, cache
+
+    # Under an explicit mesh the whole step runs once per device on its (batch, KV head) rows.
+    return explicit.per_shard(run, (q, k_new, v_new, cache, w), ("bh.", "bh.", "bh.", LAYOUT, "h.."), ("bh.", LAYOUT),
+                              lead=3)

@@ -29,27 +29,16 @@ in the cache as under `jit` (see :class:`hata_jax.HataCache`).
 from __future__ import annotations
 
 import functools
-import inspect
 
 import jax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from hata_jax import attention, checks
+from hata_jax import attention, checks, explicit
 from hata_jax import decode as hata_decode
-from hata_jax.cache import HataCache
+from hata_jax.cache import LAYOUT, HataCache
 from hata_jax.config import HataConfig
-
-
-def shard_map(f, *, mesh: Mesh, in_specs, out_specs):
-    """`jax.shard_map` (or `jax.experimental.shard_map.shard_map` on a jax without it) with the
-    replication check off (named `check_vma` or `check_rep` by version): Pallas calls have no
-    replication rule, and the replicated outputs here (cache lengths) are equal on every device."""
-    fn = getattr(jax, "shard_map", None)
-    if fn is None:
-        from jax.experimental.shard_map import shard_map as fn
-    check = "check_vma" if "check_vma" in inspect.signature(fn).parameters else "check_rep"
-    return fn(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, **{check: False})
+from hata_jax.explicit import shard_map
 
 
 def axis_size(mesh: Mesh, axis: str) -> int:
@@ -85,8 +74,7 @@ def projection_spec(axis: str) -> P:
 
 def cache_specs(axis: str) -> HataCache:
     """A HataCache of PartitionSpecs: k, v, codes, norms split on the KV heads; lengths, overflow replicated."""
-    heads = heads_spec(axis)
-    return HataCache(k=heads, v=heads, codes=heads, norms=heads, lengths=P(), overflow=P())
+    return explicit.specs(LAYOUT, {"h": axis})
 
 
 def _named(mesh: Mesh, specs):
@@ -107,9 +95,8 @@ def init_cache(batch: int, kv_heads: int, capacity: int, head_dim: int, *, rbit:
     if mesh is None:
         return HataCache.init(batch, kv_heads, capacity, head_dim, **kwargs)
     check_head_split(mesh, axis, kv_heads)
-    make = jax.jit(lambda: HataCache.init(batch, kv_heads, capacity, head_dim, **kwargs),
-                   out_shardings=cache_shardings(mesh, axis))
-    return make()
+    return HataCache.init(batch, kv_heads, capacity, head_dim, **kwargs,
+                          out_sharding=NamedSharding(mesh, heads_spec(axis)))
 
 
 def shard_cache(cache: HataCache, mesh: Mesh, axis: str = "model") -> HataCache:
