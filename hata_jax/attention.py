@@ -14,7 +14,7 @@ from pallas_kernels import flash_decode
 
 def _check_qkv(q, k, v) -> int:
     """q: [B, Hq, D], k, v: [B, Hkv, S, D]; returns the group size."""
-    checks.check_rank(q, 3, "q", "[batch, q_heads, head_dim]")
+    checks.check_query(q)
     checks.check_rank(k, 4, "k", "[batch, kv_heads, seq, head_dim]")
     checks.check_floating(q, "q")
     checks.check_floating(k, "k")
@@ -23,7 +23,9 @@ def _check_qkv(q, k, v) -> int:
         raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
     checks.check_dim(q, 0, k.shape[0], "q", "batch size")
     checks.check_dim(q, 2, k.shape[3], "q", "head_dim")
+    checks.check_kv_heads(k, q.shape[1], "k")
     return checks.group_size(q.shape[1], k.shape[1], "q heads vs k heads")
+
 
 
 def scale_or_default(scale, head_dim: int) -> float:

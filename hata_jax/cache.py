@@ -127,9 +127,11 @@ class HataCache:
             checks.check_rank(x, len(shape), name, layout)
             checks.check_floating(x, name)
             if any(e is not None and e != g for e, g in zip(shape, x.shape)):
+                seq_major = token_axes and x.shape[1] != self.kv_heads and x.shape[2] == self.kv_heads
                 raise ValueError(
                     f"{name} must have shape {layout} with B={self.batch}, Hkv={self.kv_heads}, "
                     f"D={self.head_dim}, got {tuple(x.shape)}"
+                    + (" " + checks.SEQ_MAJOR_HINT.format(name=name) if seq_major else "")
                 )
         if tuple(v.shape) != tuple(k.shape):
             raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")

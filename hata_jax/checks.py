@@ -44,6 +44,31 @@ def group_size(q_heads: int, kv_heads: int, name: str) -> int:
     return q_heads // kv_heads
 
 
+SEQ_MAJOR_HINT = "(a [batch, seq, kv_heads, head_dim] cache? pass jnp.swapaxes({name}, 1, 2))"
+
+
+def check_kv_heads(k, q_heads: int, name: str) -> None:
+    """k: [batch, kv_heads, seq, head_dim] (rank already checked) with KV heads dividing
+    `q_heads`; the ValueError names that layout, with a hint when axis 2 would fit: a
+    sequence-major cache."""
+    def fits(n):
+        return n > 0 and q_heads % n == 0
+
+    if not fits(k.shape[1]):
+        hint = " " + SEQ_MAJOR_HINT.format(name=name) if fits(k.shape[2]) else ""
+        raise ValueError(f"{name} must be [batch, kv_heads, seq, head_dim] with KV heads dividing the {q_heads} query "
+                         f"heads; got shape {tuple(k.shape)}{hint}")
+
+
+def check_query(q) -> None:
+    """q: [batch, q_heads, head_dim] (one decode token per sequence), with a hint for a query
+    that keeps its token axis."""
+    if jnp.ndim(q) == 4 and q.shape[2] == 1:
+        raise ValueError(f"q must have shape [batch, q_heads, head_dim] (one token per sequence), got shape "
+                         f"{tuple(q.shape)} (a [batch, q_heads, 1, head_dim] query? pass q[:, :, 0])")
+    check_rank(q, 3, "q", "[batch, q_heads, head_dim]")
+
+
 def is_concrete(x) -> bool:
     """True when `x` holds values we can read on the host (not a tracer)."""
     return not isinstance(x, jax.core.Tracer)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from pallas_kernels._backend import SCORES, check_sink_recent
 
 
@@ -30,8 +32,9 @@ class HataConfig:
     def __post_init__(self):
         for name in ("rbit", "budget", "sink", "recent", "dense_layers"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
                 raise ValueError(f"HataConfig.{name} must be an int, got {value!r}")
+            object.__setattr__(self, name, int(value))  # numpy integers as Python ints: one hash, one repr
         check_rbit(self.rbit, "HataConfig.rbit")
         if self.budget <= 0:
             raise ValueError(f"HataConfig.budget must be > 0, got {self.budget}")

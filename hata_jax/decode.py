@@ -43,7 +43,7 @@ def hata_decode_attention(
         raise ValueError(f"config must be a HataConfig, got {type(config).__name__}")
     q, k_new, v_new, w = (checks.as_array(x, name) for x, name in ((q, "q"), (k_new, "k"), (v_new, "v"), (w, "w")))
     checks.check_finite(w, "w")  # NaN in w would make every code 0 and the selection arbitrary
-    checks.check_rank(q, 3, "q", "[batch, q_heads, head_dim]")
+    checks.check_query(q)
     checks.check_dim(q, 0, cache.batch, "q", "batch size")
     checks.check_dim(q, 2, cache.head_dim, "q", "head_dim")
     if w.ndim == 3 and w.shape[2] != config.rbit:

@@ -114,7 +114,7 @@ def encode_step(q: jax.Array, k_new: jax.Array, w: jax.Array, *, impl: str = "au
     """
     q, k_new, w = checks.as_array(q, "q"), checks.as_array(k_new, "k_new"), checks.as_array(w, "w")
     checks.check_finite(w, "w")
-    checks.check_rank(q, 3, "q", "[batch, q_heads, head_dim]")
+    checks.check_query(q)
     checks.check_rank(k_new, 3, "k_new", "[batch, kv_heads, head_dim]")
     checks.check_floating(q, "q")
     checks.check_floating(k_new, "k_new")

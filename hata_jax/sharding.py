@@ -171,7 +171,7 @@ def sharded_hata_decode_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Arr
     """
     if mesh is None:
         return hata_decode.hata_decode_attention(q, k_new, v_new, cache, w, config, scale=scale, impl=impl)
-    checks.check_rank(q, 3, "q", "[batch, q_heads, head_dim]")
+    checks.check_query(q)
     check_head_split(mesh, axis, cache.kv_heads, q.shape[1])
     fn = _over_heads("hata", mesh, axis, (("config", config), ("scale", scale), ("impl", impl)))
     return fn(q, k_new, v_new, cache, w)
@@ -190,7 +190,7 @@ def sharded_dense_decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, len
     """
     if mesh is None:
         return attention.dense_decode_attention(q, k, v, lengths, scale=scale, return_lse=return_lse, impl=impl)
-    checks.check_rank(q, 3, "q", "[batch, q_heads, head_dim]")
+    checks.check_query(q)
     checks.check_rank(k, 4, "k", "[batch, kv_heads, seq, head_dim]")
     check_head_split(mesh, axis, k.shape[1], q.shape[1])
     fn = _over_heads("dense", mesh, axis, (("scale", scale), ("return_lse", return_lse), ("impl", impl)))
