@@ -18,7 +18,7 @@ from hata_jax.hashing import check_projection, encode, key_norms
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["k", "v", "codes", "norms", "lengths", "overflow"],
+    data_fields=["k", "v", "codes", "norms", "lengths", "overflow", "uncoded"],
     meta_fields=[],
 )
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +33,11 @@ class HataCache:
       overflow: bool[B], sticky: set when a write would have gone outside `[0, S_max)` or a
         written key is not finite (NaN or inf: the sequence's attention is NaN, as dense
         attention over that key would be, instead of the key silently never selected).
+      uncoded: bool[B], sticky until the next prefill with a projection: a token of the sequence
+        was written without its hash code (`w=None` in :meth:`prefill` or :meth:`append`, as a
+        dense layer may do; its code is left zero, its norm is stored). The codes cannot select
+        over such a sequence: :func:`hata_decode_attention` raises at once outside `jit` and
+        returns NaN for it inside.
 
     Capacity overflow: a write never wraps around or overwrites a token. With concrete lengths
     (outside `jit`) a write past `S_max` or at a negative length raises a ValueError at once.
@@ -48,6 +53,7 @@ class HataCache:
     norms: jax.Array
     lengths: jax.Array
     overflow: jax.Array
+    uncoded: jax.Array
 
     @classmethod
     def init(
@@ -90,6 +96,7 @@ class HataCache:
                 norms=jnp.zeros((batch, kv_heads, capacity), jnp.float32),
                 lengths=jnp.zeros((batch,), jnp.int32),
                 overflow=jnp.zeros((batch,), bool),
+                uncoded=jnp.zeros((batch,), bool),
             )
 
         if out_sharding is None:
@@ -119,6 +126,16 @@ class HataCache:
     def rbit(self) -> int:
         return 32 * self.codes.shape[3]
 
+    def raise_if_uncoded(self) -> None:
+        """Raise if a sequence holds a token written without its code (`uncoded`; values known on
+        the host only: a no-op on tracers)."""
+        if checks.is_concrete(self.uncoded) and np.asarray(self.uncoded).any():
+            raise ValueError(
+                f"sequences {np.flatnonzero(np.asarray(self.uncoded)).tolist()} of the cache hold tokens written "
+                "without hash codes (w=None in prefill or append): HATA cannot select over them; pass the layer's "
+                "projection w to prefill and append in every layer that HATA will decode"
+            )
+
     def check_tokens(self, k, v, w, layout: str, token_axes: int) -> None:
         """k, v: `layout` matching the cache (any token count, the same for both); w: the
         cache's projection, unless None."""
@@ -144,39 +161,51 @@ class HataCache:
                 f"got {tuple(w.shape)}"
             )
 
-    def prefill(self, k: jax.Array, v: jax.Array, w: jax.Array, lengths: jax.Array, *, impl: str = "auto") -> HataCache:
+    def prefill(
+        self, k: jax.Array, v: jax.Array, w: jax.Array | None, lengths: jax.Array, *, impl: str = "auto"
+    ) -> HataCache:
         """Write a prompt's keys and values at positions [0, T) and set `lengths`.
 
         Args:
           k, v: [B, Hkv, T, D] post-RoPE keys and values, T <= capacity (padded rows past a
             sequence's length are stored but never attended).
-          w: float[Hkv, D, rbit] the layer's projection.
+          w: float[Hkv, D, rbit] the layer's projection, or None (a dense layer): the codes are
+            left zero and every sequence with a token is marked `uncoded`.
           lengths: int[B] prompt lengths, each <= T.
 
         Under an explicit mesh the write runs on each device's rows of the cache (see
         :mod:`hata_jax.explicit`); k, v and w are resharded to the cache's layout.
         """
-        k, v, w = checks.as_array(k, "k"), checks.as_array(v, "v"), checks.as_array(w, "w")
+        k, v = checks.as_array(k, "k"), checks.as_array(v, "v")
+        w = None if w is None else checks.as_array(w, "w")
         lengths = checks.as_array(lengths, "lengths (prefill)", "int")
-        checks.check_finite(w, "w")
+        if w is not None:
+            checks.check_finite(w, "w")
         self.check_tokens(k, v, w, "[batch, kv_heads, tokens, head_dim]", 1)
         t = k.shape[2]
         if t > self.capacity:
             raise ValueError(f"prefill: the prompt has {t} tokens but the cache capacity is {self.capacity}")
         checks.check_lengths(lengths, self.batch, t, "lengths (prefill)")
         return explicit.per_shard(functools.partial(_prefill, impl=impl), (self, k, v, w, lengths),
-                                  (LAYOUT, "bh..", "bh..", "h..", "b"), LAYOUT)
+                                  (LAYOUT, "bh..", "bh..", None if w is None else "h..", "b"), LAYOUT)
 
-    def append(self, k_new: jax.Array, v_new: jax.Array, w: jax.Array, *, impl: str = "auto") -> HataCache:
+    def append(self, k_new: jax.Array, v_new: jax.Array, w: jax.Array | None, *, impl: str = "auto") -> HataCache:
         """Write one new token per sequence at position `lengths[b]` and advance `lengths`.
 
         Args:
           k_new, v_new: [B, Hkv, D] post-RoPE key and value of the new token.
-          w: float[Hkv, D, rbit] the layer's projection.
+          w: float[Hkv, D, rbit] the layer's projection, or None (a dense layer): the token's
+            code is left zero (its norm is stored) and every sequence is marked `uncoded`.
         """
-        k_new, v_new, w = checks.as_array(k_new, "k"), checks.as_array(v_new, "v"), checks.as_array(w, "w")
-        checks.check_finite(w, "w")
+        k_new, v_new = checks.as_array(k_new, "k"), checks.as_array(v_new, "v")
+        w = None if w is None else checks.as_array(w, "w")
+        if w is not None:
+            checks.check_finite(w, "w")
         self.check_tokens(k_new, v_new, w, "[batch, kv_heads, head_dim]", 0)
+        if w is None:
+            codes = jnp.zeros((self.batch, self.kv_heads, self.rbit // 32), jnp.uint32)
+            cache = dataclasses.replace(self, uncoded=jnp.ones_like(self.uncoded))
+            return cache.append_encoded(k_new, v_new, codes, key_norms(k_new))
         return self.append_encoded(k_new, v_new, encode(k_new, w, head_axis=1, impl=impl), key_norms(k_new))
 
     def append_encoded(self, k_new, v_new, k_codes, k_norms) -> HataCache:
@@ -211,7 +240,7 @@ class HataCache:
 
 
 # The layout of a HataCache's fields (see :mod:`hata_jax.explicit`): batch and KV heads may be split.
-LAYOUT = HataCache(k="bh..", v="bh..", codes="bh..", norms="bh.", lengths="b", overflow="b")
+LAYOUT = HataCache(k="bh..", v="bh..", codes="bh..", norms="bh.", lengths="b", overflow="b", uncoded="b")
 
 
 def layout_shardings(out_sharding: NamedSharding | P, name: str) -> HataCache:
@@ -240,7 +269,10 @@ def _prefill(cache: HataCache, k, v, w, lengths, *, impl: str) -> HataCache:
     """:meth:`HataCache.prefill` on checked arguments."""
     t = k.shape[2]
     lengths = lengths.astype(jnp.int32)
-    codes = encode(k, w, head_axis=1, impl=impl)
+    if w is None:
+        codes = jnp.zeros((*k.shape[:3], cache.rbit // 32), jnp.uint32)
+    else:
+        codes = encode(k, w, head_axis=1, impl=impl)
     put = functools.partial(jax.lax.dynamic_update_slice_in_dim, start_index=0, axis=2)
     norms = key_norms(k)
     return HataCache(
@@ -250,6 +282,7 @@ def _prefill(cache: HataCache, k, v, w, lengths, *, impl: str) -> HataCache:
         norms=put(cache.norms, norms),
         lengths=jnp.clip(lengths, 0, t),
         overflow=(lengths > t) | (lengths < 0) | _nonfinite(norms, lengths),
+        uncoded=jnp.full((cache.batch,), w is None) & (lengths > 0),
     )
 
 
@@ -269,6 +302,7 @@ def _append(cache: HataCache, k_new, v_new, k_codes, k_norms) -> HataCache:
         norms=put(cache.norms, k_norms),
         lengths=jnp.where(ok, cache.lengths + 1, jnp.clip(cache.lengths, 0, cache.capacity)),
         overflow=cache.overflow | ~ok | jnp.any(~jnp.isfinite(k_norms), axis=1),
+        uncoded=cache.uncoded,
     )
 
 

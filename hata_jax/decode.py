@@ -37,7 +37,8 @@ def hata_decode_attention(
     Returns:
       (out [B, Hq, D] in q's dtype, updated cache). When `lengths[b] <= config.budget` after the
       append, every cached token is selected and the output equals dense attention. A sequence
-      whose cache overflowed gets NaN (see :class:`HataCache`).
+      whose cache overflowed or holds a token written without its code (`uncoded`) gets NaN
+      (see :class:`HataCache`); with values known on the host an uncoded cache raises at once.
     """
     if not isinstance(config, HataConfig):
         raise ValueError(f"config must be a HataConfig, got {type(config).__name__}")
@@ -52,6 +53,7 @@ def hata_decode_attention(
         raise ValueError(f"the cache holds {cache.rbit}-bit codes but config.rbit is {config.rbit}")
     check_selection_args(config.budget, cache.capacity, config.sink, config.recent)
     cache.check_tokens(k_new, v_new, w, "[batch, kv_heads, head_dim]", 0)
+    cache.raise_if_uncoded()
 
     def run(q, k_new, v_new, cache, w):
         q_codes, k_codes, k_norms = encode_step(q, k_new, w, impl=impl)
@@ -61,7 +63,7 @@ def hata_decode_attention(
             score=config.score, sink=config.sink, recent=config.recent, impl=impl,
         )
         out = sparse_decode_attention(q, cache.k, cache.v, idx, count, scale=scale, impl=impl)
-        out = jnp.where(cache.overflow[:, None, None], jnp.nan, out).astype(q.dtype)
+        out = jnp.where((cache.overflow | cache.uncoded)[:, None, None], jnp.nan, out).astype(q.dtype)
         return out, cache
 
     # Under an explicit mesh the whole step runs once per device on its (batch, KV head) rows.
