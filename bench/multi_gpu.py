@@ -95,7 +95,7 @@ class Settings:
 
     @property
     def hata(self) -> HataConfig:
-        return HataConfig(rbit=self.rbit, budget=self.budget, dense_layers=self.dense_layers)
+        return HataConfig(rbit=self.rbit, budget=self.budget)
 
     def config(self, layers: int) -> LlamaConfig:
         return dataclasses.replace(SMALL_LLAMA if self.small else LLAMA_8B, num_layers=layers)
@@ -266,7 +266,7 @@ class MultiGpuBench:
         caches = jax.block_until_ready(build_caches(self._next_key(), hash_weights, config, job.batch, job.context,
                                                     self.dtype, mesh))
         memory = device_free_bytes(jax.devices()[:job.devices])
-        plan = AttentionPlan.uniform(config.num_layers, "hata", s.hata).on_mesh(mesh, AXIS)
+        plan = AttentionPlan.uniform(config.num_layers, "hata", s.hata, dense_layers=s.dense_layers).on_mesh(mesh, AXIS)
         for method in METHODS:
             caches = at_length(caches, job.context - s.slack, mesh)
             step = decode_steps.step_function(steps, method, plan)
@@ -293,7 +293,7 @@ class MultiGpuBench:
         timed = times[s.warmup:]
         median = statistics.median(timed)
         nbytes = decode_bytes.step_bytes(config, method, base["batch"], base["context"], s.hata, self.dtype.itemsize,
-                                   weights_read)
+                                         weights_read, s.dense_layers)
         floor_ms = nbytes / n / (self.bandwidth["floor_gbps"] * 1e6)
         row = {"kind": "step", **base, "method": method, "median_ms": 1e3 * median,
                "p10_ms": 1e3 * float(np.percentile(timed, 10)), "p90_ms": 1e3 * float(np.percentile(timed, 90)),

@@ -221,8 +221,6 @@ CASES = {
         (lambda a: hj.HataConfig(recent=None), r"HataConfig.recent must be an int"),
         (lambda a: hj.HataConfig(budget=8, sink=5, recent=4),
          r"HataConfig.sink \(5\) and recent \(4\) must be >= 0 and sum to at most budget \(8\)"),
-        (lambda a: hj.HataConfig(dense_layers=-1), r"HataConfig.dense_layers must be >= 0"),
-        (lambda a: hj.HataConfig(dense_layers="2"), r"HataConfig.dense_layers must be an int"),
         (lambda a: hj.HataConfig(score="dot"), r"HataConfig.score must be one of"),
         (lambda a: dataclasses.replace(a.config, budget=-4), r"HataConfig.budget must be > 0"),
     ],

@@ -119,7 +119,7 @@ def test_jit_with_donated_cache_matches_eager(randn):
     w = randn(kv_heads, head_dim, 128)
     prompt_k, prompt_v = randn(batch, kv_heads, 7, head_dim), randn(batch, kv_heads, 7, head_dim)
     lengths = jnp.array([7, 2, 5], jnp.int32)
-    config = hj.HataConfig(budget=capacity, dense_layers=0)
+    config = hj.HataConfig(budget=capacity)
 
     def fresh():
         return hj.HataCache.init(batch, kv_heads, capacity, head_dim, dtype=jnp.float32).prefill(

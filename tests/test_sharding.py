@@ -88,7 +88,7 @@ def _attention_case(rng, kv_heads, group, devices, impl="reference", explicit=Fa
     _assert_head_split(placed.codes, kv_heads, devices)
     _assert_caches_equal(placed, plain)
 
-    config = hj.HataConfig(rbit=rbit, budget=budget, dense_layers=0)
+    config = hj.HataConfig(rbit=rbit, budget=budget)
     wrap = jax.jit if jit else (lambda f: f)
     q = _rand(rng, batch, kv_heads * group, d)
     k_new, v_new = _rand(rng, batch, kv_heads, d), _rand(rng, batch, kv_heads, d)
@@ -295,7 +295,7 @@ def check_clear_errors(rng):
     _raises(lambda: ms.init_model(config, mesh), "cannot split 2 KV heads")
     _raises(lambda: ms.shard_model(LlamaForCausalLM(config, rngs=nnx.Rngs(0)), _mesh(2, explicit=True)),
             "needs an Auto axis")
-    _raises(lambda: AttentionPlan.for_method(2, "quest", hj.HataConfig(dense_layers=1)).on_mesh(mesh),
+    _raises(lambda: AttentionPlan.for_method(2, "quest", hj.HataConfig(), dense_layers=1).on_mesh(mesh),
             "'dense' and 'hata' layers only")
     _raises(lambda: AttentionPlan.uniform(2, "hata").on_mesh(mesh, "heads"), "mesh axis 'heads' is not in the mesh")
 
@@ -326,10 +326,10 @@ def _generation_case(rng, config_args, devices_list, attentions, init_on_mesh=Fa
     config = LlamaConfig(**config_args)
     seed = int(rng.integers(1 << 30))
     prompts = [rng.integers(0, config.vocab_size, n).tolist() for n in (5, 37, 22)]
-    hata = HataConfig(rbit=64, budget=12, dense_layers=1)
+    hata = HataConfig(rbit=64, budget=12)
     weights = random_projections(config, hata.rbit, seed)
     for attention in attentions:
-        plan = AttentionPlan.uniform(config.num_layers, attention, hata, impl="reference")
+        plan = AttentionPlan.uniform(config.num_layers, attention, hata, impl="reference", dense_layers=1)
         single_model = LlamaForCausalLM(config, rngs=nnx.Rngs(seed))
         want = generate(single_model, prompts, plan=plan, hash_weights=weights, max_new_tokens=7, dense_below=0)
         want_logits = prefill_prompts(single_model, prompts, capacity=128, hash_weights=weights).logits
@@ -380,7 +380,7 @@ def check_sharded_step_lowers_for_cuda(rng):
     config = LlamaConfig(**TINY)
     mesh = ms.make_mesh(jax.devices()[:2])
     steps = ModelSteps(ms.init_model(config, mesh, dtype=jnp.bfloat16))
-    plan = AttentionPlan.uniform(config.num_layers, "hata", HataConfig(rbit=64, budget=16, dense_layers=1))
+    plan = AttentionPlan.uniform(config.num_layers, "hata", HataConfig(rbit=64, budget=16), dense_layers=1)
     caches = init_caches(config, 2, 128, rbit=64, dtype=jnp.bfloat16, mesh=mesh)
     weights = ms.shard_hash_weights([_rand(rng, config.num_kv_heads, config.head_dim, 64)] * config.num_layers, mesh)
     on_gpu, dispatch.on_gpu = dispatch.on_gpu, lambda: True
@@ -430,8 +430,8 @@ def run_process(seed: int, process: int, port: int) -> None:
     rng = np.random.default_rng(seed)
     config = LlamaConfig(**TINY)
     prompts = [rng.integers(0, config.vocab_size, n).tolist() for n in (9, 30)]
-    plan = AttentionPlan.uniform(config.num_layers, "hata", HataConfig(rbit=64, budget=12, dense_layers=1),
-                                 impl="reference")
+    plan = AttentionPlan.uniform(config.num_layers, "hata", HataConfig(rbit=64, budget=12), "reference",
+                                 dense_layers=1)
     want = generate(LlamaForCausalLM(config, rngs=nnx.Rngs(seed)), prompts, plan=plan, max_new_tokens=6,
                     dense_below=0, seed=seed)
     mesh = ms.make_mesh()
