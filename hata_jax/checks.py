@@ -47,16 +47,27 @@ def group_size(q_heads: int, kv_heads: int, name: str) -> int:
 SEQ_MAJOR_HINT = "(a [batch, seq, kv_heads, head_dim] cache? pass jnp.swapaxes({name}, 1, 2))"
 
 
-def check_kv_heads(k, q_heads: int, name: str) -> None:
-    """k: [batch, kv_heads, seq, head_dim] (rank already checked) with KV heads dividing
-    `q_heads`; the ValueError names that layout, with a hint when axis 2 would fit: a
-    sequence-major cache."""
+CACHE_LAYOUTS = {2: "[batch, kv_heads, seq, head_dim]", 1: "[batch, seq, kv_heads, head_dim]"}
+
+
+def check_seq_axis(seq_axis) -> int:
+    """The sequence axis of a [B, Hkv, S, D] (2) or [B, S, Hkv, D] (1) cache."""
+    if isinstance(seq_axis, bool) or seq_axis not in CACHE_LAYOUTS:
+        raise ValueError(f"seq_axis must be 2 ({CACHE_LAYOUTS[2]}) or 1 ({CACHE_LAYOUTS[1]}), got {seq_axis!r}")
+    return int(seq_axis)
+
+
+def check_kv_heads(k, q_heads: int, name: str, seq_axis: int, hint: str) -> None:
+    """k: a cache laid out as `CACHE_LAYOUTS[seq_axis]` (rank already checked) with KV heads
+    dividing `q_heads`; the ValueError names that layout, with `hint` (what to pass instead) when
+    the other layout would fit."""
     def fits(n):
         return n > 0 and q_heads % n == 0
 
-    if not fits(k.shape[1]):
-        hint = " " + SEQ_MAJOR_HINT.format(name=name) if fits(k.shape[2]) else ""
-        raise ValueError(f"{name} must be [batch, kv_heads, seq, head_dim] with KV heads dividing the {q_heads} query "
+    heads, seq = (1, 2) if seq_axis == 2 else (2, 1)
+    if not fits(k.shape[heads]):
+        hint = f" (a {CACHE_LAYOUTS[3 - seq_axis]} cache? {hint})" if fits(k.shape[seq]) else ""
+        raise ValueError(f"{name} must be {CACHE_LAYOUTS[seq_axis]} with KV heads dividing the {q_heads} query "
                          f"heads; got shape {tuple(k.shape)}{hint}")
 
 

@@ -76,7 +76,11 @@ def qkv_cases(call):
          r"\(2, 2, 10, 64\)$"),
         (lambda a: call(a, a.q, jnp.swapaxes(a.k, 1, 2), jnp.swapaxes(a.v, 1, 2)),
          r"k must be \[batch, kv_heads, seq, head_dim\] .* got shape \(2, 10, 2, 64\) \(a \[batch, seq, kv_heads, "
-         r"head_dim\] cache\? pass jnp.swapaxes\(k, 1, 2\)\)"),
+         r"head_dim\] cache\? pass seq_axis=1\)"),
+        (lambda a: call(a, a.q, a.k, a.v, seq_axis=1),
+         r"k must be \[batch, seq, kv_heads, head_dim\] .* got shape \(2, 2, 10, 64\) \(a \[batch, kv_heads, seq, "
+         r"head_dim\] cache\? pass seq_axis=2\)"),
+        (lambda a: call(a, a.q, a.k, a.v, seq_axis=3), r"seq_axis must be 2 .* or 1 .*, got 3"),
         (lambda a: call(a, a.q[:, :, None], a.k, a.v),
          r"q must have shape \[batch, q_heads, head_dim\] .* got shape \(2, 6, 1, 64\) \(a \[batch, q_heads, 1, "
          r"head_dim\] query\? pass q\[:, :, 0\]\)"),
@@ -121,13 +125,13 @@ def topk_call(a, q_codes, k_codes, norms, lengths=None, budget=4, sink=0, recent
     return hj.hamming_topk(q_codes, k_codes, norms, lengths, budget=budget, sink=sink, recent=recent, impl=REF, **kw)
 
 
-def sparse_call(a, q, k, v, idx=None, count=None):
+def sparse_call(a, q, k, v, idx=None, count=None, seq_axis=2):
     return hj.sparse_decode_attention(q, k, v, a.idx if idx is None else idx, a.count if count is None else count,
-                                      impl=REF)
+                                      seq_axis=seq_axis, impl=REF)
 
 
-def dense_call(a, q, k, v, lengths=None):
-    return hj.dense_decode_attention(q, k, v, a.lengths if lengths is None else lengths, impl=REF)
+def dense_call(a, q, k, v, lengths=None, seq_axis=2):
+    return hj.dense_decode_attention(q, k, v, a.lengths if lengths is None else lengths, seq_axis=seq_axis, impl=REF)
 
 
 def prefill_call(a, k=None, v=None, w=None, lengths=None):
