@@ -96,6 +96,15 @@ def check_lengths(lengths, batch: int, capacity: int, name: str = "lengths") -> 
             raise ValueError(f"{name} must lie in [0, {capacity}] (the cache capacity), got {values.tolist()}")
 
 
+def check_starts(starts, lengths, batch: int, capacity: int) -> None:
+    """starts: int[batch] in [0, lengths[b]] (a left-padded cache's first rows); values are
+    checked when they are concrete."""
+    check_lengths(starts, batch, capacity, "starts")
+    if is_concrete(starts) and is_concrete(lengths) and (np.asarray(starts) > np.asarray(lengths)).any():
+        raise ValueError(f"starts must not exceed lengths, got starts {np.asarray(starts).tolist()} and lengths "
+                         f"{np.asarray(lengths).tolist()}")
+
+
 def as_array(x, name: str, kind: str = "float") -> jax.Array:
     """`x` (a jax or numpy array, or a nested list of numbers) as a jax array whose dtype is of
     `kind` ("float" or "int"); raises a ValueError naming `name` for anything else (strings,

@@ -36,7 +36,7 @@ from jax.sharding import PartitionSpec as P
 
 from hata_jax import attention, checks, explicit
 from hata_jax import decode as hata_decode
-from hata_jax.cache import LAYOUT, HataCache
+from hata_jax.cache import HataCache, cache_layout
 from hata_jax.config import HataConfig
 from hata_jax.explicit import shard_map
 
@@ -62,6 +62,14 @@ def check_head_split(mesh: Mesh, axis: str, kv_heads: int, q_heads: int | None =
     return n
 
 
+def check_head_major(cache: HataCache) -> None:
+    """The wrappers here split head-major caches only."""
+    if cache.seq_axis != 2:
+        raise ValueError("hata_jax.sharding splits head-major caches ([batch, kv_heads, seq, head_dim]), got a "
+                         "sequence-major one (seq_axis=1): run the plain ops under jax.set_mesh with Explicit axes "
+                         "(the cache made with HataCache.init(out_sharding=...))")
+
+
 def heads_spec(axis: str) -> P:
     """Arrays with the heads on axis 1: q, k_new, v_new, outputs, cache k/v/codes/norms."""
     return P(None, axis)
@@ -73,8 +81,9 @@ def projection_spec(axis: str) -> P:
 
 
 def cache_specs(axis: str) -> HataCache:
-    """A HataCache of PartitionSpecs: k, v, codes, norms split on the KV heads; lengths, overflow replicated."""
-    return explicit.specs(LAYOUT, {"h": axis})
+    """A head-major HataCache of PartitionSpecs: k, v, codes, norms split on the KV heads;
+    lengths, starts, overflow, uncoded replicated."""
+    return explicit.specs(cache_layout(), {"h": axis})
 
 
 def _named(mesh: Mesh, specs):
@@ -172,6 +181,7 @@ def sharded_hata_decode_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Arr
     if mesh is None:
         return hata_decode.hata_decode_attention(q, k_new, v_new, cache, w, config, scale=scale, impl=impl)
     checks.check_query(q)
+    check_head_major(cache)
     check_head_split(mesh, axis, cache.kv_heads, q.shape[1])
     fn = _over_heads("hata", mesh, axis, (("config", config), ("scale", scale), ("impl", impl)))
     return fn(q, k_new, v_new, cache, w)
@@ -202,6 +212,7 @@ def sharded_append(cache: HataCache, k_new: jax.Array, v_new: jax.Array, w: jax.
     """:meth:`HataCache.append` (k_new, v_new: [B, Hkv, D]; w: [Hkv, D, rbit]) on the local heads."""
     if mesh is None:
         return cache.append(k_new, v_new, w, impl=impl)
+    check_head_major(cache)
     check_head_split(mesh, axis, cache.kv_heads)
     return _over_heads("append", mesh, axis, (("impl", impl),))(cache, k_new, v_new, w)
 
@@ -211,6 +222,7 @@ def sharded_prefill(cache: HataCache, k: jax.Array, v: jax.Array, w: jax.Array, 
     """:meth:`HataCache.prefill` (k, v: [B, Hkv, T, D]; w: [Hkv, D, rbit]; lengths: int[B]) on the local heads."""
     if mesh is None:
         return cache.prefill(k, v, w, lengths, impl=impl)
+    check_head_major(cache)
     check_head_split(mesh, axis, cache.kv_heads)
     checks.check_rank(k, 4, "k", "[batch, kv_heads, tokens, head_dim]")
     checks.check_lengths(lengths, cache.batch, k.shape[2], "lengths (prefill)")

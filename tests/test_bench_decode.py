@@ -210,7 +210,8 @@ def test_exact_topk_selects_the_largest_softmax_mass(rng, hq, hkv):
     g = hq // hkv
     cache = hj.HataCache(k=jnp.asarray(k), v=jnp.asarray(v), codes=jnp.zeros((b, hkv, s, 1), jnp.uint32),
                          norms=jnp.ones((b, hkv, s)), lengths=jnp.asarray(lengths, jnp.int32),
-                         overflow=jnp.zeros((b,), bool), uncoded=jnp.zeros((b,), bool))
+                         starts=jnp.zeros((b,), jnp.int32), overflow=jnp.zeros((b,), bool),
+                         uncoded=jnp.zeros((b,), bool))
     out = np.asarray(decode_steps.exact_topk_attention(jnp.asarray(q), cache, budget, "reference"))
     for row in range(b):
         n = lengths[row]

@@ -13,7 +13,7 @@ import pytest
 import hata_jax as hj
 
 REF = "reference"
-FIELDS = ("k", "v", "codes", "norms", "lengths", "overflow", "uncoded")
+FIELDS = ("k", "v", "codes", "norms", "lengths", "starts", "overflow", "uncoded")
 
 
 def assert_caches_equal(a: hj.HataCache, b: hj.HataCache) -> None:

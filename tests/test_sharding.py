@@ -287,6 +287,9 @@ def check_clear_errors(rng):
             "cannot split 6 KV heads")
     _raises(lambda: hs.sharded_append(cache, kv, kv, w, mesh=mesh), "cannot split 6 KV heads")
     _raises(lambda: hs.init_cache(2, 6, 32, 64, mesh=mesh), "cannot split 6 KV heads")
+    seq_major = hj.HataCache.init(2, 4, 32, 64, rbit=32, dtype=jnp.float32, seq_axis=1)
+    _raises(lambda: hs.sharded_append(seq_major, kv[:, :4], kv[:, :4], w[:4], mesh=mesh),
+            "splits head-major caches", "seq_axis=1")
     _raises(lambda: hs.sharded_dense_decode_attention(q, cache.k, cache.v, cache.lengths, mesh=mesh, axis="heads"),
             "mesh axis 'heads' is not in the mesh")
     config = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
