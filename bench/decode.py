@@ -151,7 +151,7 @@ class Settings:
 
     @property
     def hata(self) -> HataConfig:
-        return HataConfig(rbit=self.rbit, budget=self.budget, dense_layers=self.dense_layers)
+        return HataConfig(rbit=self.rbit, budget=self.budget)
 
 
 SMALL = dict(contexts=(160, 256), batches=(1, 2), budget=32, warmup=1, reps=5, loop_steps=2, loop_reps=1,
@@ -289,7 +289,7 @@ class DecodeBench:
             return
         print(f"== {job.model} context {job.context} batch {job.batch}{' (extras)' if job.extras else ''}", flush=True)
         _, hash_weights, weights_read = self.model(job.model)
-        plan = AttentionPlan.uniform(config.num_layers, "hata", s.hata)
+        plan = AttentionPlan.uniform(config.num_layers, "hata", s.hata, dense_layers=s.dense_layers)
         shape = (job.batch, config.num_kv_heads, job.context, config.head_dim)
         make = functools.partial(random_hata_cache, shape=shape, dtype=self.dtype)
         avals = [jax.eval_shape(make, self.key, w, job.context) for w in hash_weights]
@@ -504,7 +504,7 @@ class DecodeBench:
         batch, context = base["batch"], base["context"]
         timed = times[s.warmup:]
         median = statistics.median(timed)
-        nbytes = step_bytes(config, method, batch, context, s.hata, self.dtype.itemsize, weights_read)
+        nbytes = step_bytes(config, method, batch, context, s.hata, self.dtype.itemsize, weights_read, s.dense_layers)
         floor_ms = nbytes / (self.bandwidth["floor_gbps"] * 1e6)
         row = {"kind": "step", **base, "method": method, "implementation": implementation,
                "lengths": [context - s.slack + s.warmup + 1, context - s.slack + s.warmup + s.reps],

@@ -39,8 +39,9 @@ def attention_bytes(config: LlamaConfig, method: str, batch: int, length: int, h
     return batch * config.num_kv_heads * per_head
 
 
-def step_bytes(config, method, batch, length, hata, itemsize, weights_read) -> int:
-    hata_layers = 0 if method in ("dense", "cudnn") else config.num_layers - min(hata.dense_layers, config.num_layers)
+def step_bytes(config, method, batch, length, hata, itemsize, weights_read, dense_layers: int) -> int:
+    """Bytes one decode step reads: the weights, `dense_layers` dense layers and the rest `method`'s."""
+    hata_layers = 0 if method in ("dense", "cudnn") else config.num_layers - min(dense_layers, config.num_layers)
     dense = attention_bytes(config, "dense", batch, length, hata, itemsize)
     sparse = attention_bytes(config, method, batch, length, hata, itemsize)
     return weights_read + (config.num_layers - hata_layers) * dense + hata_layers * sparse

@@ -172,7 +172,8 @@ def random_hata_cache(key, w, length, *, shape, dtype) -> HataCache:
     k = jax.random.normal(key_k, shape, dtype)
     return HataCache(k=k, v=jax.random.normal(key_v, shape, dtype), codes=hj.encode(k, w, head_axis=1),
                      norms=hj.key_norms(k), lengths=jnp.full((shape[0],), length, jnp.int32),
-                     overflow=jnp.zeros((shape[0],), bool))
+                     starts=jnp.zeros((shape[0],), jnp.int32), overflow=jnp.zeros((shape[0],), bool),
+                     uncoded=jnp.zeros((shape[0],), bool))
 
 
 @functools.partial(jax.jit, static_argnames=("shape", "dtype"))

@@ -102,7 +102,7 @@ class Settings:
 
     @property
     def hata(self) -> HataConfig:
-        return HataConfig(rbit=self.rbit, budget=self.budget, dense_layers=self.dense_layers)
+        return HataConfig(rbit=self.rbit, budget=self.budget)
 
     def config(self, layers: int) -> LlamaConfig:
         return dataclasses.replace(SMALL_LLAMA if self.small else LLAMA_8B, num_layers=layers)
@@ -287,7 +287,8 @@ class MultiGpuBench:
         caches = jax.block_until_ready(build_caches(self._next_key(), hash_weights, config, job.batch, job.context,
                                                     self.dtype, mesh, s.split))
         memory = device_free_bytes(jax.devices()[:job.devices])
-        plan = AttentionPlan.uniform(config.num_layers, "hata", s.hata).on_mesh(mesh, AXIS, split=s.split)
+        plan = AttentionPlan.uniform(config.num_layers, "hata", s.hata, dense_layers=s.dense_layers)
+        plan = plan.on_mesh(mesh, AXIS, split=s.split)
         for method in METHODS:
             caches = at_length(caches, job.context - s.slack, mesh)
             step = decode_steps.step_function(steps, method, plan)
@@ -314,7 +315,7 @@ class MultiGpuBench:
         timed = times[s.warmup:]
         median = statistics.median(timed)
         nbytes = decode_bytes.step_bytes(config, method, base["batch"], base["context"], s.hata, self.dtype.itemsize,
-                                   weights_read)
+                                         weights_read, s.dense_layers)
         # Per device: everything over n, but replicated weights are read whole by every device.
         per_device = nbytes / n if s.split == "heads" else weights_read + (nbytes - weights_read) / n
         floor_ms = per_device / (self.bandwidth["floor_gbps"] * 1e6)

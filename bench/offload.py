@@ -84,7 +84,7 @@ class Settings:
 
     @property
     def hata(self) -> HataConfig:
-        return HataConfig(rbit=self.rbit, budget=self.budget, dense_layers=self.dense_layers)
+        return HataConfig(rbit=self.rbit, budget=self.budget)
 
     @property
     def slack(self) -> int:
@@ -199,7 +199,7 @@ class OffloadBench:
         self.model = nnx.jit(lambda: LlamaForCausalLM(c, dtype=jnp.bfloat16, rngs=nnx.Rngs(7)))()
         keys = jax.random.split(self._next_key(), c.num_layers)
         self.hash_weights = [jax.random.normal(k, (c.num_kv_heads, c.head_dim, self.s.rbit), jnp.float32) for k in keys]
-        self.plan = AttentionPlan.uniform(c.num_layers, "hata", self.s.hata)
+        self.plan = AttentionPlan.uniform(c.num_layers, "hata", self.s.hata, dense_layers=self.s.dense_layers)
         self.decoder = OffloadDecoder(self.model, self.plan, self.hash_weights)
         self.weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(self.model)))
         print(f"built the model: {self.weight_bytes / GB:.2f} GB of random bf16 weights", flush=True)

@@ -142,13 +142,14 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.coordinator:
         jax.distributed.initialize(args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p)
-    hata = HataConfig(rbit=args.rbit, budget=args.budget, dense_layers=args.dense_layers)
+    hata = HataConfig(rbit=args.rbit, budget=args.budget)
     start = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=getattr(jnp, args.dtype), log=log)
     config = model.config
     log(f"loaded {args.model} ({config.model_type}, {config.num_layers} layers, {config.num_heads} q heads, "
         f"{config.num_kv_heads} KV heads, head dim {config.head_dim}) in {time.perf_counter() - start:.1f} s")
-    plan = AttentionPlan.uniform(config.num_layers, args.attention, hata, impl=args.impl)
+    plan = AttentionPlan.uniform(config.num_layers, args.attention, hata, impl=args.impl,
+                                 dense_layers=args.dense_layers)
     if args.mesh > 1:
         if args.mesh > len(jax.devices()):
             raise ValueError(f"--mesh {args.mesh}: only {len(jax.devices())} devices are visible")

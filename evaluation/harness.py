@@ -70,8 +70,8 @@ class EvalConfig:
       perplexity_sequences: held-out sequences per length (0: no perplexity).
       metric_prompts: prompts per task and length whose attention metrics are measured (0: none).
       metric_queries: query positions per metric prompt.
-      dense_layers, rbit, sink, recent: the plans' HataConfig fields (rbit: hata, hata_rerank and
-        simhash).
+      dense_layers: the first layers every plan keeps dense (`AttentionPlan.for_method`).
+      rbit, sink, recent: the plans' HataConfig fields (rbit: hata, hata_rerank and simhash).
       candidates: hata_rerank's factor c (HATA picks c x budget candidates, exact scores the budget).
       seed: prompts, held-out files, query positions, simhash projections.
       impl: "auto", "pallas" or "reference" for the hata_jax ops.
@@ -113,8 +113,7 @@ class EvalConfig:
             for value in getattr(self, name):
                 _check_int(value, f"EvalConfig.{name} entry", 1)
         for budget in self.budgets:  # validates sink + recent <= budget and the rbit
-            HataConfig(rbit=self.rbit, budget=budget, sink=self.sink, recent=self.recent,
-                       dense_layers=self.dense_layers)
+            HataConfig(rbit=self.rbit, budget=budget, sink=self.sink, recent=self.recent)
 
     @property
     def configs(self) -> list[tuple[str, int | None]]:
@@ -123,9 +122,9 @@ class EvalConfig:
                 ((None,) if m == "dense" else self.budgets)]
 
     def plan(self, num_layers: int, method: str, budget: int | None) -> AttentionPlan:
-        hata = HataConfig(rbit=self.rbit, budget=budget or max(self.budgets), sink=self.sink, recent=self.recent,
-                          dense_layers=self.dense_layers)
-        return AttentionPlan.for_method(num_layers, method, hata, self.impl, candidates=self.candidates)
+        hata = HataConfig(rbit=self.rbit, budget=budget or max(self.budgets), sink=self.sink, recent=self.recent)
+        return AttentionPlan.for_method(num_layers, method, hata, self.impl, candidates=self.candidates,
+                                        dense_layers=self.dense_layers)
 
     def settings(self) -> dict:
         return {name: getattr(self, name) for name in RESULT_SETTINGS}

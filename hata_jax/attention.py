@@ -8,14 +8,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from hata_jax import checks, dispatch
+from hata_jax import checks, dispatch, explicit
 from pallas_kernels import flash_decode
 
 
-def _check_qkv(q, k, v) -> int:
-    """q: [B, Hq, D], k, v: [B, Hkv, S, D]; returns the group size."""
-    checks.check_rank(q, 3, "q", "[batch, q_heads, head_dim]")
-    checks.check_rank(k, 4, "k", "[batch, kv_heads, seq, head_dim]")
+def _check_qkv(q, k, v, seq_axis: int) -> int:
+    """q: [B, Hq, D], k, v: [B, Hkv, S, D] (seq_axis 2) or [B, S, Hkv, D] (seq_axis 1); returns
+    the group size."""
+    checks.check_query(q)
+    checks.check_rank(k, 4, "k", checks.CACHE_LAYOUTS[seq_axis])
     checks.check_floating(q, "q")
     checks.check_floating(k, "k")
     checks.check_floating(v, "v")
@@ -23,7 +24,22 @@ def _check_qkv(q, k, v) -> int:
         raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
     checks.check_dim(q, 0, k.shape[0], "q", "batch size")
     checks.check_dim(q, 2, k.shape[3], "q", "head_dim")
-    return checks.group_size(q.shape[1], k.shape[1], "q heads vs k heads")
+    checks.check_kv_heads(k, q.shape[1], "k", seq_axis, f"pass seq_axis={3 - seq_axis}")
+    return checks.group_size(q.shape[1], k.shape[3 - seq_axis], "q heads vs k heads")
+
+
+def _head_major(x, seq_axis: int):
+    """A cache [B, Hkv, S, D] from either layout (a view for the reference path's einsums)."""
+    return x if seq_axis == 2 else jnp.swapaxes(x, 1, 2)
+
+
+def _kernel_layout(op: str, seq_axis: int, starts=None) -> None:
+    """The Pallas kernels read [B, Hkv, S, D] caches from position 0."""
+    if seq_axis != 2 or starts is not None:
+        raise ValueError(f"{op}: the Pallas kernel reads [batch, kv_heads, seq, head_dim] caches from position 0; "
+                         f"seq_axis={seq_axis}{'' if starts is None else ' and starts'} run with impl='reference' "
+                         "for now")
+
 
 
 def scale_or_default(scale, head_dim: int) -> float:
@@ -68,18 +84,21 @@ def sparse_decode_attention(
     *,
     scale: float | None = None,
     return_lse: bool = False,
+    seq_axis: int = 2,
     impl: str = "auto",
 ):
     """Attention of each query head over the cached rows its KV head selected.
 
     Args:
-      q: float[B, Hq, D]; k, v: float[B, Hkv, S, D] (head-major cache).
+      q: float[B, Hq, D]; k, v: float[B, Hkv, S, D] (seq_axis 2, head-major) or
+        float[B, S, Hkv, D] (seq_axis 1, sequence-major; reference path only so far).
       idx: int32[B, Hkv, K]: slots `< count` hold positions in [0, S); the rest are ignored. A
         position outside [0, S) in a used slot makes that (b, h)'s output NaN (never a clipped
         or wrapped read).
       count: int32[B, Hkv] valid slots per row.
       scale: logit scale, default `1 / sqrt(D)`.
       return_lse: also return the log-sum-exp of the scaled logits, float32[B, Hq].
+      seq_axis: the sequence axis of k and v, 2 or 1 (see above).
 
     Returns:
       out [B, Hq, D] in q's dtype (softmax in float32), and lse if asked. A row with
@@ -87,22 +106,35 @@ def sparse_decode_attention(
     """
     q, k, v = (checks.as_array(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
     idx, count = checks.as_array(idx, "idx", "int"), checks.as_array(count, "count", "int")
-    _check_qkv(q, k, v)
+    seq_axis = checks.check_seq_axis(seq_axis)
+    _check_qkv(q, k, v, seq_axis)
+    rows = (k.shape[0], k.shape[3 - seq_axis])
     checks.check_rank(idx, 3, "idx", "[batch, kv_heads, budget]")
     checks.check_dtype(idx, [jnp.int32], "idx")
-    if tuple(idx.shape[:2]) != tuple(k.shape[:2]):
-        raise ValueError(
-            f"idx must have shape [batch, kv_heads, budget] = {tuple(k.shape[:2])} + [budget], got {tuple(idx.shape)}"
-        )
-    if tuple(jnp.shape(count)) != tuple(k.shape[:2]):
-        raise ValueError(f"count must have shape {tuple(k.shape[:2])}, got {tuple(jnp.shape(count))}")
+    if tuple(idx.shape[:2]) != rows:
+        raise ValueError(f"idx must have shape [batch, kv_heads, budget] = {rows} + [budget], got {tuple(idx.shape)}")
+    if tuple(jnp.shape(count)) != rows:
+        raise ValueError(f"count must have shape {rows}, got {tuple(jnp.shape(count))}")
     checks.check_integer(count, "count")
     scale = scale_or_default(scale, q.shape[-1])
     path = dispatch.resolve("sparse_decode_attention", impl)
     if path.pallas:
-        return flash_decode.sparse_decode_attention(
-            q, k, v, idx, count.astype(jnp.int32), scale=scale, return_lse=return_lse, interpret=path.interpret
-        )
+        _kernel_layout("sparse_decode_attention", seq_axis)
+
+    def run(q, k, v, idx, count):
+        if path.pallas:
+            return flash_decode.sparse_decode_attention(
+                q, k, v, idx, count.astype(jnp.int32), scale=scale, return_lse=return_lse, interpret=path.interpret
+            )
+        return _sparse_reference(q, _head_major(k, seq_axis), _head_major(v, seq_axis), idx, count, scale, return_lse)
+
+    cache = "bh.." if seq_axis == 2 else "b.h."
+    return explicit.per_shard(run, (q, k, v, idx, count), ("bh.", cache, cache, "bh.", "bh"),
+                              ("bh.", "bh") if return_lse else "bh.", lead=1)
+
+
+def _sparse_reference(q, k, v, idx, count, scale: float, return_lse: bool):
+    """k, v: [B, Hkv, S, D]."""
     safe = jnp.clip(idx, 0, k.shape[2] - 1)[..., None]
     k_rows = jnp.take_along_axis(k, safe, axis=2)
     v_rows = jnp.take_along_axis(v, safe, axis=2)
@@ -119,31 +151,53 @@ def dense_decode_attention(
     v: jax.Array,
     lengths: jax.Array,
     *,
+    starts: jax.Array | None = None,
     scale: float | None = None,
     return_lse: bool = False,
+    seq_axis: int = 2,
     impl: str = "auto",
 ):
-    """Attention of each query head over the first `lengths[b]` cached rows of its KV head.
+    """Attention of each query head over the cached rows `[starts[b], lengths[b])` of its KV head.
 
     Args:
-      q: float[B, Hq, D]; k, v: float[B, Hkv, S, D]; lengths: int[B] in [0, S].
+      q: float[B, Hq, D].
+      k, v: float[B, Hkv, S, D] (seq_axis 2, head-major) or float[B, S, Hkv, D] (seq_axis 1,
+        sequence-major; reference path only so far).
+      lengths: int[B] in [0, S]: the end (exclusive) of each sequence's rows.
+      starts: int[B] in [0, lengths[b]], the first row of each sequence (a left-padded cache:
+        the padding before it is never attended); None: 0 (reference path only so far).
+      seq_axis: the sequence axis of k and v, 2 or 1 (see above).
 
     Returns:
       out [B, Hq, D] in q's dtype (softmax in float32), and lse float32[B, Hq] if asked.
     """
     q, k, v = (checks.as_array(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
     lengths = checks.as_array(lengths, "lengths", "int")
-    _check_qkv(q, k, v)
-    checks.check_lengths(lengths, k.shape[0], k.shape[2])
+    seq_axis = checks.check_seq_axis(seq_axis)
+    _check_qkv(q, k, v, seq_axis)
+    checks.check_lengths(lengths, k.shape[0], k.shape[seq_axis])
+    if starts is not None:
+        starts = checks.as_array(starts, "starts", "int")
+        checks.check_starts(starts, lengths, k.shape[0], k.shape[seq_axis])
     scale = scale_or_default(scale, q.shape[-1])
     path = dispatch.resolve("dense_decode_attention", impl)
     if path.pallas:
-        return flash_decode.dense_decode_attention(
-            q, k, v, lengths.astype(jnp.int32), scale=scale, return_lse=return_lse, interpret=path.interpret
-        )
-    mask = (jnp.arange(k.shape[2])[None, :] < lengths[:, None])[:, None, None, :]
-    out, lse = masked_attention(q, k, v, mask, scale)
-    return _finish(out, lse, q.dtype, return_lse)
+        _kernel_layout("dense_decode_attention", seq_axis, starts)
+
+    def run(q, k, v, lengths, starts):
+        if path.pallas:
+            return flash_decode.dense_decode_attention(
+                q, k, v, lengths.astype(jnp.int32), scale=scale, return_lse=return_lse, interpret=path.interpret
+            )
+        pos = jnp.arange(k.shape[seq_axis])[None, :]
+        valid = (pos < lengths[:, None]) & (True if starts is None else pos >= starts[:, None])
+        out, lse = masked_attention(q, _head_major(k, seq_axis), _head_major(v, seq_axis), valid[:, None, None, :],
+                                    scale)
+        return _finish(out, lse, q.dtype, return_lse)
+
+    cache = "bh.." if seq_axis == 2 else "b.h."
+    layouts = ("bh.", cache, cache, "b", None if starts is None else "b")
+    return explicit.per_shard(run, (q, k, v, lengths, starts), layouts, ("bh.", "bh") if return_lse else "bh.", lead=1)
 
 
 def combine(outs: jax.Array, lses: jax.Array, axis: int = 0):

@@ -8,29 +8,43 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from hata_jax import checks
+from hata_jax import checks, explicit
 from hata_jax.config import check_rbit
 from hata_jax.hashing import check_projection, encode, key_norms
 
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["k", "v", "codes", "norms", "lengths", "overflow"],
-    meta_fields=[],
+    data_fields=["k", "v", "codes", "norms", "lengths", "starts", "overflow", "uncoded"],
+    meta_fields=["seq_axis"],
 )
 @dataclasses.dataclass(frozen=True)
 class HataCache:
-    """One attention layer's decode cache (head-major), updated functionally.
+    """One attention layer's decode cache, updated functionally.
 
     Attributes:
-      k, v: [B, Hkv, S_max, D] post-RoPE keys and values.
-      codes: uint32[B, Hkv, S_max, rbit // 32] key hash codes.
-      norms: float32[B, Hkv, S_max] key norms.
-      lengths: int32[B] valid tokens per sequence.
+      k, v: post-RoPE keys and values, [B, Hkv, S_max, D] (`seq_axis` 2, head-major) or
+        [B, S_max, Hkv, D] (`seq_axis` 1, sequence-major): the model's own buffers may be used
+        as they are (see :meth:`from_kv`).
+      codes: uint32[B, Hkv, S_max, rbit // 32] key hash codes and
+      norms: float32[B, Hkv, S_max] key norms, both counted from each sequence's first token:
+        entry j is the token at position `starts[b] + j` of k and v.
+      lengths: int32[B], the end of each sequence in k and v: its tokens are at positions
+        `[starts[b], lengths[b])`, and the next one is written at `lengths[b]`.
+      starts: int32[B], the position of each sequence's first token (0 unless the cache is
+        left-padded, as made by :meth:`from_kv`).
       overflow: bool[B], sticky: set when a write would have gone outside `[0, S_max)` or a
         written key is not finite (NaN or inf: the sequence's attention is NaN, as dense
         attention over that key would be, instead of the key silently never selected).
+      uncoded: bool[B], sticky until the next prefill with a projection: a token of the sequence
+        was written without its hash code (`w=None` in :meth:`prefill` or :meth:`append`, as a
+        dense layer may do; its code is left zero, its norm is stored). The codes cannot select
+        over such a sequence: :func:`hata_decode_attention` raises at once outside `jit` and
+        returns NaN for it inside.
+      seq_axis: static, the sequence axis of k and v (2 or 1).
 
     Capacity overflow: a write never wraps around or overwrites a token. With concrete lengths
     (outside `jit`) a write past `S_max` or at a negative length raises a ValueError at once.
@@ -45,28 +59,119 @@ class HataCache:
     codes: jax.Array
     norms: jax.Array
     lengths: jax.Array
+    starts: jax.Array
     overflow: jax.Array
+    uncoded: jax.Array
+    seq_axis: int = 2
 
     @classmethod
     def init(
-        cls, batch: int, kv_heads: int, capacity: int, head_dim: int, *, rbit: int = 128, dtype=jnp.bfloat16
+        cls,
+        batch: int,
+        kv_heads: int,
+        capacity: int,
+        head_dim: int,
+        *,
+        rbit: int = 128,
+        dtype=jnp.bfloat16,
+        seq_axis: int = 2,
+        out_sharding: NamedSharding | P | None = None,
     ) -> HataCache:
-        """An empty cache of `capacity` tokens per sequence."""
-        for name, value in (("batch", batch), ("kv_heads", kv_heads), ("capacity", capacity), ("head_dim", head_dim)):
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"HataCache.init: {name} must be a positive int, got {value!r}")
+        """An empty cache of `capacity` tokens per sequence.
+
+        Args:
+          batch, kv_heads, capacity, head_dim: positive ints (Python or numpy integers).
+          rbit: code bits, a positive multiple of 32.
+          dtype: the floating-point dtype of k and v.
+          seq_axis: 2 for [B, Hkv, S, D] k and v, 1 for [B, S, Hkv, D].
+          out_sharding: None (default placement), or the layout of k and v as a
+            `NamedSharding` (a mesh of Auto or Explicit axes) or a `PartitionSpec` (over the
+            mesh of `jax.set_mesh`): only the batch and head axes may be split
+            (e.g. `P("data")`, `P(None, "model")`, `P("data", "model")` for a head-major cache,
+            `P("data", None, "model")` for a sequence-major one); every other field follows
+            them (codes and norms on both, lengths, starts and overflow on the batch). The
+            buffers are made in place on their devices, never whole on one.
+        """
+        dims = {"batch": batch, "kv_heads": kv_heads, "capacity": capacity, "head_dim": head_dim}
+        batch, kv_heads, capacity, head_dim = (checks.as_int(v, f"HataCache.init: {n}", low=1) for n, v in dims.items())
+        rbit = checks.as_int(rbit, "HataCache.init: rbit", low=1)
         check_rbit(rbit)
         if not jnp.issubdtype(dtype, jnp.floating):
             raise ValueError(f"HataCache.init: dtype must be a floating-point dtype, got {jnp.dtype(dtype)}")
-        shape = (batch, kv_heads, capacity, head_dim)
-        return cls(  # separate buffers for k and v, so that the cache can be donated
-            k=jnp.zeros(shape, dtype),
-            v=jnp.zeros(shape, dtype),
-            codes=jnp.zeros((batch, kv_heads, capacity, rbit // 32), jnp.uint32),
-            norms=jnp.zeros((batch, kv_heads, capacity), jnp.float32),
-            lengths=jnp.zeros((batch,), jnp.int32),
-            overflow=jnp.zeros((batch,), bool),
-        )
+        seq_axis = checks.check_seq_axis(seq_axis)
+        shape = (batch, kv_heads, capacity, head_dim) if seq_axis == 2 else (batch, capacity, kv_heads, head_dim)
+
+        def make():
+            return cls(  # separate buffers for k and v, so that the cache can be donated
+                k=jnp.zeros(shape, dtype),
+                v=jnp.zeros(shape, dtype),
+                codes=jnp.zeros((batch, kv_heads, capacity, rbit // 32), jnp.uint32),
+                norms=jnp.zeros((batch, kv_heads, capacity), jnp.float32),
+                lengths=jnp.zeros((batch,), jnp.int32),
+                starts=jnp.zeros((batch,), jnp.int32),
+                overflow=jnp.zeros((batch,), bool),
+                uncoded=jnp.zeros((batch,), bool),
+                seq_axis=seq_axis,
+            )
+
+        if out_sharding is None:
+            return make()
+        shardings = layout_shardings(out_sharding, "HataCache.init: out_sharding", seq_axis)
+        if isinstance(out_sharding, P):  # the types carry the layout (inside jit too)
+            return jax.jit(lambda: explicit.reshard(make(), shardings))()
+        return jax.jit(make, out_shardings=shardings)()
+
+    @classmethod
+    def from_kv(
+        cls,
+        k: jax.Array,
+        v: jax.Array,
+        w: jax.Array,
+        lengths: jax.Array,
+        *,
+        starts: jax.Array | None = None,
+        seq_axis: int = 2,
+        impl: str = "auto",
+    ) -> HataCache:
+        """A cache over the model's own K/V buffers, as they are (no copy of K or V): their keys'
+        codes and norms are computed, and k and v become the cache's `k` and `v`.
+
+        Args:
+          k, v: the model's post-RoPE key and value buffers, float[B, Hkv, S, D] (`seq_axis` 2)
+            or float[B, S, Hkv, D] (`seq_axis` 1); S is the capacity.
+          w: float[Hkv, D, rbit] the layer's projection.
+          lengths: int[B] in [0, S], the end of each sequence: the next token goes at `lengths[b]`.
+          starts: int[B] in [0, lengths[b]], the position of each sequence's first token (a
+            left-padded buffer: the padding before it is never attended nor selected); None: 0.
+          seq_axis: the sequence axis of k and v, 2 or 1.
+
+        Returns:
+          A :class:`HataCache` with `k`, `v`, `lengths` and `starts` as given (None: zeros) and the
+          codes and norms of the tokens `[starts[b], lengths[b])`. Inside `jit`, lengths or starts
+          out of range are clipped and the sequence's `overflow` flag is set.
+        """
+        seq_axis = checks.check_seq_axis(seq_axis)
+        k, v, w = checks.as_array(k, "k"), checks.as_array(v, "v"), checks.as_array(w, "w")
+        layout = checks.CACHE_LAYOUTS[seq_axis]
+        for name, x in (("k", k), ("v", v)):
+            checks.check_rank(x, 4, name, layout)
+            checks.check_floating(x, name)
+        if tuple(v.shape) != tuple(k.shape):
+            raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+        kv_heads, _, _ = check_projection(w, k.shape[3])
+        if kv_heads != k.shape[3 - seq_axis]:
+            raise ValueError(f"k must be {layout} with {kv_heads} KV heads (those of w {tuple(w.shape)}), got shape "
+                             f"{tuple(k.shape)}" + (f" (pass seq_axis={3 - seq_axis})" if k.shape[seq_axis] == kv_heads
+                                                    else ""))
+        checks.check_finite(w, "w")
+        batch, capacity = k.shape[0], k.shape[seq_axis]
+        lengths = checks.as_array(lengths, "lengths", "int")
+        checks.check_lengths(lengths, batch, capacity)
+        starts = jnp.zeros((batch,), jnp.int32) if starts is None else checks.as_array(starts, "starts", "int")
+        checks.check_starts(starts, lengths, batch, capacity)
+        kv = _kv_layout(seq_axis)
+        return explicit.per_shard(functools.partial(_from_kv, seq_axis=seq_axis, impl=impl),
+                                  (k, v, w, lengths, starts), (kv, kv, "h..", "b", "b"), cache_layout(seq_axis))
 
     @property
     def batch(self) -> int:
@@ -74,11 +179,11 @@ class HataCache:
 
     @property
     def kv_heads(self) -> int:
-        return self.k.shape[1]
+        return self.k.shape[3 - self.seq_axis]
 
     @property
     def capacity(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[self.seq_axis]
 
     @property
     def head_dim(self) -> int:
@@ -88,17 +193,35 @@ class HataCache:
     def rbit(self) -> int:
         return 32 * self.codes.shape[3]
 
-    def check_tokens(self, k, v, w, layout: str, token_axes: int) -> None:
-        """k, v: `layout` matching the cache (any token count, the same for both); w: the
-        cache's projection, unless None."""
-        shape = (self.batch, self.kv_heads) + (None,) * token_axes + (self.head_dim,)
+    def raise_if_uncoded(self) -> None:
+        """Raise if a sequence holds a token written without its code (`uncoded`; values known on
+        the host only: a no-op on tracers)."""
+        if checks.is_concrete(self.uncoded) and np.asarray(self.uncoded).any():
+            raise ValueError(
+                f"sequences {np.flatnonzero(np.asarray(self.uncoded)).tolist()} of the cache hold tokens written "
+                "without hash codes (w=None in prefill or append): HATA cannot select over them; pass the layer's "
+                "projection w to prefill and append in every layer that HATA will decode"
+            )
+
+    def check_tokens(self, k, v, w, token_axes: int) -> None:
+        """k, v: tokens matching the cache (the same shape for both): one per sequence
+        [B, Hkv, D] (`token_axes` 0), or any number laid out as the cache (`token_axes` 1:
+        [B, Hkv, T, D] or [B, T, Hkv, D] by `seq_axis`); w: the cache's projection, unless None."""
+        shape = [self.batch, self.kv_heads, self.head_dim]
+        if token_axes:
+            shape.insert(self.seq_axis, None)
+        layout = (checks.CACHE_LAYOUTS[self.seq_axis].replace("seq", "tokens") if token_axes
+                  else "[batch, kv_heads, head_dim]")
         for name, x in (("k", k), ("v", v)):
             checks.check_rank(x, len(shape), name, layout)
             checks.check_floating(x, name)
             if any(e is not None and e != g for e, g in zip(shape, x.shape)):
+                seq_major = (token_axes and self.seq_axis == 2 and x.shape[1] != self.kv_heads
+                             and x.shape[2] == self.kv_heads)
                 raise ValueError(
                     f"{name} must have shape {layout} with B={self.batch}, Hkv={self.kv_heads}, "
                     f"D={self.head_dim}, got {tuple(x.shape)}"
+                    + (" " + checks.SEQ_MAJOR_HINT.format(name=name) if seq_major else "")
                 )
         if tuple(v.shape) != tuple(k.shape):
             raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
@@ -111,56 +234,65 @@ class HataCache:
                 f"got {tuple(w.shape)}"
             )
 
-    def prefill(self, k: jax.Array, v: jax.Array, w: jax.Array, lengths: jax.Array, *, impl: str = "auto") -> HataCache:
-        """Write a prompt's keys and values at positions [0, T) and set `lengths`.
+    def prefill(
+        self, k: jax.Array, v: jax.Array, w: jax.Array | None, lengths: jax.Array, *, impl: str = "auto"
+    ) -> HataCache:
+        """Write a prompt's keys and values at positions [0, T) and set `lengths` (`starts` 0).
 
         Args:
-          k, v: [B, Hkv, T, D] post-RoPE keys and values, T <= capacity (padded rows past a
-            sequence's length are stored but never attended).
-          w: float[Hkv, D, rbit] the layer's projection.
+          k, v: post-RoPE keys and values laid out as the cache, [B, Hkv, T, D] (`seq_axis` 2)
+            or [B, T, Hkv, D] (`seq_axis` 1), T <= capacity (padded rows past a sequence's
+            length are stored but never attended).
+          w: float[Hkv, D, rbit] the layer's projection, or None (a dense layer): the codes are
+            left zero and every sequence with a token is marked `uncoded`.
           lengths: int[B] prompt lengths, each <= T.
+
+        Under an explicit mesh the write runs on each device's rows of the cache (see
+        :mod:`hata_jax.explicit`); k, v and w are resharded to the cache's layout.
         """
         k, v, w, lengths = self.check_prompt(k, v, w, lengths)
-        t = k.shape[2]
-        codes = encode(k, w, head_axis=1, impl=impl)
-        put = functools.partial(jax.lax.dynamic_update_slice_in_dim, start_index=0, axis=2)
-        norms = key_norms(k)
-        return HataCache(
-            k=put(self.k, k.astype(self.k.dtype)),
-            v=put(self.v, v.astype(self.v.dtype)),
-            codes=put(self.codes, codes),
-            norms=put(self.norms, norms),
-            lengths=jnp.clip(lengths, 0, t),
-            overflow=(lengths > t) | (lengths < 0) | _nonfinite(norms, lengths),
-        )
+        layout, kv = cache_layout(self.seq_axis), _kv_layout(self.seq_axis)
+        return explicit.per_shard(functools.partial(_prefill, impl=impl), (self, k, v, w, lengths),
+                                  (layout, kv, kv, None if w is None else "h..", "b"), layout)
 
     def check_prompt(self, k, v, w, lengths):
-        """:meth:`prefill`'s arguments as arrays (lengths int32), or a ValueError naming the bad one."""
-        k, v, w = checks.as_array(k, "k"), checks.as_array(v, "v"), checks.as_array(w, "w")
+        """:meth:`prefill`'s arguments as arrays (lengths int32; w may be None), or a ValueError
+        naming the bad one."""
+        k, v = checks.as_array(k, "k"), checks.as_array(v, "v")
+        w = None if w is None else checks.as_array(w, "w")
         lengths = checks.as_array(lengths, "lengths (prefill)", "int")
-        checks.check_finite(w, "w")
-        self.check_tokens(k, v, w, "[batch, kv_heads, tokens, head_dim]", 1)
-        t = k.shape[2]
+        if w is not None:
+            checks.check_finite(w, "w")
+        self.check_tokens(k, v, w, 1)
+        t = k.shape[self.seq_axis]
         if t > self.capacity:
             raise ValueError(f"prefill: the prompt has {t} tokens but the cache capacity is {self.capacity}")
         checks.check_lengths(lengths, self.batch, t, "lengths (prefill)")
         return k, v, w, lengths.astype(jnp.int32)
 
-    def append(self, k_new: jax.Array, v_new: jax.Array, w: jax.Array, *, impl: str = "auto") -> HataCache:
-        """Write one new token per sequence at position `lengths[b]` and advance `lengths`.
+    def append(self, k_new: jax.Array, v_new: jax.Array, w: jax.Array | None, *, impl: str = "auto") -> HataCache:
+        """Write one new token per sequence at position `lengths[b]` of k and v (its code and
+        norm at `lengths[b] - starts[b]`) and advance `lengths`.
 
         Args:
           k_new, v_new: [B, Hkv, D] post-RoPE key and value of the new token.
-          w: float[Hkv, D, rbit] the layer's projection.
+          w: float[Hkv, D, rbit] the layer's projection, or None (a dense layer): the token's
+            code is left zero (its norm is stored) and every sequence is marked `uncoded`.
         """
-        k_new, v_new, w = checks.as_array(k_new, "k"), checks.as_array(v_new, "v"), checks.as_array(w, "w")
-        checks.check_finite(w, "w")
-        self.check_tokens(k_new, v_new, w, "[batch, kv_heads, head_dim]", 0)
+        k_new, v_new = checks.as_array(k_new, "k"), checks.as_array(v_new, "v")
+        w = None if w is None else checks.as_array(w, "w")
+        if w is not None:
+            checks.check_finite(w, "w")
+        self.check_tokens(k_new, v_new, w, 0)
+        if w is None:
+            codes = jnp.zeros((self.batch, self.kv_heads, self.rbit // 32), jnp.uint32)
+            cache = dataclasses.replace(self, uncoded=jnp.ones_like(self.uncoded))
+            return cache.append_encoded(k_new, v_new, codes, key_norms(k_new))
         return self.append_encoded(k_new, v_new, encode(k_new, w, head_axis=1, impl=impl), key_norms(k_new))
 
     def append_encoded(self, k_new, v_new, k_codes, k_norms) -> HataCache:
         """:meth:`append` with the new key's codes `uint32[B, Hkv, W]` and norms `float32[B, Hkv]` given."""
-        self.check_tokens(k_new, v_new, None, "[batch, kv_heads, head_dim]", 0)
+        self.check_tokens(k_new, v_new, None, 0)
         for name, x, dtype, shape in (
             ("k_codes", k_codes, jnp.uint32, (self.batch, self.kv_heads, self.rbit // 32)),
             ("k_norms", k_norms, jnp.float32, (self.batch, self.kv_heads)),
@@ -176,21 +308,9 @@ class HataCache:
                     f"cache overflow: sequences {np.flatnonzero(bad).tolist()} hold lengths "
                     f"{lengths[bad].tolist()}, outside [0, capacity={self.capacity})"
                 )
-        rows = jnp.arange(self.batch)
-        ok = (self.lengths >= 0) & (self.lengths < self.capacity)
-        pos = jnp.where(ok, self.lengths, self.capacity)  # capacity: an out-of-bounds write, dropped
-
-        def put(buf, val):
-            return buf.at[rows, :, pos].set(val.astype(buf.dtype), mode="drop")
-
-        return HataCache(
-            k=put(self.k, k_new),
-            v=put(self.v, v_new),
-            codes=put(self.codes, k_codes),
-            norms=put(self.norms, k_norms),
-            lengths=jnp.where(ok, self.lengths + 1, jnp.clip(self.lengths, 0, self.capacity)),
-            overflow=self.overflow | ~ok | jnp.any(~jnp.isfinite(k_norms), axis=1),
-        )
+        layout = cache_layout(self.seq_axis)
+        return explicit.per_shard(_append, (self, k_new, v_new, k_codes, k_norms),
+                                  (layout, "bh.", "bh.", "bh.", "bh"), layout)
 
     def raise_if_overflowed(self) -> None:
         """Host-side check: raise if any sequence ever overflowed (reads `overflow` from the device)."""
@@ -202,7 +322,123 @@ class HataCache:
             )
 
 
+def _kv_layout(seq_axis: int) -> str:
+    """The layout string of k and v (see :mod:`hata_jax.explicit`)."""
+    return "bh.." if seq_axis == 2 else "b.h."
+
+
+def cache_layout(seq_axis: int = 2) -> HataCache:
+    """The layout of a HataCache's fields (see :mod:`hata_jax.explicit`): batch and KV heads may be split."""
+    kv = _kv_layout(seq_axis)
+    return HataCache(k=kv, v=kv, codes="bh..", norms="bh.", lengths="b", starts="b", overflow="b", uncoded="b",
+                     seq_axis=seq_axis)
+
+
+def layout_shardings(out_sharding: NamedSharding | P, name: str, seq_axis: int = 2) -> HataCache:
+    """A HataCache of shardings: the fields laid out as `out_sharding`, the layout of k and v
+    (`checks.CACHE_LAYOUTS[seq_axis]`; only the batch and head axes split), says: NamedShardings
+    on its mesh for a NamedSharding, PartitionSpecs (over the mesh of `jax.set_mesh`) for a
+    PartitionSpec."""
+    if isinstance(out_sharding, NamedSharding):
+        spec = out_sharding.spec
+    elif isinstance(out_sharding, P):
+        spec = out_sharding
+        if jax.sharding.get_abstract_mesh().empty:
+            raise ValueError(f"{name} is a PartitionSpec but no mesh is set (jax.set_mesh); pass a NamedSharding")
+    else:
+        raise ValueError(f"{name} must be a NamedSharding, a PartitionSpec or None, got {type(out_sharding).__name__}")
+    entries = tuple(spec) + (None,) * (4 - len(spec))
+    kv = _kv_layout(seq_axis)
+    if len(entries) != 4 or any(axes is not None for role, axes in zip(kv, entries) if role == "."):
+        example = "P('data', 'model')" if seq_axis == 2 else "P('data', None, 'model')"
+        raise ValueError(f"{name} must split only the batch and head axes of {checks.CACHE_LAYOUTS[seq_axis]} "
+                         f"(e.g. {example}), got {spec}")
+    roles = {role: axes for role, axes in zip(kv, entries) if role != "." and axes is not None}
+    specs = explicit.specs(cache_layout(seq_axis), roles)
+    if isinstance(out_sharding, P):
+        return specs
+    return jax.tree.map(lambda s: NamedSharding(out_sharding.mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def _tokens_encoded(k, w, rbit: int, seq_axis: int, impl: str):
+    """The codes uint32[B, Hkv, T, rbit // 32] (zero for w None) and norms float32[B, Hkv, T]
+    of keys k laid out as a cache of `seq_axis`."""
+    head_major = k if seq_axis == 2 else jnp.swapaxes(k, 1, 2)
+    if w is None:
+        codes = jnp.zeros((*head_major.shape[:3], rbit // 32), jnp.uint32)
+    elif seq_axis == 2:
+        codes = encode(k, w, head_axis=1, impl=impl)
+    else:
+        codes = jnp.swapaxes(encode(k, w, head_axis=2, impl=impl), 1, 2)
+    return codes, key_norms(head_major)
+
+
+def _prefill(cache: HataCache, k, v, w, lengths, *, impl: str) -> HataCache:
+    """:meth:`HataCache.prefill` on checked arguments."""
+    t = k.shape[cache.seq_axis]
+    lengths = lengths.astype(jnp.int32)
+    codes, norms = _tokens_encoded(k, w, cache.rbit, cache.seq_axis, impl)
+    put = functools.partial(jax.lax.dynamic_update_slice_in_dim, start_index=0)
+    return HataCache(
+        k=put(cache.k, k.astype(cache.k.dtype), axis=cache.seq_axis),
+        v=put(cache.v, v.astype(cache.v.dtype), axis=cache.seq_axis),
+        codes=put(cache.codes, codes, axis=2),
+        norms=put(cache.norms, norms, axis=2),
+        lengths=jnp.clip(lengths, 0, t),
+        starts=jnp.zeros_like(cache.starts),
+        overflow=(lengths > t) | (lengths < 0) | _nonfinite(norms, lengths),
+        uncoded=jnp.full((cache.batch,), w is None) & (lengths > 0),
+        seq_axis=cache.seq_axis,
+    )
+
+
+def _from_kv(k, v, w, lengths, starts, *, seq_axis: int, impl: str) -> HataCache:
+    """:meth:`HataCache.from_kv` on checked arguments: the codes and norms of every position,
+    moved to count from each sequence's start (`starts[b] + j` to `j`)."""
+    capacity = k.shape[seq_axis]
+    bad = (lengths < 0) | (lengths > capacity) | (starts < 0) | (starts > lengths)
+    lengths = jnp.clip(lengths, 0, capacity).astype(jnp.int32)
+    starts = jnp.clip(starts, 0, lengths).astype(jnp.int32)
+    codes, norms = _tokens_encoded(k, w, w.shape[2], seq_axis, impl)
+    j = jnp.arange(capacity)[None, :]
+    src = jnp.minimum(starts[:, None] + j, capacity - 1)[:, None, :]  # [B, 1, S]
+    held = (j < (lengths - starts)[:, None])[:, None, :]
+    codes = jnp.where(held[..., None], jnp.take_along_axis(codes, src[..., None], axis=2), 0)
+    norms = jnp.where(held, jnp.take_along_axis(norms, src, axis=2), 0.0)
+    return HataCache(k=k, v=v, codes=codes, norms=norms, lengths=lengths, starts=starts,
+                     overflow=bad | _nonfinite(norms, lengths - starts), uncoded=jnp.zeros_like(bad),
+                     seq_axis=seq_axis)
+
+
+def _append(cache: HataCache, k_new, v_new, k_codes, k_norms) -> HataCache:
+    """:meth:`HataCache.append_encoded` on checked arguments."""
+    rows = jnp.arange(cache.batch)
+    ok = (cache.lengths >= 0) & (cache.lengths < cache.capacity)
+    pos = jnp.where(ok, cache.lengths, cache.capacity)  # capacity: an out-of-bounds write, dropped
+    held = jnp.where(ok, cache.lengths - cache.starts, cache.capacity)  # the position in codes and norms
+
+    def put_token(buf, val):
+        at = buf.at[rows, :, pos] if cache.seq_axis == 2 else buf.at[rows, pos]
+        return at.set(val.astype(buf.dtype), mode="drop")
+
+    def put_code(buf, val):
+        return buf.at[rows, :, held].set(val, mode="drop")
+
+    return HataCache(
+        k=put_token(cache.k, k_new),
+        v=put_token(cache.v, v_new),
+        codes=put_code(cache.codes, k_codes),
+        norms=put_code(cache.norms, k_norms),
+        lengths=jnp.where(ok, cache.lengths + 1, jnp.clip(cache.lengths, 0, cache.capacity)),
+        starts=cache.starts,
+        overflow=cache.overflow | ~ok | jnp.any(~jnp.isfinite(k_norms), axis=1),
+        uncoded=cache.uncoded,
+        seq_axis=cache.seq_axis,
+    )
+
+
 def _nonfinite(norms, lengths):
-    """bool[B]: a valid token (position < lengths[b]) of sequence b has a non-finite key (norm)."""
+    """bool[B]: a held token (position < lengths[b] of norms, counted from the sequence's start)
+    of sequence b has a non-finite key (norm)."""
     valid = jnp.arange(norms.shape[2])[None, None, :] < lengths[:, None, None]
     return jnp.any(valid & ~jnp.isfinite(norms), axis=(1, 2))

@@ -44,6 +44,42 @@ def group_size(q_heads: int, kv_heads: int, name: str) -> int:
     return q_heads // kv_heads
 
 
+SEQ_MAJOR_HINT = "(a [batch, seq, kv_heads, head_dim] cache? pass jnp.swapaxes({name}, 1, 2))"
+
+
+CACHE_LAYOUTS = {2: "[batch, kv_heads, seq, head_dim]", 1: "[batch, seq, kv_heads, head_dim]"}
+
+
+def check_seq_axis(seq_axis) -> int:
+    """The sequence axis of a [B, Hkv, S, D] (2) or [B, S, Hkv, D] (1) cache."""
+    if isinstance(seq_axis, bool) or seq_axis not in CACHE_LAYOUTS:
+        raise ValueError(f"seq_axis must be 2 ({CACHE_LAYOUTS[2]}) or 1 ({CACHE_LAYOUTS[1]}), got {seq_axis!r}")
+    return int(seq_axis)
+
+
+def check_kv_heads(k, q_heads: int, name: str, seq_axis: int, hint: str) -> None:
+    """k: a cache laid out as `CACHE_LAYOUTS[seq_axis]` (rank already checked) with KV heads
+    dividing `q_heads`; the ValueError names that layout, with `hint` (what to pass instead) when
+    the other layout would fit."""
+    def fits(n):
+        return n > 0 and q_heads % n == 0
+
+    heads, seq = (1, 2) if seq_axis == 2 else (2, 1)
+    if not fits(k.shape[heads]):
+        hint = f" (a {CACHE_LAYOUTS[3 - seq_axis]} cache? {hint})" if fits(k.shape[seq]) else ""
+        raise ValueError(f"{name} must be {CACHE_LAYOUTS[seq_axis]} with KV heads dividing the {q_heads} query "
+                         f"heads; got shape {tuple(k.shape)}{hint}")
+
+
+def check_query(q) -> None:
+    """q: [batch, q_heads, head_dim] (one decode token per sequence), with a hint for a query
+    that keeps its token axis."""
+    if jnp.ndim(q) == 4 and q.shape[2] == 1:
+        raise ValueError(f"q must have shape [batch, q_heads, head_dim] (one token per sequence), got shape "
+                         f"{tuple(q.shape)} (a [batch, q_heads, 1, head_dim] query? pass q[:, :, 0])")
+    check_rank(q, 3, "q", "[batch, q_heads, head_dim]")
+
+
 def is_concrete(x) -> bool:
     """True when `x` holds values we can read on the host (not a tracer)."""
     return not isinstance(x, jax.core.Tracer)
@@ -58,6 +94,15 @@ def check_lengths(lengths, batch: int, capacity: int, name: str = "lengths") -> 
         values = np.asarray(lengths)
         if values.size and (values.min() < 0 or values.max() > capacity):
             raise ValueError(f"{name} must lie in [0, {capacity}] (the cache capacity), got {values.tolist()}")
+
+
+def check_starts(starts, lengths, batch: int, capacity: int) -> None:
+    """starts: int[batch] in [0, lengths[b]] (a left-padded cache's first rows); values are
+    checked when they are concrete."""
+    check_lengths(starts, batch, capacity, "starts")
+    if is_concrete(starts) and is_concrete(lengths) and (np.asarray(starts) > np.asarray(lengths)).any():
+        raise ValueError(f"starts must not exceed lengths, got starts {np.asarray(starts).tolist()} and lengths "
+                         f"{np.asarray(lengths).tolist()}")
 
 
 def as_array(x, name: str, kind: str = "float") -> jax.Array:
@@ -78,6 +123,17 @@ def as_array(x, name: str, kind: str = "float") -> jax.Array:
         x = jnp.asarray(x)
     (check_floating if kind == "float" else check_integer)(x, name)
     return x
+
+
+def as_int(x, name: str, low: int | None = None) -> int:
+    """`x` (a Python int, a numpy integer scalar or a 0-d concrete integer array) as a Python
+    int, at least `low` if given; a ValueError naming `name` otherwise (bools and floats too)."""
+    if isinstance(x, (jax.Array, np.ndarray)) and x.ndim == 0 and is_concrete(x):
+        x = x.item() if jnp.issubdtype(x.dtype, jnp.integer) else x
+    what = "a positive int" if low == 1 else "an int" if low is None else f"an int >= {low}"
+    if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or (low is not None and x < low):
+        raise ValueError(f"{name} must be {what}, got {type(x).__name__} {x!r}")
+    return int(x)
 
 
 def check_scale(scale, name: str = "scale") -> float | None:

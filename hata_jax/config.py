@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from pallas_kernels._backend import SCORES, check_sink_recent
 
 
@@ -10,12 +12,15 @@ from pallas_kernels._backend import SCORES, check_sink_recent
 class HataConfig:
     """Static settings of HATA decode attention (hashable, so usable as a jit static arg).
 
+    Which layers decode with HATA is the caller's choice, made where it calls
+    :func:`hata_jax.hata_decode_attention` or a dense attention (in :mod:`hata_jax.models`, the
+    :class:`~hata_jax.models.AttentionPlan`'s `layers`).
+
     Attributes:
       rbit: hash bits per code, a multiple of 32 (codes are `rbit // 32` uint32 words).
       budget: tokens selected per (sequence, KV head) at each decode step.
       sink: first positions always selected (count against `budget`).
       recent: last positions always selected (count against `budget`).
-      dense_layers: the first `dense_layers` layers decode with dense attention.
       score: `"key_norm"`, HATA's `||k|| * sum_i (1 - 2 hamming_i / rbit)`, or `"hamming"`,
         the summed Hamming distance (smaller is better).
     """
@@ -24,14 +29,14 @@ class HataConfig:
     budget: int = 2048
     sink: int = 0
     recent: int = 0
-    dense_layers: int = 2
     score: str = "key_norm"
 
     def __post_init__(self):
-        for name in ("rbit", "budget", "sink", "recent", "dense_layers"):
+        for name in ("rbit", "budget", "sink", "recent"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
                 raise ValueError(f"HataConfig.{name} must be an int, got {value!r}")
+            object.__setattr__(self, name, int(value))  # numpy integers as Python ints: one hash, one repr
         check_rbit(self.rbit, "HataConfig.rbit")
         if self.budget <= 0:
             raise ValueError(f"HataConfig.budget must be > 0, got {self.budget}")
@@ -39,8 +44,6 @@ class HataConfig:
             check_sink_recent(self.budget, self.sink, self.recent)
         except ValueError as err:
             raise ValueError(f"HataConfig.{err}") from None
-        if self.dense_layers < 0:
-            raise ValueError(f"HataConfig.dense_layers must be >= 0, got {self.dense_layers}")
         check_score(self.score, "HataConfig.score")
 
 

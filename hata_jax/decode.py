@@ -4,9 +4,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from hata_jax import checks
+from hata_jax import checks, explicit
 from hata_jax.attention import sparse_decode_attention
-from hata_jax.cache import HataCache
+from hata_jax.cache import HataCache, cache_layout
 from hata_jax.config import HataConfig
 from hata_jax.hashing import encode_step
 from hata_jax.selection import check_selection_args, hamming_topk
@@ -28,22 +28,27 @@ def hata_decode_attention(
     Args:
       q: float[B, Hq, D] post-RoPE queries of the step.
       k_new, v_new: float[B, Hkv, D] the step's post-RoPE key and value.
-      cache: the layer's :class:`HataCache` (donate it to the jitted step).
+      cache: the layer's :class:`HataCache` (donate it to the jitted step), in either layout and
+        left-padded or not (e.g. :meth:`HataCache.from_kv` over the model's own K/V buffers): the
+        new token is written at `lengths[b]` of its k and v, and the selection and attention read
+        the positions `[starts[b], lengths[b])`. A sequence-major cache (`seq_axis` 1) runs on
+        the reference path only so far (`impl="reference"`).
       w: float[Hkv, D, rbit] the layer's projection (rbit must match `config.rbit` and the cache).
       config: static :class:`HataConfig`.
       scale: logit scale, default `1 / sqrt(D)`.
       impl: "auto", "pallas" or "reference" for every op of the step.
 
     Returns:
-      (out [B, Hq, D] in q's dtype, updated cache). When `lengths[b] <= config.budget` after the
-      append, every cached token is selected and the output equals dense attention. A sequence
-      whose cache overflowed gets NaN (see :class:`HataCache`).
+      (out [B, Hq, D] in q's dtype, updated cache). When `lengths[b] - starts[b] <= config.budget`
+      after the append, every cached token is selected and the output equals dense attention. A
+      sequence whose cache overflowed or holds a token written without its code (`uncoded`) gets NaN
+      (see :class:`HataCache`); with values known on the host an uncoded cache raises at once.
     """
     if not isinstance(config, HataConfig):
         raise ValueError(f"config must be a HataConfig, got {type(config).__name__}")
     q, k_new, v_new, w = (checks.as_array(x, name) for x, name in ((q, "q"), (k_new, "k"), (v_new, "v"), (w, "w")))
     checks.check_finite(w, "w")  # NaN in w would make every code 0 and the selection arbitrary
-    checks.check_rank(q, 3, "q", "[batch, q_heads, head_dim]")
+    checks.check_query(q)
     checks.check_dim(q, 0, cache.batch, "q", "batch size")
     checks.check_dim(q, 2, cache.head_dim, "q", "head_dim")
     if w.ndim == 3 and w.shape[2] != config.rbit:
@@ -51,13 +56,23 @@ def hata_decode_attention(
     if cache.rbit != config.rbit:
         raise ValueError(f"the cache holds {cache.rbit}-bit codes but config.rbit is {config.rbit}")
     check_selection_args(config.budget, cache.capacity, config.sink, config.recent)
-    cache.check_tokens(k_new, v_new, w, "[batch, kv_heads, head_dim]", 0)
-    q_codes, k_codes, k_norms = encode_step(q, k_new, w, impl=impl)
-    cache = cache.append_encoded(k_new, v_new, k_codes, k_norms)
-    idx, count = hamming_topk(
-        q_codes, cache.codes, cache.norms, cache.lengths, budget=config.budget,
-        score=config.score, sink=config.sink, recent=config.recent, impl=impl,
-    )
-    out = sparse_decode_attention(q, cache.k, cache.v, idx, count, scale=scale, impl=impl)
-    out = jnp.where(cache.overflow[:, None, None], jnp.nan, out).astype(q.dtype)
-    return out, cache
+    cache.check_tokens(k_new, v_new, w, 0)
+    cache.raise_if_uncoded()
+
+    def run(q, k_new, v_new, cache, w):
+        q_codes, k_codes, k_norms = encode_step(q, k_new, w, impl=impl)
+        cache = cache.append_encoded(k_new, v_new, k_codes, k_norms)
+        # The codes count from each sequence's start; the selected slots become positions of k and v.
+        idx, count = hamming_topk(
+            q_codes, cache.codes, cache.norms, cache.lengths - cache.starts, budget=config.budget,
+            score=config.score, sink=config.sink, recent=config.recent, impl=impl,
+        )
+        idx = jnp.where(idx >= 0, idx + cache.starts[:, None, None], idx)
+        out = sparse_decode_attention(q, cache.k, cache.v, idx, count, scale=scale, seq_axis=cache.seq_axis, impl=impl)
+        out = jnp.where((cache.overflow | cache.uncoded)[:, None, None], jnp.nan, out).astype(q.dtype)
+        return out, cache
+
+    # Under an explicit mesh the whole step runs once per device on its (batch, KV head) rows.
+    layout = cache_layout(cache.seq_axis)
+    return explicit.per_shard(run, (q, k_new, v_new, cache, w), ("bh.", "bh.", "bh.", layout, "h.."), ("bh.", layout),
+                              lead=3)

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from hata_jax import checks, dispatch
+from hata_jax import checks, dispatch, explicit
 from hata_jax.config import check_rbit
 from pallas_kernels import hash_encode
 
@@ -79,9 +79,16 @@ def encode(x: jax.Array, w: jax.Array, *, head_axis: int = -2, impl: str = "auto
         raise ValueError("head_axis must not be the last axis of x (that is head_dim)")
     checks.group_size(x.shape[axis], kv_heads, "encode: x heads vs w")
     path = dispatch.resolve("encode", impl)
-    if path.pallas:
-        return hash_encode.encode(x, w, head_axis=axis, interpret=path.interpret)
-    return _encode_reference(x, w, axis)
+
+    def run(x, w):
+        if path.pallas:
+            return hash_encode.encode(x, w, head_axis=axis, interpret=path.interpret)
+        return _encode_reference(x, w, axis)
+
+    # Every axis but head_dim may stay split under an explicit mesh (a role letter of its own).
+    layout = "".join("h" if i == axis else "." if i == x.ndim - 1 else "abcdefgijklmnopqrstuvwxyz"[i]
+                     for i in range(x.ndim))
+    return explicit.per_shard(run, (x, w), (layout, "h.."), layout)
 
 
 def key_norms(k: jax.Array) -> jax.Array:
@@ -107,7 +114,7 @@ def encode_step(q: jax.Array, k_new: jax.Array, w: jax.Array, *, impl: str = "au
     """
     q, k_new, w = checks.as_array(q, "q"), checks.as_array(k_new, "k_new"), checks.as_array(w, "w")
     checks.check_finite(w, "w")
-    checks.check_rank(q, 3, "q", "[batch, q_heads, head_dim]")
+    checks.check_query(q)
     checks.check_rank(k_new, 3, "k_new", "[batch, kv_heads, head_dim]")
     checks.check_floating(q, "q")
     checks.check_floating(k_new, "k_new")
@@ -117,6 +124,10 @@ def encode_step(q: jax.Array, k_new: jax.Array, w: jax.Array, *, impl: str = "au
     checks.check_dim(k_new, 2, d, "k_new", "head_dim")
     checks.group_size(q.shape[1], kv_heads, "encode_step: q heads vs w")
     path = dispatch.resolve("encode_step", impl)
-    if path.pallas:
-        return hash_encode.encode_step(q, k_new, w, interpret=path.interpret)
-    return _encode_reference(q, w, 1), _encode_reference(k_new, w, 1), key_norms(k_new)
+
+    def run(q, k_new, w):
+        if path.pallas:
+            return hash_encode.encode_step(q, k_new, w, interpret=path.interpret)
+        return _encode_reference(q, w, 1), _encode_reference(k_new, w, 1), key_norms(k_new)
+
+    return explicit.per_shard(run, (q, k_new, w), ("bh.", "bh.", "h.."), ("bh.", "bh.", "bh"), lead=1)

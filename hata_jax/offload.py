@@ -367,7 +367,7 @@ def offload_decode_attention(q, k_new, v_new, cache: OffloadedCache, w, config: 
     """
     if not isinstance(config, HataConfig):
         raise ValueError(f"config must be a HataConfig, got {type(config).__name__}")
-    checks.check_rank(q, 3, "q", "[batch, q_heads, head_dim]")
+    checks.check_query(q)
     checks.check_floating(q, "q")
     checks.check_dim(q, 0, cache.batch, "q", "batch size")
     checks.check_dim(q, 2, cache.head_dim, "q", "head_dim")

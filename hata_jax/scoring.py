@@ -5,9 +5,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from hata_jax import checks, dispatch
+from hata_jax import checks, dispatch, explicit
 from hata_jax.config import check_score
 from pallas_kernels import hamming_topk
+
+# The layouts of (q_codes, k_codes, k_norms, lengths) (see :mod:`hata_jax.explicit`).
+CODE_LAYOUTS = ("bh.", "bh..", "bh.", "b")
 
 
 def check_code_inputs(q_codes, k_codes, k_norms, lengths) -> tuple[int, int]:
@@ -78,8 +81,11 @@ def hamming_scores(
     lengths = checks.as_array(lengths, "lengths", "int")
     check_code_inputs(q_codes, k_codes, k_norms, lengths)
     path = dispatch.resolve("hamming_scores", impl)
-    if path.pallas:
-        return hamming_topk.hamming_scores(
-            q_codes, k_codes, k_norms, lengths, score=score, interpret=path.interpret
-        )
-    return scores_reference(q_codes, k_codes, k_norms, lengths, score)
+
+    def run(q_codes, k_codes, k_norms, lengths):
+        if path.pallas:
+            return hamming_topk.hamming_scores(q_codes, k_codes, k_norms, lengths, score=score,
+                                              interpret=path.interpret)
+        return scores_reference(q_codes, k_codes, k_norms, lengths, score)
+
+    return explicit.per_shard(run, (q_codes, k_codes, k_norms, lengths), CODE_LAYOUTS, "bh.", lead=1)

@@ -6,11 +6,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from hata_jax import checks, dispatch
+from hata_jax import checks, dispatch, explicit
 from hata_jax.config import check_score
-from hata_jax.scoring import check_code_inputs, scores_reference
+from hata_jax.scoring import CODE_LAYOUTS, check_code_inputs, scores_reference
 from pallas_kernels import hamming_topk as hamming_kernels
 from pallas_kernels._backend import UNUSED, check_sink_recent
+
+# The layouts of (idx, count) (see :mod:`hata_jax.explicit`).
+SELECTION_LAYOUTS = ("bh.", "bh")
 
 
 def check_selection_args(budget: int, capacity: int, sink: int, recent: int) -> None:
@@ -79,11 +82,15 @@ def select_topk(
     budget = int(budget)
     checks.check_lengths(lengths, b, s)
     path = dispatch.resolve("select_topk", impl)
-    if path.pallas:
-        return hamming_kernels.select_topk(
-            scores.astype(jnp.float32), budget, lengths, sink=sink, recent=recent, interpret=path.interpret
-        )
-    return _select_reference(scores, budget, lengths, sink, recent)
+
+    def run(scores, lengths):
+        if path.pallas:
+            return hamming_kernels.select_topk(
+                scores.astype(jnp.float32), budget, lengths, sink=sink, recent=recent, interpret=path.interpret
+            )
+        return _select_reference(scores, budget, lengths, sink, recent)
+
+    return explicit.per_shard(run, (scores, lengths), ("bh.", "b"), SELECTION_LAYOUTS)
 
 
 def hamming_topk(
@@ -108,13 +115,17 @@ def hamming_topk(
     check_selection_args(budget, k_codes.shape[2], sink, recent)
     budget = int(budget)
     path = dispatch.resolve("hamming_topk", impl)
-    if path.pallas:
-        return hamming_kernels.hamming_topk(
-            q_codes, k_codes, k_norms, lengths, budget=budget, score=score,
-            sink=sink, recent=recent, interpret=path.interpret,
-        )
-    scores = scores_reference(q_codes, k_codes, k_norms, lengths, score)
-    return _select_reference(scores, budget, lengths, sink, recent)
+
+    def run(q_codes, k_codes, k_norms, lengths):
+        if path.pallas:
+            return hamming_kernels.hamming_topk(
+                q_codes, k_codes, k_norms, lengths, budget=budget, score=score,
+                sink=sink, recent=recent, interpret=path.interpret,
+            )
+        scores = scores_reference(q_codes, k_codes, k_norms, lengths, score)
+        return _select_reference(scores, budget, lengths, sink, recent)
+
+    return explicit.per_shard(run, (q_codes, k_codes, k_norms, lengths), CODE_LAYOUTS, SELECTION_LAYOUTS, lead=1)
 
 
 def exact_slots(scores, lengths, budget: int, sink: int = 0, recent: int = 0) -> np.ndarray:

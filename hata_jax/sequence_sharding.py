@@ -38,6 +38,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -69,10 +70,24 @@ def positions_spec(axis: str) -> P:
 
 
 def cache_specs(axis: str) -> HataCache:
-    """A HataCache of PartitionSpecs: k, v, codes, norms split along the positions; lengths and
-    overflow replicated."""
+    """A head-major HataCache of PartitionSpecs: k, v, codes, norms split along the positions;
+    lengths, starts, overflow and uncoded replicated."""
     positions = positions_spec(axis)
-    return HataCache(k=positions, v=positions, codes=positions, norms=positions, lengths=P(), overflow=P())
+    return HataCache(k=positions, v=positions, codes=positions, norms=positions, lengths=P(), starts=P(),
+                     overflow=P(), uncoded=P())
+
+
+def check_cache(cache: HataCache) -> None:
+    """Raise unless `cache` is a head-major HataCache whose sequences start at position 0 (the
+    layout this module splits; with `starts` known on the host)."""
+    if not isinstance(cache, HataCache):
+        raise ValueError(f"cache must be a HataCache, got {type(cache).__name__}")
+    if cache.seq_axis != 2:
+        raise ValueError(f"sequence-sharded decoding splits head-major caches [B, Hkv, S, D] (seq_axis 2), got a cache "
+                         f"with seq_axis {cache.seq_axis}")
+    if checks.is_concrete(cache.starts) and np.asarray(cache.starts).any():
+        raise ValueError(f"sequence-sharded decoding needs sequences that start at position 0, got starts "
+                         f"{np.asarray(cache.starts).tolist()}")
 
 
 def cache_shardings(mesh: Mesh, axis: str) -> HataCache:
@@ -98,6 +113,7 @@ def sequence_sharded_prefill(cache: HataCache, k: jax.Array, v: jax.Array, w: ja
     """:meth:`HataCache.prefill` on a cache split along the positions: k, v [B, Hkv, T, D]
     (replicated, T <= capacity), w [Hkv, D, rbit], lengths int[B] <= T; each device writes the
     prompt positions it holds (their codes and norms too)."""
+    check_cache(cache)
     n = check_sequence_split(mesh, axis, cache.capacity)
     k, v, w, lengths = cache.check_prompt(k, v, w, lengths)
     t = k.shape[2]
@@ -187,13 +203,12 @@ def _global_selection(q_codes, cache: HataCache, config: HataConfig, axis: str, 
 
 
 def _check_step(q, k_new, v_new, cache: HataCache, w, mesh: Mesh, axis: str):
-    if not isinstance(cache, HataCache):
-        raise ValueError(f"cache must be a HataCache, got {type(cache).__name__}")
+    check_cache(cache)
     q, k_new, v_new, w = (checks.as_array(x, name) for x, name in ((q, "q"), (k_new, "k"), (v_new, "v"), (w, "w")))
     checks.check_rank(q, 3, "q", "[batch, q_heads, head_dim]")
     checks.check_dim(q, 0, cache.batch, "q", "batch size")
     checks.check_dim(q, 2, cache.head_dim, "q", "head_dim")
-    cache.check_tokens(k_new, v_new, w, "[batch, kv_heads, head_dim]", 0)
+    cache.check_tokens(k_new, v_new, w, 0)
     return check_sequence_split(mesh, axis, cache.capacity), (q, k_new, v_new, w)
 
 
@@ -233,6 +248,7 @@ def sequence_sharded_decode_attention(
     if cache.rbit != config.rbit:
         raise ValueError(f"the cache holds {cache.rbit}-bit codes but config.rbit is {config.rbit}")
     check_selection_args(config.budget, cache.capacity, config.sink, config.recent)
+    cache.raise_if_uncoded()
     scale = scale_or_default(scale, q.shape[-1])
 
     def step(q, k_new, v_new, cache, w):
@@ -241,7 +257,7 @@ def sequence_sharded_decode_attention(
         idx, count = _global_selection(q_codes, cache, config, axis, n, impl)
         out, lse = sparse_decode_attention(q, cache.k, cache.v, idx, count, scale=scale, return_lse=True, impl=impl)
         out = _merge(out, lse, axis)
-        return jnp.where(cache.overflow[:, None, None], jnp.nan, out).astype(q.dtype), cache
+        return jnp.where((cache.overflow | cache.uncoded)[:, None, None], jnp.nan, out).astype(q.dtype), cache
 
     return _run(step, mesh, axis, q, k_new, v_new, cache, w)
 

@@ -29,27 +29,16 @@ in the cache as under `jit` (see :class:`hata_jax.HataCache`).
 from __future__ import annotations
 
 import functools
-import inspect
 
 import jax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from hata_jax import attention, checks
+from hata_jax import attention, checks, explicit
 from hata_jax import decode as hata_decode
-from hata_jax.cache import HataCache
+from hata_jax.cache import HataCache, cache_layout
 from hata_jax.config import HataConfig
-
-
-def shard_map(f, *, mesh: Mesh, in_specs, out_specs):
-    """`jax.shard_map` (or `jax.experimental.shard_map.shard_map` on a jax without it) with the
-    replication check off (named `check_vma` or `check_rep` by version): Pallas calls have no
-    replication rule, and the replicated outputs here (cache lengths) are equal on every device."""
-    fn = getattr(jax, "shard_map", None)
-    if fn is None:
-        from jax.experimental.shard_map import shard_map as fn
-    check = "check_vma" if "check_vma" in inspect.signature(fn).parameters else "check_rep"
-    return fn(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, **{check: False})
+from hata_jax.explicit import shard_map
 
 
 def axis_size(mesh: Mesh, axis: str) -> int:
@@ -73,6 +62,14 @@ def check_head_split(mesh: Mesh, axis: str, kv_heads: int, q_heads: int | None =
     return n
 
 
+def check_head_major(cache: HataCache) -> None:
+    """The wrappers here split head-major caches only."""
+    if cache.seq_axis != 2:
+        raise ValueError("hata_jax.sharding splits head-major caches ([batch, kv_heads, seq, head_dim]), got a "
+                         "sequence-major one (seq_axis=1): run the plain ops under jax.set_mesh with Explicit axes "
+                         "(the cache made with HataCache.init(out_sharding=...))")
+
+
 def heads_spec(axis: str) -> P:
     """Arrays with the heads on axis 1: q, k_new, v_new, outputs, cache k/v/codes/norms."""
     return P(None, axis)
@@ -84,9 +81,9 @@ def projection_spec(axis: str) -> P:
 
 
 def cache_specs(axis: str) -> HataCache:
-    """A HataCache of PartitionSpecs: k, v, codes, norms split on the KV heads; lengths, overflow replicated."""
-    heads = heads_spec(axis)
-    return HataCache(k=heads, v=heads, codes=heads, norms=heads, lengths=P(), overflow=P())
+    """A head-major HataCache of PartitionSpecs: k, v, codes, norms split on the KV heads;
+    lengths, starts, overflow, uncoded replicated."""
+    return explicit.specs(cache_layout(), {"h": axis})
 
 
 def _named(mesh: Mesh, specs):
@@ -107,9 +104,8 @@ def init_cache(batch: int, kv_heads: int, capacity: int, head_dim: int, *, rbit:
     if mesh is None:
         return HataCache.init(batch, kv_heads, capacity, head_dim, **kwargs)
     check_head_split(mesh, axis, kv_heads)
-    make = jax.jit(lambda: HataCache.init(batch, kv_heads, capacity, head_dim, **kwargs),
-                   out_shardings=cache_shardings(mesh, axis))
-    return make()
+    return HataCache.init(batch, kv_heads, capacity, head_dim, **kwargs,
+                          out_sharding=NamedSharding(mesh, heads_spec(axis)))
 
 
 def shard_cache(cache: HataCache, mesh: Mesh, axis: str = "model") -> HataCache:
@@ -184,7 +180,8 @@ def sharded_hata_decode_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Arr
     """
     if mesh is None:
         return hata_decode.hata_decode_attention(q, k_new, v_new, cache, w, config, scale=scale, impl=impl)
-    checks.check_rank(q, 3, "q", "[batch, q_heads, head_dim]")
+    checks.check_query(q)
+    check_head_major(cache)
     check_head_split(mesh, axis, cache.kv_heads, q.shape[1])
     fn = _over_heads("hata", mesh, axis, (("config", config), ("scale", scale), ("impl", impl)))
     return fn(q, k_new, v_new, cache, w)
@@ -203,7 +200,7 @@ def sharded_dense_decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, len
     """
     if mesh is None:
         return attention.dense_decode_attention(q, k, v, lengths, scale=scale, return_lse=return_lse, impl=impl)
-    checks.check_rank(q, 3, "q", "[batch, q_heads, head_dim]")
+    checks.check_query(q)
     checks.check_rank(k, 4, "k", "[batch, kv_heads, seq, head_dim]")
     check_head_split(mesh, axis, k.shape[1], q.shape[1])
     fn = _over_heads("dense", mesh, axis, (("scale", scale), ("return_lse", return_lse), ("impl", impl)))
@@ -215,6 +212,7 @@ def sharded_append(cache: HataCache, k_new: jax.Array, v_new: jax.Array, w: jax.
     """:meth:`HataCache.append` (k_new, v_new: [B, Hkv, D]; w: [Hkv, D, rbit]) on the local heads."""
     if mesh is None:
         return cache.append(k_new, v_new, w, impl=impl)
+    check_head_major(cache)
     check_head_split(mesh, axis, cache.kv_heads)
     return _over_heads("append", mesh, axis, (("impl", impl),))(cache, k_new, v_new, w)
 
@@ -224,6 +222,7 @@ def sharded_prefill(cache: HataCache, k: jax.Array, v: jax.Array, w: jax.Array, 
     """:meth:`HataCache.prefill` (k, v: [B, Hkv, T, D]; w: [Hkv, D, rbit]; lengths: int[B]) on the local heads."""
     if mesh is None:
         return cache.prefill(k, v, w, lengths, impl=impl)
+    check_head_major(cache)
     check_head_split(mesh, axis, cache.kv_heads)
     checks.check_rank(k, 4, "k", "[batch, kv_heads, tokens, head_dim]")
     checks.check_lengths(lengths, cache.batch, k.shape[2], "lengths (prefill)")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 from jax.sharding import Mesh
 
 from hata_jax import HataConfig
@@ -23,6 +24,8 @@ from hata_jax.selectors import SELECTORS, Selector, make_selector
 
 ATTENTION_KINDS = ("dense", "hata", "sparse")
 MESH_SPLITS = ("heads", "positions")  # what a plan with a mesh splits over its axis
+# The first layers that `AttentionPlan.uniform` and `for_method` keep dense by default (HATA's paper: 2).
+DENSE_LAYERS = 2
 # What `AttentionPlan.for_method` takes: "dense", "hata" (the fast path) or a selector's name.
 METHODS = ("dense", "hata", *sorted(set(SELECTORS) - {"hata"}))
 
@@ -77,24 +80,26 @@ class AttentionPlan:
 
     @classmethod
     def uniform(cls, num_layers: int, attention: str, hata: HataConfig = HataConfig(),
-                impl: str = "auto") -> AttentionPlan:
-        """"dense" everywhere, or "hata" with the first `hata.dense_layers` layers dense."""
+                impl: str = "auto", *, dense_layers: int = DENSE_LAYERS) -> AttentionPlan:
+        """"dense" everywhere, or "hata" with the first `dense_layers` layers dense."""
         if attention not in ("dense", "hata"):
             raise ValueError(f"attention must be 'dense' or 'hata', got {attention!r} (selectors: "
                              "AttentionPlan.for_method)")
-        return cls.for_method(num_layers, attention, hata, impl)
+        return cls.for_method(num_layers, attention, hata, impl, dense_layers=dense_layers)
 
     @classmethod
     def for_method(cls, num_layers: int, method: str, hata: HataConfig = HataConfig(),
-                   impl: str = "auto", candidates: int = 4) -> AttentionPlan:
+                   impl: str = "auto", candidates: int = 4, *, dense_layers: int = DENSE_LAYERS) -> AttentionPlan:
         """The plan of one method of METHODS: "dense" everywhere; "hata", the fast HATA path;
         any other selector name, kind "sparse" with `make_selector(method)` (`rbit=hata.rbit` for
         the selectors that take it: simhash, hata_rerank; `candidates` for hata_rerank). Except
-        for "dense", the first `hata.dense_layers` layers stay dense."""
+        for "dense", the first `dense_layers` layers stay dense."""
         if method not in METHODS:
             raise ValueError(f"unknown attention method {method!r}; supported: {METHODS}")
+        if isinstance(dense_layers, bool) or not isinstance(dense_layers, (int, np.integer)) or dense_layers < 0:
+            raise ValueError(f"dense_layers must be an int >= 0, got {dense_layers!r}")
         kind = {"dense": "dense", "hata": "hata"}.get(method, "sparse")
-        kinds = tuple(kind if i >= hata.dense_layers else "dense" for i in range(num_layers))
+        kinds = tuple(kind if i >= dense_layers else "dense" for i in range(num_layers))
         selector = None
         if kind == "sparse":
             fields = {f.name for f in dataclasses.fields(SELECTORS[method])}

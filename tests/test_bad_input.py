@@ -11,6 +11,7 @@ import types
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 import hata_jax as hj
 
@@ -70,7 +71,19 @@ def qkv_cases(call):
         (lambda a: call(a, a.q, a.k, a.v[:, :, :9]), r"v must have the shape of k"),
         (lambda a: call(a, a.q[:1], a.k, a.v), r"q has batch size 1"),
         (lambda a: call(a, a.q[..., :32], a.k, a.v), r"q has head_dim 32"),
-        (lambda a: call(a, a.q[:, :5], a.k, a.v), r"q heads vs k heads: query heads \(5\)"),
+        (lambda a: call(a, a.q[:, :5], a.k, a.v),
+         r"k must be \[batch, kv_heads, seq, head_dim\] with KV heads dividing the 5 query heads; got shape "
+         r"\(2, 2, 10, 64\)$"),
+        (lambda a: call(a, a.q, jnp.swapaxes(a.k, 1, 2), jnp.swapaxes(a.v, 1, 2)),
+         r"k must be \[batch, kv_heads, seq, head_dim\] .* got shape \(2, 10, 2, 64\) \(a \[batch, seq, kv_heads, "
+         r"head_dim\] cache\? pass seq_axis=1\)"),
+        (lambda a: call(a, a.q, a.k, a.v, seq_axis=1),
+         r"k must be \[batch, seq, kv_heads, head_dim\] .* got shape \(2, 2, 10, 64\) \(a \[batch, kv_heads, seq, "
+         r"head_dim\] cache\? pass seq_axis=2\)"),
+        (lambda a: call(a, a.q, a.k, a.v, seq_axis=3), r"seq_axis must be 2 .* or 1 .*, got 3"),
+        (lambda a: call(a, a.q[:, :, None], a.k, a.v),
+         r"q must have shape \[batch, q_heads, head_dim\] .* got shape \(2, 6, 1, 64\) \(a \[batch, q_heads, 1, "
+         r"head_dim\] query\? pass q\[:, :, 0\]\)"),
     ]
 
 
@@ -112,13 +125,13 @@ def topk_call(a, q_codes, k_codes, norms, lengths=None, budget=4, sink=0, recent
     return hj.hamming_topk(q_codes, k_codes, norms, lengths, budget=budget, sink=sink, recent=recent, impl=REF, **kw)
 
 
-def sparse_call(a, q, k, v, idx=None, count=None):
+def sparse_call(a, q, k, v, idx=None, count=None, seq_axis=2):
     return hj.sparse_decode_attention(q, k, v, a.idx if idx is None else idx, a.count if count is None else count,
-                                      impl=REF)
+                                      seq_axis=seq_axis, impl=REF)
 
 
-def dense_call(a, q, k, v, lengths=None):
-    return hj.dense_decode_attention(q, k, v, a.lengths if lengths is None else lengths, impl=REF)
+def dense_call(a, q, k, v, lengths=None, seq_axis=2):
+    return hj.dense_decode_attention(q, k, v, a.lengths if lengths is None else lengths, seq_axis=seq_axis, impl=REF)
 
 
 def prefill_call(a, k=None, v=None, w=None, lengths=None):
@@ -212,8 +225,6 @@ CASES = {
         (lambda a: hj.HataConfig(recent=None), r"HataConfig.recent must be an int"),
         (lambda a: hj.HataConfig(budget=8, sink=5, recent=4),
          r"HataConfig.sink \(5\) and recent \(4\) must be >= 0 and sum to at most budget \(8\)"),
-        (lambda a: hj.HataConfig(dense_layers=-1), r"HataConfig.dense_layers must be >= 0"),
-        (lambda a: hj.HataConfig(dense_layers="2"), r"HataConfig.dense_layers must be an int"),
         (lambda a: hj.HataConfig(score="dot"), r"HataConfig.score must be one of"),
         (lambda a: dataclasses.replace(a.config, budget=-4), r"HataConfig.budget must be > 0"),
     ],
@@ -224,10 +235,18 @@ CASES = {
         (lambda a: hj.HataCache.init(2, 2, 10, 64.0), r"head_dim must be a positive int"),
         (lambda a: hj.HataCache.init(2, 2, 10, 64, rbit=100), r"rbit must be a positive multiple of 32"),
         (lambda a: hj.HataCache.init(2, 2, 10, 64, dtype=jnp.int8), r"dtype must be a floating-point dtype"),
+        (lambda a: hj.HataCache.init(2, 2, 10, np.float32(64)), r"head_dim must be a positive int, got float32"),
+        (lambda a: hj.HataCache.init(2, 2, 10, 64, out_sharding="model"),
+         r"out_sharding must be a NamedSharding, a PartitionSpec or None, got str"),
+        (lambda a: hj.HataCache.init(2, 2, 10, 64, out_sharding=P("data")),
+         r"out_sharding is a PartitionSpec but no mesh is set \(jax.set_mesh\)"),
     ],
     "HataCache.prefill": lengths_cases(lambda a, lengths: prefill_call(a, lengths=lengths), r"lengths \(prefill\)",
                                        8) + [
         (lambda a: prefill_call(a, k=a.k[0]), r"k must have shape \[batch, kv_heads, tokens, head_dim\]"),
+        (lambda a: prefill_call(a, k=jnp.swapaxes(a.k[:, :, :8], 1, 2), v=jnp.swapaxes(a.v[:, :, :8], 1, 2)),
+         r"k must have shape \[batch, kv_heads, tokens, head_dim\] .* got \(2, 8, 2, 64\) \(a \[batch, seq, "
+         r"kv_heads, head_dim\] cache\? pass jnp.swapaxes\(k, 1, 2\)\)"),
         (lambda a: prefill_call(a, k=a.k[:, :, :8].astype(I32)), r"k must be a floating-point array"),
         (lambda a: prefill_call(a, v=a.v[:, :, :8].astype(I32)), r"v must be a floating-point array"),
         (lambda a: prefill_call(a, k=a.k[:, :1, :8], v=a.v[:, :1, :8]), r"k must have shape .* Hkv=2"),
@@ -262,6 +281,7 @@ CASES = {
     "hata_decode_attention": [
         (lambda a: decode(a, config={"budget": 4}), r"config must be a HataConfig, got dict"),
         (lambda a: decode(a, q=a.q[0]), r"q must have shape \[batch, q_heads, head_dim\]"),
+        (lambda a: decode(a, q=a.q[:, :, None]), r"\(a \[batch, q_heads, 1, head_dim\] query\? pass q\[:, :, 0\]\)"),
         (lambda a: decode(a, q=a.q[:1]), r"q has batch size 1"),
         (lambda a: decode(a, q=a.q.astype(I32)), r"q must be a floating-point array"),
         (lambda a: decode(a, q=a.q[..., :32]), r"q has head_dim 32"),
@@ -320,3 +340,30 @@ def test_bad_input_raises_naming_the_argument(a, call, match):
 def test_unknown_impl_is_rejected(a, name, impl):
     with pytest.raises(ValueError, match=r"impl must be one of \('auto', 'pallas', 'reference'\)"):
         IMPL_CALLS[name](a, impl)
+
+
+def test_numpy_ints_and_lists_are_ints_and_arrays(a):
+    """numpy integer scalars where an int is meant and Python lists where an array is meant give
+    what Python ints and jax arrays give."""
+    cache = hj.HataCache.init(np.int64(2), np.int32(2), np.int64(10), np.int16(64), rbit=np.int64(64),
+                              dtype=jnp.float32)
+    assert (cache.batch, cache.kv_heads, cache.capacity, cache.head_dim, cache.rbit) == (2, 2, 10, 64, 64)
+    lengths = [int(n) for n in a.lengths]
+    from_list = cache.prefill(a.k[:, :, :8], a.v[:, :, :8], a.w, lengths, impl=REF)
+    from_array = cache.prefill(a.k[:, :, :8], a.v[:, :, :8], a.w, a.lengths, impl=REF)
+    for field in ("k", "codes", "norms", "lengths"):
+        np.testing.assert_array_equal(np.asarray(getattr(from_list, field)), np.asarray(getattr(from_array, field)))
+    assert from_list.lengths.tolist() == lengths
+    np.testing.assert_array_equal(np.asarray(hj.dense_decode_attention(a.q, a.k, a.v, lengths, impl=REF)),
+                                  np.asarray(hj.dense_decode_attention(a.q, a.k, a.v, a.lengths, impl=REF)))
+    config = hj.HataConfig(rbit=np.int64(64), budget=np.int32(4))
+    assert config == a.config and hash(config) == hash(a.config) and type(config.budget) is int
+    for budget in (np.int32(4), np.int64(4)):
+        got = hj.select_topk(a.scores, budget, lengths, impl=REF)
+        want = hj.select_topk(a.scores, 4, a.lengths, impl=REF)
+        for g, e in zip(got, want):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(e))
+        got = hj.hamming_topk(a.q_codes, a.k_codes, a.norms, lengths, budget=budget, impl=REF)
+        want = hj.hamming_topk(a.q_codes, a.k_codes, a.norms, a.lengths, budget=4, impl=REF)
+        for g, e in zip(got, want):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(e))

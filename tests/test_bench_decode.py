@@ -182,7 +182,7 @@ def test_bench_steps_match_the_model_decode(rng):
     model, weights, caches, tokens = _tiny_setup(rng, lengths, capacity)
     for cache, w in zip(caches, weights):
         np.testing.assert_array_equal(np.asarray(cache.codes), np.asarray(hj.encode(cache.k, w, head_axis=1)))
-    plan = AttentionPlan.uniform(TINY.num_layers, "hata", HataConfig(rbit=64, budget=capacity, dense_layers=1))
+    plan = AttentionPlan.uniform(TINY.num_layers, "hata", HataConfig(rbit=64, budget=capacity), dense_layers=1)
     expected, expected_caches = model.decode(tokens, caches, weights, plan.as_dense())
     attend = lambda *a: decode_steps.attend_exact(*a, weights=weights, plan=plan)  # noqa: E731
     exact, exact_caches = decode_steps.decode_with(model, tokens, caches, attend)
@@ -210,7 +210,8 @@ def test_exact_topk_selects_the_largest_softmax_mass(rng, hq, hkv):
     g = hq // hkv
     cache = hj.HataCache(k=jnp.asarray(k), v=jnp.asarray(v), codes=jnp.zeros((b, hkv, s, 1), jnp.uint32),
                          norms=jnp.ones((b, hkv, s)), lengths=jnp.asarray(lengths, jnp.int32),
-                         overflow=jnp.zeros((b,), bool))
+                         starts=jnp.zeros((b,), jnp.int32), overflow=jnp.zeros((b,), bool),
+                         uncoded=jnp.zeros((b,), bool))
     out = np.asarray(decode_steps.exact_topk_attention(jnp.asarray(q), cache, budget, "reference"))
     for row in range(b):
         n = lengths[row]
@@ -233,7 +234,7 @@ def test_exact_step_and_loop_lower_for_cuda(rng, monkeypatch):
     the Pallas kernels (impl="auto" resolving as on a GPU; each Triton module verified)."""
     model, weights, caches, tokens = _tiny_setup(rng, [30, 7], 128, dtype=jnp.bfloat16)
     steps = ModelSteps(model)
-    plan = AttentionPlan.uniform(TINY.num_layers, "hata", HataConfig(rbit=64, budget=16, dense_layers=1))
+    plan = AttentionPlan.uniform(TINY.num_layers, "hata", HataConfig(rbit=64, budget=16), dense_layers=1)
     key = jax.random.PRNGKey(0)
     monkeypatch.setattr(dispatch, "on_gpu", lambda: True)
     exact = lower_for_cuda(lambda *a: decode_steps.bench_step(*a, merge=steps.merge, method="exact", plan=plan),

@@ -1,6 +1,7 @@
 """HataCache: placement of prefilled and appended tokens, pytree behaviour, capacity overflow."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import brute_force as bf
@@ -12,7 +13,7 @@ import pytest
 import hata_jax as hj
 
 REF = "reference"
-FIELDS = ("k", "v", "codes", "norms", "lengths", "overflow")
+FIELDS = ("k", "v", "codes", "norms", "lengths", "starts", "overflow", "uncoded")
 
 
 def assert_caches_equal(a: hj.HataCache, b: hj.HataCache) -> None:
@@ -118,7 +119,7 @@ def test_jit_with_donated_cache_matches_eager(randn):
     w = randn(kv_heads, head_dim, 128)
     prompt_k, prompt_v = randn(batch, kv_heads, 7, head_dim), randn(batch, kv_heads, 7, head_dim)
     lengths = jnp.array([7, 2, 5], jnp.int32)
-    config = hj.HataConfig(budget=capacity, dense_layers=0)
+    config = hj.HataConfig(budget=capacity)
 
     def fresh():
         return hj.HataCache.init(batch, kv_heads, capacity, head_dim, dtype=jnp.float32).prefill(
@@ -267,3 +268,36 @@ def test_a_non_finite_key_poisons_its_sequence_as_in_dense_attention(randn, impl
     np.testing.assert_array_equal(nan_rows, [True, True, False])
     dense = hj.dense_decode_attention(q, cache.k, cache.v, cache.lengths, impl=REF)
     assert np.isnan(np.asarray(dense)[0]).any()  # dense attention over the NaN key is NaN too
+
+
+@pytest.mark.parametrize("impl", [REF, "pallas"])
+def test_a_dense_layer_writes_without_a_projection_and_hata_refuses_its_cache(randn, impl):
+    """w=None in prefill and append: k, v, norms and lengths as with w, codes left zero, the
+    sequences marked uncoded; HATA over that cache raises eagerly and gives NaN under jit (only
+    for the uncoded sequences); a prefill with w makes the cache usable again."""
+    b, hkv, s, d, rbit = 2, 2, 24, 64, 64
+    k, v, w = randn(b, hkv, 16, d), randn(b, hkv, 16, d), randn(hkv, d, rbit)
+    k_new, v_new = randn(b, hkv, d), randn(b, hkv, d)
+    empty = hj.HataCache.init(b, hkv, s, d, rbit=rbit, dtype=jnp.float32)
+    coded = empty.prefill(k, v, w, [16, 9], impl=REF).append(k_new, v_new, w, impl=REF)
+    dense = empty.prefill(k, v, None, [16, 9]).append(k_new, v_new, None)
+    for name in ("k", "v", "lengths", "overflow"):
+        np.testing.assert_array_equal(getattr(dense, name), getattr(coded, name), err_msg=name)
+    np.testing.assert_allclose(dense.norms, coded.norms, rtol=1e-6)
+    assert not np.asarray(dense.codes).any() and np.asarray(coded.codes).any()
+    assert dense.uncoded.tolist() == [True, True] and coded.uncoded.tolist() == [False, False]
+    assert empty.prefill(k, v, None, [0, 9]).uncoded.tolist() == [False, True]  # an empty sequence has no token
+
+    config = hj.HataConfig(rbit=rbit, budget=8)
+    q = randn(b, 2 * hkv, d)
+    with pytest.raises(ValueError, match=r"sequences \[0, 1\] .* written without hash codes \(w=None"):
+        hj.hata_decode_attention(q, k_new, v_new, dense, w, config, impl=impl)
+    step = jax.jit(functools.partial(hj.hata_decode_attention, config=config, impl=impl))
+    mixed = dataclasses.replace(coded, uncoded=jnp.array([False, True]))
+    out, _ = step(q, k_new, v_new, mixed, w)
+    want, _ = step(q, k_new, v_new, coded, w)
+    assert np.isnan(np.asarray(out[1])).all()
+    np.testing.assert_array_equal(np.asarray(out[0]), np.asarray(want[0]))
+    recoded = dense.prefill(k, v, w, [16, 9], impl=REF)
+    assert recoded.uncoded.tolist() == [False, False]
+    hj.hata_decode_attention(q, k_new, v_new, recoded, w, config, impl=REF)

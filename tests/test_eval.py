@@ -135,8 +135,8 @@ def test_score_is_the_share_of_answers_found():
 # ------------------------------------------------------------------------------------- metrics
 
 def plans(num_layers: int, budget: int, methods=("hata", "quest", "exact", "streaming", "loki")):
-    hata = HataConfig(rbit=RBIT, budget=budget, dense_layers=1)
-    return {m: AttentionPlan.for_method(num_layers, m, hata, "reference") for m in methods}
+    hata = HataConfig(rbit=RBIT, budget=budget)
+    return {m: AttentionPlan.for_method(num_layers, m, hata, "reference", dense_layers=1) for m in methods}
 
 
 def random_params(model, method: str, rng) -> list | None:

@@ -192,7 +192,7 @@ def test_nan_or_damaged_npz_projections_are_refused(tmp_path, rng):
     from hata_jax import HataConfig
     from hata_jax.models.plan import AttentionPlan
 
-    plan = AttentionPlan.uniform(config.num_layers, "hata", HataConfig(rbit=32, dense_layers=1))
+    plan = AttentionPlan.uniform(config.num_layers, "hata", HataConfig(rbit=32), dense_layers=1)
     with pytest.raises(ValueError, match="hash weights of layer 2 holds 1 non-finite"):
         hash_weights_for(config, plan, {2: bad})
     np.savez(tmp_path / "good.npz", layer_1=good)

@@ -175,7 +175,7 @@ def test_decode_steps_match_numpy(rng, name, attention):
     cfg = HF_CONFIGS[name]
     model, tensors = random_model(cfg, rng)
     config = model.config
-    plan = AttentionPlan.uniform(config.num_layers, attention, HataConfig(rbit=64, budget=32, dense_layers=1))
+    plan = AttentionPlan.uniform(config.num_layers, attention, HataConfig(rbit=64, budget=32), dense_layers=1)
     lengths = [7, 3, 11]
     prompts = ragged_prompts(rng, cfg["vocab_size"], lengths)
     forced = rng.integers(0, cfg["vocab_size"], size=(3, 4))
@@ -230,7 +230,7 @@ def test_hata_with_full_budget_reproduces_dense_generation(rng):
     model, _ = random_model(HF_CONFIGS["llama-gqa"], rng)
     prompts = ragged_prompts(rng, 97, [10, 3, 17])
     dense = generate(model, prompts, max_new_tokens=8)
-    plan = AttentionPlan.uniform(3, "hata", HataConfig(rbit=64, budget=128, dense_layers=1))
+    plan = AttentionPlan.uniform(3, "hata", HataConfig(rbit=64, budget=128), dense_layers=1)
     with pytest.warns(UserWarning, match="UNTRAINED"):
         hata = generate(model, prompts, max_new_tokens=8, plan=plan, dense_below=0)
     assert hata.tokens == dense.tokens
@@ -246,11 +246,11 @@ def test_hata_with_small_budget_differs_from_dense_logits(rng):
     tokens = jnp.asarray([3, 5], jnp.int32)
 
     def step(budget):
-        plan = AttentionPlan.uniform(3, "hata", HataConfig(rbit=32, budget=budget, dense_layers=1))
+        plan = AttentionPlan.uniform(3, "hata", HataConfig(rbit=32, budget=budget), dense_layers=1)
         caches = jax.tree.map(jnp.copy, prefilled.caches)
         return np.asarray(model.decode(tokens, caches, [weights[i] for i in range(3)], plan)[0])
 
-    plan = AttentionPlan.uniform(3, "hata", HataConfig(rbit=32, budget=4, dense_layers=1))
+    plan = AttentionPlan.uniform(3, "hata", HataConfig(rbit=32, budget=4), dense_layers=1)
     dense = np.asarray(model.decode(tokens, jax.tree.map(jnp.copy, prefilled.caches),
                                     [weights[i] for i in range(3)], plan.as_dense())[0])
     np.testing.assert_allclose(step(41), dense, rtol=1e-4, atol=1e-4)

@@ -315,7 +315,7 @@ def test_hf_tokenizer_and_chat_template(tmp_path):
 
 def test_hash_weights_from_npz(tmp_path, rng):
     config = LlamaConfig.from_hf(HF_CONFIGS["llama-gqa"])
-    plan = AttentionPlan.uniform(config.num_layers, "hata", HataConfig(rbit=64, dense_layers=1))
+    plan = AttentionPlan.uniform(config.num_layers, "hata", HataConfig(rbit=64), dense_layers=1)
     trained = {f"layer_{i}": rng.standard_normal((2, 64, 64)).astype(np.float32) for i in (1, 2)}
     np.savez(tmp_path / "w.npz", **trained)
     loaded = load_hash_weights(tmp_path)  # a directory holding one .npz

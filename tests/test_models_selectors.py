@@ -56,19 +56,24 @@ def sparse_plan(plan: AttentionPlan, selector) -> AttentionPlan:
 
 
 def test_for_method_builds_each_plan():
-    hata = HataConfig(rbit=64, budget=16, dense_layers=1)
-    assert AttentionPlan.for_method(3, "dense", hata).layers == ("dense",) * 3
-    fast = AttentionPlan.for_method(3, "hata", hata)
+    hata = HataConfig(rbit=64, budget=16)
+    assert AttentionPlan.for_method(3, "dense", hata, dense_layers=1).layers == ("dense",) * 3
+    fast = AttentionPlan.for_method(3, "hata", hata, dense_layers=1)
     assert fast.layers == ("dense", "hata", "hata") and fast.selector is None
-    assert fast == AttentionPlan.uniform(3, "hata", hata)
+    assert AttentionPlan.uniform(3, "hata", hata).layers == ("dense", "dense", "hata")  # 2 dense by default
+    assert AttentionPlan.uniform(3, "hata", hata, dense_layers=np.int64(0)).layers == ("hata",) * 3
+    for bad in (-1, 1.0, True):
+        with pytest.raises(ValueError, match="dense_layers must be an int >= 0"):
+            AttentionPlan.for_method(3, "quest", hata, dense_layers=bad)
+    assert fast == AttentionPlan.uniform(3, "hata", hata, dense_layers=1)
     for method in set(METHODS) - {"dense", "hata"}:
-        plan = AttentionPlan.for_method(3, method, hata, impl="reference")
+        plan = AttentionPlan.for_method(3, method, hata, impl="reference", dense_layers=1)
         assert plan.layers == ("dense", "sparse", "sparse") and plan.selector.name == method
         assert plan.sparse_layers == plan.selecting_layers == [1, 2] and plan.hashed_layers == []
         hash(plan)
-    assert AttentionPlan.for_method(3, "simhash", hata).selector.rbit == 64
+    assert AttentionPlan.for_method(3, "simhash", hata, dense_layers=1).selector.rbit == 64
     with pytest.raises(ValueError, match="unknown attention method 'bogus'"):
-        AttentionPlan.for_method(3, "bogus", hata)
+        AttentionPlan.for_method(3, "bogus", hata, dense_layers=1)
     with pytest.raises(ValueError, match="'sparse' .* needs a selector"):
         AttentionPlan(layers=("dense", "sparse"))
     with pytest.raises(ValueError, match="must be a hata_jax.selectors.Selector"):
@@ -82,12 +87,12 @@ def test_every_selector_with_full_budget_reproduces_dense_generation(rng):
     model, _ = random_model(HF_CONFIGS["llama-gqa"], rng)
     prompts = ragged_prompts(rng, 97, [10, 3, 17])
     prefilled = prefill_prompts(model, prompts, capacity=32)
-    hata = HataConfig(rbit=RBIT, budget=32, dense_layers=1)
+    hata = HataConfig(rbit=RBIT, budget=32)
     run = functools.partial(generate_from, prefilled, max_new_tokens=6, dense_below=0)
-    dense = run(AttentionPlan.for_method(3, "dense", hata))
+    dense = run(AttentionPlan.for_method(3, "dense", hata, dense_layers=1))
     assert dense.tokens == generate(model, prompts, max_new_tokens=6, capacity=32).tokens
     for method in sorted(set(METHODS) - {"dense"}):
-        plan = AttentionPlan.for_method(3, method, hata, impl="reference")
+        plan = AttentionPlan.for_method(3, method, hata, impl="reference", dense_layers=1)
         assert run(plan, random_params(method, model, rng)).tokens == dense.tokens, method
     # "sparse" with the hata selector: the "hata" tokens (test_sparse_hata_selector_equals_the_hata_path)
 
@@ -101,8 +106,8 @@ def test_sparse_hata_selector_equals_the_hata_path(rng, name, sink, recent):
     model, _ = random_model(cfg, rng)
     prompts = ragged_prompts(rng, cfg["vocab_size"], [29, 17, 40])
     layers = model.config.num_layers
-    hata = HataConfig(rbit=RBIT, budget=7, sink=sink, recent=recent, dense_layers=1)
-    plan = AttentionPlan.for_method(layers, "hata", hata)
+    hata = HataConfig(rbit=RBIT, budget=7, sink=sink, recent=recent)
+    plan = AttentionPlan.for_method(layers, "hata", hata, dense_layers=1)
     w = random_params("hata", model, rng)
     fast = generate(model, prompts, max_new_tokens=8, plan=plan, hash_weights=w, dense_below=0)
     prefilled = prefill_prompts(model, prompts, capacity=64)  # random projections: re-encoded below
@@ -116,8 +121,8 @@ def test_generate_from_leaves_the_prefill_usable_and_repeats(rng):
     prompts = ragged_prompts(rng, 97, [21, 9])
     prefilled = prefill_prompts(model, prompts, capacity=48)
     before = jax.tree.map(np.asarray, prefilled.caches)
-    hata = HataConfig(rbit=RBIT, budget=5, dense_layers=1)
-    plan = AttentionPlan.for_method(3, "quest", hata)
+    hata = HataConfig(rbit=RBIT, budget=5)
+    plan = AttentionPlan.for_method(3, "quest", hata, dense_layers=1)
     hot = generation.Sampling(temperature=2.0)
     first = generate_from(prefilled, plan, max_new_tokens=7, sampling=hot, seed=4)
     again = generate_from(prefilled, plan, max_new_tokens=7, sampling=hot, seed=4)
@@ -134,7 +139,7 @@ def test_each_plan_compiles_once(rng, fresh_traces):
     model, _ = random_model(HF_CONFIGS["llama-gqa"], rng)
     prefilled = prefill_prompts(model, ragged_prompts(rng, 97, [12, 30]), capacity=176)
     params = random_params("simhash", model, rng)
-    plans = [AttentionPlan.for_method(3, "simhash", HataConfig(rbit=RBIT, budget=b, dense_layers=1)) for b in (4, 8)]
+    plans = [AttentionPlan.for_method(3, "simhash", HataConfig(rbit=RBIT, budget=b), dense_layers=1) for b in (4, 8)]
     for plan in plans + plans:
         generate_from(prefilled, plan, params, max_new_tokens=5, dense_below=0)
     assert fresh_traces["start"] == 2 and fresh_traces["decode"] == 2
@@ -155,7 +160,7 @@ def test_dense_steps_keep_the_selector_state_current(rng, method, ragged_lengths
     model, _ = random_model(HF_CONFIGS["llama-gqa"], rng)
     config = model.config
     lengths = ragged_lengths(3, 2, 11)
-    plan = AttentionPlan.for_method(3, method, HataConfig(rbit=RBIT, budget=8, dense_layers=1))
+    plan = AttentionPlan.for_method(3, method, HataConfig(rbit=RBIT, budget=8), dense_layers=1)
     params = random_params(method, model, rng)
     weights = random_params("hata", model, rng)
     caches = [c.prefill(jnp.asarray(rng.standard_normal(c.k.shape[:2] + (11, c.head_dim)), jnp.float32),
@@ -179,7 +184,7 @@ def test_sparse_steps_lower_for_cuda(rng, monkeypatch):
     so does `sparse_logits` with the Pallas selection."""
     model, _ = random_model(HF_CONFIGS["llama-gqa"], rng)
     config = model.config
-    plan = AttentionPlan.for_method(3, "quest", HataConfig(rbit=RBIT, budget=16, dense_layers=2))
+    plan = AttentionPlan.for_method(3, "quest", HataConfig(rbit=RBIT, budget=16), dense_layers=2)
     caches = [dataclasses.replace(c, lengths=jnp.asarray([30, 7], jnp.int32))
               for c in init_caches(config, 2, 64, rbit=RBIT, dtype=jnp.float32)]
     caches = with_selector_states(caches, plan, None)
@@ -198,7 +203,7 @@ def test_short_context_policy_with_a_sparse_plan_is_exact(rng):
     """Dense steps up to the budget, then "sparse" steps: the tokens of "sparse" all along."""
     model, _ = random_model(HF_CONFIGS["llama-gqa"], rng)
     prefilled = prefill_prompts(model, ragged_prompts(rng, 97, [3, 6]), capacity=32)
-    plan = AttentionPlan.for_method(3, "loki", HataConfig(rbit=RBIT, budget=8, dense_layers=1))
+    plan = AttentionPlan.for_method(3, "loki", HataConfig(rbit=RBIT, budget=8), dense_layers=1)
     params = random_params("loki", model, rng)
     switched = generate_from(prefilled, plan, params, max_new_tokens=10, dense_below=8)
     assert switched.dense_steps == 2
@@ -216,7 +221,7 @@ def test_sparse_logits(rng, method):
         tokens[row, : len(p)] = p
     params = random_params(method, model, rng)
     dense = np.asarray(model(jnp.asarray(tokens), jnp.asarray(lengths, jnp.int32)))
-    full = AttentionPlan.for_method(3, method, HataConfig(rbit=RBIT, budget=64, dense_layers=1))
+    full = AttentionPlan.for_method(3, method, HataConfig(rbit=RBIT, budget=64), dense_layers=1)
     logits = np.asarray(sparse_logits(model, tokens, lengths, full, params))
     small = np.asarray(sparse_logits(model, tokens, lengths, full.with_budget(4), params))
     assert logits.shape == small.shape == (3, 23, 97) and logits.dtype == np.float32
@@ -232,7 +237,7 @@ def test_sparse_logits_hata_matches_the_sparse_hata_selector(rng):
     tokens = jnp.asarray(rng.integers(0, 89, (2, 19)), jnp.int32)
     lengths = [19, 12]
     w = random_params("hata", model, rng)
-    plan = AttentionPlan.for_method(2, "hata", HataConfig(rbit=RBIT, budget=5, sink=1, dense_layers=1))
+    plan = AttentionPlan.for_method(2, "hata", HataConfig(rbit=RBIT, budget=5, sink=1), dense_layers=1)
     np.testing.assert_allclose(np.asarray(sparse_logits(model, tokens, lengths, plan, w)),
                                np.asarray(sparse_logits(model, tokens, lengths,
                                                         sparse_plan(plan, make_selector("hata", rbit=RBIT)), w)),
@@ -244,7 +249,7 @@ def test_sparse_logits_hata_matches_the_sparse_hata_selector(rng):
 def test_generate_from_errors(rng):
     model, _ = random_model(HF_CONFIGS["qwen2-tied"], rng)
     prefilled = prefill_prompts(model, ragged_prompts(rng, 89, [20]), capacity=24)
-    plan = AttentionPlan.for_method(2, "hata", HataConfig(rbit=RBIT, budget=4, dense_layers=1))
+    plan = AttentionPlan.for_method(2, "hata", HataConfig(rbit=RBIT, budget=4), dense_layers=1)
     with pytest.raises(ValueError, match="cannot hold the prompt"):
         generate_from(prefilled, plan, max_new_tokens=5)
     with pytest.raises(ValueError, match="no projection for the 'hata' layers \\[1\\]"):
@@ -254,7 +259,7 @@ def test_generate_from_errors(rng):
     with pytest.raises(ValueError, match="plan has 3 layers"):
         generate_from(prefilled, AttentionPlan.for_method(3, "quest"), max_new_tokens=2)
     with pytest.raises(ValueError, match="params .* must have shape"):
-        generate_from(prefilled, AttentionPlan.for_method(2, "loki", HataConfig(dense_layers=1)), max_new_tokens=2)
+        generate_from(prefilled, AttentionPlan.for_method(2, "loki", HataConfig(), dense_layers=1), max_new_tokens=2)
     with pytest.raises(ValueError, match="prompt has 20 tokens but the cache capacity is 16"):
         prefill_prompts(model, ragged_prompts(rng, 89, [20]), capacity=16)
 

@@ -25,7 +25,7 @@ RBIT = 32
 def hata_setup(rng, name: str, budget: int):
     model, _ = random_model(HF_CONFIGS[name], rng)
     config = model.config
-    plan = AttentionPlan.uniform(config.num_layers, "hata", HataConfig(rbit=RBIT, budget=budget, dense_layers=1))
+    plan = AttentionPlan.uniform(config.num_layers, "hata", HataConfig(rbit=RBIT, budget=budget), dense_layers=1)
     weights = rng.standard_normal((config.num_layers, config.num_kv_heads, config.head_dim, RBIT)).astype(np.float32)
     return model, plan, weights
 
@@ -108,7 +108,7 @@ def test_generation_across_the_threshold_compiles_each_step_once(rng, fresh_trac
 
 
 def test_threshold_default_and_bad_values():
-    hata = AttentionPlan.uniform(3, "hata", HataConfig(budget=16, dense_layers=1))
+    hata = AttentionPlan.uniform(3, "hata", HataConfig(budget=16), dense_layers=1)
     llama_b1 = generation.kv_token_bytes(1, 8, 128, jnp.bfloat16)  # Llama-3.1-8B shapes: 4 KiB per token
     assert llama_b1 == 4096
     assert short_context_threshold(hata, None, llama_b1) == generation.DENSE_BELOW_KV_BYTES // 4096 == 40960

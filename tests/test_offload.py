@@ -176,8 +176,8 @@ def test_generation_equals_on_device_hata(rng, name):
     short-context policy), with budgets below the prompt lengths, and count their bytes."""
     model, _ = random_model(HF_CONFIGS[name], rng)
     config = model.config
-    hata = hj.HataConfig(rbit=32, budget=6, dense_layers=1)
-    plan = AttentionPlan.uniform(config.num_layers, "hata", hata)
+    hata = hj.HataConfig(rbit=32, budget=6)
+    plan = AttentionPlan.uniform(config.num_layers, "hata", hata, dense_layers=1)
     weights = rng.standard_normal((config.num_layers, config.num_kv_heads, config.head_dim, 32)).astype(np.float32)
     prompts = ragged_prompts(rng, HF_CONFIGS[name]["vocab_size"], [19, 9, 14])
     want = generate(model, prompts, max_new_tokens=7, plan=plan, hash_weights=weights, dense_below=0)
@@ -195,7 +195,7 @@ def test_generation_equals_on_device_hata(rng, name):
 
 def test_generation_rejects_what_it_cannot_run(rng):
     model, _ = random_model(HF_CONFIGS["llama-gqa"], rng)
-    plan = AttentionPlan.uniform(model.config.num_layers, "hata", hj.HataConfig(rbit=32, budget=4, dense_layers=1))
+    plan = AttentionPlan.uniform(model.config.num_layers, "hata", hj.HataConfig(rbit=32, budget=4), dense_layers=1)
     with pytest.raises(ValueError, match="cannot hold the prompt"):
         generate_offloaded(model, [[1, 2, 3]], plan=plan, max_new_tokens=6, capacity=8)
     with pytest.raises(ValueError, match="layers"):

@@ -31,3 +31,11 @@ def test_bring_your_own_model_example_runs(capsys):
     for cache in caches:
         np.testing.assert_array_equal(np.asarray(cache.lengths), [303, 203])
     assert "[303 203]" in capsys.readouterr().out
+
+
+def test_sharding_example_runs(capsys):
+    """The explicit-mesh example (a 1x1 mesh here): the cache keeps its batch-and-head layout."""
+    scope = run_block("python3")
+    assert np.isfinite(np.asarray(scope["out"])).all()
+    np.testing.assert_array_equal(np.asarray(scope["cache"].lengths), [101, 61])
+    assert "P('data', 'model', None, None) [101  61]" in capsys.readouterr().out

@@ -136,6 +136,9 @@ def _run_checks() -> None:
              "config must be a HataConfig"),
             (lambda: ss.sequence_sharded_decode_attention(q[0], kn, kn, cache, w, cfg, mesh=mesh(2), axis="seq"),
              "q"),
+            (lambda: ss.sequence_sharded_decode_attention(q, kn, kn, hj.HataCache.init(1, 2, 32, 16, rbit=64,
+                                                                                       seq_axis=1), w, cfg,
+                                                          mesh=mesh(2), axis="seq"), "seq_axis 1"),
         ):
             try:
                 call()
@@ -166,10 +169,10 @@ def _run_checks() -> None:
         seed = int(rng.integers(1 << 30))
         model = LlamaForCausalLM(config, rngs=nnx.Rngs(seed))
         prompts = [rng.integers(0, config.vocab_size, n).tolist() for n in (5, 37, 22)]
-        hata = hj.HataConfig(rbit=64, budget=12, dense_layers=1)
+        hata = hj.HataConfig(rbit=64, budget=12)
         weights = random_projections(config, hata.rbit, seed)
         for attention in ("dense", "hata"):
-            plan = AttentionPlan.uniform(config.num_layers, attention, hata, impl="reference")
+            plan = AttentionPlan.uniform(config.num_layers, attention, hata, impl="reference", dense_layers=1)
             want = generate(model, prompts, plan=plan, hash_weights=weights, max_new_tokens=6, dense_below=0)
             want_logits = prefill_prompts(model, prompts, capacity=128, hash_weights=weights).logits
             for devices in (2, 4):

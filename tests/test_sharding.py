@@ -88,7 +88,7 @@ def _attention_case(rng, kv_heads, group, devices, impl="reference", explicit=Fa
     _assert_head_split(placed.codes, kv_heads, devices)
     _assert_caches_equal(placed, plain)
 
-    config = hj.HataConfig(rbit=rbit, budget=budget, dense_layers=0)
+    config = hj.HataConfig(rbit=rbit, budget=budget)
     wrap = jax.jit if jit else (lambda f: f)
     q = _rand(rng, batch, kv_heads * group, d)
     k_new, v_new = _rand(rng, batch, kv_heads, d), _rand(rng, batch, kv_heads, d)
@@ -127,6 +127,138 @@ def check_explicit_mesh_eager_calls(rng):
     _attention_case(rng, 4, 2, 4, explicit=True, jit=False)
 
 
+# Every public op, run by `_public_ops`, with the roles of its arrays' axes ("b" batch, "h" heads).
+OPS_SHAPE = dict(batch=2, kv_heads=2, group=2, capacity=48, prompt=40, head_dim=64, rbit=32, budget=8)
+
+
+def _ops_inputs(rng):
+    b, hkv, g, t, d, r = (OPS_SHAPE[n] for n in ("batch", "kv_heads", "group", "prompt", "head_dim", "rbit"))
+    return dict(k=rng.standard_normal((b, hkv, t, d), np.float32), v=rng.standard_normal((b, hkv, t, d), np.float32),
+                w=rng.standard_normal((hkv, d, r), np.float32), q=rng.standard_normal((b, hkv * g, d), np.float32),
+                k_new=rng.standard_normal((b, hkv, d), np.float32), v_new=rng.standard_normal((b, hkv, d), np.float32),
+                lengths=np.array([t, int(rng.integers(OPS_SHAPE["budget"] + 1, t))], np.int32))
+
+
+def _public_ops(x, impl, out_sharding=None):
+    """Every public op on the inputs `x` (a dict of arrays): {name: output}."""
+    import hata_jax as hj
+
+    s, r, budget = OPS_SHAPE["capacity"], OPS_SHAPE["rbit"], OPS_SHAPE["budget"]
+    b, hkv, _, d = x["k"].shape  # local shapes inside a shard_map
+    cache = hj.HataCache.init(b, hkv, s, d, rbit=r, dtype=np.float32, out_sharding=out_sharding)
+    out = {"init": cache}
+    cache = out["prefill"] = cache.prefill(x["k"], x["v"], x["w"], x["lengths"], impl=impl)
+    out["append"] = cache.append(x["k_new"], x["v_new"], x["w"], impl=impl)
+    out["encode"] = hj.encode(x["k"], x["w"], head_axis=1, impl=impl)
+    q_codes, k_codes, k_norms = out["encode_step"] = hj.encode_step(x["q"], x["k_new"], x["w"], impl=impl)
+    out["key_norms"] = hj.key_norms(x["k"])
+    codes = (q_codes, cache.codes, cache.norms, cache.lengths)
+    scores = out["hamming_scores"] = hj.hamming_scores(*codes, impl=impl)
+    out["select_topk"] = hj.select_topk(scores, budget, cache.lengths, impl=impl)
+    idx, count = out["hamming_topk"] = hj.hamming_topk(*codes, budget=budget, impl=impl)
+    out["sparse_decode_attention"] = hj.sparse_decode_attention(x["q"], cache.k, cache.v, idx, count, impl=impl)
+    out["dense_decode_attention"] = hj.dense_decode_attention(x["q"], cache.k, cache.v, cache.lengths,
+                                                              return_lse=True, impl=impl)
+    out["hata_decode_attention"] = hj.hata_decode_attention(x["q"], x["k_new"], x["v_new"], cache, x["w"],
+                                                            hj.HataConfig(rbit=r, budget=budget), impl=impl)
+    return out
+
+
+def _assert_ops_equal(got, want):
+    import jax
+
+    from hata_jax import HataCache
+
+    for name in want:
+        for g, e in zip(jax.tree.leaves(got[name]), jax.tree.leaves(want[name])):
+            g, e = np.asarray(g), np.asarray(e)
+            if g.dtype == np.uint32 and name != "init":  # codes: see _assert_caches_equal
+                assert (np.unpackbits((g ^ e).view(np.uint8))).mean() <= 1e-4, name
+            else:
+                np.testing.assert_allclose(g, e, rtol=2e-5, atol=2e-5, err_msg=name)
+        if isinstance(want[name], HataCache):
+            assert got[name].lengths.tolist() == want[name].lengths.tolist(), name
+
+
+def _assert_split(x, spec):
+    """x's type is split as `spec` on the explicit mesh."""
+    import jax
+
+    entries = tuple(jax.typeof(x).sharding.spec)
+    assert entries[:len(spec)] == tuple(spec) and not any(entries[len(spec):]), (entries, spec)
+
+
+def check_explicit_mode_every_op(rng):
+    """Every public op under `jax.set_mesh` with Explicit axes (a 1x1 mesh; batch-, head- and
+    batch-and-head-sharded caches on a 2x2 mesh; replicated inputs given to a split cache),
+    eager (batch-sharded) and jitted, reference path; the interpreted kernels on the batch-and-head-sharded
+    mesh: the single-device results, laid out as the cache."""
+    import jax
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    x = _ops_inputs(rng)
+    want = {impl: jax.jit(lambda y: _public_ops(y, impl))(x) for impl in ("reference", "pallas")}
+    roles = {"k": "bh", "v": "bh", "q": "bh", "k_new": "bh", "v_new": "bh", "w": "h", "lengths": "b"}
+    # (mesh shape, the cache's layout, impl, jitted, inputs laid out as the cache (else unplaced))
+    cases = [((1, 1), P(), "reference", True, True), ((2, 2), P("data"), "reference", False, True),
+             ((2, 2), P(None, "model"), "reference", True, False),
+             ((2, 2), P("data", "model"), "reference", True, True), ((2, 2), P("data", "model"), "pallas", True, True)]
+    for shape, spec, impl, jit, placed in cases:
+        mesh = jax.make_mesh(shape, ("data", "model"), (AxisType.Explicit,) * 2,
+                             devices=jax.devices()[:shape[0] * shape[1]])
+        split = dict(zip("bh", tuple(spec) + (None, None)))
+        inputs = {n: jax.device_put(a, NamedSharding(mesh, P(*(split[r] for r in roles[n])))) if placed else a
+                  for n, a in x.items()}
+        with jax.set_mesh(mesh):
+            run = (lambda y: _public_ops(y, impl, spec))
+            got = jax.jit(run)(inputs) if jit else run(inputs)
+        _assert_ops_equal(got, want[impl])
+        for name in ("init", "prefill", "append"):
+            _assert_split(got[name].k, spec)
+            _assert_split(got[name].lengths, spec[:1])
+        _assert_split(got["hata_decode_attention"][1].codes, spec)
+        _assert_split(got["hata_decode_attention"][0], spec)
+        _assert_split(got["hamming_topk"][0], spec)
+
+
+def check_auto_mode_and_inside_shard_map(rng):
+    """Every public op jitted on a mesh of Auto axes with batch- and head-split inputs (XLA
+    partitions), and inside a `shard_map` over a batch-and-head-split Explicit mesh (local
+    arrays): the single-device results."""
+    import jax
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    x = _ops_inputs(rng)
+    want = _public_ops(x, "reference")
+    mesh = jax.make_mesh((2, 2), ("data", "model"), (AxisType.Auto,) * 2, devices=jax.devices()[:4])
+    heads = {"k": P("data", "model"), "v": P("data", "model"), "q": P("data", "model"), "k_new": P("data", "model"),
+             "v_new": P("data", "model"), "w": P("model"), "lengths": P("data")}
+    inputs = {n: jax.device_put(a, NamedSharding(mesh, heads[n])) for n, a in x.items()}
+    with jax.set_mesh(mesh):
+        got = jax.jit(lambda y: _public_ops(y, "reference", NamedSharding(mesh, P("data", "model"))))(inputs)
+    _assert_ops_equal(got, want)
+    assert got["prefill"].k.sharding.spec[:2] == ("data", "model")
+
+    explicit = jax.make_mesh((2, 2), ("data", "model"), (AxisType.Explicit,) * 2, devices=jax.devices()[:4])
+    local_want = {n: v for n, v in want.items() if n != "init"}  # the local cache has the local shape
+
+    def local(y):
+        out = _public_ops(y, "reference")
+        return {n: v for n, v in out.items() if n != "init"}
+
+    shapes = jax.eval_shape(local, x)
+    out_specs = jax.tree.map(lambda a: P(*(("data", "model")[:min(a.ndim, 2)])) if a.ndim else P(), shapes)
+    # Lengths and overflow [B] are split on the batch only.
+    with jax.set_mesh(explicit):
+        inputs = {n: jax.device_put(a, NamedSharding(explicit, heads[n])) for n, a in x.items()}
+        in_specs = ({n: heads[n] for n in x},)
+        got = jax.jit(jax.shard_map(local, mesh=explicit, in_specs=in_specs, out_specs=out_specs,
+                                    check_vma=False))(inputs)
+    _assert_ops_equal(got, local_want)
+
+
 def _raises(fn, *fragments):
     try:
         fn()
@@ -155,6 +287,9 @@ def check_clear_errors(rng):
             "cannot split 6 KV heads")
     _raises(lambda: hs.sharded_append(cache, kv, kv, w, mesh=mesh), "cannot split 6 KV heads")
     _raises(lambda: hs.init_cache(2, 6, 32, 64, mesh=mesh), "cannot split 6 KV heads")
+    seq_major = hj.HataCache.init(2, 4, 32, 64, rbit=32, dtype=jnp.float32, seq_axis=1)
+    _raises(lambda: hs.sharded_append(seq_major, kv[:, :4], kv[:, :4], w[:4], mesh=mesh),
+            "splits head-major caches", "seq_axis=1")
     _raises(lambda: hs.sharded_dense_decode_attention(q, cache.k, cache.v, cache.lengths, mesh=mesh, axis="heads"),
             "mesh axis 'heads' is not in the mesh")
     config = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
@@ -163,7 +298,7 @@ def check_clear_errors(rng):
     _raises(lambda: ms.init_model(config, mesh), "cannot split 2 KV heads")
     _raises(lambda: ms.shard_model(LlamaForCausalLM(config, rngs=nnx.Rngs(0)), _mesh(2, explicit=True)),
             "needs an Auto axis")
-    _raises(lambda: AttentionPlan.for_method(2, "quest", hj.HataConfig(dense_layers=1)).on_mesh(mesh),
+    _raises(lambda: AttentionPlan.for_method(2, "quest", hj.HataConfig(), dense_layers=1).on_mesh(mesh),
             "'dense' and 'hata' layers only")
     _raises(lambda: AttentionPlan.uniform(2, "hata").on_mesh(mesh, "heads"), "mesh axis 'heads' is not in the mesh")
 
@@ -194,10 +329,10 @@ def _generation_case(rng, config_args, devices_list, attentions, init_on_mesh=Fa
     config = LlamaConfig(**config_args)
     seed = int(rng.integers(1 << 30))
     prompts = [rng.integers(0, config.vocab_size, n).tolist() for n in (5, 37, 22)]
-    hata = HataConfig(rbit=64, budget=12, dense_layers=1)
+    hata = HataConfig(rbit=64, budget=12)
     weights = random_projections(config, hata.rbit, seed)
     for attention in attentions:
-        plan = AttentionPlan.uniform(config.num_layers, attention, hata, impl="reference")
+        plan = AttentionPlan.uniform(config.num_layers, attention, hata, impl="reference", dense_layers=1)
         single_model = LlamaForCausalLM(config, rngs=nnx.Rngs(seed))
         want = generate(single_model, prompts, plan=plan, hash_weights=weights, max_new_tokens=7, dense_below=0)
         want_logits = prefill_prompts(single_model, prompts, capacity=128, hash_weights=weights).logits
@@ -248,7 +383,7 @@ def check_sharded_step_lowers_for_cuda(rng):
     config = LlamaConfig(**TINY)
     mesh = ms.make_mesh(jax.devices()[:2])
     steps = ModelSteps(ms.init_model(config, mesh, dtype=jnp.bfloat16))
-    plan = AttentionPlan.uniform(config.num_layers, "hata", HataConfig(rbit=64, budget=16, dense_layers=1))
+    plan = AttentionPlan.uniform(config.num_layers, "hata", HataConfig(rbit=64, budget=16), dense_layers=1)
     caches = init_caches(config, 2, 128, rbit=64, dtype=jnp.bfloat16, mesh=mesh)
     weights = ms.shard_hash_weights([_rand(rng, config.num_kv_heads, config.head_dim, 64)] * config.num_layers, mesh)
     on_gpu, dispatch.on_gpu = dispatch.on_gpu, lambda: True
@@ -298,8 +433,8 @@ def run_process(seed: int, process: int, port: int) -> None:
     rng = np.random.default_rng(seed)
     config = LlamaConfig(**TINY)
     prompts = [rng.integers(0, config.vocab_size, n).tolist() for n in (9, 30)]
-    plan = AttentionPlan.uniform(config.num_layers, "hata", HataConfig(rbit=64, budget=12, dense_layers=1),
-                                 impl="reference")
+    plan = AttentionPlan.uniform(config.num_layers, "hata", HataConfig(rbit=64, budget=12), "reference",
+                                 dense_layers=1)
     want = generate(LlamaForCausalLM(config, rngs=nnx.Rngs(seed)), prompts, plan=plan, max_new_tokens=6,
                     dense_below=0, seed=seed)
     mesh = ms.make_mesh()
