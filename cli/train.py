@@ -14,10 +14,18 @@ from hata_jax.models.load import load_model
 from hata_jax.train import checkpoint, corpus, recall
 from hata_jax.train.collect import CollectConfig, collect
 from hata_jax.train.hashattention_objective import HashAttentionObjective
-from hata_jax.train.hata_objective import HataObjective
+from hata_jax.train.hata_objective import HataLoss, HataObjective
 from hata_jax.train.projections import shipped_weights
 from hata_jax.train.run import train_model
 from hata_jax.train.trainer import TrainConfig
+
+# `hata-jax train` flag -> (HataLoss field, help)
+LOSS_FLAGS = {
+    "--loss-sigma": ("sigma", "slope of the relaxation tanh(sigma * x / 2)"),
+    "--loss-eps": ("eps", "weight of the similarity term"),
+    "--loss-balance": ("balance", "weight of the bit balance term"),
+    "--loss-decorrelation": ("decorrelation", "weight of the decorrelation term ||W^T W - I||_F"),
+}
 
 
 def _add_model_args(parser, split: str, samples_default: str) -> None:
@@ -46,6 +54,8 @@ def add_train_command(subparsers) -> None:
     p.add_argument("--selector", choices=["hata", "hashattention"], default="hata")
     p.add_argument("--rbit", type=int, default=128, help="HATA hash bits (default 128)")
     p.add_argument("--dense-layers", type=int, default=2, help="first layers left dense, not trained (default 2)")
+    for flag, (field, help_text) in LOSS_FLAGS.items():
+        p.add_argument(flag, type=float, help=f"hata: {help_text} (default {getattr(HataLoss(), field)}, the paper's)")
     p.add_argument("--sequences", type=int, default=8, help="training sequences (default 8)")
     p.add_argument("--steps", type=int, help="optimizer steps per layer (default 300)")
     p.add_argument("--optimizer", choices=["sgd", "adam", "adamw"],
@@ -97,10 +107,29 @@ def log(message: str) -> None:
     print(f"[hata-jax] {message}", file=sys.stderr, flush=True)
 
 
+def hata_loss(args: argparse.Namespace) -> HataLoss:
+    """The paper's :class:`HataLoss` with the `--loss-*` values given; a bad value's error names its flag."""
+    values = {}
+    for flag, (field, _) in LOSS_FLAGS.items():
+        value = getattr(args, f"loss_{field}")
+        if value is None:
+            continue
+        try:
+            HataLoss(**{field: value})
+        except ValueError as err:
+            raise ValueError(str(err).replace(f"HataLoss.{field}", flag)) from None
+        values[field] = value
+    return HataLoss(**values)
+
+
 def run_train(args: argparse.Namespace) -> int:
     require_train_extra(*(() if args.no_progress else ("tqdm",)))
     writable_directory(args.out, "--out")
-    selector = HataObjective(rbit=args.rbit) if args.selector == "hata" else HashAttentionObjective()
+    given = [flag for flag, (field, _) in LOSS_FLAGS.items() if getattr(args, f"loss_{field}") is not None]
+    if given and args.selector != "hata":
+        raise ValueError(f"{', '.join(given)}: for --selector hata only")
+    selector = (HataObjective(rbit=args.rbit, loss_config=hata_loss(args)) if args.selector == "hata"
+                else HashAttentionObjective())
     collect_config = CollectConfig(seq_len=args.seq_len, sequences=args.sequences, queries=args.queries,
                                    seed=args.seed)
     train_config = TrainConfig.for_selector(

@@ -11,6 +11,7 @@ from test_models_loaders import write_hf_checkpoint
 from test_train_collect import word_corpus
 
 from hata_jax.cli import main as cli
+from hata_jax.train import checkpoint
 from hata_jax.train.projections import shipped_weights
 
 TINY = ["--seq-len", "30", "--queries", "4", "--sequences", "2"]
@@ -24,10 +25,13 @@ def test_train_recall_generate_on_a_tiny_checkpoint(tmp_path, rng, capsys):
     heldout_text = str(word_corpus(tmp_path / "heldout_text", rng))
     out = str(tmp_path / "run")
     train = ["train", "--model", model, "--out", out, "--corpus", train_text, "--rbit", "32", "--dense-layers", "1",
-             "--steps", "2", "--no-progress", *TINY]
+             "--steps", "2", "--loss-decorrelation", "0.02", "--loss-sigma", "0.5", "--no-progress", *TINY]
     assert cli.main(train) == 0
     err = capsys.readouterr().err
     assert "collecting q/k samples: 2 sequences of 30 tokens" in err and f"--hash-weights {out}" in err
+    assert "step/s" not in err  # --no-progress: no progress bars
+    loss = checkpoint.read_metadata(checkpoint.find_step_dir(out))["selector"]["config"]["loss_config"]
+    assert loss == {"sigma": 0.5, "eps": 0.01, "balance": 1.0, "decorrelation": 0.02}
     assert cli.main(train) == 2
     assert "pass --resume" in capsys.readouterr().err
     assert cli.main(train + ["--resume"]) == 0  # finished: nothing left to do
@@ -54,6 +58,16 @@ def test_train_recall_generate_on_a_tiny_checkpoint(tmp_path, rng, capsys):
     assert "trained hash projections from" in err and "UNTRAINED" not in err
     assert cli.main(generate + ["--rbit", "64", "--hash-weights", out]) == 2
     assert "rbit 32 projections, but rbit 64 was asked for" in capsys.readouterr().err
+
+
+def test_train_loss_flags_are_checked(tmp_path, capsys):
+    base = ["train", "--out", str(tmp_path / "run"), "--no-progress"]
+    assert cli.main(base + ["--loss-decorrelation", "-1"]) == 2
+    assert "--loss-decorrelation must be a finite float >= 0, got -1.0" in capsys.readouterr().err
+    assert cli.main(base + ["--loss-sigma", "0"]) == 2
+    assert "--loss-sigma must be a finite float > 0, got 0.0" in capsys.readouterr().err
+    assert cli.main(base + ["--selector", "hashattention", "--loss-eps", "1", "--loss-balance", "2"]) == 2
+    assert "--loss-eps, --loss-balance: for --selector hata only" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(shipped_weights("smollm2") is None, reason="no shipped SmolLM2 weights in this checkout")

@@ -51,6 +51,17 @@ def test_decorrelation_by_hand():
     assert float(decorrelation_term(w, 2.0)) == pytest.approx(2 * math.sqrt(9 + 2))
 
 
+def test_hata_loss_checks_its_fields():
+    assert HataLoss() == HataLoss(sigma=0.1, eps=0.01, balance=1.0, decorrelation=2.0)  # the paper's
+    HataLoss(eps=0, balance=0, decorrelation=0)  # a term may be switched off
+    for field in ("sigma", "eps", "balance", "decorrelation"):
+        for bad in (-1.0, math.nan, math.inf, True, "1"):
+            with pytest.raises(ValueError, match=rf"HataLoss\.{field} must be a finite float >=? 0, got"):
+                HataLoss(**{field: bad})
+    with pytest.raises(ValueError, match=r"HataLoss\.sigma must be a finite float > 0, got 0"):
+        HataLoss(sigma=0)
+
+
 def test_similarity_and_balance_by_hand():
     # One sequence, one query position, G = 1, Hkv = 1, rbit = 2, two keys (+20 and -1) and one key
     # after the query (not a pair).

@@ -15,6 +15,7 @@ over the (query head, key) pairs of the batch, where a pair's weight `s` is its 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -39,12 +40,37 @@ class LabelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class HataLoss:
-    """Loss hyperparameters (the reference values by default)."""
+    """Loss hyperparameters; the defaults are the paper's.
+
+    With rbit > head_dim the decorrelation term cannot reach 0: its minimum, `sqrt(rbit - head_dim)`
+    per KV head, holds exactly when `W W^T = I`. The paper's eta pins W there, where, with the
+    relaxation linear (small `sigma * q.W`, as SmolLM2's activations give), the similarity term is
+    nearly the same for every W; a lower eta lets the data shape W (BENCHMARKS.md, "Learned codes,
+    loss-weight lever").
+
+    Attributes:
+      sigma: the relaxation's slope, `h(x) = tanh(sigma * x / 2)`; a finite float > 0.
+      eps: the similarity term's weight; a finite float >= 0.
+      balance: the bit balance term's weight (lambda); a finite float >= 0.
+      decorrelation: the decorrelation term's weight (eta); a finite float >= 0.
+
+    Raises:
+      ValueError naming the field when a value is not a finite number in its range.
+    """
 
     sigma: float = 0.1
     eps: float = 0.01
     balance: float = 1.0  # lambda
     decorrelation: float = 2.0  # eta
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            positive = field.name == "sigma"
+            if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                    or value < 0 or (positive and value == 0)):
+                raise ValueError(f"HataLoss.{field.name} must be a finite float {'>' if positive else '>='} 0, "
+                                 f"got {value!r}")
 
 
 def rank_weights(scores: jax.Array, valid: jax.Array, labels: LabelConfig = LabelConfig()) -> jax.Array:

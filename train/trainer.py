@@ -175,8 +175,8 @@ def train_layers(selector, samples_dir, layers: list[int], run: TrainingRun, con
       when no checkpoint of the run is intact.
     """
     manifest = read_manifest(samples_dir)
-    progress = {"completed": [], "layer": None, "step": 0}
-    metadata = json.loads(json.dumps({**metadata, "metrics": {}, "progress": progress, "complete": False}))
+    start_point = {"completed": [], "layer": None, "step": 0}
+    metadata = json.loads(json.dumps({**metadata, "metrics": {}, "progress": start_point, "complete": False}))
     finished: dict = {}
     current = None
     run.check_start(resume)
