@@ -7,6 +7,8 @@ printed in the pytest header).
 from __future__ import annotations
 
 import collections
+import contextlib
+import functools
 import os
 import secrets
 import zlib
@@ -16,11 +18,39 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hata_jax.models import generation, llama
+from hata_jax.models import generation, llama, smollm2
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: no lock there
+    fcntl = None
 
 jax.config.update("jax_enable_x64", False)
 
 SESSION_SEED = int(os.environ.get("HATA_TEST_SEED", secrets.randbits(32)))
+
+
+def _one_download_at_a_time(download):
+    """`smollm2.download_gguf` behind a lock file in the cache folder, looking in the cache again once
+    it holds the lock. Under pytest-xdist two workers may both find no GGUF; without the lock both
+    would download it and write the same partial file; with it the second waits for the first and
+    then finds the GGUF in the cache."""
+
+    @functools.wraps(download)
+    def locked(log=print):
+        folder = smollm2.cache_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / (smollm2.GGUF_NAME + ".lock"), "w") as lock, contextlib.ExitStack() as stack:
+            if fcntl is not None:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                stack.callback(fcntl.flock, lock, fcntl.LOCK_UN)
+            cached = folder / smollm2.GGUF_NAME
+            return cached if cached.is_file() else download(log)
+
+    return locked
+
+
+smollm2.download_gguf = _one_download_at_a_time(smollm2.download_gguf)
 
 
 def pytest_report_header(config):
@@ -78,7 +108,13 @@ def _sharding_module(session):
 
 def pytest_collection_finish(session):
     """Start test_sharding's child processes now, if its tests are selected: they run beside the
-    rest of the suite, on the core the pytest process leaves idle."""
+    rest of the suite, on the core the pytest process leaves idle.
+
+    Not in a pytest-xdist worker: every worker collects every test, but only the one that is sent
+    test_sharding.py (`--dist loadfile`) runs its tests, and its fixtures start the children then
+    (`start_children` starts them once per process)."""
+    if hasattr(session.config, "workerinput"):
+        return
     module = _sharding_module(session)
     if module is not None:
         module.start_children()

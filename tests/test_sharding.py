@@ -7,9 +7,11 @@ every check on 4 virtual CPU devices and prints one JSON line per check; `... SE
 asserts that its check passed (its traceback is the failure message). Data comes from the
 session seed (conftest), so it differs between runs and `HATA_TEST_SEED` replays one.
 
-The children start right after collection (conftest's `pytest_collection_finish` calls
-:func:`start_children` when a test of this file is selected), so they run beside the rest of the
-suite: the pytest process keeps about one core busy, the children use the other.
+In a one-process run the children start right after collection (conftest's
+`pytest_collection_finish` calls :func:`start_children` when a test of this file is selected), so
+they run beside the rest of the suite: the pytest process keeps about one core busy, the children
+use the other. Under pytest-xdist (the README's `-n 2 --dist loadfile`) they start when the worker
+that is sent this file runs its first test, while the other worker goes on with other files.
 """
 from __future__ import annotations
 
