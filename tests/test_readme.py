@@ -39,3 +39,11 @@ def test_sharding_example_runs(capsys):
     assert np.isfinite(np.asarray(scope["out"])).all()
     np.testing.assert_array_equal(np.asarray(scope["cache"].lengths), [101, 61])
     assert "P('data', 'model', None, None) [101  61]" in capsys.readouterr().out
+
+
+def test_sequence_sharding_example_runs(capsys):
+    """The sequence-sharded example (a one-device mesh here; several devices: tests/test_sequence_sharding.py)."""
+    scope = run_block("python title=sequence")
+    assert np.isfinite(np.asarray(scope["out"])).all()
+    np.testing.assert_array_equal(np.asarray(scope["cache"].lengths), [301, 171])
+    assert "[301 171]" in capsys.readouterr().out
