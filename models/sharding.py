@@ -118,6 +118,8 @@ def replicate_model(model: LlamaForCausalLM, mesh: Mesh) -> LlamaForCausalLM:
     """Place `model`'s parameters whole on every device of `mesh` (in place; returns the model):
     the layout of sequence-sharded decoding (`AttentionPlan.on_mesh(..., split="positions")`),
     across processes too (every process passes the same weights)."""
+    if not isinstance(mesh, Mesh):
+        raise ValueError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
     nnx.update(model, jax.device_put(nnx.state(model), NamedSharding(mesh, P())))
     return model
 
