@@ -46,6 +46,9 @@ def add_generate_command(subparsers) -> None:
                           "(arrays layer_<i> [Hkv, D, rbit]) or a directory holding one; default for smollm2: the "
                           "projections shipped with hata-jax; otherwise HATA uses random, untrained projections")
     gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--tokens-per-dispatch", type=int, default=1, metavar="N",
+                     help="decode steps per host dispatch: N > 1 runs N steps in one jitted loop, saving the host's "
+                          "dispatch of each step (same tokens; default 1)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with --temperature > 0)")
     gen.add_argument("--seed", type=int, default=0)
@@ -123,9 +126,9 @@ def check_generate_args(args: argparse.Namespace) -> None:
                          "it one process runs")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    for option in ("budget", "rbit"):
+    for option in ("budget", "rbit", "tokens_per_dispatch"):
         if getattr(args, option) < 1:
-            raise ValueError(f"--{option} must be >= 1, got {getattr(args, option)}")
+            raise ValueError(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")
     if args.dense_layers < 0:
         raise ValueError(f"--dense-layers must be >= 0, got {args.dense_layers}")
     if not args.prompt:
@@ -187,11 +190,12 @@ def run_generate(args: argparse.Namespace) -> int:
             warnings.filterwarnings("ignore", message=".*UNTRAINED hash projections.*")
         result = generate(model, [prompt], max_new_tokens=args.max_new_tokens, plan=plan, hash_weights=hash_weights,
                           sampling=sampling, stop_ids=tokenizer.stop_ids, seed=args.seed, on_tokens=stream,
-                          dense_below=args.dense_below)
+                          dense_below=args.dense_below, tokens_per_dispatch=args.tokens_per_dispatch)
     print(flush=True)
     new = len(result.tokens[0])
     log(f"{len(prompt)} prompt tokens, {new} new tokens; prefill {result.prefill_seconds:.2f} s and first decode "
         f"step {result.first_step_seconds:.2f} s (both include compilation); "
         f"decode {result.tokens_per_second:.1f} tokens/s over {result.decode_steps} steps"
+        + (f" ({args.tokens_per_dispatch} steps per dispatch)" if args.tokens_per_dispatch > 1 else "")
         + (f" ({result.dense_steps} steps dense by --dense-below)" if result.dense_steps else ""))
     return 0

@@ -10,6 +10,11 @@ static shapes are the batch size, the padded prompt length (rounded up to a mult
 decode step compiles once per (batch, capacity, plan, sampling) and every later token reuses it.
 :data:`TRACES` counts the traces of each step (tests use it to show that there is no recompile).
 
+`tokens_per_dispatch` n > 1 runs n decode steps per host dispatch, in one jitted `lax.scan` of the
+same step (a fixed trip count: no data-dependent exit, which a GPU would sync to the host at every
+iteration); rows that stop inside a chunk keep decoding and the host drops their tokens. It saves
+the host's dispatch of the steps, which matters where a step's device time is short.
+
 A prefill is plan-independent: every layer's HataCache gets the prompt's keys, values, codes and
 norms, plus the logits of each prompt's next token. :func:`generate_from` never changes it: its
 start step (jitted once per plan and shape, caches not donated) copies the caches, re-encodes the
@@ -101,7 +106,7 @@ def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
 
 @functools.lru_cache(maxsize=32)
 def _step_functions(graphdef: nnx.GraphDef, state_treedef):
-    """(merge, prefill, decode) for models of this structure; see :class:`ModelSteps`.
+    """(merge, prefill, decode, decode_chunk) for models of this structure; see :class:`ModelSteps`.
 
     Cached on the structure, so equal models (and a second :func:`generate` on the same model)
     share the jitted steps and their compilations; the key is hashed once per :class:`ModelSteps`.
@@ -121,16 +126,34 @@ def _step_functions(graphdef: nnx.GraphDef, state_treedef):
                                        mesh_split=mesh_split)
         return model.logits(hidden[jnp.arange(tokens.shape[0]), lengths - 1]), caches
 
+    def step(state_leaves, tokens, caches, hash_weights, key, selector_params, plan, sampling):
+        logits, caches = merge(state_leaves).decode(tokens, caches, hash_weights, plan, selector_params)
+        key, sub = jax.random.split(key)
+        return sample(logits, sub, sampling), caches, key
+
     @functools.partial(jax.jit, static_argnames=("plan", "sampling"), donate_argnames=("caches",))
     def decode(state_leaves, tokens, caches, hash_weights, key, selector_params=None, *, plan: AttentionPlan,
                sampling: Sampling):
         """One token per sequence: tokens int32[B] -> (next tokens int32[B], caches, key)."""
         TRACES["decode"] += 1
-        logits, caches = merge(state_leaves).decode(tokens, caches, hash_weights, plan, selector_params)
-        key, sub = jax.random.split(key)
-        return sample(logits, sub, sampling), caches, key
+        return step(state_leaves, tokens, caches, hash_weights, key, selector_params, plan, sampling)
 
-    return merge, prefill, decode
+    @functools.partial(jax.jit, static_argnames=("plan", "sampling", "steps"), donate_argnames=("caches",))
+    def decode_chunk(state_leaves, tokens, caches, hash_weights, key, selector_params=None, *, plan: AttentionPlan,
+                     sampling: Sampling, steps: int):
+        """`steps` decode steps in one dispatch (a `lax.scan` of :func:`decode`'s step, the key split
+        the same way per step): tokens int32[B] -> (next tokens int32[steps, B], caches, key)."""
+        TRACES["decode_chunk"] += 1
+
+        def body(carry, _):
+            tokens, caches, key = carry
+            carry = step(state_leaves, tokens, caches, hash_weights, key, selector_params, plan, sampling)
+            return carry, carry[0]
+
+        (_, caches, key), tokens = jax.lax.scan(body, (tokens, caches, key), length=steps)
+        return tokens, caches, key
+
+    return merge, prefill, decode, decode_chunk
 
 
 class ModelSteps:
@@ -150,12 +173,16 @@ class ModelSteps:
       decode: `decode(state_leaves, tokens int32[B], caches, hash_weights, key, selector_params=None,
         *, plan, sampling) -> (next tokens int32[B], caches, key)`, one token per sequence;
         `caches` donated; `selector_params` as :meth:`LlamaForCausalLM.decode` takes them.
+      decode_chunk: `decode_chunk(state_leaves, tokens int32[B], caches, hash_weights, key,
+        selector_params=None, *, plan, sampling, steps) -> (next tokens int32[steps, B], caches, key)`:
+        `steps` (static) of `decode`'s steps in one jitted `lax.scan`, each feeding its tokens to the
+        next, with the same tokens and keys as `steps` calls of `decode`; `caches` donated.
     """
 
     def __init__(self, model: LlamaForCausalLM):
         graphdef, state = nnx.split(model)
         self.state_leaves, state_treedef = jax.tree_util.tree_flatten(state)
-        self.merge, self.prefill, self.decode = _step_functions(graphdef, state_treedef)
+        self.merge, self.prefill, self.decode, self.decode_chunk = _step_functions(graphdef, state_treedef)
 
 
 @dataclasses.dataclass
@@ -164,10 +191,11 @@ class GenerationResult:
 
     `prefill_seconds` and `first_step_seconds` include compilation on a first call;
     `prefill_seconds` is the prefill's time plus the start step's of :func:`generate_from` (cache
-    copies, selector states, first token); `first_step_seconds` sums the first step of each decode
-    step function used (the dense one of the short-context policy, then the plan's);
-    `decode_seconds` covers the other decode steps, `decode_steps` of them. `dense_steps` counts
-    the steps the short-context policy ran dense in every layer (see the module docstring).
+    copies, selector states, first token); `first_step_seconds` sums the first dispatch of each
+    decode step function used (the dense one of the short-context policy, then the plan's; one of
+    `tokens_per_dispatch` steps and one of a single step each); `decode_seconds` covers the other
+    dispatches, which ran `decode_steps` steps. `dense_steps` counts the steps the short-context
+    policy ran dense in every layer (see the module docstring).
     """
 
     tokens: list[list[int]]
@@ -228,18 +256,22 @@ class TokenRecorder:
         return bool(self.done.all())
 
     def record(self, new) -> None:
-        """new: int[rows], one step's tokens."""
-        shown: list[int | None] = []
-        for row, token in enumerate(np.asarray(new).tolist()):
-            if self.done[row] or token in self.stops:
-                self.done[row] = True
-                shown.append(None)
-                continue
-            self.outputs[row].append(token)
-            shown.append(token)
-            self.done[row] = len(self.outputs[row]) >= self.max_new_tokens
-        if self.on_tokens is not None:
-            self.on_tokens(shown)
+        """new: int[rows], one step's tokens, or int[steps, rows], consecutive steps' tokens; the
+        steps after every row has finished are ignored (`on_tokens` does not see them)."""
+        for step in np.asarray(new).reshape(-1, len(self.outputs)).tolist():
+            if self.finished:
+                return
+            shown: list[int | None] = []
+            for row, token in enumerate(step):
+                if self.done[row] or token in self.stops:
+                    self.done[row] = True
+                    shown.append(None)
+                    continue
+                self.outputs[row].append(token)
+                shown.append(token)
+                self.done[row] = len(self.outputs[row]) >= self.max_new_tokens
+            if self.on_tokens is not None:
+                self.on_tokens(shown)
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -282,6 +314,24 @@ def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> list[int
     if bad:
         raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
     return [len(p) for p in prompts]
+
+
+def check_tokens_per_dispatch(tokens_per_dispatch: int) -> None:
+    if (isinstance(tokens_per_dispatch, bool) or not isinstance(tokens_per_dispatch, int)
+            or tokens_per_dispatch < 1):
+        raise ValueError(f"tokens_per_dispatch must be a positive int, got {tokens_per_dispatch!r}")
+
+
+def dispatch_sizes(steps: int, dense: int, tokens_per_dispatch: int) -> list[tuple[int, bool]]:
+    """(decode steps, whether they run dense) per dispatch, in order, for `steps` decode steps of
+    which the first `dense` run dense (short-context policy): each part in dispatches of
+    `tokens_per_dispatch` steps, its remainder in single steps, so that a dispatch never crosses
+    the switch and at most two sizes compile per step function."""
+    sizes: list[tuple[int, bool]] = []
+    for count, short in ((dense, True), (steps - dense, False)):
+        full, rest = divmod(count, tokens_per_dispatch)
+        sizes += [(tokens_per_dispatch, short)] * full + [(1, short)] * rest
+    return sizes
 
 
 def check_room(lengths: list[int], max_new_tokens: int, capacity: int) -> None:
@@ -430,6 +480,7 @@ def generate_from(
     seed: int = 0,
     on_tokens: Callable[[list[int | None]], None] | None = None,
     dense_below: int | None = None,
+    tokens_per_dispatch: int = 1,
 ) -> GenerationResult:
     """Generate up to `max_new_tokens` tokens per prompt of `prefilled` with `plan`, leaving
     `prefilled` unchanged (call it again with other plans, budgets or seeds).
@@ -447,9 +498,15 @@ def generate_from(
         most this many tokens run dense in every layer. Default: where one layer's K + V over
         the batch reach `DENSE_BELOW_KV_BYTES`, at least the budget (after lowering it to the
         capacity); 0 runs the plan at every step.
+      tokens_per_dispatch: decode steps per host dispatch (a positive int). With n > 1, n steps run
+        in one jitted loop (:attr:`ModelSteps.decode_chunk`), which saves the host's dispatch of
+        every step but the first; rows that stop inside it keep decoding on the device and the
+        host drops their tokens. Dispatches never cross the short-context switch nor go past
+        `max_new_tokens` (the steps left over run one at a time). The tokens are those of n = 1.
     """
     lengths = prefilled.prompt_lengths
     check_room(lengths, max_new_tokens, prefilled.capacity)
+    check_tokens_per_dispatch(tokens_per_dispatch)
     if plan.hata.budget > prefilled.capacity:
         plan = plan.with_budget(prefilled.capacity)
     batch, kv_heads, _, head_dim = prefilled.caches[0].k.shape
@@ -465,40 +522,51 @@ def generate_from(
                                       jax.random.PRNGKey(seed), plan=plan, sampling=sampling)
     recorder.record(next_tokens)
     start_seconds = time.perf_counter() - start
-    step_times: dict[AttentionPlan, list[float]] = {}
-    longest = max(lengths)  # tokens of the longest sequence before the next step's token
+    total_steps = max_new_tokens - 1
+    dense = min(total_steps, max(0, threshold - max(lengths)))  # step i holds max(lengths) + i tokens
+    times: dict[tuple[int, bool], list[float]] = {}  # (steps, dense) of a dispatch -> seconds per dispatch
     dense_steps = 0
-    # The host reads a step's tokens only after dispatching the next step (the tokens feed it on
-    # the device), so dispatching step n + 1 overlaps the device's work on step n. When every row
-    # stops early, the one step dispatched past the end is discarded.
-    steps_left = max_new_tokens - 1
-    in_flight = None  # (tokens of the dispatched step, its plan, whether it ran dense)
     last = time.perf_counter()
-    while in_flight is not None or not recorder.finished:
-        dispatched = None
-        if not recorder.finished and steps_left > 0:
-            steps_left -= 1
-            longest += 1
-            short = longest <= threshold
-            step_plan = plan.as_dense() if short else plan
-            next_tokens, caches, key = steps.decode(steps.state_leaves, next_tokens, caches, weights, key,
-                                                    selector_params, plan=step_plan, sampling=sampling)
-            dispatched = (next_tokens, step_plan, short)
-        if in_flight is not None and not recorder.finished:
-            recorder.record(in_flight[0])
-            now = time.perf_counter()
-            step_times.setdefault(in_flight[1], []).append(now - last)
-            last = now
-            dense_steps += in_flight[2]
-        in_flight = dispatched
+
+    def read(tokens, size: int, short: bool) -> None:
+        nonlocal last, dense_steps
+        recorder.record(tokens)
+        now = time.perf_counter()
+        times.setdefault((size, short), []).append(now - last)
+        last = now
+        dense_steps += size * short
+
+    # The host reads a dispatch's tokens only after making the next one (its last tokens feed it
+    # on the device), so the host's dispatch of chunk c + 1 overlaps the device's work on chunk c;
+    # except before the first dispatch of each step function (a compilation on a first call):
+    # reading first times it as that function's first dispatch, not as the previous chunk. When
+    # every row stops early, the one chunk dispatched past the end is discarded.
+    in_flight = None  # (tokens int32[B] or int32[steps, B], steps, dense) of the unread dispatch
+    seen: set[tuple[int, bool]] = set()  # (steps, dense) of the dispatches made
+    for size, short in dispatch_sizes(total_steps, dense, tokens_per_dispatch):
+        if in_flight is not None and (size, short) not in seen:
+            read(*in_flight)
+            in_flight = None
+        if recorder.finished:
+            break
+        seen.add((size, short))
+        decode = steps.decode if size == 1 else functools.partial(steps.decode_chunk, steps=size)
+        new, caches, key = decode(steps.state_leaves, next_tokens, caches, weights, key, selector_params,
+                                  plan=plan.as_dense() if short else plan, sampling=sampling)
+        next_tokens = new if size == 1 else new[-1]
+        if in_flight is not None:
+            read(*in_flight)
+        in_flight = (new, size, short)
+    if in_flight is not None and not recorder.finished:
+        read(*in_flight)
     caches[0].raise_if_overflowed()
     return GenerationResult(
         tokens=recorder.outputs,
         prompt_lengths=list(lengths),
         prefill_seconds=prefilled.seconds + start_seconds,
-        first_step_seconds=float(sum(times[0] for times in step_times.values())),
-        decode_seconds=float(sum(sum(times[1:]) for times in step_times.values())),
-        decode_steps=sum(len(times) - 1 for times in step_times.values()),
+        first_step_seconds=float(sum(seconds[0] for seconds in times.values())),
+        decode_seconds=float(sum(sum(seconds[1:]) for seconds in times.values())),
+        decode_steps=sum(size * (len(seconds) - 1) for (size, _), seconds in times.items()),
         dense_steps=dense_steps,
     )
 
@@ -517,6 +585,7 @@ def generate(
     on_tokens: Callable[[list[int | None]], None] | None = None,
     cache_dtype=None,
     dense_below: int | None = None,
+    tokens_per_dispatch: int = 1,
 ) -> GenerationResult:
     """Generate up to `max_new_tokens` tokens for each prompt (a batch of different lengths):
     :func:`prefill_prompts`, then :func:`generate_from`.
@@ -542,9 +611,12 @@ def generate(
         most this many tokens run dense in every layer. Default: where one layer's K + V over
         the batch reach `DENSE_BELOW_KV_BYTES`, at least the budget (after lowering it to the
         capacity); 0 runs the plan at every step.
+      tokens_per_dispatch: decode steps per host dispatch, run in one jitted loop when > 1 (same
+        tokens; see :func:`generate_from`).
     """
     config = model.config
     lengths = check_prompts(prompts, config.vocab_size)
+    check_tokens_per_dispatch(tokens_per_dispatch)
     if capacity is None:
         bucket = CAPACITY_BUCKET
         if plan is not None and plan.mesh is not None and plan.mesh_split == "positions":
@@ -556,4 +628,5 @@ def generate(
     prefilled = prefill_prompts(model, prompts, capacity=capacity, hash_weights=weights, cache_dtype=cache_dtype,
                                 impl=plan.impl, mesh=plan.mesh, mesh_axis=plan.mesh_axis, mesh_split=plan.mesh_split)
     return generate_from(prefilled, plan, max_new_tokens=max_new_tokens, stop_ids=stop_ids, sampling=sampling,
-                         seed=seed, on_tokens=on_tokens, dense_below=dense_below)
+                         seed=seed, on_tokens=on_tokens, dense_below=dense_below,
+                         tokens_per_dispatch=tokens_per_dispatch)

@@ -350,6 +350,7 @@ def test_an_evaluation_identifies_its_projections_by_content(eval_model, tmp_pat
     (["generate", "--prompt", "hi", "--num-processes", "2"], "--num-processes and --process-id need --coordinator"),
     (["generate", "--prompt", ""], "--prompt must not be empty"),
     (["generate", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+    (["generate", "--prompt", "hi", "--tokens-per-dispatch", "0"], "--tokens-per-dispatch must be >= 1, got 0"),
     (["eval", "--out", ""], "--out must name a directory, got an empty string"),
     (["eval", "--out", "{file}"], "--out .*notes.txt: is a file, expected a directory"),
     (["eval", "--out", "{file}/sub"], r"--out .*notes.txt/sub: cannot write there \(Not a directory\)"),
