@@ -3,9 +3,8 @@ step, the same tokens, streamed steps and short-context switch as one step per d
 from __future__ import annotations
 
 import pytest
-from test_models_llama import HF_CONFIGS, ragged_prompts, random_model, random_tensors
-from test_models_loaders import write_hf_checkpoint
-from test_models_short_context import hata_setup
+from test_models_llama import HF_CONFIGS, ragged_prompts, random_model
+from test_models_short_context import hata_setup, stopless_checkpoint
 
 from hata_jax.cli import main as cli
 from hata_jax.models import Sampling, generate, generate_from, prefill_prompts
@@ -71,12 +70,8 @@ def test_bad_tokens_per_dispatch(rng):
 
 
 def test_cli_tokens_per_dispatch(tmp_path, rng, capsys):
-    cfg = HF_CONFIGS["llama-gqa"]
-    write_hf_checkpoint(tmp_path / "ckpt", cfg, random_tensors(cfg, rng))
-    for name in ("tokenizer_config.json", "generation_config.json"):  # no stop token: all 8 tokens come
-        (tmp_path / "ckpt" / name).write_text("{}")
-    args = ["generate", "--model", str(tmp_path / "ckpt"), "--prompt", "hello world", "--no-chat",
-            "--max-new-tokens", "8"]
+    args = ["generate", "--model", stopless_checkpoint(tmp_path / "ckpt", rng), "--prompt", "hello world", "--no-chat",
+            "--max-new-tokens", "8"]  # all 8 tokens come
     assert cli.main(args) == 0
     single = capsys.readouterr()
     assert cli.main(args + ["--tokens-per-dispatch", "3"]) == 0

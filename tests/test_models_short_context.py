@@ -125,12 +125,17 @@ def test_threshold_default_and_bad_values():
             short_context_threshold(hata, None, bad)
 
 
-def test_cli_dense_below(tmp_path, rng, capsys):
+def stopless_checkpoint(folder, rng) -> str:
+    """A random tiny Llama checkpoint in `folder` without a stop token (every requested token comes)."""
     cfg = HF_CONFIGS["llama-gqa"]
-    write_hf_checkpoint(tmp_path / "ckpt", cfg, random_tensors(cfg, rng))
-    for name in ("tokenizer_config.json", "generation_config.json"):  # no stop token: all 5 tokens come
-        (tmp_path / "ckpt" / name).write_text("{}")
-    args = ["generate", "--model", str(tmp_path / "ckpt"), "--prompt", "hello world", "--no-chat",
+    write_hf_checkpoint(folder, cfg, random_tensors(cfg, rng))
+    for name in ("tokenizer_config.json", "generation_config.json"):
+        (folder / name).write_text("{}")
+    return str(folder)
+
+
+def test_cli_dense_below(tmp_path, rng, capsys):
+    args = ["generate", "--model", stopless_checkpoint(tmp_path / "ckpt", rng), "--prompt", "hello world", "--no-chat",
             "--max-new-tokens", "5", "--attention", "hata", "--rbit", "32", "--budget", "4", "--dense-layers", "1"]
     assert cli.main(args + ["--dense-below", "4"]) == 0
     err = capsys.readouterr().err
