@@ -266,24 +266,44 @@ def check_attention(seed, b, hkv, g, s, d, budget, dtype):
     return {"problems": problems, "rel_err": errs}
 
 
-def check_decode_step(seed, b, hkv, g, s, d, budget, dtype):
+def check_decode_step(seed, b, hkv, g, s, d, budget, dtype, steps=4, padded=False):
+    """hata_decode_attention's Pallas path against the reference for several steps
+    on one cache: outputs, appended cache arrays and lengths. `padded`: a left-padded cache over
+    K/V buffers (`HataCache.from_kv` with random `starts`)."""
     rng, normal = _rng_arrays(seed)
     w = normal((hkv, d, 128), jnp.float32)
     cfg = hj.HataConfig(rbit=128, budget=budget)
     t = s - 8
     lengths = jnp.asarray(rng.integers(budget // 2, t + 1, b).astype(np.int32)).at[0].set(t)
-    cache = hj.HataCache.init(b, hkv, s, d, rbit=128, dtype=dtype).prefill(
-        normal((b, hkv, t, d), dtype), normal((b, hkv, t, d), dtype), w, lengths, impl="reference"
-    )
-    q, k_new, v_new = normal((b, hkv * g, d), dtype), normal((b, hkv, d), dtype), normal((b, hkv, d), dtype)
-    ref, _ = hj.hata_decode_attention(q, k_new, v_new, cache, w, cfg, impl="reference")
-    poison_device_memory()
-    out, new_cache = hj.hata_decode_attention(q, k_new, v_new, cache, w, cfg, impl="pallas")
-    err = _rel_err(out, ref)
-    problems = [] if err < 3e-2 else [f"hata step rel err {err:.2e}"]
-    if not np.array_equal(np.asarray(new_cache.lengths), np.asarray(lengths) + 1):
-        problems.append("cache lengths not advanced")
-    return {"problems": problems, "rel_err": err}
+    if padded:
+        starts = jnp.asarray(rng.integers(0, np.asarray(lengths) // 2 + 1).astype(np.int32))
+        ref_cache = hj.HataCache.from_kv(normal((b, hkv, s, d), dtype), normal((b, hkv, s, d), dtype), w, lengths,
+                                         starts=starts, impl="reference")
+    else:
+        ref_cache = hj.HataCache.init(b, hkv, s, d, rbit=128, dtype=dtype).prefill(
+            normal((b, hkv, t, d), dtype), normal((b, hkv, t, d), dtype), w, lengths, impl="reference"
+        )
+    cache = ref_cache
+    step = {
+        impl: jax.jit(lambda q, kn, vn, c, impl=impl: hj.hata_decode_attention(q, kn, vn, c, w, cfg, impl=impl))
+        for impl in ("reference", "pallas")
+    }
+    problems, errs = [], []
+    for i in range(steps):
+        q, k_new, v_new = normal((b, hkv * g, d), dtype), normal((b, hkv, d), dtype), normal((b, hkv, d), dtype)
+        ref, ref_cache = step["reference"](q, k_new, v_new, ref_cache)
+        poison_device_memory()
+        out, cache = step["pallas"](q, k_new, v_new, cache)
+        errs.append(_rel_err(out, ref))
+        if errs[-1] > 3e-2:
+            problems.append(f"step {i}: rel err {errs[-1]:.2e}")
+        for name in ("k", "v", "codes", "lengths", "overflow"):
+            if not np.array_equal(np.asarray(getattr(cache, name)), np.asarray(getattr(ref_cache, name))):
+                problems.append(f"step {i}: cache.{name} differs from the reference append")
+        norm_err = _rel_err(cache.norms, ref_cache.norms)  # the kernel sums k * k in its own order
+        if norm_err > 1e-6:
+            problems.append(f"step {i}: cache.norms rel err {norm_err:.2e}")
+    return {"problems": problems, "rel_err": errs}
 
 
 def main(argv=None) -> int:
@@ -356,6 +376,12 @@ def main(argv=None) -> int:
             256 if not args.small else 64,
             bf16,
         ),
+    )
+    case(
+        "hata_decode_attention left-padded b=3 hkv=2 g=3 s=3000 d=64 budget=128 f16" if not args.small
+        else "hata step small left-padded",
+        lambda: check_decode_step(301, 3, 2, 3, 3000 if not args.small else 200, 64, 128 if not args.small else 32,
+                                  f16, padded=True),
     )
     failed = [r["case"] for r in results if not r["ok"]]
     print(f"\n{len(results) - len(failed)} passed, {len(failed)} failed")
