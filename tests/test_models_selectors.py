@@ -35,6 +35,10 @@ RBIT = 32
 HASHATTENTION_RUN = pathlib.Path.home() / ".cache" / "hata-jax" / "runs" / "smollm2-hashattention"
 
 
+# The MLPs' random init, jitted once: run eagerly it compiles each of its small ops, for every test.
+_hashattention_init = jax.jit(HashAttentionObjective(hidden=16).init, static_argnums=(1, 2, 3))
+
+
 def random_params(method: str, model, rng) -> list | None:
     """Per-layer params of `method` for a random model: random projections, MLPs, PCA bases."""
     config = model.config
@@ -43,8 +47,8 @@ def random_params(method: str, model, rng) -> list | None:
     if method in ("hata", "simhash"):
         return [jnp.asarray(rng.standard_normal((hkv, d, RBIT)), jnp.float32) for _ in range(layers)]
     if method == "hashattention":
-        init = HashAttentionObjective(hidden=16).init
-        return [init(jax.random.PRNGKey(int(rng.integers(1 << 30))), config.num_heads, hkv, d) for _ in range(layers)]
+        return [_hashattention_init(jax.random.PRNGKey(int(rng.integers(1 << 30))), config.num_heads, hkv, d)
+                for _ in range(layers)]
     if method == "loki":
         return [loki_basis(jnp.asarray(rng.standard_normal((50, hkv, d)), jnp.float32)) for _ in range(layers)]
     return None

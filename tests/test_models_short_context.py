@@ -43,14 +43,24 @@ def test_short_context_steps_equal_the_dense_plan(rng, name):
     assert generate(model, prompts, max_new_tokens=6, plan=plan, hash_weights=weights, dense_below=0).dense_steps == 0
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "plans"), donate_argnames=("caches",))
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("caches",))
+def _prefill(graphdef, state, prompt, lengths, caches, weights):
+    return nnx.merge(graphdef, state).prefill(prompt, lengths, caches, weights, "auto")[1]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "plan"), donate_argnames=("caches",))
+def _decode_logits(graphdef, state, tokens, caches, weights, plan):
+    """One decode step of `plan` on the forced tokens: (logits [B, V], caches). Jitted per plan, so
+    a run of steps compiles the prefill and each plan's step once, not one program per sequence of plans."""
+    return nnx.merge(graphdef, state).decode(tokens, caches, weights, plan)
+
+
 def _forced_logits(graphdef, state, prompt, lengths, forced, caches, weights, plans):
     """Prefill, then decode the forced tokens with `plans[i]` at step i: (logits [steps, B, V], caches)."""
-    model = nnx.merge(graphdef, state)
-    _, caches = model.prefill(prompt, lengths, caches, weights, "auto")
+    caches = _prefill(graphdef, state, prompt, lengths, caches, weights)
     out = []
     for step, plan in enumerate(plans):
-        logits, caches = model.decode(forced[:, step], caches, weights, plan)
+        logits, caches = _decode_logits(graphdef, state, forced[:, step], caches, weights, plan)
         out.append(logits)
     return jnp.stack(out), caches
 
