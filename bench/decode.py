@@ -189,9 +189,7 @@ class DecodeBench:
         payload = {"environment": self.env, "bandwidth": self.bandwidth, "settings": dataclasses.asdict(self.s),
                    "memory_limit_gb": self.memory_limit / GB, "models": self.model_info(), "complete": complete,
                    "rows": self.rows}
-        tmp = self.out + ".tmp"
-        write_json(tmp, payload)
-        os.replace(tmp, self.out)
+        write_json(self.out, payload)
 
     def model_info(self) -> dict:
         return {name: {**dataclasses.asdict(self.configs[name]), "param_bytes": self.weight_bytes(name)}

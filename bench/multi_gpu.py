@@ -223,8 +223,7 @@ class MultiGpuBench:
     def save(self, complete: bool) -> None:
         payload = {"environment": self.env, "device_count": len(jax.devices()), "bandwidth": self.bandwidth,
                    "settings": dataclasses.asdict(self.s), "complete": complete, "rows": self.rows}
-        write_json(self.out + ".tmp", payload)
-        os.replace(self.out + ".tmp", self.out)
+        write_json(self.out, payload)
 
     def skip(self, base: dict, reason: str) -> None:
         print(f"  skip {base}: {reason}", flush=True)

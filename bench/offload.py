@@ -142,8 +142,7 @@ class OffloadBench:
     def save(self, complete: bool) -> None:
         payload = {"environment": self.env, "settings": dataclasses.asdict(self.s),
                    "model": dataclasses.asdict(self.config), "complete": complete, "rows": self.rows}
-        write_json(self.out + ".tmp", payload)
-        os.replace(self.out + ".tmp", self.out)
+        write_json(self.out, payload)
 
     def skip(self, part: str, reason: str) -> None:
         self.record({"kind": "skip", "part": part, "reason": reason})

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hata_jax.files import write_atomically
+
 
 def compile_timed(jitted, *args, **kwargs) -> tuple[Any, dict]:
     """(`jitted` compiled ahead of time for `args` (arrays or ShapeDtypeStructs) and static
@@ -127,6 +129,6 @@ def environment() -> dict:
 
 
 def write_json(path: str, payload: dict) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=1, default=float)
+    """Write `payload` to `path` whole (a reader of a results file being rewritten sees the last
+    complete version)."""
+    write_atomically(path, lambda f: f.write(json.dumps(payload, indent=1, default=float).encode()))

@@ -43,6 +43,7 @@ import hata_jax
 from hata_jax import HataConfig
 from hata_jax.evaluation import attention_metrics, perplexity
 from hata_jax.evaluation import tasks as tasks_lib
+from hata_jax.files import write_atomically
 from hata_jax.models.generation import CAPACITY_BUCKET, generate_from, prefill_prompts
 from hata_jax.models.identity import check_same_model, model_identity
 from hata_jax.models.plan import METHODS, AttentionPlan
@@ -236,18 +237,15 @@ def open_run(directory: str | pathlib.Path, model, model_name: str, config: Eval
                              "use another --out")
         if not set(settings) <= set(run["settings"]):
             run["settings"] = {**run["settings"], **settings}
-            _write_atomically(path, json.dumps(run, indent=1) + "\n")
+            _write_json(path, run)
     else:
-        _write_atomically(path, json.dumps({"format": FORMAT, "version": VERSION,
-                                            "model": model_identity(model, model_name), "settings": settings},
-                                           indent=1) + "\n")
+        _write_json(path, {"format": FORMAT, "version": VERSION, "model": model_identity(model, model_name),
+                           "settings": settings})
     return Records(directory)
 
 
-def _write_atomically(path: pathlib.Path, text: str) -> None:
-    partial = path.with_name(path.name + ".part")
-    partial.write_text(text)
-    partial.replace(path)
+def _write_json(path: pathlib.Path, payload: dict) -> None:
+    write_atomically(path, lambda f: f.write((json.dumps(payload, indent=1) + "\n").encode()))
 
 
 class MethodParams:

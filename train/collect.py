@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pathlib
 import zipfile
 
@@ -26,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from hata_jax.files import write_atomically
 from hata_jax.models.identity import check_same_model, model_identity
 from hata_jax.train import corpus as corpus_lib
 
@@ -101,15 +101,9 @@ def make_capture(model, layers: list[int]):
     return lambda tokens, positions: capture(state, tokens, positions)
 
 
-def _atomic_write(path: pathlib.Path, write) -> None:
-    partial = path.with_name(path.name + ".part")
-    with open(partial, "wb") as f:
-        write(f)
-    os.replace(partial, path)
-
-
 def write_manifest(directory: pathlib.Path, manifest: dict) -> None:
-    _atomic_write(pathlib.Path(directory) / "manifest.json", lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+    text = json.dumps(manifest, indent=1).encode()
+    write_atomically(pathlib.Path(directory) / "manifest.json", lambda f: f.write(text))
 
 
 def write_sequence(directory: pathlib.Path, layer: int, index: int, q, k, positions) -> None:
@@ -121,7 +115,7 @@ def write_sequence(directory: pathlib.Path, layer: int, index: int, q, k, positi
               "positions": np.asarray(positions, np.int32)}
     arrays["scores"] = np.asarray(raw_scores(jnp.asarray(arrays["q"]), jnp.asarray(arrays["k"]),
                                              jnp.asarray(arrays["positions"])))
-    _atomic_write(layer_dir / f"seq_{index:04d}.npz", lambda f: np.savez(f, **arrays))
+    write_atomically(layer_dir / f"seq_{index:04d}.npz", lambda f: np.savez(f, **arrays))
 
 
 def read_manifest(directory: pathlib.Path) -> dict:

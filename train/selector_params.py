@@ -20,13 +20,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-import tempfile
 import zipfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hata_jax.files import write_atomically
 from hata_jax.models.hash_projections import load_hash_weights, random_projections
 from hata_jax.models.identity import fingerprint
 from hata_jax.models.llama import LlamaForCausalLM
@@ -148,12 +148,9 @@ def loki_bases(model, calibration: LokiCalibration = LokiCalibration(), tokenize
                          "calibrate one on the standard library's train split")
     bases = _calibrate_loki(model, tokenizer, calibration)
     check_finite({f"layer_{i}": b for i, b in enumerate(bases)}, "loki: the calibrated bases")
-    path.parent.mkdir(parents=True, exist_ok=True)
     layers = {f"layer_{i}": np.asarray(b, np.float32) for i, b in enumerate(bases)}
-    # A temporary file of its own, renamed into place (concurrent calibrations never interleave).
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f"{path.name}.", suffix=".part", delete=False) as f:
-        np.savez(f, calibration=calibration.as_array(), digests=np.asarray(json.dumps(tree_digests(layers))), **layers)
-    pathlib.Path(f.name).replace(path)
+    digests = np.asarray(json.dumps(tree_digests(layers)))
+    write_atomically(path, lambda f: np.savez(f, calibration=calibration.as_array(), digests=digests, **layers))
     return bases
 
 
