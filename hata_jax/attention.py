@@ -33,8 +33,9 @@ def _head_major(x, seq_axis: int):
     return x if seq_axis == 2 else jnp.swapaxes(x, 1, 2)
 
 
-def _kernel_layout(op: str, seq_axis: int, starts=None) -> None:
-    """The Pallas kernels read [B, Hkv, S, D] caches from position 0."""
+def check_kernel_layout(op: str, seq_axis: int, starts=None) -> None:
+    """Raise for a cache the Pallas kernels cannot read: they read [B, Hkv, S, D] caches from
+    position 0 (`starts` None)."""
     if seq_axis != 2 or starts is not None:
         raise ValueError(f"{op}: the Pallas kernel reads [batch, kv_heads, seq, head_dim] caches from position 0; "
                          f"seq_axis={seq_axis}{'' if starts is None else ' and starts'} run with impl='reference' "
@@ -119,7 +120,7 @@ def sparse_decode_attention(
     scale = scale_or_default(scale, q.shape[-1])
     path = dispatch.resolve("sparse_decode_attention", impl)
     if path.pallas:
-        _kernel_layout("sparse_decode_attention", seq_axis)
+        check_kernel_layout("sparse_decode_attention", seq_axis)
 
     def run(q, k, v, idx, count):
         if path.pallas:
@@ -182,7 +183,7 @@ def dense_decode_attention(
     scale = scale_or_default(scale, q.shape[-1])
     path = dispatch.resolve("dense_decode_attention", impl)
     if path.pallas:
-        _kernel_layout("dense_decode_attention", seq_axis, starts)
+        check_kernel_layout("dense_decode_attention", seq_axis, starts)
 
     def run(q, k, v, lengths, starts):
         if path.pallas:

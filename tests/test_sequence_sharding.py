@@ -26,7 +26,10 @@ CHECKS = ("hata_reference", "hata_group_1_budget_over_shard", "hata_pallas", "de
 
 
 def _child_results() -> dict:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES}", JAX_PLATFORMS="cpu")
+    from conftest import TEST_XLA_FLAGS
+
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES} {TEST_XLA_FLAGS}",
+               JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, __file__, "--child"], env=env, capture_output=True, text=True, timeout=1200)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     results = {r["check"]: r for r in map(json.loads, lines)}

@@ -455,8 +455,9 @@ def _results(output: str) -> list[dict]:
 
 
 def _child_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    return {**env, "JAX_PLATFORMS": "cpu"}
+    from conftest import TEST_XLA_FLAGS
+
+    return {**os.environ, "XLA_FLAGS": TEST_XLA_FLAGS, "JAX_PLATFORMS": "cpu"}
 
 
 _CHILDREN: dict = {}
