@@ -27,7 +27,7 @@ from bench import check_kernels
 from bench.profile import device_kernel_us
 from bench.timing import environment, floor_bandwidth_gbps, median_us, write_json
 from pallas_kernels import band_select, hamming_topk
-from pallas_kernels._backend import on_gpu
+from pallas_kernels.backend import on_gpu
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,7 +5,7 @@ import dataclasses
 
 import numpy as np
 
-from pallas_kernels._backend import SCORES, check_sink_recent
+from pallas_kernels.backend import SCORES, check_sink_recent
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,7 @@ import collections
 import dataclasses
 import logging
 
-from pallas_kernels._backend import on_gpu
+from pallas_kernels.backend import on_gpu
 
 IMPLS = ("auto", "pallas", "reference")
 logger = logging.getLogger("hata_jax")

@@ -10,7 +10,7 @@ from hata_jax import checks, dispatch, explicit
 from hata_jax.config import check_score
 from hata_jax.scoring import CODE_LAYOUTS, check_code_inputs, scores_reference
 from pallas_kernels import hamming_topk as hamming_kernels
-from pallas_kernels._backend import UNUSED, check_sink_recent
+from pallas_kernels.backend import UNUSED, check_sink_recent
 
 # The layouts of (idx, count) (see :mod:`hata_jax.explicit`).
 SELECTION_LAYOUTS = ("bh.", "bh")

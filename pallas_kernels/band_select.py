@@ -106,7 +106,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import radix_select as rs
-from pallas_kernels._backend import triton_call
+from pallas_kernels.backend import triton_call
 from pallas_kernels.radix_select import INT32_MAX, INT32_MIN, Tiling, count, iota
 
 # How a row was selected (launch C's decision; `*_with_path` return it per row).

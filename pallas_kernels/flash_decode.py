@@ -80,7 +80,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels._backend import (
+from pallas_kernels.backend import (
     MAX_BUDGET,
     MAX_GROUP,
     MAX_SEQ,

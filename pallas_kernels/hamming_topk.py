@@ -92,7 +92,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import band_select
 from pallas_kernels import radix_select as rs
-from pallas_kernels._backend import MAX_GROUP, SCORES, popcount32, triton_call
+from pallas_kernels.backend import MAX_GROUP, SCORES, popcount32, triton_call
 from pallas_kernels.band_select import BandConfig, select_topk  # noqa: F401 (select_topk: public)
 from pallas_kernels.radix_select import Tiling, default_tiling
 

@@ -78,7 +78,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels._backend import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, triton_call
+from pallas_kernels.backend import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, triton_call
 
 MAX_RBIT = 256
 WORD_BITS = 32

@@ -49,7 +49,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels._backend import MAX_BUDGET, MAX_SEQ, UNUSED, check_sink_recent, dot, triton_call
+from pallas_kernels.backend import MAX_BUDGET, MAX_SEQ, UNUSED, check_sink_recent, dot, triton_call
 
 NUM_PASSES = 4
 DIGIT_BITS = 8

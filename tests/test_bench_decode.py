@@ -20,7 +20,7 @@ from hata_jax import HataConfig, dispatch
 from hata_jax.models import AttentionPlan, LlamaConfig, LlamaForCausalLM, generation
 from hata_jax.models.generation import ModelSteps
 from hata_jax.models.presets import FULL_MODELS, SMALL_MODELS
-from pallas_kernels._backend import lower_for_cuda
+from pallas_kernels.backend import lower_for_cuda
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # bench/ is not an installed package
 from bench import decode, decode_bytes, decode_report, decode_steps  # noqa: E402

@@ -14,7 +14,7 @@ from jax.experimental import pallas as pl
 
 from hata_jax import attention
 from pallas_kernels import flash_decode
-from pallas_kernels._backend import lower_for_cuda
+from pallas_kernels.backend import lower_for_cuda
 from pallas_kernels.flash_decode import Tuning
 
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2, jnp.float16: 2e-2}

@@ -28,7 +28,7 @@ import hata_jax
 from hata_jax.scoring import scores_reference
 from hata_jax.selection import exact_slots as expected_selection  # the kernels' exact answer
 from pallas_kernels import band_select, hamming_topk, radix_select
-from pallas_kernels._backend import lower_for_cuda
+from pallas_kernels.backend import lower_for_cuda
 from pallas_kernels.band_select import BandConfig
 from pallas_kernels.radix_select import Tiling
 

@@ -16,7 +16,7 @@ from jax.experimental import pallas as pl
 
 import hata_jax
 from hata_jax import hashing
-from pallas_kernels import _backend, hash_encode
+from pallas_kernels import backend, hash_encode
 
 # A bit is compared when |x . w| > NEAR_ZERO * sum_d |x_d w_d|. The float32 summation error is
 # at most ~D * 2**-24 (< 1e-5) of that sum, so every compared bit has one right answer. About
@@ -189,18 +189,18 @@ def test_lowers_for_cuda(dtype, head_dim, rbit, group):
     cache = jnp.ones((2, kv_heads, 4099, head_dim), dtype)
     queries = jnp.ones((37, kv_heads * group, head_dim), dtype)
     k_new = jnp.ones((2, kv_heads, head_dim), dtype)
-    assert "hash_encode" in _backend.lower_for_cuda(hash_encode.encode, cache, w, head_axis=1)
-    assert "hash_encode" in _backend.lower_for_cuda(hash_encode.encode, queries, w, head_axis=1)
-    assert "hash_encode_step" in _backend.lower_for_cuda(hash_encode.encode_step, queries[:2], k_new, w)
+    assert "hash_encode" in backend.lower_for_cuda(hash_encode.encode, cache, w, head_axis=1)
+    assert "hash_encode" in backend.lower_for_cuda(hash_encode.encode, queries, w, head_axis=1)
+    assert "hash_encode_step" in backend.lower_for_cuda(hash_encode.encode_step, queries[:2], k_new, w)
 
 
 def test_float32_dot_lowers_to_ieee_not_tf32(monkeypatch, capsys):
     """Triton's default for a float32 dot is tf32, which flips signs near zero: the kernels ask for IEEE."""
     pallas_call = pl.pallas_call
-    monkeypatch.setattr(_backend.pl, "pallas_call", lambda *a, **kw: pallas_call(*a, debug=True, **kw))
+    monkeypatch.setattr(backend.pl, "pallas_call", lambda *a, **kw: pallas_call(*a, debug=True, **kw))
     w = jnp.ones((2, 64, 64), jnp.float32)
-    _backend.lower_for_cuda(hash_encode.encode, jnp.ones((2, 2, 40, 64), jnp.float32), w, head_axis=1)
-    _backend.lower_for_cuda(hash_encode.encode_step, jnp.ones((2, 4, 64)), jnp.ones((2, 2, 64)), w)
+    backend.lower_for_cuda(hash_encode.encode, jnp.ones((2, 2, 40, 64), jnp.float32), w, head_axis=1)
+    backend.lower_for_cuda(hash_encode.encode_step, jnp.ones((2, 4, 64)), jnp.ones((2, 2, 64)), w)
     triton_ir = capsys.readouterr().out
     assert triton_ir.count("tt.dot") >= 4
     assert "tf32" not in triton_ir

@@ -19,7 +19,7 @@ from test_kernel_hamming_topk import SCORE_KINDS, check_selection, random_codes,
 
 from hata_jax.scoring import scores_reference
 from pallas_kernels import band_select, hamming_topk, radix_select
-from pallas_kernels._backend import lower_for_cuda
+from pallas_kernels.backend import lower_for_cuda
 from pallas_kernels.band_select import SERIAL, BandConfig
 from pallas_kernels.radix_select import Tiling
 

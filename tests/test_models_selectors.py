@@ -29,7 +29,7 @@ from hata_jax.models import (
 from hata_jax.selectors import loki_basis, make_selector, params_source
 from hata_jax.train.hashattention_objective import HashAttentionObjective
 from hata_jax.train.selector_params import LokiCalibration, selector_params
-from pallas_kernels._backend import lower_for_cuda
+from pallas_kernels.backend import lower_for_cuda
 
 RBIT = 32
 HASHATTENTION_RUN = pathlib.Path.home() / ".cache" / "hata-jax" / "runs" / "smollm2-hashattention"

@@ -16,7 +16,7 @@ from hata_jax import dispatch, offload
 from hata_jax.models import AttentionPlan, generate
 from hata_jax.models.offload import generate_offloaded
 from hata_jax.offload import DeviceCodes, OffloadedCache, offload_decode_attention, step_transfer_bytes
-from pallas_kernels._backend import lower_for_cuda
+from pallas_kernels.backend import lower_for_cuda
 
 REF = "reference"
 ON_GPU = jax.default_backend() == "gpu"

@@ -380,7 +380,7 @@ def check_sharded_step_lowers_for_cuda(rng):
     from hata_jax.models import AttentionPlan, LlamaConfig, init_caches
     from hata_jax.models import sharding as ms
     from hata_jax.models.generation import ModelSteps, Sampling
-    from pallas_kernels._backend import lower_for_cuda
+    from pallas_kernels.backend import lower_for_cuda
 
     config = LlamaConfig(**TINY)
     mesh = ms.make_mesh(jax.devices()[:2])
