@@ -86,6 +86,9 @@ def add_recall_command(subparsers) -> None:
     p.add_argument("--hash-weights", metavar="DIR",
                    help="a `hata-jax train` run (or checkpoint) directory; default for smollm2: the shipped weights")
     p.add_argument("--hashattention", metavar="DIR", help="a `hata-jax train --selector hashattention` run directory")
+    p.add_argument("--rerank", type=int, nargs="+", default=(), metavar="C",
+                   help="also two-stage HATA: its top C x budget tokens ranked again by their exact scores "
+                        "(the hata_rerank selector's policy), one method per C")
     p.add_argument("--sequences", type=int, default=4, help="held-out sequences (default 4)")
     p.add_argument("--seed", type=int, default=1, help="held-out file order and query positions (default 1)")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
@@ -174,7 +177,7 @@ def run_recall(args: argparse.Namespace) -> int:
         collect(model, args.model, tokenizer, corpus.corpus_from_args(args.corpus, "heldout"), config, layers, samples,
                 progress=lambda done, total: log(f"  prefill {done}/{total} ({time.perf_counter() - start:.0f} s)"))
         recall.check_heldout(samples, checkpoints)
-        result = recall.evaluate(samples, layers, methods)
+        result = recall.evaluate(samples, layers, methods, rerank=tuple(args.rerank))
         document = recall.report(result, samples, checkpoints, args.model)
     print(recall.format_table(result))
     if args.json:

@@ -15,7 +15,7 @@ import hata_jax as hj
 from hata_jax.train import recall
 from hata_jax.train.collect import read_manifest, write_manifest
 from hata_jax.train.hata_objective import HataObjective
-from hata_jax.train.metrics import FRACTIONS, captured_mass, exact_scores, probs_from_raw
+from hata_jax.train.metrics import FRACTIONS, captured_mass, exact_scores, probs_from_raw, reranked_mass
 
 
 def _problem(rng, m=3, hkv=2, g=3, length=50, integer_scores=False):
@@ -80,18 +80,57 @@ def test_exact_top_k_is_the_upper_bound(rng):
     np.testing.assert_allclose(everything, 1.0, rtol=1e-5)
 
 
+def _brute_reranked_mass(probs, scores, valid, factor, fraction):
+    """Two-stage selection query by query: candidates by score (ties to the earlier position),
+    then the best `budget` by the group's softmax over the candidates (continuous data: no ties)."""
+    m, hkv, g, _ = probs.shape
+    out = np.zeros(m)
+    for j in range(m):
+        n = int(valid[j].sum())
+        budget = max(1, math.ceil(fraction * n))
+        for h in range(hkv):
+            order = sorted(range(n), key=lambda t: (-scores[j, h, t], t))
+            candidates = np.array(order[: min(factor * budget, n)])
+            restricted = probs[j, h][:, candidates] / probs[j, h][:, candidates].sum(axis=1, keepdims=True)
+            kept = candidates[np.argsort(-restricted.sum(axis=0))[:budget]]
+            out[j] += probs[j, h][:, kept].sum() / (hkv * g)
+    return out
+
+
+@pytest.mark.parametrize("factor", [1, 2, 5])
+def test_reranked_mass_matches_brute_force(rng, factor):
+    probs, scores, valid, _ = _problem(rng, m=4, length=60)
+    got = reranked_mass(jnp.asarray(probs), jnp.asarray(scores), jnp.asarray(valid), factor)
+    for i, fraction in enumerate(FRACTIONS):
+        np.testing.assert_allclose(got[i], _brute_reranked_mass(probs, scores, valid, factor, fraction), rtol=1e-5)
+
+
+def test_reranked_mass_spans_hata_to_exact(rng):
+    """Factor 1 keeps the selector's own top budget; a factor covering the whole context keeps the
+    exact top-k; in between the mass never exceeds the exact top-k's."""
+    probs, scores, valid, _ = _problem(rng, m=5, length=80)
+    args = jnp.asarray(probs), jnp.asarray(scores), jnp.asarray(valid)
+    np.testing.assert_allclose(reranked_mass(*args, 1), captured_mass(*args), rtol=1e-5)
+    exact = captured_mass(args[0], exact_scores(args[0]), args[2])
+    np.testing.assert_allclose(reranked_mass(*args, 80), exact, rtol=1e-5)
+    assert np.all(reranked_mass(*args, 3) <= exact + 1e-6)
+    with pytest.raises(ValueError, match="factor must be an int >= 1"):
+        reranked_mass(*args, 0)
+
+
 def test_evaluate_table_plot_and_report(tmp_path, rng):
     samples = planted_collection(tmp_path / "heldout", rng, sequences=2, length=128, queries=4)
     selector = HataObjective(rbit=32)
     w = {layer: jax.random.normal(jax.random.PRNGKey(layer), (2, 64, 32)) for layer in (1, 2)}
     methods = {recall.TRAINED: (selector, w), recall.RANDOM: (selector, {i: 0.5 * v for i, v in w.items()})}
-    result = recall.evaluate(samples, [1, 2], methods)
-    assert list(result["methods"]) == [recall.EXACT, recall.TRAINED, recall.RANDOM]
+    result = recall.evaluate(samples, [1, 2], methods, rerank=(4,))
+    assert list(result["methods"]) == [recall.EXACT, recall.TRAINED, recall.RANDOM, recall.reranked_name(4)]
     for data in result["methods"].values():
         assert np.asarray(data["per_layer"]).shape == (2, len(FRACTIONS))
         np.testing.assert_allclose(data["mean"], np.mean(data["per_layer"], axis=0))
     exact = np.asarray(result["methods"][recall.EXACT]["per_layer"])
-    assert np.all(exact >= np.asarray(result["methods"][recall.TRAINED]["per_layer"]) - 1e-6)
+    for name in (recall.TRAINED, recall.reranked_name(4)):
+        assert np.all(exact >= np.asarray(result["methods"][name]["per_layer"]) - 1e-6), name
     # sign codes do not change when the projection is scaled
     np.testing.assert_allclose(result["methods"][recall.TRAINED]["per_layer"],
                                result["methods"][recall.RANDOM]["per_layer"])

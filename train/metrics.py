@@ -6,6 +6,10 @@ the metric is the exact attention mass `softmax(q.k / sqrt(D))` of each query he
 kept tokens, averaged over the query heads. Ties at the budget boundary (codes give integer
 scores) count in expectation over a uniformly random tie-break, so no selector gains or loses
 from the order of positions.
+
+The two-stage selection (:func:`reranked_mass`, :class:`hata_jax.selectors.HataRerankSelector`'s
+policy) keeps, at budget b, the b best of the top `factor * b` candidates by the selector's
+scores, ranked again by their exact group score over the candidates.
 """
 from __future__ import annotations
 
@@ -62,3 +66,33 @@ def captured_mass(probs: jax.Array, scores: jax.Array, valid: jax.Array,
     n = np.asarray(jnp.sum(valid, axis=-1))
     budgets = np.stack([np.maximum(1, np.ceil(np.asarray(f) * n)) for f in fractions]).astype(np.int32)
     return np.asarray(_budget_mass(probs, scores.astype(jnp.float32), valid, jnp.asarray(budgets)), np.float64)
+
+
+@jax.jit
+def _reranked_scores(probs, scores, valid, candidates):
+    """Exact group scores of each row's `candidates[m]` best tokens by `scores`, -1 elsewhere."""
+    s = jnp.where(valid[:, None, :], scores.astype(jnp.float32), -jnp.inf)
+    order = jnp.argsort(-s, axis=-1, stable=True)  # ties: the earlier position first, as lax.top_k
+    rank = jnp.argsort(order, axis=-1)
+    chosen = (rank < candidates[:, None, None]) & valid[:, None, :]
+    # Each query head's softmax restricted to the candidates, summed over the group.
+    kept = jnp.sum(jnp.where(chosen[:, :, None], probs, 0.0), axis=-1, keepdims=True)
+    exact = jnp.sum(probs / jnp.maximum(kept, jnp.finfo(jnp.float32).tiny), axis=2)
+    return jnp.where(chosen, exact, -1.0)
+
+
+def reranked_mass(probs: jax.Array, scores: jax.Array, valid: jax.Array, factor: int,
+                  fractions=FRACTIONS) -> np.ndarray:
+    """float64[len(fractions), m]: per query, the mass kept by the two-stage selection at each
+    budget b = ceil(f * n): the top `min(factor * b, n)` tokens by `scores` (ties to the earlier
+    position), ranked again by `sum_{i in group} softmax_candidates(q_i . k / sqrt(D))`, the
+    best b kept. Arguments as :func:`captured_mass`; `factor` an int >= 1."""
+    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+        raise ValueError(f"factor must be an int >= 1, got {factor!r}")
+    n = np.asarray(jnp.sum(valid, axis=-1))
+    rows = []
+    for f in fractions:
+        budget = np.maximum(1, np.ceil(np.asarray(f) * n)).astype(np.int32)
+        candidates = jnp.asarray(np.minimum(factor * budget, n).astype(np.int32))
+        rows.append(captured_mass(probs, _reranked_scores(probs, scores, valid, candidates), valid, (f,))[0])
+    return np.stack(rows)

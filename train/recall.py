@@ -2,9 +2,10 @@
 each one selects, for budgets from 1/64 to 1/4 of the context, per layer and averaged.
 
 Methods: exact top-k (the oracle, an upper bound), HATA with the trained projections, HATA with
-untrained random Gaussian projections of the same rbit (SimHash), and HashAttention when its
-checkpoint is given. All select per KV head with no forced sink or recent tokens (see
-:mod:`hata_jax.train.metrics`).
+untrained random Gaussian projections of the same rbit (SimHash), HashAttention when its
+checkpoint is given, and two-stage HATA (its top `factor x budget` tokens ranked again by their
+exact scores, :func:`hata_jax.train.metrics.reranked_mass`) for the factors asked for. All select
+per KV head with no forced sink or recent tokens (see :mod:`hata_jax.train.metrics`).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import numpy as np
 
 import hata_jax
 from hata_jax.train.collect import load_layer, read_manifest
-from hata_jax.train.metrics import FRACTIONS, captured_mass, exact_scores, probs_from_raw
+from hata_jax.train.metrics import FRACTIONS, captured_mass, exact_scores, probs_from_raw, reranked_mass
 from hata_jax.train.trainer import jitted_scores
 
 EXACT = "exact top-k"
@@ -28,20 +29,29 @@ HASHATTENTION = "HashAttention"
 HIGHLIGHT = 1 / 16
 
 
-def evaluate(samples_dir, layers: list[int], methods: dict, fractions=FRACTIONS, progress=None) -> dict:
+def reranked_name(factor: int) -> str:
+    return f"HATA + exact rerank of {factor}x"
+
+
+def evaluate(samples_dir, layers: list[int], methods: dict, fractions=FRACTIONS, progress=None,
+             rerank: tuple[int, ...] = ()) -> dict:
     """Mass kept per method, layer and budget fraction on a held-out collection.
 
     Args:
       samples_dir: a :mod:`hata_jax.train.collect` collection of held-out text holding `layers`.
       methods: {name: (selector, {layer: params})}; the exact top-k is always added first.
+      rerank: factors c of two-stage HATA over the TRAINED method's scores (one method each,
+        named :func:`reranked_name`).
       progress: called as `progress(layer)` after each layer.
 
     Returns:
       {"fractions", "layers", "queries", "methods": {name: {"per_layer": [[mass per fraction] per
       layer], "mean": [mass per fraction, averaged over layers]}}}.
     """
+    if rerank and TRAINED not in methods:
+        raise ValueError(f"rerank needs the {TRAINED!r} method")
     score_fns = {name: jitted_scores(selector) for name, (selector, _) in methods.items()}
-    per_layer = {name: [] for name in [EXACT, *methods]}
+    per_layer = {name: [] for name in [EXACT, *methods, *map(reranked_name, rerank)]}
     queries = 0
     for layer in layers:
         samples = load_layer(samples_dir, layer)
@@ -53,7 +63,11 @@ def evaluate(samples_dir, layers: list[int], methods: dict, fractions=FRACTIONS,
             q, k = jnp.asarray(samples.q[i]), jnp.asarray(samples.k[i])
             masses[EXACT].append(captured_mass(probs, exact_scores(probs), valid, fractions))
             for name, (_, params) in methods.items():
-                masses[name].append(captured_mass(probs, score_fns[name](params[layer], q, k), valid, fractions))
+                scores = score_fns[name](params[layer], q, k)
+                masses[name].append(captured_mass(probs, scores, valid, fractions))
+                if name == TRAINED:
+                    for factor in rerank:
+                        masses[reranked_name(factor)].append(reranked_mass(probs, scores, valid, factor, fractions))
         for name in per_layer:
             per_layer[name].append(np.concatenate(masses[name], axis=1).mean(axis=1).tolist())
         queries = samples.q.shape[0] * samples.q.shape[1]
