@@ -23,6 +23,9 @@ class HataConfig:
       recent: last positions always selected (count against `budget`).
       score: `"key_norm"`, HATA's `||k|| * sum_i (1 - 2 hamming_i / rbit)`, or `"hamming"`,
         the summed Hamming distance (smaller is better).
+      candidates: 1 for plain HATA; c > 1 for two-stage HATA: the codes pick `c * budget`
+        tokens (at most the cache capacity), their exact scores the `budget`
+        (:func:`hata_jax.rerank.rerank_candidates`; it reads the candidates' keys).
     """
 
     rbit: int = 128
@@ -30,9 +33,10 @@ class HataConfig:
     sink: int = 0
     recent: int = 0
     score: str = "key_norm"
+    candidates: int = 1
 
     def __post_init__(self):
-        for name in ("rbit", "budget", "sink", "recent"):
+        for name in ("rbit", "budget", "sink", "recent", "candidates"):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
                 raise ValueError(f"HataConfig.{name} must be an int, got {value!r}")
@@ -40,11 +44,24 @@ class HataConfig:
         check_rbit(self.rbit, "HataConfig.rbit")
         if self.budget <= 0:
             raise ValueError(f"HataConfig.budget must be > 0, got {self.budget}")
+        if self.candidates < 1:
+            raise ValueError(f"HataConfig.candidates must be >= 1, got {self.candidates}")
         try:
             check_sink_recent(self.budget, self.sink, self.recent)
         except ValueError as err:
             raise ValueError(f"HataConfig.{err}") from None
         check_score(self.score, "HataConfig.score")
+
+    def require_one_stage(self, op: str) -> None:
+        """Raise for two-stage HATA (candidates > 1) in an op that runs plain HATA only."""
+        if self.candidates != 1:
+            raise ValueError(f"{op} runs one-stage HATA only: HataConfig.candidates must be 1, got "
+                             f"{self.candidates} (two-stage HATA runs in hata_decode_attention)")
+
+    def candidate_budget(self, capacity: int) -> int:
+        """Tokens the codes pick per row in a cache of `capacity` positions: `candidates * budget`,
+        at most `capacity`."""
+        return min(self.candidates * self.budget, capacity)
 
 
 def check_rbit(rbit: int, name: str = "rbit") -> None:

@@ -5,10 +5,11 @@ import jax
 import jax.numpy as jnp
 
 from hata_jax import checks, explicit
-from hata_jax.attention import check_kernel_layout, sparse_decode_attention
+from hata_jax.attention import check_kernel_layout, scale_or_default, sparse_decode_attention
 from hata_jax.cache import HataCache, cache_layout
 from hata_jax.config import HataConfig
 from hata_jax.hashing import encode_step
+from hata_jax.rerank import rerank_candidates
 from hata_jax.selection import check_selection_args, hamming_topk
 
 
@@ -56,6 +57,9 @@ def hata_decode_attention(
     if cache.rbit != config.rbit:
         raise ValueError(f"the cache holds {cache.rbit}-bit codes but config.rbit is {config.rbit}")
     check_selection_args(config.budget, cache.capacity, config.sink, config.recent)
+    picked = config.candidate_budget(cache.capacity)  # tokens the codes pick
+    check_selection_args(picked, cache.capacity, config.sink, config.recent)
+    scale = scale_or_default(scale, q.shape[-1])
     cache.check_tokens(k_new, v_new, w, 0)
     cache.raise_if_uncoded()
     if impl == "pallas":  # before any kernel is traced (a left-padded cache is fine: see `run`)
@@ -65,10 +69,15 @@ def hata_decode_attention(
         q_codes, k_codes, k_norms = encode_step(q, k_new, w, impl=impl)
         cache = cache.append_encoded(k_new, v_new, k_codes, k_norms)
         # The codes count from each sequence's start; the selected slots become positions of k and v.
+        lengths = cache.lengths - cache.starts
         idx, count = hamming_topk(
-            q_codes, cache.codes, cache.norms, cache.lengths - cache.starts, budget=config.budget,
+            q_codes, cache.codes, cache.norms, lengths, budget=picked,
             score=config.score, sink=config.sink, recent=config.recent, impl=impl,
         )
+        if picked > config.budget:  # two-stage: the candidates' exact scores pick the budget
+            idx, count = rerank_candidates(q, cache.k, idx, count, lengths, config.budget, scale=scale,
+                                           sink=config.sink, recent=config.recent, offsets=cache.starts,
+                                           seq_axis=cache.seq_axis, impl=impl)
         idx = jnp.where(idx >= 0, idx + cache.starts[:, None, None], idx)
         out = sparse_decode_attention(q, cache.k, cache.v, idx, count, scale=scale, seq_axis=cache.seq_axis, impl=impl)
         out = jnp.where((cache.overflow | cache.uncoded)[:, None, None], jnp.nan, out).astype(q.dtype)

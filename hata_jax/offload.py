@@ -323,6 +323,7 @@ def select_rows(q, k_new, v_new, codes: DeviceCodes, w, config: HataConfig, *, d
       (idx int32[B, Hkv, budget] selected positions, unused slots 0; count int32[B, Hkv] valid slots;
       kv_new [B, Hkv, 2, D] in `dtype`; the updated codes).
     """
+    config.require_one_stage("the offloaded HATA step")  # the candidates' keys are on the host
     q_codes, k_codes, k_norms = encode_step(q, k_new, w, impl=impl)
     codes = codes.append(k_codes, k_norms)
     idx, count = hamming_topk(q_codes, codes.codes, codes.norms, codes.lengths, budget=config.budget,

@@ -248,6 +248,7 @@ def sequence_sharded_decode_attention(
     if cache.rbit != config.rbit:
         raise ValueError(f"the cache holds {cache.rbit}-bit codes but config.rbit is {config.rbit}")
     check_selection_args(config.budget, cache.capacity, config.sink, config.recent)
+    config.require_one_stage("sequence_sharded_decode_attention")
     cache.raise_if_uncoded()
     scale = scale_or_default(scale, q.shape[-1])
 

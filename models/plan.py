@@ -70,10 +70,15 @@ class AttentionPlan:
         if "sparse" in self.layers and self.selector is None:
             raise ValueError(f"attention kind 'sparse' (layers {self.sparse_layers}) needs a selector: pass "
                              f"AttentionPlan(..., selector=make_selector(name)) with a name in {sorted(SELECTORS)}")
+        if self.hata.candidates != 1 and self.sparse_layers:
+            raise ValueError(f"HataConfig.candidates ({self.hata.candidates}) applies to 'hata' layers; the 'sparse' "
+                             f"layers {self.sparse_layers} select with their selector (two-stage: hata_rerank)")
         if self.mesh_split not in MESH_SPLITS:
             raise ValueError(f"AttentionPlan.mesh_split must be one of {MESH_SPLITS}, got {self.mesh_split!r}")
         if self.mesh is not None:
             head_sharding.axis_size(self.mesh, self.mesh_axis)
+            if self.mesh_split == "positions":
+                self.hata.require_one_stage("a plan split over the positions")
             if self.sparse_layers:
                 raise ValueError(f"a plan with a mesh runs 'dense' and 'hata' layers only, not 'sparse' (layers "
                                  f"{self.sparse_layers}): the selectors run on one device")
