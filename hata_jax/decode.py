@@ -77,7 +77,7 @@ def hata_decode_attention(
         if picked > config.budget:  # two-stage: the candidates' exact scores pick the budget
             idx, count = rerank_candidates(q, cache.k, idx, count, lengths, config.budget, scale=scale,
                                            sink=config.sink, recent=config.recent, offsets=cache.starts,
-                                           seq_axis=cache.seq_axis, impl=impl)
+                                           seq_axis=cache.seq_axis)
         idx = jnp.where(idx >= 0, idx + cache.starts[:, None, None], idx)
         out = sparse_decode_attention(q, cache.k, cache.v, idx, count, scale=scale, seq_axis=cache.seq_axis, impl=impl)
         out = jnp.where((cache.overflow | cache.uncoded)[:, None, None], jnp.nan, out).astype(q.dtype)

@@ -11,8 +11,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from hata_jax.selection import select_topk
-
 
 def gather_rows(x, positions, seq_axis: int):
     """x: [B, Hkv, S, D] (seq_axis 2) or [B, S, Hkv, D] (seq_axis 1); positions: int[B, Hkv, n]
@@ -22,7 +20,7 @@ def gather_rows(x, positions, seq_axis: int):
 
 
 def rerank_candidates(q, k, positions, count, lengths, budget: int, *, scale: float, sink: int = 0,
-                      recent: int = 0, offsets=None, seq_axis: int = 2, impl: str = "auto"):
+                      recent: int = 0, offsets=None, seq_axis: int = 2):
     """The `budget` best of each row's candidates by their exact group score.
 
     Args:
@@ -39,7 +37,8 @@ def rerank_candidates(q, k, positions, count, lengths, budget: int, *, scale: fl
 
     Returns:
       (positions int32[B, Hkv, budget] ascending then -1, count int32[B, Hkv] = min(count, budget)),
-      positions counted from each row's start as given.
+      positions counted from each row's start as given. The second stage is one sort of each
+      row's `n` candidate scores (XLA), the same on both impls.
     """
     batch, hq, d = q.shape
     kv_heads = positions.shape[1]
@@ -52,9 +51,11 @@ def rerank_candidates(q, k, positions, count, lengths, budget: int, *, scale: fl
     probs = jax.nn.softmax(jnp.where(valid[:, :, None], logits, -jnp.inf), axis=-1)
     scores = jnp.sum(jnp.where(valid[:, :, None], probs, 0.0), axis=2)
     forced = (safe < sink) | (safe >= lengths[:, None, None] - recent) if sink or recent else False
-    scores = jnp.where(valid & forced, jnp.inf, jnp.where(valid, scores, -jnp.inf))
-    slots, kept = select_topk(scores, budget, count[:, 0], impl=impl)
-    chosen = jnp.take_along_axis(positions, jnp.maximum(slots, 0), axis=2)
+    # Valid scores lie in [0, G] (+inf forced, NaN read as 0); unused slots rank below them all.
+    scores = jnp.where(valid & forced, jnp.inf, jnp.where(valid, jnp.nan_to_num(scores, nan=0.0), -1.0))
+    order = jnp.argsort(-scores, axis=-1, stable=True)[..., :budget]  # ties: the earlier candidate first
+    kept = jnp.minimum(count, budget)
+    chosen = jnp.take_along_axis(positions, order, axis=2)
     last = jnp.iinfo(jnp.int32).max
-    chosen = jnp.sort(jnp.where(slots >= 0, chosen, last), axis=2)  # ascending, unused slots last
+    chosen = jnp.sort(jnp.where(jnp.arange(budget) < kept[..., None], chosen, last), axis=2)  # ascending
     return jnp.where(chosen == last, -1, chosen).astype(jnp.int32), kept
