@@ -28,8 +28,8 @@ def _check_qkv(q, k, v, seq_axis: int) -> int:
     return checks.group_size(q.shape[1], k.shape[3 - seq_axis], "q heads vs k heads")
 
 
-def _head_major(x, seq_axis: int):
-    """A cache [B, Hkv, S, D] from either layout (a view for the reference path's einsums)."""
+def head_major(x, seq_axis: int):
+    """A cache [B, Hkv, S, D] from either layout (a view for the reference paths' einsums and gathers)."""
     return x if seq_axis == 2 else jnp.swapaxes(x, 1, 2)
 
 
@@ -127,7 +127,7 @@ def sparse_decode_attention(
             return flash_decode.sparse_decode_attention(
                 q, k, v, idx, count.astype(jnp.int32), scale=scale, return_lse=return_lse, interpret=path.interpret
             )
-        return _sparse_reference(q, _head_major(k, seq_axis), _head_major(v, seq_axis), idx, count, scale, return_lse)
+        return _sparse_reference(q, head_major(k, seq_axis), head_major(v, seq_axis), idx, count, scale, return_lse)
 
     cache = "bh.." if seq_axis == 2 else "b.h."
     return explicit.per_shard(run, (q, k, v, idx, count), ("bh.", cache, cache, "bh.", "bh"),
@@ -192,7 +192,7 @@ def dense_decode_attention(
             )
         pos = jnp.arange(k.shape[seq_axis])[None, :]
         valid = (pos < lengths[:, None]) & (True if starts is None else pos >= starts[:, None])
-        out, lse = masked_attention(q, _head_major(k, seq_axis), _head_major(v, seq_axis), valid[:, None, None, :],
+        out, lse = masked_attention(q, head_major(k, seq_axis), head_major(v, seq_axis), valid[:, None, None, :],
                                     scale)
         return _finish(out, lse, q.dtype, return_lse)
 

@@ -57,8 +57,7 @@ def hata_decode_attention(
     if cache.rbit != config.rbit:
         raise ValueError(f"the cache holds {cache.rbit}-bit codes but config.rbit is {config.rbit}")
     check_selection_args(config.budget, cache.capacity, config.sink, config.recent)
-    picked = config.candidate_budget(cache.capacity)  # tokens the codes pick
-    check_selection_args(picked, cache.capacity, config.sink, config.recent)
+    picked = config.candidate_budget(cache.capacity)  # tokens the codes pick (budget <= picked <= capacity)
     scale = scale_or_default(scale, q.shape[-1])
     cache.check_tokens(k_new, v_new, w, 0)
     cache.raise_if_uncoded()

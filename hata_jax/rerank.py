@@ -11,12 +11,35 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from hata_jax import checks
+from hata_jax.attention import head_major
+from pallas_kernels.backend import check_sink_recent
 
-def gather_rows(x, positions, seq_axis: int):
-    """x: [B, Hkv, S, D] (seq_axis 2) or [B, S, Hkv, D] (seq_axis 1); positions: int[B, Hkv, n]
-    in [0, S). Returns x's rows at `positions`, [B, Hkv, n, D]."""
-    heads_major = x if seq_axis == 2 else jnp.swapaxes(x, 1, 2)
-    return jnp.take_along_axis(heads_major, positions[..., None], axis=2)
+
+def _check_args(q, k, positions, count, lengths, budget, offsets, seq_axis: int):
+    checks.check_query(q)
+    checks.check_floating(q, "q")
+    checks.check_rank(k, 4, "k", checks.CACHE_LAYOUTS[seq_axis])
+    checks.check_floating(k, "k")
+    checks.check_kv_heads(k, q.shape[1], "k", seq_axis, f"pass seq_axis={3 - seq_axis}")
+    rows = (k.shape[0], k.shape[3 - seq_axis])
+    checks.check_dim(q, 0, rows[0], "q", "batch size")
+    checks.check_dim(q, 2, k.shape[3], "q", "head_dim")
+    checks.check_rank(positions, 3, "positions", "[batch, kv_heads, candidates]")
+    checks.check_dtype(positions, [jnp.int32], "positions")
+    if tuple(positions.shape[:2]) != rows:
+        raise ValueError(f"positions must have shape [batch, kv_heads, candidates] = {rows} + [n], got "
+                         f"{tuple(positions.shape)}")
+    checks.check_integer(count, "count")
+    if tuple(jnp.shape(count)) != rows:
+        raise ValueError(f"count must have shape [batch, kv_heads] = {rows}, got {tuple(jnp.shape(count))}")
+    for name, x in (("lengths", lengths), ("offsets", offsets)):
+        if x is not None:
+            checks.check_rank(x, 1, name, "[batch]")
+            checks.check_dim(x, 0, rows[0], name, "batch size")
+            checks.check_integer(x, name)
+    if not 0 < budget <= positions.shape[2]:
+        raise ValueError(f"budget must lie in [1, {positions.shape[2]}] (the candidates per row), got {budget}")
 
 
 def rerank_candidates(q, k, positions, count, lengths, budget: int, *, scale: float, sink: int = 0,
@@ -34,18 +57,28 @@ def rerank_candidates(q, k, positions, count, lengths, budget: int, *, scale: fl
       budget: static int, 0 < budget <= n, sink + recent <= budget.
       scale: the attention's logit scale.
       offsets: int32[B] or None: the row's start in k (positions + offsets index k).
+      seq_axis: k's sequence axis, 2 or 1.
 
     Returns:
       (positions int32[B, Hkv, budget] ascending then -1, count int32[B, Hkv] = min(count, budget)),
       positions counted from each row's start as given. The second stage is one sort of each
-      row's `n` candidate scores (XLA), the same on both impls.
+      row's `n` candidate scores (XLA), the same on both impls. Bad shapes, dtypes or a budget
+      outside [1, n] raise a ValueError naming the argument.
     """
+    q, k = checks.as_array(q, "q"), checks.as_array(k, "k")
+    positions, count = checks.as_array(positions, "positions", "int"), checks.as_array(count, "count", "int")
+    lengths = checks.as_array(lengths, "lengths", "int")
+    offsets = None if offsets is None else checks.as_array(offsets, "offsets", "int")
+    seq_axis = checks.check_seq_axis(seq_axis)
+    budget = checks.as_int(budget, "budget", 1)
+    _check_args(q, k, positions, count, lengths, budget, offsets, seq_axis)
+    check_sink_recent(budget, sink, recent)
     batch, hq, d = q.shape
     kv_heads = positions.shape[1]
     valid = jnp.arange(positions.shape[2]) < count[..., None]
     safe = jnp.where(valid, positions, 0)
     rows = safe if offsets is None else safe + offsets[:, None, None]
-    keys = gather_rows(k, rows, seq_axis).astype(jnp.float32)  # [B, Hkv, n, D]
+    keys = jnp.take_along_axis(head_major(k, seq_axis), rows[..., None], axis=2).astype(jnp.float32)  # [B, Hkv, n, D]
     qg = q.reshape(batch, kv_heads, hq // kv_heads, d).astype(jnp.float32)
     logits = jnp.einsum("bhgd,bhnd->bhgn", qg, keys, precision=jax.lax.Precision.HIGHEST) * scale
     probs = jax.nn.softmax(jnp.where(valid[:, :, None], logits, -jnp.inf), axis=-1)

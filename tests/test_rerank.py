@@ -122,3 +122,32 @@ def test_candidates_is_validated_and_refused_where_it_would_be_ignored():
     with pytest.raises(ValueError, match=r"HataConfig.candidates \(2\) applies to 'hata' layers"):
         dataclasses.replace(plan, hata=two_stage)
     assert make_selector("hata_rerank", candidates=2).candidates == 2
+
+
+def test_rerank_candidates_names_bad_arguments(rng):
+    q = jnp.zeros((2, 4, 16))
+    k = jnp.zeros((2, 2, 40, 16))
+    positions = jnp.zeros((2, 2, 8), jnp.int32)
+    count = jnp.full((2, 2), 8, jnp.int32)
+    lengths = jnp.full((2,), 40, jnp.int32)
+
+    def call(**changes):
+        args = dict(q=q, k=k, positions=positions, count=count, lengths=lengths, budget=4, scale=0.25)
+        args.update(changes)
+        return rerank_candidates(**args)
+
+    for changes, message in [
+        ({"q": jnp.zeros((2, 4, 1, 16))}, r"q must have shape \[batch, q_heads, head_dim\]"),
+        ({"k": jnp.zeros((2, 40, 16))}, r"k must have shape \[batch, kv_heads, seq, head_dim\]"),
+        ({"k": jnp.zeros((2, 40, 2, 16))}, r"pass seq_axis=1"),
+        ({"positions": positions.astype(jnp.float32)}, r"positions must be an integer array"),
+        ({"positions": jnp.zeros((2, 3, 8), jnp.int32)}, r"positions must have shape \[batch, kv_heads, candidates\]"),
+        ({"count": jnp.full((2,), 8, jnp.int32)}, r"count must have shape \[batch, kv_heads\] = \(2, 2\)"),
+        ({"lengths": jnp.full((3,), 40, jnp.int32)}, r"lengths"),
+        ({"budget": 9}, r"budget must lie in \[1, 8\]"),
+        ({"budget": 0}, r"budget must be a positive int"),
+        ({"sink": 3, "recent": 2}, r"sink"),
+        ({"seq_axis": 3}, r"seq_axis must be"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            call(**changes)
