@@ -8,39 +8,33 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from hata_jax import checks, dispatch, explicit
+from hata_jax import checks, dispatch, explicit, kv_storage
 from pallas_kernels import flash_decode
 
 
-def _check_qkv(q, k, v, seq_axis: int) -> int:
-    """q: [B, Hq, D], k, v: [B, Hkv, S, D] (seq_axis 2) or [B, S, Hkv, D] (seq_axis 1); returns
-    the group size."""
+def _check_qkv(q, k, v, storage: dict) -> kv_storage.KVShape:
+    """q: [B, Hq, D] and a K/V storage (:mod:`hata_jax.kv_storage`) of B sequences whose KV heads
+    divide Hq; returns what the storage holds."""
     checks.check_query(q)
-    checks.check_rank(k, 4, "k", checks.CACHE_LAYOUTS[seq_axis])
     checks.check_floating(q, "q")
-    checks.check_floating(k, "k")
-    checks.check_floating(v, "v")
-    if tuple(v.shape) != tuple(k.shape):
-        raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
-    checks.check_dim(q, 0, k.shape[0], "q", "batch size")
-    checks.check_dim(q, 2, k.shape[3], "q", "head_dim")
-    checks.check_kv_heads(k, q.shape[1], "k", seq_axis, f"pass seq_axis={3 - seq_axis}")
-    return checks.group_size(q.shape[1], k.shape[3 - seq_axis], "q heads vs k heads")
+    shape = kv_storage.check_storage(k, v, batch=q.shape[0], q_heads=q.shape[1], **storage)
+    checks.check_dim(q, 2, shape.head_dim, "q", "head_dim")
+    return shape
+
+
+def _storage_args(seq_axis, page_table, k_scale, v_scale) -> dict:
+    """The storage keywords as checked arrays."""
+    return {
+        "seq_axis": checks.check_seq_axis(seq_axis),
+        "page_table": None if page_table is None else checks.as_array(page_table, "page_table", "int"),
+        "k_scale": None if k_scale is None else checks.as_array(k_scale, "k_scale"),
+        "v_scale": None if v_scale is None else checks.as_array(v_scale, "v_scale"),
+    }
 
 
 def head_major(x, seq_axis: int):
     """A cache [B, Hkv, S, D] from either layout (a view for the reference paths' einsums and gathers)."""
     return x if seq_axis == 2 else jnp.swapaxes(x, 1, 2)
-
-
-def check_kernel_layout(op: str, seq_axis: int, starts=None) -> None:
-    """Raise for a cache the Pallas kernels cannot read: they read [B, Hkv, S, D] caches from
-    position 0 (`starts` None)."""
-    if seq_axis != 2 or starts is not None:
-        raise ValueError(f"{op}: the Pallas kernel reads [batch, kv_heads, seq, head_dim] caches from position 0; "
-                         f"seq_axis={seq_axis}{'' if starts is None else ' and starts'} run with impl='reference' "
-                         "for now")
-
 
 
 def scale_or_default(scale, head_dim: int) -> float:
@@ -76,6 +70,13 @@ def _finish(out, lse, dtype, return_lse: bool):
     return (out, lse) if return_lse else out
 
 
+_STORAGE_DOC = """      seq_axis, page_table, k_scale, v_scale: how k and v are stored (see
+        :mod:`hata_jax.kv_storage`): `[B, Hkv, S, D]` (seq_axis 2, default) or `[B, S, Hkv, D]`
+        (seq_axis 1); with `page_table` int32[B, pages_per_sequence], page pools
+        `[pages, Hkv, page_size, D]` / `[pages, page_size, Hkv, D]`; with `k_scale`, `v_scale`,
+        quantized K/V (int8 or fp8) and their float scales (k's shape without D, or [Hkv])."""
+
+
 def sparse_decode_attention(
     q: jax.Array,
     k: jax.Array,
@@ -86,20 +87,22 @@ def sparse_decode_attention(
     scale: float | None = None,
     return_lse: bool = False,
     seq_axis: int = 2,
+    page_table: jax.Array | None = None,
+    k_scale: jax.Array | None = None,
+    v_scale: jax.Array | None = None,
     impl: str = "auto",
 ):
     """Attention of each query head over the cached rows its KV head selected.
 
     Args:
-      q: float[B, Hq, D]; k, v: float[B, Hkv, S, D] (seq_axis 2, head-major) or
-        float[B, S, Hkv, D] (seq_axis 1, sequence-major; reference path only so far).
-      idx: int32[B, Hkv, K]: slots `< count` hold positions in [0, S); the rest are ignored. A
-        position outside [0, S) in a used slot makes that (b, h)'s output NaN (never a clipped
-        or wrapped read).
+      q: float[B, Hq, D]; k, v: the cache's keys and values, read in place (see below).
+      idx: int32[B, Hkv, K]: slots `< count` hold positions in [0, capacity); the rest are
+        ignored. A position outside [0, capacity), or on a page the table does not hold, in a
+        used slot makes that (b, h)'s output NaN (never a clipped or wrapped read).
       count: int32[B, Hkv] valid slots per row.
       scale: logit scale, default `1 / sqrt(D)`.
       return_lse: also return the log-sum-exp of the scaled logits, float32[B, Hq].
-      seq_axis: the sequence axis of k and v, 2 or 1 (see above).
+{storage}
 
     Returns:
       out [B, Hq, D] in q's dtype (softmax in float32), and lse if asked. A row with
@@ -107,9 +110,9 @@ def sparse_decode_attention(
     """
     q, k, v = (checks.as_array(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
     idx, count = checks.as_array(idx, "idx", "int"), checks.as_array(count, "count", "int")
-    seq_axis = checks.check_seq_axis(seq_axis)
-    _check_qkv(q, k, v, seq_axis)
-    rows = (k.shape[0], k.shape[3 - seq_axis])
+    storage = _storage_args(seq_axis, page_table, k_scale, v_scale)
+    shape = _check_qkv(q, k, v, storage)
+    rows = (q.shape[0], shape.kv_heads)
     checks.check_rank(idx, 3, "idx", "[batch, kv_heads, budget]")
     checks.check_dtype(idx, [jnp.int32], "idx")
     if tuple(idx.shape[:2]) != rows:
@@ -119,31 +122,34 @@ def sparse_decode_attention(
     checks.check_integer(count, "count")
     scale = scale_or_default(scale, q.shape[-1])
     path = dispatch.resolve("sparse_decode_attention", impl)
-    if path.pallas:
-        check_kernel_layout("sparse_decode_attention", seq_axis)
 
-    def run(q, k, v, idx, count):
+    def run(q, k, v, idx, count, page_table, k_scale, v_scale):
+        kw = dict(storage, page_table=page_table, k_scale=k_scale, v_scale=v_scale)
         if path.pallas:
-            return flash_decode.sparse_decode_attention(
-                q, k, v, idx, count.astype(jnp.int32), scale=scale, return_lse=return_lse, interpret=path.interpret
-            )
-        return _sparse_reference(q, head_major(k, seq_axis), head_major(v, seq_axis), idx, count, scale, return_lse)
+            return flash_decode.sparse_decode_attention(q, k, v, idx, count.astype(jnp.int32), scale=scale,
+                                                        return_lse=return_lse, interpret=path.interpret, **kw)
+        used = jnp.arange(idx.shape[2])[None, None, :] < count[..., None]
+        k_rows, held = kv_storage.gather_rows(k, k_scale, idx, seq_axis=kw["seq_axis"], page_table=page_table,
+                                              shape=shape, pool_pages=k.shape[0])
+        v_rows, _ = kv_storage.gather_rows(v, v_scale, idx, seq_axis=kw["seq_axis"], page_table=page_table,
+                                           shape=shape, pool_pages=k.shape[0])
+        out, lse = masked_attention(q, k_rows, v_rows, used[:, :, None, :], scale)
+        outside = jnp.any(used & ~held, axis=2)  # [B, Hkv]
+        out = jnp.where(jnp.repeat(outside, q.shape[1] // shape.kv_heads, axis=1)[..., None], jnp.nan, out)
+        return _finish(out, lse, q.dtype, return_lse)
 
-    cache = "bh.." if seq_axis == 2 else "b.h."
-    return explicit.per_shard(run, (q, k, v, idx, count), ("bh.", cache, cache, "bh.", "bh"),
-                              ("bh.", "bh") if return_lse else "bh.", lead=1)
+    return _per_shard(run, (q, k, v, idx, count), ("bh.", "bh"), storage, return_lse)
 
 
-def _sparse_reference(q, k, v, idx, count, scale: float, return_lse: bool):
-    """k, v: [B, Hkv, S, D]."""
-    safe = jnp.clip(idx, 0, k.shape[2] - 1)[..., None]
-    k_rows = jnp.take_along_axis(k, safe, axis=2)
-    v_rows = jnp.take_along_axis(v, safe, axis=2)
-    used = jnp.arange(idx.shape[2])[None, None, :] < count[..., None]
-    outside = jnp.any(used & ((idx < 0) | (idx >= k.shape[2])), axis=2)  # [B, Hkv]
-    out, lse = masked_attention(q, k_rows, v_rows, used[:, :, None, :], scale)
-    out = jnp.where(jnp.repeat(outside, q.shape[1] // k.shape[1], axis=1)[..., None], jnp.nan, out)
-    return _finish(out, lse, q.dtype, return_lse)
+def _per_shard(run, args, row_layouts, storage, return_lse):
+    """`explicit.per_shard` of an attention op: args (q, k, v, *rows) then the storage's arrays;
+    k leads (a page pool splits by KV heads only)."""
+    layouts = kv_storage.layouts(storage["seq_axis"], storage["page_table"] is not None,
+                                 None if storage["k_scale"] is None else jnp.shape(storage["k_scale"]))
+    extra = (storage["page_table"], storage["k_scale"], storage["v_scale"])
+    arg_layouts = ("bh.", layouts["k"], layouts["v"], *row_layouts, layouts["page_table"], layouts["k_scale"],
+                   layouts["v_scale"])
+    return explicit.per_shard(run, (*args, *extra), arg_layouts, ("bh.", "bh") if return_lse else "bh.", lead=1)
 
 
 def dense_decode_attention(
@@ -156,49 +162,62 @@ def dense_decode_attention(
     scale: float | None = None,
     return_lse: bool = False,
     seq_axis: int = 2,
+    page_table: jax.Array | None = None,
+    k_scale: jax.Array | None = None,
+    v_scale: jax.Array | None = None,
     impl: str = "auto",
 ):
     """Attention of each query head over the cached rows `[starts[b], lengths[b])` of its KV head.
 
     Args:
-      q: float[B, Hq, D].
-      k, v: float[B, Hkv, S, D] (seq_axis 2, head-major) or float[B, S, Hkv, D] (seq_axis 1,
-        sequence-major; reference path only so far).
-      lengths: int[B] in [0, S]: the end (exclusive) of each sequence's rows.
+      q: float[B, Hq, D]; k, v: the cache's keys and values, read in place (see below).
+      lengths: int[B] in [0, capacity]: the end (exclusive) of each sequence's rows.
       starts: int[B] in [0, lengths[b]], the first row of each sequence (a left-padded cache:
-        the padding before it is never attended); None: 0 (reference path only so far).
-      seq_axis: the sequence axis of k and v, 2 or 1 (see above).
+        the padding before it is never attended); None: 0.
+      scale: logit scale, default `1 / sqrt(D)`.
+      return_lse: also return the log-sum-exp of the scaled logits, float32[B, Hq].
+{storage}
 
     Returns:
-      out [B, Hq, D] in q's dtype (softmax in float32), and lse float32[B, Hq] if asked.
+      out [B, Hq, D] in q's dtype (softmax in float32), and lse float32[B, Hq] if asked. A
+      sequence whose rows lie on a page the table does not hold gets NaN.
     """
     q, k, v = (checks.as_array(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
     lengths = checks.as_array(lengths, "lengths", "int")
-    seq_axis = checks.check_seq_axis(seq_axis)
-    _check_qkv(q, k, v, seq_axis)
-    checks.check_lengths(lengths, k.shape[0], k.shape[seq_axis])
+    storage = _storage_args(seq_axis, page_table, k_scale, v_scale)
+    shape = _check_qkv(q, k, v, storage)
+    checks.check_lengths(lengths, q.shape[0], shape.capacity)
     if starts is not None:
         starts = checks.as_array(starts, "starts", "int")
-        checks.check_starts(starts, lengths, k.shape[0], k.shape[seq_axis])
+        checks.check_starts(starts, lengths, q.shape[0], shape.capacity)
     scale = scale_or_default(scale, q.shape[-1])
     path = dispatch.resolve("dense_decode_attention", impl)
-    if path.pallas:
-        check_kernel_layout("dense_decode_attention", seq_axis, starts)
 
-    def run(q, k, v, lengths, starts):
+    def run(q, k, v, lengths, starts, page_table, k_scale, v_scale):
+        kw = dict(storage, page_table=page_table, k_scale=k_scale, v_scale=v_scale)
         if path.pallas:
-            return flash_decode.dense_decode_attention(
-                q, k, v, lengths.astype(jnp.int32), scale=scale, return_lse=return_lse, interpret=path.interpret
-            )
-        pos = jnp.arange(k.shape[seq_axis])[None, :]
+            return flash_decode.dense_decode_attention(q, k, v, lengths.astype(jnp.int32), starts=starts, scale=scale,
+                                                       return_lse=return_lse, interpret=path.interpret, **kw)
+        pos = jnp.arange(shape.capacity)[None, :]
         valid = (pos < lengths[:, None]) & (True if starts is None else pos >= starts[:, None])
-        out, lse = masked_attention(q, head_major(k, seq_axis), head_major(v, seq_axis), valid[:, None, None, :],
-                                    scale)
+        if page_table is None:
+            k_rows, v_rows = (kv_storage.dequantized(x, s, kw["seq_axis"]) for x, s in ((k, k_scale), (v, v_scale)))
+            bad = jnp.zeros(q.shape[:1], bool)
+        else:
+            positions = jnp.broadcast_to(pos[:, None, :], (q.shape[0], shape.kv_heads, shape.capacity))
+            (k_rows, held), (v_rows, _) = (
+                kv_storage.gather_rows(x, s, positions, seq_axis=kw["seq_axis"], page_table=page_table, shape=shape,
+                                       pool_pages=k.shape[0]) for x, s in ((k, k_scale), (v, v_scale)))
+            bad = jnp.any(valid[:, None, :] & ~held, axis=(1, 2))
+        out, lse = masked_attention(q, k_rows, v_rows, valid[:, None, None, :], scale)
+        out = jnp.where(bad[:, None, None], jnp.nan, out)
         return _finish(out, lse, q.dtype, return_lse)
 
-    cache = "bh.." if seq_axis == 2 else "b.h."
-    layouts = ("bh.", cache, cache, "b", None if starts is None else "b")
-    return explicit.per_shard(run, (q, k, v, lengths, starts), layouts, ("bh.", "bh") if return_lse else "bh.", lead=1)
+    return _per_shard(run, (q, k, v, lengths, starts), ("b", None if starts is None else "b"), storage, return_lse)
+
+
+sparse_decode_attention.__doc__ = sparse_decode_attention.__doc__.format(storage=_STORAGE_DOC)
+dense_decode_attention.__doc__ = dense_decode_attention.__doc__.format(storage=_STORAGE_DOC)
 
 
 def combine(outs: jax.Array, lses: jax.Array, axis: int = 0):

@@ -11,14 +11,16 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from hata_jax import checks, explicit
+from hata_jax import checks, explicit, kv_storage
+from hata_jax.attention import head_major
 from hata_jax.config import check_rbit
 from hata_jax.hashing import check_projection, encode, key_norms
 
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["k", "v", "codes", "norms", "lengths", "starts", "overflow", "uncoded"],
+    data_fields=["k", "v", "codes", "norms", "lengths", "starts", "overflow", "uncoded", "page_table", "k_scale",
+                 "v_scale"],
     meta_fields=["seq_axis"],
 )
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +46,14 @@ class HataCache:
         dense layer may do; its code is left zero, its norm is stored). The codes cannot select
         over such a sequence: :func:`hata_decode_attention` raises at once outside `jit` and
         returns NaN for it inside.
+      page_table: None, or int32[B, pages_per_sequence]: k and v are page pools
+        `[pages, Hkv, page_size, D]` (`seq_axis` 2) or `[pages, page_size, Hkv, D]` (`seq_axis` 1)
+        shared by the batch, and sequence b's position p is row `p % page_size` of page
+        `page_table[b, p // page_size]` (see :mod:`hata_jax.kv_storage`); S_max is then
+        `pages_per_sequence x page_size`. The codes and norms stay one row per sequence.
+      k_scale, v_scale: None (float k and v), or the float32 scales of quantized (int8 or fp8)
+        k and v: one per row and KV head (k's shape without D; a new token is quantized by its
+        absmax) or one per KV head ([Hkv], fixed).
       seq_axis: static, the sequence axis of k and v (2 or 1).
 
     Capacity overflow: a write never wraps around or overwrites a token. With concrete lengths
@@ -62,6 +72,9 @@ class HataCache:
     starts: jax.Array
     overflow: jax.Array
     uncoded: jax.Array
+    page_table: jax.Array | None = None
+    k_scale: jax.Array | None = None
+    v_scale: jax.Array | None = None
     seq_axis: int = 2
 
     @classmethod
@@ -131,51 +144,69 @@ class HataCache:
         *,
         starts: jax.Array | None = None,
         seq_axis: int = 2,
+        page_table: jax.Array | None = None,
+        k_scale: jax.Array | None = None,
+        v_scale: jax.Array | None = None,
         impl: str = "auto",
     ) -> HataCache:
-        """A cache over the model's own K/V buffers, as they are (no copy of K or V): their keys'
-        codes and norms are computed, and k and v become the cache's `k` and `v`.
+        """A cache over the model's own K/V storage, as it is (no copy of K or V): their keys'
+        codes and norms are computed, and k and v (and the page table and scales) become the
+        cache's.
 
         Args:
-          k, v: the model's post-RoPE key and value buffers, float[B, Hkv, S, D] (`seq_axis` 2)
-            or float[B, S, Hkv, D] (`seq_axis` 1); S is the capacity.
+          k, v: the model's post-RoPE key and value storage (see :mod:`hata_jax.kv_storage`):
+            float[B, Hkv, S, D] (`seq_axis` 2) or float[B, S, Hkv, D] (`seq_axis` 1); with
+            `page_table`, page pools [pages, Hkv, page_size, D] / [pages, page_size, Hkv, D];
+            with `k_scale` and `v_scale`, int8 or fp8 rows.
           w: float[Hkv, D, rbit] the layer's projection.
-          lengths: int[B] in [0, S], the end of each sequence: the next token goes at `lengths[b]`.
+          lengths: int[B] in [0, capacity], the end of each sequence: the next token goes at
+            `lengths[b]`.
           starts: int[B] in [0, lengths[b]], the position of each sequence's first token (a
             left-padded buffer: the padding before it is never attended nor selected); None: 0.
           seq_axis: the sequence axis of k and v, 2 or 1.
+          page_table: int32[B, pages_per_sequence], or None (one buffer per sequence).
+          k_scale, v_scale: float scales of quantized k and v (k's shape without D, or [Hkv]),
+            or None.
 
         Returns:
-          A :class:`HataCache` with `k`, `v`, `lengths` and `starts` as given (None: zeros) and the
-          codes and norms of the tokens `[starts[b], lengths[b])`. Inside `jit`, lengths or starts
-          out of range are clipped and the sequence's `overflow` flag is set.
+          A :class:`HataCache` holding the storage as given, `lengths` and `starts` (None:
+          zeros), and the codes and norms of the tokens `[starts[b], lengths[b])` (of their
+          dequantized keys). Inside `jit`, lengths or starts out of range are clipped and the
+          sequence's `overflow` flag is set; so is it for a held token on a page the table does
+          not hold.
         """
         seq_axis = checks.check_seq_axis(seq_axis)
         k, v, w = checks.as_array(k, "k"), checks.as_array(v, "v"), checks.as_array(w, "w")
-        layout = checks.CACHE_LAYOUTS[seq_axis]
-        for name, x in (("k", k), ("v", v)):
-            checks.check_rank(x, 4, name, layout)
-            checks.check_floating(x, name)
-        if tuple(v.shape) != tuple(k.shape):
-            raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
-        kv_heads, _, _ = check_projection(w, k.shape[3])
-        if kv_heads != k.shape[3 - seq_axis]:
-            raise ValueError(f"k must be {layout} with {kv_heads} KV heads (those of w {tuple(w.shape)}), got shape "
-                             f"{tuple(k.shape)}" + (f" (pass seq_axis={3 - seq_axis})" if k.shape[seq_axis] == kv_heads
-                                                    else ""))
-        checks.check_finite(w, "w")
-        batch, capacity = k.shape[0], k.shape[seq_axis]
+        page_table = None if page_table is None else checks.as_array(page_table, "page_table", "int")
+        k_scale = None if k_scale is None else checks.as_array(k_scale, "k_scale")
+        v_scale = None if v_scale is None else checks.as_array(v_scale, "v_scale")
         lengths = checks.as_array(lengths, "lengths", "int")
-        checks.check_lengths(lengths, batch, capacity)
+        checks.check_rank(lengths, 1, "lengths", "[batch]")
+        batch = lengths.shape[0]
+        storage = dict(seq_axis=seq_axis, page_table=page_table, k_scale=k_scale, v_scale=v_scale)
+        shape = kv_storage.check_storage(k, v, batch=batch, batch_of="lengths", **storage)
+        kv_heads, _, _ = check_projection(w, shape.head_dim)
+        if kv_heads != shape.kv_heads:
+            layout = kv_storage.storage_layout(page_table is not None, seq_axis)
+            raise ValueError(f"k must be {layout} with {kv_heads} KV heads (those of w {tuple(w.shape)}), got shape "
+                             f"{tuple(k.shape)}" + (f" (pass seq_axis={3 - seq_axis})"
+                                                    if k.shape[seq_axis] == kv_heads else ""))
+        checks.check_finite(w, "w")
+        checks.check_lengths(lengths, batch, shape.capacity)
         starts = jnp.zeros((batch,), jnp.int32) if starts is None else checks.as_array(starts, "starts", "int")
-        checks.check_starts(starts, lengths, batch, capacity)
-        kv = _kv_layout(seq_axis)
-        return explicit.per_shard(functools.partial(_from_kv, seq_axis=seq_axis, impl=impl),
-                                  (k, v, w, lengths, starts), (kv, kv, "h..", "b", "b"), cache_layout(seq_axis))
+        checks.check_starts(starts, lengths, batch, shape.capacity)
+        if page_table is not None and checks.is_concrete(page_table):
+            check_pages_held(np.asarray(page_table), np.asarray(starts), np.asarray(lengths), shape.page_size,
+                             k.shape[0])
+        layout = cache_layout(seq_axis, paged=page_table is not None,
+                              scales_shape=None if k_scale is None else jnp.shape(k_scale))
+        layouts = (layout.k, layout.v, "h..", "b", "b", layout.page_table, layout.k_scale, layout.v_scale)
+        return explicit.per_shard(functools.partial(_from_kv, seq_axis=seq_axis, impl=impl, shape=shape),
+                                  (k, v, w, lengths, starts, page_table, k_scale, v_scale), layouts, layout)
 
     @property
     def batch(self) -> int:
-        return self.k.shape[0]
+        return self.lengths.shape[0]
 
     @property
     def kv_heads(self) -> int:
@@ -183,7 +214,25 @@ class HataCache:
 
     @property
     def capacity(self) -> int:
-        return self.k.shape[self.seq_axis]
+        """Positions a sequence can hold (pages_per_sequence x page_size for a paged cache)."""
+        return self.storage_shape.capacity
+
+    @property
+    def storage_shape(self) -> kv_storage.KVShape:
+        page_size = self.k.shape[self.seq_axis] if self.page_table is not None else 0
+        capacity = self.page_table.shape[1] * page_size if page_size else self.k.shape[self.seq_axis]
+        return kv_storage.KVShape(self.kv_heads, self.head_dim, capacity, page_size)
+
+    @property
+    def storage(self) -> dict:
+        """The keywords that describe k and v to the attention ops (:mod:`hata_jax.kv_storage`)."""
+        return dict(seq_axis=self.seq_axis, page_table=self.page_table, k_scale=self.k_scale, v_scale=self.v_scale)
+
+    @property
+    def layout(self) -> HataCache:
+        """The layout strings of the fields (:func:`cache_layout`)."""
+        return cache_layout(self.seq_axis, paged=self.page_table is not None,
+                            scales_shape=None if self.k_scale is None else jnp.shape(self.k_scale))
 
     @property
     def head_dim(self) -> int:
@@ -251,7 +300,10 @@ class HataCache:
         :mod:`hata_jax.explicit`); k, v and w are resharded to the cache's layout.
         """
         k, v, w, lengths = self.check_prompt(k, v, w, lengths)
-        layout, kv = cache_layout(self.seq_axis), _kv_layout(self.seq_axis)
+        if self.page_table is not None and checks.is_concrete(self.page_table):
+            check_pages_held(np.asarray(self.page_table), np.zeros(self.batch, int), np.asarray(lengths),
+                             self.storage_shape.page_size, self.k.shape[0])
+        layout, kv = self.layout, _kv_layout(self.seq_axis)
         return explicit.per_shard(functools.partial(_prefill, impl=impl), (self, k, v, w, lengths),
                                   (layout, kv, kv, None if w is None else "h..", "b"), layout)
 
@@ -308,7 +360,11 @@ class HataCache:
                     f"cache overflow: sequences {np.flatnonzero(bad).tolist()} hold lengths "
                     f"{lengths[bad].tolist()}, outside [0, capacity={self.capacity})"
                 )
-        layout = cache_layout(self.seq_axis)
+        if self.page_table is not None and checks.is_concrete(self.page_table) and checks.is_concrete(self.lengths):
+            lengths = np.asarray(self.lengths)
+            check_pages_held(np.asarray(self.page_table), lengths, lengths + 1, self.storage_shape.page_size,
+                             self.k.shape[0])
+        layout = self.layout
         return explicit.per_shard(_append, (self, k_new, v_new, k_codes, k_norms),
                                   (layout, "bh.", "bh.", "bh.", "bh"), layout)
 
@@ -323,15 +379,35 @@ class HataCache:
 
 
 def _kv_layout(seq_axis: int) -> str:
-    """The layout string of k and v (see :mod:`hata_jax.explicit`)."""
+    """The layout string of one-buffer-per-sequence k and v, or of tokens laid out as them (see
+    :mod:`hata_jax.explicit`)."""
     return "bh.." if seq_axis == 2 else "b.h."
 
 
-def cache_layout(seq_axis: int = 2) -> HataCache:
-    """The layout of a HataCache's fields (see :mod:`hata_jax.explicit`): batch and KV heads may be split."""
-    kv = _kv_layout(seq_axis)
-    return HataCache(k=kv, v=kv, codes="bh..", norms="bh.", lengths="b", starts="b", overflow="b", uncoded="b",
-                     seq_axis=seq_axis)
+def cache_layout(seq_axis: int = 2, *, paged: bool = False, scales_shape: tuple | None = None) -> HataCache:
+    """The layout of a HataCache's fields (see :mod:`hata_jax.explicit`): batch and KV heads may be
+    split (a page pool by KV heads only); `paged` and `scales_shape` (k_scale's shape, or None)
+    as the cache's."""
+    storage = kv_storage.layouts(seq_axis, paged, scales_shape)
+    return HataCache(codes="bh..", norms="bh.", lengths="b", starts="b", overflow="b", uncoded="b",
+                     seq_axis=seq_axis, **storage)
+
+
+def check_pages_held(page_table, starts, ends, page_size: int, pages: int) -> None:
+    """Raise a ValueError naming the sequences whose positions `[starts[b], ends[b])` (host
+    arrays) lie on a page-table entry outside `[0, pages)` (a page the pool does not hold) or
+    past the table."""
+    bad = []
+    for b, (first, end) in enumerate(zip(starts.tolist(), ends.tolist())):
+        if end <= first:
+            continue
+        needed = np.arange(first // page_size, (end - 1) // page_size + 1)
+        entries = page_table[b, needed[needed < page_table.shape[1]]]
+        if needed[-1] >= page_table.shape[1] or not ((entries >= 0) & (entries < pages)).all():
+            bad.append(b)
+    if bad:
+        raise ValueError(f"page_table: sequences {bad} hold or write positions on pages outside the pool "
+                         f"[0, {pages}) (allocate their pages before writing: page p // {page_size} of position p)")
 
 
 def layout_shardings(out_sharding: NamedSharding | P, name: str, seq_axis: int = 2) -> HataCache:
@@ -363,14 +439,34 @@ def layout_shardings(out_sharding: NamedSharding | P, name: str, seq_axis: int =
 def _tokens_encoded(k, w, rbit: int, seq_axis: int, impl: str):
     """The codes uint32[B, Hkv, T, rbit // 32] (zero for w None) and norms float32[B, Hkv, T]
     of keys k laid out as a cache of `seq_axis`."""
-    head_major = k if seq_axis == 2 else jnp.swapaxes(k, 1, 2)
     if w is None:
-        codes = jnp.zeros((*head_major.shape[:3], rbit // 32), jnp.uint32)
+        codes = jnp.zeros((*head_major(k, seq_axis).shape[:3], rbit // 32), jnp.uint32)
     elif seq_axis == 2:
         codes = encode(k, w, head_axis=1, impl=impl)
     else:
         codes = jnp.swapaxes(encode(k, w, head_axis=2, impl=impl), 1, 2)
-    return codes, key_norms(head_major)
+    return codes, key_norms(head_major(k, seq_axis))
+
+
+def _plain(cache: HataCache) -> bool:
+    """One float buffer per sequence: written with slices, no quantization, no page table."""
+    return cache.page_table is None and cache.k_scale is None
+
+
+def _write_tokens(cache: HataCache, k, v, positions) -> tuple[dict, jax.Array]:
+    """The storage fields with tokens k, v float[B, Hkv, T, D] (head-major) written at positions
+    int[B, T] (quantized as the cache's scales say), and which were written (bool[B, Hkv, T]:
+    a position outside [0, capacity) or on a page outside the pool is dropped)."""
+    fields, where = {}, dict(seq_axis=cache.seq_axis, page_table=cache.page_table, shape=cache.storage_shape)
+    for name, tokens in (("k", k), ("v", v)):
+        buf, scale = getattr(cache, name), getattr(cache, f"{name}_scale")
+        if scale is not None:
+            fixed = scale[None, :, None] if scale.ndim == 1 else None
+            tokens, row_scales = kv_storage.quantize(tokens, buf.dtype, fixed)
+            fields[f"{name}_scale"] = (scale if fixed is not None
+                                       else kv_storage.write_rows(scale, row_scales, positions, **where)[0])
+        fields[name], written = kv_storage.write_rows(buf, tokens, positions, **where)
+    return fields, written
 
 
 def _prefill(cache: HataCache, k, v, w, lengths, *, impl: str) -> HataCache:
@@ -379,61 +475,75 @@ def _prefill(cache: HataCache, k, v, w, lengths, *, impl: str) -> HataCache:
     lengths = lengths.astype(jnp.int32)
     codes, norms = _tokens_encoded(k, w, cache.rbit, cache.seq_axis, impl)
     put = functools.partial(jax.lax.dynamic_update_slice_in_dim, start_index=0)
-    return HataCache(
-        k=put(cache.k, k.astype(cache.k.dtype), axis=cache.seq_axis),
-        v=put(cache.v, v.astype(cache.v.dtype), axis=cache.seq_axis),
+    missed = jnp.zeros_like(cache.overflow)
+    if _plain(cache):
+        fields = dict(k=put(cache.k, k.astype(cache.k.dtype), axis=cache.seq_axis),
+                      v=put(cache.v, v.astype(cache.v.dtype), axis=cache.seq_axis))
+    else:  # only the prompt's tokens: a page past a sequence's end may belong to another
+        j = jnp.arange(t)[None, :]
+        positions = jnp.where(j < lengths[:, None], j, -1)
+        fields, written = _write_tokens(cache, head_major(k, cache.seq_axis), head_major(v, cache.seq_axis),
+                                        positions)
+        missed = jnp.any((positions >= 0)[:, None, :] & ~written, axis=(1, 2))
+    return dataclasses.replace(
+        cache,
+        **fields,
         codes=put(cache.codes, codes, axis=2),
         norms=put(cache.norms, norms, axis=2),
         lengths=jnp.clip(lengths, 0, t),
         starts=jnp.zeros_like(cache.starts),
-        overflow=(lengths > t) | (lengths < 0) | _nonfinite(norms, lengths),
+        overflow=(lengths > t) | (lengths < 0) | _nonfinite(norms, lengths) | missed,
         uncoded=jnp.full((cache.batch,), w is None) & (lengths > 0),
-        seq_axis=cache.seq_axis,
     )
 
 
-def _from_kv(k, v, w, lengths, starts, *, seq_axis: int, impl: str) -> HataCache:
+def _from_kv(k, v, w, lengths, starts, page_table, k_scale, v_scale, *, seq_axis: int, impl: str,
+             shape: kv_storage.KVShape) -> HataCache:
     """:meth:`HataCache.from_kv` on checked arguments: the codes and norms of every position,
-    moved to count from each sequence's start (`starts[b] + j` to `j`)."""
-    capacity = k.shape[seq_axis]
+    counted from each sequence's start (`starts[b] + j` is entry `j`)."""
+    capacity = shape.capacity
     bad = (lengths < 0) | (lengths > capacity) | (starts < 0) | (starts > lengths)
     lengths = jnp.clip(lengths, 0, capacity).astype(jnp.int32)
     starts = jnp.clip(starts, 0, lengths).astype(jnp.int32)
-    codes, norms = _tokens_encoded(k, w, w.shape[2], seq_axis, impl)
     j = jnp.arange(capacity)[None, :]
-    src = jnp.minimum(starts[:, None] + j, capacity - 1)[:, None, :]  # [B, 1, S]
-    held = (j < (lengths - starts)[:, None])[:, None, :]
-    codes = jnp.where(held[..., None], jnp.take_along_axis(codes, src[..., None], axis=2), 0)
-    norms = jnp.where(held, jnp.take_along_axis(norms, src, axis=2), 0.0)
+    held = (j < (lengths - starts)[:, None])[:, None, :]  # [B, 1, S]
+    if page_table is None and k_scale is None:
+        codes, norms = _tokens_encoded(k, w, w.shape[2], seq_axis, impl)
+        src = jnp.minimum(starts[:, None] + j, capacity - 1)[:, None, :]  # [B, 1, S]
+        codes = jnp.take_along_axis(codes, src[..., None], axis=2)
+        norms = jnp.take_along_axis(norms, src, axis=2)
+    else:  # the held keys in order, dequantized (a transient float32 copy of them)
+        positions = jnp.broadcast_to((starts[:, None] + j)[:, None, :], (lengths.shape[0], shape.kv_heads, capacity))
+        keys, read = kv_storage.gather_rows(k, k_scale, positions, seq_axis=seq_axis, page_table=page_table,
+                                            shape=shape, pool_pages=k.shape[0])
+        codes, norms = _tokens_encoded(keys, w, w.shape[2], 2, impl)
+        bad = bad | jnp.any(held & ~read, axis=(1, 2))
+    codes = jnp.where(held[..., None], codes, 0)
+    norms = jnp.where(held, norms, 0.0)
     return HataCache(k=k, v=v, codes=codes, norms=norms, lengths=lengths, starts=starts,
                      overflow=bad | _nonfinite(norms, lengths - starts), uncoded=jnp.zeros_like(bad),
-                     seq_axis=seq_axis)
+                     page_table=page_table, k_scale=k_scale, v_scale=v_scale, seq_axis=seq_axis)
 
 
 def _append(cache: HataCache, k_new, v_new, k_codes, k_norms) -> HataCache:
     """:meth:`HataCache.append_encoded` on checked arguments."""
     rows = jnp.arange(cache.batch)
-    ok = (cache.lengths >= 0) & (cache.lengths < cache.capacity)
-    pos = jnp.where(ok, cache.lengths, cache.capacity)  # capacity: an out-of-bounds write, dropped
+    in_range = (cache.lengths >= 0) & (cache.lengths < cache.capacity)
+    pos = jnp.where(in_range, cache.lengths, -1)  # -1: an out-of-bounds write, dropped
+    fields, written = _write_tokens(cache, k_new[:, :, None], v_new[:, :, None], pos[:, None])
+    ok = in_range & jnp.all(written, axis=(1, 2))
     held = jnp.where(ok, cache.lengths - cache.starts, cache.capacity)  # the position in codes and norms
-
-    def put_token(buf, val):
-        at = buf.at[rows, :, pos] if cache.seq_axis == 2 else buf.at[rows, pos]
-        return at.set(val.astype(buf.dtype), mode="drop")
 
     def put_code(buf, val):
         return buf.at[rows, :, held].set(val, mode="drop")
 
-    return HataCache(
-        k=put_token(cache.k, k_new),
-        v=put_token(cache.v, v_new),
+    return dataclasses.replace(
+        cache,
+        **fields,
         codes=put_code(cache.codes, k_codes),
         norms=put_code(cache.norms, k_norms),
         lengths=jnp.where(ok, cache.lengths + 1, jnp.clip(cache.lengths, 0, cache.capacity)),
-        starts=cache.starts,
         overflow=cache.overflow | ~ok | jnp.any(~jnp.isfinite(k_norms), axis=1),
-        uncoded=cache.uncoded,
-        seq_axis=cache.seq_axis,
     )
 
 

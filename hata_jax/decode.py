@@ -5,8 +5,8 @@ import jax
 import jax.numpy as jnp
 
 from hata_jax import checks, explicit
-from hata_jax.attention import check_kernel_layout, scale_or_default, sparse_decode_attention
-from hata_jax.cache import HataCache, cache_layout
+from hata_jax.attention import scale_or_default, sparse_decode_attention
+from hata_jax.cache import HataCache
 from hata_jax.config import HataConfig
 from hata_jax.hashing import encode_step
 from hata_jax.rerank import rerank_candidates
@@ -29,11 +29,12 @@ def hata_decode_attention(
     Args:
       q: float[B, Hq, D] post-RoPE queries of the step.
       k_new, v_new: float[B, Hkv, D] the step's post-RoPE key and value.
-      cache: the layer's :class:`HataCache` (donate it to the jitted step), in either layout and
-        left-padded or not (e.g. :meth:`HataCache.from_kv` over the model's own K/V buffers): the
-        new token is written at `lengths[b]` of its k and v, and the selection and attention read
-        the positions `[starts[b], lengths[b])`. A sequence-major cache (`seq_axis` 1) runs on
-        the reference path only so far (`impl="reference"`).
+      cache: the layer's :class:`HataCache` (donate it to the jitted step), over any storage
+        (:mod:`hata_jax.kv_storage`: either layout, paged or not, float or quantized) and
+        left-padded or not (e.g. :meth:`HataCache.from_kv` over the model's own K/V storage):
+        the new token is written at `lengths[b]` of its k and v (quantized as the cache's
+        scales say), and the selection and attention read the positions `[starts[b],
+        lengths[b])` in place.
       w: float[Hkv, D, rbit] the layer's projection (rbit must match `config.rbit` and the cache).
       config: static :class:`HataConfig`.
       scale: logit scale, default `1 / sqrt(D)`.
@@ -61,8 +62,6 @@ def hata_decode_attention(
     scale = scale_or_default(scale, q.shape[-1])
     cache.check_tokens(k_new, v_new, w, 0)
     cache.raise_if_uncoded()
-    if impl == "pallas":  # before any kernel is traced (a left-padded cache is fine: see `run`)
-        check_kernel_layout("hata_decode_attention", cache.seq_axis)
 
     def run(q, k_new, v_new, cache, w):
         q_codes, k_codes, k_norms = encode_step(q, k_new, w, impl=impl)
@@ -76,13 +75,14 @@ def hata_decode_attention(
         if picked > config.budget:  # two-stage: the candidates' exact scores pick the budget
             idx, count = rerank_candidates(q, cache.k, idx, count, lengths, config.budget, scale=scale,
                                            sink=config.sink, recent=config.recent, offsets=cache.starts,
-                                           seq_axis=cache.seq_axis)
+                                           seq_axis=cache.seq_axis, page_table=cache.page_table,
+                                           k_scale=cache.k_scale)
         idx = jnp.where(idx >= 0, idx + cache.starts[:, None, None], idx)
-        out = sparse_decode_attention(q, cache.k, cache.v, idx, count, scale=scale, seq_axis=cache.seq_axis, impl=impl)
+        out = sparse_decode_attention(q, cache.k, cache.v, idx, count, scale=scale, impl=impl, **cache.storage)
         out = jnp.where((cache.overflow | cache.uncoded)[:, None, None], jnp.nan, out).astype(q.dtype)
         return out, cache
 
     # Under an explicit mesh the whole step runs once per device on its (batch, KV head) rows.
-    layout = cache_layout(cache.seq_axis)
+    layout = cache.layout
     return explicit.per_shard(run, (q, k_new, v_new, cache, w), ("bh.", "bh.", "bh.", layout, "h.."), ("bh.", layout),
                               lead=3)

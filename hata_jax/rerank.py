@@ -11,20 +11,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from hata_jax import checks
-from hata_jax.attention import head_major
+from hata_jax import checks, kv_storage
 from pallas_kernels.backend import check_sink_recent
 
 
-def _check_args(q, k, positions, count, lengths, budget, offsets, seq_axis: int):
+def _check_args(q, k, positions, count, lengths, budget, offsets, storage: dict) -> kv_storage.KVShape:
     checks.check_query(q)
     checks.check_floating(q, "q")
-    checks.check_rank(k, 4, "k", checks.CACHE_LAYOUTS[seq_axis])
-    checks.check_floating(k, "k")
-    checks.check_kv_heads(k, q.shape[1], "k", seq_axis, f"pass seq_axis={3 - seq_axis}")
-    rows = (k.shape[0], k.shape[3 - seq_axis])
-    checks.check_dim(q, 0, rows[0], "q", "batch size")
-    checks.check_dim(q, 2, k.shape[3], "q", "head_dim")
+    shape = kv_storage.check_storage(k, k, batch=q.shape[0], q_heads=q.shape[1], **storage)
+    rows = (q.shape[0], shape.kv_heads)
+    checks.check_dim(q, 2, shape.head_dim, "q", "head_dim")
     checks.check_rank(positions, 3, "positions", "[batch, kv_heads, candidates]")
     checks.check_dtype(positions, [jnp.int32], "positions")
     if tuple(positions.shape[:2]) != rows:
@@ -40,15 +36,17 @@ def _check_args(q, k, positions, count, lengths, budget, offsets, seq_axis: int)
             checks.check_integer(x, name)
     if not 0 < budget <= positions.shape[2]:
         raise ValueError(f"budget must lie in [1, {positions.shape[2]}] (the candidates per row), got {budget}")
+    return shape
 
 
 def rerank_candidates(q, k, positions, count, lengths, budget: int, *, scale: float, sink: int = 0,
-                      recent: int = 0, offsets=None, seq_axis: int = 2):
+                      recent: int = 0, offsets=None, seq_axis: int = 2, page_table=None, k_scale=None):
     """The `budget` best of each row's candidates by their exact group score.
 
     Args:
       q: float[B, Hq, D] the step's queries.
-      k: the cache's keys, float[B, Hkv, S, D] (seq_axis 2) or float[B, S, Hkv, D] (seq_axis 1).
+      k: the cache's keys, read in place: float[B, Hkv, S, D] (seq_axis 2) or float[B, S, Hkv, D]
+        (seq_axis 1), or as `page_table` and `k_scale` say (:mod:`hata_jax.kv_storage`).
       positions: int32[B, Hkv, n] the candidates, ascending, then -1 (as :func:`hata_jax.hamming_topk`
         returns them), counted from each row's start.
       count: int32[B, Hkv] the candidates per row (the same for every KV head of a sequence).
@@ -58,6 +56,8 @@ def rerank_candidates(q, k, positions, count, lengths, budget: int, *, scale: fl
       scale: the attention's logit scale.
       offsets: int32[B] or None: the row's start in k (positions + offsets index k).
       seq_axis: k's sequence axis, 2 or 1.
+      page_table: int32[B, pages_per_sequence] for a paged k, or None.
+      k_scale: the float scales of a quantized k (k's shape without D, or [Hkv]), or None.
 
     Returns:
       (positions int32[B, Hkv, budget] ascending then -1, count int32[B, Hkv] = min(count, budget)),
@@ -69,16 +69,20 @@ def rerank_candidates(q, k, positions, count, lengths, budget: int, *, scale: fl
     positions, count = checks.as_array(positions, "positions", "int"), checks.as_array(count, "count", "int")
     lengths = checks.as_array(lengths, "lengths", "int")
     offsets = None if offsets is None else checks.as_array(offsets, "offsets", "int")
-    seq_axis = checks.check_seq_axis(seq_axis)
+    storage = dict(seq_axis=checks.check_seq_axis(seq_axis),
+                   page_table=None if page_table is None else checks.as_array(page_table, "page_table", "int"),
+                   k_scale=None if k_scale is None else checks.as_array(k_scale, "k_scale"))
     budget = checks.as_int(budget, "budget", 1)
-    _check_args(q, k, positions, count, lengths, budget, offsets, seq_axis)
+    shape = _check_args(q, k, positions, count, lengths, budget, offsets,
+                        dict(storage, v_scale=storage["k_scale"]))
     check_sink_recent(budget, sink, recent)
     batch, hq, d = q.shape
     kv_heads = positions.shape[1]
     valid = jnp.arange(positions.shape[2]) < count[..., None]
     safe = jnp.where(valid, positions, 0)
     rows = safe if offsets is None else safe + offsets[:, None, None]
-    keys = jnp.take_along_axis(head_major(k, seq_axis), rows[..., None], axis=2).astype(jnp.float32)  # [B, Hkv, n, D]
+    keys, _ = kv_storage.gather_rows(k, storage["k_scale"], rows, seq_axis=storage["seq_axis"],
+                                     page_table=storage["page_table"], shape=shape, pool_pages=k.shape[0])
     qg = q.reshape(batch, kv_heads, hq // kv_heads, d).astype(jnp.float32)
     logits = jnp.einsum("bhgd,bhnd->bhgn", qg, keys, precision=jax.lax.Precision.HIGHEST) * scale
     probs = jax.nn.softmax(jnp.where(valid[:, :, None], logits, -jnp.inf), axis=-1)

@@ -31,6 +31,8 @@ from jax.experimental.pallas import triton as pltriton
 
 # What every kernel takes: input dtypes and head dims (each kernel raises a ValueError otherwise).
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+# What a quantized K/V cache may hold (with float scales; see flash_decode.CacheSpec).
+QUANTIZED_DTYPES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
 SUPPORTED_HEAD_DIMS = (64, 128)
 MAX_SEQ = 262144  # cache capacity per sequence
 MAX_BUDGET = 8192  # selected tokens per (sequence, KV head)

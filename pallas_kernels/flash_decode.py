@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -84,6 +85,7 @@ from pallas_kernels.backend import (
     MAX_BUDGET,
     MAX_GROUP,
     MAX_SEQ,
+    QUANTIZED_DTYPES,
     SUPPORTED_DTYPES,
     SUPPORTED_HEAD_DIMS,
     dot,
@@ -115,6 +117,42 @@ class Tuning:
             raise ValueError(f"block_k must be a power of two >= 16, got {self.block_k}")
         if self.splits < 1:
             raise ValueError(f"splits must be >= 1, got {self.splits}")
+
+
+_LAYOUTS = {
+    False: {2: "[batch, kv_heads, seq, head_dim]", 1: "[batch, seq, kv_heads, head_dim]"},
+    True: {2: "[pages, kv_heads, page_size, head_dim]", 1: "[pages, page_size, kv_heads, head_dim]"},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheSpec:
+    """How the kernels address a (b, h)'s K/V rows (static).
+
+    Attributes:
+      seq_axis: 2 for k, v laid out [.., kv_heads, seq, head_dim], 1 for [.., seq, kv_heads,
+        head_dim] (the row stride is then kv_heads x head_dim; no copy either way).
+      paged: k, v are page pools [pages, kv_heads, page_size, head_dim] (seq_axis 2) or
+        [pages, page_size, kv_heads, head_dim] (seq_axis 1) shared by the batch, and
+        `page_table` int32[B, pages_per_sequence] maps sequence b's position p to row
+        `p % page_size` of page `page_table[b, p // page_size]`; otherwise k, v are [B, ...].
+      scales: None (k, v in q's dtype), "token" (quantized K/V with float scales laid out as k
+        without head_dim: one per row and KV head) or "head" (float[kv_heads]); a row's value is
+        `scale x stored`.
+      starts: (dense) each sequence's rows begin at `starts[b]` (a left-padded cache).
+    """
+
+    seq_axis: int = 2
+    paged: bool = False
+    scales: str | None = None
+    starts: bool = False
+
+    @classmethod
+    def of(cls, seq_axis: int, page_table, k_scale, starts) -> CacheSpec:
+        if seq_axis not in (1, 2):
+            raise ValueError(f"seq_axis must be 2 or 1, got {seq_axis!r}")
+        scales = None if k_scale is None else "head" if k_scale.ndim == 1 else "token"
+        return cls(seq_axis, page_table is not None, scales, starts is not None)
 
 
 def _sm_count() -> int:
@@ -152,19 +190,26 @@ def sparse_tuning(batch: int, kv_heads: int, budget: int, head_dim: int, dtype) 
     return Tuning(block_k=block_k, splits=_pick_splits(batch * kv_heads, budget, block_k, min_blocks=1))
 
 
-def _softmax_step(q, k, v, valid, carry, scale: float):
+def _softmax_step(q, rows: Rows, carry, scale: float):
     """One online-softmax update of a group's query rows with one block of K/V rows.
 
-    q: [GROUP_ROWS, D]; k, v: [block_k, D] (masked rows loaded as 0); valid: bool[block_k];
-    carry: (acc float32[GROUP_ROWS, D], m float32[GROUP_ROWS], l float32[GROUP_ROWS]).
+    q: [GROUP_ROWS, D]; rows: the block's K/V rows (masked rows loaded as 0); carry: (acc
+    float32[GROUP_ROWS, D], m float32[GROUP_ROWS], l float32[GROUP_ROWS]). Quantized K/V are
+    converted to q's dtype (exact for int8 and fp8 into bf16, fp16 or fp32) and their scales
+    applied to the logits' columns and the probabilities' columns: `q . (s_k k) = s_k (q . k)`
+    and `p (s_v v) = (p s_v) v`, two multiplies on [GROUP_ROWS, block_k] tiles.
     """
     acc, m, l = carry
+    k, v = rows.k.astype(q.dtype), rows.v.astype(q.dtype)
     logits = dot(q, k, trans_b=True, precision=lax.Precision.HIGHEST) * scale
-    logits = jnp.where(valid[None, :], logits, -jnp.inf)
+    if rows.k_scale is not None:
+        logits = logits * rows.k_scale[None, :]
+    logits = jnp.where(rows.read[None, :], logits, -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(logits, axis=1))
     rescale = jnp.exp(m - m_new)
     p = jnp.exp(logits - m_new[:, None])
-    pv = dot(p.astype(v.dtype), v, precision=lax.Precision.HIGHEST)
+    weights = p if rows.v_scale is None else p * rows.v_scale[None, :]
+    pv = dot(weights.astype(v.dtype), v, precision=lax.Precision.HIGHEST)
     return rescale[:, None] * acc + pv, m_new, rescale * l + jnp.sum(p, axis=1)
 
 
@@ -186,9 +231,9 @@ def _attend_blocks(q_ref, n, load_block, out_refs, *, scale, block_k, splits, gr
     """This program's split of the first `n` (traced scalar) rows.
 
     Writes its (acc, m, l) partials to out_refs, or with one split the final (out[, lse]).
-    load_block(start, valid) -> (k, v, read): the K/V rows of slots `start + arange(block_k)`,
-    masked by `valid` (masked rows are not read and come back as 0), and which rows were read;
-    a valid slot that was not read (a sparse position outside the cache) makes the partials
+    load_block(start, valid) -> Rows: the K/V rows of slots `start + arange(block_k)`, masked by
+    `valid` (masked rows are not read and come back as 0); a valid slot that was not read (a
+    sparse position outside the cache, or on a page the table does not hold) makes the partials
     NaN, so that (b, h)'s output is NaN.
     """
     blocks_per_split = pl.cdiv(pl.cdiv(n, block_k), splits)
@@ -201,10 +246,10 @@ def _attend_blocks(q_ref, n, load_block, out_refs, *, scale, block_k, splits, gr
     def body(block, carry):
         start = block * block_k
         valid = start + jnp.arange(block_k) < n
-        k, v, inside = load_block(start, valid)
+        block_rows = load_block(start, valid)
         *state, bad = carry
-        state = _softmax_step(q, k, v, inside, tuple(state), scale)
-        return (*state, bad + jnp.sum((valid & ~inside).astype(jnp.int32)))
+        state = _softmax_step(q, block_rows, tuple(state), scale)
+        return (*state, bad + jnp.sum((valid & ~block_rows.read).astype(jnp.int32)))
 
     init = (
         jnp.zeros((GROUP_ROWS, head_dim), jnp.float32),
@@ -223,37 +268,111 @@ def _attend_blocks(q_ref, n, load_block, out_refs, *, scale, block_k, splits, gr
     pltriton.store(l_ref.at[pl.ds(0, GROUP_ROWS)], l, mask=rows)
 
 
-def _load_contiguous(k_ref, v_ref, start, valid, *, block_k):
-    """Rows `start .. start + block_k` of the cache."""
-    rows = pl.ds(start, block_k)
-    k = pltriton.load(k_ref.at[rows, :], mask=valid[:, None], other=0)
-    v = pltriton.load(v_ref.at[rows, :], mask=valid[:, None], other=0)
-    return k, v, valid
+class Rows(NamedTuple):
+    """One block of K/V rows in a kernel: k, v [block_k, D] in the cache's dtype (rows not read
+    are 0); k_scale, v_scale float32[block_k] (a quantized cache) or None; read bool[block_k]."""
+
+    k: jax.Array
+    v: jax.Array
+    k_scale: jax.Array | None
+    v_scale: jax.Array | None
+    read: jax.Array
 
 
-def _load_gathered(idx_ref, k_ref, v_ref, start, valid, *, block_k):
-    """Rows `idx[start .. start + block_k]` of the cache and which of them were read: slots past
-    the count and positions outside [0, S) are not read (the caller poisons the latter)."""
-    positions = pltriton.load(idx_ref.at[pl.ds(start, block_k)], mask=valid, other=0)
-    inside = valid & (positions >= 0) & (positions < k_ref.shape[0])
+class CacheRefs(NamedTuple):
+    """A program's view of the cache (see :class:`CacheSpec`): k, v [S, D] (this (b, h)'s rows) or
+    [pages, page_size, D] (this KV head's page pool); page_table [pages_per_sequence] (paged) or
+    None; k_scale, v_scale [S] / [pages, page_size] ("token"), [] ("head") or None."""
+
+    page_table: Any
+    k: Any
+    v: Any
+    k_scale: Any
+    v_scale: Any
+
+    @classmethod
+    def take(cls, refs, spec: CacheSpec):
+        """(CacheRefs, the remaining refs) from a kernel's refs in :func:`_cache_operands`' order."""
+        refs = list(refs)
+        page_table = refs.pop(0) if spec.paged else None
+        k, v = refs.pop(0), refs.pop(0)
+        k_scale, v_scale = (refs.pop(0), refs.pop(0)) if spec.scales else (None, None)
+        return cls(page_table, k, v, k_scale, v_scale), refs
+
+    def capacity(self) -> int:
+        """Positions a sequence can hold: S, or pages_per_sequence x page_size."""
+        return self.page_table.shape[0] * self.k.shape[1] if self.page_table is not None else self.k.shape[0]
+
+    def scales(self, spec: CacheSpec, index, read, block_k: int):
+        """(k_scale, v_scale) float32[block_k] of the rows at `index` (None for a float cache)."""
+        if spec.scales is None:
+            return None, None
+        if spec.scales == "head":
+            return tuple(jnp.full((block_k,), ref[...].astype(jnp.float32)) for ref in (self.k_scale, self.v_scale))
+        return tuple(pltriton.load(ref.at[index], mask=read, other=0).astype(jnp.float32)
+                     for ref in (self.k_scale, self.v_scale))
+
+
+def _zero(ref):
+    """A masked load's fill value of ref's dtype (an int 0 does not cast to fp8 in Triton)."""
+    return 0 if jnp.issubdtype(ref.dtype, jnp.integer) else 0.0
+
+
+def _load_contiguous(cache: CacheRefs, spec: CacheSpec, first, valid, *, block_k):
+    """Rows `first .. first + block_k` of an unpaged cache."""
+    rows = pl.ds(first, block_k)
+    k = pltriton.load(cache.k.at[rows, :], mask=valid[:, None], other=_zero(cache.k))
+    v = pltriton.load(cache.v.at[rows, :], mask=valid[:, None], other=_zero(cache.v))
+    return Rows(k, v, *cache.scales(spec, rows, valid, block_k), valid)
+
+
+def _load_positions(cache: CacheRefs, spec: CacheSpec, positions, valid, *, block_k):
+    """The rows at `positions` int32[block_k], and which were read: slots not `valid`, positions
+    outside [0, capacity) and (paged) positions whose page-table entry is outside the pool are
+    not read (the caller poisons the latter two)."""
+    inside = valid & (positions >= 0) & (positions < cache.capacity())
     positions = jnp.where(inside, positions, 0)
-    # Both dims as index arrays: the interpreter cannot discharge a masked gather mixed with a
-    # slice; on the GPU this is the same pointer tensor as `k_ref.at[positions, :]`.
-    rows, cols = positions[:, None], jnp.arange(k_ref.shape[-1])[None, :]
-    k = pltriton.load(k_ref.at[rows, cols], mask=inside[:, None], other=0)
-    v = pltriton.load(v_ref.at[rows, cols], mask=inside[:, None], other=0)
-    return k, v, inside
+    columns = jnp.arange(cache.k.shape[-1])[None, :]
+    if spec.paged:
+        page_size = cache.k.shape[1]
+        page = pltriton.load(cache.page_table.at[positions // page_size], mask=inside, other=-1)
+        inside = inside & (page >= 0) & (page < cache.k.shape[0])
+        page, offset = jnp.where(inside, page, 0), jnp.where(inside, positions % page_size, 0)
+        index, scale_index = (page[:, None], offset[:, None], columns), (page, offset)
+    else:
+        # Both dims as index arrays: the interpreter cannot discharge a masked gather mixed with
+        # a slice; on the GPU this is the same pointer tensor as `k.at[positions, :]`.
+        index, scale_index = (positions[:, None], columns), positions
+    k = pltriton.load(cache.k.at[index], mask=inside[:, None], other=_zero(cache.k))
+    v = pltriton.load(cache.v.at[index], mask=inside[:, None], other=_zero(cache.v))
+    return Rows(k, v, *cache.scales(spec, scale_index, inside, block_k), inside)
 
 
-def _dense_kernel(q_ref, lengths_ref, k_ref, v_ref, *out_refs, **kw):
-    n = jnp.clip(lengths_ref[...], 0, k_ref.shape[0])
-    load = functools.partial(_load_contiguous, k_ref, v_ref, block_k=kw["block_k"])
-    _attend_blocks(q_ref, n, load, out_refs, **kw)
+def _dense_kernel(q_ref, lengths_ref, *refs, spec: CacheSpec, **kw):
+    if spec.starts:
+        starts_ref, *refs = refs
+    cache, out_refs = CacheRefs.take(refs, spec)
+    end = jnp.clip(lengths_ref[...], 0, cache.capacity())
+    first = jnp.clip(starts_ref[...], 0, end) if spec.starts else 0
+    if spec.paged:
+        def load(start, valid):
+            return _load_positions(cache, spec, first + start + jnp.arange(kw["block_k"]), valid,
+                                   block_k=kw["block_k"])
+    else:
+        def load(start, valid):
+            return _load_contiguous(cache, spec, first + start, valid, block_k=kw["block_k"])
+    _attend_blocks(q_ref, end - first, load, out_refs, **kw)
 
 
-def _sparse_kernel(q_ref, count_ref, idx_ref, k_ref, v_ref, *out_refs, **kw):
+def _sparse_kernel(q_ref, count_ref, idx_ref, *refs, spec: CacheSpec, **kw):
+    cache, out_refs = CacheRefs.take(refs, spec)
     n = jnp.clip(count_ref[...], 0, idx_ref.shape[0])
-    load = functools.partial(_load_gathered, idx_ref, k_ref, v_ref, block_k=kw["block_k"])
+    block_k = kw["block_k"]
+
+    def load(start, valid):
+        positions = pltriton.load(idx_ref.at[pl.ds(start, block_k)], mask=valid, other=0)
+        return _load_positions(cache, spec, positions, valid, block_k=block_k)
+
     _attend_blocks(q_ref, n, load, out_refs, **kw)
 
 
@@ -323,26 +442,45 @@ def _combine_splits(acc, m, l, *, dtype, return_lse, interpret, name):
     )(acc, m, l)
 
 
-def _check_supported(q, k, v) -> int:
-    """Raise ValueError for q/k/v these kernels do not take; returns the group size."""
+def _check_supported(q, k, v, spec: CacheSpec, page_table, k_scale, v_scale) -> tuple[int, int]:
+    """Raise ValueError for arguments these kernels do not take; returns (group size, capacity)."""
+    layout = _LAYOUTS[spec.paged][spec.seq_axis]
     if q.ndim != 3 or k.ndim != 4 or v.shape != k.shape:
-        raise ValueError(f"need q [B, Hq, D] and k, v [B, Hkv, S, D]; got {q.shape}, {k.shape}, {v.shape}")
-    batch, kv_heads, seq, head_dim = k.shape
-    if q.shape[0] != batch or q.shape[2] != head_dim or kv_heads < 1 or q.shape[1] % kv_heads:
-        raise ValueError(f"q {q.shape} does not match k {k.shape}")
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"{name} dtype {x.dtype} not supported (bf16, fp16, fp32)")
-    if not q.dtype == k.dtype == v.dtype:
-        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise ValueError(f"need q [B, Hq, D] and k, v {layout}; got {q.shape}, {k.shape}, {v.shape}")
+    batch, kv_heads, seq, head_dim = q.shape[0], k.shape[3 - spec.seq_axis], k.shape[spec.seq_axis], k.shape[3]
+    if q.shape[2] != head_dim or kv_heads < 1 or q.shape[1] % kv_heads or (not spec.paged and k.shape[0] != batch):
+        raise ValueError(f"q {q.shape} does not match k {k.shape} ({layout})")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"q dtype {q.dtype} not supported (bf16, fp16, fp32)")
+    if v.dtype != k.dtype:
+        raise ValueError(f"k and v must share a dtype, got {k.dtype}, {v.dtype}")
+    if spec.scales is None and k.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share a dtype (or k, v be quantized with scales), got {q.dtype}, {k.dtype}")
+    if spec.scales is not None:
+        if v_scale is None:
+            raise ValueError("k_scale and v_scale must be given together")
+        if k.dtype not in SUPPORTED_DTYPES + QUANTIZED_DTYPES:
+            raise ValueError(f"k dtype {k.dtype} not supported (int8, fp8 e4m3 / e5m2, bf16, fp16, fp32)")
+        shape = k.shape[:3] if spec.scales == "token" else (kv_heads,)
+        for name, x in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if x.shape != shape or not jnp.issubdtype(x.dtype, jnp.floating):
+                raise ValueError(f"{name} must be float{list(shape)}, got {x.dtype}{list(x.shape)}")
     if head_dim not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"head_dim {head_dim} not supported {SUPPORTED_HEAD_DIMS}")
     group = q.shape[1] // kv_heads
     if not 1 <= group <= MAX_GROUP:
         raise ValueError(f"group size {group} not supported (1 to {MAX_GROUP})")
-    if not 1 <= seq <= MAX_SEQ:
-        raise ValueError(f"sequence capacity {seq} not supported (1 to {MAX_SEQ})")
-    return group
+    capacity = seq
+    if spec.paged:
+        if page_table.ndim != 2 or page_table.shape[0] != batch or page_table.dtype != jnp.int32:
+            raise ValueError(f"page_table must be int32[{batch}, pages_per_sequence], got "
+                             f"{page_table.dtype}{list(page_table.shape)}")
+        capacity = page_table.shape[1] * seq
+        if k.size >= 2**31:  # a KV head's pool is addressed with int32 offsets inside the kernel
+            raise ValueError(f"a page pool of {k.size} elements is not supported (at most 2**31 - 1)")
+    if not 1 <= capacity <= MAX_SEQ:
+        raise ValueError(f"sequence capacity {capacity} not supported (1 to {MAX_SEQ})")
+    return group, capacity
 
 
 def _head_block(x):
@@ -351,19 +489,42 @@ def _head_block(x):
     return pl.BlockSpec((None,) * lead + x.shape[lead:], lambda b, h, s: (b, h)[:lead] + (0,) * (x.ndim - lead))
 
 
+def _cache_block(shape, spec: CacheSpec):
+    """Program (b, h, s)'s part of k, v or a token scale laid out as `spec`: the whole KV head h,
+    of sequence b ([S, (D)]) or of the page pool ([pages, page_size, (D)])."""
+    head = 3 - spec.seq_axis
+
+    def role(axis):
+        return "h" if axis == head else "b" if axis == 0 and not spec.paged else "."
+
+    block = tuple(None if role(a) != "." else size for a, size in enumerate(shape))
+    return pl.BlockSpec(block, lambda b, h, s: tuple({"h": h, "b": b, ".": 0}[role(a)] for a in range(len(shape))))
+
+
+def _cache_operands(spec: CacheSpec, k, v, page_table, k_scale, v_scale):
+    """The kernel's cache operands and their BlockSpecs, in :meth:`CacheRefs.take`'s order."""
+    operands = [(page_table, pl.BlockSpec((None, page_table.shape[1]), lambda b, h, s: (b, 0)))] if spec.paged else []
+    operands += [(x, _cache_block(x.shape, spec)) for x in (k, v)]
+    if spec.scales == "token":
+        operands += [(x.astype(jnp.float32), _cache_block(x.shape, spec)) for x in (k_scale, v_scale)]
+    elif spec.scales == "head":
+        operands += [(x.astype(jnp.float32), pl.BlockSpec((None,), lambda b, h, s: (h,))) for x in (k_scale, v_scale)]
+    return operands
+
+
 def _split_block(shape):
     """Program (b, h, s)'s GROUP_ROWS query rows of a `[B, Hkv, splits, G, (D)]` result."""
     trailing = (0,) * (len(shape) - 4)
     return pl.BlockSpec((None, None, None, GROUP_ROWS, *shape[4:]), lambda b, h, s: (b, h, s, 0, *trailing))
 
 
-def _decode(kernel, q, row_inputs, *, group, tuning, scale, return_lse, interpret, name):
+def _decode(kernel, q, row_inputs, cache_operands, *, kv_heads, group, tuning, scale, return_lse, interpret, name):
     """Launch `kernel` on grid (B, Hkv, splits), then the combine if splits > 1.
 
-    row_inputs: the raw `lengths [B]` or `count [B, Hkv]`, then per-(b, h) arrays [B, Hkv, ...].
+    row_inputs: per-sequence or per-(b, h) arrays [B, ...] / [B, Hkv, ...] (the raw `lengths`
+    and `starts`, or `count` and `idx`); cache_operands: (array, BlockSpec) pairs.
     """
-    batch, kv_heads = row_inputs[-1].shape[:2]
-    head_dim = q.shape[-1]
+    batch, head_dim = q.shape[0], q.shape[-1]
     splits = tuning.splits
     lead = (batch, kv_heads, splits)
     if splits == 1:
@@ -381,47 +542,59 @@ def _decode(kernel, q, row_inputs, *, group, tuning, scale, return_lse, interpre
         in_specs=[
             pl.BlockSpec((None, None, GROUP_ROWS, head_dim), lambda b, h, s: (b, h, 0, 0)),
             *[_head_block(x) for x in row_inputs],
+            *[spec for _, spec in cache_operands],
         ],
         out_specs=[_split_block(x.shape) for x in out_shape],
         num_warps=tuning.num_warps,
         num_stages=tuning.num_stages,
         interpret=interpret,
         name=name,
-    )(q.reshape(batch, kv_heads, group, head_dim), *row_inputs)
+    )(q.reshape(batch, kv_heads, group, head_dim), *row_inputs, *[x for x, _ in cache_operands])
     if splits > 1:
         results = _combine_splits(*results, dtype=q.dtype, return_lse=return_lse, interpret=interpret, name=name)
     out = results[0].reshape(q.shape)
     return (out, results[1].reshape(q.shape[:2])) if return_lse else out
 
 
-def dense_decode_attention(q, k, v, lengths, *, scale: float, return_lse: bool, interpret: bool = False,
+def dense_decode_attention(q, k, v, lengths, *, scale: float, return_lse: bool, starts=None, seq_axis: int = 2,
+                           page_table=None, k_scale=None, v_scale=None, interpret: bool = False,
                            tuning: Tuning | None = None):
-    """Attention of each query head over the first `lengths[b]` cached rows of its KV head.
+    """Attention of each query head over the cached rows `[starts[b], lengths[b])` of its KV head.
 
-    q: [B, Hq, D]; k, v: [B, Hkv, S, D]; lengths: int32[B] (clipped to [0, S]).
+    q: [B, Hq, D]; k, v: the cache as `CacheSpec.of` describes it (seq_axis, page_table,
+    k_scale, v_scale); lengths: int32[B] (clipped to [0, capacity]); starts: int32[B] (clipped
+    to [0, lengths[b]]) or None (0).
     Returns out [B, Hq, D] in q's dtype, and lse float32[B, Hq] if `return_lse`
-    (a sequence of length 0 gets out 0, lse -inf).
+    (a sequence with no rows gets out 0, lse -inf; a row on a page outside the pool, NaN).
     """
-    group = _check_supported(q, k, v)
-    batch, kv_heads, seq, head_dim = k.shape
-    if lengths.shape != (batch,):
-        raise ValueError(f"lengths must have shape ({batch},), got {lengths.shape}")
-    tuning = tuning or dense_tuning(batch, kv_heads, seq, head_dim, k.dtype)
-    return _decode(_dense_kernel, q, (lengths.astype(jnp.int32), k, v), group=group, tuning=tuning, scale=scale,
-                   return_lse=return_lse, interpret=interpret, name="hata_dense_decode")
+    spec = CacheSpec.of(seq_axis, page_table, k_scale, starts)
+    group, capacity = _check_supported(q, k, v, spec, page_table, k_scale, v_scale)
+    batch, kv_heads = q.shape[0], k.shape[3 - seq_axis]
+    rows = [lengths] + ([] if starts is None else [starts])
+    for name, x in zip(("lengths", "starts"), rows):
+        if x.shape != (batch,):
+            raise ValueError(f"{name} must have shape ({batch},), got {x.shape}")
+    tuning = tuning or dense_tuning(batch, kv_heads, capacity, q.shape[2], q.dtype)
+    return _decode(functools.partial(_dense_kernel, spec=spec), q, [x.astype(jnp.int32) for x in rows],
+                   _cache_operands(spec, k, v, page_table, k_scale, v_scale), kv_heads=kv_heads, group=group,
+                   tuning=tuning, scale=scale, return_lse=return_lse, interpret=interpret, name="hata_dense_decode")
 
 
-def sparse_decode_attention(q, k, v, idx, count, *, scale: float, return_lse: bool, interpret: bool = False,
+def sparse_decode_attention(q, k, v, idx, count, *, scale: float, return_lse: bool, seq_axis: int = 2,
+                            page_table=None, k_scale=None, v_scale=None, interpret: bool = False,
                             tuning: Tuning | None = None):
     """Attention of each query head over the cached rows its KV head selected.
 
-    q: [B, Hq, D]; k, v: [B, Hkv, S, D]; idx: int32[B, Hkv, K] (slots `< count` hold positions
-    in [0, S), the rest are never read); count: int32[B, Hkv] (clipped to [0, K]).
+    q: [B, Hq, D]; k, v: the cache as `CacheSpec.of` describes it (seq_axis, page_table,
+    k_scale, v_scale); idx: int32[B, Hkv, K] (slots `< count` hold positions in [0, capacity),
+    the rest are never read); count: int32[B, Hkv] (clipped to [0, K]).
     Returns out [B, Hq, D] in q's dtype, and lse float32[B, Hq] if `return_lse`
-    (a (b, h) with count 0 gets out 0, lse -inf).
+    (a (b, h) with count 0 gets out 0, lse -inf; one with a used position outside the cache or
+    on a page outside the pool, NaN).
     """
-    group = _check_supported(q, k, v)
-    batch, kv_heads, _, head_dim = k.shape
+    spec = CacheSpec.of(seq_axis, page_table, k_scale, None)
+    group, _ = _check_supported(q, k, v, spec, page_table, k_scale, v_scale)
+    batch, kv_heads = q.shape[0], k.shape[3 - seq_axis]
     if idx.ndim != 3 or idx.shape[:2] != (batch, kv_heads) or idx.dtype != jnp.int32:
         raise ValueError(f"idx must be int32[{batch}, {kv_heads}, budget], got {idx.dtype}{list(idx.shape)}")
     if count.shape != (batch, kv_heads):
@@ -429,6 +602,7 @@ def sparse_decode_attention(q, k, v, idx, count, *, scale: float, return_lse: bo
     budget = idx.shape[2]
     if not 1 <= budget <= MAX_BUDGET:
         raise ValueError(f"budget {budget} not supported (1 to {MAX_BUDGET})")
-    tuning = tuning or sparse_tuning(batch, kv_heads, budget, head_dim, k.dtype)
-    return _decode(_sparse_kernel, q, (count.astype(jnp.int32), idx, k, v), group=group, tuning=tuning, scale=scale,
-                   return_lse=return_lse, interpret=interpret, name="hata_sparse_decode")
+    tuning = tuning or sparse_tuning(batch, kv_heads, budget, q.shape[2], q.dtype)
+    return _decode(functools.partial(_sparse_kernel, spec=spec), q, [count.astype(jnp.int32), idx],
+                   _cache_operands(spec, k, v, page_table, k_scale, v_scale), kv_heads=kv_heads, group=group,
+                   tuning=tuning, scale=scale, return_lse=return_lse, interpret=interpret, name="hata_sparse_decode")

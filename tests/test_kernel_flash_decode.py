@@ -363,7 +363,10 @@ def test_dots_ask_for_full_precision():
     rows, block, head_dim = flash_decode.GROUP_ROWS, 32, 64
     f32 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.float32)
     carry = (f32((rows, head_dim)), f32((rows,)), f32((rows,)))
-    step = functools.partial(flash_decode._softmax_step, scale=0.1)
+
+    def step(q, k, v, read, carry):
+        return flash_decode._softmax_step(q, flash_decode.Rows(k, v, None, None, read), carry, scale=0.1)
+
     jaxpr = jax.make_jaxpr(step)(
         f32((rows, head_dim)),
         f32((block, head_dim)),
