@@ -108,7 +108,7 @@ def sparse_decode_attention(
       out [B, Hq, D] in q's dtype (softmax in float32), and lse if asked. A row with
       count 0 gives out = 0, lse = -inf.
     """
-    q, k, v = (checks.as_array(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
+    q, k, v = checks.as_array(q, "q"), checks.as_array(k, "k", "number"), checks.as_array(v, "v", "number")
     idx, count = checks.as_array(idx, "idx", "int"), checks.as_array(count, "count", "int")
     storage = _storage_args(seq_axis, page_table, k_scale, v_scale)
     shape = _check_qkv(q, k, v, storage)
@@ -182,7 +182,7 @@ def dense_decode_attention(
       out [B, Hq, D] in q's dtype (softmax in float32), and lse float32[B, Hq] if asked. A
       sequence whose rows lie on a page the table does not hold gets NaN.
     """
-    q, k, v = (checks.as_array(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
+    q, k, v = checks.as_array(q, "q"), checks.as_array(k, "k", "number"), checks.as_array(v, "v", "number")
     lengths = checks.as_array(lengths, "lengths", "int")
     storage = _storage_args(seq_axis, page_table, k_scale, v_scale)
     shape = _check_qkv(q, k, v, storage)

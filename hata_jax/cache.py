@@ -176,7 +176,7 @@ class HataCache:
           not hold.
         """
         seq_axis = checks.check_seq_axis(seq_axis)
-        k, v, w = checks.as_array(k, "k"), checks.as_array(v, "v"), checks.as_array(w, "w")
+        k, v, w = checks.as_array(k, "k", "number"), checks.as_array(v, "v", "number"), checks.as_array(w, "w")
         page_table = None if page_table is None else checks.as_array(page_table, "page_table", "int")
         k_scale = None if k_scale is None else checks.as_array(k_scale, "k_scale")
         v_scale = None if v_scale is None else checks.as_array(v_scale, "v_scale")

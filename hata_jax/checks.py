@@ -107,10 +107,11 @@ def check_starts(starts, lengths, batch: int, capacity: int) -> None:
 
 def as_array(x, name: str, kind: str = "float") -> jax.Array:
     """`x` (a jax or numpy array, or a nested list of numbers) as a jax array whose dtype is of
-    `kind` ("float" or "int"); raises a ValueError naming `name` for anything else (strings,
-    ragged lists, objects, the wrong kind of number). Arrays pass through unchanged (tracers too)."""
-    if kind not in ("float", "int"):
-        raise ValueError(f"kind must be 'float' or 'int', got {kind!r}")
+    `kind` ("float", "int", or "number": either, e.g. K/V that may be quantized); raises a
+    ValueError naming `name` for anything else (strings, ragged lists, objects, the wrong kind
+    of number). Arrays pass through unchanged (tracers too)."""
+    if kind not in ("float", "int", "number"):
+        raise ValueError(f"kind must be 'float', 'int' or 'number', got {kind!r}")
     if not isinstance(x, (jax.Array, np.ndarray, np.generic)):
         try:
             converted = np.asarray(x)
@@ -121,7 +122,8 @@ def as_array(x, name: str, kind: str = "float") -> jax.Array:
         x = converted.astype(np.int32) if kind == "int" and np.issubdtype(converted.dtype, np.integer) else converted
         x = jnp.asarray(x, jnp.float32) if kind == "float" and not np.issubdtype(converted.dtype, np.floating) else x
         x = jnp.asarray(x)
-    (check_floating if kind == "float" else check_integer)(x, name)
+    if kind != "number":
+        (check_floating if kind == "float" else check_integer)(x, name)
     return x
 
 

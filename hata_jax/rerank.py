@@ -65,7 +65,7 @@ def rerank_candidates(q, k, positions, count, lengths, budget: int, *, scale: fl
       row's `n` candidate scores (XLA), the same on both impls. Bad shapes, dtypes or a budget
       outside [1, n] raise a ValueError naming the argument.
     """
-    q, k = checks.as_array(q, "q"), checks.as_array(k, "k")
+    q, k = checks.as_array(q, "q"), checks.as_array(k, "k", "number")
     positions, count = checks.as_array(positions, "positions", "int"), checks.as_array(count, "count", "int")
     lengths = checks.as_array(lengths, "lengths", "int")
     offsets = None if offsets is None else checks.as_array(offsets, "offsets", "int")
