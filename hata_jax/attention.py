@@ -165,6 +165,7 @@ def dense_decode_attention(
     page_table: jax.Array | None = None,
     k_scale: jax.Array | None = None,
     v_scale: jax.Array | None = None,
+    ring: bool = False,
     impl: str = "auto",
 ):
     """Attention of each query head over the cached rows `[starts[b], lengths[b])` of its KV head.
@@ -174,6 +175,8 @@ def dense_decode_attention(
       lengths: int[B] in [0, capacity]: the end (exclusive) of each sequence's rows.
       starts: int[B] in [0, lengths[b]], the first row of each sequence (a left-padded cache:
         the padding before it is never attended); None: 0.
+      ring: the rows wrap around the capacity S (a ring buffer, one buffer per sequence): row p
+        is slot `p % S`, starts in [0, S) and lengths in [starts[b], starts[b] + S].
       scale: logit scale, default `1 / sqrt(D)`.
       return_lse: also return the log-sum-exp of the scaled logits, float32[B, Hq].
 {storage}
@@ -186,10 +189,15 @@ def dense_decode_attention(
     lengths = checks.as_array(lengths, "lengths", "int")
     storage = _storage_args(seq_axis, page_table, k_scale, v_scale)
     shape = _check_qkv(q, k, v, storage)
-    checks.check_lengths(lengths, q.shape[0], shape.capacity)
-    if starts is not None:
-        starts = checks.as_array(starts, "starts", "int")
-        checks.check_starts(starts, lengths, q.shape[0], shape.capacity)
+    starts = None if starts is None else checks.as_array(starts, "starts", "int")
+    if ring:
+        if storage["page_table"] is not None:
+            raise ValueError("ring=True reads one buffer per sequence: it does not go with a page_table")
+        checks.check_ring(jnp.zeros_like(lengths) if starts is None else starts, lengths, q.shape[0], shape.capacity)
+    else:
+        checks.check_lengths(lengths, q.shape[0], shape.capacity)
+        if starts is not None:
+            checks.check_starts(starts, lengths, q.shape[0], shape.capacity)
     scale = scale_or_default(scale, q.shape[-1])
     path = dispatch.resolve("dense_decode_attention", impl)
 
@@ -197,9 +205,14 @@ def dense_decode_attention(
         kw = dict(storage, page_table=page_table, k_scale=k_scale, v_scale=v_scale)
         if path.pallas:
             return flash_decode.dense_decode_attention(q, k, v, lengths.astype(jnp.int32), starts=starts, scale=scale,
-                                                       return_lse=return_lse, interpret=path.interpret, **kw)
+                                                       return_lse=return_lse, ring=ring, interpret=path.interpret,
+                                                       **kw)
         pos = jnp.arange(shape.capacity)[None, :]
-        valid = (pos < lengths[:, None]) & (True if starts is None else pos >= starts[:, None])
+        first = jnp.zeros_like(lengths) if starts is None else starts
+        if ring:  # slot p holds row first + ((p - first) mod S)
+            valid = (pos - first[:, None]) % shape.capacity < (lengths - first)[:, None]
+        else:
+            valid = (pos < lengths[:, None]) & (pos >= first[:, None])
         if page_table is None:
             k_rows, v_rows = (kv_storage.dequantized(x, s, kw["seq_axis"]) for x, s in ((k, k_scale), (v, v_scale)))
             bad = jnp.zeros(q.shape[:1], bool)

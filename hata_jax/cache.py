@@ -21,7 +21,7 @@ from hata_jax.hashing import check_projection, encode, key_norms
     jax.tree_util.register_dataclass,
     data_fields=["k", "v", "codes", "norms", "lengths", "starts", "overflow", "uncoded", "page_table", "k_scale",
                  "v_scale"],
-    meta_fields=["seq_axis"],
+    meta_fields=["seq_axis", "ring"],
 )
 @dataclasses.dataclass(frozen=True)
 class HataCache:
@@ -55,6 +55,11 @@ class HataCache:
         k and v: one per row and KV head (k's shape without D; a new token is quantized by its
         absmax) or one per KV head ([Hkv], fixed).
       seq_axis: static, the sequence axis of k and v (2 or 1).
+      ring: static, a ring buffer (one buffer per sequence; made by :meth:`from_kv`): position
+        p is slot `p % S_max`, so a sequence's tokens `[starts[b], lengths[b])` (at most S_max
+        of them) may run past the buffer's end into the slots before `starts[b]`, as in a
+        model that writes every sequence at one cursor that wraps around. A write that would
+        make a sequence hold more than S_max tokens overflows (never overwrites a token).
 
     Capacity overflow: a write never wraps around or overwrites a token. With concrete lengths
     (outside `jit`) a write past `S_max` or at a negative length raises a ValueError at once.
@@ -76,6 +81,7 @@ class HataCache:
     k_scale: jax.Array | None = None
     v_scale: jax.Array | None = None
     seq_axis: int = 2
+    ring: bool = False
 
     @classmethod
     def init(
@@ -147,6 +153,7 @@ class HataCache:
         page_table: jax.Array | None = None,
         k_scale: jax.Array | None = None,
         v_scale: jax.Array | None = None,
+        ring: bool = False,
         impl: str = "auto",
     ) -> HataCache:
         """A cache over the model's own K/V storage, as it is (no copy of K or V): their keys'
@@ -167,6 +174,8 @@ class HataCache:
           page_table: int32[B, pages_per_sequence], or None (one buffer per sequence).
           k_scale, v_scale: float scales of quantized k and v (k's shape without D, or [Hkv]),
             or None.
+          ring: the buffer is a ring (see :class:`HataCache`): starts in [0, S), lengths in
+            [starts[b], starts[b] + S]; not with a page table.
 
         Returns:
           A :class:`HataCache` holding the storage as given, `lengths` and `starts` (None:
@@ -192,16 +201,22 @@ class HataCache:
                              f"{tuple(k.shape)}" + (f" (pass seq_axis={3 - seq_axis})"
                                                     if k.shape[seq_axis] == kv_heads else ""))
         checks.check_finite(w, "w")
-        checks.check_lengths(lengths, batch, shape.capacity)
         starts = jnp.zeros((batch,), jnp.int32) if starts is None else checks.as_array(starts, "starts", "int")
-        checks.check_starts(starts, lengths, batch, shape.capacity)
+        if ring:
+            if page_table is not None:
+                raise ValueError("ring=True is a ring of one buffer per sequence: it does not go with a page_table")
+            checks.check_ring(starts, lengths, batch, shape.capacity)
+        else:
+            checks.check_lengths(lengths, batch, shape.capacity)
+            checks.check_starts(starts, lengths, batch, shape.capacity)
         if page_table is not None and checks.is_concrete(page_table):
             check_pages_held(np.asarray(page_table), np.asarray(starts), np.asarray(lengths), shape.page_size,
                              k.shape[0])
         layout = cache_layout(seq_axis, paged=page_table is not None,
-                              scales_shape=None if k_scale is None else jnp.shape(k_scale))
+                              scales_shape=None if k_scale is None else jnp.shape(k_scale), ring=bool(ring))
         layouts = (layout.k, layout.v, "h..", "b", "b", layout.page_table, layout.k_scale, layout.v_scale)
-        return explicit.per_shard(functools.partial(_from_kv, seq_axis=seq_axis, impl=impl, shape=shape),
+        return explicit.per_shard(functools.partial(_from_kv, seq_axis=seq_axis, ring=bool(ring), impl=impl,
+                                                    shape=shape),
                                   (k, v, w, lengths, starts, page_table, k_scale, v_scale), layouts, layout)
 
     @property
@@ -232,7 +247,7 @@ class HataCache:
     def layout(self) -> HataCache:
         """The layout strings of the fields (:func:`cache_layout`)."""
         return cache_layout(self.seq_axis, paged=self.page_table is not None,
-                            scales_shape=None if self.k_scale is None else jnp.shape(self.k_scale))
+                            scales_shape=None if self.k_scale is None else jnp.shape(self.k_scale), ring=self.ring)
 
     @property
     def head_dim(self) -> int:
@@ -241,6 +256,40 @@ class HataCache:
     @property
     def rbit(self) -> int:
         return 32 * self.codes.shape[3]
+
+    def without_kv(self) -> HataCache:
+        """The side-car alone: this cache without the model's storage (k, v, page_table, k_scale
+        and v_scale set to None), to keep next to the model's own K/V in its cache pytree
+        (codes and norms, 20 B per token and KV head at rbit 128, plus lengths, starts and flags
+        per sequence). :meth:`with_kv` puts the storage back for a step; nothing but pytree
+        operations works on a side-car."""
+        return dataclasses.replace(self, k=None, v=None, page_table=None, k_scale=None, v_scale=None)
+
+    def with_kv(self, k, v, *, page_table=None, k_scale=None, v_scale=None) -> HataCache:
+        """This side-car (:meth:`without_kv`) over the model's K/V storage as it is now (the
+        layout, paging and quantization it was made with; see :meth:`from_kv`)."""
+        storage = dict(seq_axis=self.seq_axis,
+                       page_table=None if page_table is None else checks.as_array(page_table, "page_table", "int"),
+                       k_scale=None if k_scale is None else checks.as_array(k_scale, "k_scale"),
+                       v_scale=None if v_scale is None else checks.as_array(v_scale, "v_scale"))
+        k, v = checks.as_array(k, "k", "number"), checks.as_array(v, "v", "number")
+        shape = kv_storage.check_storage(k, v, batch=self.batch, batch_of="the side-car (lengths)", **storage)
+        if (shape.kv_heads, shape.capacity) != tuple(self.codes.shape[1:3]):
+            raise ValueError(f"k holds {shape.kv_heads} KV heads of {shape.capacity} positions "
+                             f"({kv_storage.storage_layout(page_table is not None, self.seq_axis)}, shape "
+                             f"{tuple(k.shape)}) but the side-car's codes {tuple(self.codes.shape)} are for "
+                             f"{self.codes.shape[1]} of {self.codes.shape[2]}")
+        return dataclasses.replace(self, k=k, v=v, **{n: x for n, x in storage.items() if n != "seq_axis"})
+
+    def as_stored(self, k_new: jax.Array) -> jax.Array:
+        """New keys k_new [B, Hkv, D] as a quantized cache will hold them (quantized by its
+        scheme, then dequantized, float32), so that their codes are those :meth:`from_kv` would
+        compute from the cache; k_new itself for a float cache."""
+        if self.k_scale is None:
+            return k_new
+        fixed = self.k_scale[None, :] if self.k_scale.ndim == 1 else None
+        stored, scale = kv_storage.quantize(k_new, self.k.dtype, fixed)
+        return stored.astype(jnp.float32) * scale[..., None]
 
     def raise_if_uncoded(self) -> None:
         """Raise if a sequence holds a token written without its code (`uncoded`; values known on
@@ -352,9 +401,9 @@ class HataCache:
             checks.check_dtype(x, [dtype], name)
             if tuple(jnp.shape(x)) != shape:
                 raise ValueError(f"{name} must have shape {shape} to match the cache, got {tuple(jnp.shape(x))}")
-        if checks.is_concrete(self.lengths):
+        if checks.is_concrete(self.lengths) and checks.is_concrete(self.starts):
             lengths = np.asarray(self.lengths)
-            bad = (lengths >= self.capacity) | (lengths < 0)
+            bad = (lengths - (np.asarray(self.starts) if self.ring else 0) >= self.capacity) | (lengths < 0)
             if bad.any():
                 raise ValueError(
                     f"cache overflow: sequences {np.flatnonzero(bad).tolist()} hold lengths "
@@ -384,13 +433,14 @@ def _kv_layout(seq_axis: int) -> str:
     return "bh.." if seq_axis == 2 else "b.h."
 
 
-def cache_layout(seq_axis: int = 2, *, paged: bool = False, scales_shape: tuple | None = None) -> HataCache:
+def cache_layout(seq_axis: int = 2, *, paged: bool = False, scales_shape: tuple | None = None,
+                 ring: bool = False) -> HataCache:
     """The layout of a HataCache's fields (see :mod:`hata_jax.explicit`): batch and KV heads may be
     split (a page pool by KV heads only); `paged` and `scales_shape` (k_scale's shape, or None)
     as the cache's."""
     storage = kv_storage.layouts(seq_axis, paged, scales_shape)
     return HataCache(codes="bh..", norms="bh.", lengths="b", starts="b", overflow="b", uncoded="b",
-                     seq_axis=seq_axis, **storage)
+                     seq_axis=seq_axis, ring=ring, **storage)
 
 
 def check_pages_held(page_table, starts, ends, page_size: int, pages: int) -> None:
@@ -497,23 +547,29 @@ def _prefill(cache: HataCache, k, v, w, lengths, *, impl: str) -> HataCache:
     )
 
 
-def _from_kv(k, v, w, lengths, starts, page_table, k_scale, v_scale, *, seq_axis: int, impl: str,
+def _from_kv(k, v, w, lengths, starts, page_table, k_scale, v_scale, *, seq_axis: int, ring: bool, impl: str,
              shape: kv_storage.KVShape) -> HataCache:
     """:meth:`HataCache.from_kv` on checked arguments: the codes and norms of every position,
-    counted from each sequence's start (`starts[b] + j` is entry `j`)."""
+    counted from each sequence's start (`starts[b] + j` is entry `j`; modulo S in a ring)."""
     capacity = shape.capacity
-    bad = (lengths < 0) | (lengths > capacity) | (starts < 0) | (starts > lengths)
-    lengths = jnp.clip(lengths, 0, capacity).astype(jnp.int32)
-    starts = jnp.clip(starts, 0, lengths).astype(jnp.int32)
+    if ring:
+        bad = (starts < 0) | (starts >= capacity) | (lengths < starts) | (lengths > starts + capacity)
+        starts = jnp.clip(starts, 0, capacity - 1).astype(jnp.int32)
+        lengths = jnp.clip(lengths, starts, starts + capacity).astype(jnp.int32)
+    else:
+        bad = (lengths < 0) | (lengths > capacity) | (starts < 0) | (starts > lengths)
+        lengths = jnp.clip(lengths, 0, capacity).astype(jnp.int32)
+        starts = jnp.clip(starts, 0, lengths).astype(jnp.int32)
     j = jnp.arange(capacity)[None, :]
     held = (j < (lengths - starts)[:, None])[:, None, :]  # [B, 1, S]
-    if page_table is None and k_scale is None:
+    if page_table is None and k_scale is None and not ring:
         codes, norms = _tokens_encoded(k, w, w.shape[2], seq_axis, impl)
         src = jnp.minimum(starts[:, None] + j, capacity - 1)[:, None, :]  # [B, 1, S]
         codes = jnp.take_along_axis(codes, src[..., None], axis=2)
         norms = jnp.take_along_axis(norms, src, axis=2)
     else:  # the held keys in order, dequantized (a transient float32 copy of them)
-        positions = jnp.broadcast_to((starts[:, None] + j)[:, None, :], (lengths.shape[0], shape.kv_heads, capacity))
+        positions = jnp.broadcast_to(((starts[:, None] + j) % capacity)[:, None, :],
+                                     (lengths.shape[0], shape.kv_heads, capacity))
         keys, read = kv_storage.gather_rows(k, k_scale, positions, seq_axis=seq_axis, page_table=page_table,
                                             shape=shape, pool_pages=k.shape[0])
         codes, norms = _tokens_encoded(keys, w, w.shape[2], 2, impl)
@@ -522,14 +578,16 @@ def _from_kv(k, v, w, lengths, starts, page_table, k_scale, v_scale, *, seq_axis
     norms = jnp.where(held, norms, 0.0)
     return HataCache(k=k, v=v, codes=codes, norms=norms, lengths=lengths, starts=starts,
                      overflow=bad | _nonfinite(norms, lengths - starts), uncoded=jnp.zeros_like(bad),
-                     page_table=page_table, k_scale=k_scale, v_scale=v_scale, seq_axis=seq_axis)
+                     page_table=page_table, k_scale=k_scale, v_scale=v_scale, seq_axis=seq_axis, ring=ring)
 
 
 def _append(cache: HataCache, k_new, v_new, k_codes, k_norms) -> HataCache:
     """:meth:`HataCache.append_encoded` on checked arguments."""
     rows = jnp.arange(cache.batch)
-    in_range = (cache.lengths >= 0) & (cache.lengths < cache.capacity)
-    pos = jnp.where(in_range, cache.lengths, -1)  # -1: an out-of-bounds write, dropped
+    held_before = cache.lengths - (cache.starts if cache.ring else 0)
+    in_range = (cache.lengths >= 0) & (held_before >= 0) & (held_before < cache.capacity)
+    pos = cache.lengths % cache.capacity if cache.ring else cache.lengths
+    pos = jnp.where(in_range, pos, -1)  # -1: an out-of-bounds write, dropped
     fields, written = _write_tokens(cache, k_new[:, :, None], v_new[:, :, None], pos[:, None])
     ok = in_range & jnp.all(written, axis=(1, 2))
     held = jnp.where(ok, cache.lengths - cache.starts, cache.capacity)  # the position in codes and norms
@@ -542,7 +600,8 @@ def _append(cache: HataCache, k_new, v_new, k_codes, k_norms) -> HataCache:
         **fields,
         codes=put_code(cache.codes, k_codes),
         norms=put_code(cache.norms, k_norms),
-        lengths=jnp.where(ok, cache.lengths + 1, jnp.clip(cache.lengths, 0, cache.capacity)),
+        lengths=jnp.where(ok, cache.lengths + 1, cache.lengths if cache.ring else jnp.clip(cache.lengths, 0,
+                                                                                            cache.capacity)),
         overflow=cache.overflow | ~ok | jnp.any(~jnp.isfinite(k_norms), axis=1),
     )
 

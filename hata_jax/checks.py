@@ -105,6 +105,21 @@ def check_starts(starts, lengths, batch: int, capacity: int) -> None:
                          f"{np.asarray(lengths).tolist()}")
 
 
+def check_ring(starts, lengths, batch: int, capacity: int) -> None:
+    """A ring buffer's rows `[starts[b], lengths[b])` modulo `capacity`: starts in [0, capacity),
+    lengths in [starts[b], starts[b] + capacity]; values are checked when they are concrete."""
+    for name, x in (("starts", starts), ("lengths", lengths)):
+        check_rank(x, 1, name, "[batch]")
+        check_dim(x, 0, batch, name, "batch size")
+        check_integer(x, name)
+    if is_concrete(starts) and is_concrete(lengths):
+        s, n = np.asarray(starts), np.asarray(lengths)
+        if ((s < 0) | (s >= capacity) | (n < s) | (n > s + capacity)).any():
+            raise ValueError(f"a ring buffer needs starts in [0, {capacity}) and lengths in [starts, starts + "
+                             f"{capacity}] (at most the capacity held), got starts {s.tolist()} and lengths "
+                             f"{n.tolist()}")
+
+
 def as_array(x, name: str, kind: str = "float") -> jax.Array:
     """`x` (a jax or numpy array, or a nested list of numbers) as a jax array whose dtype is of
     `kind` ("float", "int", or "number": either, e.g. K/V that may be quantized); raises a

@@ -64,7 +64,9 @@ def hata_decode_attention(
     cache.raise_if_uncoded()
 
     def run(q, k_new, v_new, cache, w):
-        q_codes, k_codes, k_norms = encode_step(q, k_new, w, impl=impl)
+        # A quantized cache: the codes of the key as stored (those from_kv computes from the cache).
+        stored = cache.as_stored(k_new)
+        q_codes, k_codes, k_norms = encode_step(q, stored, w, impl=impl)
         cache = cache.append_encoded(k_new, v_new, k_codes, k_norms)
         # The codes count from each sequence's start; the selected slots become positions of k and v.
         lengths = cache.lengths - cache.starts
@@ -76,8 +78,9 @@ def hata_decode_attention(
             idx, count = rerank_candidates(q, cache.k, idx, count, lengths, config.budget, scale=scale,
                                            sink=config.sink, recent=config.recent, offsets=cache.starts,
                                            seq_axis=cache.seq_axis, page_table=cache.page_table,
-                                           k_scale=cache.k_scale)
-        idx = jnp.where(idx >= 0, idx + cache.starts[:, None, None], idx)
+                                           k_scale=cache.k_scale, ring=cache.ring)
+        slots = idx + cache.starts[:, None, None]
+        idx = jnp.where(idx >= 0, slots % cache.capacity if cache.ring else slots, idx)
         out = sparse_decode_attention(q, cache.k, cache.v, idx, count, scale=scale, impl=impl, **cache.storage)
         out = jnp.where((cache.overflow | cache.uncoded)[:, None, None], jnp.nan, out).astype(q.dtype)
         return out, cache

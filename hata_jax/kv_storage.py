@@ -58,6 +58,9 @@ def check_storage(k, v, *, batch: int, seq_axis: int, page_table=None, k_scale=N
     checks.check_rank(k, 4, "k", layout)
     if tuple(v.shape) != tuple(k.shape):
         raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if k_scale is None and v_scale is None:
+        checks.check_floating(k, "k")
+        checks.check_floating(v, "v")
     if jnp.result_type(v) != jnp.result_type(k):
         raise ValueError(f"k and v must share a dtype, got {jnp.result_type(k)} and {jnp.result_type(v)}")
     heads_axis = 3 - seq_axis
@@ -70,9 +73,7 @@ def check_storage(k, v, *, batch: int, seq_axis: int, page_table=None, k_scale=N
     if (k_scale is None) != (v_scale is None):
         raise ValueError("k_scale and v_scale must be given together (a quantized cache) or both be None")
     dtype = jnp.dtype(jnp.result_type(k))
-    if k_scale is None:
-        checks.check_floating(k, "k")
-    else:
+    if k_scale is not None:
         if dtype not in QUANTIZED_DTYPES:
             raise ValueError(f"k and v with scales must be quantized: int8, float8_e4m3fn or float8_e5m2, got {dtype}")
         token_shape = tuple(k.shape[:3])

@@ -40,7 +40,8 @@ def _check_args(q, k, positions, count, lengths, budget, offsets, storage: dict)
 
 
 def rerank_candidates(q, k, positions, count, lengths, budget: int, *, scale: float, sink: int = 0,
-                      recent: int = 0, offsets=None, seq_axis: int = 2, page_table=None, k_scale=None):
+                      recent: int = 0, offsets=None, seq_axis: int = 2, page_table=None, k_scale=None,
+                      ring: bool = False):
     """The `budget` best of each row's candidates by their exact group score.
 
     Args:
@@ -58,6 +59,7 @@ def rerank_candidates(q, k, positions, count, lengths, budget: int, *, scale: fl
       seq_axis: k's sequence axis, 2 or 1.
       page_table: int32[B, pages_per_sequence] for a paged k, or None.
       k_scale: the float scales of a quantized k (k's shape without D, or [Hkv]), or None.
+      ring: k is a ring buffer: positions + offsets index k modulo its capacity.
 
     Returns:
       (positions int32[B, Hkv, budget] ascending then -1, count int32[B, Hkv] = min(count, budget)),
@@ -81,6 +83,7 @@ def rerank_candidates(q, k, positions, count, lengths, budget: int, *, scale: fl
     valid = jnp.arange(positions.shape[2]) < count[..., None]
     safe = jnp.where(valid, positions, 0)
     rows = safe if offsets is None else safe + offsets[:, None, None]
+    rows = rows % shape.capacity if ring else rows
     keys, _ = kv_storage.gather_rows(k, storage["k_scale"], rows, seq_axis=storage["seq_axis"],
                                      page_table=storage["page_table"], shape=shape, pool_pages=k.shape[0])
     qg = q.reshape(batch, kv_heads, hq // kv_heads, d).astype(jnp.float32)

@@ -82,6 +82,8 @@ def check_cache(cache: HataCache) -> None:
     layout this module splits; with `starts` known on the host)."""
     if not isinstance(cache, HataCache):
         raise ValueError(f"cache must be a HataCache, got {type(cache).__name__}")
+    if cache.page_table is not None or cache.k_scale is not None or cache.ring:
+        raise ValueError("sequence-sharded decoding splits plain caches (no page table, scales or ring)")
     if cache.seq_axis != 2:
         raise ValueError(f"sequence-sharded decoding splits head-major caches [B, Hkv, S, D] (seq_axis 2), got a cache "
                          f"with seq_axis {cache.seq_axis}")

@@ -63,7 +63,10 @@ def check_head_split(mesh: Mesh, axis: str, kv_heads: int, q_heads: int | None =
 
 
 def check_head_major(cache: HataCache) -> None:
-    """The wrappers here split head-major caches only."""
+    """The wrappers here split head-major float caches of one buffer per sequence only."""
+    if cache.page_table is not None or cache.k_scale is not None or cache.ring:
+        raise ValueError("hata_jax.sharding splits plain caches (no page table, scales or ring); run the plain ops "
+                         "under jax.set_mesh with Explicit axes instead (see hata_jax.explicit)")
     if cache.seq_axis != 2:
         raise ValueError("hata_jax.sharding splits head-major caches ([batch, kv_heads, seq, head_dim]), got a "
                          "sequence-major one (seq_axis=1): run the plain ops under jax.set_mesh with Explicit axes "

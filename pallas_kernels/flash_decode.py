@@ -140,19 +140,24 @@ class CacheSpec:
         without head_dim: one per row and KV head) or "head" (float[kv_heads]); a row's value is
         `scale x stored`.
       starts: (dense) each sequence's rows begin at `starts[b]` (a left-padded cache).
+      ring: (dense) positions wrap around the capacity S: row p is slot `p % S` (a ring
+        buffer whose rows `[starts[b], lengths[b])`, at most S of them, may run past its end).
     """
 
     seq_axis: int = 2
     paged: bool = False
     scales: str | None = None
     starts: bool = False
+    ring: bool = False
 
     @classmethod
-    def of(cls, seq_axis: int, page_table, k_scale, starts) -> CacheSpec:
+    def of(cls, seq_axis: int, page_table, k_scale, starts, ring: bool = False) -> CacheSpec:
         if seq_axis not in (1, 2):
             raise ValueError(f"seq_axis must be 2 or 1, got {seq_axis!r}")
+        if ring and page_table is not None:
+            raise ValueError("a ring buffer is one buffer per sequence: ring and page_table do not go together")
         scales = None if k_scale is None else "head" if k_scale.ndim == 1 else "token"
-        return cls(seq_axis, page_table is not None, scales, starts is not None)
+        return cls(seq_axis, page_table is not None, scales, starts is not None, ring)
 
 
 def _sm_count() -> int:
@@ -352,11 +357,16 @@ def _dense_kernel(q_ref, lengths_ref, *refs, spec: CacheSpec, **kw):
     if spec.starts:
         starts_ref, *refs = refs
     cache, out_refs = CacheRefs.take(refs, spec)
-    end = jnp.clip(lengths_ref[...], 0, cache.capacity())
-    first = jnp.clip(starts_ref[...], 0, end) if spec.starts else 0
-    if spec.paged:
+    capacity = cache.capacity()
+    if spec.ring:  # rows [first, first + n) modulo the capacity, n <= capacity
+        first = jnp.clip(starts_ref[...], 0, capacity - 1) if spec.starts else 0
+        end = jnp.clip(lengths_ref[...], first, first + capacity)
+    else:
+        end = jnp.clip(lengths_ref[...], 0, capacity)
+        first = jnp.clip(starts_ref[...], 0, end) if spec.starts else 0
+    if spec.paged or spec.ring:
         def load(start, valid):
-            return _load_positions(cache, spec, first + start + jnp.arange(kw["block_k"]), valid,
+            return _load_positions(cache, spec, (first + start + jnp.arange(kw["block_k"])) % capacity, valid,
                                    block_k=kw["block_k"])
     else:
         def load(start, valid):
@@ -557,17 +567,18 @@ def _decode(kernel, q, row_inputs, cache_operands, *, kv_heads, group, tuning, s
 
 
 def dense_decode_attention(q, k, v, lengths, *, scale: float, return_lse: bool, starts=None, seq_axis: int = 2,
-                           page_table=None, k_scale=None, v_scale=None, interpret: bool = False,
+                           page_table=None, k_scale=None, v_scale=None, ring: bool = False, interpret: bool = False,
                            tuning: Tuning | None = None):
     """Attention of each query head over the cached rows `[starts[b], lengths[b])` of its KV head.
 
     q: [B, Hq, D]; k, v: the cache as `CacheSpec.of` describes it (seq_axis, page_table,
-    k_scale, v_scale); lengths: int32[B] (clipped to [0, capacity]); starts: int32[B] (clipped
-    to [0, lengths[b]]) or None (0).
+    k_scale, v_scale, ring); lengths: int32[B] (clipped to [0, capacity], or with `ring` to
+    [starts[b], starts[b] + capacity]); starts: int32[B] (clipped to [0, lengths[b]], or with
+    `ring` to [0, capacity)) or None (0).
     Returns out [B, Hq, D] in q's dtype, and lse float32[B, Hq] if `return_lse`
     (a sequence with no rows gets out 0, lse -inf; a row on a page outside the pool, NaN).
     """
-    spec = CacheSpec.of(seq_axis, page_table, k_scale, starts)
+    spec = CacheSpec.of(seq_axis, page_table, k_scale, starts, ring)
     group, capacity = _check_supported(q, k, v, spec, page_table, k_scale, v_scale)
     batch, kv_heads = q.shape[0], k.shape[3 - seq_axis]
     rows = [lengths] + ([] if starts is None else [starts])

@@ -14,6 +14,7 @@ from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 import hata_jax as hj
+from bench.kv_layouts import make_storage
 from hata_jax import kv_storage
 
 REF = "reference"
@@ -29,47 +30,6 @@ def _assert_close(got, want, tol=2e-5):
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(e, np.float32), rtol=tol, atol=tol)
 
 
-def make_storage(rng, k, v, seq_axis: int, paged: bool, quant: str | None, spare_pages: int = 3):
-    """The logical float cache k, v [B, Hkv, S, D] stored as asked. Returns (storage keywords
-    with k and v, the dequantized logical k, v [B, Hkv, S, D] float32)."""
-    b, hkv, s, d = k.shape
-    storage = {"seq_axis": seq_axis, "page_table": None, "k_scale": None, "v_scale": None}
-    if quant == "int8":
-        (k, ks), (v, vs) = kv_storage.quantize(k, jnp.int8), kv_storage.quantize(v, jnp.int8)
-    elif quant == "fp8-head":  # fixed scales: |x| / scale stays below fp8 e4m3's 448
-        ks = jnp.asarray(rng.uniform(0.015, 0.03, hkv), jnp.float32)
-        vs = 1.5 * ks
-        k, v = (kv_storage.quantize(x, jnp.float8_e4m3fn, scale[None, :, None])[0] for x, scale in ((k, ks), (v, vs)))
-    if quant is not None:
-        logical_k = kv_storage.dequantized(k, ks, 2)
-        logical_v = kv_storage.dequantized(v, vs, 2)
-    else:
-        ks = vs = None
-        logical_k, logical_v = k.astype(jnp.float32), v.astype(jnp.float32)
-    if seq_axis == 1:
-        k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
-        if ks is not None and ks.ndim == 3:
-            ks, vs = jnp.swapaxes(ks, 1, 2), jnp.swapaxes(vs, 1, 2)
-    if paged:
-        per_seq = -(-s // PAGE)
-        pages = b * per_seq + spare_pages
-        table = rng.permutation(pages)[: b * per_seq].reshape(b, per_seq).astype(np.int32)
-
-        def to_pool(x):  # [B, S, ...] or [B, h, S, ...] by seq_axis -> pool of pages
-            x = x if seq_axis == 1 else jnp.moveaxis(x, 2, 1)  # sequence axis second
-            x = jnp.pad(x, [(0, 0), (0, per_seq * PAGE - s)] + [(0, 0)] * (x.ndim - 2))
-            x = x.reshape(b * per_seq, PAGE, *x.shape[2:])
-            pool = jnp.zeros((pages, *x.shape[1:]), x.dtype).at[table.reshape(-1)].set(x)
-            return pool if seq_axis == 1 else jnp.moveaxis(pool, 1, 2)
-
-        k, v = to_pool(k), to_pool(v)
-        if ks is not None and ks.ndim == 3:
-            ks, vs = to_pool(ks), to_pool(vs)
-        storage["page_table"] = jnp.asarray(table)
-    storage.update(k_scale=ks, v_scale=vs)
-    return dict(storage, k=k, v=v), logical_k, logical_v
-
-
 def _inputs(randn, rng, b, hkv, g, s, d):
     q = randn(b, hkv * g, d)
     k, v = randn(b, hkv, s, d), randn(b, hkv, s, d)
@@ -81,7 +41,7 @@ def _inputs(randn, rng, b, hkv, g, s, d):
 def test_dense_attention_reads_the_storage_in_place(randn, rng, seq_axis, paged, quant, impl):
     b, hkv, g, s, d = 3, 2, 3 if paged else 1, 37, 64
     q, k, v = _inputs(randn, rng, b, hkv, g, s, d)
-    st, lk, lv = make_storage(rng, k, v, seq_axis, paged, quant)
+    st, lk, lv = make_storage(rng, k, v, seq_axis, paged, quant, page_size=PAGE)
     lengths = jnp.asarray(rng.integers(1, s + 1, b), jnp.int32)
     starts = jnp.asarray([int(rng.integers(0, n)) for n in np.asarray(lengths)], jnp.int32)
     kv = {name: st.pop(name) for name in ("k", "v")}
@@ -95,7 +55,7 @@ def test_dense_attention_reads_the_storage_in_place(randn, rng, seq_axis, paged,
 def test_sparse_attention_reads_the_storage_in_place(randn, rng, seq_axis, paged, quant, impl):
     b, hkv, g, s, d, budget = 2, 2, 1 if paged else 4, 45, 64, 13
     q, k, v = _inputs(randn, rng, b, hkv, g, s, d)
-    st, lk, lv = make_storage(rng, k, v, seq_axis, paged, quant)
+    st, lk, lv = make_storage(rng, k, v, seq_axis, paged, quant, page_size=PAGE)
     idx = jnp.asarray(np.stack([rng.permutation(s)[:budget] for _ in range(b * hkv)]).reshape(b, hkv, budget),
                       jnp.int32)
     count = jnp.asarray(rng.integers(0, budget + 1, (b, hkv)), jnp.int32)
@@ -112,7 +72,7 @@ def test_a_page_outside_the_pool_poisons_only_its_rows(randn, rng, impl):
     read; the other rows are exact."""
     b, hkv, s, d = 2, 2, 32, 64
     q, k, v = _inputs(randn, rng, b, hkv, 2, s, d)
-    st, lk, lv = make_storage(rng, k, v, 1, True, None)
+    st, lk, lv = make_storage(rng, k, v, 1, True, None, page_size=PAGE)
     st["page_table"] = st["page_table"].at[1, 2].set(-1)  # sequence 1, positions [16, 24)
     kv = {name: st.pop(name) for name in ("k", "v")}
     lengths = jnp.array([s, s], jnp.int32)
@@ -143,7 +103,7 @@ def test_hata_over_the_models_storage_equals_hata_over_a_plain_cache(randn, rng,
     says."""
     b, hkv, g, s, d, rbit, end = 2, 2, 2, 40, 64, 64, 29
     _, k, v = _inputs(randn, rng, b, hkv, g, s, d)
-    st, lk, lv = make_storage(rng, k, v, seq_axis, paged, quant)
+    st, lk, lv = make_storage(rng, k, v, seq_axis, paged, quant, page_size=PAGE)
     w = randn(hkv, d, rbit)
     lengths = jnp.asarray([end, 17], jnp.int32)
     starts = jnp.asarray([3, 0], jnp.int32)
@@ -242,7 +202,7 @@ def test_a_paged_cache_under_an_explicit_mesh(randn, rng):
     the results of the unplaced run."""
     b, hkv, g, s, d, rbit = 2, 2, 2, 24, 64, 32
     _, k, v = _inputs(randn, rng, b, hkv, g, s, d)
-    st, _, _ = make_storage(rng, k, v, 1, True, "int8")
+    st, _, _ = make_storage(rng, k, v, 1, True, "int8", page_size=PAGE)
     w, q, k_new = randn(hkv, d, rbit), randn(b, hkv * g, d), randn(b, hkv, d)
     config = hj.HataConfig(rbit=rbit, budget=6)
 
@@ -261,3 +221,48 @@ def test_a_paged_cache_under_an_explicit_mesh(randn, rng):
         got = jax.jit(run)(placed)
         assert tuple(jax.typeof(got[1].k).sharding.spec)[:3] == (None, None, "model")
     _assert_close(got, want)
+
+
+def _ring(rng, k, v, starts, seq_axis):
+    """Tokens j of sequence b of the plain k, v [B, Hkv, S, D] moved to slot (starts[b] + j) % S."""
+    s = k.shape[2]
+    ring_k = jnp.stack([jnp.roll(k[i], int(starts[i]), axis=1) for i in range(k.shape[0])])
+    ring_v = jnp.stack([jnp.roll(v[i], int(starts[i]), axis=1) for i in range(k.shape[0])])
+    assert ring_k.shape[2] == s
+    return (ring_k, ring_v) if seq_axis == 2 else (jnp.swapaxes(ring_k, 1, 2), jnp.swapaxes(ring_v, 1, 2))
+
+
+@pytest.mark.parametrize("seq_axis", [2, 1])
+@pytest.mark.parametrize("impl", [REF, "pallas"])
+def test_a_ring_buffer_equals_the_plain_cache(randn, rng, seq_axis, impl):
+    """A ring buffer (`ring=True`: the rows `[starts, lengths)` modulo S run past the end) holds
+    the same tokens as the plain cache at `[0, n)`: dense attention over it and HATA steps that
+    write past the end (wrapping into the slots before `starts`) give the plain cache's results;
+    a write that would hold more than S tokens overflows."""
+    b, hkv, g, s, d, rbit = 3, 2, 2, 40, 64, 64
+    q, k, v = _inputs(randn, rng, b, hkv, g, s, d)
+    n = np.array([30, 38, 12])
+    starts = np.array([25, 39, 3])  # rows 0 and 1 wrap around
+    ring_k, ring_v = _ring(rng, k, v, starts, seq_axis)
+    lengths = jnp.asarray(starts + n, jnp.int32)
+    got = hj.dense_decode_attention(q, ring_k, ring_v, lengths, starts=jnp.asarray(starts, jnp.int32),
+                                    seq_axis=seq_axis, ring=True, return_lse=True, impl=impl)
+    _assert_close(got, hj.dense_decode_attention(q, k, v, jnp.asarray(n, jnp.int32), return_lse=True, impl=REF))
+    w = randn(hkv, d, rbit)
+    cache = hj.HataCache.from_kv(ring_k, ring_v, w, lengths, starts=starts, seq_axis=seq_axis, ring=True, impl=REF)
+    plain = hj.HataCache.from_kv(k, v, w, n, impl=REF)
+    np.testing.assert_array_equal(np.asarray(cache.codes), np.asarray(plain.codes))
+    config = hj.HataConfig(rbit=rbit, budget=9, sink=1, recent=2)
+    for _ in range(2):
+        q, k_new, v_new = randn(b, hkv * g, d), randn(b, hkv, d), randn(b, hkv, d)
+        out, cache = hj.hata_decode_attention(q, k_new, v_new, cache, w, config, impl=impl)
+        want, plain = hj.hata_decode_attention(q, k_new, v_new, plain, w, config, impl=REF)
+        _assert_close(out, want)
+    np.testing.assert_array_equal(np.asarray(cache.lengths), starts + n + 2)
+    with pytest.raises(ValueError, match=r"cache overflow: sequences \[1\]"):
+        cache.append(k_new, v_new, w, impl=REF)  # row 1 holds 40 = S tokens
+    full = jax.jit(lambda c: c.append(k_new, v_new, w, impl=REF))(cache)
+    np.testing.assert_array_equal(np.asarray(full.overflow), [False, True, False])
+    with pytest.raises(ValueError, match=r"a ring buffer needs starts in \[0, 40\) and lengths in \[starts, starts \+ "
+                                         r"40\]"):
+        hj.HataCache.from_kv(ring_k, ring_v, w, [30, 80, 12], starts=starts, seq_axis=seq_axis, ring=True)
