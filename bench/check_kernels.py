@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import hata_jax as hj
+from bench import kv_layouts
 from bench.timing import environment, poison_device_memory, write_json
 from hata_jax.selection import exact_slots
 
@@ -266,19 +267,76 @@ def check_attention(seed, b, hkv, g, s, d, budget, dtype):
     return {"problems": problems, "rel_err": errs}
 
 
-def check_decode_step(seed, b, hkv, g, s, d, budget, dtype, steps=4, padded=False):
+def check_storage(seed, b, hkv, g, s, d, budget, dtype, kind):
+    """Dense and sparse attention's Pallas kernels over a caller storage (bench.kv_layouts.KINDS,
+    pages of 16 rows; "ring": a head-major ring buffer whose rows run past its end) against the
+    reference path over the same storage and over the plain cache of the same tokens."""
+    rng, normal = _rng_arrays(seed)
+    q, k, v = normal((b, hkv * g, d), dtype), normal((b, hkv, s, d), dtype), normal((b, hkv, s, d), dtype)
+    lengths = jnp.asarray(rng.integers(1, s + 1, b).astype(np.int32)).at[0].set(s)
+    starts = jnp.asarray([int(rng.integers(0, n)) for n in np.asarray(lengths)], jnp.int32).at[0].set(0)
+    plain_dense = {"starts": starts}
+    if kind == "ring":  # the plain cache's position p of row b at slot (p + shift[b]) % s
+        shift = rng.integers(0, s, b)
+        store = {name: jnp.stack([jnp.roll(x[i], int(shift[i]), axis=1) for i in range(b)])
+                 for name, x in (("k", k), ("v", v))}
+        plain_k, plain_v = k.astype(jnp.float32), v.astype(jnp.float32)
+        ring_starts = (starts + jnp.asarray(shift, jnp.int32)) % s
+        dense_storage, dense_lengths = {"ring": True, "starts": ring_starts}, ring_starts + lengths - starts
+    else:
+        store, plain_k, plain_v = kv_layouts.make_storage(rng, k, v, *kv_layouts.KINDS[kind], page_size=16)
+        dense_storage, dense_lengths = plain_dense, lengths
+    kv = (store.pop("k"), store.pop("v"))
+    count = jnp.minimum(lengths, budget)[:, None] * jnp.ones((1, hkv), jnp.int32)
+    idx = np.full((b, hkv, budget), -1, np.int32)
+    for bb in range(b):
+        for h in range(hkv):
+            c = int(count[bb, h])
+            idx[bb, h, :c] = rng.choice(int(lengths[bb]), c, replace=False)
+    plain_idx = jnp.asarray(idx)
+    if kind == "ring":
+        idx = np.where(idx >= 0, (idx + shift[:, None, None]) % s, -1)
+    idx = jnp.asarray(idx, jnp.int32)
+    tol = 1e-4 if dtype == jnp.float32 else 2e-2
+    problems, errs = [], {}
+    for name, run, plain in (
+        ("dense", lambda impl: hj.dense_decode_attention(q, *kv, dense_lengths, return_lse=True, impl=impl,
+                                                         **dense_storage, **store),
+         lambda: hj.dense_decode_attention(q, plain_k, plain_v, lengths, return_lse=True, impl="reference",
+                                           **plain_dense)),
+        ("sparse", lambda impl: hj.sparse_decode_attention(q, *kv, idx, count, return_lse=True, impl=impl, **store),
+         lambda: hj.sparse_decode_attention(q, plain_k, plain_v, plain_idx, count, return_lse=True,
+                                            impl="reference")),
+    ):
+        ref_out, ref_lse = run("reference")
+        poison_device_memory()
+        out, lse = run("pallas")
+        plain_out, plain_lse = plain()
+        errs[name] = (_rel_err(out, ref_out), _rel_err(lse, ref_lse), _rel_err(ref_out, plain_out))
+        if max(errs[name]) > tol:
+            problems.append(f"{name}: rel err out {errs[name][0]:.2e}, lse {errs[name][1]:.2e}, reference vs the "
+                            f"plain cache {errs[name][2]:.2e} > {tol}")
+    return {"problems": problems, "rel_err": errs}
+
+
+def check_decode_step(seed, b, hkv, g, s, d, budget, dtype, steps=4, padded=False, storage=None):
     """hata_decode_attention's Pallas path against the reference for several steps
     on one cache: outputs, appended cache arrays and lengths. `padded`: a left-padded cache over
-    K/V buffers (`HataCache.from_kv` with random `starts`)."""
+    K/V buffers (`HataCache.from_kv` with random `starts`); `storage`: over a caller storage
+    (a kind of bench.kv_layouts.KINDS, pages of 16 rows), left-padded too."""
     rng, normal = _rng_arrays(seed)
     w = normal((hkv, d, 128), jnp.float32)
     cfg = hj.HataConfig(rbit=128, budget=budget)
     t = s - 8
     lengths = jnp.asarray(rng.integers(budget // 2, t + 1, b).astype(np.int32)).at[0].set(t)
-    if padded:
+    if padded or storage:
         starts = jnp.asarray(rng.integers(0, np.asarray(lengths) // 2 + 1).astype(np.int32))
-        ref_cache = hj.HataCache.from_kv(normal((b, hkv, s, d), dtype), normal((b, hkv, s, d), dtype), w, lengths,
-                                         starts=starts, impl="reference")
+        k, v = normal((b, hkv, s, d), dtype), normal((b, hkv, s, d), dtype)
+        kw = {}
+        if storage:
+            kw, _, _ = kv_layouts.make_storage(rng, k, v, *kv_layouts.KINDS[storage], page_size=16, logical=False)
+            k, v = kw.pop("k"), kw.pop("v")
+        ref_cache = hj.HataCache.from_kv(k, v, w, lengths, starts=starts, impl="reference", **kw)
     else:
         ref_cache = hj.HataCache.init(b, hkv, s, d, rbit=128, dtype=dtype).prefill(
             normal((b, hkv, t, d), dtype), normal((b, hkv, t, d), dtype), w, lengths, impl="reference"
@@ -297,8 +355,9 @@ def check_decode_step(seed, b, hkv, g, s, d, budget, dtype, steps=4, padded=Fals
         errs.append(_rel_err(out, ref))
         if errs[-1] > 3e-2:
             problems.append(f"step {i}: rel err {errs[-1]:.2e}")
-        for name in ("k", "v", "codes", "lengths", "overflow"):
-            if not np.array_equal(np.asarray(getattr(cache, name)), np.asarray(getattr(ref_cache, name))):
+        for name in ("k", "v", "codes", "lengths", "overflow", "k_scale", "v_scale"):
+            if getattr(cache, name) is not None and not np.array_equal(np.asarray(getattr(cache, name), np.float32),
+                                  np.asarray(getattr(ref_cache, name), np.float32)):
                 problems.append(f"step {i}: cache.{name} differs from the reference append")
         norm_err = _rel_err(cache.norms, ref_cache.norms)  # the kernel sums k * k in its own order
         if norm_err > 1e-6:
@@ -383,6 +442,15 @@ def main(argv=None) -> int:
         lambda: check_decode_step(301, 3, 2, 3, 3000 if not args.small else 200, 64, 128 if not args.small else 32,
                                   f16, padded=True),
     )
+    for i, kind in enumerate([*kv_layouts.KINDS, "ring"]):
+        b, hkv, g, s, d, budget, dt = ((3, 4, 4, 700 * n + 5, 128, 64 * n, bf16) if i % 2
+                                       else (2, 2, 1, 333 * n, 64, 48, f32))
+        case(f"attention storage={kind} b={b} hkv={hkv} g={g} s={s} d={d} budget={budget} {jnp.dtype(dt).name}",
+             lambda: check_storage(400 + i, b, hkv, g, s, d, budget, dt, kind))
+    for i, kind in enumerate(("paged", "paged int8", "seq-major", "fp8 per-head")):
+        case(f"hata_decode_attention storage={kind} b=3 hkv=2 g=4 s={1000 * n if n > 1 else 200} d=128 bf16",
+             lambda: check_decode_step(500 + i, 3, 2, 4, 1000 * n if n > 1 else 200, 128, 128 if n > 1 else 32,
+                                       bf16, storage=kind))
     failed = [r["case"] for r in results if not r["ok"]]
     print(f"\n{len(results) - len(failed)} passed, {len(failed)} failed")
     if args.out:

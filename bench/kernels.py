@@ -3,6 +3,9 @@
     python -m bench.kernels --out $OUT/kernels.json [--small] [--skip-check]
     python -m bench.kernels --out $OUT/select_variants.json --select-variants --skip-check
 
+`--only storages` times dense, sparse and HATA attention over each caller storage of K/V
+(bench.kv_layouts: both layouts, pages, int8 / fp8) next to the head-major cache.
+
 `--select-variants` times each design of the band select (`BandConfig.design`) for select_topk
 on [8, S] float32 scores and for the fused hamming_topk at batch 1, 8 KV heads (S = 131072,
 k = 2048 unless --small), next to lax.top_k, with per-launch device times.
@@ -23,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import hata_jax as hj
-from bench import check_kernels
+from bench import check_kernels, kv_layouts
 from bench.profile import device_kernel_us
 from bench.timing import environment, floor_bandwidth_gbps, median_us, write_json
 from pallas_kernels import band_select, hamming_topk
@@ -323,6 +326,54 @@ class Bench:
             row_bytes,
         )
 
+    def storages(self):
+        """Dense, sparse and HATA attention over each caller storage (bench.kv_layouts.KINDS: layouts,
+        pages of 16 rows, int8 / fp8 K/V) at 128K x 1 and 32K x 8 (unless --small), each next to
+        the head-major bf16 cache of the same tokens in this run."""
+        s = self.s
+        words = s.rbit // 32
+        rng = np.random.default_rng(0)
+        for b, n in ((1, s.long), (max(s.batches), min(s.contexts))):
+            k, v = self._cache(b, n)
+            qs = [self.normal((b, s.q_heads, s.head_dim)) for _ in range(4)]
+            lengths = jnp.full((b,), n, jnp.int32)
+            w = jax.random.normal(self._next(), (s.kv_heads, s.head_dim, s.rbit), jnp.float32)
+            codes = _random_codes(self._next(), (b, s.kv_heads, n, words))
+            norms = jnp.abs(jax.random.normal(self._next(), (b, s.kv_heads, n), jnp.float32))
+            k_new = self.normal((b, s.kv_heads, s.head_dim))
+            idx = [jnp.asarray(np.random.default_rng(i).choice(n, (b, s.kv_heads, s.budget)), jnp.int32)
+                   for i in range(4)]
+            counts = jnp.full((b, s.kv_heads), s.budget, jnp.int32)
+            shape = {"batch": b, "seq": n, "q_heads": s.q_heads, "kv_heads": s.kv_heads, "head_dim": s.head_dim}
+            for kind, (seq_axis, paged, quant) in kv_layouts.KINDS.items():
+                stored, _, _ = kv_layouts.make_storage(rng, k, v, seq_axis, paged, quant, page_size=16,
+                                                       logical=False)
+                sk, sv = stored.pop("k"), stored.pop("v")
+                row = {**shape, "storage": kind, "kv_dtype": str(sk.dtype)}
+                kv_item = jnp.dtype(sk.dtype).itemsize + (4 / s.head_dim if stored["k_scale"] is not None else 0)
+
+                def dense(q, sk=sk, sv=sv, stored=stored):
+                    return hj.dense_decode_attention(q, sk, sv, lengths, impl="pallas", **stored)
+
+                def sparse(q, i, sk=sk, sv=sv, stored=stored):
+                    return hj.sparse_decode_attention(q, sk, sv, i, counts, impl="pallas", **stored)
+
+                def hata(q, sk=sk, sv=sv, stored=stored):
+                    q_codes, _, _ = hj.encode_step(q, k_new, w, impl="pallas")
+                    i, c = hj.hamming_topk(q_codes, codes, norms, lengths, budget=s.budget, impl="pallas")
+                    return hj.sparse_decode_attention(q, sk, sv, i, c, impl="pallas", **stored)
+
+                dense_bytes = 2 * b * s.kv_heads * n * s.head_dim * kv_item
+                rows_bytes = b * s.kv_heads * s.budget * (2 * s.head_dim * kv_item + 4)
+                sel_bytes = b * s.kv_heads * n * (4 * words + 4) + rows_bytes
+                self.record("storage", f"dense {kind}", row, self.timed(dense, [(q,) for q in qs]), dense_bytes)
+                self.record("storage", f"sparse {kind}", {**row, "budget": s.budget},
+                            self.timed(sparse, list(zip(qs, idx))), rows_bytes)
+                self.record("storage", f"hata {kind}", {**row, "budget": s.budget},
+                            self.timed(hata, [(q,) for q in qs]), sel_bytes)
+                del sk, sv, stored
+            del k, v
+
     def encode(self):
         s = self.s
         n = s.long
@@ -368,7 +419,8 @@ def main(argv=None) -> int:
     parser.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke run)")
     parser.add_argument("--skip-check", action="store_true", help="do not run bench.check_kernels first")
     parser.add_argument(
-        "--only", nargs="*", default=None, help="subset of: encode selection scoring attention select_variants"
+        "--only", nargs="*", default=None,
+        help="subset of: encode selection scoring attention storages select_variants"
     )
     parser.add_argument(
         "--contexts", type=int, nargs="*", default=None, help="attention contexts (default 32768 131072)"
