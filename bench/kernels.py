@@ -58,6 +58,8 @@ class Bench:
         self.s, self.bw, self.small = shapes, bandwidth_gbps, small
         self.rows: list[dict] = []
         self.key = jax.random.PRNGKey(1234)
+        self.storage_shapes: list[tuple[int, int]] = []  # (batch, context) pairs of `storages`; []: its default
+        self.storage_kinds: list[str] = []  # the kinds of `storages` (bench.kv_layouts.KINDS); []: all
 
     def _next(self):
         self.key, sub = jax.random.split(self.key)
@@ -333,7 +335,7 @@ class Bench:
         s = self.s
         words = s.rbit // 32
         rng = np.random.default_rng(0)
-        for b, n in ((1, s.long), (max(s.batches), min(s.contexts))):
+        for b, n in self.storage_shapes or ((1, s.long), (max(s.batches), min(s.contexts))):
             k, v = self._cache(b, n)
             qs = [self.normal((b, s.q_heads, s.head_dim)) for _ in range(4)]
             lengths = jnp.full((b,), n, jnp.int32)
@@ -346,6 +348,8 @@ class Bench:
             counts = jnp.full((b, s.kv_heads), s.budget, jnp.int32)
             shape = {"batch": b, "seq": n, "q_heads": s.q_heads, "kv_heads": s.kv_heads, "head_dim": s.head_dim}
             for kind, (seq_axis, paged, quant) in kv_layouts.KINDS.items():
+                if self.storage_kinds and kind not in self.storage_kinds:
+                    continue
                 stored, _, _ = kv_layouts.make_storage(rng, k, v, seq_axis, paged, quant, page_size=16,
                                                        logical=False)
                 sk, sv = stored.pop("k"), stored.pop("v")
@@ -429,6 +433,9 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--select-variants", action="store_true", help="time each band-select design (alone, or added to --only)"
     )
+    parser.add_argument("--storage-shapes", nargs="*", default=[], metavar="BATCH:CONTEXT",
+                        help="(batch, context) pairs of --only storages (default 1:131072 8:32768)")
+    parser.add_argument("--storage-kinds", nargs="*", default=[], help="kinds of --only storages (default: all)")
     args = parser.parse_args(argv)
     env = environment()
     print(env, flush=True)
@@ -444,6 +451,8 @@ def main(argv=None) -> int:
         shapes, contexts=tuple(args.contexts or shapes.contexts), batches=tuple(args.batches or shapes.batches)
     )
     bench = Bench(shapes, bandwidth["floor_gbps"], args.small)
+    bench.storage_shapes = [tuple(int(x) for x in pair.split(":")) for pair in args.storage_shapes]
+    bench.storage_kinds = args.storage_kinds
     parts = args.only or ([] if args.select_variants else ["encode", "selection", "scoring", "attention"])
     for part in parts + (["select_variants"] if args.select_variants else []):
         try:
