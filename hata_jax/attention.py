@@ -125,6 +125,7 @@ def sparse_decode_attention(
 
     def run(q, k, v, idx, count, page_table, k_scale, v_scale):
         kw = dict(storage, page_table=page_table, k_scale=k_scale, v_scale=v_scale)
+        shape = kv_storage.shape_of(k, kw["seq_axis"], page_table)  # the local KV heads under shard_map
         if path.pallas:
             return flash_decode.sparse_decode_attention(q, k, v, idx, count.astype(jnp.int32), scale=scale,
                                                         return_lse=return_lse, interpret=path.interpret, **kw)
@@ -203,6 +204,7 @@ def dense_decode_attention(
 
     def run(q, k, v, lengths, starts, page_table, k_scale, v_scale):
         kw = dict(storage, page_table=page_table, k_scale=k_scale, v_scale=v_scale)
+        shape = kv_storage.shape_of(k, kw["seq_axis"], page_table)  # the local KV heads under shard_map
         if path.pallas:
             return flash_decode.dense_decode_attention(q, k, v, lengths.astype(jnp.int32), starts=starts, scale=scale,
                                                        return_lse=return_lse, ring=ring, interpret=path.interpret,

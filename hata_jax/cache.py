@@ -215,8 +215,7 @@ class HataCache:
         layout = cache_layout(seq_axis, paged=page_table is not None,
                               scales_shape=None if k_scale is None else jnp.shape(k_scale), ring=bool(ring))
         layouts = (layout.k, layout.v, "h..", "b", "b", layout.page_table, layout.k_scale, layout.v_scale)
-        return explicit.per_shard(functools.partial(_from_kv, seq_axis=seq_axis, ring=bool(ring), impl=impl,
-                                                    shape=shape),
+        return explicit.per_shard(functools.partial(_from_kv, seq_axis=seq_axis, ring=bool(ring), impl=impl),
                                   (k, v, w, lengths, starts, page_table, k_scale, v_scale), layouts, layout)
 
     @property
@@ -234,9 +233,7 @@ class HataCache:
 
     @property
     def storage_shape(self) -> kv_storage.KVShape:
-        page_size = self.k.shape[self.seq_axis] if self.page_table is not None else 0
-        capacity = self.page_table.shape[1] * page_size if page_size else self.k.shape[self.seq_axis]
-        return kv_storage.KVShape(self.kv_heads, self.head_dim, capacity, page_size)
+        return kv_storage.shape_of(self.k, self.seq_axis, self.page_table)
 
     @property
     def storage(self) -> dict:
@@ -547,10 +544,11 @@ def _prefill(cache: HataCache, k, v, w, lengths, *, impl: str) -> HataCache:
     )
 
 
-def _from_kv(k, v, w, lengths, starts, page_table, k_scale, v_scale, *, seq_axis: int, ring: bool, impl: str,
-             shape: kv_storage.KVShape) -> HataCache:
+def _from_kv(k, v, w, lengths, starts, page_table, k_scale, v_scale, *, seq_axis: int, ring: bool,
+             impl: str) -> HataCache:
     """:meth:`HataCache.from_kv` on checked arguments: the codes and norms of every position,
     counted from each sequence's start (`starts[b] + j` is entry `j`; modulo S in a ring)."""
+    shape = kv_storage.shape_of(k, seq_axis, page_table)  # the local KV heads under shard_map
     capacity = shape.capacity
     if ring:
         bad = (starts < 0) | (starts >= capacity) | (lengths < starts) | (lengths > starts + capacity)

@@ -97,6 +97,14 @@ def check_storage(k, v, *, batch: int, seq_axis: int, page_table=None, k_scale=N
     return KVShape(kv_heads, head_dim, page_table.shape[1] * seq, seq)
 
 
+def shape_of(k, seq_axis: int, page_table=None) -> KVShape:
+    """What a (checked) storage holds, read from the arrays themselves: inside `shard_map` these
+    are the local KV heads."""
+    page_size = k.shape[seq_axis] if page_table is not None else 0
+    capacity = page_table.shape[1] * page_size if page_size else k.shape[seq_axis]
+    return KVShape(k.shape[3 - seq_axis], k.shape[3], capacity, page_size)
+
+
 def layouts(seq_axis: int, paged: bool, scales_shape) -> dict:
     """The :mod:`hata_jax.explicit` layout strings of a storage's arrays ("k", "v", "page_table",
     "k_scale", "v_scale"): a page pool is not split by batch (its pages belong to any sequence),

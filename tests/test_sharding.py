@@ -224,6 +224,48 @@ def check_explicit_mode_every_op(rng):
         _assert_split(got["hamming_topk"][0], spec)
 
 
+def check_explicit_mode_caller_storage(rng):
+    """HATA over a caller's storage under a 2x2 Explicit mesh, jitted: a paged int8 pool split on
+    its KV heads (the page table and lengths on the batch), and a sequence-major fp8 cache split on
+    batch and KV heads; `from_kv`, a HATA step and dense attention over the storage equal the
+    single-device run, and the storage keeps its layout."""
+    import jax
+    from jax.sharding import AxisType
+    from jax.sharding import PartitionSpec as P
+
+    import hata_jax as hj
+    from bench.kv_layouts import make_storage
+
+    b, hkv, g, s, d, rbit = 4, 4, 2, 48, 64, 32
+    k, v = _rand(rng, b, hkv, s, d), _rand(rng, b, hkv, s, d)
+    q, k_new, w = _rand(rng, b, hkv * g, d), _rand(rng, b, hkv, d), _rand(rng, hkv, d, rbit)
+    lengths = np.array([40, 17, 33, 5], np.int32)
+    config = hj.HataConfig(rbit=rbit, budget=8)
+    mesh = jax.make_mesh((2, 2), ("data", "model"), (AxisType.Explicit,) * 2, devices=jax.devices()[:4])
+    for kind, pool_spec in (((1, True, "int8"), P(None, None, "model")), ((1, False, "fp8-head"),
+                                                                           P("data", None, "model"))):
+        storage, _, _ = make_storage(rng, k, v, *kind, page_size=16, logical=False)
+        seq_axis = storage.pop("seq_axis")
+
+        def run(st):
+            st = dict(st)
+            kk, vv = st.pop("k"), st.pop("v")
+            dense = hj.dense_decode_attention(q, kk, vv, lengths, seq_axis=seq_axis, impl="reference", **st)
+            cache = hj.HataCache.from_kv(kk, vv, w, lengths, seq_axis=seq_axis, impl="reference", **st)
+            out, cache = hj.hata_decode_attention(q, k_new, k_new, cache, w, config, impl="reference")
+            return dense, out, cache
+
+        want = jax.jit(run)(storage)
+        with jax.set_mesh(mesh):
+            placed = dict(storage, **{n: jax.sharding.reshard(storage[n], pool_spec) for n in ("k", "v")})
+            got = jax.jit(run)(placed)
+        for g_arr, w_arr in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(np.asarray(g_arr, np.float32), np.asarray(w_arr, np.float32), rtol=1e-5,
+                                       atol=1e-5)
+        assert tuple(jax.typeof(got[2].k).sharding.spec)[:3] == tuple(pool_spec)[:3], (kind, got[2].k.sharding)
+        _assert_split(got[2].codes, P(*[x for x in (pool_spec[0], "model")]))
+
+
 def check_auto_mode_and_inside_shard_map(rng):
     """Every public op jitted on a mesh of Auto axes with batch- and head-split inputs (XLA
     partitions), and inside a `shard_map` over a batch-and-head-split Explicit mesh (local
