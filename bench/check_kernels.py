@@ -239,19 +239,26 @@ def check_select_designs(seed, rows, s, budget, sink=4, recent=16):
     return {"problems": problems, "paths": paths}
 
 
-def check_attention(seed, b, hkv, g, s, d, budget, dtype):
-    rng, normal = _rng_arrays(seed)
-    q = normal((b, hkv * g, d), dtype)
-    k = normal((b, hkv, s, d), dtype)
-    v = normal((b, hkv, s, d), dtype)
-    lengths = jnp.asarray(rng.integers(1, s + 1, b).astype(np.int32)).at[0].set(s)
+def _random_selection(rng, lengths, hkv: int, budget: int):
+    """(idx int32[B, Hkv, budget], count int32[B, Hkv]): min(lengths[b], budget) distinct random
+    positions of each row below its length, then -1."""
+    b = lengths.shape[0]
     count = jnp.minimum(lengths, budget)[:, None] * jnp.ones((1, hkv), jnp.int32)
     idx = np.full((b, hkv, budget), -1, np.int32)
     for bb in range(b):
         for h in range(hkv):
             c = int(count[bb, h])
             idx[bb, h, :c] = rng.choice(int(lengths[bb]), c, replace=False)
-    idx = jnp.asarray(idx)
+    return jnp.asarray(idx), count
+
+
+def check_attention(seed, b, hkv, g, s, d, budget, dtype):
+    rng, normal = _rng_arrays(seed)
+    q = normal((b, hkv * g, d), dtype)
+    k = normal((b, hkv, s, d), dtype)
+    v = normal((b, hkv, s, d), dtype)
+    lengths = jnp.asarray(rng.integers(1, s + 1, b).astype(np.int32)).at[0].set(s)
+    idx, count = _random_selection(rng, lengths, hkv, budget)
     tol = 1e-4 if dtype == jnp.float32 else 2e-2
     problems, errs = [], {}
     for name, run in (
@@ -287,16 +294,8 @@ def check_storage(seed, b, hkv, g, s, d, budget, dtype, kind):
         store, plain_k, plain_v = kv_layouts.make_storage(rng, k, v, *kv_layouts.KINDS[kind], page_size=16)
         dense_storage, dense_lengths = plain_dense, lengths
     kv = (store.pop("k"), store.pop("v"))
-    count = jnp.minimum(lengths, budget)[:, None] * jnp.ones((1, hkv), jnp.int32)
-    idx = np.full((b, hkv, budget), -1, np.int32)
-    for bb in range(b):
-        for h in range(hkv):
-            c = int(count[bb, h])
-            idx[bb, h, :c] = rng.choice(int(lengths[bb]), c, replace=False)
-    plain_idx = jnp.asarray(idx)
-    if kind == "ring":
-        idx = np.where(idx >= 0, (idx + shift[:, None, None]) % s, -1)
-    idx = jnp.asarray(idx, jnp.int32)
+    plain_idx, count = _random_selection(rng, lengths, hkv, budget)
+    idx = jnp.where(plain_idx >= 0, (plain_idx + shift[:, None, None]) % s, -1) if kind == "ring" else plain_idx
     tol = 1e-4 if dtype == jnp.float32 else 2e-2
     problems, errs = [], {}
     for name, run, plain in (

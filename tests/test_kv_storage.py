@@ -111,15 +111,8 @@ def test_hata_over_the_models_storage_equals_hata_over_a_plain_cache(randn, rng,
     plain = hj.HataCache.from_kv(lk, lv, w, lengths, starts=starts, impl=REF)
     np.testing.assert_array_equal(np.asarray(cache.codes), np.asarray(plain.codes))
     np.testing.assert_allclose(np.asarray(cache.norms), np.asarray(plain.norms), rtol=1e-6)
-    config = hj.HataConfig(rbit=rbit, budget=9, sink=1, recent=2)
-    for step in range(3):
-        q, k_new, v_new = randn(b, hkv * g, d), randn(b, hkv, d), randn(b, hkv, d)
-        out, cache = hj.hata_decode_attention(q, k_new, v_new, cache, w, config, impl="pallas" if step else REF)
-        if quant is not None:  # the plain cache gets the token as the quantized cache stores it
-            k_new, v_new = (_roundtrip(x, cache.k.dtype, None if scale.ndim != 1 else scale[None, :])
-                            for x, scale in ((k_new, cache.k_scale), (v_new, cache.v_scale)))
-        want, plain = hj.hata_decode_attention(q, k_new, v_new, plain, w, config, impl=REF)
-        _assert_close(out, want, tol=1e-4)
+    cache, plain = _steps_agree(randn, cache, plain, w, hj.HataConfig(rbit=rbit, budget=9, sink=1, recent=2),
+                                [REF, "pallas", "pallas"], tol=1e-4)
     assert not np.asarray(cache.overflow).any()
     np.testing.assert_array_equal(np.asarray(cache.lengths), np.asarray(plain.lengths))
     positions = jnp.broadcast_to(jnp.arange(s)[None, None, :], (b, hkv, s))
@@ -129,6 +122,21 @@ def test_hata_over_the_models_storage_equals_hata_over_a_plain_cache(randn, rng,
     held = np.arange(s)[None, None, :] < np.asarray(cache.lengths)[:, None, None]
     np.testing.assert_allclose(np.where(held[..., None], got_k, 0), np.where(held[..., None], plain.k, 0),
                                rtol=1e-6, atol=1e-6)
+
+
+def _steps_agree(randn, cache, plain, w, config, impls, tol=2e-5):
+    """HATA steps (one per impl) over `cache` and over the plain cache of the same tokens (the
+    reference path; each new token as `cache` stores it): equal outputs. Returns both caches."""
+    b, hkv, d = plain.batch, plain.kv_heads, plain.head_dim
+    for impl in impls:
+        q, k_new, v_new = randn(b, 2 * hkv, d), randn(b, hkv, d), randn(b, hkv, d)
+        out, cache = hj.hata_decode_attention(q, k_new, v_new, cache, w, config, impl=impl)
+        if cache.k_scale is not None:  # the plain cache gets the token as the quantized cache stores it
+            k_new, v_new = (_roundtrip(x, cache.k.dtype, None if scale.ndim != 1 else scale[None, :])
+                            for x, scale in ((k_new, cache.k_scale), (v_new, cache.v_scale)))
+        want, plain = hj.hata_decode_attention(q, k_new, v_new, plain, w, config, impl="reference")
+        _assert_close(out, want, tol)
+    return cache, plain
 
 
 def _roundtrip(x, dtype, fixed):
@@ -252,13 +260,10 @@ def test_a_ring_buffer_equals_the_plain_cache(randn, rng, seq_axis, impl):
     cache = hj.HataCache.from_kv(ring_k, ring_v, w, lengths, starts=starts, seq_axis=seq_axis, ring=True, impl=REF)
     plain = hj.HataCache.from_kv(k, v, w, n, impl=REF)
     np.testing.assert_array_equal(np.asarray(cache.codes), np.asarray(plain.codes))
-    config = hj.HataConfig(rbit=rbit, budget=9, sink=1, recent=2)
-    for _ in range(2):
-        q, k_new, v_new = randn(b, hkv * g, d), randn(b, hkv, d), randn(b, hkv, d)
-        out, cache = hj.hata_decode_attention(q, k_new, v_new, cache, w, config, impl=impl)
-        want, plain = hj.hata_decode_attention(q, k_new, v_new, plain, w, config, impl=REF)
-        _assert_close(out, want)
+    cache, plain = _steps_agree(randn, cache, plain, w, hj.HataConfig(rbit=rbit, budget=9, sink=1, recent=2),
+                                [impl, impl])
     np.testing.assert_array_equal(np.asarray(cache.lengths), starts + n + 2)
+    k_new, v_new = randn(b, hkv, d), randn(b, hkv, d)
     with pytest.raises(ValueError, match=r"cache overflow: sequences \[1\]"):
         cache.append(k_new, v_new, w, impl=REF)  # row 1 holds 40 = S tokens
     full = jax.jit(lambda c: c.append(k_new, v_new, w, impl=REF))(cache)

@@ -499,7 +499,9 @@ def _results(output: str) -> list[dict]:
 def _child_env() -> dict:
     from conftest import TEST_XLA_FLAGS
 
-    return {**os.environ, "XLA_FLAGS": TEST_XLA_FLAGS, "JAX_PLATFORMS": "cpu"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(HERE)))  # the checks import bench.kv_layouts
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "XLA_FLAGS": TEST_XLA_FLAGS, "JAX_PLATFORMS": "cpu", "PYTHONPATH": path}
 
 
 _CHILDREN: dict = {}
