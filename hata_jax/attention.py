@@ -22,16 +22,6 @@ def _check_qkv(q, k, v, storage: dict) -> kv_storage.KVShape:
     return shape
 
 
-def _storage_args(seq_axis, page_table, k_scale, v_scale) -> dict:
-    """The storage keywords as checked arrays."""
-    return {
-        "seq_axis": checks.check_seq_axis(seq_axis),
-        "page_table": None if page_table is None else checks.as_array(page_table, "page_table", "int"),
-        "k_scale": None if k_scale is None else checks.as_array(k_scale, "k_scale"),
-        "v_scale": None if v_scale is None else checks.as_array(v_scale, "v_scale"),
-    }
-
-
 def head_major(x, seq_axis: int):
     """A cache [B, Hkv, S, D] from either layout (a view for the reference paths' einsums and gathers)."""
     return x if seq_axis == 2 else jnp.swapaxes(x, 1, 2)
@@ -110,7 +100,7 @@ def sparse_decode_attention(
     """
     q, k, v = checks.as_array(q, "q"), checks.as_array(k, "k", "number"), checks.as_array(v, "v", "number")
     idx, count = checks.as_array(idx, "idx", "int"), checks.as_array(count, "count", "int")
-    storage = _storage_args(seq_axis, page_table, k_scale, v_scale)
+    storage = kv_storage.storage_args(seq_axis, page_table, k_scale, v_scale)
     shape = _check_qkv(q, k, v, storage)
     rows = (q.shape[0], shape.kv_heads)
     checks.check_rank(idx, 3, "idx", "[batch, kv_heads, budget]")
@@ -130,10 +120,8 @@ def sparse_decode_attention(
             return flash_decode.sparse_decode_attention(q, k, v, idx, count.astype(jnp.int32), scale=scale,
                                                         return_lse=return_lse, interpret=path.interpret, **kw)
         used = jnp.arange(idx.shape[2])[None, None, :] < count[..., None]
-        k_rows, held = kv_storage.gather_rows(k, k_scale, idx, seq_axis=kw["seq_axis"], page_table=page_table,
-                                              shape=shape, pool_pages=k.shape[0])
-        v_rows, _ = kv_storage.gather_rows(v, v_scale, idx, seq_axis=kw["seq_axis"], page_table=page_table,
-                                           shape=shape, pool_pages=k.shape[0])
+        k_rows, held = kv_storage.gather_rows(k, k_scale, idx, seq_axis=kw["seq_axis"], page_table=page_table)
+        v_rows, _ = kv_storage.gather_rows(v, v_scale, idx, seq_axis=kw["seq_axis"], page_table=page_table)
         out, lse = masked_attention(q, k_rows, v_rows, used[:, :, None, :], scale)
         outside = jnp.any(used & ~held, axis=2)  # [B, Hkv]
         out = jnp.where(jnp.repeat(outside, q.shape[1] // shape.kv_heads, axis=1)[..., None], jnp.nan, out)
@@ -188,7 +176,7 @@ def dense_decode_attention(
     """
     q, k, v = checks.as_array(q, "q"), checks.as_array(k, "k", "number"), checks.as_array(v, "v", "number")
     lengths = checks.as_array(lengths, "lengths", "int")
-    storage = _storage_args(seq_axis, page_table, k_scale, v_scale)
+    storage = kv_storage.storage_args(seq_axis, page_table, k_scale, v_scale)
     shape = _check_qkv(q, k, v, storage)
     starts = None if starts is None else checks.as_array(starts, "starts", "int")
     if ring:
@@ -221,8 +209,8 @@ def dense_decode_attention(
         else:
             positions = jnp.broadcast_to(pos[:, None, :], (q.shape[0], shape.kv_heads, shape.capacity))
             (k_rows, held), (v_rows, _) = (
-                kv_storage.gather_rows(x, s, positions, seq_axis=kw["seq_axis"], page_table=page_table, shape=shape,
-                                       pool_pages=k.shape[0]) for x, s in ((k, k_scale), (v, v_scale)))
+                kv_storage.gather_rows(x, s, positions, seq_axis=kw["seq_axis"], page_table=page_table)
+                for x, s in ((k, k_scale), (v, v_scale)))
             bad = jnp.any(valid[:, None, :] & ~held, axis=(1, 2))
         out, lse = masked_attention(q, k_rows, v_rows, valid[:, None, None, :], scale)
         out = jnp.where(bad[:, None, None], jnp.nan, out)

@@ -184,15 +184,12 @@ class HataCache:
           sequence's `overflow` flag is set; so is it for a held token on a page the table does
           not hold.
         """
-        seq_axis = checks.check_seq_axis(seq_axis)
         k, v, w = checks.as_array(k, "k", "number"), checks.as_array(v, "v", "number"), checks.as_array(w, "w")
-        page_table = None if page_table is None else checks.as_array(page_table, "page_table", "int")
-        k_scale = None if k_scale is None else checks.as_array(k_scale, "k_scale")
-        v_scale = None if v_scale is None else checks.as_array(v_scale, "v_scale")
+        storage = kv_storage.storage_args(seq_axis, page_table, k_scale, v_scale)
+        seq_axis, page_table, k_scale = storage["seq_axis"], storage["page_table"], storage["k_scale"]
         lengths = checks.as_array(lengths, "lengths", "int")
         checks.check_rank(lengths, 1, "lengths", "[batch]")
         batch = lengths.shape[0]
-        storage = dict(seq_axis=seq_axis, page_table=page_table, k_scale=k_scale, v_scale=v_scale)
         shape = kv_storage.check_storage(k, v, batch=batch, batch_of="lengths", **storage)
         kv_heads, _, _ = check_projection(w, shape.head_dim)
         if kv_heads != shape.kv_heads:
@@ -265,10 +262,7 @@ class HataCache:
     def with_kv(self, k, v, *, page_table=None, k_scale=None, v_scale=None) -> HataCache:
         """This side-car (:meth:`without_kv`) over the model's K/V storage as it is now (the
         layout, paging and quantization it was made with; see :meth:`from_kv`)."""
-        storage = dict(seq_axis=self.seq_axis,
-                       page_table=None if page_table is None else checks.as_array(page_table, "page_table", "int"),
-                       k_scale=None if k_scale is None else checks.as_array(k_scale, "k_scale"),
-                       v_scale=None if v_scale is None else checks.as_array(v_scale, "v_scale"))
+        storage = kv_storage.storage_args(self.seq_axis, page_table, k_scale, v_scale)
         k, v = checks.as_array(k, "k", "number"), checks.as_array(v, "v", "number")
         shape = kv_storage.check_storage(k, v, batch=self.batch, batch_of="the side-car (lengths)", **storage)
         if (shape.kv_heads, shape.capacity) != tuple(self.codes.shape[1:3]):
@@ -504,7 +498,7 @@ def _write_tokens(cache: HataCache, k, v, positions) -> tuple[dict, jax.Array]:
     """The storage fields with tokens k, v float[B, Hkv, T, D] (head-major) written at positions
     int[B, T] (quantized as the cache's scales say), and which were written (bool[B, Hkv, T]:
     a position outside [0, capacity) or on a page outside the pool is dropped)."""
-    fields, where = {}, dict(seq_axis=cache.seq_axis, page_table=cache.page_table, shape=cache.storage_shape)
+    fields, where = {}, dict(seq_axis=cache.seq_axis, page_table=cache.page_table)
     for name, tokens in (("k", k), ("v", v)):
         buf, scale = getattr(cache, name), getattr(cache, f"{name}_scale")
         if scale is not None:
@@ -568,8 +562,7 @@ def _from_kv(k, v, w, lengths, starts, page_table, k_scale, v_scale, *, seq_axis
     else:  # the held keys in order, dequantized (a transient float32 copy of them)
         positions = jnp.broadcast_to(((starts[:, None] + j) % capacity)[:, None, :],
                                      (lengths.shape[0], shape.kv_heads, capacity))
-        keys, read = kv_storage.gather_rows(k, k_scale, positions, seq_axis=seq_axis, page_table=page_table,
-                                            shape=shape, pool_pages=k.shape[0])
+        keys, read = kv_storage.gather_rows(k, k_scale, positions, seq_axis=seq_axis, page_table=page_table)
         codes, norms = _tokens_encoded(keys, w, w.shape[2], 2, impl)
         bad = bad | jnp.any(held & ~read, axis=(1, 2))
     codes = jnp.where(held[..., None], codes, 0)

@@ -100,9 +100,27 @@ def check_storage(k, v, *, batch: int, seq_axis: int, page_table=None, k_scale=N
 def shape_of(k, seq_axis: int, page_table=None) -> KVShape:
     """What a (checked) storage holds, read from the arrays themselves: inside `shard_map` these
     are the local KV heads."""
-    page_size = k.shape[seq_axis] if page_table is not None else 0
-    capacity = page_table.shape[1] * page_size if page_size else k.shape[seq_axis]
+    capacity, page_size = _capacity(k, seq_axis, page_table)
     return KVShape(k.shape[3 - seq_axis], k.shape[3], capacity, page_size)
+
+
+def _capacity(x, seq_axis: int, page_table) -> tuple[int, int]:
+    """(positions per sequence, page size or 0) of k, v or a per-row scale (k without D: the
+    sequence axis at the same place)."""
+    if page_table is None:
+        return x.shape[seq_axis], 0
+    return page_table.shape[1] * x.shape[seq_axis], x.shape[seq_axis]
+
+
+def storage_args(seq_axis, page_table, k_scale, v_scale) -> dict:
+    """The storage keywords with the arrays as jax arrays (lists and numpy too) and seq_axis
+    checked; a ValueError names a bad one (the rest is :func:`check_storage`'s)."""
+    return {
+        "seq_axis": checks.check_seq_axis(seq_axis),
+        "page_table": None if page_table is None else checks.as_array(page_table, "page_table", "int"),
+        "k_scale": None if k_scale is None else checks.as_array(k_scale, "k_scale"),
+        "v_scale": None if v_scale is None else checks.as_array(v_scale, "v_scale"),
+    }
 
 
 def layouts(seq_axis: int, paged: bool, scales_shape) -> dict:
@@ -115,28 +133,30 @@ def layouts(seq_axis: int, paged: bool, scales_shape) -> dict:
     return {"k": kv, "v": kv, "page_table": "b." if paged else None, "k_scale": scale, "v_scale": scale}
 
 
-def _locate(positions, seq_axis: int, page_table, page_size: int, capacity: int):
-    """Index arrays into a storage for int[B, Hkv, N] positions: (lead, row) where k[lead, head,
-    row] / k[lead, row, head] is the row, and inside bool[B, Hkv, N] (the position is held:
-    in [0, capacity) and, paged, on a page of the pool; others index row 0 of page 0)."""
+def _locate(x, positions, seq_axis: int, page_table):
+    """Where rows at int[B, Hkv, N] positions are in x (k, v or a per-row scale): (lead, row) with
+    x[lead, head, row] / x[lead, row, head] the row, and inside bool[B, Hkv, N]: the position is in
+    [0, capacity) and, paged, on a page of the pool (the others index row 0 of entry 0)."""
+    capacity, page_size = _capacity(x, seq_axis, page_table)
     inside = (positions >= 0) & (positions < capacity)
     positions = jnp.where(inside, positions, 0)
     if page_table is None:
         return jnp.arange(positions.shape[0])[:, None, None], positions, inside
     page = jnp.take_along_axis(page_table[:, None, :], positions // page_size, axis=2)
-    return page, positions % page_size, inside & (page >= 0)
+    inside = inside & (page >= 0) & (page < x.shape[0])
+    return jnp.where(inside, page, 0), jnp.where(inside, positions % page_size, 0), inside
 
 
-def gather_rows(x, scale, positions, *, seq_axis: int, page_table, shape: KVShape, pool_pages: int):
+def _index(lead, row, heads: int, seq_axis: int) -> tuple:
+    head = jnp.arange(heads)[None, :, None]
+    return (lead, head, row) if seq_axis == 2 else (lead, row, head)
+
+
+def gather_rows(x, scale, positions, *, seq_axis: int, page_table):
     """The rows of k or v (with its scale, or None) at positions int[B, Hkv, N], dequantized to
     float32[B, Hkv, N, D], and which were held (bool[B, Hkv, N]; rows not held are 0)."""
-    lead, row, inside = _locate(positions, seq_axis, page_table, shape.page_size, shape.capacity)
-    if page_table is not None:
-        inside = inside & (lead < pool_pages)
-        lead = jnp.where(inside, lead, 0)
-        row = jnp.where(inside, row, 0)
-    head = jnp.arange(positions.shape[1])[None, :, None]
-    index = (lead, head, row) if seq_axis == 2 else (lead, row, head)
+    lead, row, inside = _locate(x, positions, seq_axis, page_table)
+    index = _index(lead, row, positions.shape[1], seq_axis)
     rows = x[index].astype(jnp.float32)
     if scale is not None:
         rows = rows * (scale[index] if jnp.ndim(scale) == 3 else scale[None, :, None]).astype(jnp.float32)[..., None]
@@ -159,6 +179,8 @@ def quantize(x, dtype, scale=None):
     given (broadcastable to x without D, e.g. a per-KV-head scale). Returns (stored rows in
     `dtype`, float32 scales of x's shape without D).
     """
+    if jnp.dtype(dtype) not in QUANT_MAX:
+        raise ValueError(f"quantize: dtype must be one of {[str(d) for d in QUANT_MAX]}, got {jnp.dtype(dtype)}")
     x = x.astype(jnp.float32)
     qmax = QUANT_MAX[jnp.dtype(dtype)]
     if scale is None:
@@ -170,14 +192,12 @@ def quantize(x, dtype, scale=None):
     return stored.astype(dtype), scale
 
 
-def write_rows(x, values, positions, *, seq_axis: int, page_table, shape: KVShape):
+def write_rows(x, values, positions, *, seq_axis: int, page_table):
     """x (k, v or a per-row scale) with rows written: values [B, Hkv, T, (D)] at positions
     int[B, T]. Returns (x, written bool[B, Hkv, T]): a position outside [0, capacity) or on a page
     outside the pool is dropped, never wrapped."""
     positions = jnp.broadcast_to(positions[:, None, :], values.shape[:3])
-    lead, row, inside = _locate(positions, seq_axis, page_table, shape.page_size, shape.capacity)
-    inside = inside & (lead < x.shape[0])
+    lead, row, inside = _locate(x, positions, seq_axis, page_table)
     lead = jnp.where(inside, lead, x.shape[0])  # an out-of-bounds lead index: the scatter drops the write
-    head = jnp.arange(values.shape[1])[None, :, None]
-    index = (lead, head, row) if seq_axis == 2 else (lead, row, head)
+    index = _index(lead, row, values.shape[1], seq_axis)
     return x.at[index].set(values.astype(x.dtype), mode="drop"), inside

@@ -71,12 +71,9 @@ def rerank_candidates(q, k, positions, count, lengths, budget: int, *, scale: fl
     positions, count = checks.as_array(positions, "positions", "int"), checks.as_array(count, "count", "int")
     lengths = checks.as_array(lengths, "lengths", "int")
     offsets = None if offsets is None else checks.as_array(offsets, "offsets", "int")
-    storage = dict(seq_axis=checks.check_seq_axis(seq_axis),
-                   page_table=None if page_table is None else checks.as_array(page_table, "page_table", "int"),
-                   k_scale=None if k_scale is None else checks.as_array(k_scale, "k_scale"))
+    storage = kv_storage.storage_args(seq_axis, page_table, k_scale, k_scale)  # v is k here
     budget = checks.as_int(budget, "budget", 1)
-    shape = _check_args(q, k, positions, count, lengths, budget, offsets,
-                        dict(storage, v_scale=storage["k_scale"]))
+    shape = _check_args(q, k, positions, count, lengths, budget, offsets, storage)
     check_sink_recent(budget, sink, recent)
     batch, hq, d = q.shape
     kv_heads = positions.shape[1]
@@ -85,7 +82,7 @@ def rerank_candidates(q, k, positions, count, lengths, budget: int, *, scale: fl
     rows = safe if offsets is None else safe + offsets[:, None, None]
     rows = rows % shape.capacity if ring else rows
     keys, _ = kv_storage.gather_rows(k, storage["k_scale"], rows, seq_axis=storage["seq_axis"],
-                                     page_table=storage["page_table"], shape=shape, pool_pages=k.shape[0])
+                                     page_table=storage["page_table"])
     qg = q.reshape(batch, kv_heads, hq // kv_heads, d).astype(jnp.float32)
     logits = jnp.einsum("bhgd,bhnd->bhgn", qg, keys, precision=jax.lax.Precision.HIGHEST) * scale
     probs = jax.nn.softmax(jnp.where(valid[:, :, None], logits, -jnp.inf), axis=-1)

@@ -93,6 +93,9 @@ def test_quantize_is_symmetric_absmax():
     stored, scale = kv_storage.quantize(x, jnp.float8_e4m3fn, 0.01)
     np.testing.assert_allclose(np.asarray(stored, np.float32)[0, 0], [300.0, -448.0, 50.0], rtol=0.07)
     assert np.asarray(scale).shape == (1, 2)
+    with pytest.raises(ValueError, match=r"quantize: dtype must be one of \['int8', 'float8_e4m3fn', 'float8_e5m2'\], "
+                                         r"got bfloat16"):
+        kv_storage.quantize(x, jnp.bfloat16)
 
 
 @pytest.mark.parametrize("seq_axis, paged, quant", VARIANTS)
@@ -116,9 +119,8 @@ def test_hata_over_the_models_storage_equals_hata_over_a_plain_cache(randn, rng,
     assert not np.asarray(cache.overflow).any()
     np.testing.assert_array_equal(np.asarray(cache.lengths), np.asarray(plain.lengths))
     positions = jnp.broadcast_to(jnp.arange(s)[None, None, :], (b, hkv, s))
-    shape = cache.storage_shape
     got_k, _ = kv_storage.gather_rows(cache.k, cache.k_scale, positions, seq_axis=seq_axis,
-                                      page_table=cache.page_table, shape=shape, pool_pages=cache.k.shape[0])
+                                      page_table=cache.page_table)
     held = np.arange(s)[None, None, :] < np.asarray(cache.lengths)[:, None, None]
     np.testing.assert_allclose(np.where(held[..., None], got_k, 0), np.where(held[..., None], plain.k, 0),
                                rtol=1e-6, atol=1e-6)
