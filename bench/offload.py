@@ -1,40 +1,48 @@
-"""HATA decoding with the HATA layers' K/V cache in host memory (:mod:`hata_jax.offload`), on one GPU.
+"""Offloaded HATA decoding (K/V in host memory) against dense decoding of the same offloaded cache.
 
-    python -m bench.offload --out $OUT/offload.json [--small]
+    python -m bench.offload --out $OUT/offload.json [--small]      # one GPU, Llama-3.1-8B shapes
+    python -m bench.offload --hits --out hits.json                  # the real model's row-cache hits
 
-Model: Llama-3.1-8B shapes (32 layers, hidden 4096, 32/8 heads, D=128, bf16, 16.1 GB), random
-weights made on the device (as :mod:`bench.decode`), random Gaussian hash projections, HATA budget
-2048, rbit 128, layers 0-1 dense with on-device caches, layers 2-31 offloaded
-(:class:`hata_jax.models.offload.OffloadDecoder`), batch 2. `--small`: a 4-layer model and short contexts
-(CPU smoke run).
+Model: Llama-3.1-8B shapes (32 layers, hidden 4096, 32/8 heads, D=128, bf16, 16.1 GB), random weights
+made on the device (as :mod:`bench.decode`), random Gaussian hash projections, HATA budget 2048,
+rbit 128, layers 0-1 dense with on-device caches, layers 2-31 offloaded
+(:class:`hata_jax.models.offload.OffloadDecoder`), batch 2. `--small`: a 4-layer model and short
+contexts (CPU smoke run).
 
 Parts, in this order, each row written to the JSON as soon as it is measured:
-1. `transfer`: host -> device bandwidth of `jax.device_put` from pageable numpy memory (one
-   1 GiB array; and one layer's step payload, 16 MiB at batch 2, gathered from random positions
-   and copied in blocks by the workers, for each `copy_chunks`), and the host gather alone.
+1. `link`: host -> device bandwidth of a 256 MB `pinned_host` array (the link's rate, used by the
+   floors below) and of the same bytes from pageable numpy; one layer's step payload (batch x 8
+   heads x 2048 rows of 512 B, random positions of a 256K-token host cache) through
+   :func:`hata_jax.host_memory.gather_to_device` (gather into pinned staging + chunked copies) for
+   4 / 8 / 16 gather threads x 1024 / 2048 / 4096 rows per task; the fastest is kept for the run.
 2. `offload` at a context whose K/V cache does not fit on the GPU together with the weights
-   (default 256K, batch 2: 64 GiB of K/V + 16.1 GB of weights > 80 GB; the kernels take contexts
-   up to 256K, so a larger batch rather than 512K at batch 1): the dense layers' caches are
-   made on the device; each offloaded layer is filled 64K tokens at a time (random normal K/V
-   made on the device, codes and norms computed there, one device -> host copy into the host cache:
-   the host never holds a second copy). Decode steps from `context - slack` tokens: median wall
-   time per step (token read back), tokens/s, bytes moved per step (counted by the caches and
-   computed by :func:`hata_jax.offload.step_transfer_bytes`), the bandwidth that implies, and the
-   host's time per step waiting for the selections and gathering/copying. Then the same steps
-   with each `copy_chunks` of `--chunks`.
+   (default 256K, batch 2: 64 GiB of K/V + 16.1 GB of weights > 80 GB; the kernels take contexts up
+   to 256K, so 512K x 1 is run as 256K x 2, the same bytes): the dense layers' caches are made on
+   the device; each offloaded layer is filled 64K tokens at a time (random normal K/V made on the
+   device, codes and norms computed there, one device -> host copy). Then, for each row-cache size
+   of `--rows` (multiples of the budget): greedy HATA steps (median wall per step with the token
+   read back, tokens/s, rows selected and fetched, bytes each way, host time waiting and
+   gathering), and the same steps with the link removed (`gather_to_device` replaced by device
+   arrays of the chunks' sizes: everything else of the step runs). Its floor: the rows that must
+   cross / the pinned bandwidth of part 1 + the step without the link; `floor_all_selected_ms`
+   counts every selected row. Then `--dense-steps` steps of dense attention over the same
+   offloaded caches (every row streams to the device each step: the baseline).
 3. `fits` (default 64K, batch 2): the on-device HATA decode step (`hata_jax.models.generation.ModelSteps`,
-   one jit, as :mod:`bench.decode`'s "hata") and the offloaded step from the same cache contents
-   (the offloaded caches are copied from the device caches before the on-device steps run); both
-   greedy from the same token: `tokens_equal_prefix` counts the leading steps whose tokens agree.
-   The run sets `--xla_allow_excess_precision=false` (unless `--excess-precision`): with XLA's
-   default, bf16 values inside a fusion may keep float32 precision, so the one-jit on-device step and
-   the per-layer offloaded pieces round differently and their tokens part after a few steps (on the
-   CPU, the flag makes them equal token for token).
-4. `probe` (a subprocess, so that an XLA CHECK failure cannot end this run): JAX memory kinds on
-   this device: `device_put` to `pinned_host` and back (bandwidths), and inside `jit` a row gather
-   from a `pinned_host` array under `compute_on("device_host")` and a donated in-place append.
+   one jit, as :mod:`bench.decode`'s "hata") and the offloaded step from the same cache contents;
+   both greedy from the same token: `tokens_equal_prefix` counts the leading steps whose tokens
+   agree. The run sets `--xla_allow_excess_precision=false` (unless `--excess-precision`): with XLA's
+   default, bf16 values inside a fusion may keep float32 precision, so the one-jit on-device step
+   and the per-layer offloaded pieces round differently and their tokens part after a few steps.
+4. `prefill` (default 8K tokens, batch 1): the chunked prefill straight into host memory
+   (`--prefill-chunk` tokens at a time) against the whole prefill: time, the first tokens, and the
+   largest K/V difference of the offloaded layers.
 
-Budget: `--time-budget` (default 200 s) skips the parts that no longer fit, saying so.
+`--hits` instead runs the real model (SmolLM2-135M-Instruct and its shipped projections, on whatever
+device there is): a long prose prompt (the GPL-3 text Debian ships), greedy offloaded decoding at
+budget 1/16 with row caches of 1, 2 and 4 budgets, and the hit rate of every offloaded layer; the
+tokens are checked against on-device HATA.
+
+Budget: `--time-budget` (default 480 s) skips the parts that no longer fit, saying so.
 """
 from __future__ import annotations
 
@@ -45,7 +53,6 @@ import gc
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -57,14 +64,15 @@ from flax import nnx
 import hata_jax as hj
 from bench.decode_steps import free, random_hata_cache
 from bench.timing import environment, write_json
-from hata_jax import HataCache, HataConfig, offload
+from hata_jax import HataCache, HataConfig, host_memory, offload
 from hata_jax.models import AttentionPlan, LlamaForCausalLM, generation
-from hata_jax.models.offload import OffloadDecoder
+from hata_jax.models.offload import OffloadDecoder, generate_offloaded
 from hata_jax.models.presets import LLAMA_8B, SMALL_MODELS
 from hata_jax.offload import OffloadedCache, step_transfer_bytes
 
 GB = 1e9
 FILL_CHUNK = 65536  # tokens per device -> host copy while filling a host cache
+PROSE = "/usr/share/common-licenses/GPL-3"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,11 +83,14 @@ class Settings:
     budget: int = 2048
     rbit: int = 128
     dense_layers: int = 2
-    warmup: int = 2
+    warmup: int = 3
     reps: int = 20
-    chunks: tuple[int, ...] = (1, 2, 8)
-    chunk_reps: int = 5
-    time_budget_s: float = 200.0
+    rows: tuple[int, ...] = (1, 2)
+    no_link_reps: int = 8
+    dense_steps: int = 3
+    prefill_tokens: int = 8192
+    prefill_chunk: int = 2048
+    time_budget_s: float = 480.0
     small: bool = False
 
     @property
@@ -89,10 +100,11 @@ class Settings:
     @property
     def slack(self) -> int:
         """Steps run on one set of caches (their lengths start this far below the capacity)."""
-        return self.warmup + self.reps + len(self.chunks) * (1 + self.chunk_reps) + 2
+        return len(self.rows) * (2 * self.warmup + self.reps + self.no_link_reps) + self.dense_steps + 4
 
 
-SMALL = dict(big_context=2048, fit_context=512, batch=2, budget=32, warmup=1, reps=4, chunks=(1, 2), chunk_reps=2)
+SMALL = dict(big_context=2048, fit_context=512, batch=2, budget=32, warmup=1, reps=4, no_link_reps=2, dense_steps=2,
+             prefill_tokens=300, prefill_chunk=128)
 
 
 def host_memory_available() -> float:
@@ -114,17 +126,23 @@ def random_tokens(key, w, *, shape):
     return kv, hj.encode(kv[:, :, :, 0], w, head_axis=1), hj.key_norms(kv[:, :, :, 0])
 
 
+def median_ms(times) -> float:
+    return 1e3 * statistics.median(times)
+
+
 class OffloadBench:
     def __init__(self, settings: Settings, out: str, started: float):
         self.s, self.out, self.started = settings, out, started
         self.config = SMALL_MODELS["llama"] if settings.small else LLAMA_8B
         self.rows: list[dict] = []
         self.env = {**environment(), "host_cpus": os.cpu_count(), "host_memory_available_bytes":
-                    host_memory_available(), "gather_threads": offload.GATHER_THREADS,
-                    "copy_chunks_default": offload.COPY_CHUNKS, "xla_flags": os.environ.get("XLA_FLAGS", "")}
+                    host_memory_available(), "gather_threads": host_memory.GATHER_THREADS,
+                    "chunk_rows": host_memory.CHUNK_ROWS, "pinned_staging": host_memory.pinned_memory_works(
+                        jax.devices()[0]), "xla_flags": os.environ.get("XLA_FLAGS", "")}
         self.device = jax.devices()[0]
         self.key = jax.random.PRNGKey(20261122)
-        self.model = self.steps = self.decoder = None
+        self.model = self.decoder = None
+        self.link_gbps = None
 
     def _next_key(self):
         self.key, sub = jax.random.split(self.key)
@@ -147,50 +165,52 @@ class OffloadBench:
     def skip(self, part: str, reason: str) -> None:
         self.record({"kind": "skip", "part": part, "reason": reason})
 
-    # -- 1. transfers
-    def transfers(self) -> None:
+    # -- 1. the link
+    def link(self) -> None:
         s, c = self.s, self.config
-        big = np.ones((64 << 20) if s.small else (1 << 30), np.uint8)
-        jax.device_put(big).block_until_ready()
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            jax.device_put(big).block_until_ready()
-            times.append(time.perf_counter() - start)
-        one = big.nbytes / min(times) / GB
-        del big
-        cache = OffloadedCache.init(s.batch, c.num_kv_heads, 8 * s.budget, c.head_dim, rbit=s.rbit)
-        cache.kv[...] = 1
-        idx = jnp.asarray(np.random.default_rng(0).integers(0, cache.capacity, (s.batch, c.num_kv_heads, s.budget)),
-                          jnp.int32)
-        kv_new = jnp.ones((s.batch, c.num_kv_heads, 2, c.head_dim), jnp.bfloat16)
-        payload = step_transfer_bytes(s.batch, c.num_kv_heads, s.budget, c.head_dim, jnp.bfloat16)["host_to_device"]
+        nbytes = (16 << 20) if s.small else (256 << 20)
+        staging = host_memory.PinnedStaging((nbytes,), np.uint8)
+        pinned_array, view = staging.buffer(1)
+        view[...] = 1
 
-        def layer_step():
-            cache.lengths[:] = 0
-            jax.block_until_ready(cache.append_and_gather(idx, kv_new))
+        def best_gbps(copy) -> float:
+            jax.block_until_ready(copy())
+            times = []
+            for _ in range(5):
+                start = time.perf_counter()
+                jax.block_until_ready(copy())
+                times.append(time.perf_counter() - start)
+            return nbytes / statistics.median(times) / GB
 
-        gathered = {}
-        for chunks in sorted({*s.chunks, offload.COPY_CHUNKS}):
-            cache.copy_chunks = chunks
-            layer_step()
-            start = time.perf_counter()
-            for _ in range(10):
-                layer_step()
-            gathered[chunks] = (time.perf_counter() - start) / 10
-        rows = cache.kv.reshape(-1, *cache.kv.shape[2:])
-        flat = np.asarray(idx).reshape(len(rows), -1)
-        start = time.perf_counter()
-        for _ in range(10):
-            for pair in range(len(rows)):
-                np.take(rows[pair], flat[pair], axis=0, mode="clip")
-        gather_only = (time.perf_counter() - start) / 10
-        self.record({"kind": "transfer", "h2d_one_array_gbps": one, "h2d_one_array_bytes": int((64 << 20) if s.small
-                                                                                                 else (1 << 30)),
-                     "layer_payload_bytes": payload,
-                     "layer_gather_and_copy_ms": {str(k): 1e3 * v for k, v in gathered.items()},
-                     "layer_gather_and_copy_gbps": {str(k): payload / v / GB for k, v in gathered.items()},
-                     "layer_gather_only_ms_one_thread": 1e3 * gather_only})
+        pinned = best_gbps(lambda: staging.to_device(1, 0))
+        pageable = best_gbps(lambda: jax.device_put(np.ones(nbytes, np.uint8)))
+        self.link_gbps = pinned
+        pairs, tokens = s.batch * c.num_kv_heads, (4096 if s.small else 262144)
+        source = np.ones((pairs * tokens, 2, c.head_dim), jnp.bfloat16)
+        idx = np.random.default_rng(0).integers(0, len(source), pairs * s.budget).astype(np.int32)
+        idx.sort()  # a pair's rows are listed by position (plan_fetch)
+        layer_staging = host_memory.PinnedStaging((2, c.head_dim), jnp.bfloat16)
+        payload = len(idx) * 2 * c.head_dim * 2
+        sweep = {}
+        for threads in sorted({t for t in (4, 8, 16) if t <= (os.cpu_count() or 1)} or {1}):
+            for task_rows in (1024, 2048, 4096):
+                host_memory.set_gather(threads, task_rows)
+                times = []
+                for _ in range(12):
+                    start = time.perf_counter()
+                    jax.block_until_ready([chunk for chunk, _ in host_memory.gather_to_device(source, idx,
+                                                                                              layer_staging)])
+                    times.append(time.perf_counter() - start)
+                sweep[f"{threads}x{task_rows}"] = median_ms(times[2:])
+        best = min(sweep, key=sweep.get)
+        threads, task_rows = map(int, best.split("x"))
+        host_memory.set_gather(threads, task_rows)  # the rest of the run gathers this way
+        self.env.update(gather_threads=threads, task_rows=task_rows)
+        self.record({"kind": "link", "pinned_to_device_gbps": pinned, "pageable_to_device_gbps": pageable,
+                     "copy_bytes": nbytes, "layer_payload_bytes": payload,
+                     "layer_gather_and_copy_ms": sweep[best], "layer_gather_and_copy_gbps": payload / sweep[best] / 1e6,
+                     "gather_threads_x_task_rows_ms": sweep, "chosen": best, "pinned_staging": layer_staging.pinned})
+        del source
 
     # -- the model
     def build(self) -> None:
@@ -218,21 +238,22 @@ class OffloadBench:
 
     def filled_offloaded_cache(self, layer: int, context: int) -> OffloadedCache:
         b, hkv, s, d = self.shape(context)
-        cache = OffloadedCache.init(b, hkv, s, d, rbit=self.s.rbit)
+        cache = self.decoder.offloaded_cache(b, s, jnp.bfloat16)
         for start in range(0, s, FILL_CHUNK):
             tokens = min(FILL_CHUNK, s - start)
             cache.write(*random_tokens(self._next_key(), self.hash_weights[layer], shape=(b, hkv, tokens, 2, d)), start)
         cache.set_lengths(np.full(b, s - self.s.slack))
         return cache
 
-    def time_offloaded(self, caches, tokens, steps: int):
-        """(wall seconds of each step, the tokens of each step, the caches' stats summed over the steps)."""
+    def time_steps(self, caches, tokens, steps: int, attention: str = "hata"):
+        """(wall seconds of each step, the tokens of each step, the last tokens, the offloaded caches'
+        stats summed over the steps)."""
         hata = [c for c in caches if isinstance(c, OffloadedCache)]
         before = [dataclasses.replace(c.stats) for c in hata]
         times, out = [], []
         for _ in range(steps):
             start = time.perf_counter()
-            tokens = self.decoder.step(tokens, caches)
+            tokens = self.decoder.step(tokens, caches, attention=attention)
             tokens.block_until_ready()
             times.append(time.perf_counter() - start)
             out.append(np.asarray(tokens).tolist())
@@ -241,10 +262,9 @@ class OffloadBench:
         return times, out, tokens, total
 
     def step_row(self, part: str, context: int, times, total: dict, extra: dict) -> dict:
-        s, c = self.s, self.config
+        s = self.s
         steps = len(times)
         median = statistics.median(times)
-        expected = step_transfer_bytes(s.batch, c.num_kv_heads, s.budget, c.head_dim, jnp.bfloat16)
         layers = len(self.plan.hashed_layers)
         h2d = total["host_to_device_bytes"] / steps
         return self.record({
@@ -253,11 +273,31 @@ class OffloadBench:
             "p10_ms": 1e3 * float(np.percentile(times, 10)), "p90_ms": 1e3 * float(np.percentile(times, 90)),
             "tokens_per_s": s.batch / median, "h2d_bytes_per_step": h2d,
             "d2h_bytes_per_step": total["device_to_host_bytes"] / steps,
-            "expected_h2d_bytes_per_step": layers * expected["host_to_device"],
-            "expected_d2h_bytes_per_step": layers * expected["device_to_host"],
+            "rows_selected_per_step": total["rows_selected"] / steps,
+            "rows_fetched_per_step": total["rows_fetched"] / steps,
+            "hit_rate": 1 - total["rows_fetched"] / total["rows_selected"] if total["rows_selected"] else None,
             "implied_h2d_gbps": h2d / median / GB,
             "host_wait_ms_per_step": 1e3 * total["wait_seconds"] / steps,
             "host_gather_copy_ms_per_step": 1e3 * total["gather_seconds"] / steps, **extra})
+
+    def no_link_times(self, caches, tokens, steps: int):
+        """The steps with `gather_to_device` replaced by device arrays of the chunks' sizes."""
+        zeros: dict[int, jax.Array] = {}
+        original = host_memory.gather_to_device
+
+        def no_link(source, idx, staging, *, device=None, chunk_rows=host_memory.CHUNK_ROWS):
+            sizes = host_memory.chunk_sizes(len(idx), chunk_rows)
+            for size in sizes:
+                if size not in zeros:
+                    zeros[size] = jnp.zeros((size, *staging.row_shape), staging.dtype)
+            return [(zeros[size], min(size, len(idx) - i * chunk_rows)) for i, size in enumerate(sizes)]
+
+        host_memory.gather_to_device = no_link
+        try:
+            self.time_steps(caches, tokens, 1)
+            return self.time_steps(caches, tokens, steps)
+        finally:
+            host_memory.gather_to_device = original
 
     # -- 2. a context that does not fit
     def big(self) -> None:
@@ -279,24 +319,45 @@ class OffloadBench:
         dense = self.device_caches(context, [i for i in range(c.num_layers) if i not in hata_layers])
         caches = [dense[i] if i in dense else self.filled_offloaded_cache(i, context) for i in range(c.num_layers)]
         jax.block_until_ready([x.codes for x in caches if isinstance(x, OffloadedCache)])
+        for multiple in s.rows:  # staging buffers and row writes made before any timing
+            for cache in caches:
+                if isinstance(cache, OffloadedCache):
+                    cache.resize_rows(multiple * s.budget)
+            caches[hata_layers[0]].prepare(s.budget)
         fill = time.perf_counter() - start
         print(f"  filled the caches in {fill:.1f} s", flush=True)
         tokens = jax.random.randint(self._next_key(), (s.batch,), 0, c.vocab_size, jnp.int32)
-        times, _, tokens, _ = self.time_offloaded(caches, tokens, s.warmup)
-        first = times[0]
-        times, _, tokens, total = self.time_offloaded(caches, tokens, s.reps)
-        self.step_row("offload", context, times, total, {**info, "fill_s": fill, "first_call_s": first,
-                                                          "copy_chunks": offload.COPY_CHUNKS})
-        for chunks in s.chunks:
-            if self.left() < 30:
-                self.skip("offload chunks", f"time budget: {self.left():.0f} s left")
-                break
+        expected = step_transfer_bytes(s.batch, c.num_kv_heads, s.budget, c.head_dim, jnp.bfloat16)
+        hata_step = None
+        for multiple in s.rows:
+            if self.left() < 40:
+                self.skip("offload", f"rows {multiple} x budget: time budget, {self.left():.0f} s left")
+                continue
             for cache in caches:
                 if isinstance(cache, OffloadedCache):
-                    cache.copy_chunks = chunks
-            _, _, tokens, _ = self.time_offloaded(caches, tokens, 1)
-            times, _, tokens, total = self.time_offloaded(caches, tokens, s.chunk_reps)
-            self.step_row("offload chunks", context, times, total, {"copy_chunks": chunks})
+                    cache.resize_rows(multiple * s.budget)
+            times, _, tokens, _ = self.time_steps(caches, tokens, s.warmup)
+            first = times[0]
+            times, _, tokens, total = self.time_steps(caches, tokens, s.reps)
+            no_link, _, tokens, _ = self.no_link_times(caches, tokens, s.no_link_reps)
+            fetched_bytes = total["rows_fetched"] / s.reps * 2 * c.head_dim * 2
+            selected_bytes = total["rows_selected"] / s.reps * 2 * c.head_dim * 2
+            link_ms = 1e3 / (self.link_gbps * GB)
+            floor = fetched_bytes * link_ms + median_ms(no_link)
+            row = self.step_row("offload", context, times, total, {
+                **info, "rows": multiple * s.budget, "fill_s": fill, "first_call_s": first,
+                "expected_h2d_bytes_per_step_no_hits": len(hata_layers) * expected["host_to_device"],
+                "no_link_median_ms": median_ms(no_link), "link_gbps": self.link_gbps,
+                "floor_ms": floor, "floor_all_selected_ms": selected_bytes * link_ms + median_ms(no_link),
+                "over_floor": median_ms(times) / floor})
+            hata_step = hata_step or row
+        if s.dense_steps and self.left() > 30 and hata_step:
+            _, _, tokens, _ = self.time_steps(caches, tokens, 1, attention="dense")
+            times, _, tokens, total = self.time_steps(caches, tokens, s.dense_steps, attention="dense")
+            self.step_row("dense", context, times, total, {
+                "hata_over_dense_tokens_per_s": hata_step["tokens_per_s"] / (s.batch / statistics.median(times))})
+        elif s.dense_steps:
+            self.skip("dense", f"time budget: {self.left():.0f} s left")
         free([x for x in caches if isinstance(x, HataCache)])
         del caches
         gc.collect()
@@ -310,9 +371,10 @@ class OffloadBench:
         device = self.device_caches(context, range(c.num_layers))
         host = {}
         for i in self.plan.hashed_layers:
-            host[i] = OffloadedCache.init(*self.shape(context), rbit=s.rbit)
+            host[i] = self.decoder.offloaded_cache(s.batch, context, jnp.bfloat16)
             host[i].write(jnp.stack([device[i].k, device[i].v], axis=3), device[i].codes, device[i].norms)
             host[i].set_lengths(np.full(s.batch, length))
+        host[self.plan.hashed_layers[0]].prepare(s.budget)
         t0 = jax.random.randint(self._next_key(), (s.batch,), 0, c.vocab_size, jnp.int32)
 
         steps = generation.ModelSteps(self.model)
@@ -336,8 +398,8 @@ class OffloadBench:
             return dataclasses.replace(cache, lengths=jnp.full((s.batch,), length, jnp.int32))
 
         caches = [host[i] if i in host else at_length(caches[i]) for i in range(c.num_layers)]
-        warm, host_tokens, tokens, _ = self.time_offloaded(caches, t0, s.warmup)
-        times, timed_tokens, _, total = self.time_offloaded(caches, tokens, s.reps)
+        warm, host_tokens, tokens, _ = self.time_steps(caches, t0, s.warmup)
+        times, timed_tokens, _, total = self.time_steps(caches, tokens, s.reps)
         host_tokens += timed_tokens
         equal = next((n for n, (a, b) in enumerate(zip(device_tokens, host_tokens)) if a != b), len(host_tokens))
         row = self.step_row("fits", context, times, total,
@@ -350,124 +412,109 @@ class OffloadBench:
         print(f"  offloaded {row['median_ms']:.2f} ms vs on-device {on_device['median_ms']:.2f} ms; tokens equal for "
               f"the first {equal} of {len(host_tokens)} steps", flush=True)
 
-    # -- 4. memory kinds, in a subprocess
-    def probe(self) -> None:
-        env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
-        command = [sys.executable, "-m", "bench.offload", "--probe"] + (["--small"] if self.s.small else [])
-        timeout = max(10.0, min(90.0, self.left()))
-        try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env,
-                                  cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        except subprocess.TimeoutExpired:
-            self.record({"kind": "probe", "error": f"timed out after {timeout:.0f} s"})
-            return
-        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-        result = json.loads(lines[-1]) if lines else {}
-        self.record({"kind": "probe", "returncode": done.returncode, **result,
-                     **({} if done.returncode == 0 else {"stderr_tail": done.stderr[-2000:]})})
+    # -- 4. chunked prefill into host memory
+    def prefill(self) -> None:
+        s, c = self.s, self.config
+        t = s.prefill_tokens
+        print(f"== prefill: {t} tokens, chunks of {s.prefill_chunk}", flush=True)
+        tokens = np.asarray(jax.random.randint(self._next_key(), (1, t), 0, c.vocab_size, jnp.int32))
+        lengths = np.array([t])
+        results = {}
+        for name, chunk in (("whole", None), ("chunked", s.prefill_chunk)):
+            self.decoder.prefill(tokens[:, :s.prefill_chunk], np.array([s.prefill_chunk]), t + 8, chunk=chunk)
+            start = time.perf_counter()
+            first, caches = self.decoder.prefill(tokens, lengths, t + 8, chunk=chunk)
+            first = np.asarray(first)
+            results[name] = (time.perf_counter() - start, first, [x for x in caches if isinstance(x, OffloadedCache)])
+            free([x for x in caches if isinstance(x, HataCache)])
+        diff = max(float(np.max(np.abs(a.kv[:, :, :t].astype(np.float32) - b.kv[:, :, :t].astype(np.float32))))
+                   for a, b in zip(results["whole"][2], results["chunked"][2]))
+        scale = max(float(np.max(np.abs(a.kv[:, :, :t].astype(np.float32)))) for a in results["whole"][2])
+        self.record({"kind": "prefill", "tokens": t, "chunk": s.prefill_chunk, "whole_s": results["whole"][0],
+                     "chunked_s": results["chunked"][0], "first_token_whole": results["whole"][1].tolist(),
+                     "first_token_chunked": results["chunked"][1].tolist(),
+                     "first_tokens_equal": results["whole"][1].tolist() == results["chunked"][1].tolist(),
+                     "kv_max_abs_diff": diff, "kv_max_abs": scale})
+        del results
+        gc.collect()
 
     def run(self) -> None:
         print(self.env, flush=True)
-        self.transfers()
+        self.link()
         self.build()
         self.big()
-        if self.left() > (10 if self.s.small else 60):
-            self.fits()
-        else:
-            self.skip("fits", f"time budget: {self.left():.0f} s left")
-        if self.left() > 15:
-            self.probe()
-        else:
-            self.skip("probe", f"time budget: {self.left():.0f} s left")
+        for part, need in ((self.fits, 10 if self.s.small else 60), (self.prefill, 10 if self.s.small else 40)):
+            if self.left() > need:
+                part()
+            else:
+                self.skip(part.__name__, f"time budget: {self.left():.0f} s left")
         self.save(complete=True)
 
 
-def probe_memory_kinds(small: bool) -> dict:
-    """What JAX memory kinds do on this device (see the module docstring, part 4)."""
-    from jax.experimental.compute_on import compute_on
+def real_model_hits(out: str, *, context: int, new_tokens: int, rows: tuple[int, ...]) -> dict:
+    """The row cache's hit rate on SmolLM2-135M-Instruct (shipped projections) decoding after a long
+    prose prompt at budget context / 16, for row caches of `rows` budgets; tokens checked against
+    on-device HATA (see the module docstring)."""
+    from hata_jax.models import generate
+    from hata_jax.models.load import load_model
+    from hata_jax.train.projections import hash_weights_for_generate
 
-    dev = jax.devices()[0]
-    host = jax.sharding.SingleDeviceSharding(dev, memory_kind="pinned_host")
-    on_device = jax.sharding.SingleDeviceSharding(dev, memory_kind="device")
-    kv_heads, tokens, budget, head_dim = (2, 4096, 64, 64) if small else (8, 65536, 2048, 128)
-    rng = np.random.default_rng(0)
-    kv = rng.standard_normal((kv_heads, tokens, 2, head_dim), np.float32).astype(jnp.bfloat16)
-    idx = rng.integers(0, tokens, (kv_heads, budget)).astype(np.int32)
-    out: dict = {"memories": [str(m) for m in dev.addressable_memories()], "probe_bytes": kv.nbytes}
-
-    def timed(name, fn, reps=5):
-        try:
-            result = jax.block_until_ready(fn())
-            start = time.perf_counter()
-            for _ in range(reps):
-                jax.block_until_ready(fn())
-            out[f"{name}_ms"] = 1e3 * (time.perf_counter() - start) / reps
-            return result
-        except Exception as err:  # report what fails, keep probing the rest
-            out[f"{name}_error"] = f"{type(err).__name__}: {str(err)[:600]}"
-            return None
-
-    pinned = timed("numpy_to_pinned_host", lambda: jax.device_put(kv, host))
-    if pinned is None:
-        return out
-    out["pinned_to_device_gbps"] = None
-    if timed("pinned_host_to_device", lambda: jax.device_put(pinned, on_device)) is not None:
-        out["pinned_to_device_gbps"] = kv.nbytes / out["pinned_host_to_device_ms"] / 1e6
-    if timed("numpy_to_device", lambda: jax.device_put(kv, on_device)) is not None:
-        out["numpy_to_device_gbps"] = kv.nbytes / out["numpy_to_device_ms"] / 1e6
-
-    @jax.jit
-    def gather(kv_host, positions):
-        positions = jax.device_put(positions, host)
-        with compute_on("device_host"):
-            rows = jnp.take_along_axis(kv_host, positions[:, :, None, None], axis=1, mode="clip")
-        return jax.device_put(rows, on_device)
-
-    rows = timed("jit_host_gather", lambda: gather(pinned, jnp.asarray(idx)))
-    if rows is not None:
-        out["jit_host_gather_exact"] = bool(np.array_equal(np.asarray(rows), np.take_along_axis(
-            kv, idx[:, :, None, None], axis=1)))
-        out["jit_host_gather_rows_bytes"] = int(rows.nbytes)
-
-    @functools.partial(jax.jit, donate_argnums=0, out_shardings=host)
-    def append(kv_host, row, position):
-        row, position = jax.device_put(row, host), jax.device_put(position, host)
-        with compute_on("device_host"):
-            return kv_host.at[:, position].set(row)
-
-    row = jnp.ones((kv_heads, 2, head_dim), jnp.bfloat16)
-    state = {"kv": jax.device_put(kv, host)}
-
-    def append_once():
-        state["kv"] = append(state["kv"], row, jnp.int32(3))
-        return state["kv"]
-
-    if timed("jit_host_append", append_once) is not None:
-        out["jit_host_append_exact"] = bool(np.all(np.asarray(state["kv"][:, 3]) == 1))
-    return out
+    model, tokenizer = load_model("smollm2", dtype=jnp.float32, log=lambda m: print(m, flush=True))
+    config = model.config
+    with open(PROSE, encoding="utf-8") as f:
+        text = f.read()
+    prompt = tokenizer.encode_prompt(text + "\n\nSummarise the license above in three sentences.", chat=True)
+    prompt = prompt[-context:]
+    budget = context // 16
+    weights = hash_weights_for_generate(None, "smollm2", model, 128, lambda m: print(m, flush=True))
+    plan = AttentionPlan.uniform(config.num_layers, "hata", HataConfig(rbit=128, budget=budget))
+    start = time.perf_counter()
+    want = generate(model, [prompt], max_new_tokens=new_tokens, plan=plan, hash_weights=weights, dense_below=0)
+    result = {"environment": environment(), "model": "SmolLM2-135M-Instruct", "prompt_source": PROSE,
+              "prompt_tokens": len(prompt), "budget": budget, "new_tokens": new_tokens,
+              "on_device_s": time.perf_counter() - start, "runs": []}
+    for multiple in rows:
+        start = time.perf_counter()
+        got, caches = generate_offloaded(model, [prompt], max_new_tokens=new_tokens, plan=plan, hash_weights=weights,
+                                         rows=multiple * budget)
+        offloaded = [c for c in caches if isinstance(c, OffloadedCache)]
+        per_layer = [c.stats.hit_rate for c in offloaded]
+        selected = sum(c.stats.rows_selected for c in offloaded)
+        fetched = sum(c.stats.rows_fetched for c in offloaded)
+        run = {"rows": multiple * budget, "tokens_equal_on_device": got.tokens == want.tokens,
+               "steps": offloaded[0].stats.steps, "hit_rate": 1 - fetched / selected,
+               "hit_rate_per_layer": per_layer, "seconds": time.perf_counter() - start,
+               "text": tokenizer.decode(got.tokens[0])}
+        result["runs"].append(run)
+        print(json.dumps({k: v for k, v in run.items() if k != "hit_rate_per_layer"}), flush=True)
+        write_json(out, result)
+    return result
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", help="results JSON (written after every result)")
+    parser.add_argument("--out", required=True, help="results JSON (written after every result)")
     parser.add_argument("--small", action="store_true", help="tiny model and contexts (CPU smoke run)")
-    parser.add_argument("--probe", action="store_true", help="only probe memory kinds; print JSON (used internally)")
+    parser.add_argument("--hits", action="store_true", help="only the real model's row-cache hit rate")
+    parser.add_argument("--hits-context", type=int, default=4096, help="--hits: prompt tokens (default 4096)")
+    parser.add_argument("--hits-new-tokens", type=int, default=48, help="--hits: tokens decoded (default 48)")
     parser.add_argument("--big-context", type=int, dest="big_context")
     parser.add_argument("--fit-context", type=int, dest="fit_context")
     parser.add_argument("--batch", type=int)
     parser.add_argument("--reps", type=int)
-    parser.add_argument("--chunks", type=int, nargs="+", help="copy_chunks values to time after the default")
+    parser.add_argument("--rows", type=int, nargs="+", help="row-cache sizes in budgets (default 1 2)")
+    parser.add_argument("--dense-steps", type=int, dest="dense_steps")
+    parser.add_argument("--prefill-tokens", type=int, dest="prefill_tokens")
+    parser.add_argument("--prefill-chunk", type=int, dest="prefill_chunk")
     parser.add_argument("--time-budget", type=float, dest="time_budget_s")
     parser.add_argument("--excess-precision", action="store_true",
                         help="leave XLA's excess precision for bf16 on (its default; the on-device and offloaded "
                              "steps then fuse differently and their greedy tokens may part after a few steps)")
     args = parser.parse_args(argv)
-    if not args.probe and not args.out:
-        parser.error("--out is required")
     fields = {f.name for f in dataclasses.fields(Settings)}
     given = {k: v for k, v in vars(args).items() if v is not None and k in fields}
-    if "chunks" in given:
-        given["chunks"] = tuple(given["chunks"])
+    if "rows" in given:
+        given["rows"] = tuple(given["rows"])
     return args, Settings(**{**(SMALL if args.small else {}), **given})
 
 
@@ -475,8 +522,8 @@ def main(argv=None) -> int:
     args, settings = parse_args(argv)
     if not args.excess_precision:  # read when the backend starts, which has not happened yet
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_allow_excess_precision=false").strip()
-    if args.probe:
-        print(json.dumps(probe_memory_kinds(settings.small)), flush=True)
+    if args.hits:
+        real_model_hits(args.out, context=args.hits_context, new_tokens=args.hits_new_tokens, rows=(1, 2, 4))
         return 0
     bench = OffloadBench(settings, args.out, time.perf_counter())
     try:

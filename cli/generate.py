@@ -62,6 +62,15 @@ def add_generate_command(subparsers) -> None:
     gen.add_argument("--mesh-split", choices=MESH_SPLITS, default="heads",
                      help="what --mesh splits: 'heads' (tensor-parallel) or 'positions' (each device holds a slice "
                           "of every sequence's cache, weights replicated: contexts longer than one device's memory)")
+    gen.add_argument("--offload", action="store_true",
+                     help="keep the HATA layers' K/V in host memory (contexts larger than the GPU): each step copies "
+                          "only the selected rows the GPU does not already hold (hata_jax.offload; greedy, one device)")
+    gen.add_argument("--rows", type=int, default=None, metavar="N",
+                     help="with --offload: GPU row-cache slots per sequence and KV head of each HATA layer, >= the "
+                          "budget (default: the budget, i.e. the previous step's selection)")
+    gen.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
+                     help="with --offload: prefill N prompt tokens at a time straight into host memory (the device "
+                          "never holds a whole layer's prompt K/V; default: the whole prompt layer by layer)")
     gen.add_argument("--coordinator", metavar="HOST:PORT",
                      help="several hosts: jax.distributed coordinator address; run the same command on every host "
                           "with --num-processes and its own --process-id")
@@ -133,6 +142,17 @@ def check_generate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--dense-layers must be >= 0, got {args.dense_layers}")
     if not args.prompt:
         raise ValueError("--prompt must not be empty")
+    if args.offload:
+        for option, bad in (("--attention hata", args.attention != "hata"), ("--mesh 1", args.mesh != 1),
+                            ("--temperature 0 (greedy)", args.temperature != 0),
+                            ("--tokens-per-dispatch 1", args.tokens_per_dispatch != 1)):
+            if bad:
+                raise ValueError(f"--offload needs {option}")
+    elif args.rows is not None or args.prefill_chunk is not None:
+        raise ValueError("--rows and --prefill-chunk go with --offload")
+    for option in ("rows", "prefill_chunk"):
+        if getattr(args, option) is not None and getattr(args, option) < 1:
+            raise ValueError(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -165,7 +185,7 @@ def run_generate(args: argparse.Namespace) -> int:
             model = replicate_model(model, mesh)
             log(f"caches split along the sequence over {args.mesh} devices (weights replicated)")
     token_bytes = kv_token_bytes(1, config.num_kv_heads, config.head_dim, getattr(jnp, args.dtype))
-    threshold = short_context_threshold(plan, args.dense_below, token_bytes)
+    threshold = 0 if args.offload else short_context_threshold(plan, args.dense_below, token_bytes)
     hash_weights = None
     if args.attention == "hata" or args.hash_weights:
         hash_weights = hash_weights_for_generate(args.hash_weights, args.model, model, args.rbit, log)
@@ -185,6 +205,8 @@ def run_generate(args: argparse.Namespace) -> int:
     if not prompt:
         raise ValueError(f"--prompt {args.prompt!r} encodes to no tokens")
     stream = TextStream(tokenizer)
+    if args.offload:
+        return run_offloaded(args, model, plan, [prompt], hash_weights, tokenizer, stream, log)
     with warnings.catch_warnings():
         if hash_weights is None:  # already said above
             warnings.filterwarnings("ignore", message=".*UNTRAINED hash projections.*")
@@ -198,4 +220,31 @@ def run_generate(args: argparse.Namespace) -> int:
         f"decode {result.tokens_per_second:.1f} tokens/s over {result.decode_steps} steps"
         + (f" ({args.tokens_per_dispatch} steps per dispatch)" if args.tokens_per_dispatch > 1 else "")
         + (f" ({result.dense_steps} steps dense by --dense-below)" if result.dense_steps else ""))
+    return 0
+
+
+def run_offloaded(args, model, plan, prompts, hash_weights, tokenizer, stream, log) -> int:
+    """`generate --offload`: greedy decoding with the HATA layers' K/V in host memory."""
+    from hata_jax.models.offload import generate_offloaded
+    from hata_jax.offload import OffloadedCache
+
+    with warnings.catch_warnings():
+        if hash_weights is None:  # already said
+            warnings.filterwarnings("ignore", message=".*UNTRAINED hash projections.*")
+        result, caches = generate_offloaded(model, prompts, plan=plan, max_new_tokens=args.max_new_tokens,
+                                            hash_weights=hash_weights, stop_ids=tokenizer.stop_ids, rows=args.rows,
+                                            prefill_chunk=args.prefill_chunk, on_tokens=stream)
+    print(flush=True)
+    offloaded = [c for c in caches if isinstance(c, OffloadedCache)]
+    selected = sum(c.stats.rows_selected for c in offloaded)
+    fetched = sum(c.stats.rows_fetched for c in offloaded)
+    steps = max(offloaded[0].stats.steps, 1)
+    moved = sum(c.stats.host_to_device_bytes for c in offloaded) / steps
+    held = sum(c.kv.nbytes for c in offloaded)
+    log(f"{len(prompts[0])} prompt tokens, {len(result.tokens[0])} new tokens; prefill {result.prefill_seconds:.2f} s"
+        + (f" ({args.prefill_chunk} tokens per chunk)" if args.prefill_chunk else "")
+        + f"; decode {result.tokens_per_second:.1f} tokens/s over {result.decode_steps} steps")
+    log(f"offloaded: {len(offloaded)} layers, {held / 2**20:.1f} MiB of K/V in host memory; per step "
+        f"{moved / 2**20:.2f} MiB host -> device; row cache ({offloaded[0].rows.rows} slots) hit "
+        f"{(1 - fetched / selected) if selected else 0.0:.1%} of the selected rows")
     return 0
