@@ -526,12 +526,16 @@ _fill_rows = jax.jit(fill_rows, donate_argnames=("rows",))
 _attend_rows = jax.jit(attend_rows, static_argnames=("scale", "impl"))
 
 
+@functools.lru_cache(maxsize=64)
+def _chunk_start(i: int, device) -> jax.Array:
+    """Chunk i's first row, an int32 scalar kept on `device` (made once)."""
+    return jax.device_put(np.int32(i * host_memory.CHUNK_ROWS), device)
+
+
 def fill_chunks(rows: RowCache, chunks, fill_slots) -> RowCache:
     """Write :meth:`OffloadedCache.append_and_gather`'s chunks into the row cache (jitted per chunk size)."""
-    start = 0
-    for chunk, _ in chunks:
-        rows = _fill_rows(rows, chunk, fill_slots, jnp.int32(start))
-        start += host_memory.CHUNK_ROWS
+    for i, (chunk, _) in enumerate(chunks):
+        rows = _fill_rows(rows, chunk, fill_slots, _chunk_start(i, next(iter(chunk.devices()))))
     return rows
 
 
