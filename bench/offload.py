@@ -13,8 +13,8 @@ Parts, in this order, each row written to the JSON as soon as it is measured:
 1. `link`: host -> device bandwidth of a 256 MB `pinned_host` array (the link's rate, used by the
    floors below) and of the same bytes from pageable numpy; one layer's step payload (batch x 8
    heads x 2048 rows of 512 B, random positions of a 256K-token host cache) through
-   :func:`hata_jax.host_memory.gather_to_device` (gather into pinned staging + chunked copies) for
-   4 / 8 / 16 gather threads x 1024 / 2048 / 4096 rows per task; the fastest is kept for the run.
+   :func:`hata_jax.host_memory.gather_to_device` (gather into a pinned landing buffer + one copy)
+   for 2 / 4 / 8 / 16 gather threads; the fastest is kept for the run.
 2. `offload` at a context whose K/V cache does not fit on the GPU together with the weights
    (default 256K, batch 2: 64 GiB of K/V + 16.1 GB of weights > 80 GB; the kernels take contexts up
    to 256K, so 512K x 1 is run as 256K x 2, the same bytes): the dense layers' caches are made on
@@ -22,8 +22,9 @@ Parts, in this order, each row written to the JSON as soon as it is measured:
    device, codes and norms computed there, one device -> host copy). Then, for each row-cache size
    of `--rows` (multiples of the budget): greedy HATA steps (median wall per step with the token
    read back, tokens/s, rows selected and fetched, bytes each way, host time waiting and
-   gathering), and the same steps with the link removed (`gather_to_device` replaced by device
-   arrays of the chunks' sizes: everything else of the step runs). Its floor: the rows that must
+   gathering; one step per landing size first, so that no timed step compiles), and the same
+   steps with the link removed (`gather_to_device` replaced by device arrays of the landing sizes:
+   everything else of the step runs). Its floor: the rows that must
    cross / the pinned bandwidth of part 1 + the step without the link; `floor_all_selected_ms`
    counts every selected row. Then `--dense-steps` steps of dense attention over the same
    offloaded caches (every row streams to the device each step: the baseline).
@@ -100,7 +101,7 @@ class Settings:
     @property
     def slack(self) -> int:
         """Steps run on one set of caches (their lengths start this far below the capacity)."""
-        return len(self.rows) * (2 * self.warmup + self.reps + self.no_link_reps) + self.dense_steps + 4
+        return len(self.rows) * (self.warmup + self.reps + self.no_link_reps + 5) + self.dense_steps + 4
 
 
 SMALL = dict(big_context=2048, fit_context=512, batch=2, budget=32, warmup=1, reps=4, no_link_reps=2, dense_steps=2,
@@ -137,7 +138,7 @@ class OffloadBench:
         self.rows: list[dict] = []
         self.env = {**environment(), "host_cpus": os.cpu_count(), "host_memory_available_bytes":
                     host_memory_available(), "gather_threads": host_memory.GATHER_THREADS,
-                    "chunk_rows": host_memory.CHUNK_ROWS, "pinned_staging": host_memory.pinned_memory_works(
+                    "landing_sizes": host_memory.LANDING_SIZES, "pinned_staging": host_memory.pinned_memory_works(
                         jax.devices()[0]), "xla_flags": os.environ.get("XLA_FLAGS", "")}
         self.device = jax.devices()[0]
         self.key = jax.random.PRNGKey(20261122)
@@ -192,24 +193,21 @@ class OffloadBench:
         layer_staging = host_memory.PinnedStaging((2, c.head_dim), jnp.bfloat16)
         payload = len(idx) * 2 * c.head_dim * 2
         sweep = {}
-        for threads in sorted({t for t in (4, 8, 16) if t <= (os.cpu_count() or 1)} or {1}):
-            for task_rows in (1024, 2048, 4096):
-                host_memory.set_gather(threads, task_rows)
-                times = []
-                for _ in range(12):
-                    start = time.perf_counter()
-                    jax.block_until_ready([chunk for chunk, _ in host_memory.gather_to_device(source, idx,
-                                                                                              layer_staging)])
-                    times.append(time.perf_counter() - start)
-                sweep[f"{threads}x{task_rows}"] = median_ms(times[2:])
+        for threads in sorted({t for t in (2, 4, 8, 16) if t <= (os.cpu_count() or 1)}):
+            host_memory.set_gather_threads(threads)
+            times = []
+            for _ in range(12):
+                start = time.perf_counter()
+                host_memory.gather_to_device(source, idx, layer_staging, len(idx)).block_until_ready()
+                times.append(time.perf_counter() - start)
+            sweep[threads] = median_ms(times[2:])
         best = min(sweep, key=sweep.get)
-        threads, task_rows = map(int, best.split("x"))
-        host_memory.set_gather(threads, task_rows)  # the rest of the run gathers this way
-        self.env.update(gather_threads=threads, task_rows=task_rows)
+        host_memory.set_gather_threads(best)  # the rest of the run gathers this way
+        self.env.update(gather_threads=best)
         self.record({"kind": "link", "pinned_to_device_gbps": pinned, "pageable_to_device_gbps": pageable,
                      "copy_bytes": nbytes, "layer_payload_bytes": payload,
                      "layer_gather_and_copy_ms": sweep[best], "layer_gather_and_copy_gbps": payload / sweep[best] / 1e6,
-                     "gather_threads_x_task_rows_ms": sweep, "chosen": best, "pinned_staging": layer_staging.pinned})
+                     "gather_threads_ms": sweep, "pinned_staging": layer_staging.pinned})
         del source
 
     # -- the model
@@ -281,16 +279,15 @@ class OffloadBench:
             "host_gather_copy_ms_per_step": 1e3 * total["gather_seconds"] / steps, **extra})
 
     def no_link_times(self, caches, tokens, steps: int):
-        """The steps with `gather_to_device` replaced by device arrays of the chunks' sizes."""
+        """The steps with `gather_to_device` replaced by device arrays of the landing sizes."""
         zeros: dict[int, jax.Array] = {}
         original = host_memory.gather_to_device
 
-        def no_link(source, idx, staging, *, device=None, chunk_rows=host_memory.CHUNK_ROWS):
-            sizes = host_memory.chunk_sizes(len(idx), chunk_rows)
-            for size in sizes:
-                if size not in zeros:
-                    zeros[size] = jnp.zeros((size, *staging.row_shape), staging.dtype)
-            return [(zeros[size], min(size, len(idx) - i * chunk_rows)) for i, size in enumerate(sizes)]
+        def no_link(source, idx, staging, capacity, *, device=None):
+            size = host_memory.landing_rows(len(idx), capacity)
+            if size not in zeros:
+                zeros[size] = jnp.zeros((size, *staging.row_shape), staging.dtype)
+            return zeros[size]
 
         host_memory.gather_to_device = no_link
         try:
@@ -298,6 +295,17 @@ class OffloadBench:
             return self.time_steps(caches, tokens, steps)
         finally:
             host_memory.gather_to_device = original
+
+    def compile_landings(self, caches, tokens):
+        """One step per landing size (the steps' programs are compiled per size), before timing."""
+        original = host_memory.landing_rows
+        for size in host_memory.landing_sizes(self.s.batch * self.config.num_kv_heads * self.s.budget):
+            host_memory.landing_rows = lambda rows, capacity, size=size: max(size, original(rows, capacity))
+            try:
+                _, _, tokens, _ = self.time_steps(caches, tokens, 1)
+            finally:
+                host_memory.landing_rows = original
+        return tokens
 
     # -- 2. a context that does not fit
     def big(self) -> None:
@@ -319,11 +327,7 @@ class OffloadBench:
         dense = self.device_caches(context, [i for i in range(c.num_layers) if i not in hata_layers])
         caches = [dense[i] if i in dense else self.filled_offloaded_cache(i, context) for i in range(c.num_layers)]
         jax.block_until_ready([x.codes for x in caches if isinstance(x, OffloadedCache)])
-        for multiple in s.rows:  # staging buffers and row writes made before any timing
-            for cache in caches:
-                if isinstance(cache, OffloadedCache):
-                    cache.resize_rows(multiple * s.budget)
-            caches[hata_layers[0]].prepare(s.budget)
+        caches[hata_layers[0]].prepare(s.budget)  # the shared staging buffers
         fill = time.perf_counter() - start
         print(f"  filled the caches in {fill:.1f} s", flush=True)
         tokens = jax.random.randint(self._next_key(), (s.batch,), 0, c.vocab_size, jnp.int32)
@@ -336,8 +340,10 @@ class OffloadBench:
             for cache in caches:
                 if isinstance(cache, OffloadedCache):
                     cache.resize_rows(multiple * s.budget)
-            times, _, tokens, _ = self.time_steps(caches, tokens, s.warmup)
-            first = times[0]
+            start = time.perf_counter()
+            tokens = self.compile_landings(caches, tokens)
+            first = time.perf_counter() - start
+            _, _, tokens, _ = self.time_steps(caches, tokens, s.warmup)
             times, _, tokens, total = self.time_steps(caches, tokens, s.reps)
             no_link, _, tokens, _ = self.no_link_times(caches, tokens, s.no_link_reps)
             fetched_bytes = total["rows_fetched"] / s.reps * 2 * c.head_dim * 2
@@ -345,7 +351,7 @@ class OffloadBench:
             link_ms = 1e3 / (self.link_gbps * GB)
             floor = fetched_bytes * link_ms + median_ms(no_link)
             row = self.step_row("offload", context, times, total, {
-                **info, "rows": multiple * s.budget, "fill_s": fill, "first_call_s": first,
+                **info, "rows": multiple * s.budget, "fill_s": fill, "compile_steps_s": first,
                 "expected_h2d_bytes_per_step_no_hits": len(hata_layers) * expected["host_to_device"],
                 "no_link_median_ms": median_ms(no_link), "link_gbps": self.link_gbps,
                 "floor_ms": floor, "floor_all_selected_ms": selected_bytes * link_ms + median_ms(no_link),

@@ -15,10 +15,11 @@ Where the backend has no `pinned_host` memory (or its buffers expose no pointer)
 plain numpy arrays and `jax.device_put` copies them as it copies any host array (`staging.pinned`
 says which).
 
-Tunables: :data:`GATHER_THREADS` workers (numpy's take and copies release the GIL); a gather task
-moves at most :data:`TASK_ROWS` rows; a copy to the device moves at most :data:`CHUNK_ROWS` rows, so
-the gather of chunk i + 1 overlaps the copy of chunk i; the last chunk of a transfer is rounded up
-to a power of two of at least :data:`MIN_CHUNK_ROWS` rows (few shapes, little waste).
+Tunables: :data:`GATHER_THREADS` workers (numpy's take and copies release the GIL; a gather is
+split into one task per worker); a gather of at most `capacity` rows lands in one buffer of
+:func:`landing_rows` rows, the smallest of `capacity / 2**k` (k < :data:`LANDING_SIZES`) that holds
+it: one copy per gather, few shapes (each a compiled variant of the step that reads it), at most
+twice the bytes that must cross (or those of the smallest size).
 """
 from __future__ import annotations
 
@@ -31,10 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-GATHER_THREADS = min(8, os.cpu_count() or 1)
-TASK_ROWS = 2048
-CHUNK_ROWS = 8192
-MIN_CHUNK_ROWS = 256
+GATHER_THREADS = min(4, os.cpu_count() or 1)
+LANDING_SIZES = 4
 
 
 @functools.lru_cache(maxsize=1)
@@ -43,18 +42,15 @@ def pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=GATHER_THREADS, thread_name_prefix="hata-host")
 
 
-def set_gather(threads: int | None = None, task_rows: int | None = None) -> None:
-    """Set GATHER_THREADS (the pool is remade) and TASK_ROWS; None keeps a value."""
-    global GATHER_THREADS, TASK_ROWS
-    for name, value in (("threads", threads), ("task_rows", task_rows)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if threads is not None and threads != GATHER_THREADS:
+def set_gather_threads(threads: int) -> None:
+    """Set GATHER_THREADS (the worker pool is remade)."""
+    global GATHER_THREADS
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be a positive int, got {threads!r}")
+    if threads != GATHER_THREADS:
         pool().shutdown()
         pool.cache_clear()
         GATHER_THREADS = threads
-    if task_rows is not None:
-        TASK_ROWS = task_rows
 
 
 def _device(device) -> jax.Device:
@@ -87,21 +83,24 @@ def pinned_memory_works(device: jax.Device) -> bool:
         return False
 
 
-def chunk_sizes(rows: int, chunk_rows: int = CHUNK_ROWS) -> list[int]:
-    """The row capacities of the copies that move `rows` rows: full chunks of `chunk_rows`, then the
-    rest rounded up to a power of two (at least MIN_CHUNK_ROWS, at most `chunk_rows`)."""
-    full, rest = divmod(rows, chunk_rows)
-    sizes = [chunk_rows] * full
-    if rest:
-        sizes.append(min(chunk_rows, max(MIN_CHUNK_ROWS, 1 << (rest - 1).bit_length())))
-    return sizes
+def landing_sizes(capacity: int) -> list[int]:
+    """The landing-buffer rows of gathers of up to `capacity` rows: `ceil(capacity / 2**k)`, k < LANDING_SIZES."""
+    return sorted({-(-capacity // 2**k) for k in range(LANDING_SIZES)})
+
+
+def landing_rows(rows: int, capacity: int) -> int:
+    """The rows of the buffer a gather of `rows` (<= capacity) rows lands in: the smallest landing
+    size that holds them."""
+    if not 0 <= rows <= capacity:
+        raise ValueError(f"rows must lie in [0, {capacity}], got {rows}")
+    return min(size for size in landing_sizes(capacity) if size >= rows)
 
 
 class PinnedStaging:
     """Reusable host buffers of rows `row_shape` in `dtype`, page-locked where the backend allows.
 
     `buffer(rows, slot)` returns the slot-th buffer of `rows` rows as (jax array to copy from, numpy
-    view to write into); buffers are made on first use and kept (slots let one transfer keep several
+    view to write into); buffers are made on first use and kept (slots let a stream keep several
     copies of one size in flight).
     """
 
@@ -126,13 +125,13 @@ class PinnedStaging:
                 self._buffers[key] = (None, np.zeros(shape, self.dtype))
         return self._buffers[key]
 
-    def reserve(self, rows: int, chunk_rows: int = CHUNK_ROWS) -> list[int]:
-        """Make every buffer a :func:`gather_to_device` of up to `rows` rows may use, so no step
-        allocates; returns the chunk sizes such transfers copy."""
-        used = {(size, slot) for n in range(1, rows + 1) for slot, size in enumerate(chunk_sizes(n, chunk_rows))}
-        for size, slot in sorted(used):
-            self.buffer(size, slot)
-        return sorted({size for size, _ in used})
+    def reserve(self, capacity: int) -> list[int]:
+        """Make every landing buffer of gathers of up to `capacity` rows (so no step allocates);
+        returns their row counts."""
+        sizes = landing_sizes(capacity)
+        for size in sizes:
+            self.buffer(size)
+        return sizes
 
     def to_device(self, rows: int, slot: int, device=None) -> jax.Array:
         """Start the copy of buffer (rows, slot) to `device` (None: the staging's device); returns
@@ -140,8 +139,7 @@ class PinnedStaging:
         array, view = self._buffers[(rows, slot)]
         if array is None:
             return jax.device_put(view, device)
-        target = jax.sharding.SingleDeviceSharding(self.device if device is None else device, memory_kind="device")
-        return jax.device_put(array, target)
+        return jax.device_put(array, jax.sharding.SingleDeviceSharding(self.device if device is None else device))
 
 
 def _run(tasks) -> None:
@@ -153,30 +151,27 @@ def _take(source, idx, out):
     np.take(source, idx, axis=0, out=out, mode="clip")  # "clip": no bounds pass, no temporary
 
 
-def gather_to_device(source: np.ndarray, idx: np.ndarray, staging: PinnedStaging, *, device=None,
-                     chunk_rows: int = CHUNK_ROWS) -> list[tuple[jax.Array, int]]:
-    """Copy `source[idx]` to the device in chunks.
+def gather_to_device(source: np.ndarray, idx: np.ndarray, staging: PinnedStaging, capacity: int, *,
+                     device=None) -> jax.Array:
+    """Copy `source[idx]` to the device through one landing buffer.
 
     Args:
       source: host array [N, *staging.row_shape].
-      idx: int[M] row indices in [0, N) (checked by the caller; out-of-range rows are clipped).
+      idx: int[M] row indices in [0, N), M <= capacity (checked by the caller; out-of-range rows
+        are clipped).
       staging: where the rows are gathered before their copy.
+      capacity: the most rows a gather of this kind moves (sets the landing sizes).
       device: the target (None: the staging's device).
 
     Returns:
-      [(chunk [capacity, *row_shape] on the device, rows filled)]: chunk i holds rows
-      `idx[i * chunk_rows : ...]` first; its rows past `rows filled` are stale and must be ignored.
-      Every copy has been started, none waited for.
+      [landing_rows(M, capacity), *row_shape] on the device, its first M rows `source[idx]` (the
+      rest stale, to be ignored); the copy has been started, not waited for.
     """
-    out, start = [], 0
-    for slot, size in enumerate(chunk_sizes(len(idx), chunk_rows)):
-        filled = min(size, len(idx) - start)
-        _, view = staging.buffer(size, slot)
-        _run((_take, source, idx[start + a:start + min(a + TASK_ROWS, filled)], view[a:min(a + TASK_ROWS, filled)])
-             for a in range(0, filled, TASK_ROWS))
-        out.append((staging.to_device(size, slot, device), filled))
-        start += filled
-    return out
+    rows = landing_rows(len(idx), capacity)
+    _, view = staging.buffer(rows)
+    parts = np.array_split(np.arange(len(idx)), min(GATHER_THREADS, max(len(idx), 1)))
+    _run((_take, source, idx[part[0]:part[-1] + 1], view[part[0]:part[-1] + 1]) for part in parts if len(part))
+    return staging.to_device(rows, 0, device)
 
 
 def _copy(dst, src):

@@ -14,18 +14,17 @@ One layer's decode step (:func:`offload_decode_attention`) is three parts:
    no selected token holds, and is listed for the host (by position);
 2. host (:meth:`OffloadedCache.append_and_gather`): read back the list (one device -> host
    synchronisation per layer and step), write the new token into host memory, gather the listed
-   rows into page-locked staging buffers (:mod:`hata_jax.host_memory`: worker threads, no Python
-   loop per row) and start their copies in chunks, so the gather of chunk i + 1 overlaps the copy of
-   chunk i;
-3. device, jittable: :func:`fill_rows` writes each chunk into its slots, then :func:`attend_rows`
-   runs the sparse attention kernel over the row cache with the selection's slots, visiting the rows
-   in the order the on-device step does: the output equals :func:`hata_jax.hata_decode_attention`'s.
+   rows into a page-locked landing buffer (:mod:`hata_jax.host_memory`: worker threads, no Python
+   loop per row) and start its copy (one per layer and step);
+3. device, jittable (:func:`fill_and_attend`): write the landed rows into their slots, then run the
+   sparse attention kernel over the row cache with the selection's slots, visiting the rows in the
+   order the on-device step does: the output equals :func:`hata_jax.hata_decode_attention`'s.
 
-Bytes per layer step: host -> device the rows not already resident, rounded up to the copy chunks
-(:func:`hata_jax.host_memory.chunk_sizes`); device -> host the fetch list (int32 per selected slot)
-and the new token. `stats` counts both, and the rows selected and fetched (the row cache's hit rate
-is `1 - rows_fetched / rows_selected`). With `rows = budget` the cache holds the previous step's
-selection; more rows keep older selections too.
+Bytes per layer step: host -> device the rows not already resident, rounded up to a landing size
+(:func:`hata_jax.host_memory.landing_rows`: at most twice them, or an eighth of the budget's rows);
+device -> host the fetch list (int32 per selected slot) and the new token. `stats` counts both, and
+the rows selected and fetched (the row cache's hit rate is `1 - rows_fetched / rows_selected`). With
+`rows = budget` the cache holds the previous step's selection; more rows keep older selections too.
 
 :func:`offload_dense_attention` is dense attention over the same cache (the baseline HATA is
 measured against): every step it streams all K/V rows to the device in blocks through the same
@@ -128,9 +127,9 @@ class Fetch:
         `pair = b * Hkv + h`, pair by pair and by position within a pair; the first `fetch_count`
         are valid.
       fetch_count: int32[] how many rows cross.
-      fill_slots: int32[B * Hkv * K + host_memory.CHUNK_ROWS] the flat row-cache slot
-        (`pair * R + slot`) each copied row goes to, in `host_rows` order; past `fetch_count` it is
-        `B * Hkv * R` (out of range: the write is dropped).
+      fill_slots: int32[B * Hkv * K] the flat row-cache slot (`pair * R + slot`) each copied row
+        goes to, in `host_rows` order; past `fetch_count` it is `B * Hkv * R` (out of range: the
+        write is dropped).
     """
 
     slots: jax.Array
@@ -179,25 +178,23 @@ def plan_fetch(idx, count, rows: RowCache, lengths, capacity: int) -> tuple[Fetc
     misses = jnp.sum(miss, axis=-1).reshape(pairs)
     offsets = jnp.cumsum(misses) - misses
     pair = jnp.arange(pairs, dtype=jnp.int32).reshape(b, hkv, 1)
-    listed = pairs * k + host_memory.CHUNK_ROWS  # the fill list's length: every chunk's slice fits
-    dest = jnp.where(miss, offsets.reshape(b, hkv, 1) + rank, listed)  # `listed`: out of range, dropped
+    dest = jnp.where(miss, offsets.reshape(b, hkv, 1) + rank, pairs * k)  # pairs * k: out of range, dropped
     host_rows = jnp.zeros(pairs * k, jnp.int32).at[dest].set(pair * capacity + idx, mode="drop")
-    fill = jnp.full(listed, pairs * r, jnp.int32).at[dest].set(pair * r + miss_slot, mode="drop")
+    fill = jnp.full(pairs * k, pairs * r, jnp.int32).at[dest].set(pair * r + miss_slot, mode="drop")
     fetch = Fetch(slots, count, host_rows, jnp.sum(misses).astype(jnp.int32), fill)
     return fetch, dataclasses.replace(rows, positions=positions, used=used)
 
 
-def fill_rows(rows: RowCache, chunk, fill_slots, start) -> RowCache:
-    """Write a copied chunk [C, 2, D] (keys `[:, 0]`, values `[:, 1]`) into the flat row-cache slots
-    `fill_slots[start:start + C]` (out-of-range slots are dropped) (jittable)."""
-    c = chunk.shape[0]
-    dest = jax.lax.dynamic_slice_in_dim(fill_slots, start, c)
+def fill_rows(rows: RowCache, landing, fill_slots) -> RowCache:
+    """Write landed rows [L, 2, D] (keys `[:, 0]`, values `[:, 1]`) into the flat row-cache slots
+    `fill_slots[:L]` (out-of-range slots are dropped) (jittable)."""
+    dest = fill_slots[:landing.shape[0]]
     b, hkv, r, d = rows.k.shape
 
     def put(buf, val):
         return buf.reshape(b * hkv * r, d).at[dest].set(val.astype(buf.dtype), mode="drop").reshape(buf.shape)
 
-    return dataclasses.replace(rows, k=put(rows.k, chunk[:, 0]), v=put(rows.v, chunk[:, 1]))
+    return dataclasses.replace(rows, k=put(rows.k, landing[:, 0]), v=put(rows.v, landing[:, 1]))
 
 
 @functools.partial(jax.jit, donate_argnames=("device_codes",))
@@ -328,13 +325,8 @@ class OffloadedCache:
                                         used=jnp.full_like(self.rows.used, -1))
 
     def prepare(self, budget: int) -> None:
-        """Make the staging buffers and compile the row writes that steps of `budget` may need (the
-        first steps then neither allocate nor compile; shared staging is made once)."""
-        sizes = self.staging.reserve(self.batch * self.kv_heads * budget)
-        fill = jnp.full(self.batch * self.kv_heads * budget + host_memory.CHUNK_ROWS, -1, jnp.int32)
-        for size in sizes:
-            rows = jax.tree.map(jnp.copy, self.rows)
-            _fill_rows(rows, jnp.zeros((size, *self.kv.shape[3:]), self.dtype), fill, jnp.int32(0))
+        """Make the landing buffers that steps of `budget` may need (shared staging: once)."""
+        self.staging.reserve(self.batch * self.kv_heads * budget)
 
     def check_projection(self, w) -> None:
         """Raise a ValueError unless w is a float[Hkv, D, rbit] projection matching the cache."""
@@ -425,13 +417,13 @@ class OffloadedCache:
         self.kv[np.arange(self.batch), :, self.lengths] = kv_new
         self.lengths = self.lengths + 1
 
-    def append_and_gather(self, fetch: Fetch, kv_new: jax.Array) -> list[tuple[jax.Array, int]]:
+    def append_and_gather(self, fetch: Fetch, kv_new: jax.Array) -> jax.Array:
         """The host part of a HATA step, after :func:`select_rows`: write the new token at
-        `lengths[b]`, then gather the rows the fetch lists and start their copies to the device.
+        `lengths[b]`, then gather the rows the fetch lists and start their copy to the device.
 
         Returns:
-          [(chunk [capacity, 2, D] on the device, rows filled)] in `fetch.host_rows` order, for
-          :func:`fill_rows` (chunk i starts at row `i * host_memory.CHUNK_ROWS`).
+          the landing buffer [L, 2, D] on the device, its first `fetch.fetch_count` rows those of
+          `fetch.host_rows` (:func:`fill_and_attend` takes it).
         """
         self.check_room()
         start = time.perf_counter()
@@ -440,15 +432,16 @@ class OffloadedCache:
         self.append_new_token(kv_new)
         fetched = int(fetched)
         source = self.kv.reshape(-1, *self.kv.shape[3:])  # [B * Hkv * S_max, 2, D], a view
-        chunks = host_memory.gather_to_device(source, host_rows[:fetched], self.staging, device=self.device)
+        landing = host_memory.gather_to_device(source, host_rows[:fetched], self.staging, len(host_rows),
+                                               device=self.device)
         self.stats.steps += 1
         self.stats.rows_selected += int(count.sum())
         self.stats.rows_fetched += fetched
         self.stats.device_to_host_bytes += host_rows.nbytes + kv_new.nbytes
-        self.stats.host_to_device_bytes += sum(chunk.nbytes for chunk, _ in chunks)
+        self.stats.host_to_device_bytes += landing.nbytes
         self.stats.wait_seconds += waited - start
         self.stats.gather_seconds += time.perf_counter() - waited
-        return chunks
+        return landing
 
     def stream_blocks(self, end: int, block_tokens: int = STREAM_TOKENS):
         """Yield (first, block [B, Hkv, block_tokens, 2, D] on the device) for the token blocks
@@ -515,28 +508,15 @@ def select_rows(q, k_new, v_new, codes: DeviceCodes, rows: RowCache, w, config: 
     return fetch, jnp.stack([k_new, v_new], axis=2).astype(dtype), codes, rows
 
 
-def attend_rows(q, rows: RowCache, fetch: Fetch, *, scale: float | None = None, impl: str = "auto"):
-    """Sparse attention over the row cache in selection order (jittable): q float[B, Hq, D] ->
-    out [B, Hq, D] in q's dtype."""
-    return sparse_decode_attention(q, rows.k, rows.v, fetch.slots, fetch.count, scale=scale, impl=impl)
+def fill_and_attend(q, rows: RowCache, fetch: Fetch, landing, *, scale: float | None = None, impl: str = "auto"):
+    """Write the landed rows into the row cache, then sparse attention over it in selection order
+    (jittable): q float[B, Hq, D] -> (out [B, Hq, D] in q's dtype, the filled rows)."""
+    rows = fill_rows(rows, landing, fetch.fill_slots)
+    return sparse_decode_attention(q, rows.k, rows.v, fetch.slots, fetch.count, scale=scale, impl=impl), rows
 
 
 _select_rows = jax.jit(select_rows, static_argnames=("config", "dtype", "impl"), donate_argnames=("codes", "rows"))
-_fill_rows = jax.jit(fill_rows, donate_argnames=("rows",))
-_attend_rows = jax.jit(attend_rows, static_argnames=("scale", "impl"))
-
-
-@functools.lru_cache(maxsize=64)
-def _chunk_start(i: int, device) -> jax.Array:
-    """Chunk i's first row, an int32 scalar kept on `device` (made once)."""
-    return jax.device_put(np.int32(i * host_memory.CHUNK_ROWS), device)
-
-
-def fill_chunks(rows: RowCache, chunks, fill_slots) -> RowCache:
-    """Write :meth:`OffloadedCache.append_and_gather`'s chunks into the row cache (jitted per chunk size)."""
-    for i, (chunk, _) in enumerate(chunks):
-        rows = _fill_rows(rows, chunk, fill_slots, _chunk_start(i, next(iter(chunk.devices()))))
-    return rows
+_fill_and_attend = jax.jit(fill_and_attend, static_argnames=("scale", "impl"), donate_argnames=("rows",))
 
 
 def offload_decode_attention(q, k_new, v_new, cache: OffloadedCache, w, config: HataConfig, *,
@@ -561,10 +541,11 @@ def offload_decode_attention(q, k_new, v_new, cache: OffloadedCache, w, config: 
         raise ValueError(f"the cache's row cache has {cache.rows.rows} slots per sequence and KV head, fewer than the "
                          f"budget {config.budget}: OffloadedCache.init(rows=...) or resize_rows")
     cache.check_room()
-    fetch, kv_new, cache.codes, rows = _select_rows(q, k_new, v_new, cache.codes, cache.rows, w, config,
-                                                    dtype=cache.dtype, impl=impl)
-    cache.rows = fill_chunks(rows, cache.append_and_gather(fetch, kv_new), fetch.fill_slots)
-    return _attend_rows(q, cache.rows, fetch, scale=scale, impl=impl)
+    fetch, kv_new, cache.codes, cache.rows = _select_rows(q, k_new, v_new, cache.codes, cache.rows, w, config,
+                                                          dtype=cache.dtype, impl=impl)
+    out, cache.rows = _fill_and_attend(q, cache.rows, fetch, cache.append_and_gather(fetch, kv_new), scale=scale,
+                                       impl=impl)
+    return out
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "impl"))

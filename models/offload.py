@@ -14,10 +14,10 @@ A decode step (:meth:`OffloadDecoder.step`) runs the model's own modules in smal
 each compiled once for all layers (they share one structure): the embedding; per dense layer
 `DecoderLayer.decode` (cache donated); per HATA layer the layer's norm, `SelfAttention.project_qkv` and
 :func:`hata_jax.offload.select_rows` (codes and rows donated), then on the host
-:meth:`~hata_jax.offload.OffloadedCache.append_and_gather`, then :func:`hata_jax.offload.fill_chunks`
-and one piece with :func:`hata_jax.offload.attend_rows`, `o_proj` and
-`DecoderLayer.add_residual_and_mlp`; the final norm, LM head and argmax. The host waits once per HATA
-layer for its selection. `attention="dense"` runs the same step with
+:meth:`~hata_jax.offload.OffloadedCache.append_and_gather`, then :func:`hata_jax.offload.fill_and_attend`,
+`o_proj` and `DecoderLayer.add_residual_and_mlp`; the finish of one HATA layer and the selection of
+the next run as one program (`hata_finish_select`: one dispatch per layer); the final norm, LM head
+and argmax. The host waits once per HATA layer for its selection. `attention="dense"` runs the same step with
 :func:`hata_jax.offload.offload_dense_attention` in the offloaded layers: the baseline that moves
 every row of the cache at every step.
 
@@ -60,7 +60,7 @@ from hata_jax.models.generation import (
 from hata_jax.models.hash_projections import hash_weights_for
 from hata_jax.models.llama import LlamaForCausalLM
 from hata_jax.models.plan import AttentionPlan
-from hata_jax.offload import OffloadedCache, attend_rows, fill_chunks, offload_dense_attention, select_rows
+from hata_jax.offload import OffloadedCache, fill_and_attend, offload_dense_attention, select_rows
 
 KINDS = ("dense", "hata")
 PREFILL_BLOCK_TOKENS = 4096
@@ -77,6 +77,7 @@ class _Pieces:
     dense_layer: object
     hata_select: object
     hata_finish: object
+    hata_finish_select: object
     project: object
     finish: object
     chunk_self: object
@@ -122,19 +123,33 @@ def _pieces(model_def: nnx.GraphDef, model_treedef, layer_def: nnx.GraphDef, lay
     def dense_layer(layer_leaves, x, cache, w, *, plan):
         return layer_of(layer_leaves).decode(x, cache, w, "dense", plan)
 
-    @functools.partial(jax.jit, static_argnames=("plan", "dtype"), donate_argnames=("codes", "rows"))
-    def hata_select(layer_leaves, x, codes, rows, w, *, plan, dtype):
-        """-> (q, fetch, kv_new, codes, rows): the layer's queries, its selection and fetch plan."""
+    def select(layer_leaves, x, codes, rows, w, plan, dtype):
         layer = layer_of(layer_leaves)
         q, k, v = layer.self_attn.project_qkv(layer.input_layernorm(x), codes.lengths)
         return (q, *select_rows(q, k, v, codes, rows, w, plan.hata, dtype=dtype, impl=plan.impl))
 
-    @functools.partial(jax.jit, static_argnames=("impl",))
-    def hata_finish(layer_leaves, x, q, rows, fetch, *, impl):
-        """The layer's output from the row cache: attention, o_proj, residuals and MLP."""
+    def finish_hata(layer_leaves, x, q, rows, fetch, landing, impl):
         layer = layer_of(layer_leaves)
-        out = attend_rows(q, rows, fetch, impl=impl)
-        return layer.add_residual_and_mlp(x, layer.self_attn.o_proj(out.reshape(x.shape[0], -1)))
+        out, rows = fill_and_attend(q, rows, fetch, landing, impl=impl)
+        return layer.add_residual_and_mlp(x, layer.self_attn.o_proj(out.reshape(x.shape[0], -1))), rows
+
+    @functools.partial(jax.jit, static_argnames=("plan", "dtype"), donate_argnames=("codes", "rows"))
+    def hata_select(layer_leaves, x, codes, rows, w, *, plan, dtype):
+        """-> (q, fetch, kv_new, codes, rows): the layer's queries, its selection and fetch plan."""
+        return select(layer_leaves, x, codes, rows, w, plan, dtype)
+
+    @functools.partial(jax.jit, static_argnames=("impl",), donate_argnames=("rows",))
+    def hata_finish(layer_leaves, x, q, rows, fetch, landing, *, impl):
+        """-> (the layer's output, its filled rows): attention over the row cache, o_proj, residuals, MLP."""
+        return finish_hata(layer_leaves, x, q, rows, fetch, landing, impl)
+
+    @functools.partial(jax.jit, static_argnames=("plan", "dtype"), donate_argnames=("rows", "next_codes", "next_rows"))
+    def hata_finish_select(layer_leaves, x, q, rows, fetch, landing, next_leaves, next_codes, next_rows, next_w, *,
+                           plan, dtype):
+        """hata_finish of a layer, then hata_select of the next HATA layer, in one program (one
+        dispatch per layer) -> (output, filled rows, the next layer's q, fetch, kv_new, codes, rows)."""
+        x, rows = finish_hata(layer_leaves, x, q, rows, fetch, landing, plan.impl)
+        return (x, rows, *select(next_leaves, x, next_codes, next_rows, next_w, plan, dtype))
 
     @jax.jit
     def project(layer_leaves, x, positions):
@@ -144,7 +159,7 @@ def _pieces(model_def: nnx.GraphDef, model_treedef, layer_def: nnx.GraphDef, lay
 
     @jax.jit
     def finish(layer_leaves, x, out):
-        """x [..., hidden], attention out [..., Hq, D] -> the layer's output."""
+        """x [..., hidden], attention out [..., Hq, D] -> the layer's output (o_proj, residuals, MLP)."""
         layer = layer_of(layer_leaves)
         return layer.add_residual_and_mlp(x, layer.self_attn.o_proj(out.reshape(*x.shape[:-1], -1).astype(x.dtype)))
 
@@ -167,8 +182,8 @@ def _pieces(model_def: nnx.GraphDef, model_treedef, layer_def: nnx.GraphDef, lay
                                          scale_or_default(None, q.shape[-1]))
         return combine(jnp.stack([out, part]), jnp.stack([lse, part_lse]))
 
-    return _Pieces(embed, head, prefill_layer, dense_layer, hata_select, hata_finish, project, finish, chunk_self,
-                   chunk_block)
+    return _Pieces(embed, head, prefill_layer, dense_layer, hata_select, hata_finish, hata_finish_select, project,
+                   finish, chunk_self, chunk_block)
 
 
 class OffloadDecoder:
@@ -313,19 +328,36 @@ class OffloadDecoder:
             if isinstance(cache, OffloadedCache):
                 cache.check_room()
         x = p.embed(self.model_leaves, tokens)
+        pending = None  # a HATA layer selected and gathered, not yet finished: (layer, q, fetch, landing)
+
+        def finish(x):
+            i, q, fetch, landing = pending
+            x, caches[i].rows = p.hata_finish(self.layer_leaves[i], x, q, caches[i].rows, fetch, landing,
+                                              impl=plan.impl)
+            return x
+
         for i, (leaves, w, kind) in enumerate(zip(self.layer_leaves, self.hash_weights, plan.layers)):
-            if kind == "dense":
-                x, caches[i] = p.dense_layer(leaves, x, caches[i], w, plan=plan)
-                continue
             cache = caches[i]
-            if attention == "dense":
-                q, k, v = p.project(leaves, x, jnp.asarray(cache.lengths))
-                x = p.finish(leaves, x, offload_dense_attention(q, k, v, cache, w, impl=plan.impl))
+            if kind == "dense" or attention == "dense":
+                if pending:
+                    x, pending = finish(x), None
+                if kind == "dense":
+                    x, caches[i] = p.dense_layer(leaves, x, cache, w, plan=plan)
+                else:
+                    q, k, v = p.project(leaves, x, jnp.asarray(cache.lengths))
+                    x = p.finish(leaves, x, offload_dense_attention(q, k, v, cache, w, impl=plan.impl))
                 continue
-            q, fetch, kv_new, cache.codes, rows = p.hata_select(leaves, x, cache.codes, cache.rows, w, plan=plan,
-                                                                dtype=cache.dtype)
-            cache.rows = fill_chunks(rows, cache.append_and_gather(fetch, kv_new), fetch.fill_slots)
-            x = p.hata_finish(leaves, x, q, cache.rows, fetch, impl=plan.impl)
+            if pending is None:
+                q, fetch, kv_new, cache.codes, cache.rows = p.hata_select(leaves, x, cache.codes, cache.rows, w,
+                                                                          plan=plan, dtype=cache.dtype)
+            else:  # finish the previous HATA layer and select this one in one dispatch
+                j, q, fetch, landing = pending
+                x, caches[j].rows, q, fetch, kv_new, cache.codes, cache.rows = p.hata_finish_select(
+                    self.layer_leaves[j], x, q, caches[j].rows, fetch, landing, leaves, cache.codes, cache.rows, w,
+                    plan=plan, dtype=cache.dtype)
+            pending = (i, q, fetch, cache.append_and_gather(fetch, kv_new))
+        if pending:
+            x = finish(x)
         return p.head(self.model_leaves, x)
 
 

@@ -156,36 +156,33 @@ def test_plan_fetch_is_an_lru_row_cache(rng, rows, budget):
             assert set(positions[b, h][positions[b, h] >= 0].tolist()) == held
 
 
-@pytest.mark.parametrize("n", [0, 1, 255, 256, 700, 2100])
-def test_gather_to_device_moves_the_listed_rows(monkeypatch, rng, n):
-    """Chunks of CHUNK_ROWS (made small here) and a power-of-two last chunk, filled in order; the
-    staging buffers are reused by a second transfer without changing the first one's copies."""
-    monkeypatch.setattr(host_memory, "CHUNK_ROWS", 512)
-    monkeypatch.setattr(host_memory, "TASK_ROWS", 100)
+@pytest.mark.parametrize("n", [0, 1, 255, 256, 700, 2100, 2400])
+def test_gather_to_device_moves_the_listed_rows(rng, n):
+    """One landing buffer of the smallest landing size that holds the rows, filled in order; the
+    buffer is reused by the next gather without changing the first one's copy."""
     source = rng.standard_normal((3000, 2, 4)).astype(np.float32)
     staging = host_memory.PinnedStaging((2, 4), np.float32)
     assert staging.pinned  # the CPU backend has pinned_host memory too
     idx = rng.integers(0, len(source), n)
-    chunks = host_memory.gather_to_device(source, idx, staging, chunk_rows=512)
-    sizes = host_memory.chunk_sizes(n, 512)
-    assert [c.shape[0] for c, _ in chunks] == sizes and sum(f for _, f in chunks) == n
-    if n:
-        assert sizes[-1] >= max(host_memory.MIN_CHUNK_ROWS, n % 512 or 512)
-    first = np.concatenate([np.asarray(c)[:f] for c, f in chunks]) if n else np.zeros((0, 2, 4))
+    landing = host_memory.gather_to_device(source, idx, staging, 2400)
+    assert landing.shape == (host_memory.landing_rows(n, 2400), 2, 4)
+    first = np.asarray(landing)[:n].copy()
     np.testing.assert_array_equal(first, source[idx])
-    again = host_memory.gather_to_device(source, idx[::-1].copy(), staging, chunk_rows=512)
-    np.testing.assert_array_equal(np.concatenate([np.asarray(c)[:f] for c, f in chunks]) if n else first, first)
-    if n:
-        np.testing.assert_array_equal(np.concatenate([np.asarray(c)[:f] for c, f in again]), source[idx[::-1]])
+    again = host_memory.gather_to_device(source, idx[::-1].copy(), staging, 2400)
+    np.testing.assert_array_equal(np.asarray(landing)[:n], first)
+    np.testing.assert_array_equal(np.asarray(again)[:n], source[idx[::-1]])
 
 
-def test_chunk_sizes():
-    assert host_memory.chunk_sizes(0, 8192) == []
-    assert host_memory.chunk_sizes(1, 8192) == [256]
-    assert host_memory.chunk_sizes(300, 8192) == [512]
-    assert host_memory.chunk_sizes(8192, 8192) == [8192]
-    assert host_memory.chunk_sizes(8193 + 4000, 8192) == [8192, 4096]
-    assert host_memory.chunk_sizes(100, 64) == [64, 64]
+def test_landing_sizes():
+    assert host_memory.landing_sizes(32768) == [4096, 8192, 16384, 32768]
+    assert host_memory.landing_sizes(48) == [6, 12, 24, 48]
+    assert host_memory.landing_sizes(3) == [1, 2, 3]
+    assert [host_memory.landing_rows(n, 32768) for n in (0, 1, 4096, 4097, 20000, 32768)] == [
+        4096, 4096, 4096, 8192, 32768, 32768]
+    with pytest.raises(ValueError, match=r"rows must lie in \[0, 48\]"):
+        host_memory.landing_rows(49, 48)
+    with pytest.raises(ValueError, match="threads must be a positive int"):
+        host_memory.set_gather_threads(0)
 
 
 @pytest.mark.parametrize("block_tokens", [5, 16, 64])
@@ -282,8 +279,8 @@ def test_device_codes_drop_a_write_past_the_capacity(randn):
 
 @pytest.mark.parametrize("dtype, budget", [(jnp.bfloat16, 16), (jnp.float32, 5)])
 def test_bytes_moved_per_step(randn, dtype, budget):
-    """The first step fetches every selected row (an empty row cache); each step copies whole
-    chunks of its fetched rows and reads back one int32 per slot and the new token."""
+    """The first step fetches every selected row (an empty row cache); each step copies one landing
+    buffer holding its fetched rows and reads back one int32 per slot and the new token."""
     batch, kv_heads, head_dim, steps = 2, 3, 64, 3
     config = hj.HataConfig(rbit=32, budget=budget)
     _, cache, w = twin_caches(randn, batch, kv_heads, 40, head_dim, 32, dtype, [20, 3], 20, rows=budget)
@@ -299,7 +296,7 @@ def test_bytes_moved_per_step(randn, dtype, budget):
         rows = cache.stats.rows_fetched - fetched
         if step == 0:
             assert rows == batch * kv_heads * budget - kv_heads * (budget - 4)  # sequence 1 holds 4 tokens
-        copied += sum(host_memory.chunk_sizes(rows)) * 2 * head_dim * item
+        copied += host_memory.landing_rows(rows, batch * kv_heads * budget) * 2 * head_dim * item
     assert cache.stats.steps == steps
     assert cache.stats.rows_selected == kv_heads * (steps * budget + sum(min(budget, n) for n in (4, 5, 6)))
     assert cache.stats.host_to_device_bytes == copied
@@ -434,7 +431,8 @@ def test_device_halves_lower_for_cuda(monkeypatch):
     fetch, *_ = jax.eval_shape(functools.partial(offload.select_rows, config=config, dtype=jnp.bfloat16,
                                                  impl="reference"), q, k_new, k_new, codes, rows, w)
     fetch = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), fetch)
-    assert "hata_sparse_decode" in lower_for_cuda(offload.attend_rows, q, rows, fetch, impl="pallas")
+    landing = jnp.zeros((batch * kv_heads * budget // 4, 2, head_dim), jnp.bfloat16)
+    assert "hata_sparse_decode" in lower_for_cuda(offload.fill_and_attend, q, rows, fetch, landing, impl="pallas")
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU (Pallas kernels compiled)")
@@ -462,7 +460,8 @@ def test_bench_small_runs(tmp_path, monkeypatch):
     assert bench.main(["--small", "--out", str(out), "--excess-precision"]) == 0
     data = json.loads(out.read_text())
     kinds = [r["kind"] for r in data["rows"]]
-    assert data["complete"] and kinds.count("offload_step") == 4 and "device_step" in kinds and "prefill" in kinds, kinds
+    assert data["complete"] and kinds.count("offload_step") == 4, kinds
+    assert "device_step" in kinds and "prefill" in kinds, kinds
     for row in data["rows"]:
         if row["kind"] == "offload_step" and row["part"] == "offload":
             assert row["rows_fetched_per_step"] <= row["rows_selected_per_step"]

@@ -15,7 +15,6 @@ import jax.numpy as jnp
 from bench import offload as bench_offload
 from hata_jax import host_memory
 from hata_jax import offload as offload_mod
-from hata_jax.models import offload as model_offload
 
 context = int(sys.argv[1]) if len(sys.argv) > 1 else 65536
 spent = collections.defaultdict(float)
@@ -41,7 +40,8 @@ b = bench_offload.OffloadBench(settings, os.path.join(out_dir, "unused.json"), t
 b.link_gbps = 47.0
 b.build()
 p = b.decoder._pieces
-pieces = {name: getattr(p, name) for name in ("embed", "head", "dense_layer", "hata_select", "hata_finish")}
+pieces = {name: getattr(p, name) for name in ("embed", "head", "dense_layer", "hata_select", "hata_finish",
+                                              "hata_finish_select")}
 b.decoder._pieces = p.__class__(**{**{f: getattr(p, f) for f in p.__dataclass_fields__},
                                    **{n: timed(n, f) for n, f in pieces.items()}})
 c = b.config
@@ -49,7 +49,6 @@ dense = b.device_caches(context, range(settings.dense_layers))
 caches = [dense[i] if i in dense else b.filled_offloaded_cache(i, context) for i in range(c.num_layers)]
 caches[settings.dense_layers].prepare(settings.budget)
 offload_mod.OffloadedCache.append_and_gather = timed("append_and_gather", offload_mod.OffloadedCache.append_and_gather)
-model_offload.fill_chunks = timed("fill_chunks", model_offload.fill_chunks)
 jax.device_get = timed("device_get", jax.device_get)
 host_memory.gather_to_device = timed("gather_to_device", host_memory.gather_to_device)
 offload_mod.OffloadedCache.append_new_token = timed("append_new_token", offload_mod.OffloadedCache.append_new_token)
