@@ -92,6 +92,7 @@ class Settings:
     prefill_tokens: int = 8192
     prefill_chunk: int = 2048
     time_budget_s: float = 480.0
+    skip: tuple[str, ...] = ()
     small: bool = False
 
     @property
@@ -450,7 +451,9 @@ class OffloadBench:
         self.build()
         self.big()
         for part, need in ((self.fits, 10 if self.s.small else 60), (self.prefill, 10 if self.s.small else 40)):
-            if self.left() > need:
+            if part.__name__ in self.s.skip:
+                self.skip(part.__name__, "--skip")
+            elif self.left() > need:
                 part()
             else:
                 self.skip(part.__name__, f"time budget: {self.left():.0f} s left")
@@ -513,14 +516,16 @@ def parse_args(argv):
     parser.add_argument("--prefill-tokens", type=int, dest="prefill_tokens")
     parser.add_argument("--prefill-chunk", type=int, dest="prefill_chunk")
     parser.add_argument("--time-budget", type=float, dest="time_budget_s")
+    parser.add_argument("--skip", nargs="+", choices=("fits", "prefill"), default=(), help="parts not to run")
     parser.add_argument("--excess-precision", action="store_true",
                         help="leave XLA's excess precision for bf16 on (its default; the on-device and offloaded "
                              "steps then fuse differently and their greedy tokens may part after a few steps)")
     args = parser.parse_args(argv)
     fields = {f.name for f in dataclasses.fields(Settings)}
     given = {k: v for k, v in vars(args).items() if v is not None and k in fields}
-    if "rows" in given:
-        given["rows"] = tuple(given["rows"])
+    for name in ("rows", "skip"):
+        if name in given:
+            given[name] = tuple(given[name])
     return args, Settings(**{**(SMALL if args.small else {}), **given})
 
 

@@ -159,7 +159,8 @@ def plan_fetch(idx, count, rows: RowCache, lengths, capacity: int) -> tuple[Fetc
     valid = jnp.arange(k) < count[..., None]
     order = jnp.argsort(rows.positions, axis=-1)
     held = jnp.take_along_axis(rows.positions, order, axis=-1)
-    at = jax.vmap(jax.vmap(jnp.searchsorted))(held, idx)
+    # method 'sort': no loop (a 'scan' search is a while loop, which waits on the host each iteration on a GPU)
+    at = jax.vmap(jax.vmap(functools.partial(jnp.searchsorted, method="sort")))(held, idx)
     at = jnp.minimum(at, r - 1)
     hit = valid & (jnp.take_along_axis(held, at, axis=-1) == idx)
     hit_slot = jnp.take_along_axis(order, at, axis=-1)
