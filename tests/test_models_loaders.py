@@ -349,6 +349,11 @@ def test_cli_generate_on_a_tiny_checkpoint(tmp_path, rng, capsys):
                             "--dense-layers", "1", "--hash-weights", str(tmp_path / "hash.npz")]) == 0
     out, err = capsys.readouterr()
     assert "HATA in layers [1]" in err and "UNTRAINED" not in err and "7 prompt tokens" in err
+    assert cli.main(args + ["--attention", "hata", "--rbit", "32", "--budget", "4", "--dense-layers", "1",
+                            "--hash-weights", str(tmp_path / "hash.npz"), "--offload", "--rows", "6",
+                            "--prefill-chunk", "3"]) == 0
+    out, err = capsys.readouterr()
+    assert "(3 tokens per chunk)" in err and "row cache (6 slots) hit" in err and "--dense-below" not in err
     assert cli.main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "x"]) == 2
     assert "no such file or directory" in capsys.readouterr().err
 
