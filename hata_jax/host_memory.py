@@ -1,15 +1,16 @@
 """Rows of a host numpy array to the device at the speed of the link: page-locked staging buffers.
 
-`jax.device_put` of a pageable numpy array goes through a driver bounce buffer (8 GB/s on the H100
-host of BENCHMARKS.md); a jax array in the `pinned_host` memory kind is copied by DMA (50 GB/s for
-256 MB, 24 GB/s for 16 MB, same host). A :class:`PinnedStaging` keeps such arrays and writes them
+`jax.device_put` of a pageable numpy array goes through a bounce buffer (2.5-8 GB/s on the H100
+host of BENCHMARKS.md); a jax array in the `pinned_host` memory kind is copied by DMA (47-50 GB/s
+for 256 MB, 24 GB/s for 16 MB, same host). A :class:`PinnedStaging` keeps such arrays and writes them
 through numpy views of their buffers, so the host gathers or copies rows straight into DMA-able
 memory and the device copy starts at once: no second host copy, no Python loop per row.
 
 The one rule of a staging buffer: it is rewritten only after the device copies made from it are
 complete. The callers here ensure it by data dependence: a buffer is refilled for a step only after
 the host has read back a result that needs the previous copy (the offloaded layer step reads the
-next selection, which needs the previous layer's output, which needs its rows).
+next selection, which needs the previous layer's output, which needs its rows); a stream of blocks
+(:func:`copy_block_to_device`) alternates two slots and waits for a copy before reusing its slot.
 
 Where the backend has no `pinned_host` memory (or its buffers expose no pointer), the buffers are
 plain numpy arrays and `jax.device_put` copies them as it copies any host array (`staging.pinned`

@@ -213,7 +213,7 @@ class TransferStats:
       steps: decode steps (HATA steps and dense steps).
       rows_selected: selected (token, KV head) rows the HATA steps attended.
       rows_fetched: of those, the rows that crossed (not held by the row cache).
-      host_to_device_bytes: bytes copied to the device (whole chunks and blocks).
+      host_to_device_bytes: bytes copied to the device (whole landing buffers and streamed blocks).
       device_to_host_bytes: bytes read back (fetch lists and new tokens).
       wait_seconds: host time spent waiting for the device's selection (and reading it back).
       gather_seconds: host time spent writing new tokens, gathering and starting the copies.

@@ -255,14 +255,17 @@ def test_select_topk_edge_cases(rng, seq, budget, lengths, sink, recent):
 def test_hamming_topk_selects_the_expected_set(rng, ragged_lengths, score, group, rbit, batch, seq, budget, tiling,
                                                fast):
     """The fused pipeline computes the reference's scores bit for bit, so it selects exactly
-    the expected set of those scores; full-length rows of distinct scores take the fast path."""
+    the expected set of those scores; full-length rows of distinct scores take the fast path but
+    for band misses: at these sizes a row misses the band with probability ~7.5e-4 (6 of 8000
+    rows of random_codes, seeds 1000-2999), so one of row 0's two heads may fall back (both:
+    ~6e-7); requiring both failed about one run in 700."""
     q, k, norms = random_codes(rng, batch, 2, group, seq, rbit)
     lengths = ragged_lengths(batch, 1, seq).at[0].set(seq)
     idx, count, path = kernel_topk(q, k, norms, lengths, budget=budget, score=score, sink=1, recent=2,
                                    interpret=True, tiling=tiling)
     scores = scores_reference(q, k, norms, lengths, score)
     check_selection(idx, count, scores, lengths, budget, sink=1, recent=2)
-    assert not fast or np.isin(np.asarray(path)[0], list(FAST)).all(), path
+    assert not fast or np.sum(~np.isin(np.asarray(path)[0], list(FAST))) <= 1, path
 
 
 @pytest.mark.parametrize("score", ["key_norm", pytest.param("hamming", marks=pytest.mark.slow)])
