@@ -466,6 +466,7 @@ def real_model_hits(out: str, *, context: int, new_tokens: int, rows: tuple[int,
     """The row cache's hit rate on SmolLM2-135M-Instruct (shipped projections) decoding after a long
     prose prompt at budget context / 16, for row caches of `rows` budgets; tokens checked against
     on-device HATA (see the module docstring)."""
+    # imported here: the model loaders and orbax are needed by this part only
     from hata_jax.models import generate
     from hata_jax.models.load import load_model
     from hata_jax.train.projections import hash_weights_for_generate

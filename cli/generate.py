@@ -13,8 +13,10 @@ import jax.numpy as jnp
 from hata_jax import HataConfig
 from hata_jax.models.generation import Sampling, generate, kv_token_bytes, short_context_threshold
 from hata_jax.models.load import load_model
+from hata_jax.models.offload import generate_offloaded
 from hata_jax.models.plan import MESH_SPLITS, AttentionPlan, layer_span
 from hata_jax.models.sharding import make_mesh, replicate_model, shard_model
+from hata_jax.offload import OffloadedCache
 from hata_jax.train.projections import hash_weights_for_generate
 
 DTYPES = ("float32", "bfloat16")
@@ -225,9 +227,6 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def run_offloaded(args, model, plan, prompts, hash_weights, tokenizer, stream, log) -> int:
     """`generate --offload`: greedy decoding with the HATA layers' K/V in host memory."""
-    from hata_jax.models.offload import generate_offloaded
-    from hata_jax.offload import OffloadedCache
-
     with warnings.catch_warnings():
         if hash_weights is None:  # already said
             warnings.filterwarnings("ignore", message=".*UNTRAINED hash projections.*")
