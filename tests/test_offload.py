@@ -333,8 +333,8 @@ def test_generation_equals_on_device_hata(rng, name, rows):
         assert_rows_match_host(cache)
 
 
-@pytest.mark.parametrize("name", ["llama-gqa", "qwen2-tied"])
-@pytest.mark.parametrize("chunk, block_tokens", [(4, 3), (7, 16), (19, 5)])
+@pytest.mark.parametrize("name, chunk, block_tokens", [("llama-gqa", 4, 3), ("qwen2-tied", 7, 16),
+                                                       ("llama-gqa", 19, 5)])
 def test_chunked_prefill_equals_whole_prefill(rng, name, chunk, block_tokens):
     """A prompt prefilled in chunks (earlier tokens read in blocks from host memory, or from the
     device for a dense layer) fills the caches the whole prefill fills, up to float32 rounding."""
@@ -457,11 +457,11 @@ def test_bench_small_runs(tmp_path, monkeypatch):
     from bench import offload as bench
 
     out = tmp_path / "offload.json"
-    assert bench.main(["--small", "--out", str(out), "--excess-precision"]) == 0
+    assert bench.main(["--small", "--out", str(out), "--excess-precision", "--rows", "2", "--skip", "prefill"]) == 0
     data = json.loads(out.read_text())
     kinds = [r["kind"] for r in data["rows"]]
-    assert data["complete"] and kinds.count("offload_step") == 4, kinds
-    assert "device_step" in kinds and "prefill" in kinds, kinds
+    assert data["complete"] and kinds.count("offload_step") == 3, kinds  # HATA, dense, fits
+    assert "device_step" in kinds and kinds.count("skip") == 1, kinds
     for row in data["rows"]:
         if row["kind"] == "offload_step" and row["part"] == "offload":
             assert row["rows_fetched_per_step"] <= row["rows_selected_per_step"]
