@@ -12,9 +12,9 @@ the host has read back a result that needs the previous copy (the offloaded laye
 next selection, which needs the previous layer's output, which needs its rows); a stream of blocks
 (:func:`copy_block_to_device`) alternates two slots and waits for a copy before reusing its slot.
 
-Where the backend has no `pinned_host` memory (or its buffers expose no pointer), the buffers are
-plain numpy arrays and `jax.device_put` copies them as it copies any host array (`staging.pinned`
-says which).
+Where the backend has no `pinned_host` memory (or its buffers expose no pointer), and on the CPU
+backend, the buffers are plain numpy arrays and each transfer copies one (`staging.pinned` says
+which).
 
 Tunables: :data:`GATHER_THREADS` workers (numpy's take and copies release the GIL; a gather is
 split into one task per worker); a gather of at most `capacity` rows lands in one buffer of
@@ -73,7 +73,10 @@ def _view(array: jax.Array) -> np.ndarray:
 @functools.lru_cache(maxsize=16)
 def pinned_memory_works(device: jax.Device) -> bool:
     """Whether `device` has `pinned_host` memory whose buffers take writes through a view and copy
-    them to the device (checked once per device with a small buffer)."""
+    them to the device (checked once per device with a small buffer). False on a CPU device: its
+    memory is host memory (nothing to pin), and there a "copy" may alias the source buffer."""
+    if device.platform == "cpu":
+        return False
     try:
         buffer = _zeros_on_host((4, 8), "float32", device)()
         view = _view(buffer)
@@ -138,8 +141,8 @@ class PinnedStaging:
         """Start the copy of buffer (rows, slot) to `device` (None: the staging's device); returns
         the device array at once."""
         array, view = self._buffers[(rows, slot)]
-        if array is None:
-            return jax.device_put(view, device)
+        if array is None:  # a copy the buffer does not back (the buffer may be refilled at once)
+            return jax.device_put(view.copy(), self.device if device is None else device)
         return jax.device_put(array, jax.sharding.SingleDeviceSharding(self.device if device is None else device))
 
 

@@ -444,27 +444,30 @@ class OffloadedCache:
         self.stats.gather_seconds += time.perf_counter() - waited
         return landing
 
-    def stream_blocks(self, end: int, block_tokens: int = STREAM_TOKENS):
-        """Yield (first, block [B, Hkv, block_tokens, 2, D] on the device) for the token blocks
-        starting at 0, block_tokens, ... below `end` (rows past the capacity read as zeros).
+    def fold_blocks(self, end: int, step, carry, block_tokens: int = STREAM_TOKENS):
+        """Stream the token blocks starting at 0, block_tokens, ... below `end` to the device and fold
+        them: `carry = step(carry, first, block)` with block [B, Hkv, block_tokens, 2, D] (rows past
+        the capacity read as zeros); returns the last carry.
 
         Two staging buffers alternate: block i + 1 is copied into host staging while block i
-        crosses, and a buffer is refilled only after its previous copy finished. Counted in
+        crosses, and a buffer is refilled only after the step that read its previous block has
+        finished (its carry is ready); the fold returns once its last step has finished. Counted in
         `stats.host_to_device_bytes`.
         """
         if isinstance(block_tokens, bool) or not isinstance(block_tokens, int) or block_tokens < 1:
             raise ValueError(f"block_tokens must be a positive int, got {block_tokens!r}")
         source = self.kv.reshape(self.batch * self.kv_heads, *self.kv.shape[2:])  # a view
-        in_flight: list[jax.Array] = []
+        read: list = []  # the carries of the steps that read the blocks in the two buffers
         for i, first in enumerate(range(0, end, block_tokens)):
-            if len(in_flight) == 2:
-                in_flight.pop(0).block_until_ready()
+            if len(read) == 2:
+                jax.block_until_ready(read.pop(0))
             block = host_memory.copy_block_to_device(source, first, block_tokens, self.staging, i % 2,
                                                      device=self.device)
-            in_flight.append(block)
             self.stats.host_to_device_bytes += block.nbytes
-            yield first, block.reshape(self.batch, self.kv_heads, *block.shape[1:])
-
+            carry = step(carry, first, block.reshape(self.batch, self.kv_heads, *block.shape[1:]))
+            read.append(carry)
+        # the next fold (another step, or another layer sharing the staging) may refill both buffers
+        return jax.block_until_ready(carry)
 
 def _check_rows(rows, capacity: int) -> None:
     if isinstance(rows, bool) or not isinstance(rows, (int, np.integer)) or not 0 <= rows <= capacity:
@@ -568,7 +571,7 @@ def offload_dense_attention(q, k_new, v_new, cache: OffloadedCache, w, *, scale:
                             block_tokens: int = STREAM_TOKENS, impl: str = "auto") -> jax.Array:
     """Dense attention over an :class:`OffloadedCache` (updated in place): the new token is appended
     (its code too, so HATA steps may follow), then every sequence's rows `[0, lengths[b])` stream to
-    the device (:meth:`OffloadedCache.stream_blocks`) and the blocks' attention merges by log-sum-exp.
+    the device (:meth:`OffloadedCache.fold_blocks`) and the blocks' attention merges by log-sum-exp.
 
     Shapes as :func:`offload_decode_attention`; returns out [B, Hq, D] in q's dtype.
     """
@@ -582,9 +585,10 @@ def offload_dense_attention(q, k_new, v_new, cache: OffloadedCache, w, *, scale:
     lengths = jnp.asarray(cache.lengths)
     b, hq, d = q.shape
     out, lse = jnp.zeros((b, hq, d), jnp.float32), jnp.full((b, hq), -jnp.inf, jnp.float32)
-    for first, block in cache.stream_blocks(int(cache.lengths.max()), block_tokens):
-        out, lse = _attend_block(q, block, jnp.clip(lengths - first, 0, block.shape[2]), out, lse, scale=scale,
-                                 impl=impl)
+    def step(carry, first, block):
+        return _attend_block(q, block, jnp.clip(lengths - first, 0, block.shape[2]), *carry, scale=scale, impl=impl)
+
+    out, lse = cache.fold_blocks(int(cache.lengths.max()), step, (out, lse), block_tokens)
     cache.stats.steps += 1
     cache.stats.device_to_host_bytes += kv_new.nbytes
     cache.stats.wait_seconds += waited - start

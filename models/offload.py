@@ -25,7 +25,7 @@ Prefill: without `prefill_chunk`, the whole prompt runs layer by layer on the de
 attention, `DecoderLayer.prefill`) and each HATA layer's K/V moves to the host right after its
 layer, so the device holds one layer's prompt K/V at a time. With `prefill_chunk=C`, the prompt runs
 C tokens at a time through every layer: a chunk attends to the earlier tokens (for a HATA layer,
-streamed from host memory in blocks, :meth:`~hata_jax.offload.OffloadedCache.stream_blocks`) and
+streamed from host memory in blocks, :meth:`~hata_jax.offload.OffloadedCache.fold_blocks`) and
 to itself (causal), the partial results merged by log-sum-exp; its K/V then goes to the host. The
 device holds one chunk's activations and one or two streamed blocks: a prompt whose K/V never fits
 the device can be started. There is no short-context policy (:mod:`hata_jax.models.generation` runs
@@ -299,8 +299,10 @@ class OffloadDecoder:
                     dense[i] = (jax.lax.dynamic_update_slice_in_dim(dense_k, k, first, axis=2),
                                 jax.lax.dynamic_update_slice_in_dim(dense_v, v, first, axis=2))
                 else:
-                    for start, block in caches[i].stream_blocks(first, block_tokens):
-                        out, lse = p.chunk_block(q, block, jnp.clip(held - start, 0, block.shape[2]), out, lse)
+                    def step(carry, start, block, q=q):
+                        return p.chunk_block(q, block, jnp.clip(held - start, 0, block.shape[2]), *carry)
+
+                    out, lse = caches[i].fold_blocks(first, step, (out, lse), block_tokens)
                     caches[i].write(jnp.stack([k, v], axis=3), encode(k, w, head_axis=1, impl=plan.impl), key_norms(k),
                                     first)
                 x = p.finish(leaves, x, out)

@@ -162,7 +162,7 @@ def test_gather_to_device_moves_the_listed_rows(rng, n):
     buffer is reused by the next gather without changing the first one's copy."""
     source = rng.standard_normal((3000, 2, 4)).astype(np.float32)
     staging = host_memory.PinnedStaging((2, 4), np.float32)
-    assert staging.pinned  # the CPU backend has pinned_host memory too
+    assert staging.pinned == ON_GPU  # a CPU device's memory is host memory: plain buffers
     idx = rng.integers(0, len(source), n)
     landing = host_memory.gather_to_device(source, idx, staging, 2400)
     assert landing.shape == (host_memory.landing_rows(n, 2400), 2, 4)
@@ -171,6 +171,16 @@ def test_gather_to_device_moves_the_listed_rows(rng, n):
     again = host_memory.gather_to_device(source, idx[::-1].copy(), staging, 2400)
     np.testing.assert_array_equal(np.asarray(landing)[:n], first)
     np.testing.assert_array_equal(np.asarray(again)[:n], source[idx[::-1]])
+
+
+def test_pinned_buffers_take_writes_through_their_views(rng):
+    """The mechanism the GPU path uses (a pinned_host jax array written through a numpy view of its
+    buffer) on this backend: the written values are what the array holds."""
+    array = host_memory._zeros_on_host((5, 3), "float32", jax.devices()[0])()
+    assert array.sharding.memory_kind == "pinned_host"
+    values = rng.standard_normal((5, 3)).astype(np.float32)
+    host_memory._view(array)[...] = values
+    np.testing.assert_array_equal(np.asarray(array), values)
 
 
 def test_landing_sizes():
