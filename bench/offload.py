@@ -26,7 +26,9 @@ Parts, in this order, each row written to the JSON as soon as it is measured:
    steps with the link removed (`gather_to_device` replaced by device arrays of the landing sizes:
    everything else of the step runs). Its floor: the rows that must
    cross / the pinned bandwidth of part 1 + the step without the link; `floor_all_selected_ms`
-   counts every selected row. Then `--dense-steps` steps of dense attention over the same
+   counts every selected row. Each row-cache size runs once per share of `--prefetch` (rows sent
+   ahead of each layer's step, guessed from the previous layer's input: `OffloadDecoder(prefetch=)`;
+   the rows sent ahead cross off the path the step waits on and are not in the floor). Then `--dense-steps` steps of dense attention over the same
    offloaded caches (every row streams to the device each step: the baseline).
 3. `fits` (default 64K, batch 2): the on-device HATA decode step (`hata_jax.models.generation.ModelSteps`,
    one jit, as :mod:`bench.decode`'s "hata") and the offloaded step from the same cache contents;
@@ -40,7 +42,8 @@ Parts, in this order, each row written to the JSON as soon as it is measured:
 
 `--hits` instead runs the real model (SmolLM2-135M-Instruct and its shipped projections, on whatever
 device there is): a long prose prompt (the GPL-3 text Debian ships), greedy offloaded decoding at
-budget 1/16 with row caches of 1, 2 and 4 budgets, and the hit rate of every offloaded layer; the
+budget 1/16 with row caches of 1, 2 and 4 budgets, each without and with rows sent ahead (`prefetch`),
+and the hit rate of every offloaded layer; the
 tokens are checked against on-device HATA.
 
 Budget: `--time-budget` (default 480 s) skips the parts that no longer fit, saying so.
@@ -67,7 +70,7 @@ from bench.decode_steps import free, random_hata_cache
 from bench.timing import environment, write_json
 from hata_jax import HataCache, HataConfig, host_memory, offload
 from hata_jax.models import AttentionPlan, LlamaForCausalLM, generation
-from hata_jax.models.offload import OffloadDecoder, generate_offloaded
+from hata_jax.models.offload import PREFETCH_SHARE, OffloadDecoder, generate_offloaded
 from hata_jax.models.presets import LLAMA_8B, SMALL_MODELS
 from hata_jax.offload import OffloadedCache, step_transfer_bytes
 
@@ -87,6 +90,7 @@ class Settings:
     warmup: int = 3
     reps: int = 20
     rows: tuple[int, ...] = (1, 2)
+    prefetch: tuple[float, ...] = (0.0, PREFETCH_SHARE)
     no_link_reps: int = 8
     dense_steps: int = 3
     prefill_tokens: int = 8192
@@ -102,7 +106,8 @@ class Settings:
     @property
     def slack(self) -> int:
         """Steps run on one set of caches (their lengths start this far below the capacity)."""
-        return len(self.rows) * (self.warmup + self.reps + self.no_link_reps + 5) + self.dense_steps + 4
+        variants = len(self.rows) * len(self.prefetch)
+        return variants * (self.warmup + self.reps + self.no_link_reps + 5) + self.dense_steps + 4
 
 
 SMALL = dict(big_context=2048, fit_context=512, batch=2, budget=32, warmup=1, reps=4, no_link_reps=2, dense_steps=2,
@@ -274,6 +279,7 @@ class OffloadBench:
             "d2h_bytes_per_step": total["device_to_host_bytes"] / steps,
             "rows_selected_per_step": total["rows_selected"] / steps,
             "rows_fetched_per_step": total["rows_fetched"] / steps,
+            "rows_sent_ahead_per_step": total["rows_sent_ahead"] / steps,
             "hit_rate": 1 - total["rows_fetched"] / total["rows_selected"] if total["rows_selected"] else None,
             "implied_h2d_gbps": h2d / median / GB,
             "host_wait_ms_per_step": 1e3 * total["wait_seconds"] / steps,
@@ -284,8 +290,8 @@ class OffloadBench:
         zeros: dict[int, jax.Array] = {}
         original = host_memory.gather_to_device
 
-        def no_link(source, idx, staging, capacity, *, device=None):
-            size = host_memory.landing_rows(len(idx), capacity)
+        def no_link(source, idx, staging, capacity, *, slot=0, sizes=host_memory.LANDING_SIZES, device=None):
+            size = host_memory.landing_rows(len(idx), capacity, sizes)
             if size not in zeros:
                 zeros[size] = jnp.zeros((size, *staging.row_shape), staging.dtype)
             return zeros[size]
@@ -301,7 +307,10 @@ class OffloadBench:
         """One step per landing size (the steps' programs are compiled per size), before timing."""
         original = host_memory.landing_rows
         for size in host_memory.landing_sizes(self.s.batch * self.config.num_kv_heads * self.s.budget):
-            host_memory.landing_rows = lambda rows, capacity, size=size: max(size, original(rows, capacity))
+            def forced(rows, capacity, sizes=host_memory.LANDING_SIZES, size=size):
+                return original(rows, capacity, sizes) if sizes == 1 else max(size, original(rows, capacity, sizes))
+
+            host_memory.landing_rows = forced
             try:
                 _, _, tokens, _ = self.time_steps(caches, tokens, 1)
             finally:
@@ -335,29 +344,33 @@ class OffloadBench:
         expected = step_transfer_bytes(s.batch, c.num_kv_heads, s.budget, c.head_dim, jnp.bfloat16)
         hata_step = None
         for multiple in s.rows:
-            if self.left() < 40:
-                self.skip("offload", f"rows {multiple} x budget: time budget, {self.left():.0f} s left")
-                continue
-            for cache in caches:
-                if isinstance(cache, OffloadedCache):
-                    cache.resize_rows(multiple * s.budget)
-            start = time.perf_counter()
-            tokens = self.compile_landings(caches, tokens)
-            first = time.perf_counter() - start
-            _, _, tokens, _ = self.time_steps(caches, tokens, s.warmup)
-            times, _, tokens, total = self.time_steps(caches, tokens, s.reps)
-            no_link, _, tokens, _ = self.no_link_times(caches, tokens, s.no_link_reps)
-            fetched_bytes = total["rows_fetched"] / s.reps * 2 * c.head_dim * 2
-            selected_bytes = total["rows_selected"] / s.reps * 2 * c.head_dim * 2
-            link_ms = 1e3 / (self.link_gbps * GB)
-            floor = fetched_bytes * link_ms + median_ms(no_link)
-            row = self.step_row("offload", context, times, total, {
-                **info, "rows": multiple * s.budget, "fill_s": fill, "compile_steps_s": first,
-                "expected_h2d_bytes_per_step_no_hits": len(hata_layers) * expected["host_to_device"],
-                "no_link_median_ms": median_ms(no_link), "link_gbps": self.link_gbps,
-                "floor_ms": floor, "floor_all_selected_ms": selected_bytes * link_ms + median_ms(no_link),
-                "over_floor": median_ms(times) / floor})
-            hata_step = hata_step or row
+            for share in s.prefetch:
+                if self.left() < 40:
+                    self.skip("offload", f"rows {multiple} x budget, prefetch {share}: time budget, "
+                                         f"{self.left():.0f} s left")
+                    continue
+                for cache in caches:
+                    if isinstance(cache, OffloadedCache):
+                        cache.resize_rows(multiple * s.budget)
+                self.decoder.prefetch = round(share * s.budget)
+                start = time.perf_counter()
+                tokens = self.compile_landings(caches, tokens)
+                first = time.perf_counter() - start
+                _, _, tokens, _ = self.time_steps(caches, tokens, s.warmup)
+                times, _, tokens, total = self.time_steps(caches, tokens, s.reps)
+                no_link, _, tokens, _ = self.no_link_times(caches, tokens, s.no_link_reps)
+                fetched_bytes = total["rows_fetched"] / s.reps * 2 * c.head_dim * 2
+                selected_bytes = total["rows_selected"] / s.reps * 2 * c.head_dim * 2
+                link_ms = 1e3 / (self.link_gbps * GB)
+                floor = fetched_bytes * link_ms + median_ms(no_link)
+                row = self.step_row("offload", context, times, total, {
+                    **info, "rows": multiple * s.budget, "prefetch": self.decoder.prefetch, "fill_s": fill,
+                    "compile_steps_s": first,
+                    "expected_h2d_bytes_per_step_no_hits": len(hata_layers) * expected["host_to_device"],
+                    "no_link_median_ms": median_ms(no_link), "link_gbps": self.link_gbps,
+                    "floor_ms": floor, "floor_all_selected_ms": selected_bytes * link_ms + median_ms(no_link),
+                    "over_floor": median_ms(times) / floor})
+                hata_step = row if hata_step is None or row["median_ms"] < hata_step["median_ms"] else hata_step
         if s.dense_steps and self.left() > 30 and hata_step:
             _, _, tokens, _ = self.time_steps(caches, tokens, 1, attention="dense")
             times, _, tokens, total = self.time_steps(caches, tokens, s.dense_steps, attention="dense")
@@ -486,20 +499,24 @@ def real_model_hits(out: str, *, context: int, new_tokens: int, rows: tuple[int,
               "prompt_tokens": len(prompt), "budget": budget, "new_tokens": new_tokens,
               "on_device_s": time.perf_counter() - start, "runs": []}
     for multiple in rows:
-        start = time.perf_counter()
-        got, caches = generate_offloaded(model, [prompt], max_new_tokens=new_tokens, plan=plan, hash_weights=weights,
-                                         rows=multiple * budget)
-        offloaded = [c for c in caches if isinstance(c, OffloadedCache)]
-        per_layer = [c.stats.hit_rate for c in offloaded]
-        selected = sum(c.stats.rows_selected for c in offloaded)
-        fetched = sum(c.stats.rows_fetched for c in offloaded)
-        run = {"rows": multiple * budget, "tokens_equal_on_device": got.tokens == want.tokens,
-               "steps": offloaded[0].stats.steps, "hit_rate": 1 - fetched / selected,
-               "hit_rate_per_layer": per_layer, "seconds": time.perf_counter() - start,
-               "text": tokenizer.decode(got.tokens[0])}
-        result["runs"].append(run)
-        print(json.dumps({k: v for k, v in run.items() if k != "hit_rate_per_layer"}), flush=True)
-        write_json(out, result)
+        for prefetch in (0, None):
+            start = time.perf_counter()
+            got, caches = generate_offloaded(model, [prompt], max_new_tokens=new_tokens, plan=plan,
+                                             hash_weights=weights, rows=multiple * budget, prefetch=prefetch)
+            offloaded = [c for c in caches if isinstance(c, OffloadedCache)]
+            steps = offloaded[0].stats.steps
+            selected = sum(c.stats.rows_selected for c in offloaded)
+            fetched = sum(c.stats.rows_fetched for c in offloaded)
+            run = {"rows": multiple * budget, "prefetch": round(PREFETCH_SHARE * budget) if prefetch is None else 0,
+                   "tokens_equal_on_device": got.tokens == want.tokens, "steps": steps,
+                   "hit_rate": 1 - fetched / selected, "rows_selected_per_step": selected / steps,
+                   "rows_fetched_per_step": fetched / steps,
+                   "rows_sent_ahead_per_step": sum(c.stats.rows_sent_ahead for c in offloaded) / steps,
+                   "hit_rate_per_layer": [c.stats.hit_rate for c in offloaded], "seconds": time.perf_counter() - start,
+                   "text": tokenizer.decode(got.tokens[0])}
+            result["runs"].append(run)
+            print(json.dumps({k: v for k, v in run.items() if k not in ("hit_rate_per_layer", "text")}), flush=True)
+            write_json(out, result)
     return result
 
 
@@ -515,6 +532,8 @@ def parse_args(argv):
     parser.add_argument("--batch", type=int)
     parser.add_argument("--reps", type=int)
     parser.add_argument("--rows", type=int, nargs="+", help="row-cache sizes in budgets (default 1 2)")
+    parser.add_argument("--prefetch", type=float, nargs="+",
+                        help=f"rows sent ahead of a layer's step, as shares of the budget (default 0 {PREFETCH_SHARE})")
     parser.add_argument("--dense-steps", type=int, dest="dense_steps")
     parser.add_argument("--prefill-tokens", type=int, dest="prefill_tokens")
     parser.add_argument("--prefill-chunk", type=int, dest="prefill_chunk")
@@ -526,7 +545,7 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     fields = {f.name for f in dataclasses.fields(Settings)}
     given = {k: v for k, v in vars(args).items() if v is not None and k in fields}
-    for name in ("rows", "skip"):
+    for name in ("rows", "prefetch", "skip"):
         if name in given:
             given[name] = tuple(given[name])
     return args, Settings(**{**(SMALL if args.small else {}), **given})

@@ -16,18 +16,26 @@ Where the backend has no `pinned_host` memory (or its buffers expose no pointer)
 backend, the buffers are plain numpy arrays and each transfer copies one (`staging.pinned` says
 which).
 
+The rule is also enforced: :meth:`PinnedStaging.buffer` waits for the last copy made from a buffer
+before handing it out for writing (free when the copy is done, as the callers' order ensures).
+
 Tunables: :data:`GATHER_THREADS` workers (numpy's take and copies release the GIL; a gather is
 split into one task per worker); a gather of at most `capacity` rows lands in one buffer of
 :func:`landing_rows` rows, the smallest of `capacity / 2**k` (k < :data:`LANDING_SIZES`) that holds
 it: one copy per gather, few shapes (each a compiled variant of the step that reads it), at most
 twice the bytes that must cross (or those of the smallest size).
+
+:func:`host_zeros` allocates the large host arrays the rows are gathered from on transparent huge
+pages where the kernel allows (`madvise`): a gather of random rows from tens of GiB then misses the
+TLB far less often, and touching the pages first costs about half the time.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
+import mmap
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +51,12 @@ def pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=GATHER_THREADS, thread_name_prefix="hata-host")
 
 
+@functools.lru_cache(maxsize=1)
+def _background() -> ThreadPoolExecutor:
+    """One thread for the gathers started in the background (each fans out to :func:`pool`)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="hata-host-ahead")
+
+
 def set_gather_threads(threads: int) -> None:
     """Set GATHER_THREADS (the worker pool is remade)."""
     global GATHER_THREADS
@@ -52,6 +66,22 @@ def set_gather_threads(threads: int) -> None:
         pool().shutdown()
         pool.cache_clear()
         GATHER_THREADS = threads
+
+
+def host_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A zero host array, its pages allocated on first touch, on transparent huge pages where the
+    kernel allows them (anonymous memory advised `MADV_HUGEPAGE`; else ordinary pages)."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    if nbytes == 0:
+        return np.zeros(shape, dtype)
+    memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            memory.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:  # a kernel without transparent huge pages: ordinary pages
+            pass
+    return np.frombuffer(memory, dtype).reshape(shape)  # the array keeps the mapping alive
 
 
 def _device(device) -> jax.Device:
@@ -87,25 +117,25 @@ def pinned_memory_works(device: jax.Device) -> bool:
         return False
 
 
-def landing_sizes(capacity: int) -> list[int]:
-    """The landing-buffer rows of gathers of up to `capacity` rows: `ceil(capacity / 2**k)`, k < LANDING_SIZES."""
-    return sorted({-(-capacity // 2**k) for k in range(LANDING_SIZES)})
+def landing_sizes(capacity: int, sizes: int = LANDING_SIZES) -> list[int]:
+    """The landing-buffer rows of gathers of up to `capacity` rows: `ceil(capacity / 2**k)`, k < `sizes`."""
+    return sorted({-(-capacity // 2**k) for k in range(sizes)})
 
 
-def landing_rows(rows: int, capacity: int) -> int:
+def landing_rows(rows: int, capacity: int, sizes: int = LANDING_SIZES) -> int:
     """The rows of the buffer a gather of `rows` (<= capacity) rows lands in: the smallest landing
-    size that holds them."""
+    size (of `sizes`) that holds them."""
     if not 0 <= rows <= capacity:
         raise ValueError(f"rows must lie in [0, {capacity}], got {rows}")
-    return min(size for size in landing_sizes(capacity) if size >= rows)
+    return min(size for size in landing_sizes(capacity, sizes) if size >= rows)
 
 
 class PinnedStaging:
     """Reusable host buffers of rows `row_shape` in `dtype`, page-locked where the backend allows.
 
     `buffer(rows, slot)` returns the slot-th buffer of `rows` rows as (jax array to copy from, numpy
-    view to write into); buffers are made on first use and kept (slots let a stream keep several
-    copies of one size in flight).
+    view to write into) once the last copy made from it is complete; buffers are made on first use
+    and kept (slots let a stream keep several copies of one size in flight).
     """
 
     def __init__(self, row_shape: tuple[int, ...], dtype, device=None):
@@ -113,6 +143,7 @@ class PinnedStaging:
         self.device = _device(device)
         self.pinned = pinned_memory_works(self.device)
         self._buffers: dict[tuple[int, int], tuple[jax.Array | None, np.ndarray]] = {}
+        self._copies: dict[tuple[int, int], jax.Array] = {}  # the last copy made from each buffer
 
     @property
     def nbytes(self) -> int:
@@ -127,6 +158,9 @@ class PinnedStaging:
                 self._buffers[key] = (array, _view(array))
             else:
                 self._buffers[key] = (None, np.zeros(shape, self.dtype))
+        copy = self._copies.pop(key, None)
+        if copy is not None:
+            copy.block_until_ready()
         return self._buffers[key]
 
     def reserve(self, capacity: int) -> list[int]:
@@ -143,7 +177,9 @@ class PinnedStaging:
         array, view = self._buffers[(rows, slot)]
         if array is None:  # a copy the buffer does not back (the buffer may be refilled at once)
             return jax.device_put(view.copy(), self.device if device is None else device)
-        return jax.device_put(array, jax.sharding.SingleDeviceSharding(self.device if device is None else device))
+        copy = jax.device_put(array, jax.sharding.SingleDeviceSharding(self.device if device is None else device))
+        self._copies[(rows, slot)] = copy
+        return copy
 
 
 def _run(tasks) -> None:
@@ -156,7 +192,7 @@ def _take(source, idx, out):
 
 
 def gather_to_device(source: np.ndarray, idx: np.ndarray, staging: PinnedStaging, capacity: int, *,
-                     device=None) -> jax.Array:
+                     slot: int = 0, sizes: int = LANDING_SIZES, device=None) -> jax.Array:
     """Copy `source[idx]` to the device through one landing buffer.
 
     Args:
@@ -165,17 +201,19 @@ def gather_to_device(source: np.ndarray, idx: np.ndarray, staging: PinnedStaging
         are clipped).
       staging: where the rows are gathered before their copy.
       capacity: the most rows a gather of this kind moves (sets the landing sizes).
+      slot: the staging slot (gathers that may be in flight together take different slots).
+      sizes: how many landing sizes (1: always `capacity` rows).
       device: the target (None: the staging's device).
 
     Returns:
-      [landing_rows(M, capacity), *row_shape] on the device, its first M rows `source[idx]` (the
-      rest stale, to be ignored); the copy has been started, not waited for.
+      [landing_rows(M, capacity, sizes), *row_shape] on the device, its first M rows `source[idx]`
+      (the rest stale, to be ignored); the copy has been started, not waited for.
     """
-    rows = landing_rows(len(idx), capacity)
-    _, view = staging.buffer(rows)
+    rows = landing_rows(len(idx), capacity, sizes)
+    _, view = staging.buffer(rows, slot)
     parts = np.array_split(np.arange(len(idx)), min(GATHER_THREADS, max(len(idx), 1)))
     _run((_take, source, idx[part[0]:part[-1] + 1], view[part[0]:part[-1] + 1]) for part in parts if len(part))
-    return staging.to_device(rows, 0, device)
+    return staging.to_device(rows, slot, device)
 
 
 def _copy(dst, src):
@@ -195,3 +233,9 @@ def copy_block_to_device(source: np.ndarray, start: int, tokens: int, staging: P
         view[:, held:] = 0
     _run(tasks)
     return staging.to_device(pairs * tokens, slot, device).reshape(pairs, tokens, *view.shape[2:])
+
+
+def start_gather_to_device(*args, **kwargs) -> Future:
+    """:func:`gather_to_device` (same arguments) in a background thread: a Future of its device
+    array. Gathers that may be in flight together must take different staging slots."""
+    return _background().submit(gather_to_device, *args, **kwargs)
