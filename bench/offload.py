@@ -28,7 +28,8 @@ Parts, in this order, each row written to the JSON as soon as it is measured:
    cross / the pinned bandwidth of part 1 + the step without the link; `floor_all_selected_ms`
    counts every selected row. Each row-cache size runs once per share of `--prefetch` (rows sent
    ahead of each layer's step, guessed from the previous layer's input: `OffloadDecoder(prefetch=)`;
-   the rows sent ahead cross off the path the step waits on and are not in the floor). Then `--dense-steps` steps of dense attention over the same
+   the rows sent ahead cross off the path the step waits on and are not in the floor). Then
+   `--dense-steps` steps of dense attention over the same
    offloaded caches (every row streams to the device each step: the baseline).
 3. `fits` (default 64K, batch 2): the on-device HATA decode step (`hata_jax.models.generation.ModelSteps`,
    one jit, as :mod:`bench.decode`'s "hata") and the offloaded step from the same cache contents;

@@ -31,6 +31,7 @@ TLB far less often, and touching the pages first costs about half the time.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import mmap
@@ -77,10 +78,8 @@ def host_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
         return np.zeros(shape, dtype)
     memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_HUGEPAGE"):
-        try:
+        with contextlib.suppress(OSError):  # a kernel without transparent huge pages: ordinary pages
             memory.madvise(mmap.MADV_HUGEPAGE)
-        except OSError:  # a kernel without transparent huge pages: ordinary pages
-            pass
     return np.frombuffer(memory, dtype).reshape(shape)  # the array keeps the mapping alive
 
 

@@ -204,10 +204,10 @@ def test_rows_sent_ahead_change_what_crosses_not_the_output(randn, group, limit,
     config = hj.HataConfig(rbit=32, budget=8)
     on_device, offloaded, w = twin_caches(randn, batch, kv_heads, capacity, head_dim, 32, jnp.float32, [40, 23],
                                           prompt, rows=12)
-    for step in range(3):
+    for _ in range(3):
         q = randn(batch, kv_heads * group, head_dim)
         k_new, v_new = randn(batch, kv_heads, head_dim), randn(batch, kv_heads, head_dim)
-        guessed = {"true": q, "random": randn(batch, kv_heads * group, head_dim), "near": q + 0.3 * randn(*q.shape)}[guess]
+        guessed = {"true": q, "random": randn(*q.shape), "near": q + 0.3 * randn(*q.shape)}[guess]
         ahead, offloaded.rows = offload.prefetch_rows(guessed, k_new, offloaded.codes, offloaded.rows, w, config,
                                                       limit=limit, impl=REF)
         landed = offloaded.send_ahead(ahead, limit, slot=1).result()
@@ -383,7 +383,8 @@ def test_bytes_moved_per_step(randn, dtype, budget):
     assert cache.stats.device_to_host_bytes == steps * want["device_to_host"]
 
 
-@pytest.mark.parametrize("name, rows, prefetch", [("llama-gqa", None, 0), ("qwen2-tied", 9, None), ("llama-gqa", 20, 6)])
+@pytest.mark.parametrize("name, rows, prefetch", [("llama-gqa", None, 0), ("qwen2-tied", 9, None),
+                                                  ("llama-gqa", 20, 6)])
 def test_generation_equals_on_device_hata(rng, name, rows, prefetch):
     """Offloaded HATA layers generate the tokens of on-device HATA (every step HATA: no
     short-context policy; the same ops, bit for bit), with budgets below the prompt lengths, row
