@@ -14,7 +14,9 @@ Parts, in this order, each row written to the JSON as soon as it is measured:
    floors below) and of the same bytes from pageable numpy; one layer's step payload (batch x 8
    heads x 2048 rows of 512 B, random positions of a 256K-token host cache) through
    :func:`hata_jax.host_memory.gather_to_device` (gather into a pinned landing buffer + one copy)
-   for 2 / 4 / 8 / 16 gather threads; the fastest is kept for the run.
+   for 2 / 4 / 8 / 16 gather threads; the fastest is kept for the run; then the same gather from an
+   8 GiB source on ordinary pages and on transparent huge pages (:func:`hata_jax.host_memory.host_zeros`,
+   as the offloaded caches allocate theirs), with the time to allocate and touch each.
 2. `offload` at a context whose K/V cache does not fit on the GPU together with the weights
    (default 256K, batch 2: 64 GiB of K/V + 16.1 GB of weights > 80 GB; the kernels take contexts up
    to 256K, so 512K x 1 is run as 256K x 2, the same bytes): the dense layers' caches are made on
@@ -26,10 +28,7 @@ Parts, in this order, each row written to the JSON as soon as it is measured:
    steps with the link removed (`gather_to_device` replaced by device arrays of the landing sizes:
    everything else of the step runs). Its floor: the rows that must
    cross / the pinned bandwidth of part 1 + the step without the link; `floor_all_selected_ms`
-   counts every selected row. Each row-cache size runs once per share of `--prefetch` (rows sent
-   ahead of each layer's step, guessed from the previous layer's input: `OffloadDecoder(prefetch=)`;
-   the rows sent ahead cross off the path the step waits on and are not in the floor). Then
-   `--dense-steps` steps of dense attention over the same
+   counts every selected row. Then `--dense-steps` steps of dense attention over the same
    offloaded caches (every row streams to the device each step: the baseline).
 3. `fits` (default 64K, batch 2): the on-device HATA decode step (`hata_jax.models.generation.ModelSteps`,
    one jit, as :mod:`bench.decode`'s "hata") and the offloaded step from the same cache contents;
@@ -43,8 +42,7 @@ Parts, in this order, each row written to the JSON as soon as it is measured:
 
 `--hits` instead runs the real model (SmolLM2-135M-Instruct and its shipped projections, on whatever
 device there is): a long prose prompt (the GPL-3 text Debian ships), greedy offloaded decoding at
-budget 1/16 with row caches of 1, 2 and 4 budgets, each without and with rows sent ahead (`prefetch`),
-and the hit rate of every offloaded layer; the
+budget 1/16 with row caches of 1, 2 and 4 budgets, and the hit rate of every offloaded layer; the
 tokens are checked against on-device HATA.
 
 Budget: `--time-budget` (default 480 s) skips the parts that no longer fit, saying so.
@@ -71,7 +69,7 @@ from bench.decode_steps import free, random_hata_cache
 from bench.timing import environment, write_json
 from hata_jax import HataCache, HataConfig, host_memory, offload
 from hata_jax.models import AttentionPlan, LlamaForCausalLM, generation
-from hata_jax.models.offload import PREFETCH_SHARE, OffloadDecoder, generate_offloaded
+from hata_jax.models.offload import OffloadDecoder, generate_offloaded
 from hata_jax.models.presets import LLAMA_8B, SMALL_MODELS
 from hata_jax.offload import OffloadedCache, step_transfer_bytes
 
@@ -91,7 +89,6 @@ class Settings:
     warmup: int = 3
     reps: int = 20
     rows: tuple[int, ...] = (1, 2)
-    prefetch: tuple[float, ...] = (0.0, PREFETCH_SHARE)
     no_link_reps: int = 8
     dense_steps: int = 3
     prefill_tokens: int = 8192
@@ -107,8 +104,7 @@ class Settings:
     @property
     def slack(self) -> int:
         """Steps run on one set of caches (their lengths start this far below the capacity)."""
-        variants = len(self.rows) * len(self.prefetch)
-        return variants * (self.warmup + self.reps + self.no_link_reps + 5) + self.dense_steps + 4
+        return len(self.rows) * (self.warmup + self.reps + self.no_link_reps + 5) + self.dense_steps + 4
 
 
 SMALL = dict(big_context=2048, fit_context=512, batch=2, budget=32, warmup=1, reps=4, no_link_reps=2, dense_steps=2,
@@ -125,6 +121,15 @@ def host_memory_available() -> float:
     except OSError:
         pass
     return float("inf")
+
+
+def transparent_hugepage() -> str | None:
+    """The kernel's transparent huge page mode ("always [madvise] never": madvise), None if unknown."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().strip()
+    except OSError:
+        return None
 
 
 @functools.partial(jax.jit, static_argnames=("shape",))
@@ -145,7 +150,8 @@ class OffloadBench:
         self.rows: list[dict] = []
         self.env = {**environment(), "host_cpus": os.cpu_count(), "host_memory_available_bytes":
                     host_memory_available(), "gather_threads": host_memory.GATHER_THREADS,
-                    "landing_sizes": host_memory.LANDING_SIZES, "pinned_staging": host_memory.pinned_memory_works(
+                    "landing_sizes": host_memory.LANDING_SIZES, "transparent_hugepage": transparent_hugepage(),
+                    "pinned_staging": host_memory.pinned_memory_works(
                         jax.devices()[0]), "xla_flags": os.environ.get("XLA_FLAGS", "")}
         self.device = jax.devices()[0]
         self.key = jax.random.PRNGKey(20261122)
@@ -211,11 +217,28 @@ class OffloadBench:
         best = min(sweep, key=sweep.get)
         host_memory.set_gather_threads(best)  # the rest of the run gathers this way
         self.env.update(gather_threads=best)
+        del source
+        pages = {}  # the same gather from a large source on ordinary pages and on huge pages (host_zeros)
+        rows = (1 << 20) if s.small else (16 << 20)  # 8 GiB of 512 B rows
+        for name, make in (("ordinary", lambda: np.ones((rows, 2, c.head_dim), jnp.bfloat16)),
+                           ("huge", lambda: host_memory.host_zeros((rows, 2, c.head_dim), jnp.bfloat16))):
+            start = time.perf_counter()
+            big = make()
+            big[...] = 1
+            touched = time.perf_counter() - start
+            idx = np.sort(np.random.default_rng(1).integers(0, rows, len(idx)).astype(np.int32))
+            times = []
+            for _ in range(12):
+                start = time.perf_counter()
+                host_memory.gather_to_device(big, idx, layer_staging, len(idx)).block_until_ready()
+                times.append(time.perf_counter() - start)
+            pages[name] = {"gather_and_copy_ms": median_ms(times[2:]), "allocate_and_touch_s": touched}
+            del big
         self.record({"kind": "link", "pinned_to_device_gbps": pinned, "pageable_to_device_gbps": pageable,
                      "copy_bytes": nbytes, "layer_payload_bytes": payload,
                      "layer_gather_and_copy_ms": sweep[best], "layer_gather_and_copy_gbps": payload / sweep[best] / 1e6,
-                     "gather_threads_ms": sweep, "pinned_staging": layer_staging.pinned})
-        del source
+                     "gather_threads_ms": sweep, "pinned_staging": layer_staging.pinned,
+                     "source_pages": {"source_bytes": rows * 2 * c.head_dim * 2, **pages}})
 
     # -- the model
     def build(self) -> None:
@@ -280,7 +303,6 @@ class OffloadBench:
             "d2h_bytes_per_step": total["device_to_host_bytes"] / steps,
             "rows_selected_per_step": total["rows_selected"] / steps,
             "rows_fetched_per_step": total["rows_fetched"] / steps,
-            "rows_sent_ahead_per_step": total["rows_sent_ahead"] / steps,
             "hit_rate": 1 - total["rows_fetched"] / total["rows_selected"] if total["rows_selected"] else None,
             "implied_h2d_gbps": h2d / median / GB,
             "host_wait_ms_per_step": 1e3 * total["wait_seconds"] / steps,
@@ -291,8 +313,8 @@ class OffloadBench:
         zeros: dict[int, jax.Array] = {}
         original = host_memory.gather_to_device
 
-        def no_link(source, idx, staging, capacity, *, slot=0, sizes=host_memory.LANDING_SIZES, device=None):
-            size = host_memory.landing_rows(len(idx), capacity, sizes)
+        def no_link(source, idx, staging, capacity, *, device=None):
+            size = host_memory.landing_rows(len(idx), capacity)
             if size not in zeros:
                 zeros[size] = jnp.zeros((size, *staging.row_shape), staging.dtype)
             return zeros[size]
@@ -308,10 +330,7 @@ class OffloadBench:
         """One step per landing size (the steps' programs are compiled per size), before timing."""
         original = host_memory.landing_rows
         for size in host_memory.landing_sizes(self.s.batch * self.config.num_kv_heads * self.s.budget):
-            def forced(rows, capacity, sizes=host_memory.LANDING_SIZES, size=size):
-                return original(rows, capacity, sizes) if sizes == 1 else max(size, original(rows, capacity, sizes))
-
-            host_memory.landing_rows = forced
+            host_memory.landing_rows = lambda rows, capacity, size=size: max(size, original(rows, capacity))
             try:
                 _, _, tokens, _ = self.time_steps(caches, tokens, 1)
             finally:
@@ -345,33 +364,29 @@ class OffloadBench:
         expected = step_transfer_bytes(s.batch, c.num_kv_heads, s.budget, c.head_dim, jnp.bfloat16)
         hata_step = None
         for multiple in s.rows:
-            for share in s.prefetch:
-                if self.left() < 40:
-                    self.skip("offload", f"rows {multiple} x budget, prefetch {share}: time budget, "
-                                         f"{self.left():.0f} s left")
-                    continue
-                for cache in caches:
-                    if isinstance(cache, OffloadedCache):
-                        cache.resize_rows(multiple * s.budget)
-                self.decoder.prefetch = round(share * s.budget)
-                start = time.perf_counter()
-                tokens = self.compile_landings(caches, tokens)
-                first = time.perf_counter() - start
-                _, _, tokens, _ = self.time_steps(caches, tokens, s.warmup)
-                times, _, tokens, total = self.time_steps(caches, tokens, s.reps)
-                no_link, _, tokens, _ = self.no_link_times(caches, tokens, s.no_link_reps)
-                fetched_bytes = total["rows_fetched"] / s.reps * 2 * c.head_dim * 2
-                selected_bytes = total["rows_selected"] / s.reps * 2 * c.head_dim * 2
-                link_ms = 1e3 / (self.link_gbps * GB)
-                floor = fetched_bytes * link_ms + median_ms(no_link)
-                row = self.step_row("offload", context, times, total, {
-                    **info, "rows": multiple * s.budget, "prefetch": self.decoder.prefetch, "fill_s": fill,
-                    "compile_steps_s": first,
-                    "expected_h2d_bytes_per_step_no_hits": len(hata_layers) * expected["host_to_device"],
-                    "no_link_median_ms": median_ms(no_link), "link_gbps": self.link_gbps,
-                    "floor_ms": floor, "floor_all_selected_ms": selected_bytes * link_ms + median_ms(no_link),
-                    "over_floor": median_ms(times) / floor})
-                hata_step = row if hata_step is None or row["median_ms"] < hata_step["median_ms"] else hata_step
+            if self.left() < 40:
+                self.skip("offload", f"rows {multiple} x budget: time budget, {self.left():.0f} s left")
+                continue
+            for cache in caches:
+                if isinstance(cache, OffloadedCache):
+                    cache.resize_rows(multiple * s.budget)
+            start = time.perf_counter()
+            tokens = self.compile_landings(caches, tokens)
+            first = time.perf_counter() - start
+            _, _, tokens, _ = self.time_steps(caches, tokens, s.warmup)
+            times, _, tokens, total = self.time_steps(caches, tokens, s.reps)
+            no_link, _, tokens, _ = self.no_link_times(caches, tokens, s.no_link_reps)
+            fetched_bytes = total["rows_fetched"] / s.reps * 2 * c.head_dim * 2
+            selected_bytes = total["rows_selected"] / s.reps * 2 * c.head_dim * 2
+            link_ms = 1e3 / (self.link_gbps * GB)
+            floor = fetched_bytes * link_ms + median_ms(no_link)
+            row = self.step_row("offload", context, times, total, {
+                **info, "rows": multiple * s.budget, "fill_s": fill, "compile_steps_s": first,
+                "expected_h2d_bytes_per_step_no_hits": len(hata_layers) * expected["host_to_device"],
+                "no_link_median_ms": median_ms(no_link), "link_gbps": self.link_gbps,
+                "floor_ms": floor, "floor_all_selected_ms": selected_bytes * link_ms + median_ms(no_link),
+                "over_floor": median_ms(times) / floor})
+            hata_step = hata_step or row
         if s.dense_steps and self.left() > 30 and hata_step:
             _, _, tokens, _ = self.time_steps(caches, tokens, 1, attention="dense")
             times, _, tokens, total = self.time_steps(caches, tokens, s.dense_steps, attention="dense")
@@ -500,24 +515,20 @@ def real_model_hits(out: str, *, context: int, new_tokens: int, rows: tuple[int,
               "prompt_tokens": len(prompt), "budget": budget, "new_tokens": new_tokens,
               "on_device_s": time.perf_counter() - start, "runs": []}
     for multiple in rows:
-        for prefetch in (0, None):
-            start = time.perf_counter()
-            got, caches = generate_offloaded(model, [prompt], max_new_tokens=new_tokens, plan=plan,
-                                             hash_weights=weights, rows=multiple * budget, prefetch=prefetch)
-            offloaded = [c for c in caches if isinstance(c, OffloadedCache)]
-            steps = offloaded[0].stats.steps
-            selected = sum(c.stats.rows_selected for c in offloaded)
-            fetched = sum(c.stats.rows_fetched for c in offloaded)
-            run = {"rows": multiple * budget, "prefetch": round(PREFETCH_SHARE * budget) if prefetch is None else 0,
-                   "tokens_equal_on_device": got.tokens == want.tokens, "steps": steps,
-                   "hit_rate": 1 - fetched / selected, "rows_selected_per_step": selected / steps,
-                   "rows_fetched_per_step": fetched / steps,
-                   "rows_sent_ahead_per_step": sum(c.stats.rows_sent_ahead for c in offloaded) / steps,
-                   "hit_rate_per_layer": [c.stats.hit_rate for c in offloaded], "seconds": time.perf_counter() - start,
-                   "text": tokenizer.decode(got.tokens[0])}
-            result["runs"].append(run)
-            print(json.dumps({k: v for k, v in run.items() if k not in ("hit_rate_per_layer", "text")}), flush=True)
-            write_json(out, result)
+        start = time.perf_counter()
+        got, caches = generate_offloaded(model, [prompt], max_new_tokens=new_tokens, plan=plan, hash_weights=weights,
+                                         rows=multiple * budget)
+        offloaded = [c for c in caches if isinstance(c, OffloadedCache)]
+        per_layer = [c.stats.hit_rate for c in offloaded]
+        selected = sum(c.stats.rows_selected for c in offloaded)
+        fetched = sum(c.stats.rows_fetched for c in offloaded)
+        run = {"rows": multiple * budget, "tokens_equal_on_device": got.tokens == want.tokens,
+               "steps": offloaded[0].stats.steps, "hit_rate": 1 - fetched / selected,
+               "hit_rate_per_layer": per_layer, "seconds": time.perf_counter() - start,
+               "text": tokenizer.decode(got.tokens[0])}
+        result["runs"].append(run)
+        print(json.dumps({k: v for k, v in run.items() if k != "hit_rate_per_layer"}), flush=True)
+        write_json(out, result)
     return result
 
 
@@ -533,8 +544,6 @@ def parse_args(argv):
     parser.add_argument("--batch", type=int)
     parser.add_argument("--reps", type=int)
     parser.add_argument("--rows", type=int, nargs="+", help="row-cache sizes in budgets (default 1 2)")
-    parser.add_argument("--prefetch", type=float, nargs="+",
-                        help=f"rows sent ahead of a layer's step, as shares of the budget (default 0 {PREFETCH_SHARE})")
     parser.add_argument("--dense-steps", type=int, dest="dense_steps")
     parser.add_argument("--prefill-tokens", type=int, dest="prefill_tokens")
     parser.add_argument("--prefill-chunk", type=int, dest="prefill_chunk")
@@ -546,7 +555,7 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     fields = {f.name for f in dataclasses.fields(Settings)}
     given = {k: v for k, v in vars(args).items() if v is not None and k in fields}
-    for name in ("rows", "prefetch", "skip"):
+    for name in ("rows", "skip"):
         if name in given:
             given[name] = tuple(given[name])
     return args, Settings(**{**(SMALL if args.small else {}), **given})

@@ -70,9 +70,6 @@ def add_generate_command(subparsers) -> None:
     gen.add_argument("--rows", type=int, default=None, metavar="N",
                      help="with --offload: GPU row-cache slots per sequence and KV head of each HATA layer, >= the "
                           "budget (default: the budget, i.e. the previous step's selection)")
-    gen.add_argument("--prefetch", type=int, default=None, metavar="N",
-                     help="with --offload: rows per sequence and KV head sent ahead of each HATA layer's step, "
-                          "guessed from the previous layer's input (0: none; default: half the budget)")
     gen.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
                      help="with --offload: prefill N prompt tokens at a time straight into host memory (the device "
                           "never holds a whole layer's prompt K/V; default: the whole prompt layer by layer)")
@@ -153,13 +150,11 @@ def check_generate_args(args: argparse.Namespace) -> None:
                             ("--tokens-per-dispatch 1", args.tokens_per_dispatch != 1)):
             if bad:
                 raise ValueError(f"--offload needs {option}")
-    elif args.rows is not None or args.prefill_chunk is not None or args.prefetch is not None:
-        raise ValueError("--rows, --prefetch and --prefill-chunk go with --offload")
+    elif args.rows is not None or args.prefill_chunk is not None:
+        raise ValueError("--rows and --prefill-chunk go with --offload")
     for option in ("rows", "prefill_chunk"):
         if getattr(args, option) is not None and getattr(args, option) < 1:
             raise ValueError(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")
-    if args.prefetch is not None and not 0 <= args.prefetch <= args.budget:
-        raise ValueError(f"--prefetch must lie in [0, --budget {args.budget}], got {args.prefetch}")
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -237,13 +232,11 @@ def run_offloaded(args, model, plan, prompts, hash_weights, tokenizer, stream, l
             warnings.filterwarnings("ignore", message=".*UNTRAINED hash projections.*")
         result, caches = generate_offloaded(model, prompts, plan=plan, max_new_tokens=args.max_new_tokens,
                                             hash_weights=hash_weights, stop_ids=tokenizer.stop_ids, rows=args.rows,
-                                            prefetch=args.prefetch, prefill_chunk=args.prefill_chunk,
-                                            on_tokens=stream)
+                                            prefill_chunk=args.prefill_chunk, on_tokens=stream)
     print(flush=True)
     offloaded = [c for c in caches if isinstance(c, OffloadedCache)]
     selected = sum(c.stats.rows_selected for c in offloaded)
     fetched = sum(c.stats.rows_fetched for c in offloaded)
-    ahead = sum(c.stats.rows_sent_ahead for c in offloaded)
     steps = max(offloaded[0].stats.steps, 1)
     moved = sum(c.stats.host_to_device_bytes for c in offloaded) / steps
     held = sum(c.kv.nbytes for c in offloaded)
@@ -252,6 +245,5 @@ def run_offloaded(args, model, plan, prompts, hash_weights, tokenizer, stream, l
         + f"; decode {result.tokens_per_second:.1f} tokens/s over {result.decode_steps} steps")
     log(f"offloaded: {len(offloaded)} layers, {held / 2**20:.1f} MiB of K/V in host memory; per step "
         f"{moved / 2**20:.2f} MiB host -> device; row cache ({offloaded[0].rows.rows} slots) hit "
-        f"{(1 - fetched / selected) if selected else 0.0:.1%} of the selected rows (with "
-        f"{ahead / steps:.0f} rows per step sent ahead)")
+        f"{(1 - fetched / selected) if selected else 0.0:.1%} of the selected rows")
     return 0

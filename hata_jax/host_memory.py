@@ -17,7 +17,7 @@ backend, the buffers are plain numpy arrays and each transfer copies one (`stagi
 which).
 
 The rule is also enforced: :meth:`PinnedStaging.buffer` waits for the last copy made from a buffer
-before handing it out for writing (free when the copy is done, as the callers' order ensures).
+before handing it out (free when the copy is done, as the callers' order ensures).
 
 Tunables: :data:`GATHER_THREADS` workers (numpy's take and copies release the GIL; a gather is
 split into one task per worker); a gather of at most `capacity` rows lands in one buffer of
@@ -25,9 +25,9 @@ split into one task per worker); a gather of at most `capacity` rows lands in on
 it: one copy per gather, few shapes (each a compiled variant of the step that reads it), at most
 twice the bytes that must cross (or those of the smallest size).
 
-:func:`host_zeros` allocates the large host arrays the rows are gathered from on transparent huge
-pages where the kernel allows (`madvise`): a gather of random rows from tens of GiB then misses the
-TLB far less often, and touching the pages first costs about half the time.
+:func:`host_zeros` allocates the large host arrays rows are gathered from on transparent huge pages
+where the kernel allows (`madvise`): a gather of random rows from tens of GiB then walks far fewer
+page tables, and touching the pages first costs less.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ import ctypes
 import functools
 import mmap
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -50,12 +50,6 @@ LANDING_SIZES = 4
 def pool() -> ThreadPoolExecutor:
     """The workers shared by every transfer (numpy's take and copies release the GIL)."""
     return ThreadPoolExecutor(max_workers=GATHER_THREADS, thread_name_prefix="hata-host")
-
-
-@functools.lru_cache(maxsize=1)
-def _background() -> ThreadPoolExecutor:
-    """One thread for the gathers started in the background (each fans out to :func:`pool`)."""
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="hata-host-ahead")
 
 
 def set_gather_threads(threads: int) -> None:
@@ -116,17 +110,17 @@ def pinned_memory_works(device: jax.Device) -> bool:
         return False
 
 
-def landing_sizes(capacity: int, sizes: int = LANDING_SIZES) -> list[int]:
-    """The landing-buffer rows of gathers of up to `capacity` rows: `ceil(capacity / 2**k)`, k < `sizes`."""
-    return sorted({-(-capacity // 2**k) for k in range(sizes)})
+def landing_sizes(capacity: int) -> list[int]:
+    """The landing-buffer rows of gathers of up to `capacity` rows: `ceil(capacity / 2**k)`, k < LANDING_SIZES."""
+    return sorted({-(-capacity // 2**k) for k in range(LANDING_SIZES)})
 
 
-def landing_rows(rows: int, capacity: int, sizes: int = LANDING_SIZES) -> int:
+def landing_rows(rows: int, capacity: int) -> int:
     """The rows of the buffer a gather of `rows` (<= capacity) rows lands in: the smallest landing
-    size (of `sizes`) that holds them."""
+    size that holds them."""
     if not 0 <= rows <= capacity:
         raise ValueError(f"rows must lie in [0, {capacity}], got {rows}")
-    return min(size for size in landing_sizes(capacity, sizes) if size >= rows)
+    return min(size for size in landing_sizes(capacity) if size >= rows)
 
 
 class PinnedStaging:
@@ -191,7 +185,7 @@ def _take(source, idx, out):
 
 
 def gather_to_device(source: np.ndarray, idx: np.ndarray, staging: PinnedStaging, capacity: int, *,
-                     slot: int = 0, sizes: int = LANDING_SIZES, device=None) -> jax.Array:
+                     device=None) -> jax.Array:
     """Copy `source[idx]` to the device through one landing buffer.
 
     Args:
@@ -200,19 +194,17 @@ def gather_to_device(source: np.ndarray, idx: np.ndarray, staging: PinnedStaging
         are clipped).
       staging: where the rows are gathered before their copy.
       capacity: the most rows a gather of this kind moves (sets the landing sizes).
-      slot: the staging slot (gathers that may be in flight together take different slots).
-      sizes: how many landing sizes (1: always `capacity` rows).
       device: the target (None: the staging's device).
 
     Returns:
-      [landing_rows(M, capacity, sizes), *row_shape] on the device, its first M rows `source[idx]`
-      (the rest stale, to be ignored); the copy has been started, not waited for.
+      [landing_rows(M, capacity), *row_shape] on the device, its first M rows `source[idx]` (the
+      rest stale, to be ignored); the copy has been started, not waited for.
     """
-    rows = landing_rows(len(idx), capacity, sizes)
-    _, view = staging.buffer(rows, slot)
+    rows = landing_rows(len(idx), capacity)
+    _, view = staging.buffer(rows)
     parts = np.array_split(np.arange(len(idx)), min(GATHER_THREADS, max(len(idx), 1)))
     _run((_take, source, idx[part[0]:part[-1] + 1], view[part[0]:part[-1] + 1]) for part in parts if len(part))
-    return staging.to_device(rows, slot, device)
+    return staging.to_device(rows, 0, device)
 
 
 def _copy(dst, src):
@@ -232,9 +224,3 @@ def copy_block_to_device(source: np.ndarray, start: int, tokens: int, staging: P
         view[:, held:] = 0
     _run(tasks)
     return staging.to_device(pairs * tokens, slot, device).reshape(pairs, tokens, *view.shape[2:])
-
-
-def start_gather_to_device(*args, **kwargs) -> Future:
-    """:func:`gather_to_device` (same arguments) in a background thread: a Future of its device
-    array. Gathers that may be in flight together must take different staging slots."""
-    return _background().submit(gather_to_device, *args, **kwargs)

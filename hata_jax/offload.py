@@ -39,7 +39,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from concurrent.futures import Future
 
 import jax
 import jax.numpy as jnp
@@ -140,7 +139,7 @@ class Fetch:
     fill_slots: jax.Array
 
 
-def plan_fetch(idx, count, rows: RowCache, lengths, capacity: int, limit: int | None = None) -> tuple[Fetch, RowCache]:
+def plan_fetch(idx, count, rows: RowCache, lengths, capacity: int) -> tuple[Fetch, RowCache]:
     """Match a selection against the row cache (jittable).
 
     Args:
@@ -149,9 +148,6 @@ def plan_fetch(idx, count, rows: RowCache, lengths, capacity: int, limit: int | 
       rows: the layer's :class:`RowCache` (R >= K).
       lengths: int32[B] the sequences' lengths this step (the recency stamp of the slots used).
       capacity: the host cache's S_max.
-      limit: the most rows listed per (sequence, KV head), the first by position (None: K). A row
-        over the limit is neither listed nor given a slot (its entry in `slots` is meaningless):
-        for a guess sent ahead (:func:`prefetch_rows`), not for a step's own selection.
 
     Returns:
       (the step's :class:`Fetch`, the row cache with `positions` and `used` updated; its k and v are
@@ -175,12 +171,10 @@ def plan_fetch(idx, count, rows: RowCache, lengths, capacity: int, limit: int | 
     # a pair's misses are listed by position (the host's gather then reads its rows in address order)
     by_position = jnp.argsort(jnp.where(miss, idx, jnp.iinfo(jnp.int32).max), axis=-1)
     rank = jnp.zeros_like(idx).at[bi, hi, by_position].set(jnp.broadcast_to(jnp.arange(k, dtype=idx.dtype), idx.shape))
-    if limit is not None:
-        miss = miss & (rank < limit)
     miss_slot = jnp.take_along_axis(free, jnp.clip(rank, 0, r - 1), axis=-1)
     slots = jnp.where(hit, hit_slot, jnp.where(miss, miss_slot, 0)).astype(jnp.int32)
     positions = rows.positions.at[bi, hi, jnp.where(miss, miss_slot, r)].set(idx, mode="drop")
-    used = rows.used.at[bi, hi, jnp.where(hit | miss, slots, r)].set(
+    used = rows.used.at[bi, hi, jnp.where(valid, slots, r)].set(
         jnp.broadcast_to(lengths[:, None, None], idx.shape).astype(jnp.int32), mode="drop")
     misses = jnp.sum(miss, axis=-1).reshape(pairs)
     offsets = jnp.cumsum(misses) - misses
@@ -218,9 +212,7 @@ class TransferStats:
     Attributes:
       steps: decode steps (HATA steps and dense steps).
       rows_selected: selected (token, KV head) rows the HATA steps attended.
-      rows_fetched: of those, the rows that crossed after the selection (not held by the row cache,
-        nor sent ahead).
-      rows_sent_ahead: rows sent ahead of the steps (:meth:`OffloadedCache.send_ahead`).
+      rows_fetched: of those, the rows that crossed (not held by the row cache).
       host_to_device_bytes: bytes copied to the device (whole landing buffers and streamed blocks).
       device_to_host_bytes: bytes read back (fetch lists and new tokens).
       wait_seconds: host time spent waiting for the device's selection (and reading it back).
@@ -230,7 +222,6 @@ class TransferStats:
     steps: int = 0
     rows_selected: int = 0
     rows_fetched: int = 0
-    rows_sent_ahead: int = 0
     host_to_device_bytes: int = 0
     device_to_host_bytes: int = 0
     wait_seconds: float = 0.0
@@ -238,7 +229,7 @@ class TransferStats:
 
     @property
     def hit_rate(self) -> float:
-        """The fraction of selected rows the device held when selected (row cache or sent ahead)."""
+        """The fraction of selected rows the row cache already held."""
         return 1.0 - self.rows_fetched / self.rows_selected if self.rows_selected else 0.0
 
 
@@ -453,22 +444,6 @@ class OffloadedCache:
         self.stats.gather_seconds += time.perf_counter() - waited
         return landing
 
-    def send_ahead(self, fetch: Fetch, limit: int, slot: int) -> Future:
-        """Start sending the rows of :func:`prefetch_rows`'s `fetch` (`limit` rows per sequence and KV
-        head at most) to the device in the background; returns a Future of the landing buffer
-        [B * Hkv * limit, 2, D] that :func:`fill_and_attend` takes as `ahead`. `slot`: the staging
-        slot, distinct from those of other gathers that may be in flight (the step's own is 0).
-        Reads the fetch list back (waits for the program that planned it)."""
-        host_rows, fetched = jax.device_get((fetch.host_rows, fetch.fetch_count))
-        fetched = int(fetched)
-        pairs = self.batch * self.kv_heads
-        self.stats.rows_sent_ahead += fetched
-        self.stats.device_to_host_bytes += host_rows.nbytes
-        self.stats.host_to_device_bytes += pairs * limit * 2 * self.head_dim * self.dtype.itemsize
-        source = self.kv.reshape(-1, *self.kv.shape[3:])
-        return host_memory.start_gather_to_device(source, host_rows[:fetched], self.staging, pairs * limit, slot=slot,
-                                                  sizes=1, device=self.device)
-
     def fold_blocks(self, end: int, step, carry, block_tokens: int = STREAM_TOKENS):
         """Stream the token blocks starting at 0, block_tokens, ... below `end` to the device and fold
         them: `carry = step(carry, first, block)` with block [B, Hkv, block_tokens, 2, D] (rows past
@@ -537,42 +512,9 @@ def select_rows(q, k_new, v_new, codes: DeviceCodes, rows: RowCache, w, config: 
     return fetch, jnp.stack([k_new, v_new], axis=2).astype(dtype), codes, rows
 
 
-def prefetch_rows(q, k_new, codes: DeviceCodes, rows: RowCache, w, config: HataConfig, *, limit: int,
-                  impl: str = "auto") -> tuple[Fetch, RowCache]:
-    """Rows to send ahead of a layer's step (jittable): select with a guess of its query, then plan
-    the fetch of at most `limit` rows per (sequence, KV head) the row cache lacks, and mark their
-    slots as holding them (:func:`fill_rows` writes them once they land, before the step attends).
-
-    The step's own selection (:func:`select_rows`, run later on these rows) then finds the guessed
-    rows it selects already held, and lists only the others: a guess changes what crosses when,
-    never what the step attends to.
-
-    Args:
-      q: float[B, Hq, D] the guessed post-RoPE queries (e.g. the layer's projections applied to the
-        previous layer's input); k_new: float[B, Hkv, D] the guessed new key (only its shape is used).
-      codes: the layer's :class:`DeviceCodes` before the step's append (the guess selects among the
-        tokens the host already holds).
-      rows, w, config: as :func:`select_rows`.
-      limit: the most rows per (sequence, KV head) sent ahead.
-
-    Returns:
-      (the :class:`Fetch` of the rows to send ahead, the row cache with their slots marked).
-    """
-    q_codes, _, _ = encode_step(q, k_new, w, impl=impl)
-    idx, count = hamming_topk(q_codes, codes.codes, codes.norms, codes.lengths, budget=config.budget,
-                              score=config.score, sink=config.sink, recent=config.recent, impl=impl)
-    return plan_fetch(jnp.maximum(idx, 0), count, rows, codes.lengths, codes.capacity, limit=limit)
-
-
-def fill_and_attend(q, rows: RowCache, fetch: Fetch, landing, *, ahead: tuple[Fetch, jax.Array] | None = None,
-                    scale: float | None = None, impl: str = "auto"):
+def fill_and_attend(q, rows: RowCache, fetch: Fetch, landing, *, scale: float | None = None, impl: str = "auto"):
     """Write the landed rows into the row cache, then sparse attention over it in selection order
-    (jittable): q float[B, Hq, D] -> (out [B, Hq, D] in q's dtype, the filled rows).
-
-    `ahead`: (the :class:`Fetch` of :func:`prefetch_rows`, its landed rows), written first (the
-    step's own rows may reuse a slot a guessed row took: they are written after it)."""
-    if ahead is not None:
-        rows = fill_rows(rows, ahead[1], ahead[0].fill_slots)
+    (jittable): q float[B, Hq, D] -> (out [B, Hq, D] in q's dtype, the filled rows)."""
     rows = fill_rows(rows, landing, fetch.fill_slots)
     return sparse_decode_attention(q, rows.k, rows.v, fetch.slots, fetch.count, scale=scale, impl=impl), rows
 

@@ -60,12 +60,11 @@ from hata_jax.models.generation import (
 from hata_jax.models.hash_projections import hash_weights_for
 from hata_jax.models.llama import LlamaForCausalLM
 from hata_jax.models.plan import AttentionPlan
-from hata_jax.offload import OffloadedCache, fill_and_attend, offload_dense_attention, prefetch_rows, select_rows
+from hata_jax.offload import OffloadedCache, fill_and_attend, offload_dense_attention, select_rows
 
 KINDS = ("dense", "hata")
 PREFILL_BLOCK_TOKENS = 4096
 ATTENTIONS = ("hata", "dense")
-PREFETCH_SHARE = 0.5  # rows sent ahead per sequence and KV head, as a share of the budget (default)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,44 +128,28 @@ def _pieces(model_def: nnx.GraphDef, model_treedef, layer_def: nnx.GraphDef, lay
         q, k, v = layer.self_attn.project_qkv(layer.input_layernorm(x), codes.lengths)
         return (q, *select_rows(q, k, v, codes, rows, w, plan.hata, dtype=dtype, impl=plan.impl))
 
-    def guess(x, ahead_leaves, ahead_codes, ahead_rows, ahead_w, plan, limit):
-        """The rows to send ahead of the next HATA layer's step: its projections on this layer's input."""
-        if ahead_leaves is None:
-            return None, None
-        layer = layer_of(ahead_leaves)
-        q, k, _ = layer.self_attn.project_qkv(layer.input_layernorm(x), ahead_codes.lengths)
-        return prefetch_rows(q, k, ahead_codes, ahead_rows, ahead_w, plan.hata, limit=limit, impl=plan.impl)
-
-    def finish_hata(layer_leaves, x, q, rows, fetch, landing, ahead, impl):
+    def finish_hata(layer_leaves, x, q, rows, fetch, landing, impl):
         layer = layer_of(layer_leaves)
-        out, rows = fill_and_attend(q, rows, fetch, landing, ahead=ahead, impl=impl)
+        out, rows = fill_and_attend(q, rows, fetch, landing, impl=impl)
         return layer.add_residual_and_mlp(x, layer.self_attn.o_proj(out.reshape(x.shape[0], -1))), rows
 
-    @functools.partial(jax.jit, static_argnames=("plan", "dtype", "limit"),
-                       donate_argnames=("codes", "rows", "ahead_rows"))
-    def hata_select(layer_leaves, x, codes, rows, w, ahead_leaves, ahead_codes, ahead_rows, ahead_w, *, plan, dtype,
-                    limit):
-        """-> (q, fetch, kv_new, codes, rows, ahead fetch, ahead rows): the layer's queries, its
-        selection and fetch plan; the rows to send ahead of the next HATA layer (the `ahead_*`
-        arguments, None for none: `limit` rows per sequence and KV head at most) and its row cache."""
-        return (*select(layer_leaves, x, codes, rows, w, plan, dtype),
-                *guess(x, ahead_leaves, ahead_codes, ahead_rows, ahead_w, plan, limit))
+    @functools.partial(jax.jit, static_argnames=("plan", "dtype"), donate_argnames=("codes", "rows"))
+    def hata_select(layer_leaves, x, codes, rows, w, *, plan, dtype):
+        """-> (q, fetch, kv_new, codes, rows): the layer's queries, its selection and fetch plan."""
+        return select(layer_leaves, x, codes, rows, w, plan, dtype)
 
     @functools.partial(jax.jit, static_argnames=("impl",), donate_argnames=("rows",))
-    def hata_finish(layer_leaves, x, q, rows, fetch, landing, ahead, *, impl):
-        """-> (the layer's output, its filled rows): attention over the row cache, o_proj, residuals,
-        MLP; `ahead`: the rows sent ahead of this step, (Fetch, landing) or None."""
-        return finish_hata(layer_leaves, x, q, rows, fetch, landing, ahead, impl)
+    def hata_finish(layer_leaves, x, q, rows, fetch, landing, *, impl):
+        """-> (the layer's output, its filled rows): attention over the row cache, o_proj, residuals, MLP."""
+        return finish_hata(layer_leaves, x, q, rows, fetch, landing, impl)
 
-    @functools.partial(jax.jit, static_argnames=("plan", "dtype", "limit"),
-                       donate_argnames=("rows", "next_codes", "next_rows", "ahead_rows"))
-    def hata_finish_select(layer_leaves, x, q, rows, fetch, landing, ahead, next_leaves, next_codes, next_rows,
-                           next_w, ahead_leaves, ahead_codes, ahead_rows, ahead_w, *, plan, dtype, limit):
+    @functools.partial(jax.jit, static_argnames=("plan", "dtype"), donate_argnames=("rows", "next_codes", "next_rows"))
+    def hata_finish_select(layer_leaves, x, q, rows, fetch, landing, next_leaves, next_codes, next_rows, next_w, *,
+                           plan, dtype):
         """hata_finish of a layer, then hata_select of the next HATA layer, in one program (one
-        dispatch per layer) -> (output, filled rows, then hata_select's outputs)."""
-        x, rows = finish_hata(layer_leaves, x, q, rows, fetch, landing, ahead, plan.impl)
-        return (x, rows, *select(next_leaves, x, next_codes, next_rows, next_w, plan, dtype),
-                *guess(x, ahead_leaves, ahead_codes, ahead_rows, ahead_w, plan, limit))
+        dispatch per layer) -> (output, filled rows, the next layer's q, fetch, kv_new, codes, rows)."""
+        x, rows = finish_hata(layer_leaves, x, q, rows, fetch, landing, plan.impl)
+        return (x, rows, *select(next_leaves, x, next_codes, next_rows, next_w, plan, dtype))
 
     @jax.jit
     def project(layer_leaves, x, positions):
@@ -211,14 +194,10 @@ class OffloadDecoder:
     update the list in place.
     """
 
-    def __init__(self, model: LlamaForCausalLM, plan: AttentionPlan, hash_weights=None, *, rows: int | None = None,
-                 prefetch: int | None = None):
+    def __init__(self, model: LlamaForCausalLM, plan: AttentionPlan, hash_weights=None, *, rows: int | None = None):
         """`hash_weights`: per-layer projections as :func:`hata_jax.models.hash_projections.hash_weights_for`
         takes them (None: random, with a warning); `rows`: row-cache slots per sequence and KV head
-        of each offloaded layer (>= the budget; None: the budget, i.e. the previous step's selection);
-        `prefetch`: rows per sequence and KV head sent ahead of each HATA layer's step but the
-        first, guessed from the previous layer's input (see :meth:`step`; 0: none; None:
-        :data:`PREFETCH_SHARE` of the budget)."""
+        of each offloaded layer (>= the budget; None: the budget, i.e. the previous step's selection)."""
         config = model.config
         if len(plan.layers) != config.num_layers:
             raise ValueError(f"the attention plan has {len(plan.layers)} layers, the model {config.num_layers}")
@@ -228,10 +207,6 @@ class OffloadDecoder:
         self.rows = plan.hata.budget if rows is None else rows
         if isinstance(self.rows, bool) or not isinstance(self.rows, int) or self.rows < plan.hata.budget:
             raise ValueError(f"rows must be an int >= the budget {plan.hata.budget}, got {rows!r}")
-        self.prefetch = round(PREFETCH_SHARE * plan.hata.budget) if prefetch is None else prefetch
-        if (isinstance(self.prefetch, bool) or not isinstance(self.prefetch, int)
-                or not 0 <= self.prefetch <= plan.hata.budget):
-            raise ValueError(f"prefetch must be an int in [0, {plan.hata.budget}] (the budget), got {prefetch!r}")
         self.config, self.plan, self.dtype = config, plan, model.dtype
         self.hash_weights = hash_weights_for(config, plan, hash_weights)
         model_def, state = nnx.split(model)
@@ -347,38 +322,19 @@ class OffloadDecoder:
 
         `attention`: what the offloaded layers run: "hata", or "dense" (every row streams from the
         host: the baseline).
-
-        A HATA step, per offloaded layer i (j the previous one, n the next): one program finishes j
-        and selects i; the host reads i's fetch list, gathers the rows the device lacks and starts
-        their copy. With `prefetch`, that program also guesses n's selection from i's input (n's
-        projections: the residual stream changes little from one layer to the next) and marks the
-        guessed rows in n's row cache; a background thread gathers them and starts their copy while
-        the device works on i; n's own selection then finds those it picks already held. The guess
-        moves rows off the path the step waits on; the rows attended are the selection's.
         """
         if attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
-        offloaded = [cache for cache in caches if isinstance(cache, OffloadedCache)]
-        for cache in offloaded:
-            cache.check_room()
-        try:
-            return self._step(tokens, caches, attention)
-        except BaseException:
-            for cache in offloaded:  # a step cut short may leave slots marked for rows never written
-                cache.resize_rows(cache.rows.rows)
-            raise
-
-    def _step(self, tokens, caches: list, attention: str) -> jax.Array:
         p, plan = self._pieces, self.plan
-        hata = [i for i, kind in enumerate(plan.layers) if kind == "hata"]
-        following = dict(zip(hata, hata[1:])) if self.prefetch and attention == "hata" else {}
-        sent = {}  # layer -> (its prefetch Fetch, Future of the rows' landing buffer)
+        for cache in caches:
+            if isinstance(cache, OffloadedCache):
+                cache.check_room()
         x = p.embed(self.model_leaves, tokens)
-        pending = None  # a HATA layer selected and gathered, not yet finished: (layer, q, fetch, landing, ahead)
+        pending = None  # a HATA layer selected and gathered, not yet finished: (layer, q, fetch, landing)
 
         def finish(x):
-            i, q, fetch, landing, ahead = pending
-            x, caches[i].rows = p.hata_finish(self.layer_leaves[i], x, q, caches[i].rows, fetch, landing, ahead,
+            i, q, fetch, landing = pending
+            x, caches[i].rows = p.hata_finish(self.layer_leaves[i], x, q, caches[i].rows, fetch, landing,
                                               impl=plan.impl)
             return x
 
@@ -393,25 +349,15 @@ class OffloadDecoder:
                     q, k, v = p.project(leaves, x, jnp.asarray(cache.lengths))
                     x = p.finish(leaves, x, offload_dense_attention(q, k, v, cache, w, impl=plan.impl))
                 continue
-            n = following.get(i)
-            ahead_args = ((None,) * 4 if n is None else
-                          (self.layer_leaves[n], caches[n].codes, caches[n].rows, self.hash_weights[n]))
             if pending is None:
-                q, fetch, kv_new, cache.codes, cache.rows, ahead_fetch, ahead_rows = p.hata_select(
-                    leaves, x, cache.codes, cache.rows, w, *ahead_args, plan=plan, dtype=cache.dtype,
-                    limit=self.prefetch)
+                q, fetch, kv_new, cache.codes, cache.rows = p.hata_select(leaves, x, cache.codes, cache.rows, w,
+                                                                          plan=plan, dtype=cache.dtype)
             else:  # finish the previous HATA layer and select this one in one dispatch
-                j, q, fetch, landing, ahead = pending
-                x, caches[j].rows, q, fetch, kv_new, cache.codes, cache.rows, ahead_fetch, ahead_rows = (
-                    p.hata_finish_select(self.layer_leaves[j], x, q, caches[j].rows, fetch, landing, ahead, leaves,
-                                         cache.codes, cache.rows, w, *ahead_args, plan=plan, dtype=cache.dtype,
-                                         limit=self.prefetch))
-            landing = cache.append_and_gather(fetch, kv_new)
-            if n is not None:
-                caches[n].rows = ahead_rows
-                sent[n] = (ahead_fetch, caches[n].send_ahead(ahead_fetch, self.prefetch, slot=1 + hata.index(n) % 2))
-            mine = sent.pop(i, None)
-            pending = (i, q, fetch, landing, None if mine is None else (mine[0], mine[1].result()))
+                j, q, fetch, landing = pending
+                x, caches[j].rows, q, fetch, kv_new, cache.codes, cache.rows = p.hata_finish_select(
+                    self.layer_leaves[j], x, q, caches[j].rows, fetch, landing, leaves, cache.codes, cache.rows, w,
+                    plan=plan, dtype=cache.dtype)
+            pending = (i, q, fetch, cache.append_and_gather(fetch, kv_new))
         if pending:
             x = finish(x)
         return p.head(self.model_leaves, x)
@@ -428,7 +374,6 @@ def generate_offloaded(
     capacity: int | None = None,
     cache_dtype=None,
     rows: int | None = None,
-    prefetch: int | None = None,
     prefill_chunk: int | None = None,
     attention: str = "hata",
     on_tokens=None,
@@ -443,7 +388,6 @@ def generate_offloaded(
         to a multiple of CAPACITY_BUCKET.
       cache_dtype: KV cache dtype, default the model's.
       rows: row-cache slots per sequence and KV head (see :class:`OffloadDecoder`).
-      prefetch: rows per sequence and KV head sent ahead of a layer's step (see :class:`OffloadDecoder`).
       prefill_chunk: prompt tokens per prefill chunk (see :meth:`OffloadDecoder.prefill`).
       attention: "hata", or "dense" (the offloaded layers stream every row: the baseline).
       on_tokens: called with each step's new tokens (a list, None for a finished row).
@@ -458,8 +402,7 @@ def generate_offloaded(
     check_room(lengths, max_new_tokens, capacity)
     if plan.hata.budget > capacity:
         plan = plan.with_budget(capacity)
-    decoder = OffloadDecoder(model, plan, hash_weights, rows=None if rows is None else min(rows, capacity),
-                             prefetch=None if prefetch is None else min(prefetch, plan.hata.budget))
+    decoder = OffloadDecoder(model, plan, hash_weights, rows=None if rows is None else min(rows, capacity))
     width = max(lengths) if prefill_chunk else round_up(max(lengths), PROMPT_BUCKET)
     tokens = np.zeros((len(prompts), min(width, capacity)), np.int32)
     for row, prompt in enumerate(prompts):

@@ -354,7 +354,7 @@ def test_an_evaluation_identifies_its_projections_by_content(eval_model, tmp_pat
     (["generate", "--prompt", "hi", "--offload"], "--offload needs --attention hata"),
     (["generate", "--prompt", "hi", "--attention", "hata", "--offload", "--temperature", "0.5"],
      r"--offload needs --temperature 0 \(greedy\)"),
-    (["generate", "--prompt", "hi", "--rows", "4"], "--rows, --prefetch and --prefill-chunk go with --offload"),
+    (["generate", "--prompt", "hi", "--rows", "4"], "--rows and --prefill-chunk go with --offload"),
     (["generate", "--prompt", "hi", "--attention", "hata", "--offload", "--prefill-chunk", "0"],
      "--prefill-chunk must be >= 1, got 0"),
     (["eval", "--out", ""], "--out must name a directory, got an empty string"),

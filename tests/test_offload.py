@@ -156,76 +156,6 @@ def test_plan_fetch_is_an_lru_row_cache(rng, rows, budget):
             assert set(positions[b, h][positions[b, h] >= 0].tolist()) == held
 
 
-@pytest.mark.parametrize("limit", [0, 1, 3])
-def test_plan_fetch_limit_lists_each_pairs_first_misses(rng, limit):
-    """With `limit`, each pair lists its first `limit` misses by position (those the unlimited plan
-    lists first), into the slots the unlimited plan gives them; the other misses are neither
-    listed nor marked held; hits keep their slots."""
-    batch, kv_heads, rows, budget, capacity = 2, 3, 9, 6, 40
-    pairs = batch * kv_heads
-    rc = RowCache.empty(batch, kv_heads, rows, 1, jnp.float32)
-    plan = jax.jit(plan_fetch, static_argnames=("capacity", "limit"))
-    for step in range(3):  # some history: held rows of different ages
-        sel = np.stack([rng.permutation(16)[:budget] for _ in range(pairs)]).reshape(batch, kv_heads, budget)
-        _, rc = plan(jnp.asarray(sel, jnp.int32), jnp.full((batch, kv_heads), budget, jnp.int32), rc,
-                     jnp.full((batch,), 50 + step), capacity=capacity)
-    sel = jnp.asarray(np.stack([rng.permutation(24)[:budget] for _ in range(pairs)]).reshape(batch, kv_heads, budget),
-                      jnp.int32)
-    count = jnp.asarray(rng.integers(2, budget + 1, (batch, kv_heads)), jnp.int32)
-    lengths = jnp.full((batch,), 60, jnp.int32)
-    full, full_rc = plan(sel, count, rc, lengths, capacity=capacity)
-    part, part_rc = plan(sel, count, rc, lengths, capacity=capacity, limit=limit)
-    full_listed = np.asarray(full.host_rows)[:int(full.fetch_count)]
-    full_fill = np.asarray(full.fill_slots)[:int(full.fetch_count)]
-    want = [i for p in range(pairs) for i in np.flatnonzero(full_listed // capacity == p)[:limit]]
-    assert int(part.fetch_count) == len(want)
-    np.testing.assert_array_equal(np.asarray(part.host_rows)[:len(want)], full_listed[want])
-    np.testing.assert_array_equal(np.asarray(part.fill_slots)[:len(want)], full_fill[want])
-    held, before = np.asarray(part_rc.positions), np.asarray(rc.positions)
-    for b, h in np.ndindex(batch, kv_heads):
-        p = b * kv_heads + h
-        chosen = sel[b, h, :count[b, h]].tolist()
-        hits = [x for x in chosen if x in before[b, h]]
-        listed = (full_listed[want][full_listed[want] // capacity == p] % capacity).tolist()
-        unlisted = set(chosen) - set(hits) - set(listed)
-        assert set(hits + listed) <= set(held[b, h].tolist())
-        assert not unlisted & set(held[b, h].tolist())
-        for x in hits:
-            assert held[b, h].tolist().index(x) == before[b, h].tolist().index(x)
-
-
-@pytest.mark.parametrize("group, limit, guess", [(1, 8, "true"), (3, 4, "random"), (2, 8, "near")])
-def test_rows_sent_ahead_change_what_crosses_not_the_output(randn, group, limit, guess):
-    """A guessed selection's rows sent ahead (prefetch_rows, send_ahead, fill_and_attend's `ahead`)
-    then the step's own selection: the output equals hata_decode_attention's bit for bit and the
-    row cache holds host rows; a guess equal to the query leaves at most the new token to cross
-    after the selection."""
-    batch, kv_heads, capacity, prompt, head_dim = 2, 2, 64, 40, 32
-    config = hj.HataConfig(rbit=32, budget=8)
-    on_device, offloaded, w = twin_caches(randn, batch, kv_heads, capacity, head_dim, 32, jnp.float32, [40, 23],
-                                          prompt, rows=12)
-    for _ in range(3):
-        q = randn(batch, kv_heads * group, head_dim)
-        k_new, v_new = randn(batch, kv_heads, head_dim), randn(batch, kv_heads, head_dim)
-        guessed = {"true": q, "random": randn(*q.shape), "near": q + 0.3 * randn(*q.shape)}[guess]
-        ahead, offloaded.rows = offload.prefetch_rows(guessed, k_new, offloaded.codes, offloaded.rows, w, config,
-                                                      limit=limit, impl=REF)
-        landed = offloaded.send_ahead(ahead, limit, slot=1).result()
-        assert landed.shape == (batch * kv_heads * limit, 2, head_dim)
-        fetch, kv_new, offloaded.codes, offloaded.rows = offload.select_rows(
-            q, k_new, v_new, offloaded.codes, offloaded.rows, w, config, dtype=jnp.float32, impl=REF)
-        landing = offloaded.append_and_gather(fetch, kv_new)
-        got, offloaded.rows = offload.fill_and_attend(q, offloaded.rows, fetch, landing, ahead=(ahead, landed),
-                                                      impl=REF)
-        want, on_device = hj.hata_decode_attention(q, k_new, v_new, on_device, w, config, impl=REF)
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-        assert_same_contents(on_device, offloaded)
-        assert_rows_match_host(offloaded)
-        if guess == "true":
-            assert int(fetch.fetch_count) <= batch * kv_heads  # the new token, which no guess can send
-    assert offloaded.stats.rows_sent_ahead > 0
-
-
 @pytest.mark.parametrize("n", [0, 1, 255, 256, 700, 2100, 2400])
 def test_gather_to_device_moves_the_listed_rows(rng, n):
     """One landing buffer of the smallest landing size that holds the rows, filled in order; the
@@ -251,6 +181,15 @@ def test_pinned_buffers_take_writes_through_their_views(rng):
     values = rng.standard_normal((5, 3)).astype(np.float32)
     host_memory._view(array)[...] = values
     np.testing.assert_array_equal(np.asarray(array), values)
+
+
+@pytest.mark.parametrize("shape, dtype", [((3, 5, 2, 4), jnp.bfloat16), ((0, 4), np.float32), ((1 << 20,), np.int8)])
+def test_host_zeros_are_writable_zeros(rng, shape, dtype):
+    array = host_memory.host_zeros(shape, dtype)
+    assert array.shape == shape and array.dtype == np.dtype(dtype) and not array.any()
+    values = rng.standard_normal(shape).astype(dtype)
+    array[...] = values
+    np.testing.assert_array_equal(array, values)
 
 
 def test_landing_sizes():
@@ -383,14 +322,12 @@ def test_bytes_moved_per_step(randn, dtype, budget):
     assert cache.stats.device_to_host_bytes == steps * want["device_to_host"]
 
 
-@pytest.mark.parametrize("name, rows, prefetch", [("llama-gqa", None, 0), ("qwen2-tied", 9, None),
-                                                  ("llama-gqa", 20, 6)])
-def test_generation_equals_on_device_hata(rng, name, rows, prefetch):
+@pytest.mark.parametrize("name, rows", [("llama-gqa", None), ("qwen2-tied", 9), ("llama-gqa", 20)])
+def test_generation_equals_on_device_hata(rng, name, rows):
     """Offloaded HATA layers generate the tokens of on-device HATA (every step HATA: no
-    short-context policy; the same ops, bit for bit), with budgets below the prompt lengths, row
-    caches of several sizes and rows sent ahead or not, and count their rows and bytes. (A chunked
-    prefill sums in another order, so a code bit may flip and the selection part:
-    test_chunked_prefill_equals_whole_prefill.)"""
+    short-context policy; the same ops, bit for bit), with budgets below the prompt lengths and row
+    caches of several sizes, and count their rows and bytes. (A chunked prefill sums in another
+    order, so a code bit may flip and the selection part: test_chunked_prefill_equals_whole_prefill.)"""
     model, _ = random_model(HF_CONFIGS[name], rng)
     config = model.config
     hata = hj.HataConfig(rbit=32, budget=6)
@@ -398,8 +335,7 @@ def test_generation_equals_on_device_hata(rng, name, rows, prefetch):
     weights = rng.standard_normal((config.num_layers, config.num_kv_heads, config.head_dim, 32)).astype(np.float32)
     prompts = ragged_prompts(rng, HF_CONFIGS[name]["vocab_size"], [19, 9, 14])
     want = generate(model, prompts, max_new_tokens=7, plan=plan, hash_weights=weights, dense_below=0)
-    got, caches = generate_offloaded(model, prompts, max_new_tokens=7, plan=plan, hash_weights=weights, rows=rows,
-                                     prefetch=prefetch)
+    got, caches = generate_offloaded(model, prompts, max_new_tokens=7, plan=plan, hash_weights=weights, rows=rows)
     assert got.tokens == want.tokens
     assert got.prompt_lengths == [19, 9, 14] and got.decode_steps == 5
     kinds = [type(c).__name__ for c in caches]
@@ -411,8 +347,6 @@ def test_generation_equals_on_device_hata(rng, name, rows, prefetch):
         assert cache.stats.steps == 6
         assert cache.stats.rows_selected == 6 * 3 * config.num_kv_heads * hata.budget
         assert 0 < cache.stats.rows_fetched < cache.stats.rows_selected
-        sends_ahead = prefetch != 0 and cache is not caches[1]  # the first offloaded layer has no layer before
-        assert (cache.stats.rows_sent_ahead > 0) == sends_ahead
         assert cache.stats.host_to_device_bytes >= cache.stats.rows_fetched * row_bytes
         np.testing.assert_array_equal(cache.lengths, np.array([19, 9, 14]) + 6)
         assert_rows_match_host(cache)
@@ -545,13 +479,12 @@ def test_bench_small_runs(tmp_path, monkeypatch):
     assert bench.main(["--small", "--out", str(out), "--excess-precision", "--rows", "2", "--skip", "prefill"]) == 0
     data = json.loads(out.read_text())
     kinds = [r["kind"] for r in data["rows"]]
-    assert data["complete"] and kinds.count("offload_step") == 4, kinds  # HATA without and with prefetch, dense, fits
+    assert data["complete"] and kinds.count("offload_step") == 3, kinds  # HATA, dense, fits
     assert "device_step" in kinds and kinds.count("skip") == 1, kinds
     for row in data["rows"]:
         if row["kind"] == "offload_step" and row["part"] == "offload":
             assert row["rows_fetched_per_step"] <= row["rows_selected_per_step"]
             assert row["h2d_bytes_per_step"] >= row["rows_fetched_per_step"] * 2 * 64 * 2
             assert row["floor_ms"] <= row["floor_all_selected_ms"]
-            assert (row["rows_sent_ahead_per_step"] > 0) == (row["prefetch"] > 0)
         if row["kind"] == "offload_step" and row["part"] == "dense":
             assert row["h2d_bytes_per_step"] >= data["settings"]["big_context"] * 2 * 2 * 2 * 64 * 2
