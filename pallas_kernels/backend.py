@@ -65,7 +65,10 @@ def triton_call(
     name: str,
     scratch_shapes: Any = (),
 ) -> Callable[..., Any]:
-    """`pl.pallas_call` pinned to the Triton backend (see the module docstring)."""
+    """`pl.pallas_call` pinned to the Triton backend (see the module docstring).
+
+    A `pallas_call` run eagerly traces and compiles its kernel at every call, so each public
+    wrapper that calls this is jitted (an eager call then compiles once per shape)."""
     return pl.pallas_call(
         kernel,
         out_shape=out_shape,

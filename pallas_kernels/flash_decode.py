@@ -566,6 +566,7 @@ def _decode(kernel, q, row_inputs, cache_operands, *, kv_heads, group, tuning, s
     return (out, results[1].reshape(q.shape[:2])) if return_lse else out
 
 
+@functools.partial(jax.jit, static_argnames=("scale", "return_lse", "seq_axis", "ring", "interpret", "tuning"))
 def dense_decode_attention(q, k, v, lengths, *, scale: float, return_lse: bool, starts=None, seq_axis: int = 2,
                            page_table=None, k_scale=None, v_scale=None, ring: bool = False, interpret: bool = False,
                            tuning: Tuning | None = None):
@@ -591,6 +592,7 @@ def dense_decode_attention(q, k, v, lengths, *, scale: float, return_lse: bool, 
                    tuning=tuning, scale=scale, return_lse=return_lse, interpret=interpret, name="hata_dense_decode")
 
 
+@functools.partial(jax.jit, static_argnames=("scale", "return_lse", "seq_axis", "interpret", "tuning"))
 def sparse_decode_attention(q, k, v, idx, count, *, scale: float, return_lse: bool, seq_axis: int = 2,
                             page_table=None, k_scale=None, v_scale=None, interpret: bool = False,
                             tuning: Tuning | None = None):

@@ -211,6 +211,7 @@ def _scoring_kernel(len_ref, *refs, source, tiling, seq, interpret):
     jax.lax.fori_loop(0, geo.blocks(seq, tiling.block), write_block, 0)
 
 
+@functools.partial(jax.jit, static_argnames=("score", "interpret", "tiling"))
 def hamming_scores(
     q_codes,
     k_codes,
@@ -243,6 +244,7 @@ def hamming_scores(
     )(jnp.asarray(lengths).astype(jnp.int32), q_codes, k_codes, k_norms)
 
 
+@functools.partial(jax.jit, static_argnames=("budget", "score", "sink", "recent", "interpret", "tiling", "config"))
 def hamming_topk_with_path(
     q_codes,
     k_codes,

@@ -177,8 +177,10 @@ def _block_rows(num_rows: int) -> int:
     return min(PREFILL_BLOCK_ROWS, max(MIN_DOT_ROWS, pl.next_power_of_2(num_rows)))
 
 
+@functools.partial(jax.jit, static_argnames=("head_axis", "interpret"))
 def encode(x: jax.Array, w: jax.Array, *, head_axis: int, interpret: bool = False) -> jax.Array:
-    """Hash codes of many tokens of every head (see `hata_jax.encode`).
+    """Hash codes of many tokens of every head (see `hata_jax.encode`). Jitted: an eager call
+    compiles once per shape (a `pallas_call` run eagerly would compile its kernel at every call).
 
     Args:
       x: float[..., H, ..., D], H at `head_axis` (non-negative, not the last axis), a multiple
@@ -255,6 +257,7 @@ def _encode_step_kernel(q_ref, k_ref, *refs, words: int, compute_dtype):
     k_norm_ref[...] = jnp.sqrt(jnp.sum(kf * kf))
 
 
+@functools.partial(jax.jit, static_argnames=("interpret",))
 def encode_step(q: jax.Array, k_new: jax.Array, w: jax.Array, *, interpret: bool = False):
     """One decode step's hashing in one launch (see `hata_jax.encode_step`).
 
