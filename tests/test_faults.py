@@ -76,6 +76,15 @@ def truncate(path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+@pytest.fixture(autouse=True)
+def sigint_raises_keyboard_interrupt():
+    """These tests send real SIGINTs: make them raise KeyboardInterrupt even where the runner
+    inherited SIGINT ignored (a job started in the background by a non-interactive shell)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def interrupt_at(layer_step):
     """An on_step that sends this process a real SIGINT at (layer, steps done)."""
     def on_step(layer, done):
