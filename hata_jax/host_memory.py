@@ -7,17 +7,15 @@ through numpy views of their buffers, so the host gathers or copies rows straigh
 memory and the device copy starts at once: no second host copy, no Python loop per row.
 
 The one rule of a staging buffer: it is rewritten only after the device copies made from it are
-complete. The callers here ensure it by data dependence: a buffer is refilled for a step only after
-the host has read back a result that needs the previous copy (the offloaded layer step reads the
-next selection, which needs the previous layer's output, which needs its rows); a stream of blocks
-(:func:`copy_block_to_device`) alternates two slots and waits for a copy before reusing its slot.
+complete. :meth:`PinnedStaging.buffer` enforces it: it waits for the last copy made from a buffer
+before handing it out. On the offloaded decode step the wait is free: the host refills the landing
+buffer only after reading back the next selection, which needs the previous layer's output, which
+needs its copied rows; a stream of blocks (:func:`copy_block_to_device`) alternates two slots, so a
+copy has a block's time to finish.
 
 Where the backend has no `pinned_host` memory (or its buffers expose no pointer), and on the CPU
 backend, the buffers are plain numpy arrays and each transfer copies one (`staging.pinned` says
 which).
-
-The rule is also enforced: :meth:`PinnedStaging.buffer` waits for the last copy made from a buffer
-before handing it out (free when the copy is done, as the callers' order ensures).
 
 Tunables: :data:`GATHER_THREADS` workers (numpy's take and copies release the GIL; a gather is
 split into one task per worker); a gather of at most `capacity` rows lands in one buffer of

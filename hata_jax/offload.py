@@ -450,24 +450,19 @@ class OffloadedCache:
         the capacity read as zeros); returns the last carry.
 
         Two staging buffers alternate: block i + 1 is copied into host staging while block i
-        crosses, and a buffer is refilled only after the step that read its previous block has
-        finished (its carry is ready); the fold returns once its last step has finished. Counted in
-        `stats.host_to_device_bytes`.
+        crosses (a buffer is refilled once its previous copy is complete:
+        :meth:`hata_jax.host_memory.PinnedStaging.buffer`). Counted in `stats.host_to_device_bytes`.
         """
         if isinstance(block_tokens, bool) or not isinstance(block_tokens, int) or block_tokens < 1:
             raise ValueError(f"block_tokens must be a positive int, got {block_tokens!r}")
         source = self.kv.reshape(self.batch * self.kv_heads, *self.kv.shape[2:])  # a view
-        read: list = []  # the carries of the steps that read the blocks in the two buffers
         for i, first in enumerate(range(0, end, block_tokens)):
-            if len(read) == 2:
-                jax.block_until_ready(read.pop(0))
             block = host_memory.copy_block_to_device(source, first, block_tokens, self.staging, i % 2,
                                                      device=self.device)
             self.stats.host_to_device_bytes += block.nbytes
             carry = step(carry, first, block.reshape(self.batch, self.kv_heads, *block.shape[1:]))
-            read.append(carry)
-        # the next fold (another step, or another layer sharing the staging) may refill both buffers
-        return jax.block_until_ready(carry)
+        return carry
+
 
 def _check_rows(rows, capacity: int) -> None:
     if isinstance(rows, bool) or not isinstance(rows, (int, np.integer)) or not 0 <= rows <= capacity:
