@@ -64,6 +64,8 @@ def set_gather_threads(threads: int) -> None:
 def host_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
     """A zero host array, its pages allocated on first touch, on transparent huge pages where the
     kernel allows them (anonymous memory advised `MADV_HUGEPAGE`; else ordinary pages)."""
+    if any(isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0 for n in shape):
+        raise ValueError(f"host_zeros: shape must be non-negative ints, got {shape!r}")
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape)) * dtype.itemsize
     if nbytes == 0:

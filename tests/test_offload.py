@@ -192,6 +192,12 @@ def test_host_zeros_are_writable_zeros(rng, shape, dtype):
     np.testing.assert_array_equal(array, values)
 
 
+@pytest.mark.parametrize("shape", [(3, -1), (2.5,), (True, 4)])
+def test_host_zeros_rejects_a_bad_shape(shape):
+    with pytest.raises(ValueError, match="host_zeros: shape must be non-negative ints"):
+        host_memory.host_zeros(shape, np.float32)
+
+
 def test_landing_sizes():
     assert host_memory.landing_sizes(32768) == [4096, 8192, 16384, 32768]
     assert host_memory.landing_sizes(48) == [6, 12, 24, 48]
