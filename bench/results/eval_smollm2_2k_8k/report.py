@@ -1,0 +1,194 @@
+"""The tables and plot of issue 17's evaluation (run.py's run directories, one per stage and length).
+
+    python bench/results/eval_smollm2_2k_8k/report.py ROOT [--cpu CPU_ROOT]
+
+Writes ROOT/summary.json, ROOT/tables.md and ROOT/scores.png. Rows are (stage, method, budget);
+every score is the average over the seven tasks of the share of expected answers found, with a
+95% bootstrap interval over prompts (resampled within each task). Differences between two methods
+are paired: both ran on the same prompts (their digests are checked), and each resample draws
+the same prompts for both. With --cpu, the share of (prompt, method) units whose generated text
+is the same on both runs (same prompts, same settings except the implementation).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+import numpy as np
+
+from hata_jax.evaluation.harness import BOOTSTRAP_RESAMPLES
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from run import STAGES  # noqa: E402  (the stages and their methods, in run order)
+
+STAGE_LABELS = {"main": "", "eta": " (eta 0.02 codes)", "hashattention": "", "b32": "", "eta_b32": " (eta 0.02 codes)",
+                "rbit256": " (rbit 256 codes)"}
+TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "variable_tracking", "common_words",
+         "frequent_words")
+SHORT = ("niah-1", "niah-mk", "niah-mv", "niah-mq", "vt", "cwe", "fwe")
+
+
+def load(root: pathlib.Path, kind: str = "task") -> dict:
+    """{(stage, length, method, budget): {(task, index): record}} of every run directory under root."""
+    rows: dict = {}
+    for directory in sorted(root.iterdir()):
+        if not (directory / "records.jsonl").is_file():
+            continue
+        stage, length = directory.name.rsplit("_", 1)
+        for line in (directory / "records.jsonl").read_text().splitlines():
+            if not line.strip():
+                continue
+            r = json.loads(line)
+            if r["kind"] == kind:
+                rows.setdefault((stage, int(length), r["method"], r["budget"]), {})[r.get("task"), r["index"]] = r
+    return rows
+
+
+def _order(item) -> tuple:
+    """Rows by budget (dense first), then stage as run.py orders them, then method as the stage lists it."""
+    stage, _, method, budget = item[0]
+    stages = list(STAGES)
+    methods = STAGES[stage][0] if stage in STAGES else ()
+    return (budget or 0, stages.index(stage) if stage in stages else len(stages),
+            methods.index(method) if method in methods else len(methods))
+
+
+def _matrix(units: dict, samples: int) -> np.ndarray | None:
+    """float[tasks, samples] prompt scores, or None where a unit is missing."""
+    if not all((t, i) in units for t in TASKS for i in range(samples)):
+        return None
+    return np.asarray([[units[t, i]["score"] for i in range(samples)] for t in TASKS], np.float64)
+
+
+def bootstrap(matrices: list[np.ndarray], weights: list[float], seed: int = 0) -> tuple[float, list[float]]:
+    """sum_j weights[j] * (task-averaged mean of matrices[j]) x100, and its 95% interval from one
+    shared draw of prompts per resample (paired when several matrices are given)."""
+    rng = np.random.default_rng(seed)
+    tasks, samples = matrices[0].shape
+    draws = rng.integers(0, samples, (BOOTSTRAP_RESAMPLES, tasks, samples))
+    point, resampled = 0.0, np.zeros(BOOTSTRAP_RESAMPLES)
+    for m, w in zip(matrices, weights):
+        point += w * m.mean()
+        resampled += w * np.take_along_axis(m[None], draws, axis=2).mean(axis=(1, 2))
+    low, high = np.quantile(resampled, [0.025, 0.975])
+    return 100 * point, [100 * float(low), 100 * float(high)]
+
+
+def summarize(root: pathlib.Path, samples: int) -> dict:
+    units = load(root)
+    out = {"samples": samples, "rows": [], "pairs": []}
+    for length in sorted({k[1] for k in units}):
+        dense = _matrix(units.get(("main", length, "dense", None), {}), samples)
+        keyed = {}
+        for (stage, n, method, budget), got in sorted(units.items(), key=_order):
+            matrix = _matrix(got, samples) if n == length else None
+            if matrix is None:
+                continue
+            digests = {(t, i): got[t, i]["digest"] for t in TASKS for i in range(samples)}
+            dense_units = units.get(("main", length, "dense", None), {})
+            if dense is not None and any(dense_units[u]["digest"] != d for u, d in digests.items()):
+                raise ValueError(f"{stage}_{length}: other prompts than main_{length}")
+            label = method + STAGE_LABELS.get(stage, f" ({stage})")
+            keyed[label, budget] = matrix
+            score, ci = bootstrap([matrix], [1.0])
+            row = {"length": length, "stage": stage, "method": label, "budget": budget,
+                   "fraction": None if budget is None else f"1/{length // budget}", "score": score, "ci95": ci,
+                   "tasks": {t: 100 * float(matrix[j].mean()) for j, t in enumerate(TASKS)}}
+            if dense is not None and budget is not None:
+                row["of_dense"] = 100 * matrix.mean() / dense.mean()
+            out["rows"].append(row)
+        for (label, budget), matrix in keyed.items():  # paired differences against HATA at the same budget
+            if budget is None or label != "hata":
+                continue
+            for (other, b), m in keyed.items():
+                if other != label and b in (budget, None):
+                    diff, ci = bootstrap([matrix, m], [1.0, -1.0])
+                    out["pairs"].append({"length": length, "budget": budget, "a": label, "b": other, "a_minus_b": diff,
+                                         "ci95": ci})
+    return out
+
+
+def agreement(gpu: pathlib.Path, cpu: pathlib.Path) -> list[dict]:
+    """Per (stage, length, method, budget) present on both: units whose prediction is identical."""
+    a, b = load(gpu), load(cpu)
+    rows = []
+    for key in sorted(set(a) & set(b), key=str):
+        common = [u for u in b[key] if u in a[key]]
+        if any(a[key][u]["digest"] != b[key][u]["digest"] for u in common):
+            raise ValueError(f"{key}: the two runs used other prompts")
+        same = sum(a[key][u]["prediction"] == b[key][u]["prediction"] for u in common)
+        score_gpu = float(np.mean([a[key][u]["score"] for u in common])) * 100
+        score_cpu = float(np.mean([b[key][u]["score"] for u in common])) * 100
+        rows.append({"stage": key[0], "length": key[1], "method": key[2], "budget": key[3], "units": len(common),
+                     "same_prediction": same, "score_gpu": score_gpu, "score_cpu": score_cpu})
+    return rows
+
+
+def tables(summary: dict, agree: list[dict] | None) -> str:
+    lines = []
+    for length in sorted({r["length"] for r in summary["rows"]}):
+        lines += ["", f"### {length} tokens ({summary['samples']} prompts per task)", "",
+                  "| method | budget | " + " | ".join(SHORT) + " | avg [95% CI] | of dense |",
+                  "|---|---|" + "---:|" * (len(SHORT) + 2)]
+        for r in [r for r in summary["rows"] if r["length"] == length]:
+            budget = "-" if r["budget"] is None else f"{r['budget']} ({r['fraction']})"
+            lines.append(f"| {r['method']} | {budget} | " + " | ".join(f"{r['tasks'][t]:.1f}" for t in TASKS)
+                         + f" | {r['score']:.1f} [{r['ci95'][0]:.1f}, {r['ci95'][1]:.1f}] | "
+                         + (f"{r['of_dense']:.1f}% |" if "of_dense" in r else "100% |"))
+        pairs = [p for p in summary["pairs"] if p["length"] == length]
+        if pairs:
+            lines += ["", "| HATA minus | budget | difference [95% CI, paired] |", "|---|---|---:|"]
+            lines += [f"| {p['b']} | {p['budget']} | {p['a_minus_b']:+.1f} [{p['ci95'][0]:+.1f}, {p['ci95'][1]:+.1f}] |"
+                      for p in pairs]
+    if agree:
+        lines += ["", "### GPU kernels (`--impl auto`) against the CPU reference (`--impl reference`), same prompts",
+                  "", "| stage | length | method | budget | prompts | same generated text | score GPU | score CPU |",
+                  "|---|---:|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['stage']} | {r['length']} | {r['method']} | {r['budget'] or '-'} | {r['units']} | "
+                  f"{r['same_prediction']} | {r['score_gpu']:.1f} | {r['score_cpu']:.1f} |" for r in agree]
+    return "\n".join(lines).strip() + "\n"
+
+
+def plot(summary: dict, path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = sorted({r["length"] for r in summary["rows"]})
+    fig, axes = plt.subplots(1, len(lengths), figsize=(6 * len(lengths), 5), squeeze=False)
+    for ax, length in zip(axes[0], lengths):
+        rows = [r for r in summary["rows"] if r["length"] == length]
+        labels = [r["method"] if r["budget"] is None else f"{r['method']} {r['fraction']}" for r in rows]
+        scores = [r["score"] for r in rows]
+        errors = np.asarray([[r["score"] - r["ci95"][0], r["ci95"][1] - r["score"]] for r in rows]).T
+        ax.barh(range(len(rows)), scores, xerr=errors, color=["0.5" if r["budget"] is None else "C0" for r in rows])
+        ax.set_yticks(range(len(rows)), labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("task average (%), 95% CI")
+        ax.set_title(f"SmolLM2-135M-Instruct, {length} tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("root", type=pathlib.Path)
+    p.add_argument("--samples", type=int, default=50)
+    p.add_argument("--cpu", type=pathlib.Path, help="a run.py root of the same stages run with --impl reference")
+    args = p.parse_args()
+    summary = summarize(args.root, args.samples)
+    agree = agreement(args.root, args.cpu) if args.cpu else None
+    if agree is not None:
+        summary["gpu_vs_cpu"] = agree
+    (args.root / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (args.root / "tables.md").write_text(tables(summary, agree))
+    plot(summary, args.root / "scores.png")
+    print(tables(summary, agree))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Issue 17's evaluation of SmolLM2-135M-Instruct at 2K, 4K and 8K tokens, 50 prompts per task:
+every stage below is one `hata-jax eval` run directory per length (the harness of
+`hata_jax.evaluation.harness`, resumable), run in this order until a deadline.
+
+    python bench/results/eval_smollm2_2k_8k/run.py --root DIR --impl auto \
+        --eta RUN --hashattention RUN --rbit256 RUN [--deadline SECONDS] [--stages NAME ...] [--lengths N ...]
+
+Stages (budget = 1/16 or 1/32 of the length, tokens per KV head; layers 0-1 dense; no forced
+sink or recent tokens except where a method's authors force them):
+  main           dense, hata (the shipped projections), exact, hata_rerank (c = 4), quest_authors, quest
+  eta            hata with the eta 0.02 / lr 0.2 projections (--eta)
+  hashattention  hashattention_authors, hashattention (--hashattention: a `hata-jax train
+                 --selector hashattention` run)
+  b32            hata, exact at 1/32
+  eta_b32        hata with the --eta projections at 1/32
+  rbit256        hata with 256-bit projections (--rbit256)
+  perplexity     teacher-forced perplexity of the main and eta stages' methods (4 held-out sequences)
+
+The prompts of every (task, length) are built once, in parallel (a process per (task, length)),
+and shared by the stages: the harness builds them the same way (`tasks.make_samples`).
+Batches: 10 prompts per prefill at 2K and 4K, 5 at 8K. Interrupting (SIGINT) stops after the
+unit in progress; a rerun resumes every run directory.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import pathlib
+import signal
+import sys
+import time
+
+from hata_jax.evaluation import harness
+from hata_jax.evaluation import tasks as tasks_lib
+from hata_jax.models.gguf_loader import open_gguf
+from hata_jax.models.load import load_model, resolve_model_path
+from hata_jax.models.tokenizer import Tokenizer
+
+SAMPLES = 50
+BATCH = {2048: 10, 4096: 10, 8192: 5}
+MAIN = ("dense", "hata", "exact", "hata_rerank", "quest_authors", "quest")
+STAGES = {  # name: (methods, budget fraction, extra EvalConfig fields, which weights option)
+    "main": (MAIN, 16, {}, None),
+    "eta": (("hata",), 16, {}, "eta"),
+    "hashattention": (("hashattention_authors", "hashattention"), 16, {}, "hashattention"),
+    "b32": (("hata", "exact"), 32, {}, None),
+    "eta_b32": (("hata",), 32, {}, "eta"),
+    "rbit256": (("hata",), 16, {"rbit": 256}, "rbit256"),
+}
+PERPLEXITY = ("main", "eta")
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _samples(job):
+    gguf, task, length = job
+    tokenizer = Tokenizer.from_gguf(open_gguf(gguf))
+    return (task, length), tasks_lib.make_samples(task, tokenizer, length, SAMPLES)
+
+
+def _stop(*_):
+    raise KeyboardInterrupt
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", required=True, help="where the run directories go (ROOT/<stage>_<length>)")
+    p.add_argument("--impl", default="auto", choices=["auto", "pallas", "reference"])
+    p.add_argument("--eta", help="the eta 0.02 / lr 0.2 projections (a `hata-jax train` run)")
+    p.add_argument("--hashattention", help="a `hata-jax train --selector hashattention` run")
+    p.add_argument("--rbit256", help="256-bit HATA projections (a `hata-jax train --rbit 256` run)")
+    p.add_argument("--stages", nargs="+", default=[*STAGES, "perplexity"], choices=[*STAGES, "perplexity"])
+    p.add_argument("--lengths", nargs="+", type=int, default=list(BATCH), choices=list(BATCH))
+    p.add_argument("--samples", type=int, default=SAMPLES, help="prompts per task (a prefix of the 50)")
+    p.add_argument("--deadline", type=float, help="stop starting units after this many seconds")
+    args = p.parse_args()
+    start = time.perf_counter()
+    if args.deadline:
+        signal.signal(signal.SIGALRM, _stop)
+        signal.alarm(int(args.deadline))
+    try:
+        return run(args, start)
+    except KeyboardInterrupt:
+        log(f"stopped at the deadline after {time.perf_counter() - start:.0f} s; rerun to resume")
+        return 3
+
+
+def run(args, start: float) -> int:
+    gguf = resolve_model_path("smollm2", log=log)
+    jobs = [(str(gguf), task, length) for length in args.lengths for task in tasks_lib.TASKS]
+    with concurrent.futures.ProcessPoolExecutor(min(len(jobs), os.cpu_count() or 1)) as pool:
+        built = dict(pool.map(_samples, jobs))
+    log(f"{len(built) * SAMPLES} prompts built in {time.perf_counter() - start:.0f} s")
+    make_samples = tasks_lib.make_samples
+
+    def cached(task, tokenizer, length, count, seed=0):
+        if seed == 0 and (task, length) in built and count <= SAMPLES:
+            return built[task, length][:count]
+        return make_samples(task, tokenizer, length, count, seed)
+
+    tasks_lib.make_samples = cached
+    model, tokenizer = load_model("smollm2", log=log)
+    weights = {"eta": args.eta, "hashattention": args.hashattention, "rbit256": args.rbit256}
+    todo = [(stage, length, ("tasks",)) for stage in args.stages if stage != "perplexity" for length in args.lengths]
+    if "perplexity" in args.stages:
+        todo += [(stage, length, ("perplexity",)) for stage in PERPLEXITY for length in args.lengths]
+    for stage, length, parts in todo:
+        methods, fraction, extra, option = STAGES[stage]
+        if option and not weights[option]:
+            log(f"skip {stage} {length}: no --{option}")
+            continue
+        config = harness.EvalConfig(methods=methods, budgets=(length // fraction,), lengths=(length,),
+                                    samples=args.samples, batch=BATCH[length], impl=args.impl,
+                                    metric_prompts=0, **extra)
+        directory = pathlib.Path(args.root) / f"{stage}_{length}"
+        log(f"{stage} {length} {parts[0]}: {', '.join(methods)} at budget {length // fraction} -> {directory}")
+        t = time.perf_counter()
+        harness.run_eval(model, "smollm2", tokenizer, config, directory,
+                         hash_weights=weights[option] if option in ("eta", "rbit256") else None,
+                         hashattention_dir=weights["hashattention"], progress=False, log=log, parts=parts)
+        log(f"{stage} {length} {parts[0]} done in {time.perf_counter() - t:.0f} s")
+    log(f"all stages done in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
