@@ -71,8 +71,10 @@ def add_generate_command(subparsers) -> None:
                      help="with --offload: GPU row-cache slots per sequence and KV head of each HATA layer, >= the "
                           "budget (default: the budget, i.e. the previous step's selection)")
     gen.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
-                     help="with --offload: prefill N prompt tokens at a time straight into host memory (the device "
-                          "never holds a whole layer's prompt K/V; default: the whole prompt layer by layer)")
+                     help="prefill N prompt tokens at a time: with --offload straight into host memory (the device "
+                          "never holds a whole layer's prompt K/V); with --mesh N --mesh-split positions into the "
+                          "split caches (no device attends over the whole prompt, only a chunk over its slice); "
+                          "default: the whole prompt at once")
     gen.add_argument("--coordinator", metavar="HOST:PORT",
                      help="several hosts: jax.distributed coordinator address; run the same command on every host "
                           "with --num-processes and its own --process-id")
@@ -150,8 +152,10 @@ def check_generate_args(args: argparse.Namespace) -> None:
                             ("--tokens-per-dispatch 1", args.tokens_per_dispatch != 1)):
             if bad:
                 raise ValueError(f"--offload needs {option}")
-    elif args.rows is not None or args.prefill_chunk is not None:
-        raise ValueError("--rows and --prefill-chunk go with --offload")
+    elif args.rows is not None:
+        raise ValueError("--rows goes with --offload")
+    elif args.prefill_chunk is not None and (args.mesh == 1 or args.mesh_split != "positions"):
+        raise ValueError("--prefill-chunk goes with --offload or with --mesh N (N > 1) --mesh-split positions")
     for option in ("rows", "prefill_chunk"):
         if getattr(args, option) is not None and getattr(args, option) < 1:
             raise ValueError(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")
@@ -214,10 +218,12 @@ def run_generate(args: argparse.Namespace) -> int:
             warnings.filterwarnings("ignore", message=".*UNTRAINED hash projections.*")
         result = generate(model, [prompt], max_new_tokens=args.max_new_tokens, plan=plan, hash_weights=hash_weights,
                           sampling=sampling, stop_ids=tokenizer.stop_ids, seed=args.seed, on_tokens=stream,
-                          dense_below=args.dense_below, tokens_per_dispatch=args.tokens_per_dispatch)
+                          dense_below=args.dense_below, tokens_per_dispatch=args.tokens_per_dispatch,
+                          prefill_chunk=args.prefill_chunk)
     print(flush=True)
     new = len(result.tokens[0])
-    log(f"{len(prompt)} prompt tokens, {new} new tokens; prefill {result.prefill_seconds:.2f} s and first decode "
+    log(f"{len(prompt)} prompt tokens, {new} new tokens; prefill {result.prefill_seconds:.2f} s"
+        + (f" ({args.prefill_chunk} tokens per chunk)" if args.prefill_chunk else "") + " and first decode "
         f"step {result.first_step_seconds:.2f} s (both include compilation); "
         f"decode {result.tokens_per_second:.1f} tokens/s over {result.decode_steps} steps"
         + (f" ({args.tokens_per_dispatch} steps per dispatch)" if args.tokens_per_dispatch > 1 else "")

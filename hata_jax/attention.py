@@ -55,6 +55,20 @@ def masked_attention(q, k_rows, v_rows, mask, scale: float):
     return out.reshape(b, hq, d), lse.reshape(b, hq)
 
 
+def chunk_attention(q, k, v, mask, scale: float):
+    """Attention of a chunk's queries (several per sequence) over rows, with the partial's
+    log-sum-exp (:func:`masked_attention` with the chunk's tokens as more query heads).
+
+    q: [B, C, Hq, D]; k, v: [B, Hkv, N, D]; mask: bool broadcastable to [B, 1, G * C, N] (query row
+    `g * C + t`: head `g` of a KV head's group of G, token `t`) -> (out float32[B, C, Hq, D],
+    lse float32[B, C, Hq]).
+    """
+    b, c, hq, d = q.shape
+    rows = q.transpose(0, 2, 1, 3).reshape(b, hq * c, d)  # KV-head major: a head's G * C rows in a run
+    out, lse = masked_attention(rows, k, v, mask, scale)
+    return out.reshape(b, hq, c, d).transpose(0, 2, 1, 3), lse.reshape(b, hq, c).transpose(0, 2, 1)
+
+
 def _finish(out, lse, dtype, return_lse: bool):
     out = out.astype(dtype)
     return (out, lse) if return_lse else out

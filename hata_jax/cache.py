@@ -347,16 +347,17 @@ class HataCache:
         return explicit.per_shard(functools.partial(_prefill, impl=impl), (self, k, v, w, lengths),
                                   (layout, kv, kv, None if w is None else "h..", "b"), layout)
 
-    def check_prompt(self, k, v, w, lengths):
+    def check_prompt(self, k, v, w, lengths, prompt_tokens: int | None = None):
         """:meth:`prefill`'s arguments as arrays (lengths int32; w may be None), or a ValueError
-        naming the bad one."""
+        naming the bad one. `prompt_tokens`: the prompt's length T when k and v hold a chunk of it
+        (lengths <= T <= capacity; k and v of any length); None: k's tokens."""
         k, v = checks.as_array(k, "k"), checks.as_array(v, "v")
         w = None if w is None else checks.as_array(w, "w")
         lengths = checks.as_array(lengths, "lengths (prefill)", "int")
         if w is not None:
             checks.check_finite(w, "w")
         self.check_tokens(k, v, w, 1)
-        t = k.shape[self.seq_axis]
+        t = k.shape[self.seq_axis] if prompt_tokens is None else prompt_tokens
         if t > self.capacity:
             raise ValueError(f"prefill: the prompt has {t} tokens but the cache capacity is {self.capacity}")
         checks.check_lengths(lengths, self.batch, t, "lengths (prefill)")
@@ -477,7 +478,7 @@ def layout_shardings(out_sharding: NamedSharding | P, name: str, seq_axis: int =
     return jax.tree.map(lambda s: NamedSharding(out_sharding.mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
 
 
-def _tokens_encoded(k, w, rbit: int, seq_axis: int, impl: str):
+def tokens_encoded(k, w, rbit: int, seq_axis: int, impl: str):
     """The codes uint32[B, Hkv, T, rbit // 32] (zero for w None) and norms float32[B, Hkv, T]
     of keys k laid out as a cache of `seq_axis`."""
     if w is None:
@@ -514,7 +515,7 @@ def _prefill(cache: HataCache, k, v, w, lengths, *, impl: str) -> HataCache:
     """:meth:`HataCache.prefill` on checked arguments."""
     t = k.shape[cache.seq_axis]
     lengths = lengths.astype(jnp.int32)
-    codes, norms = _tokens_encoded(k, w, cache.rbit, cache.seq_axis, impl)
+    codes, norms = tokens_encoded(k, w, cache.rbit, cache.seq_axis, impl)
     put = functools.partial(jax.lax.dynamic_update_slice_in_dim, start_index=0)
     missed = jnp.zeros_like(cache.overflow)
     if _plain(cache):
@@ -555,7 +556,7 @@ def _from_kv(k, v, w, lengths, starts, page_table, k_scale, v_scale, *, seq_axis
     j = jnp.arange(capacity)[None, :]
     held = (j < (lengths - starts)[:, None])[:, None, :]  # [B, 1, S]
     if page_table is None and k_scale is None and not ring:
-        codes, norms = _tokens_encoded(k, w, w.shape[2], seq_axis, impl)
+        codes, norms = tokens_encoded(k, w, w.shape[2], seq_axis, impl)
         src = jnp.minimum(starts[:, None] + j, capacity - 1)[:, None, :]  # [B, 1, S]
         codes = jnp.take_along_axis(codes, src[..., None], axis=2)
         norms = jnp.take_along_axis(norms, src, axis=2)
@@ -563,7 +564,7 @@ def _from_kv(k, v, w, lengths, starts, page_table, k_scale, v_scale, *, seq_axis
         positions = jnp.broadcast_to(((starts[:, None] + j) % capacity)[:, None, :],
                                      (lengths.shape[0], shape.kv_heads, capacity))
         keys, read = kv_storage.gather_rows(k, k_scale, positions, seq_axis=seq_axis, page_table=page_table)
-        codes, norms = _tokens_encoded(keys, w, w.shape[2], 2, impl)
+        codes, norms = tokens_encoded(keys, w, w.shape[2], 2, impl)
         bad = bad | jnp.any(held & ~read, axis=(1, 2))
     codes = jnp.where(held[..., None], codes, 0)
     norms = jnp.where(held, norms, 0.0)

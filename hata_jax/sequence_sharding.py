@@ -26,6 +26,11 @@ every device at once (`shard_map`):
    outputs merge by log-sum-exp (:func:`hata_jax.combine` over an all-gather of `[B, Hq, D]`
    plus the LSE): the attention over the whole selection.
 
+A prompt is written with :func:`sequence_sharded_prefill` (each device keeps its slice of the
+whole prompt's K/V) or, chunk by chunk, with :func:`sequence_sharded_prefill_chunk`, which also
+computes the chunk's causal attention over the positions before it the same way (each device over
+its slice, merged by log-sum-exp): no device ever holds the whole prompt's attention.
+
 Per step and layer the devices exchange `2 n budget` int/float32 per (sequence, KV head) and
 `n (D + 1)` float32 per (sequence, query head); every other byte stays on its device. `mesh=None`
 is not accepted: on one device use :func:`hata_jax.hata_decode_attention`.
@@ -44,8 +49,14 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from hata_jax import checks
-from hata_jax.attention import combine, dense_decode_attention, scale_or_default, sparse_decode_attention
-from hata_jax.cache import HataCache
+from hata_jax.attention import (
+    chunk_attention,
+    combine,
+    dense_decode_attention,
+    scale_or_default,
+    sparse_decode_attention,
+)
+from hata_jax.cache import HataCache, tokens_encoded
 from hata_jax.config import HataConfig
 from hata_jax.hashing import encode_step
 from hata_jax.scoring import hamming_scores
@@ -136,6 +147,79 @@ def sequence_sharded_prefill(cache: HataCache, k: jax.Array, v: jax.Array, w: ja
     return shard_map(
         step, mesh=mesh, in_specs=(cache_specs(axis), P(), P(), P(), P()), out_specs=cache_specs(axis)
     )(cache, k, v, w, lengths)
+
+
+def sequence_sharded_prefill_chunk(q: jax.Array, k: jax.Array, v: jax.Array, cache: HataCache, w: jax.Array | None,
+                                   lengths: jax.Array, first: jax.Array, *, prompt_tokens: int, mesh: Mesh, axis: str,
+                                   scale: float | None = None, impl: str = "auto"):
+    """One chunk of a chunked prefill on a cache split along the positions: the prompt's tokens
+    at positions `[first, first + C)` written to the cache, and their causal attention over the
+    prompt up to them.
+
+    The prompts are `prompt_tokens` (T, static) tokens right-padded to `lengths` int[B] <= T;
+    the chunks before this one (positions `[0, first)`) are already in the cache. Each device
+    writes the chunk's positions it holds (below T; k, v and, as :meth:`HataCache.prefill`, the
+    keys' codes under `w` and their norms), then attends the chunk's queries over its slice,
+    query `first + t` to the positions `p <= first + t` with `p < lengths[b]` (what dense causal
+    attention over the whole prompt gives it), and the partial outputs merge by log-sum-exp.
+    Per device this holds `[B, Hq x C, S/n]` float32 logits: memory in chunk x slice, whatever T.
+    Earlier chunks' keys are read at the cache's dtype.
+
+    Args:
+      q: float[B, C, Hq, D], the chunk's post-RoPE queries (replicated).
+      k, v: float[B, Hkv, C, D], its keys and values (replicated); positions past T are dropped.
+      cache: the split cache (capacity >= T); w: float[Hkv, D, rbit] (replicated) or None
+        (codes left zero, sequences marked `uncoded`).
+      lengths: int[B] in [0, T]; first: int32 scalar (may be traced), the chunk's first position.
+
+    Returns:
+      (out [B, C, Hq, D] in q's dtype, the cache holding positions `[0, min(first + C, T))`:
+      lengths `min(lengths, first + C)` (clipped to [0, T]), `overflow` set for lengths outside
+      [0, T] or a non-finite key; `overflow` and `uncoded` start afresh at `first == 0`).
+    """
+    check_cache(cache)
+    n = check_sequence_split(mesh, axis, cache.capacity)
+    q = checks.as_array(q, "q")
+    checks.check_rank(q, 4, "q", "[batch, chunk, q_heads, head_dim]")
+    checks.check_dim(q, 0, cache.batch, "q", "batch size")
+    checks.check_dim(q, 3, cache.head_dim, "q", "head_dim")
+    t = checks.as_int(prompt_tokens, "prompt_tokens", low=1)
+    k, v, w, lengths = cache.check_prompt(k, v, w, lengths, prompt_tokens=t)
+    c = k.shape[2]
+    checks.check_dim(q, 1, c, "q", "chunk length (that of k)")
+    first = jnp.asarray(checks.as_array(first, "first", "int"), jnp.int32)
+    checks.check_rank(first, 0, "first", "[] (a scalar)")
+    scale = scale_or_default(scale, q.shape[-1])
+    local = cache.capacity // n
+
+    def step(cache, q, k, v, w, lengths, first):
+        offset = lax.axis_index(axis) * local
+        pos = first + jnp.arange(c)  # the chunk's global positions
+        slot = jnp.where((pos >= offset) & (pos < offset + local) & (pos < t), pos - offset, local)  # local: dropped
+        codes, norms = tokens_encoded(k, w, cache.rbit, 2, impl)
+
+        def put(buf, val):
+            return buf.at[:, :, slot].set(val.astype(buf.dtype), mode="drop")
+
+        held = jnp.clip(jnp.minimum(lengths, first + c), 0, t)
+        fresh = first == 0
+        nonfinite = jnp.any((pos[None, None, :] < lengths[:, None, None]) & ~jnp.isfinite(norms), axis=(1, 2))
+        cache = dataclasses.replace(
+            cache, k=put(cache.k, k), v=put(cache.v, v), codes=put(cache.codes, codes), norms=put(cache.norms, norms),
+            lengths=held, starts=jnp.zeros_like(cache.starts),
+            overflow=(cache.overflow & ~fresh) | (lengths > t) | (lengths < 0) | nonfinite,
+            uncoded=(cache.uncoded & ~fresh) | (jnp.full_like(cache.uncoded, w is None) & (held > 0)))
+        keys = offset + jnp.arange(local)
+        group = q.shape[2] // cache.kv_heads
+        causal = jnp.tile(keys[None, :] <= pos[:, None], (group, 1))  # [G * C, S/n], row g * C + t
+        mask = causal[None, None] & (keys < jnp.clip(lengths, 0, t)[:, None])[:, None, None, :]
+        out, lse = chunk_attention(q, cache.k, cache.v, mask, scale)
+        return _merge(out, lse, axis).astype(q.dtype), cache
+
+    return shard_map(
+        step, mesh=mesh, in_specs=(cache_specs(axis), P(), P(), P(), P(), P(), P()),
+        out_specs=(P(), cache_specs(axis)),
+    )(cache, q, k, v, w, lengths, first)
 
 
 def _append(k_new, v_new, k_codes, k_norms, cache: HataCache, axis: str, n: int) -> HataCache:

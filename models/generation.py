@@ -55,7 +55,7 @@ import hata_jax
 from hata_jax import HataCache, HataConfig
 from hata_jax import sharding as head_sharding
 from hata_jax.models.hash_projections import hash_weights_for
-from hata_jax.models.llama import LlamaForCausalLM, init_caches
+from hata_jax.models.llama import LlamaForCausalLM, check_prefill_chunk, init_caches
 from hata_jax.models.plan import AttentionPlan
 from hata_jax.models.selector_cache import with_selector_states
 
@@ -115,13 +115,18 @@ def _step_functions(graphdef: nnx.GraphDef, state_treedef):
     def merge(state_leaves) -> LlamaForCausalLM:
         return nnx.merge(graphdef, jax.tree_util.tree_unflatten(state_treedef, state_leaves))
 
-    @functools.partial(jax.jit, static_argnames=("impl", "mesh", "mesh_axis", "mesh_split"),
+    @functools.partial(jax.jit, static_argnames=("impl", "mesh", "mesh_axis", "mesh_split", "chunk"),
                        donate_argnames=("caches",))
     def prefill(state_leaves, tokens, lengths, caches, hash_weights, *, impl: str, mesh=None, mesh_axis="model",
-                mesh_split="heads"):
-        """Prompts int[B, T] (right-padded to `lengths`) -> (next-token logits float32[B, vocab], caches)."""
+                mesh_split="heads", chunk=None):
+        """Prompts int[B, T] (right-padded to `lengths`) -> (next-token logits float32[B, vocab], caches);
+        `chunk`: prompt tokens at a time (:meth:`LlamaForCausalLM.prefill_chunked`), None: at once."""
         TRACES["prefill"] += 1
         model = merge(state_leaves)
+        if chunk is not None:
+            last, caches = model.prefill_chunked(tokens, lengths, caches, hash_weights, chunk=chunk, mesh=mesh,
+                                                 mesh_axis=mesh_axis, impl=impl)
+            return model.logits(last), caches
         hidden, caches = model.prefill(tokens, lengths, caches, hash_weights, impl, mesh=mesh, mesh_axis=mesh_axis,
                                        mesh_split=mesh_split)
         return model.logits(hidden[jnp.arange(tokens.shape[0]), lengths - 1]), caches
@@ -168,8 +173,9 @@ class ModelSteps:
       merge: `merge(state_leaves) -> model`, for use inside traced code (hashable, the same
         function for equal models: it can be a static argument).
       prefill: `prefill(state_leaves, tokens int[B, T], lengths int32[B], caches, hash_weights,
-        *, impl, mesh=None, mesh_axis="model", mesh_split="heads") -> (next-token logits float32[B, vocab],
-        caches)`; prompts right-padded to `lengths`; `caches` donated (split over the mesh axis if any).
+        *, impl, mesh=None, mesh_axis="model", mesh_split="heads", chunk=None) -> (next-token logits
+        float32[B, vocab], caches)`; prompts right-padded to `lengths`; `caches` donated (split over the
+        mesh axis if any); `chunk` tokens at a time into caches split by positions, None: at once.
       decode: `decode(state_leaves, tokens int32[B], caches, hash_weights, key, selector_params=None,
         *, plan, sampling) -> (next tokens int32[B], caches, key)`, one token per sequence;
         `caches` donated; `selector_params` as :meth:`LlamaForCausalLM.decode` takes them.
@@ -388,6 +394,7 @@ def prefill_prompts(
     mesh=None,
     mesh_axis: str = "model",
     mesh_split: str = "heads",
+    prefill_chunk: int | None = None,
 ) -> Prefilled:
     """Run the prompts (a batch of different lengths) through the model once: caches and logits.
 
@@ -404,9 +411,13 @@ def prefill_prompts(
         by KV heads with the hash projections ("heads", :mod:`hata_jax.models.sharding`) or by
         positions with the projections replicated ("positions", :mod:`hata_jax.sequence_sharding`);
         None: one device.
+      prefill_chunk: with a mesh split by positions, run the prompts this many tokens at a time
+        (:meth:`LlamaForCausalLM.prefill_chunked`: no device ever attends over the whole prompt,
+        the same caches and logits); None: the whole prompt at once.
     """
     config = model.config
     lengths = check_prompts(prompts, config.vocab_size)
+    check_prefill_chunk(prefill_chunk, mesh, mesh_split)
     if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity <= 0:
         raise ValueError(f"capacity must be a positive int, got {capacity!r}")
     if max(lengths) > capacity:
@@ -428,7 +439,8 @@ def prefill_prompts(
     steps = ModelSteps(model)
     start = time.perf_counter()
     logits, caches = steps.prefill(steps.state_leaves, jnp.asarray(tokens), jnp.asarray(lengths, jnp.int32), caches,
-                                   weights, impl=impl, mesh=mesh, mesh_axis=mesh_axis, mesh_split=mesh_split)
+                                   weights, impl=impl, mesh=mesh, mesh_axis=mesh_axis, mesh_split=mesh_split,
+                                   chunk=prefill_chunk)
     logits.block_until_ready()
     return Prefilled(steps=steps, caches=caches, hash_weights=weights, logits=logits, prompt_lengths=lengths,
                      seconds=time.perf_counter() - start)
@@ -586,6 +598,7 @@ def generate(
     cache_dtype=None,
     dense_below: int | None = None,
     tokens_per_dispatch: int = 1,
+    prefill_chunk: int | None = None,
 ) -> GenerationResult:
     """Generate up to `max_new_tokens` tokens for each prompt (a batch of different lengths):
     :func:`prefill_prompts`, then :func:`generate_from`.
@@ -613,6 +626,8 @@ def generate(
         capacity); 0 runs the plan at every step.
       tokens_per_dispatch: decode steps per host dispatch, run in one jitted loop when > 1 (same
         tokens; see :func:`generate_from`).
+      prefill_chunk: with a plan that splits positions, prefill this many prompt tokens at a time
+        (see :func:`prefill_prompts`); None: the whole prompt at once.
     """
     config = model.config
     lengths = check_prompts(prompts, config.vocab_size)
@@ -626,7 +641,8 @@ def generate(
     plan = plan or AttentionPlan.uniform(config.num_layers, "dense")
     weights = hash_weights_for(config, plan, hash_weights)
     prefilled = prefill_prompts(model, prompts, capacity=capacity, hash_weights=weights, cache_dtype=cache_dtype,
-                                impl=plan.impl, mesh=plan.mesh, mesh_axis=plan.mesh_axis, mesh_split=plan.mesh_split)
+                                impl=plan.impl, mesh=plan.mesh, mesh_axis=plan.mesh_axis, mesh_split=plan.mesh_split,
+                                prefill_chunk=prefill_chunk)
     return generate_from(prefilled, plan, max_new_tokens=max_new_tokens, stop_ids=stop_ids, sampling=sampling,
                          seed=seed, on_tokens=on_tokens, dense_below=dense_below,
                          tokens_per_dispatch=tokens_per_dispatch)

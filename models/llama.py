@@ -103,6 +103,22 @@ class SelfAttention(nnx.Module):
                 cache = head_sharding.sharded_prefill(cache, k, v, w, lengths, mesh=mesh, axis=mesh_axis, impl=impl)
         return self.o_proj(out.reshape(b, t, -1)), cache
 
+    def prefill_chunk(self, x, first, lengths, cache: HataCache, w, impl: str, *, prompt_tokens: int, mesh,
+                      mesh_axis: str):
+        """One chunk of a chunked prefill on a cache split by positions over `mesh_axis`
+        (:func:`hata_jax.sequence_sharding.sequence_sharded_prefill_chunk`).
+
+        x: [B, C, hidden], the prompts' tokens at positions `[first, first + C)` (first: int32
+        scalar) of prompts of `prompt_tokens` tokens right-padded to `lengths` int[B] ->
+        ([B, C, hidden], the cache with the chunk written).
+        """
+        b, c, _ = x.shape
+        q, k, v = self.project_qkv(x, jnp.broadcast_to(first + jnp.arange(c), (b, c)))
+        out, cache = sequence_sharding.sequence_sharded_prefill_chunk(
+            q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), cache, w, lengths, first, prompt_tokens=prompt_tokens,
+            mesh=mesh, axis=mesh_axis, impl=impl)
+        return self.o_proj(out.reshape(b, c, -1)), cache
+
     def decode(self, x, cache: HataCache | SelectorCache, w, kind: str, plan: AttentionPlan, params=None):
         """x: [B, hidden], one new token per sequence at position `cache.lengths[b]`; `params`: the
         layer's selector params (a "sparse" layer's, or to keep a SelectorCache's state current)."""
@@ -169,6 +185,12 @@ class DecoderLayer(nnx.Module):
                                                  mesh_axis, mesh_split)
         return self.add_residual_and_mlp(x, attn_out), cache
 
+    def prefill_chunk(self, x, first, lengths, cache, w, impl, **split):
+        """:meth:`SelfAttention.prefill_chunk` of the layer: x [B, C, hidden] -> ([B, C, hidden], cache)."""
+        attn_out, cache = self.self_attn.prefill_chunk(self.input_layernorm(x), first, lengths, cache, w, impl,
+                                                       **split)
+        return self.add_residual_and_mlp(x, attn_out), cache
+
     def decode(self, x, cache, w, kind, plan, params=None):
         attn_out, cache = self.self_attn.decode(self.input_layernorm(x), cache, w, kind, plan, params)
         return self.add_residual_and_mlp(x, attn_out), cache
@@ -211,7 +233,8 @@ class LlamaForCausalLM(nnx.Module):
           capture_qk: sow every layer's post-RoPE q and k (see :meth:`SelfAttention.prefill`);
             read them with `nnx.capture(..., nnx.Intermediate)` (used by :mod:`hata_jax.train.collect`).
           mesh, mesh_axis, mesh_split: write the caches split over this axis, by KV heads
-            (:mod:`hata_jax.models.sharding`) or positions (see :class:`AttentionPlan`).
+            (:mod:`hata_jax.models.sharding`) or positions (see :class:`AttentionPlan`; to run the
+            prompt in chunks instead of attending over it whole on every device: :meth:`prefill_chunked`).
 
         Returns:
           (hidden [B, T, hidden_size] after the final norm, the filled caches or None).
@@ -225,6 +248,55 @@ class LlamaForCausalLM(nnx.Module):
             if caches is not None:
                 new_caches.append(cache)
         return self.norm(x), new_caches
+
+    def prefill_chunked(self, tokens, lengths, caches: list[HataCache], hash_weights, *, chunk: int, mesh,
+                        mesh_axis: str = "model", impl: str = "auto"):
+        """:meth:`prefill` into caches split by positions over `mesh_axis` (made by
+        :func:`init_caches` with `mesh_split="positions"`), `chunk` prompt tokens at a time.
+
+        Each chunk runs through every layer: its queries attend causally to the prompt up to them
+        (the chunks before it, read from the split caches, and itself), the partial results of
+        the devices merged by log-sum-exp, and its keys, values, codes and norms go to the devices
+        that hold their positions (:meth:`SelfAttention.prefill_chunk`). A device holds one
+        chunk's activations and logits over its own slice of the positions (`[B, Hq x chunk,
+        capacity / devices]` float32 per layer at a time), never the whole prompt's attention;
+        the caches and the next-token logits equal :meth:`prefill`'s (up to float rounding).
+
+        Args:
+          tokens: int[B, T]; lengths: int[B] valid tokens per row (<= T).
+          caches, hash_weights: as :meth:`prefill` (capacity >= T).
+          chunk: prompt tokens per chunk (static, a positive int; a prompt of T tokens runs in
+            `ceil(T / chunk)` chunks, the last one padded; above T: one chunk of T).
+
+        Returns:
+          (hidden [B, hidden_size] after the final norm at each row's last prompt token
+          `lengths[b] - 1`, the filled caches).
+        """
+        check_prefill_chunk(chunk, mesh, "positions")
+        b, t = tokens.shape
+        c = min(chunk, t)
+        chunks = -(-t // c)
+        tokens = jnp.pad(tokens, ((0, 0), (0, chunks * c - t))).reshape(b, chunks, c).transpose(1, 0, 2)
+        firsts = jnp.arange(chunks, dtype=jnp.int32) * c
+        split = {"prompt_tokens": t, "mesh": mesh, "mesh_axis": mesh_axis}
+        hash_weights = [None] * len(self.layers) if hash_weights is None else hash_weights
+
+        def one_chunk(carry, inputs):
+            caches, last = carry
+            first, chunk_tokens = inputs
+            x = self.embed_tokens(chunk_tokens)
+            new_caches = []
+            for layer, cache, w in zip(self.layers, caches, hash_weights):
+                x, cache = layer.prefill_chunk(x, first, lengths, cache, w, impl, **split)
+                new_caches.append(cache)
+            end = lengths - 1 - first  # each row's last prompt token, if in this chunk
+            inside = (end >= 0) & (end < c)
+            last = jnp.where(inside[:, None], x[jnp.arange(b), jnp.clip(end, 0, c - 1)], last)
+            return (new_caches, last), None
+
+        last = jnp.zeros((b, self.config.hidden_size), self.dtype)
+        (caches, last), _ = jax.lax.scan(one_chunk, (list(caches), last), (firsts, tokens))
+        return self.norm(last), caches
 
     def __call__(self, tokens, lengths=None):
         """Full-sequence logits float32[B, T, vocab] (no cache); `lengths` as in :meth:`prefill`."""
@@ -262,6 +334,20 @@ def init_caches(config: LlamaConfig, batch: int, capacity: int, *, rbit: int, dt
                 for _ in range(config.num_layers)]
     return [head_sharding.init_cache(*args, rbit=rbit, dtype=dtype, mesh=mesh, axis=mesh_axis)
             for _ in range(config.num_layers)]
+
+
+def check_prefill_chunk(chunk, mesh, mesh_split: str) -> None:
+    """Raise unless `chunk` (prompt tokens per prefill chunk) is None or a positive int, and
+    given only with a `mesh` split by positions (the layout :meth:`LlamaForCausalLM.prefill_chunked`
+    writes)."""
+    if chunk is None:
+        return
+    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+        raise ValueError(f"prefill_chunk (prompt tokens per prefill chunk) must be a positive int, got {chunk!r}")
+    if mesh is None or mesh_split != "positions":
+        raise ValueError(f"prefill_chunk={chunk} prefills into caches split by positions: it needs a mesh and "
+                         f"mesh_split='positions', got mesh {'None' if mesh is None else 'given'} and "
+                         f"mesh_split={mesh_split!r}")
 
 
 def _heads_split(mesh, mesh_split: str) -> bool:

@@ -45,7 +45,7 @@ import numpy as np
 from flax import nnx
 
 from hata_jax import HataCache
-from hata_jax.attention import combine, masked_attention, scale_or_default
+from hata_jax.attention import chunk_attention, combine, scale_or_default
 from hata_jax.hashing import encode, key_norms
 from hata_jax.host_memory import PinnedStaging
 from hata_jax.models.generation import (
@@ -82,18 +82,6 @@ class _Pieces:
     finish: object
     chunk_self: object
     chunk_block: object
-
-
-def chunk_attention(q, k, v, mask, scale: float):
-    """Attention of a chunk's queries over rows, with the partial's log-sum-exp.
-
-    q: [B, C, Hq, D]; k, v: [B, Hkv, N, D]; mask: bool broadcastable to [B, 1, G * C, N] (query row
-    `g * C + t`) -> (out float32[B, C, Hq, D], lse float32[B, C, Hq]).
-    """
-    b, c, hq, d = q.shape
-    rows = q.transpose(0, 2, 1, 3).reshape(b, hq * c, d)  # KV-head major: a head's G * C rows in a run
-    out, lse = masked_attention(rows, k, v, mask, scale)
-    return out.reshape(b, hq, c, d).transpose(0, 2, 1, 3), lse.reshape(b, hq, c).transpose(0, 2, 1)
 
 
 @functools.lru_cache(maxsize=16)
