@@ -137,7 +137,7 @@ def _run_checks() -> None:
         w = normal(2, 16, 64)
         cache = caches(1, 2, 30, 16, 64, [5], w)
         q, kn = normal(1, 4, 16), normal(1, 2, 16)
-        for call, fragment in (
+        _expect_errors((
             (lambda: ss.sequence_sharded_decode_attention(q, kn, kn, cache, w, cfg, mesh=mesh(4), axis="seq"),
              "capacity 30 over mesh axis 'seq' of 4"),
             (lambda: ss.sequence_sharded_decode_attention(q, kn, kn, cache, w, cfg, mesh=mesh(2), axis="heads"),
@@ -149,13 +149,7 @@ def _run_checks() -> None:
             (lambda: ss.sequence_sharded_decode_attention(q, kn, kn, hj.HataCache.init(1, 2, 32, 16, rbit=64,
                                                                                        seq_axis=1), w, cfg,
                                                           mesh=mesh(2), axis="seq"), "seq_axis 1"),
-        ):
-            try:
-                call()
-            except ValueError as err:
-                assert fragment in str(err), f"{fragment!r} not in {err}"
-            else:
-                raise AssertionError(f"no error for {fragment!r}")
+        ))
         return {}
 
     def check_generation():
@@ -304,7 +298,7 @@ def _run_checks() -> None:
         split = {"mesh": m, "mesh_axis": "seq", "mesh_split": "positions"}
         cache = ss.init_cache(1, 2, 32, 16, rbit=64, dtype=jnp.float32, mesh=m, axis="seq")
         q, k = normal(1, 4, 4, 16), normal(1, 2, 4, 16)
-        for call, fragment in [
+        _expect_errors([
             *((lambda bad=bad: prefill_prompts(model, prompts, capacity=128, prefill_chunk=bad, **split),
                f"prefill_chunk (prompt tokens per prefill chunk) must be a positive int, got {bad!r}")
               for bad in (0, -3, True, 2.5, "8")),
@@ -322,13 +316,7 @@ def _run_checks() -> None:
                                                        prompt_tokens=8, mesh=m, axis="seq"), "chunk length"),
             (lambda: ss.sequence_sharded_prefill_chunk(q, k, k, cache, None, jnp.asarray([9]), 0, prompt_tokens=8,
                                                        mesh=m, axis="seq"), "lengths"),
-        ]:
-            try:
-                call()
-            except ValueError as err:
-                assert fragment in str(err), f"{fragment!r} not in {err}"
-            else:
-                raise AssertionError(f"no error for {fragment!r}")
+        ])
         return {}
 
     def check_chunked_prefill_memory():
@@ -392,6 +380,17 @@ def _run_checks() -> None:
         except Exception as err:  # report every check, not only the first failure
             result = {"check": name, "ok": False, "error": f"{type(err).__name__}: {err}"}
         print(json.dumps(result), flush=True)
+
+
+def _expect_errors(cases) -> None:
+    """Each (call, fragment): the call raises a ValueError whose message holds the fragment."""
+    for call, fragment in cases:
+        try:
+            call()
+        except ValueError as err:
+            assert fragment in str(err), f"{fragment!r} not in {err}"
+        else:
+            raise AssertionError(f"no error for {fragment!r}")
 
 
 def _dense_one(hj, q, k_new, v_new, cache, w):
