@@ -29,7 +29,7 @@ Precision: the reference projects in float32 with `Precision.HIGHEST`. When x is
 or fp16) the dots run on tensor cores in x's dtype with float32 accumulation: a w of the same
 dtype is used as is (products of two 16-bit floats are exact in float32, so only the summation
 order differs from the reference); any other w (the usual float32 projection) is split by the
-wrapper into `w_hi = w.astype(x.dtype)` and `w_lo = (w - w_hi).astype(x.dtype)` and the
+wrapper into `w_hi = w` rounded to x.dtype and `w_lo = (w - w_hi).astype(x.dtype)` and the
 projection is `x @ w_hi + x @ w_lo`, within ~2^-17 (bf16) of the float32 one: far below the
 sign tolerance, at two tensor-core dots instead of an FMA-bound IEEE fp32 dot. A float32 x uses an IEEE fp32
 dot (`Precision.HIGHEST`; Triton's default for an fp32 dot is tf32, which would flip signs of
@@ -127,12 +127,19 @@ def _compute_dtype(*dtypes) -> jnp.dtype:
 
 
 def _projection_parts(w: jax.Array, compute_dtype) -> tuple[jax.Array, ...]:
-    """w as one or two arrays of the compute dtype whose sum is w to ~2^-17 (see Precision)."""
+    """w as one or two arrays of the compute dtype whose sum is w to ~2^-17 (see Precision).
+
+    The high part is rounded with `lax.reduce_precision` inside float32, not by a round trip
+    `w.astype(bf16).astype(f32)`: under jit, XLA:GPU's excess-precision pass removes such a
+    convert pair, which makes the low part 0 and the projection a bf16 one (measured on the H100:
+    521 of 2.4M code bits flipped).
+    """
     if compute_dtype == jnp.float32 or w.dtype == compute_dtype:
         return (w.astype(compute_dtype),)
     w32 = w.astype(jnp.float32)
-    hi = w32.astype(compute_dtype)
-    return hi, (w32 - hi.astype(jnp.float32)).astype(compute_dtype)
+    info = jnp.finfo(compute_dtype)
+    hi = lax.reduce_precision(w32, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+    return hi.astype(compute_dtype), (w32 - hi).astype(compute_dtype)
 
 
 def _pack_codes(rows: jax.Array, w_refs, words: int) -> jax.Array:

@@ -206,14 +206,36 @@ def test_float32_dot_lowers_to_ieee_not_tf32(monkeypatch, capsys):
     assert "tf32" not in triton_ir
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_float32_projection_split_survives_jit(dtype, rng):
+    """A float32 w for 16-bit x is split into w_hi + w_lo of x's dtype, summing to w within 2^-16
+    (plus the dtype's smallest subnormal, for float16).
+
+    The high part must not come from a `w.astype(dtype).astype(float32)` round trip: XLA:GPU's
+    excess-precision pass deletes such convert pairs under jit, leaving w_lo = 0 (seen on the H100
+    as flipped code bits). The lowered module is checked for that pattern, which the CPU compiler
+    keeps and so cannot show.
+    """
+    w = _projection(rng, 4, 64, 96, jnp.float32)
+    split = jax.jit(lambda w: hash_encode._projection_parts(w, dtype))
+    hi, lo = split(w)
+    assert hi.dtype == lo.dtype == dtype
+    np.testing.assert_allclose(np.asarray(hi, np.float64) + np.asarray(lo, np.float64), np.asarray(w),
+                               rtol=2.0**-16, atol=float(jnp.finfo(dtype).smallest_subnormal))
+    assert np.any(np.asarray(lo) != 0)
+    assert "reduce_precision" in split.lower(w).as_text()
+
+
 gpu_only = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")
 
 
 @gpu_only
-@pytest.mark.parametrize("dtype,head_dim,rbit,group", CUDA_CASES)
-def test_gpu_kernels_match_reference(dtype, head_dim, rbit, group, rng):
+@pytest.mark.parametrize("dtype,w_dtype,head_dim,rbit,group", [
+    (dtype, dtype, head_dim, rbit, group) for dtype, head_dim, rbit, group in CUDA_CASES
+] + [(jnp.bfloat16, jnp.float32, 128, 128, 4)])
+def test_gpu_kernels_match_reference(dtype, w_dtype, head_dim, rbit, group, rng):
     kv_heads = 8
-    w = _projection(rng, kv_heads, head_dim, rbit, dtype)
+    w = _projection(rng, kv_heads, head_dim, rbit, w_dtype)
     cache = _random(rng, (2, kv_heads, 4099, head_dim), dtype)
     _assert_codes_match(jax.jit(hash_encode.encode, static_argnames="head_axis")(cache, w, head_axis=1), cache, w, 1)
     q = _random(rng, (3, kv_heads * group, head_dim), dtype)
