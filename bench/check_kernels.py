@@ -119,7 +119,22 @@ def check_encode(seed, b, hkv, g, s, d, rbit, dtype):
     norm_err = _rel_err(kn_norms, hj.key_norms(k_new))
     if norm_err > 1e-6:
         problems.append(f"k_new norms rel err {norm_err:.2e}")
-    return {"problems": problems, "norm_rel_err": norm_err}
+    # The asymmetric score's query planes: each coordinate within one level of the float32
+    # projection (plus 1e-3 of the largest, the kernel's dot), the scale that largest over 15.
+    poison_device_memory()
+    q_planes, q_scales, _, _ = hj.encode_step(q, k_new, w, query_planes=hj.QUERY_PLANES, impl="pallas")
+    qsum = jnp.einsum("bhgd,hdr->bhr", q.reshape(b, hkv, g, d).astype(jnp.float32), w,
+                      precision=jax.lax.Precision.HIGHEST)
+    signs = jnp.where(hj.unpack_bits(q_planes), 1.0, -1.0).reshape(b, hkv, hj.QUERY_PLANES, rbit)
+    values = jnp.einsum("bhpr,p->bhr", signs, 2.0 ** jnp.arange(hj.QUERY_PLANES))
+    peak = jnp.max(jnp.abs(qsum), axis=-1)
+    scale_err = _rel_err(q_scales, peak / (2**hj.QUERY_PLANES - 1))
+    off = np.asarray(jnp.abs(values * q_scales[..., None] - qsum) > q_scales[..., None] + 1e-3 * peak[..., None])
+    if scale_err > 1e-4:
+        problems.append(f"query planes: scale rel err {scale_err:.2e}")
+    if off.any():
+        problems.append(f"query planes: {int(off.sum())} of {off.size} coordinates off by more than one level")
+    return {"problems": problems, "norm_rel_err": norm_err, "plane_scale_rel_err": scale_err}
 
 
 def check_scores_and_topk(seed, b, hkv, g, s, rbit, budget, sink, recent, score):
@@ -129,16 +144,19 @@ def check_scores_and_topk(seed, b, hkv, g, s, rbit, budget, sink, recent, score)
     k_codes = jnp.asarray(rng.integers(0, 2**32, (b, hkv, s, words), dtype=np.uint64).astype(np.uint32))
     norms = jnp.abs(normal((b, hkv, s), jnp.float32)) + 0.1
     lengths = jnp.asarray(rng.integers(1, s + 1, b).astype(np.int32)).at[0].set(s)
-    ref_scores = hj.hamming_scores(q_codes, k_codes, norms, lengths, score=score, impl="reference")
+    # "asymmetric": g random query planes per KV head and their scales
+    q_scales = jnp.abs(normal((b, hkv), jnp.float32)) + 0.01 if score == "asymmetric" else None
+    ref_scores = hj.hamming_scores(q_codes, k_codes, norms, lengths, score=score, q_scales=q_scales, impl="reference")
     poison_device_memory()
-    scores = hj.hamming_scores(q_codes, k_codes, norms, lengths, score=score, impl="pallas")
+    scores = hj.hamming_scores(q_codes, k_codes, norms, lengths, score=score, q_scales=q_scales, impl="pallas")
     problems = []
     mismatch = ~np.asarray((scores == ref_scores) | (jnp.isinf(scores) & jnp.isinf(ref_scores)))
     if mismatch.any():
         problems.append(f"scores: {int(mismatch.sum())} of {mismatch.size} differ from the reference")
     poison_device_memory()
     idx, count = hj.hamming_topk(
-        q_codes, k_codes, norms, lengths, budget=budget, score=score, sink=sink, recent=recent, impl="pallas"
+        q_codes, k_codes, norms, lengths, budget=budget, score=score, q_scales=q_scales, sink=sink, recent=recent,
+        impl="pallas"
     )
     problems += [
         f"hamming_topk: {p}" for p in selection_problems(ref_scores, lengths, idx, count, budget, sink, recent)[:5]
@@ -318,14 +336,14 @@ def check_storage(seed, b, hkv, g, s, d, budget, dtype, kind):
     return {"problems": problems, "rel_err": errs}
 
 
-def check_decode_step(seed, b, hkv, g, s, d, budget, dtype, steps=4, padded=False, storage=None):
+def check_decode_step(seed, b, hkv, g, s, d, budget, dtype, steps=4, padded=False, storage=None, score="key_norm"):
     """hata_decode_attention's Pallas path against the reference for several steps
     on one cache: outputs, appended cache arrays and lengths. `padded`: a left-padded cache over
     K/V buffers (`HataCache.from_kv` with random `starts`); `storage`: over a caller storage
-    (a kind of bench.kv_layouts.KINDS, pages of 16 rows), left-padded too."""
+    (a kind of bench.kv_layouts.KINDS, pages of 16 rows), left-padded too; `score`: HataConfig's."""
     rng, normal = _rng_arrays(seed)
     w = normal((hkv, d, 128), jnp.float32)
-    cfg = hj.HataConfig(rbit=128, budget=budget)
+    cfg = hj.HataConfig(rbit=128, budget=budget, score=score)
     t = s - 8
     lengths = jnp.asarray(rng.integers(budget // 2, t + 1, b).astype(np.int32)).at[0].set(t)
     if padded or storage:
@@ -396,6 +414,7 @@ def main(argv=None) -> int:
             (3, 2, 3, 1000 * n + 7, 96, 100, 4, 16, "key_norm"),
             (2, 4, 8, 300 * n + 1, 256, 64, 0, 8, "hamming"),
             (2, 2, 1, 4096 * n, 32, 8192 if not args.small else 512, 0, 0, "key_norm"),
+            (2, 8, 4, 2048 * n + 5, 128, 32 * n, 0, 0, "asymmetric"),  # g = 4 query planes
         ]
     ):
         case(
@@ -433,6 +452,21 @@ def main(argv=None) -> int:
             128,
             256 if not args.small else 64,
             bf16,
+        ),
+    )
+    case(
+        "hata_decode_attention asymmetric b=2 hkv=8 g=4 s=4096 d=128 budget=256 bf16" if not args.small
+        else "hata step small asymmetric",
+        lambda: check_decode_step(
+            310,
+            2,
+            8 if not args.small else 2,
+            4,
+            4096 if not args.small else 300,
+            128,
+            256 if not args.small else 64,
+            bf16,
+            score="asymmetric",
         ),
     )
     case(

@@ -74,6 +74,9 @@ def _add_run_args(p, defaults) -> None:
     p.add_argument("--dense-layers", type=int, default=defaults.dense_layers,
                    help="first layers that stay dense (default 2)")
     p.add_argument("--rbit", type=int, default=defaults.rbit, help="hata/simhash code bits (default 128)")
+    p.add_argument("--score", choices=["key_norm", "asymmetric"], default=defaults.score,
+                   help="HATA's score (hata, hata_rerank, simhash): 'key_norm', the paper's, or 'asymmetric', "
+                        f"the query's quantized projection against the key codes (default {defaults.score})")
     p.add_argument("--candidates", type=int, default=defaults.candidates,
                    help="hata_rerank: HATA picks CANDIDATES x budget tokens, their exact scores the budget (default 4)")
     p.add_argument("--sink", type=int, default=defaults.sink, help="first positions always kept (default 0)")
@@ -113,8 +116,8 @@ def evaluate(args: argparse.Namespace, *, out: str, keep: bool = True, parts: tu
     if needs and not args.hashattention:
         raise ValueError(f"{', '.join(needs)} needs --hashattention DIR (a `hata-jax train --selector hashattention` "
                          "run)")
-    config = EvalConfig(dense_layers=args.dense_layers, rbit=args.rbit, candidates=args.candidates, sink=args.sink,
-                        recent=args.recent,
+    config = EvalConfig(dense_layers=args.dense_layers, rbit=args.rbit, score=args.score, candidates=args.candidates,
+                        sink=args.sink, recent=args.recent,
                         batch=args.batch, perplexity_sequences=args.perplexity_sequences,
                         metric_prompts=args.metric_prompts, metric_queries=args.metric_queries, seed=args.seed,
                         impl=args.impl, **fields)

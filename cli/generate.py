@@ -42,6 +42,9 @@ def add_generate_command(subparsers) -> None:
                           "stay current, so the later switch to HATA is exact (default: where one layer's K + V "
                           "reach 160 MiB, at least the budget; 0 = never)")
     gen.add_argument("--rbit", type=int, default=128, help="hash bits (default 128)")
+    gen.add_argument("--score", choices=["key_norm", "asymmetric"], default=HataConfig.score,
+                     help="HATA's selection score: 'key_norm', the paper's, or 'asymmetric', the query's quantized "
+                          f"projection against the key codes (default {HataConfig.score})")
     gen.add_argument("--dense-layers", type=int, default=2, help="first layers that stay dense (default 2)")
     gen.add_argument("--hash-weights", metavar="PATH",
                      help="trained hash projections: a `hata-jax train` run directory (orbax checkpoint), or an .npz "
@@ -171,7 +174,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.coordinator:
         jax.distributed.initialize(args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p)
-    hata = HataConfig(rbit=args.rbit, budget=args.budget)
+    hata = HataConfig(rbit=args.rbit, budget=args.budget, score=args.score)
     start = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=getattr(jnp, args.dtype), log=log)
     config = model.config

@@ -160,6 +160,7 @@ def run_recall(args: argparse.Namespace) -> int:
     layers, rbit = metadata["layers"], metadata["rbit"]
     selector = HataObjective(rbit=rbit)
     methods = {recall.TRAINED: (selector, trained),
+               recall.TRAINED_ASYMMETRIC: (HataObjective(rbit=rbit, score="asymmetric"), trained),
                recall.RANDOM: (selector, random_projections(model.config, rbit, seed=0, layers=layers))}
     checkpoints = {str(hash_weights): metadata}
     if args.hashattention:

@@ -55,7 +55,7 @@ FORMAT = "hata-jax/eval"
 VERSION = 1
 DEFAULT_METHODS = ("dense", "hata", "exact", "simhash", "quest", "loki", "streaming")
 # EvalConfig fields that change the result of a unit: a resumed run must keep them.
-RESULT_SETTINGS = ("batch", "metric_queries", "dense_layers", "rbit", "sink", "recent", "seed", "impl")
+RESULT_SETTINGS = ("batch", "metric_queries", "dense_layers", "rbit", "score", "sink", "recent", "seed", "impl")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +72,8 @@ class EvalConfig:
       metric_prompts: prompts per task and length whose attention metrics are measured (0: none).
       metric_queries: query positions per metric prompt.
       dense_layers: the first layers every plan keeps dense (`AttentionPlan.for_method`).
-      rbit, sink, recent: the plans' HataConfig fields (rbit: hata, hata_rerank and simhash).
+      rbit, score, sink, recent: the plans' HataConfig fields (rbit and score: hata, hata_rerank
+        and simhash).
       candidates: hata_rerank's factor c (HATA picks c x budget candidates, exact scores the budget).
       seed: prompts, held-out files, query positions, simhash projections.
       impl: "auto", "pallas" or "reference" for the hata_jax ops.
@@ -89,6 +90,7 @@ class EvalConfig:
     metric_queries: int = 16
     dense_layers: int = 2
     rbit: int = 128
+    score: str = HataConfig.score
     candidates: int = 4
     sink: int = 0
     recent: int = 0
@@ -114,7 +116,7 @@ class EvalConfig:
             for value in getattr(self, name):
                 _check_int(value, f"EvalConfig.{name} entry", 1)
         for budget in self.budgets:  # validates sink + recent <= budget and the rbit
-            HataConfig(rbit=self.rbit, budget=budget, sink=self.sink, recent=self.recent)
+            HataConfig(rbit=self.rbit, budget=budget, sink=self.sink, recent=self.recent, score=self.score)
 
     @property
     def configs(self) -> list[tuple[str, int | None]]:
@@ -123,7 +125,8 @@ class EvalConfig:
                 ((None,) if m == "dense" else self.budgets)]
 
     def plan(self, num_layers: int, method: str, budget: int | None) -> AttentionPlan:
-        hata = HataConfig(rbit=self.rbit, budget=budget or max(self.budgets), sink=self.sink, recent=self.recent)
+        hata = HataConfig(rbit=self.rbit, budget=budget or max(self.budgets), sink=self.sink, recent=self.recent,
+                          score=self.score)
         return AttentionPlan.for_method(num_layers, method, hata, self.impl, candidates=self.candidates,
                                         dense_layers=self.dense_layers)
 
@@ -229,6 +232,7 @@ def open_run(directory: str | pathlib.Path, model, model_name: str, config: Eval
         if run.get("format") != FORMAT or run.get("version") != VERSION:
             raise ValueError(f"{path} is not a {FORMAT} v{VERSION} run; use another --out")
         check_same_model(run["model"], model, f"the evaluation in {directory}")
+        run["settings"].setdefault("score", "key_norm")  # runs made before the setting existed used key_norm
         keys = {*config.settings(), *(k for k in settings if k in run["settings"])}
         differ = {k: (run["settings"].get(k), settings.get(k)) for k in sorted(keys)
                   if run["settings"].get(k) != settings.get(k)}

@@ -14,10 +14,10 @@ Names used across the package:
 """
 from hata_jax.attention import combine, dense_decode_attention, sparse_decode_attention
 from hata_jax.cache import HataCache
-from hata_jax.config import HataConfig
+from hata_jax.config import QUERY_PLANES, HataConfig
 from hata_jax.decode import hata_decode_attention
 from hata_jax.dispatch import TRACE_LOG, default_impl
-from hata_jax.hashing import encode, encode_step, key_norms, pack_bits, unpack_bits
+from hata_jax.hashing import encode, encode_step, key_norms, pack_bits, query_planes, unpack_bits
 from hata_jax.scoring import hamming_scores
 from hata_jax.selection import UNUSED, hamming_topk, select_topk
 
@@ -26,6 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "HataCache",
     "HataConfig",
+    "QUERY_PLANES",
     "TRACE_LOG",
     "UNUSED",
     "combine",
@@ -38,6 +39,7 @@ __all__ = [
     "hata_decode_attention",
     "key_norms",
     "pack_bits",
+    "query_planes",
     "select_topk",
     "sparse_decode_attention",
     "unpack_bits",

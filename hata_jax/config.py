@@ -7,6 +7,11 @@ import numpy as np
 
 from pallas_kernels.backend import SCORES, check_sink_recent
 
+# Sign planes of the "asymmetric" score's query: its projection is quantized to the 2**4 odd
+# levels -15..15 times a scale. On SmolLM2's held-out text 4 planes keep 0.9102 of the attention
+# mass at 1/16 against 0.9111 unquantized (3 planes: 0.9075; the "key_norm" score: 0.8908).
+QUERY_PLANES = 4
+
 
 @dataclasses.dataclass(frozen=True)
 class HataConfig:
@@ -21,8 +26,13 @@ class HataConfig:
       budget: tokens selected per (sequence, KV head) at each decode step.
       sink: first positions always selected (count against `budget`).
       recent: last positions always selected (count against `budget`).
-      score: `"key_norm"`, HATA's `||k|| * sum_i (1 - 2 hamming_i / rbit)`, or `"hamming"`,
-        the summed Hamming distance (smaller is better).
+      score: `"key_norm"`, HATA's `||k|| * sum_i (1 - 2 hamming_i / rbit)`; `"hamming"`,
+        the summed Hamming distance (smaller is better); or `"asymmetric"`: the keys keep their
+        sign codes but the query is not hashed: the group's summed projection `sum_i q_i W`,
+        quantized to :data:`QUERY_PLANES` sign planes, is dotted with each key's +-1 code,
+        `||k|| * (sum_i q_i W) . b(k) / rbit` (:func:`hata_jax.query_planes`). Same cache, same
+        bytes read; it keeps the magnitude of each query coordinate that the query's sign code
+        drops.
       candidates: 1 for plain HATA; c > 1 for two-stage HATA: the codes pick `c * budget`
         tokens (at most the cache capacity), their exact scores the `budget`
         (:func:`hata_jax.rerank.rerank_candidates`; it reads the candidates' keys).
@@ -51,6 +61,12 @@ class HataConfig:
         except ValueError as err:
             raise ValueError(f"HataConfig.{err}") from None
         check_score(self.score, "HataConfig.score")
+
+    @property
+    def query_planes(self) -> int:
+        """The query planes `encode_step` makes: :data:`QUERY_PLANES` for the "asymmetric" score, else 0
+        (the query heads' sign codes)."""
+        return QUERY_PLANES if self.score == "asymmetric" else 0
 
     def require_one_stage(self, op: str) -> None:
         """Raise for two-stage HATA (candidates > 1) in an op that runs plain HATA only."""

@@ -8,7 +8,7 @@ from hata_jax import checks, explicit
 from hata_jax.attention import scale_or_default, sparse_decode_attention
 from hata_jax.cache import HataCache
 from hata_jax.config import HataConfig
-from hata_jax.hashing import encode_step
+from hata_jax.hashing import encode_step_for
 from hata_jax.rerank import rerank_candidates
 from hata_jax.selection import check_selection_args, hamming_topk
 
@@ -66,13 +66,13 @@ def hata_decode_attention(
     def run(q, k_new, v_new, cache, w):
         # A quantized cache: the codes of the key as stored (those from_kv computes from the cache).
         stored = cache.as_stored(k_new)
-        q_codes, k_codes, k_norms = encode_step(q, stored, w, impl=impl)
+        q_codes, q_scales, k_codes, k_norms = encode_step_for(config, q, stored, w, impl=impl)
         cache = cache.append_encoded(k_new, v_new, k_codes, k_norms)
         # The codes count from each sequence's start; the selected slots become positions of k and v.
         lengths = cache.lengths - cache.starts
         idx, count = hamming_topk(
-            q_codes, cache.codes, cache.norms, lengths, budget=picked,
-            score=config.score, sink=config.sink, recent=config.recent, impl=impl,
+            q_codes, cache.codes, cache.norms, lengths, budget=picked, score=config.score, q_scales=q_scales,
+            sink=config.sink, recent=config.recent, impl=impl,
         )
         if picked > config.budget:  # two-stage: the candidates' exact scores pick the budget
             idx, count = rerank_candidates(q, cache.k, idx, count, lengths, config.budget, scale=scale,

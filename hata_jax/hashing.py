@@ -7,8 +7,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from hata_jax import checks, dispatch, explicit
-from hata_jax.config import check_rbit
+from hata_jax.config import QUERY_PLANES, HataConfig, check_rbit
 from pallas_kernels import hash_encode
+from pallas_kernels.backend import MAX_QUERY_PLANES
 
 
 def check_projection(w, head_dim: int | None = None, name: str = "w") -> tuple[int, int, int]:
@@ -91,6 +92,70 @@ def encode(x: jax.Array, w: jax.Array, *, head_axis: int = -2, impl: str = "auto
     return explicit.per_shard(run, (x, w), (layout, "h.."), layout)
 
 
+def check_query_planes(planes, name: str = "query_planes") -> int:
+    if isinstance(planes, bool) or not isinstance(planes, int) or not 1 <= planes <= MAX_QUERY_PLANES:
+        raise ValueError(f"{name} must be an int in [1, {MAX_QUERY_PLANES}], got {planes!r}")
+    return planes
+
+
+def planes_from_projection(qsum: jax.Array, planes: int) -> tuple[jax.Array, jax.Array]:
+    """Quantize summed query projections to sign planes (the "asymmetric" score's query).
+
+    qsum: float32[..., rbit] -> (codes uint32[..., planes, rbit // 32], scale float32[...]).
+    With `top = 2**planes - 1` and `scale = max_j |qsum_j| / top`, each coordinate is rounded to
+    the nearest odd level `v_j = 2 u_j - top` (u_j in [0, top]) of `qsum_j / scale`; plane p holds
+    bit p of u_j, so `v_j = sum_p 2**p (2 bit_p,j - 1)` and, for a key's +-1 code b,
+    `v . b = sum_p 2**p (rbit - 2 hamming(plane_p, code))`: the scoring needs only popcounts.
+    """
+    top = 2**planes - 1
+    scale = jnp.maximum(jnp.max(jnp.abs(qsum), axis=-1), jnp.finfo(jnp.float32).tiny) / jnp.float32(top)
+    level = jnp.floor(qsum / scale[..., None] * 0.5 + jnp.float32((top + 1) * 0.5))
+    level = jnp.clip(level, 0, top).astype(jnp.uint32)
+    bits = (level[..., None, :] >> jnp.arange(planes, dtype=jnp.uint32)[:, None]) & jnp.uint32(1)
+    return pack_bits(bits.astype(bool)), scale
+
+
+def _query_planes_reference(q, w, planes: int):
+    b, hq, d = q.shape
+    kv_heads = w.shape[0]
+    qg = q.reshape(b, kv_heads, hq // kv_heads, d).astype(jnp.float32)
+    qsum = jnp.einsum("bhgd,hdr->bhr", qg, w.astype(jnp.float32), precision=lax.Precision.HIGHEST)
+    codes, scale = planes_from_projection(qsum, planes)
+    return codes.reshape(b, kv_heads * planes, -1), scale
+
+
+def query_planes(q: jax.Array, w: jax.Array, *, planes: int = QUERY_PLANES, impl: str = "auto"):
+    """The "asymmetric" score's query: each KV head's summed query projection as sign planes.
+
+    Args:
+      q: float[B, Hq, D] post-RoPE queries (head i belongs to KV head i // (Hq / Hkv)).
+      w: float[Hkv, D, rbit].
+      planes: P in [1, 8] (default :data:`hata_jax.config.QUERY_PLANES`).
+      impl: "auto", "pallas" or "reference"; the Pallas path is :func:`encode_step`'s kernel.
+
+    Returns:
+      (q_planes uint32[B, Hkv * P, rbit // 32], q_scales float32[B, Hkv]): row `h * P + p` is plane
+      p of KV head h (see :func:`planes_from_projection`); `q_scales * sum_p 2**p (2 bit_p - 1)`
+      approximates `sum_{i in group} q_i . w[h]` to within one scale per coordinate. These are the
+      `q_codes` and `q_scales` of :func:`hata_jax.hamming_scores` with `score="asymmetric"`.
+    """
+    q, w = checks.as_array(q, "q"), checks.as_array(w, "w")
+    checks.check_finite(w, "w")
+    checks.check_query(q)
+    checks.check_floating(q, "q")
+    kv_heads, _, _ = check_projection(w, q.shape[-1])
+    checks.group_size(q.shape[1], kv_heads, "query_planes: q heads vs w")
+    check_query_planes(planes, "planes")
+    path = dispatch.resolve("encode_step", impl)
+
+    def run(q, w):
+        if path.pallas:
+            return hash_encode.query_planes(q, w, planes=planes, interpret=path.interpret)
+        return _query_planes_reference(q, w, planes)
+
+    return explicit.per_shard(run, (q, w), ("bh.", "h.."), ("bh.", "bh"), lead=1)
+
+
 def key_norms(k: jax.Array) -> jax.Array:
     """L2 norms of keys along the last axis, computed in float32: float[...] for k: float[..., D]."""
     checks.check_floating(k, "k")
@@ -100,17 +165,20 @@ def key_norms(k: jax.Array) -> jax.Array:
     return jnp.sqrt(jnp.sum(kf * kf, axis=-1))
 
 
-def encode_step(q: jax.Array, k_new: jax.Array, w: jax.Array, *, impl: str = "auto"):
+def encode_step(q: jax.Array, k_new: jax.Array, w: jax.Array, *, query_planes: int = 0, impl: str = "auto"):
     """One decode step's hashing: the query heads' codes, the new key's code and norm.
 
     Args:
       q: float[B, Hq, D] post-RoPE queries.
       k_new: float[B, Hkv, D] post-RoPE new keys.
       w: float[Hkv, D, rbit].
+      query_planes: 0: the query heads' sign codes; P in [1, 8]: the "asymmetric" score's query
+        instead, P sign planes per KV head and their scale (:func:`query_planes`).
 
     Returns:
-      (q_codes uint32[B, Hq, rbit//32], k_codes uint32[B, Hkv, rbit//32], k_norms float32[B, Hkv]).
-      The Pallas path does all three in one launch.
+      (q_codes uint32[B, Hq, rbit//32], k_codes uint32[B, Hkv, rbit//32], k_norms float32[B, Hkv]),
+      or with query_planes = P: (q_planes uint32[B, Hkv * P, rbit//32], q_scales float32[B, Hkv],
+      k_codes, k_norms). The Pallas path does it all in one launch.
     """
     q, k_new, w = checks.as_array(q, "q"), checks.as_array(k_new, "k_new"), checks.as_array(w, "w")
     checks.check_finite(w, "w")
@@ -123,11 +191,22 @@ def encode_step(q: jax.Array, k_new: jax.Array, w: jax.Array, *, impl: str = "au
     checks.check_dim(k_new, 1, kv_heads, "k_new", "KV heads")
     checks.check_dim(k_new, 2, d, "k_new", "head_dim")
     checks.group_size(q.shape[1], kv_heads, "encode_step: q heads vs w")
+    if query_planes != 0:
+        check_query_planes(query_planes)
     path = dispatch.resolve("encode_step", impl)
 
     def run(q, k_new, w):
         if path.pallas:
-            return hash_encode.encode_step(q, k_new, w, interpret=path.interpret)
-        return _encode_reference(q, w, 1), _encode_reference(k_new, w, 1), key_norms(k_new)
+            return hash_encode.encode_step(q, k_new, w, query_planes=query_planes, interpret=path.interpret)
+        query = _query_planes_reference(q, w, query_planes) if query_planes else (_encode_reference(q, w, 1),)
+        return *query, _encode_reference(k_new, w, 1), key_norms(k_new)
 
-    return explicit.per_shard(run, (q, k_new, w), ("bh.", "bh.", "h.."), ("bh.", "bh.", "bh"), lead=1)
+    out_layouts = ("bh.", "bh", "bh.", "bh") if query_planes else ("bh.", "bh.", "bh")
+    return explicit.per_shard(run, (q, k_new, w), ("bh.", "bh.", "h.."), out_layouts, lead=1)
+
+
+def encode_step_for(config: HataConfig, q: jax.Array, k_new: jax.Array, w: jax.Array, *, impl: str = "auto"):
+    """:func:`encode_step` for `config.score`: (q_codes, q_scales, k_codes, k_norms), the first two
+    as :func:`hata_jax.hamming_topk` takes them (q_scales None but for the "asymmetric" score)."""
+    out = encode_step(q, k_new, w, query_planes=config.query_planes, impl=impl)
+    return out if config.query_planes else (out[0], None, *out[1:])

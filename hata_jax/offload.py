@@ -47,7 +47,7 @@ import numpy as np
 from hata_jax import checks, host_memory
 from hata_jax.attention import combine, dense_decode_attention, sparse_decode_attention
 from hata_jax.config import HataConfig, check_rbit
-from hata_jax.hashing import check_projection, encode, encode_step, key_norms
+from hata_jax.hashing import check_projection, encode, encode_step, encode_step_for, key_norms
 from hata_jax.selection import check_selection_args, hamming_topk
 
 STREAM_TOKENS = 16384  # tokens per block of offload_dense_attention
@@ -499,10 +499,11 @@ def select_rows(q, k_new, v_new, codes: DeviceCodes, rows: RowCache, w, config: 
       (the :class:`Fetch`, kv_new [B, Hkv, 2, D] in `dtype`, the updated codes, the updated rows).
     """
     config.require_one_stage("the offloaded HATA step")  # the candidates' keys are on the host
-    q_codes, k_codes, k_norms = encode_step(q, k_new, w, impl=impl)
+    q_codes, q_scales, k_codes, k_norms = encode_step_for(config, q, k_new, w, impl=impl)
     codes = codes.append(k_codes, k_norms)
     idx, count = hamming_topk(q_codes, codes.codes, codes.norms, codes.lengths, budget=config.budget,
-                              score=config.score, sink=config.sink, recent=config.recent, impl=impl)
+                              score=config.score, q_scales=q_scales, sink=config.sink, recent=config.recent,
+                              impl=impl)
     fetch, rows = plan_fetch(jnp.maximum(idx, 0), count, rows, codes.lengths, codes.capacity)
     return fetch, jnp.stack([k_new, v_new], axis=2).astype(dtype), codes, rows
 

@@ -7,8 +7,7 @@ import numpy as np
 from jax import lax
 
 from hata_jax import checks, dispatch, explicit
-from hata_jax.config import check_score
-from hata_jax.scoring import CODE_LAYOUTS, check_code_inputs, scores_reference
+from hata_jax.scoring import scores_reference, scoring_inputs
 from pallas_kernels import hamming_topk as hamming_kernels
 from pallas_kernels.backend import UNUSED, check_sink_recent
 
@@ -101,31 +100,31 @@ def hamming_topk(
     *,
     budget: int,
     score: str = "key_norm",
+    q_scales: jax.Array | None = None,
     sink: int = 0,
     recent: int = 0,
     impl: str = "auto",
 ):
     """`select_topk(hamming_scores(...))` in one call; the Pallas path fuses the two.
 
-    Shapes as in :func:`hata_jax.hamming_scores` and :func:`select_topk`; returns (idx, count).
+    Shapes (and `q_scales`, for score="asymmetric") as in :func:`hata_jax.hamming_scores` and
+    :func:`select_topk`; returns (idx, count).
     """
-    check_score(score)
-    lengths = checks.as_array(lengths, "lengths", "int")
-    check_code_inputs(q_codes, k_codes, k_norms, lengths)
+    arrays, layouts = scoring_inputs(q_codes, k_codes, k_norms, lengths, q_scales, score)
     check_selection_args(budget, k_codes.shape[2], sink, recent)
     budget = int(budget)
     path = dispatch.resolve("hamming_topk", impl)
 
-    def run(q_codes, k_codes, k_norms, lengths):
+    def run(q_codes, k_codes, k_norms, lengths, q_scales=None):
         if path.pallas:
             return hamming_kernels.hamming_topk(
-                q_codes, k_codes, k_norms, lengths, budget=budget, score=score,
+                q_codes, k_codes, k_norms, lengths, budget=budget, score=score, q_scales=q_scales,
                 sink=sink, recent=recent, interpret=path.interpret,
             )
-        scores = scores_reference(q_codes, k_codes, k_norms, lengths, score)
+        scores = scores_reference(q_codes, k_codes, k_norms, lengths, score, q_scales)
         return _select_reference(scores, budget, lengths, sink, recent)
 
-    return explicit.per_shard(run, (q_codes, k_codes, k_norms, lengths), CODE_LAYOUTS, SELECTION_LAYOUTS, lead=1)
+    return explicit.per_shard(run, arrays, layouts, SELECTION_LAYOUTS, lead=1)
 
 
 def exact_slots(scores, lengths, budget: int, sink: int = 0, recent: int = 0) -> np.ndarray:

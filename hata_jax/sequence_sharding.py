@@ -58,7 +58,7 @@ from hata_jax.attention import (
 )
 from hata_jax.cache import HataCache, tokens_encoded
 from hata_jax.config import HataConfig
-from hata_jax.hashing import encode_step
+from hata_jax.hashing import encode_step, encode_step_for
 from hata_jax.scoring import hamming_scores
 from hata_jax.selection import check_selection_args, ranking_keys, select_topk
 from hata_jax.sharding import axis_size, shard_map
@@ -261,13 +261,14 @@ def _merge(out, lse, axis: str):
     return merged
 
 
-def _global_selection(q_codes, cache: HataCache, config: HataConfig, axis: str, n: int, impl: str):
+def _global_selection(q_codes, q_scales, cache: HataCache, config: HataConfig, axis: str, n: int, impl: str):
     """(idx int32[B, Hkv, min(budget, S/n)], count int32[B, Hkv]): this device's rows of the
     global top-`budget` (slots `< count`, local positions)."""
     local = cache.capacity
     offset = lax.axis_index(axis) * local
     local_lengths = _local_lengths(cache, axis)
-    scores = hamming_scores(q_codes, cache.codes, cache.norms, local_lengths, score=config.score, impl=impl)
+    scores = hamming_scores(q_codes, cache.codes, cache.norms, local_lengths, score=config.score, q_scales=q_scales,
+                            impl=impl)
     keys = ranking_keys(scores, offset + jnp.arange(local), cache.lengths, config.sink, config.recent)
     budget = min(config.budget, local)
     # Hamming scores are finite, so the keys are finite but for the forced (+inf) and invalid
@@ -339,9 +340,9 @@ def sequence_sharded_decode_attention(
     scale = scale_or_default(scale, q.shape[-1])
 
     def step(q, k_new, v_new, cache, w):
-        q_codes, k_codes, k_norms = encode_step(q, k_new, w, impl=impl)
+        q_codes, q_scales, k_codes, k_norms = encode_step_for(config, q, k_new, w, impl=impl)
         cache = _append(k_new, v_new, k_codes, k_norms, cache, axis, n)
-        idx, count = _global_selection(q_codes, cache, config, axis, n, impl)
+        idx, count = _global_selection(q_codes, q_scales, cache, config, axis, n, impl)
         out, lse = sparse_decode_attention(q, cache.k, cache.v, idx, count, scale=scale, return_lse=True, impl=impl)
         out = _merge(out, lse, axis)
         return jnp.where((cache.overflow | cache.uncoded)[:, None, None], jnp.nan, out).astype(q.dtype), cache

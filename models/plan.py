@@ -96,8 +96,9 @@ class AttentionPlan:
     def for_method(cls, num_layers: int, method: str, hata: HataConfig = HataConfig(),
                    impl: str = "auto", candidates: int = 4, *, dense_layers: int = DENSE_LAYERS) -> AttentionPlan:
         """The plan of one method of METHODS: "dense" everywhere; "hata", the fast HATA path;
-        any other selector name, kind "sparse" with `make_selector(method)` (`rbit=hata.rbit` for
-        the selectors that take it: simhash, hata_rerank; `candidates` for hata_rerank). Except
+        any other selector name, kind "sparse" with `make_selector(method)` (`rbit=hata.rbit` and
+        `score=hata.score` for the selectors that take them: simhash, hata_rerank; `candidates`
+        for hata_rerank). Except
         for "dense", the first `dense_layers` layers stay dense."""
         if method not in METHODS:
             raise ValueError(f"unknown attention method {method!r}; supported: {METHODS}")
@@ -108,7 +109,7 @@ class AttentionPlan:
         selector = None
         if kind == "sparse":
             fields = {f.name for f in dataclasses.fields(SELECTORS[method])}
-            given = {"rbit": hata.rbit, "candidates": candidates}
+            given = {"rbit": hata.rbit, "score": hata.score, "candidates": candidates}
             selector = make_selector(method, **{name: value for name, value in given.items() if name in fields})
         return cls(layers=kinds, hata=hata, impl=impl, selector=selector)
 

@@ -4,7 +4,8 @@ plan's selector keeps, the quality measure of a selector (perplexity) without de
 Query t of a "sparse" layer attends to the keys `hata_jax.selectors.selection_mask` keeps among
 positions <= t: the selection a decode step at that position would make (same budget, sink,
 recent). A "hata" layer does the same through the `hata` selector with the layer's projection
-(HATA's codes and key-norm scores, the ranking of its decode path). Dense layers are dense causal.
+(HATA's codes and the plan's score, "key_norm" or "asymmetric": the ranking of its decode path).
+Dense layers are dense causal.
 """
 from __future__ import annotations
 
@@ -22,9 +23,10 @@ from hata_jax.selectors import make_selector, selection_mask, sparse_causal_atte
 def layer_selectors(plan: AttentionPlan) -> tuple:
     """Per layer the selector that restricts its attention: the plan's for "sparse", HATA's (rbit
     of `plan.hata`) for "hata", None for "dense"."""
-    if plan.hashed_layers and plan.hata.score != "key_norm":
-        raise ValueError(f"teacher forcing scores 'hata' layers with HATA's key_norm score, not {plan.hata.score!r}")
-    hata = make_selector("hata", rbit=plan.hata.rbit) if plan.hashed_layers else None
+    if plan.hashed_layers and plan.hata.score == "hamming":
+        raise ValueError("teacher forcing scores 'hata' layers with the 'key_norm' or 'asymmetric' score, "
+                         "not 'hamming'")
+    hata = make_selector("hata", rbit=plan.hata.rbit, score=plan.hata.score) if plan.hashed_layers else None
     return tuple({"dense": None, "hata": hata, "sparse": plan.selector}[kind] for kind in plan.layers)
 
 

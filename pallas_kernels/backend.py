@@ -37,7 +37,8 @@ SUPPORTED_HEAD_DIMS = (64, 128)
 MAX_SEQ = 262144  # cache capacity per sequence
 MAX_BUDGET = 8192  # selected tokens per (sequence, KV head)
 MAX_GROUP = 8  # query heads per KV head
-SCORES = ("key_norm", "hamming")  # HATA's selection scores (see hata_jax.hamming_scores)
+SCORES = ("key_norm", "hamming", "asymmetric")  # HATA's selection scores (see hata_jax.hamming_scores)
+MAX_QUERY_PLANES = MAX_GROUP  # sign planes of an "asymmetric" query (rows of the scoring's query tile)
 UNUSED = -1  # index-buffer slot that holds no position
 
 

@@ -99,10 +99,13 @@ from pallas_kernels.radix_select import Tiling, default_tiling
 MAX_WORDS = 8  # rbit <= 256
 
 
-def _check_codes(q_codes, k_codes, k_norms, score: str) -> None:
+def _check_codes(q_codes, k_codes, k_norms, score: str, q_scales) -> None:
     """Raise a ValueError for inputs these kernels do not support."""
     if score not in SCORES:
         raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    if (score == "asymmetric") != (q_scales is not None):
+        raise ValueError(f"q_scales is needed by score='asymmetric' and by no other score (score={score!r}, "
+                         f"q_scales {'given' if q_scales is not None else 'None'})")
     if k_codes.ndim != 4 or k_codes.dtype != jnp.uint32:
         raise ValueError(
             f"k_codes must be uint32[batch, kv_heads, seq, words], got {k_codes.dtype}{list(k_codes.shape)}"
@@ -121,25 +124,34 @@ def _check_codes(q_codes, k_codes, k_norms, score: str) -> None:
         raise ValueError(
             f"k_norms must be float32[{batch}, {kv_heads}, {seq}], got {k_norms.dtype}{list(k_norms.shape)}"
         )
+    if q_scales is not None and (q_scales.shape != (batch, kv_heads) or q_scales.dtype != jnp.float32):
+        raise ValueError(f"q_scales must be float32[{batch}, {kv_heads}], got {q_scales.dtype}{list(q_scales.shape)}")
 
 
 class _CodeScoresRefs(NamedTuple):
-    """Scores of a row computed from its key codes and norms against the group's query codes."""
+    """Scores of a row computed from its key codes and norms against the group's query codes
+    (or, for the "asymmetric" score, the KV head's query planes and their scale)."""
 
-    q_rows: list  # G uint32[Wp] query code rows (columns >= W are 0)
+    q_rows: list  # G (or P) uint32[Wp] query code rows (columns >= W are 0)
     codes_ref: Any  # [S, W]
     norms_ref: Any  # [S]
     score: str
+    q_scale: Any  # float32 scalar ("asymmetric") or None
     interpret: bool
 
     def _scores(self, codes, norms):
         """The reference's float32 formula, so the scores match it bit for bit (codes: [n, Wp],
         columns >= W are 0)."""
         dist = [popcount32(codes ^ row[None, :], interpret=self.interpret).astype(jnp.int32) for row in self.q_rows]
+        if self.score == "asymmetric":  # plane p counts 2**p times
+            dist = [d << p for p, d in enumerate(dist)]
         ham = jnp.sum(functools.reduce(jnp.add, dist), axis=1)
         if self.score == "hamming":
             return -ham.astype(jnp.float32)
         rbit = 32 * self.codes_ref.shape[1]
+        if self.score == "asymmetric":
+            top = 2 ** len(self.q_rows) - 1
+            return norms * ((top * rbit - 2 * ham).astype(jnp.float32) * (self.q_scale * jnp.float32(1.0 / rbit)))
         return norms * ((len(self.q_rows) * rbit - 2 * ham).astype(jnp.float32) * jnp.float32(1.0 / rbit))
 
     def _columns(self, rows: int):
@@ -166,35 +178,43 @@ class _CodeScoresRefs(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class CodeScores:
-    """Scores computed from (q_codes [B, Hq, W], k_codes [B, Hkv, S, W], k_norms [B, Hkv, S])."""
+    """Scores computed from (q_codes [B, Hq, W], k_codes [B, Hkv, S, W], k_norms [B, Hkv, S]),
+    then q_scales [B, Hkv] for the "asymmetric" score (q_codes: [B, Hkv * P, W] query planes)."""
 
-    group: int
+    group: int  # query rows per KV head: G query codes, or P query planes
     words: int
     seq: int
     score: str
     writes_scores = True
 
     def in_specs(self):
-        return [
+        specs = [
             pl.BlockSpec((None, self.group, self.words), lambda b, h, c: (b, h, 0)),
             rs.row_spec(self.seq, self.words),
             rs.row_spec(self.seq),
         ]
+        return specs + [rs.row_spec()] if self.score == "asymmetric" else specs
 
     def bind(self, refs, *, interpret):
-        q_ref, codes_ref, norms_ref = refs
+        q_ref, codes_ref, norms_ref, *scale_ref = refs
         width = pl.next_power_of_2(self.words)
         mask = jax.lax.broadcasted_iota(jnp.int32, (width,), 0) < self.words
         q_rows = [
             pltriton.load(q_ref.at[jnp.int32(g), pl.ds(0, width)], mask=mask, other=jnp.uint32(0))
             for g in range(self.group)
         ]
-        return _CodeScoresRefs(q_rows, codes_ref, norms_ref, self.score, interpret)
+        q_scale = scale_ref[0][...] if scale_ref else None
+        return _CodeScoresRefs(q_rows, codes_ref, norms_ref, self.score, q_scale, interpret)
 
 
 def _code_scores(q_codes, k_codes, score: str) -> CodeScores:
     _, kv_heads, seq, words = k_codes.shape
     return CodeScores(q_codes.shape[1] // kv_heads, words, seq, score)
+
+
+def _score_inputs(q_codes, k_codes, k_norms, q_scales) -> tuple:
+    """The arrays of CodeScores.in_specs, in order."""
+    return (q_codes, k_codes, k_norms) + (() if q_scales is None else (q_scales,))
 
 
 def _scoring_kernel(len_ref, *refs, source, tiling, seq, interpret):
@@ -219,15 +239,17 @@ def hamming_scores(
     lengths,
     *,
     score: str = "key_norm",
+    q_scales=None,
     interpret: bool = False,
     tiling: Tiling | None = None,
 ):
     """Kernel form of :func:`hata_jax.hamming_scores`.
 
-    q_codes: uint32[B, Hq, W]; k_codes: uint32[B, Hkv, S, W]; k_norms: float32[B, Hkv, S];
-    lengths: int[B]. Returns float32[B, Hkv, S] (-inf at positions >= lengths[b]).
+    q_codes: uint32[B, Hq, W] (score "asymmetric": uint32[B, Hkv * P, W] query planes);
+    k_codes: uint32[B, Hkv, S, W]; k_norms: float32[B, Hkv, S]; lengths: int[B]; q_scales:
+    float32[B, Hkv] ("asymmetric" only). Returns float32[B, Hkv, S] (-inf at positions >= lengths[b]).
     """
-    _check_codes(q_codes, k_codes, k_norms, score)
+    _check_codes(q_codes, k_codes, k_norms, score, q_scales)
     batch, kv_heads, seq, _ = k_codes.shape
     tiling = tiling or default_tiling(batch * kv_heads, seq)
     source = _code_scores(q_codes, k_codes, score)
@@ -241,7 +263,7 @@ def hamming_scores(
         num_stages=tiling.num_stages,
         interpret=interpret,
         name="hata_hamming_scores",
-    )(jnp.asarray(lengths).astype(jnp.int32), q_codes, k_codes, k_norms)
+    )(jnp.asarray(lengths).astype(jnp.int32), *_score_inputs(q_codes, k_codes, k_norms, q_scales))
 
 
 @functools.partial(jax.jit, static_argnames=("budget", "score", "sink", "recent", "interpret", "tiling", "config"))
@@ -253,6 +275,7 @@ def hamming_topk_with_path(
     *,
     budget: int,
     score: str = "key_norm",
+    q_scales=None,
     sink: int = 0,
     recent: int = 0,
     interpret: bool = False,
@@ -260,12 +283,12 @@ def hamming_topk_with_path(
     config: BandConfig = BandConfig(),
 ):
     """:func:`hamming_topk`, also returning how each row was selected (int32[B, Hkv] of band_select.PATH_*)."""
-    _check_codes(q_codes, k_codes, k_norms, score)
+    _check_codes(q_codes, k_codes, k_norms, score, q_scales)
     batch, kv_heads, seq, _ = k_codes.shape
     rs.check_selection(seq, budget, sink, recent)
     return band_select.select_with_path(
         _code_scores(q_codes, k_codes, score),
-        (q_codes, k_codes, k_norms),
+        _score_inputs(q_codes, k_codes, k_norms, q_scales),
         jnp.asarray(lengths),
         shape=(batch, kv_heads, seq),
         budget=budget,
@@ -285,6 +308,7 @@ def hamming_topk(
     *,
     budget: int,
     score: str = "key_norm",
+    q_scales=None,
     sink: int = 0,
     recent: int = 0,
     interpret: bool = False,
@@ -302,6 +326,7 @@ def hamming_topk(
         lengths,
         budget=budget,
         score=score,
+        q_scales=q_scales,
         sink=sink,
         recent=recent,
         interpret=interpret,

@@ -78,7 +78,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.backend import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, triton_call
+from pallas_kernels.backend import MAX_QUERY_PLANES, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, triton_call
 
 MAX_RBIT = 256
 WORD_BITS = 32
@@ -142,16 +142,18 @@ def _projection_parts(w: jax.Array, compute_dtype) -> tuple[jax.Array, ...]:
     return hi.astype(compute_dtype), (w32 - hi).astype(compute_dtype)
 
 
-def _pack_codes(rows: jax.Array, w_refs, words: int) -> jax.Array:
+def _pack_codes(rows: jax.Array, w_refs, words: int, sum_rows: jax.Array | None = None):
     """rows: [M, D] (compute dtype), w_refs: parts [D, 32 * words] of w -> uint32[M, next_pow2(words)].
 
     Column c < words holds bits 32c .. 32c+31 (bit j set iff row . w[:, 32c + j] > 0); the
-    padding columns are 0.
+    padding columns are 0. With `sum_rows` (bool[M]) also returns, per word, the float32[32]
+    projection summed over those rows: (codes, [words arrays]).
     """
     lane = lax.broadcasted_iota(jnp.int32, (1, WORD_BITS), 1).astype(jnp.uint32)
     bit_values = jnp.left_shift(jnp.uint32(1), lane)
     column = lax.broadcasted_iota(jnp.int32, (1, pl.next_power_of_2(words)), 1)
     codes = jnp.zeros((rows.shape[0], column.shape[1]), jnp.uint32)
+    sums = []
     for word in range(words):
         cols = pl.ds(word * WORD_BITS, WORD_BITS)
         proj = sum(
@@ -160,7 +162,9 @@ def _pack_codes(rows: jax.Array, w_refs, words: int) -> jax.Array:
         )
         packed = jnp.sum(jnp.where(proj > 0, bit_values, jnp.uint32(0)), axis=1, dtype=jnp.uint32)
         codes = jnp.where(column == word, packed[:, None], codes)
-    return codes
+        if sum_rows is not None:
+            sums.append(jnp.sum(jnp.where(sum_rows[:, None], proj, 0.0), axis=0))
+    return codes if sum_rows is None else (codes, sums)
 
 
 def _store_codes(o_ref, codes: jax.Array, row_mask: jax.Array) -> None:
@@ -245,18 +249,47 @@ def encode(x: jax.Array, w: jax.Array, *, head_axis: int, interpret: bool = Fals
     return codes.reshape(out_shape)
 
 
-def _encode_step_kernel(q_ref, k_ref, *refs, words: int, compute_dtype):
-    """q_ref: [G, D], k_ref: [D], refs: the parts [D, rbit] of w, then q_codes_ref: [G, words],
-    k_codes_ref: [words], k_norm_ref: [] (a scalar)."""
-    *w_refs, q_codes_ref, k_codes_ref, k_norm_ref = refs
+def _query_planes(projections: list, planes: int) -> tuple[jax.Array, jax.Array]:
+    """The group's summed projections, one float32[32] per word, as sign planes (the formula of
+    `hata_jax.hashing.planes_from_projection`): (uint32[next_pow2(planes), next_pow2(words)]
+    plane words, padding 0; float32 scale)."""
+    top = 2**planes - 1
+    peak = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(p)) for p in projections])
+    scale = jnp.maximum(peak, jnp.finfo(jnp.float32).tiny) / jnp.float32(top)
+    lane = lax.broadcasted_iota(jnp.int32, (WORD_BITS,), 0).astype(jnp.uint32)
+    shape = (pl.next_power_of_2(planes), pl.next_power_of_2(len(projections)))
+    plane_row = lax.broadcasted_iota(jnp.int32, shape, 0)
+    column = lax.broadcasted_iota(jnp.int32, shape, 1)
+    out = jnp.zeros(shape, jnp.uint32)
+    for word, proj in enumerate(projections):
+        level = jnp.floor(proj / scale * 0.5 + jnp.float32((top + 1) * 0.5))
+        level = jnp.minimum(jnp.maximum(level, 0.0), jnp.float32(top)).astype(jnp.uint32)
+        for p in range(planes):
+            bits = jnp.sum(jnp.left_shift((level >> p) & jnp.uint32(1), lane), dtype=jnp.uint32)
+            out = jnp.where((plane_row == p) & (column == word), bits, out)
+    return out, scale
+
+
+def _encode_step_kernel(q_ref, k_ref, *refs, words: int, compute_dtype, parts: int, planes: int):
+    """q_ref: [G, D], k_ref: [D], refs: the `parts` parts [D, rbit] of w, then q_codes_ref:
+    [G, words] (planes > 0: q_planes_ref [P, words] and q_scale_ref [], a scalar), k_codes_ref:
+    [words], k_norm_ref: [] (a scalar)."""
+    w_refs, query_refs, (k_codes_ref, k_norm_ref) = refs[:parts], refs[parts:-2], refs[-2:]
     group = q_ref.shape[0]
     row = lax.broadcasted_iota(jnp.int32, (STEP_ROWS,), 0)
     q = pltriton.load(q_ref.at[pl.ds(0, STEP_ROWS), :], mask=(row < group)[:, None], other=0)
     k = k_ref[...]
     is_key = row == group
     rows = jnp.where(is_key[:, None], k[None, :].astype(compute_dtype), q.astype(compute_dtype))
-    codes = _pack_codes(rows, w_refs, words)
-    _store_codes(q_codes_ref, codes, row < group)
+    if planes:
+        q_planes_ref, q_scale_ref = query_refs
+        codes, projections = _pack_codes(rows, w_refs, words, sum_rows=row < group)
+        plane_words, scale = _query_planes(projections, planes)
+        _store_codes(q_planes_ref, plane_words, lax.broadcasted_iota(jnp.int32, (plane_words.shape[0],), 0) < planes)
+        q_scale_ref[...] = scale
+    else:
+        codes = _pack_codes(rows, w_refs, words)
+        _store_codes(query_refs[0], codes, row < group)
     k_codes = jnp.sum(jnp.where(is_key[:, None], codes, jnp.uint32(0)), axis=0, dtype=jnp.uint32)
     column = lax.broadcasted_iota(jnp.int32, k_codes.shape, 0)
     pltriton.store(k_codes_ref.at[pl.ds(0, k_codes.shape[0])], k_codes, mask=column < words)
@@ -264,18 +297,22 @@ def _encode_step_kernel(q_ref, k_ref, *refs, words: int, compute_dtype):
     k_norm_ref[...] = jnp.sqrt(jnp.sum(kf * kf))
 
 
-@functools.partial(jax.jit, static_argnames=("interpret",))
-def encode_step(q: jax.Array, k_new: jax.Array, w: jax.Array, *, interpret: bool = False):
+@functools.partial(jax.jit, static_argnames=("query_planes", "interpret"))
+def encode_step(q: jax.Array, k_new: jax.Array, w: jax.Array, *, query_planes: int = 0, interpret: bool = False):
     """One decode step's hashing in one launch (see `hata_jax.encode_step`).
 
     Args:
       q: float[B, Hq, D] post-RoPE queries.
       k_new: float[B, Hkv, D] post-RoPE new keys.
       w: float[Hkv, D, rbit].
+      query_planes: 0, or P in [1, 8]: the query as P sign planes of its group-summed projection
+        (`hata_jax.query_planes`) instead of one code per query head.
       interpret: run with the Pallas interpreter (CPU).
 
     Returns:
-      (q_codes uint32[B, Hq, rbit//32], k_codes uint32[B, Hkv, rbit//32], k_norms float32[B, Hkv]).
+      (q_codes uint32[B, Hq, rbit//32], k_codes uint32[B, Hkv, rbit//32], k_norms float32[B, Hkv]);
+      with query_planes = P: (q_planes uint32[B, Hkv * P, rbit//32], q_scales float32[B, Hkv],
+      k_codes, k_norms).
     """
     _check_dtype(q, "q")
     _check_dtype(k_new, "k_new")
@@ -290,33 +327,52 @@ def encode_step(q: jax.Array, k_new: jax.Array, w: jax.Array, *, interpret: bool
     group = _group(heads, kv_heads)
     if group + 1 > STEP_ROWS:
         raise ValueError(f"hash_encode: encode_step supports GQA groups up to {STEP_ROWS - 1}, got {group}")
+    if not 0 <= query_planes <= MAX_QUERY_PLANES:
+        raise ValueError(f"hash_encode: query_planes must be in [0, {MAX_QUERY_PLANES}], got {query_planes}")
+    query_rows = query_planes or group
+    query_shapes = [jax.ShapeDtypeStruct((b, kv_heads, query_rows, words), jnp.uint32)]
+    query_specs = [pl.BlockSpec((None, None, query_rows, words), lambda i, h: (i, h, 0, 0))]
+    if query_planes:
+        query_shapes.append(jax.ShapeDtypeStruct((b, kv_heads), jnp.float32))
+        query_specs.append(pl.BlockSpec((None, None), lambda i, h: (i, h)))
     if b == 0:
-        q_codes = jnp.zeros((0, heads, words), jnp.uint32)
-        return q_codes, jnp.zeros((0, kv_heads, words), jnp.uint32), jnp.zeros((0, kv_heads), jnp.float32)
-    compute_dtype = _compute_dtype(q.dtype, k_new.dtype)
-    w_parts = _projection_parts(w, compute_dtype)
-    kernel = functools.partial(_encode_step_kernel, words=words, compute_dtype=compute_dtype)
-    q_codes, k_codes, k_norms = triton_call(
-        kernel,
-        out_shape=(
-            jax.ShapeDtypeStruct((b, kv_heads, group, words), jnp.uint32),
-            jax.ShapeDtypeStruct((b, kv_heads, words), jnp.uint32),
-            jax.ShapeDtypeStruct((b, kv_heads), jnp.float32),
-        ),
-        grid=(b, kv_heads),
-        in_specs=[
-            pl.BlockSpec((None, None, group, d), lambda i, h: (i, h, 0, 0)),
-            pl.BlockSpec((None, None, d), lambda i, h: (i, h, 0)),
-            *[pl.BlockSpec((None, d, words * WORD_BITS), lambda i, h: (h, 0, 0))] * len(w_parts),
-        ],
-        out_specs=(
-            pl.BlockSpec((None, None, group, words), lambda i, h: (i, h, 0, 0)),
-            pl.BlockSpec((None, None, words), lambda i, h: (i, h, 0)),
-            pl.BlockSpec((None, None), lambda i, h: (i, h)),
-        ),
-        num_warps=STEP_NUM_WARPS,
-        num_stages=NUM_STAGES,
-        interpret=interpret,
-        name="hash_encode_step",
-    )(q.reshape(b, kv_heads, group, d), k_new, *w_parts)
-    return q_codes.reshape(b, heads, words), k_codes, k_norms
+        outs = [jnp.zeros(x.shape, x.dtype) for x in query_shapes]
+        outs += [jnp.zeros((0, kv_heads, words), jnp.uint32), jnp.zeros((0, kv_heads), jnp.float32)]
+    else:
+        compute_dtype = _compute_dtype(q.dtype, k_new.dtype)
+        w_parts = _projection_parts(w, compute_dtype)
+        kernel = functools.partial(_encode_step_kernel, words=words, compute_dtype=compute_dtype,
+                                   parts=len(w_parts), planes=query_planes)
+        outs = triton_call(
+            kernel,
+            out_shape=(
+                *query_shapes,
+                jax.ShapeDtypeStruct((b, kv_heads, words), jnp.uint32),
+                jax.ShapeDtypeStruct((b, kv_heads), jnp.float32),
+            ),
+            grid=(b, kv_heads),
+            in_specs=[
+                pl.BlockSpec((None, None, group, d), lambda i, h: (i, h, 0, 0)),
+                pl.BlockSpec((None, None, d), lambda i, h: (i, h, 0)),
+                *[pl.BlockSpec((None, d, words * WORD_BITS), lambda i, h: (h, 0, 0))] * len(w_parts),
+            ],
+            out_specs=(
+                *query_specs,
+                pl.BlockSpec((None, None, words), lambda i, h: (i, h, 0)),
+                pl.BlockSpec((None, None), lambda i, h: (i, h)),
+            ),
+            num_warps=STEP_NUM_WARPS,
+            num_stages=NUM_STAGES,
+            interpret=interpret,
+            name="hash_encode_step",
+        )(q.reshape(b, kv_heads, group, d), k_new, *w_parts)
+    query_codes, *rest = outs
+    return query_codes.reshape(b, kv_heads * query_rows, words), *rest
+
+
+def query_planes(q: jax.Array, w: jax.Array, *, planes: int, interpret: bool = False):
+    """`hata_jax.query_planes` through :func:`encode_step`'s kernel (its key outputs unused):
+    (q_planes uint32[B, Hkv * planes, rbit//32], q_scales float32[B, Hkv])."""
+    k_new = jnp.zeros((q.shape[0], w.shape[0], q.shape[-1]), q.dtype)
+    q_planes, q_scales, _, _ = encode_step(q, k_new, w, query_planes=planes, interpret=interpret)
+    return q_planes, q_scales

@@ -65,17 +65,51 @@ def popcount(x) -> np.ndarray:
     return np.unpackbits(x[..., None].view(np.uint8), axis=-1).sum(-1).astype(np.int64)
 
 
-def hamming_scores(q_codes, k_codes, k_norms, lengths, score: str = "key_norm") -> np.ndarray:
-    """float64[B, Hkv, S]: the HATA score (or minus the summed Hamming distance), -inf past lengths."""
+def plane_values(q_planes, planes: int) -> np.ndarray:
+    """uint32[B, Hkv * P, W] query planes -> float64[B, Hkv, 32 W]: sum_p 2**p (+1 if bit set else -1)."""
+    signs = np.where(unpack_bits(q_planes), 1.0, -1.0)
+    b, rows, r = signs.shape
+    return (signs.reshape(b, rows // planes, planes, r) * 2.0 ** np.arange(planes)[:, None]).sum(2)
+
+
+def check_query_planes(q_planes, q_scales, q, w, planes: int):
+    """The planes' odd levels times the scale are the group-summed projection to within one scale,
+    the largest |coordinate| of each KV head sits at level +-(2**planes - 1), and the scale is
+    that coordinate's magnitude over 2**planes - 1 (up to 1e-4 of it: a kernel's float32 dot)."""
+    q_planes, q_scales = np.asarray(q_planes), np.asarray(q_scales)
+    b, hq, _ = q.shape
+    kv_heads = w.shape[0]
+    qsum = projections(q, w, -2).reshape(b, kv_heads, hq // kv_heads, -1).sum(2)  # [B, Hkv, r]
+    values = plane_values(q_planes, planes)
+    top = 2**planes - 1
+    scales = as_f64(q_scales)
+    assert q_planes.shape == (b, kv_heads * planes, w.shape[2] // 32) and q_planes.dtype == np.uint32
+    assert q_scales.shape == (b, kv_heads) and q_scales.dtype == np.float32
+    peak_magnitude = np.abs(qsum).max(-1, keepdims=True)
+    np.testing.assert_allclose(scales, peak_magnitude[..., 0] / top, rtol=1e-4)
+    assert np.all(np.abs(values * scales[..., None] - qsum) <= scales[..., None] + 1e-4 * peak_magnitude)
+    peak = np.abs(qsum).argmax(-1)[..., None]
+    np.testing.assert_array_equal(np.take_along_axis(values, peak, -1),
+                                  top * np.sign(np.take_along_axis(qsum, peak, -1)))
+
+
+def hamming_scores(q_codes, k_codes, k_norms, lengths, score: str = "key_norm", q_scales=None) -> np.ndarray:
+    """float64[B, Hkv, S]: the HATA score (or minus the summed Hamming distance, or the asymmetric
+    score `||k|| * scale * v . b(k) / rbit` of query planes), -inf past lengths."""
     q_codes, k_codes = np.asarray(q_codes), np.asarray(k_codes)
     norms = as_f64(k_norms)
     b, hkv, s, words = k_codes.shape
     group = q_codes.shape[1] // hkv
     rbit = WORD * words
+    values = plane_values(q_codes, group) if score == "asymmetric" else None
+    key_signs = np.where(unpack_bits(k_codes), 1.0, -1.0)
     out = np.full((b, hkv, s), -np.inf)
     for i in range(b):
         for h in range(hkv):
             for t in range(int(lengths[i])):
+                if score == "asymmetric":
+                    out[i, h, t] = norms[i, h, t] * float(q_scales[i, h]) * (values[i, h] @ key_signs[i, h, t]) / rbit
+                    continue
                 dists = [popcount(q_codes[i, h * group + g] ^ k_codes[i, h, t]).sum() for g in range(group)]
                 if score == "key_norm":
                     out[i, h, t] = norms[i, h, t] * sum(1.0 - 2.0 * d / rbit for d in dists)

@@ -195,6 +195,25 @@ CASES = {
     ) + [
         (lambda a: topk_call(a, a.q_codes, a.k_codes, a.norms, score="dot"), r"score must be one of"),
     ],
+    "query_planes": [
+        (lambda a: hj.query_planes(a.q, a.w, planes=0, impl=REF), r"planes must be an int in \[1, 8\], got 0"),
+        (lambda a: hj.query_planes(a.q, a.w, planes=True, impl=REF), r"planes must be an int in \[1, 8\], got True"),
+        (lambda a: hj.query_planes(a.q[0], a.w, impl=REF), r"q must have shape \[batch, q_heads, head_dim\]"),
+        (lambda a: hj.query_planes(a.q, a.w[:, :32], impl=REF), r"w has head_dim 32"),
+        (lambda a: hj.encode_step(a.q, a.k_new, a.w, query_planes=9, impl=REF),
+         r"query_planes must be an int in \[1, 8\], got 9"),
+    ],
+    "asymmetric score": [
+        (lambda a: scores_call(a, a.q_codes, a.k_codes, a.norms, score="asymmetric"),
+         r"score='asymmetric' needs q_scales: float32\[batch, kv_heads\]"),
+        (lambda a: hj.hamming_scores(a.q_codes, a.k_codes, a.norms, a.lengths, q_scales=a.norms[..., 0], impl=REF),
+         r"q_scales belongs to the 'asymmetric' score only"),
+        (lambda a: hj.hamming_topk(a.q_codes, a.k_codes, a.norms, a.lengths, budget=4, score="asymmetric",
+                                   q_scales=a.norms, impl=REF), r"q_scales must have shape \[batch, kv_heads\]"),
+        (lambda a: hj.hamming_topk(a.q_codes, a.k_codes, a.norms, a.lengths, budget=4, score="asymmetric",
+                                   q_scales=a.norms[..., 0].astype(jnp.float16), impl=REF),
+         r"q_scales must have dtype float32"),
+    ],
     "sparse_decode_attention": qkv_cases(sparse_call) + [
         (lambda a: sparse_call(a, a.q, a.k, a.v, idx=a.idx[0]), r"idx must have shape \[batch, kv_heads, budget\]"),
         (lambda a: sparse_call(a, a.q, a.k, a.v, idx=a.idx.astype(jnp.int16)), r"idx must have dtype int32"),

@@ -297,6 +297,15 @@ def test_a_run_directory_refuses_other_settings_and_other_prompts(tiny, tmp_path
     harness.open_run(tmp_path, model, str(ckpt), config)
     with pytest.raises(ValueError, match="other settings.*dense_layers"):
         harness.open_run(tmp_path, model, str(ckpt), harness.EvalConfig(**{**TINY_RUN, "dense_layers": 2}))
+    with pytest.raises(ValueError, match=r"other settings.*'score': \('key_norm', 'asymmetric'\)"):
+        harness.open_run(tmp_path, model, str(ckpt), harness.EvalConfig(**{**TINY_RUN, "score": "asymmetric"}))
+    run_json = tmp_path / "run.json"  # a run made before the score setting: its HATA used key_norm
+    document = json.loads(run_json.read_text())
+    del document["settings"]["score"]
+    run_json.write_text(json.dumps(document))
+    harness.open_run(tmp_path, model, str(ckpt), config)
+    with pytest.raises(ValueError, match=r"other settings.*'score': \('key_norm', 'asymmetric'\)"):
+        harness.open_run(tmp_path, model, str(ckpt), harness.EvalConfig(**{**TINY_RUN, "score": "asymmetric"}))
     harness.open_run(tmp_path, model, str(ckpt), config, {"hata_params_sha256": "abc"})  # hata joins the run
     with pytest.raises(ValueError, match=r"other settings.*hata_params_sha256.*\('abc', 'def'\)"):
         harness.open_run(tmp_path, model, str(ckpt), config, {"hata_params_sha256": "def"})
@@ -322,6 +331,8 @@ def test_eval_config_errors():
         harness.EvalConfig(budgets=(0,))
     with pytest.raises(ValueError, match="sink"):
         harness.EvalConfig(budgets=(8,), sink=6, recent=6)
+    with pytest.raises(ValueError, match="HataConfig.score must be one of"):
+        harness.EvalConfig(score="dot")
     assert harness.EvalConfig(methods=("quest", "dense"), budgets=(8, 16)).configs == [
         ("quest", 8), ("quest", 16), ("dense", None)]
 

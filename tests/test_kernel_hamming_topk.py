@@ -17,6 +17,7 @@ test_kernel_select_variants.py.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import brute_force as bf
 import jax
@@ -61,6 +62,14 @@ def random_codes(rng, batch, kv_heads, group, seq, rbit):
     return jnp.asarray(q), jnp.asarray(k), jnp.asarray(norms)
 
 
+def query_scales(rng, score, batch, kv_heads):
+    """The "asymmetric" score's q_scales (random, positive), None for the other scores; with it
+    random_codes' query codes [B, Hkv * P, W] are P query planes per KV head."""
+    if score != "asymmetric":
+        return None
+    return jnp.asarray(rng.uniform(0.01, 3.0, size=(batch, kv_heads)).astype(np.float32))
+
+
 def ordered(scores):
     """float64 scores in the reference's selection order (nan_to_num), so set checks hold."""
     return np.nan_to_num(np.asarray(scores, np.float64), nan=-BIG, posinf=BIG, neginf=-BIG)
@@ -82,6 +91,10 @@ SCORE_CASES = [
     ("hamming", 4, 128, 3, 300, SMALL),
     ("key_norm", 8, 256, 2, 200, Tiling(chunk=64, block=32)),
     ("key_norm", 4, 128, 2, 700, None),
+    # group = P query planes
+    ("asymmetric", 4, 128, 2, 700, None),
+    ("asymmetric", 8, 64, 3, 300, SMALL),
+    ("asymmetric", 1, 256, 1, 200, Tiling(chunk=64, block=32)),
 ]
 
 
@@ -89,12 +102,13 @@ SCORE_CASES = [
 def test_hamming_scores_bit_exact(rng, ragged_lengths, score, group, rbit, batch, seq, tiling):
     kv_heads = 2
     q, k, norms = random_codes(rng, batch, kv_heads, group, seq, rbit)
+    scales = query_scales(rng, score, batch, kv_heads)
     lengths = ragged_lengths(batch, 0, seq).at[0].set(seq)
-    got = kernel_scores(q, k, norms, lengths, score=score, interpret=True, tiling=tiling)
-    want = scores_reference(q, k, norms, lengths, score)
+    got = kernel_scores(q, k, norms, lengths, score=score, q_scales=scales, interpret=True, tiling=tiling)
+    want = scores_reference(q, k, norms, lengths, score, scales)
     assert got.shape == want.shape and got.dtype == jnp.float32
     np.testing.assert_array_equal(bits(got), bits(want))
-    np.testing.assert_allclose(want, bf.hamming_scores(q, k, norms, lengths, score), rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(want, bf.hamming_scores(q, k, norms, lengths, score, scales), rtol=1e-6, atol=1e-5)
 
 
 def select(scores, budget, lengths, sink=0, recent=0, tiling=SMALL, config=SMALL_DENSE):
@@ -250,6 +264,7 @@ def test_select_topk_edge_cases(rng, seq, budget, lengths, sink, recent):
         # integer scores, 16 band slots per chunk: either path
         ("hamming", 3, 96, 3, 300, 16, Tiling(chunk=64, block=32), False),
         ("key_norm", 1, 256, 1, 2500, 100, None, True),
+        ("asymmetric", 4, 128, 2, 2500, 100, None, True),
     ],
 )
 def test_hamming_topk_selects_the_expected_set(rng, ragged_lengths, score, group, rbit, batch, seq, budget, tiling,
@@ -260,10 +275,11 @@ def test_hamming_topk_selects_the_expected_set(rng, ragged_lengths, score, group
     rows of random_codes, seeds 1000-2999), so one of row 0's two heads may fall back (both:
     ~6e-7); requiring both failed about one run in 700."""
     q, k, norms = random_codes(rng, batch, 2, group, seq, rbit)
+    scales = query_scales(rng, score, batch, 2)
     lengths = ragged_lengths(batch, 1, seq).at[0].set(seq)
-    idx, count, path = kernel_topk(q, k, norms, lengths, budget=budget, score=score, sink=1, recent=2,
-                                   interpret=True, tiling=tiling)
-    scores = scores_reference(q, k, norms, lengths, score)
+    idx, count, path = kernel_topk(q, k, norms, lengths, budget=budget, score=score, q_scales=scales, sink=1,
+                                   recent=2, interpret=True, tiling=tiling)
+    scores = scores_reference(q, k, norms, lengths, score, scales)
     check_selection(idx, count, scores, lengths, budget, sink=1, recent=2)
     assert not fast or np.sum(~np.isin(np.asarray(path)[0], list(FAST))) <= 1, path
 
@@ -323,6 +339,10 @@ def test_lowers_for_cuda(batch, kv_heads, group, rbit, seq, budget):
     assert all(name in text for name in ["hata_select_sample", "hata_select_band", *launches])
     text = lower_for_cuda(hamming_topk.hamming_topk, q, k, norms, lengths, budget=budget, score="hamming")
     assert all(name in text for name in ["hata_hamming_sample", "hata_hamming_band", *launches])
+    scales = jax.ShapeDtypeStruct((batch, kv_heads), jnp.float32)
+    text = lower_for_cuda(lambda *a: hamming_topk.hamming_topk(*a[:4], budget=budget, score="asymmetric",
+                                                               q_scales=a[4]), q, k, norms, lengths, scales)
+    assert all(name in text for name in ["hata_hamming_sample", "hata_hamming_band", *launches])
 
 
 @pytest.mark.parametrize(
@@ -362,3 +382,22 @@ def test_tiling_is_checked(chunk, block, scan_block):
 def test_band_config_is_checked(change):
     with pytest.raises(ValueError, match="BandConfig"):
         BandConfig(**change)
+
+
+@pytest.mark.parametrize(
+    "score, scales, message",
+    [
+        ("asymmetric", None, "q_scales is needed by score='asymmetric'"),
+        ("key_norm", (1, 2), "q_scales is needed by score='asymmetric' and by no other"),
+        ("asymmetric", (2, 2), r"q_scales must be float32\[1, 2\]"),
+        ("asymmetric", (1, 3), r"q_scales must be float32\[1, 2\]"),
+    ],
+)
+def test_query_scales_are_checked(score, scales, message):
+    q = jax.ShapeDtypeStruct((1, 8, 4), jnp.uint32)
+    k = jax.ShapeDtypeStruct((1, 2, 300, 4), jnp.uint32)
+    norms = jax.ShapeDtypeStruct((1, 2, 300), jnp.float32)
+    q_scales = None if scales is None else jnp.ones(scales, jnp.float32)
+    for op in (hamming_topk.hamming_scores, functools.partial(hamming_topk.hamming_topk, budget=16)):
+        with pytest.raises(ValueError, match=message):
+            op(q, k, norms, jnp.zeros(1, jnp.int32), score=score, q_scales=q_scales)

@@ -8,6 +8,9 @@ rare, so the comparison cannot pass vacuously.
 """
 from __future__ import annotations
 
+import functools
+
+import brute_force as bf
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -134,6 +137,32 @@ def test_encode_step(dtype, head_dim, rbit, group, batch, rng):
     np.testing.assert_allclose(k_norms, np.linalg.norm(np.asarray(k_new, np.float64), axis=-1), rtol=NORM_RTOL)
 
 
+@pytest.mark.parametrize("dtype, w_dtype, head_dim, rbit, group, batch, planes", [
+    (jnp.bfloat16, jnp.float32, 128, 128, 4, 2, 4),
+    (jnp.float32, jnp.float32, 64, 96, 3, 3, 8),
+    (jnp.float16, jnp.float16, 64, 32, 1, 1, 1),
+    (jnp.bfloat16, jnp.bfloat16, 64, 256, 7, 2, 5),
+])
+def test_encode_step_query_planes(dtype, w_dtype, head_dim, rbit, group, batch, planes, rng):
+    """query_planes = P: the query as the planes of its group-summed projection (within one level of
+    the float64 projection), the key outputs as without planes."""
+    kv_heads = 2
+    w = _projection(rng, kv_heads, head_dim, rbit, w_dtype)
+    q = _random(rng, (batch, kv_heads * group, head_dim), dtype)
+    k_new = _random(rng, (batch, kv_heads, head_dim), dtype)
+    q_planes, q_scales, k_codes, k_norms = hash_encode.encode_step(q, k_new, w, query_planes=planes, interpret=True)
+    bf.check_query_planes(q_planes, q_scales, q, w, planes)
+    _assert_codes_match(k_codes, k_new, w, 1)
+    np.testing.assert_allclose(k_norms, hashing.key_norms(k_new), rtol=NORM_RTOL)
+    ref_planes, ref_scales = hata_jax.query_planes(q, w, planes=planes, impl="reference")
+    np.testing.assert_allclose(q_scales, ref_scales, rtol=1e-5)
+    # Plane words differ only where a coordinate lies at a rounding boundary of its level (rare).
+    assert np.mean(np.asarray(q_planes) == np.asarray(ref_planes)) > 0.95
+    public = hata_jax.query_planes(q, w, planes=planes, impl="pallas")
+    np.testing.assert_array_equal(public[0], q_planes)
+    np.testing.assert_array_equal(public[1], q_scales)
+
+
 def test_public_wrappers_dispatch_to_the_kernels(rng):
     q = _random(rng, (2, 8, 128), jnp.bfloat16)
     k_new = _random(rng, (2, 2, 128), jnp.bfloat16)
@@ -160,6 +189,8 @@ def test_public_wrappers_dispatch_to_the_kernels(rng):
         lambda: hash_encode.encode(jnp.ones((2, 4, 64)), jnp.ones((2, 64, 64)), head_axis=2),  # head_dim axis
         lambda: hash_encode.encode_step(jnp.ones((2, 32, 64)), jnp.ones((2, 2, 64)), jnp.ones((2, 64, 64))),  # G=16
         lambda: hash_encode.encode_step(jnp.ones((2, 4, 64)), jnp.ones((1, 2, 64)), jnp.ones((2, 64, 64))),
+        lambda: hash_encode.encode_step(jnp.ones((2, 4, 64)), jnp.ones((2, 2, 64)), jnp.ones((2, 64, 64)),
+                                        query_planes=9),
     ],
 )
 def test_unsupported_inputs_raise(call):
@@ -192,6 +223,8 @@ def test_lowers_for_cuda(dtype, head_dim, rbit, group):
     assert "hash_encode" in backend.lower_for_cuda(hash_encode.encode, cache, w, head_axis=1)
     assert "hash_encode" in backend.lower_for_cuda(hash_encode.encode, queries, w, head_axis=1)
     assert "hash_encode_step" in backend.lower_for_cuda(hash_encode.encode_step, queries[:2], k_new, w)
+    assert "hash_encode_step" in backend.lower_for_cuda(
+        functools.partial(hash_encode.encode_step, query_planes=4), queries[:2], k_new, w)
 
 
 def test_float32_dot_lowers_to_ieee_not_tf32(monkeypatch, capsys):

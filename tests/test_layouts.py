@@ -119,12 +119,15 @@ def test_hata_over_a_left_padded_model_cache_equals_dense_at_full_budget(randn, 
     assert not np.asarray(cache.overflow).any()
 
 
-@pytest.mark.parametrize("seq_axis, impl", [(1, REF), (2, REF), (2, "pallas"), (1, "pallas")])
-def test_hata_over_a_left_padded_model_cache_equals_hata_over_a_prefilled_cache(randn, rng, seq_axis, impl):
+@pytest.mark.parametrize("seq_axis, impl, score", [(1, REF, "key_norm"), (2, REF, "key_norm"),
+                                                   (2, "pallas", "key_norm"), (1, "pallas", "key_norm"),
+                                                   (2, "pallas", "asymmetric")])
+def test_hata_over_a_left_padded_model_cache_equals_hata_over_a_prefilled_cache(randn, rng, seq_axis, impl, score):
     """At a small budget the selection over a left-padded cache is the selection over the same
     tokens prefilled into a HataCache at [0, n_b) (the codes count from each sequence's start),
     so the steps' outputs are equal; sink and recent count from the start too. The Pallas path
-    (interpreted here) reads a left-padded cache of either layout."""
+    (interpreted here) reads a left-padded cache of either layout, and its one-launch encode of
+    the asymmetric score's query planes selects as the reference does."""
     b, hkv, g, s, d, rbit, end = 3, 2, 2, 41, 64, 64, 33
     k, v, starts, right_k, right_v, n = _left_padded(rng, b, hkv, s, d, end, seq_axis)
     w = randn(hkv, d, rbit)
@@ -133,7 +136,7 @@ def test_hata_over_a_left_padded_model_cache_equals_hata_over_a_prefilled_cache(
     held = np.arange(s)[None, None, :] < n[:, None, None]
     np.testing.assert_array_equal(np.where(held[..., None], left.codes, 0), np.where(held[..., None], right.codes, 0))
     np.testing.assert_allclose(np.where(held, left.norms, 0), np.where(held, right.norms, 0), rtol=1e-6)
-    config = hj.HataConfig(rbit=rbit, budget=7, sink=1, recent=2)
+    config = hj.HataConfig(rbit=rbit, budget=7, sink=1, recent=2, score=score)
     for _ in range(2):
         q, k_new, v_new = randn(b, hkv * g, d), randn(b, hkv, d), randn(b, hkv, d)
         out, left = hj.hata_decode_attention(q, k_new, v_new, left, w, config, impl=impl)

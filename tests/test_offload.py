@@ -70,6 +70,7 @@ def assert_rows_match_host(cache: OffloadedCache) -> None:
     (3, 2, 128, jnp.bfloat16, hj.HataConfig(rbit=128, budget=8), 5),
     (4, 1, 64, jnp.float32, hj.HataConfig(rbit=64, budget=10, sink=2, recent=3), 30),
     (2, 3, 32, jnp.float16, hj.HataConfig(rbit=32, budget=6, score="hamming"), 1),
+    (3, 2, 64, jnp.float32, hj.HataConfig(rbit=64, budget=7, score="asymmetric"), 2),
 ])
 def test_offloaded_step_equals_hata_decode_attention(rng, randn, ragged_lengths, group, kv_heads, rbit, dtype, config,
                                                      extra_rows):

@@ -79,6 +79,50 @@ def test_encode_step_matches_encode_and_norms(randn, group, rbit, head_dim):
     np.testing.assert_allclose(norms, bf.key_norms(k_new), rtol=1e-6)
 
 
+@pytest.mark.parametrize("group, rbit, head_dim", CASES[::4])
+@pytest.mark.parametrize("planes", [1, 4, 8])
+def test_query_planes_quantize_the_summed_projection(randn, group, rbit, head_dim, planes):
+    w = randn(KV_HEADS, head_dim, rbit)
+    q = randn(3, KV_HEADS * group, head_dim)
+    q_planes, q_scales = hj.query_planes(q, w, planes=planes, impl=REF)
+    bf.check_query_planes(q_planes, q_scales, q, w, planes)
+    *query, k_codes, norms = hj.encode_step(q, randn(3, KV_HEADS, head_dim), w, query_planes=planes, impl=REF)
+    np.testing.assert_array_equal(query[0], q_planes)
+    np.testing.assert_array_equal(query[1], q_scales)
+
+
+@pytest.mark.parametrize("group, rbit, head_dim", CASES[1::3])
+def test_asymmetric_scores_match_brute_force(rng, randn, group, rbit, head_dim):
+    batch, seq = 4, 23
+    w = randn(KV_HEADS, head_dim, rbit)
+    q_planes, q_scales = hj.query_planes(randn(batch, KV_HEADS * group, head_dim), w, impl=REF)
+    k_codes = random_codes(rng, batch, KV_HEADS, seq, rbit // 32)
+    norms = random_norms(rng, batch, KV_HEADS, seq)
+    lengths = lengths_with_edges(rng, batch, seq)
+    scores = hj.hamming_scores(q_planes, k_codes, norms, lengths, score="asymmetric", q_scales=q_scales, impl=REF)
+    expected = bf.hamming_scores(q_planes, k_codes, norms, lengths, "asymmetric", q_scales)
+    np.testing.assert_allclose(scores, expected, rtol=1e-6, atol=0)
+    idx, count = hj.hamming_topk(q_planes, k_codes, norms, lengths, budget=6, score="asymmetric", q_scales=q_scales,
+                                 sink=1, recent=2, impl=REF)
+    bf.check_selection(idx, count, scores, lengths, 6, sink=1, recent=2)
+
+
+def test_asymmetric_score_ranks_like_the_query_projection(randn):
+    """With 8 planes the asymmetric score is, to within the quantization, `||k|| (sum_i q_i W) . b(k) / rbit`."""
+    w = randn(KV_HEADS, 64, 128)
+    q, k = randn(2, KV_HEADS * 3, 64), randn(2, KV_HEADS, 50, 64)
+    q_planes, q_scales = hj.query_planes(q, w, planes=8, impl=REF)
+    codes, norms = hj.encode(k, w, head_axis=1, impl=REF), hj.key_norms(k)
+    scores = bf.as_f64(hj.hamming_scores(q_planes, codes, norms, jnp.array([50, 50]), score="asymmetric",
+                                         q_scales=q_scales, impl=REF))
+    qsum = bf.projections(q, w, -2).reshape(2, KV_HEADS, 3, 128).sum(2)
+    signs = np.where(bf.unpack_bits(codes), 1.0, -1.0)
+    expected = bf.as_f64(norms) * np.einsum("bhr,bhsr->bhs", qsum, signs) / 128
+    bound = bf.as_f64(norms) * bf.as_f64(q_scales)[..., None]  # one scale per coordinate, averaged
+    assert np.all(np.abs(scores - expected) <= bound * (1 + 1e-4))
+    assert np.corrcoef(scores.ravel(), expected.ravel())[0, 1] > 0.999
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
 def test_key_norms_in_float32(randn, dtype):
     k = randn(3, 2, 9, 128, dtype=dtype)
@@ -354,8 +398,8 @@ def expected_selection(scores, lengths, budget: int, sink: int, recent: int):
 
 
 @pytest.mark.parametrize("group, rbit, head_dim", DECODE_CASES)
-@pytest.mark.parametrize("sink, recent", [(0, 0), (1, 2)])
-def test_hata_decode_with_small_budget_attends_to_top_scores(rng, randn, group, rbit, head_dim, sink, recent):
+@pytest.mark.parametrize("sink, recent, score", [(0, 0, "key_norm"), (1, 2, "key_norm"), (1, 2, "asymmetric")])
+def test_hata_decode_with_small_budget_attends_to_top_scores(rng, randn, group, rbit, head_dim, sink, recent, score):
     """budget < length: the output is attention over exactly the numpy top-budget set."""
     batch, capacity = 3, 40
     lengths = rng.permutation([6, 30, capacity - 1])
@@ -363,15 +407,19 @@ def test_hata_decode_with_small_budget_attends_to_top_scores(rng, randn, group, 
     q = randn(batch, KV_HEADS * group, head_dim)
     k_new, v_new = randn(batch, KV_HEADS, head_dim), randn(batch, KV_HEADS, head_dim)
     appended = cache.append(k_new, v_new, w, impl=REF)
-    q_codes = hj.encode(q, w, impl=REF)
-    scores = bf.hamming_scores(q_codes, appended.codes, appended.norms, lengths + 1)
+    if score == "asymmetric":
+        q_planes, q_scales = hj.query_planes(q, w, impl=REF)
+        bf.check_query_planes(q_planes, q_scales, q, w, hj.QUERY_PLANES)
+        scores = bf.hamming_scores(q_planes, appended.codes, appended.norms, lengths + 1, score, q_scales)
+    else:
+        scores = bf.hamming_scores(hj.encode(q, w, impl=REF), appended.codes, appended.norms, lengths + 1)
     # Scores are norm x (small integer); pick the largest budget whose cut is untied in every row.
     for budget in range(12, sink + recent, -1):
         selection = expected_selection(scores, lengths + 1, budget, sink, recent)
         if selection is not None:
             break
     assert selection is not None and budget < max(lengths)
-    config = hj.HataConfig(rbit=rbit, budget=budget, sink=sink, recent=recent)
+    config = hj.HataConfig(rbit=rbit, budget=budget, sink=sink, recent=recent, score=score)
     out, new_cache = hj.hata_decode_attention(q, k_new, v_new, cache, w, config, impl=REF)
     np.testing.assert_array_equal(new_cache.codes, appended.codes)
     expected, _ = bf.attention(q, new_cache.k, new_cache.v, selection)

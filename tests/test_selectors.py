@@ -537,21 +537,24 @@ def test_selection_mask_rows(rng, name, group, sink, recent):
 
 
 def test_hata_selection_equals_hamming_topk(rng):
-    for group, rbit, budget, sink, recent in [(1, 64, 5, 0, 0), (3, 128, 4, 1, 2)]:
-        selector = sel.HataSelector(rbit=rbit)
+    for group, rbit, budget, sink, recent, score in [(1, 64, 5, 0, 0, "key_norm"), (3, 128, 4, 1, 2, "key_norm"),
+                                                     (3, 64, 4, 1, 2, "asymmetric"), (1, 128, 6, 0, 0, "asymmetric")]:
+        selector = sel.HataSelector(rbit=rbit, score=score)
         w = jnp.asarray(rng.standard_normal((HKV, D, rbit), np.float32))
         k = jnp.asarray(rng.standard_normal((B, HKV, S, D), np.float32))
         q = jnp.asarray(rng.standard_normal((B, HKV * group, D), np.float32))
         lengths = jnp.asarray(rng.permutation([S, rng.choice([5, 7, 9])]), jnp.int32)
         state = selector.init_state(w, k, lengths)
         idx, count = sel.select_indices(selector, w, state, q, k, lengths, budget=budget, sink=sink, recent=recent)
-        q_codes, k_codes = hj.encode(q, w, impl=REF), hj.encode(k, w, head_axis=1, impl=REF)
-        ref_idx, ref_count = hj.hamming_topk(q_codes, k_codes, hj.key_norms(k), lengths, budget=budget, sink=sink,
-                                             recent=recent, impl=REF)
+        k_codes = hj.encode(k, w, head_axis=1, impl=REF)
+        q_codes, q_scales = hj.query_planes(q, w, impl=REF) if score == "asymmetric" else (hj.encode(q, w, impl=REF),
+                                                                                          None)
+        ref_idx, ref_count = hj.hamming_topk(q_codes, k_codes, hj.key_norms(k), lengths, budget=budget, score=score,
+                                             q_scales=q_scales, sink=sink, recent=recent, impl=REF)
         np.testing.assert_array_equal(idx, ref_idx)
         np.testing.assert_array_equal(count, ref_count)
         scores = selector.token_scores(w, state, q[:, None], k, (lengths - 1)[:, None])[:, :, 0]
-        ref = hj.hamming_scores(q_codes, k_codes, hj.key_norms(k), lengths, impl=REF)
+        ref = hj.hamming_scores(q_codes, k_codes, hj.key_norms(k), lengths, score=score, q_scales=q_scales, impl=REF)
         np.testing.assert_array_equal(jnp.where(jnp.isfinite(ref), scores, -jnp.inf), ref)
 
 
@@ -644,6 +647,9 @@ BAD_INPUTS = [
     (lambda a: sel.make_selector("nope"), r"name must be one of"),
     (lambda a: sel.make_selector("quest", rbit=64), r"options \['rbit'\] are not options of the 'quest'"),
     (lambda a: sel.HataSelector(rbit=48), r"HataSelector.rbit must be a positive multiple of 32"),
+    (lambda a: sel.HataSelector(score="hamming"), r"HataSelector.score must be 'key_norm' or 'asymmetric'"),
+    (lambda a: sel.make_selector("hata_rerank", score="dot"),
+     r"HataRerankSelector.score must be 'key_norm' or 'asymmetric'"),
     (lambda a: sel.QuestSelector(page_size=0), r"page_size must be a positive int"),
     (lambda a: sel.StreamingSelector(sink=-1), r"sink must be an int >= 0"),
     (lambda a: sel.HashAttentionSelector(bits=20), r"bits must be a positive multiple of 32"),

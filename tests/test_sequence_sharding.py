@@ -121,8 +121,8 @@ def _run_checks() -> None:
         cfg = hj.HataConfig(rbit=32, budget=24, sink=0, recent=0)  # budget > 16 positions per shard
         return decode_case(4, 3, 3, 1, 64, [60, 33, 17], cfg, steps=3, impl="reference")
 
-    def check_hata_pallas():
-        cfg = hj.HataConfig(rbit=64, budget=8, sink=1, recent=1)
+    def check_hata_pallas():  # the kernels with the asymmetric score's query planes
+        cfg = hj.HataConfig(rbit=64, budget=8, sink=1, recent=1, score="asymmetric")
         return decode_case(2, 2, 2, 2, 64, [40, 19], cfg, steps=2, impl="pallas", d=64)
 
     def check_dense():

@@ -20,7 +20,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from hata_jax import encode, hamming_scores, key_norms
+from hata_jax import encode, hamming_scores, key_norms, query_planes
 from hata_jax.config import check_rbit
 
 
@@ -130,11 +130,14 @@ def decorrelation_term(w, strength: float):
 
 @dataclasses.dataclass(frozen=True)
 class HataObjective:
-    """HATA's trainable selector: projections [Hkv, D, rbit] per layer."""
+    """HATA's trainable selector: projections [Hkv, D, rbit] per layer. `score` is the selection
+    score :meth:`scores` ranks with ("key_norm" or "asymmetric", see :class:`hata_jax.HataConfig`);
+    training does not use it."""
 
     rbit: int = 128
     loss_config: HataLoss = HataLoss()
     labels: LabelConfig = LabelConfig()
+    score: str = "key_norm"
 
     name = "hata"
     # TrainConfig defaults: the reference optimiser; 300 full-batch steps on 256 key positions per sequence
@@ -143,6 +146,8 @@ class HataObjective:
 
     def __post_init__(self):
         check_rbit(self.rbit, "rbit")
+        if self.score not in ("key_norm", "asymmetric"):
+            raise ValueError(f"HataObjective.score must be 'key_norm' or 'asymmetric', got {self.score!r}")
 
     def init(self, key, q_heads: int, kv_heads: int, head_dim: int):
         return jax.random.normal(key, (kv_heads, head_dim, self.rbit), jnp.float32)
@@ -168,13 +173,17 @@ class HataObjective:
         return sum(terms.values()), terms
 
     def scores(self, w, q, k):
-        """Selection scores as decoding computes them, HATA's `||k|| * sum_group (1 - 2 hamming / rbit)`
-        (hata_jax's reference path, exact on any backend): q [m, Hq, D] (post-RoPE) and the keys they
-        share, k [S, Hkv, D] -> float32[m, Hkv, S]."""
+        """Selection scores as decoding computes them with `self.score`, e.g. HATA's `||k|| *
+        sum_group (1 - 2 hamming / rbit)` (hata_jax's reference path, exact on any backend): q
+        [m, Hq, D] (post-RoPE) and the keys they share, k [S, Hkv, D] -> float32[m, Hkv, S]."""
         m = q.shape[0]
         keys = jnp.swapaxes(k, 0, 1)[None]  # [1, Hkv, S, D]
         codes_k = encode(keys, w, head_axis=1, impl="reference")
         codes_k = jnp.broadcast_to(codes_k, (m, *codes_k.shape[1:]))
         norms = jnp.broadcast_to(key_norms(keys), (m, *keys.shape[1:3]))
         lengths = jnp.full((m,), k.shape[0], jnp.int32)
+        if self.score == "asymmetric":
+            q_planes, q_scales = query_planes(q, w, impl="reference")
+            return hamming_scores(q_planes, codes_k, norms, lengths, score="asymmetric", q_scales=q_scales,
+                                  impl="reference")
         return hamming_scores(encode(q, w, impl="reference"), codes_k, norms, lengths, impl="reference")

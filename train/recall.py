@@ -1,7 +1,8 @@
 """Recall of the selectors on held-out text: the share of exact attention mass inside the tokens
 each one selects, for budgets from 1/64 to 1/4 of the context, per layer and averaged.
 
-Methods: exact top-k (the oracle, an upper bound), HATA with the trained projections, HATA with
+Methods: exact top-k (the oracle, an upper bound), HATA with the trained projections (with the
+paper's "key_norm" score, and with the "asymmetric" one), HATA with
 untrained random Gaussian projections of the same rbit (SimHash), HashAttention when its
 checkpoint is given, and two-stage HATA (its top `factor x budget` tokens ranked again by their
 exact scores, :func:`hata_jax.train.metrics.reranked_mass`) for the factors asked for. All select
@@ -24,6 +25,7 @@ from hata_jax.train.trainer import jitted_scores
 
 EXACT = "exact top-k"
 TRAINED = "HATA (trained)"
+TRAINED_ASYMMETRIC = "HATA (trained, asymmetric score)"
 RANDOM = "HATA (random projections)"
 HASHATTENTION = "HashAttention"
 HIGHLIGHT = 1 / 16

@@ -1,9 +1,10 @@
 """HATA (learned projection) and SimHash (random Gaussian projection): one code, two params.
 
 Both keep the HATA cache's metadata: packed sign codes of the keys and their norms, made by
-:func:`hata_jax.encode` and :func:`hata_jax.key_norms`, and score with HATA's "key_norm" score,
-bit for bit the value :func:`hata_jax.hamming_scores` gives, so the ranking equals
-:func:`hata_jax.hamming_topk`'s with the same projection.
+:func:`hata_jax.encode` and :func:`hata_jax.key_norms`, and score with HATA's "key_norm" score or
+the "asymmetric" one (:class:`hata_jax.HataConfig`), bit for bit the value
+:func:`hata_jax.hamming_scores` gives, so the ranking equals :func:`hata_jax.hamming_topk`'s with
+the same projection.
 """
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from hata_jax.config import check_rbit
-from hata_jax.hashing import check_projection, encode, key_norms, unpack_bits
+from hata_jax.config import QUERY_PLANES, check_rbit
+from hata_jax.hashing import check_projection, encode, key_norms, planes_from_projection, unpack_bits
 from hata_jax.selectors.base import Selector, token_rows, write_token
 from hata_jax.selectors.exact import group_softmax
 
@@ -44,18 +45,33 @@ def sign_code_dot(q_signs: jax.Array, k_codes: jax.Array) -> jax.Array:
     return jnp.einsum("bthr,bhsr->bhts", q_signs, signs(k_codes))
 
 
+def plane_values(q, w, planes: int) -> tuple[jax.Array, jax.Array]:
+    """The "asymmetric" score's query for many queries: q float[B, T, Hq, D] -> (the quantized
+    summed projection float32[B, T, Hkv, r] of odd integers, its scale float32[B, T, Hkv])."""
+    b, t, hq, d = q.shape
+    kv_heads = w.shape[0]
+    qg = q.reshape(b, t, kv_heads, hq // kv_heads, d).astype(jnp.float32)
+    qsum = jnp.einsum("bthgd,hdr->bthr", qg, w.astype(jnp.float32), precision=lax.Precision.HIGHEST)
+    codes, scale = planes_from_projection(qsum, planes)  # [B, T, Hkv, P, W]
+    weights = jnp.float32(2.0) ** jnp.arange(planes, dtype=jnp.float32)
+    return jnp.einsum("bthpr,p->bthr", signs(codes), weights), scale
+
+
 @dataclasses.dataclass(frozen=True)
 class HataSelector(Selector):
     """HATA: `score(t) = ||k_t|| * sum_{i in group} (1 - 2 hamming(code(q_i), code(k_t)) / rbit)`,
     codes `sign(x @ W[h]) > 0` packed LSB-first.
 
-    Options: rbit (default 128), the code bits; params: W float32[Hkv, D, rbit], the layer's
-    trained projection. State: {"codes": uint32[B, Hkv, S, rbit/32], "norms": float32[B, Hkv, S]}
-    (zero past lengths). Extra memory: `kv_heads * (rbit / 8 + 4)` bytes per token (code + fp32
-    norm).
+    Options: rbit (default 128), the code bits; score: "key_norm" (above, the paper's) or
+    "asymmetric" (`||k_t|| * v . b(k_t) / rbit`, v the group's summed query projection quantized
+    to :data:`hata_jax.config.QUERY_PLANES` sign planes; see :class:`hata_jax.HataConfig`);
+    params: W float32[Hkv, D, rbit], the layer's trained projection. State: {"codes":
+    uint32[B, Hkv, S, rbit/32], "norms": float32[B, Hkv, S]} (zero past lengths). Extra memory:
+    `kv_heads * (rbit / 8 + 4)` bytes per token (code + fp32 norm).
     """
 
     rbit: int = 128
+    score: str = "key_norm"
 
     name = "hata"
 
@@ -63,6 +79,8 @@ class HataSelector(Selector):
         if isinstance(self.rbit, bool) or not isinstance(self.rbit, int):
             raise ValueError(f"{type(self).__name__}.rbit must be an int, got {self.rbit!r}")
         check_rbit(self.rbit, f"{type(self).__name__}.rbit")
+        if self.score not in ("key_norm", "asymmetric"):
+            raise ValueError(f"{type(self).__name__}.score must be 'key_norm' or 'asymmetric', got {self.score!r}")
 
     def extra_bytes_per_token(self, kv_heads: int, head_dim: int) -> int:
         return kv_heads * (self.rbit // 8 + 4)
@@ -86,10 +104,16 @@ class HataSelector(Selector):
                 "norms": write_token(state["norms"], key_norms(k_new), positions)}
 
     def _token_scores(self, params, state, q, k, q_positions):
+        norms = state["norms"][:, :, None, :]
+        if self.score == "asymmetric":
+            values, scale = plane_values(q, params, QUERY_PLANES)
+            dot = sign_code_dot(values, state["codes"])  # integers, exact
+            # The same three products as hata_jax.hamming_scores: bit-identical scores.
+            return norms * (dot * (jnp.swapaxes(scale, 1, 2)[..., None] * jnp.float32(1.0 / self.rbit)))
         q_codes = encode(q, params, impl="reference")  # [B, T, Hq, W]
         dot = sign_code_dot(group_sum(signs(q_codes), k.shape[1]), state["codes"])
         # The same two products as hata_jax.hamming_scores: bit-identical scores.
-        return state["norms"][:, :, None, :] * (dot * jnp.float32(1.0 / self.rbit))
+        return norms * (dot * jnp.float32(1.0 / self.rbit))
 
 
 @dataclasses.dataclass(frozen=True)
