@@ -441,34 +441,13 @@ def main(argv=None) -> int:
             f"attention b={b} hkv={hkv} g={g} s={s} d={d} budget={budget} {jnp.dtype(dt).name}",
             lambda: check_attention(200 + i, b, hkv, g, s, d, budget, dt),
         )
-    case(
-        "hata_decode_attention b=2 hkv=8 g=4 s=4096 d=128 budget=256 bf16" if not args.small else "hata step small",
-        lambda: check_decode_step(
-            300,
-            2,
-            8 if not args.small else 2,
-            4,
-            4096 if not args.small else 300,
-            128,
-            256 if not args.small else 64,
-            bf16,
-        ),
-    )
-    case(
-        "hata_decode_attention asymmetric b=2 hkv=8 g=4 s=4096 d=128 budget=256 bf16" if not args.small
-        else "hata step small asymmetric",
-        lambda: check_decode_step(
-            310,
-            2,
-            8 if not args.small else 2,
-            4,
-            4096 if not args.small else 300,
-            128,
-            256 if not args.small else 64,
-            bf16,
-            score="asymmetric",
-        ),
-    )
+    for i, score in enumerate(("key_norm", "asymmetric")):
+        case(
+            f"hata_decode_attention b=2 hkv=8 g=4 s=4096 d=128 budget=256 bf16 {score}" if not args.small
+            else f"hata step small {score}",
+            lambda: check_decode_step(300 + 10 * i, 2, 8 if not args.small else 2, 4, 4096 if not args.small else 300,
+                                      128, 256 if not args.small else 64, bf16, score=score),
+        )
     case(
         "hata_decode_attention left-padded b=3 hkv=2 g=3 s=3000 d=64 budget=128 f16" if not args.small
         else "hata step small left-padded",

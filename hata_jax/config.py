@@ -26,13 +26,14 @@ class HataConfig:
       budget: tokens selected per (sequence, KV head) at each decode step.
       sink: first positions always selected (count against `budget`).
       recent: last positions always selected (count against `budget`).
-      score: `"key_norm"`, HATA's `||k|| * sum_i (1 - 2 hamming_i / rbit)`; `"hamming"`,
-        the summed Hamming distance (smaller is better); or `"asymmetric"`: the keys keep their
-        sign codes but the query is not hashed: the group's summed projection `sum_i q_i W`,
-        quantized to :data:`QUERY_PLANES` sign planes, is dotted with each key's +-1 code,
-        `||k|| * (sum_i q_i W) . b(k) / rbit` (:func:`hata_jax.query_planes`). Same cache, same
-        bytes read; it keeps the magnitude of each query coordinate that the query's sign code
-        drops.
+      score: `"asymmetric"` (the default): the keys keep their sign codes but the query is not
+        hashed: the group's summed projection `sum_i q_i W`, quantized to :data:`QUERY_PLANES`
+        sign planes, is dotted with each key's +-1 code, `||k|| * (sum_i q_i W) . b(k) / rbit`
+        (:func:`hata_jax.query_planes`). Same cache, same bytes read; it keeps the magnitude of
+        each query coordinate that the query's sign code drops (SmolLM2, 2K, 1/16: task average
+        53.2 against 44.1, dense 55.4; BENCHMARKS.md, "Asymmetric score"). `"key_norm"`: the
+        paper's `||k|| * sum_i (1 - 2 hamming_i / rbit)` over the query heads' sign codes;
+        `"hamming"`: the summed Hamming distance (smaller is better).
       candidates: 1 for plain HATA; c > 1 for two-stage HATA: the codes pick `c * budget`
         tokens (at most the cache capacity), their exact scores the `budget`
         (:func:`hata_jax.rerank.rerank_candidates`; it reads the candidates' keys).
@@ -42,7 +43,7 @@ class HataConfig:
     budget: int = 2048
     sink: int = 0
     recent: int = 0
-    score: str = "key_norm"
+    score: str = "asymmetric"
     candidates: int = 1
 
     def __post_init__(self):

@@ -17,8 +17,11 @@ of two, masked); per loop step a `[block, Wp]` tile of key codes (each token's W
 contiguous, 16 B at rbit 128) is XORed with each query row, popcounted (`popcount32`: PTX
 `popc`), summed over words and the group, and `k_norm * ((G*rbit - 2*ham) * (1/rbit))` is
 computed in float32 with exactly the reference's two products (bit-identical scores), or `-ham`;
-positions >= lengths[b] get -inf. The selection's sample launch gathers code rows by position
-instead of loading a contiguous tile.
+positions >= lengths[b] get -inf. The "asymmetric" score has the same loop with the KV head's P
+query planes as the rows (P = 4 by default: the popcounts of G = 4 query codes at the Llama
+shape), plane p's distance shifted left by p, and `k_norm * ((top*rbit - 2*ham) * (scale *
+(1/rbit)))` with the row's plane scale loaded once per program (top = 2**P - 1). The
+selection's sample launch gathers code rows by position instead of loading a contiguous tile.
 
 Selection (:mod:`pallas_kernels.band_select`, with the radix machinery of
 :mod:`pallas_kernels.radix_select` as exact fallback; two designs, `BandConfig.design`: the

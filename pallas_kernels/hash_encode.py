@@ -40,7 +40,13 @@ Triton dot needs. Each program (grid `(B, Hkv)`) builds one 16-row tile: rows 0.
 group's query heads (a masked 16-row load), row G is the new key, the rest are zeros and are
 never stored. One dot per word encodes queries and key together; the first G rows of the code
 tile are stored as the query codes, row G (extracted with a masked sum over rows) as the key
-code. The key norm `sqrt(sum(k * k))` is computed in float32 from the same loaded row.
+code. The key norm `sqrt(sum(k * k))` is computed in float32 from the same loaded row. With
+`query_planes = P` (the "asymmetric" score) the same dots give the query rows' projections; their
+sum over the group (a masked sum over rows, one float32[32] per word, kept in registers) is
+quantized after the last word to P sign planes with the reference's float32 formula
+(`hata_jax.hashing.planes_from_projection`: scale = max |sum| / (2**P - 1), level =
+floor(sum / scale / 2 + 2**(P-1))), and the `[P, W]` plane words and the scale are stored instead
+of the G query codes.
 
 Byte floor, Llama-3.1-8B shapes (32 q heads, 8 KV heads, D=128, bf16, batch 1, rbit 128)
 -----------------------------------------------------------------------------------------

@@ -297,15 +297,6 @@ def test_a_run_directory_refuses_other_settings_and_other_prompts(tiny, tmp_path
     harness.open_run(tmp_path, model, str(ckpt), config)
     with pytest.raises(ValueError, match="other settings.*dense_layers"):
         harness.open_run(tmp_path, model, str(ckpt), harness.EvalConfig(**{**TINY_RUN, "dense_layers": 2}))
-    with pytest.raises(ValueError, match=r"other settings.*'score': \('key_norm', 'asymmetric'\)"):
-        harness.open_run(tmp_path, model, str(ckpt), harness.EvalConfig(**{**TINY_RUN, "score": "asymmetric"}))
-    run_json = tmp_path / "run.json"  # a run made before the score setting: its HATA used key_norm
-    document = json.loads(run_json.read_text())
-    del document["settings"]["score"]
-    run_json.write_text(json.dumps(document))
-    harness.open_run(tmp_path, model, str(ckpt), config)
-    with pytest.raises(ValueError, match=r"other settings.*'score': \('key_norm', 'asymmetric'\)"):
-        harness.open_run(tmp_path, model, str(ckpt), harness.EvalConfig(**{**TINY_RUN, "score": "asymmetric"}))
     harness.open_run(tmp_path, model, str(ckpt), config, {"hata_params_sha256": "abc"})  # hata joins the run
     with pytest.raises(ValueError, match=r"other settings.*hata_params_sha256.*\('abc', 'def'\)"):
         harness.open_run(tmp_path, model, str(ckpt), config, {"hata_params_sha256": "def"})
@@ -320,6 +311,22 @@ def test_a_run_directory_refuses_other_settings_and_other_prompts(tiny, tmp_path
     assert not records.done("task", "niah_single", 160, 1, "dense", None, "abc")
     with pytest.raises(ValueError, match="other prompts"):
         records.done("task", "niah_single", 160, 0, "dense", None, "xyz")
+
+
+def test_a_run_made_before_the_score_setting_is_a_key_norm_run(tiny, tmp_path):
+    ckpt, model, _, _ = tiny
+    config = harness.EvalConfig(**TINY_RUN)  # the default score, asymmetric
+    harness.open_run(tmp_path, model, str(ckpt), config)
+    key_norm = harness.EvalConfig(**{**TINY_RUN, "score": "key_norm"})
+    with pytest.raises(ValueError, match=r"other settings.*'score': \('asymmetric', 'key_norm'\)"):
+        harness.open_run(tmp_path, model, str(ckpt), key_norm)
+    run_json = tmp_path / "run.json"  # a run made before the score setting: its HATA used key_norm
+    document = json.loads(run_json.read_text())
+    del document["settings"]["score"]
+    run_json.write_text(json.dumps(document))
+    harness.open_run(tmp_path, model, str(ckpt), key_norm)
+    with pytest.raises(ValueError, match=r"other settings.*'score': \('key_norm', 'asymmetric'\)"):
+        harness.open_run(tmp_path, model, str(ckpt), config)
 
 
 def test_eval_config_errors():

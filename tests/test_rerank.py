@@ -88,8 +88,9 @@ def test_two_stage_decode_step_attends_over_the_oracle_selection(rng, seq_axis):
     for field in ("k", "v", "codes", "norms", "lengths"):
         np.testing.assert_array_equal(np.asarray(getattr(after, field)), np.asarray(getattr(plain, field)))
     rel = after.lengths - after.starts
-    q_codes, _, _ = hj.encode_step(q, k_new, w, impl="reference")
-    scores = hj.hamming_scores(q_codes, after.codes, after.norms, rel, impl="reference")
+    q_planes, q_scales = hj.query_planes(q, w, impl="reference")  # the default score's query
+    scores = hj.hamming_scores(q_planes, after.codes, after.norms, rel, score="asymmetric", q_scales=q_scales,
+                               impl="reference")
     first = exact_slots(scores, np.asarray(rel), 3 * budget, 1, 2)
     count = np.minimum(np.asarray(rel), 3 * budget)[:, None].repeat(hkv, axis=1)
     k_heads = np.asarray(after.k if seq_axis == 2 else jnp.swapaxes(after.k, 1, 2))

@@ -6,6 +6,7 @@ sizes G=1 and G=3, head_dim 16, fresh random data per test.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import types
@@ -185,10 +186,13 @@ GROUPS = [1, 3]
 @pytest.mark.parametrize("group", GROUPS)
 @pytest.mark.parametrize("name", ["hata", "simhash"])
 def test_hash_code_scores_match_brute_force(rng, name, group):
+    """The paper's key_norm score over the query heads' sign codes (the asymmetric one equals
+    hata_jax.hamming_scores': test_hata_selection_equals_hamming_topk)."""
     c = make_case(rng, name, group)
     positions = query_positions(rng, c.lengths, 4)
     q = c.q[:, :4]
-    scores = c.selector.token_scores(c.params, c.state, q, c.k, positions)
+    selector = dataclasses.replace(c.selector, score="key_norm")
+    scores = selector.token_scores(c.params, c.state, q, c.k, positions)
     w = f64(c.params)
     q_out = np.einsum("bthd,hdr->bthr", f64(q), np.repeat(w, group, axis=0))
     q_bound = np.einsum("bthd,hdr->bthr", np.abs(f64(q)), np.repeat(np.abs(w), group, axis=0))
@@ -196,7 +200,7 @@ def test_hash_code_scores_match_brute_force(rng, name, group):
     k_bound = np.einsum("bhsd,hdr->bhsr", np.abs(f64(c.k)), np.abs(w))
     dots, tol = sign_scores_np(q_out, q_bound, k_out, k_bound, group, np.asarray(positions))
     norms = np.sqrt((f64(c.k) ** 2).sum(-1))[:, :, None, :]
-    rbit = c.selector.rbit
+    rbit = selector.rbit
     expected, tol = norms * dots / rbit, norms * tol / rbit
     valid = (np.arange(S) < np.asarray(c.lengths)[:, None])[:, None, None, :]
     got = np.asarray(scores)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from hata_jax.config import QUERY_PLANES, check_rbit
+from hata_jax.config import QUERY_PLANES, HataConfig, check_rbit
 from hata_jax.hashing import check_projection, encode, key_norms, planes_from_projection, unpack_bits
 from hata_jax.selectors.base import Selector, token_rows, write_token
 from hata_jax.selectors.exact import group_softmax
@@ -59,19 +59,20 @@ def plane_values(q, w, planes: int) -> tuple[jax.Array, jax.Array]:
 
 @dataclasses.dataclass(frozen=True)
 class HataSelector(Selector):
-    """HATA: `score(t) = ||k_t|| * sum_{i in group} (1 - 2 hamming(code(q_i), code(k_t)) / rbit)`,
-    codes `sign(x @ W[h]) > 0` packed LSB-first.
+    """HATA: keys as codes `sign(k @ W[h]) > 0` packed LSB-first (b(k): their +-1 form), scored
+    against the query with `score`.
 
-    Options: rbit (default 128), the code bits; score: "key_norm" (above, the paper's) or
-    "asymmetric" (`||k_t|| * v . b(k_t) / rbit`, v the group's summed query projection quantized
-    to :data:`hata_jax.config.QUERY_PLANES` sign planes; see :class:`hata_jax.HataConfig`);
+    Options: rbit (default 128), the code bits; score: "asymmetric" (the default, as
+    :class:`hata_jax.HataConfig`'s: `||k_t|| * v . b(k_t) / rbit`, v the group's summed query
+    projection quantized to :data:`hata_jax.config.QUERY_PLANES` sign planes) or "key_norm"
+    (the paper's `||k_t|| * sum_{i in group} (1 - 2 hamming(code(q_i), code(k_t)) / rbit)`);
     params: W float32[Hkv, D, rbit], the layer's trained projection. State: {"codes":
     uint32[B, Hkv, S, rbit/32], "norms": float32[B, Hkv, S]} (zero past lengths). Extra memory:
     `kv_heads * (rbit / 8 + 4)` bytes per token (code + fp32 norm).
     """
 
     rbit: int = 128
-    score: str = "key_norm"
+    score: str = HataConfig.score
 
     name = "hata"
 

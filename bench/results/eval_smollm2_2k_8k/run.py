@@ -7,14 +7,17 @@ every stage below is one `hata-jax eval` run directory per length (the harness o
 
 Stages (budget = 1/16 or 1/32 of the length, tokens per KV head; layers 0-1 dense; no forced
 sink or recent tokens except where a method's authors force them):
-  main           dense, hata (the shipped projections), exact, hata_rerank (c = 4), quest_authors, quest
+  main           dense, hata (the shipped projections, the paper's key_norm score), exact, hata_rerank
+                 (c = 4), quest_authors, quest
+  asym           hata and hata_rerank with the asymmetric score (HataConfig.score)
   eta            hata with the eta 0.02 / lr 0.2 projections (--eta)
   hashattention  hashattention_authors, hashattention (--hashattention: a `hata-jax train
                  --selector hashattention` run)
   b32            hata, exact at 1/32
+  asym_b32       hata with the asymmetric score at 1/32
   eta_b32        hata with the --eta projections at 1/32
   rbit256        hata with 256-bit projections (--rbit256)
-  perplexity     teacher-forced perplexity of the main and eta stages' methods (4 held-out sequences)
+  perplexity     teacher-forced perplexity of the main, asym and eta stages' methods (4 held-out sequences)
 
 The prompts of every (task, length) are built once, in parallel (a process per (task, length)),
 and shared by the stages: the harness builds them the same way (`tasks.make_samples`).
@@ -40,15 +43,18 @@ from hata_jax.models.tokenizer import Tokenizer
 SAMPLES = 50
 BATCH = {2048: 10, 4096: 10, 8192: 5}
 MAIN = ("dense", "hata", "exact", "hata_rerank", "quest_authors", "quest")
+KEY_NORM, ASYMMETRIC = {"score": "key_norm"}, {"score": "asymmetric"}
 STAGES = {  # name: (methods, budget fraction, extra EvalConfig fields, which weights option)
-    "main": (MAIN, 16, {}, None),
-    "eta": (("hata",), 16, {}, "eta"),
-    "hashattention": (("hashattention_authors", "hashattention"), 16, {}, "hashattention"),
-    "b32": (("hata", "exact"), 32, {}, None),
-    "eta_b32": (("hata",), 32, {}, "eta"),
-    "rbit256": (("hata",), 16, {"rbit": 256}, "rbit256"),
+    "main": (MAIN, 16, KEY_NORM, None),
+    "asym": (("hata", "hata_rerank"), 16, ASYMMETRIC, None),
+    "eta": (("hata",), 16, KEY_NORM, "eta"),
+    "hashattention": (("hashattention_authors", "hashattention"), 16, KEY_NORM, "hashattention"),
+    "b32": (("hata", "exact"), 32, KEY_NORM, None),
+    "asym_b32": (("hata",), 32, ASYMMETRIC, None),
+    "eta_b32": (("hata",), 32, KEY_NORM, "eta"),
+    "rbit256": (("hata",), 16, {"rbit": 256, **KEY_NORM}, "rbit256"),
 }
-PERPLEXITY = ("main", "eta")
+PERPLEXITY = ("main", "asym", "eta")
 
 
 def log(message: str) -> None:
