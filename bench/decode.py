@@ -132,6 +132,7 @@ class Settings:
     methods: tuple[str, ...] = METHODS
     budget: int = 2048
     rbit: int = 128
+    score: str = HataConfig.score
     dense_layers: int = 2
     dtype: str = "bfloat16"
     warmup: int = 2
@@ -151,7 +152,7 @@ class Settings:
 
     @property
     def hata(self) -> HataConfig:
-        return HataConfig(rbit=self.rbit, budget=self.budget)
+        return HataConfig(rbit=self.rbit, budget=self.budget, score=self.score)
 
 
 SMALL = dict(contexts=(160, 256), batches=(1, 2), budget=32, warmup=1, reps=5, loop_steps=2, loop_reps=1,
@@ -571,6 +572,7 @@ def parse_args(argv):
     parser.add_argument("--contexts", nargs="+", type=int)
     parser.add_argument("--batches", nargs="+", type=int)
     parser.add_argument("--methods", nargs="+", choices=METHODS)
+    parser.add_argument("--score", choices=["asymmetric", "key_norm"], help="HATA's score (default asymmetric)")
     parser.add_argument("--reps", type=int, help="timed steps per method (default 30)")
     parser.add_argument("--loop-steps", type=int, help="steps inside one jit for the loop variant (0: none; default 8)")
     parser.add_argument("--extras-configs", type=int,

@@ -208,6 +208,18 @@ class Bench:
             self.timed(lambda *a: hj.hamming_topk(*a, budget=s.budget, impl="pallas"), sets),
             code_bytes,
         )
+        # The asymmetric score on the same keys: 4 query planes per KV head and their scales.
+        planes = [(_random_codes(self._next(), (1, s.kv_heads * hj.QUERY_PLANES, words)), *rest,
+                   jnp.abs(jax.random.normal(self._next(), (1, s.kv_heads), jnp.float32)) + 0.01)
+                  for _, *rest in sets]
+        self.record(
+            "score+select",
+            "pallas hamming_topk asymmetric",
+            {**shape, "k": s.budget, "planes": hj.QUERY_PLANES},
+            self.timed(lambda q, k, n, l, sc: hj.hamming_topk(q, k, n, l, budget=s.budget, score="asymmetric",
+                                                              q_scales=sc, impl="pallas"), planes),
+            code_bytes,
+        )
 
     def _cache(self, b, n):
         k, v = (
