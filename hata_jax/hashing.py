@@ -115,13 +115,19 @@ def planes_from_projection(qsum: jax.Array, planes: int) -> tuple[jax.Array, jax
     return pack_bits(bits.astype(bool)), scale
 
 
-def _query_planes_reference(q, w, planes: int):
-    b, hq, d = q.shape
+def summed_query_planes(q, w, planes: int) -> tuple[jax.Array, jax.Array]:
+    """q: float[..., Hq, D] (checked) -> the planes of each KV head's summed query projection in
+    plain JAX: (codes uint32[..., Hkv, planes, rbit // 32], scale float32[..., Hkv])."""
+    *lead, hq, d = q.shape
     kv_heads = w.shape[0]
-    qg = q.reshape(b, kv_heads, hq // kv_heads, d).astype(jnp.float32)
-    qsum = jnp.einsum("bhgd,hdr->bhr", qg, w.astype(jnp.float32), precision=lax.Precision.HIGHEST)
-    codes, scale = planes_from_projection(qsum, planes)
-    return codes.reshape(b, kv_heads * planes, -1), scale
+    qg = q.reshape(*lead, kv_heads, hq // kv_heads, d).astype(jnp.float32)
+    qsum = jnp.einsum("...hgd,hdr->...hr", qg, w.astype(jnp.float32), precision=lax.Precision.HIGHEST)
+    return planes_from_projection(qsum, planes)
+
+
+def _query_planes_reference(q, w, planes: int):
+    codes, scale = summed_query_planes(q, w, planes)
+    return codes.reshape(q.shape[0], -1, codes.shape[-1]), scale
 
 
 def query_planes(q: jax.Array, w: jax.Array, *, planes: int = QUERY_PLANES, impl: str = "auto"):

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from hata_jax.config import QUERY_PLANES, HataConfig, check_rbit
-from hata_jax.hashing import check_projection, encode, key_norms, planes_from_projection, unpack_bits
+from hata_jax.hashing import check_projection, encode, key_norms, summed_query_planes, unpack_bits
 from hata_jax.selectors.base import Selector, token_rows, write_token
 from hata_jax.selectors.exact import group_softmax
 
@@ -48,11 +48,7 @@ def sign_code_dot(q_signs: jax.Array, k_codes: jax.Array) -> jax.Array:
 def plane_values(q, w, planes: int) -> tuple[jax.Array, jax.Array]:
     """The "asymmetric" score's query for many queries: q float[B, T, Hq, D] -> (the quantized
     summed projection float32[B, T, Hkv, r] of odd integers, its scale float32[B, T, Hkv])."""
-    b, t, hq, d = q.shape
-    kv_heads = w.shape[0]
-    qg = q.reshape(b, t, kv_heads, hq // kv_heads, d).astype(jnp.float32)
-    qsum = jnp.einsum("bthgd,hdr->bthr", qg, w.astype(jnp.float32), precision=lax.Precision.HIGHEST)
-    codes, scale = planes_from_projection(qsum, planes)  # [B, T, Hkv, P, W]
+    codes, scale = summed_query_planes(q, w, planes)  # [B, T, Hkv, P, W]
     weights = jnp.float32(2.0) ** jnp.arange(planes, dtype=jnp.float32)
     return jnp.einsum("bthpr,p->bthr", signs(codes), weights), scale
 
