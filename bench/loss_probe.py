@@ -52,13 +52,13 @@ def init_weights(layer: int, samples) -> jax.Array:
     """The trainer's init of `layer` (seed 0)."""
     _, _, q_heads, head_dim = samples.q.shape
     init_key, _ = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(0), layer))
-    return HataObjective(score="key_norm").init(init_key, q_heads, samples.k.shape[2], head_dim)
+    return HataObjective().init(init_key, q_heads, samples.k.shape[2], head_dim)
 
 
 def train_variant(layer: int, samples, spec: dict) -> tuple[HataObjective, jax.Array, dict]:
     loss = {k: v for k, v in spec.items() if k not in TRAIN_FIELDS}
     train = {TRAIN_FIELDS[k][0]: v for k, v in spec.items() if k in TRAIN_FIELDS}
-    selector = HataObjective(loss_config=HataLoss(**loss), score="key_norm")
+    selector = HataObjective(loss_config=HataLoss(**loss))
     config = TrainConfig.for_selector(selector, **train)
     _, batch_key = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(config.seed), layer))
     w = init_weights(layer, samples)
@@ -79,7 +79,7 @@ def probe_layer(layer: int, train_dir, heldout: dict, variants: dict) -> dict:
     row = {"exact": {name: samples_mass(s) for name, s in held.items()}}
     for name, spec in variants.items():
         start = time.perf_counter()
-        selector, terms = HataObjective(score="key_norm"), None
+        selector, terms = HataObjective(), None
         if spec == "random":
             _, _, kv_heads, head_dim = samples.k.shape
             w = jnp.asarray(np.random.default_rng(0).standard_normal((kv_heads, head_dim, 128), dtype=np.float32))

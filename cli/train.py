@@ -22,7 +22,7 @@ from hata_jax.train.trainer import TrainConfig
 # `hata-jax train` flag -> (HataLoss field, help)
 LOSS_FLAGS = {
     "--loss-sigma": ("sigma", "slope of the relaxation tanh(sigma * x / 2)"),
-    "--loss-eps": ("eps", "weight of the similarity (key_norm) or ranking (asymmetric) term"),
+    "--loss-eps": ("eps", "weight of the similarity term"),
     "--loss-balance": ("balance", "weight of the bit balance term"),
     "--loss-decorrelation": ("decorrelation", "weight of the decorrelation term ||W^T W - I||_F"),
 }
@@ -54,21 +54,15 @@ def add_train_command(subparsers) -> None:
     p.add_argument("--selector", choices=["hata", "hashattention"], default="hata")
     p.add_argument("--rbit", type=int, default=128, help="HATA hash bits (default 128)")
     p.add_argument("--dense-layers", type=int, default=2, help="first layers left dense, not trained (default 2)")
-    p.add_argument("--score", choices=["asymmetric", "key_norm"], default="asymmetric",
-                   help="hata: the score the projections are trained for, as decoding's --score (default "
-                        "asymmetric; key_norm: the paper's loss)")
     for flag, (field, help_text) in LOSS_FLAGS.items():
-        defaults = (f"{getattr(HataLoss.asymmetric(), field)} for asymmetric, "
-                    f"{getattr(HataLoss(), field)} for key_norm (the paper's)")
-        p.add_argument(flag, type=float, help=f"hata: {help_text} (default {defaults})")
+        p.add_argument(flag, type=float, help=f"hata: {help_text} (default {getattr(HataLoss(), field)}, the paper's)")
     p.add_argument("--sequences", type=int, default=8, help="training sequences (default 8)")
-    p.add_argument("--steps", type=int, help="optimizer steps per layer (default 600 for hata asymmetric, else 300)")
+    p.add_argument("--steps", type=int, help="optimizer steps per layer (default 300)")
     p.add_argument("--optimizer", choices=["sgd", "adam", "adamw"],
-                   help="default: adam for hata asymmetric and hashattention, sgd (momentum 0.9) for key_norm")
-    p.add_argument("--lr", type=float, help="learning rate (default 0.01 for hata asymmetric, 0.1 for key_norm, 1e-3 "
-                                             "for hashattention)")
+                   help="default: sgd (momentum 0.9) for hata, adam for hashattention")
+    p.add_argument("--lr", type=float, help="learning rate (default 0.1 for hata, 1e-3 for hashattention)")
     p.add_argument("--momentum", type=float, help="sgd momentum (default 0.9)")
-    p.add_argument("--weight-decay", type=float, help="default 1e-6 for hata key_norm, 0 otherwise")
+    p.add_argument("--weight-decay", type=float, help="default 1e-6 for hata, 0 for hashattention")
     p.add_argument("--batch-sequences", type=int,
                    help="sequences per step (0 = all; default all for hata, 4 for hashattention)")
     p.add_argument("--batch-keys", type=int,
@@ -117,7 +111,7 @@ def log(message: str) -> None:
 
 
 def hata_loss(args: argparse.Namespace) -> HataLoss:
-    """The --score's default :class:`HataLoss` with the `--loss-*` values given; a bad value's error names its flag."""
+    """The paper's :class:`HataLoss` with the `--loss-*` values given; a bad value's error names its flag."""
     values = {}
     for flag, (field, _) in LOSS_FLAGS.items():
         value = getattr(args, f"loss_{field}")
@@ -128,7 +122,7 @@ def hata_loss(args: argparse.Namespace) -> HataLoss:
         except ValueError as err:
             raise ValueError(str(err).replace(f"HataLoss.{field}", flag)) from None
         values[field] = value
-    return HataLoss.asymmetric(**values) if args.score == "asymmetric" else HataLoss(**values)
+    return HataLoss(**values)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -137,10 +131,8 @@ def run_train(args: argparse.Namespace) -> int:
     given = [flag for flag, (field, _) in LOSS_FLAGS.items() if getattr(args, f"loss_{field}") is not None]
     if given and args.selector != "hata":
         raise ValueError(f"{', '.join(given)}: for --selector hata only")
-    if args.selector != "hata" and args.score != "asymmetric":
-        raise ValueError("--score: for --selector hata only")
-    selector = (HataObjective(rbit=args.rbit, loss_config=hata_loss(args), score=args.score)
-                if args.selector == "hata" else HashAttentionObjective())
+    selector = (HataObjective(rbit=args.rbit, loss_config=hata_loss(args)) if args.selector == "hata"
+                else HashAttentionObjective())
     collect_config = CollectConfig(seq_len=args.seq_len, sequences=args.sequences, queries=args.queries,
                                    seed=args.seed)
     train_config = TrainConfig.for_selector(
@@ -166,7 +158,7 @@ def run_recall(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, log=log)
     trained, metadata = checkpoint.load_trained(hash_weights, model, "hata")
     layers, rbit = metadata["layers"], metadata["rbit"]
-    selector = HataObjective(rbit=rbit, score="key_norm")
+    selector = HataObjective(rbit=rbit)
     methods = {recall.TRAINED: (selector, trained),
                recall.TRAINED_ASYMMETRIC: (HataObjective(rbit=rbit, score="asymmetric"), trained),
                recall.RANDOM: (selector, random_projections(model.config, rbit, seed=0, layers=layers))}

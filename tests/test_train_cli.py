@@ -30,9 +30,8 @@ def test_train_recall_generate_on_a_tiny_checkpoint(tmp_path, rng, capsys):
     err = capsys.readouterr().err
     assert "collecting q/k samples: 2 sequences of 30 tokens" in err and f"--hash-weights {out}" in err
     assert "step/s" not in err  # --no-progress: no progress bars
-    config = checkpoint.read_metadata(checkpoint.find_step_dir(out))["selector"]["config"]
-    assert config["score"] == "asymmetric"  # trained for decoding's default score, with its loss's defaults
-    assert config["loss_config"] == {"sigma": 0.5, "eps": 1.0, "balance": 1.0, "decorrelation": 0.02}
+    loss = checkpoint.read_metadata(checkpoint.find_step_dir(out))["selector"]["config"]["loss_config"]
+    assert loss == {"sigma": 0.5, "eps": 0.01, "balance": 1.0, "decorrelation": 0.02}
     assert cli.main(train) == 2
     assert "pass --resume" in capsys.readouterr().err
     assert cli.main(train + ["--resume"]) == 0  # finished: nothing left to do
@@ -69,8 +68,6 @@ def test_train_loss_flags_are_checked(tmp_path, capsys):
     assert "--loss-sigma must be a finite float > 0, got 0.0" in capsys.readouterr().err
     assert cli.main(base + ["--selector", "hashattention", "--loss-eps", "1", "--loss-balance", "2"]) == 2
     assert "--loss-eps, --loss-balance: for --selector hata only" in capsys.readouterr().err
-    assert cli.main(base + ["--selector", "hashattention", "--score", "key_norm"]) == 2
-    assert "--score: for --selector hata only" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(shipped_weights("smollm2") is None, reason="no shipped SmolLM2 weights in this checkout")

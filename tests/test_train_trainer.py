@@ -78,7 +78,7 @@ def planted(tmp_path, rng):
 
 
 def test_hata_steps_lower_the_loss_and_raise_the_mass(planted, tmp_path):
-    selector = HataObjective(rbit=32, score="key_norm")
+    selector = HataObjective(rbit=32)
     config = TrainConfig.for_selector(selector, steps=300, batch_keys=64)
     trained, metadata = train_tiny(planted, tmp_path / "run", selector, config)
     assert metadata["complete"] and sorted(trained) == [1, 2]
@@ -93,24 +93,6 @@ def test_hata_steps_lower_the_loss_and_raise_the_mass(planted, tmp_path):
     # The gain varies with the planted data: with 300 steps its mean over the two layers was at least
     # 0.18 (mean 0.34) over 150 seeds; with 100 steps ~1% of seeds ended below 0.01.
     assert np.mean(gains) > 0.05
-    assert all(w.shape == (2, 64, 32) for w in trained.values())
-
-
-def test_hata_asymmetric_steps_lower_the_ranking_loss_and_raise_the_mass(planted, tmp_path):
-    selector = HataObjective(rbit=32)  # trained for the asymmetric score, the default
-    config = TrainConfig.for_selector(selector, steps=150, batch_keys=64)
-    assert (config.optimizer, config.learning_rate) == ("adam", 0.01)
-    trained, metadata = train_tiny(planted, tmp_path / "run", selector, config)
-    gains = []
-    for layer in ("layer_01", "layer_02"):
-        record = metadata["metrics"][layer]
-        first, last = record["loss_first_step"], record["loss_last_step"]
-        assert set(first) == {"loss", "ranking", "balance", "decorrelation"}
-        assert last["ranking"] < first["ranking"]
-        assert record["train_mass_1_16_end"] <= record["train_mass_1_16_exact"] + 1e-6
-        gains.append(record["train_mass_1_16_end"] - record["train_mass_1_16_start"])
-    # Over seeds 0-5 the mean gain over the two layers was 0.35 to 0.50 (mean 0.40).
-    assert np.mean(gains) > 0.15
     assert all(w.shape == (2, 64, 32) for w in trained.values())
 
 
@@ -166,10 +148,8 @@ def test_train_config_checks():
         TrainConfig(steps=0)
     with pytest.raises(ValueError, match=r"batch_keys must be an int >= 0 \(0 = all\), got -1"):
         TrainConfig(batch_keys=-1)
-    config = TrainConfig.for_selector(HataObjective(score="key_norm"), steps=7, learning_rate=None)
+    config = TrainConfig.for_selector(HataObjective(), steps=7, learning_rate=None)
     assert (config.steps, config.learning_rate, config.momentum, config.weight_decay) == (7, 0.1, 0.9, 1e-6)
-    config = TrainConfig.for_selector(HataObjective(), learning_rate=None)
-    assert (config.optimizer, config.steps, config.learning_rate, config.weight_decay) == ("adam", 600, 0.01, 0.0)
 
 
 def test_samples_are_checked_on_load(planted, tmp_path):

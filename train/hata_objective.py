@@ -1,10 +1,8 @@
 """HATA's learned hash projections: labels, the multi-objective loss, and selection scores.
 
 Per layer the parameters are one projection per KV head, `W: float32[Hkv, D, rbit]` (init
-N(0, 1)). The loss trains for the score decoding ranks with (:class:`HataObjective`'s `score`).
-
-The paper's "key_norm" score (HATA, Gong et al., ACL Findings 2025, section 3) hashes both sides;
-training relaxes the sign with `h(x) = tanh(sigma * x / 2) = 2 * sigmoid(sigma * x) - 1` and minimises
+N(0, 1)). Training relaxes the sign with `h(x) = tanh(sigma * x / 2) = 2 * sigmoid(sigma * x) - 1`
+and minimises (HATA, Gong et al., ACL Findings 2025, section 3)
 
     similarity      eps * sum_pairs(s * ||h(q W) - h(k W)||^2) / N_pairs
     bit balance     lambda * sum_heads ||mean_pairs(h(q W) + h(k W)) / rbit||^2
@@ -13,19 +11,6 @@ training relaxes the sign with `h(x) = tanh(sigma * x / 2) = 2 * sigmoid(sigma *
 over the (query head, key) pairs of the batch, where a pair's weight `s` is its label: the top
 `top_fraction` of the query's keys by raw q.k get rank weights from `max_weight` (best) down to
 `min_weight`, every other key `negative_weight`.
-
-The "asymmetric" score `||k|| * v . sign(k W)` (v = the group's summed query projection, not
-hashed) is trained for directly, with the key's sign taken exactly in the forward pass and
-differentiated through `h` (a straight-through estimator):
-
-    ranking         eps * cross-entropy(p, softmax(tau * z))   per (query, KV head), averaged
-    bit balance     lambda * sum_heads mean_bits(mean_keys h(k W))^2
-    decorrelation   eta * ||U^T U - I||_F,  U = W / sqrt(mean column norm^2 of W)
-
-where `p` is the group's exact attention mass over the batch's keys (each query head's softmax of
-q.k / sqrt(D), summed over the group, normalised), `z` the asymmetric scores standardised over the
-query's keys, and `tau` the standard deviation of `log p` over them (no gradient): the scores'
-softmax is asked to put the mass where attention puts it. The loss does not depend on W's scale.
 """
 from __future__ import annotations
 
@@ -63,12 +48,9 @@ class HataLoss:
     nearly the same for every W; a lower eta lets the data shape W (BENCHMARKS.md, "Learned codes,
     loss-weight lever").
 
-    :meth:`asymmetric` gives the defaults of the asymmetric score's loss (module docstring), whose
-    terms the same fields weigh.
-
     Attributes:
       sigma: the relaxation's slope, `h(x) = tanh(sigma * x / 2)`; a finite float > 0.
-      eps: the similarity (key_norm) or ranking (asymmetric) term's weight; a finite float >= 0.
+      eps: the similarity term's weight; a finite float >= 0.
       balance: the bit balance term's weight (lambda); a finite float >= 0.
       decorrelation: the decorrelation term's weight (eta); a finite float >= 0.
 
@@ -89,11 +71,6 @@ class HataLoss:
                     or value < 0 or (positive and value == 0)):
                 raise ValueError(f"HataLoss.{field.name} must be a finite float {'>' if positive else '>='} 0, "
                                  f"got {value!r}")
-
-    @classmethod
-    def asymmetric(cls, **overrides) -> HataLoss:
-        """The asymmetric score's defaults (BENCHMARKS.md, "Training for the asymmetric score"), then `overrides`."""
-        return cls(**{"sigma": 0.1, "eps": 1.0, "balance": 1.0, "decorrelation": 1.0, **overrides})
 
 
 def rank_weights(scores: jax.Array, valid: jax.Array, labels: LabelConfig = LabelConfig()) -> jax.Array:
@@ -151,122 +128,45 @@ def decorrelation_term(w, strength: float):
     return strength * jnp.sqrt(jnp.sum(gram * gram))
 
 
-def straight_through_sign(x, sigma: float):
-    """sign(x) (+1 at 0, as the codes) in the forward pass, with the gradient of `relax(x, sigma)`."""
-    soft = relax(x, sigma)
-    return soft + jax.lax.stop_gradient(jnp.where(x >= 0, 1.0, -1.0) - soft)
-
-
-def group_mass(logits, valid, kv_heads: int):
-    """The group's exact attention mass over a batch's keys, normalised: logits q.k / sqrt(D)
-    [n, m, Hq, S] (any value where not valid), valid bool[n, m, S] -> float32[n, m, Hkv, S], 0 where not valid."""
-    n, m, hq, length = logits.shape
-    logits = jnp.where(valid[:, :, None, :], logits, -jnp.inf)
-    probs = jax.nn.softmax(logits, axis=-1).reshape(n, m, kv_heads, hq // kv_heads, length)
-    mass = jnp.sum(probs, axis=3)
-    return mass / jnp.sum(mass, axis=-1, keepdims=True)
-
-
-def _standardised(x, ok):
-    """(x - mean) / std and std over the last axis where `ok`."""
-    count = jnp.sum(ok, axis=-1, keepdims=True)
-    mean = jnp.sum(jnp.where(ok, x, 0.0), axis=-1, keepdims=True) / count
-    std = jnp.sqrt(jnp.sum(jnp.where(ok, (x - mean) ** 2, 0.0), axis=-1, keepdims=True) / count)
-    return (x - mean) / (std + 1e-6), std
-
-
-def ranking_term(scores, mass, valid, strength: float):
-    """eps * mean over (query, KV head) of cross-entropy(mass, softmax(tau * z)), z the scores
-    standardised over the query's valid keys and tau the std of log(mass) there (no gradient).
-
-    scores: [n, m, Hkv, S] the asymmetric scores; mass: [n, m, Hkv, S] from :func:`group_mass`;
-    valid: bool[n, m, S], every query with at least one valid key.
-    """
-    ok = valid[:, :, None, :]
-    z, _ = _standardised(scores, ok)
-    _, tau = _standardised(jnp.log(jnp.maximum(mass, 1e-30)), ok)
-    log_q = jax.nn.log_softmax(jnp.where(ok, jax.lax.stop_gradient(tau) * z, -jnp.inf), axis=-1)
-    n, m, hkv, _ = scores.shape
-    return strength * -jnp.sum(jnp.where(ok, mass * log_q, 0.0)) / (n * m * hkv)
-
-
-def key_balance_term(hk, strength: float):
-    """lambda * sum over KV heads of the mean over bits of (mean over keys of h(k W))^2; hk [n, S, Hkv, r]."""
-    return strength * jnp.sum(jnp.mean(jnp.mean(hk, axis=(0, 1)) ** 2, axis=-1))
-
-
-def scaled_decorrelation_term(w, strength: float):
-    """:func:`decorrelation_term` of W scaled to a mean squared column norm of 1 (scale-free)."""
-    return decorrelation_term(w / jnp.sqrt(jnp.mean(jnp.sum(w * w, axis=1))), strength)
-
-
 @dataclasses.dataclass(frozen=True)
 class HataObjective:
-    """HATA's trainable selector: projections [Hkv, D, rbit] per layer, trained for `score`, the
-    selection score decoding ranks with ("asymmetric", the default, or the paper's "key_norm"; see
-    :class:`hata_jax.HataConfig`): the loss of the module docstring for that score, with
-    `loss_config` (default :meth:`HataLoss.asymmetric` or the paper's :class:`HataLoss`).
-    :meth:`scores` ranks with `score` too."""
+    """HATA's trainable selector: projections [Hkv, D, rbit] per layer. `score` is the selection
+    score :meth:`scores` ranks with ("key_norm" or "asymmetric", see :class:`hata_jax.HataConfig`);
+    training does not use it."""
 
     rbit: int = 128
-    loss_config: HataLoss | None = None
+    loss_config: HataLoss = HataLoss()
     labels: LabelConfig = LabelConfig()
-    score: str = "asymmetric"
+    score: str = "key_norm"
 
     name = "hata"
+    # TrainConfig defaults: the reference optimiser; 300 full-batch steps on 256 key positions per sequence
+    default_training = dict(optimizer="sgd", learning_rate=0.1, momentum=0.9, weight_decay=1e-6, steps=300,
+                            batch_sequences=0, batch_keys=256)
 
     def __post_init__(self):
         check_rbit(self.rbit, "rbit")
         if self.score not in ("key_norm", "asymmetric"):
             raise ValueError(f"HataObjective.score must be 'key_norm' or 'asymmetric', got {self.score!r}")
-        if self.loss_config is None:
-            default = HataLoss.asymmetric() if self.score == "asymmetric" else HataLoss()
-            object.__setattr__(self, "loss_config", default)
-
-    @property
-    def default_training(self) -> dict:
-        """TrainConfig defaults: full-batch steps on 256 key positions per sequence; the paper's SGD
-        for key_norm, Adam (the ranking loss is scale-free) for asymmetric."""
-        if self.score == "asymmetric":
-            return dict(optimizer="adam", learning_rate=0.01, weight_decay=0.0, steps=600, batch_sequences=0,
-                        batch_keys=256)
-        return dict(optimizer="sgd", learning_rate=0.1, momentum=0.9, weight_decay=1e-6, steps=300,
-                    batch_sequences=0, batch_keys=256)
 
     def init(self, key, q_heads: int, kv_heads: int, head_dim: int):
         return jax.random.normal(key, (kv_heads, head_dim, self.rbit), jnp.float32)
 
     def targets(self, scores, valid):
-        """scores [..., Hq, L] raw q.k, valid bool[..., 1 or Hq, L] -> [..., Hq, L]: the pair weights
-        (key_norm), or the raw scores with 0 where not valid (asymmetric: the loss takes the softmax)."""
-        valid = jnp.broadcast_to(valid, scores.shape)
-        if self.score == "asymmetric":
-            return jnp.where(valid, scores, 0.0)
-        return rank_weights(scores, valid, self.labels)
+        """scores [..., Hq, L], valid bool[..., 1 or Hq, L] -> pair weights [..., Hq, L]."""
+        return rank_weights(scores, jnp.broadcast_to(valid, scores.shape), self.labels)
 
     def loss(self, w, batch):
         """(total, {term: value}) on a batch (see :func:`hata_jax.train.trainer.sample_batch`)."""
         cfg = self.loss_config
-        q, k, targets, valid = batch["q"], batch["k"], batch["targets"], batch["valid"]
+        q, k, weights, valid = batch["q"], batch["k"], batch["targets"], batch["valid"]
         n, m, hq, d = q.shape
         hkv = w.shape[0]
         qg = q.reshape(n, m, hkv, hq // hkv, d)
-        k_proj = jnp.einsum("nshd,hdr->nshr", k, w)
-        h_k = relax(k_proj, cfg.sigma)
-        if self.score == "asymmetric":
-            v = jnp.einsum("nmhgd,hdr->nmhr", qg, w)
-            signs = straight_through_sign(k_proj, cfg.sigma)
-            scores = jnp.einsum("nmhr,nshr->nmhs", v, signs) * jnp.moveaxis(jnp.linalg.norm(k, axis=-1), 1, -1)[:, None]
-            mass = group_mass(targets / math.sqrt(d), valid, hkv)
-            terms = {
-                "ranking": ranking_term(scores, mass, valid, cfg.eps),
-                "balance": key_balance_term(h_k, cfg.balance),
-                "decorrelation": scaled_decorrelation_term(w, cfg.decorrelation),
-            }
-            return sum(terms.values()), terms
         h_q = relax(jnp.einsum("nmhgd,hdr->nmhgr", qg, w), cfg.sigma)
+        h_k = relax(jnp.einsum("nshd,hdr->nshr", k, w), cfg.sigma)
         terms = {
-            "similarity": similarity_term(h_q, h_k, targets.reshape(n, m, hkv, hq // hkv, -1), valid, cfg.eps),
+            "similarity": similarity_term(h_q, h_k, weights.reshape(n, m, hkv, hq // hkv, -1), valid, cfg.eps),
             "balance": balance_term(h_q, h_k, valid, cfg.balance),
             "decorrelation": decorrelation_term(w, cfg.decorrelation),
         }

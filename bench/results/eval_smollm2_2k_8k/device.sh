@@ -2,7 +2,7 @@
 # One device call of the issue-17 evaluation (run.py), on a machine warm from the calls before it.
 # The 98 MB GGUF exceeds one call's 64 MiB, so it travels in two parts (ignored folder .evalcarry):
 #   call 1: carry .evalcarry/a (gguf.part1) and .whl (the gguf wheel):  bash device.sh setup
-#   call 2: carry .evalcarry/b (gguf.part2, the held-out stdlib as tar.gz, the asymmetric-trained projections):
+#   call 2: carry .evalcarry/b (gguf.part2, the held-out stdlib as tar.gz, the eta projections if any):
 #           bash device.sh run SECONDS [check] -- STAGES...
 #   call 3: carry .evalcarry/c (the hashattention run, the rbit-256 projections; final steps only), then the same.
 # .evalcarry/state/*.tar.gz (an earlier call's results.tar.gz) is unpacked first when present,
@@ -43,7 +43,6 @@ weights=()
 [ -d /tmp/smollm2-eta0.02-lr0.2 ] && weights+=(--eta /tmp/smollm2-eta0.02-lr0.2)
 [ -d /tmp/smollm2-hashattention ] && weights+=(--hashattention /tmp/smollm2-hashattention)
 [ -d /tmp/smollm2-rbit256 ] && weights+=(--rbit256 /tmp/smollm2-rbit256)
-[ -d /tmp/smollm2-asym ] && weights+=(--asym-trained /tmp/smollm2-asym)
 python "$here/run.py" --root "$root" --impl auto --deadline "$seconds" "${weights[@]}" "${stages[@]}" \
   2>&1 | grep -v -i warning | tee "$OUT/run.log"
 wait

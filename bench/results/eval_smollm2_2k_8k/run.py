@@ -3,26 +3,21 @@ every stage below is one `hata-jax eval` run directory per length (the harness o
 `hata_jax.evaluation.harness`, resumable), run in this order until a deadline.
 
     python bench/results/eval_smollm2_2k_8k/run.py --root DIR --impl auto \
-        --eta RUN --hashattention RUN --rbit256 RUN --asym-trained RUN [--deadline SECONDS] [--stages NAME ...] \
-        [--lengths N ...]
+        --eta RUN --hashattention RUN --rbit256 RUN [--deadline SECONDS] [--stages NAME ...] [--lengths N ...]
 
 Stages (budget = 1/16 or 1/32 of the length, tokens per KV head; layers 0-1 dense; no forced
 sink or recent tokens except where a method's authors force them):
   main           dense, hata (the shipped projections, the paper's key_norm score), exact, hata_rerank
                  (c = 4), quest_authors, quest
   asym           hata and hata_rerank with the asymmetric score (HataConfig.score)
-  asym_trained   hata with the asymmetric score and projections trained for it (--asym-trained: a
-                 `hata-jax train --score asymmetric` run)
   eta            hata with the eta 0.02 / lr 0.2 projections (--eta)
   hashattention  hashattention_authors, hashattention (--hashattention: a `hata-jax train
                  --selector hashattention` run)
   b32            hata, exact at 1/32
   asym_b32       hata with the asymmetric score at 1/32
-  asym_trained_b32  the --asym-trained projections at 1/32
   eta_b32        hata with the --eta projections at 1/32
   rbit256        hata with 256-bit projections (--rbit256)
-  perplexity     teacher-forced perplexity of the main, asym, asym_trained and eta stages' methods (4 held-out
-                 sequences)
+  perplexity     teacher-forced perplexity of the main, asym and eta stages' methods (4 held-out sequences)
 
 The prompts of every (task, length) are built once, in parallel (a process per (task, length)),
 and shared by the stages: the harness builds them the same way (`tasks.make_samples`).
@@ -52,16 +47,14 @@ KEY_NORM, ASYMMETRIC = {"score": "key_norm"}, {"score": "asymmetric"}
 STAGES = {  # name: (methods, budget fraction, extra EvalConfig fields, which weights option)
     "main": (MAIN, 16, KEY_NORM, None),
     "asym": (("hata", "hata_rerank"), 16, ASYMMETRIC, None),
-    "asym_trained": (("hata",), 16, ASYMMETRIC, "asym_trained"),
     "eta": (("hata",), 16, KEY_NORM, "eta"),
     "hashattention": (("hashattention_authors", "hashattention"), 16, KEY_NORM, "hashattention"),
     "b32": (("hata", "exact"), 32, KEY_NORM, None),
     "asym_b32": (("hata",), 32, ASYMMETRIC, None),
-    "asym_trained_b32": (("hata",), 32, ASYMMETRIC, "asym_trained"),
     "eta_b32": (("hata",), 32, KEY_NORM, "eta"),
     "rbit256": (("hata",), 16, {"rbit": 256, **KEY_NORM}, "rbit256"),
 }
-PERPLEXITY = ("main", "asym", "asym_trained", "eta")
+PERPLEXITY = ("main", "asym", "eta")
 
 
 def log(message: str) -> None:
@@ -85,7 +78,6 @@ def main() -> int:
     p.add_argument("--eta", help="the eta 0.02 / lr 0.2 projections (a `hata-jax train` run)")
     p.add_argument("--hashattention", help="a `hata-jax train --selector hashattention` run")
     p.add_argument("--rbit256", help="256-bit HATA projections (a `hata-jax train --rbit 256` run)")
-    p.add_argument("--asym-trained", help="projections trained for the asymmetric score (a `hata-jax train` run)")
     p.add_argument("--stages", nargs="+", default=[*STAGES, "perplexity"], choices=[*STAGES, "perplexity"])
     p.add_argument("--lengths", nargs="+", type=int, default=list(BATCH), choices=list(BATCH))
     p.add_argument("--samples", type=int, default=SAMPLES, help="prompts per task (a prefix of the 50)")
@@ -117,8 +109,7 @@ def run(args, start: float) -> int:
 
     tasks_lib.make_samples = cached
     model, tokenizer = load_model("smollm2", log=log)
-    weights = {"eta": args.eta, "hashattention": args.hashattention, "rbit256": args.rbit256,
-               "asym_trained": args.asym_trained}
+    weights = {"eta": args.eta, "hashattention": args.hashattention, "rbit256": args.rbit256}
     todo = [(stage, length, ("tasks",)) for stage in args.stages if stage != "perplexity" for length in args.lengths]
     if "perplexity" in args.stages:
         todo += [(stage, length, ("perplexity",)) for stage in PERPLEXITY for length in args.lengths]
@@ -134,7 +125,7 @@ def run(args, start: float) -> int:
         log(f"{stage} {length} {parts[0]}: {', '.join(methods)} at budget {length // fraction} -> {directory}")
         t = time.perf_counter()
         harness.run_eval(model, "smollm2", tokenizer, config, directory,
-                         hash_weights=weights[option] if option in ("eta", "rbit256", "asym_trained") else None,
+                         hash_weights=weights[option] if option in ("eta", "rbit256") else None,
                          hashattention_dir=weights["hashattention"], progress=False, log=log, parts=parts)
         log(f"{stage} {length} {parts[0]} done in {time.perf_counter() - t:.0f} s")
     log(f"all stages done in {time.perf_counter() - start:.0f} s")

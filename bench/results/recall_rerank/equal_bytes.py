@@ -18,7 +18,7 @@ from hata_jax.train.projections import shipped_weights
 samples, out = sys.argv[1], sys.argv[2]
 model, _ = load_model("smollm2")
 trained, metadata = checkpoint.load_trained(shipped_weights("smollm2"), model, "hata")
-methods = {recall.TRAINED: (HataObjective(rbit=metadata["rbit"], score="key_norm"), trained)}
+methods = {recall.TRAINED: (HataObjective(rbit=metadata["rbit"]), trained)}
 result = recall.evaluate(samples, metadata["layers"], methods, fractions=(3 / 32, 5 / 32))
 with open(out, "w") as f:
     json.dump({"samples": samples, "fractions": result["fractions"],
