@@ -24,7 +24,11 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from run import STAGES  # noqa: E402  (the stages and their methods, in run order)
 
 STAGE_LABELS = {"main": "", "asym": " (asymmetric)", "eta": " (eta 0.02 codes)", "hashattention": "", "b32": "",
-                "asym_b32": " (asymmetric)", "eta_b32": " (eta 0.02 codes)", "rbit256": " (rbit 256 codes)"}
+                "asym_b32": " (asymmetric)", "eta_b32": " (eta 0.02 codes)", "rbit256": " (rbit 256 codes)",
+                "rbit256_asym": " (asymmetric, rbit 256 codes)", "rbit256_asym_b32": " (asymmetric, rbit 256 codes)",
+                # made at c9b5d3c (reverted): projections trained with a loss for the asymmetric score
+                "asym_trained": " (asymmetric, asymmetric-loss codes)",
+                "asym_trained_b32": " (asymmetric, asymmetric-loss codes)"}
 # The methods whose paired differences against every other method at their budget are reported.
 PAIRED = ("hata", "hata (asymmetric)")
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "variable_tracking", "common_words",
@@ -110,7 +114,29 @@ def summarize(root: pathlib.Path, samples: int) -> dict:
                     diff, ci = bootstrap([matrix, m], [1.0, -1.0])
                     out["pairs"].append({"length": length, "budget": budget, "a": label, "b": other, "a_minus_b": diff,
                                          "ci95": ci})
+    out["perplexity"] = perplexities(root)
     return out
+
+
+def perplexities(root: pathlib.Path) -> list[dict]:
+    """Per (stage, length, method, budget) with perplexity records: exp(summed NLL / scored tokens)
+    over its sequences, and the change against dense's on the same sequences (digests checked)."""
+    units = load(root, "perplexity")
+    rows = []
+    for (stage, length, method, budget), got in sorted(units.items(), key=_order):
+        dense = units.get(("main", length, "dense", None), {})
+        common = [u for u in got if u in dense]
+        if any(got[u]["digest"] != dense[u]["digest"] for u in common):
+            raise ValueError(f"{stage}_{length}: perplexity on other sequences than main_{length}")
+        ppl = float(np.exp(sum(got[u]["nll"] for u in got) / sum(got[u]["tokens"] for u in got)))
+        row = {"length": length, "method": method + STAGE_LABELS.get(stage, f" ({stage})"), "budget": budget,
+               "sequences": len(got), "perplexity": ppl}
+        if common and budget is not None:
+            base = float(np.exp(sum(dense[u]["nll"] for u in common) / sum(dense[u]["tokens"] for u in common)))
+            mine = float(np.exp(sum(got[u]["nll"] for u in common) / sum(got[u]["tokens"] for u in common)))
+            row["vs_dense_percent"] = 100 * (mine / base - 1)
+        rows.append(row)
+    return rows
 
 
 def agreement(gpu: pathlib.Path, cpu: pathlib.Path) -> list[dict]:
@@ -145,6 +171,14 @@ def tables(summary: dict, agree: list[dict] | None) -> str:
             lines += ["", "| method | minus | budget | difference [95% CI, paired] |", "|---|---|---|---:|"]
             lines += [f"| {p['a']} | {p['b']} | {p['budget']} | {p['a_minus_b']:+.1f} "
                       f"[{p['ci95'][0]:+.1f}, {p['ci95'][1]:+.1f}] |" for p in pairs]
+    if summary.get("perplexity"):
+        lines += ["", "### Perplexity (teacher-forced, held-out standard library text, the last half of each sequence "
+                  "scored)", "", "| length | method | budget | sequences | perplexity | vs dense |",
+                  "|---:|---|---:|---:|---:|---:|"]
+        lines += [f"| {r['length']} | {r['method']} | {r['budget'] or '-'} | {r['sequences']} | "
+                  f"{r['perplexity']:.3f} | " + (f"{r['vs_dense_percent']:+.2f}% |" if "vs_dense_percent" in r
+                                                else "- |")
+                  for r in summary["perplexity"]]
     if agree:
         lines += ["", "### GPU kernels (`--impl auto`) against the CPU reference (`--impl reference`), same prompts",
                   "", "| stage | length | method | budget | prompts | same generated text | score GPU | score CPU |",

@@ -17,6 +17,7 @@ sink or recent tokens except where a method's authors force them):
   asym_b32       hata with the asymmetric score at 1/32
   eta_b32        hata with the --eta projections at 1/32
   rbit256        hata with 256-bit projections (--rbit256)
+  rbit256_asym   the same with the asymmetric score (and rbit256_asym_b32 at 1/32)
   perplexity     teacher-forced perplexity of the main, asym and eta stages' methods (4 held-out sequences)
 
 The prompts of every (task, length) are built once, in parallel (a process per (task, length)),
@@ -53,6 +54,8 @@ STAGES = {  # name: (methods, budget fraction, extra EvalConfig fields, which we
     "asym_b32": (("hata",), 32, ASYMMETRIC, None),
     "eta_b32": (("hata",), 32, KEY_NORM, "eta"),
     "rbit256": (("hata",), 16, {"rbit": 256, **KEY_NORM}, "rbit256"),
+    "rbit256_asym": (("hata",), 16, {"rbit": 256, **ASYMMETRIC}, "rbit256"),
+    "rbit256_asym_b32": (("hata",), 32, {"rbit": 256, **ASYMMETRIC}, "rbit256"),
 }
 PERPLEXITY = ("main", "asym", "eta")
 
