@@ -116,7 +116,7 @@ def planes_from_projection(qsum: jax.Array, planes: int) -> tuple[jax.Array, jax
 
 
 def summed_query_planes(q, w, planes: int) -> tuple[jax.Array, jax.Array]:
-    """q: float[..., Hq, D] (checked) -> the planes of each KV head's summed query projection in
+    """q: float[..., Hq, D] (the caller checks q and w) -> the planes of each KV head's summed query projection in
     plain JAX: (codes uint32[..., Hkv, planes, rbit // 32], scale float32[..., Hkv])."""
     *lead, hq, d = q.shape
     kv_heads = w.shape[0]

@@ -128,15 +128,17 @@ def perplexities(root: pathlib.Path) -> list[dict]:
         common = [u for u in got if u in dense]
         if any(got[u]["digest"] != dense[u]["digest"] for u in common):
             raise ValueError(f"{stage}_{length}: perplexity on other sequences than main_{length}")
-        ppl = float(np.exp(sum(got[u]["nll"] for u in got) / sum(got[u]["tokens"] for u in got)))
         row = {"length": length, "method": method + STAGE_LABELS.get(stage, f" ({stage})"), "budget": budget,
-               "sequences": len(got), "perplexity": ppl}
+               "sequences": len(got), "perplexity": _perplexity(got, got)}
         if common and budget is not None:
-            base = float(np.exp(sum(dense[u]["nll"] for u in common) / sum(dense[u]["tokens"] for u in common)))
-            mine = float(np.exp(sum(got[u]["nll"] for u in common) / sum(got[u]["tokens"] for u in common)))
-            row["vs_dense_percent"] = 100 * (mine / base - 1)
+            row["vs_dense_percent"] = 100 * (_perplexity(got, common) / _perplexity(dense, common) - 1)
         rows.append(row)
     return rows
+
+
+def _perplexity(records: dict, units) -> float:
+    """exp(summed NLL / scored tokens) over `units` of `records`."""
+    return float(np.exp(sum(records[u]["nll"] for u in units) / sum(records[u]["tokens"] for u in units)))
 
 
 def agreement(gpu: pathlib.Path, cpu: pathlib.Path) -> list[dict]:
