@@ -79,6 +79,10 @@ def _add_run_args(p, defaults) -> None:
                         f"the query's quantized projection against the key codes (default {defaults.score})")
     p.add_argument("--candidates", type=int, default=defaults.candidates,
                    help="hata_rerank: HATA picks CANDIDATES x budget tokens, their exact scores the budget (default 4)")
+    p.add_argument("--loki-channels", type=int, default=defaults.loki_channels,
+                   help="loki: principal channels kept per key (2 bytes each per KV head; default 32)")
+    p.add_argument("--quest-page-size", type=int, default=defaults.quest_page_size,
+                   help="quest, quest_authors: tokens per page (default 16)")
     p.add_argument("--sink", type=int, default=defaults.sink, help="first positions always kept (default 0)")
     p.add_argument("--recent", type=int, default=defaults.recent, help="last positions always kept (default 0)")
     p.add_argument("--batch", type=int, default=defaults.batch,
@@ -117,7 +121,7 @@ def evaluate(args: argparse.Namespace, *, out: str, keep: bool = True, parts: tu
         raise ValueError(f"{', '.join(needs)} needs --hashattention DIR (a `hata-jax train --selector hashattention` "
                          "run)")
     config = EvalConfig(dense_layers=args.dense_layers, rbit=args.rbit, score=args.score, candidates=args.candidates,
-                        sink=args.sink, recent=args.recent,
+                        loki_channels=args.loki_channels, quest_page_size=args.quest_page_size, sink=args.sink, recent=args.recent,
                         batch=args.batch, perplexity_sequences=args.perplexity_sequences,
                         metric_prompts=args.metric_prompts, metric_queries=args.metric_queries, seed=args.seed,
                         impl=args.impl, **fields)
@@ -145,7 +149,7 @@ def add_demo_args(p) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     defaults = EvalConfig(**DEMO, **DEMO_RUN)
     p.set_defaults(**{name: getattr(defaults, name) for name in
-                      ("dense_layers", "candidates", "sink", "recent", "batch", "perplexity_sequences",
+                      ("dense_layers", "candidates", "loki_channels", "quest_page_size", "sink", "recent", "batch", "perplexity_sequences",
                        "metric_prompts",
                        "metric_queries")}, hash_weights=None, hashattention=None)
 

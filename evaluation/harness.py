@@ -15,7 +15,7 @@ it is finished, so an interrupted run resumes where it stopped and skips every u
 "dense" runs once per prompt (budget None). `DIR/run.json` holds the model's identity and the
 settings that change results (dense layers, rbit, sink, recent, seed, batch, impl..., and the
 content digests of hata's and hashattention's params, whatever path they came from, and
-hata_rerank's candidates): a resumed run must match them; methods, budgets, tasks, lengths and
+hata_rerank's candidates, loki's channels, quest's page size): a resumed run must match them; methods, budgets, tasks, lengths and
 sample counts may grow. Each record carries its prompt's digest, and a resumed run refuses
 records of other prompts. Everything is deterministic (seeded prompts, greedy decoding, fixed
 batches), so a resumed run ends with the results an uninterrupted one gives.
@@ -75,6 +75,8 @@ class EvalConfig:
       rbit, score, sink, recent: the plans' HataConfig fields (rbit and score: hata, hata_rerank
         and simhash).
       candidates: hata_rerank's factor c (HATA picks c x budget candidates, exact scores the budget).
+      loki_channels: loki's principal channels per key; quest_page_size: quest's and
+        quest_authors' tokens per page.
       seed: prompts, held-out files, query positions, simhash projections.
       impl: "auto", "pallas" or "reference" for the hata_jax ops.
     """
@@ -92,6 +94,8 @@ class EvalConfig:
     rbit: int = 128
     score: str = HataConfig.score
     candidates: int = 4
+    loki_channels: int = 32
+    quest_page_size: int = 16
     sink: int = 0
     recent: int = 0
     seed: int = 0
@@ -108,7 +112,7 @@ class EvalConfig:
         bad = [t for t in self.tasks if t not in tasks_lib.TASKS]
         if bad:
             raise ValueError(f"unknown tasks {bad}; supported: {', '.join(tasks_lib.TASKS)}")
-        for name in ("samples", "batch", "metric_queries", "rbit", "candidates"):
+        for name in ("samples", "batch", "metric_queries", "rbit", "candidates", "loki_channels", "quest_page_size"):
             _check_int(getattr(self, name), f"EvalConfig.{name}", 1)
         for name in ("perplexity_sequences", "metric_prompts", "dense_layers", "sink", "recent", "seed"):
             _check_int(getattr(self, name), f"EvalConfig.{name}", 0)
@@ -127,8 +131,13 @@ class EvalConfig:
     def plan(self, num_layers: int, method: str, budget: int | None) -> AttentionPlan:
         hata = HataConfig(rbit=self.rbit, budget=budget or max(self.budgets), sink=self.sink, recent=self.recent,
                           score=self.score)
-        return AttentionPlan.for_method(num_layers, method, hata, self.impl, candidates=self.candidates,
-                                        dense_layers=self.dense_layers)
+        return AttentionPlan.for_method(num_layers, method, hata, self.impl, dense_layers=self.dense_layers,
+                                        selector_options=self.selector_options)
+
+    @property
+    def selector_options(self) -> dict:
+        """The selector fields this run sets (`AttentionPlan.for_method`'s `selector_options`)."""
+        return {"candidates": self.candidates, "channels": self.loki_channels, "page_size": self.quest_page_size}
 
     def settings(self) -> dict:
         return {name: getattr(self, name) for name in RESULT_SETTINGS}
@@ -394,6 +403,9 @@ def run_eval(model, model_name: str, tokenizer, config: EvalConfig, directory: s
     sources = {f"{method}_params_sha256": params_digest(params(method)) if method in reads else None
                for method in ("hata", "hashattention")}
     sources["hata_rerank_candidates"] = config.candidates if "hata_rerank" in config.methods else None
+    sources["loki_channels"] = config.loki_channels if "loki" in config.methods else None
+    sources["quest_page_size"] = (config.quest_page_size if {"quest", "quest_authors"} & set(config.methods)
+                                  else None)
     records = open_run(directory, model, model_name, config, sources)
     start = time.perf_counter()
     samples = {(task, length): tasks_lib.make_samples(task, tokenizer, length, config.samples, config.seed)

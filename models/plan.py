@@ -94,22 +94,26 @@ class AttentionPlan:
 
     @classmethod
     def for_method(cls, num_layers: int, method: str, hata: HataConfig = HataConfig(),
-                   impl: str = "auto", candidates: int = 4, *, dense_layers: int = DENSE_LAYERS) -> AttentionPlan:
+                   impl: str = "auto", *, dense_layers: int = DENSE_LAYERS,
+                   selector_options: dict | None = None) -> AttentionPlan:
         """The plan of one method of METHODS: "dense" everywhere; "hata", the fast HATA path;
-        any other selector name, kind "sparse" with `make_selector(method)` (`rbit=hata.rbit` and
-        `score=hata.score` for the selectors that take them: simhash, hata_rerank; `candidates`
-        for hata_rerank). Except
-        for "dense", the first `dense_layers` layers stay dense."""
+        any other selector name, kind "sparse" with `make_selector(method, ...)`: `rbit=hata.rbit`
+        and `score=hata.score` for the selectors that take them (simhash, hata_rerank), and of
+        `selector_options` (selector field -> value, e.g. `{"candidates": 4, "channels": 16,
+        "page_size": 8}`) the fields this selector has; the others are ignored, so one dict can
+        serve every method of a run. Except for "dense", the first `dense_layers` layers stay dense."""
         if method not in METHODS:
             raise ValueError(f"unknown attention method {method!r}; supported: {METHODS}")
         if isinstance(dense_layers, bool) or not isinstance(dense_layers, (int, np.integer)) or dense_layers < 0:
             raise ValueError(f"dense_layers must be an int >= 0, got {dense_layers!r}")
+        if selector_options is not None and not isinstance(selector_options, dict):
+            raise ValueError(f"selector_options must be a dict of selector fields, got {type(selector_options).__name__}")
         kind = {"dense": "dense", "hata": "hata"}.get(method, "sparse")
         kinds = tuple(kind if i >= dense_layers else "dense" for i in range(num_layers))
         selector = None
         if kind == "sparse":
             fields = {f.name for f in dataclasses.fields(SELECTORS[method])}
-            given = {"rbit": hata.rbit, "score": hata.score, "candidates": candidates}
+            given = {"rbit": hata.rbit, "score": hata.score, **(selector_options or {})}
             selector = make_selector(method, **{name: value for name, value in given.items() if name in fields})
         return cls(layers=kinds, hata=hata, impl=impl, selector=selector)
 

@@ -342,6 +342,20 @@ def test_eval_config_errors():
         harness.EvalConfig(score="dot")
     assert harness.EvalConfig(methods=("quest", "dense"), budgets=(8, 16)).configs == [
         ("quest", 8), ("quest", 16), ("dense", None)]
+    for name in ("candidates", "loki_channels", "quest_page_size"):
+        with pytest.raises(ValueError, match=f"EvalConfig.{name} must be an int >= 1"):
+            harness.EvalConfig(**{name: 0})
+
+
+def test_eval_config_sets_the_selectors_options():
+    config = harness.EvalConfig(candidates=2, loki_channels=8, quest_page_size=32, rbit=64)
+    assert config.plan(4, "loki", 16).selector.channels == 8
+    assert config.plan(4, "quest", 16).selector.page_size == 32
+    assert config.plan(4, "quest_authors", 16).selector.page_size == 32
+    assert config.plan(4, "hata_rerank", 16).selector.candidates == 2
+    assert config.plan(4, "simhash", 16).selector.rbit == 64
+    defaults = harness.EvalConfig()
+    assert defaults.plan(4, "loki", 16).selector.channels == 32 and defaults.plan(4, "quest", 16).selector.page_size == 16
 
 
 def test_report_table_and_plots(tmp_path):
@@ -404,7 +418,10 @@ def test_cli_parses_eval_and_demo_arguments():
                               "niah_single,common_words", "--lengths", "4096", "--out", "x", "--no-progress"])
     assert args.methods == ("dense", "hata", "quest") and args.budgets == (128, 256) and args.lengths == (4096,)
     assert args.tasks == ("niah_single", "common_words") and args.samples == 20 and args.dense_layers == 2
+    options = parser.parse_args(["eval", "--out", "x", "--loki-channels", "8", "--quest-page-size", "32"])
+    assert options.loki_channels == 8 and options.quest_page_size == 32
     defaults = parser.parse_args(["eval", "--out", "x"])
+    assert defaults.loki_channels == 32 and defaults.quest_page_size == 16
     assert defaults.methods is None and defaults.budgets == (128, 256, 512) and defaults.tasks == tuple(tasks.TASKS)
     with pytest.raises(SystemExit):
         parser.parse_args(["eval", "--out", "x", "--budgets", "128,abc"])
@@ -427,6 +444,9 @@ def test_cli_eval_end_to_end(tiny, tmp_path, capsys):
         assert (out / name).stat().st_size > 0, name
     assert cli.main(args) == 0  # resumed: all done, same table
     assert capsys.readouterr().out == captured.out
+    assert json.loads((out / "run.json").read_text())["settings"]["quest_page_size"] == 16
+    assert cli.main(args + ["--quest-page-size", "8"]) == 2  # another page size is another run
+    assert "'quest_page_size': (16, 8)" in capsys.readouterr().err
     elsewhere = [str(tmp_path / "empty") if a == str(out) else a for a in args]
     assert cli.main(elsewhere + ["--parts", ""]) == 0  # only summarizes: nothing run, nothing recorded
     assert not (tmp_path / "empty" / "records.jsonl").exists()

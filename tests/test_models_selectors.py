@@ -26,6 +26,7 @@ from hata_jax.models import (
     sparse_logits,
     with_selector_states,
 )
+from hata_jax import selectors as sel
 from hata_jax.selectors import loki_basis, make_selector, params_source
 from hata_jax.train.hashattention_objective import HashAttentionObjective
 from hata_jax.train.selector_params import LokiCalibration, selector_params
@@ -76,6 +77,17 @@ def test_for_method_builds_each_plan():
         assert plan.sparse_layers == plan.selecting_layers == [1, 2] and plan.hashed_layers == []
         hash(plan)
     assert AttentionPlan.for_method(3, "simhash", hata, dense_layers=1).selector.rbit == 64
+    options = {"candidates": 3, "channels": 8, "page_size": 4}  # each selector takes its own fields
+    assert AttentionPlan.for_method(3, "loki", hata, selector_options=options).selector == sel.LokiSelector(channels=8)
+    assert (AttentionPlan.for_method(3, "quest_authors", hata, selector_options=options).selector
+            == sel.QuestAuthorsSelector(page_size=4))
+    assert (AttentionPlan.for_method(3, "hata_rerank", hata, selector_options=options).selector
+            == sel.HataRerankSelector(rbit=64, candidates=3))
+    assert AttentionPlan.for_method(3, "streaming", hata, selector_options=options).selector == sel.StreamingSelector()
+    with pytest.raises(ValueError, match="LokiSelector.channels must be a positive int"):
+        AttentionPlan.for_method(3, "loki", hata, selector_options={"channels": 0})
+    with pytest.raises(ValueError, match="selector_options must be a dict"):
+        AttentionPlan.for_method(3, "loki", hata, selector_options=[("channels", 8)])
     with pytest.raises(ValueError, match="unknown attention method 'bogus'"):
         AttentionPlan.for_method(3, "bogus", hata, dense_layers=1)
     with pytest.raises(ValueError, match="'sparse' .* needs a selector"):

@@ -622,6 +622,20 @@ def test_extra_bytes_per_token():
     assert sel.make_selector("quest").extra_bytes_per_token(3, 64) == 3 * 16
 
 
+def test_selection_bytes():
+    """SmolLM2-135M layer shapes (3 KV heads, head_dim 64) at 2048 tokens, budget 128: metadata of
+    every token, plus the keys a selector scores exactly."""
+    length, budget, per_token = 2048, 128, {"exact": 128, "hata": 20, "simhash": 20, "hashattention": 4,
+                                            "hashattention_authors": 4, "quest": 16, "quest_authors": 16,
+                                            "loki": 64, "streaming": 0}
+    for name in NAMES:
+        got = sel.make_selector(name).selection_bytes(length, budget, 3, 64)
+        want = 3 * length * 20 + 3 * 4 * budget * 128 if name == "hata_rerank" else 3 * length * per_token[name]
+        assert got == want, name
+    assert sel.make_selector("hata_rerank", candidates=64).selection_bytes(length, budget, 3, 64) == 3 * length * 148
+    assert sel.make_selector("loki", channels=8).selection_bytes(length, budget, 3, 64) == 3 * length * 16
+
+
 def test_registry():
     assert sorted(sel.SELECTORS) == sorted(NAMES)
     for name, cls in sel.SELECTORS.items():

@@ -89,6 +89,14 @@ class Selector(abc.ABC):
     def extra_bytes_per_token(self, kv_heads: int, head_dim: int) -> int:
         """Metadata bytes per cached token, all KV heads of one layer."""
 
+    def selection_bytes(self, length: int, budget: int, kv_heads: int, head_dim: int) -> int:
+        """Bytes one decode step reads to choose `budget` of `length` cached tokens, all KV heads
+        of one layer, for a 16-bit key cache: every token's metadata
+        (:meth:`extra_bytes_per_token`), plus the keys of the selectors that score keys exactly
+        (exact: every key; hata_rerank: its candidates'). The attention over the chosen tokens,
+        the same for every selector at a budget, is not counted."""
+        return length * self.extra_bytes_per_token(kv_heads, head_dim)
+
     def check_params(self, params, kv_heads: int, head_dim: int, q_heads: int | None = None) -> None:
         """Raise a ValueError unless `params` fit this selector and the given head shapes."""
         if params is not None:
