@@ -121,7 +121,8 @@ def evaluate(args: argparse.Namespace, *, out: str, keep: bool = True, parts: tu
         raise ValueError(f"{', '.join(needs)} needs --hashattention DIR (a `hata-jax train --selector hashattention` "
                          "run)")
     config = EvalConfig(dense_layers=args.dense_layers, rbit=args.rbit, score=args.score, candidates=args.candidates,
-                        loki_channels=args.loki_channels, quest_page_size=args.quest_page_size, sink=args.sink, recent=args.recent,
+                        loki_channels=args.loki_channels, quest_page_size=args.quest_page_size, sink=args.sink,
+                        recent=args.recent,
                         batch=args.batch, perplexity_sequences=args.perplexity_sequences,
                         metric_prompts=args.metric_prompts, metric_queries=args.metric_queries, seed=args.seed,
                         impl=args.impl, **fields)
@@ -149,9 +150,9 @@ def add_demo_args(p) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     defaults = EvalConfig(**DEMO, **DEMO_RUN)
     p.set_defaults(**{name: getattr(defaults, name) for name in
-                      ("dense_layers", "candidates", "loki_channels", "quest_page_size", "sink", "recent", "batch", "perplexity_sequences",
-                       "metric_prompts",
-                       "metric_queries")}, hash_weights=None, hashattention=None)
+                      ("dense_layers", "candidates", "loki_channels", "quest_page_size", "sink", "recent", "batch",
+                       "perplexity_sequences", "metric_prompts", "metric_queries")},
+                   hash_weights=None, hashattention=None)
 
 
 def run_demo(args: argparse.Namespace) -> int:

@@ -15,10 +15,11 @@ it is finished, so an interrupted run resumes where it stopped and skips every u
 "dense" runs once per prompt (budget None). `DIR/run.json` holds the model's identity and the
 settings that change results (dense layers, rbit, sink, recent, seed, batch, impl..., and the
 content digests of hata's and hashattention's params, whatever path they came from, and
-hata_rerank's candidates, loki's channels, quest's page size): a resumed run must match them; methods, budgets, tasks, lengths and
-sample counts may grow. Each record carries its prompt's digest, and a resumed run refuses
-records of other prompts. Everything is deterministic (seeded prompts, greedy decoding, fixed
-batches), so a resumed run ends with the results an uninterrupted one gives.
+hata_rerank's candidates, loki's channels, quest's page size): a resumed run must match them;
+methods, budgets, tasks, lengths and sample counts may grow. Each record carries its prompt's
+digest, and a resumed run refuses records of other prompts. Everything is deterministic (seeded
+prompts, greedy decoding, fixed batches), so a resumed run ends with the results an uninterrupted
+one gives.
 
 A crash can cut the last line of `records.jsonl` at any byte: :class:`Records` moves such a torn
 tail to `records.jsonl.torn` and truncates the file before appending, so the unit is simply

@@ -107,7 +107,8 @@ class AttentionPlan:
         if isinstance(dense_layers, bool) or not isinstance(dense_layers, (int, np.integer)) or dense_layers < 0:
             raise ValueError(f"dense_layers must be an int >= 0, got {dense_layers!r}")
         if selector_options is not None and not isinstance(selector_options, dict):
-            raise ValueError(f"selector_options must be a dict of selector fields, got {type(selector_options).__name__}")
+            raise ValueError(f"selector_options must be a dict of selector fields, got "
+                             f"{type(selector_options).__name__}")
         kind = {"dense": "dense", "hata": "hata"}.get(method, "sparse")
         kinds = tuple(kind if i >= dense_layers else "dense" for i in range(num_layers))
         selector = None

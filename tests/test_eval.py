@@ -355,7 +355,8 @@ def test_eval_config_sets_the_selectors_options():
     assert config.plan(4, "hata_rerank", 16).selector.candidates == 2
     assert config.plan(4, "simhash", 16).selector.rbit == 64
     defaults = harness.EvalConfig()
-    assert defaults.plan(4, "loki", 16).selector.channels == 32 and defaults.plan(4, "quest", 16).selector.page_size == 16
+    assert defaults.plan(4, "loki", 16).selector.channels == 32
+    assert defaults.plan(4, "quest", 16).selector.page_size == 16
 
 
 def test_report_table_and_plots(tmp_path):

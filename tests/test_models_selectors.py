@@ -15,6 +15,7 @@ from flax import nnx
 from test_models_llama import HF_CONFIGS, ragged_prompts, random_model
 
 from hata_jax import HataConfig, dispatch
+from hata_jax import selectors as sel
 from hata_jax.models import (
     METHODS,
     AttentionPlan,
@@ -26,7 +27,6 @@ from hata_jax.models import (
     sparse_logits,
     with_selector_states,
 )
-from hata_jax import selectors as sel
 from hata_jax.selectors import loki_basis, make_selector, params_source
 from hata_jax.train.hashattention_objective import HashAttentionObjective
 from hata_jax.train.selector_params import LokiCalibration, selector_params
