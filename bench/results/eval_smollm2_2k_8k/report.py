@@ -2,7 +2,9 @@
 
     python bench/results/eval_smollm2_2k_8k/report.py ROOT [--cpu CPU_ROOT]
 
-Writes ROOT/summary.json, ROOT/tables.md and ROOT/scores.png. Rows are (stage, method, budget);
+Writes ROOT/summary.json, ROOT/tables.md, ROOT/scores.png and ROOT/frontier_<length>.png (issue 20's
+frontier: each score against the selection bytes per cached token and KV head of its method,
+:mod:`hata_jax.evaluation.frontier`, the Pareto front marked per budget). Rows are (stage, method, budget);
 every score is the average over the seven tasks of the share of expected answers found, with a
 95% bootstrap interval over prompts (resampled within each task). Differences between two methods
 are paired: both ran on the same prompts (their digests are checked), and each resample draws
@@ -18,7 +20,9 @@ import sys
 
 import numpy as np
 
-from hata_jax.evaluation.harness import BOOTSTRAP_RESAMPLES
+from hata_jax.evaluation import frontier
+from hata_jax.evaluation.harness import BOOTSTRAP_RESAMPLES, EvalConfig
+from hata_jax.models.presets import SMOLLM2
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from run import STAGES  # noqa: E402  (the stages and their methods, in run order)
@@ -28,7 +32,9 @@ STAGE_LABELS = {"main": "", "asym": " (asymmetric)", "eta": " (eta 0.02 codes)",
                 "rbit256_asym": " (asymmetric, rbit 256 codes)", "rbit256_asym_b32": " (asymmetric, rbit 256 codes)",
                 # made at c9b5d3c (reverted): projections trained with a loss for the asymmetric score
                 "asym_trained": " (asymmetric, asymmetric-loss codes)",
-                "asym_trained_b32": " (asymmetric, asymmetric-loss codes)"}
+                "asym_trained_b32": " (asymmetric, asymmetric-loss codes)",
+                "asym_rerank_b32": " (asymmetric)", "asym_kept_b32": " (asymmetric, sink 4 + recent 16)",
+                "selectors": "", "simhash_asym": " (asymmetric)", "loki16": " (16 channels)", "loki8": " (8 channels)", "quest8": " (pages of 8)"}
 # The methods whose paired differences against every other method at their budget are reported.
 PAIRED = ("hata", "hata (asymmetric)")
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "variable_tracking", "common_words",
@@ -99,7 +105,7 @@ def summarize(root: pathlib.Path, samples: int) -> dict:
             label = method + STAGE_LABELS.get(stage, f" ({stage})")
             keyed[label, budget] = matrix
             score, ci = bootstrap([matrix], [1.0])
-            row = {"length": length, "stage": stage, "method": label, "budget": budget,
+            row = {"length": length, "stage": stage, "method": label, "plan_method": method, "budget": budget,
                    "fraction": None if budget is None else f"1/{length // budget}", "score": score, "ci95": ci,
                    "tasks": {t: 100 * float(matrix[j].mean()) for j, t in enumerate(TASKS)}}
             if dense is not None and budget is not None:
@@ -115,7 +121,29 @@ def summarize(root: pathlib.Path, samples: int) -> dict:
                     out["pairs"].append({"length": length, "budget": budget, "a": label, "b": other, "a_minus_b": diff,
                                          "ci95": ci})
     out["perplexity"] = perplexities(root)
+    out["frontier"] = frontier_rows(out["rows"])
     return out
+
+
+def frontier_rows(rows: list[dict]) -> list[dict]:
+    """The rows of run.py's stages with a budget, each with its method's selection bytes per token
+    (SmolLM2's 3 KV heads of 64 dimensions) and whether it is on the Pareto front of its length and budget."""
+    points = []
+    for r in rows:
+        if r["budget"] is None or r["stage"] not in STAGES:
+            continue
+        method, budget, length = r["plan_method"], r["budget"], r["length"]
+        config = EvalConfig(methods=(method,), budgets=(budget,), lengths=(length,), **STAGES[r["stage"]][2])
+        cost = frontier.selection_bytes_per_token(config.plan(SMOLLM2.num_layers, method, budget), length,
+                                                  SMOLLM2.num_kv_heads, SMOLLM2.head_dim)
+        points.append({key: r[key] for key in ("length", "method", "budget", "fraction", "score", "ci95")}
+                      | {"selection_bytes": cost})
+    for key in sorted({(p["length"], p["budget"]) for p in points}):
+        group = [p for p in points if (p["length"], p["budget"]) == key]
+        for p, on in zip(group, frontier.pareto_front([p["selection_bytes"] for p in group],
+                                                      [p["score"] for p in group])):
+            p["on_front"] = on
+    return points
 
 
 def perplexities(root: pathlib.Path) -> list[dict]:
@@ -173,6 +201,10 @@ def tables(summary: dict, agree: list[dict] | None) -> str:
             lines += ["", "| method | minus | budget | difference [95% CI, paired] |", "|---|---|---|---:|"]
             lines += [f"| {p['a']} | {p['b']} | {p['budget']} | {p['a_minus_b']:+.1f} "
                       f"[{p['ci95'][0]:+.1f}, {p['ci95'][1]:+.1f}] |" for p in pairs]
+    for length in sorted({r["length"] for r in summary.get("frontier", [])}):
+        lines += ["", f"### Frontier at {length} tokens: score against selection bytes per cached token and KV head "
+                  "(Pareto front per budget)", "",
+                  frontier.frontier_table([r for r in summary["frontier"] if r["length"] == length]).strip()]
     if summary.get("perplexity"):
         lines += ["", "### Perplexity (teacher-forced, held-out standard library text, the last half of each sequence "
                   "scored)", "", "| length | method | budget | sequences | perplexity | vs dense |",
@@ -225,6 +257,11 @@ def main() -> int:
     (args.root / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     (args.root / "tables.md").write_text(tables(summary, agree))
     plot(summary, args.root / "scores.png")
+    for length in sorted({r["length"] for r in summary["frontier"]}):
+        dense = [r["score"] for r in summary["rows"] if r["length"] == length and r["budget"] is None]
+        frontier.frontier_plot([r for r in summary["frontier"] if r["length"] == length],
+                               args.root / f"frontier_{length}.png", f"SmolLM2-135M-Instruct, {length} tokens",
+                               dense[0] if dense else None)
     print(tables(summary, agree))
     return 0
 

@@ -6,7 +6,7 @@ every stage below is one `hata-jax eval` run directory per length (the harness o
         --eta RUN --hashattention RUN --rbit256 RUN [--deadline SECONDS] [--stages NAME ...] [--lengths N ...]
 
 Stages (budget = 1/16 or 1/32 of the length, tokens per KV head; layers 0-1 dense; no forced
-sink or recent tokens except where a method's authors force them):
+sink or recent tokens except where a method's authors force them and in asym_kept_b32):
   main           dense, hata (the shipped projections, the paper's key_norm score), exact, hata_rerank
                  (c = 4), quest_authors, quest
   asym           hata and hata_rerank with the asymmetric score (HataConfig.score)
@@ -18,6 +18,12 @@ sink or recent tokens except where a method's authors force them):
   eta_b32        hata with the --eta projections at 1/32
   rbit256        hata with 256-bit projections (--rbit256)
   rbit256_asym   the same with the asymmetric score (and rbit256_asym_b32 at 1/32)
+  asym_rerank_b32  hata_rerank (c = 4) with the asymmetric score at 1/32
+  asym_kept_b32  hata with the asymmetric score at 1/32, the first 4 and the last 16 positions forced
+  selectors      the other selectors of issue 20's frontier: loki (32 channels), streaming
+  simhash_asym   simhash (random projections) with the asymmetric score
+  loki16, loki8  loki with 16 and 8 channels (32 and 16 selection bytes per token and KV head at D = 64)
+  quest8         quest_authors with pages of 8 tokens (32 bytes per token; pages of 16: 16)
   perplexity     teacher-forced perplexity of the main, asym and eta stages' methods (4 held-out sequences)
 
 The prompts of every (task, length) are built once, in parallel (a process per (task, length)),
@@ -56,6 +62,13 @@ STAGES = {  # name: (methods, budget fraction, extra EvalConfig fields, which we
     "rbit256": (("hata",), 16, {"rbit": 256, **KEY_NORM}, "rbit256"),
     "rbit256_asym": (("hata",), 16, {"rbit": 256, **ASYMMETRIC}, "rbit256"),
     "rbit256_asym_b32": (("hata",), 32, {"rbit": 256, **ASYMMETRIC}, "rbit256"),
+    "asym_rerank_b32": (("hata_rerank",), 32, ASYMMETRIC, None),
+    "asym_kept_b32": (("hata",), 32, {"sink": 4, "recent": 16, **ASYMMETRIC}, None),
+    "selectors": (("loki", "streaming"), 16, {}, None),
+    "simhash_asym": (("simhash",), 16, ASYMMETRIC, None),
+    "loki16": (("loki",), 16, {"loki_channels": 16}, None),
+    "loki8": (("loki",), 16, {"loki_channels": 8}, None),
+    "quest8": (("quest_authors",), 16, {"quest_page_size": 8}, None),
 }
 PERPLEXITY = ("main", "asym", "eta")
 
