@@ -34,7 +34,8 @@ STAGE_LABELS = {"main": "", "asym": " (asymmetric)", "eta": " (eta 0.02 codes)",
                 "asym_trained": " (asymmetric, asymmetric-loss codes)",
                 "asym_trained_b32": " (asymmetric, asymmetric-loss codes)",
                 "asym_rerank_b32": " (asymmetric)", "asym_kept_b32": " (asymmetric, sink 4 + recent 16)",
-                "selectors": "", "simhash_asym": " (asymmetric)", "loki16": " (16 channels)", "loki8": " (8 channels)", "quest8": " (pages of 8)"}
+                "selectors": "", "simhash_asym": " (asymmetric)", "loki16": " (16 channels)", "loki8": " (8 channels)",
+                "quest8": " (pages of 8)"}
 # The methods whose paired differences against every other method at their budget are reported.
 PAIRED = ("hata", "hata (asymmetric)")
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "variable_tracking", "common_words",
