@@ -87,10 +87,8 @@ def append_token(cache: HataCache | SelectorCache, k_new: jax.Array, v_new: jax.
 
 def selector_decode_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, cache: SelectorCache, w: jax.Array,
                               plan: AttentionPlan, params):
-    """A "sparse" layer's decode step: append the token, select `plan.hata.budget` tokens per KV
-    head (per query head for a `per_query_head` selector: one sparse attention per position in
-    the group, each over the cache as it is) with `plan.selector` (sink and recent as in
-    `plan.hata`), attend over them.
+    """A "sparse" layer's decode step: append the token (:func:`append_token`), then
+    :func:`selector_attention`.
 
     Args:
       q: float[B, Hq, D] post-RoPE queries; k_new, v_new: float[B, Hkv, D] the step's key and value.
@@ -106,6 +104,15 @@ def selector_decode_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, 
         raise ValueError(f"a 'sparse' layer needs a SelectorCache (models.with_selector_states), got "
                          f"{type(cache).__name__}")
     cache = append_token(cache, k_new, v_new, w, plan, params)
+    return selector_attention(q, cache, plan, params), cache
+
+
+def selector_attention(q: jax.Array, cache: SelectorCache, plan: AttentionPlan, params) -> jax.Array:
+    """Attention of q: float[B, Hq, D] (the query of position `cache.lengths[b] - 1`, its token
+    already appended) over `plan.hata.budget` tokens per KV head chosen by `plan.selector` (sink
+    and recent as in `plan.hata`); a `per_query_head` selector chooses per query head (one sparse
+    attention per position in the group, each over the cache as it is). Returns [B, Hq, D] in
+    q's dtype, NaN for a sequence whose cache overflowed."""
     hata = plan.hata
     idx, count = select_indices(plan.selector, params, cache.state, q, cache.k, cache.lengths,
                                 budget=hata.budget, sink=hata.sink, recent=hata.recent, impl=plan.impl)
@@ -116,4 +123,4 @@ def selector_decode_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, 
         out = jnp.stack(parts, axis=2).reshape(q.shape)  # [B, Hkv, G, D]: no copy of the cache per group
     else:
         out = hata_jax.sparse_decode_attention(q, cache.k, cache.v, idx, count, impl=plan.impl)
-    return jnp.where(cache.overflow[:, None, None], jnp.nan, out).astype(q.dtype), cache
+    return jnp.where(cache.overflow[:, None, None], jnp.nan, out).astype(q.dtype)

@@ -1,6 +1,6 @@
 """The tables and plot of issue 17's evaluation (run.py's run directories, one per stage and length).
 
-    python bench/results/eval_smollm2_2k_8k/report.py ROOT [--cpu CPU_ROOT]
+    python bench/results/eval_smollm2_2k_8k/report.py ROOT [--cpu CPU_ROOT] [--speed SPEED_JSON]
 
 Writes ROOT/summary.json, ROOT/tables.md, ROOT/scores.png and ROOT/frontier_<length>.png (issue 20's
 frontier: each score against the selection bytes per cached token and KV head of its method,
@@ -9,7 +9,9 @@ every score is the average over the seven tasks of the share of expected answers
 95% bootstrap interval over prompts (resampled within each task). Differences between two methods
 are paired: both ran on the same prompts (their digests are checked), and each resample draws
 the same prompts for both. With --cpu, the share of (prompt, method) units whose generated text
-is the same on both runs (same prompts, same settings except the implementation).
+is the same on both runs (same prompts, same settings except the implementation). With --speed (a
+`bench.selector_speed` JSON), the frontier rows whose plan is the one timed there (SmolLM2 shapes,
+batch 1, same method, budget and options) get its tokens/s.
 """
 from __future__ import annotations
 
@@ -20,8 +22,10 @@ import sys
 
 import numpy as np
 
+from hata_jax import HataConfig
 from hata_jax.evaluation import frontier
 from hata_jax.evaluation.harness import BOOTSTRAP_RESAMPLES, EvalConfig
+from hata_jax.models.plan import AttentionPlan
 from hata_jax.models.presets import SMOLLM2
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
@@ -89,7 +93,7 @@ def bootstrap(matrices: list[np.ndarray], weights: list[float], seed: int = 0) -
     return 100 * point, [100 * float(low), 100 * float(high)]
 
 
-def summarize(root: pathlib.Path, samples: int) -> dict:
+def summarize(root: pathlib.Path, samples: int, speed: dict | None = None) -> dict:
     units = load(root)
     out = {"samples": samples, "rows": [], "pairs": []}
     for length in sorted({k[1] for k in units}):
@@ -122,13 +126,16 @@ def summarize(root: pathlib.Path, samples: int) -> dict:
                     out["pairs"].append({"length": length, "budget": budget, "a": label, "b": other, "a_minus_b": diff,
                                          "ci95": ci})
     out["perplexity"] = perplexities(root)
-    out["frontier"] = frontier_rows(out["rows"])
+    out["frontier"] = frontier_rows(out["rows"], speed)
     return out
 
 
-def frontier_rows(rows: list[dict]) -> list[dict]:
+def frontier_rows(rows: list[dict], speed: dict | None = None) -> list[dict]:
     """The rows of run.py's stages with a budget, each with its method's selection bytes per token
-    (SmolLM2's 3 KV heads of 64 dimensions) and whether it is on the Pareto front of its length and budget."""
+    (SmolLM2's 3 KV heads of 64 dimensions) and whether it is on the Pareto front of its length and
+    budget; with `speed` (a bench.selector_speed document), the tokens/s of the same plan at batch 1."""
+    timed = {(r["method"], r["budget"], r["context"]): r["tokens_per_s"] for r in (speed or {}).get("rows", [])
+             if r["kind"] == "method" and r["model"] == "smollm2" and r["batch"] == 1}
     points = []
     for r in rows:
         if r["budget"] is None or r["stage"] not in STAGES:
@@ -137,8 +144,12 @@ def frontier_rows(rows: list[dict]) -> list[dict]:
         config = EvalConfig(methods=(method,), budgets=(budget,), lengths=(length,), **STAGES[r["stage"]][2])
         cost = frontier.selection_bytes_per_token(config.plan(SMOLLM2.num_layers, method, budget), length,
                                                   SMOLLM2.num_kv_heads, SMOLLM2.head_dim)
-        points.append({key: r[key] for key in ("length", "method", "budget", "fraction", "score", "ci95")}
-                      | {"selection_bytes": cost})
+        point = {key: r[key] for key in ("length", "method", "budget", "fraction", "score", "ci95")}
+        point["selection_bytes"] = cost
+        benched = AttentionPlan.for_method(SMOLLM2.num_layers, method, HataConfig(budget=budget))
+        if (method, budget, length) in timed and _timed_alike(config.plan(SMOLLM2.num_layers, method, budget), benched):
+            point["tokens_per_s"] = timed[method, budget, length]
+        points.append(point)
     for key in sorted({(p["length"], p["budget"]) for p in points}):
         group = [p for p in points if (p["length"], p["budget"]) == key]
         for p, on in zip(group, frontier.pareto_front([p["selection_bytes"] for p in group],
@@ -163,6 +174,15 @@ def perplexities(root: pathlib.Path) -> list[dict]:
             row["vs_dense_percent"] = 100 * (_perplexity(got, common) / _perplexity(dense, common) - 1)
         rows.append(row)
     return rows
+
+
+def _timed_alike(a: AttentionPlan, b: AttentionPlan) -> bool:
+    """Whether two plans run the same decode work: the same layers and selector, and the same HATA
+    settings where HATA selects (elsewhere only the budget and the forced tokens count)."""
+    if a.layers != b.layers or a.selector != b.selector:
+        return False
+    return a.hata == b.hata if a.hashed_layers else (
+        (a.hata.budget, a.hata.sink, a.hata.recent) == (b.hata.budget, b.hata.sink, b.hata.recent))
 
 
 def _perplexity(records: dict, units) -> float:
@@ -250,8 +270,9 @@ def main() -> int:
     p.add_argument("root", type=pathlib.Path)
     p.add_argument("--samples", type=int, default=50)
     p.add_argument("--cpu", type=pathlib.Path, help="a run.py root of the same stages run with --impl reference")
+    p.add_argument("--speed", type=pathlib.Path, help="a bench.selector_speed JSON: tokens/s in the frontier table")
     args = p.parse_args()
-    summary = summarize(args.root, args.samples)
+    summary = summarize(args.root, args.samples, json.loads(args.speed.read_text()) if args.speed else None)
     agree = agreement(args.root, args.cpu) if args.cpu else None
     if agree is not None:
         summary["gpu_vs_cpu"] = agree
