@@ -440,6 +440,39 @@ def check_sharded_step_lowers_for_cuda(rng):
         assert kernel in text, kernel
 
 
+def check_hata_step_communicates_as_dense(rng):
+    """The compiled head-sharded decode step of HATA has the collectives of the dense step, no more:
+    the tensor-parallel all-reduces (two per layer) and the logits' gather; selection and attention
+    run on each device's own heads without communication (issue 19, item 2)."""
+    import collections
+    import re
+
+    import jax
+    import jax.numpy as jnp
+
+    from hata_jax import HataConfig
+    from hata_jax.models import AttentionPlan, LlamaConfig, init_caches
+    from hata_jax.models import sharding as ms
+    from hata_jax.models.generation import ModelSteps, Sampling
+
+    config = LlamaConfig(**TINY)
+    mesh = ms.make_mesh(jax.devices()[:2])
+    steps = ModelSteps(ms.init_model(config, mesh, dtype=jnp.float32))
+    weights = ms.shard_hash_weights([_rand(rng, config.num_kv_heads, config.head_dim, 64)] * config.num_layers, mesh)
+    counts = {}
+    for method in ("dense", "hata"):
+        plan = AttentionPlan.uniform(config.num_layers, method, HataConfig(rbit=64, budget=16), "reference",
+                                     dense_layers=1).on_mesh(mesh)
+        caches = init_caches(config, 2, 128, rbit=64, dtype=jnp.float32, mesh=mesh)
+        text = jax.jit(lambda *a, plan=plan: steps.decode(*a, plan=plan, sampling=Sampling())).lower(
+            steps.state_leaves, jnp.zeros(2, jnp.int32), caches, weights, jax.random.PRNGKey(0)).compile().as_text()
+        ops = re.findall(r"= \S+ (all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)(?:-start)?\(",
+                         text)
+        counts[method] = collections.Counter(ops)
+    assert counts["hata"] == counts["dense"], counts
+    assert counts["dense"]["all-reduce"] == 2 * config.num_layers, counts
+
+
 CHECKS = {name: fn for name, fn in globals().items() if name.startswith("check_")}
 
 
