@@ -23,8 +23,12 @@ import numpy as np
 
 import hata_jax as hj
 from bench import kv_layouts
+from bench.selector_speed import random_selector_params
 from bench.timing import environment, poison_device_memory, write_json
+from hata_jax.models.plan import METHODS, AttentionPlan
+from hata_jax.models.selector_cache import SelectorCache, selector_attention
 from hata_jax.selection import exact_slots
+from hata_jax.selectors import select_indices
 
 
 def _rng_arrays(seed: int):
@@ -336,6 +340,41 @@ def check_storage(seed, b, hkv, g, s, d, budget, dtype, kind):
     return {"problems": problems, "rel_err": errs}
 
 
+def check_selector_attention(seed, method, b, hkv, g, s, d, budget, dtype):
+    """A selector's decode attention on the kernels' path (its scores in XLA, `select_topk` and
+    `sparse_decode_attention` in Pallas) against the reference path on the same cache and state:
+    the same tokens chosen per row and the same outputs (issue 20's selector paths)."""
+    rng, normal = _rng_arrays(seed)
+    k, v = normal((b, hkv, s, d), dtype), normal((b, hkv, s, d), dtype)
+    lengths = jnp.asarray(rng.integers(budget, s + 1, b).astype(np.int32)).at[0].set(s)
+    cache = hj.HataCache(k=k, v=v, codes=jnp.zeros((b, hkv, s, 4), jnp.uint32), norms=hj.key_norms(k),
+                         lengths=lengths, starts=jnp.zeros((b,), jnp.int32), overflow=jnp.zeros((b,), bool),
+                         uncoded=jnp.ones((b,), bool))
+    plans = {impl: AttentionPlan.for_method(1, method, hj.HataConfig(budget=budget), impl, dense_layers=0)
+             for impl in ("reference", "pallas")}
+    params = random_selector_params(plans["pallas"], jax.random.PRNGKey(seed), hkv * g, hkv, d)
+    state = plans["pallas"].selector.init_state(params, k, lengths)
+    q = normal((b, hkv * g, d), dtype)
+    problems, chosen, outs = [], {}, {}
+    for impl, plan in plans.items():
+        if impl == "pallas":
+            poison_device_memory()
+        idx, count = jax.jit(lambda q, st, p, plan=plan: select_indices(
+            plan.selector, p, st, q, k, lengths, budget=budget, impl=plan.impl))(q, state, params)
+        chosen[impl] = [sorted(np.asarray(idx)[r][: int(np.asarray(count)[r])].tolist())
+                        for r in np.ndindex(*np.asarray(count).shape)]
+        outs[impl] = jax.jit(lambda q, c, p, plan=plan: selector_attention(q, c, plan, p))(
+            q, SelectorCache(cache, state), params)
+    differ = sum(a != r for a, r in zip(chosen["pallas"], chosen["reference"]))
+    if differ:
+        problems.append(f"{differ} of {len(chosen['pallas'])} rows chose other tokens than the reference")
+    err = _rel_err(outs["pallas"], outs["reference"])
+    tol = 1e-4 if dtype == jnp.float32 else 2e-2
+    if err > tol:
+        problems.append(f"output rel err {err:.2e} > {tol}")
+    return {"problems": problems, "rel_err": err}
+
+
 def check_decode_step(seed, b, hkv, g, s, d, budget, dtype, steps=4, padded=False, storage=None, score="key_norm"):
     """hata_decode_attention's Pallas path against the reference for several steps
     on one cache: outputs, appended cache arrays and lengths. `padded`: a left-padded cache over
@@ -459,6 +498,11 @@ def main(argv=None) -> int:
                                        else (2, 2, 1, 333 * n, 64, 48, f32))
         case(f"attention storage={kind} b={b} hkv={hkv} g={g} s={s} d={d} budget={budget} {jnp.dtype(dt).name}",
              lambda: check_storage(400 + i, b, hkv, g, s, d, budget, dt, kind))
+    for i, method in enumerate(sorted(set(METHODS) - {"dense", "hata"})):
+        b, hkv, g, s, d, budget, dt = ((1, 8, 4, 8192 * n // 4, 128, 256 * n // 4, bf16) if n > 1
+                                       else (2, 2, 3, 333, 64, 20, f32))
+        case(f"selector {method} b={b} hkv={hkv} g={g} s={s} d={d} budget={budget} {jnp.dtype(dt).name}",
+             lambda: check_selector_attention(600 + i, method, b, hkv, g, s, d, budget, dt))
     for i, kind in enumerate(("paged", "paged int8", "seq-major", "fp8 per-head")):
         case(f"hata_decode_attention storage={kind} b=3 hkv=2 g=4 s={1000 * n if n > 1 else 200} d=128 bf16",
              lambda: check_decode_step(500 + i, 3, 2, 4, 1000 * n if n > 1 else 200, 128, 128 if n > 1 else 32,

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 
 import jax
+import jax.numpy as jnp
 import pytest
 
-from bench import selector_speed
+from bench import check_kernels, selector_speed
 from hata_jax import HataConfig
 from hata_jax.evaluation.frontier import selection_bytes_per_token
 from hata_jax.models import AttentionPlan
@@ -55,3 +56,11 @@ def test_limits_skip_configs_with_the_reason(tmp_path):
     assert row["kind"] == "skip" and row["reason"] == "time budget spent"
     with pytest.raises(SystemExit):
         selector_speed.main(["--out", str(out), "--small", "--fractions", "400"])
+
+
+@pytest.mark.parametrize("method", sorted(set(METHODS) - {"dense", "hata"}))
+def test_check_kernels_selector_case_passes_in_interpret_mode(method):
+    """bench.check_kernels' selector case (kernels' path against the reference path) on a ragged
+    batch, GQA 3, run by Pallas' interpreter here; the GPU runs the same case compiled."""
+    result = check_kernels.check_selector_attention(11, method, 2, 2, 3, 333, 64, 20, jnp.float32)
+    assert result["problems"] == [] and result["rel_err"] < 1e-4
