@@ -24,6 +24,8 @@ sink or recent tokens except where a method's authors force them and in asym_kep
   simhash_asym   simhash (random projections) with the asymmetric score
   loki16, loki8  loki with 16 and 8 channels (32 and 16 selection bytes per token and KV head at D = 64)
   quest8         quest_authors with pages of 8 tokens (32 bytes per token; pages of 16: 16)
+  asym_rerank2_b32  hata_rerank with c = 2 and the asymmetric score at 1/32
+  loki8_b32      loki with 8 channels at 1/32
   perplexity     teacher-forced perplexity of the main, asym and eta stages' methods (4 held-out sequences)
 
 The prompts of every (task, length) are built once, in parallel (a process per (task, length)),
@@ -69,6 +71,8 @@ STAGES = {  # name: (methods, budget fraction, extra EvalConfig fields, which we
     "loki16": (("loki",), 16, {"loki_channels": 16}, None),
     "loki8": (("loki",), 16, {"loki_channels": 8}, None),
     "quest8": (("quest_authors",), 16, {"quest_page_size": 8}, None),
+    "asym_rerank2_b32": (("hata_rerank",), 32, {"candidates": 2, **ASYMMETRIC}, None),
+    "loki8_b32": (("loki",), 32, {"loki_channels": 8}, None),
 }
 PERPLEXITY = ("main", "asym", "eta")
 
