@@ -24,9 +24,10 @@ def selection_bytes_per_token(plan: AttentionPlan, length: int, kv_heads: int, h
     `plan.hata.budget` of `length` tokens (16-bit keys); None for a plan without selecting layers.
 
     "sparse" layers: the plan's selector; "hata" layers: HATA's codes and norms at `plan.hata.rbit`,
-    with the candidates' keys of two-stage HATA (`plan.hata.candidates > 1`)."""
-    if length < 1 or kv_heads < 1 or head_dim < 1:
-        raise ValueError(f"length, kv_heads and head_dim must be >= 1, got {length}, {kv_heads}, {head_dim}")
+    with the candidates' keys of two-stage HATA (`plan.hata.candidates > 1`). length, kv_heads,
+    head_dim >= 1 (checked by :meth:`hata_jax.selectors.Selector.selection_bytes`)."""
+    if length < 1:
+        raise ValueError(f"length must be >= 1 (bytes per token of an empty cache are undefined), got {length}")
     if plan.selector is not None:
         selector = plan.selector
     elif plan.hashed_layers:

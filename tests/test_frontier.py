@@ -30,8 +30,10 @@ def test_selection_bytes_per_token_of_each_method():
     assert _bytes("quest_authors") == _bytes("quest") == 16 and _bytes("quest_authors", page_size=8) == 32
     assert _bytes("hashattention") == _bytes("hashattention_authors") == 4
     assert _bytes("streaming") == 0
-    with pytest.raises(ValueError, match="length, kv_heads and head_dim must be >= 1"):
+    with pytest.raises(ValueError, match="length must be >= 1"):
         frontier.selection_bytes_per_token(AttentionPlan.for_method(3, "hata"), 0, KV_HEADS, HEAD_DIM)
+    with pytest.raises(ValueError, match="kv_heads must be an int >= 1"):
+        frontier.selection_bytes_per_token(AttentionPlan.for_method(3, "loki"), LENGTH, 0, HEAD_DIM)
 
 
 def _brute_front(costs, scores):

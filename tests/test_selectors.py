@@ -634,6 +634,11 @@ def test_selection_bytes():
         assert got == want, name
     assert sel.make_selector("hata_rerank", candidates=64).selection_bytes(length, budget, 3, 64) == 3 * length * 148
     assert sel.make_selector("loki", channels=8).selection_bytes(length, budget, 3, 64) == 3 * length * 16
+    assert sel.make_selector("exact").selection_bytes(0, budget, 3, 64) == 0
+    for args, name in (((-1, budget, 3, 64), "length"), ((length, 0, 3, 64), "budget"),
+                       ((length, budget, 3, 64.0), "head_dim"), ((length, budget, True, 64), "kv_heads")):
+        with pytest.raises(ValueError, match=f"selection_bytes: {name} must be an int"):
+            sel.make_selector("hata").selection_bytes(*args)
 
 
 def test_registry():

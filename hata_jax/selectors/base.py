@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import numbers
 from typing import ClassVar
 
 import jax
@@ -92,10 +93,19 @@ class Selector(abc.ABC):
     def selection_bytes(self, length: int, budget: int, kv_heads: int, head_dim: int) -> int:
         """Bytes one decode step reads to choose `budget` of `length` cached tokens, all KV heads
         of one layer, for a 16-bit key cache: every token's metadata
-        (:meth:`extra_bytes_per_token`), plus the keys of the selectors that score keys exactly
-        (exact: every key; hata_rerank: its candidates'). The attention over the chosen tokens,
-        the same for every selector at a budget, is not counted."""
-        return length * self.extra_bytes_per_token(kv_heads, head_dim)
+        (:meth:`extra_bytes_per_token`), plus the keys it scores exactly (:meth:`exact_keys`).
+        The attention over the chosen tokens, the same for every selector at a budget, is not
+        counted. length >= 0; budget, kv_heads, head_dim >= 1."""
+        for name, value, low in (("length", length, 0), ("budget", budget, 1), ("kv_heads", kv_heads, 1),
+                                 ("head_dim", head_dim, 1)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+                raise ValueError(f"selection_bytes: {name} must be an int >= {low}, got {value!r}")
+        keys = self.exact_keys(length, budget)
+        return int(length * self.extra_bytes_per_token(kv_heads, head_dim) + keys * kv_heads * head_dim * 2)
+
+    def exact_keys(self, length: int, budget: int) -> int:
+        """Keys per KV head a step reads to score them exactly (0: it ranks by metadata only)."""
+        return 0
 
     def check_params(self, params, kv_heads: int, head_dim: int, q_heads: int | None = None) -> None:
         """Raise a ValueError unless `params` fit this selector and the given head shapes."""

@@ -22,8 +22,8 @@ class ExactSelector(StatelessSelector):
 
     name = "exact"
 
-    def selection_bytes(self, length: int, budget: int, kv_heads: int, head_dim: int) -> int:
-        return length * kv_heads * head_dim * 2  # every key
+    def exact_keys(self, length: int, budget: int) -> int:
+        return length  # every key
 
     def _token_scores(self, params, state, q, k, q_positions):
         visible = jnp.arange(k.shape[2])[None, None, None, :] <= q_positions[:, None, :, None]

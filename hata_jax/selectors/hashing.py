@@ -150,9 +150,8 @@ class HataRerankSelector(HataSelector):
         if isinstance(self.candidates, bool) or not isinstance(self.candidates, int) or self.candidates < 1:
             raise ValueError(f"HataRerankSelector.candidates must be an int >= 1, got {self.candidates!r}")
 
-    def selection_bytes(self, length: int, budget: int, kv_heads: int, head_dim: int) -> int:
-        candidates = min(self.candidates * budget, length)
-        return super().selection_bytes(length, budget, kv_heads, head_dim) + candidates * kv_heads * head_dim * 2
+    def exact_keys(self, length: int, budget: int) -> int:
+        return min(self.candidates * budget, length)  # the candidates'
 
     def selection_scores(self, params, state, q, k, q_positions, *, budget):
         """The exact group score of each candidate, -1 for every other token (float32[B, Hkv, T, S])."""
