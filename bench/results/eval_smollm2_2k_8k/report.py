@@ -39,7 +39,8 @@ STAGE_LABELS = {"main": "", "asym": " (asymmetric)", "eta": " (eta 0.02 codes)",
                 "asym_trained_b32": " (asymmetric, asymmetric-loss codes)",
                 "asym_rerank_b32": " (asymmetric)", "asym_kept_b32": " (asymmetric, sink 4 + recent 16)",
                 "selectors": "", "simhash_asym": " (asymmetric)", "loki16": " (16 channels)", "loki8": " (8 channels)",
-                "quest8": " (pages of 8)", "asym_rerank2_b32": " (asymmetric, c = 2)", "loki8_b32": " (8 channels)"}
+                "quest8": " (pages of 8)", "asym_rerank2_b32": " (asymmetric, c = 2)", "loki8_b32": " (8 channels)",
+                "loki_b32": "", "quest_b32": "", "hashattention_b32": "", "simhash_asym_b32": " (asymmetric)"}
 # The methods whose paired differences against every other method at their budget are reported.
 PAIRED = ("hata", "hata (asymmetric)")
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "variable_tracking", "common_words",

@@ -18,6 +18,8 @@ sink or recent tokens except where a method's authors force them and in asym_kep
   eta_b32        hata with the --eta projections at 1/32
   rbit256        hata with 256-bit projections (--rbit256)
   rbit256_asym   the same with the asymmetric score (and rbit256_asym_b32 at 1/32)
+  loki_b32, quest_b32, hashattention_b32, simhash_asym_b32: loki (32 channels),
+                 quest_authors, hashattention_authors (--hashattention), simhash (asymmetric) at 1/32
   asym_rerank_b32  hata_rerank (c = 4) with the asymmetric score at 1/32
   asym_kept_b32  hata with the asymmetric score at 1/32, the first 4 and the last 16 positions forced
   selectors      the other selectors of issue 20's frontier: loki (32 channels), streaming
@@ -73,6 +75,10 @@ STAGES = {  # name: (methods, budget fraction, extra EvalConfig fields, which we
     "quest8": (("quest_authors",), 16, {"quest_page_size": 8}, None),
     "asym_rerank2_b32": (("hata_rerank",), 32, {"candidates": 2, **ASYMMETRIC}, None),
     "loki8_b32": (("loki",), 32, {"loki_channels": 8}, None),
+    "loki_b32": (("loki",), 32, {}, None),
+    "quest_b32": (("quest_authors",), 32, {}, None),
+    "hashattention_b32": (("hashattention_authors",), 32, KEY_NORM, "hashattention"),
+    "simhash_asym_b32": (("simhash",), 32, ASYMMETRIC, None),
 }
 PERPLEXITY = ("main", "asym", "eta")
 
