@@ -67,7 +67,7 @@ E. **compaction** (`hata_select_compact`): both paths; writes the index buffer. 
 Tunables (parallel design):
 - `sample = 512`: pairwise ranks cost `n_s**2` pairs per row (262K, a quarter of 1024's);
   r = 8 sample ranks for k at the Llama shape, so the band spans sample ranks 1..27 (~6.9K
-  keys, ~108 per chunk against 512 slots). `r - 5 sqrt(r) - 4 < 1` there, so t_hi is the
+  keys, ~108 per chunk against 1024 slots). `r - 5 sqrt(r) - 4 < 1` there, so t_hi is the
   sample's largest key and a band miss is "no sample key above the k-th key": probability
   `~exp(-r)` = 3.4e-4 per row (the row takes the radix fallback, still exact). Smaller
   `budget / L` raises it (r = 4: 1.8%).
@@ -80,14 +80,14 @@ Tunables (parallel design):
   over a long row) takes the radix fallback.
 - `rank_slice = 32`, `rank_step = 128`: the pass-1 ranking tile `[32, 128]` keeps that launch
   at the refine pass's 128 registers (`[32, 256]` needed 168).
-- `decide_warps = 4`: the decision holds `[chunks, 16]` tiles and 512 slots; the radix pass 0
+- `decide_warps = 4`: the decision holds `[chunks, 16]` tiles and 1024 slots; the radix pass 0
   it also holds fixes the register count (116).
 - `top_rank = 1`: t_top is the largest unforced sample key, so the threshold lands in the
   lumped digit 255 only on a band miss. With the serial design's 3 it landed there whenever
   the sample held fewer than 3 keys above the k-th (`P(Poisson(8) <= 2)` = 1.4% of rows at
   r = 8), and that bucket (keys between the 3rd and 1st sample keys, up to ~3K) overflowed
   `bucket_cap` in ~0.6% of rows (simulated), sending them to the fallback.
-- `sigmas = 5`, `slack = 4`, `slots_divisor = 4`, `list_block = 128`: as in the serial design
+- `sigmas = 5`, `slack = 4`, `slots_divisor = 2`, `list_block = 128`: as in the serial design
   (reasons in :mod:`pallas_kernels.hamming_topk`).
 The serial design's tunables (`SERIAL`: sample 1024, slice 32, step 1024, 16 warps, `dense`,
 `slab_lanes`, 8 decide warps) are described in :mod:`pallas_kernels.hamming_topk`.
@@ -144,7 +144,7 @@ class BandConfig:
     sigmas: float = 5.0  # the band spans r -+ (sigmas sqrt(r) + slack) sample ranks
     slack: float = 4.0
     top_rank: int = 1  # t_top: the sample key of this rank (or r_hi's, when lower) caps the band digits
-    slots_divisor: int = 4  # band slots per chunk = chunk / slots_divisor
+    slots_divisor: int = 2  # band slots per chunk = chunk / slots_divisor
     list_block: int = 128  # band keys per histogram MMA step in launch B
     slab_lanes: int = 16384  # (serial) band slots read per loop step of the decision (all chunks)
     dense: int = 128  # (serial) most bucket keys ranked in registers

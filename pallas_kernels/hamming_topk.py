@@ -74,8 +74,11 @@ BandConfig of the serial design (`band_select.SERIAL`):
   into digit 255, so one outlier in the sample (a sink token) cannot coarsen the buckets near the
   threshold; the threshold lands in digit 255 only when the sample has < 3 keys above the k-th
   (~1e-5 at r = 16), and is still exact (a scanned bucket).
-- `slots_divisor = 4`: 512 band slots per 2048-chunk (~80 used on average at the Llama shape,
-  <= ~125); keys above the band are only counted, so clustered high scores never overflow.
+- `slots_divisor = 2`: 1024 band slots per 2048-chunk (~80 used on average at the Llama shape
+  on random codes); keys above the band are only counted. Real scores cluster: on SmolLM2's
+  (8K, budget 1/64, `bench/results/issue13_real_scores/`) the recent tokens fill most of the
+  last chunk's band, and a quarter chunk of slots sent 66 of 120 rows (512-position chunks) to
+  the fallback, half a chunk 1 (same registers: ptxas counts on the CPU).
 - `list_block = 128` band keys per histogram MMA step (one step per chunk at the Llama shape).
 - `slab_lanes = 16384`: the decision reads 256 slots of all 64 chunks per step (one step).
 - `dense = 128` bucket keys ranked in registers (16-way search, 4 steps for a 2**15-key bucket);

@@ -199,7 +199,7 @@ def test_each_fast_path_case(rng):
 
 
 def test_overflowing_chunk_falls_back_and_rows_switch_paths(rng):
-    """One call, one path per row: a chunk with more band keys than its 32 slots sends its row to
+    """One call, one path per row: a chunk with more band keys than its 64 slots sends its row to
     the radix fallback; random, empty and short rows stay on the fast path."""
     batch, kv_heads, seq = SHAPE
     scores = rng.standard_normal(SHAPE).astype(np.float32)

@@ -95,7 +95,7 @@ def test_each_path_of_the_parallel_design(rng):
 
 def test_parallel_design_falls_back_exactly(rng):
     """A band miss (margins of -30 sample ranks: t_hi is the sample's ~81st key, ~158 +- 12
-    keys of the row are above it, more than k) and a chunk with more band keys than its 32
+    keys of the row are above it, more than k) and a chunk with more band keys than its 64
     slots send rows to the radix fallback; an all-equal row keeps its one-key band."""
     scores = rng.standard_normal(SHAPE).astype(np.float32)
     scores[2] = 0.5
