@@ -2,12 +2,14 @@
 tokens of held-out standard-library text, the shipped projections, the asymmetric score, layers
 2, 5, ..., 29, queries at 4 positions (8191, 7992, 6000, 4500), budget 1/64 of the context (the
 Llama 128K shape's 2048 / 131072). The selection runs in interpret mode with chunks of 128 positions
-(64 per row, as 2048 are at 128K) and of 512, band slots a quarter of a chunk (the default
-`slots_divisor`); every answer is checked against `exact_slots`. Prints how many rows took the
+(64 per row, as 2048 are at 128K) and of 512, band slots a quarter and a half of a chunk
+(`BandConfig.slots_divisor` 4 and 2); every answer is checked against `exact_slots`. Prints how many rows took the
 fast path (band_select.PATH_*) and how many the radix fallback (0).
 
     python bench/results/issue13_real_scores/band_select_paths.py   (CPU, ~5 min; installed checkout)
 """
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,13 +45,16 @@ def scores(layer):
 
 
 rows = {layer: scores(layer) for layer in layers}
-select = jax.jit(band_select.select_topk_with_path, static_argnums=1, static_argnames=("interpret", "tiling"))
+select = jax.jit(band_select.select_topk_with_path, static_argnums=1,
+                 static_argnames=("interpret", "tiling", "config"))
 for chunk in (128, 512):
-    tiling = Tiling(chunk=chunk, block=32, scan_block=min(chunk, 128))
-    paths: dict = {}
-    for layer, s in rows.items():
-        idx, _, path = select(s, budget, lengths, interpret=True, tiling=tiling)
-        assert np.array_equal(np.asarray(idx), exact_slots(np.asarray(s), np.asarray(lengths), budget)), layer
-        for p in np.asarray(path).ravel():
-            paths[int(p)] = paths.get(int(p), 0) + 1
-    print(f"chunks of {chunk} (slots {chunk // 4}): rows by path {paths} (0: radix fallback; answers exact)")
+    for divisor in (4, 2):  # band slots: a quarter of a chunk (the default until 0bfaadd), half (since)
+        tiling = Tiling(chunk=chunk, block=32, scan_block=min(chunk, 128))
+        config = dataclasses.replace(band_select.BandConfig(), slots_divisor=divisor)
+        paths: dict = {}
+        for layer, s in rows.items():
+            idx, _, path = select(s, budget, lengths, interpret=True, tiling=tiling, config=config)
+            assert np.array_equal(np.asarray(idx), exact_slots(np.asarray(s), np.asarray(lengths), budget)), layer
+            for p in np.asarray(path).ravel():
+                paths[int(p)] = paths.get(int(p), 0) + 1
+        print(f"chunks of {chunk}, slots {chunk // divisor}: rows by path {paths} (0: radix fallback; answers exact)")
