@@ -4,9 +4,10 @@ Fresh random inputs for every case (never zeros); device memory is poisoned befo
 kernel call (see `bench.timing.poison_device_memory`) so unwritten outputs show up; every
 output element is compared. Exit status 1 on any mismatch.
 
-    python -m bench.check_kernels [--out results.json] [--small] [--only select]
+    python -m bench.check_kernels [--out results.json] [--small] [--only select storage=ring]
 
-`--only WORD` runs the cases whose name contains WORD (e.g. `select`).
+`--only WORD ...` runs the cases whose name contains any of the words (e.g. `select`). With `--out`, the JSON
+is rewritten after every case, so a run cut short by a time limit keeps what it checked.
 
 `--small` shrinks the shapes so the script also runs on a CPU (kernels interpreted).
 """
@@ -425,14 +426,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--small", action="store_true", help="small shapes (for a CPU run)")
-    parser.add_argument("--only", default=None, help="run only the cases whose name contains this")
+    parser.add_argument("--only", nargs="+", default=None, help="run only the cases whose name contains one of these")
     args = parser.parse_args(argv)
     n = 1 if args.small else 64  # scale of sequence lengths
     results: list = []
 
     def case(name, fn):
-        if args.only is None or args.only in name:
+        if args.only is None or any(word in name for word in args.only):
             _case(results, name, fn)
+            if args.out:
+                write_json(args.out, {"environment": environment(), "results": results})
 
     bf16, f16, f32 = jnp.bfloat16, jnp.float16, jnp.float32
     for i, (b, hkv, g, s, d, rbit, dt) in enumerate(
@@ -509,8 +512,6 @@ def main(argv=None) -> int:
                                        bf16, storage=kind))
     failed = [r["case"] for r in results if not r["ok"]]
     print(f"\n{len(results) - len(failed)} passed, {len(failed)} failed")
-    if args.out:
-        write_json(args.out, {"environment": environment(), "results": results})
     if failed:
         print("FAILED:\n  " + "\n  ".join(failed), file=sys.stderr)
     return 1 if failed else 0

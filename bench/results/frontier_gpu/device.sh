@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Issue 20's speed side on the GPU, in calls of at most 600 s (device tool: run(command="bash THIS PART")).
+#   a: the kernel checks of the selectors, the selection and the ring storage; SmolLM2 at 2K 1/32, 4K and 8K 1/16
+#   b: Llama-3.1-8B shapes (random bf16 weights) at 32K batch 1 and 8, 128K batch 1, budget 1/16
+# Results come back under $OUT as JSON (written as they complete) and logs.
+set -u
+part=$1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu_$part.txt"
+for d in models train evaluation cli; do ln -sfn ../$d hata_jax/$d; done
+export PYTHONPATH=$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
+speed() {  # name seconds args...
+  local name=$1 seconds=$2; shift 2
+  timeout $((seconds + 60)) python -m bench.selector_speed --out "$OUT/speed_$name.json" --time-budget "$seconds" "$@" \
+    2>&1 | grep -v -i warning > "$OUT/speed_$name.log"
+  tail -2 "$OUT/speed_$name.log"
+}
+case $part in
+  a)
+    timeout 150 python -m bench.check_kernels --only select topk storage=ring --out "$OUT/check_kernels.json" \
+      > "$OUT/check_kernels.log" 2>&1
+    echo "check_kernels exit $?" | tee -a "$OUT/check_kernels.log"; grep -c PASS "$OUT/check_kernels.log"; grep FAIL "$OUT/check_kernels.log"
+    speed smollm2_2k_b32 130 --models smollm2 --contexts 2048 --batches 1 --fractions 32
+    speed smollm2_4k_8k 230 --models smollm2 --contexts 4096 8192 --batches 1 --fractions 16
+    ;;
+  b)
+    speed llama_32k 250 --models llama --contexts 32768 --batches 1 8 --fractions 16
+    speed llama_128k 230 --models llama --contexts 131072 --batches 1 --fractions 16
+    ;;
+esac
+ls -la "$OUT"
