@@ -6,10 +6,11 @@ Cost: selection bytes per cached token and KV head, for a 16-bit key cache
 Loki 2 per channel, Quest 4 x head_dim / page_size, HashAttention 4, exact top-k the key itself
 (2 x head_dim), two-stage HATA its codes plus its candidates' keys, StreamingLLM 0. The attention
 over the chosen tokens reads the same at a budget whatever chose them, so it is not counted; a
-GPU's tokens/s, where measured, is the other cost axis.
+GPU's tokens/s, where measured, is the other cost axis: a second front per budget, where dense decoding
+(no selection at all) competes too, since a user who needs a score asks which method decodes fastest.
 
-    rows = [{"method": "hata", "budget": 128, "score": 53.2, "selection_bytes": 20.0}, ...]
-    on_front = pareto_front([r["selection_bytes"] for r in rows], [r["score"] for r in rows])
+    rows = [{"method": "hata", "budget": 128, "score": 53.2, "selection_bytes": 20.0, "tokens_per_s": 148.2}, ...]
+    mark_fronts(rows, dense={"score": 55.5, "tokens_per_s": 183.5})   # sets on_front and on_speed_front
 """
 from __future__ import annotations
 
@@ -48,48 +49,87 @@ def pareto_front(costs: list[float], scores: list[float]) -> list[bool]:
             for cost, score in zip(costs, scores)]
 
 
+def mark_fronts(points: list[dict], dense: dict | None = None) -> None:
+    """Set each point's `on_front` (the Pareto front of selection bytes against score) and, for the
+    points with a `tokens_per_s`, `on_speed_front` (tokens/s against score, `dense` ({"score",
+    "tokens_per_s"}) competing when given), within each group of equal `length` (if present) and `budget`."""
+    for key in dict.fromkeys((p.get("length"), p["budget"]) for p in points):
+        group = [p for p in points if (p.get("length"), p["budget"]) == key]
+        for p, on in zip(group, pareto_front([p["selection_bytes"] for p in group], [p["score"] for p in group])):
+            p["on_front"] = on
+        for p in group:
+            p.pop("on_speed_front", None)
+        timed = [p for p in group if "tokens_per_s" in p]
+        rivals = [dense] if dense is not None and "tokens_per_s" in dense else []
+        fronts = pareto_front([-p["tokens_per_s"] for p in timed + rivals], [p["score"] for p in timed + rivals])
+        for p, on in zip(timed, fronts):
+            p["on_speed_front"] = on
+
+
 def frontier_table(rows: list[dict]) -> str:
     """A markdown table of `rows` ({"method", "fraction", "budget", "score", "ci95" (optional),
-    "selection_bytes", "on_front", "tokens_per_s" (optional)}), cheapest first within each budget."""
+    "selection_bytes", "on_front", and optionally "perplexity_vs_dense" (percent), "tokens_per_s" and
+    "on_speed_front"}), cheapest first within each budget; optional columns appear when any row has them."""
+    perplexity = any("perplexity_vs_dense" in r for r in rows)
     timed = any("tokens_per_s" in r for r in rows)
-    lines = ["| budget | method | selection bytes / token | score [95% CI] | on the front |"
-             + (" tokens/s |" if timed else ""), "|---|---|---:|---:|:---:|" + ("---:|" if timed else "")]
+    header = "| budget | method | selection bytes / token | score [95% CI] | on the front |"
+    rule = "|---|---|---:|---:|:---:|"
+    if perplexity:
+        header, rule = header + " perplexity vs dense |", rule + "---:|"
+    if timed:
+        header, rule = header + " tokens/s | on the speed front |", rule + "---:|:---:|"
+    lines = [header, rule]
     for r in sorted(rows, key=lambda r: (r["budget"], r["selection_bytes"], -r["score"])):
         ci = f" [{r['ci95'][0]:.1f}, {r['ci95'][1]:.1f}]" if "ci95" in r else ""
-        speed = (f" {r['tokens_per_s']:.0f} |" if "tokens_per_s" in r else " - |") if timed else ""
-        lines.append(f"| {r['budget']} ({r['fraction']}) | {r['method']} | {r['selection_bytes']:g} | "
-                     f"{r['score']:.1f}{ci} | {'yes' if r['on_front'] else ''} |{speed}")
+        line = (f"| {r['budget']} ({r['fraction']}) | {r['method']} | {r['selection_bytes']:g} | "
+                f"{r['score']:.1f}{ci} | {'yes' if r['on_front'] else ''} |")
+        if perplexity:
+            line += f" {r['perplexity_vs_dense']:+.2f}% |" if "perplexity_vs_dense" in r else " - |"
+        if timed:
+            line += (f" {r['tokens_per_s']:.0f} | {'yes' if r.get('on_speed_front') else ''} |"
+                     if "tokens_per_s" in r else " - | |")
+        lines.append(line)
     return "\n".join(lines) + "\n"
 
 
-def frontier_plot(rows: list[dict], path: str | pathlib.Path, title: str, dense_score: float | None = None) -> None:
+def frontier_plot(rows: list[dict], path: str | pathlib.Path, title: str, dense: dict | None = None) -> None:
     """Score against selection bytes per token (symlog axis: StreamingLLM reads 0), one panel per
-    budget fraction; front points filled and joined, the others hollow; dense as a line."""
+    budget fraction; front points filled and joined, the others hollow; dense's score as a line. When
+    rows carry `tokens_per_s`, a second row of panels puts the timed ones against tokens/s, with
+    dense ({"score", "tokens_per_s"}) as a star and `on_speed_front` joined."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fractions = list(dict.fromkeys(r["fraction"] for r in sorted(rows, key=lambda r: -r["budget"])))
-    fig, axes = plt.subplots(1, len(fractions), figsize=(7 * len(fractions), 5), squeeze=False, sharex=True)
-    for ax, fraction in zip(axes[0], fractions):
-        group = sorted((r for r in rows if r["fraction"] == fraction), key=lambda r: r["selection_bytes"])
-        front = [r for r in group if r["on_front"]]
-        ax.plot([r["selection_bytes"] for r in front], [r["score"] for r in front], "-", color="C0", zorder=1)
-        for r in group:
-            ax.scatter(r["selection_bytes"], r["score"], s=40, zorder=2, color="C0" if r["on_front"] else "white",
-                       edgecolors="C0")
-            if "ci95" in r:
-                ax.plot([r["selection_bytes"]] * 2, r["ci95"], color="0.7", lw=1, zorder=0)
-            ax.annotate(r["method"], (r["selection_bytes"], r["score"]), fontsize=7, xytext=(4, 3),
-                        textcoords="offset points")
-        if dense_score is not None:
-            ax.axhline(dense_score, color="0.5", ls="--", lw=1, label="dense")
-            ax.legend(loc="lower right", fontsize=8)
-        ax.set_xscale("symlog", linthresh=4)
-        ax.set_xlabel("selection bytes per cached token and KV head (16-bit keys)")
-        ax.set_ylabel("task average (%)")
-        ax.set_title(f"{title}, budget {fraction} of the context")
+    timed = any("tokens_per_s" in r for r in rows)
+    fig, axes = plt.subplots(2 if timed else 1, len(fractions), figsize=(7 * len(fractions), 5 * (2 if timed else 1)),
+                             squeeze=False)
+    axis_specs = [("selection_bytes", "on_front", "selection bytes per cached token and KV head (16-bit keys)")]
+    if timed:
+        axis_specs.append(("tokens_per_s", "on_speed_front", "decode tokens/s (GPU, batch 1)"))
+    for row_axes, (x_key, front_key, x_label) in zip(axes, axis_specs):
+        for ax, fraction in zip(row_axes, fractions):
+            group = sorted((r for r in rows if r["fraction"] == fraction and x_key in r), key=lambda r: r[x_key])
+            front = [r for r in group if r.get(front_key)]
+            ax.plot([r[x_key] for r in front], [r["score"] for r in front], "-", color="C0", zorder=1)
+            for r in group:
+                ax.scatter(r[x_key], r["score"], s=40, zorder=2, color="C0" if r.get(front_key) else "white",
+                           edgecolors="C0")
+                if "ci95" in r:
+                    ax.plot([r[x_key]] * 2, r["ci95"], color="0.7", lw=1, zorder=0)
+                ax.annotate(r["method"], (r[x_key], r["score"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+            if dense is not None:
+                ax.axhline(dense["score"], color="0.5", ls="--", lw=1, label="dense")
+                if x_key == "tokens_per_s" and "tokens_per_s" in dense:
+                    ax.scatter(dense["tokens_per_s"], dense["score"], marker="*", s=120, color="0.3", zorder=3)
+                ax.legend(loc="lower right", fontsize=8)
+            if x_key == "selection_bytes":
+                ax.set_xscale("symlog", linthresh=4)
+            ax.set_xlabel(x_label)
+            ax.set_ylabel("task average (%)")
+            ax.set_title(f"{title}, budget {fraction} of the context")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -66,28 +66,47 @@ def test_pareto_front_cases_and_errors():
 
 
 def _rows():
-    rows = [{"method": m, "budget": b, "fraction": f"1/{LENGTH // b}", "score": s, "ci95": [s - 4, s + 4],
+    return [{"method": m, "budget": b, "fraction": f"1/{LENGTH // b}", "score": s, "ci95": [s - 4, s + 4],
              "selection_bytes": c}
             for m, c, s, b in (("hata", 20, 53.2, 128), ("loki", 64, 50.0, 128), ("exact", 128, 54.7, 128),
                                ("streaming", 0, 12.0, 128), ("hata", 20, 46.7, 64), ("exact", 128, 53.7, 64))]
-    for budget in (128, 64):
-        group = [r for r in rows if r["budget"] == budget]
-        for r, on in zip(group, frontier.pareto_front([r["selection_bytes"] for r in group],
-                                                      [r["score"] for r in group])):
-            r["on_front"] = on
-    return rows
+
+
+def test_mark_fronts_per_budget_and_speed_with_dense_competing():
+    rows = _rows()
+    frontier.mark_fronts(rows)
+    assert [r["on_front"] for r in rows] == [True, False, True, True, True, True]
+    assert not any("on_speed_front" in r for r in rows)  # nothing timed
+    for r, rate in zip(rows, (150.0, 140.0, 170.0, 200.0, 160.0, 165.0)):
+        r["tokens_per_s"] = rate
+    frontier.mark_fronts(rows)
+    # 1/16: exact (170, 54.7) beats loki (140, 50.0) and hata (150, 53.2); streaming is the fastest
+    assert [r["on_speed_front"] for r in rows[:4]] == [False, False, True, True]
+    assert [r["on_speed_front"] for r in rows[4:]] == [False, True]  # 1/32: exact (165, 53.7) beats hata (160, 46.7)
+    frontier.mark_fronts(rows, dense={"score": 55.4, "tokens_per_s": 180.0})
+    # dense, faster and better than both selectors at 1/16 and 1/32, leaves only the faster streaming
+    assert [r["on_speed_front"] for r in rows] == [False, False, False, True, False, False]
+    del rows[1]["tokens_per_s"]
+    frontier.mark_fronts(rows, dense={"score": 55.4})  # an untimed dense does not compete
+    assert "on_speed_front" not in rows[1] and rows[2]["on_speed_front"] and not rows[0]["on_speed_front"]
 
 
 def test_frontier_table_and_plot(tmp_path):
     rows = _rows()
+    frontier.mark_fronts(rows)
     table = frontier.frontier_table(rows).splitlines()
     assert table[0].startswith("| budget | method | selection bytes / token") and "tokens/s" not in table[0]
+    assert "perplexity" not in table[0]
     assert table[2] == "| 64 (1/32) | hata | 20 | 46.7 [42.7, 50.7] | yes |"
     assert "| 128 (1/16) | loki | 64 | 50.0 [46.0, 54.0] |  |" in table
     assert table.index("| 128 (1/16) | streaming | 0 | 12.0 [8.0, 16.0] | yes |") == 4  # cheapest first
-    rows[0]["tokens_per_s"] = 1234.4
-    timed = frontier.frontier_table(rows)
-    assert "| tokens/s |" in timed and "| 1234 |" in timed and "| yes | - |" in timed
-    path = tmp_path / "frontier.png"
-    frontier.frontier_plot(rows, path, "SmolLM2", dense_score=55.4)
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows[0]["tokens_per_s"], rows[0]["perplexity_vs_dense"] = 1234.4, 2.481
+    frontier.mark_fronts(rows)
+    timed = frontier.frontier_table(rows).splitlines()
+    assert timed[0].endswith("| on the front | perplexity vs dense | tokens/s | on the speed front |")
+    assert "| 128 (1/16) | hata | 20 | 53.2 [49.2, 57.2] | yes | +2.48% | 1234 | yes |" in timed
+    assert "| 128 (1/16) | loki | 64 | 50.0 [46.0, 54.0] |  | - | - | |" in timed
+    for dense in (None, {"score": 55.4, "tokens_per_s": 2000.0}):
+        path = tmp_path / f"frontier_{dense is None}.png"
+        frontier.frontier_plot(rows, path, "SmolLM2", dense=dense)
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,6 +1,6 @@
 """The tables and plot of issue 17's evaluation (run.py's run directories, one per stage and length).
 
-    python bench/results/eval_smollm2_2k_8k/report.py ROOT [--cpu CPU_ROOT] [--speed SPEED_JSON]
+    python bench/results/eval_smollm2_2k_8k/report.py ROOT [--cpu CPU_ROOT] [--speed SPEED_JSON ...]
 
 Writes ROOT/summary.json, ROOT/tables.md, ROOT/scores.png and ROOT/frontier_<length>.png (issue 20's
 frontier: each score against the selection bytes per cached token and KV head of its method,
@@ -9,9 +9,11 @@ every score is the average over the seven tasks of the share of expected answers
 95% bootstrap interval over prompts (resampled within each task). Differences between two methods
 are paired: both ran on the same prompts (their digests are checked), and each resample draws
 the same prompts for both. With --cpu, the share of (prompt, method) units whose generated text
-is the same on both runs (same prompts, same settings except the implementation). With --speed (a
-`bench.selector_speed` JSON), the frontier rows whose plan is the one timed there (SmolLM2 shapes,
-batch 1, same method, budget and options) get its tokens/s.
+is the same on both runs (same prompts, same settings except the implementation). With --speed
+(`bench.selector_speed` JSONs), the frontier rows whose plan is the one timed there (SmolLM2 shapes,
+batch 1, same method, budget and options) get its tokens/s, and a second front, score against tokens/s
+with dense competing, is marked and plotted. Frontier rows whose stage ran the perplexity part carry
+its change against dense.
 """
 from __future__ import annotations
 
@@ -127,16 +129,19 @@ def summarize(root: pathlib.Path, samples: int, speed: dict | None = None) -> di
                     out["pairs"].append({"length": length, "budget": budget, "a": label, "b": other, "a_minus_b": diff,
                                          "ci95": ci})
     out["perplexity"] = perplexities(root)
-    out["frontier"] = frontier_rows(out["rows"], speed)
+    out["frontier"] = frontier_rows(out["rows"], speed, out["perplexity"])
     return out
 
 
-def frontier_rows(rows: list[dict], speed: dict | None = None) -> list[dict]:
+def frontier_rows(rows: list[dict], speed: dict | None = None, perplexity: list[dict] | None = None) -> list[dict]:
     """The rows of run.py's stages with a budget, each with its method's selection bytes per token
-    (SmolLM2's 3 KV heads of 64 dimensions) and whether it is on the Pareto front of its length and
-    budget; with `speed` (a bench.selector_speed document), the tokens/s of the same plan at batch 1."""
-    timed = {(r["method"], r["budget"], r["context"]): r["tokens_per_s"] for r in (speed or {}).get("rows", [])
-             if r["kind"] == "method" and r["model"] == "smollm2" and r["batch"] == 1}
+    (SmolLM2's 3 KV heads of 64 dimensions), its perplexity change against dense where `perplexity`
+    (:func:`perplexities`) has the same stage's method, and whether it is on the Pareto front of its
+    length and budget (:func:`frontier.mark_fronts`); with `speed` (a bench.selector_speed document),
+    the tokens/s of the same plan at batch 1, and the speed front with dense competing."""
+    timed = _timed(speed)
+    changes = {(r["length"], r["method"], r["budget"]): r["vs_dense_percent"] for r in perplexity or []
+               if "vs_dense_percent" in r}
     points = []
     for r in rows:
         if r["budget"] is None or r["stage"] not in STAGES:
@@ -147,16 +152,31 @@ def frontier_rows(rows: list[dict], speed: dict | None = None) -> list[dict]:
                                                   SMOLLM2.num_kv_heads, SMOLLM2.head_dim)
         point = {key: r[key] for key in ("length", "method", "budget", "fraction", "score", "ci95")}
         point["selection_bytes"] = cost
+        if (length, r["method"], budget) in changes:
+            point["perplexity_vs_dense"] = changes[length, r["method"], budget]
         benched = AttentionPlan.for_method(SMOLLM2.num_layers, method, HataConfig(budget=budget))
         if (method, budget, length) in timed and _timed_alike(config.plan(SMOLLM2.num_layers, method, budget), benched):
             point["tokens_per_s"] = timed[method, budget, length]
         points.append(point)
-    for key in sorted({(p["length"], p["budget"]) for p in points}):
-        group = [p for p in points if (p["length"], p["budget"]) == key]
-        for p, on in zip(group, frontier.pareto_front([p["selection_bytes"] for p in group],
-                                                      [p["score"] for p in group])):
-            p["on_front"] = on
+    for length in sorted({p["length"] for p in points}):
+        frontier.mark_fronts([p for p in points if p["length"] == length], dense_point(rows, speed, length))
     return points
+
+
+def dense_point(rows: list[dict], speed: dict | None, length: int) -> dict | None:
+    """Dense's task score at `length` and, where `speed` timed it at batch 1, its tokens/s (the median
+    over the budgets it was timed beside: dense does not depend on the budget)."""
+    scores = [r["score"] for r in rows if r["length"] == length and r["budget"] is None]
+    if not scores:
+        return None
+    rates = [v for (method, _, n), v in _timed(speed).items() if method == "dense" and n == length]
+    return {"score": scores[0], **({"tokens_per_s": float(np.median(rates))} if rates else {})}
+
+
+def _timed(speed: dict | None) -> dict:
+    """(method, budget, context) -> tokens/s of a bench.selector_speed document's SmolLM2 rows at batch 1."""
+    return {(r["method"], r["budget"], r["context"]): r["tokens_per_s"] for r in (speed or {}).get("rows", [])
+            if r["kind"] == "method" and r["model"] == "smollm2" and r["batch"] == 1}
 
 
 def perplexities(root: pathlib.Path) -> list[dict]:
@@ -271,9 +291,11 @@ def main() -> int:
     p.add_argument("root", type=pathlib.Path)
     p.add_argument("--samples", type=int, default=50)
     p.add_argument("--cpu", type=pathlib.Path, help="a run.py root of the same stages run with --impl reference")
-    p.add_argument("--speed", type=pathlib.Path, help="a bench.selector_speed JSON: tokens/s in the frontier table")
+    p.add_argument("--speed", type=pathlib.Path, nargs="+",
+                   help="bench.selector_speed JSONs (their rows merged): tokens/s in the frontier table and plot")
     args = p.parse_args()
-    summary = summarize(args.root, args.samples, json.loads(args.speed.read_text()) if args.speed else None)
+    speed = {"rows": [row for path in args.speed or [] for row in json.loads(path.read_text())["rows"]]}
+    summary = summarize(args.root, args.samples, speed if args.speed else None)
     agree = agreement(args.root, args.cpu) if args.cpu else None
     if agree is not None:
         summary["gpu_vs_cpu"] = agree
@@ -281,10 +303,9 @@ def main() -> int:
     (args.root / "tables.md").write_text(tables(summary, agree))
     plot(summary, args.root / "scores.png")
     for length in sorted({r["length"] for r in summary["frontier"]}):
-        dense = [r["score"] for r in summary["rows"] if r["length"] == length and r["budget"] is None]
         frontier.frontier_plot([r for r in summary["frontier"] if r["length"] == length],
                                args.root / f"frontier_{length}.png", f"SmolLM2-135M-Instruct, {length} tokens",
-                               dense[0] if dense else None)
+                               dense_point(summary["rows"], speed if args.speed else None, length))
     print(tables(summary, agree))
     return 0
 

@@ -28,7 +28,8 @@ sink or recent tokens except where a method's authors force them and in asym_kep
   quest8         quest_authors with pages of 8 tokens (32 bytes per token; pages of 16: 16)
   asym_rerank2_b32  hata_rerank with c = 2 and the asymmetric score at 1/32
   loki8_b32      loki with 8 channels at 1/32
-  perplexity     teacher-forced perplexity of the main, asym and eta stages' methods (4 held-out sequences)
+  perplexity     teacher-forced perplexity (4 held-out sequences) of the methods of the stages named by
+                 --perplexity-of (default: main, asym and eta)
 
 The prompts of every (task, length) are built once, in parallel (a process per (task, length)),
 and shared by the stages: the harness builds them the same way (`tasks.make_samples`).
@@ -105,6 +106,8 @@ def main() -> int:
     p.add_argument("--hashattention", help="a `hata-jax train --selector hashattention` run")
     p.add_argument("--rbit256", help="256-bit HATA projections (a `hata-jax train --rbit 256` run)")
     p.add_argument("--stages", nargs="+", default=[*STAGES, "perplexity"], choices=[*STAGES, "perplexity"])
+    p.add_argument("--perplexity-of", nargs="+", default=list(PERPLEXITY), choices=list(STAGES),
+                   help="the stages whose methods the perplexity stage scores (default: %(default)s)")
     p.add_argument("--lengths", nargs="+", type=int, default=list(BATCH), choices=list(BATCH))
     p.add_argument("--samples", type=int, default=SAMPLES, help="prompts per task (a prefix of the 50)")
     p.add_argument("--deadline", type=float, help="stop starting units after this many seconds")
@@ -138,7 +141,7 @@ def run(args, start: float) -> int:
     weights = {"eta": args.eta, "hashattention": args.hashattention, "rbit256": args.rbit256}
     todo = [(stage, length, ("tasks",)) for stage in args.stages if stage != "perplexity" for length in args.lengths]
     if "perplexity" in args.stages:
-        todo += [(stage, length, ("perplexity",)) for stage in PERPLEXITY for length in args.lengths]
+        todo += [(stage, length, ("perplexity",)) for stage in args.perplexity_of for length in args.lengths]
     for stage, length, parts in todo:
         methods, fraction, extra, option = STAGES[stage]
         if option and not weights[option]:
