@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 20's speed side on the GPU, in calls of at most 600 s (device tool: run(command="bash THIS PART")).
 #   a: the kernel checks of the selectors, the selection and the ring storage; SmolLM2 at 2K 1/32, 4K and 8K 1/16
-#   b: Llama-3.1-8B shapes (random bf16 weights) at 32K batch 1 and 8, 128K batch 1, budget 1/16
+#   b: the selector checks that a did not reach; Llama-3.1-8B shapes (random bf16 weights) at 32K batch 1,
+#      128K batch 1 and 32K batch 8, budget 1/16
 # Results come back under $OUT as JSON (written as they complete) and logs.
 set -u
 part=$1
@@ -23,8 +24,12 @@ case $part in
     speed smollm2_4k_8k 230 --models smollm2 --contexts 4096 8192 --batches 1 --fractions 16
     ;;
   b)
-    speed llama_32k 250 --models llama --contexts 32768 --batches 1 8 --fractions 16
-    speed llama_128k 230 --models llama --contexts 131072 --batches 1 --fractions 16
+    timeout 70 python -m bench.check_kernels --only "selector quest" "selector simhash" "selector streaming" \
+      --out "$OUT/check_kernels_b.json" > "$OUT/check_kernels_b.log" 2>&1
+    echo "check_kernels exit $?" | tee -a "$OUT/check_kernels_b.log"; grep -c PASS "$OUT/check_kernels_b.log"
+    speed llama_32k_b1 170 --models llama --contexts 32768 --batches 1 --fractions 16
+    speed llama_128k_b1 170 --models llama --contexts 131072 --batches 1 --fractions 16
+    speed llama_32k_b8 120 --models llama --contexts 32768 --batches 8 --fractions 16
     ;;
 esac
 ls -la "$OUT"
