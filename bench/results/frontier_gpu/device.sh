@@ -3,6 +3,8 @@
 #   a: the kernel checks of the selectors, the selection and the ring storage; SmolLM2 at 2K 1/32, 4K and 8K 1/16
 #   b: the selector checks that a did not reach; Llama-3.1-8B shapes (random bf16 weights) at 32K batch 1,
 #      128K batch 1 and 32K batch 8, budget 1/16
+#   c: what a and b did not reach: the streaming selector's check, Llama 32K batch 8 for the last five methods,
+#      128K batch 1 for the last two, and SmolLM2 2K at 1/16 and 1/32 on the same card as a's 4K and 8K
 # Results come back under $OUT as JSON (written as they complete) and logs.
 set -u
 part=$1
@@ -30,6 +32,15 @@ case $part in
     speed llama_32k_b1 170 --models llama --contexts 32768 --batches 1 --fractions 16
     speed llama_128k_b1 170 --models llama --contexts 131072 --batches 1 --fractions 16
     speed llama_32k_b8 120 --models llama --contexts 32768 --batches 8 --fractions 16
+    ;;
+  c)
+    timeout 45 python -m bench.check_kernels --only "selector streaming" --out "$OUT/check_kernels_c.json" \
+      > "$OUT/check_kernels_c.log" 2>&1
+    echo "check_kernels exit $?" | tee -a "$OUT/check_kernels_c.log"; grep -c PASS "$OUT/check_kernels_c.log"
+    speed llama_32k_b8_rest 150 --models llama --contexts 32768 --batches 8 --fractions 16 \
+      --methods loki quest quest_authors simhash streaming
+    speed llama_128k_b1_rest 90 --models llama --contexts 131072 --batches 1 --fractions 16 --methods simhash streaming
+    speed smollm2_2k 170 --models smollm2 --contexts 2048 --batches 1 --fractions 16 32
     ;;
 esac
 ls -la "$OUT"
