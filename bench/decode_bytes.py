@@ -26,24 +26,30 @@ def weight_read_bytes(config: LlamaConfig, total_param_bytes: int, itemsize: int
     return total_param_bytes if config.tie_word_embeddings else total_param_bytes - table
 
 
-def attention_bytes(config: LlamaConfig, method: str, batch: int, length: int, hata: HataConfig, itemsize: int) -> int:
-    """Bytes one layer's attention reads for `batch` sequences of `length` tokens (see the module docstring)."""
+def attention_bytes(config: LlamaConfig, method: str, batch: int, length: int, hata: HataConfig, itemsize: int,
+                    selection_bytes: float | None = None) -> int:
+    """Bytes one layer's attention reads for `batch` sequences of `length` tokens (see the module
+    docstring): dense and cudnn K and V; a selecting method what choosing reads per token and KV head
+    (hata: its codes and norm; exact: the key; any other selector: `selection_bytes`, required for it,
+    as :func:`hata_jax.evaluation.frontier.selection_bytes_per_token` gives it) plus the chosen
+    tokens' K, V and index."""
     row = config.head_dim * itemsize
-    selected = min(hata.budget, length)
-    per_head = {
-        "dense": 2 * length * row,
-        "cudnn": 2 * length * row,
-        "hata": length * (hata.rbit // 8 + 4) + selected * (2 * row + 4),
-        "exact": length * row + selected * (2 * row + 4),
-    }[method]
-    return batch * config.num_kv_heads * per_head
+    if method in ("dense", "cudnn"):
+        return batch * config.num_kv_heads * 2 * length * row
+    choosing = {"hata": hata.rbit // 8 + 4, "exact": row}.get(method, selection_bytes)
+    if choosing is None:
+        raise ValueError(f"method {method!r}: pass selection_bytes (bytes per token and KV head its choosing reads)")
+    per_head = length * choosing + min(hata.budget, length) * (2 * row + 4)
+    return int(batch * config.num_kv_heads * per_head)
 
 
-def step_bytes(config, method, batch, length, hata, itemsize, weights_read, dense_layers: int) -> int:
-    """Bytes one decode step reads: the weights, `dense_layers` dense layers and the rest `method`'s."""
+def step_bytes(config, method, batch, length, hata, itemsize, weights_read, dense_layers: int,
+               selection_bytes: float | None = None) -> int:
+    """Bytes one decode step reads: the weights, `dense_layers` dense layers and the rest `method`'s
+    (`selection_bytes` as :func:`attention_bytes` takes it)."""
     hata_layers = 0 if method in ("dense", "cudnn") else config.num_layers - min(dense_layers, config.num_layers)
     dense = attention_bytes(config, "dense", batch, length, hata, itemsize)
-    sparse = attention_bytes(config, method, batch, length, hata, itemsize)
+    sparse = attention_bytes(config, method, batch, length, hata, itemsize, selection_bytes) if hata_layers else 0
     return weights_read + (config.num_layers - hata_layers) * dense + hata_layers * sparse
 
 

@@ -3,12 +3,16 @@ this machine, at the budgets of the accuracy evaluation.
 
     python -m bench.selector_speed --out $OUT/selector_speed.json [--small] [--models smollm2 llama] \
         [--contexts N ...] [--batches B ...] [--fractions 16 32] [--methods ...] [--time-budget S]
+    python -m bench.selector_speed --table A.json [B.json ...]     # markdown tables of finished runs
 
 Per model shapes (random weights in bf16, as `bench.decode`), context N, batch B and budget N /
 fraction, for every method of :data:`hata_jax.models.plan.METHODS` (`AttentionPlan.for_method`,
 layers 0-1 dense, rbit 128, HATA's default score):
 - `step`: the model's own jitted decode step (`ModelSteps.decode`, caches donated), greedy, each
   step waited for; median and p10/p90 over `--reps` steps after `--warmup`; tokens/s = B / median.
+  After every other method, dense's step is timed again on the same caches (`dense_beside_ms`), and
+  `speed_vs_dense` = that / the method's median: a ratio that the drift of a long run (clocks, the
+  host) does not bias, as it does comparisons of methods timed minutes apart.
 - `attention`: one layer's work after the token's append, median over distinct layers' caches
   (`bench.timing.median_us`): dense `dense_decode_attention`; hata `encode_step` of the query +
   `hamming_topk` + `sparse_decode_attention`; a selector `select_indices` (its scores in XLA, then
@@ -16,6 +20,9 @@ layers 0-1 dense, rbit 128, HATA's default score):
   (:func:`hata_jax.models.selector_cache.selector_attention`).
 - `selection_bytes`: what choosing reads per cached token and KV head
   (:func:`hata_jax.evaluation.frontier.selection_bytes_per_token`).
+- `step_bytes`: what one decode step reads (:func:`bench.decode_bytes.step_bytes`: the weights, the
+  dense layers' K and V, each selecting layer's choosing and its chosen tokens' K, V and indices), and
+  `floor_ms`, those bytes at the bandwidth measured at the start of the run (`bench.timing`).
 
 Caches: every layer holds N - slack random tokens per sequence (K, V ~ N(0, 1), the keys' HATA
 codes and norms), capacity N; a selector's state is made from them (`with_selector_states`), and
@@ -31,6 +38,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import pathlib
 import statistics
 import sys
 import time
@@ -42,9 +51,9 @@ from flax import nnx
 
 import hata_jax as hj
 from bench.decode import memory_limit_bytes
-from bench.decode_bytes import cache_bytes, weight_bytes
+from bench.decode_bytes import cache_bytes, step_bytes, weight_bytes, weight_read_bytes
 from bench.decode_steps import GREEDY, hata_attention, random_hata_cache, with_length
-from bench.timing import environment, median_us, write_json
+from bench.timing import environment, floor_bandwidth_gbps, median_us, write_json
 from hata_jax import HataConfig
 from hata_jax.evaluation.frontier import selection_bytes_per_token
 from hata_jax.models import LlamaForCausalLM, generation
@@ -92,8 +101,8 @@ def random_selector_params(plan: AttentionPlan, key, q_heads: int, kv_heads: int
 
 
 class SelectorSpeed:
-    def __init__(self, settings: Settings, out: str, memory_limit: float, started: float):
-        self.s, self.out, self.memory_limit = settings, out, memory_limit
+    def __init__(self, settings: Settings, out: str, memory_limit: float, started: float, bandwidth: dict):
+        self.s, self.out, self.memory_limit, self.bandwidth = settings, out, memory_limit, bandwidth
         self.configs = SMALL_MODELS if settings.small else FULL_MODELS
         self.deadline = started + settings.time_budget_s
         self.rows: list[dict] = []
@@ -107,7 +116,7 @@ class SelectorSpeed:
     def record(self, row: dict) -> None:
         self.rows.append(row)
         write_json(self.out, {"environment": self.env, "settings": dataclasses.asdict(self.s),
-                              "memory_limit_gb": self.memory_limit / GB, "rows": self.rows})
+                              "bandwidth": self.bandwidth, "memory_limit_gb": self.memory_limit / GB, "rows": self.rows})
 
     def skip(self, base: dict, reason: str) -> None:
         print(f"  skip {base}: {reason}", flush=True)
@@ -134,7 +143,7 @@ class SelectorSpeed:
 
     def run_config(self, steps, config, base: dict) -> None:
         s, (b, n) = self.s, (base["batch"], base["context"])
-        slack = s.warmup + s.reps
+        slack = 2 * (s.warmup + s.reps)  # the method's steps and the dense control's
         print(f"== {base}", flush=True)
         w = [jax.random.normal(self._next_key(), (config.num_kv_heads, config.head_dim, s.rbit), jnp.float32)
              for _ in range(config.num_layers)]
@@ -165,29 +174,43 @@ class SelectorSpeed:
                "implementation": hj.default_impl(),
                "selection_bytes": selection_bytes_per_token(plan, base["context"], config.num_kv_heads,
                                                             config.head_dim)}
+        row["step_bytes"] = row_step_bytes(row, dataclasses.asdict(s))
+        row["floor_ms"] = row["step_bytes"] / (self.bandwidth["floor_gbps"] * 1e6)
         row["attention"] = self.time_attention(config, method, plan, caches, w, params, base["batch"])
-        tokens = jnp.zeros((base["batch"],), jnp.int32)
+        start = time.perf_counter()
+        timed, caches = self.time_steps(steps, plan, caches, weights, params, base["batch"])
+        median = statistics.median(timed)
+        row.update(median_ms=1e3 * median, p10_ms=1e3 * float(np.percentile(timed, 10)),
+                   p90_ms=1e3 * float(np.percentile(timed, 90)), steps=len(timed), tokens_per_s=base["batch"] / median,
+                   seconds=time.perf_counter() - start)
+        caches = [c.base if isinstance(c, SelectorCache) else c for c in caches]
+        if method != "dense":  # a control: dense's step right after, so drift over the run shows in the ratio
+            dense = AttentionPlan.for_method(config.num_layers, "dense", hata, hj.default_impl(),
+                                             dense_layers=s.dense_layers)
+            control, caches = self.time_steps(steps, dense, caches, w, None, base["batch"])
+            row["dense_beside_ms"] = 1e3 * statistics.median(control)
+            row["speed_vs_dense"] = row["dense_beside_ms"] / row["median_ms"]
+        self.record(row)
+        attention = row["attention"]
+        print(f"  {method:<22} budget {budget:>5}: step {row['median_ms']:8.2f} ms ({row['tokens_per_s']:8.1f} tok/s), "
+              f"attention {attention['median_us'] if attention else float('nan'):9.1f} us/layer, "
+              f"selection {row['selection_bytes'] if row['selection_bytes'] is not None else '-'} B/token"
+              + (f", {row['speed_vs_dense']:.2f}x dense beside it" if "speed_vs_dense" in row else ""), flush=True)
+        return caches
+
+    def time_steps(self, steps, plan, caches, weights, params, batch) -> tuple[list[float], list]:
+        """`warmup` + `reps` greedy decode steps of `plan`, each waited for; the timed ones' seconds, and
+        the caches after them."""
+        tokens = jnp.zeros((batch,), jnp.int32)
         key = jax.random.PRNGKey(0)
         times = []
-        start = time.perf_counter()
-        for _ in range(s.warmup + s.reps):
+        for _ in range(self.s.warmup + self.s.reps):
             t0 = time.perf_counter()
             tokens, caches, key = steps.decode(steps.state_leaves, tokens, caches, weights, key,
                                                params if plan.sparse_layers else None, plan=plan, sampling=GREEDY)
             tokens.block_until_ready()
             times.append(time.perf_counter() - t0)
-        timed = times[s.warmup:]
-        median = statistics.median(timed)
-        row.update(median_ms=1e3 * median, p10_ms=1e3 * float(np.percentile(timed, 10)),
-                   p90_ms=1e3 * float(np.percentile(timed, 90)), steps=len(timed), tokens_per_s=base["batch"] / median,
-                   seconds=time.perf_counter() - start)
-        self.record(row)
-        attention = row["attention"]
-        print(f"  {method:<22} budget {budget:>5}: step {row['median_ms']:8.2f} ms ({row['tokens_per_s']:8.1f} tok/s), "
-              f"attention {attention['median_us'] if attention else float('nan'):9.1f} us/layer, "
-              f"selection {row['selection_bytes'] if row['selection_bytes'] is not None else '-'} B/token",
-              flush=True)
-        return [c.base if isinstance(c, SelectorCache) else c for c in caches]
+        return times[self.s.warmup:], caches
 
     def time_attention(self, config, method, plan, caches, w, params, batch) -> dict | None:
         """Per-layer attention after the append (see the module docstring), over SWEEP_LAYERS layers."""
@@ -210,6 +233,48 @@ class SelectorSpeed:
                 return selector_attention(q, c, plan, p)
             sets = [(q, caches[i], params[i]) for q, i in zip(qs, layers)]
         return median_us(fn, sets, reps=5 if self.s.small else 25)
+
+
+def row_step_bytes(row: dict, settings: dict) -> int:
+    """Bytes one decode step of a method row reads (`step_bytes` in the module docstring), from the
+    row's model, context, batch, method and budget and the run's `settings` (rbit, dense_layers, small)."""
+    config = (SMALL_MODELS if settings.get("small") else FULL_MODELS)[row["model"]]
+    hata = HataConfig(rbit=settings["rbit"], budget=row["budget"])
+    return step_bytes(config, row["method"], row["batch"], row["context"], hata, 2,
+                      weight_read_bytes(config, weight_bytes(config, 2), 2), settings["dense_layers"],
+                      row["selection_bytes"])
+
+
+def speed_tables(document: dict) -> str:
+    """Markdown tables of a bench.selector_speed document, one per (model, context, batch, budget), in
+    its order: step median [p10, p90], tokens/s, speed against dense (the control beside the method where
+    the row has one, else the config's dense row), bytes a step reads (and their floor at the run's
+    bandwidth, where it was measured), attention per layer and selection bytes per token."""
+    groups: dict = {}
+    for r in document["rows"]:
+        if r["kind"] == "method":
+            groups.setdefault((r["model"], r["context"], r["batch"], r["budget"], r["fraction"]), []).append(r)
+    out = []
+    for (model, context, batch, budget, fraction), group in groups.items():
+        dense = next((r for r in group if r["method"] == "dense"), None)
+        out += [f"{model}, {context} tokens, batch {batch}, budget {budget} ({fraction})", "",
+                "| method | selection B / token | step ms [p10, p90] | tokens/s | vs dense | MB / step (floor ms) | "
+                "attention us / layer |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in group:
+            if "speed_vs_dense" in r:
+                ratio = f"{r['speed_vs_dense']:.2f}x (beside)"
+            elif dense is not None:
+                ratio = f"{dense['median_ms'] / r['median_ms']:.2f}x"
+            else:
+                ratio = "-"
+            attention = f"{r['attention']['median_us']:.1f}" if r.get("attention") else "-"
+            chosen = "-" if r["selection_bytes"] is None else f"{r['selection_bytes']:g}"
+            nbytes = r.get("step_bytes") or row_step_bytes(r, document["settings"])
+            floor = f" ({r['floor_ms']:.2f})" if "floor_ms" in r else ""
+            out.append(f"| {r['method']} | {chosen} | {r['median_ms']:.2f} [{r['p10_ms']:.2f}, {r['p90_ms']:.2f}] | "
+                       f"{r['tokens_per_s']:.1f} | {ratio} | {nbytes / 1e6:,.0f}{floor} | {attention} |")
+        out.append("")
+    return "\n".join(out)
 
 
 def parse_args(argv):
@@ -237,9 +302,20 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--table"]:
+        if len(argv) < 2:
+            raise SystemExit("--table needs one or more bench.selector_speed JSONs")
+        for path in argv[1:]:
+            document = json.loads(pathlib.Path(path).read_text())
+            print(f"### `{pathlib.Path(path).name}` ({document['environment'].get('device')}, commit "
+                  f"{document['environment'].get('commit')})\n")
+            print(speed_tables(document))
+        return 0
     args, settings = parse_args(argv)
     started = time.perf_counter()
-    bench = SelectorSpeed(settings, args.out, memory_limit_bytes(settings), started)
+    bandwidth = floor_bandwidth_gbps(1 << (20 if settings.small else 30))
+    bench = SelectorSpeed(settings, args.out, memory_limit_bytes(settings), started, bandwidth)
     print(bench.env, flush=True)
     bench.run()
     return 0

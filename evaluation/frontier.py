@@ -92,11 +92,13 @@ def frontier_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def frontier_plot(rows: list[dict], path: str | pathlib.Path, title: str, dense: dict | None = None) -> None:
+def frontier_plot(rows: list[dict], path: str | pathlib.Path, title: str,
+                  dense: dict[str, dict | None] | None = None) -> None:
     """Score against selection bytes per token (symlog axis: StreamingLLM reads 0), one panel per
-    budget fraction; front points filled and joined, the others hollow; dense's score as a line. When
-    rows carry `tokens_per_s`, a second row of panels puts the timed ones against tokens/s, with
-    dense ({"score", "tokens_per_s"}) as a star and `on_speed_front` joined."""
+    budget fraction; front points filled and joined, the others hollow. When rows carry `tokens_per_s`,
+    a second row of panels puts the timed ones against tokens/s, `on_speed_front` joined. `dense` maps
+    a fraction (e.g. "1/16") to dense's {"score", "tokens_per_s" (optional)} beside it: its score a line,
+    its tokens/s a star."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -120,10 +122,11 @@ def frontier_plot(rows: list[dict], path: str | pathlib.Path, title: str, dense:
                 if "ci95" in r:
                     ax.plot([r[x_key]] * 2, r["ci95"], color="0.7", lw=1, zorder=0)
                 ax.annotate(r["method"], (r[x_key], r["score"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
-            if dense is not None:
-                ax.axhline(dense["score"], color="0.5", ls="--", lw=1, label="dense")
-                if x_key == "tokens_per_s" and "tokens_per_s" in dense:
-                    ax.scatter(dense["tokens_per_s"], dense["score"], marker="*", s=120, color="0.3", zorder=3)
+            reference = (dense or {}).get(fraction)
+            if reference is not None:
+                ax.axhline(reference["score"], color="0.5", ls="--", lw=1, label="dense")
+                if x_key == "tokens_per_s" and "tokens_per_s" in reference:
+                    ax.scatter(reference["tokens_per_s"], reference["score"], marker="*", s=120, color="0.3", zorder=3)
                 ax.legend(loc="lower right", fontsize=8)
             if x_key == "selection_bytes":
                 ax.set_xscale("symlog", linthresh=4)

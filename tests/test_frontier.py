@@ -106,7 +106,7 @@ def test_frontier_table_and_plot(tmp_path):
     assert timed[0].endswith("| on the front | perplexity vs dense | tokens/s | on the speed front |")
     assert "| 128 (1/16) | hata | 20 | 53.2 [49.2, 57.2] | yes | +2.48% | 1234 | yes |" in timed
     assert "| 128 (1/16) | loki | 64 | 50.0 [46.0, 54.0] |  | - | - | |" in timed
-    for dense in (None, {"score": 55.4, "tokens_per_s": 2000.0}):
+    for dense in (None, {"1/16": {"score": 55.4, "tokens_per_s": 2000.0}, "1/32": {"score": 55.4}}):
         path = tmp_path / f"frontier_{dense is None}.png"
         frontier.frontier_plot(rows, path, "SmolLM2", dense=dense)
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

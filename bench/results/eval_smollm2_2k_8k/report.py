@@ -10,9 +10,10 @@ every score is the average over the seven tasks of the share of expected answers
 are paired: both ran on the same prompts (their digests are checked), and each resample draws
 the same prompts for both. With --cpu, the share of (prompt, method) units whose generated text
 is the same on both runs (same prompts, same settings except the implementation). With --speed
-(`bench.selector_speed` JSONs), the frontier rows whose plan is the one timed there (SmolLM2 shapes,
-batch 1, same method, budget and options) get its tokens/s, and a second front, score against tokens/s
-with dense competing, is marked and plotted. Frontier rows whose stage ran the perplexity part carry
+(`bench.selector_speed` JSONs; of a row timed in two, the first given wins), the frontier rows whose plan
+is the one timed there (SmolLM2 shapes, batch 1, same method, budget and options) get its tokens/s, and a
+second front, score against tokens/s with dense (as timed beside that budget) competing, is marked and
+plotted. Frontier rows whose stage ran the perplexity part carry
 its change against dense.
 """
 from __future__ import annotations
@@ -158,25 +159,31 @@ def frontier_rows(rows: list[dict], speed: dict | None = None, perplexity: list[
         if (method, budget, length) in timed and _timed_alike(config.plan(SMOLLM2.num_layers, method, budget), benched):
             point["tokens_per_s"] = timed[method, budget, length]
         points.append(point)
-    for length in sorted({p["length"] for p in points}):
-        frontier.mark_fronts([p for p in points if p["length"] == length], dense_point(rows, speed, length))
+    for length, budget in sorted({(p["length"], p["budget"]) for p in points}):
+        frontier.mark_fronts([p for p in points if (p["length"], p["budget"]) == (length, budget)],
+                             dense_point(rows, speed, length, budget))
     return points
 
 
-def dense_point(rows: list[dict], speed: dict | None, length: int) -> dict | None:
-    """Dense's task score at `length` and, where `speed` timed it at batch 1, its tokens/s (the median
-    over the budgets it was timed beside: dense does not depend on the budget)."""
+def dense_point(rows: list[dict], speed: dict | None, length: int, budget: int) -> dict | None:
+    """Dense's task score at `length` and, where `speed` timed it at batch 1 beside the methods of
+    `budget` (bench.selector_speed times dense once per budget, just before that budget's methods), its
+    tokens/s: the speed front compares methods with the dense of their own stretch of the run."""
     scores = [r["score"] for r in rows if r["length"] == length and r["budget"] is None]
     if not scores:
         return None
-    rates = [v for (method, _, n), v in _timed(speed).items() if method == "dense" and n == length]
-    return {"score": scores[0], **({"tokens_per_s": float(np.median(rates))} if rates else {})}
+    rate = _timed(speed).get(("dense", budget, length))
+    return {"score": scores[0], **({"tokens_per_s": rate} if rate is not None else {})}
 
 
 def _timed(speed: dict | None) -> dict:
-    """(method, budget, context) -> tokens/s of a bench.selector_speed document's SmolLM2 rows at batch 1."""
-    return {(r["method"], r["budget"], r["context"]): r["tokens_per_s"] for r in (speed or {}).get("rows", [])
-            if r["kind"] == "method" and r["model"] == "smollm2" and r["batch"] == 1}
+    """(method, budget, context) -> tokens/s of a bench.selector_speed document's SmolLM2 rows at batch 1;
+    of rows timed twice, the first (so the JSONs given first win)."""
+    timed: dict = {}
+    for r in (speed or {}).get("rows", []):
+        if r["kind"] == "method" and r["model"] == "smollm2" and r["batch"] == 1:
+            timed.setdefault((r["method"], r["budget"], r["context"]), r["tokens_per_s"])
+    return timed
 
 
 def perplexities(root: pathlib.Path) -> list[dict]:
@@ -303,9 +310,11 @@ def main() -> int:
     (args.root / "tables.md").write_text(tables(summary, agree))
     plot(summary, args.root / "scores.png")
     for length in sorted({r["length"] for r in summary["frontier"]}):
-        frontier.frontier_plot([r for r in summary["frontier"] if r["length"] == length],
-                               args.root / f"frontier_{length}.png", f"SmolLM2-135M-Instruct, {length} tokens",
-                               dense_point(summary["rows"], speed if args.speed else None, length))
+        points = [r for r in summary["frontier"] if r["length"] == length]
+        dense = {r["fraction"]: dense_point(summary["rows"], speed if args.speed else None, length, r["budget"])
+                 for r in points}
+        frontier.frontier_plot(points, args.root / f"frontier_{length}.png", f"SmolLM2-135M-Instruct, {length} tokens",
+                               dense)
     print(tables(summary, agree))
     return 0
 
