@@ -116,7 +116,8 @@ class SelectorSpeed:
     def record(self, row: dict) -> None:
         self.rows.append(row)
         write_json(self.out, {"environment": self.env, "settings": dataclasses.asdict(self.s),
-                              "bandwidth": self.bandwidth, "memory_limit_gb": self.memory_limit / GB, "rows": self.rows})
+                              "bandwidth": self.bandwidth, "memory_limit_gb": self.memory_limit / GB,
+                              "rows": self.rows})
 
     def skip(self, base: dict, reason: str) -> None:
         print(f"  skip {base}: {reason}", flush=True)
