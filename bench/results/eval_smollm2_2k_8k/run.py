@@ -110,6 +110,7 @@ def main() -> int:
                    help="the stages whose methods the perplexity stage scores (default: %(default)s)")
     p.add_argument("--lengths", nargs="+", type=int, default=list(BATCH), choices=list(BATCH))
     p.add_argument("--samples", type=int, default=SAMPLES, help="prompts per task (a prefix of the 50)")
+    p.add_argument("--batch", type=int, help="prompts per prefill (default: 10 at 2K and 4K, 5 at 8K)")
     p.add_argument("--deadline", type=float, help="stop starting units after this many seconds")
     args = p.parse_args()
     start = time.perf_counter()
@@ -148,7 +149,7 @@ def run(args, start: float) -> int:
             log(f"skip {stage} {length}: no --{option}")
             continue
         config = harness.EvalConfig(methods=methods, budgets=(length // fraction,), lengths=(length,),
-                                    samples=args.samples, batch=BATCH[length], impl=args.impl,
+                                    samples=args.samples, batch=args.batch or BATCH[length], impl=args.impl,
                                     metric_prompts=0, **extra)
         directory = pathlib.Path(args.root) / f"{stage}_{length}"
         log(f"{stage} {length} {parts[0]}: {', '.join(methods)} at budget {length // fraction} -> {directory}")
