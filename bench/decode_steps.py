@@ -21,6 +21,7 @@ from jax import lax
 import hata_jax as hj
 from bench.timing import compile_timed
 from hata_jax import HataCache, HataConfig
+from hata_jax.hashing import encode_step_for
 from hata_jax.models import AttentionPlan, LlamaForCausalLM, generation
 
 PRODUCT_METHODS = ("dense", "hata")  # run by the model's own decode step
@@ -75,9 +76,11 @@ def exact_topk_attention(q, cache: HataCache, budget: int, impl: str):
 
 
 def hata_attention(q, k_new, cache: HataCache, w, hata: HataConfig, impl: str):
-    """HATA's attention work of one layer on a full cache: hash q, score and select, attend."""
-    q_codes, _, _ = hj.encode_step(q, k_new, w, impl=impl)
-    idx, count = hj.hamming_topk(q_codes, cache.codes, cache.norms, cache.lengths, budget=hata.budget, impl=impl)
+    """HATA's attention work of one layer on a full cache: hash q (and k_new) for `hata.score`, score
+    and select (`hata`'s budget, sink and recent), attend."""
+    q_codes, q_scales, _, _ = encode_step_for(hata, q, k_new, w, impl=impl)
+    idx, count = hj.hamming_topk(q_codes, cache.codes, cache.norms, cache.lengths, budget=hata.budget,
+                                 score=hata.score, q_scales=q_scales, sink=hata.sink, recent=hata.recent, impl=impl)
     return hj.sparse_decode_attention(q, cache.k, cache.v, idx, count, impl=impl)
 
 

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import SESSION_SEED
 from flax import nnx
 
 import hata_jax as hj
@@ -246,3 +247,28 @@ def test_exact_step_and_loop_lower_for_cuda(rng, monkeypatch):
     loop = lower_for_cuda(lambda *a: decode_steps.run_steps(*a, step=step, n=3), steps.state_leaves, tokens, caches,
                           weights, key)
     assert "hata_hamming" in loop and "hata_sparse_decode" in loop and "stablehlo.while" in loop
+
+
+@pytest.mark.parametrize("score", ["key_norm", "asymmetric"])
+def test_hata_attention_follows_the_configs_score(score):
+    """bench's per-layer HATA work selects by the config's score (the step's), then attends."""
+    rng = np.random.default_rng([SESSION_SEED, 31])
+    b, hkv, g, s, d, rbit, budget = 2, 2, 3, 97, 32, 64, 12
+    w = jnp.asarray(rng.normal(size=(hkv, d, rbit)), jnp.float32)
+    cache = decode_steps.random_hata_cache(jax.random.PRNGKey(int(rng.integers(1 << 30))), w, s - 6,
+                                           shape=(b, hkv, s, d), dtype=jnp.float32)
+    q = jnp.asarray(rng.normal(size=(b, hkv * g, d)), jnp.float32)
+    k_new = jnp.asarray(rng.normal(size=(b, hkv, d)), jnp.float32)
+    config = HataConfig(rbit=rbit, budget=budget, score=score)
+    got = decode_steps.hata_attention(q, k_new, cache, w, config, "reference")
+    if score == "asymmetric":
+        q_codes, q_scales = hj.query_planes(q, w, impl="reference")
+    else:
+        q_codes, q_scales = hj.encode(q, w, head_axis=1, impl="reference"), None
+    scores = hj.hamming_scores(q_codes, cache.codes, cache.norms, cache.lengths, score=score, q_scales=q_scales,
+                               impl="reference")
+    keep = scores >= jax.lax.top_k(scores, budget)[0][..., -1:]  # random data: no ties at the k-th score
+    logits = jnp.einsum("bhgd,bhsd->bhgs", q.reshape(b, hkv, g, d), cache.k) / np.sqrt(d)
+    logits = jnp.where(keep[:, :, None], logits, -jnp.inf)
+    want = jnp.einsum("bhgs,bhsd->bhgd", jax.nn.softmax(logits, -1), cache.v).reshape(b, hkv * g, d)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
