@@ -5,6 +5,8 @@
 #      128K batch 1 and 32K batch 8, budget 1/16
 #   c: what a and b did not reach: the streaming selector's check, Llama 32K batch 8 for the last five methods,
 #      128K batch 1 for the last two, and SmolLM2 2K at 1/16 and 1/32 on the same card as a's 4K and 8K
+#   d (next): with the dense control beside every method (speed_vs_dense) and the step floors, SmolLM2 2K at both
+#      budgets (the accuracy frontier's), then Llama 128K batch 1 at 1/16 and 1/32 for the leading methods
 # Results come back under $OUT as JSON (written as they complete) and logs.
 set -u
 part=$1
@@ -41,6 +43,11 @@ case $part in
       --methods loki quest quest_authors simhash streaming
     speed llama_128k_b1_rest 90 --models llama --contexts 131072 --batches 1 --fractions 16 --methods simhash streaming
     speed smollm2_2k 170 --models smollm2 --contexts 2048 --batches 1 --fractions 16 32
+    ;;
+  d)
+    speed smollm2_2k_control 260 --models smollm2 --contexts 2048 --batches 1 --fractions 16 32
+    speed llama_128k_control 230 --models llama --contexts 131072 --batches 1 --fractions 16 32 \
+      --methods dense hata loki streaming quest
     ;;
 esac
 ls -la "$OUT"
