@@ -11,7 +11,8 @@ on [8, S] float32 scores and for the fused hamming_topk at batch 1, 8 KV heads (
 k = 2048 unless --small), next to lax.top_k, with per-launch device times.
 
 Shapes (unless --small): Llama-3.1-8B attention, 32 query heads, 8 KV heads, D=128, bf16,
-rbit 128, budget 2048. Every timing is a median (see bench.timing) taken in this process next to
+rbit 128, budget 2048. The HATA layer (`pallas hata attention`) runs HataConfig's default score, as the
+model's layers do (rows before 2026-12-07 ran the paper's key_norm score). Every timing is a median (see bench.timing) taken in this process next to
 its baseline; byte floors use the copy bandwidth measured in the same run.
 """
 
@@ -27,8 +28,10 @@ import numpy as np
 
 import hata_jax as hj
 from bench import check_kernels, kv_layouts
+from bench.decode_steps import hata_attention
 from bench.profile import device_kernel_us
 from bench.timing import environment, floor_bandwidth_gbps, median_us, write_json
+from hata_jax import HataCache, HataConfig
 from pallas_kernels import band_select, hamming_topk
 from pallas_kernels.backend import on_gpu
 
@@ -299,18 +302,17 @@ class Bench:
         k_new = self.normal((b, s.kv_heads, s.head_dim))
         item = jnp.dtype(s.dtype).itemsize
 
-        def hata_attention(q, impl):
-            q_codes, _, _ = hj.encode_step(q, k_new, w, impl=impl)
-            idx, count = hj.hamming_topk(q_codes, codes, norms, lengths, budget=s.budget, impl=impl)
-            return hj.sparse_decode_attention(q, k, v, idx, count, impl=impl)
-
+        config = HataConfig(rbit=s.rbit, budget=s.budget)  # the default score, as the model's layers run it
+        none = jnp.zeros((b,), bool)
+        cache = HataCache(k=k, v=v, codes=codes, norms=norms, lengths=lengths, starts=jnp.zeros((b,), jnp.int32),
+                          overflow=none, uncoded=none)
         sel_bytes = b * s.kv_heads * (n * (4 * words + 4) + s.budget * (2 * s.head_dim * item + 4))
         sets = [(q,) for q in qs]
         t = self.record(
             "hata",
             "pallas hata attention",
-            {**shape, "budget": s.budget},
-            self.timed(lambda q: hata_attention(q, "pallas"), sets),
+            {**shape, "budget": s.budget, "score": config.score},
+            self.timed(lambda q: hata_attention(q, k_new, cache, w, config, "pallas"), sets),
             sel_bytes,
         )
         best, t_dense, dense_device = self.best_dense[(b, n)]
