@@ -12,8 +12,9 @@ k = 2048 unless --small), next to lax.top_k, with per-launch device times.
 
 Shapes (unless --small): Llama-3.1-8B attention, 32 query heads, 8 KV heads, D=128, bf16,
 rbit 128, budget 2048. The HATA layer (`pallas hata attention`) runs HataConfig's default score, as the
-model's layers do (rows before 2026-12-07 ran the paper's key_norm score). Every timing is a median (see bench.timing) taken in this process next to
-its baseline; byte floors use the copy bandwidth measured in the same run.
+model's layers do (rows before 2026-12-07 ran the paper's key_norm score). Every timing is a median (see
+bench.timing) taken in this process next to its baseline; byte floors use the copy bandwidth measured in
+the same run.
 """
 
 from __future__ import annotations
