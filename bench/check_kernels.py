@@ -430,12 +430,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     n = 1 if args.small else 64  # scale of sequence lengths
     results: list = []
+    env = environment()
 
     def case(name, fn):
         if args.only is None or any(word in name for word in args.only):
             _case(results, name, fn)
             if args.out:
-                write_json(args.out, {"environment": environment(), "results": results})
+                write_json(args.out, {"environment": env, "results": results})
 
     bf16, f16, f32 = jnp.bfloat16, jnp.float16, jnp.float32
     for i, (b, hkv, g, s, d, rbit, dt) in enumerate(

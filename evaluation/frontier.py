@@ -52,7 +52,14 @@ def pareto_front(costs: list[float], scores: list[float]) -> list[bool]:
 def mark_fronts(points: list[dict], dense: dict | None = None) -> None:
     """Set each point's `on_front` (the Pareto front of selection bytes against score) and, for the
     points with a `tokens_per_s`, `on_speed_front` (tokens/s against score, `dense` ({"score",
-    "tokens_per_s"}) competing when given), within each group of equal `length` (if present) and `budget`."""
+    "tokens_per_s"}) competing when given), within each group of equal `length` (if present) and `budget`.
+    Raises ValueError for a point without "budget", "selection_bytes" or "score", or a `dense` without "score"."""
+    for i, p in enumerate(points):
+        missing = [key for key in ("budget", "selection_bytes", "score") if key not in p]
+        if missing:
+            raise ValueError(f"points[{i}] lacks {missing} (each point needs budget, selection_bytes and score)")
+    if dense is not None and "score" not in dense:
+        raise ValueError(f"dense must hold a 'score' (and optionally 'tokens_per_s'), got keys {sorted(dense)}")
     for key in dict.fromkeys((p.get("length"), p["budget"]) for p in points):
         group = [p for p in points if (p.get("length"), p["budget"]) == key]
         for p, on in zip(group, pareto_front([p["selection_bytes"] for p in group], [p["score"] for p in group])):

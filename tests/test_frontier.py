@@ -89,6 +89,10 @@ def test_mark_fronts_per_budget_and_speed_with_dense_competing():
     del rows[1]["tokens_per_s"]
     frontier.mark_fronts(rows, dense={"score": 55.4})  # an untimed dense does not compete
     assert "on_speed_front" not in rows[1] and rows[2]["on_speed_front"] and not rows[0]["on_speed_front"]
+    with pytest.raises(ValueError, match=r"points\[1\] lacks \['score'\]"):
+        frontier.mark_fronts([rows[0], {"budget": 128, "selection_bytes": 4}])
+    with pytest.raises(ValueError, match="dense must hold a 'score'"):
+        frontier.mark_fronts(rows, dense={"tokens_per_s": 1.0})
 
 
 def test_frontier_table_and_plot(tmp_path):

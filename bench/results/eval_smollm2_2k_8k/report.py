@@ -13,8 +13,7 @@ is the same on both runs (same prompts, same settings except the implementation)
 (`bench.selector_speed` JSONs; of a row timed in two, the first given wins), the frontier rows whose plan
 is the one timed there (SmolLM2 shapes, batch 1, same method, budget and options) get its tokens/s, and a
 second front, score against tokens/s with dense (as timed beside that budget) competing, is marked and
-plotted. Frontier rows whose stage ran the perplexity part carry
-its change against dense.
+plotted. Frontier rows whose stage ran the perplexity part carry its change against dense.
 """
 from __future__ import annotations
 
@@ -301,8 +300,10 @@ def main() -> int:
     p.add_argument("--speed", type=pathlib.Path, nargs="+",
                    help="bench.selector_speed JSONs (their rows merged): tokens/s in the frontier table and plot")
     args = p.parse_args()
-    speed = {"rows": [row for path in args.speed or [] for row in json.loads(path.read_text())["rows"]]}
-    summary = summarize(args.root, args.samples, speed if args.speed else None)
+    speed = None
+    if args.speed:
+        speed = {"rows": [row for path in args.speed for row in json.loads(path.read_text())["rows"]]}
+    summary = summarize(args.root, args.samples, speed)
     agree = agreement(args.root, args.cpu) if args.cpu else None
     if agree is not None:
         summary["gpu_vs_cpu"] = agree
@@ -311,8 +312,7 @@ def main() -> int:
     plot(summary, args.root / "scores.png")
     for length in sorted({r["length"] for r in summary["frontier"]}):
         points = [r for r in summary["frontier"] if r["length"] == length]
-        dense = {r["fraction"]: dense_point(summary["rows"], speed if args.speed else None, length, r["budget"])
-                 for r in points}
+        dense = {r["fraction"]: dense_point(summary["rows"], speed, length, r["budget"]) for r in points}
         frontier.frontier_plot(points, args.root / f"frontier_{length}.png", f"SmolLM2-135M-Instruct, {length} tokens",
                                dense)
     print(tables(summary, agree))

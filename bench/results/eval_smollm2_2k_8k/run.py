@@ -113,6 +113,8 @@ def main() -> int:
     p.add_argument("--batch", type=int, help="prompts per prefill (default: 10 at 2K and 4K, 5 at 8K)")
     p.add_argument("--deadline", type=float, help="stop starting units after this many seconds")
     args = p.parse_args()
+    if args.batch is not None and args.batch < 1:
+        p.error(f"--batch must be >= 1, got {args.batch}")
     start = time.perf_counter()
     if args.deadline:
         signal.signal(signal.SIGALRM, _stop)
