@@ -5,6 +5,13 @@ this module reports what the GPU itself spent in each kernel, so a slow op can b
 slow kernels versus launch overhead.
 
     python -m bench.profile --out $OUT/profile.json   # the HATA decode-attention ops at 128K
+    python -m bench.profile --layers --seq 131072 --budget 4096 --out $OUT/layers.json
+
+`--layers`: one Llama-3.1-8B layer's whole decode attention per method, as `bench.selector_speed`
+times it (`attention`): dense, hata (`encode_step` of the query and key for the config's score +
+`hamming_topk` + `sparse_decode_attention`), loki and streaming (the selector's scores in XLA +
+`select_topk` + `sparse_decode_attention`), with each op's wall time (`bench.timing.median_us`) beside
+its kernels' device times, so a layer's time splits into kernels and the gaps between them.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from bench.timing import environment, write_json
+from bench.timing import environment, median_us, write_json
 
 
 def device_kernel_us(fn: Callable[..., Any], args: tuple, *, calls: int = 5) -> dict:
@@ -51,6 +58,35 @@ def device_kernel_us(fn: Callable[..., Any], args: tuple, *, calls: int = 5) -> 
     return out
 
 
+def layer_ops(b: int, n: int, budget: int) -> dict:
+    """{name: (fn, args)}: one Llama-3.1-8B layer's decode attention (32 query heads, 8 KV heads, D = 128,
+    rbit 128) per method over a full random cache of `n` tokens per sequence, batch `b`."""
+    import hata_jax as hj
+    from bench.decode_steps import hata_attention, random_hata_cache
+    from bench.selector_speed import random_selector_params
+    from hata_jax.models.plan import AttentionPlan
+    from hata_jax.models.selector_cache import selector_attention, with_selector_states
+
+    hq, hkv, d, rbit = 32, 8, 128, 128
+    keys = jax.random.split(jax.random.PRNGKey(1), 6)
+    w = jax.random.normal(keys[0], (hkv, d, rbit), jnp.float32)
+    cache = random_hata_cache(keys[1], w, n, shape=(b, hkv, n, d), dtype=jnp.bfloat16)
+    q = jax.random.normal(keys[2], (b, hq, d), jnp.bfloat16)
+    k_new = jax.random.normal(keys[3], (b, hkv, d), jnp.bfloat16)
+    hata = hj.HataConfig(rbit=rbit, budget=budget)
+    ops = {
+        "dense_layer": (lambda q, c: hj.dense_decode_attention(q, c.k, c.v, c.lengths, impl="pallas"), (q, cache)),
+        "hata_layer": (lambda q, c: hata_attention(q, k_new, c, w, hata, "pallas"), (q, cache)),
+    }
+    for i, method in enumerate(("loki", "streaming")):
+        plan = AttentionPlan.for_method(1, method, hata, "pallas", dense_layers=0)
+        params = random_selector_params(plan, keys[4 + i], hq, hkv, d)
+        [selector_cache] = with_selector_states([cache], plan, [params])
+        ops[f"{method}_layer"] = (lambda q, c, plan=plan, params=params: selector_attention(q, c, plan, params),
+                                  (q, selector_cache))
+    return ops
+
+
 def main(argv=None) -> int:
     import hata_jax as hj
 
@@ -58,8 +94,20 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--seq", type=int, default=131072)
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--budget", type=int, default=2048)
+    parser.add_argument("--layers", action="store_true", help="whole layers per method (see the module docstring)")
     args = parser.parse_args(argv)
-    b, hq, hkv, d, rbit, budget, n = args.batch, 32, 8, 128, 128, 2048, args.seq
+    if args.layers:
+        results = {}
+        for name, (fn, fargs) in layer_ops(args.batch, args.seq, args.budget).items():
+            results[name] = {"wall": median_us(fn, [fargs]), "device_us": device_kernel_us(fn, fargs)}
+            kernels = {kk: round(vv, 1) for kk, vv in list(results[name]["device_us"].items())[:12]
+                       if isinstance(vv, float)}
+            print(f"{name:<16} wall {results[name]['wall']['median_us']:7.1f} us  device {kernels}", flush=True)
+        write_json(args.out, {"environment": environment(), "batch": args.batch, "seq": args.seq,
+                              "budget": args.budget, "layers": results})
+        return 0
+    b, hq, hkv, d, rbit, budget, n = args.batch, 32, 8, 128, 128, args.budget, args.seq
     keys = jax.random.split(jax.random.PRNGKey(0), 8)
     q = jax.random.normal(keys[0], (b, hq, d), jnp.bfloat16)
     k = jax.random.normal(keys[1], (b, hkv, n, d), jnp.bfloat16)
