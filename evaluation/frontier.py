@@ -99,6 +99,9 @@ def frontier_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+BYTE_TICKS = (0, 4, 8, 16, 32, 64, 128, 256)  # the plot's selection-bytes ticks
+
+
 def frontier_plot(rows: list[dict], path: str | pathlib.Path, title: str,
                   dense: dict[str, dict | None] | None = None) -> None:
     """Score against selection bytes per token (symlog axis: StreamingLLM reads 0), one panel per
@@ -110,6 +113,7 @@ def frontier_plot(rows: list[dict], path: str | pathlib.Path, title: str,
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fractions = list(dict.fromkeys(r["fraction"] for r in sorted(rows, key=lambda r: -r["budget"])))
     timed = any("tokens_per_s" in r for r in rows)
@@ -121,6 +125,13 @@ def frontier_plot(rows: list[dict], path: str | pathlib.Path, title: str,
     for row_axes, (x_key, front_key, x_label) in zip(axes, axis_specs):
         for ax, fraction in zip(row_axes, fractions):
             group = sorted((r for r in rows if r["fraction"] == fraction and x_key in r), key=lambda r: r[x_key])
+            ax.set_title(f"{title}, budget {fraction} of the context")
+            if not group:  # e.g. no tokens/s measured at this budget
+                ax.text(0.5, 0.5, f"{x_label.split(' (')[0]}: not measured at this budget", ha="center",
+                        va="center", transform=ax.transAxes)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                continue
             front = [r for r in group if r.get(front_key)]
             ax.plot([r[x_key] for r in front], [r["score"] for r in front], "-", color="C0", zorder=1)
             for r in group:
@@ -135,11 +146,14 @@ def frontier_plot(rows: list[dict], path: str | pathlib.Path, title: str,
                 if x_key == "tokens_per_s" and "tokens_per_s" in reference:
                     ax.scatter(reference["tokens_per_s"], reference["score"], marker="*", s=120, color="0.3", zorder=3)
                 ax.legend(loc="lower right", fontsize=8)
-            if x_key == "selection_bytes":
+            if x_key == "selection_bytes":  # symlog (0 is a cost) with the byte counts as plain ticks
                 ax.set_xscale("symlog", linthresh=4)
+                ticks = [t for t in BYTE_TICKS if t <= 2 * group[-1][x_key]]
+                ax.set_xlim(-0.5, 1.3 * group[-1][x_key])
+                ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+                ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
             ax.set_xlabel(x_label)
             ax.set_ylabel("task average (%)")
-            ax.set_title(f"{title}, budget {fraction} of the context")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
