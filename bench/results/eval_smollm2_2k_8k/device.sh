@@ -2,7 +2,8 @@
 # One device call of the issue-17 evaluation (run.py), on a machine warm from the calls before it.
 # The 98 MB GGUF exceeds one call's 64 MiB, so it travels in two parts (ignored folder .evalcarry):
 #   call 1: carry .evalcarry/a (gguf.part1) and .whl (the gguf wheel):  bash device.sh setup
-#   call 2: carry .evalcarry/b (gguf.part2, the held-out stdlib as tar.gz, the eta projections if any):
+#   call 2: carry .evalcarry/b (gguf.part2, the held-out stdlib as tar.gz, the eta projections if any) and
+#           .evalcarry/state (loki/<fingerprint>.npz: the Loki calibration from ~/.cache/hata-jax/loki, for loki stages):
 #           bash device.sh run SECONDS [check] -- STAGES...
 #   call 3: carry .evalcarry/c (the hashattention run, the rbit-256 projections; final steps only), then the same.
 # .evalcarry/state/*.tar.gz (an earlier call's results.tar.gz) is unpacked first when present,
@@ -13,6 +14,8 @@ cache=/tmp/hcache; root=/tmp/eval17
 mkdir -p "$cache" "$root"
 nvidia-smi --query-gpu=name --format=csv,noheader
 for part in .evalcarry/*/gguf.part*; do [ -f "$part" ] && cp "$part" "$cache/"; done
+# the Loki calibration ($HATA_JAX_CACHE/loki/<model fingerprint>.npz; the device has no stdlib corpus to calibrate on)
+for bases in .evalcarry/*/loki/*.npz; do [ -f "$bases" ] && mkdir -p "$cache/loki" && cp "$bases" "$cache/loki/"; done
 [ -d /tmp/site/gguf ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
 ls -la "$cache"
 [ "$1" = setup ] && exit 0

@@ -5,8 +5,11 @@
 #      128K batch 1 and 32K batch 8, budget 1/16
 #   c: what a and b did not reach: the streaming selector's check, Llama 32K batch 8 for the last five methods,
 #      128K batch 1 for the last two, and SmolLM2 2K at 1/16 and 1/32 on the same card as a's 4K and 8K
-#   d (next): with the dense control beside every method (speed_vs_dense) and the step floors, SmolLM2 2K at both
+#   d: with the dense control beside every method (speed_vs_dense) and the step floors, SmolLM2 2K at both
 #      budgets (the accuracy frontier's), then Llama 128K batch 1 at 1/16 and 1/32 for the leading methods
+#      (ran on an H100 2026-12-07; 2K 1/32 reached dense, hata and exact only)
+#   e, f (next): SmolLM2 4K, then 8K, at both budgets with the dense control (the 50-prompt frontier's lengths);
+#   g: SmolLM2 2K at 1/32 for the methods d did not reach
 # Results come back under $OUT as JSON (written as they complete) and logs.
 set -u
 part=$1
@@ -48,6 +51,16 @@ case $part in
     speed smollm2_2k_control 260 --models smollm2 --contexts 2048 --batches 1 --fractions 16 32
     speed llama_128k_control 230 --models llama --contexts 131072 --batches 1 --fractions 16 32 \
       --methods dense hata loki streaming quest
+    ;;
+  e)
+    speed smollm2_4k_control 480 --models smollm2 --contexts 4096 --batches 1 --fractions 16 32
+    ;;
+  f)
+    speed smollm2_8k_control 480 --models smollm2 --contexts 8192 --batches 1 --fractions 16 32
+    ;;
+  g)
+    speed smollm2_2k_b32_control 400 --models smollm2 --contexts 2048 --batches 1 --fractions 32 \
+      --methods dense hashattention hashattention_authors hata_rerank loki quest quest_authors simhash streaming
     ;;
 esac
 ls -la "$OUT"
