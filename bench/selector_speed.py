@@ -16,7 +16,7 @@ layers 0-1 dense, rbit 128, HATA's default score):
 - `attention`: one layer's work after the token's append, median over distinct layers' caches
   (`bench.timing.median_us`): dense `dense_decode_attention`; hata `encode_step` of the query +
   `hamming_topk` + `sparse_decode_attention`; a selector `select_indices` (its scores in XLA, then
-  the selection kernel) + `sparse_decode_attention`
+  the selection kernel; StreamingLLM's positions without either) + `sparse_decode_attention`
   (:func:`hata_jax.models.selector_cache.selector_attention`).
 - `selection_bytes`: what choosing reads per cached token and KV head
   (:func:`hata_jax.evaluation.frontier.selection_bytes_per_token`).

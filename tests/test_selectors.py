@@ -296,6 +296,29 @@ def test_streaming_keeps_sink_and_recent(rng):
                 assert set(np.flatnonzero(mask[b, h, t]).tolist()) == want
 
 
+@pytest.mark.parametrize("selector_sink", [0, 1, 4, 9])
+def test_streaming_selection_is_the_ranking_of_its_scores(rng, selector_sink):
+    """StreamingLLM's decode selection is built from the lengths alone; it must equal select_topk over its
+    scores (the same set in the first `count` slots, UNUSED after them) for every length, budget and forced
+    sink/recent."""
+    selector = sel.StreamingSelector(sink=selector_sink)
+    batch, kv_heads, capacity = 5, 2, 23
+    k = jnp.asarray(rng.standard_normal((batch, kv_heads, capacity, 8)), jnp.float32)
+    q = jnp.asarray(rng.standard_normal((batch, 2 * kv_heads, 8)), jnp.float32)
+    for budget, sink, recent in [(1, 0, 0), (3, 0, 2), (6, 2, 1), (8, 0, 0), (8, 5, 3), (23, 1, 4), (12, 0, 12)]:
+        lengths = jnp.asarray(rng.choice(np.arange(capacity + 1), batch, replace=False), jnp.int32)
+        idx, count = sel.select_indices(selector, None, None, q, k, lengths, budget=budget, sink=sink, recent=recent)
+        scores = selector.token_scores(None, None, q[:, None], k, (lengths - 1)[:, None])[:, :, 0]
+        want_idx, want_count = hj.select_topk(scores, budget, lengths, sink=sink, recent=recent, impl="reference")
+        assert idx.dtype == want_idx.dtype and count.dtype == want_count.dtype
+        np.testing.assert_array_equal(np.asarray(count), np.asarray(want_count), err_msg=f"{budget, sink, recent}")
+        idx, want_idx = np.asarray(idx), np.asarray(want_idx)
+        np.testing.assert_array_equal(np.sort(idx, axis=-1), np.sort(want_idx, axis=-1),
+                                      err_msg=f"{budget, sink, recent}")
+        slots = np.arange(budget)[None, None, :]
+        assert np.all((idx >= 0) == (slots < np.asarray(count)[..., None])), "UNUSED exactly after the count"
+
+
 def numpy_selection(scores, visible: int, budget: int) -> set[int]:
     """The `budget` best of positions [0, visible) by float64 score, ties to the earlier position."""
     order = sorted(range(visible), key=lambda t: (-scores[t], t))

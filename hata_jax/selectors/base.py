@@ -167,6 +167,14 @@ class Selector(abc.ABC):
         check_positions(q_positions, (b, t), "q_positions", "[batch, queries]")
         self.check_params(params, k.shape[1], d, hq)
 
+    def _select(self, params, state, q, k, lengths, *, budget: int, sink: int, recent: int, impl: str):
+        """:func:`select_indices` after its checks (lengths int32): rank :meth:`selection_scores` with
+        :func:`hata_jax.select_topk`. A selector whose choice depends on the positions only may build
+        the same (idx, count) without scores."""
+        q_positions = (lengths - 1)[:, None]
+        scores = self.selection_scores(params, state, q[:, None], k, q_positions, budget=budget)[:, :, 0]
+        return select_topk(scores, budget, lengths, sink=sink, recent=recent, impl=impl)
+
     @abc.abstractmethod
     def _init_state(self, params, k, lengths): ...
 
@@ -219,9 +227,9 @@ def select_indices(selector: Selector, params, state, q, k, lengths, *, budget: 
     b, _, s, _ = check_keys(k)
     checks.check_lengths(lengths, b, s)
     check_selection_args(budget, s, sink, recent)
-    q_positions = (lengths.astype(jnp.int32) - 1)[:, None]
-    scores = selector.selection_scores(params, state, q[:, None], k, q_positions, budget=int(budget))[:, :, 0]
-    return select_topk(scores, int(budget), lengths, sink=sink, recent=recent, impl=impl)
+    selector.check_score_inputs(params, q[:, None], k, jnp.zeros((b, 1), jnp.int32))
+    return selector._select(params, state, q, k, lengths.astype(jnp.int32), budget=int(budget), sink=sink,
+                            recent=recent, impl=impl)
 
 
 def query_chunk(batch: int, q_heads: int, queries: int, keys: int) -> int:

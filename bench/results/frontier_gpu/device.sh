@@ -8,7 +8,8 @@
 #   d: with the dense control beside every method (speed_vs_dense) and the step floors, SmolLM2 2K at both
 #      budgets (the accuracy frontier's), then Llama 128K batch 1 at 1/16 and 1/32 for the leading methods
 #      (ran on an H100 2026-12-07; 2K 1/32 reached dense, hata and exact only)
-#   e, f (next): SmolLM2 4K, then 8K, at both budgets with the dense control (the 50-prompt frontier's lengths);
+#   e, f (next): SmolLM2 4K, then 8K, at both budgets with the dense control, for the methods of the 50-prompt
+#      GPU evaluation (~20 s per method and budget with its control);
 #   g: SmolLM2 2K at 1/32 for the methods d did not reach
 # Results come back under $OUT as JSON (written as they complete) and logs.
 set -u
@@ -53,10 +54,12 @@ case $part in
       --methods dense hata loki streaming quest
     ;;
   e)
-    speed smollm2_4k_control 480 --models smollm2 --contexts 4096 --batches 1 --fractions 16 32
+    speed smollm2_4k_control 480 --models smollm2 --contexts 4096 --batches 1 --fractions 16 32 \
+      --methods dense hata exact hata_rerank loki quest_authors streaming
     ;;
   f)
-    speed smollm2_8k_control 480 --models smollm2 --contexts 8192 --batches 1 --fractions 16 32
+    speed smollm2_8k_control 480 --models smollm2 --contexts 8192 --batches 1 --fractions 16 32 \
+      --methods dense hata exact hata_rerank loki quest_authors streaming
     ;;
   g)
     speed smollm2_2k_b32_control 400 --models smollm2 --contexts 2048 --batches 1 --fractions 32 \
