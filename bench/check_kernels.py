@@ -30,6 +30,18 @@ from hata_jax.models.plan import METHODS, AttentionPlan
 from hata_jax.models.selector_cache import SelectorCache, selector_attention
 from hata_jax.selection import exact_slots
 from hata_jax.selectors import select_indices
+from pallas_kernels import band_select, hamming_topk
+
+# BandConfig variants of the band select, checked by `check_select_variants` and timed by
+# `bench.kernels --select-variants`: the default; a 1024-position sample (4x launch A's pairwise
+# ranking; r = 16 sample ranks for k at the Llama shape, a band miss ~exp(-16)); tight limits (a
+# quarter chunk of band slots, a 256-key bucket ranked 16 keys per program), under which crowded
+# or heavily tied rows take the radix fallback and a bucket's ranking takes more rounds.
+SELECT_VARIANTS = {
+    "default": band_select.BandConfig(),
+    "sample 1024": band_select.BandConfig(sample=1024),
+    "tight": band_select.BandConfig(slots_divisor=4, bucket_cap=256, rank_slice=16),
+}
 
 
 def _rng_arrays(seed: int):
@@ -193,13 +205,11 @@ def check_select_adversarial(seed, rows, s, budget):
     return {"problems": problems}
 
 
-def check_select_designs(seed, rows, s, budget, sink=4, recent=16):
-    """Each band-select design (parallel, serial) against the exact answer, slot for slot, on
+def check_select_variants(seed, rows, s, budget, sink=4, recent=16):
+    """Each band-select variant (`SELECT_VARIANTS`) against the exact answer, slot for slot, on
     random and adversarial scores (ties, all equal, outliers, near-equal, sorted, one row with
     a band-dense stretch that overflows its chunks' slots: the radix fallback), ragged
     lengths, sink and recent; then the fused hamming_topk on random codes."""
-    from pallas_kernels import band_select, hamming_topk
-
     rng, _ = _rng_arrays(seed)
     interpret = jax.default_backend() != "gpu"
     lengths = rng.integers(budget // 2, s + 1, rows).astype(np.int32)
@@ -220,9 +230,8 @@ def check_select_designs(seed, rows, s, budget, sink=4, recent=16):
         "sorted": np.broadcast_to(np.arange(s, dtype=np.float32), shape).copy(),
         "dense stretch": dense_stretch,
     }
-    designs = {"parallel": band_select.BandConfig(), "serial": band_select.SERIAL}
     problems, paths = [], {}
-    for design, config in designs.items():
+    for variant, config in SELECT_VARIANTS.items():
         select = jax.jit(
             lambda x, n, config=config: band_select.select_topk_with_path(
                 x, budget, n, sink=sink, recent=recent, config=config, interpret=interpret
@@ -231,10 +240,10 @@ def check_select_designs(seed, rows, s, budget, sink=4, recent=16):
         for kind, scores in cases.items():
             poison_device_memory()
             idx, count, path = select(jnp.asarray(scores), jnp.asarray(lengths))
-            paths[f"{design} {kind}"] = np.unique(np.asarray(path)).tolist()
+            paths[f"{variant} {kind}"] = np.unique(np.asarray(path)).tolist()
             bad = np.asarray(idx) != exact_slots(scores, lengths, budget, sink, recent)
             if bad.any() or not np.array_equal(np.asarray(count)[:, 0], np.minimum(lengths, budget)):
-                problems.append(f"select_topk {design} {kind}: {int(bad.sum())} slots differ from the exact answer")
+                problems.append(f"select_topk {variant} {kind}: {int(bad.sum())} slots differ from the exact answer")
     words, group = 4, 4
     q = jnp.asarray(rng.integers(0, 2**32, (1, 8 * group, words), dtype=np.uint64).astype(np.uint32))
     k = jnp.asarray(rng.integers(0, 2**32, (1, 8, s, words), dtype=np.uint64).astype(np.uint32))
@@ -248,17 +257,17 @@ def check_select_designs(seed, rows, s, budget, sink=4, recent=16):
             sink,
             recent,
         )
-        for design, config in designs.items():
+        for variant, config in SELECT_VARIANTS.items():
             poison_device_memory()
             idx, _, path = jax.jit(
                 lambda *a, config=config, score=score: hamming_topk.hamming_topk_with_path(
                     *a, budget=budget, score=score, sink=sink, recent=recent, config=config, interpret=interpret
                 )
             )(q, k, norms, code_lengths)
-            paths[f"{design} hamming_topk {score}"] = np.unique(np.asarray(path)).tolist()
+            paths[f"{variant} hamming_topk {score}"] = np.unique(np.asarray(path)).tolist()
             bad = np.asarray(idx) != want
             if bad.any():
-                problems.append(f"hamming_topk {design} {score}: {int(bad.sum())} slots differ from the exact answer")
+                problems.append(f"hamming_topk {variant} {score}: {int(bad.sum())} slots differ from the exact answer")
     return {"problems": problems, "paths": paths}
 
 
@@ -469,8 +478,8 @@ def main(argv=None) -> int:
         lambda: check_select_adversarial(7, 8, 2048 * n, 32 * n),
     )
     case(
-        f"select designs rows=8 s={2048 * n} budget={32 * n} sink=4 recent=16 (exact slots)",
-        lambda: check_select_designs(8, 8, 2048 * n, 32 * n),
+        f"select variants rows=8 s={2048 * n} budget={32 * n} sink=4 recent=16 (exact slots)",
+        lambda: check_select_variants(8, 8, 2048 * n, 32 * n),
     )
     for i, (b, hkv, g, s, d, budget, dt) in enumerate(
         [

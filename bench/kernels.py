@@ -6,9 +6,9 @@
 `--only storages` times dense, sparse and HATA attention over each caller storage of K/V
 (bench.kv_layouts: both layouts, pages, int8 / fp8) next to the head-major cache.
 
-`--select-variants` times each design of the band select (`BandConfig.design`) for select_topk
-on [8, S] float32 scores and for the fused hamming_topk at batch 1, 8 KV heads (S = 131072,
-k = 2048 unless --small), next to lax.top_k, with per-launch device times.
+`--select-variants` times each BandConfig variant of the band select (`check_kernels.SELECT_VARIANTS`)
+for select_topk on [8, S] float32 scores and for the fused hamming_topk at batch 1, 8 KV heads
+(S = 131072, k = 2048 unless --small), next to lax.top_k, with per-launch device times.
 
 Shapes (unless --small): Llama-3.1-8B attention, 32 query heads, 8 KV heads, D=128, bf16,
 rbit 128, budget 2048. The HATA layer (`pallas hata attention`) runs HataConfig's default score, as the
@@ -122,7 +122,7 @@ class Bench:
         self.rows[-1]["speedup_vs_top_k"] = t_topk / t_ours
 
     def select_variants(self):
-        """select_topk and hamming_topk in each band-select design, on the same inputs."""
+        """select_topk and hamming_topk in each band-select variant, on the same inputs."""
         s = self.s
         rows, n, g, words = s.kv_heads, s.long, s.q_heads // s.kv_heads, s.rbit // 32
         lengths = jnp.array([n], jnp.int32)
@@ -144,7 +144,7 @@ class Bench:
         t_topk = self.record(
             "select_variants", "lax.top_k", select_shape, self.timed(lambda x: jax.lax.top_k(x, s.budget), score_sets)
         )
-        for design, config in (("parallel", band_select.BandConfig()), ("serial", band_select.SERIAL)):
+        for variant, config in check_kernels.SELECT_VARIANTS.items():
 
             def select(x, config=config):
                 return band_select.select_topk_with_path(x, s.budget, lengths, config=config, interpret=interpret)
@@ -156,13 +156,13 @@ class Bench:
 
             paths = np.unique(np.asarray(jax.jit(select)(*score_sets[0])[2])).tolist()
             t = self.record(
-                "select_variants", f"select_topk {design}", select_shape, self.timed(select, score_sets), paths=paths
+                "select_variants", f"select_topk {variant}", select_shape, self.timed(select, score_sets), paths=paths
             )
             self.rows[-1]["speedup_vs_top_k"] = t_topk / t
             paths = np.unique(np.asarray(jax.jit(topk)(*code_sets[0])[2])).tolist()
             self.record(
                 "select_variants",
-                f"hamming_topk {design}",
+                f"hamming_topk {variant}",
                 topk_shape,
                 self.timed(topk, code_sets),
                 code_bytes,
@@ -446,7 +446,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--batches", type=int, nargs="*", default=None, help="attention batches (default 1 8)")
     parser.add_argument(
-        "--select-variants", action="store_true", help="time each band-select design (alone, or added to --only)"
+        "--select-variants", action="store_true", help="time each band-select variant (alone, or added to --only)"
     )
     parser.add_argument("--storage-shapes", nargs="*", default=[], metavar="BATCH:CONTEXT",
                         help="(batch, context) pairs of --only storages (default 1:131072 8:32768)")

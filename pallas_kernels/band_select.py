@@ -1,35 +1,30 @@
 """Exact top-`budget` selection: a sample-band fast path with the radix select as fallback.
 
 The pipeline behind :func:`select_topk` (scores given) and :func:`pallas_kernels.hamming_topk.
-hamming_topk` (scores computed from the codes in launches A and B), in two designs
-(`BandConfig.design`): **parallel** (the default, :class:`BandConfig`) and **serial**
-(:data:`SERIAL`). Per row `(b, h)` with `L = lengths[b]` valid
-positions and `k = min(L, budget)`; keys are `radix_select.order_keys` (forced sink/recent
-positions INT32_MAX, NaN INT32_MIN). Seven launches, static shapes, no sort, no atomics, no host
-sync; every design and path gives the same deterministic answer (all keys above the threshold
-key, then keys equal to it lowest position first; slots in ascending position).
+hamming_topk` (scores computed from the codes in launches A and B). Per row `(b, h)` with
+`L = lengths[b]` valid positions and `k = min(L, budget)`; keys are `radix_select.order_keys`
+(forced sink/recent positions INT32_MAX, NaN INT32_MIN). Seven launches, static shapes, no sort,
+no atomics, no host sync; every path gives the same deterministic answer (all keys above the
+threshold key, then keys equal to it lowest position first; slots in ascending position). An
+earlier serial design (one program per row searching for the threshold) took 60.0 us where this
+one takes 28.3 us on the H100 (`select_topk`, [8, 131072] float32, k = 2048: BENCHMARKS.md).
 
 A. **sample** (`*_sample`, grid `(B, Hkv, sample / sample_slice)`): the row's sample is
    `n_s = min(L, sample)` positions, one per stratum of `L / n_s` positions at an offset hashed
-   from `(j, row)` (periodic structure cannot alias). Each program finds, for its slice of the
-   sample, how many sample keys are `>` and `>=` each of its keys: exact ranks, ties included.
-   With `r = budget n_s / L`, the programs holding the sample's `r_hi = max(1, floor(r - 5
-   sqrt(r) - 4))`-th, `r_top`-th and `r_lo = ceil(r + 5 sqrt(r) + 4)`-th largest keys write
-   them as `t_hi`, `t_top`, `t_lo` (equal keys write equal values), so the k-th largest key
-   lies in `[t_lo, t_hi]` unless the sample is a >5-sigma outlier, or, when `r_hi` is clipped
-   to 1 (small r), unless no sample key lies above it (`~exp(-r)`: see the tunables below);
-   `t_lo = INT32_MIN` when `r_lo > n_s`.
+   from `(j, row)` (periodic structure cannot alias). Each program computes the row's sample
+   keys once as one vector (strata in float32, no division), stores them (every program of the
+   row stores the same values), and after a barrier loads its slice and the keys it compares
+   with: for each key of its slice, how many sample keys are `>` and `>=` it (exact ranks, ties
+   included; the compare adds both counts, packed in one int32, to a `[slice, step]` tile and
+   reduces once after the loop). With `r = budget n_s / L`, the programs holding the sample's
+   `r_hi = max(1, floor(r - 5 sqrt(r) - 4))`-th, `r_top`-th and `r_lo = ceil(r + 5 sqrt(r) +
+   4)`-th largest keys write them as `t_hi`, `t_top`, `t_lo` (equal keys write equal values), so
+   the k-th largest key lies in `[t_lo, t_hi]` unless the sample is a >5-sigma outlier, or, when
+   `r_hi` is clipped to 1 (small r), unless no sample key lies above it (`~exp(-r)`: see the
+   tunables below); `t_lo = INT32_MIN` when `r_lo > n_s`. `r_top` counts from below the sample's
+   forced keys (`r_top = max(r_hi, forced + top_rank)`; top_rank 1: the largest unforced sample
+   key), so sink/recent positions do not stretch the band digits up to INT32_MAX.
    `L <= budget` gives `t_lo = t_hi = INT32_MIN`: the band is the NaN keys, the row is taken whole.
-   - serial: `r_top = max(r_hi, 3)`; every program recomputes every sample key (integer
-     divisions for the strata) at each loop step, and the compare reduces across threads at
-     every step.
-   - parallel: each program computes the row's sample keys once as one vector (strata in
-     float32, no division), stores them (every program of the row stores the same values),
-     and after a barrier loads its slice and the keys it compares with; the compare adds both
-     counts, packed in one int32, to a `[slice, step]` tile and reduces once after the loop.
-     `r_top` counts from below the sample's forced keys (`r_top = max(r_hi, forced + 1)`: the
-     largest unforced sample key), so sink/recent positions do not stretch the band digits up
-     to INT32_MAX.
 B. **band pass** (`*_band`, grid `(B, Hkv, chunks)`, fused with scoring for `hamming_topk`,
    which also writes the scores for the later launches): per chunk `n_above` (keys `> t_hi`,
    only counted: clusters of high scores overflow nothing) and the band keys (`t_lo <= key <=
@@ -38,25 +33,20 @@ B. **band pass** (`*_band`, grid `(B, Hkv, chunks)`, fused with scoring for `ham
    digit over those slots (the radix select's one-hot MMA), stored as suffix counts (coarse and
    fine). The band digit is `(key - t_lo) >> shift`, with `shift` making `[t_lo, t_top]` span 8
    bits, and 255 above `t_top`.
-C. **decide** (`hata_select_decide`, grid `(B, Hkv, chunks)`): the fast path holds iff
-   `n_above <= k <= n_above + n_band` and (no chunk overflowed or `t_lo == t_hi`); the band
-   digit holding the `(k - n_above)`-th largest band key is the threshold bucket. Rows not on
-   the fast path run radix pass 0 in every program.
-   - serial: the chunk-0 program of a row finds the exact threshold alone: from the whole
-     row's suffix counts, then one scan of every chunk's slots copying the bucket's keys to a
-     dense list, then a 16-way search in registers (`probe_search`), or by counting scans of
-     the slots for a bucket of more than `dense` keys (see `band_threshold`).
-   - parallel: every program computes the row's plan from the counts alone (`row_plan`: the
-     bucket from the coarse suffix counts and one row of the fine ones, the same in every
-     program), writes its own chunk's counts, and on PATH_RANKED copies its own chunk's bucket
-     keys (one scan of its slots) into the row's bucket list after those of the chunks before
-     it. The threshold is settled here when no ranking is needed (PATH_NO_BAND_KEY,
-     PATH_ONE_KEY_BAND, PATH_ONE_KEY_BUCKET); a bucket of more than `bucket_cap` keys of more
-     than one value goes to the radix fallback.
+C. **decide** (`hata_select_decide`, grid `(B, Hkv, chunks)`): every program computes the
+   row's plan from the counts alone (`row_plan`: the threshold bucket, the band digit holding
+   the `(k - n_above)`-th largest band key, from the coarse suffix counts and one row of the
+   fine ones, the same in every program). The fast path holds iff `n_above <= k <= n_above +
+   n_band`, no chunk overflowed (or `t_lo == t_hi`), and the threshold is settled here
+   (PATH_NO_BAND_KEY, PATH_ONE_KEY_BAND, PATH_ONE_KEY_BUCKET: the bucket is one key value) or
+   the bucket holds at most `bucket_cap` keys (PATH_RANKED): then each program copies its own
+   chunk's bucket keys (one scan of its slots) into the row's bucket list after those of the
+   chunks before it. Each program writes its own chunk's counts; rows not on the fast path run
+   radix pass 0 in every program.
 D. **fallback passes 1..3** (`hata_select_pass{1,2,3}`): return at once on fast rows, except
-   (parallel) pass 1 on PATH_RANKED rows: program c ranks bucket keys `[j rank_slice, (j+1)
-   rank_slice)` for `j = c, c + chunks, ...` against the whole list (pairwise, as in A) and the
-   program holding the threshold's rank writes it.
+   pass 1 on PATH_RANKED rows: program c ranks bucket keys `[j rank_slice, (j+1) rank_slice)`
+   for `j = c, c + chunks, ...` against the whole list (pairwise, as in A) and the program
+   holding the threshold's rank writes it.
 E. **compaction** (`hata_select_compact`): both paths; writes the index buffer. On PATH_RANKED
    each program splits its chunk's bucket count (and those of the chunks before it) into keys
    above and equal to the threshold from the bucket list (`ranked_plan`).
@@ -64,7 +54,7 @@ E. **compaction** (`hata_select_compact`): both paths; writes the index buffer. 
 `select_topk_with_path` / `hamming_topk_with_path` also return how each row was selected
 (`PATH_*`).
 
-Tunables (parallel design):
+Tunables (:class:`BandConfig`):
 - `sample = 512`: pairwise ranks cost `n_s**2` pairs per row (262K, a quarter of 1024's);
   r = 8 sample ranks for k at the Llama shape, so the band spans sample ranks 1..27 (~6.9K
   keys, ~108 per chunk against 1024 slots). `r - 5 sqrt(r) - 4 < 1` there, so t_hi is the
@@ -74,23 +64,28 @@ Tunables (parallel design):
 - `sample_slice = 32`, `sample_step = 128`, `sample_warps = 4`: 16 programs per row (128 in
   all, one per SM), a `[32, 128]` tile (32 accumulators per thread, 110 registers); `[64,
   256]` with 8 warps needed 184 registers and 2x the loop body.
+- `sigmas = 5`, `slack = 4`: the band spans r -+ (5 sqrt(r) + 4) sample ranks.
+- `top_rank = 1`: t_top is the largest unforced sample key, so the threshold lands in the
+  lumped digit 255 only on a band miss. With 3 it landed there whenever the sample held fewer
+  than 3 keys above the k-th (`P(Poisson(8) <= 2)` = 1.4% of rows at r = 8), and that bucket
+  (keys between the 3rd and 1st sample keys, up to ~3K) overflowed `bucket_cap` in ~0.6% of
+  rows (simulated), sending them to the fallback.
+- `slots_divisor = 2`: half a chunk of band slots (1024 per 2048-chunk); keys above the band
+  are only counted. Real scores cluster: on SmolLM2's (8K, budget 1/64,
+  `bench/results/issue13_real_scores/`) the recent tokens fill most of the last chunk's band,
+  and a quarter chunk of slots sent 66 of 120 rows (512-position chunks) to the fallback, half
+  a chunk 1 (same registers: ptxas counts on the CPU).
+- `list_block = 128` band keys per histogram MMA step (one step per chunk at the Llama shape).
+- `decide_warps = 4`: the decision holds `[chunks, 16]` tiles and 1024 slots; the radix pass 0
+  it also holds fixes the register count (116).
 - `bucket_cap = 2048`: an 8 KiB bucket list per row; ranking costs `found**2` pairs spread over
   the row's programs (~1M pairs for the ~1000-key buckets of integer "hamming" scores, 32K
   per program). A larger bucket of more than one value (heavy ties: e.g. few distinct scores
   over a long row) takes the radix fallback.
 - `rank_slice = 32`, `rank_step = 128`: the pass-1 ranking tile `[32, 128]` keeps that launch
   at the refine pass's 128 registers (`[32, 256]` needed 168).
-- `decide_warps = 4`: the decision holds `[chunks, 16]` tiles and 1024 slots; the radix pass 0
-  it also holds fixes the register count (116).
-- `top_rank = 1`: t_top is the largest unforced sample key, so the threshold lands in the
-  lumped digit 255 only on a band miss. With the serial design's 3 it landed there whenever
-  the sample held fewer than 3 keys above the k-th (`P(Poisson(8) <= 2)` = 1.4% of rows at
-  r = 8), and that bucket (keys between the 3rd and 1st sample keys, up to ~3K) overflowed
-  `bucket_cap` in ~0.6% of rows (simulated), sending them to the fallback.
-- `sigmas = 5`, `slack = 4`, `slots_divisor = 2`, `list_block = 128`: as in the serial design
-  (reasons in :mod:`pallas_kernels.hamming_topk`).
-The serial design's tunables (`SERIAL`: sample 1024, slice 32, step 1024, 16 warps, `dense`,
-`slab_lanes`, 8 decide warps) are described in :mod:`pallas_kernels.hamming_topk`.
+The tiling (chunks, loop blocks, warps) is :class:`pallas_kernels.radix_select.Tiling`'s, with
+its tunables in :mod:`pallas_kernels.hamming_topk`.
 """
 
 from __future__ import annotations
@@ -114,29 +109,21 @@ PATH_FALLBACK = 0  # the radix passes
 PATH_NO_BAND_KEY = 1  # k keys above the band: the threshold is t_hi
 PATH_ONE_KEY_BAND = 2  # t_lo == t_hi (ties, all equal, lengths[b] <= budget)
 PATH_ONE_KEY_BUCKET = 3  # the threshold bucket is one key value ([t_lo, t_top] spans < 256 keys)
-PATH_EQUAL_BUCKET = 4  # the bucket's keys are all equal
-PATH_DENSE = 5  # the bucket's keys ranked in a dense list
-PATH_SCANNED = 6  # a bucket of more than `dense` keys, ranked by counting scans of the slots
-PATH_RANKED = 7  # parallel design: the bucket's keys ranked pairwise by the programs of fallback pass 1's launch
+# 4..6 were an earlier design's cases; PATH_RANKED keeps its number (recorded results count rows by path).
+PATH_RANKED = 7  # the bucket's keys ranked pairwise by the programs of fallback pass 1's launch
 
 BOUND_LO, BOUND_HI, BOUND_TOP = 0, 1, 2  # a row's band bounds: keys t_lo, t_hi, t_top
 BOUNDS_WIDTH = 4
 TOP_DIGIT = 2**rs.DIGIT_BITS - 1  # the band digit of keys above t_top
-PROBES = 16  # keys counted per step of the threshold's search in a bucket
 MIN_SLOTS = 16  # band slots per chunk at least (the band histogram's MMA contracts over >= 16)
-MAX_SAMPLE = 4096  # stratum bounds j * L stay below 2**31
-DESIGNS = ("parallel", "serial")
+MAX_SAMPLE = 4096  # most sample positions (well inside count_ranks' 2**RANK_BITS and budget * n_s < 2**31)
 
 
 @dataclasses.dataclass(frozen=True)
 class BandConfig:
-    """Tunables of the sample-band fast path (powers of two but design, sigmas, slack and top_rank).
+    """Tunables of the sample-band fast path (powers of two but sigmas, slack and top_rank; see
+    the module docstring)."""
 
-    The defaults are the parallel design's; :data:`SERIAL` holds the serial design's. Fields
-    marked (serial) or (parallel) are read by that design only.
-    """
-
-    design: str = "parallel"  # "parallel" or "serial" (see the module docstring)
     sample: int = 512  # most sample positions per row
     sample_slice: int = 32  # sample positions ranked per program of launch A
     sample_step: int = 128  # sample keys compared per loop step of launch A
@@ -146,16 +133,12 @@ class BandConfig:
     top_rank: int = 1  # t_top: the sample key of this rank (or r_hi's, when lower) caps the band digits
     slots_divisor: int = 2  # band slots per chunk = chunk / slots_divisor
     list_block: int = 128  # band keys per histogram MMA step in launch B
-    slab_lanes: int = 16384  # (serial) band slots read per loop step of the decision (all chunks)
-    dense: int = 128  # (serial) most bucket keys ranked in registers
     decide_warps: int = 4
-    bucket_cap: int = 2048  # (parallel) most threshold-bucket keys ranked; a larger bucket: radix fallback
-    rank_slice: int = 32  # (parallel) most bucket keys ranked per program of fallback pass 1's launch
-    rank_step: int = 128  # (parallel) bucket keys compared per loop step of that ranking
+    bucket_cap: int = 2048  # most threshold-bucket keys ranked; a larger bucket: radix fallback
+    rank_slice: int = 32  # most bucket keys ranked per program of fallback pass 1's launch
+    rank_step: int = 128  # bucket keys compared per loop step of that ranking
 
     def __post_init__(self):
-        if self.design not in DESIGNS:
-            raise ValueError(f"BandConfig.design must be one of {DESIGNS}, got {self.design!r}")
         for name in (
             "sample",
             "sample_slice",
@@ -163,8 +146,6 @@ class BandConfig:
             "sample_warps",
             "slots_divisor",
             "list_block",
-            "slab_lanes",
-            "dense",
             "decide_warps",
             "bucket_cap",
             "rank_slice",
@@ -175,17 +156,11 @@ class BandConfig:
                 raise ValueError(f"BandConfig.{name} must be a power of two, got {value}")
         if self.sample > MAX_SAMPLE:
             raise ValueError(f"BandConfig.sample must be <= {MAX_SAMPLE}, got {self.sample}")
-        for name in ("list_block", "dense", "rank_slice", "rank_step"):
+        for name in ("list_block", "rank_slice", "rank_step"):
             if getattr(self, name) < MIN_SLOTS:
                 raise ValueError(f"BandConfig.{name} must be >= {MIN_SLOTS}, got {getattr(self, name)}")
         if self.top_rank < 1:
             raise ValueError(f"BandConfig.top_rank must be >= 1, got {self.top_rank}")
-
-
-# The serial design's tunables.
-SERIAL = BandConfig(
-    design="serial", sample=1024, sample_slice=32, sample_step=1024, sample_warps=16, top_rank=3, decide_warps=8
-)
 
 
 class BandLayout(NamedTuple):
@@ -197,18 +172,15 @@ class BandLayout(NamedTuple):
     sample_programs: int
     slots: int  # band slots per chunk
     list_block: int
-    slab: int  # (serial) slots of every chunk per decision loop step
-    dense: int  # (serial)
-    rank_slice: int  # (parallel) bucket keys ranked per program and round
-    rank_step: int  # (parallel)
-    bucket_cap: int  # (parallel) most bucket keys ranked
+    rank_slice: int  # bucket keys ranked per program and round
+    rank_step: int
+    bucket_cap: int  # most bucket keys ranked
 
 
 def band_layout(config: BandConfig, tiling: Tiling, seq: int) -> BandLayout:
     sample = min(config.sample, pl.next_power_of_2(seq))
     sample_slice = min(config.sample_slice, sample)
     slots = min(tiling.chunk, max(MIN_SLOTS, tiling.chunk // config.slots_divisor))
-    chunks = tiling.chunks(seq)
     return BandLayout(
         sample=sample,
         sample_slice=sample_slice,
@@ -216,8 +188,6 @@ def band_layout(config: BandConfig, tiling: Tiling, seq: int) -> BandLayout:
         sample_programs=sample // sample_slice,
         slots=slots,
         list_block=min(config.list_block, slots),
-        slab=min(slots, max(MIN_SLOTS, config.slab_lanes // chunks)),
-        dense=config.dense,
         rank_slice=min(config.rank_slice, config.bucket_cap),
         rank_step=min(config.rank_step, config.bucket_cap),
         bucket_cap=config.bucket_cap,
@@ -296,18 +266,11 @@ def _mix(j, row):
     return x ^ (x >> 15)
 
 
-def sample_positions(j, n_s, length, row):
-    """One position of [0, length) per stratum j < n_s: [j L / n_s, (j+1) L / n_s) at a hashed offset."""
-    strata = jnp.maximum(n_s, 1)
-    low = lax.div(j * length, strata)
-    width = jnp.maximum(lax.div((j + 1) * length, strata) - low, 1)
-    return low + lax.rem(_mix(j, row), width.astype(jnp.uint32)).astype(jnp.int32)
-
-
 def strided_positions(j, n_s, length, row):
-    """Like `sample_positions` in float32 arithmetic, without integer divisions: stratum j is
-    [floor(j s), floor((j+1) s)) with s = L / n_s (rounded), the offset a hashed fraction of
-    its width. Which positions are sampled only moves the band, never the answer."""
+    """One position of [0, length) per stratum j < n_s, in float32 arithmetic without integer
+    divisions: stratum j is [floor(j s), floor((j+1) s)) with s = L / n_s (rounded), the offset
+    a hashed fraction of its width. Which positions are sampled only moves the band, never the
+    answer."""
     stride = length.astype(jnp.float32) / jnp.maximum(n_s, 1).astype(jnp.float32)
     low = (j.astype(jnp.float32) * stride).astype(jnp.int32)
     width = jnp.maximum(((j + 1).astype(jnp.float32) * stride).astype(jnp.int32) - low, 1)
@@ -316,7 +279,7 @@ def strided_positions(j, n_s, length, row):
     return jnp.clip(low + offset, 0, jnp.maximum(length - 1, 0))
 
 
-def sample_ranks(n_s, length, budget: int, config: BandConfig, forced=0):
+def sample_ranks(n_s, length, budget: int, config: BandConfig, forced):
     """(r_hi, r_top, r_lo): the sample ranks (1 = largest) of t_hi, t_top and t_lo; r_top
     counts from below the sample's `forced` (sink/recent) keys, which all hold INT32_MAX."""
     r = (budget * n_s).astype(jnp.float32) / jnp.maximum(length, 1).astype(jnp.float32)
@@ -335,27 +298,6 @@ class Bounds(NamedTuple):
 
 def load_bounds(bounds_ref) -> Bounds:
     return Bounds(bounds_ref[BOUND_LO], bounds_ref[BOUND_HI], bounds_ref[BOUND_TOP])
-
-
-def probe_search(low, high, rank, count_at_least):
-    """The largest key t in [low, high] with count_at_least(t) >= rank, given that low has it:
-    a 16-way search, each step counting PROBES evenly spaced keys at once
-    (`count_at_least(probes int32[PROBES]) -> int32[PROBES]`), cdiv(bits of high - low, 4) steps."""
-    j = iota((PROBES,))
-
-    def step(_, bounds):
-        lo, hi = bounds
-        width = (hi - lo).astype(jnp.uint32)  # the keys' order is signed; their distances are unsigned
-        offsets = j.astype(jnp.uint32) * ((width >> 4) + 1)
-        inside = (offsets <= width).astype(jnp.int32)
-        probes = lo + offsets.astype(jnp.int32)
-        best = jnp.max(jnp.where((inside == 1) & (count_at_least(probes) >= rank), j, 0))
-        nxt = jnp.minimum(best + 1, PROBES - 1)
-        has_next = (best < PROBES - 1) & (rs.pick(inside, nxt) == 1)
-        return rs.pick(probes, best), jnp.where(has_next, rs.pick(probes, nxt) - 1, hi)
-
-    low, _ = lax.fori_loop(0, pl.cdiv(bit_length(high - low), 4), step, (low, high))
-    return low
 
 
 RANK_BITS = 16  # count_ranks packs its two counts (each < 2**16) into one int32
@@ -392,7 +334,7 @@ def write_ranked(out_ref, index, rank, mine, mine_valid, above, at_least) -> Non
 # Launch A: sample thresholds.
 
 
-def _write_bounds(bounds_ref, mine, mine_valid, above, at_least, *, program, n_s, length, budget, config, forced=0):
+def _write_bounds(bounds_ref, mine, mine_valid, above, at_least, *, program, n_s, length, budget, config, forced):
     """The band bounds this program's ranked sample keys hold (program 0 also the fixed ones)."""
     select_all = length <= budget
     r_hi, r_top, r_lo = sample_ranks(n_s, length, budget, config, forced)
@@ -412,50 +354,8 @@ def _write_bounds(bounds_ref, mine, mine_valid, above, at_least, *, program, n_s
 
 
 def _sample_kernel(len_ref, *refs, source, layout, seq, budget, sink, recent, config, interpret):
-    """Serial design: every program computes every sample key at each loop step."""
-    *source_refs, bounds_ref = refs
-    scores = source.bind(source_refs, interpret=interpret)
-    program = pl.program_id(2)
-    row = pl.program_id(0) * pl.num_programs(1) + pl.program_id(1)
-    length = jnp.clip(len_ref[()], 0, seq)
-    n_s = jnp.minimum(length, layout.sample)
-
-    def keys_at(j):
-        valid = j < n_s
-        pos = jnp.where(valid, sample_positions(j, n_s, length, row), 0)
-        return rs.order_keys(scores.at(pos, valid), pos, length, sink=sink, recent=recent), valid
-
-    mine, mine_valid = keys_at(program * layout.sample_slice + iota((layout.sample_slice,)))
-
-    def compare(i, carry):
-        above, at_least = carry
-        keys, valid = keys_at(i * layout.sample_step + iota((layout.sample_step,)))
-        valid, keys = valid[None, :], keys[None, :]
-        return (
-            above + count(valid & (keys > mine[:, None]), axis=1),
-            at_least + count(valid & (keys >= mine[:, None]), axis=1),
-        )
-
-    zeros = jnp.zeros((layout.sample_slice,), jnp.int32)
-    above, at_least = lax.fori_loop(0, pl.cdiv(n_s, layout.sample_step), compare, (zeros, zeros))
-    _write_bounds(
-        bounds_ref,
-        mine,
-        mine_valid,
-        above,
-        at_least,
-        program=program,
-        n_s=n_s,
-        length=length,
-        budget=budget,
-        config=config,
-    )
-
-
-def _stored_sample_kernel(len_ref, *refs, source, layout, seq, budget, sink, recent, config, interpret):
-    """Parallel design: every program computes the row's sample keys once, as one vector, and
-    stores them (all programs of a row store the same values); after a barrier it ranks its
-    slice against them, loading instead of recomputing."""
+    """Every program computes the row's sample keys once, as one vector, and stores them (all
+    programs of a row store the same values); after a barrier it ranks its slice against them."""
     *source_refs, keys_ref, bounds_ref = refs
     scores = source.bind(source_refs, interpret=interpret)
     program = pl.program_id(2)
@@ -538,248 +438,13 @@ def _band_kernel(len_ref, bounds_ref, *refs, source, layout, tiling, seq, sink, 
 
 
 # ----------------------------------------------------------------------------------------------
-# Launch C: the decision, the fast path's threshold, fallback pass 0.
-
-
-class Band(NamedTuple):
-    """One row's band as the decision reads it (chunk-indexed vectors are [chunks])."""
-
-    bounds: Bounds
-    n_above: jax.Array
-    n_band: jax.Array
-    suffix_counts: jax.Array  # [chunks, 16, 16]: [c, a, b] = band keys of chunk c with digit >= 16a + b
-    slots_ref: Any  # [chunks, slots] band keys
-
-
-def threshold_digit(suffix_counts, rank):
-    """(digit, keys with a larger digit, per chunk: keys with digit >= it, keys with a larger
-    one) of the band digit holding the rank-th largest band key, from the whole row's suffix
-    counts at once."""
-    chunks = suffix_counts.shape[0]
-    per_chunk = jnp.reshape(suffix_counts, (chunks, 2**rs.DIGIT_BITS))
-    digit = jnp.maximum(count(jnp.sum(per_chunk, axis=0) >= rank) - 1, 0)
-    digits = iota(per_chunk.shape, 1)
-    chunk_at_least = jnp.sum(jnp.where(digits == digit, per_chunk, 0), axis=1)
-    chunk_above = jnp.sum(jnp.where(digits == digit + 1, per_chunk, 0), axis=1)  # 0 past the last digit
-    return digit, jnp.sum(chunk_above), chunk_at_least, chunk_above
-
-
-class Bucket(NamedTuple):
-    """The band digit `digit` that holds the threshold, and how to scan its keys in the slots."""
-
-    band: Band
-    shift: jax.Array
-    digit: jax.Array
-    layout: BandLayout
-
-    def scan(self, visit, init):
-        """Fold `visit(keys [chunks, slab], member [chunks, slab], carry)` over the slots."""
-        band, slab = self.band, self.layout.slab
-        n_band = band.n_band[:, None]
-
-        def step(s, carry):
-            listed = s * slab + iota((n_band.shape[0], slab), 1) < n_band
-            keys = pltriton.load(band.slots_ref.at[:, pl.ds(s * slab, slab)], mask=listed, other=0)
-            return visit(keys, listed & (band_digit(keys, band.bounds, self.shift) == self.digit), carry)
-
-        return lax.fori_loop(0, pl.cdiv(jnp.max(band.n_band), slab), step, init)
-
-    def per_chunk(self, threshold):
-        """Per chunk, the bucket's keys above `threshold` and equal to it ([chunks] each)."""
-
-        def visit(keys, member, carry):
-            return (
-                carry[0] + count(member & (keys > threshold), axis=1),
-                carry[1] + count(member & (keys == threshold), axis=1),
-            )
-
-        zeros = rs.traced(0, self.band.n_band)
-        return self.scan(visit, (zeros, zeros))
-
-    def count_at_least(self, probes):
-        """Keys of the bucket >= each probe ([PROBES]), by one scan."""
-        j = iota((PROBES,))
-
-        def visit(keys, member, counts):
-            for p in range(PROBES):
-                counts = counts + jnp.where(j == p, count(member & (keys >= rs.pick(probes, p))), 0)
-            return counts
-
-        return self.scan(visit, rs.traced(0, probes))
-
-
-def _collect(bucket: Bucket, dense_keys_ref, dense_chunks_ref):
-    """Copy the bucket's keys and their chunks to the dense lists (the first `dense` of them);
-    returns (keys found, their min, their max)."""
-    dense = bucket.layout.dense
-
-    def visit(keys, member, carry):
-        found, low, high = carry
-        members = member.astype(jnp.int32)
-        per_chunk = jnp.sum(members, axis=1)
-        slot = found + (jnp.cumsum(per_chunk) - per_chunk)[:, None] + jnp.cumsum(members, axis=1) - 1
-        keep = member & (slot < dense)
-        where = jnp.reshape(jnp.where(keep, slot, dense), (-1,))
-        keep = jnp.reshape(keep, (-1,))
-        pltriton.store(dense_keys_ref.at[where], jnp.reshape(keys, (-1,)), mask=keep)
-        pltriton.store(dense_chunks_ref.at[where], jnp.reshape(iota(keys.shape, 0), (-1,)), mask=keep)
-        return (
-            found + jnp.sum(per_chunk),
-            jnp.minimum(low, jnp.min(jnp.where(member, keys, INT32_MAX))),
-            jnp.maximum(high, jnp.max(jnp.where(member, keys, INT32_MIN))),
-        )
-
-    return bucket.scan(visit, (jnp.int32(0), jnp.int32(INT32_MAX), jnp.int32(INT32_MIN)))
-
-
-def _rank_dense(found, rank, low, high, chunks: int, layout: BandLayout, dense_keys_ref, dense_chunks_ref):
-    """(rank-th largest of the `found` <= dense keys of the dense list, per chunk: those above it,
-    those equal to it), in registers."""
-    present = iota((layout.dense,)) < found
-    keys = pltriton.load(dense_keys_ref.at[pl.ds(0, layout.dense)], mask=present, other=0)
-    key_chunks = pltriton.load(dense_chunks_ref.at[pl.ds(0, layout.dense)], mask=present, other=0)
-
-    def count_at_least(probes):
-        return count(present[:, None] & (keys[:, None] >= probes[None, :]), axis=0)
-
-    threshold = probe_search(low, high, rank, count_at_least)
-    in_chunk = present[None, :] & (key_chunks[None, :] == iota((chunks, 1), 0))
-    return (
-        threshold,
-        count(in_chunk & (keys[None, :] > threshold), axis=1),
-        count(in_chunk & (keys[None, :] == threshold), axis=1),
-    )
-
-
-def band_threshold(band: Band, need, layout: BandLayout, dense_keys_ref, dense_chunks_ref, interpret: bool):
-    """The fast path's plan of a row whose k-th largest key is in its band: (threshold key,
-    keys equal to it still to take, per chunk keys above it, per chunk keys equal to it, PATH_*).
-
-    need: band keys to take (k - n_above, in [0, n_band]).
-    """
-    chunks = band.n_above.shape[0]
-    bounds = band.bounds
-
-    def path(code):
-        return rs.traced(code, need)
-
-    zeros = rs.traced(0, band.n_above)
-
-    def take_no_band_key():
-        return bounds.hi, path(0), band.n_above, zeros, path(PATH_NO_BAND_KEY)
-
-    def band_of_one_key():
-        return bounds.lo, need, band.n_above, band.n_band, path(PATH_ONE_KEY_BAND)
-
-    def from_bucket():
-        shift = band_shift(bounds.lo, bounds.top)
-        digit, above, chunk_at_least, chunk_above = threshold_digit(band.suffix_counts, need)
-        rank = need - above  # of the threshold among the bucket's keys, 1 = largest
-        greater, in_bucket = band.n_above + chunk_above, chunk_at_least - chunk_above
-
-        def bucket_of_one_key():
-            return bounds.lo + digit, rank, greater, in_bucket, path(PATH_ONE_KEY_BUCKET)
-
-        def ranked():
-            bucket = Bucket(band, shift, digit, layout)
-            found, low, high = _collect(bucket, dense_keys_ref, dense_chunks_ref)
-            rs.block_barrier(interpret)
-
-            def equal_keys():
-                return low, rank, greater, in_bucket, path(PATH_EQUAL_BUCKET)
-
-            def rank_keys(code, threshold, bucket_above, bucket_equal):
-                return threshold, rank - jnp.sum(bucket_above), greater + bucket_above, bucket_equal, path(code)
-
-            def dense():
-                return rank_keys(
-                    PATH_DENSE, *_rank_dense(found, rank, low, high, chunks, layout, dense_keys_ref, dense_chunks_ref)
-                )
-
-            def scanned():
-                threshold = probe_search(low, high, rank, bucket.count_at_least)
-                return rank_keys(PATH_SCANNED, threshold, *bucket.per_chunk(threshold))
-
-            return lax.cond(low == high, equal_keys, lambda: lax.cond(found <= layout.dense, dense, scanned))
-
-        return lax.cond((shift == 0) & (digit < TOP_DIGIT), bucket_of_one_key, ranked)
-
-    return lax.cond(need == 0, take_no_band_key, lambda: lax.cond(bounds.lo == bounds.hi, band_of_one_key, from_bucket))
-
-
-def _decide_kernel(
-    len_ref,
-    bounds_ref,
-    counts_ref,
-    band_fine_ref,
-    slots_ref,
-    scores_ref,
-    table_ref,
-    decision_ref,
-    fast_counts_ref,
-    dense_keys_ref,
-    dense_chunks_ref,
-    state_ref,
-    coarse_ref,
-    fine_ref,
-    *,
-    layout,
-    tiling,
-    seq,
-    budget,
-    sink,
-    recent,
-    interpret,
-):
-    geo = rs.chunk_geometry(len_ref, tiling, seq)
-    k_eff = rs.k_effective(geo.length, budget)
-    first = geo.chunk_index == 0
-    # Chunk 0 loads the row's band histograms (64 KiB at the Llama shape) with the counts rather
-    # than after deciding: one dependent round trip fewer; a masked load costs the others nothing.
-    suffix_counts = pltriton.load(band_fine_ref, mask=jnp.broadcast_to(first, band_fine_ref.shape), other=0)
-    band = Band(load_bounds(bounds_ref), counts_ref[:, 0], counts_ref[:, 1], suffix_counts, slots_ref)
-    above, in_band = jnp.sum(band.n_above), jnp.sum(band.n_band)
-    listed = (jnp.max(band.n_band) <= layout.slots) | (band.bounds.lo == band.bounds.hi)
-    fast = (above <= k_eff) & (k_eff <= above + in_band) & listed
-
-    @pl.when(fast & first)
-    def _():
-        threshold, remaining, greater, equal, path = band_threshold(
-            band, k_eff - above, layout, dense_keys_ref, dense_chunks_ref, interpret
-        )
-        decision_ref[rs.DECISION_PATH] = path
-        decision_ref[rs.DECISION_THRESHOLD] = threshold
-        decision_ref[rs.DECISION_REMAINING] = remaining
-        fast_counts_ref[0, :] = greater
-        fast_counts_ref[1, :] = equal
-
-    @pl.when(jnp.logical_not(fast))
-    def _():
-        rs.first_pass(
-            scores_ref,
-            table_ref,
-            state_ref,
-            coarse_ref,
-            fine_ref,
-            geo,
-            tiling=tiling,
-            budget=budget,
-            sink=sink,
-            recent=recent,
-        )
-
-        @pl.when(first)
-        def _():
-            decision_ref[rs.DECISION_PATH] = jnp.int32(PATH_FALLBACK)
-
-
-# ----------------------------------------------------------------------------------------------
-# Parallel design: launch C decides in every program; fallback pass 1's launch ranks the bucket.
+# Launch C: the decision (with fallback pass 0); launch D: fallback pass 1 or the bucket's
+# ranking; the fast rows' plan for the compaction.
 
 
 class RowPlan(NamedTuple):
-    """A row's decision in the parallel design, computed alike by every program of the row
-    (chunk-indexed vectors are [chunks])."""
+    """A row's decision, computed alike by every program of the row (chunk-indexed vectors are
+    [chunks])."""
 
     path: jax.Array
     threshold: jax.Array  # the threshold key (PATH_RANKED: found by the ranking launch)
@@ -831,7 +496,7 @@ def row_plan(bounds: Bounds, n_above, n_band, band_coarse_ref, band_fine_ref, k_
     )
 
 
-def _chunk_decide_kernel(
+def _decide_kernel(
     len_ref,
     bounds_ref,
     counts_ref,
@@ -967,7 +632,7 @@ def _rank_or_refine_kernel(
 
 
 def ranked_plan(decision_ref, fast_counts_ref, bucket_ref, threshold_ref, *, chunk_index) -> rs.ChunkPlan:
-    """A fast row's ChunkPlan in the parallel design (fast_counts_ref: [chunks, 2]); on
+    """A fast row's ChunkPlan (fast_counts_ref: [chunks, 2]); on
     PATH_RANKED the bucket list splits its chunk's bucket count into keys above and equal to
     the ranked threshold (its keys before `first` are the earlier chunks')."""
     ranked = decision_ref[rs.DECISION_PATH] == PATH_RANKED
@@ -1017,13 +682,12 @@ def select_with_path(
     interpret: bool,
 ):
     """The band select's launches on the scores `source` describes, from `arrays` (rows of
-    `shape` = (B, Hkv, S)), in `config.design`.
+    `shape` = (B, Hkv, S)).
 
     Returns (idx int32[B, Hkv, budget], count int32[B, Hkv], path int32[B, Hkv]: how each row
     was selected, PATH_FALLBACK or the fast path's PATH_* case).
     """
     batch, kv_heads, seq = shape
-    parallel = config.design == "parallel"
     layout = band_layout(config, tiling, seq)
     chunks = tiling.chunks(seq)
     grid = (batch, kv_heads, chunks)
@@ -1037,16 +701,14 @@ def select_with_path(
     def shaped(*tail, dtype=jnp.int32):
         return jax.ShapeDtypeStruct((batch, kv_heads, *tail), dtype)
 
-    sample_kernel = _stored_sample_kernel if parallel else _sample_kernel
-    sample_shapes = [shaped(layout.sample)] if parallel else []
-    *_, bounds = triton_call(
+    _, bounds = triton_call(
         functools.partial(
-            sample_kernel, source=source, layout=layout, budget=budget, config=config, interpret=interpret, **common
+            _sample_kernel, source=source, layout=layout, budget=budget, config=config, interpret=interpret, **common
         ),
-        out_shape=[*sample_shapes, shaped(BOUNDS_WIDTH)],
+        out_shape=[shaped(layout.sample), shaped(BOUNDS_WIDTH)],
         grid=(batch, kv_heads, layout.sample_programs),
         in_specs=[rs.length_spec(), *source.in_specs()],
-        out_specs=[rs.row_spec(layout.sample)] * len(sample_shapes) + [rs.row_spec(BOUNDS_WIDTH)],
+        out_specs=[rs.row_spec(layout.sample), rs.row_spec(BOUNDS_WIDTH)],
         num_warps=config.sample_warps,
         num_stages=tiling.num_stages,
         interpret=interpret,
@@ -1079,98 +741,60 @@ def select_with_path(
     )(lengths, bounds, *arrays, table)
     scores = band_out[0] if source.writes_scores else arrays[0]
     counts, slots, band_coarse, band_fine = band_out[-4:]
-    band_in_specs = [rs.length_spec(), rs.row_spec(BOUNDS_WIDTH), rs.row_spec(chunks, 2)]
-    decide = dict(
+    decision, fast_counts, bucket, *first_pass_out = triton_call(
+        functools.partial(_decide_kernel, layout=layout, tiling=tiling, budget=budget, **common),
+        out_shape=[
+            shaped(rs.DECISION_WIDTH),
+            shaped(chunks, 2),
+            shaped(layout.bucket_cap),
+            *rs.pass_out_shapes(batch, kv_heads, chunks),
+        ],
         grid=grid,
+        in_specs=[
+            rs.length_spec(),
+            rs.row_spec(BOUNDS_WIDTH),
+            rs.row_spec(chunks, 2),
+            rs.row_spec(chunks, rs.NIBBLE),
+            rs.row_spec(chunks, rs.NIBBLE, rs.NIBBLE),
+            rs.chunk_spec(layout.slots),
+            rs.row_spec(seq),
+            rs.table_spec(),
+        ],
+        out_specs=[
+            rs.row_spec(rs.DECISION_WIDTH),
+            rs.chunk_spec(2),
+            rs.row_spec(layout.bucket_cap),
+            *rs.pass_out_specs(),
+        ],
         num_warps=config.decide_warps,
         num_stages=tiling.num_stages,
         interpret=interpret,
         name="hata_select_decide",
-    )
+    )(lengths, bounds, counts, band_coarse, band_fine, slots, scores, table)
+    *pass_out, bucket_threshold = triton_call(
+        functools.partial(_rank_or_refine_kernel, layout=layout, tiling=tiling, **common),
+        out_shape=[*rs.pass_out_shapes(batch, kv_heads, chunks), shaped()],
+        grid=grid,
+        in_specs=[
+            rs.length_spec(),
+            rs.row_spec(seq),
+            rs.table_spec(),
+            rs.row_spec(rs.DECISION_WIDTH),
+            rs.row_spec(layout.bucket_cap),
+            *rs.row_counts_specs(chunks),
+        ],
+        out_specs=[*rs.pass_out_specs(), rs.row_spec()],
+        name="hata_select_pass1",
+        **launch,
+    )(lengths, scores, table, decision, bucket, *first_pass_out)
+    fast_inputs = [
+        (fast_counts, rs.row_spec(chunks, 2)),
+        (bucket, rs.row_spec(layout.bucket_cap)),
+        (bucket_threshold, rs.row_spec()),
+    ]
+    fines = [first_pass_out[2], pass_out[2]]
 
-    if not parallel:
-        decision, fast_counts, _, _, *first_pass_out = triton_call(
-            functools.partial(
-                _decide_kernel, layout=layout, tiling=tiling, budget=budget, interpret=interpret, **common
-            ),
-            out_shape=[
-                shaped(rs.DECISION_WIDTH),
-                shaped(2, chunks),
-                shaped(layout.dense),
-                shaped(layout.dense),
-                *rs.pass_out_shapes(batch, kv_heads, chunks),
-            ],
-            in_specs=[
-                *band_in_specs,
-                rs.row_spec(chunks, rs.NIBBLE, rs.NIBBLE),
-                rs.row_spec(chunks, layout.slots),
-                rs.row_spec(seq),
-                rs.table_spec(),
-            ],
-            out_specs=[
-                rs.row_spec(rs.DECISION_WIDTH),
-                rs.row_spec(2, chunks),
-                rs.row_spec(layout.dense),
-                rs.row_spec(layout.dense),
-                *rs.pass_out_specs(),
-            ],
-            **decide,
-        )(lengths, bounds, counts, band_fine, slots, scores, table)
-        fast_inputs = [(fast_counts, rs.row_spec(2, chunks))]
-        fast_plan = rs.fast_plan_from_counts
-        pass_out, fines = first_pass_out, [first_pass_out[2]]
-        first_refine = 1
-    else:
-        decision, fast_counts, bucket, *first_pass_out = triton_call(
-            functools.partial(_chunk_decide_kernel, layout=layout, tiling=tiling, budget=budget, **common),
-            out_shape=[
-                shaped(rs.DECISION_WIDTH),
-                shaped(chunks, 2),
-                shaped(layout.bucket_cap),
-                *rs.pass_out_shapes(batch, kv_heads, chunks),
-            ],
-            in_specs=[
-                *band_in_specs,
-                rs.row_spec(chunks, rs.NIBBLE),
-                rs.row_spec(chunks, rs.NIBBLE, rs.NIBBLE),
-                rs.chunk_spec(layout.slots),
-                rs.row_spec(seq),
-                rs.table_spec(),
-            ],
-            out_specs=[
-                rs.row_spec(rs.DECISION_WIDTH),
-                rs.chunk_spec(2),
-                rs.row_spec(layout.bucket_cap),
-                *rs.pass_out_specs(),
-            ],
-            **decide,
-        )(lengths, bounds, counts, band_coarse, band_fine, slots, scores, table)
-        *pass_out, bucket_threshold = triton_call(
-            functools.partial(_rank_or_refine_kernel, layout=layout, tiling=tiling, **common),
-            out_shape=[*rs.pass_out_shapes(batch, kv_heads, chunks), shaped()],
-            grid=grid,
-            in_specs=[
-                rs.length_spec(),
-                rs.row_spec(seq),
-                rs.table_spec(),
-                rs.row_spec(rs.DECISION_WIDTH),
-                rs.row_spec(layout.bucket_cap),
-                *rs.row_counts_specs(chunks),
-            ],
-            out_specs=[*rs.pass_out_specs(), rs.row_spec()],
-            name="hata_select_pass1",
-            **launch,
-        )(lengths, scores, table, decision, bucket, *first_pass_out)
-        fast_inputs = [
-            (fast_counts, rs.row_spec(chunks, 2)),
-            (bucket, rs.row_spec(layout.bucket_cap)),
-            (bucket_threshold, rs.row_spec()),
-        ]
-        fast_plan = ranked_plan
-        fines = [first_pass_out[2], pass_out[2]]
-        first_refine = 2
-
-    for pass_index in range(first_refine, rs.NUM_PASSES):
+    for pass_index in range(2, rs.NUM_PASSES):
         pass_out = rs.refine_launch(
             pass_index,
             scores,
@@ -1185,7 +809,7 @@ def select_with_path(
         fines.append(pass_out[2])
     state, coarse, _ = pass_out
     idx, count_out = rs.compact_launch(
-        scores, lengths, decision, state, coarse, fines, fast_inputs, fast_plan, **finish
+        scores, lengths, decision, state, coarse, fines, fast_inputs, ranked_plan, **finish
     )
     return idx, count_out, decision[..., rs.DECISION_PATH]
 

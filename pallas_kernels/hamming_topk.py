@@ -23,19 +23,19 @@ shape), plane p's distance shifted left by p, and `k_norm * ((top*rbit - 2*ham) 
 (1/rbit)))` with the row's plane scale loaded once per program (top = 2**P - 1). The
 selection's sample launch gathers code rows by position instead of loading a contiguous tile.
 
-Selection (:mod:`pallas_kernels.band_select`, with the radix machinery of
-:mod:`pallas_kernels.radix_select` as exact fallback; two designs, `BandConfig.design`: the
-parallel one is the default, its design and tunables are in band_select's
-docstring; what follows describes the serial one, `band_select.SERIAL`): launch A ranks a
-stratified sample of `min(L, 1024)` positions to get band bounds `t_lo <= k-th largest key <= t_hi` (with
+Selection (:mod:`pallas_kernels.band_select`, whose docstring has its launches and its
+:class:`~pallas_kernels.band_select.BandConfig` tunables, with the radix machinery of
+:mod:`pallas_kernels.radix_select` as exact fallback): launch A ranks a stratified sample of
+`min(L, 512)` positions to get band bounds `t_lo <= k-th largest key <= t_hi` (with
 overwhelming probability); launch B (fused with scoring) counts the keys above the band,
 compacts the band keys into per-chunk slots and histograms them (one 8-bit band digit); launch C
-decides per row whether the band holds the k-th key and, if so, finds the exact threshold from
-the histogram and the threshold bucket's few keys (every other row starts the radix fallback);
-fallback passes 1..3 return at once on fast rows; the compaction writes the selected positions
-of both paths. No sort, no atomics, no host sync, static shapes; deterministic: the k keys are
-the largest in float order (NaN lowest, forced sink/recent positions first), ties at the
-threshold taken lowest position first, slots in ascending position, then `UNUSED` (-1).
+decides per row, in every program from the counts alone, whether the band holds the k-th key
+and, if so, which band digit holds the threshold (every other row starts the radix fallback);
+fallback pass 1's launch ranks that digit's keys unless the digit is one key value, passes 2..3
+return at once on fast rows; the compaction writes the selected positions of both paths. No
+sort, no atomics, no host sync, static shapes; deterministic: the k keys are the largest in
+float order (NaN lowest, forced sink/recent positions first), ties at the threshold taken lowest
+position first, slots in ascending position, then `UNUSED` (-1).
 
 Byte floor, Llama-3.1-8B (32 q heads, 8 KV heads, batch 1, 128K context, rbit 128, budget 2048)
 -----------------------------------------------------------------------------------------------
@@ -43,9 +43,10 @@ Byte floor, Llama-3.1-8B (32 q heads, 8 KV heads, batch 1, 128K context, rbit 12
   query codes); `hamming_scores` also writes 4 MiB of scores.
 - Fused score + select: the floor is that same 20 MiB read once plus the 64 KiB index output,
   ~7 us. The pipeline adds the 4 MiB scores write (launch B, for the compaction and the
-  fallback), their re-read by the compaction (L2-resident), 0.16 MiB of band keys, 0.5 MiB of
-  per-chunk band histograms, and 5 MiB of L2 reads by the sample launch (each of its 32 programs
-  per row scores the row's 1024 sample positions; 160 KiB of them from HBM).
+  fallback), their re-read by the compaction (L2-resident), 0.21 MiB of band keys (~6.9K per
+  row), 0.5 MiB of per-chunk band histograms, and 1.25 MiB of L2 reads by the sample launch
+  (each of its 16 programs per row scores the row's 512 sample positions; 80 KiB of them from
+  HBM).
 - `select_topk` on given scores: floor = read the 4 MiB of scores once, ~1.5 us; the pipeline
   reads them twice (band pass, compaction).
 
@@ -64,25 +65,8 @@ Tiling (:class:`radix_select.Tiling`):
   it. `num_stages = 1`: one loop step per program on the fast path.
 - `radix_select.HIST_DTYPE = bfloat16`: 0/1 operands, float32 accumulation exact up to 2**24
   keys per chunk; the table gather compiles to 16 B loads and `ldmatrix`.
-BandConfig of the serial design (`band_select.SERIAL`):
-- `sample = 1024` positions per row: ranking is pairwise (n_s^2 compares per row: 1M), so 4096
-  would cost 16x; 1024 still gives r = 16 sample ranks for k at the Llama shape (band miss ~1e-7).
-  `sample_slice = 32` ranked per program (32 programs per row, 256 in all), `sample_step = 1024`
-  (the whole sample in one step), `sample_warps = 16` (64 compares per thread).
-- `sigmas = 5`, `slack = 4`: the band spans r -+ (5 sqrt(r) + 4) sample ranks.
-- `top_rank = 3`: the band digits span [t_lo, 3rd largest sample key] and lump the keys above
-  into digit 255, so one outlier in the sample (a sink token) cannot coarsen the buckets near the
-  threshold; the threshold lands in digit 255 only when the sample has < 3 keys above the k-th
-  (~1e-5 at r = 16), and is still exact (a scanned bucket).
-- `slots_divisor = 2`: 1024 band slots per 2048-chunk (~80 used on average at the Llama shape
-  on random codes); keys above the band are only counted. Real scores cluster: on SmolLM2's
-  (8K, budget 1/64, `bench/results/issue13_real_scores/`) the recent tokens fill most of the
-  last chunk's band, and a quarter chunk of slots sent 66 of 120 rows (512-position chunks) to
-  the fallback, half a chunk 1 (same registers: ptxas counts on the CPU).
-- `list_block = 128` band keys per histogram MMA step (one step per chunk at the Llama shape).
-- `slab_lanes = 16384`: the decision reads 256 slots of all 64 chunks per step (one step).
-- `dense = 128` bucket keys ranked in registers (16-way search, 4 steps for a 2**15-key bucket);
-  `decide_warps = 8` (the 64 x 256 slot tile, 64 lanes per thread).
+BandConfig (the sample, the band, the decision and the bucket's ranking): in
+:mod:`pallas_kernels.band_select`.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Exact radix select over order-preserving keys: the key machinery, the fallback histogram
 passes and the output compaction that both selection paths end with.
 
-The pipeline (a sample-band fast path, these passes as its exact fallback) is described in
-:mod:`pallas_kernels.band_select`; times, byte floor and tunables in
+The pipeline (a sample-band fast path, these passes as its exact fallback) and its tunables
+are described in :mod:`pallas_kernels.band_select`; the byte floor and the tiling's tunables in
 :mod:`pallas_kernels.hamming_topk`. For each row `(b, h)` of `scores: float32[B, Hkv, S]`:
 
 - **keys**: `order_keys` maps a float32 score to an int32 whose signed order is the float order
@@ -20,20 +20,20 @@ The pipeline (a sample-band fast path, these passes as its exact fallback) is de
   band-digit histograms are built the same way.
 - **fallback passes 0..3** (pass 0 runs inside the band select's decision launch; passes 1..3 are
   one `pallas_call` each, grid `(B, Hkv, chunks)`; every program of a row the fast path decided
-  returns at once, except that the band select's parallel design ranks a fast row's threshold
-  bucket in pass 1's launch): a program histograms the pass's digit over the valid keys of its chunk that
-  share the prefix resolved so far (a loop step with no such key skips the histogram). At the
+  returns at once, except that the band select ranks a fast row's threshold bucket in pass 1's
+  launch): a program histograms the pass's digit over the valid keys of its chunk that share
+  the prefix resolved so far (a loop step with no such key skips the histogram). At the
   start of pass p+1 every program re-derives the row's boundary digit of pass p; the row state
   (resolved prefix, rank still to take, passes used, done flag, digits) is stored by the row's
   chunk-0 program. A chunk none of whose keys share the new prefix skips its keys; once the
   boundary bucket is taken whole the row is done and later passes skip it.
 - **compaction** (the last `pallas_call`, both paths): the row's plan is the threshold key, the
   number of keys equal to it still to take, and per chunk how many keys lie above it and how many
-  equal it; the fast path computed it (a `fast_plan` of the band select's design gives each
-  program its `ChunkPlan`), a fallback row derives it from its pass counts. Each program takes
-  the counts of the chunks before its own and scatters its selected positions: every key
-  above the threshold, and equal keys in position order until the rank is filled. Slots come
-  out in ascending position; slots `>= count` get `UNUSED`.
+  equal it; the fast path computed it (the band select's `fast_plan`, `band_select.ranked_plan`,
+  gives each program its `ChunkPlan`), a fallback row derives it from its pass counts. Each
+  program takes the counts of the chunks before its own and scatters its selected positions:
+  every key above the threshold, and equal keys in position order until the rank is filled.
+  Slots come out in ascending position; slots `>= count` get `UNUSED`.
 """
 
 from __future__ import annotations
@@ -66,7 +66,8 @@ STATE_WIDTH = STATE_DIGITS + NUM_PASSES
 
 # The band select's decision, one int32 vector per row: how the row was selected (0: by the
 # fallback passes, else the fast path's case), and on the fast path its threshold key (signed),
-# the number of keys equal to it still to take, and (parallel design) the threshold bucket's keys.
+# the number of keys equal to it still to take, and (PATH_RANKED) how many keys the threshold
+# bucket holds.
 DECISION_PATH, DECISION_THRESHOLD, DECISION_REMAINING, DECISION_FOUND = 0, 1, 2, 3
 DECISION_WIDTH = 4
 
@@ -140,8 +141,8 @@ def pick(vector, index):
     return jnp.sum(jnp.where(iota(vector.shape) == index, vector, 0))
 
 
-def count(mask, axis=None):
-    return jnp.sum(mask.astype(jnp.int32), axis=axis)
+def count(mask):
+    return jnp.sum(mask.astype(jnp.int32))
 
 
 def traced(value, like):
@@ -476,20 +477,6 @@ def chunk_plan(greater, equal, need, shift, prefix, chunk_index) -> ChunkPlan:
         need,
         shift,
         prefix,
-    )
-
-
-def fast_plan_from_counts(decision_ref, fast_counts_ref, *, chunk_index) -> ChunkPlan:
-    """A fast row's ChunkPlan from its decision (threshold key, equal keys to take) and its
-    per-chunk counts (fast_counts_ref: [2, chunks] keys above the threshold, keys equal to it)."""
-    remaining = decision_ref[DECISION_REMAINING]
-    return chunk_plan(
-        fast_counts_ref[0, :],
-        fast_counts_ref[1, :],
-        remaining,
-        traced(0, remaining),
-        decision_ref[DECISION_THRESHOLD],
-        chunk_index,
     )
 
 

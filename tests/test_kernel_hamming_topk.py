@@ -7,12 +7,11 @@ UNUSED after count), and exactly against `expected_selection`, the kernels' docu
 deterministic answer (float order with NaN lowest, ties to the lowest positions, slots in
 ascending position), which both the sample-band fast path and the radix fallback must give.
 Every selection also reports how each row was selected (`band_select.PATH_*`), so the tests
-show which path ran: the fast path on random scores, the fallback after a band miss or an
-overflowing chunk, each of the fast path's threshold cases, and rows of one call taking
-different paths. Small tilings (`chunk` 64-512) give several programs per row, with S not a
-multiple of the chunk. The path tests pin the serial design (`band_select.SERIAL`); the tests
-that use the default BandConfig run the parallel design, whose own paths are tested in
-test_kernel_select_variants.py.
+show which path ran: the fast path on random scores, the fallback after a band miss, an
+overflowing chunk or a threshold bucket over `bucket_cap`, each of the fast path's threshold
+cases (a bucket ranked by one program of fallback pass 1's launch and by several), and rows of
+one call taking different paths. Small tilings (`chunk` 64-512) give several programs per row,
+with S not a multiple of the chunk.
 """
 from __future__ import annotations
 
@@ -35,11 +34,9 @@ from pallas_kernels.radix_select import Tiling
 
 SMALL = Tiling(chunk=128, block=32, scan_block=64)
 BIG = float(np.finfo(np.float32).max)
-# Tests rank at most 16 keys of a bucket in registers, so both rankings of a bucket occur at test
-# sizes, and the decision reads the 32 band slots of a chunk (SMALL) in two steps.
-SMALL_DENSE = dataclasses.replace(band_select.SERIAL, dense=16, slab_lanes=64)
+# The paths that select without the radix passes.
 FAST = {band_select.PATH_NO_BAND_KEY, band_select.PATH_ONE_KEY_BAND, band_select.PATH_ONE_KEY_BUCKET,
-        band_select.PATH_EQUAL_BUCKET, band_select.PATH_DENSE, band_select.PATH_SCANNED, band_select.PATH_RANKED}
+        band_select.PATH_RANKED}
 
 # Jitted once per static configuration: interpret-mode compiles dominate this file's time.
 kernel_scores = jax.jit(hamming_topk.hamming_scores, static_argnames=("score", "interpret", "tiling"))
@@ -111,7 +108,7 @@ def test_hamming_scores_bit_exact(rng, ragged_lengths, score, group, rbit, batch
     np.testing.assert_allclose(want, bf.hamming_scores(q, k, norms, lengths, score, scales), rtol=1e-6, atol=1e-5)
 
 
-def select(scores, budget, lengths, sink=0, recent=0, tiling=SMALL, config=SMALL_DENSE):
+def select(scores, budget, lengths, sink=0, recent=0, tiling=SMALL, config=BandConfig()):
     """(idx, count, path) of the kernel selection, checked against the references."""
     scores = np.asarray(scores, np.float32)
     lengths = np.asarray(lengths, np.int32)
@@ -176,26 +173,63 @@ def clustered(rng, seq, size, keys):
 
 
 def test_each_fast_path_case(rng):
-    """Rows built to reach every case of the fast path's threshold, in one call."""
+    """Rows built to reach every case of the fast path's threshold, in one call; buckets of
+    tied keys (integer scores, a few values a few ulps apart) ranked in fallback pass 1's launch."""
     batch, kv_heads, seq = SHAPE
     rows = [
         rng.standard_normal(seq).astype(np.float32),  # any case; asserted fast below
         np.full(seq, -2.25, np.float32),  # t_lo == t_hi
         ulps_above_one(rng, seq, 200),  # a band narrower than 256 keys: one key per bucket
         rng.integers(0, 200, size=seq).astype(np.float32),  # integer scores: buckets of equal keys
-        clustered(rng, seq, 12, 3),  # a bucket of <= 16 keys: ranked in registers
-        clustered(rng, seq, 40, 5),  # a bucket of > 16 keys: ranked by counting scans
+        clustered(rng, seq, 12, 3),  # a bucket of 12 keys of 3 values
+        clustered(rng, seq, 40, 5),  # a bucket of 40 keys of 5 values
     ]
     scores = np.stack(rows).reshape(batch, kv_heads, seq)
     idx, _, path = select(scores, BUDGET, [seq] * batch, sink=SINK, recent=RECENT)
     assert path[0, 0] in FAST
     np.testing.assert_array_equal(path.reshape(-1)[1:], [
-        band_select.PATH_ONE_KEY_BAND, band_select.PATH_ONE_KEY_BUCKET, band_select.PATH_EQUAL_BUCKET,
-        band_select.PATH_DENSE, band_select.PATH_SCANNED,
+        band_select.PATH_ONE_KEY_BAND, band_select.PATH_ONE_KEY_BUCKET, band_select.PATH_RANKED,
+        band_select.PATH_RANKED, band_select.PATH_RANKED,
     ])
     # All-equal scores: forced positions, then the first positions, the same on every call.
     want = np.union1d(np.arange(BUDGET - RECENT), np.arange(seq - RECENT, seq))
     np.testing.assert_array_equal(idx[0, 1], want)
+
+
+def cluster_with_outliers(rng, seq, outliers):
+    """`outliers` huge scores over distinct scores within 2**16 ulps above 1: the sample's
+    largest unforced key, which caps the band digits, is an outlier, so a digit spans more than
+    2**16 keys and the band keys of the cluster (all >= t_lo) share the threshold's digit."""
+    scores = ulps_above_one(rng, seq, 2**16)
+    scores[rng.choice(np.arange(SINK, seq - RECENT), outliers, replace=False)] = 1e6 * (1 + rng.random(outliers))
+    return scores
+
+
+def test_each_path_in_one_call(rng):
+    """One call, one row per path: thresholds from the band counts alone, a one-value bucket,
+    buckets ranked by one program and by several, and a bucket over `bucket_cap` (fallback)."""
+    batch, kv_heads, seq = SHAPE
+    rows = [
+        np.full(seq, -2.25, np.float32),  # t_lo == t_hi
+        ulps_above_one(rng, seq, 200),  # a band narrower than 256 keys: one key per bucket
+        rng.standard_normal(seq).astype(np.float32),  # a small bucket: one ranking program
+        # 40 outliers: the band (sample ranks 11..91 of 512) holds ~138 +- 13 cluster keys, the
+        # bucket: several ranking programs of 16 keys, most often two rounds of 8 programs.
+        cluster_with_outliers(rng, seq, 40),
+        *rng.standard_normal((2, seq)).astype(np.float32),  # length <= budget: no band key to take
+    ]
+    scores = np.stack(rows).reshape(SHAPE)
+    lengths = [seq, seq, 77]
+    config = BandConfig(slots_divisor=1, rank_slice=16)  # no chunk overflows its slots
+    _, _, path = select(scores, BUDGET, lengths, sink=SINK, recent=RECENT, config=config)
+    np.testing.assert_array_equal(path.reshape(-1)[:4], [band_select.PATH_ONE_KEY_BAND,
+                                                         band_select.PATH_ONE_KEY_BUCKET, band_select.PATH_RANKED,
+                                                         band_select.PATH_RANKED])
+    np.testing.assert_array_equal(path[2], band_select.PATH_NO_BAND_KEY)
+    # sigmas 10: sample ranks down to 127, ~208 +- 16 cluster keys in the bucket, over a cap of 64.
+    small_cap = dataclasses.replace(config, sigmas=10.0, bucket_cap=64)
+    _, _, path = select(scores, BUDGET, lengths, sink=SINK, recent=RECENT, config=small_cap)
+    assert path[1, 1] == band_select.PATH_FALLBACK, path
 
 
 def test_overflowing_chunk_falls_back_and_rows_switch_paths(rng):
@@ -203,8 +237,11 @@ def test_overflowing_chunk_falls_back_and_rows_switch_paths(rng):
     the radix fallback; random, empty and short rows stay on the fast path."""
     batch, kv_heads, seq = SHAPE
     scores = rng.standard_normal(SHAPE).astype(np.float32)
+    # Row (0, 0) is the control: a random row takes the band's fast path, but not always (3 of 200
+    # fresh rows fell back, measured), so the control is a fixed draw that does.
+    scores[0, 0] = np.random.default_rng(0).standard_normal(seq).astype(np.float32)
     # Row (0, 1): 128 scores of one chunk just below its 60th best score, so the band (sample
-    # ranks ~46..154) holds about 100 of them.
+    # ranks ~11..91 of 512) holds about 100 of them.
     level = np.sort(scores[0, 1])[::-1][60]
     scores[0, 1, 256:384] = level - rng.uniform(0, 1e-3, 128).astype(np.float32)
     lengths = [seq, 0, 57]
@@ -215,26 +252,32 @@ def test_overflowing_chunk_falls_back_and_rows_switch_paths(rng):
 
 
 def test_band_miss_falls_back(rng):
-    """Margins of -8 sample ranks put the k-th key outside the band: every row of distinct
-    scores falls back (still exact); a row of equal scores keeps its one-key band."""
+    """Margins of -30 sample ranks put the k-th key outside the band (t_hi is the sample's ~81st
+    key, ~158 +- 12 keys of the row are above it, more than k): every row of distinct scores
+    falls back (still exact); a row of equal scores keeps its one-key band."""
     batch, kv_heads, seq = SHAPE
     scores = rng.standard_normal(SHAPE).astype(np.float32)
     scores[2] = 0.5
     _, _, path = select(scores, BUDGET, [seq, 777, seq], sink=SINK, recent=RECENT,
-                        config=dataclasses.replace(band_select.SERIAL, sigmas=0.0, slack=-8.0))
+                        config=BandConfig(sigmas=0.0, slack=-30.0))
     np.testing.assert_array_equal(path[:2], band_select.PATH_FALLBACK)
     np.testing.assert_array_equal(path[2], band_select.PATH_ONE_KEY_BAND)
 
 
-def test_fast_path_on_random_scores_matches_reference(rng):
+@pytest.mark.parametrize(
+    "seq, short, tiling",
+    [
+        (4096, 3001, Tiling(chunk=512, block=64, scan_block=128)),
+        (6000, 4321, None),  # the default tiling: one chunk of 2048 per program
+    ],
+)
+def test_fast_path_on_random_scores_matches_reference(rng, seq, short, tiling):
     """Distinct random scores, rows longer than the 512-position sample (hashed strata): the
     fast path takes every row, and its answer is the reference's set (in ascending order)."""
-    batch, kv_heads, seq, budget = 2, 2, 4096, 256
+    batch, kv_heads, budget = 2, 2, 256
     scores = (rng.permutation(batch * kv_heads * seq).reshape(batch, kv_heads, seq) - 7000.0).astype(np.float32)
-    lengths = np.array([seq, 3001])
-    idx, count, path = select(scores, budget, lengths, sink=2, recent=3,
-                              tiling=Tiling(chunk=512, block=64, scan_block=128),
-                              config=dataclasses.replace(band_select.SERIAL, sample=512))
+    lengths = np.array([seq, short])
+    idx, count, path = select(scores, budget, lengths, sink=2, recent=3, tiling=tiling)
     assert np.isin(path, list(FAST)).all(), path
     ref_idx, ref_count = hata_jax.select_topk(jnp.asarray(scores), budget, jnp.asarray(lengths), sink=2, recent=3,
                                               impl="reference")
@@ -263,6 +306,8 @@ def test_select_topk_edge_cases(rng, seq, budget, lengths, sink, recent):
         ("key_norm", 4, 128, 2, 1000, 64, SMALL, True),
         # integer scores, 16 band slots per chunk: either path
         ("hamming", 3, 96, 3, 300, 16, Tiling(chunk=64, block=32), False),
+        # integer scores, threshold buckets of many equal keys: either path
+        ("hamming", 3, 96, 2, 1000, 64, SMALL, False),
         ("key_norm", 1, 256, 1, 2500, 100, None, True),
         ("asymmetric", 4, 128, 2, 2500, 100, None, True),
     ],
@@ -290,7 +335,7 @@ def test_llama_shape_takes_the_fast_path(rng, score):
     the default tiling and BandConfig: the rows on the fast path but for band misses, exactly the
     expected set ("hamming": integer scores, a threshold bucket of ~1000 equal keys). A row
     misses the band with probability ~exp(-8) = 3.4e-4 here (see band_select's tunables), so
-    one fallback row in 8 is allowed (two: ~3e-6); the top_rank = 3 of the serial design sent
+    one fallback row in 8 is allowed (two: ~3e-6); a top_rank of 3 (an earlier design's) sent
     ~0.6% of rows to the fallback and failed this test in a few percent of runs."""
     seq, budget = 131072, 2048
     q, k, norms = random_codes(rng, 1, 8, 4, seq, 128)
@@ -322,6 +367,7 @@ def test_public_api_dispatches_to_the_kernels(rng):
     [
         (1, 8, 4, 128, 131072, 2048),
         (2, 2, 3, 96, 5000, 100),
+        (2, 2, 3, 96, radix_select.MAX_SEQ, radix_select.MAX_BUDGET),
         (1, 2, 8, 256, radix_select.MAX_SEQ, radix_select.MAX_BUDGET),
     ],
 )
@@ -378,7 +424,11 @@ def test_tiling_is_checked(chunk, block, scan_block):
         Tiling(chunk=chunk, block=block, scan_block=scan_block)
 
 
-@pytest.mark.parametrize("change", [dict(sample=8192), dict(dense=8), dict(slab_lanes=1000), dict(top_rank=0)])
+@pytest.mark.parametrize(
+    "change",
+    [dict(sample=8192), dict(top_rank=0), dict(slots_divisor=3), dict(bucket_cap=1000), dict(rank_slice=8),
+     dict(rank_step=48)],
+)
 def test_band_config_is_checked(change):
     with pytest.raises(ValueError, match="BandConfig"):
         BandConfig(**change)
