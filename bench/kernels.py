@@ -8,7 +8,9 @@
 
 `--select-variants` times each BandConfig variant of the band select (`check_kernels.SELECT_VARIANTS`)
 for select_topk on [8, S] float32 scores and for the fused hamming_topk at batch 1, 8 KV heads
-(S = 131072, k = 2048 unless --small), next to lax.top_k, with per-launch device times.
+(S = 131072, k = 2048 unless --small), next to lax.top_k, with per-launch device times; then the
+fused hamming_topk under other tilings (`tiling_variants`), each row saying whether its slots equal
+the default tiling's.
 
 Shapes (unless --small): Llama-3.1-8B attention, 32 query heads, 8 KV heads, D=128, bf16,
 rbit 128, budget 2048. The HATA layer (`pallas hata attention`) runs HataConfig's default score, as the
@@ -34,6 +36,7 @@ from bench.profile import device_kernel_us
 from bench.timing import environment, floor_bandwidth_gbps, median_us, write_json
 from hata_jax import HataCache, HataConfig
 from pallas_kernels import band_select, hamming_topk
+from pallas_kernels import radix_select as rs
 from pallas_kernels.backend import on_gpu
 
 
@@ -55,6 +58,21 @@ SMALL = Shapes(q_heads=8, kv_heads=2, head_dim=64, budget=64, long=2048, context
 
 def _random_codes(key, shape):
     return jax.random.bits(key, shape, jnp.uint32)
+
+
+def tiling_variants(rows: int, seq: int) -> dict[str, rs.Tiling]:
+    """Tilings of the select-variants sweep at `rows` x `seq`: the default and, where the row is long
+    enough, chunks of 4x and 2x the default with two pipeline stages, and half the default."""
+    default = rs.default_tiling(rows, seq)
+    out = {f"default (chunk {default.chunk})": default}
+    for factor, stages in ((4, 2), (2, 2), (1, 2)):
+        chunk = default.chunk * factor
+        if chunk <= seq:
+            out[f"chunk {chunk}, {stages} stages"] = dataclasses.replace(default, chunk=chunk, num_stages=stages)
+    if default.chunk // 2 >= max(default.block, rs.MIN_BLOCK):
+        half = default.chunk // 2
+        out[f"chunk {half}"] = dataclasses.replace(default, chunk=half, scan_block=min(default.scan_block, half))
+    return out
 
 
 class Bench:
@@ -168,6 +186,21 @@ class Bench:
                 code_bytes,
                 paths=paths,
             )
+        # The fused hamming_topk (default BandConfig) under other tilings: fewer, longer programs whose
+        # loop steps can overlap loads with compute (num_stages 2), or more, shorter ones.
+        default_idx = np.asarray(jax.jit(lambda *a: hj.hamming_topk(*a, lengths, budget=s.budget,
+                                                                     impl="pallas")[0])(*code_sets[0]))
+        for name, tiling in tiling_variants(rows, n).items():
+
+            def tiled(q, k, norms, tiling=tiling):
+                return hamming_topk.hamming_topk_with_path(
+                    q, k, norms, lengths, budget=s.budget, interpret=interpret, tiling=tiling
+                )
+
+            idx, _, path = jax.jit(tiled)(*code_sets[0])
+            self.record("select_variants", f"hamming_topk tiling {name}", topk_shape, self.timed(tiled, code_sets),
+                        code_bytes, paths=np.unique(np.asarray(path)).tolist(),
+                        same_as_default=bool(np.array_equal(np.asarray(idx), default_idx)))
 
     def scoring(self):
         s = self.s
