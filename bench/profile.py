@@ -28,7 +28,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+import hata_jax as hj
+from bench.decode_steps import hata_attention, random_hata_cache
+from bench.selector_speed import random_selector_params
 from bench.timing import environment, median_us, write_json
+from hata_jax.models.plan import AttentionPlan
+from hata_jax.models.selector_cache import selector_attention, with_selector_states
 
 
 def device_kernel_us(fn: Callable[..., Any], args: tuple, *, calls: int = 5) -> dict:
@@ -61,12 +66,6 @@ def device_kernel_us(fn: Callable[..., Any], args: tuple, *, calls: int = 5) -> 
 def layer_ops(b: int, n: int, budget: int) -> dict:
     """{name: (fn, args)}: one Llama-3.1-8B layer's decode attention (32 query heads, 8 KV heads, D = 128,
     rbit 128) per method over a full random cache of `n` tokens per sequence, batch `b`."""
-    import hata_jax as hj
-    from bench.decode_steps import hata_attention, random_hata_cache
-    from bench.selector_speed import random_selector_params
-    from hata_jax.models.plan import AttentionPlan
-    from hata_jax.models.selector_cache import selector_attention, with_selector_states
-
     hq, hkv, d, rbit = 32, 8, 128, 128
     keys = jax.random.split(jax.random.PRNGKey(1), 6)
     w = jax.random.normal(keys[0], (hkv, d, rbit), jnp.float32)
@@ -88,8 +87,6 @@ def layer_ops(b: int, n: int, budget: int) -> dict:
 
 
 def main(argv=None) -> int:
-    import hata_jax as hj
-
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--seq", type=int, default=131072)

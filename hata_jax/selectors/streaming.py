@@ -48,6 +48,5 @@ class StreamingSelector(StatelessSelector):
         prefix = jnp.clip(jnp.maximum(sink, jnp.minimum(self.sink, kept - recent)), 0, kept)
         slot = jnp.arange(budget, dtype=jnp.int32)[None, :]
         idx = jnp.where(slot < prefix, slot, lengths[:, None] - kept + slot)
-        idx = jnp.where(slot < kept, idx, UNUSED).astype(jnp.int32)
-        return (jnp.broadcast_to(idx[:, None, :], (b, hkv, budget)),
-                jnp.broadcast_to(kept.astype(jnp.int32), (b, hkv)))
+        idx = jnp.where(slot < kept, idx, UNUSED)
+        return jnp.broadcast_to(idx[:, None, :], (b, hkv, budget)), jnp.broadcast_to(kept, (b, hkv))
