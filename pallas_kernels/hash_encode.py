@@ -38,7 +38,9 @@ projections near zero): correct, compute-bound, not the production path.
 :func:`encode_step` has G <= 8 query rows and one key row per KV head: fewer than the 16 rows a
 Triton dot needs. Each program (grid `(B, Hkv)`) builds one 16-row tile: rows 0..G-1 are the
 group's query heads (a masked 16-row load), row G is the new key, the rest are zeros and are
-never stored. One dot per word encodes queries and key together; the first G rows of the code
+never stored. One dot per part of w encodes queries and key together over every word (`span`
+words per dot, :func:`step_span`: all of them at rbit 128 and 256; a dot per word made a chain
+of dependent loads of w, 8.5 us at the Llama shape on the H100); the first G rows of the code
 tile are stored as the query codes, row G (extracted with a masked sum over rows) as the key
 code. The key norm `sqrt(sum(k * k))` is computed in float32 from the same loaded row. With
 `query_planes = P` (the "asymmetric" score) the same dots give the query rows' projections; their
@@ -70,7 +72,8 @@ Tunables (picked without GPU measurements; re-tune on the H100)
 - `PREFILL_NUM_WARPS = 4`: a [128, 128] bf16 tile is 64 registers per thread at 128 threads,
   the [128, 32] float32 projection 32 more; 8 warps would only halve work per warp.
 - `STEP_ROWS = 16` (the dot minimum; G + 1 <= 16 rows), `STEP_NUM_WARPS = 4`: the per-program
-  work is a [16, D] x [D, rbit] product, a few thousand cycles at most.
+  work is a [16, D] x [D, rbit] product, a few thousand cycles at most; its float32 result is
+  16 x rbit / 128 registers a thread (16 at rbit 128).
 - `num_stages = 1` for both: no kernel has a loop over memory tiles to pipeline.
 """
 from __future__ import annotations
@@ -148,29 +151,41 @@ def _projection_parts(w: jax.Array, compute_dtype) -> tuple[jax.Array, ...]:
     return hi.astype(compute_dtype), (w32 - hi).astype(compute_dtype)
 
 
-def _pack_codes(rows: jax.Array, w_refs, words: int, sum_rows: jax.Array | None = None):
+def _pack_codes(rows: jax.Array, w_refs, words: int, sum_rows: jax.Array | None = None, span: int = 1):
     """rows: [M, D] (compute dtype), w_refs: parts [D, 32 * words] of w -> uint32[M, next_pow2(words)].
 
     Column c < words holds bits 32c .. 32c+31 (bit j set iff row . w[:, 32c + j] > 0); the
-    padding columns are 0. With `sum_rows` (bool[M]) also returns, per word, the float32[32]
-    projection summed over those rows: (codes, [words arrays]).
+    padding columns are 0. Each dot projects `span` words (a power of two dividing `words`): one
+    `[M, D] x [D, 32 span]` product per part. With `sum_rows` (bool[M]) also returns the float32
+    projection summed over those rows, one `[32 span]` vector per dot: (codes, [words / span
+    vectors]).
     """
-    lane = lax.broadcasted_iota(jnp.int32, (1, WORD_BITS), 1).astype(jnp.uint32)
-    bit_values = jnp.left_shift(jnp.uint32(1), lane)
+    width = span * WORD_BITS
+    lane = lax.broadcasted_iota(jnp.int32, (1, width), 1)
+    bit_values = jnp.left_shift(jnp.uint32(1), (lane % WORD_BITS).astype(jnp.uint32))
     column = lax.broadcasted_iota(jnp.int32, (1, pl.next_power_of_2(words)), 1)
     codes = jnp.zeros((rows.shape[0], column.shape[1]), jnp.uint32)
     sums = []
-    for word in range(words):
-        cols = pl.ds(word * WORD_BITS, WORD_BITS)
+    for first in range(0, words, span):
+        cols = pl.ds(first * WORD_BITS, width)
         proj = sum(
             jnp.dot(rows, w_ref[:, cols], precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
             for w_ref in w_refs
         )
-        packed = jnp.sum(jnp.where(proj > 0, bit_values, jnp.uint32(0)), axis=1, dtype=jnp.uint32)
-        codes = jnp.where(column == word, packed[:, None], codes)
+        bits = jnp.where(proj > 0, bit_values, jnp.uint32(0))
+        for word in range(span):
+            packed = jnp.sum(jnp.where(lane // WORD_BITS == word, bits, jnp.uint32(0)), axis=1, dtype=jnp.uint32)
+            codes = jnp.where(column == first + word, packed[:, None], codes)
         if sum_rows is not None:
             sums.append(jnp.sum(jnp.where(sum_rows[:, None], proj, 0.0), axis=0))
     return codes if sum_rows is None else (codes, sums)
+
+
+def step_span(words: int) -> int:
+    """Words per dot of :func:`encode_step`: the largest power of two dividing `words`, so rbit
+    128 and 256 project in one dot per part (independent loads: one memory round trip, where a
+    dot per word made a chain of them)."""
+    return words & -words
 
 
 def _store_codes(o_ref, codes: jax.Array, row_mask: jax.Array) -> None:
@@ -256,23 +271,28 @@ def encode(x: jax.Array, w: jax.Array, *, head_axis: int, interpret: bool = Fals
 
 
 def _query_planes(projections: list, planes: int) -> tuple[jax.Array, jax.Array]:
-    """The group's summed projections, one float32[32] per word, as sign planes (the formula of
+    """The group's summed projections, one float32[32 span] vector per `span` words (as
+    :func:`_pack_codes` returns them), as sign planes (the formula of
     `hata_jax.hashing.planes_from_projection`): (uint32[next_pow2(planes), next_pow2(words)]
     plane words, padding 0; float32 scale)."""
     top = 2**planes - 1
+    span = projections[0].shape[0] // WORD_BITS
     peak = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(p)) for p in projections])
     scale = jnp.maximum(peak, jnp.finfo(jnp.float32).tiny) / jnp.float32(top)
-    lane = lax.broadcasted_iota(jnp.int32, (WORD_BITS,), 0).astype(jnp.uint32)
-    shape = (pl.next_power_of_2(planes), pl.next_power_of_2(len(projections)))
+    lane = lax.broadcasted_iota(jnp.int32, (span * WORD_BITS,), 0)
+    lane_bit = (lane % WORD_BITS).astype(jnp.uint32)
+    shape = (pl.next_power_of_2(planes), pl.next_power_of_2(span * len(projections)))
     plane_row = lax.broadcasted_iota(jnp.int32, shape, 0)
     column = lax.broadcasted_iota(jnp.int32, shape, 1)
     out = jnp.zeros(shape, jnp.uint32)
-    for word, proj in enumerate(projections):
+    for index, proj in enumerate(projections):
         level = jnp.floor(proj / scale * 0.5 + jnp.float32((top + 1) * 0.5))
         level = jnp.minimum(jnp.maximum(level, 0.0), jnp.float32(top)).astype(jnp.uint32)
         for p in range(planes):
-            bits = jnp.sum(jnp.left_shift((level >> p) & jnp.uint32(1), lane), dtype=jnp.uint32)
-            out = jnp.where((plane_row == p) & (column == word), bits, out)
+            plane_bits = jnp.left_shift((level >> p) & jnp.uint32(1), lane_bit)
+            for word in range(span):
+                bits = jnp.sum(jnp.where(lane // WORD_BITS == word, plane_bits, jnp.uint32(0)), dtype=jnp.uint32)
+                out = jnp.where((plane_row == p) & (column == index * span + word), bits, out)
     return out, scale
 
 
@@ -289,12 +309,12 @@ def _encode_step_kernel(q_ref, k_ref, *refs, words: int, compute_dtype, parts: i
     rows = jnp.where(is_key[:, None], k[None, :].astype(compute_dtype), q.astype(compute_dtype))
     if planes:
         q_planes_ref, q_scale_ref = query_refs
-        codes, projections = _pack_codes(rows, w_refs, words, sum_rows=row < group)
+        codes, projections = _pack_codes(rows, w_refs, words, sum_rows=row < group, span=step_span(words))
         plane_words, scale = _query_planes(projections, planes)
         _store_codes(q_planes_ref, plane_words, lax.broadcasted_iota(jnp.int32, (plane_words.shape[0],), 0) < planes)
         q_scale_ref[...] = scale
     else:
-        codes = _pack_codes(rows, w_refs, words)
+        codes = _pack_codes(rows, w_refs, words, span=step_span(words))
         _store_codes(query_refs[0], codes, row < group)
     k_codes = jnp.sum(jnp.where(is_key[:, None], codes, jnp.uint32(0)), axis=0, dtype=jnp.uint32)
     column = lax.broadcasted_iota(jnp.int32, k_codes.shape, 0)
