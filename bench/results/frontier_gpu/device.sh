@@ -8,8 +8,10 @@
 #   d: with the dense control beside every method (speed_vs_dense) and the step floors, SmolLM2 2K at both
 #      budgets (the accuracy frontier's), then Llama 128K batch 1 at 1/16 and 1/32 for the leading methods
 #      (ran on an H100 2026-12-07; 2K 1/32 reached dense, hata and exact only)
-#   e, f (next): SmolLM2 4K, then 8K, at both budgets with the dense control, for the methods of the 50-prompt
-#      GPU evaluation (~20 s per method and budget with its control);
+#   e, f: SmolLM2 4K, then 8K, at both budgets with the dense control, for the methods of the 50-prompt
+#      GPU evaluation (~20 s per method and budget with its control); e also times the whole Llama-8B step at
+#      128K batch 1 (dense and HATA) with main before issue 13's encode/combine changes (baseline_d21630f/,
+#      unpacked by `git archive d21630f`, not committed) and after them, in the same run;
 #   g: SmolLM2 2K at 1/32 for the methods d did not reach
 # Results come back under $OUT as JSON (written as they complete) and logs.
 set -u
@@ -54,11 +56,17 @@ case $part in
       --methods dense hata loki streaming quest
     ;;
   e)
-    speed smollm2_4k_control 480 --models smollm2 --contexts 4096 --batches 1 --fractions 16 32 \
+    speed llama_128k_step_new 90 --models llama --contexts 131072 --batches 1 --fractions 16 --methods dense hata
+    for d in models train evaluation cli; do ln -sfn ../$d baseline_d21630f/hata_jax/$d; done
+    (cd baseline_d21630f && PYTHONPATH=$PWD timeout 120 python -m bench.selector_speed \
+      --out "$OUT/speed_llama_128k_step_baseline.json" --time-budget 90 --models llama --contexts 131072 \
+      --batches 1 --fractions 16 --methods dense hata 2>&1 | grep -v -i warning > "$OUT/speed_llama_128k_step_baseline.log")
+    tail -2 "$OUT/speed_llama_128k_step_baseline.log"
+    speed smollm2_4k_control 260 --models smollm2 --contexts 4096 --batches 1 --fractions 16 32 \
       --methods dense hata exact hata_rerank loki quest_authors streaming
     ;;
   f)
-    speed smollm2_8k_control 480 --models smollm2 --contexts 8192 --batches 1 --fractions 16 32 \
+    speed smollm2_8k_control 420 --models smollm2 --contexts 8192 --batches 1 --fractions 16 32 \
       --methods dense hata exact hata_rerank loki quest_authors streaming
     ;;
   g)
