@@ -53,13 +53,6 @@ def on_gpu() -> bool:
     return jax.default_backend() == "gpu"
 
 
-def block_barrier(interpret: bool) -> None:
-    """Make this program's global stores visible to all its threads (a no-op when interpreted,
-    where a program runs sequentially)."""
-    if not interpret:
-        pltriton.debug_barrier()
-
-
 def triton_call(
     kernel: Callable[..., None],
     *,
@@ -72,7 +65,6 @@ def triton_call(
     interpret: bool,
     name: str,
     scratch_shapes: Any = (),
-    input_output_aliases: dict[int, int] | None = None,
 ) -> Callable[..., Any]:
     """`pl.pallas_call` pinned to the Triton backend (see the module docstring).
 
@@ -85,7 +77,6 @@ def triton_call(
         in_specs=in_specs,
         out_specs=out_specs,
         scratch_shapes=scratch_shapes,
-        input_output_aliases=input_output_aliases or {},
         interpret=interpret,
         name=name,
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),

@@ -101,7 +101,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import radix_select as rs
-from pallas_kernels.backend import block_barrier, triton_call
+from pallas_kernels.backend import triton_call
 from pallas_kernels.radix_select import INT32_MAX, INT32_MIN, Tiling, count, iota
 
 # How a row was selected (launch C's decision; `*_with_path` return it per row).
@@ -368,7 +368,7 @@ def _sample_kernel(len_ref, *refs, source, layout, seq, budget, sink, recent, co
     keys = jnp.where(valid, rs.order_keys(scores.at(pos, valid), pos, length, sink=sink, recent=recent), INT32_MIN)
     keys_ref[...] = keys
     forced = count(keys == INT32_MAX)  # sink/recent positions in the sample
-    block_barrier(interpret)
+    rs.block_barrier(interpret)
     first = program * layout.sample_slice
     mine = keys_ref[pl.ds(first, layout.sample_slice)]
     mine_valid = first + iota((layout.sample_slice,)) < n_s
@@ -425,7 +425,7 @@ def _band_kernel(len_ref, bounds_ref, *refs, source, layout, tiling, seq, sink, 
     # chunks all fit their slots uses it).
     shift = band_shift(bounds.lo, bounds.top)
     hist_block = layout.list_block
-    block_barrier(interpret)
+    rs.block_barrier(interpret)
 
     def digits_of_block(i):
         member = i * hist_block + iota((hist_block,)) < n_band

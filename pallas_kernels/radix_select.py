@@ -151,6 +151,13 @@ def traced(value, like):
     return like * 0 + value
 
 
+def block_barrier(interpret: bool) -> None:
+    """Make this program's global stores visible to all its threads (a no-op when interpreted,
+    where a program runs sequentially)."""
+    if not interpret:
+        pltriton.debug_barrier()
+
+
 def order_keys(scores, pos, length, *, sink: int, recent: int):
     """int32 keys whose signed order is the order of `scores` (float32), NaN lowest; positions
     forced in (the first `sink`, the last `recent` before `length`) get the highest key."""
