@@ -28,10 +28,12 @@ the interpreter pads blocks.
 Precision: the reference projects in float32 with `Precision.HIGHEST`. When x is 16-bit (bf16
 or fp16) the dots run on tensor cores in x's dtype with float32 accumulation: a w of the same
 dtype is used as is (products of two 16-bit floats are exact in float32, so only the summation
-order differs from the reference); any other w (the usual float32 projection) is split by the
-wrapper into `w_hi = w` rounded to x.dtype and `w_lo = (w - w_hi).astype(x.dtype)` and the
-projection is `x @ w_hi + x @ w_lo`, within ~2^-17 (bf16) of the float32 one: far below the
-sign tolerance, at two tensor-core dots instead of an FMA-bound IEEE fp32 dot. A float32 x uses an IEEE fp32
+order differs from the reference); any other w (the usual float32 projection) is read as it is
+stored and split inside the kernel, tile by tile (:func:`_projection_parts`), into `w_hi = w`
+rounded to x.dtype and `w_lo = (w - w_hi).astype(x.dtype)`, and the projection is `x @ w_hi + x @
+w_lo`, within ~2^-17 (bf16) of the float32 one: far below the sign tolerance, at two tensor-core
+dots instead of an FMA-bound IEEE fp32 dot, and with no XLA op before the kernel (the split as an
+XLA fusion was a launch of its own, 0.9 us per layer and step on the H100). A float32 x uses an IEEE fp32
 dot (`Precision.HIGHEST`; Triton's default for an fp32 dot is tf32, which would flip signs of
 projections near zero): correct, compute-bound, not the production path.
 
@@ -73,7 +75,10 @@ Tunables (picked without GPU measurements; re-tune on the H100)
   the [128, 32] float32 projection 32 more; 8 warps would only halve work per warp.
 - `STEP_ROWS = 16` (the dot minimum; G + 1 <= 16 rows), `STEP_NUM_WARPS = 4`: the per-program
   work is a [16, D] x [D, rbit] product, a few thousand cycles at most; its float32 result is
-  16 x rbit / 128 registers a thread (16 at rbit 128).
+  16 x rbit / 128 registers a thread (16 at rbit 128). ptxas (pip's Triton 3.5 for sm_90a, on the
+  CPU) counts 166 registers at the Llama shape with a float32 w split in the kernel, no spills (64
+  at 8 warps; unmeasured on the GPU which is faster: 8 programs at batch 1, so registers cost no
+  occupancy).
 - `num_stages = 1` for both: no kernel has a loop over memory tiles to pipeline.
 """
 from __future__ import annotations
@@ -136,23 +141,29 @@ def _compute_dtype(*dtypes) -> jnp.dtype:
 
 
 def _projection_parts(w: jax.Array, compute_dtype) -> tuple[jax.Array, ...]:
-    """w as one or two arrays of the compute dtype whose sum is w to ~2^-17 (see Precision).
+    """A tile of w (any float dtype) as one or two tiles of the compute dtype whose sum is w to
+    ~2^-17 (see Precision), inside the kernel.
 
-    The high part is rounded with `lax.reduce_precision` inside float32, not by a round trip
-    `w.astype(bf16).astype(f32)`: under jit, XLA:GPU's excess-precision pass removes such a
-    convert pair, which makes the low part 0 and the projection a bf16 one (measured on the H100:
-    521 of 2.4M code bits flipped).
+    The high part is w rounded to the compute dtype's mantissa with integer operations on the
+    float32 bits (round to nearest even), not by a round trip `w.astype(bf16).astype(f32)`: a
+    compiler may delete such a convert pair (XLA:GPU's excess-precision pass does, under jit; on
+    the H100 that made the low part 0 and flipped 521 of 2.4M code bits). Below the 16-bit
+    dtype's normal range (|w| < 6.1e-5 for float16) the high part rounds a second time on its
+    cast, which costs at most that dtype's smallest subnormal.
     """
     if compute_dtype == jnp.float32 or w.dtype == compute_dtype:
         return (w.astype(compute_dtype),)
     w32 = w.astype(jnp.float32)
-    info = jnp.finfo(compute_dtype)
-    hi = lax.reduce_precision(w32, exponent_bits=info.nexp, mantissa_bits=info.nmant)
-    return hi.astype(compute_dtype), (w32 - hi).astype(compute_dtype)
+    dropped = 23 - jnp.finfo(compute_dtype).nmant  # float32 mantissa bits the compute dtype lacks
+    bits = lax.bitcast_convert_type(w32, jnp.uint32)
+    half = jnp.uint32(2 ** (dropped - 1) - 1) + ((bits >> dropped) & jnp.uint32(1))
+    hi32 = lax.bitcast_convert_type((bits + half) & jnp.uint32(~(2**dropped - 1) & 0xFFFFFFFF), jnp.float32)
+    return hi32.astype(compute_dtype), (w32 - hi32).astype(compute_dtype)
 
 
-def _pack_codes(rows: jax.Array, w_refs, words: int, sum_rows: jax.Array | None = None, span: int = 1):
-    """rows: [M, D] (compute dtype), w_refs: parts [D, 32 * words] of w -> uint32[M, next_pow2(words)].
+def _pack_codes(rows: jax.Array, w_ref, words: int, sum_rows: jax.Array | None = None, span: int = 1):
+    """rows: [M, D] (compute dtype), w_ref: [D, 32 * words] (any float dtype: each tile is split by
+    :func:`_projection_parts`) -> uint32[M, next_pow2(words)].
 
     Column c < words holds bits 32c .. 32c+31 (bit j set iff row . w[:, 32c + j] > 0); the
     padding columns are 0. Each dot projects `span` words (a power of two dividing `words`): one
@@ -169,8 +180,8 @@ def _pack_codes(rows: jax.Array, w_refs, words: int, sum_rows: jax.Array | None 
     for first in range(0, words, span):
         cols = pl.ds(first * WORD_BITS, width)
         proj = sum(
-            jnp.dot(rows, w_ref[:, cols], precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
-            for w_ref in w_refs
+            jnp.dot(rows, part, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+            for part in _projection_parts(w_ref[:, cols], rows.dtype)
         )
         bits = jnp.where(proj > 0, bit_values, jnp.uint32(0))
         for word in range(span):
@@ -195,14 +206,13 @@ def _store_codes(o_ref, codes: jax.Array, row_mask: jax.Array) -> None:
     pltriton.store(o_ref.at[pl.ds(0, codes.shape[0]), pl.ds(0, codes.shape[1])], codes, mask=mask)
 
 
-def _encode_kernel(x_ref, *refs, rows_grid_axis: int, num_rows: int, words: int, compute_dtype):
-    """x_ref: [M, D], refs: the parts [D, rbit] of w then o_ref: [M, words]; rows past `num_rows` are masked."""
-    *w_refs, o_ref = refs
+def _encode_kernel(x_ref, w_ref, o_ref, *, rows_grid_axis: int, num_rows: int, words: int, compute_dtype):
+    """x_ref: [M, D], w_ref: [D, rbit], o_ref: [M, words]; rows past `num_rows` are masked."""
     block_rows = x_ref.shape[0]
     first_row = pl.program_id(rows_grid_axis) * block_rows
     valid = first_row + lax.broadcasted_iota(jnp.int32, (block_rows,), 0) < num_rows
     rows = pltriton.load(x_ref, mask=valid[:, None], other=0).astype(compute_dtype)
-    _store_codes(o_ref, _pack_codes(rows, w_refs, words), valid)
+    _store_codes(o_ref, _pack_codes(rows, w_ref, words), valid)
 
 
 def _block_rows(num_rows: int) -> int:
@@ -239,7 +249,6 @@ def encode(x: jax.Array, w: jax.Array, *, head_axis: int, interpret: bool = Fals
     a = math.prod(x.shape[:head_axis])
     c = x.size // (a * heads * d)
     compute_dtype = _compute_dtype(x.dtype)
-    w_parts = _projection_parts(w, compute_dtype)
     kernel = functools.partial(_encode_kernel, words=words, compute_dtype=compute_dtype)
     w_spec = pl.BlockSpec((None, d, words * WORD_BITS), lambda *ids: (ids[1] // group, 0, 0))
     if c > 1:  # head-major: rows run along C
@@ -260,13 +269,13 @@ def encode(x: jax.Array, w: jax.Array, *, head_axis: int, interpret: bool = Fals
         kernel,
         out_shape=out,
         grid=grid,
-        in_specs=[x_spec] + [w_spec] * len(w_parts),
+        in_specs=[x_spec, w_spec],
         out_specs=o_spec,
         num_warps=PREFILL_NUM_WARPS,
         num_stages=NUM_STAGES,
         interpret=interpret,
         name="hash_encode",
-    )(x_view, *w_parts)
+    )(x_view, w)
     return codes.reshape(out_shape)
 
 
@@ -296,11 +305,11 @@ def _query_planes(projections: list, planes: int) -> tuple[jax.Array, jax.Array]
     return out, scale
 
 
-def _encode_step_kernel(q_ref, k_ref, *refs, words: int, compute_dtype, parts: int, planes: int):
-    """q_ref: [G, D], k_ref: [D], refs: the `parts` parts [D, rbit] of w, then q_codes_ref:
-    [G, words] (planes > 0: q_planes_ref [P, words] and q_scale_ref [], a scalar), k_codes_ref:
-    [words], k_norm_ref: [] (a scalar)."""
-    w_refs, query_refs, (k_codes_ref, k_norm_ref) = refs[:parts], refs[parts:-2], refs[-2:]
+def _encode_step_kernel(q_ref, k_ref, w_ref, *refs, words: int, compute_dtype, planes: int):
+    """q_ref: [G, D], k_ref: [D], w_ref: [D, rbit], then refs: q_codes_ref [G, words] (planes > 0:
+    q_planes_ref [P, words] and q_scale_ref [], a scalar), k_codes_ref [words], k_norm_ref [] (a
+    scalar)."""
+    query_refs, (k_codes_ref, k_norm_ref) = refs[:-2], refs[-2:]
     group = q_ref.shape[0]
     row = lax.broadcasted_iota(jnp.int32, (STEP_ROWS,), 0)
     q = pltriton.load(q_ref.at[pl.ds(0, STEP_ROWS), :], mask=(row < group)[:, None], other=0)
@@ -309,12 +318,12 @@ def _encode_step_kernel(q_ref, k_ref, *refs, words: int, compute_dtype, parts: i
     rows = jnp.where(is_key[:, None], k[None, :].astype(compute_dtype), q.astype(compute_dtype))
     if planes:
         q_planes_ref, q_scale_ref = query_refs
-        codes, projections = _pack_codes(rows, w_refs, words, sum_rows=row < group, span=step_span(words))
+        codes, projections = _pack_codes(rows, w_ref, words, sum_rows=row < group, span=step_span(words))
         plane_words, scale = _query_planes(projections, planes)
         _store_codes(q_planes_ref, plane_words, lax.broadcasted_iota(jnp.int32, (plane_words.shape[0],), 0) < planes)
         q_scale_ref[...] = scale
     else:
-        codes = _pack_codes(rows, w_refs, words, span=step_span(words))
+        codes = _pack_codes(rows, w_ref, words, span=step_span(words))
         _store_codes(query_refs[0], codes, row < group)
     k_codes = jnp.sum(jnp.where(is_key[:, None], codes, jnp.uint32(0)), axis=0, dtype=jnp.uint32)
     column = lax.broadcasted_iota(jnp.int32, k_codes.shape, 0)
@@ -366,9 +375,8 @@ def encode_step(q: jax.Array, k_new: jax.Array, w: jax.Array, *, query_planes: i
         outs += [jnp.zeros((0, kv_heads, words), jnp.uint32), jnp.zeros((0, kv_heads), jnp.float32)]
     else:
         compute_dtype = _compute_dtype(q.dtype, k_new.dtype)
-        w_parts = _projection_parts(w, compute_dtype)
         kernel = functools.partial(_encode_step_kernel, words=words, compute_dtype=compute_dtype,
-                                   parts=len(w_parts), planes=query_planes)
+                                   planes=query_planes)
         outs = triton_call(
             kernel,
             out_shape=(
@@ -380,7 +388,7 @@ def encode_step(q: jax.Array, k_new: jax.Array, w: jax.Array, *, query_planes: i
             in_specs=[
                 pl.BlockSpec((None, None, group, d), lambda i, h: (i, h, 0, 0)),
                 pl.BlockSpec((None, None, d), lambda i, h: (i, h, 0)),
-                *[pl.BlockSpec((None, d, words * WORD_BITS), lambda i, h: (h, 0, 0))] * len(w_parts),
+                pl.BlockSpec((None, d, words * WORD_BITS), lambda i, h: (h, 0, 0)),
             ],
             out_specs=(
                 *query_specs,
@@ -391,7 +399,7 @@ def encode_step(q: jax.Array, k_new: jax.Array, w: jax.Array, *, query_planes: i
             num_stages=NUM_STAGES,
             interpret=interpret,
             name="hash_encode_step",
-        )(q.reshape(b, kv_heads, group, d), k_new, *w_parts)
+        )(q.reshape(b, kv_heads, group, d), k_new, w)
     query_codes, *rest = outs
     return query_codes.reshape(b, kv_heads * query_rows, words), *rest
 

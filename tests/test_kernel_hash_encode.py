@@ -9,6 +9,7 @@ rare, so the comparison cannot pass vacuously.
 from __future__ import annotations
 
 import functools
+import re
 
 import brute_force as bf
 import jax
@@ -240,23 +241,38 @@ def test_float32_dot_lowers_to_ieee_not_tf32(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_float32_projection_split_survives_jit(dtype, rng):
-    """A float32 w for 16-bit x is split into w_hi + w_lo of x's dtype, summing to w within 2^-16
-    (plus the dtype's smallest subnormal, for float16).
+def test_float32_projection_split_is_exact_to_2_16(dtype, rng):
+    """A float32 w for 16-bit x is split, inside the kernel, into w_hi + w_lo of x's dtype summing
+    to w within 2^-16 (plus the dtype's smallest subnormal, for float16), w_hi being w rounded to
+    nearest even: checked on the split itself (with values at the rounding ties and below float16's
+    normal range) and under jit.
 
     The high part must not come from a `w.astype(dtype).astype(float32)` round trip: XLA:GPU's
     excess-precision pass deletes such convert pairs under jit, leaving w_lo = 0 (seen on the H100
-    as flipped code bits). The lowered module is checked for that pattern, which the CPU compiler
-    keeps and so cannot show.
+    as flipped code bits); the split rounds with integer operations on the bits, which the lowered
+    kernel is checked for.
     """
-    w = _projection(rng, 4, 64, 96, jnp.float32)
+    w = np.asarray(_projection(rng, 4, 64, 96, jnp.float32)).copy()
+    ulp = 2.0 ** -(jnp.finfo(dtype).nmant)
+    w[0, 0, :4] = [1 + ulp / 2, 1 + 3 * ulp / 2, -(1 + ulp / 2), 3e-6]  # ties (to even) and a float16 subnormal
     split = jax.jit(lambda w: hash_encode._projection_parts(w, dtype))
-    hi, lo = split(w)
+    hi, lo = split(jnp.asarray(w))
     assert hi.dtype == lo.dtype == dtype
-    np.testing.assert_allclose(np.asarray(hi, np.float64) + np.asarray(lo, np.float64), np.asarray(w),
+    np.testing.assert_array_equal(np.asarray(hi[0, 0, :3], np.float64), [1.0, 1 + 2 * ulp, -1.0])
+    np.testing.assert_array_equal(np.asarray(hi)[np.abs(w) >= 2.0**-14], np.asarray(jnp.asarray(w).astype(dtype))[
+        np.abs(w) >= 2.0**-14])  # round to nearest even, as a cast
+    np.testing.assert_allclose(np.asarray(hi, np.float64) + np.asarray(lo, np.float64), w,
                                rtol=2.0**-16, atol=float(jnp.finfo(dtype).smallest_subnormal))
     assert np.any(np.asarray(lo) != 0)
-    assert "reduce_precision" in split.lower(w).as_text()
+    assert "bitcast_convert" in split.lower(jnp.asarray(w)).as_text()
+
+
+def test_the_kernels_split_w_themselves():
+    """A float32 w reaches the kernels as is: no XLA op runs around `encode_step` but reshapes."""
+    text = backend.lower_for_cuda(hash_encode.encode_step, jnp.ones((1, 32, 128), jnp.bfloat16),
+                                  jnp.ones((1, 8, 128), jnp.bfloat16), jnp.ones((8, 128, 128), jnp.float32))
+    ops = set(re.findall(r"^\s*(?:%\S+ = )?(stablehlo\.[a-z_]+)", text, flags=re.MULTILINE))
+    assert ops == {"stablehlo.custom_call", "stablehlo.reshape"}, ops
 
 
 gpu_only = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")
