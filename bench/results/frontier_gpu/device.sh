@@ -8,7 +8,8 @@
 #   d: with the dense control beside every method (speed_vs_dense) and the step floors, SmolLM2 2K at both
 #      budgets (the accuracy frontier's), then Llama 128K batch 1 at 1/16 and 1/32 for the leading methods
 #      (ran on an H100 2026-12-07; 2K 1/32 reached dense, hata and exact only)
-#   e, f: SmolLM2 4K, then 8K, at both budgets with the dense control, for the methods of the 50-prompt
+#   e, f (ran on an H100 2026-12-07 at e25526f, as did g): SmolLM2 4K, then 8K, at both budgets with the dense
+#      control, for the methods of the 50-prompt
 #      GPU evaluation (~20 s per method and budget with its control); e also times the whole Llama-8B step at
 #      128K batch 1 (dense and HATA) with main before issue 13's encode_step change (6bfa1e0) (baseline_d21630f/,
 #      unpacked by `git archive d21630f`, not committed) and after them, in the same run;
