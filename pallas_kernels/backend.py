@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -146,3 +147,9 @@ def lower_for_cuda(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> str:
     traced = jax.jit(functools.partial(fn, **kwargs)).trace(*args)
     with _verified_triton_modules():
         return traced.lower(lowering_platforms=("cuda",)).as_text()
+
+
+def lowered_ops(text: str) -> list[str]:
+    """Op names of a lowered StableHLO module (:func:`lower_for_cuda`'s text), one per line (custom
+    calls' payloads are one-line attributes), closing braces left out."""
+    return re.findall(r"^\s*(?:%\S+ = )?([a-z_]+(?:\.[a-z_]+)?)", text, flags=re.MULTILINE)

@@ -14,7 +14,7 @@ from jax.experimental import pallas as pl
 
 from hata_jax import attention
 from pallas_kernels import flash_decode
-from pallas_kernels.backend import lower_for_cuda
+from pallas_kernels.backend import lower_for_cuda, lowered_ops
 from pallas_kernels.flash_decode import Tuning
 
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2, jnp.float16: 2e-2}
@@ -249,12 +249,6 @@ def test_lowers_for_cuda(dtype, head_dim, group):
     assert "hata_dense_decode" in dense and "hata_sparse_decode" in sparse
 
 
-def stablehlo_ops(text):
-    """Op names of a lowered StableHLO module, one per line (custom calls' payloads are one-line
-    attributes), closing braces left out."""
-    return re.findall(r"^\s*(?:%\S+ = )?([a-z_]+(?:\.[a-z_]+)?)", text, flags=re.MULTILINE)
-
-
 @pytest.mark.parametrize("splits, group", [(1, 4), (8, 3), (64, 8)])  # 64 x 8 rows: a 4-step combine
 @pytest.mark.parametrize("return_lse", [True, False])
 def test_a_call_is_its_kernels_and_nothing_else(splits, group, return_lse):
@@ -267,7 +261,7 @@ def test_a_call_is_its_kernels_and_nothing_else(splits, group, return_lse):
         ("hata_dense_decode", lower_for_cuda(flash_decode.dense_decode_attention, q, k, k, lengths, **kw)),
         ("hata_sparse_decode", lower_for_cuda(flash_decode.sparse_decode_attention, q, k, k, idx, count, **kw)),
     ):
-        ops = collections.Counter(stablehlo_ops(text))
+        ops = collections.Counter(lowered_ops(text))
         assert ops.pop("module") == ops.pop("call") == 1  # @main calls the jitted wrapper
         assert ops.pop("func.func") == ops.pop("return") == 2
         assert ops.pop("stablehlo.custom_call") == text.count("__gpu$xla.gpu.triton") == (1 if splits == 1 else 2)
