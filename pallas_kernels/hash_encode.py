@@ -76,9 +76,9 @@ Tunables (picked without GPU measurements; re-tune on the H100)
 - `STEP_ROWS = 16` (the dot minimum; G + 1 <= 16 rows), `STEP_NUM_WARPS = 4`: the per-program
   work is a [16, D] x [D, rbit] product, a few thousand cycles at most; its float32 result is
   16 x rbit / 128 registers a thread (16 at rbit 128). ptxas (pip's Triton 3.5 for sm_90a, on the
-  CPU) counts 166 registers at the Llama shape with a float32 w split in the kernel, no spills, and
-  64 at 8 warps. Which warp count is faster is unmeasured; with 8 programs at batch 1 the registers
-  cost no occupancy.
+  CPU: `bench/results/issue13_encode_split/encode_registers.py`) counts 166 registers at the Llama
+  shape with a float32 w split in the kernel, no spills, and 64 at 8 warps. Which warp count is
+  faster is unmeasured; with 8 programs at batch 1 the registers cost no occupancy.
 - `num_stages = 1` for both: no kernel has a loop over memory tiles to pipeline.
 """
 from __future__ import annotations
