@@ -72,7 +72,9 @@ Tunables (picked without GPU measurements; re-tune on the H100)
   dot minimum). Float32 inputs are computed with fp32 FMAs (IEEE dot) and are compute-bound,
   about 3x above their byte floor; they are not the production path.
 - `PREFILL_NUM_WARPS = 4`: a [128, 128] bf16 tile is 64 registers per thread at 128 threads,
-  the [128, 32] float32 projection 32 more; 8 warps would only halve work per warp.
+  the [128, 32] float32 projection 32 more; 8 warps would only halve work per warp. ptxas counts
+  156 registers with a float32 w split in the kernel (140 with the split in XLA): 3 programs an SM
+  either way.
 - `STEP_ROWS = 16` (the dot minimum; G + 1 <= 16 rows), `STEP_NUM_WARPS = 4`: the per-program
   work is a [16, D] x [D, rbit] product, a few thousand cycles at most; its float32 result is
   16 x rbit / 128 registers a thread (16 at rbit 128). ptxas (pip's Triton 3.5 for sm_90a, on the
