@@ -14,6 +14,8 @@
 #      128K batch 1 (dense and HATA) with main before issue 13's encode_step change (6bfa1e0) (baseline_d21630f/,
 #      unpacked by `git archive d21630f`, not committed) and after them, in the same run;
 #   g: SmolLM2 2K at 1/32 for the methods d did not reach
+#   h: SmolLM2 4K and 8K at both budgets with the dense control for the methods e and f did not time
+#      (hashattention, hashattention_authors, simhash)
 # Results come back under $OUT as JSON (written as they complete) and logs.
 set -u
 part=$1
@@ -73,6 +75,10 @@ case $part in
   g)
     speed smollm2_2k_b32_control 400 --models smollm2 --contexts 2048 --batches 1 --fractions 32 \
       --methods dense hashattention hashattention_authors hata_rerank loki quest quest_authors simhash streaming
+    ;;
+  h)
+    speed smollm2_4k_8k_rest_control 240 --models smollm2 --contexts 4096 8192 --batches 1 --fractions 16 32 \
+      --methods dense hashattention hashattention_authors simhash
     ;;
 esac
 ls -la "$OUT"
