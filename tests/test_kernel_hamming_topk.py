@@ -28,7 +28,7 @@ import hata_jax
 from hata_jax.scoring import scores_reference
 from hata_jax.selection import exact_slots as expected_selection  # the kernels' exact answer
 from pallas_kernels import band_select, hamming_topk, radix_select
-from pallas_kernels.backend import lower_for_cuda
+from pallas_kernels.backend import lower_for_cuda, lowered_ops
 from pallas_kernels.band_select import BandConfig
 from pallas_kernels.radix_select import Tiling
 
@@ -389,6 +389,19 @@ def test_lowers_for_cuda(batch, kv_heads, group, rbit, seq, budget):
     text = lower_for_cuda(lambda *a: hamming_topk.hamming_topk(*a[:4], budget=budget, score="asymmetric",
                                                                q_scales=a[4]), q, k, norms, lengths, scales)
     assert all(name in text for name in ["hata_hamming_sample", "hata_hamming_band", *launches])
+
+
+def test_selection_runs_no_xla_op_between_launches():
+    """Scoring and selection lower to their launches and literals only: the histograms' one-hot
+    table is a constant of the program, not an XLA fusion run before every selection."""
+    q = jax.ShapeDtypeStruct((2, 6, 4), jnp.uint32)
+    k = jax.ShapeDtypeStruct((2, 3, 4096, 4), jnp.uint32)
+    norms = jax.ShapeDtypeStruct((2, 3, 4096), jnp.float32)
+    lengths = jax.ShapeDtypeStruct((2,), jnp.int32)
+    for text in (lower_for_cuda(hamming_topk.hamming_topk, q, k, norms, lengths, budget=256, score="key_norm"),
+                 lower_for_cuda(lambda s, n: hamming_topk.select_topk(s, 256, n), norms, lengths)):
+        ops = set(lowered_ops(text)) - {"module", "func.func", "call", "return"}
+        assert ops == {"stablehlo.custom_call", "stablehlo.constant"}, ops
 
 
 @pytest.mark.parametrize(
