@@ -75,7 +75,8 @@ def layer_ops(b: int, n: int, budget: int) -> dict:
     hata = hj.HataConfig(rbit=rbit, budget=budget)
     ops = {
         "dense_layer": (lambda q, c: hj.dense_decode_attention(q, c.k, c.v, c.lengths, impl="pallas"), (q, cache)),
-        "hata_layer": (lambda q, c: hata_attention(q, k_new, c, w, hata, "pallas"), (q, cache)),
+        # k_new and w are arguments, as in the model's step (closed over, XLA would fold their work into constants)
+        "hata_layer": (lambda q, c, k_new, w: hata_attention(q, k_new, c, w, hata, "pallas"), (q, cache, k_new, w)),
     }
     for i, method in enumerate(("loki", "streaming")):
         plan = AttentionPlan.for_method(1, method, hata, "pallas", dense_layers=0)
@@ -117,8 +118,8 @@ def main(argv=None) -> int:
     scores = jax.random.normal(keys[7], (b, hkv, n), jnp.float32)
     idx, count = hj.hamming_topk(q_codes, codes, norms, lengths, budget=budget, impl="pallas")
     ops = {
-        "encode_step": (lambda q, kn: hj.encode_step(q, kn, w, impl="pallas"), (q, k[:, :, 0])),
-        "encode_prefill_32k": (lambda x: hj.encode(x, w, head_axis=1, impl="pallas"), (k[:, :, :32768],)),
+        "encode_step": (lambda q, kn, w: hj.encode_step(q, kn, w, impl="pallas"), (q, k[:, :, 0], w)),
+        "encode_prefill_32k": (lambda x, w: hj.encode(x, w, head_axis=1, impl="pallas"), (k[:, :, :32768], w)),
         "hamming_scores": (lambda *a: hj.hamming_scores(*a, impl="pallas"), (q_codes, codes, norms, lengths)),
         "select_topk": (lambda s: hj.select_topk(s, budget, lengths, impl="pallas"), (scores,)),
         "lax.top_k": (lambda s: jax.lax.top_k(s, budget), (scores,)),
