@@ -217,11 +217,21 @@ def _perplexity(records: dict, units) -> float:
     return float(np.exp(sum(records[u]["nll"] for u in units) / sum(records[u]["tokens"] for u in units)))
 
 
+def run_settings(root: pathlib.Path, stage: str, length: int) -> dict:
+    """The settings of one run directory's `run.json` but the implementation (trained weights by digest)."""
+    settings = json.loads((root / f"{stage}_{length}" / "run.json").read_text())["settings"]
+    return {k: v for k, v in settings.items() if k != "impl"}
+
+
 def agreement(gpu: pathlib.Path, cpu: pathlib.Path) -> list[dict]:
-    """Per (stage, length, method, budget) present on both: units whose prediction is identical."""
+    """Per (stage, length, method, budget) present on both with the same settings but the implementation
+    (e.g. the same trained weights; of the settings both record): units whose prediction is identical."""
     a, b = load(gpu), load(cpu)
     rows = []
     for key in sorted(set(a) & set(b), key=str):
+        mine, theirs = run_settings(gpu, *key[:2]), run_settings(cpu, *key[:2])
+        if any(mine[k] != theirs[k] for k in set(mine) & set(theirs)):  # older runs record fewer settings
+            continue  # other weights or settings: not a comparison of implementations
         common = [u for u in b[key] if u in a[key]]
         if any(a[key][u]["digest"] != b[key][u]["digest"] for u in common):
             raise ValueError(f"{key}: the two runs used other prompts")
