@@ -32,8 +32,10 @@ order differs from the reference); any other w (the usual float32 projection) is
 stored and split inside the kernel, tile by tile (:func:`_projection_parts`), into `w_hi = w`
 rounded to x.dtype and `w_lo = (w - w_hi).astype(x.dtype)`, and the projection is `x @ w_hi + x @
 w_lo`, within ~2^-17 (bf16) of the float32 one: far below the sign tolerance, at two tensor-core
-dots instead of an FMA-bound IEEE fp32 dot, and with no XLA op before the kernel (the split as an
-XLA fusion was a launch of its own, 0.9 us per layer and step on the H100). A float32 x uses an IEEE fp32
+dots instead of an FMA-bound IEEE fp32 dot, and with no XLA op before the kernel (in the model's
+step w is a runtime argument, so a split in XLA is a fusion launched every layer and step; the
+in-kernel split costs `encode_step` 0.5 us on the H100, 5.0 -> 5.5 us at the Llama shape,
+BENCHMARKS.md). A float32 x uses an IEEE fp32
 dot (`Precision.HIGHEST`; Triton's default for an fp32 dot is tf32, which would flip signs of
 projections near zero): correct, compute-bound, not the production path.
 
