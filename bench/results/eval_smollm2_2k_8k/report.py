@@ -42,7 +42,8 @@ STAGE_LABELS = {"main": "", "asym": " (asymmetric)", "eta": " (eta 0.02 codes)",
                 "asym_rerank_b32": " (asymmetric)", "asym_kept_b32": " (asymmetric, sink 4 + recent 16)",
                 "selectors": "", "simhash_asym": " (asymmetric)", "loki16": " (16 channels)", "loki8": " (8 channels)",
                 "quest8": " (pages of 8)", "asym_rerank2_b32": " (asymmetric, c = 2)", "loki8_b32": " (8 channels)",
-                "loki_b32": "", "quest_b32": "", "hashattention_b32": "", "simhash_asym_b32": " (asymmetric)"}
+                "loki_b32": "", "quest_b32": "", "hashattention_b32": "", "simhash_asym_b32": " (asymmetric)",
+                "references": ""}
 # The methods whose paired differences against every other method at their budget are reported.
 PAIRED = ("hata", "hata (asymmetric)")
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "variable_tracking", "common_words",
@@ -96,20 +97,27 @@ def bootstrap(matrices: list[np.ndarray], weights: list[float], seed: int = 0) -
     return 100 * point, [100 * float(low), 100 * float(high)]
 
 
+DENSE_STAGES = ("main", "references")  # the stages that run dense, the reference of the "of dense" columns
+
+
+def dense_units(units: dict, length: int) -> dict:
+    """Dense's records at `length`: those of the first stage of DENSE_STAGES that ran it (else empty)."""
+    return next((units[key] for key in ((stage, length, "dense", None) for stage in DENSE_STAGES) if key in units), {})
+
+
 def summarize(root: pathlib.Path, samples: int, speed: dict | None = None) -> dict:
     units = load(root)
     out = {"samples": samples, "rows": [], "pairs": []}
     for length in sorted({k[1] for k in units}):
-        dense = _matrix(units.get(("main", length, "dense", None), {}), samples)
+        dense = _matrix(dense_units(units, length), samples)
         keyed = {}
         for (stage, n, method, budget), got in sorted(units.items(), key=_order):
             matrix = _matrix(got, samples) if n == length else None
             if matrix is None:
                 continue
             digests = {(t, i): got[t, i]["digest"] for t in TASKS for i in range(samples)}
-            dense_units = units.get(("main", length, "dense", None), {})
-            if dense is not None and any(dense_units[u]["digest"] != d for u, d in digests.items()):
-                raise ValueError(f"{stage}_{length}: other prompts than main_{length}")
+            if dense is not None and any(dense_units(units, length)[u]["digest"] != d for u, d in digests.items()):
+                raise ValueError(f"{stage}_{length}: other prompts than dense's at {length}")
             label = method + STAGE_LABELS.get(stage, f" ({stage})")
             keyed[label, budget] = matrix
             score, ci = bootstrap([matrix], [1.0])
@@ -191,10 +199,10 @@ def perplexities(root: pathlib.Path) -> list[dict]:
     units = load(root, "perplexity")
     rows = []
     for (stage, length, method, budget), got in sorted(units.items(), key=_order):
-        dense = units.get(("main", length, "dense", None), {})
+        dense = dense_units(units, length)
         common = [u for u in got if u in dense]
         if any(got[u]["digest"] != dense[u]["digest"] for u in common):
-            raise ValueError(f"{stage}_{length}: perplexity on other sequences than main_{length}")
+            raise ValueError(f"{stage}_{length}: perplexity on other sequences than dense's at {length}")
         row = {"length": length, "method": method + STAGE_LABELS.get(stage, f" ({stage})"), "budget": budget,
                "sequences": len(got), "perplexity": _perplexity(got, got)}
         if common and budget is not None:
@@ -253,7 +261,8 @@ def tables(summary: dict, agree: list[dict] | None) -> str:
             budget = "-" if r["budget"] is None else f"{r['budget']} ({r['fraction']})"
             lines.append(f"| {r['method']} | {budget} | " + " | ".join(f"{r['tasks'][t]:.1f}" for t in TASKS)
                          + f" | {r['score']:.1f} [{r['ci95'][0]:.1f}, {r['ci95'][1]:.1f}] | "
-                         + (f"{r['of_dense']:.1f}% |" if "of_dense" in r else "100% |"))
+                         + (f"{r['of_dense']:.1f}% |" if "of_dense" in r
+                            else "100% |" if r["budget"] is None else "- |"))  # "-": no dense at this length
         pairs = [p for p in summary["pairs"] if p["length"] == length]
         if pairs:
             lines += ["", "| method | minus | budget | difference [95% CI, paired] |", "|---|---|---|---:|"]

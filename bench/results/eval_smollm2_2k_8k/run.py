@@ -28,6 +28,8 @@ sink or recent tokens except where a method's authors force them and in asym_kep
   quest8         quest_authors with pages of 8 tokens (32 bytes per token; pages of 16: 16)
   asym_rerank2_b32  hata_rerank with c = 2 and the asymmetric score at 1/32
   loki8_b32      loki with 8 channels at 1/32
+  references     dense and exact only (the references without main's other methods: e.g. perplexity at 4K on the
+                 CPU, where main's six methods take an hour)
   perplexity     teacher-forced perplexity (4 held-out sequences) of the methods of the stages named by
                  --perplexity-of (default: main, asym and eta)
 
@@ -80,6 +82,7 @@ STAGES = {  # name: (methods, budget fraction, extra EvalConfig fields, which we
     "quest_b32": (("quest_authors",), 32, {}, None),
     "hashattention_b32": (("hashattention_authors",), 32, KEY_NORM, "hashattention"),
     "simhash_asym_b32": (("simhash",), 32, ASYMMETRIC, None),
+    "references": (("dense", "exact"), 16, {}, None),
 }
 PERPLEXITY = ("main", "asym", "eta")
 
