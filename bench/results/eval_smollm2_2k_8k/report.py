@@ -109,14 +109,15 @@ def summarize(root: pathlib.Path, samples: int, speed: dict | None = None) -> di
     units = load(root)
     out = {"samples": samples, "rows": [], "pairs": []}
     for length in sorted({k[1] for k in units}):
-        dense = _matrix(dense_units(units, length), samples)
+        reference = dense_units(units, length)
+        dense = _matrix(reference, samples)
         keyed = {}
         for (stage, n, method, budget), got in sorted(units.items(), key=_order):
             matrix = _matrix(got, samples) if n == length else None
             if matrix is None:
                 continue
             digests = {(t, i): got[t, i]["digest"] for t in TASKS for i in range(samples)}
-            if dense is not None and any(dense_units(units, length)[u]["digest"] != d for u, d in digests.items()):
+            if dense is not None and any(reference[u]["digest"] != d for u, d in digests.items()):
                 raise ValueError(f"{stage}_{length}: other prompts than dense's at {length}")
             label = method + STAGE_LABELS.get(stage, f" ({stage})")
             keyed[label, budget] = matrix
