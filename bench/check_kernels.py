@@ -40,7 +40,7 @@ from pallas_kernels import band_select, hamming_topk
 SELECT_VARIANTS = {
     "default": band_select.BandConfig(),
     "sample 1024": band_select.BandConfig(sample=1024),
-    "tight": band_select.BandConfig(slots_divisor=4, bucket_cap=256, rank_slice=16),
+    "tight": band_select.BandConfig(slots_divisor=4, bucket_cap=256),
 }
 
 

@@ -35,7 +35,6 @@ GROUPS = (
     ("hata_encode", "encode"),
     ("hata_sparse", "sparse attention"),
     ("hata_dense", "dense attention"),
-    ("hata_combine", "attention combine"),
     ("hata_", "other hata kernels"),
     ("gemm", "matmul"),
     ("gemv", "matmul"),

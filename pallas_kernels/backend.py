@@ -66,6 +66,7 @@ def triton_call(
     interpret: bool,
     name: str,
     scratch_shapes: Any = (),
+    input_output_aliases: dict[int, int] | None = None,
 ) -> Callable[..., Any]:
     """`pl.pallas_call` pinned to the Triton backend (see the module docstring).
 
@@ -78,6 +79,7 @@ def triton_call(
         in_specs=in_specs,
         out_specs=out_specs,
         scratch_shapes=scratch_shapes,
+        input_output_aliases=input_output_aliases or {},
         interpret=interpret,
         name=name,
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),

@@ -1,13 +1,12 @@
-"""Exact top-`budget` selection: a sample-band fast path with the radix select as fallback.
+"""Exact top-`budget` selection: a sample-band fast path, and one program per row as its fallback.
 
 The pipeline behind :func:`select_topk` (scores given) and :func:`pallas_kernels.hamming_topk.
 hamming_topk` (scores computed from the codes in launches A and B). Per row `(b, h)` with
 `L = lengths[b]` valid positions and `k = min(L, budget)`; keys are `radix_select.order_keys`
-(forced sink/recent positions INT32_MAX, NaN INT32_MIN). Seven launches, static shapes, no sort,
-no atomics, no host sync; every path gives the same deterministic answer (all keys above the
-threshold key, then keys equal to it lowest position first; slots in ascending position). An
-earlier serial design (one program per row searching for the threshold) took 60.0 us where this
-one takes 28.3 us on the H100 (`select_topk`, [8, 131072] float32, k = 2048: BENCHMARKS.md).
+(forced sink/recent positions INT32_MAX, NaN INT32_MIN). Four launches, static shapes, no sort,
+no atomics, no host sync, and no launch that only fallback rows use; every path gives the same
+deterministic answer (all keys above the threshold key, then keys equal to it lowest position
+first; slots in ascending position).
 
 A. **sample** (`*_sample`, grid `(B, Hkv, sample / sample_slice)`): the row's sample is
    `n_s = min(L, sample)` positions, one per stratum of `L / n_s` positions at an offset hashed
@@ -33,23 +32,25 @@ B. **band pass** (`*_band`, grid `(B, Hkv, chunks)`, fused with scoring for `ham
    digit over those slots (the radix select's one-hot MMA), stored as suffix counts (coarse and
    fine). The band digit is `(key - t_lo) >> shift`, with `shift` making `[t_lo, t_top]` span 8
    bits, and 255 above `t_top`.
-C. **decide** (`hata_select_decide`, grid `(B, Hkv, chunks)`): every program computes the
+C. **decision** (`hata_select_decide`, grid `(B, Hkv, chunks)`): every program computes the
    row's plan from the counts alone (`row_plan`: the threshold bucket, the band digit holding
    the `(k - n_above)`-th largest band key, from the coarse suffix counts and one row of the
    fine ones, the same in every program). The fast path holds iff `n_above <= k <= n_above +
    n_band`, no chunk overflowed (or `t_lo == t_hi`), and the threshold is settled here
    (PATH_NO_BAND_KEY, PATH_ONE_KEY_BAND, PATH_ONE_KEY_BUCKET: the bucket is one key value) or
-   the bucket holds at most `bucket_cap` keys (PATH_RANKED): then each program copies its own
-   chunk's bucket keys (one scan of its slots) into the row's bucket list after those of the
-   chunks before it. Each program writes its own chunk's counts; rows not on the fast path run
-   radix pass 0 in every program.
-D. **fallback passes 1..3** (`hata_select_pass{1,2,3}`): return at once on fast rows, except
-   pass 1 on PATH_RANKED rows: program c ranks bucket keys `[j rank_slice, (j+1) rank_slice)`
-   for `j = c, c + chunks, ...` against the whole list (pairwise, as in A) and the program
-   holding the threshold's rank writes it.
-E. **compaction** (`hata_select_compact`): both paths; writes the index buffer. On PATH_RANKED
-   each program splits its chunk's bucket count (and those of the chunks before it) into keys
-   above and equal to the threshold from the bucket list (`ranked_plan`).
+   the bucket holds at most `bucket_cap` keys (PATH_RANKED): then each program writes its own
+   chunk's counts and copies its chunk's bucket keys (one scan of its slots) into the row's
+   bucket list after those of the chunks before it. On a row the fast path cannot take
+   (PATH_FALLBACK) the chunk-0 program selects the whole row alone (`radix_select.row_select`:
+   four histogram passes and a counting scan over the row, L2-resident after launch B) and
+   writes every chunk's counts; the row's other programs return. A fallback row costs its
+   launch the time of that one program (rare: see the tunables), and a row on the fast path
+   pays nothing for it.
+D. **compaction** (`hata_select_compact`, `radix_select.compact_launch`): every row; writes the
+   index buffer from each chunk's counts (`chunk_plan_of`). On PATH_RANKED every program first
+   finds the threshold in the bucket list (`bucket_threshold`: a four-pass radix select over
+   at most `bucket_cap` listed keys) and splits its chunk's bucket count into keys above and
+   equal to it.
 
 `select_topk_with_path` / `hamming_topk_with_path` also return how each row was selected
 (`PATH_*`).
@@ -78,12 +79,10 @@ Tunables (:class:`BandConfig`):
 - `list_block = 128` band keys per histogram MMA step (one step per chunk at the Llama shape).
 - `decide_warps = 4`: the decision holds `[chunks, 16]` tiles and 1024 slots; the radix pass 0
   it also holds fixes the register count (116).
-- `bucket_cap = 2048`: an 8 KiB bucket list per row; ranking costs `found**2` pairs spread over
-  the row's programs (~1M pairs for the ~1000-key buckets of integer "hamming" scores, 32K
-  per program). A larger bucket of more than one value (heavy ties: e.g. few distinct scores
-  over a long row) takes the radix fallback.
-- `rank_slice = 32`, `rank_step = 128`: the pass-1 ranking tile `[32, 128]` keeps that launch
-  at the refine pass's 128 registers (`[32, 256]` needed 168).
+- `bucket_cap = 2048`: an 8 KiB bucket list per row; every compaction program of a PATH_RANKED
+  row runs four histogram passes over it (`cdiv(found, list_block)` MMA steps each). A larger
+  bucket of more than one value (heavy ties: e.g. few distinct scores over a long row) takes
+  the fallback.
 The tiling (chunks, loop blocks, warps) is :class:`pallas_kernels.radix_select.Tiling`'s, with
 its tunables in :mod:`pallas_kernels.hamming_topk`.
 """
@@ -105,12 +104,12 @@ from pallas_kernels.backend import triton_call
 from pallas_kernels.radix_select import INT32_MAX, INT32_MIN, Tiling, count, iota
 
 # How a row was selected (launch C's decision; `*_with_path` return it per row).
-PATH_FALLBACK = 0  # the radix passes
+PATH_FALLBACK = 0  # one program's radix select of the whole row
 PATH_NO_BAND_KEY = 1  # k keys above the band: the threshold is t_hi
 PATH_ONE_KEY_BAND = 2  # t_lo == t_hi (ties, all equal, lengths[b] <= budget)
 PATH_ONE_KEY_BUCKET = 3  # the threshold bucket is one key value ([t_lo, t_top] spans < 256 keys)
 # 4..6 were an earlier design's cases; PATH_RANKED keeps its number (recorded results count rows by path).
-PATH_RANKED = 7  # the bucket's keys ranked pairwise by the programs of fallback pass 1's launch
+PATH_RANKED = 7  # the threshold found among the bucket's listed keys by each compaction program
 
 BOUND_LO, BOUND_HI, BOUND_TOP = 0, 1, 2  # a row's band bounds: keys t_lo, t_hi, t_top
 BOUNDS_WIDTH = 4
@@ -134,9 +133,7 @@ class BandConfig:
     slots_divisor: int = 2  # band slots per chunk = chunk / slots_divisor
     list_block: int = 128  # band keys per histogram MMA step in launch B
     decide_warps: int = 4
-    bucket_cap: int = 2048  # most threshold-bucket keys ranked; a larger bucket: radix fallback
-    rank_slice: int = 32  # most bucket keys ranked per program of fallback pass 1's launch
-    rank_step: int = 128  # bucket keys compared per loop step of that ranking
+    bucket_cap: int = 2048  # most threshold-bucket keys listed; a larger bucket: the fallback
 
     def __post_init__(self):
         for name in (
@@ -148,17 +145,14 @@ class BandConfig:
             "list_block",
             "decide_warps",
             "bucket_cap",
-            "rank_slice",
-            "rank_step",
         ):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"BandConfig.{name} must be a power of two, got {value}")
         if self.sample > MAX_SAMPLE:
             raise ValueError(f"BandConfig.sample must be <= {MAX_SAMPLE}, got {self.sample}")
-        for name in ("list_block", "rank_slice", "rank_step"):
-            if getattr(self, name) < MIN_SLOTS:
-                raise ValueError(f"BandConfig.{name} must be >= {MIN_SLOTS}, got {getattr(self, name)}")
+        if self.list_block < MIN_SLOTS:
+            raise ValueError(f"BandConfig.list_block must be >= {MIN_SLOTS}, got {self.list_block}")
         if self.top_rank < 1:
             raise ValueError(f"BandConfig.top_rank must be >= 1, got {self.top_rank}")
 
@@ -172,9 +166,7 @@ class BandLayout(NamedTuple):
     sample_programs: int
     slots: int  # band slots per chunk
     list_block: int
-    rank_slice: int  # bucket keys ranked per program and round
-    rank_step: int
-    bucket_cap: int  # most bucket keys ranked
+    bucket_cap: int  # most bucket keys listed
 
 
 def band_layout(config: BandConfig, tiling: Tiling, seq: int) -> BandLayout:
@@ -188,8 +180,6 @@ def band_layout(config: BandConfig, tiling: Tiling, seq: int) -> BandLayout:
         sample_programs=sample // sample_slice,
         slots=slots,
         list_block=min(config.list_block, slots),
-        rank_slice=min(config.rank_slice, config.bucket_cap),
-        rank_step=min(config.rank_step, config.bucket_cap),
         bucket_cap=config.bucket_cap,
     )
 
@@ -438,8 +428,7 @@ def _band_kernel(len_ref, bounds_ref, *refs, source, layout, tiling, seq, sink, 
 
 
 # ----------------------------------------------------------------------------------------------
-# Launch C: the decision (with fallback pass 0); launch D: fallback pass 1 or the bucket's
-# ranking; the fast rows' plan for the compaction.
+# Launch C: the decision (a fallback row selected whole by one program).
 
 
 class RowPlan(NamedTuple):
@@ -447,7 +436,7 @@ class RowPlan(NamedTuple):
     [chunks])."""
 
     path: jax.Array
-    threshold: jax.Array  # the threshold key (PATH_RANKED: found by the ranking launch)
+    threshold: jax.Array  # the threshold key (PATH_RANKED: found by the compaction)
     remaining: jax.Array  # keys equal to the threshold to take (PATH_RANKED: the threshold's rank in the bucket)
     found: jax.Array  # PATH_RANKED: the bucket's keys (else 0)
     greater: jax.Array  # keys above the threshold (PATH_RANKED: above the bucket)
@@ -506,11 +495,8 @@ def _decide_kernel(
     scores_ref,
     table_ref,
     decision_ref,
-    fast_counts_ref,
+    plan_counts_ref,
     bucket_ref,
-    state_ref,
-    coarse_ref,
-    fine_ref,
     *,
     layout,
     tiling,
@@ -519,147 +505,122 @@ def _decide_kernel(
     sink,
     recent,
 ):
-    """Every program: the row's plan, its own chunk's counts, and on PATH_RANKED its chunk's
-    bucket keys appended to the row's bucket list (chunk order: chunk c's keys start after
-    the buckets of chunks < c). Fallback rows: radix pass 0."""
+    """Every program: the row's plan from the band counts. On the fast path each writes its own
+    chunk's counts and, on PATH_RANKED, appends its chunk's bucket keys to the row's bucket list
+    (chunk order: chunk c's keys start after the buckets of chunks < c). A fallback row: its
+    chunk-0 program selects the whole row (`radix_select.row_select`), the others return."""
     geo = rs.chunk_geometry(len_ref, tiling, seq)
     chunk = geo.chunk_index
     own_keys = slots_ref[...]  # loaded with the counts: the first n_band[chunk] are this chunk's band keys
     bounds = load_bounds(bounds_ref)
     n_band = counts_ref[:, 1]
-    plan = row_plan(
-        bounds, counts_ref[:, 0], n_band, band_coarse_ref, band_fine_ref, rs.k_effective(geo.length, budget), layout
-    )
-    fast_counts_ref[0] = rs.pick(plan.greater, chunk)
-    fast_counts_ref[1] = rs.pick(plan.equal, chunk)
-    lanes = iota(own_keys.shape)
-    member = (
-        (plan.path == PATH_RANKED)
-        & (lanes < rs.pick(n_band, chunk))
-        & (band_digit(own_keys, bounds, plan.shift) == plan.digit)
-    )
-    first_slot = jnp.sum(jnp.where(iota(plan.equal.shape) < chunk, plan.equal, 0))
-    slot = first_slot + jnp.cumsum(member.astype(jnp.int32)) - 1
-    keep = member & (slot < layout.bucket_cap)
-    pltriton.store(bucket_ref.at[jnp.where(keep, slot, layout.bucket_cap)], own_keys, mask=keep)
+    k_eff = rs.k_effective(geo.length, budget)
+    plan = row_plan(bounds, counts_ref[:, 0], n_band, band_coarse_ref, band_fine_ref, k_eff, layout)
+    fast = plan.path != PATH_FALLBACK
 
-    @pl.when(chunk == 0)
+    @pl.when(fast)
     def _():
-        decision_ref[rs.DECISION_PATH] = plan.path
-        decision_ref[rs.DECISION_THRESHOLD] = plan.threshold
-        decision_ref[rs.DECISION_REMAINING] = plan.remaining
-        decision_ref[rs.DECISION_FOUND] = plan.found
-
-    @pl.when(plan.path == PATH_FALLBACK)
-    def _():
-        rs.first_pass(
-            scores_ref,
-            table_ref,
-            state_ref,
-            coarse_ref,
-            fine_ref,
-            geo,
-            tiling=tiling,
-            budget=budget,
-            sink=sink,
-            recent=recent,
+        plan_counts_ref[chunk, 0] = rs.pick(plan.greater, chunk)
+        plan_counts_ref[chunk, 1] = rs.pick(plan.equal, chunk)
+        lanes = iota(own_keys.shape)
+        member = (
+            (plan.path == PATH_RANKED)
+            & (lanes < rs.pick(n_band, chunk))
+            & (band_digit(own_keys, bounds, plan.shift) == plan.digit)
         )
+        first_slot = jnp.sum(jnp.where(iota(plan.equal.shape) < chunk, plan.equal, 0))
+        slot = first_slot + jnp.cumsum(member.astype(jnp.int32)) - 1
+        keep = member & (slot < layout.bucket_cap)
+        pltriton.store(bucket_ref.at[jnp.where(keep, slot, layout.bucket_cap)], own_keys, mask=keep)
 
-
-def _rank_or_refine_kernel(
-    len_ref,
-    scores_ref,
-    table_ref,
-    decision_ref,
-    bucket_ref,
-    state_in_ref,
-    coarse_in_ref,
-    fine_in_ref,
-    state_ref,
-    coarse_ref,
-    fine_ref,
-    threshold_ref,
-    *,
-    layout,
-    tiling,
-    seq,
-    sink,
-    recent,
-):
-    """Fallback pass 1 on fallback rows; on PATH_RANKED rows program c ranks the bucket keys
-    [j rank_slice, (j+1) rank_slice) for j = c, c + chunks, c + 2 chunks, ... against all of
-    them, and the one holding the threshold's rank writes it."""
-    geo = rs.chunk_geometry(len_ref, tiling, seq)
-    chunks = pl.num_programs(2)
-    path = decision_ref[rs.DECISION_PATH]
-
-    @pl.when(path == PATH_FALLBACK)
+    @pl.when(fast & (chunk == 0))
     def _():
-        rs.refine_pass(
-            scores_ref,
-            table_ref,
-            state_in_ref,
-            coarse_in_ref,
-            fine_in_ref,
-            state_ref,
-            coarse_ref,
-            fine_ref,
-            geo,
-            pass_index=1,
-            tiling=tiling,
-            sink=sink,
-            recent=recent,
+        write_decision(decision_ref, plan.path, plan.threshold, plan.remaining, plan.found, 0)
+
+    @pl.when(jnp.logical_not(fast) & (chunk == 0))
+    def _():
+        state = rs.row_select(
+            scores_ref, table_ref, plan_counts_ref, geo.length, seq=seq, tiling=tiling, budget=budget, sink=sink,
+            recent=recent
         )
-
-    @pl.when(path == PATH_RANKED)
-    def _():
-        found = decision_ref[rs.DECISION_FOUND]
-        rank = decision_ref[rs.DECISION_REMAINING]
-        size, step = layout.rank_slice, layout.rank_step
-
-        def listed_keys(start, n):
-            listed = start + iota((n,)) < found
-            return pltriton.load(bucket_ref.at[pl.ds(start, n)], mask=listed, other=INT32_MIN), listed
-
-        def rank_slice(j, carry):
-            mine, mine_valid = listed_keys((j * chunks + geo.chunk_index) * size, size)
-            above, at_least = count_ranks(mine, pl.cdiv(found, step), step, lambda i: listed_keys(i * step, step)[0])
-            write_ranked(threshold_ref, (), rank, mine, mine_valid, above, at_least)
-            return carry
-
-        rounds = pl.cdiv(jnp.maximum(found - geo.chunk_index * size, 0), chunks * size)
-        lax.fori_loop(0, rounds, rank_slice, 0)
+        threshold = state.signed_prefix(rs.DIGIT_BITS * state.refined)
+        write_decision(decision_ref, plan.path, threshold, state.remaining, 0, state.shift)
 
 
-def ranked_plan(decision_ref, fast_counts_ref, bucket_ref, threshold_ref, *, chunk_index) -> rs.ChunkPlan:
-    """A fast row's ChunkPlan (fast_counts_ref: [chunks, 2]); on
-    PATH_RANKED the bucket list splits its chunk's bucket count into keys above and equal to
-    the ranked threshold (its keys before `first` are the earlier chunks')."""
+def write_decision(decision_ref, path, threshold, remaining, found, shift) -> None:
+    for index, value in enumerate((path, threshold, remaining, found, shift)):
+        decision_ref[index] = rs.traced(value, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch D, the compaction: each program's plan.
+
+
+def bucket_threshold(bucket_ref, table_ref, *, base, found, rank, block: int):
+    """The `rank`-th largest (1 = largest) of the `found` keys listed in bucket_ref, the least of
+    them `base`: a radix select of four 8-bit passes over the keys' offsets from `base` (read as
+    uint32). Every program of a PATH_RANKED row computes it (the list is at most `bucket_cap`
+    keys, L2-resident); a pass whose keys share one digit costs a histogram step per `block`
+    keys like any other."""
+    steps = pl.cdiv(found, block)
+    prefix, remaining = jnp.int32(0), rank
+    for pass_index in range(rs.NUM_PASSES):
+        low = 32 - rs.DIGIT_BITS * (pass_index + 1)
+
+        def digits_of_block(i, low=low, prefix=prefix, pass_index=pass_index):
+            listed = i * block + iota((block,)) < found
+            offsets = pltriton.load(bucket_ref.at[pl.ds(i * block, block)], mask=listed, other=0) - base
+            if pass_index:
+                listed = listed & (lax.shift_right_logical(offsets, low + rs.DIGIT_BITS) == prefix)
+            return lax.shift_right_logical(offsets, low) & (2**rs.DIGIT_BITS - 1), listed
+
+        digit, _, above = rs.histogram_boundary(rs.histogram_loop(steps, digits_of_block, table_ref), remaining)
+        prefix, remaining = (prefix << rs.DIGIT_BITS) | digit, remaining - above
+    return base + prefix
+
+
+def chunk_plan_of(decision_ref, plan_counts_ref, bucket_ref, table_ref, *, chunk_index, block: int) -> rs.ChunkPlan:
+    """A row's ChunkPlan (plan_counts_ref: [chunks, 2], the decision launch's counts); on
+    PATH_RANKED the bucket's threshold is found here (`bucket_threshold`) and the bucket list
+    splits the chunk's bucket count into keys above and equal to it (its keys before `first` are
+    the earlier chunks')."""
     ranked = decision_ref[rs.DECISION_PATH] == PATH_RANKED
     found = jnp.where(ranked, decision_ref[rs.DECISION_FOUND], 0)
-    threshold = jnp.where(ranked, threshold_ref[()], decision_ref[rs.DECISION_THRESHOLD])
-    base = rs.chunk_plan(
-        fast_counts_ref[:, 0],
-        fast_counts_ref[:, 1],
-        decision_ref[rs.DECISION_REMAINING],
-        rs.traced(0, found),
+    remaining = decision_ref[rs.DECISION_REMAINING]
+    keys = bucket_ref[...]  # unmasked: lanes >= found are never read
+    lanes = iota(keys.shape)
+    listed = lanes < found
+    threshold = lax.cond(
+        ranked,
+        lambda: bucket_threshold(
+            bucket_ref,
+            table_ref,
+            base=jnp.min(jnp.where(listed, keys, INT32_MAX)),
+            found=found,
+            rank=remaining,
+            block=block,
+        ),
+        lambda: decision_ref[rs.DECISION_THRESHOLD],
+    )
+    base_plan = rs.chunk_plan(
+        plan_counts_ref[:, 0],
+        plan_counts_ref[:, 1],
+        remaining,
+        decision_ref[rs.DECISION_SHIFT],
         threshold,
         chunk_index,
     )
-    keys = bucket_ref[...]  # unmasked: loaded with the decision; lanes >= found are never read
-    lanes = iota(keys.shape)
-    listed = lanes < found
-    first = base.equal_before  # PATH_RANKED: bucket keys of the earlier chunks
+    first = base_plan.equal_before  # PATH_RANKED: bucket keys of the earlier chunks
     before = listed & (lanes < first)
-    own = listed & (lanes >= first) & (lanes < first + base.own_equal)
+    own = listed & (lanes >= first) & (lanes < first + base_plan.own_equal)
     above, equal = keys > threshold, keys == threshold
     return rs.ChunkPlan(
-        greater_before=base.greater_before + count(before & above),
-        equal_before=jnp.where(ranked, count(before & equal), base.equal_before),
-        own_greater=base.own_greater + count(own & above),
-        own_equal=jnp.where(ranked, count(own & equal), base.own_equal),
-        need=base.need - count(listed & above),
-        shift=base.shift,
+        greater_before=base_plan.greater_before + count(before & above),
+        equal_before=jnp.where(ranked, count(before & equal), base_plan.equal_before),
+        own_greater=base_plan.own_greater + count(own & above),
+        own_equal=jnp.where(ranked, count(own & equal), base_plan.own_equal),
+        need=base_plan.need - count(listed & above),
+        shift=base_plan.shift,
         prefix=threshold,
     )
 
@@ -741,14 +702,9 @@ def select_with_path(
     )(lengths, bounds, *arrays, table)
     scores = band_out[0] if source.writes_scores else arrays[0]
     counts, slots, band_coarse, band_fine = band_out[-4:]
-    decision, fast_counts, bucket, *first_pass_out = triton_call(
+    decision, plan_counts, bucket = triton_call(
         functools.partial(_decide_kernel, layout=layout, tiling=tiling, budget=budget, **common),
-        out_shape=[
-            shaped(rs.DECISION_WIDTH),
-            shaped(chunks, 2),
-            shaped(layout.bucket_cap),
-            *rs.pass_out_shapes(batch, kv_heads, chunks),
-        ],
+        out_shape=[shaped(rs.DECISION_WIDTH), shaped(chunks, 2), shaped(layout.bucket_cap)],
         grid=grid,
         in_specs=[
             rs.length_spec(),
@@ -760,56 +716,24 @@ def select_with_path(
             rs.row_spec(seq),
             rs.table_spec(),
         ],
-        out_specs=[
-            rs.row_spec(rs.DECISION_WIDTH),
-            rs.chunk_spec(2),
-            rs.row_spec(layout.bucket_cap),
-            *rs.pass_out_specs(),
-        ],
+        out_specs=[rs.row_spec(rs.DECISION_WIDTH), rs.row_spec(chunks, 2), rs.row_spec(layout.bucket_cap)],
         num_warps=config.decide_warps,
         num_stages=tiling.num_stages,
         interpret=interpret,
         name="hata_select_decide",
     )(lengths, bounds, counts, band_coarse, band_fine, slots, scores, table)
-    *pass_out, bucket_threshold = triton_call(
-        functools.partial(_rank_or_refine_kernel, layout=layout, tiling=tiling, **common),
-        out_shape=[*rs.pass_out_shapes(batch, kv_heads, chunks), shaped()],
-        grid=grid,
-        in_specs=[
-            rs.length_spec(),
-            rs.row_spec(seq),
-            rs.table_spec(),
-            rs.row_spec(rs.DECISION_WIDTH),
-            rs.row_spec(layout.bucket_cap),
-            *rs.row_counts_specs(chunks),
-        ],
-        out_specs=[*rs.pass_out_specs(), rs.row_spec()],
-        name="hata_select_pass1",
-        **launch,
-    )(lengths, scores, table, decision, bucket, *first_pass_out)
-    fast_inputs = [
-        (fast_counts, rs.row_spec(chunks, 2)),
+    plan_inputs = [
+        (plan_counts, rs.row_spec(chunks, 2)),
         (bucket, rs.row_spec(layout.bucket_cap)),
-        (bucket_threshold, rs.row_spec()),
+        (table, rs.table_spec()),
     ]
-    fines = [first_pass_out[2], pass_out[2]]
-
-    for pass_index in range(2, rs.NUM_PASSES):
-        pass_out = rs.refine_launch(
-            pass_index,
-            scores,
-            lengths,
-            decision,
-            pass_out,
-            tiling=tiling,
-            sink=sink,
-            recent=recent,
-            interpret=interpret,
-        )
-        fines.append(pass_out[2])
-    state, coarse, _ = pass_out
     idx, count_out = rs.compact_launch(
-        scores, lengths, decision, state, coarse, fines, fast_inputs, ranked_plan, **finish
+        scores,
+        lengths,
+        decision,
+        plan_inputs,
+        functools.partial(chunk_plan_of, block=layout.list_block),
+        **finish,
     )
     return idx, count_out, decision[..., rs.DECISION_PATH]
 

@@ -30,9 +30,9 @@ Selection (:mod:`pallas_kernels.band_select`, whose docstring has its launches a
 overwhelming probability); launch B (fused with scoring) counts the keys above the band,
 compacts the band keys into per-chunk slots and histograms them (one 8-bit band digit); launch C
 decides per row, in every program from the counts alone, whether the band holds the k-th key
-and, if so, which band digit holds the threshold (every other row starts the radix fallback);
-fallback pass 1's launch ranks that digit's keys unless the digit is one key value, passes 2..3
-return at once on fast rows; the compaction writes the selected positions of both paths. No
+and, if so, which band digit holds the threshold; a row it cannot take is selected whole by one
+program of that launch (the radix fallback); launch D writes the selected positions of both
+paths (ranking the threshold bucket's keys first when the bucket is not one key value). No
 sort, no atomics, no host sync, static shapes; deterministic: the k keys are the largest in
 float order (NaN lowest, forced sink/recent positions first), ties at the threshold taken lowest
 position first, slots in ascending position, then `UNUSED` (-1).
@@ -59,8 +59,8 @@ Tiling (:class:`radix_select.Tiling`):
   longer serial loops; more chunks mean more per-chunk counts for the decision to read.
 - `radix_select.SCAN_BLOCK = 2048` positions per loop step of the loops without a histogram
   (band pass with its scoring, compaction): one step per chunk, so a program waits for one load.
-- `radix_select.BLOCK = 256` positions per loop step of the fallback's histogram passes (117-128
-  registers per thread; 512 would need ~200).
+- `radix_select.BLOCK = 256` positions per loop step of the fallback's histogram passes (512
+  would need ~200 registers per thread).
 - `num_warps = 4`: the `[16, 16]` histogram MMA has two 16x8 tiles; more warps only replicate
   it. `num_stages = 1`: one loop step per program on the fast path.
 - `radix_select.HIST_DTYPE = bfloat16`: 0/1 operands, float32 accumulation exact up to 2**24

@@ -1,5 +1,5 @@
-"""Exact radix select over order-preserving keys: the key machinery, the fallback histogram
-passes and the output compaction that both selection paths end with.
+"""Exact radix select over order-preserving keys: the key machinery, the fallback's one-program
+radix select of a row and the output compaction that both selection paths end with.
 
 The pipeline (a sample-band fast path, these passes as its exact fallback) and its tunables
 are described in :mod:`pallas_kernels.band_select`; the byte floor and the tiling's tunables in
@@ -18,22 +18,18 @@ are described in :mod:`pallas_kernels.band_select`; the byte floor and the tilin
   of a row (sum `coarse` over chunks, pick the high nibble, sum that nibble's row of `fine`, pick
   the low nibble: 128 B per chunk instead of the whole 1 KiB histogram). The band select's
   band-digit histograms are built the same way.
-- **fallback passes 0..3** (pass 0 runs inside the band select's decision launch; passes 1..3 are
-  one `pallas_call` each, grid `(B, Hkv, chunks)`; every program of a row the fast path decided
-  returns at once, except that the band select ranks a fast row's threshold bucket in pass 1's
-  launch): a program histograms the pass's digit over the valid keys of its chunk that share
-  the prefix resolved so far (a loop step with no such key skips the histogram). At the
-  start of pass p+1 every program re-derives the row's boundary digit of pass p; the row state
-  (resolved prefix, rank still to take, passes used, done flag, digits) is stored by the row's
-  chunk-0 program. A chunk none of whose keys share the new prefix skips its keys; once the
-  boundary bucket is taken whole the row is done and later passes skip it.
-- **compaction** (the last `pallas_call`, both paths): the row's plan is the threshold key, the
-  number of keys equal to it still to take, and per chunk how many keys lie above it and how many
-  equal it; the fast path computed it (the band select's `fast_plan`, `band_select.ranked_plan`,
-  gives each program its `ChunkPlan`), a fallback row derives it from its pass counts. Each
-  program takes the counts of the chunks before its own and scatters its selected positions:
-  every key above the threshold, and equal keys in position order until the rank is filled.
-  Slots come out in ascending position; slots `>= count` get `UNUSED`.
+- **the fallback** (`row_select`, run by one program of the band select's decision launch for a
+  row the fast path cannot take): four passes over the row, each histogramming the pass's digit
+  over the keys that share the prefix resolved so far (a loop step with no such key skips the
+  histogram) and refining the row state (resolved prefix, rank still to take, passes used, done
+  flag: once the boundary bucket is taken whole later passes skip the row); then one scan writes
+  each chunk's keys above and equal to the final prefix.
+- **compaction** (the last `pallas_call`, both paths): the row's plan is the threshold (a key,
+  or a fallback row's prefix), the number of keys equal to it still to take, and per chunk how
+  many keys lie above it and how many equal it; the band select's `chunk_plan_of` gives each
+  program its `ChunkPlan`. Each program takes the counts of the chunks before its own and
+  scatters its selected positions: every key above the threshold, and equal keys in position
+  order until the rank is filled. Slots come out in ascending position; slots `>= count` get `UNUSED`.
 """
 
 from __future__ import annotations
@@ -59,18 +55,14 @@ HIST_DTYPE = jnp.bfloat16  # one-hot operands of the histogram MMA (float32 accu
 INT32_MIN = -(2**31)
 INT32_MAX = 2**31 - 1
 
-# Row state of the fallback, one int32 vector per row: the resolved key prefix, the rank still
-# to take among the keys sharing it, the passes that refined it, the done flag, then each
-# pass's digit.
-STATE_THRESHOLD, STATE_REMAINING, STATE_REFINED, STATE_DONE, STATE_DIGITS = 0, 1, 2, 3, 4
-STATE_WIDTH = STATE_DIGITS + NUM_PASSES
-
 # The band select's decision, one int32 vector per row: how the row was selected (0: by the
-# fallback passes, else the fast path's case), and on the fast path its threshold key (signed),
-# the number of keys equal to it still to take, and (PATH_RANKED) how many keys the threshold
-# bucket holds.
-DECISION_PATH, DECISION_THRESHOLD, DECISION_REMAINING, DECISION_FOUND = 0, 1, 2, 3
-DECISION_WIDTH = 4
+# fallback, else the fast path's case); the threshold as the keys' top `32 - shift` bits
+# (`keys >> shift`, signed; the fast path: shift 0 and the threshold key, unused on
+# PATH_RANKED); the number of keys equal to it still to take
+# (PATH_RANKED: the threshold's rank in its bucket); on PATH_RANKED how many keys the bucket
+# holds; and the shift.
+DECISION_PATH, DECISION_THRESHOLD, DECISION_REMAINING, DECISION_FOUND, DECISION_SHIFT = range(5)
+DECISION_WIDTH = 8  # a power of two (Triton blocks)
 
 BLOCK = 256
 SCAN_BLOCK = 2048
@@ -263,26 +255,36 @@ def store_suffix_counts(coarse_ref, fine_ref, hist) -> None:
     fine_ref[...] = fine
 
 
-def boundary_digit(coarse_ref, fine_ref, rank):
-    """(digit, keys with digit >= it, keys with digit > it) of a row's histogram: the largest
-    digit with at least `rank` keys at or above it (coarse_ref: [chunks, 16], fine_ref:
-    [chunks, 16, 16] per-chunk suffix counts). Clamped to digit 0 when even all keys are fewer
-    than `rank` (counts of a done row are all 0), so the digit always indexes inside the counts."""
-    coarse = jnp.sum(coarse_ref[...], axis=0)
+def pick_boundary(coarse, fine_of_high, rank):
+    """(digit, keys with digit >= it, keys with digit > it): the largest digit with at least `rank`
+    keys at or above it, from the suffix counts `coarse[16]` and `fine_of_high(a) -> fine[a, :]`.
+    Clamped to digit 0 when even all keys are fewer than `rank`, so the digit always indexes
+    inside the counts."""
     high = jnp.maximum(count(coarse >= rank) - 1, 0)
-    fine = jnp.sum(fine_ref[:, high, :], axis=0)
+    fine = fine_of_high(high)
     low = jnp.maximum(count(fine >= rank) - 1, 0)
     above = jnp.where(low < NIBBLE - 1, pick(fine, low + 1), pick(coarse, high + 1))
     return NIBBLE * high + low, pick(fine, low), above
 
 
-def chunk_counts(fine_ref, digit, chunk=None):
-    """(keys with digit >= `digit`, keys with digit > `digit`) in every chunk ([chunks]), or in
-    chunk `chunk` (scalars); fine_ref: [chunks, 16, 16] suffix counts of one histogram."""
-    where = slice(None) if chunk is None else chunk
+def boundary_digit(coarse_ref, fine_ref, rank):
+    """`pick_boundary` of a row's per-chunk suffix counts (coarse_ref: [chunks, 16], fine_ref:
+    [chunks, 16, 16])."""
+    return pick_boundary(jnp.sum(coarse_ref[...], axis=0), lambda high: jnp.sum(fine_ref[:, high, :], axis=0), rank)
+
+
+def histogram_boundary(hist, rank):
+    """`pick_boundary` of one histogram held in registers (hist: int32[16, 16])."""
+    coarse, fine = suffix_counts(hist)
+    return pick_boundary(coarse, lambda high: jnp.sum(jnp.where(iota(fine.shape) == high, fine, 0), axis=0), rank)
+
+
+def chunk_counts(fine_ref, digit):
+    """(keys with digit >= `digit`, keys with digit > `digit`) in every chunk ([chunks]);
+    fine_ref: [chunks, 16, 16] suffix counts of one histogram."""
     nxt = jnp.minimum(digit + 1, 2**DIGIT_BITS - 1)
-    at_least = fine_ref[where, digit >> 4, digit & (NIBBLE - 1)]
-    above = jnp.where(digit < 2**DIGIT_BITS - 1, fine_ref[where, nxt >> 4, nxt & (NIBBLE - 1)], 0)
+    at_least = fine_ref[:, digit >> 4, digit & (NIBBLE - 1)]
+    above = jnp.where(digit < 2**DIGIT_BITS - 1, fine_ref[:, nxt >> 4, nxt & (NIBBLE - 1)], 0)
     return at_least, above
 
 
@@ -291,49 +293,29 @@ class RowState(NamedTuple):
     remaining: jax.Array  # keys still to take among those sharing the prefix
     refined: jax.Array  # passes that refined the prefix: the prefix has 8 * refined bits
     done: jax.Array  # bool: all keys sharing the prefix are taken; later passes are idle
-    digits: tuple  # the boundary digit of each pass (NUM_PASSES int32 scalars)
+
+    @property
+    def shift(self):
+        """The prefix is the keys' top `32 - shift` bits (`keys >> shift`)."""
+        return 32 - DIGIT_BITS * self.refined
 
     def signed_prefix(self, bits):
         """The top `bits` bits of the threshold, comparable with `keys >> (32 - bits)`."""
         return (self.threshold ^ INT32_MIN) >> (32 - bits)
 
 
-def initial_state(k_eff) -> RowState:
-    zero = jnp.int32(0)
-    return RowState(zero, k_eff, zero, jnp.zeros((), jnp.bool_), (zero,) * NUM_PASSES)
-
-
-def store_state(state_ref, state: RowState) -> None:
-    values = (state.threshold, state.remaining, state.refined, state.done.astype(jnp.int32), *state.digits)
-    for i, value in enumerate(values):
-        state_ref[i] = value
-
-
-def load_state(state_ref) -> RowState:
-    return RowState(
-        state_ref[STATE_THRESHOLD],
-        state_ref[STATE_REMAINING],
-        state_ref[STATE_REFINED],
-        state_ref[STATE_DONE] != 0,
-        tuple(state_ref[STATE_DIGITS + q] for q in range(NUM_PASSES)),
-    )
-
-
-def advance(state: RowState, coarse_ref, fine_ref, pass_index: int) -> RowState:
-    """The row state after pass `pass_index`, from its per-chunk suffix counts
-    (coarse_ref: [chunks, 16], fine_ref: [chunks, 16, 16] of the row)."""
+def advance(state: RowState, hist, pass_index: int) -> RowState:
+    """The row state after pass `pass_index`, from that pass's histogram of the keys sharing
+    the prefix (hist: int32[16, 16]); a done row stays as it is."""
     rank = state.remaining
-    digit, at_least, above = boundary_digit(coarse_ref, fine_ref, rank)
+    digit, at_least, above = histogram_boundary(hist, rank)
     refine = jnp.logical_not(state.done)
     shift = 32 - DIGIT_BITS * (pass_index + 1)
-    digits = list(state.digits)
-    digits[pass_index] = digit
     return RowState(
         threshold=jnp.where(refine, state.threshold | (digit << shift), state.threshold),
         remaining=jnp.where(refine, rank - above, rank),
         refined=jnp.where(refine, pass_index + 1, state.refined),
         done=state.done | (rank == at_least),
-        digits=tuple(digits),
     )
 
 
@@ -341,116 +323,52 @@ def k_effective(length, budget: int):
     return jnp.minimum(length, budget)
 
 
-def decided_fast(decision_ref):
-    """Whether the band select's fast path already selected this row."""
-    return decision_ref[DECISION_PATH] != 0
-
-
 # ----------------------------------------------------------------------------------------------
-# Fallback passes.
+# The fallback: one program selects a whole row.
 
 
-def first_pass(
-    scores_ref,
-    table_ref,
-    state_ref,
-    coarse_ref,
-    fine_ref,
-    geo: ChunkGeometry,
-    *,
-    tiling: Tiling,
-    budget: int,
-    sink: int,
-    recent: int,
-) -> None:
-    """Fallback pass 0 of one program: its chunk's suffix counts and (chunk 0) the row's initial state."""
+def row_select(scores_ref, table_ref, counts_ref, length, *, seq: int, tiling: Tiling, budget: int, sink: int,
+               recent: int) -> RowState:
+    """The exact radix select of one row by one program (the fallback of a row the fast path
+    cannot take): NUM_PASSES histogram passes over the row's keys that share the prefix resolved
+    so far (a done row skips the rest), then one scan writing each chunk's keys above and equal
+    to the final prefix to counts_ref ([chunks, 2]), which the compaction reads as it reads a
+    fast row's. scores_ref: float32[S] (read at positions < length only).
+    Returns the row's final state."""
+    row = ChunkGeometry(jnp.int32(0), jnp.int32(0), length, pl.next_power_of_2(seq))
+    zero = traced(0, length)  # a constant would not lower where the state is updated under a condition
+    state = RowState(zero, k_effective(length, budget), zero, zero != 0)
+    for pass_index in range(NUM_PASSES):
+        prefix_bits = DIGIT_BITS * pass_index
 
-    def digits_of_block(i):
-        _, valid, keys = block_keys(scores_ref, geo, i, tiling.block, sink=sink, recent=recent)
-        return key_digit(keys, 0), valid
+        def digits_of_block(i, prefix_bits=prefix_bits, pass_index=pass_index, state=state):
+            _, valid, keys = block_keys(scores_ref, row, i, tiling.block, sink=sink, recent=recent)
+            if prefix_bits:
+                valid = valid & ((keys >> (32 - prefix_bits)) == state.signed_prefix(prefix_bits))
+            return key_digit(keys, pass_index), valid
 
-    hist = histogram_loop(geo.blocks(geo.length, tiling.block), digits_of_block, table_ref)
-    store_suffix_counts(coarse_ref, fine_ref, hist)
+        blocks = jnp.where(state.done, 0, row.blocks(length, tiling.block))
+        state = advance(state, histogram_loop(blocks, digits_of_block, table_ref), pass_index)
 
-    @pl.when(geo.chunk_index == 0)
-    def _():
-        store_state(state_ref, initial_state(k_effective(geo.length, budget)))
+    shift = state.shift
+    prefix = state.signed_prefix(DIGIT_BITS * state.refined)
+    block = tiling.scan
 
+    def chunk_counts_of(c, carry):
+        chunk = ChunkGeometry(c, c * tiling.chunk, length, tiling.chunk)
 
-def refine_pass(
-    scores_ref,
-    table_ref,
-    state_in_ref,
-    coarse_in_ref,
-    fine_in_ref,
-    state_ref,
-    coarse_ref,
-    fine_ref,
-    geo: ChunkGeometry,
-    *,
-    pass_index: int,
-    tiling: Tiling,
-    sink: int,
-    recent: int,
-) -> None:
-    """Fallback pass `pass_index` (>= 1) of one program of a fallback row: advance the row state
-    over the previous pass's counts, then its chunk's suffix counts of this pass's digit."""
-    state = advance(load_state(state_in_ref), coarse_in_ref, fine_in_ref, pass_index - 1)
+        def scan(i, counts):
+            _, valid, keys = block_keys(scores_ref, chunk, i, block, sink=sink, recent=recent)
+            key_prefix = keys >> shift
+            return counts[0] + count(valid & (key_prefix > prefix)), counts[1] + count(valid & (key_prefix == prefix))
 
-    @pl.when(geo.chunk_index == 0)
-    def _():
-        store_state(state_ref, state)
+        greater, equal = lax.fori_loop(0, chunk.blocks(length, block), scan, (jnp.int32(0), jnp.int32(0)))
+        counts_ref[c, 0] = greater
+        counts_ref[c, 1] = equal
+        return carry
 
-    at_least, above = chunk_counts(fine_in_ref, state.digits[pass_index - 1], geo.chunk_index)
-    active = jnp.logical_not(state.done) & (at_least > above)
-    prefix_bits = DIGIT_BITS * pass_index
-    prefix = state.signed_prefix(prefix_bits)
-
-    def digits_of_block(i):
-        _, valid, keys = block_keys(scores_ref, geo, i, tiling.block, sink=sink, recent=recent)
-        return key_digit(keys, pass_index), valid & ((keys >> (32 - prefix_bits)) == prefix)
-
-    blocks = jnp.where(active, geo.blocks(geo.length, tiling.block), 0)
-    store_suffix_counts(coarse_ref, fine_ref, histogram_loop(blocks, digits_of_block, table_ref))
-
-
-def _refine_pass_kernel(
-    len_ref,
-    scores_ref,
-    table_ref,
-    decision_ref,
-    state_in_ref,
-    coarse_in_ref,
-    fine_in_ref,
-    state_ref,
-    coarse_ref,
-    fine_ref,
-    *,
-    pass_index,
-    tiling,
-    seq,
-    sink,
-    recent,
-):
-    geo = chunk_geometry(len_ref, tiling, seq)  # program ids outside conditionals (the interpreter needs it)
-
-    @pl.when(jnp.logical_not(decided_fast(decision_ref)))
-    def _():
-        refine_pass(
-            scores_ref,
-            table_ref,
-            state_in_ref,
-            coarse_in_ref,
-            fine_in_ref,
-            state_ref,
-            coarse_ref,
-            fine_ref,
-            geo,
-            pass_index=pass_index,
-            tiling=tiling,
-            sink=sink,
-            recent=recent,
-        )
+    lax.fori_loop(0, counts_ref.shape[0], chunk_counts_of, 0)
+    return state
 
 
 # ----------------------------------------------------------------------------------------------
@@ -485,44 +403,11 @@ def chunk_plan(greater, equal, need, shift, prefix, chunk_index) -> ChunkPlan:
     )
 
 
-def _fallback_plan(state_ref, coarse_ref, fine_refs, chunk_index) -> ChunkPlan:
-    state = advance(load_state(state_ref), coarse_ref, fine_refs[-1], NUM_PASSES - 1)
-    # Per chunk: keys above the threshold (over the refining passes) and keys equal to it.
-    greater = equal = None
-    for q, fine_ref in enumerate(fine_refs):
-        at_least, above = chunk_counts(fine_ref, state.digits[q])
-        greater_q = jnp.where(q < state.refined, above, 0)
-        equal_q = jnp.where(q + 1 == state.refined, at_least - above, 0)
-        greater = greater_q if greater is None else greater + greater_q
-        equal = equal_q if equal is None else equal + equal_q
-    shift = 32 - DIGIT_BITS * state.refined
-    return chunk_plan(greater, equal, state.remaining, shift, (state.threshold ^ INT32_MIN) >> shift, chunk_index)
-
-
-def _compact_kernel(
-    len_ref,
-    scores_ref,
-    decision_ref,
-    state_ref,
-    coarse_ref,
-    *refs,
-    fast_plan,
-    fast_inputs,
-    tiling,
-    seq,
-    budget,
-    sink,
-    recent,
-):
-    fast_refs, fine_refs, (idx_ref, count_ref) = refs[:fast_inputs], refs[fast_inputs:-2], refs[-2:]
+def _compact_kernel(len_ref, scores_ref, decision_ref, *refs, chunk_plan_of, plan_inputs, tiling, seq, budget, sink,
+                    recent):
+    plan_refs, (idx_ref, count_ref) = refs[:plan_inputs], refs[plan_inputs:]
     geo = chunk_geometry(len_ref, tiling, seq)
-    # Loaded with the decision (garbage on fallback rows).
-    fast = fast_plan(decision_ref, *fast_refs, chunk_index=geo.chunk_index)
-    plan = lax.cond(
-        decided_fast(decision_ref),
-        lambda: fast,
-        lambda: _fallback_plan(state_ref, coarse_ref, fine_refs, geo.chunk_index),
-    )
+    plan = chunk_plan_of(decision_ref, *plan_refs, chunk_index=geo.chunk_index)
     equal_before = plan.equal_before
     need = plan.need  # equal keys to take, in position order
     own_taken = plan.own_greater + jnp.clip(need - equal_before, 0, plan.own_equal)
@@ -586,62 +471,21 @@ def chunk_spec(*tail: int):
     return pl.BlockSpec((None, None, None, *tail), lambda b, h, c: (b, h, c) + (0,) * len(tail))
 
 
-def pass_out_shapes(batch: int, kv_heads: int, chunks: int):
-    """Shapes of (state, coarse, fine) written by each fallback pass."""
-    return [
-        jax.ShapeDtypeStruct((batch, kv_heads, STATE_WIDTH), jnp.int32),
-        jax.ShapeDtypeStruct((batch, kv_heads, chunks, NIBBLE), jnp.int32),
-        jax.ShapeDtypeStruct((batch, kv_heads, chunks, NIBBLE, NIBBLE), jnp.int32),
-    ]
-
-
-def pass_out_specs():
-    return [row_spec(STATE_WIDTH), chunk_spec(NIBBLE), chunk_spec(NIBBLE, NIBBLE)]
-
-
-def row_counts_specs(chunks: int):
-    """The whole row's (state, coarse, fine) of one pass, as the next launch reads them."""
-    return [row_spec(STATE_WIDTH), row_spec(chunks, NIBBLE), row_spec(chunks, NIBBLE, NIBBLE)]
-
-
-def refine_launch(pass_index: int, scores, lengths, decision, previous, *, tiling, sink, recent, interpret):
-    """Fallback pass `pass_index` (1..3) as one launch, grid (B, Hkv, chunks); programs of rows
-    the fast path decided return at once. previous: the last pass's (state, coarse, fine);
-    returns this pass's."""
-    batch, kv_heads, seq = scores.shape
-    chunks = tiling.chunks(seq)
-    return triton_call(
-        functools.partial(_refine_pass_kernel, pass_index=pass_index, tiling=tiling, seq=seq, sink=sink, recent=recent),
-        out_shape=pass_out_shapes(batch, kv_heads, chunks),
-        grid=(batch, kv_heads, chunks),
-        in_specs=[length_spec(), row_spec(seq), table_spec(), row_spec(DECISION_WIDTH), *row_counts_specs(chunks)],
-        out_specs=pass_out_specs(),
-        num_warps=tiling.num_warps,
-        num_stages=tiling.num_stages,
-        interpret=interpret,
-        name=f"hata_select_pass{pass_index}",
-    )(lengths, scores, one_hot_table(), decision, *previous)
-
-
-def compact_launch(
-    scores, lengths, decision, state, coarse, fines, fast_inputs, fast_plan, *, budget, sink, recent, tiling, interpret
-):
+def compact_launch(scores, lengths, decision, plan_inputs, chunk_plan_of, *, budget, sink, recent, tiling, interpret):
     """The compaction, grid (B, Hkv, chunks): writes every row's selected positions.
 
     scores: float32[B, Hkv, S] (read at positions < lengths[b] only); decision: int32[B, Hkv,
-    DECISION_WIDTH]; state, coarse, fines: the fallback's last row state and every pass's
-    per-chunk counts; fast_inputs: [(array, row BlockSpec)] that `fast_plan(decision_ref,
-    *their refs, chunk_index=...) -> ChunkPlan` reads for a row the fast path decided.
+    DECISION_WIDTH]; plan_inputs: [(array, row BlockSpec)] that `chunk_plan_of(decision_ref,
+    *their refs, chunk_index=...) -> ChunkPlan` reads.
     Returns (idx int32[B, Hkv, budget], count int32[B, Hkv]).
     """
     batch, kv_heads, seq = scores.shape
     chunks = tiling.chunks(seq)
-    fast_arrays = [array for array, _ in fast_inputs]
     return triton_call(
         functools.partial(
             _compact_kernel,
-            fast_plan=fast_plan,
-            fast_inputs=len(fast_inputs),
+            chunk_plan_of=chunk_plan_of,
+            plan_inputs=len(plan_inputs),
             budget=budget,
             tiling=tiling,
             seq=seq,
@@ -653,18 +497,10 @@ def compact_launch(
             jax.ShapeDtypeStruct((batch, kv_heads), jnp.int32),
         ),
         grid=(batch, kv_heads, chunks),
-        in_specs=[
-            length_spec(),
-            row_spec(seq),
-            row_spec(DECISION_WIDTH),
-            row_spec(STATE_WIDTH),
-            row_spec(chunks, NIBBLE),
-            *[spec for _, spec in fast_inputs],
-            *[row_spec(chunks, NIBBLE, NIBBLE)] * NUM_PASSES,
-        ],
+        in_specs=[length_spec(), row_spec(seq), row_spec(DECISION_WIDTH), *[spec for _, spec in plan_inputs]],
         out_specs=[row_spec(budget), row_spec()],
         num_warps=tiling.num_warps,
         num_stages=tiling.num_stages,
         interpret=interpret,
         name="hata_select_compact",
-    )(lengths, scores, decision, state, coarse, *fast_arrays, *fines)
+    )(lengths, scores, decision, *[array for array, _ in plan_inputs])

@@ -8,9 +8,9 @@ deterministic answer (float order with NaN lowest, ties to the lowest positions,
 ascending position), which both the sample-band fast path and the radix fallback must give.
 Every selection also reports how each row was selected (`band_select.PATH_*`), so the tests
 show which path ran: the fast path on random scores, the fallback after a band miss, an
-overflowing chunk or a threshold bucket over `bucket_cap`, each of the fast path's threshold
-cases (a bucket ranked by one program of fallback pass 1's launch and by several), and rows of
-one call taking different paths. Small tilings (`chunk` 64-512) give several programs per row,
+overflowing chunk or a threshold bucket over `bucket_cap` (one program selects the row whole),
+each of the fast path's threshold cases (small and large ranked buckets), and rows of one call
+taking different paths. Small tilings (`chunk` 64-512) give several programs per row,
 with S not a multiple of the chunk.
 """
 from __future__ import annotations
@@ -174,7 +174,7 @@ def clustered(rng, seq, size, keys):
 
 def test_each_fast_path_case(rng):
     """Rows built to reach every case of the fast path's threshold, in one call; buckets of
-    tied keys (integer scores, a few values a few ulps apart) ranked in fallback pass 1's launch."""
+    tied keys (integer scores, a few values a few ulps apart) ranked by the compaction."""
     batch, kv_heads, seq = SHAPE
     rows = [
         rng.standard_normal(seq).astype(np.float32),  # any case; asserted fast below
@@ -207,20 +207,20 @@ def cluster_with_outliers(rng, seq, outliers):
 
 def test_each_path_in_one_call(rng):
     """One call, one row per path: thresholds from the band counts alone, a one-value bucket,
-    buckets ranked by one program and by several, and a bucket over `bucket_cap` (fallback)."""
+    small and large ranked buckets, and a bucket over `bucket_cap` (fallback)."""
     batch, kv_heads, seq = SHAPE
     rows = [
         np.full(seq, -2.25, np.float32),  # t_lo == t_hi
         ulps_above_one(rng, seq, 200),  # a band narrower than 256 keys: one key per bucket
         rng.standard_normal(seq).astype(np.float32),  # a small bucket: one ranking program
         # 40 outliers: the band (sample ranks 11..91 of 512) holds ~138 +- 13 cluster keys, the
-        # bucket: several ranking programs of 16 keys, most often two rounds of 8 programs.
+        # bucket: several histogram steps of the compaction's radix select per pass.
         cluster_with_outliers(rng, seq, 40),
         *rng.standard_normal((2, seq)).astype(np.float32),  # length <= budget: no band key to take
     ]
     scores = np.stack(rows).reshape(SHAPE)
     lengths = [seq, seq, 77]
-    config = BandConfig(slots_divisor=1, rank_slice=16)  # no chunk overflows its slots
+    config = BandConfig(slots_divisor=1)  # no chunk overflows its slots
     _, _, path = select(scores, BUDGET, lengths, sink=SINK, recent=RECENT, config=config)
     np.testing.assert_array_equal(path.reshape(-1)[:4], [band_select.PATH_ONE_KEY_BAND,
                                                          band_select.PATH_ONE_KEY_BUCKET, band_select.PATH_RANKED,
@@ -249,6 +249,19 @@ def test_overflowing_chunk_falls_back_and_rows_switch_paths(rng):
     assert path[0, 0] in FAST and path[0, 1] == band_select.PATH_FALLBACK, path
     np.testing.assert_array_equal(path[1:], band_select.PATH_NO_BAND_KEY)
     np.testing.assert_array_equal(count, [[BUDGET] * kv_heads, [0] * kv_heads, [57] * kv_heads])
+
+
+@pytest.mark.parametrize("kind", ["normal", "special", "near_threshold", "tied"])
+def test_fallback_is_the_expected_top_set(rng, kind):
+    """A band that always misses (margins of -30 sample ranks) sends every row of distinct
+    scores to the fallback, whose one program per row must give the exact answer for any
+    scores: specials, keys sharing their top 24 bits (all four radix passes), heavy ties."""
+    batch, _, seq = SHAPE
+    scores = SCORE_KINDS[kind](rng, SHAPE)
+    lengths = [seq, int(rng.integers(BUDGET + 1, seq)), seq - 1]
+    _, _, path = select(scores, BUDGET, lengths, sink=SINK, recent=RECENT, config=BandConfig(sigmas=0.0, slack=-30.0))
+    if kind != "tied":
+        assert (path == band_select.PATH_FALLBACK).all(), path
 
 
 def test_band_miss_falls_back(rng):
@@ -379,8 +392,7 @@ def test_lowers_for_cuda(batch, kv_heads, group, rbit, seq, budget):
     lengths = jax.ShapeDtypeStruct((batch,), jnp.int32)
     text = lower_for_cuda(hamming_topk.hamming_scores, q, k, norms, lengths, score="key_norm")
     assert "hata_hamming_scores" in text
-    launches = ["hata_select_decide", "hata_select_pass1", "hata_select_pass2", "hata_select_pass3",
-                "hata_select_compact"]
+    launches = ["hata_select_decide", "hata_select_compact"]
     text = lower_for_cuda(lambda s, n: hamming_topk.select_topk(s, budget, n, sink=4, recent=4), norms, lengths)
     assert all(name in text for name in ["hata_select_sample", "hata_select_band", *launches])
     text = lower_for_cuda(hamming_topk.hamming_topk, q, k, norms, lengths, budget=budget, score="hamming")
@@ -439,8 +451,7 @@ def test_tiling_is_checked(chunk, block, scan_block):
 
 @pytest.mark.parametrize(
     "change",
-    [dict(sample=8192), dict(top_rank=0), dict(slots_divisor=3), dict(bucket_cap=1000), dict(rank_slice=8),
-     dict(rank_step=48)],
+    [dict(sample=8192), dict(top_rank=0), dict(slots_divisor=3), dict(bucket_cap=1000), dict(list_block=8)],
 )
 def test_band_config_is_checked(change):
     with pytest.raises(ValueError, match="BandConfig"):
