@@ -35,12 +35,14 @@ from pallas_kernels import band_select, hamming_topk
 # BandConfig variants of the band select, checked by `check_select_variants` and timed by
 # `bench.kernels --select-variants`: the default; a 1024-position sample (4x launch A's pairwise
 # ranking; r = 16 sample ranks for k at the Llama shape, a band miss ~exp(-16)); tight limits (a
-# quarter chunk of band slots, a 256-key bucket ranked 16 keys per program), under which crowded
-# or heavily tied rows take the radix fallback and a bucket's ranking takes more rounds.
+# quarter chunk of band slots, a 256-key bucket), under which crowded or heavily tied rows take
+# the fallback; and a band that always misses (margins of -30 sample ranks), so every row of
+# distinct scores takes the fallback (one program selects it whole): its cost.
 SELECT_VARIANTS = {
     "default": band_select.BandConfig(),
     "sample 1024": band_select.BandConfig(sample=1024),
     "tight": band_select.BandConfig(slots_divisor=4, bucket_cap=256),
+    "band miss": band_select.BandConfig(sigmas=0.0, slack=-30.0),
 }
 
 

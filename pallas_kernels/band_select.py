@@ -3,10 +3,11 @@
 The pipeline behind :func:`select_topk` (scores given) and :func:`pallas_kernels.hamming_topk.
 hamming_topk` (scores computed from the codes in launches A and B). Per row `(b, h)` with
 `L = lengths[b]` valid positions and `k = min(L, budget)`; keys are `radix_select.order_keys`
-(forced sink/recent positions INT32_MAX, NaN INT32_MIN). Four launches, static shapes, no sort,
-no atomics, no host sync, and no launch that only fallback rows use; every path gives the same
+(forced sink/recent positions INT32_MAX, NaN INT32_MIN). Three launches, static shapes, no sort,
+no host sync, and no launch that only fallback rows use; one atomic counter per row (which of
+its band programs finishes last) and otherwise no atomics; every path gives the same
 deterministic answer (all keys above the threshold key, then keys equal to it lowest position
-first; slots in ascending position).
+first; slots in ascending position), whichever program decides.
 
 A. **sample** (`*_sample`, grid `(B, Hkv, sample / sample_slice)`): the row's sample is
    `n_s = min(L, sample)` positions, one per stratum of `L / n_s` positions at an offset hashed
@@ -24,29 +25,29 @@ A. **sample** (`*_sample`, grid `(B, Hkv, sample / sample_slice)`): the row's sa
    forced keys (`r_top = max(r_hi, forced + top_rank)`; top_rank 1: the largest unforced sample
    key), so sink/recent positions do not stretch the band digits up to INT32_MAX.
    `L <= budget` gives `t_lo = t_hi = INT32_MIN`: the band is the NaN keys, the row is taken whole.
-B. **band pass** (`*_band`, grid `(B, Hkv, chunks)`, fused with scoring for `hamming_topk`,
-   which also writes the scores for the later launches): per chunk `n_above` (keys `> t_hi`,
-   only counted: clusters of high scores overflow nothing) and the band keys (`t_lo <= key <=
-   t_hi`) compacted into the chunk's `slots` (a scan per loop step; `n_band` counts them all,
-   more than `slots` is an overflow). Then, after a block barrier, the histogram of the band
-   digit over those slots (the radix select's one-hot MMA), stored as suffix counts (coarse and
-   fine). The band digit is `(key - t_lo) >> shift`, with `shift` making `[t_lo, t_top]` span 8
-   bits, and 255 above `t_top`.
-C. **decision** (`hata_select_decide`, grid `(B, Hkv, chunks)`): every program computes the
-   row's plan from the counts alone (`row_plan`: the threshold bucket, the band digit holding
-   the `(k - n_above)`-th largest band key, from the coarse suffix counts and one row of the
-   fine ones, the same in every program). The fast path holds iff `n_above <= k <= n_above +
-   n_band`, no chunk overflowed (or `t_lo == t_hi`), and the threshold is settled here
-   (PATH_NO_BAND_KEY, PATH_ONE_KEY_BAND, PATH_ONE_KEY_BUCKET: the bucket is one key value) or
-   the bucket holds at most `bucket_cap` keys (PATH_RANKED): then each program writes its own
-   chunk's counts and copies its chunk's bucket keys (one scan of its slots) into the row's
-   bucket list after those of the chunks before it. On a row the fast path cannot take
-   (PATH_FALLBACK) the chunk-0 program selects the whole row alone (`radix_select.row_select`:
-   four histogram passes and a counting scan over the row, L2-resident after launch B) and
-   writes every chunk's counts; the row's other programs return. A fallback row costs its
-   launch the time of that one program (rare: see the tunables), and a row on the fast path
-   pays nothing for it.
-D. **compaction** (`hata_select_compact`, `radix_select.compact_launch`): every row; writes the
+B. **band pass and decision** (`*_band`, grid `(B, Hkv, chunks)`, fused with scoring for
+   `hamming_topk`, which also writes the scores for the later launches): per chunk `n_above`
+   (keys `> t_hi`, only counted: clusters of high scores overflow nothing) and the band keys
+   (`t_lo <= key <= t_hi`) compacted into the chunk's `slots` (a scan per loop step; `n_band`
+   counts them all, more than `slots` is an overflow). Then, after a block barrier, the
+   histogram of the band digit over those slots (the radix select's one-hot MMA), stored as
+   suffix counts (coarse and fine). The band digit is `(key - t_lo) >> shift`, with `shift`
+   making `[t_lo, t_top]` span 8 bits, and 255 above `t_top`. Each program then adds 1 to its
+   row's arrival counter (zeroed by launch A; an atomic add, acquire-release at GPU scope, after
+   a block barrier), and the program that sees `chunks - 1` arrivals before its own is the
+   row's last and decides it (`_decide`) from all the row's counts: `row_plan` gives the
+   threshold bucket, the band digit holding the `(k - n_above)`-th largest band key (from the
+   summed coarse suffix counts and one row of the fine ones). The fast path holds iff
+   `n_above <= k <= n_above + n_band`, no chunk overflowed (or `t_lo == t_hi`), and the
+   threshold is settled here (PATH_NO_BAND_KEY, PATH_ONE_KEY_BAND, PATH_ONE_KEY_BUCKET: the
+   bucket is one key value) or the bucket holds at most `bucket_cap` keys (PATH_RANKED): then
+   it writes every chunk's counts and copies the bucket keys of each chunk (one scan of the
+   chunk's slots) into the row's bucket list, chunk after chunk. A row the fast path cannot
+   take (PATH_FALLBACK) it selects whole (`radix_select.row_select`: four histogram passes and
+   a counting scan over the row, L2-resident) and writes every chunk's counts: a fallback row
+   costs its launch the time of that one program (rare: see the tunables), and a row on the
+   fast path pays nothing for it.
+C. **compaction** (`hata_select_compact`, `radix_select.compact_launch`): every row; writes the
    index buffer from each chunk's counts (`chunk_plan_of`). On PATH_RANKED every program first
    finds the threshold in the bucket list (`bucket_threshold`: a four-pass radix select over
    at most `bucket_cap` listed keys) and splits its chunk's bucket count into keys above and
@@ -77,8 +78,6 @@ Tunables (:class:`BandConfig`):
   and a quarter chunk of slots sent 66 of 120 rows (512-position chunks) to the fallback, half
   a chunk 1 (same registers: ptxas counts on the CPU).
 - `list_block = 128` band keys per histogram MMA step (one step per chunk at the Llama shape).
-- `decide_warps = 4`: the decision holds `[chunks, 16]` tiles and 1024 slots; the radix pass 0
-  it also holds fixes the register count (116).
 - `bucket_cap = 2048`: an 8 KiB bucket list per row; every compaction program of a PATH_RANKED
   row runs four histogram passes over it (`cdiv(found, list_block)` MMA steps each). A larger
   bucket of more than one value (heavy ties: e.g. few distinct scores over a long row) takes
@@ -103,7 +102,7 @@ from pallas_kernels import radix_select as rs
 from pallas_kernels.backend import triton_call
 from pallas_kernels.radix_select import INT32_MAX, INT32_MIN, Tiling, count, iota
 
-# How a row was selected (launch C's decision; `*_with_path` return it per row).
+# How a row was selected (launch B's decision; `*_with_path` return it per row).
 PATH_FALLBACK = 0  # one program's radix select of the whole row
 PATH_NO_BAND_KEY = 1  # k keys above the band: the threshold is t_hi
 PATH_ONE_KEY_BAND = 2  # t_lo == t_hi (ties, all equal, lengths[b] <= budget)
@@ -132,7 +131,6 @@ class BandConfig:
     top_rank: int = 1  # t_top: the sample key of this rank (or r_hi's, when lower) caps the band digits
     slots_divisor: int = 2  # band slots per chunk = chunk / slots_divisor
     list_block: int = 128  # band keys per histogram MMA step in launch B
-    decide_warps: int = 4
     bucket_cap: int = 2048  # most threshold-bucket keys listed; a larger bucket: the fallback
 
     def __post_init__(self):
@@ -143,7 +141,6 @@ class BandConfig:
             "sample_warps",
             "slots_divisor",
             "list_block",
-            "decide_warps",
             "bucket_cap",
         ):
             value = getattr(self, name)
@@ -345,10 +342,15 @@ def _write_bounds(bounds_ref, mine, mine_valid, above, at_least, *, program, n_s
 
 def _sample_kernel(len_ref, *refs, source, layout, seq, budget, sink, recent, config, interpret):
     """Every program computes the row's sample keys once, as one vector, and stores them (all
-    programs of a row store the same values); after a barrier it ranks its slice against them."""
-    *source_refs, keys_ref, bounds_ref = refs
+    programs of a row store the same values); after a barrier it ranks its slice against them.
+    Program 0 also zeroes the row's arrival counter of launch B."""
+    *source_refs, keys_ref, bounds_ref, arrivals_ref = refs
     scores = source.bind(source_refs, interpret=interpret)
     program = pl.program_id(2)
+
+    @pl.when(program == 0)
+    def _():
+        arrivals_ref[0] = jnp.int32(0)  # counted up by the row's band programs
     row = pl.program_id(0) * pl.num_programs(1) + pl.program_id(1)
     length = jnp.clip(len_ref[()], 0, seq)
     n_s = jnp.minimum(length, layout.sample)
@@ -383,13 +385,17 @@ def _sample_kernel(len_ref, *refs, source, layout, seq, budget, sink, recent, co
 # Launch B: the band pass.
 
 
-def _band_kernel(len_ref, bounds_ref, *refs, source, layout, tiling, seq, sink, recent, interpret):
+def _band_kernel(len_ref, bounds_ref, *refs, source, layout, tiling, seq, budget, sink, recent, interpret):
+    """Every program: its chunk's band pass and band-digit histogram (each output indexed by
+    the chunk); then it counts its arrival, and the row's last program to arrive decides the
+    row (`_decide`)."""
     num_sources = len(source.in_specs())
-    source_refs, (table_ref, *outs) = refs[:num_sources], refs[num_sources:]
+    source_refs, (table_ref, _, *outs) = refs[:num_sources], refs[num_sources:]  # _: the arrivals, aliased below
     scores_out_ref = outs.pop(0) if source.writes_scores else None
-    counts_ref, slots_ref, coarse_ref, fine_ref = outs
+    counts_ref, slots_ref, coarse_ref, fine_ref, decision_ref, plan_counts_ref, bucket_ref, arrivals_ref = outs
     scores = source.bind(source_refs, interpret=interpret)
     geo = rs.chunk_geometry(len_ref, tiling, seq)
+    chunk = geo.chunk_index
     bounds = load_bounds(bounds_ref)
     block, slots = tiling.scan, layout.slots
 
@@ -403,13 +409,13 @@ def _band_kernel(len_ref, bounds_ref, *refs, source, layout, tiling, seq, sink, 
         band = valid & (keys >= bounds.lo) & (keys <= bounds.hi)
         slot = n_band + jnp.cumsum(band.astype(jnp.int32)) - 1
         keep = band & (slot < slots)
-        pltriton.store(slots_ref.at[jnp.where(keep, slot, slots)], keys, mask=keep)
+        pltriton.store(slots_ref.at[chunk, jnp.where(keep, slot, slots)], keys, mask=keep)
         return n_above + count(valid & (keys > bounds.hi)), n_band + count(band)
 
     zero = jnp.int32(0)
     n_above, n_band = lax.fori_loop(0, geo.blocks(geo.length, block), step, (zero, zero))
-    counts_ref[0] = n_above
-    counts_ref[1] = n_band
+    counts_ref[chunk, 0] = n_above
+    counts_ref[chunk, 1] = n_band
 
     # The band digits' histogram, read back from the slots (only a row with t_lo < t_hi whose
     # chunks all fit their slots uses it).
@@ -419,16 +425,43 @@ def _band_kernel(len_ref, bounds_ref, *refs, source, layout, tiling, seq, sink, 
 
     def digits_of_block(i):
         member = i * hist_block + iota((hist_block,)) < n_band
-        keys = pltriton.load(slots_ref.at[pl.ds(i * hist_block, hist_block)], mask=member, other=0)
+        keys = pltriton.load(slots_ref.at[chunk, pl.ds(i * hist_block, hist_block)], mask=member, other=0)
         return band_digit(keys, bounds, shift), member
 
     listed = (n_band <= slots) & (bounds.lo != bounds.hi)
     blocks = jnp.where(listed, pl.cdiv(n_band, hist_block), 0)
-    rs.store_suffix_counts(coarse_ref, fine_ref, rs.histogram_loop(blocks, digits_of_block, table_ref))
+    coarse, fine = rs.suffix_counts(rs.histogram_loop(blocks, digits_of_block, table_ref))
+    coarse_ref[chunk, :] = coarse
+    fine_ref[chunk, :, :] = fine
+    rs.block_barrier(interpret)  # every thread's stores done before the arrival is counted
+    # acq_rel at GPU scope: the row's last program to arrive sees every program's counts and slots.
+    arrived = pltriton.atomic_add(arrivals_ref, (jnp.int32(0),), jnp.int32(1))
+
+    @pl.when(arrived == pl.num_programs(2) - 1)
+    def _():
+        _decide(
+            bounds,
+            geo.length,
+            counts_ref,
+            slots_ref,
+            coarse_ref,
+            fine_ref,
+            scores.scores_ref if scores_out_ref is None else scores_out_ref,
+            table_ref,
+            decision_ref,
+            plan_counts_ref,
+            bucket_ref,
+            layout=layout,
+            tiling=tiling,
+            seq=seq,
+            budget=budget,
+            sink=sink,
+            recent=recent,
+        )
 
 
 # ----------------------------------------------------------------------------------------------
-# Launch C: the decision (a fallback row selected whole by one program).
+# The decision (a fallback row selected whole by one program).
 
 
 class RowPlan(NamedTuple):
@@ -485,13 +518,13 @@ def row_plan(bounds: Bounds, n_above, n_band, band_coarse_ref, band_fine_ref, k_
     )
 
 
-def _decide_kernel(
-    len_ref,
-    bounds_ref,
+def _decide(
+    bounds,
+    length,
     counts_ref,
+    slots_ref,
     band_coarse_ref,
     band_fine_ref,
-    slots_ref,
     scores_ref,
     table_ref,
     decision_ref,
@@ -505,42 +538,44 @@ def _decide_kernel(
     sink,
     recent,
 ):
-    """Every program: the row's plan from the band counts. On the fast path each writes its own
-    chunk's counts and, on PATH_RANKED, appends its chunk's bucket keys to the row's bucket list
-    (chunk order: chunk c's keys start after the buckets of chunks < c). A fallback row: its
-    chunk-0 program selects the whole row (`radix_select.row_select`), the others return."""
-    geo = rs.chunk_geometry(len_ref, tiling, seq)
-    chunk = geo.chunk_index
-    own_keys = slots_ref[...]  # loaded with the counts: the first n_band[chunk] are this chunk's band keys
-    bounds = load_bounds(bounds_ref)
+    """A row's decision, by the last of its band programs (refs: the whole row's). On the fast
+    path it writes every chunk's counts and, on PATH_RANKED, the bucket list: each chunk's
+    bucket keys after those of the chunks before it. A fallback row it selects whole
+    (`radix_select.row_select`)."""
     n_band = counts_ref[:, 1]
-    k_eff = rs.k_effective(geo.length, budget)
-    plan = row_plan(bounds, counts_ref[:, 0], n_band, band_coarse_ref, band_fine_ref, k_eff, layout)
+    plan = row_plan(
+        bounds, counts_ref[:, 0], n_band, band_coarse_ref, band_fine_ref, rs.k_effective(length, budget), layout
+    )
     fast = plan.path != PATH_FALLBACK
 
     @pl.when(fast)
     def _():
-        plan_counts_ref[chunk, 0] = rs.pick(plan.greater, chunk)
-        plan_counts_ref[chunk, 1] = rs.pick(plan.equal, chunk)
-        lanes = iota(own_keys.shape)
-        member = (
-            (plan.path == PATH_RANKED)
-            & (lanes < rs.pick(n_band, chunk))
-            & (band_digit(own_keys, bounds, plan.shift) == plan.digit)
-        )
-        first_slot = jnp.sum(jnp.where(iota(plan.equal.shape) < chunk, plan.equal, 0))
-        slot = first_slot + jnp.cumsum(member.astype(jnp.int32)) - 1
-        keep = member & (slot < layout.bucket_cap)
-        pltriton.store(bucket_ref.at[jnp.where(keep, slot, layout.bucket_cap)], own_keys, mask=keep)
-
-    @pl.when(fast & (chunk == 0))
-    def _():
+        plan_counts_ref[:, 0] = plan.greater
+        plan_counts_ref[:, 1] = plan.equal
         write_decision(decision_ref, plan.path, plan.threshold, plan.remaining, plan.found, 0)
 
-    @pl.when(jnp.logical_not(fast) & (chunk == 0))
+    @pl.when(plan.path == PATH_RANKED)
+    def _():
+        first_slots = jnp.cumsum(plan.equal) - plan.equal
+        lanes = iota((layout.slots,))
+
+        def copy_bucket(c, carry):
+            @pl.when(rs.pick(plan.equal, c) > 0)
+            def _():
+                keys = slots_ref[c, :]
+                member = (lanes < rs.pick(n_band, c)) & (band_digit(keys, bounds, plan.shift) == plan.digit)
+                slot = rs.pick(first_slots, c) + jnp.cumsum(member.astype(jnp.int32)) - 1
+                keep = member & (slot < layout.bucket_cap)
+                pltriton.store(bucket_ref.at[jnp.where(keep, slot, layout.bucket_cap)], keys, mask=keep)
+
+            return carry
+
+        lax.fori_loop(0, n_band.shape[0], copy_bucket, 0)
+
+    @pl.when(jnp.logical_not(fast))
     def _():
         state = rs.row_select(
-            scores_ref, table_ref, plan_counts_ref, geo.length, seq=seq, tiling=tiling, budget=budget, sink=sink,
+            scores_ref, table_ref, plan_counts_ref, length, seq=seq, tiling=tiling, budget=budget, sink=sink,
             recent=recent
         )
         threshold = state.signed_prefix(rs.DIGIT_BITS * state.refined)
@@ -553,7 +588,7 @@ def write_decision(decision_ref, path, threshold, remaining, found, shift) -> No
 
 
 # ----------------------------------------------------------------------------------------------
-# Launch D, the compaction: each program's plan.
+# Launch C, the compaction: each program's plan.
 
 
 def bucket_threshold(bucket_ref, table_ref, *, base, found, rank, block: int):
@@ -662,14 +697,14 @@ def select_with_path(
     def shaped(*tail, dtype=jnp.int32):
         return jax.ShapeDtypeStruct((batch, kv_heads, *tail), dtype)
 
-    _, bounds = triton_call(
+    _, bounds, arrivals = triton_call(
         functools.partial(
             _sample_kernel, source=source, layout=layout, budget=budget, config=config, interpret=interpret, **common
         ),
-        out_shape=[shaped(layout.sample), shaped(BOUNDS_WIDTH)],
+        out_shape=[shaped(layout.sample), shaped(BOUNDS_WIDTH), shaped(1)],
         grid=(batch, kv_heads, layout.sample_programs),
         in_specs=[rs.length_spec(), *source.in_specs()],
-        out_specs=[rs.row_spec(layout.sample), rs.row_spec(BOUNDS_WIDTH)],
+        out_specs=[rs.row_spec(layout.sample), rs.row_spec(BOUNDS_WIDTH), rs.row_spec(1)],
         num_warps=config.sample_warps,
         num_stages=tiling.num_stages,
         interpret=interpret,
@@ -681,47 +716,28 @@ def select_with_path(
         shaped(chunks, layout.slots),
         shaped(chunks, rs.NIBBLE),
         shaped(chunks, rs.NIBBLE, rs.NIBBLE),
-    ]
-    band_specs = [
-        rs.chunk_spec(2),
-        rs.chunk_spec(layout.slots),
-        rs.chunk_spec(rs.NIBBLE),
-        rs.chunk_spec(rs.NIBBLE, rs.NIBBLE),
+        shaped(rs.DECISION_WIDTH),
+        shaped(chunks, 2),
+        shaped(layout.bucket_cap),
+        shaped(1),
     ]
     if source.writes_scores:
         band_shapes.insert(0, shaped(seq, dtype=jnp.float32))
-        band_specs.insert(0, rs.row_spec(seq))
+    band_inputs = [lengths, bounds, *arrays, table, arrivals]
     band_out = triton_call(
-        functools.partial(_band_kernel, source=source, layout=layout, tiling=tiling, interpret=interpret, **common),
+        functools.partial(
+            _band_kernel, source=source, layout=layout, tiling=tiling, budget=budget, interpret=interpret, **common
+        ),
         out_shape=band_shapes,
         grid=grid,
-        in_specs=[rs.length_spec(), rs.row_spec(BOUNDS_WIDTH), *source.in_specs(), rs.table_spec()],
-        out_specs=band_specs,
+        in_specs=[rs.length_spec(), rs.row_spec(BOUNDS_WIDTH), *source.in_specs(), rs.table_spec(), rs.row_spec(1)],
+        out_specs=[rs.row_spec(*x.shape[2:]) for x in band_shapes],
         name=f"{prefix}_band",
+        input_output_aliases={len(band_inputs) - 1: len(band_shapes) - 1},
         **launch,
-    )(lengths, bounds, *arrays, table)
+    )(*band_inputs)
     scores = band_out[0] if source.writes_scores else arrays[0]
-    counts, slots, band_coarse, band_fine = band_out[-4:]
-    decision, plan_counts, bucket = triton_call(
-        functools.partial(_decide_kernel, layout=layout, tiling=tiling, budget=budget, **common),
-        out_shape=[shaped(rs.DECISION_WIDTH), shaped(chunks, 2), shaped(layout.bucket_cap)],
-        grid=grid,
-        in_specs=[
-            rs.length_spec(),
-            rs.row_spec(BOUNDS_WIDTH),
-            rs.row_spec(chunks, 2),
-            rs.row_spec(chunks, rs.NIBBLE),
-            rs.row_spec(chunks, rs.NIBBLE, rs.NIBBLE),
-            rs.chunk_spec(layout.slots),
-            rs.row_spec(seq),
-            rs.table_spec(),
-        ],
-        out_specs=[rs.row_spec(rs.DECISION_WIDTH), rs.row_spec(chunks, 2), rs.row_spec(layout.bucket_cap)],
-        num_warps=config.decide_warps,
-        num_stages=tiling.num_stages,
-        interpret=interpret,
-        name="hata_select_decide",
-    )(lengths, bounds, counts, band_coarse, band_fine, slots, scores, table)
+    decision, plan_counts, bucket, _ = band_out[-4:]
     plan_inputs = [
         (plan_counts, rs.row_spec(chunks, 2)),
         (bucket, rs.row_spec(layout.bucket_cap)),

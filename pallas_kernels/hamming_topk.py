@@ -28,13 +28,13 @@ Selection (:mod:`pallas_kernels.band_select`, whose docstring has its launches a
 :mod:`pallas_kernels.radix_select` as exact fallback): launch A ranks a stratified sample of
 `min(L, 512)` positions to get band bounds `t_lo <= k-th largest key <= t_hi` (with
 overwhelming probability); launch B (fused with scoring) counts the keys above the band,
-compacts the band keys into per-chunk slots and histograms them (one 8-bit band digit); launch C
-decides per row, in every program from the counts alone, whether the band holds the k-th key
-and, if so, which band digit holds the threshold; a row it cannot take is selected whole by one
-program of that launch (the radix fallback); launch D writes the selected positions of both
-paths (ranking the threshold bucket's keys first when the bucket is not one key value). No
-sort, no atomics, no host sync, static shapes; deterministic: the k keys are the largest in
-float order (NaN lowest, forced sink/recent positions first), ties at the threshold taken lowest
+compacts the band keys into per-chunk slots and histograms them (one 8-bit band digit), and the
+last of a row's programs to finish decides from the counts alone whether the band holds the
+k-th key and, if so, which band digit holds the threshold; a row it cannot take it selects whole
+(the radix fallback); launch C writes the selected positions of both paths (ranking the
+threshold bucket's keys first when the bucket is not one key value). No sort, no host sync,
+static shapes, one atomic counter per row; deterministic: the k keys are the largest in float
+order (NaN lowest, forced sink/recent positions first), ties at the threshold taken lowest
 position first, slots in ascending position, then `UNUSED` (-1).
 
 Byte floor, Llama-3.1-8B (32 q heads, 8 KV heads, batch 1, 128K context, rbit 128, budget 2048)
