@@ -157,9 +157,13 @@ class _CodeScoresRefs(NamedTuple):
         """float32[block] scores of the positions [first, first + block) (-inf where not valid)."""
         block = valid.shape[0]
         columns = self._columns(1)
+        mask = valid[:, None]
+        if columns.shape[1] > self.codes_ref.shape[1]:  # W not a power of two: mask the padding words
+            mask = mask & (columns < self.codes_ref.shape[1])
+        # A mask uniform along a token's words lets each thread load them as one vector (16 B at rbit 128).
         codes = pltriton.load(
             self.codes_ref.at[pl.ds(first, block), pl.ds(0, columns.shape[1])],
-            mask=valid[:, None] & (columns < self.codes_ref.shape[1]),
+            mask=jnp.broadcast_to(mask, (block, columns.shape[1])),
             other=jnp.uint32(0),
         )
         norms = pltriton.load(self.norms_ref.at[pl.ds(first, block)], mask=valid, other=0.0)
