@@ -41,17 +41,17 @@ B. **band pass and decision** (`*_band`, grid `(B, Hkv, chunks)`, fused with sco
    `n_above <= k <= n_above + n_band`, no chunk overflowed (or `t_lo == t_hi`), and the
    threshold is settled here (PATH_NO_BAND_KEY, PATH_ONE_KEY_BAND, PATH_ONE_KEY_BUCKET: the
    bucket is one key value) or the bucket holds at most `bucket_cap` keys (PATH_RANKED): then
-   it writes every chunk's counts and copies the bucket keys of each chunk (one scan of the
-   chunk's slots) into the row's bucket list, chunk after chunk. A row the fast path cannot
+   it writes every chunk's counts; on PATH_RANKED it copies the bucket keys of each chunk (one
+   scan of the chunk's slots) into the row's bucket list, chunk after chunk, and finds the
+   threshold among them (`bucket_threshold`: a four-pass radix select over at most
+   `bucket_cap` keys). A row the fast path cannot
    take (PATH_FALLBACK) it selects whole (`radix_select.row_select`: four histogram passes and
    a counting scan over the row, L2-resident) and writes every chunk's counts: a fallback row
    costs its launch the time of that one program (rare: see the tunables), and a row on the
    fast path pays nothing for it.
 C. **compaction** (`hata_select_compact`, `radix_select.compact_launch`): every row; writes the
-   index buffer from each chunk's counts (`chunk_plan_of`). On PATH_RANKED every program first
-   finds the threshold in the bucket list (`bucket_threshold`: a four-pass radix select over
-   at most `bucket_cap` listed keys) and splits its chunk's bucket count into keys above and
-   equal to it.
+   index buffer from each chunk's counts (`chunk_plan_of`; on PATH_RANKED each program splits
+   its chunk's bucket count into keys above and equal to the threshold, from the bucket list).
 
 `select_topk_with_path` / `hamming_topk_with_path` also return how each row was selected
 (`PATH_*`).
@@ -78,8 +78,8 @@ Tunables (:class:`BandConfig`):
   and a quarter chunk of slots sent 66 of 120 rows (512-position chunks) to the fallback, half
   a chunk 1 (same registers: ptxas counts on the CPU).
 - `list_block = 128` band keys per histogram MMA step (one step per chunk at the Llama shape).
-- `bucket_cap = 2048`: an 8 KiB bucket list per row; every compaction program of a PATH_RANKED
-  row runs four histogram passes over it (`cdiv(found, list_block)` MMA steps each). A larger
+- `bucket_cap = 2048`: an 8 KiB bucket list per row, which the deciding program ranks in four
+  histogram passes (`cdiv(found, list_block)` MMA steps each). A larger
   bucket of more than one value (heavy ties: e.g. few distinct scores over a long row) takes
   the fallback.
 The tiling (chunks, loop blocks, warps) is :class:`pallas_kernels.radix_select.Tiling`'s, with
@@ -457,6 +457,7 @@ def _band_kernel(len_ref, bounds_ref, *refs, source, layout, tiling, seq, budget
             budget=budget,
             sink=sink,
             recent=recent,
+            interpret=interpret,
         )
 
 
@@ -537,11 +538,12 @@ def _decide(
     budget,
     sink,
     recent,
+    interpret,
 ):
     """A row's decision, by the last of its band programs (refs: the whole row's). On the fast
-    path it writes every chunk's counts and, on PATH_RANKED, the bucket list: each chunk's
-    bucket keys after those of the chunks before it. A fallback row it selects whole
-    (`radix_select.row_select`)."""
+    path it writes every chunk's counts and, on PATH_RANKED, the bucket list (each chunk's
+    bucket keys after those of the chunks before it) and the threshold found in it
+    (`bucket_threshold`). A fallback row it selects whole (`radix_select.row_select`)."""
     n_band = counts_ref[:, 1]
     plan = row_plan(
         bounds, counts_ref[:, 0], n_band, band_coarse_ref, band_fine_ref, rs.k_effective(length, budget), layout
@@ -552,25 +554,34 @@ def _decide(
     def _():
         plan_counts_ref[:, 0] = plan.greater
         plan_counts_ref[:, 1] = plan.equal
-        write_decision(decision_ref, plan.path, plan.threshold, plan.remaining, plan.found, 0)
+        ranked = plan.path == PATH_RANKED
 
-    @pl.when(plan.path == PATH_RANKED)
-    def _():
-        first_slots = jnp.cumsum(plan.equal) - plan.equal
-        lanes = iota((layout.slots,))
+        @pl.when(ranked)
+        def _():
+            first_slots = jnp.cumsum(plan.equal) - plan.equal
+            lanes = iota((layout.slots,))
 
-        def copy_bucket(c, carry):
-            @pl.when(rs.pick(plan.equal, c) > 0)
-            def _():
-                keys = slots_ref[c, :]
-                member = (lanes < rs.pick(n_band, c)) & (band_digit(keys, bounds, plan.shift) == plan.digit)
-                slot = rs.pick(first_slots, c) + jnp.cumsum(member.astype(jnp.int32)) - 1
-                keep = member & (slot < layout.bucket_cap)
-                pltriton.store(bucket_ref.at[jnp.where(keep, slot, layout.bucket_cap)], keys, mask=keep)
+            def copy_bucket(c, carry):
+                @pl.when(rs.pick(plan.equal, c) > 0)
+                def _():
+                    keys = slots_ref[c, :]
+                    member = (lanes < rs.pick(n_band, c)) & (band_digit(keys, bounds, plan.shift) == plan.digit)
+                    slot = rs.pick(first_slots, c) + jnp.cumsum(member.astype(jnp.int32)) - 1
+                    keep = member & (slot < layout.bucket_cap)
+                    pltriton.store(bucket_ref.at[jnp.where(keep, slot, layout.bucket_cap)], keys, mask=keep)
 
-            return carry
+                return carry
 
-        lax.fori_loop(0, n_band.shape[0], copy_bucket, 0)
+            lax.fori_loop(0, n_band.shape[0], copy_bucket, 0)
+
+        rs.block_barrier(interpret)  # the bucket list stored before it is read back
+        threshold = lax.cond(
+            ranked,
+            lambda: bucket_threshold(bucket_ref, table_ref, found=plan.found, rank=plan.remaining,
+                                     block=layout.list_block),
+            lambda: plan.threshold,
+        )
+        write_decision(decision_ref, plan.path, threshold, plan.remaining, plan.found, 0)
 
     @pl.when(jnp.logical_not(fast))
     def _():
@@ -587,16 +598,13 @@ def write_decision(decision_ref, path, threshold, remaining, found, shift) -> No
         decision_ref[index] = rs.traced(value, path)
 
 
-# ----------------------------------------------------------------------------------------------
-# Launch C, the compaction: each program's plan.
-
-
-def bucket_threshold(bucket_ref, table_ref, *, base, found, rank, block: int):
-    """The `rank`-th largest (1 = largest) of the `found` keys listed in bucket_ref, the least of
-    them `base`: a radix select of four 8-bit passes over the keys' offsets from `base` (read as
-    uint32). Every program of a PATH_RANKED row computes it (the list is at most `bucket_cap`
-    keys, L2-resident); a pass whose keys share one digit costs a histogram step per `block`
-    keys like any other."""
+def bucket_threshold(bucket_ref, table_ref, *, found, rank, block: int):
+    """The `rank`-th largest (1 = largest) of the `found` keys listed in bucket_ref: a radix
+    select of four 8-bit passes over the keys' offsets from the least of them (read as uint32;
+    a pass whose keys share one digit costs a histogram step per `block` keys like any other).
+    The list is at most `bucket_cap` keys, L1/L2-resident: its writer reads it back."""
+    keys = bucket_ref[...]
+    base = jnp.min(jnp.where(iota(keys.shape) < found, keys, INT32_MAX))
     steps = pl.cdiv(found, block)
     prefix, remaining = jnp.int32(0), rank
     for pass_index in range(rs.NUM_PASSES):
@@ -614,33 +622,24 @@ def bucket_threshold(bucket_ref, table_ref, *, base, found, rank, block: int):
     return base + prefix
 
 
-def chunk_plan_of(decision_ref, plan_counts_ref, bucket_ref, table_ref, *, chunk_index, block: int) -> rs.ChunkPlan:
-    """A row's ChunkPlan (plan_counts_ref: [chunks, 2], the decision launch's counts); on
-    PATH_RANKED the bucket's threshold is found here (`bucket_threshold`) and the bucket list
-    splits the chunk's bucket count into keys above and equal to it (its keys before `first` are
-    the earlier chunks')."""
+# ----------------------------------------------------------------------------------------------
+# Launch C, the compaction: each program's plan.
+
+
+def chunk_plan_of(decision_ref, plan_counts_ref, bucket_ref, *, chunk_index) -> rs.ChunkPlan:
+    """A row's ChunkPlan (plan_counts_ref: [chunks, 2], the decision's counts); on PATH_RANKED
+    the bucket list splits the chunk's bucket count into keys above and equal to the threshold
+    (its keys before `first` are the earlier chunks')."""
     ranked = decision_ref[rs.DECISION_PATH] == PATH_RANKED
     found = jnp.where(ranked, decision_ref[rs.DECISION_FOUND], 0)
-    remaining = decision_ref[rs.DECISION_REMAINING]
+    threshold = decision_ref[rs.DECISION_THRESHOLD]
     keys = bucket_ref[...]  # unmasked: lanes >= found are never read
     lanes = iota(keys.shape)
     listed = lanes < found
-    threshold = lax.cond(
-        ranked,
-        lambda: bucket_threshold(
-            bucket_ref,
-            table_ref,
-            base=jnp.min(jnp.where(listed, keys, INT32_MAX)),
-            found=found,
-            rank=remaining,
-            block=block,
-        ),
-        lambda: decision_ref[rs.DECISION_THRESHOLD],
-    )
     base_plan = rs.chunk_plan(
         plan_counts_ref[:, 0],
         plan_counts_ref[:, 1],
-        remaining,
+        decision_ref[rs.DECISION_REMAINING],
         decision_ref[rs.DECISION_SHIFT],
         threshold,
         chunk_index,
@@ -738,19 +737,8 @@ def select_with_path(
     )(*band_inputs)
     scores = band_out[0] if source.writes_scores else arrays[0]
     decision, plan_counts, bucket, _ = band_out[-4:]
-    plan_inputs = [
-        (plan_counts, rs.row_spec(chunks, 2)),
-        (bucket, rs.row_spec(layout.bucket_cap)),
-        (table, rs.table_spec()),
-    ]
-    idx, count_out = rs.compact_launch(
-        scores,
-        lengths,
-        decision,
-        plan_inputs,
-        functools.partial(chunk_plan_of, block=layout.list_block),
-        **finish,
-    )
+    plan_inputs = [(plan_counts, rs.row_spec(chunks, 2)), (bucket, rs.row_spec(layout.bucket_cap))]
+    idx, count_out = rs.compact_launch(scores, lengths, decision, plan_inputs, chunk_plan_of, **finish)
     return idx, count_out, decision[..., rs.DECISION_PATH]
 
 

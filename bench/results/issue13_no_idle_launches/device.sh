@@ -9,7 +9,7 @@
 #  check: every kernel check (bench.check_kernels: fresh random data, ties, outliers, ragged batches,
 #         256K tokens, budgets to 8192, the band-miss variant that sends every row to the fallback), then
 #         one Llama-8B layer at 128K batch 1 profiled in both trees (per-launch device times);
-#  speed: the band select's variants and tilings (bench.kernels --select-variants; "band miss" times the
+#  speed: the GPU-only pytest cases (the attention call's compiled launches), the band select's variants and tilings (bench.kernels --select-variants; "band miss" times the
 #         fallback), then the whole Llama-8B step at 128K batch 1 (dense and HATA) in both trees.
 set -u
 baseline=baseline_6abb289
@@ -28,6 +28,8 @@ if [ "${1:-}" = check ]; then
   done
 fi
 if [ "${1:-}" = speed ]; then
+  PYTHONPATH=$PWD timeout 120 python -m pytest -q -p no:cacheprovider tests/test_kernel_flash_decode.py \
+    tests/test_kernel_hash_encode.py -k "compiled_call or gpu" 2>&1 | tail -4
   PYTHONPATH=$PWD timeout 200 python -m bench.kernels --skip-check --select-variants --out "$OUT/select_variants.json" \
     2>&1 | grep -v -i warning | tail -16
   for root in . "$baseline"; do
