@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 
 import hata_jax
+from hata_jax import dispatch
 from hata_jax.scoring import scores_reference
 from hata_jax.selection import exact_slots as expected_selection  # the kernels' exact answer
 from pallas_kernels import band_select, hamming_topk, radix_select
@@ -401,6 +402,22 @@ def test_lowers_for_cuda(batch, kv_heads, group, rbit, seq, budget):
     text = lower_for_cuda(lambda *a: hamming_topk.hamming_topk(*a[:4], budget=budget, score="asymmetric",
                                                                q_scales=a[4]), q, k, norms, lengths, scales)
     assert launch_names(text) == ["hata_hamming_sample", "hata_hamming_band", "hata_select_compact"]
+
+
+@pytest.mark.parametrize("score", ["key_norm", "asymmetric"])
+def test_hata_layer_launches(monkeypatch, score):
+    """One HATA layer's step (impl resolving as on a GPU) is five Triton launches: the step's
+    encoding, the selection's three, the sparse attention (its splits merged in the kernel);
+    no fallback or combine launch."""
+    monkeypatch.setattr(dispatch, "on_gpu", lambda: True)
+    config = hata_jax.HataConfig(budget=256, rbit=128, score=score)
+    cache = jax.eval_shape(lambda: hata_jax.HataCache.init(1, 2, 4096, 128, rbit=128))
+    q = jax.ShapeDtypeStruct((1, 8, 128), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((1, 2, 128), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((2, 128, 128), jnp.float32)
+    text = lower_for_cuda(lambda *a: hata_jax.hata_decode_attention(*a, config), q, k, k, cache, w)
+    assert launch_names(text) == ["hash_encode_step", "hata_hamming_sample", "hata_hamming_band",
+                                  "hata_select_compact", "hata_sparse_decode"]
 
 
 def launch_names(text: str) -> list[str]:
