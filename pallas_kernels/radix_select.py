@@ -72,6 +72,10 @@ MIN_CHUNK = 2048
 MAX_CHUNK = 16384
 TARGET_PROGRAMS = 512
 FILL_BLOCK = 1024
+# Keys per loop step of the fallback (`row_select`). Its one program runs inside the band launch,
+# whose registers it must not raise: on sm_90a (ptxas via pip's Triton 3.9, indicative) the band
+# launch takes 96 registers with 128, 154 with 256 (3 programs per SM instead of 5).
+FALLBACK_BLOCK = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -338,21 +342,24 @@ def row_select(scores_ref, table_ref, counts_ref, length, *, seq: int, tiling: T
     row = ChunkGeometry(jnp.int32(0), jnp.int32(0), length, pl.next_power_of_2(seq))
     zero = traced(0, length)  # a constant would not lower where the state is updated under a condition
     state = RowState(zero, k_effective(length, budget), zero, zero != 0)
-    for pass_index in range(NUM_PASSES):
-        prefix_bits = DIGIT_BITS * pass_index
 
-        def digits_of_block(i, prefix_bits=prefix_bits, pass_index=pass_index, state=state):
-            _, valid, keys = block_keys(scores_ref, row, i, tiling.block, sink=sink, recent=recent)
-            if prefix_bits:
-                valid = valid & ((keys >> (32 - prefix_bits)) == state.signed_prefix(prefix_bits))
-            return key_digit(keys, pass_index), valid
+    def one_pass(pass_index, state):  # a loop, not unrolled: one pass's registers, not four passes'
+        prefix_bits = jnp.maximum(DIGIT_BITS * pass_index, DIGIT_BITS)  # pass 0 takes every key
+        prefix = state.signed_prefix(prefix_bits)
 
-        blocks = jnp.where(state.done, 0, row.blocks(length, tiling.block))
-        state = advance(state, histogram_loop(blocks, digits_of_block, table_ref), pass_index)
+        def digits_of_block(i):
+            _, valid, keys = block_keys(scores_ref, row, i, FALLBACK_BLOCK, sink=sink, recent=recent)
+            shares = (pass_index == 0) | ((keys >> (32 - prefix_bits)) == prefix)
+            return key_digit(keys, pass_index), valid & shares
+
+        blocks = jnp.where(state.done, 0, row.blocks(length, FALLBACK_BLOCK))
+        return advance(state, histogram_loop(blocks, digits_of_block, table_ref), pass_index)
+
+    state = lax.fori_loop(0, NUM_PASSES, one_pass, state)
 
     shift = state.shift
     prefix = state.signed_prefix(DIGIT_BITS * state.refined)
-    block = tiling.scan
+    block = FALLBACK_BLOCK
 
     def chunk_counts_of(c, carry):
         chunk = ChunkGeometry(c, c * tiling.chunk, length, tiling.chunk)

@@ -20,7 +20,7 @@ for root in . "$baseline"; do
 done
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
 if [ "${1:-}" = first ]; then  # one call that fits 600 s: what matters most, should only one machine come
-  PYTHONPATH=$PWD timeout 200 python -m bench.check_kernels --only "scores+topk" "select " "attention b=" \
+  PYTHONPATH=$PWD timeout 170 python -m bench.check_kernels --only "scores+topk" "select " "attention b=" \
     "hata_decode_attention b=" "hata_decode_attention left" --out "$OUT/check_kernels_first.json" \
     > "$OUT/check_kernels_first.log" 2>&1
   echo "check_kernels exit $?"; grep -c PASS "$OUT/check_kernels_first.log"; grep -E "FAIL|passed" "$OUT/check_kernels_first.log"
