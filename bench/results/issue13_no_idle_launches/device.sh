@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
-# Issue 13: the selection without idle launches (fallback rows selected whole by one program of the
-# decision launch; the PATH_RANKED threshold found by the compaction) and the decode attention's
-# in-kernel merge of its splits, measured on the GPU beside the tree before them (6abb289), in two device
-# calls (device tool: run(command="bash THIS check") then run(command="bash THIS speed"); `first` is the part of
-# both that fits one call), after
+# Issue 13: the selection in three launches with none idle (the decision inside the band launch, by the last of a
+# row's programs to arrive; a fallback row selected whole by that program) and the decode attention's in-kernel
+# merge of its splits, measured on the GPU beside the tree before them (6abb289). `first` is what matters most and
+# fits one device call (~500 s): run(command="bash THIS first"); `check` then `speed` are the whole set in two
+# calls. Build the baseline tree first:
 #   mkdir baseline_6abb289 && git archive 6abb289 pallas_kernels hata_jax models train evaluation cli bench \
 #     ':!bench/results' ':!train/shipped' | tar -x -C baseline_6abb289
 # (untracked, not ignored, so it travels; delete it afterwards, never commit it).
-#  check: every kernel check (bench.check_kernels: fresh random data, ties, outliers, ragged batches,
-#         256K tokens, budgets to 8192, the band-miss variant that sends every row to the fallback), then
-#         one Llama-8B layer at 128K batch 1 profiled in both trees (per-launch device times);
-#  speed: the GPU-only pytest cases (the attention call's compiled launches), the band select's variants and tilings (bench.kernels --select-variants; "band miss" times the
-#         fallback), then the whole Llama-8B step at 128K batch 1 (dense and HATA) in both trees.
+#  first: the selection, attention and HATA-step checks; one Llama-8B layer at 128K batch 1 profiled in both
+#         trees (per-launch device times); the GPU-only test of the attention call's compiled launches (whether
+#         XLA's zero fill of the arrival counters is a kernel); the band select's variants.
+#  check: every kernel check (bench.check_kernels: fresh random data, ties, outliers, ragged batches, 256K
+#         tokens, budgets to 8192, the band-miss variant that sends every row to the fallback), then the layer
+#         profile in both trees;
+#  speed: the GPU-only pytest cases, the band select's variants and tilings (bench.kernels --select-variants;
+#         "band miss" times the fallback), then the whole Llama-8B step at 128K batch 1 (dense and HATA) in
+#         both trees.
 set -u
 baseline=baseline_6abb289
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
