@@ -86,6 +86,26 @@ def triton_call(
     )
 
 
+def block_barrier(interpret: bool) -> None:
+    """Make this program's global stores visible to all its threads (a no-op when interpreted,
+    where a program runs sequentially)."""
+    if not interpret:
+        pltriton.debug_barrier()
+
+
+def last_to_arrive(arrivals_ref, programs: int, *, interpret: bool):
+    """Count this program's arrival on `arrivals_ref` (int32[1], zeroed before the launch, shared
+    by `programs` programs) and say whether it is the last of them to arrive.
+
+    After a block barrier (every thread's stores issued), one atomic add, acquire-release at GPU
+    scope: the last program to arrive sees every other program's stores made before its arrival
+    (the pattern of CUTLASS's generic barrier). When interpreted, programs run in grid order, so
+    the last in that order is the last to arrive.
+    """
+    block_barrier(interpret)
+    return pltriton.atomic_add(arrivals_ref, (jnp.int32(0),), jnp.int32(1)) == programs - 1
+
+
 def _popcount32_swar(x: jax.Array) -> jax.Array:
     """Population count of uint32 lanes with shifts, masks and one multiply (exact)."""
     x = x - ((x >> 1) & jnp.uint32(0x55555555))

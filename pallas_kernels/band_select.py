@@ -44,11 +44,10 @@ B. **band pass and decision** (`*_band`, grid `(B, Hkv, chunks)`, fused with sco
    it writes every chunk's counts; on PATH_RANKED it copies the bucket keys of each chunk (one
    scan of the chunk's slots) into the row's bucket list, chunk after chunk, and finds the
    threshold among them (`bucket_threshold`: a four-pass radix select over at most
-   `bucket_cap` keys). A row the fast path cannot
-   take (PATH_FALLBACK) it selects whole (`radix_select.row_select`: four histogram passes and
-   a counting scan over the row, L2-resident) and writes every chunk's counts: a fallback row
-   costs its launch the time of that one program (rare: see the tunables), and a row on the
-   fast path pays nothing for it.
+   `bucket_cap` keys). A row the fast path cannot take (PATH_FALLBACK) it selects whole
+   (`radix_select.row_select`: four histogram passes and a counting scan over the row,
+   L2-resident) and writes every chunk's counts: a fallback row costs its launch the time of
+   that one program (rare: see the tunables), and a row on the fast path pays nothing for it.
 C. **compaction** (`hata_select_compact`, `radix_select.compact_launch`): every row; writes the
    index buffer from each chunk's counts (`chunk_plan_of`; on PATH_RANKED each program splits
    its chunk's bucket count into keys above and equal to the threshold, from the bucket list).
@@ -99,7 +98,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import radix_select as rs
-from pallas_kernels.backend import triton_call
+from pallas_kernels.backend import block_barrier, last_to_arrive, triton_call
 from pallas_kernels.radix_select import INT32_MAX, INT32_MIN, Tiling, count, iota
 
 # How a row was selected (launch B's decision; `*_with_path` return it per row).
@@ -108,7 +107,7 @@ PATH_NO_BAND_KEY = 1  # k keys above the band: the threshold is t_hi
 PATH_ONE_KEY_BAND = 2  # t_lo == t_hi (ties, all equal, lengths[b] <= budget)
 PATH_ONE_KEY_BUCKET = 3  # the threshold bucket is one key value ([t_lo, t_top] spans < 256 keys)
 # 4..6 were an earlier design's cases; PATH_RANKED keeps its number (recorded results count rows by path).
-PATH_RANKED = 7  # the threshold found among the bucket's listed keys by each compaction program
+PATH_RANKED = 7  # the threshold found among the bucket's listed keys by the deciding program
 
 BOUND_LO, BOUND_HI, BOUND_TOP = 0, 1, 2  # a row's band bounds: keys t_lo, t_hi, t_top
 BOUNDS_WIDTH = 4
@@ -360,7 +359,7 @@ def _sample_kernel(len_ref, *refs, source, layout, seq, budget, sink, recent, co
     keys = jnp.where(valid, rs.order_keys(scores.at(pos, valid), pos, length, sink=sink, recent=recent), INT32_MIN)
     keys_ref[...] = keys
     forced = count(keys == INT32_MAX)  # sink/recent positions in the sample
-    rs.block_barrier(interpret)
+    block_barrier(interpret)
     first = program * layout.sample_slice
     mine = keys_ref[pl.ds(first, layout.sample_slice)]
     mine_valid = first + iota((layout.sample_slice,)) < n_s
@@ -421,7 +420,7 @@ def _band_kernel(len_ref, bounds_ref, *refs, source, layout, tiling, seq, budget
     # chunks all fit their slots uses it).
     shift = band_shift(bounds.lo, bounds.top)
     hist_block = layout.list_block
-    rs.block_barrier(interpret)
+    block_barrier(interpret)
 
     def digits_of_block(i):
         member = i * hist_block + iota((hist_block,)) < n_band
@@ -433,11 +432,8 @@ def _band_kernel(len_ref, bounds_ref, *refs, source, layout, tiling, seq, budget
     coarse, fine = rs.suffix_counts(rs.histogram_loop(blocks, digits_of_block, table_ref))
     coarse_ref[chunk, :] = coarse
     fine_ref[chunk, :, :] = fine
-    rs.block_barrier(interpret)  # every thread's stores done before the arrival is counted
-    # acq_rel at GPU scope: the row's last program to arrive sees every program's counts and slots.
-    arrived = pltriton.atomic_add(arrivals_ref, (jnp.int32(0),), jnp.int32(1))
-
-    @pl.when(arrived == pl.num_programs(2) - 1)
+    # The row's last program to arrive sees every program's counts and slots.
+    @pl.when(last_to_arrive(arrivals_ref, pl.num_programs(2), interpret=interpret))
     def _():
         _decide(
             bounds,
@@ -470,7 +466,7 @@ class RowPlan(NamedTuple):
     [chunks])."""
 
     path: jax.Array
-    threshold: jax.Array  # the threshold key (PATH_RANKED: found by the compaction)
+    threshold: jax.Array  # the threshold key (PATH_RANKED: unused; `bucket_threshold` finds it)
     remaining: jax.Array  # keys equal to the threshold to take (PATH_RANKED: the threshold's rank in the bucket)
     found: jax.Array  # PATH_RANKED: the bucket's keys (else 0)
     greater: jax.Array  # keys above the threshold (PATH_RANKED: above the bucket)
@@ -574,7 +570,7 @@ def _decide(
 
             lax.fori_loop(0, n_band.shape[0], copy_bucket, 0)
 
-        rs.block_barrier(interpret)  # the bucket list stored before it is read back
+        block_barrier(interpret)  # the bucket list stored before it is read back
         threshold = lax.cond(
             ranked,
             lambda: bucket_threshold(bucket_ref, table_ref, found=plan.found, rank=plan.remaining,
@@ -589,8 +585,7 @@ def _decide(
             scores_ref, table_ref, plan_counts_ref, length, seq=seq, tiling=tiling, budget=budget, sink=sink,
             recent=recent
         )
-        threshold = state.signed_prefix(rs.DIGIT_BITS * state.refined)
-        write_decision(decision_ref, plan.path, threshold, state.remaining, 0, state.shift)
+        write_decision(decision_ref, plan.path, state.prefix, state.remaining, 0, state.shift)
 
 
 def write_decision(decision_ref, path, threshold, remaining, found, shift) -> None:

@@ -92,6 +92,7 @@ from pallas_kernels.backend import (
     SUPPORTED_DTYPES,
     SUPPORTED_HEAD_DIMS,
     dot,
+    last_to_arrive,
     triton_call,
 )
 
@@ -276,12 +277,8 @@ def _attend_blocks(q_ref, n, load_block, out_refs, *, scale, block_k, splits, gr
     pltriton.store(acc_ref.at[split, pl.ds(0, GROUP_ROWS), :], acc, mask=rows[:, None])
     pltriton.store(m_ref.at[split, pl.ds(0, GROUP_ROWS)], m, mask=rows)
     pltriton.store(l_ref.at[split, pl.ds(0, GROUP_ROWS)], l, mask=rows)
-    if not interpret:
-        pltriton.debug_barrier()  # every thread's partials stored before the arrival is counted
-    # acq_rel at GPU scope: the last split to arrive sees every split's partials.
-    arrived = pltriton.atomic_add(arrivals_ref, (jnp.int32(0),), jnp.int32(1))
 
-    @pl.when(arrived == splits - 1)
+    @pl.when(last_to_arrive(arrivals_ref, splits, interpret=interpret))  # it sees every split's partials
     def _():
         _combine(acc_ref, m_ref, l_ref, *result_refs, splits=splits, group=group)
 

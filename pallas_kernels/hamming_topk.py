@@ -31,8 +31,8 @@ overwhelming probability); launch B (fused with scoring) counts the keys above t
 compacts the band keys into per-chunk slots and histograms them (one 8-bit band digit), and the
 last of a row's programs to finish decides from the counts alone whether the band holds the
 k-th key and, if so, which band digit holds the threshold; a row it cannot take it selects whole
-(the radix fallback); launch C writes the selected positions of both paths (ranking the
-threshold bucket's keys first when the bucket is not one key value). No sort, no host sync,
+(the radix fallback), ranking the threshold bucket's keys when the bucket is not one key
+value; launch C writes the selected positions of both paths. No sort, no host sync,
 static shapes, one atomic counter per row; deterministic: the k keys are the largest in float
 order (NaN lowest, forced sink/recent positions first), ties at the threshold taken lowest
 position first, slots in ascending position, then `UNUSED` (-1).
@@ -59,8 +59,8 @@ Tiling (:class:`radix_select.Tiling`):
   longer serial loops; more chunks mean more per-chunk counts for the decision to read.
 - `radix_select.SCAN_BLOCK = 2048` positions per loop step of the loops without a histogram
   (band pass with its scoring, compaction): one step per chunk, so a program waits for one load.
-- `radix_select.BLOCK = 256` positions per loop step of the fallback's histogram passes (512
-  would need ~200 registers per thread).
+- `radix_select.BLOCK = 256` positions per loop step of `hamming_scores`;
+  `radix_select.FALLBACK_BLOCK = 128` per loop step of the fallback (see there).
 - `num_warps = 4`: the `[16, 16]` histogram MMA has two 16x8 tiles; more warps only replicate
   it. `num_stages = 1`: one loop step per program on the fast path.
 - `radix_select.HIST_DTYPE = bfloat16`: 0/1 operands, float32 accumulation exact up to 2**24

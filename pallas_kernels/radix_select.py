@@ -18,8 +18,8 @@ are described in :mod:`pallas_kernels.band_select`; the byte floor and the tilin
   of a row (sum `coarse` over chunks, pick the high nibble, sum that nibble's row of `fine`, pick
   the low nibble: 128 B per chunk instead of the whole 1 KiB histogram). The band select's
   band-digit histograms are built the same way.
-- **the fallback** (`row_select`, run by one program of the band select's decision launch for a
-  row the fast path cannot take): four passes over the row, each histogramming the pass's digit
+- **the fallback** (`row_select`, run inside the band select's band launch by the program that
+  decides a row the fast path cannot take): four passes over the row, each histogramming the pass's digit
   over the keys that share the prefix resolved so far (a loop step with no such key skips the
   histogram) and refining the row state (resolved prefix, rank still to take, passes used, done
   flag: once the boundary bucket is taken whole later passes skip the row); then one scan writes
@@ -29,7 +29,8 @@ are described in :mod:`pallas_kernels.band_select`; the byte floor and the tilin
   many keys lie above it and how many equal it; the band select's `chunk_plan_of` gives each
   program its `ChunkPlan`. Each program takes the counts of the chunks before its own and
   scatters its selected positions: every key above the threshold, and equal keys in position
-  order until the rank is filled. Slots come out in ascending position; slots `>= count` get `UNUSED`.
+  order until the rank is filled. Slots come out in ascending position; slots `>= count` get
+  `UNUSED`.
 """
 
 from __future__ import annotations
@@ -57,10 +58,9 @@ INT32_MAX = 2**31 - 1
 
 # The band select's decision, one int32 vector per row: how the row was selected (0: by the
 # fallback, else the fast path's case); the threshold as the keys' top `32 - shift` bits
-# (`keys >> shift`, signed; the fast path: shift 0 and the threshold key, unused on
-# PATH_RANKED); the number of keys equal to it still to take
-# (PATH_RANKED: the threshold's rank in its bucket); on PATH_RANKED how many keys the bucket
-# holds; and the shift.
+# (`keys >> shift`, signed; the fast path: shift 0 and the threshold key); the number of keys
+# equal to it still to take (PATH_RANKED: the threshold's rank in its bucket); on PATH_RANKED
+# how many keys the bucket holds; and the shift.
 DECISION_PATH, DECISION_THRESHOLD, DECISION_REMAINING, DECISION_FOUND, DECISION_SHIFT = range(5)
 DECISION_WIDTH = 8  # a power of two (Triton blocks)
 
@@ -81,8 +81,8 @@ FALLBACK_BLOCK = 128
 @dataclasses.dataclass(frozen=True)
 class Tiling:
     """How a row is cut: `chunk` positions per program, walked in loop steps of `block`
-    positions by the histogram passes and of `scan_block` (clipped to the chunk) by the loops
-    without a histogram (the band pass with its fused scoring, the compaction)."""
+    positions by `hamming_scores` and of `scan_block` (clipped to the chunk) by the band pass
+    with its fused scoring and by the compaction."""
 
     chunk: int
     block: int
@@ -146,13 +146,6 @@ def traced(value, like):
     """`value` computed from the traced `like`: a conditional (`lax.cond`) in a Triton kernel must
     yield values, not constants."""
     return like * 0 + value
-
-
-def block_barrier(interpret: bool) -> None:
-    """Make this program's global stores visible to all its threads (a no-op when interpreted,
-    where a program runs sequentially)."""
-    if not interpret:
-        pltriton.debug_barrier()
 
 
 def order_keys(scores, pos, length, *, sink: int, recent: int):
@@ -253,12 +246,6 @@ def histogram_loop(num_blocks, digits_of_block: Callable, table_ref):
     return lax.fori_loop(0, num_blocks, step, jnp.zeros((NIBBLE, NIBBLE), jnp.int32))
 
 
-def store_suffix_counts(coarse_ref, fine_ref, hist) -> None:
-    coarse, fine = suffix_counts(hist)
-    coarse_ref[...] = coarse
-    fine_ref[...] = fine
-
-
 def pick_boundary(coarse, fine_of_high, rank):
     """(digit, keys with digit >= it, keys with digit > it): the largest digit with at least `rank`
     keys at or above it, from the suffix counts `coarse[16]` and `fine_of_high(a) -> fine[a, :]`.
@@ -302,6 +289,11 @@ class RowState(NamedTuple):
     def shift(self):
         """The prefix is the keys' top `32 - shift` bits (`keys >> shift`)."""
         return 32 - DIGIT_BITS * self.refined
+
+    @property
+    def prefix(self):
+        """The resolved prefix, comparable with `keys >> shift`."""
+        return self.signed_prefix(DIGIT_BITS * self.refined)
 
     def signed_prefix(self, bits):
         """The top `bits` bits of the threshold, comparable with `keys >> (32 - bits)`."""
@@ -357,9 +349,8 @@ def row_select(scores_ref, table_ref, counts_ref, length, *, seq: int, tiling: T
 
     state = lax.fori_loop(0, NUM_PASSES, one_pass, state)
 
-    shift = state.shift
-    prefix = state.signed_prefix(DIGIT_BITS * state.refined)
-    block = FALLBACK_BLOCK
+    shift, prefix = state.shift, state.prefix
+    block = min(FALLBACK_BLOCK, tiling.chunk)  # a step must not reach into the next chunk
 
     def chunk_counts_of(c, carry):
         chunk = ChunkGeometry(c, c * tiling.chunk, length, tiling.chunk)
@@ -369,7 +360,8 @@ def row_select(scores_ref, table_ref, counts_ref, length, *, seq: int, tiling: T
             key_prefix = keys >> shift
             return counts[0] + count(valid & (key_prefix > prefix)), counts[1] + count(valid & (key_prefix == prefix))
 
-        greater, equal = lax.fori_loop(0, chunk.blocks(length, block), scan, (jnp.int32(0), jnp.int32(0)))
+        blocks = chunk.blocks(length, block)
+        greater, equal = lax.fori_loop(0, blocks, scan, (jnp.int32(0), jnp.int32(0)))
         counts_ref[c, 0] = greater
         counts_ref[c, 1] = equal
         return carry
@@ -471,11 +463,6 @@ def table_spec():
 def row_spec(*tail: int):
     """The whole row (b, h) of an array [B, Hkv, *tail]."""
     return pl.BlockSpec((None, None, *tail), lambda b, h, c: (b, h) + (0,) * len(tail))
-
-
-def chunk_spec(*tail: int):
-    """This program's chunk c of an array [B, Hkv, chunks, *tail]."""
-    return pl.BlockSpec((None, None, None, *tail), lambda b, h, c: (b, h, c) + (0,) * len(tail))
 
 
 def compact_launch(scores, lengths, decision, plan_inputs, chunk_plan_of, *, budget, sink, recent, tiling, interpret):

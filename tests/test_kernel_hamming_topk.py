@@ -253,15 +253,18 @@ def test_overflowing_chunk_falls_back_and_rows_switch_paths(rng):
     np.testing.assert_array_equal(count, [[BUDGET] * kv_heads, [0] * kv_heads, [57] * kv_heads])
 
 
+@pytest.mark.parametrize("tiling", [SMALL, Tiling(chunk=64, block=32)], ids=["small", "chunk_below_fallback_block"])
 @pytest.mark.parametrize("kind", ["normal", "special", "near_threshold", "tied"])
-def test_fallback_is_the_expected_top_set(rng, kind):
+def test_fallback_is_the_expected_top_set(rng, kind, tiling):
     """A band that always misses (margins of -30 sample ranks) sends every row of distinct
     scores to the fallback, whose one program per row must give the exact answer for any
-    scores: specials, keys sharing their top 24 bits (all four radix passes), heavy ties."""
+    scores: specials, keys sharing their top 24 bits (all four radix passes), heavy ties; also
+    with chunks shorter than the fallback's loop step (its per-chunk counts must not overlap)."""
     batch, _, seq = SHAPE
     scores = SCORE_KINDS[kind](rng, SHAPE)
     lengths = [seq, int(rng.integers(BUDGET + 1, seq)), seq - 1]
-    _, _, path = select(scores, BUDGET, lengths, sink=SINK, recent=RECENT, config=BandConfig(sigmas=0.0, slack=-30.0))
+    _, _, path = select(scores, BUDGET, lengths, sink=SINK, recent=RECENT, tiling=tiling,
+                        config=BandConfig(sigmas=0.0, slack=-30.0))
     if kind != "tied":
         assert (path == band_select.PATH_FALLBACK).all(), path
 
