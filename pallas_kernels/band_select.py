@@ -41,16 +41,21 @@ B. **band pass and decision** (`*_band`, grid `(B, Hkv, chunks)`, fused with sco
    `n_above <= k <= n_above + n_band`, no chunk overflowed (or `t_lo == t_hi`), and the
    threshold is settled here (PATH_NO_BAND_KEY, PATH_ONE_KEY_BAND, PATH_ONE_KEY_BUCKET: the
    bucket is one key value) or the bucket holds at most `bucket_cap` keys (PATH_RANKED): then
-   it writes every chunk's counts; on PATH_RANKED it copies the bucket keys of each chunk (one
-   scan of the chunk's slots) into the row's bucket list, chunk after chunk, and finds the
-   threshold among them (`bucket_threshold`: a four-pass radix select over at most
-   `bucket_cap` keys). A row the fast path cannot take (PATH_FALLBACK) it selects whole
-   (`radix_select.row_select`: four histogram passes and a counting scan over the row,
-   L2-resident) and writes every chunk's counts: a fallback row costs its launch the time of
-   that one program (rare: see the tunables), and a row on the fast path pays nothing for it.
+   it writes every chunk's counts; on PATH_RANKED it copies the bucket keys of all chunks from
+   their slots (`[chunks, block]` tiles, chunk after chunk in the list) into the row's list and
+   finds the threshold among them (`bucket_threshold`: 8-bit radix passes over the keys'
+   offsets from the least, from the top digit of their spread). A row the fast path cannot
+   take has its candidates known from the counts (`fallback_candidates`: the keys above t_hi
+   when more than k are, else those below t_lo when fewer than k reach it, else the band's);
+   if at most `bucket_cap`, one scan of the row (L2-resident) lists them in position order and
+   the threshold is found among them as for a bucket (PATH_LISTED); else the program selects
+   the row whole (PATH_FALLBACK, `radix_select.row_select`: four histogram passes and a
+   counting scan). A missed row costs its launch that one program's time (`bench.kernels
+   --select-variants`, "band miss"), and a row on the fast path nothing.
 C. **compaction** (`hata_select_compact`, `radix_select.compact_launch`): every row; writes the
-   index buffer from each chunk's counts (`chunk_plan_of`; on PATH_RANKED each program splits
-   its chunk's bucket count into keys above and equal to the threshold, from the bucket list).
+   index buffer from each chunk's counts (`chunk_plan_of`; on a listed row each program splits
+   its chunk's listed keys, and those of the chunks before it, into keys above and equal to the
+   threshold, from the list).
 
 `select_topk_with_path` / `hamming_topk_with_path` also return how each row was selected
 (`PATH_*`).
@@ -77,10 +82,11 @@ Tunables (:class:`BandConfig`):
   and a quarter chunk of slots sent 66 of 120 rows (512-position chunks) to the fallback, half
   a chunk 1 (same registers: ptxas counts on the CPU).
 - `list_block = 128` band keys per histogram MMA step (one step per chunk at the Llama shape).
-- `bucket_cap = 2048`: an 8 KiB bucket list per row, which the deciding program ranks in four
-  histogram passes (`cdiv(found, list_block)` MMA steps each). A larger
-  bucket of more than one value (heavy ties: e.g. few distinct scores over a long row) takes
-  the fallback.
+- `bucket_cap = 16384`: a 64 KiB list per row, which the deciding program ranks in up to four
+  histogram passes (`cdiv(found, list_block)` MMA steps each): a threshold bucket, or a missed
+  row's candidates (the band of ~6.9K keys at the Llama shape, r = 8; ~16K at budget 1/16,
+  r = 32). More candidates (a row far from its band, heavy ties over a long row) take the
+  whole-row select.
 The tiling (chunks, loop blocks, warps) is :class:`pallas_kernels.radix_select.Tiling`'s, with
 its tunables in :mod:`pallas_kernels.hamming_topk`.
 """
@@ -102,19 +108,22 @@ from pallas_kernels.backend import block_barrier, last_to_arrive, triton_call
 from pallas_kernels.radix_select import INT32_MAX, INT32_MIN, Tiling, count, iota
 
 # How a row was selected (launch B's decision; `*_with_path` return it per row).
-PATH_FALLBACK = 0  # one program's radix select of the whole row
+PATH_FALLBACK = 0  # one program's radix select of the whole row (more candidates than the list holds)
 PATH_NO_BAND_KEY = 1  # k keys above the band: the threshold is t_hi
 PATH_ONE_KEY_BAND = 2  # t_lo == t_hi (ties, all equal, lengths[b] <= budget)
 PATH_ONE_KEY_BUCKET = 3  # the threshold bucket is one key value ([t_lo, t_top] spans < 256 keys)
 # 4..6 were an earlier design's cases; PATH_RANKED keeps its number (recorded results count rows by path).
 PATH_RANKED = 7  # the threshold found among the bucket's listed keys by the deciding program
+PATH_LISTED = 8  # a row the band cannot take: its candidates listed by a scan of the row, the threshold among them
 
 BOUND_LO, BOUND_HI, BOUND_TOP = 0, 1, 2  # a row's band bounds: keys t_lo, t_hi, t_top
 BOUNDS_WIDTH = 4
 TOP_DIGIT = 2**rs.DIGIT_BITS - 1  # the band digit of keys above t_top
 MIN_SLOTS = 16  # band slots per chunk at least (the band histogram's MMA contracts over >= 16)
 MAX_SAMPLE = 4096  # most sample positions (well inside count_ranks' 2**RANK_BITS and budget * n_s < 2**31)
-COPY_LANES = 2048  # (chunk, slot) lanes per loop step of the bucket copy (16 int32 registers a thread at 4 warps)
+COPY_LANES = 512  # (chunk, slot) lanes per step of the bucket copy (2048: 156 registers in the band launch, not 96)
+SCAN_LANES = 512  # positions per loop step of the candidates' scan of a row the band cannot take (1024: 122 registers)
+LIST_STEP = 1024  # listed keys per loop step of the compaction's split of a listed row's counts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +140,7 @@ class BandConfig:
     top_rank: int = 1  # t_top: the sample key of this rank (or r_hi's, when lower) caps the band digits
     slots_divisor: int = 2  # band slots per chunk = chunk / slots_divisor
     list_block: int = 128  # band keys per histogram MMA step in launch B
-    bucket_cap: int = 2048  # most threshold-bucket keys listed; a larger bucket: the fallback
+    bucket_cap: int = 16384  # most keys listed (a threshold bucket, a missed row's candidates); more: row_select
 
     def __post_init__(self):
         for name in (
@@ -150,6 +159,8 @@ class BandConfig:
             raise ValueError(f"BandConfig.sample must be <= {MAX_SAMPLE}, got {self.sample}")
         if self.list_block < MIN_SLOTS:
             raise ValueError(f"BandConfig.list_block must be >= {MIN_SLOTS}, got {self.list_block}")
+        if self.bucket_cap < self.list_block:
+            raise ValueError(f"BandConfig.bucket_cap must be >= list_block ({self.list_block}), got {self.bucket_cap}")
         if self.top_rank < 1:
             raise ValueError(f"BandConfig.top_rank must be >= 1, got {self.top_rank}")
 
@@ -537,65 +548,135 @@ def _decide(
     recent,
     interpret,
 ):
-    """A row's decision, by the last of its band programs (refs: the whole row's). On the fast
-    path it writes every chunk's counts and, on PATH_RANKED, the bucket list (each chunk's
-    bucket keys after those of the chunks before it) and the threshold found in it
-    (`bucket_threshold`). A fallback row it selects whole (`radix_select.row_select`)."""
-    n_band = counts_ref[:, 1]
-    plan = row_plan(
-        bounds, counts_ref[:, 0], n_band, band_coarse_ref, band_fine_ref, rs.k_effective(length, budget), layout
-    )
+    """A row's decision, by the last of its band programs (refs: the whole row's): every
+    chunk's counts (keys above the threshold or the listed keys, and keys listed or equal to the
+    threshold) and the decision. A row whose threshold the band counts settle needs no more. A
+    listed row (PATH_RANKED: the threshold bucket, copied from the band slots; PATH_LISTED: a
+    row the band cannot take, whose candidates one scan of the row lists) has its keys listed in
+    bucket_ref in position order and the threshold found among them (`bucket_threshold`). A row
+    with more candidates than the list holds is selected whole (`radix_select.row_select`)."""
+    n_above, n_band = counts_ref[:, 0], counts_ref[:, 1]
+    k_eff = rs.k_effective(length, budget)
+    plan = row_plan(bounds, n_above, n_band, band_coarse_ref, band_fine_ref, k_eff, layout)
     fast = plan.path != PATH_FALLBACK
+    ranked = plan.path == PATH_RANKED
+    missed = fallback_candidates(bounds, n_above, n_band, length, k_eff, tiling.chunk)
+    scanned = jnp.logical_not(fast) & (missed.count <= layout.bucket_cap)
 
-    @pl.when(fast)
+    @pl.when(fast & jnp.logical_not(ranked))
     def _():
         plan_counts_ref[:, 0] = plan.greater
         plan_counts_ref[:, 1] = plan.equal
-        ranked = plan.path == PATH_RANKED
+        write_decision(decision_ref, plan.path, plan.threshold, plan.remaining, 0, 0)
 
-        @pl.when(ranked)
-        def _():
-            copy_bucket(slots_ref, bucket_ref, n_band, plan, bounds, layout)
-
-        block_barrier(interpret)  # the bucket list stored before it is read back
-        threshold = lax.cond(
+    @pl.when(ranked | scanned)
+    def _():
+        plan_counts_ref[:, 0] = jnp.where(ranked, plan.greater, missed.greater)
+        plan_counts_ref[:, 1] = jnp.where(ranked, plan.equal, missed.listed)
+        least, most = lax.cond(
             ranked,
-            lambda: bucket_threshold(bucket_ref, table_ref, found=plan.found, rank=plan.remaining,
-                                     block=layout.list_block),
-            lambda: plan.threshold,
+            lambda: copy_bucket(slots_ref, bucket_ref, n_band, plan, bounds, layout, interpret=interpret),
+            lambda: list_candidates(
+                scores_ref, bucket_ref, missed, length, seq=seq, sink=sink, recent=recent, interpret=interpret
+            ),
         )
-        write_decision(decision_ref, plan.path, threshold, plan.remaining, plan.found, 0)
+        found = jnp.where(ranked, plan.found, missed.count)
+        block_barrier(interpret)  # the list stored before it is read back
+        threshold, remaining = bucket_threshold(
+            bucket_ref, table_ref, found=found, rank=jnp.where(ranked, plan.remaining, missed.rank), least=least,
+            spread=most - least, block=layout.list_block
+        )
+        path = jnp.where(ranked, rs.traced(PATH_RANKED, found), PATH_LISTED)  # not a select of two constants
+        write_decision(decision_ref, path, threshold, remaining, found, 0)
 
-    @pl.when(jnp.logical_not(fast))
+    @pl.when(jnp.logical_not(fast | scanned))
     def _():
         state = rs.row_select(
             scores_ref, table_ref, plan_counts_ref, length, seq=seq, tiling=tiling, budget=budget, sink=sink,
             recent=recent
         )
-        write_decision(decision_ref, plan.path, state.prefix, state.remaining, 0, state.shift)
+        write_decision(decision_ref, PATH_FALLBACK, state.prefix, state.remaining, 0, state.shift)
 
 
-def copy_bucket(slots_ref, bucket_ref, n_band, plan: RowPlan, bounds: Bounds, layout: BandLayout) -> None:
+class Candidates(NamedTuple):
+    """The keys of a row the band cannot take that hold its threshold: those above the band
+    (the k-th key is above t_hi), the band's (it overflowed a chunk's slots, or its threshold
+    bucket is over `bucket_cap`), or those below it. Chunk-indexed vectors are [chunks]."""
+
+    low: jax.Array  # the candidates are the keys in [low, high]
+    high: jax.Array
+    greater: jax.Array  # keys above `high` per chunk
+    listed: jax.Array  # candidates per chunk
+    count: jax.Array
+    rank: jax.Array  # the threshold's rank among them (1 = largest)
+
+
+def fallback_candidates(bounds: Bounds, n_above, n_band, length, k_eff, chunk: int) -> Candidates:
+    above, in_band = jnp.sum(n_above), jnp.sum(n_band)
+    valid = jnp.clip(length - iota(n_above.shape) * chunk, 0, chunk)
+    over = above > k_eff  # then t_hi < INT32_MAX: t_hi + 1 does not wrap
+    under = jnp.logical_not(over) & (above + in_band < k_eff)  # then t_lo > INT32_MIN
+    listed = jnp.where(over, n_above, jnp.where(under, valid - n_above - n_band, n_band))
+    return Candidates(
+        low=jnp.where(over, bounds.hi + 1, jnp.where(under, INT32_MIN, bounds.lo)),
+        high=jnp.where(over, INT32_MAX, jnp.where(under, bounds.lo - 1, bounds.hi)),
+        greater=jnp.where(over, 0, jnp.where(under, n_above + n_band, n_above)),
+        listed=listed,
+        count=jnp.sum(listed),
+        rank=jnp.where(over, k_eff, jnp.where(under, k_eff - above - in_band, k_eff - above)),
+    )
+
+
+def list_candidates(scores_ref, bucket_ref, missed: Candidates, length, *, seq: int, sink: int, recent: int,
+                    interpret: bool):
+    """List a row's candidate keys in bucket_ref in position order (one scan of the row's
+    scores, L2-resident, in steps of SCAN_LANES positions; there are at most `bucket_cap`).
+    Returns (least, most): the candidates' bounds."""
+    row = rs.ChunkGeometry(jnp.int32(0), jnp.int32(0), length, pl.next_power_of_2(seq))
+    block = min(SCAN_LANES, row.chunk)
+
+    def step(i, written):
+        _, valid, keys = rs.block_keys(scores_ref, row, i, block, sink=sink, recent=recent)
+        member = valid & (keys >= missed.low) & (keys <= missed.high)
+        slot = written + jnp.cumsum(member.astype(jnp.int32)) - 1
+        if interpret:  # masked lanes index past the list: interpreted, a masked scatter writes old values back
+            slot = jnp.where(member, slot, bucket_ref.shape[0])
+        # (On the GPU masked lanes touch no memory, and that select cost the band launch 29 registers.)
+        pltriton.store(bucket_ref.at[slot], keys, mask=member)
+        return written + count(member)
+
+    lax.fori_loop(0, row.blocks(length, block), step, rs.traced(0, length))
+    return missed.low, missed.high
+
+
+def copy_bucket(slots_ref, bucket_ref, n_band, plan: RowPlan, bounds: Bounds, layout: BandLayout, *, interpret: bool):
     """List the threshold bucket's keys in bucket_ref, chunk after chunk (each chunk's in slot
-    order): a loop over blocks of slots with every chunk at once (`[chunks, block]` tiles of
-    about COPY_LANES lanes), as far as the fullest chunk holding bucket keys goes. One step per
-    chunk was 64 dependent steps at the Llama shape (about 60 us on the H100)."""
+    order, so in position order): a loop over blocks of slots with every chunk at once
+    (`[chunks, block]` tiles of about COPY_LANES lanes), as far as the fullest chunk holding
+    bucket keys goes (one dependent step per chunk took ~60 us at the Llama shape on the H100).
+    Returns (least, most) of the listed keys."""
     chunks = n_band.shape[0]
     block = max(1, min(layout.slots, COPY_LANES // chunks))
     first = jnp.cumsum(plan.equal) - plan.equal  # the list's first slot of each chunk's bucket keys
     listed = jnp.where(plan.equal > 0, n_band, 0)  # slots to read per chunk
 
-    def step(i, written):
+    def step(i, carry):
+        written, least, most = carry
         column = i * block + iota((chunks, block), 1)
         member = column < listed[:, None]
         keys = pltriton.load(slots_ref.at[:, pl.ds(i * block, block)], mask=member, other=0)
         member = member & (band_digit(keys, bounds, plan.shift) == plan.digit)
         slot = (first + written)[:, None] + jnp.cumsum(member.astype(jnp.int32), axis=1) - 1
-        keep = member & (slot < layout.bucket_cap)
-        pltriton.store(bucket_ref.at[jnp.where(keep, slot, layout.bucket_cap)], keys, mask=keep)
-        return written + jnp.sum(member.astype(jnp.int32), axis=1)
+        if interpret:  # see list_candidates
+            slot = jnp.where(member, slot, bucket_ref.shape[0])
+        pltriton.store(bucket_ref.at[slot], keys, mask=member)
+        least = jnp.minimum(least, jnp.min(jnp.where(member, keys, INT32_MAX)))
+        most = jnp.maximum(most, jnp.max(jnp.where(member, keys, INT32_MIN)))
+        return written + jnp.sum(member.astype(jnp.int32), axis=1), least, most
 
-    lax.fori_loop(0, pl.cdiv(jnp.max(listed), block), step, jnp.zeros((chunks,), jnp.int32))
+    start = (jnp.zeros((chunks,), jnp.int32), rs.traced(INT32_MAX, plan.found), rs.traced(INT32_MIN, plan.found))
+    _, least, most = lax.fori_loop(0, pl.cdiv(jnp.max(listed), block), step, start)
+    return least, most
 
 
 def write_decision(decision_ref, path, threshold, remaining, found, shift) -> None:
@@ -603,17 +684,12 @@ def write_decision(decision_ref, path, threshold, remaining, found, shift) -> No
         decision_ref[index] = rs.traced(value, path)
 
 
-def bucket_threshold(bucket_ref, table_ref, *, found, rank, block: int):
-    """The `rank`-th largest (1 = largest) of the `found` keys listed in bucket_ref: a radix
-    select of 8-bit passes over the keys' offsets from the least of them (read as uint32),
-    from the highest digit any offset has (a bucket spans `2**shift` keys: two passes for a
-    shift of 16, not four). The list is at most `bucket_cap` keys, L1/L2-resident: its writer
-    reads it back."""
-    keys = bucket_ref[...]
-    listed = iota(keys.shape) < found
-    base = jnp.min(jnp.where(listed, keys, INT32_MAX))
-    offsets = jnp.where(listed, keys - base, 0)
-    spread = jnp.where(jnp.min(offsets) < 0, -1, jnp.max(offsets))  # as uint32, no offset is above it
+def bucket_threshold(bucket_ref, table_ref, *, found, rank, least, spread, block: int):
+    """The `rank`-th largest (1 = largest) of the `found` keys listed in bucket_ref, whose least
+    is `least` and whose offsets from it are at most `spread` (read as uint32): a radix select
+    of 8-bit passes over the offsets, from the spread's top digit (a bucket spanning `2**16`
+    keys takes two passes, not four). The list is L1/L2-resident: its writer reads it back.
+    Returns (the threshold key, how many keys equal to it to take)."""
     prefix, remaining = jnp.int32(0), rank
     for pass_index in range(rs.NUM_PASSES):
         low = 32 - rs.DIGIT_BITS * (pass_index + 1)
@@ -623,14 +699,14 @@ def bucket_threshold(bucket_ref, table_ref, *, found, rank, block: int):
 
         def digits_of_block(i, low=low, prefix=prefix, pass_index=pass_index):
             listed = i * block + iota((block,)) < found
-            offsets = pltriton.load(bucket_ref.at[pl.ds(i * block, block)], mask=listed, other=0) - base
+            offsets = pltriton.load(bucket_ref.at[pl.ds(i * block, block)], mask=listed, other=0) - least
             if pass_index:
                 listed = listed & (lax.shift_right_logical(offsets, low + rs.DIGIT_BITS) == prefix)
             return lax.shift_right_logical(offsets, low) & (2**rs.DIGIT_BITS - 1), listed
 
         digit, _, above = rs.histogram_boundary(rs.histogram_loop(steps, digits_of_block, table_ref), remaining)
         prefix, remaining = (prefix << rs.DIGIT_BITS) | digit, remaining - above
-    return base + prefix
+    return least + prefix, remaining
 
 
 # ----------------------------------------------------------------------------------------------
@@ -638,16 +714,14 @@ def bucket_threshold(bucket_ref, table_ref, *, found, rank, block: int):
 
 
 def chunk_plan_of(decision_ref, plan_counts_ref, bucket_ref, *, chunk_index) -> rs.ChunkPlan:
-    """A row's ChunkPlan (plan_counts_ref: [chunks, 2], the decision's counts); on PATH_RANKED
-    the bucket list splits the chunk's bucket count into keys above and equal to the threshold
-    (its keys before `first` are the earlier chunks')."""
-    ranked = decision_ref[rs.DECISION_PATH] == PATH_RANKED
-    found = jnp.where(ranked, decision_ref[rs.DECISION_FOUND], 0)
+    """A row's ChunkPlan (plan_counts_ref: [chunks, 2], the decision's counts). On a listed row
+    (PATH_RANKED, PATH_LISTED) the list, in position order, splits the listed keys of the chunks
+    before this one (the list's first `equal_before` keys) and of its own (the next `own_equal`)
+    into keys above and equal to the threshold: a loop over the list as far as its own keys go."""
+    path = decision_ref[rs.DECISION_PATH]
+    listed_row = (path == PATH_RANKED) | (path == PATH_LISTED)
     threshold = decision_ref[rs.DECISION_THRESHOLD]
-    keys = bucket_ref[...]  # unmasked: lanes >= found are never read
-    lanes = iota(keys.shape)
-    listed = lanes < found
-    base_plan = rs.chunk_plan(
+    plan = rs.chunk_plan(
         plan_counts_ref[:, 0],
         plan_counts_ref[:, 1],
         decision_ref[rs.DECISION_REMAINING],
@@ -655,18 +729,29 @@ def chunk_plan_of(decision_ref, plan_counts_ref, bucket_ref, *, chunk_index) -> 
         threshold,
         chunk_index,
     )
-    first = base_plan.equal_before  # PATH_RANKED: bucket keys of the earlier chunks
-    before = listed & (lanes < first)
-    own = listed & (lanes >= first) & (lanes < first + base_plan.own_equal)
-    above, equal = keys > threshold, keys == threshold
-    return rs.ChunkPlan(
-        greater_before=base_plan.greater_before + count(before & above),
-        equal_before=jnp.where(ranked, count(before & equal), base_plan.equal_before),
-        own_greater=base_plan.own_greater + count(own & above),
-        own_equal=jnp.where(ranked, count(own & equal), base_plan.own_equal),
-        need=base_plan.need - count(listed & above),
-        shift=base_plan.shift,
-        prefix=threshold,
+    first = plan.equal_before
+    end = jnp.where(listed_row, first + plan.own_equal, 0)
+    block = min(LIST_STEP, bucket_ref.shape[0])
+
+    def step(i, counts):
+        lanes = i * block + iota((block,))
+        keys = pltriton.load(bucket_ref.at[pl.ds(i * block, block)], mask=lanes < end, other=0)
+        before, own = lanes < first, (lanes >= first) & (lanes < end)
+        above, equal = keys > threshold, keys == threshold
+        return tuple(
+            total + count(part & kind)
+            for total, part, kind in zip(counts, (before, before, own, own), (above, equal, above, equal))
+        )
+
+    zero = jnp.int32(0)
+    greater_before, equal_before, own_greater, own_equal = lax.fori_loop(
+        0, pl.cdiv(end, block), step, (zero, zero, zero, zero)
+    )
+    return plan._replace(
+        greater_before=plan.greater_before + greater_before,
+        equal_before=jnp.where(listed_row, equal_before, plan.equal_before),
+        own_greater=plan.own_greater + own_greater,
+        own_equal=jnp.where(listed_row, own_equal, plan.own_equal),
     )
 
 

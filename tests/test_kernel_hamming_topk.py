@@ -7,10 +7,11 @@ UNUSED after count), and exactly against `expected_selection`, the kernels' docu
 deterministic answer (float order with NaN lowest, ties to the lowest positions, slots in
 ascending position), which both the sample-band fast path and the radix fallback must give.
 Every selection also reports how each row was selected (`band_select.PATH_*`), so the tests
-show which path ran: the fast path on random scores, the fallback after a band miss, an
-overflowing chunk or a threshold bucket over `bucket_cap` (one program selects the row whole),
-each of the fast path's threshold cases (small and large ranked buckets), and rows of one call
-taking different paths. Small tilings (`chunk` 64-512) give several programs per row,
+show which path ran: the fast path on random scores; after a band miss (the k-th key above or
+below the band), an overflowing chunk or a threshold bucket over `bucket_cap`, the listed
+fallback (the row's candidates listed by one scan) or, with more candidates than `bucket_cap`,
+the whole-row radix select; each of the fast path's threshold cases (small and large ranked
+buckets); and rows of one call taking different paths. Small tilings (`chunk` 64-512) give several programs per row,
 with S not a multiple of the chunk.
 """
 from __future__ import annotations
@@ -209,7 +210,7 @@ def cluster_with_outliers(rng, seq, outliers):
 
 def test_each_path_in_one_call(rng):
     """One call, one row per path: thresholds from the band counts alone, a one-value bucket,
-    small and large ranked buckets, and a bucket over `bucket_cap` (fallback)."""
+    small and large ranked buckets, and a bucket over `bucket_cap` (whole-row fallback)."""
     batch, kv_heads, seq = SHAPE
     rows = [
         np.full(seq, -2.25, np.float32),  # t_lo == t_hi
@@ -228,15 +229,17 @@ def test_each_path_in_one_call(rng):
                                                          band_select.PATH_ONE_KEY_BUCKET, band_select.PATH_RANKED,
                                                          band_select.PATH_RANKED])
     np.testing.assert_array_equal(path[2], band_select.PATH_NO_BAND_KEY)
-    # sigmas 10: sample ranks down to 127, ~208 +- 16 cluster keys in the bucket, over a cap of 64.
-    small_cap = dataclasses.replace(config, sigmas=10.0, bucket_cap=64)
+    # sigmas 10: sample ranks down to 127, ~208 +- 16 cluster keys in the bucket (and more in the
+    # band: the listed fallback's candidates), over a cap of 128.
+    small_cap = dataclasses.replace(config, sigmas=10.0, bucket_cap=128)
     _, _, path = select(scores, BUDGET, lengths, sink=SINK, recent=RECENT, config=small_cap)
     assert path[1, 1] == band_select.PATH_FALLBACK, path
 
 
 def test_overflowing_chunk_falls_back_and_rows_switch_paths(rng):
     """One call, one path per row: a chunk with more band keys than its 64 slots sends its row to
-    the radix fallback; random, empty and short rows stay on the fast path."""
+    the listed fallback (its band listed by a scan of the row); random, empty and short rows
+    stay on the fast path."""
     batch, kv_heads, seq = SHAPE
     scores = rng.standard_normal(SHAPE).astype(np.float32)
     # Row (0, 0) is the control: a random row takes the band's fast path, but not always (3 of 200
@@ -248,37 +251,71 @@ def test_overflowing_chunk_falls_back_and_rows_switch_paths(rng):
     scores[0, 1, 256:384] = level - rng.uniform(0, 1e-3, 128).astype(np.float32)
     lengths = [seq, 0, 57]
     _, count, path = select(scores, BUDGET, lengths, sink=SINK, recent=RECENT)
-    assert path[0, 0] in FAST and path[0, 1] == band_select.PATH_FALLBACK, path
+    assert path[0, 0] in FAST and path[0, 1] == band_select.PATH_LISTED, path
     np.testing.assert_array_equal(path[1:], band_select.PATH_NO_BAND_KEY)
     np.testing.assert_array_equal(count, [[BUDGET] * kv_heads, [0] * kv_heads, [57] * kv_heads])
 
 
 @pytest.mark.parametrize("tiling", [SMALL, Tiling(chunk=64, block=32)], ids=["small", "chunk_below_fallback_block"])
 @pytest.mark.parametrize("kind", ["normal", "special", "near_threshold", "tied"])
-def test_fallback_is_the_expected_top_set(rng, kind, tiling):
-    """A band that always misses (margins of -30 sample ranks) sends every row of distinct
-    scores to the fallback, whose one program per row must give the exact answer for any
-    scores: specials, keys sharing their top 24 bits (all four radix passes), heavy ties; also
-    with chunks shorter than the fallback's loop step (its per-chunk counts must not overlap)."""
+@pytest.mark.parametrize("bucket_cap, fallback", [(16384, band_select.PATH_LISTED), (128, band_select.PATH_FALLBACK)],
+                         ids=["listed", "whole_row"])
+def test_fallback_is_the_expected_top_set(rng, kind, tiling, bucket_cap, fallback):
+    """A band that always misses (margins of -30 sample ranks: ~158 keys above t_hi, more than
+    k) sends every row of distinct scores to the fallback, which must give the exact answer for
+    any scores: specials, keys sharing their top 24 bits (all four radix passes), heavy ties;
+    listed (the candidates fit `bucket_cap`) or whole (they do not); also with chunks shorter
+    than the whole-row select's loop step (its per-chunk counts must not overlap)."""
     batch, _, seq = SHAPE
     scores = SCORE_KINDS[kind](rng, SHAPE)
     lengths = [seq, int(rng.integers(BUDGET + 1, seq)), seq - 1]
     _, _, path = select(scores, BUDGET, lengths, sink=SINK, recent=RECENT, tiling=tiling,
-                        config=BandConfig(sigmas=0.0, slack=-30.0))
-    if kind != "tied":
-        assert (path == band_select.PATH_FALLBACK).all(), path
+                        config=BandConfig(sigmas=0.0, slack=-30.0, bucket_cap=bucket_cap))
+    if kind == "tied":
+        return
+    if fallback == band_select.PATH_LISTED:
+        assert (path == fallback).all(), path
+    else:  # specials can leave a row 128 candidates or fewer: listed
+        assert np.isin(path, [band_select.PATH_LISTED, fallback]).all() and (path == fallback).any(), path
+
+
+def test_band_above_the_threshold_lists_the_keys_below_it(rng):
+    """The sampled positions score in (0, 1), the others in (-1, 0), so fewer than k keys reach
+    t_lo (the sample's r_lo-th key; a band of 2 sigmas): the k-th key is below the band, the
+    candidates are the keys below t_lo (listed, or with a cap of 128 the whole-row select), and
+    the answer stays exact."""
+    batch, kv_heads, seq = SHAPE
+    config = BandConfig(sigmas=2.0)
+    scores = rng.uniform(-1.0, 0.0, SHAPE).astype(np.float32)
+    lengths = np.array([seq, 900, seq - 1])
+    for b, length in enumerate(lengths.tolist()):
+        n_s = min(length, config.sample)
+        forced = np.r_[np.arange(SINK), np.arange(length - RECENT, length)]
+        _, _, r_lo = band_select.sample_ranks(jnp.int32(n_s), jnp.int32(length), BUDGET, config, jnp.int32(0))
+        for h in range(kv_heads):
+            row = jnp.int32(b * kv_heads + h)
+            sampled = np.asarray(band_select.strided_positions(jnp.arange(n_s), n_s, jnp.int32(length), row))
+            scores[b, h, sampled] = rng.uniform(0.0, 1.0, n_s)
+            keys = scores[b, h, :length].copy()
+            keys[forced] = np.inf
+            t_lo = np.sort(keys[sampled])[::-1][int(r_lo) - 1]
+            assert (keys >= t_lo).sum() < BUDGET, (b, h)  # the premise: the k-th key is below t_lo
+    for bucket_cap, fallback in [(16384, band_select.PATH_LISTED), (128, band_select.PATH_FALLBACK)]:
+        _, _, path = select(scores, BUDGET, lengths, sink=SINK, recent=RECENT,
+                            config=dataclasses.replace(config, bucket_cap=bucket_cap))
+        assert (path == fallback).all(), (bucket_cap, path)
 
 
 def test_band_miss_falls_back(rng):
     """Margins of -30 sample ranks put the k-th key outside the band (t_hi is the sample's ~81st
     key, ~158 +- 12 keys of the row are above it, more than k): every row of distinct scores
-    falls back (still exact); a row of equal scores keeps its one-key band."""
+    takes the listed fallback (still exact); a row of equal scores keeps its one-key band."""
     batch, kv_heads, seq = SHAPE
     scores = rng.standard_normal(SHAPE).astype(np.float32)
     scores[2] = 0.5
     _, _, path = select(scores, BUDGET, [seq, 777, seq], sink=SINK, recent=RECENT,
                         config=BandConfig(sigmas=0.0, slack=-30.0))
-    np.testing.assert_array_equal(path[:2], band_select.PATH_FALLBACK)
+    np.testing.assert_array_equal(path[:2], band_select.PATH_LISTED)
     np.testing.assert_array_equal(path[2], band_select.PATH_ONE_KEY_BAND)
 
 
@@ -476,7 +513,8 @@ def test_tiling_is_checked(chunk, block, scan_block):
 
 @pytest.mark.parametrize(
     "change",
-    [dict(sample=8192), dict(top_rank=0), dict(slots_divisor=3), dict(bucket_cap=1000), dict(list_block=8)],
+    [dict(sample=8192), dict(top_rank=0), dict(slots_divisor=3), dict(bucket_cap=1000), dict(list_block=8),
+     dict(bucket_cap=64)],
 )
 def test_band_config_is_checked(change):
     with pytest.raises(ValueError, match="BandConfig"):
