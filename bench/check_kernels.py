@@ -35,14 +35,16 @@ from pallas_kernels import band_select, hamming_topk
 # BandConfig variants of the band select, checked by `check_select_variants` and timed by
 # `bench.kernels --select-variants`: the default; a 1024-position sample (4x launch A's pairwise
 # ranking; r = 16 sample ranks for k at the Llama shape, a band miss ~exp(-16)); tight limits (a
-# quarter chunk of band slots, a 256-key bucket), under which crowded or heavily tied rows take
-# the fallback; and a band that always misses (margins of -30 sample ranks), so every row of
-# distinct scores takes the fallback (one program selects it whole): its cost.
+# quarter chunk of band slots, a 256-key list), under which crowded or heavily tied rows take
+# the fallback; and a band that always misses (margins of -30 sample ranks: ~7% of a row above
+# t_hi, more than k), so every row of distinct scores takes the fallback, listed (its candidates
+# listed by one scan) or, with a 128-key list, whole (one program's radix select): their cost.
 SELECT_VARIANTS = {
     "default": band_select.BandConfig(),
     "sample 1024": band_select.BandConfig(sample=1024),
     "tight": band_select.BandConfig(slots_divisor=4, bucket_cap=256),
     "band miss": band_select.BandConfig(sigmas=0.0, slack=-30.0),
+    "band miss, whole row": band_select.BandConfig(sigmas=0.0, slack=-30.0, bucket_cap=128),
 }
 
 

@@ -12,42 +12,39 @@ same function.
 
 Design
 ------
-A call is one launch and nothing else: no XLA op runs around it (the q, out and lse reshapes
-are bitcasts; `lengths` / `count` are read raw and clipped inside the kernel) but, with
-several splits, the zero fill of its arrival counters.
+A call is at most two launches and nothing else: no XLA op runs around them (the q, out and
+lse reshapes are bitcasts; `lengths` / `count` are read raw and clipped inside the kernel).
 
-The kernel, grid `(batch, kv_heads, splits)`. The `G = Hq / Hkv` query heads of a KV head are
-the rows of one `[16, D]` query tile (G padded up to 16 rows for the dot; padded rows are
-masked on load and store), so each K/V row is read from HBM once per group. The `n =
-clip(lengths[b], 0, S)` (dense) or `clip(count[b, h], 0, budget)` (sparse) valid rows form
-`cdiv(n, block_k)` blocks; split `s` takes the `s`-th run of `cdiv(blocks, splits)` of them.
-Splits are sized from the *traced* `n`, not from the capacity, so a short sequence in a long
-cache still spreads over all its programs, and blocks past `n` are never visited (no loads).
-Each program keeps a float32 online softmax (running max `m`, sum `l`, unnormalised output
-`acc`). With `splits == 1` it normalises and writes out (and lse). With several it writes its
-partials `[B, Hkv, splits, G, (D)]`, then (after a block barrier) adds 1 to its (b, h)'s
-arrival counter (an atomic add, acquire-release at GPU scope, on a zero-filled `[B, Hkv, 1]`
-int32 buffer aliased into the call); the program that sees `splits - 1` arrived before it is
-the last of its (b, h), sees every split's partials, and merges them (:func:`_combine`): `m* =
-max m`, `L = sum exp(m - m*) l`, `out = sum exp(m - m*) acc / L` in q's dtype and, if asked,
-`lse = m* + log L`, over `_COMBINE_TILE` partial elements per loop step. The merge order is
-fixed (split 0 first), so results do not depend on which split arrives last.
+1. The split kernel, grid `(batch, kv_heads, splits)`. The `G = Hq / Hkv` query heads of a KV
+   head are the rows of one `[16, D]` query tile (G padded up to 16 rows for the dot; padded
+   rows are masked on load and store), so each K/V row is read from HBM once per group. The
+   `n = clip(lengths[b], 0, S)` (dense) or `clip(count[b, h], 0, budget)` (sparse) valid rows
+   form `cdiv(n, block_k)` blocks; split `s` takes the `s`-th run of `cdiv(blocks, splits)` of
+   them. Splits are sized from the *traced* `n`, not from the capacity, so a short sequence in
+   a long cache still spreads over all its programs, and blocks past `n` are never visited (no
+   loads). Each program keeps a float32 online softmax (running max `m`, sum `l`, unnormalised
+   output `acc`) and writes it as float32 partials `[B, Hkv, splits, G, (D)]`.
+2. The combine kernel (:func:`_combine_splits`), grid `(batch, kv_heads)`: each program loads
+   its `[splits, G]` maxima and sums, takes `m* = max m` and `L = sum exp(m - m*) l`, sums
+   `exp(m - m*) acc` over its `[splits, G, D]` partials (`_COMBINE_TILE` elements per loop
+   step), and writes `out = acc / L` in q's dtype and, if asked, `lse = m* + log L`.
 
-A (b, h) with no valid row gets out 0 and lse -inf. Dots run at full input precision
-(`Precision.HIGHEST`: IEEE fp32 for fp32 inputs, not tf32; bf16/fp16 tensor-core dots
-accumulate in fp32). The probabilities are cast to V's dtype for the second dot, as in every
-flash kernel.
+With `splits == 1` the split kernel normalises and writes out (and lse) itself: one launch,
+no partials (:func:`_store_normalized` is the same code in both kernels). A (b, h) with no
+valid row gets out 0 and lse -inf. Dots run at full input precision (`Precision.HIGHEST`:
+IEEE fp32 for fp32 inputs, not tf32; bf16/fp16 tensor-core dots accumulate in fp32). The
+probabilities are cast to V's dtype for the second dot, as in every flash kernel.
 
 Byte floor, Llama-3.1-8B attention (32 q heads, 8 KV heads, D=128, bf16), batch 1, 128K context
 ------------------------------------------------------------------------------------------------
 - dense: K + V of 131072 tokens x 8 KV heads x 128 x 2 B x 2 = 512 MiB (536.9 MB): 0.18 ms at
   3.0 TB/s. The split partials (f32 acc, m, l: 8 heads x 64 splits x 4 rows x 130 x 4 B) add
-  1.0 MiB written and read back by the merging programs (0.4%).
+  1.0 MiB written and read back (0.4%).
 - sparse, budget 2048: 2048 rows x 8 KV heads x 128 x 2 B x 2 (K and V) = 8 MiB plus the
   indices 2048 x 8 x 4 B = 64 KiB: 8.06 MiB (8.45 MB), 2.8 us at 3.0 TB/s, so this kernel is
   launch- and latency-bound. Partials at 32 splits: 0.5 MiB written and read back (6% of the
-  floor each way; fewer splits trade it for parallelism), merged by one program per (b, h)
-  after its splits (splits == 1 skips both). Choosing the rows is the scoring kernels' job (codes 16 B + norm
+  floor each way; fewer splits trade it for parallelism), and the combine is a second launch
+  (splits == 1 skips both). Choosing the rows is the scoring kernels' job (codes 16 B + norm
   4 B per token per KV head at rbit 128: 131072 x 8 x 20 B = 20 MiB).
 
 Tunables (:class:`Tuning`; pass `tuning=` to override, e.g. from a benchmark sweep)
@@ -61,16 +58,16 @@ Tunables (:class:`Tuning`; pass `tuning=` to override, e.g. from a benchmark swe
   pipeline needs iterations to overlap) or 1 block (sparse) at full length. Llama-3.1-8B on an
   H100 (132 SMs): dense batch 1 -> 64 splits (512 programs; 2048 tokens each at 128K, 512 at
   32K), batch 8 -> 8 splits; sparse budget 2048 -> 32 splits (one block each) at batch 1, 8 at
-  batch 8. The rule gives 1 split (no partials, no merge) only where it costs no parallelism:
+  batch 8. The rule gives 1 split (one launch, no combine) only where it costs no parallelism:
   when `batch x kv_heads` alone fills the SMs 4 times (batch >= 66 at 8 KV heads), or when
   the rows make too few blocks to share (sparse budget <= block_k, dense S < 8 blocks).
 - `num_warps = 4` (one `[16, D]` query tile needs no more); `num_stages = 3` for dense (two
   blocks in flight while one computes), 2 for fp32 at D=128 (tile bytes) and for sparse (the
   gather addresses come from a load in the same iteration; its loop is 1-4 blocks long).
-- the merge (module constant): `_COMBINE_TILE = 8192` float32 partial elements per loop step
-  (32 KiB, 64 registers a thread at 4 warps): only `batch x kv_heads` programs merge (8 at
-  batch 1), each after its own split, so each issues as many loads at once as its registers
-  hold; sparse batch 1 (32 splits x 4 rows x 128) merges in 2 steps, dense (64 splits) in 4.
+- combine (module constants): `_COMBINE_WARPS = 8`, `_COMBINE_TILE = 16384` float32 partial
+  elements per loop step (64 KiB, 64 registers a thread): the combine has only `batch x
+  kv_heads` programs (8 at batch 1), so each issues as many loads at once as its registers
+  hold; sparse batch 1 (32 splits x 4 rows x 128) merges in one step, dense (64 splits) in 2.
 """
 from __future__ import annotations
 
@@ -92,7 +89,6 @@ from pallas_kernels.backend import (
     SUPPORTED_DTYPES,
     SUPPORTED_HEAD_DIMS,
     dot,
-    last_to_arrive,
     triton_call,
 )
 
@@ -103,7 +99,8 @@ _DEFAULT_SMS = 132  # H100 SXM, used when the device does not report its core co
 _WAVES = 4
 # Running max before any valid row: finite, so `exp(m_old - m_new)` never sees inf - inf.
 _NO_MAX = float(jnp.finfo(jnp.float32).min)
-_COMBINE_TILE = 8192
+_COMBINE_TILE = 16384
+_COMBINE_WARPS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,12 +232,10 @@ def _store_normalized(acc, m, l, rows, out_ref, lse_ref=None):
         pltriton.store(lse_ref.at[pl.ds(0, acc.shape[0])], lse, mask=rows)
 
 
-def _attend_blocks(q_ref, n, load_block, out_refs, *, scale, block_k, splits, group, interpret):
+def _attend_blocks(q_ref, n, load_block, out_refs, *, scale, block_k, splits, group):
     """This program's split of the first `n` (traced scalar) rows.
 
-    With one split, writes the final (out[, lse]) to out_refs; with several, out_refs are
-    (arrivals input, out[, lse], acc, m, l, arrivals): it writes its (acc, m, l) partials, counts its arrival,
-    and the split that arrives last merges all of them into out (and lse).
+    Writes its (acc, m, l) partials to out_refs, or with one split the final (out[, lse]).
     load_block(start, valid) -> Rows: the K/V rows of slots `start + arange(block_k)`, masked by
     `valid` (masked rows are not read and come back as 0); a valid slot that was not read (a
     sparse position outside the cache, or on a page the table does not hold) makes the partials
@@ -272,15 +267,10 @@ def _attend_blocks(q_ref, n, load_block, out_refs, *, scale, block_k, splits, gr
     if splits == 1:
         _store_normalized(acc, m, l, rows, *out_refs)
         return
-    _, *result_refs, acc_ref, m_ref, l_ref, arrivals_ref = out_refs  # the first: arrivals as an input (aliased)
-    split = pl.program_id(2)
-    pltriton.store(acc_ref.at[split, pl.ds(0, GROUP_ROWS), :], acc, mask=rows[:, None])
-    pltriton.store(m_ref.at[split, pl.ds(0, GROUP_ROWS)], m, mask=rows)
-    pltriton.store(l_ref.at[split, pl.ds(0, GROUP_ROWS)], l, mask=rows)
-
-    @pl.when(last_to_arrive(arrivals_ref, splits, interpret=interpret))  # it sees every split's partials
-    def _():
-        _combine(acc_ref, m_ref, l_ref, *result_refs, splits=splits, group=group)
+    acc_ref, m_ref, l_ref = out_refs
+    pltriton.store(acc_ref.at[pl.ds(0, GROUP_ROWS), :], acc, mask=rows[:, None])
+    pltriton.store(m_ref.at[pl.ds(0, GROUP_ROWS)], m, mask=rows)
+    pltriton.store(l_ref.at[pl.ds(0, GROUP_ROWS)], l, mask=rows)
 
 
 class Rows(NamedTuple):
@@ -396,31 +386,28 @@ def _sparse_kernel(q_ref, count_ref, idx_ref, *refs, spec: CacheSpec, **kw):
     _attend_blocks(q_ref, n, load, out_refs, **kw)
 
 
-def _combine(acc_ref, m_ref, l_ref, out_ref, lse_ref=None, *, splits, group):
+def _combine_kernel(acc_ref, m_ref, l_ref, out_ref, lse_ref=None, *, splits, group, chunk):
     """Merge one (b, h)'s split partials by log-sum-exp and write out (and lse).
 
-    acc_ref: float32[splits_p, GROUP_ROWS, D]; m_ref, l_ref: float32[splits_p, GROUP_ROWS]
-    (splits_p: `splits` rounded up to a power of two; split rows >= `splits` and query rows >=
-    `group` are masked, never read). `_COMBINE_TILE` partial elements per loop step.
+    acc_ref: float32[splits_p, R, D]; m_ref, l_ref: float32[splits_p, R] (blocks padded to
+    powers of two: split rows >= `splits` and query rows >= `group` are masked, never read).
     """
-    splits_p, head_dim = acc_ref.shape[0], acc_ref.shape[-1]
-    rows_p = pl.next_power_of_2(group)
-    chunk = min(splits_p, max(1, _COMBINE_TILE // (rows_p * head_dim)))
+    splits_p, rows_p, head_dim = acc_ref.shape
     rows = jnp.arange(rows_p) < group
 
     def used(first, size):  # bool[size, R]: real (split, query row) pairs
         return ((first + jnp.arange(size)) < splits)[:, None] & rows[None, :]
 
-    m = pltriton.load(m_ref.at[:, pl.ds(0, rows_p)], mask=used(0, splits_p), other=_NO_MAX)
-    l = pltriton.load(l_ref.at[:, pl.ds(0, rows_p)], mask=used(0, splits_p), other=0)
+    m = pltriton.load(m_ref.at[:, :], mask=used(0, splits_p), other=_NO_MAX)
+    l = pltriton.load(l_ref.at[:, :], mask=used(0, splits_p), other=0)
     m_max = jnp.max(m, axis=0)
     total = jnp.sum(jnp.exp(m - m_max[None, :]) * l, axis=0)
 
     def add_chunk(c, acc):
         first = c * chunk
         mask = used(first, chunk)
-        m_c = pltriton.load(m_ref.at[pl.ds(first, chunk), pl.ds(0, rows_p)], mask=mask, other=_NO_MAX)
-        part = pltriton.load(acc_ref.at[pl.ds(first, chunk), pl.ds(0, rows_p), :], mask=mask[:, :, None], other=0)
+        m_c = pltriton.load(m_ref.at[pl.ds(first, chunk), :], mask=mask, other=_NO_MAX)
+        part = pltriton.load(acc_ref.at[pl.ds(first, chunk), :, :], mask=mask[:, :, None], other=0)
         return acc + jnp.sum(jnp.exp(m_c - m_max[None, :])[:, :, None] * part, axis=0)
 
     acc = lax.fori_loop(0, pl.cdiv(splits, chunk), add_chunk, jnp.zeros((rows_p, head_dim), jnp.float32))
@@ -432,6 +419,37 @@ def _result_shapes(lead, group, head_dim, dtype, return_lse):
     out = jax.ShapeDtypeStruct((*lead, group, head_dim), dtype)
     lse = jax.ShapeDtypeStruct((*lead, group), jnp.float32)
     return [out, lse] if return_lse else [out]
+
+
+def _combine_splits(acc, m, l, *, dtype, return_lse, interpret, name):
+    """One launch merging per-split partials along axis 2.
+
+    acc: float32[B, Hkv, splits, G, D]; m, l: float32[B, Hkv, splits, G].
+    Returns [out [B, Hkv, G, D] in `dtype`] (+ [lse float32[B, Hkv, G]] if `return_lse`);
+    a (b, h) with no valid row gets 0 and -inf.
+    """
+    batch, kv_heads, splits, group, head_dim = acc.shape
+    splits_p, rows_p = pl.next_power_of_2(splits), pl.next_power_of_2(group)
+    chunk = min(splits_p, max(1, _COMBINE_TILE // (rows_p * head_dim)))
+    out_specs = [
+        pl.BlockSpec((None, None, rows_p, head_dim), lambda b, h: (b, h, 0, 0)),
+        pl.BlockSpec((None, None, rows_p), lambda b, h: (b, h, 0)),
+    ]
+    return triton_call(
+        functools.partial(_combine_kernel, splits=splits, group=group, chunk=chunk),
+        out_shape=_result_shapes((batch, kv_heads), group, head_dim, dtype, return_lse),
+        grid=(batch, kv_heads),
+        in_specs=[
+            pl.BlockSpec((None, None, splits_p, rows_p, head_dim), lambda b, h: (b, h, 0, 0, 0)),
+            pl.BlockSpec((None, None, splits_p, rows_p), lambda b, h: (b, h, 0, 0)),
+            pl.BlockSpec((None, None, splits_p, rows_p), lambda b, h: (b, h, 0, 0)),
+        ],
+        out_specs=out_specs[: 1 + return_lse],
+        num_warps=_COMBINE_WARPS,
+        num_stages=2,
+        interpret=interpret,
+        name=f"{name}_combine",
+    )(acc, m, l)
 
 
 def _check_supported(q, k, v, spec: CacheSpec, page_table, k_scale, v_scale) -> tuple[int, int]:
@@ -504,68 +522,48 @@ def _cache_operands(spec: CacheSpec, k, v, page_table, k_scale, v_scale):
     return operands
 
 
-def _head_rows_block(shape):
-    """Program (b, h, s)'s GROUP_ROWS query rows of a `[B, Hkv, G, (D)]` result."""
-    return pl.BlockSpec((None, None, GROUP_ROWS, *shape[3:]), lambda b, h, s: (b, h, 0) + (0,) * (len(shape) - 3))
-
-
-def _splits_block(shape):
-    """All splits' GROUP_ROWS query rows of program (b, h, s)'s `[B, Hkv, splits, G, (D)]`
-    partials (the splits padded up to a power of two)."""
-    splits_p = pl.next_power_of_2(shape[2])
+def _split_block(shape):
+    """Program (b, h, s)'s GROUP_ROWS query rows of a `[B, Hkv, splits, G, (D)]` result."""
     trailing = (0,) * (len(shape) - 4)
-    return pl.BlockSpec((None, None, splits_p, GROUP_ROWS, *shape[4:]), lambda b, h, s: (b, h, 0, 0, *trailing))
+    return pl.BlockSpec((None, None, None, GROUP_ROWS, *shape[4:]), lambda b, h, s: (b, h, s, 0, *trailing))
 
 
 def _decode(kernel, q, row_inputs, cache_operands, *, kv_heads, group, tuning, scale, return_lse, interpret, name):
-    """Launch `kernel` on grid (B, Hkv, splits): one launch, the last split of each (b, h) to
-    finish merging the partials (see the module docstring).
+    """Launch `kernel` on grid (B, Hkv, splits), then the combine if splits > 1.
 
     row_inputs: per-sequence or per-(b, h) arrays [B, ...] / [B, Hkv, ...] (the raw `lengths`
     and `starts`, or `count` and `idx`); cache_operands: (array, BlockSpec) pairs.
     """
     batch, head_dim = q.shape[0], q.shape[-1]
     splits = tuning.splits
-    out_shape = _result_shapes((batch, kv_heads), group, head_dim, q.dtype, return_lse)
-    out_specs = [_head_rows_block(x.shape) for x in out_shape]
-    inputs = [q.reshape(batch, kv_heads, group, head_dim), *row_inputs, *[x for x, _ in cache_operands]]
-    in_specs = [
-        pl.BlockSpec((None, None, GROUP_ROWS, head_dim), lambda b, h, s: (b, h, 0, 0)),
-        *[_head_block(x) for x in row_inputs],
-        *[spec for _, spec in cache_operands],
-    ]
-    aliases = {}
-    if splits > 1:
-        lead = (batch, kv_heads, splits)
-        partials = [
+    lead = (batch, kv_heads, splits)
+    if splits == 1:
+        out_shape = _result_shapes(lead, group, head_dim, q.dtype, return_lse)
+    else:
+        out_shape = [
             jax.ShapeDtypeStruct((*lead, group, head_dim), jnp.float32),
             jax.ShapeDtypeStruct((*lead, group), jnp.float32),
             jax.ShapeDtypeStruct((*lead, group), jnp.float32),
         ]
-        arrivals = jnp.zeros((batch, kv_heads, 1), jnp.int32)  # counted up by each (b, h)'s splits
-        aliases = {len(inputs): len(out_shape) + len(partials)}
-        out_shape = [*out_shape, *partials, jax.ShapeDtypeStruct(arrivals.shape, arrivals.dtype)]
-        out_specs = [*out_specs, *[_splits_block(x.shape) for x in partials], _arrivals_block()]
-        inputs.append(arrivals)
-        in_specs.append(_arrivals_block())
     results = triton_call(
-        functools.partial(kernel, scale=scale, block_k=tuning.block_k, splits=splits, group=group, interpret=interpret),
+        functools.partial(kernel, scale=scale, block_k=tuning.block_k, splits=splits, group=group),
         out_shape=out_shape,
         grid=(batch, kv_heads, splits),
-        in_specs=in_specs,
-        out_specs=out_specs,
+        in_specs=[
+            pl.BlockSpec((None, None, GROUP_ROWS, head_dim), lambda b, h, s: (b, h, 0, 0)),
+            *[_head_block(x) for x in row_inputs],
+            *[spec for _, spec in cache_operands],
+        ],
+        out_specs=[_split_block(x.shape) for x in out_shape],
         num_warps=tuning.num_warps,
         num_stages=tuning.num_stages,
         interpret=interpret,
         name=name,
-        input_output_aliases=aliases,
-    )(*inputs)
+    )(q.reshape(batch, kv_heads, group, head_dim), *row_inputs, *[x for x, _ in cache_operands])
+    if splits > 1:
+        results = _combine_splits(*results, dtype=q.dtype, return_lse=return_lse, interpret=interpret, name=name)
     out = results[0].reshape(q.shape)
     return (out, results[1].reshape(q.shape[:2])) if return_lse else out
-
-
-def _arrivals_block():
-    return pl.BlockSpec((None, None, 1), lambda b, h, s: (b, h, 0))
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "return_lse", "seq_axis", "ring", "interpret", "tuning"))

@@ -446,9 +446,10 @@ def test_lowers_for_cuda(batch, kv_heads, group, rbit, seq, budget):
 
 @pytest.mark.parametrize("score", ["key_norm", "asymmetric"])
 def test_hata_layer_launches(monkeypatch, score):
-    """One HATA layer's step (impl resolving as on a GPU) is five Triton launches: the step's
-    encoding, the selection's three, the sparse attention (its splits merged in the kernel);
-    no fallback or combine launch."""
+    """One HATA layer's step (impl resolving as on a GPU) is six Triton launches: the step's
+    encoding, the selection's three (no fallback launch), the sparse attention and the merge of
+    its splits (merged in the kernel, it cost more device time than the merge launch on the
+    H100: BENCHMARKS, issue 13, session 19)."""
     monkeypatch.setattr(dispatch, "on_gpu", lambda: True)
     config = hata_jax.HataConfig(budget=256, rbit=128, score=score)
     cache = jax.eval_shape(lambda: hata_jax.HataCache.init(1, 2, 4096, 128, rbit=128))
@@ -457,7 +458,7 @@ def test_hata_layer_launches(monkeypatch, score):
     w = jax.ShapeDtypeStruct((2, 128, 128), jnp.float32)
     text = lower_for_cuda(lambda *a: hata_jax.hata_decode_attention(*a, config), q, k, k, cache, w)
     assert launch_names(text) == ["hash_encode_step", "hata_hamming_sample", "hata_hamming_band",
-                                  "hata_select_compact", "hata_sparse_decode"]
+                                  "hata_select_compact", "hata_sparse_decode", "hata_sparse_decode_combine"]
 
 
 def launch_names(text: str) -> list[str]:
