@@ -42,9 +42,10 @@ B. **band pass and decision** (`*_band`, grid `(B, Hkv, chunks)`, fused with sco
    threshold is settled here (PATH_NO_BAND_KEY, PATH_ONE_KEY_BAND, PATH_ONE_KEY_BUCKET: the
    bucket is one key value) or the bucket holds at most `bucket_cap` keys (PATH_RANKED): then
    it writes every chunk's counts; on PATH_RANKED it copies the bucket keys of all chunks from
-   their slots (`[chunks, block]` tiles, chunk after chunk in the list) into the row's list and
-   finds the threshold among them (`bucket_threshold`: 8-bit radix passes over the keys'
-   offsets from the least, from the top digit of their spread). A row the fast path cannot
+   their slots (read as one flat sequence, COPY_LANES a step, however the band keys spread over
+   the chunks) into the row's list in position order and finds the threshold among them
+   (`bucket_threshold`: 8-bit radix passes over the keys' offsets from the least, from the top
+   digit of their spread). A row the fast path cannot
    take has its candidates known from the counts (`fallback_candidates`: the keys above t_hi
    when more than k are, else those below t_lo when fewer than k reach it, else the band's);
    if at most `bucket_cap`, one scan of the row (L2-resident) lists them in position order and
@@ -121,7 +122,7 @@ BOUNDS_WIDTH = 4
 TOP_DIGIT = 2**rs.DIGIT_BITS - 1  # the band digit of keys above t_top
 MIN_SLOTS = 16  # band slots per chunk at least (the band histogram's MMA contracts over >= 16)
 MAX_SAMPLE = 4096  # most sample positions (well inside count_ranks' 2**RANK_BITS and budget * n_s < 2**31)
-COPY_LANES = 512  # (chunk, slot) lanes per step of the bucket copy (2048: 156 registers in the band launch, not 96)
+COPY_LANES = 1024  # band slots per loop step of the bucket copy (2048: 128 registers in the band launch, not 96)
 SCAN_LANES = 512  # positions per loop step of the candidates' scan of a row the band cannot take (1024: 122 registers)
 LIST_STEP = 1024  # listed keys per loop step of the compaction's split of a listed row's counts
 
@@ -403,7 +404,9 @@ def _band_kernel(len_ref, bounds_ref, *refs, source, layout, tiling, seq, budget
     num_sources = len(source.in_specs())
     source_refs, (table_ref, _, *outs) = refs[:num_sources], refs[num_sources:]  # _: the arrivals, aliased below
     scores_out_ref = outs.pop(0) if source.writes_scores else None
-    counts_ref, slots_ref, coarse_ref, fine_ref, decision_ref, plan_counts_ref, bucket_ref, arrivals_ref = outs
+    counts_ref, slots_ref, coarse_ref, fine_ref, decision_ref, plan_counts_ref, bucket_ref, starts_ref, arrivals_ref = (
+        outs
+    )
     scores = source.bind(source_refs, interpret=interpret)
     geo = rs.chunk_geometry(len_ref, tiling, seq)
     chunk = geo.chunk_index
@@ -459,6 +462,7 @@ def _band_kernel(len_ref, bounds_ref, *refs, source, layout, tiling, seq, budget
             decision_ref,
             plan_counts_ref,
             bucket_ref,
+            starts_ref,
             layout=layout,
             tiling=tiling,
             seq=seq,
@@ -539,6 +543,7 @@ def _decide(
     decision_ref,
     plan_counts_ref,
     bucket_ref,
+    starts_ref,
     *,
     layout,
     tiling,
@@ -575,7 +580,7 @@ def _decide(
         plan_counts_ref[:, 1] = jnp.where(ranked, plan.equal, missed.listed)
         least, most = lax.cond(
             ranked,
-            lambda: copy_bucket(slots_ref, bucket_ref, n_band, plan, bounds, layout, interpret=interpret),
+            lambda: copy_bucket(slots_ref, starts_ref, bucket_ref, n_band, plan, bounds, interpret=interpret),
             lambda: list_candidates(
                 scores_ref, bucket_ref, missed, length, seq=seq, sink=sink, recent=recent, interpret=interpret
             ),
@@ -649,33 +654,42 @@ def list_candidates(scores_ref, bucket_ref, missed: Candidates, length, *, seq: 
     return missed.low, missed.high
 
 
-def copy_bucket(slots_ref, bucket_ref, n_band, plan: RowPlan, bounds: Bounds, layout: BandLayout, *, interpret: bool):
-    """List the threshold bucket's keys in bucket_ref, chunk after chunk (each chunk's in slot
-    order, so in position order): a loop over blocks of slots with every chunk at once
-    (`[chunks, block]` tiles of about COPY_LANES lanes), as far as the fullest chunk holding
-    bucket keys goes (one dependent step per chunk took ~60 us at the Llama shape on the H100).
+def copy_bucket(slots_ref, starts_ref, bucket_ref, n_band, plan: RowPlan, bounds: Bounds, *, interpret: bool):
+    """List the threshold bucket's keys in bucket_ref in position order. The band slots of the
+    chunks holding bucket keys are read as one flat sequence, COPY_LANES slots a loop step,
+    whatever their spread over the chunks: a lane finds its chunk by a binary search over the
+    chunks' first flat indices (starts_ref, int32[chunks], written here; L1-resident gathers).
+    One step per chunk took ~60 us at the Llama shape on the H100, and steps over a
+    `[chunks, block]` tile would follow the fullest chunk (a cluster of recent tokens).
     Returns (least, most) of the listed keys."""
     chunks = n_band.shape[0]
-    block = max(1, min(layout.slots, COPY_LANES // chunks))
-    first = jnp.cumsum(plan.equal) - plan.equal  # the list's first slot of each chunk's bucket keys
     listed = jnp.where(plan.equal > 0, n_band, 0)  # slots to read per chunk
+    starts = jnp.cumsum(listed) - listed
+    starts_ref[...] = starts
+    total = jnp.sum(listed)
+    block_barrier(interpret)  # the starts stored before they are gathered
 
     def step(i, carry):
         written, least, most = carry
-        column = i * block + iota((chunks, block), 1)
-        member = column < listed[:, None]
-        keys = pltriton.load(slots_ref.at[:, pl.ds(i * block, block)], mask=member, other=0)
-        member = member & (band_digit(keys, bounds, plan.shift) == plan.digit)
-        slot = (first + written)[:, None] + jnp.cumsum(member.astype(jnp.int32), axis=1) - 1
+        flat = i * COPY_LANES + iota((COPY_LANES,))
+        valid = flat < total
+        chunk = jnp.zeros((COPY_LANES,), jnp.int32)  # the last chunk starting at or before `flat`
+        for level in reversed(range(chunks.bit_length() - 1)):  # chunks is a power of two
+            probe = chunk + 2**level  # < chunks: `chunk` holds only higher powers of two
+            chunk = jnp.where(starts_ref[probe] <= flat, probe, chunk)
+        slot_in_chunk = jnp.where(valid, flat - starts_ref[chunk], 0)
+        keys = pltriton.load(slots_ref.at[chunk, slot_in_chunk], mask=valid, other=0)
+        member = valid & (band_digit(keys, bounds, plan.shift) == plan.digit)
+        slot = written + jnp.cumsum(member.astype(jnp.int32)) - 1
         if interpret:  # see list_candidates
             slot = jnp.where(member, slot, bucket_ref.shape[0])
         pltriton.store(bucket_ref.at[slot], keys, mask=member)
         least = jnp.minimum(least, jnp.min(jnp.where(member, keys, INT32_MAX)))
         most = jnp.maximum(most, jnp.max(jnp.where(member, keys, INT32_MIN)))
-        return written + jnp.sum(member.astype(jnp.int32), axis=1), least, most
+        return written + count(member), least, most
 
-    start = (jnp.zeros((chunks,), jnp.int32), rs.traced(INT32_MAX, plan.found), rs.traced(INT32_MIN, plan.found))
-    _, least, most = lax.fori_loop(0, pl.cdiv(jnp.max(listed), block), step, start)
+    start = (rs.traced(0, total), rs.traced(INT32_MAX, total), rs.traced(INT32_MIN, total))
+    _, least, most = lax.fori_loop(0, pl.cdiv(total, COPY_LANES), step, start)
     return least, most
 
 
@@ -814,6 +828,7 @@ def select_with_path(
         shaped(rs.DECISION_WIDTH),
         shaped(chunks, 2),
         shaped(layout.bucket_cap),
+        shaped(chunks),
         shaped(1),
     ]
     if source.writes_scores:
@@ -832,7 +847,7 @@ def select_with_path(
         **launch,
     )(*band_inputs)
     scores = band_out[0] if source.writes_scores else arrays[0]
-    decision, plan_counts, bucket, _ = band_out[-4:]
+    decision, plan_counts, bucket, _, _ = band_out[-5:]  # then the copy's list starts, the arrivals
     plan_inputs = [(plan_counts, rs.row_spec(chunks, 2)), (bucket, rs.row_spec(layout.bucket_cap))]
     idx, count_out = rs.compact_launch(scores, lengths, decision, plan_inputs, chunk_plan_of, **finish)
     return idx, count_out, decision[..., rs.DECISION_PATH]
