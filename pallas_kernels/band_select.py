@@ -635,22 +635,29 @@ def fallback_candidates(bounds: Bounds, n_above, n_band, length, k_eff, chunk: i
 def list_candidates(scores_ref, bucket_ref, missed: Candidates, length, *, seq: int, sink: int, recent: int,
                     interpret: bool):
     """List a row's candidate keys in bucket_ref in position order (one scan of the row's
-    scores, L2-resident, in steps of SCAN_LANES positions; there are at most `bucket_cap`).
-    Returns (least, most): the candidates' bounds."""
+    scores, L2-resident, in steps of SCAN_LANES positions, each step's load issued one step
+    ahead; there are at most `bucket_cap`). Returns (least, most): the candidates' bounds."""
     row = rs.ChunkGeometry(jnp.int32(0), jnp.int32(0), length, pl.next_power_of_2(seq))
     block = min(SCAN_LANES, row.chunk)
 
-    def step(i, written):
-        _, valid, keys = rs.block_keys(scores_ref, row, i, block, sink=sink, recent=recent)
+    def load(i):  # past the row: every lane masked, no memory touched
+        first, _, valid = rs.block_positions(row, i, block)
+        return pltriton.load(scores_ref.at[pl.ds(first, block)], mask=valid, other=0.0)
+
+    def step(i, carry):
+        written, scores = carry
+        upcoming = load(i + 1)  # its latency overlaps this step's work
+        _, pos, valid = rs.block_positions(row, i, block)
+        keys = rs.order_keys(scores, pos, length, sink=sink, recent=recent)
         member = valid & (keys >= missed.low) & (keys <= missed.high)
         slot = written + jnp.cumsum(member.astype(jnp.int32)) - 1
         if interpret:  # masked lanes index past the list: interpreted, a masked scatter writes old values back
             slot = jnp.where(member, slot, bucket_ref.shape[0])
         # (On the GPU masked lanes touch no memory, and that select cost the band launch 29 registers.)
         pltriton.store(bucket_ref.at[slot], keys, mask=member)
-        return written + count(member)
+        return written + count(member), upcoming
 
-    lax.fori_loop(0, row.blocks(length, block), step, rs.traced(0, length))
+    lax.fori_loop(0, row.blocks(length, block), step, (rs.traced(0, length), load(0)))
     return missed.low, missed.high
 
 
