@@ -437,14 +437,18 @@ def _band_kernel(len_ref, bounds_ref, *refs, source, layout, tiling, seq, budget
     hist_block = layout.list_block
     block_barrier(interpret)
 
-    def digits_of_block(i):
-        member = i * hist_block + iota((hist_block,)) < n_band
-        keys = pltriton.load(slots_ref.at[chunk, pl.ds(i * hist_block, hist_block)], mask=member, other=0)
-        return band_digit(keys, bounds, shift), member
+    def members(i):
+        return i * hist_block + iota((hist_block,)) < n_band
+
+    def load_block(i):
+        return pltriton.load(slots_ref.at[chunk, pl.ds(i * hist_block, hist_block)], mask=members(i), other=0)
+
+    def digits_of_block(i, keys):
+        return band_digit(keys, bounds, shift), members(i)
 
     listed = (n_band <= slots) & (bounds.lo != bounds.hi)
     blocks = jnp.where(listed, pl.cdiv(n_band, hist_block), 0)
-    coarse, fine = rs.suffix_counts(rs.histogram_loop(blocks, digits_of_block, table_ref))
+    coarse, fine = rs.suffix_counts(rs.histogram_loop(blocks, load_block, digits_of_block, table_ref, ahead=True))
     coarse_ref[chunk, :] = coarse
     fine_ref[chunk, :, :] = fine
     # The row's last program to arrive sees every program's counts and slots.
@@ -711,6 +715,12 @@ def bucket_threshold(bucket_ref, table_ref, *, found, rank, least, spread, block
     of 8-bit passes over the offsets, from the spread's top digit (a bucket spanning `2**16`
     keys takes two passes, not four). The list is L1/L2-resident: its writer reads it back.
     Returns (the threshold key, how many keys equal to it to take)."""
+    def listed_lanes(i):
+        return i * block + iota((block,)) < found
+
+    def load_block(i):
+        return pltriton.load(bucket_ref.at[pl.ds(i * block, block)], mask=listed_lanes(i), other=0)
+
     prefix, remaining = jnp.int32(0), rank
     for pass_index in range(rs.NUM_PASSES):
         low = 32 - rs.DIGIT_BITS * (pass_index + 1)
@@ -718,14 +728,15 @@ def bucket_threshold(bucket_ref, table_ref, *, found, rank, least, spread, block
         # histogram resolves digit 0 with nothing above it).
         steps = jnp.where(lax.shift_right_logical(spread, low) == 0, 0, pl.cdiv(found, block))
 
-        def digits_of_block(i, low=low, prefix=prefix, pass_index=pass_index):
-            listed = i * block + iota((block,)) < found
-            offsets = pltriton.load(bucket_ref.at[pl.ds(i * block, block)], mask=listed, other=0) - least
+        def digits_of_block(i, keys, low=low, prefix=prefix, pass_index=pass_index):
+            listed = listed_lanes(i)
+            offsets = keys - least
             if pass_index:
                 listed = listed & (lax.shift_right_logical(offsets, low + rs.DIGIT_BITS) == prefix)
             return lax.shift_right_logical(offsets, low) & (2**rs.DIGIT_BITS - 1), listed
 
-        digit, _, above = rs.histogram_boundary(rs.histogram_loop(steps, digits_of_block, table_ref), remaining)
+        hist = rs.histogram_loop(steps, load_block, digits_of_block, table_ref, ahead=True)
+        digit, _, above = rs.histogram_boundary(hist, remaining)
         prefix, remaining = (prefix << rs.DIGIT_BITS) | digit, remaining - above
     return least + prefix, remaining
 

@@ -231,19 +231,31 @@ def block_keys(scores_ref, geo: ChunkGeometry, i, block: int, *, sink: int, rece
     return pos, valid, order_keys(scores, pos, geo.length, sink=sink, recent=recent)
 
 
-def histogram_loop(num_blocks, digits_of_block: Callable, table_ref):
-    """Sum of `_digit_histogram(*digits_of_block(i))` over loop steps i < num_blocks; a step
-    without members skips the histogram (later passes: most steps hold no candidate)."""
+def histogram_loop(num_blocks, load_block: Callable, digits_of_block: Callable, table_ref, *, ahead: bool):
+    """Sum of `_digit_histogram(*digits_of_block(i, load_block(i)))` over loop steps i <
+    num_blocks; a step without members skips the histogram (later passes: most steps hold no
+    candidate). With `ahead`, each step's load is issued a step earlier, so its latency
+    overlaps the step before (load_block(i) must mask every lane past the data: steps 0 and
+    num_blocks load too), for one more loaded block held in registers."""
 
-    def step(i, hist):
-        digits, member = digits_of_block(i)
-        return lax.cond(
+    def step(i, carry):
+        if ahead:
+            hist, loaded = carry
+            upcoming = load_block(i + 1)  # issued before this step's work
+        else:
+            hist, loaded = carry, load_block(i)
+        digits, member = digits_of_block(i, loaded)
+        hist = lax.cond(
             jnp.max(member.astype(jnp.int32)) > 0,
             lambda: hist + _digit_histogram(digits, member, table_ref),
             lambda: hist,
         )
+        return (hist, upcoming) if ahead else hist
 
-    return lax.fori_loop(0, num_blocks, step, jnp.zeros((NIBBLE, NIBBLE), jnp.int32))
+    zeros = jnp.zeros((NIBBLE, NIBBLE), jnp.int32)
+    if ahead:
+        return lax.fori_loop(0, num_blocks, step, (zeros, load_block(0)))[0]
+    return lax.fori_loop(0, num_blocks, step, zeros)
 
 
 def pick_boundary(coarse, fine_of_high, rank):
@@ -339,13 +351,19 @@ def row_select(scores_ref, table_ref, counts_ref, length, *, seq: int, tiling: T
         prefix_bits = jnp.maximum(DIGIT_BITS * pass_index, DIGIT_BITS)  # pass 0 takes every key
         prefix = state.signed_prefix(prefix_bits)
 
-        def digits_of_block(i):
-            _, valid, keys = block_keys(scores_ref, row, i, FALLBACK_BLOCK, sink=sink, recent=recent)
+        def load_block(i):
+            first, _, valid = block_positions(row, i, FALLBACK_BLOCK)
+            return pltriton.load(scores_ref.at[pl.ds(first, FALLBACK_BLOCK)], mask=valid, other=0.0)
+
+        def digits_of_block(i, scores):
+            _, pos, valid = block_positions(row, i, FALLBACK_BLOCK)
+            keys = order_keys(scores, pos, length, sink=sink, recent=recent)
             shares = (pass_index == 0) | ((keys >> (32 - prefix_bits)) == prefix)
             return key_digit(keys, pass_index), valid & shares
 
         blocks = jnp.where(state.done, 0, row.blocks(length, FALLBACK_BLOCK))
-        return advance(state, histogram_loop(blocks, digits_of_block, table_ref), pass_index)
+        # No load ahead here: inside the band launch it took that launch from 96 to 128 registers.
+        return advance(state, histogram_loop(blocks, load_block, digits_of_block, table_ref, ahead=False), pass_index)
 
     state = lax.fori_loop(0, NUM_PASSES, one_pass, state)
 
