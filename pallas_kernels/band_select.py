@@ -576,7 +576,7 @@ def _decide(
     def _():
         plan_counts_ref[:, 0] = plan.greater
         plan_counts_ref[:, 1] = plan.equal
-        write_decision(decision_ref, plan.path, plan.threshold, plan.remaining, 0, 0)
+        write_decision(decision_ref, plan.path, plan.threshold, plan.remaining, 0)
 
     @pl.when(ranked | scanned)
     def _():
@@ -596,7 +596,7 @@ def _decide(
             spread=most - least, block=layout.list_block
         )
         path = jnp.where(ranked, rs.traced(PATH_RANKED, found), PATH_LISTED)  # not a select of two constants
-        write_decision(decision_ref, path, threshold, remaining, found, 0)
+        write_decision(decision_ref, path, threshold, remaining, 0)
 
     @pl.when(jnp.logical_not(fast | scanned))
     def _():
@@ -604,7 +604,7 @@ def _decide(
             scores_ref, table_ref, plan_counts_ref, length, seq=seq, tiling=tiling, budget=budget, sink=sink,
             recent=recent
         )
-        write_decision(decision_ref, PATH_FALLBACK, state.prefix, state.remaining, 0, state.shift)
+        write_decision(decision_ref, PATH_FALLBACK, state.prefix, state.remaining, state.shift)
 
 
 class Candidates(NamedTuple):
@@ -704,8 +704,9 @@ def copy_bucket(slots_ref, starts_ref, bucket_ref, n_band, plan: RowPlan, bounds
     return least, most
 
 
-def write_decision(decision_ref, path, threshold, remaining, found, shift) -> None:
-    for index, value in enumerate((path, threshold, remaining, found, shift)):
+def write_decision(decision_ref, path, threshold, remaining, shift) -> None:
+    for index, value in zip((rs.DECISION_PATH, rs.DECISION_THRESHOLD, rs.DECISION_REMAINING, rs.DECISION_SHIFT),
+                            (path, threshold, remaining, shift)):
         decision_ref[index] = rs.traced(value, path)
 
 

@@ -56,12 +56,11 @@ HIST_DTYPE = jnp.bfloat16  # one-hot operands of the histogram MMA (float32 accu
 INT32_MIN = -(2**31)
 INT32_MAX = 2**31 - 1
 
-# The band select's decision, one int32 vector per row: how the row was selected (0: by the
-# fallback, else the fast path's case); the threshold as the keys' top `32 - shift` bits
-# (`keys >> shift`, signed; the fast path: shift 0 and the threshold key); the number of keys
-# equal to it still to take (PATH_RANKED: the threshold's rank in its bucket); on PATH_RANKED
-# how many keys the bucket holds; and the shift.
-DECISION_PATH, DECISION_THRESHOLD, DECISION_REMAINING, DECISION_FOUND, DECISION_SHIFT = range(5)
+# The band select's decision, one int32 vector per row: how the row was selected (its PATH_*);
+# the threshold as the keys' top `32 - shift` bits (`keys >> shift`, signed; every path but the
+# whole-row select: shift 0 and the threshold key); the number of keys equal to it still to
+# take; and the shift.
+DECISION_PATH, DECISION_THRESHOLD, DECISION_REMAINING, DECISION_SHIFT = range(4)
 DECISION_WIDTH = 8  # a power of two (Triton blocks)
 
 BLOCK = 256
