@@ -212,7 +212,7 @@ def check_select_adversarial(seed, rows, s, budget):
 def check_select_variants(seed, rows, s, budget, sink=4, recent=16):
     """Each band-select variant (`SELECT_VARIANTS`) against the exact answer, slot for slot, on
     random and adversarial scores (ties, all equal, outliers, near-equal, sorted, one row with
-    a band-dense stretch that overflows its chunks' slots: the radix fallback), ragged
+    a band-dense stretch that overflows its chunks' slots: the listed fallback), ragged
     lengths, sink and recent; then the fused hamming_topk on random codes."""
     rng, _ = _rng_arrays(seed)
     interpret = jax.default_backend() != "gpu"
