@@ -42,9 +42,9 @@ from pallas_kernels import band_select, hamming_topk
 SELECT_VARIANTS = {
     "default": band_select.BandConfig(),
     "sample 1024": band_select.BandConfig(sample=1024),
-    "tight": band_select.BandConfig(slots_divisor=4, bucket_cap=256),
+    "tight": band_select.BandConfig(slots_divisor=4, list_cap=256),
     "band miss": band_select.BandConfig(sigmas=0.0, slack=-30.0),
-    "band miss, whole row": band_select.BandConfig(sigmas=0.0, slack=-30.0, bucket_cap=128),
+    "band miss, whole row": band_select.BandConfig(sigmas=0.0, slack=-30.0, list_cap=128),
 }
 
 

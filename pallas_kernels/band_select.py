@@ -40,15 +40,15 @@ B. **band pass and decision** (`*_band`, grid `(B, Hkv, chunks)`, fused with sco
    summed coarse suffix counts and one row of the fine ones). The fast path holds iff
    `n_above <= k <= n_above + n_band`, no chunk overflowed (or `t_lo == t_hi`), and the
    threshold is settled here (PATH_NO_BAND_KEY, PATH_ONE_KEY_BAND, PATH_ONE_KEY_BUCKET: the
-   bucket is one key value) or the bucket holds at most `bucket_cap` keys (PATH_RANKED): then
+   bucket is one key value) or the bucket holds at most `list_cap` keys (PATH_RANKED): then
    it writes every chunk's counts; on PATH_RANKED it copies the bucket keys of all chunks from
    their slots (read as one flat sequence, COPY_LANES a step, however the band keys spread over
    the chunks) into the row's list in position order and finds the threshold among them
-   (`bucket_threshold`: 8-bit radix passes over the keys' offsets from the least, from the top
+   (`list_threshold`: 8-bit radix passes over the keys' offsets from the least, from the top
    digit of their spread). A row the fast path cannot
    take has its candidates known from the counts (`fallback_candidates`: the keys above t_hi
    when more than k are, else those below t_lo when fewer than k reach it, else the band's);
-   if at most `bucket_cap`, one scan of the row (L2-resident) lists them in position order and
+   if at most `list_cap`, one scan of the row (L2-resident) lists them in position order and
    the threshold is found among them as for a bucket (PATH_LISTED); else the program selects
    the row whole (PATH_FALLBACK, `radix_select.row_select`: four histogram passes and a
    counting scan). A missed row costs its launch that one program's time (`bench.kernels
@@ -75,7 +75,7 @@ Tunables (:class:`BandConfig`):
 - `top_rank = 1`: t_top is the largest unforced sample key, so the threshold lands in the
   lumped digit 255 only on a band miss. With 3 it landed there whenever the sample held fewer
   than 3 keys above the k-th (`P(Poisson(8) <= 2)` = 1.4% of rows at r = 8), and that bucket
-  (keys between the 3rd and 1st sample keys, up to ~3K) overflowed `bucket_cap` in ~0.6% of
+  (keys between the 3rd and 1st sample keys, up to ~3K) overflowed the bucket cap of the time (2048) in ~0.6% of
   rows (simulated), sending them to the fallback.
 - `slots_divisor = 2`: half a chunk of band slots (1024 per 2048-chunk); keys above the band
   are only counted. Real scores cluster: on SmolLM2's (8K, budget 1/64,
@@ -83,7 +83,7 @@ Tunables (:class:`BandConfig`):
   and a quarter chunk of slots sent 66 of 120 rows (512-position chunks) to the fallback, half
   a chunk 1 (same registers: ptxas counts on the CPU).
 - `list_block = 128` band keys per histogram MMA step (one step per chunk at the Llama shape).
-- `bucket_cap = 16384`: a 64 KiB list per row, which the deciding program ranks in up to four
+- `list_cap = 16384`: a 64 KiB list per row, which the deciding program ranks in up to four
   histogram passes (`cdiv(found, list_block)` MMA steps each): a threshold bucket, or a missed
   row's candidates (the band of ~6.9K keys at the Llama shape, r = 8; ~16K at budget 1/16,
   r = 32). More candidates (a row far from its band, heavy ties over a long row) take the
@@ -141,7 +141,7 @@ class BandConfig:
     top_rank: int = 1  # t_top: the sample key of this rank (or r_hi's, when lower) caps the band digits
     slots_divisor: int = 2  # band slots per chunk = chunk / slots_divisor
     list_block: int = 128  # band keys per histogram MMA step in launch B
-    bucket_cap: int = 16384  # most keys listed (a threshold bucket, a missed row's candidates); more: row_select
+    list_cap: int = 16384  # most keys listed (a threshold bucket, a missed row's candidates); more: row_select
 
     def __post_init__(self):
         for name in (
@@ -151,7 +151,7 @@ class BandConfig:
             "sample_warps",
             "slots_divisor",
             "list_block",
-            "bucket_cap",
+            "list_cap",
         ):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
@@ -160,8 +160,8 @@ class BandConfig:
             raise ValueError(f"BandConfig.sample must be <= {MAX_SAMPLE}, got {self.sample}")
         if self.list_block < MIN_SLOTS:
             raise ValueError(f"BandConfig.list_block must be >= {MIN_SLOTS}, got {self.list_block}")
-        if self.bucket_cap < self.list_block:
-            raise ValueError(f"BandConfig.bucket_cap must be >= list_block ({self.list_block}), got {self.bucket_cap}")
+        if self.list_cap < self.list_block:
+            raise ValueError(f"BandConfig.list_cap must be >= list_block ({self.list_block}), got {self.list_cap}")
         if self.top_rank < 1:
             raise ValueError(f"BandConfig.top_rank must be >= 1, got {self.top_rank}")
 
@@ -175,7 +175,7 @@ class BandLayout(NamedTuple):
     sample_programs: int
     slots: int  # band slots per chunk
     list_block: int
-    bucket_cap: int  # most bucket keys listed
+    list_cap: int  # most keys listed
 
 
 def band_layout(config: BandConfig, tiling: Tiling, seq: int) -> BandLayout:
@@ -189,7 +189,7 @@ def band_layout(config: BandConfig, tiling: Tiling, seq: int) -> BandLayout:
         sample_programs=sample // sample_slice,
         slots=slots,
         list_block=min(config.list_block, slots),
-        bucket_cap=config.bucket_cap,
+        list_cap=config.list_cap,
     )
 
 
@@ -404,7 +404,7 @@ def _band_kernel(len_ref, bounds_ref, *refs, source, layout, tiling, seq, budget
     num_sources = len(source.in_specs())
     source_refs, (table_ref, _, *outs) = refs[:num_sources], refs[num_sources:]  # _: the arrivals, aliased below
     scores_out_ref = outs.pop(0) if source.writes_scores else None
-    counts_ref, slots_ref, coarse_ref, fine_ref, decision_ref, plan_counts_ref, bucket_ref, starts_ref, arrivals_ref = (
+    counts_ref, slots_ref, coarse_ref, fine_ref, decision_ref, plan_counts_ref, list_ref, starts_ref, arrivals_ref = (
         outs
     )
     scores = source.bind(source_refs, interpret=interpret)
@@ -465,7 +465,7 @@ def _band_kernel(len_ref, bounds_ref, *refs, source, layout, tiling, seq, budget
             table_ref,
             decision_ref,
             plan_counts_ref,
-            bucket_ref,
+            list_ref,
             starts_ref,
             layout=layout,
             tiling=tiling,
@@ -486,7 +486,7 @@ class RowPlan(NamedTuple):
     [chunks])."""
 
     path: jax.Array
-    threshold: jax.Array  # the threshold key (PATH_RANKED: unused; `bucket_threshold` finds it)
+    threshold: jax.Array  # the threshold key (PATH_RANKED: unused; `list_threshold` finds it)
     remaining: jax.Array  # keys equal to the threshold to take (PATH_RANKED: the threshold's rank in the bucket)
     found: jax.Array  # PATH_RANKED: the bucket's keys (else 0)
     greater: jax.Array  # keys above the threshold (PATH_RANKED: above the bucket)
@@ -498,7 +498,7 @@ class RowPlan(NamedTuple):
 def row_plan(bounds: Bounds, n_above, n_band, band_coarse_ref, band_fine_ref, k_eff, layout: BandLayout) -> RowPlan:
     """The row's path from its band counts alone: the k-th key is in the band, every chunk's
     band keys fit its slots, and the threshold bucket is one key value or holds at most
-    `bucket_cap` keys; else PATH_FALLBACK."""
+    `list_cap` keys; else PATH_FALLBACK."""
     above, in_band = jnp.sum(n_above), jnp.sum(n_band)
     listed = (jnp.max(n_band) <= layout.slots) | (bounds.lo == bounds.hi)
     in_reach = (above <= k_eff) & (k_eff <= above + in_band) & listed
@@ -513,7 +513,7 @@ def row_plan(bounds: Bounds, n_above, n_band, band_coarse_ref, band_fine_ref, k_
     one_key_band = jnp.logical_not(no_band_key) & (bounds.lo == bounds.hi)
     by_band = no_band_key | one_key_band
     one_key_bucket = jnp.logical_not(by_band) & (shift == 0) & (digit < TOP_DIGIT)
-    ranked = jnp.logical_not(by_band | one_key_bucket) & (found <= layout.bucket_cap)
+    ranked = jnp.logical_not(by_band | one_key_bucket) & (found <= layout.list_cap)
     path = rs.traced(PATH_FALLBACK, need)  # a select of two constants does not lower to Triton
     for case, code in (
         (ranked, PATH_RANKED),
@@ -546,7 +546,7 @@ def _decide(
     table_ref,
     decision_ref,
     plan_counts_ref,
-    bucket_ref,
+    list_ref,
     starts_ref,
     *,
     layout,
@@ -562,7 +562,7 @@ def _decide(
     threshold) and the decision. A row whose threshold the band counts settle needs no more. A
     listed row (PATH_RANKED: the threshold bucket, copied from the band slots; PATH_LISTED: a
     row the band cannot take, whose candidates one scan of the row lists) has its keys listed in
-    bucket_ref in position order and the threshold found among them (`bucket_threshold`). A row
+    list_ref in position order and the threshold found among them (`list_threshold`). A row
     with more candidates than the list holds is selected whole (`radix_select.row_select`)."""
     n_above, n_band = counts_ref[:, 0], counts_ref[:, 1]
     k_eff = rs.k_effective(length, budget)
@@ -570,7 +570,7 @@ def _decide(
     fast = plan.path != PATH_FALLBACK
     ranked = plan.path == PATH_RANKED
     missed = fallback_candidates(bounds, n_above, n_band, length, k_eff, tiling.chunk)
-    scanned = jnp.logical_not(fast) & (missed.count <= layout.bucket_cap)
+    scanned = jnp.logical_not(fast) & (missed.count <= layout.list_cap)
 
     @pl.when(fast & jnp.logical_not(ranked))
     def _():
@@ -584,15 +584,15 @@ def _decide(
         plan_counts_ref[:, 1] = jnp.where(ranked, plan.equal, missed.listed)
         least, most = lax.cond(
             ranked,
-            lambda: copy_bucket(slots_ref, starts_ref, bucket_ref, n_band, plan, bounds, interpret=interpret),
+            lambda: copy_bucket(slots_ref, starts_ref, list_ref, n_band, plan, bounds, interpret=interpret),
             lambda: list_candidates(
-                scores_ref, bucket_ref, missed, length, seq=seq, sink=sink, recent=recent, interpret=interpret
+                scores_ref, list_ref, missed, length, seq=seq, sink=sink, recent=recent, interpret=interpret
             ),
         )
         found = jnp.where(ranked, plan.found, missed.count)
         block_barrier(interpret)  # the list stored before it is read back
-        threshold, remaining = bucket_threshold(
-            bucket_ref, table_ref, found=found, rank=jnp.where(ranked, plan.remaining, missed.rank), least=least,
+        threshold, remaining = list_threshold(
+            list_ref, table_ref, found=found, rank=jnp.where(ranked, plan.remaining, missed.rank), least=least,
             spread=most - least, block=layout.list_block
         )
         path = jnp.where(ranked, rs.traced(PATH_RANKED, found), PATH_LISTED)  # not a select of two constants
@@ -610,7 +610,7 @@ def _decide(
 class Candidates(NamedTuple):
     """The keys of a row the band cannot take that hold its threshold: those above the band
     (the k-th key is above t_hi), the band's (it overflowed a chunk's slots, or its threshold
-    bucket is over `bucket_cap`), or those below it. Chunk-indexed vectors are [chunks]."""
+    bucket is over `list_cap`), or those below it. Chunk-indexed vectors are [chunks]."""
 
     low: jax.Array  # the candidates are the keys in [low, high]
     high: jax.Array
@@ -636,11 +636,11 @@ def fallback_candidates(bounds: Bounds, n_above, n_band, length, k_eff, chunk: i
     )
 
 
-def list_candidates(scores_ref, bucket_ref, missed: Candidates, length, *, seq: int, sink: int, recent: int,
+def list_candidates(scores_ref, list_ref, missed: Candidates, length, *, seq: int, sink: int, recent: int,
                     interpret: bool):
-    """List a row's candidate keys in bucket_ref in position order (one scan of the row's
+    """List a row's candidate keys in list_ref in position order (one scan of the row's
     scores, L2-resident, in steps of SCAN_LANES positions, each step's load issued one step
-    ahead; there are at most `bucket_cap`). Returns (least, most): the candidates' bounds."""
+    ahead; there are at most `list_cap`). Returns (least, most): the candidates' bounds."""
     row = rs.ChunkGeometry(jnp.int32(0), jnp.int32(0), length, pl.next_power_of_2(seq))
     block = min(SCAN_LANES, row.chunk)
 
@@ -656,17 +656,17 @@ def list_candidates(scores_ref, bucket_ref, missed: Candidates, length, *, seq: 
         member = valid & (keys >= missed.low) & (keys <= missed.high)
         slot = written + jnp.cumsum(member.astype(jnp.int32)) - 1
         if interpret:  # masked lanes index past the list: interpreted, a masked scatter writes old values back
-            slot = jnp.where(member, slot, bucket_ref.shape[0])
+            slot = jnp.where(member, slot, list_ref.shape[0])
         # (On the GPU masked lanes touch no memory, and that select cost the band launch 29 registers.)
-        pltriton.store(bucket_ref.at[slot], keys, mask=member)
+        pltriton.store(list_ref.at[slot], keys, mask=member)
         return written + count(member), upcoming
 
     lax.fori_loop(0, row.blocks(length, block), step, (rs.traced(0, length), load(0)))
     return missed.low, missed.high
 
 
-def copy_bucket(slots_ref, starts_ref, bucket_ref, n_band, plan: RowPlan, bounds: Bounds, *, interpret: bool):
-    """List the threshold bucket's keys in bucket_ref in position order. The band slots of the
+def copy_bucket(slots_ref, starts_ref, list_ref, n_band, plan: RowPlan, bounds: Bounds, *, interpret: bool):
+    """List the threshold bucket's keys in list_ref in position order. The band slots of the
     chunks holding bucket keys are read as one flat sequence, COPY_LANES slots a loop step,
     whatever their spread over the chunks: a lane finds its chunk by a binary search over the
     chunks' first flat indices (starts_ref, int32[chunks], written here; L1-resident gathers).
@@ -693,8 +693,8 @@ def copy_bucket(slots_ref, starts_ref, bucket_ref, n_band, plan: RowPlan, bounds
         member = valid & (band_digit(keys, bounds, plan.shift) == plan.digit)
         slot = written + jnp.cumsum(member.astype(jnp.int32)) - 1
         if interpret:  # see list_candidates
-            slot = jnp.where(member, slot, bucket_ref.shape[0])
-        pltriton.store(bucket_ref.at[slot], keys, mask=member)
+            slot = jnp.where(member, slot, list_ref.shape[0])
+        pltriton.store(list_ref.at[slot], keys, mask=member)
         least = jnp.minimum(least, jnp.min(jnp.where(member, keys, INT32_MAX)))
         most = jnp.maximum(most, jnp.max(jnp.where(member, keys, INT32_MIN)))
         return written + count(member), least, most
@@ -710,8 +710,8 @@ def write_decision(decision_ref, path, threshold, remaining, shift) -> None:
         decision_ref[index] = rs.traced(value, path)
 
 
-def bucket_threshold(bucket_ref, table_ref, *, found, rank, least, spread, block: int):
-    """The `rank`-th largest (1 = largest) of the `found` keys listed in bucket_ref, whose least
+def list_threshold(list_ref, table_ref, *, found, rank, least, spread, block: int):
+    """The `rank`-th largest (1 = largest) of the `found` keys listed in list_ref, whose least
     is `least` and whose offsets from it are at most `spread` (read as uint32): a radix select
     of 8-bit passes over the offsets, from the spread's top digit (a bucket spanning `2**16`
     keys takes two passes, not four). The list is L1/L2-resident: its writer reads it back.
@@ -720,7 +720,7 @@ def bucket_threshold(bucket_ref, table_ref, *, found, rank, least, spread, block
         return i * block + iota((block,)) < found
 
     def load_block(i):
-        return pltriton.load(bucket_ref.at[pl.ds(i * block, block)], mask=listed_lanes(i), other=0)
+        return pltriton.load(list_ref.at[pl.ds(i * block, block)], mask=listed_lanes(i), other=0)
 
     prefix, remaining = jnp.int32(0), rank
     for pass_index in range(rs.NUM_PASSES):
@@ -746,7 +746,7 @@ def bucket_threshold(bucket_ref, table_ref, *, found, rank, least, spread, block
 # Launch C, the compaction: each program's plan.
 
 
-def chunk_plan_of(decision_ref, plan_counts_ref, bucket_ref, *, chunk_index) -> rs.ChunkPlan:
+def chunk_plan_of(decision_ref, plan_counts_ref, list_ref, *, chunk_index) -> rs.ChunkPlan:
     """A row's ChunkPlan (plan_counts_ref: [chunks, 2], the decision's counts). On a listed row
     (PATH_RANKED, PATH_LISTED) the list, in position order, splits the listed keys of the chunks
     before this one (the list's first `equal_before` keys) and of its own (the next `own_equal`)
@@ -764,11 +764,11 @@ def chunk_plan_of(decision_ref, plan_counts_ref, bucket_ref, *, chunk_index) -> 
     )
     first = plan.equal_before
     end = jnp.where(listed_row, first + plan.own_equal, 0)
-    block = min(LIST_STEP, bucket_ref.shape[0])
+    block = min(LIST_STEP, list_ref.shape[0])
 
     def step(i, counts):
         lanes = i * block + iota((block,))
-        keys = pltriton.load(bucket_ref.at[pl.ds(i * block, block)], mask=lanes < end, other=0)
+        keys = pltriton.load(list_ref.at[pl.ds(i * block, block)], mask=lanes < end, other=0)
         before, own = lanes < first, (lanes >= first) & (lanes < end)
         above, equal = keys > threshold, keys == threshold
         return tuple(
@@ -846,7 +846,7 @@ def select_with_path(
         shaped(chunks, rs.NIBBLE, rs.NIBBLE),
         shaped(rs.DECISION_WIDTH),
         shaped(chunks, 2),
-        shaped(layout.bucket_cap),
+        shaped(layout.list_cap),
         shaped(chunks),
         shaped(1),
     ]
@@ -866,8 +866,8 @@ def select_with_path(
         **launch,
     )(*band_inputs)
     scores = band_out[0] if source.writes_scores else arrays[0]
-    decision, plan_counts, bucket, _, _ = band_out[-5:]  # then the copy's list starts, the arrivals
-    plan_inputs = [(plan_counts, rs.row_spec(chunks, 2)), (bucket, rs.row_spec(layout.bucket_cap))]
+    decision, plan_counts, key_list, _, _ = band_out[-5:]  # then the copy's list starts, the arrivals
+    plan_inputs = [(plan_counts, rs.row_spec(chunks, 2)), (key_list, rs.row_spec(layout.list_cap))]
     idx, count_out = rs.compact_launch(scores, lengths, decision, plan_inputs, chunk_plan_of, **finish)
     return idx, count_out, decision[..., rs.DECISION_PATH]
 

@@ -8,8 +8,8 @@ deterministic answer (float order with NaN lowest, ties to the lowest positions,
 ascending position), which both the sample-band fast path and the radix fallback must give.
 Every selection also reports how each row was selected (`band_select.PATH_*`), so the tests
 show which path ran: the fast path on random scores; after a band miss (the k-th key above or
-below the band), an overflowing chunk or a threshold bucket over `bucket_cap`, the listed
-fallback (the row's candidates listed by one scan) or, with more candidates than `bucket_cap`,
+below the band), an overflowing chunk or a threshold bucket over `list_cap`, the listed
+fallback (the row's candidates listed by one scan) or, with more candidates than `list_cap`,
 the whole-row radix select; each of the fast path's threshold cases (small and large ranked
 buckets); and rows of one call taking different paths. Small tilings (`chunk` 64-512) give several programs per row,
 with S not a multiple of the chunk.
@@ -210,7 +210,7 @@ def cluster_with_outliers(rng, seq, outliers):
 
 def test_each_path_in_one_call(rng):
     """One call, one row per path: thresholds from the band counts alone, a one-value bucket,
-    small and large ranked buckets, and a bucket over `bucket_cap` (whole-row fallback)."""
+    small and large ranked buckets, and a bucket over `list_cap` (whole-row fallback)."""
     batch, kv_heads, seq = SHAPE
     rows = [
         np.full(seq, -2.25, np.float32),  # t_lo == t_hi
@@ -231,7 +231,7 @@ def test_each_path_in_one_call(rng):
     np.testing.assert_array_equal(path[2], band_select.PATH_NO_BAND_KEY)
     # sigmas 10: sample ranks down to 127, ~208 +- 16 cluster keys in the bucket (and more in the
     # band: the listed fallback's candidates), over a cap of 128.
-    small_cap = dataclasses.replace(config, sigmas=10.0, bucket_cap=128)
+    small_cap = dataclasses.replace(config, sigmas=10.0, list_cap=128)
     _, _, path = select(scores, BUDGET, lengths, sink=SINK, recent=RECENT, config=small_cap)
     assert path[1, 1] == band_select.PATH_FALLBACK, path
 
@@ -258,19 +258,19 @@ def test_overflowing_chunk_falls_back_and_rows_switch_paths(rng):
 
 @pytest.mark.parametrize("tiling", [SMALL, Tiling(chunk=64, block=32)], ids=["small", "chunk_below_fallback_block"])
 @pytest.mark.parametrize("kind", ["normal", "special", "near_threshold", "tied"])
-@pytest.mark.parametrize("bucket_cap, fallback", [(16384, band_select.PATH_LISTED), (128, band_select.PATH_FALLBACK)],
+@pytest.mark.parametrize("list_cap, fallback", [(16384, band_select.PATH_LISTED), (128, band_select.PATH_FALLBACK)],
                          ids=["listed", "whole_row"])
-def test_fallback_is_the_expected_top_set(rng, kind, tiling, bucket_cap, fallback):
+def test_fallback_is_the_expected_top_set(rng, kind, tiling, list_cap, fallback):
     """A band that always misses (margins of -30 sample ranks: ~158 keys above t_hi, more than
     k) sends every row of distinct scores to the fallback, which must give the exact answer for
     any scores: specials, keys sharing their top 24 bits (all four radix passes), heavy ties;
-    listed (the candidates fit `bucket_cap`) or whole (they do not); also with chunks shorter
+    listed (the candidates fit `list_cap`) or whole (they do not); also with chunks shorter
     than the whole-row select's loop step (its per-chunk counts must not overlap)."""
     batch, _, seq = SHAPE
     scores = SCORE_KINDS[kind](rng, SHAPE)
     lengths = [seq, int(rng.integers(BUDGET + 1, seq)), seq - 1]
     _, _, path = select(scores, BUDGET, lengths, sink=SINK, recent=RECENT, tiling=tiling,
-                        config=BandConfig(sigmas=0.0, slack=-30.0, bucket_cap=bucket_cap))
+                        config=BandConfig(sigmas=0.0, slack=-30.0, list_cap=list_cap))
     if kind == "tied":
         return
     if fallback == band_select.PATH_LISTED:
@@ -300,10 +300,10 @@ def test_band_above_the_threshold_lists_the_keys_below_it(rng):
             keys[forced] = np.inf
             t_lo = np.sort(keys[sampled])[::-1][int(r_lo) - 1]
             assert (keys >= t_lo).sum() < BUDGET, (b, h)  # the premise: the k-th key is below t_lo
-    for bucket_cap, fallback in [(16384, band_select.PATH_LISTED), (128, band_select.PATH_FALLBACK)]:
+    for list_cap, fallback in [(16384, band_select.PATH_LISTED), (128, band_select.PATH_FALLBACK)]:
         _, _, path = select(scores, BUDGET, lengths, sink=SINK, recent=RECENT,
-                            config=dataclasses.replace(config, bucket_cap=bucket_cap))
-        assert (path == fallback).all(), (bucket_cap, path)
+                            config=dataclasses.replace(config, list_cap=list_cap))
+        assert (path == fallback).all(), (list_cap, path)
 
 
 def test_band_miss_falls_back(rng):
@@ -514,8 +514,8 @@ def test_tiling_is_checked(chunk, block, scan_block):
 
 @pytest.mark.parametrize(
     "change",
-    [dict(sample=8192), dict(top_rank=0), dict(slots_divisor=3), dict(bucket_cap=1000), dict(list_block=8),
-     dict(bucket_cap=64)],
+    [dict(sample=8192), dict(top_rank=0), dict(slots_divisor=3), dict(list_cap=1000), dict(list_block=8),
+     dict(list_cap=64)],
 )
 def test_band_config_is_checked(change):
     with pytest.raises(ValueError, match="BandConfig"):
