@@ -122,7 +122,8 @@ BOUNDS_WIDTH = 4
 TOP_DIGIT = 2**rs.DIGIT_BITS - 1  # the band digit of keys above t_top
 MIN_SLOTS = 16  # band slots per chunk at least (the band histogram's MMA contracts over >= 16)
 MAX_SAMPLE = 4096  # most sample positions (well inside count_ranks' 2**RANK_BITS and budget * n_s < 2**31)
-COPY_LANES = 1024  # band slots per loop step of the bucket copy (2048: 128 registers in the band launch, not 96)
+COPY_LANES = 1024  # appended band keys per loop step of the bucket copy
+ARRIVALS, APPENDED, COUNTERS = 0, 1, 2  # a row's counters of launch B (zeroed by launch A), and their number
 SCAN_LANES = 512  # positions per loop step of the candidates' scan of a row the band cannot take (1024: 122 registers)
 LIST_STEP = 1024  # listed keys per loop step of the compaction's split of a listed row's counts
 
@@ -355,14 +356,15 @@ def _write_bounds(bounds_ref, mine, mine_valid, above, at_least, *, program, n_s
 def _sample_kernel(len_ref, *refs, source, layout, seq, budget, sink, recent, config, interpret):
     """Every program computes the row's sample keys once, as one vector, and stores them (all
     programs of a row store the same values); after a barrier it ranks its slice against them.
-    Program 0 also zeroes the row's arrival counter of launch B."""
-    *source_refs, keys_ref, bounds_ref, arrivals_ref = refs
+    Program 0 also zeroes the row's counters of launch B (arrivals, band keys appended)."""
+    *source_refs, keys_ref, bounds_ref, counters_ref = refs
     scores = source.bind(source_refs, interpret=interpret)
     program = pl.program_id(2)
 
     @pl.when(program == 0)
     def _():
-        arrivals_ref[0] = jnp.int32(0)  # counted up by the row's band programs
+        counters_ref[ARRIVALS] = jnp.int32(0)  # counted up by the row's band programs
+        counters_ref[APPENDED] = jnp.int32(0)
     row = pl.program_id(0) * pl.num_programs(1) + pl.program_id(1)
     length = jnp.clip(len_ref[()], 0, seq)
     n_s = jnp.minimum(length, layout.sample)
@@ -404,9 +406,8 @@ def _band_kernel(len_ref, bounds_ref, *refs, source, layout, tiling, seq, budget
     num_sources = len(source.in_specs())
     source_refs, (table_ref, _, *outs) = refs[:num_sources], refs[num_sources:]  # _: the arrivals, aliased below
     scores_out_ref = outs.pop(0) if source.writes_scores else None
-    counts_ref, slots_ref, coarse_ref, fine_ref, decision_ref, plan_counts_ref, list_ref, starts_ref, arrivals_ref = (
-        outs
-    )
+    counts_ref, slots_ref, coarse_ref, fine_ref, decision_ref, plan_counts_ref, *lists, counters_ref = outs
+    list_ref, list_chunks_ref, band_keys_ref, band_chunks_ref = lists
     scores = source.bind(source_refs, interpret=interpret)
     geo = rs.chunk_geometry(len_ref, tiling, seq)
     chunk = geo.chunk_index
@@ -443,16 +444,24 @@ def _band_kernel(len_ref, bounds_ref, *refs, source, layout, tiling, seq, budget
     def load_block(i):
         return pltriton.load(slots_ref.at[chunk, pl.ds(i * hist_block, hist_block)], mask=members(i), other=0)
 
-    def digits_of_block(i, keys):
-        return band_digit(keys, bounds, shift), members(i)
-
     listed = (n_band <= slots) & (bounds.lo != bounds.hi)
+    # A listed chunk also appends its band keys and its index to the row's band list, at an offset
+    # counted atomically (so in no particular chunk order): the decision reads them contiguously.
+    base = pltriton.atomic_add(counters_ref, (jnp.int32(APPENDED),), jnp.where(listed, n_band, 0))
+
+    def digits_of_block(i, keys):
+        member = members(i)
+        at = pl.ds(base + i * hist_block, hist_block)
+        pltriton.store(band_keys_ref.at[at], keys, mask=member)
+        pltriton.store(band_chunks_ref.at[at], jnp.full((hist_block,), chunk, jnp.int32), mask=member)
+        return band_digit(keys, bounds, shift), member
+
     blocks = jnp.where(listed, pl.cdiv(n_band, hist_block), 0)
     coarse, fine = rs.suffix_counts(rs.histogram_loop(blocks, load_block, digits_of_block, table_ref, ahead=True))
     coarse_ref[chunk, :] = coarse
     fine_ref[chunk, :, :] = fine
     # The row's last program to arrive sees every program's counts and slots.
-    @pl.when(last_to_arrive(arrivals_ref, pl.num_programs(2), interpret=interpret))
+    @pl.when(last_to_arrive(counters_ref, pl.num_programs(2), interpret=interpret))
     def _():
         _decide(
             bounds,
@@ -466,7 +475,9 @@ def _band_kernel(len_ref, bounds_ref, *refs, source, layout, tiling, seq, budget
             decision_ref,
             plan_counts_ref,
             list_ref,
-            starts_ref,
+            list_chunks_ref,
+            band_keys_ref,
+            band_chunks_ref,
             layout=layout,
             tiling=tiling,
             seq=seq,
@@ -547,7 +558,9 @@ def _decide(
     decision_ref,
     plan_counts_ref,
     list_ref,
-    starts_ref,
+    list_chunks_ref,
+    band_keys_ref,
+    band_chunks_ref,
     *,
     layout,
     tiling,
@@ -576,7 +589,7 @@ def _decide(
     def _():
         plan_counts_ref[:, 0] = plan.greater
         plan_counts_ref[:, 1] = plan.equal
-        write_decision(decision_ref, plan.path, plan.threshold, plan.remaining, 0)
+        write_decision(decision_ref, plan.path, plan.threshold, plan.remaining, 0, 0)
 
     @pl.when(ranked | scanned)
     def _():
@@ -584,10 +597,10 @@ def _decide(
         plan_counts_ref[:, 1] = jnp.where(ranked, plan.equal, missed.listed)
         least, most = lax.cond(
             ranked,
-            lambda: copy_bucket(slots_ref, starts_ref, list_ref, n_band, plan, bounds, interpret=interpret),
-            lambda: list_candidates(
-                scores_ref, list_ref, missed, length, seq=seq, sink=sink, recent=recent, interpret=interpret
-            ),
+            lambda: copy_bucket(band_keys_ref, band_chunks_ref, list_ref, list_chunks_ref, jnp.sum(n_band), plan,
+                                bounds, interpret=interpret),
+            lambda: list_candidates(scores_ref, list_ref, list_chunks_ref, missed, length, seq=seq, chunk=tiling.chunk,
+                                    sink=sink, recent=recent, interpret=interpret),
         )
         found = jnp.where(ranked, plan.found, missed.count)
         block_barrier(interpret)  # the list stored before it is read back
@@ -596,7 +609,7 @@ def _decide(
             spread=most - least, block=layout.list_block
         )
         path = jnp.where(ranked, rs.traced(PATH_RANKED, found), PATH_LISTED)  # not a select of two constants
-        write_decision(decision_ref, path, threshold, remaining, 0)
+        write_decision(decision_ref, path, threshold, remaining, found, 0)
 
     @pl.when(jnp.logical_not(fast | scanned))
     def _():
@@ -604,7 +617,7 @@ def _decide(
             scores_ref, table_ref, plan_counts_ref, length, seq=seq, tiling=tiling, budget=budget, sink=sink,
             recent=recent
         )
-        write_decision(decision_ref, PATH_FALLBACK, state.prefix, state.remaining, state.shift)
+        write_decision(decision_ref, PATH_FALLBACK, state.prefix, state.remaining, 0, state.shift)
 
 
 class Candidates(NamedTuple):
@@ -636,11 +649,11 @@ def fallback_candidates(bounds: Bounds, n_above, n_band, length, k_eff, chunk: i
     )
 
 
-def list_candidates(scores_ref, list_ref, missed: Candidates, length, *, seq: int, sink: int, recent: int,
-                    interpret: bool):
-    """List a row's candidate keys in list_ref in position order (one scan of the row's
-    scores, L2-resident, in steps of SCAN_LANES positions, each step's load issued one step
-    ahead; there are at most `list_cap`). Returns (least, most): the candidates' bounds."""
+def list_candidates(scores_ref, list_ref, list_chunks_ref, missed: Candidates, length, *, seq: int, chunk: int,
+                    sink: int, recent: int, interpret: bool):
+    """List a row's candidate keys in list_ref and their chunks in list_chunks_ref (one scan of
+    the row's scores, L2-resident, in steps of SCAN_LANES positions, each step's load issued one
+    step ahead; there are at most `list_cap`). Returns (least, most): the candidates' bounds."""
     row = rs.ChunkGeometry(jnp.int32(0), jnp.int32(0), length, pl.next_power_of_2(seq))
     block = min(SCAN_LANES, row.chunk)
 
@@ -659,42 +672,32 @@ def list_candidates(scores_ref, list_ref, missed: Candidates, length, *, seq: in
             slot = jnp.where(member, slot, list_ref.shape[0])
         # (On the GPU masked lanes touch no memory, and that select cost the band launch 29 registers.)
         pltriton.store(list_ref.at[slot], keys, mask=member)
+        pltriton.store(list_chunks_ref.at[slot], pos // chunk, mask=member)
         return written + count(member), upcoming
 
     lax.fori_loop(0, row.blocks(length, block), step, (rs.traced(0, length), load(0)))
     return missed.low, missed.high
 
 
-def copy_bucket(slots_ref, starts_ref, list_ref, n_band, plan: RowPlan, bounds: Bounds, *, interpret: bool):
-    """List the threshold bucket's keys in list_ref in position order. The band slots of the
-    chunks holding bucket keys are read as one flat sequence, COPY_LANES slots a loop step,
-    whatever their spread over the chunks: a lane finds its chunk by a binary search over the
-    chunks' first flat indices (starts_ref, int32[chunks], written here; L1-resident gathers).
-    One step per chunk took ~60 us at the Llama shape on the H100, and steps over a
-    `[chunks, block]` tile would follow the fullest chunk (a cluster of recent tokens).
-    Returns (least, most) of the listed keys."""
-    chunks = n_band.shape[0]
-    listed = jnp.where(plan.equal > 0, n_band, 0)  # slots to read per chunk
-    starts = jnp.cumsum(listed) - listed
-    starts_ref[...] = starts
-    total = jnp.sum(listed)
-    block_barrier(interpret)  # the starts stored before they are gathered
+def copy_bucket(band_keys_ref, band_chunks_ref, list_ref, list_chunks_ref, total, plan: RowPlan, bounds: Bounds, *,
+                interpret: bool):
+    """List the threshold bucket's keys in list_ref and their chunks in list_chunks_ref, from the
+    `total` band keys the row's programs appended (band_keys_ref, band_chunks_ref): contiguous
+    loads, COPY_LANES a loop step, however the band keys spread over the chunks (one step per
+    chunk took ~60 us at the Llama shape on the H100; a binary search for each slot's chunk
+    through L2, ~22 us). Returns (least, most) of the listed keys."""
 
     def step(i, carry):
         written, least, most = carry
-        flat = i * COPY_LANES + iota((COPY_LANES,))
-        valid = flat < total
-        chunk = jnp.zeros((COPY_LANES,), jnp.int32)  # the last chunk starting at or before `flat`
-        for level in reversed(range(chunks.bit_length() - 1)):  # chunks is a power of two
-            probe = chunk + 2**level  # < chunks: `chunk` holds only higher powers of two
-            chunk = jnp.where(starts_ref[probe] <= flat, probe, chunk)
-        slot_in_chunk = jnp.where(valid, flat - starts_ref[chunk], 0)
-        keys = pltriton.load(slots_ref.at[chunk, slot_in_chunk], mask=valid, other=0)
+        valid = i * COPY_LANES + iota((COPY_LANES,)) < total
+        keys = pltriton.load(band_keys_ref.at[pl.ds(i * COPY_LANES, COPY_LANES)], mask=valid, other=0)
+        chunks = pltriton.load(band_chunks_ref.at[pl.ds(i * COPY_LANES, COPY_LANES)], mask=valid, other=0)
         member = valid & (band_digit(keys, bounds, plan.shift) == plan.digit)
         slot = written + jnp.cumsum(member.astype(jnp.int32)) - 1
         if interpret:  # see list_candidates
             slot = jnp.where(member, slot, list_ref.shape[0])
         pltriton.store(list_ref.at[slot], keys, mask=member)
+        pltriton.store(list_chunks_ref.at[slot], chunks, mask=member)
         least = jnp.minimum(least, jnp.min(jnp.where(member, keys, INT32_MAX)))
         most = jnp.maximum(most, jnp.max(jnp.where(member, keys, INT32_MIN)))
         return written + count(member), least, most
@@ -704,9 +707,9 @@ def copy_bucket(slots_ref, starts_ref, list_ref, n_band, plan: RowPlan, bounds: 
     return least, most
 
 
-def write_decision(decision_ref, path, threshold, remaining, shift) -> None:
-    for index, value in zip((rs.DECISION_PATH, rs.DECISION_THRESHOLD, rs.DECISION_REMAINING, rs.DECISION_SHIFT),
-                            (path, threshold, remaining, shift)):
+def write_decision(decision_ref, path, threshold, remaining, found, shift) -> None:
+    fields = (rs.DECISION_PATH, rs.DECISION_THRESHOLD, rs.DECISION_REMAINING, rs.DECISION_FOUND, rs.DECISION_SHIFT)
+    for index, value in zip(fields, (path, threshold, remaining, found, shift)):
         decision_ref[index] = rs.traced(value, path)
 
 
@@ -746,11 +749,11 @@ def list_threshold(list_ref, table_ref, *, found, rank, least, spread, block: in
 # Launch C, the compaction: each program's plan.
 
 
-def chunk_plan_of(decision_ref, plan_counts_ref, list_ref, *, chunk_index) -> rs.ChunkPlan:
+def chunk_plan_of(decision_ref, plan_counts_ref, list_ref, list_chunks_ref, *, chunk_index) -> rs.ChunkPlan:
     """A row's ChunkPlan (plan_counts_ref: [chunks, 2], the decision's counts). On a listed row
-    (PATH_RANKED, PATH_LISTED) the list, in position order, splits the listed keys of the chunks
-    before this one (the list's first `equal_before` keys) and of its own (the next `own_equal`)
-    into keys above and equal to the threshold: a loop over the list as far as its own keys go."""
+    (PATH_RANKED, PATH_LISTED) the list (its keys in list_ref, their chunks in list_chunks_ref,
+    in any order) splits the listed keys of the chunks before this one and of its own into keys
+    above and equal to the threshold: a loop over the whole list."""
     path = decision_ref[rs.DECISION_PATH]
     listed_row = (path == PATH_RANKED) | (path == PATH_LISTED)
     threshold = decision_ref[rs.DECISION_THRESHOLD]
@@ -762,14 +765,14 @@ def chunk_plan_of(decision_ref, plan_counts_ref, list_ref, *, chunk_index) -> rs
         threshold,
         chunk_index,
     )
-    first = plan.equal_before
-    end = jnp.where(listed_row, first + plan.own_equal, 0)
+    found = jnp.where(listed_row, decision_ref[rs.DECISION_FOUND], 0)
     block = min(LIST_STEP, list_ref.shape[0])
 
     def step(i, counts):
-        lanes = i * block + iota((block,))
-        keys = pltriton.load(list_ref.at[pl.ds(i * block, block)], mask=lanes < end, other=0)
-        before, own = lanes < first, (lanes >= first) & (lanes < end)
+        listed = i * block + iota((block,)) < found
+        keys = pltriton.load(list_ref.at[pl.ds(i * block, block)], mask=listed, other=0)
+        chunks = pltriton.load(list_chunks_ref.at[pl.ds(i * block, block)], mask=listed, other=0)
+        before, own = listed & (chunks < chunk_index), listed & (chunks == chunk_index)
         above, equal = keys > threshold, keys == threshold
         return tuple(
             total + count(part & kind)
@@ -778,7 +781,7 @@ def chunk_plan_of(decision_ref, plan_counts_ref, list_ref, *, chunk_index) -> rs
 
     zero = jnp.int32(0)
     greater_before, equal_before, own_greater, own_equal = lax.fori_loop(
-        0, pl.cdiv(end, block), step, (zero, zero, zero, zero)
+        0, pl.cdiv(found, block), step, (zero, zero, zero, zero)
     )
     return plan._replace(
         greater_before=plan.greater_before + greater_before,
@@ -829,10 +832,10 @@ def select_with_path(
         functools.partial(
             _sample_kernel, source=source, layout=layout, budget=budget, config=config, interpret=interpret, **common
         ),
-        out_shape=[shaped(layout.sample), shaped(BOUNDS_WIDTH), shaped(1)],
+        out_shape=[shaped(layout.sample), shaped(BOUNDS_WIDTH), shaped(COUNTERS)],
         grid=(batch, kv_heads, layout.sample_programs),
         in_specs=[rs.length_spec(), *source.in_specs()],
-        out_specs=[rs.row_spec(layout.sample), rs.row_spec(BOUNDS_WIDTH), rs.row_spec(1)],
+        out_specs=[rs.row_spec(layout.sample), rs.row_spec(BOUNDS_WIDTH), rs.row_spec(COUNTERS)],
         num_warps=config.sample_warps,
         num_stages=tiling.num_stages,
         interpret=interpret,
@@ -847,8 +850,10 @@ def select_with_path(
         shaped(rs.DECISION_WIDTH),
         shaped(chunks, 2),
         shaped(layout.list_cap),
-        shaped(chunks),
-        shaped(1),
+        shaped(layout.list_cap),
+        shaped(chunks * layout.slots),
+        shaped(chunks * layout.slots),
+        shaped(COUNTERS),
     ]
     if source.writes_scores:
         band_shapes.insert(0, shaped(seq, dtype=jnp.float32))
@@ -859,15 +864,17 @@ def select_with_path(
         ),
         out_shape=band_shapes,
         grid=grid,
-        in_specs=[rs.length_spec(), rs.row_spec(BOUNDS_WIDTH), *source.in_specs(), rs.table_spec(), rs.row_spec(1)],
+        in_specs=[
+            rs.length_spec(), rs.row_spec(BOUNDS_WIDTH), *source.in_specs(), rs.table_spec(), rs.row_spec(COUNTERS)
+        ],
         out_specs=[rs.row_spec(*x.shape[2:]) for x in band_shapes],
         name=f"{prefix}_band",
         input_output_aliases={len(band_inputs) - 1: len(band_shapes) - 1},
         **launch,
     )(*band_inputs)
     scores = band_out[0] if source.writes_scores else arrays[0]
-    decision, plan_counts, key_list, _, _ = band_out[-5:]  # then the copy's list starts, the arrivals
-    plan_inputs = [(plan_counts, rs.row_spec(chunks, 2)), (key_list, rs.row_spec(layout.list_cap))]
+    decision, plan_counts, key_list, key_chunks = band_out[-7:-3]  # then the appended band keys, the counters
+    plan_inputs = [(x, rs.row_spec(*x.shape[2:])) for x in (plan_counts, key_list, key_chunks)]
     idx, count_out = rs.compact_launch(scores, lengths, decision, plan_inputs, chunk_plan_of, **finish)
     return idx, count_out, decision[..., rs.DECISION_PATH]
 

@@ -59,8 +59,8 @@ INT32_MAX = 2**31 - 1
 # The band select's decision, one int32 vector per row: how the row was selected (its PATH_*);
 # the threshold as the keys' top `32 - shift` bits (`keys >> shift`, signed; every path but the
 # whole-row select: shift 0 and the threshold key); the number of keys equal to it still to
-# take; and the shift.
-DECISION_PATH, DECISION_THRESHOLD, DECISION_REMAINING, DECISION_SHIFT = range(4)
+# take; on a listed row, how many keys the list holds; and the shift.
+DECISION_PATH, DECISION_THRESHOLD, DECISION_REMAINING, DECISION_FOUND, DECISION_SHIFT = range(5)
 DECISION_WIDTH = 8  # a power of two (Triton blocks)
 
 BLOCK = 256
