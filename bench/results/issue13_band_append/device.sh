@@ -12,9 +12,6 @@ for root in . prev; do
   for d in models train evaluation cli; do ln -sfn ../$d $root/hata_jax/$d; done
 done
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
-PYTHONPATH=$PWD timeout 110 python -m bench.check_kernels --only "select " --out "$OUT/check_select.json" \
-  > "$OUT/check_select.log" 2>&1
-echo "check_kernels (select) exit $?"; grep -E "FAIL|passed" "$OUT/check_select.log"
 for root in . prev; do
   tag=$([ $root = . ] && echo append || echo binary_search)
   (cd $root && PYTHONPATH=$PWD timeout 70 python -m bench.profile --layers --seq 131072 --batch 1 --budget 4096 \
@@ -22,3 +19,6 @@ for root in . prev; do
 done
 PYTHONPATH=$PWD timeout 150 python -m bench.kernels --skip-check --select-variants --out "$OUT/select_variants.json" \
   2>&1 | grep -v -i warning | grep -E "default|band miss"
+PYTHONPATH=$PWD timeout 90 python -m bench.check_kernels --only "select " --out "$OUT/check_select.json" \
+  > "$OUT/check_select.log" 2>&1
+echo "check_kernels (select) exit $?"; grep -E "FAIL|passed" "$OUT/check_select.log"
