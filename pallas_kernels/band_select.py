@@ -41,22 +41,22 @@ B. **band pass and decision** (`*_band`, grid `(B, Hkv, chunks)`, fused with sco
    `n_above <= k <= n_above + n_band`, no chunk overflowed (or `t_lo == t_hi`), and the
    threshold is settled here (PATH_NO_BAND_KEY, PATH_ONE_KEY_BAND, PATH_ONE_KEY_BUCKET: the
    bucket is one key value) or the bucket holds at most `list_cap` keys (PATH_RANKED): then
-   it writes every chunk's counts; on PATH_RANKED it copies the bucket keys of all chunks from
-   their slots (read as one flat sequence, COPY_LANES a step, however the band keys spread over
-   the chunks) into the row's list in position order and finds the threshold among them
-   (`list_threshold`: 8-bit radix passes over the keys' offsets from the least, from the top
-   digit of their spread). A row the fast path cannot
+   it writes every chunk's counts; on PATH_RANKED it copies the bucket keys, with their chunk
+   indices, into the row's list from the band keys every listed chunk appended to a row-contiguous
+   array (at an offset from an atomic counter, so in no chunk order; contiguous loads, COPY_LANES
+   a step) and finds the threshold among them (`list_threshold`: 8-bit radix passes over the
+   keys' offsets from the least, from the top digit of their spread). A row the fast path cannot
    take has its candidates known from the counts (`fallback_candidates`: the keys above t_hi
    when more than k are, else those below t_lo when fewer than k reach it, else the band's);
-   if at most `list_cap`, one scan of the row (L2-resident) lists them in position order and
-   the threshold is found among them as for a bucket (PATH_LISTED); else the program selects
+   if at most `list_cap`, one scan of the row (L2-resident) lists them with their chunk indices
+   and the threshold is found among them as for a bucket (PATH_LISTED); else the program selects
    the row whole (PATH_FALLBACK, `radix_select.row_select`: four histogram passes and a
    counting scan). A missed row costs its launch that one program's time (`bench.kernels
    --select-variants`, "band miss"), and a row on the fast path nothing.
 C. **compaction** (`hata_select_compact`, `radix_select.compact_launch`): every row; writes the
    index buffer from each chunk's counts (`chunk_plan_of`; on a listed row each program splits
-   its chunk's listed keys, and those of the chunks before it, into keys above and equal to the
-   threshold, from the list).
+   its chunk's listed keys, and those of the chunks before it (by the list's chunk indices),
+   into keys above and equal to the threshold).
 
 `select_topk_with_path` / `hamming_topk_with_path` also return how each row was selected
 (`PATH_*`).
@@ -467,7 +467,6 @@ def _band_kernel(len_ref, bounds_ref, *refs, source, layout, tiling, seq, budget
             bounds,
             geo.length,
             counts_ref,
-            slots_ref,
             coarse_ref,
             fine_ref,
             scores.scores_ref if scores_out_ref is None else scores_out_ref,
@@ -550,7 +549,6 @@ def _decide(
     bounds,
     length,
     counts_ref,
-    slots_ref,
     band_coarse_ref,
     band_fine_ref,
     scores_ref,
@@ -575,7 +573,8 @@ def _decide(
     threshold) and the decision. A row whose threshold the band counts settle needs no more. A
     listed row (PATH_RANKED: the threshold bucket, copied from the band slots; PATH_LISTED: a
     row the band cannot take, whose candidates one scan of the row lists) has its keys listed in
-    list_ref in position order and the threshold found among them (`list_threshold`). A row
+    list_ref, their chunks in list_chunks_ref, and the threshold found among them
+    (`list_threshold`). A row
     with more candidates than the list holds is selected whole (`radix_select.row_select`)."""
     n_above, n_band = counts_ref[:, 0], counts_ref[:, 1]
     k_eff = rs.k_effective(length, budget)
@@ -685,7 +684,7 @@ def copy_bucket(band_keys_ref, band_chunks_ref, list_ref, list_chunks_ref, total
     `total` band keys the row's programs appended (band_keys_ref, band_chunks_ref): contiguous
     loads, COPY_LANES a loop step, however the band keys spread over the chunks (one step per
     chunk took ~60 us at the Llama shape on the H100; a binary search for each slot's chunk
-    through L2, ~22 us). Returns (least, most) of the listed keys."""
+    through L2 made the band launch 7 us longer). Returns (least, most) of the listed keys."""
 
     def step(i, carry):
         written, least, most = carry
